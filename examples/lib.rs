@@ -1,0 +1,1 @@
+//! Sample configurations and example programs; `tests/examples.rs` parses every config here.

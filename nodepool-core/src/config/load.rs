@@ -1,0 +1,227 @@
+//! Reading configuration files: environment substitution, the secure file,
+//! relative paths, and change detection for hot reload.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use serde_yaml::Value;
+
+use super::error::ConfigErrorKind as Kind;
+use super::yaml::{self, At, Errors};
+use super::{Config, ConfigError, ConfigErrors, StateStoreConfig, parse, validate};
+
+/// Replaces `%(NODEPOOL_x)` with the value of environment variable
+/// `NODEPOOL_x`, exactly as Nodepool does (plain text replacement; only
+/// variables whose name starts with `NODEPOOL_`; unknown ones stay as written).
+pub fn substitute_env<'a>(text: &str, env: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut out = text.to_owned();
+    for (name, value) in env {
+        if name.starts_with("NODEPOOL_") {
+            out = out.replace(&format!("%({name})"), value);
+        }
+    }
+    out
+}
+
+fn process_env() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("NODEPOOL_"))
+        .collect()
+}
+
+/// Where a configuration comes from: the main file and the optional
+/// secure file. Loading is repeatable, for hot reload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigSource {
+    /// The main `nodepool.yaml`.
+    pub path: PathBuf,
+    /// The secure file (`-s`).
+    pub secure: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    /// A source with a main file and an optional secure file.
+    pub fn new(path: impl Into<PathBuf>, secure: Option<PathBuf>) -> Self {
+        ConfigSource {
+            path: path.into(),
+            secure,
+        }
+    }
+
+    /// A fingerprint of the files' current contents, to notice changes
+    /// cheaply between passes (`None` when a file cannot be read).
+    pub fn fingerprint(&self) -> Option<u64> {
+        let mut h = DefaultHasher::new();
+        std::fs::read(&self.path).ok()?.hash(&mut h);
+        if let Some(s) = &self.secure {
+            std::fs::read(s).ok()?.hash(&mut h);
+        }
+        Some(h.finish())
+    }
+
+    /// Reads, substitutes, merges and validates.
+    pub fn load(&self) -> Result<Config, ConfigErrors> {
+        let env = process_env();
+        let env_ref = || env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        let main = read(&self.path)?;
+        let main = substitute_env(&main, env_ref());
+        let secure = match &self.secure {
+            Some(p) => Some((p.clone(), substitute_env(&read(p)?, env_ref()))),
+            None => None,
+        };
+        let base_dir = self.path.parent().map(Path::to_path_buf);
+        Config::from_yaml_with_secure(
+            &main,
+            secure.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+            base_dir.as_deref(),
+        )
+        .map_err(|e| e.in_file(&self.path))
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors::one(ConfigError::new(
+            "",
+            Kind::Io,
+            format!("cannot read {}: {e}", path.display()),
+        ))
+        .in_file(path)
+    })
+}
+
+impl Config {
+    /// Loads and validates a file, with an optional secure file.
+    pub fn load(path: impl AsRef<Path>, secure: Option<&Path>) -> Result<Config, ConfigErrors> {
+        ConfigSource::new(path.as_ref(), secure.map(Path::to_path_buf)).load()
+    }
+
+    /// Parses and validates YAML text (no environment substitution).
+    /// Relative paths stay relative.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_yaml_with_secure(text, None, None)
+    }
+
+    /// Parses and validates YAML text plus an optional secure file's text;
+    /// relative SQLite paths are resolved against `base_dir`.
+    pub fn from_yaml_with_secure(
+        text: &str,
+        secure: Option<(&Path, &str)>,
+        base_dir: Option<&Path>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut root = yaml::parse(text)?;
+        let mut errs = Errors::default();
+        let mut secure_images = Vec::new();
+        if let Some((secure_path, secure_text)) = secure {
+            let secure_root = yaml::parse(secure_text).map_err(|e| e.in_file(secure_path))?;
+            let label = secure_path.display().to_string();
+            merge_secure(
+                &mut root,
+                &secure_root,
+                &label,
+                &mut secure_images,
+                &mut errs,
+            );
+        }
+        let (mut cfg, raw_images) = parse::config(&root, &mut errs);
+        cfg.diskimages = validate::resolve_diskimages(&raw_images, &mut errs);
+        for (path, name, env) in secure_images {
+            match cfg.diskimages.iter_mut().find(|d| d.name == name) {
+                Some(d) => d.env_vars.extend(env),
+                None => errs.push(
+                    &path,
+                    Kind::UnknownReference,
+                    format!("unknown diskimage {name:?}"),
+                ),
+            }
+        }
+        validate::cross_check(&cfg, &raw_images, &mut errs);
+        if let (StateStoreConfig::Sqlite { path }, Some(base)) = (&mut cfg.state_store, base_dir)
+            && path.is_relative()
+        {
+            *path = base.join(&*path);
+        }
+        if errs.list.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors {
+                file: None,
+                errors: errs.list,
+            })
+        }
+    }
+}
+
+/// The secure file may hold `zookeeper-servers` (replacing the main ones),
+/// `zookeeper-tls`, and `diskimages: [{name, env-vars}]` merged into the
+/// named images' env-vars after inheritance.
+fn merge_secure(
+    root: &mut Value,
+    secure: &Value,
+    label: &str,
+    images: &mut Vec<(String, String, indexmap::IndexMap<String, String>)>,
+    errs: &mut Errors,
+) {
+    let prefix = format!("{label}: ");
+    let mut local = Errors::default();
+    let Some(mut m) = (At {
+        value: secure,
+        path: "",
+    })
+    .fields(&mut local) else {
+        prefix_errors(local, &prefix, errs);
+        return;
+    };
+    let servers = m.get("zookeeper-servers").map(|f| f.value.clone());
+    let tls = m.get("zookeeper-tls").map(|f| f.value.clone());
+    if let Some(f) = m.get("diskimages")
+        && let Some(items) = f.at().list(&mut local)
+    {
+        for (path, v) in &items {
+            let Some(mut d) = (At { value: v, path }).fields(&mut local) else {
+                continue;
+            };
+            let name = d.required_string("name", &mut local);
+            let env = d.string_map("env-vars", &mut local).unwrap_or_default();
+            d.finish(&mut local);
+            if let Some(name) = name {
+                images.push((format!("{prefix}{path}.name"), name, env));
+            }
+        }
+    }
+    m.finish(&mut local);
+    prefix_errors(local, &prefix, errs);
+    if let Value::Mapping(map) = root {
+        if let Some(s) = servers {
+            map.insert(Value::String("zookeeper-servers".into()), s);
+        }
+        if let Some(t) = tls {
+            map.insert(Value::String("zookeeper-tls".into()), t);
+        }
+    }
+}
+
+fn prefix_errors(local: Errors, prefix: &str, errs: &mut Errors) {
+    for e in local.list {
+        errs.list.push(ConfigError {
+            path: format!("{prefix}{}", e.path),
+            ..e
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_substitution_is_plain_text_and_nodepool_only() {
+        let env = [("NODEPOOL_CLOUD", "mycloud"), ("HOME", "/root")];
+        assert_eq!(
+            substitute_env("cloud: %(NODEPOOL_CLOUD) %(HOME) %(NODEPOOL_MISSING)", env),
+            "cloud: mycloud %(HOME) %(NODEPOOL_MISSING)"
+        );
+    }
+}

@@ -1,0 +1,324 @@
+//! Cross-checks over the parsed configuration, and diskimage inheritance.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use super::error::ConfigErrorKind as Kind;
+use super::parse::{NOVA_METADATA_LIMIT, RawDiskImage};
+use super::yaml::{Errors, index, join};
+use super::*;
+
+/// Applies `parent` inheritance root-first: elements are appended, env-vars
+/// merged (children override), every other key set by a child overrides.
+/// Abstract images are only templates and are not returned.
+pub(crate) fn resolve_diskimages(raw: &[RawDiskImage], errs: &mut Errors) -> Vec<DiskImage> {
+    let mut by_name: HashMap<&str, &RawDiskImage> = HashMap::new();
+    for d in raw {
+        if by_name.insert(d.name.as_str(), d).is_some() {
+            errs.push(
+                &join(&d.path, "name"),
+                Kind::Duplicate,
+                format!("diskimage {:?} is defined more than once", d.name),
+            );
+        }
+    }
+    let mut out = Vec::new();
+    for d in raw.iter().filter(|d| !d.is_abstract) {
+        // Walk up to the root, then apply root-first.
+        let mut chain = vec![d];
+        let mut seen = HashSet::from([d.name.as_str()]);
+        let mut ok = true;
+        let mut cur = d;
+        while let Some(parent) = &cur.parent {
+            match by_name.get(parent.as_str()) {
+                Some(p) if !seen.insert(p.name.as_str()) => {
+                    errs.push(
+                        &join(&cur.path, "parent"),
+                        Kind::InvalidValue,
+                        format!(
+                            "parent chain of diskimage {:?} loops back to {parent:?}",
+                            d.name
+                        ),
+                    );
+                    ok = false;
+                    break;
+                }
+                Some(p) => {
+                    chain.push(p);
+                    cur = p;
+                }
+                None => {
+                    // Reported once per referencing image below.
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if !ok {
+            continue;
+        }
+        let mut img = DiskImage {
+            name: d.name.clone(),
+            parent: d.parent.clone(),
+            elements: Vec::new(),
+            env_vars: IndexMap::new(),
+            formats: Vec::new(),
+            release: String::new(),
+            rebuild_age: Duration::from_secs(86_400),
+            build_timeout: Duration::from_secs(8 * 3600),
+            pause: false,
+            username: "zuul".into(),
+            python_path: "auto".into(),
+            shell_type: None,
+            dib_cmd: "disk-image-create".into(),
+            delete_after_upload: false,
+            keep_formats: Vec::new(),
+            metadata: IndexMap::new(),
+        };
+        for layer in chain.iter().rev() {
+            img.elements.extend(layer.elements.iter().cloned());
+            for (k, v) in &layer.env_vars {
+                img.env_vars.insert(k.clone(), v.clone());
+            }
+            for (k, v) in &layer.metadata {
+                img.metadata.insert(k.clone(), v.clone());
+            }
+            if let Some(f) = &layer.formats {
+                img.formats = f.clone();
+            }
+            if let Some(r) = &layer.release {
+                img.release = r.clone();
+            }
+            if let Some(a) = layer.rebuild_age {
+                img.rebuild_age = a;
+            }
+            if let Some(t) = layer.build_timeout {
+                img.build_timeout = t;
+            }
+            if let Some(p) = layer.pause {
+                img.pause = p;
+            }
+            if let Some(u) = &layer.username {
+                img.username = u.clone();
+            }
+            if let Some(p) = &layer.python_path {
+                img.python_path = p.clone();
+            }
+            if let Some(s) = &layer.shell_type {
+                img.shell_type = Some(s.clone());
+            }
+            if let Some(c) = &layer.dib_cmd {
+                img.dib_cmd = c.clone();
+            }
+            if let Some(b) = layer.delete_after_upload {
+                img.delete_after_upload = b;
+            }
+            if let Some(k) = &layer.keep_formats {
+                img.keep_formats = k.clone();
+            }
+        }
+        out.push(img);
+    }
+    for d in raw {
+        if let Some(parent) = &d.parent
+            && !by_name.contains_key(parent.as_str())
+        {
+            errs.push(
+                &join(&d.path, "parent"),
+                Kind::UnknownReference,
+                format!("unknown diskimage {parent:?}"),
+            );
+        }
+    }
+    out
+}
+
+/// Every check that relates one part of the file to another.
+pub(crate) fn cross_check(cfg: &Config, raw_images: &[RawDiskImage], errs: &mut Errors) {
+    let abstract_images: HashSet<&str> = raw_images
+        .iter()
+        .filter(|d| d.is_abstract)
+        .map(|d| d.name.as_str())
+        .collect();
+    let diskimage_names: HashSet<&str> = cfg.diskimages.iter().map(|d| d.name.as_str()).collect();
+
+    let mut label_names = HashSet::new();
+    for (i, l) in cfg.labels.iter().enumerate() {
+        if !label_names.insert(l.name.as_str()) {
+            errs.push(
+                &join(&index("labels", i), "name"),
+                Kind::Duplicate,
+                format!("label {:?} is defined more than once", l.name),
+            );
+        }
+    }
+
+    let mut provider_names = HashSet::new();
+    for (pi, p) in cfg.providers.iter().enumerate() {
+        let ppath = index("providers", pi);
+        if !provider_names.insert(p.name.as_str()) {
+            errs.push(
+                &join(&ppath, "name"),
+                Kind::Duplicate,
+                format!("provider {:?} is defined more than once", p.name),
+            );
+        }
+        let mut seen = HashSet::new();
+        for (di, d) in p.diskimages.iter().enumerate() {
+            let path = join(&index(&join(&ppath, "diskimages"), di), "name");
+            if !seen.insert(d.name.as_str()) {
+                errs.push(
+                    &path,
+                    Kind::Duplicate,
+                    format!("diskimage {:?} is listed twice", d.name),
+                );
+            }
+            if abstract_images.contains(d.name.as_str()) {
+                errs.push(
+                    &path,
+                    Kind::InvalidValue,
+                    format!("diskimage {:?} is abstract and is never built", d.name),
+                );
+            } else if !diskimage_names.contains(d.name.as_str()) {
+                errs.push(
+                    &path,
+                    Kind::UnknownReference,
+                    format!("unknown diskimage {:?}", d.name),
+                );
+            }
+        }
+        let mut seen = HashSet::new();
+        for (ci, c) in p.cloud_images.iter().enumerate() {
+            if !seen.insert(c.name.as_str()) {
+                errs.push(
+                    &join(&index(&join(&ppath, "cloud-images"), ci), "name"),
+                    Kind::Duplicate,
+                    format!("cloud image {:?} is listed twice", c.name),
+                );
+            }
+        }
+        let mut pool_names = HashSet::new();
+        for (qi, pool) in p.pools.iter().enumerate() {
+            let qpath = index(&join(&ppath, "pools"), qi);
+            if !pool_names.insert(pool.name.as_str()) {
+                errs.push(
+                    &join(&qpath, "name"),
+                    Kind::Duplicate,
+                    format!(
+                        "pool {:?} is defined more than once in provider {:?}",
+                        pool.name, p.name
+                    ),
+                );
+            }
+            let mut pool_labels = HashSet::new();
+            for (li, l) in pool.labels.iter().enumerate() {
+                let lpath = index(&join(&qpath, "labels"), li);
+                if !pool_labels.insert(l.name.as_str()) {
+                    errs.push(
+                        &join(&lpath, "name"),
+                        Kind::Duplicate,
+                        format!("label {:?} is listed twice in this pool", l.name),
+                    );
+                }
+                if !label_names.contains(l.name.as_str()) {
+                    errs.push(
+                        &join(&lpath, "name"),
+                        Kind::UnknownReference,
+                        format!("unknown label {:?} (not in the top-level `labels`)", l.name),
+                    );
+                }
+                match &l.image {
+                    ImageSource::DiskImage(d) => {
+                        let path = join(&lpath, "diskimage");
+                        if abstract_images.contains(d.as_str()) {
+                            errs.push(
+                                &path,
+                                Kind::InvalidValue,
+                                format!("diskimage {d:?} is abstract and is never built"),
+                            );
+                        } else if !diskimage_names.contains(d.as_str()) {
+                            errs.push(
+                                &path,
+                                Kind::UnknownReference,
+                                format!("unknown diskimage {d:?}"),
+                            );
+                        } else if p.diskimage(d).is_none() {
+                            errs.push(
+                                &path,
+                                Kind::UnknownReference,
+                                format!(
+                                    "diskimage {d:?} is not uploaded to provider {:?}; add it to {}",
+                                    p.name,
+                                    join(&ppath, "diskimages")
+                                ),
+                            );
+                        }
+                        let groups = format!("{},{},{}", p.name, d, l.name);
+                        check_groups(&groups, &lpath, errs);
+                    }
+                    ImageSource::CloudImage(c) => {
+                        if p.cloud_image(c).is_none() {
+                            errs.push(
+                                &join(&lpath, "cloud-image"),
+                                Kind::UnknownReference,
+                                format!(
+                                    "unknown cloud image {c:?} (not in {})",
+                                    join(&ppath, "cloud-images")
+                                ),
+                            );
+                        }
+                        let groups = format!("{},{},{}", p.name, c, l.name);
+                        check_groups(&groups, &lpath, errs);
+                    }
+                }
+            }
+        }
+    }
+
+    for (ti, t) in cfg.targets.iter().enumerate() {
+        let tpath = index("targets", ti);
+        let mut seen = HashSet::new();
+        for (li, l) in t.labels.iter().enumerate() {
+            let path = join(&index(&join(&tpath, "labels"), li), "name");
+            if !seen.insert(l.name.as_str()) {
+                errs.push(
+                    &path,
+                    Kind::Duplicate,
+                    format!("label {:?} is listed twice", l.name),
+                );
+            }
+            if !label_names.contains(l.name.as_str()) {
+                errs.push(
+                    &path,
+                    Kind::UnknownReference,
+                    format!("unknown label {:?} (not in the top-level `labels`)", l.name),
+                );
+            }
+        }
+    }
+    let mut target_names = HashSet::new();
+    for (ti, t) in cfg.targets.iter().enumerate() {
+        if !target_names.insert(t.name.as_str()) {
+            errs.push(
+                &join(&index("targets", ti), "name"),
+                Kind::Duplicate,
+                format!("target {:?} is defined more than once", t.name),
+            );
+        }
+    }
+}
+
+/// The `groups` server metadata value is `<provider>,<image>,<label>`; it
+/// must fit Nova's limit, or every launch of this label would fail.
+fn check_groups(groups: &str, label_path: &str, errs: &mut Errors) {
+    if groups.len() > NOVA_METADATA_LIMIT {
+        errs.push(
+            label_path,
+            Kind::InvalidValue,
+            format!(
+                "the server metadata `groups` value \"<provider>,<image>,<label>\" would be {} bytes; Nova allows {NOVA_METADATA_LIMIT}",
+                groups.len()
+            ),
+        );
+    }
+}

@@ -1,0 +1,68 @@
+//! The `NodeConsumer` trait: something outside Nodepool that uses nodes
+//! directly (a Jenkins master taking nodes as agents). Zuul needs no
+//! consumer object: it speaks through node requests.
+
+use async_trait::async_trait;
+
+use crate::model::Node;
+
+/// What happened to a node the consumer had.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeOutcome {
+    /// Its job finished: delete it.
+    Used,
+    /// Keep it for inspection, with a reason.
+    Hold {
+        /// Why it is held (goes to the node's `comment`).
+        comment: String,
+    },
+}
+
+/// A node the consumer is done with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FinishedNode {
+    /// Node id.
+    pub node_id: String,
+    /// What to do with it.
+    pub outcome: NodeOutcome,
+}
+
+/// Errors of a consumer, by meaning.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConsumerError {
+    /// The thing does not exist on the consumer's side.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Credentials were refused.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+    /// The consumer refused because of its own state.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A temporary failure; try again later.
+    #[error("temporary failure: {0}")]
+    Transient(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A user of nodes. Object-safe; used as `Arc<dyn NodeConsumer>`.
+#[async_trait]
+pub trait NodeConsumer: Send + Sync + std::fmt::Debug {
+    /// Consumer name (a Jenkins target's name).
+    fn name(&self) -> &str;
+
+    /// Labels it takes, with how many idle nodes of each it wants.
+    fn wants(&self) -> Vec<(String, u32)>;
+
+    /// A ready node was allocated to it: make it usable (register an agent).
+    async fn node_ready(&self, node_id: &str, node: &Node) -> Result<(), ConsumerError>;
+
+    /// Nodes it is done with since the last call.
+    async fn finished_nodes(&self) -> Result<Vec<FinishedNode>, ConsumerError>;
+
+    /// A node it had is gone (deleted): forget it (remove the agent).
+    async fn node_gone(&self, node_id: &str) -> Result<(), ConsumerError>;
+}

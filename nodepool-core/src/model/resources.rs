@@ -1,0 +1,215 @@
+//! Quota arithmetic: the `resources` dict of a node and the limits of pools,
+//! tenants and clouds.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Quota name for the number of servers.
+pub const INSTANCES: &str = "instances";
+/// Quota name for vCPUs.
+pub const CORES: &str = "cores";
+/// Quota name for RAM in MiB.
+pub const RAM: &str = "ram";
+/// Quota name for the number of volumes.
+pub const VOLUMES: &str = "volumes";
+/// Quota name for volume size in GB (the dash is Nodepool's spelling).
+pub const VOLUME_GB: &str = "volume-gb";
+
+/// A bag of named quota amounts, e.g. `{"cores": 8, "instances": 1, "ram": 8192}`.
+///
+/// Missing names count as zero. This is the node's `resources` field on the
+/// wire and the unit of every quota computation.
+#[derive(Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Resources(BTreeMap<String, i64>);
+
+impl Resources {
+    /// No resources.
+    pub fn new() -> Self {
+        Resources(BTreeMap::new())
+    }
+
+    /// One server with the given cores and RAM (MiB).
+    pub fn server(cores: i64, ram: i64) -> Self {
+        let mut r = Resources::new();
+        r.set(INSTANCES, 1);
+        r.set(CORES, cores);
+        r.set(RAM, ram);
+        r
+    }
+
+    /// Sets one amount.
+    pub fn set(&mut self, name: &str, amount: i64) {
+        self.0.insert(name.to_owned(), amount);
+    }
+
+    /// Builder form of [`Resources::set`].
+    pub fn with(mut self, name: &str, amount: i64) -> Self {
+        self.set(name, amount);
+        self
+    }
+
+    /// One amount, zero when absent.
+    pub fn get(&self, name: &str) -> i64 {
+        self.0.get(name).copied().unwrap_or(0)
+    }
+
+    /// Adds every amount of `other`.
+    pub fn add(&mut self, other: &Resources) {
+        for (k, v) in &other.0 {
+            *self.0.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+
+    /// Subtracts every amount of `other`.
+    pub fn subtract(&mut self, other: &Resources) {
+        for (k, v) in &other.0 {
+            *self.0.entry(k.clone()).or_insert(0) -= v;
+        }
+    }
+
+    /// Iterates over the named amounts.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// Whether no amount is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.iter()).finish()
+    }
+}
+
+impl<'de> Deserialize<'de> for Resources {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Drivers write ints; accept floats too (truncated) and skip values
+        // that are not numbers rather than rejecting the whole node.
+        let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+        Ok(Resources(
+            raw.into_iter()
+                .filter_map(|(k, v)| {
+                    let n = v.as_i64().or_else(|| v.as_f64().map(|f| f as i64))?;
+                    Some((k, n))
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// Upper bounds on named amounts; a missing name is unlimited.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits(BTreeMap<String, i64>);
+
+impl Limits {
+    /// No limits at all.
+    pub fn unlimited() -> Self {
+        Limits(BTreeMap::new())
+    }
+
+    /// Sets the limit for one name.
+    pub fn set(&mut self, name: &str, limit: i64) {
+        self.0.insert(name.to_owned(), limit);
+    }
+
+    /// Builder form of [`Limits::set`].
+    pub fn with(mut self, name: &str, limit: i64) -> Self {
+        self.set(name, limit);
+        self
+    }
+
+    /// The limit for one name; `None` = unlimited.
+    pub fn get(&self, name: &str) -> Option<i64> {
+        self.0.get(name).copied()
+    }
+
+    /// Iterates over the limited names.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    /// Whether `used + need` stays within every limit.
+    pub fn fits(&self, used: &Resources, need: &Resources) -> bool {
+        self.first_exceeded(used, need).is_none()
+    }
+
+    /// The first quota name that `used + need` would exceed.
+    pub fn first_exceeded(&self, used: &Resources, need: &Resources) -> Option<&str> {
+        self.0.iter().find_map(|(name, limit)| {
+            let want = need.get(name);
+            if want == 0 {
+                return None;
+            }
+            (used.get(name) + want > *limit).then_some(name.as_str())
+        })
+    }
+
+    /// The tighter of two limit sets, name by name.
+    pub fn min(&self, other: &Limits) -> Limits {
+        let mut out = self.clone();
+        for (k, v) in &other.0 {
+            let e = out.0.entry(k.clone()).or_insert(*v);
+            *e = (*e).min(*v);
+        }
+        out
+    }
+
+    /// These limits minus some usage (e.g. cloud limits minus unmanaged servers).
+    pub fn minus(&self, used: &Resources) -> Limits {
+        Limits(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v - used.get(k)))
+                .collect(),
+        )
+    }
+
+    /// Whether no name is limited.
+    pub fn is_unlimited(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Limits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fits_checks_only_needed_names() {
+        let limits = Limits::unlimited().with(CORES, 8).with(INSTANCES, 2);
+        let used = Resources::server(4, 1024);
+        assert!(limits.fits(&used, &Resources::server(4, 1024)));
+        assert_eq!(
+            limits.first_exceeded(&used, &Resources::server(5, 0)),
+            Some(CORES)
+        );
+        // a need of zero cores never trips the cores limit, even when
+        // cores are already over
+        let over = Resources::server(100, 0);
+        assert!(limits.fits(&over, &Resources::new().with(INSTANCES, 1)));
+        let full = Resources::new().with(INSTANCES, 2);
+        assert!(!limits.fits(&full, &Resources::new().with(INSTANCES, 1)));
+        assert!(limits.min(&Limits::unlimited()).get(RAM).is_none());
+        assert_eq!(limits.min(&Limits::unlimited().with(CORES, 4)).get(CORES), Some(4));
+    }
+
+    #[test]
+    fn resources_read_floats_and_skip_junk() {
+        let r: Resources =
+            serde_json::from_str(r#"{"cores": 4.0, "ram": 8192, "x": "y"}"#).unwrap();
+        assert_eq!(r.get(CORES), 4);
+        assert_eq!(r.get(RAM), 8192);
+        assert_eq!(r.get("x"), 0);
+    }
+}

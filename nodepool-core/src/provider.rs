@@ -1,0 +1,350 @@
+//! The `Provider` trait: a cloud that runs servers and stores images.
+//!
+//! A provider knows nothing of requests or the state store. The launcher
+//! runtime drives it: create a server, wait for it, delete it; the builder
+//! uploads images through it; cleanup lists what it has and deletes leaks.
+//! Servers are tagged with metadata (`nodepool_node_id`,
+//! `nodepool_provider_name`, `nodepool_pool_name`, `groups`) so that leaked
+//! ones can be recognised later.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use indexmap::IndexMap;
+
+use crate::config::PoolLabel;
+use crate::model::{Limits, Resources};
+
+/// Server metadata key: the node id.
+pub const META_NODE_ID: &str = "nodepool_node_id";
+/// Server metadata key: the provider name.
+pub const META_PROVIDER: &str = "nodepool_provider_name";
+/// Server metadata key: the pool name.
+pub const META_POOL: &str = "nodepool_pool_name";
+/// Server metadata key: `<provider>,<image>,<label>` for Ansible inventories.
+pub const META_GROUPS: &str = "groups";
+/// Legacy server metadata key: one JSON object (seed 001), still read.
+pub const META_LEGACY_JSON: &str = "nodepool";
+/// Image property: the build id.
+pub const IMAGE_BUILD_ID: &str = "nodepool_build_id";
+/// Image property: the upload id.
+pub const IMAGE_UPLOAD_ID: &str = "nodepool_upload_id";
+/// Image property: the provider name.
+pub const IMAGE_PROVIDER: &str = "nodepool_provider_name";
+
+/// Which image a server boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageRef {
+    /// An image Nodepool uploaded, by cloud id.
+    Uploaded {
+        /// Cloud image id.
+        external_id: String,
+    },
+    /// An image the cloud already has: by id, else by name.
+    Cloud {
+        /// Cloud image id.
+        id: Option<String>,
+        /// Cloud image name.
+        name: String,
+    },
+}
+
+/// Everything needed to create one server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceSpec {
+    /// Server name: `np<node id>`.
+    pub name: String,
+    /// Node id it is launched for.
+    pub node_id: String,
+    /// Provider name.
+    pub provider: String,
+    /// Pool name.
+    pub pool: String,
+    /// The pool label (flavor, key, volumes, userdata, networks...).
+    pub label: PoolLabel,
+    /// Image to boot.
+    pub image: ImageRef,
+    /// Availability zone, if chosen.
+    pub availability_zone: Option<String>,
+    /// Security groups.
+    pub security_groups: Vec<String>,
+    /// Boot with a config drive.
+    pub config_drive: Option<bool>,
+    /// Attach a floating IP when the server has no public address.
+    pub auto_floating_ip: bool,
+    /// Complete server metadata (tags and instance properties), each value
+    /// within Nova's 255-byte limit.
+    pub metadata: IndexMap<String, String>,
+}
+
+/// Lifecycle of a server as the cloud reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InstanceStatus {
+    /// Being created.
+    Building,
+    /// Running.
+    Active,
+    /// Failed, with the cloud's fault message.
+    Error(String),
+    /// Being deleted.
+    Deleting,
+    /// Any other status string.
+    Other(String),
+}
+
+/// A server in the cloud.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Instance {
+    /// Cloud server id.
+    pub external_id: String,
+    /// Server name.
+    pub name: String,
+    /// Status.
+    pub status: InstanceStatus,
+    /// Server metadata.
+    pub metadata: IndexMap<String, String>,
+    /// Public IPv4.
+    pub public_ipv4: Option<String>,
+    /// Private IPv4.
+    pub private_ipv4: Option<String>,
+    /// Public IPv6.
+    pub public_ipv6: Option<String>,
+    /// The address to connect to.
+    pub interface_ip: Option<String>,
+    /// Availability zone.
+    pub az: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Cloud name.
+    pub cloud: Option<String>,
+    /// Hypervisor host id.
+    pub host_id: Option<String>,
+    /// Quota it uses (from its flavor), if known.
+    pub resources: Option<Resources>,
+}
+
+impl Instance {
+    /// The node id it was tagged with (new metadata keys, or the legacy
+    /// JSON `nodepool` key of older versions).
+    pub fn node_id(&self) -> Option<String> {
+        if let Some(id) = self.metadata.get(META_NODE_ID) {
+            return Some(id.clone());
+        }
+        self.legacy_meta("node_id")
+    }
+
+    /// The provider name it was tagged with.
+    pub fn provider_name(&self) -> Option<String> {
+        if let Some(p) = self.metadata.get(META_PROVIDER) {
+            return Some(p.clone());
+        }
+        self.legacy_meta("provider_name")
+    }
+
+    fn legacy_meta(&self, key: &str) -> Option<String> {
+        let raw = self.metadata.get(META_LEGACY_JSON)?;
+        let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+        match v.get(key)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(match n.as_u64() {
+                // Old node ids were integers; znode names are 10-digit.
+                Some(i) => format!("{i:010}"),
+                None => n.to_string(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What to upload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageUploadSpec {
+    /// Cloud image name.
+    pub name: String,
+    /// Local file.
+    pub path: PathBuf,
+    /// Disk format (`qcow2`, `raw`, `vhd`).
+    pub format: String,
+    /// Image properties (`nodepool_build_id`, `nodepool_upload_id`, ...).
+    pub properties: IndexMap<String, String>,
+    /// Expected MD5 of the file, if known.
+    pub md5: Option<String>,
+    /// Expected SHA-256 of the file, if known.
+    pub sha256: Option<String>,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+/// An image in the cloud.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CloudImageInfo {
+    /// Cloud image id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Status (`active`, `queued`, ...).
+    pub status: String,
+    /// Properties.
+    pub properties: IndexMap<String, String>,
+}
+
+/// Cloud resources that leak on their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResourceKind {
+    /// A floating IP.
+    FloatingIp,
+    /// A network port.
+    Port,
+}
+
+impl ResourceKind {
+    /// Plural name used in `nodepool.provider.<p>.leaked.<kind>` metrics.
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            ResourceKind::FloatingIp => "floatingips",
+            ResourceKind::Port => "ports",
+        }
+    }
+}
+
+/// A floating IP or port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloudResource {
+    /// Kind.
+    pub kind: ResourceKind,
+    /// Cloud id.
+    pub id: String,
+    /// Status (`DOWN`, `ACTIVE`, ...).
+    pub status: String,
+    /// Whether it is attached to a server.
+    pub attached: bool,
+    /// Port device owner (`compute:nova`, empty, ...).
+    pub device_owner: Option<String>,
+}
+
+/// Errors of a provider, by meaning.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    /// The server, image or resource does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The cloud refused for lack of quota.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
+    /// Credentials were refused.
+    #[error("authentication failed: {0}")]
+    Unauthenticated(String),
+    /// The request was rejected as invalid (a configuration problem).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A temporary failure; try again later.
+    #[error("temporary failure: {0}")]
+    Transient(String),
+    /// A call or a wait took too long.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The server went into an error state.
+    #[error("server failed: {0}")]
+    ServerFailed(String),
+    /// The provider does not support this operation.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ProviderError {
+    /// A short stable label for metrics (`error.<label>` in launch results).
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ProviderError::NotFound(_) => "notfound",
+            ProviderError::QuotaExceeded(_) => "quota",
+            ProviderError::Unauthenticated(_) => "auth",
+            ProviderError::InvalidRequest(_) => "invalid",
+            ProviderError::Transient(_) => "transient",
+            ProviderError::Timeout(_) => "timeout",
+            ProviderError::ServerFailed(_) => "status",
+            ProviderError::Unsupported(_) => "unsupported",
+            ProviderError::Other(_) => "unknown",
+        }
+    }
+}
+
+/// A cloud. Object-safe; used as `Arc<dyn Provider>`.
+///
+/// Every implementation must pass the conformance suite in
+/// `nodepool_core::testing::conformance::provider`.
+#[async_trait]
+pub trait Provider: Send + Sync + std::fmt::Debug {
+    /// Provider name (from the config).
+    fn name(&self) -> &str;
+
+    /// The cloud's absolute limits (`instances`, `cores`, `ram`, ...);
+    /// missing names are unlimited.
+    async fn quota_limits(&self) -> Result<Limits, ProviderError>;
+
+    /// Quota one server of this label uses (from its flavor, plus volumes
+    /// when booting from volume).
+    async fn label_resources(&self, label: &PoolLabel) -> Result<Resources, ProviderError>;
+
+    /// Starts creating a server; returns its cloud id as soon as the cloud
+    /// accepted it (so that it is recorded before anything else can fail).
+    async fn create_instance(&self, spec: &InstanceSpec) -> Result<String, ProviderError>;
+
+    /// Waits until the server is ACTIVE (and has its floating IP, when
+    /// asked for). The caller bounds this with `launch-timeout`.
+    async fn wait_for_instance(
+        &self,
+        external_id: &str,
+        spec: &InstanceSpec,
+    ) -> Result<Instance, ProviderError>;
+
+    /// One server; `Ok(None)` when it does not exist.
+    async fn get_instance(&self, external_id: &str) -> Result<Option<Instance>, ProviderError>;
+
+    /// Every server of the cloud project (cached briefly by implementations).
+    async fn list_instances(&self) -> Result<Vec<Instance>, ProviderError>;
+
+    /// Deletes a server and waits until it is gone. A server that does not
+    /// exist counts as deleted.
+    async fn delete_instance(&self, external_id: &str) -> Result<(), ProviderError>;
+
+    /// The server's console output (for failed nodescans).
+    async fn console_log(&self, external_id: &str) -> Result<String, ProviderError> {
+        let _ = external_id;
+        Err(ProviderError::Unsupported("console log".into()))
+    }
+
+    /// Uploads an image file; returns the cloud image id once it is active.
+    async fn upload_image(&self, spec: &ImageUploadSpec) -> Result<String, ProviderError>;
+
+    /// Every image of the cloud project.
+    async fn list_images(&self) -> Result<Vec<CloudImageInfo>, ProviderError>;
+
+    /// Deletes an image. An image that does not exist counts as deleted.
+    async fn delete_image(&self, external_id: &str) -> Result<(), ProviderError>;
+
+    /// Floating IPs or ports, for leak cleanup.
+    async fn list_resources(
+        &self,
+        kind: ResourceKind,
+    ) -> Result<Vec<CloudResource>, ProviderError> {
+        let _ = kind;
+        Ok(Vec::new())
+    }
+
+    /// Deletes a floating IP or port. One that does not exist counts as deleted.
+    async fn delete_resource(&self, kind: ResourceKind, id: &str) -> Result<(), ProviderError> {
+        let _ = (kind, id);
+        Ok(())
+    }
+
+    /// Whether nodes of this provider must skip nodescan (the simulated
+    /// cloud's servers have no network).
+    fn skip_nodescan(&self) -> bool {
+        false
+    }
+}

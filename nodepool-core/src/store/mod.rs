@@ -1,0 +1,322 @@
+//! The `StateStore` trait: where nodes, requests, images and components live.
+//!
+//! Wire compatibility with Python Nodepool and Zuul fixes the data model:
+//! a tree of versioned records with sequential and ephemeral children,
+//! exactly ZooKeeper's. So the trait is that model's small core
+//! ([`StateStore`]), implemented by ZooKeeper (`nodepool-zookeeper`), an
+//! embedded SQLite file (`nodepool-sqlite`) and memory (`testing`), and
+//! everything Nodepool-specific is written once on top of it:
+//!
+//! * [`paths`]: the znode layout of reference §1.2;
+//! * [`lock`]: kazoo's lock recipe (`<uuid>__lock__<seq>` contenders);
+//! * [`Store`]: typed operations (nodes, requests, builds, uploads,
+//!   components, flags) with decoding that skips malformed records.
+//!
+//! Because the layout and lock recipe live here, all three stores hold
+//! byte-identical data and the Python CLI can read what any of them wrote
+//! once it is in ZooKeeper.
+
+pub mod lock;
+pub mod paths;
+mod typed;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{broadcast, watch};
+
+pub use lock::{LockGuard, LockWait};
+pub use typed::{
+    BuildRecord, ComponentRegistration, ImageState, Listing, Malformed, NodeRecord, RequestLockDir,
+    RequestRecord, Store, UploadRecord, Versioned,
+};
+
+/// How a record is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CreateMode {
+    /// Stays until deleted.
+    Persistent,
+    /// Stays until deleted; a 10-digit sequence number is appended to the name.
+    PersistentSequential,
+    /// Deleted when the creating session ends.
+    Ephemeral,
+    /// Ephemeral, with a sequence number appended.
+    EphemeralSequential,
+}
+
+impl CreateMode {
+    /// Whether the record is tied to its session.
+    pub fn is_ephemeral(self) -> bool {
+        matches!(
+            self,
+            CreateMode::Ephemeral | CreateMode::EphemeralSequential
+        )
+    }
+
+    /// Whether a sequence number is appended.
+    pub fn is_sequential(self) -> bool {
+        matches!(
+            self,
+            CreateMode::PersistentSequential | CreateMode::EphemeralSequential
+        )
+    }
+}
+
+/// Metadata of a record, as ZooKeeper's `Stat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    /// Data version: 0 at creation, +1 for each `set`. Used for compare-and-set.
+    pub version: i32,
+    /// Store-wide change id of the creation (ZooKeeper's czxid).
+    pub czxid: i64,
+    /// Store-wide change id of the last data change (ZooKeeper's mzxid).
+    pub mzxid: i64,
+    /// Creation time, epoch milliseconds.
+    pub ctime: i64,
+    /// Last data change, epoch milliseconds.
+    pub mtime: i64,
+    /// Owning session for ephemeral records, 0 for persistent ones.
+    pub ephemeral_owner: i64,
+    /// Number of children.
+    pub num_children: i32,
+}
+
+/// A record with its path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Absolute path, e.g. `/nodepool/nodes/0000000001`.
+    pub path: String,
+    /// The data (JSON for Nodepool records; may be empty).
+    pub data: Bytes,
+    /// Its metadata.
+    pub stat: Stat,
+}
+
+/// What changed in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// A record was created.
+    Created(String),
+    /// A record's data changed.
+    Changed(String),
+    /// A record was deleted.
+    Deleted(String),
+}
+
+impl StoreEvent {
+    /// The path the event is about.
+    pub fn path(&self) -> &str {
+        match self {
+            StoreEvent::Created(p) | StoreEvent::Changed(p) | StoreEvent::Deleted(p) => p,
+        }
+    }
+}
+
+/// The state of this client's session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    /// Connected; ephemeral records and locks of this session id are alive.
+    Connected {
+        /// Session id; changes when a session is replaced after expiry.
+        id: i64,
+    },
+    /// Connection lost; the session may still come back (kazoo's SUSPENDED).
+    /// Lock-guarded work should pause.
+    Suspended,
+    /// The session ended: its ephemerals and locks are gone.
+    Expired,
+    /// Closed by [`StateStore::close`].
+    Closed,
+}
+
+impl SessionState {
+    /// The live session id, if connected.
+    pub fn id(self) -> Option<i64> {
+        match self {
+            SessionState::Connected { id } => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// Errors of a state store, by meaning.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The record does not exist.
+    #[error("{path}: not found")]
+    NotFound {
+        /// The record's path.
+        path: String,
+    },
+    /// A compare-and-set failed or the record already exists.
+    #[error("{path}: {reason}")]
+    Conflict {
+        /// The record's path.
+        path: String,
+        /// What conflicted.
+        reason: String,
+    },
+    /// A record cannot be deleted while it has children.
+    #[error("{path}: has children")]
+    NotEmpty {
+        /// The record's path.
+        path: String,
+    },
+    /// A lock is held by someone else (non-blocking acquire).
+    #[error("{path}: locked by another owner")]
+    Locked {
+        /// The lock's path.
+        path: String,
+    },
+    /// Waiting took too long.
+    #[error("timed out: {what}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+    },
+    /// The store cannot be reached.
+    #[error("{store} is unreachable: {reason}")]
+    Unavailable {
+        /// The store's address.
+        store: String,
+        /// Why.
+        reason: String,
+    },
+    /// The session ended; ephemerals and locks are gone.
+    #[error("session lost")]
+    SessionLost,
+    /// A record's data could not be decoded.
+    #[error("{path}: malformed record: {reason}")]
+    Malformed {
+        /// The record's path.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// A short stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            StoreError::NotFound { .. } => "not_found",
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::NotEmpty { .. } => "not_empty",
+            StoreError::Locked { .. } => "locked",
+            StoreError::Timeout { .. } => "timeout",
+            StoreError::Unavailable { .. } => "unavailable",
+            StoreError::SessionLost => "session_lost",
+            StoreError::Malformed { .. } => "malformed",
+            StoreError::Other(_) => "other",
+        }
+    }
+
+    /// Whether this is [`StoreError::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+/// A hierarchical store of versioned records with ZooKeeper's semantics.
+///
+/// Paths are absolute (`/nodepool/nodes/0000000001`), `/`-separated, with no
+/// trailing slash. Every implementation must pass the conformance suite in
+/// `nodepool_core::testing::conformance::store`.
+#[async_trait]
+pub trait StateStore: Send + Sync + fmt::Debug {
+    /// The store's address for messages, e.g. `zookeeper 127.0.0.1:2181/nodepool`.
+    fn describe(&self) -> String;
+
+    /// Creates a record; missing parents are created as empty persistent
+    /// records. For sequential modes `path` is a prefix (it may end in `/`)
+    /// and a 10-digit number, increasing per parent, is appended.
+    /// Returns the path created. An existing path is a [`StoreError::Conflict`].
+    async fn create(&self, path: &str, data: &[u8], mode: CreateMode)
+    -> Result<String, StoreError>;
+
+    /// Reads a record; `Ok(None)` when it does not exist.
+    async fn get(&self, path: &str) -> Result<Option<(Bytes, Stat)>, StoreError>;
+
+    /// Replaces a record's data. With `version`, only if the record is still
+    /// at that version ([`StoreError::Conflict`] otherwise).
+    async fn set(&self, path: &str, data: &[u8], version: Option<i32>) -> Result<Stat, StoreError>;
+
+    /// Deletes a record without children. With `version`, only at that version.
+    async fn delete(&self, path: &str, version: Option<i32>) -> Result<(), StoreError>;
+
+    /// The names (not paths) of a record's children, sorted.
+    async fn children(&self, path: &str) -> Result<Vec<String>, StoreError>;
+
+    /// The record at `prefix` (if any) and every descendant, sorted by path.
+    /// May be served from a local cache kept fresh by watches; a planning
+    /// pass reads through this.
+    async fn scan(&self, prefix: &str) -> Result<Vec<Entry>, StoreError>;
+
+    /// A stream of changes anywhere in the store. Receivers that lag get
+    /// `RecvError::Lagged` and should rescan.
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+
+    /// This client's session state.
+    fn session(&self) -> watch::Receiver<SessionState>;
+
+    /// Ends the session: its ephemeral records and locks go away.
+    async fn close(&self) -> Result<(), StoreError>;
+
+    /// Deletes a record and everything below it, deepest first. Records
+    /// that vanish meanwhile are not an error.
+    async fn delete_tree(&self, path: &str) -> Result<(), StoreError> {
+        let mut entries = match self.scan(path).await {
+            Ok(e) => e,
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        entries.retain(|e| e.path == path || e.path.starts_with(&format!("{path}/")));
+        // Deepest first: longer paths sort after their parents, so reverse.
+        entries.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(b.path.cmp(&a.path)));
+        for e in entries {
+            match self.delete(&e.path, None).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                Err(StoreError::NotEmpty { .. }) => {
+                    // A child appeared meanwhile (a lock contender): retry once below it.
+                    let children = self.children(&e.path).await.unwrap_or_default();
+                    for c in children {
+                        Box::pin(self.delete_tree(&format!("{}/{c}", e.path))).await?;
+                    }
+                    match self.delete(&e.path, None).await {
+                        Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                        Err(err) => return Err(err),
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits a path into parent and name: `/a/b/c` → (`/a/b`, `c`).
+pub fn split_path(path: &str) -> (&str, &str) {
+    match path.rfind('/') {
+        Some(0) => ("/", &path[1..]),
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => ("", path),
+    }
+}
+
+/// Checks a path's shape: absolute, no empty segments, no trailing slash.
+pub fn validate_path(path: &str) -> Result<(), StoreError> {
+    let ok = path.starts_with('/')
+        && (path == "/" || !path.ends_with('/'))
+        && !path.contains("//")
+        && !path.contains('\0');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Other(format!("invalid path {path:?}")))
+    }
+}

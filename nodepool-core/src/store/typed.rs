@@ -1,0 +1,809 @@
+//! Typed operations on top of any [`StateStore`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use super::lock::{self, LockGuard, LockWait};
+use super::paths::{self, ImagePath, classify_image_path, lock_contender_sequence};
+use super::{CreateMode, Entry, StateStore, StoreError};
+use crate::model::{
+    Component, ComponentKind, ImageBuild, ImageUpload, Node, NodeRequest, WireRecord,
+};
+
+/// A record with the version it was read at (for compare-and-set).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    /// The record.
+    pub value: T,
+    /// Its version.
+    pub version: i32,
+}
+
+/// A record that could not be decoded; listings skip it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Malformed {
+    /// Its path.
+    pub path: String,
+    /// Why it could not be read.
+    pub reason: String,
+}
+
+/// The decodable records of a listing and the ones that were skipped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listing<T> {
+    /// Records that decoded.
+    pub records: Vec<T>,
+    /// Records that did not (logged once per version).
+    pub malformed: Vec<Malformed>,
+}
+
+/// A node as listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeRecord {
+    /// Node id.
+    pub id: String,
+    /// The node (shared with the decode cache; clone it to modify).
+    pub node: Arc<Node>,
+    /// Version for compare-and-set.
+    pub version: i32,
+    /// Whether its lock has any contender.
+    pub locked: bool,
+}
+
+/// A request as listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestRecord {
+    /// Request id (`<prio>-<seq>`).
+    pub id: String,
+    /// The request.
+    pub request: Arc<NodeRequest>,
+    /// Version for compare-and-set.
+    pub version: i32,
+    /// Whether it was created ephemeral (min-ready requests are).
+    pub ephemeral: bool,
+}
+
+/// A build as listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuildRecord {
+    /// Diskimage name.
+    pub image: String,
+    /// Build id.
+    pub id: String,
+    /// The build.
+    pub build: ImageBuild,
+    /// Version for compare-and-set.
+    pub version: i32,
+    /// Whether its lock has any contender.
+    pub locked: bool,
+}
+
+/// An upload as listed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UploadRecord {
+    /// Diskimage name.
+    pub image: String,
+    /// Build id.
+    pub build_id: String,
+    /// Provider name.
+    pub provider: String,
+    /// Upload id.
+    pub id: String,
+    /// The upload.
+    pub upload: ImageUpload,
+    /// Version for compare-and-set.
+    pub version: i32,
+    /// Whether its lock has any contender.
+    pub locked: bool,
+    /// Whether the per-build-per-provider upload lock has any contender.
+    pub uploads_locked: bool,
+}
+
+/// Everything under `/nodepool/images`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImageState {
+    /// Image names that have a record.
+    pub images: BTreeSet<String>,
+    /// Builds, by image then build id.
+    pub builds: Vec<BuildRecord>,
+    /// Uploads.
+    pub uploads: Vec<UploadRecord>,
+    /// Images paused with `image-pause`.
+    pub paused: BTreeSet<String>,
+    /// Images with a pending `image-build` request, and when it was made (epoch s).
+    pub build_requests: BTreeMap<String, f64>,
+    /// Records that could not be decoded.
+    pub malformed: Vec<Malformed>,
+}
+
+/// A request lock directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestLockDir {
+    /// The request id it locks.
+    pub id: String,
+    /// Last modification, epoch milliseconds.
+    pub mtime_ms: i64,
+    /// Whether anyone holds or waits for it.
+    pub locked: bool,
+}
+
+/// A component this process registered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ComponentRegistration {
+    /// Path of the ephemeral record.
+    pub path: String,
+    /// Version for updates.
+    pub version: i32,
+}
+
+type DecodeCache<T> = HashMap<String, (i64, Result<Arc<T>, String>)>;
+
+#[derive(Default)]
+struct Caches {
+    nodes: DecodeCache<Node>,
+    requests: DecodeCache<NodeRequest>,
+}
+
+/// Typed Nodepool operations over a [`StateStore`].
+///
+/// Cheap to clone. Listings decode each record once per version and skip
+/// malformed ones with a warning (never an error for the whole listing).
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn StateStore>,
+    caches: Arc<Mutex<Caches>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Store")
+            .field(&self.inner.describe())
+            .finish()
+    }
+}
+
+fn decode_cached<T: WireRecord>(
+    cache: &mut DecodeCache<T>,
+    entry: &Entry,
+) -> Result<Arc<T>, String> {
+    if let Some((mzxid, r)) = cache.get(&entry.path)
+        && *mzxid == entry.stat.mzxid
+    {
+        return r.clone();
+    }
+    let r = T::from_json(&entry.data)
+        .map(Arc::new)
+        .map_err(|e| e.to_string());
+    if let Err(reason) = &r {
+        tracing::warn!(path = %entry.path, %reason, "skipping malformed record");
+    }
+    cache.insert(entry.path.clone(), (entry.stat.mzxid, r.clone()));
+    r
+}
+
+fn child_name<'a>(path: &'a str, parent: &str) -> Option<&'a str> {
+    let rest = path.strip_prefix(parent)?.strip_prefix('/')?;
+    (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+}
+
+/// Whether the entry is a lock contender directly under `<record>/lock`.
+fn contender_of(path: &str) -> Option<&str> {
+    let (dir, name) = super::split_path(path);
+    lock_contender_sequence(name)?;
+    let (record, lock_name) = super::split_path(dir);
+    (lock_name == paths::LOCK).then_some(record)
+}
+
+impl Store {
+    /// Wraps a backend.
+    pub fn new(inner: Arc<dyn StateStore>) -> Self {
+        Store {
+            inner,
+            caches: Arc::new(Mutex::new(Caches::default())),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn StateStore> {
+        &self.inner
+    }
+
+    /// The backend's address, for messages.
+    pub fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    // ----- locks -------------------------------------------------------
+
+    /// Takes a kazoo-compatible lock on a lock directory.
+    pub async fn lock(&self, dir: &str, wait: LockWait) -> Result<LockGuard, StoreError> {
+        lock::acquire(&self.inner, dir, wait, b"").await
+    }
+
+    /// Locks a node.
+    pub async fn lock_node(&self, id: &str, wait: LockWait) -> Result<LockGuard, StoreError> {
+        self.lock(&paths::node_lock(id), wait).await
+    }
+
+    /// Locks a request (its lock lives under `/nodepool/requests-lock`).
+    pub async fn lock_request(&self, id: &str, wait: LockWait) -> Result<LockGuard, StoreError> {
+        self.lock(&paths::request_lock(id), wait).await
+    }
+
+    /// Whether a node's lock has any contender.
+    pub async fn is_node_locked(&self, id: &str) -> Result<bool, StoreError> {
+        lock::is_locked(self.inner.as_ref(), &paths::node_lock(id)).await
+    }
+
+    /// Breaks a node's lock (deletes its lowest contender).
+    pub async fn force_unlock_node(&self, id: &str) -> Result<bool, StoreError> {
+        lock::force_unlock(self.inner.as_ref(), &paths::node_lock(id)).await
+    }
+
+    // ----- nodes -------------------------------------------------------
+
+    /// Creates a node record with the next sequential id.
+    pub async fn create_node(&self, node: &Node) -> Result<String, StoreError> {
+        let path = self
+            .inner
+            .create(
+                &format!("{}/", paths::NODES),
+                &node.to_json(),
+                CreateMode::PersistentSequential,
+            )
+            .await?;
+        Ok(super::split_path(&path).1.to_owned())
+    }
+
+    /// Reads one node; `Ok(None)` if it does not exist.
+    pub async fn get_node(&self, id: &str) -> Result<Option<Versioned<Node>>, StoreError> {
+        let path = paths::node(id);
+        match self.inner.get(&path).await? {
+            None => Ok(None),
+            Some((data, stat)) => Node::from_json(&data)
+                .map(|value| {
+                    Some(Versioned {
+                        value,
+                        version: stat.version,
+                    })
+                })
+                .map_err(|e| StoreError::Malformed {
+                    path,
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Writes a node if it is still at `version`; returns the new version.
+    pub async fn update_node(
+        &self,
+        id: &str,
+        node: &Node,
+        version: i32,
+    ) -> Result<i32, StoreError> {
+        Ok(self
+            .inner
+            .set(&paths::node(id), &node.to_json(), Some(version))
+            .await?
+            .version)
+    }
+
+    /// Writes a node regardless of version (only under its lock).
+    pub async fn store_node(&self, id: &str, node: &Node) -> Result<i32, StoreError> {
+        Ok(self
+            .inner
+            .set(&paths::node(id), &node.to_json(), None)
+            .await?
+            .version)
+    }
+
+    /// Deletes a node record and its lock directory.
+    pub async fn delete_node(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.delete_tree(&paths::node(id)).await
+    }
+
+    /// Every node, with its lock state.
+    pub async fn list_nodes(&self) -> Result<Listing<NodeRecord>, StoreError> {
+        let entries = self.inner.scan(paths::NODES).await?;
+        let mut locked: BTreeSet<&str> = BTreeSet::new();
+        for e in &entries {
+            if let Some(record) = contender_of(&e.path) {
+                locked.insert(record);
+            }
+        }
+        let mut out = Listing {
+            records: Vec::new(),
+            malformed: Vec::new(),
+        };
+        let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = BTreeSet::new();
+        for e in &entries {
+            let Some(id) = child_name(&e.path, paths::NODES) else {
+                continue;
+            };
+            seen.insert(e.path.as_str());
+            // A node znode without data is an empty leftover: cleanup deletes it.
+            if e.data.is_empty() {
+                out.malformed.push(Malformed {
+                    path: e.path.clone(),
+                    reason: "empty record".into(),
+                });
+                continue;
+            }
+            match decode_cached(&mut caches.nodes, e) {
+                Ok(node) => out.records.push(NodeRecord {
+                    id: id.to_owned(),
+                    node,
+                    version: e.stat.version,
+                    locked: locked.contains(e.path.as_str()),
+                }),
+                Err(reason) => out.malformed.push(Malformed {
+                    path: e.path.clone(),
+                    reason,
+                }),
+            }
+        }
+        caches.nodes.retain(|k, _| seen.contains(k.as_str()));
+        Ok(out)
+    }
+
+    // ----- requests ----------------------------------------------------
+
+    /// Submits a request with a priority prefix (`100`, `200`, `300`, `900`);
+    /// returns its id `<prio>-<seq10>`.
+    pub async fn submit_request(
+        &self,
+        request: &NodeRequest,
+        priority: &str,
+        ephemeral: bool,
+    ) -> Result<String, StoreError> {
+        let mode = if ephemeral {
+            CreateMode::EphemeralSequential
+        } else {
+            CreateMode::PersistentSequential
+        };
+        let path = self
+            .inner
+            .create(&paths::request_prefix(priority), &request.to_json(), mode)
+            .await?;
+        Ok(super::split_path(&path).1.to_owned())
+    }
+
+    /// Reads one request; `Ok(None)` if it does not exist.
+    pub async fn get_request(
+        &self,
+        id: &str,
+    ) -> Result<Option<Versioned<NodeRequest>>, StoreError> {
+        let path = paths::request(id);
+        match self.inner.get(&path).await? {
+            None => Ok(None),
+            Some((data, stat)) => NodeRequest::from_json(&data)
+                .map(|value| {
+                    Some(Versioned {
+                        value,
+                        version: stat.version,
+                    })
+                })
+                .map_err(|e| StoreError::Malformed {
+                    path,
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Writes a request if it is still at `version`; returns the new version.
+    pub async fn update_request(
+        &self,
+        id: &str,
+        request: &NodeRequest,
+        version: i32,
+    ) -> Result<i32, StoreError> {
+        Ok(self
+            .inner
+            .set(&paths::request(id), &request.to_json(), Some(version))
+            .await?
+            .version)
+    }
+
+    /// Deletes a request (its lock directory is left, as Nodepool does;
+    /// cleanup removes stale ones).
+    pub async fn delete_request(&self, id: &str) -> Result<(), StoreError> {
+        match self.inner.delete(&paths::request(id), None).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every request.
+    pub async fn list_requests(&self) -> Result<Listing<RequestRecord>, StoreError> {
+        let entries = self.inner.scan(paths::REQUESTS).await?;
+        let mut out = Listing {
+            records: Vec::new(),
+            malformed: Vec::new(),
+        };
+        let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = BTreeSet::new();
+        for e in &entries {
+            let Some(id) = child_name(&e.path, paths::REQUESTS) else {
+                continue;
+            };
+            seen.insert(e.path.as_str());
+            match decode_cached(&mut caches.requests, e) {
+                Ok(request) => out.records.push(RequestRecord {
+                    id: id.to_owned(),
+                    request,
+                    version: e.stat.version,
+                    ephemeral: e.stat.ephemeral_owner != 0,
+                }),
+                Err(reason) => out.malformed.push(Malformed {
+                    path: e.path.clone(),
+                    reason,
+                }),
+            }
+        }
+        caches.requests.retain(|k, _| seen.contains(k.as_str()));
+        Ok(out)
+    }
+
+    /// Request lock directories, for stale-lock cleanup.
+    pub async fn list_request_lock_dirs(&self) -> Result<Vec<RequestLockDir>, StoreError> {
+        let entries = self.inner.scan(paths::REQUESTS_LOCK).await?;
+        let mut dirs: BTreeMap<&str, RequestLockDir> = BTreeMap::new();
+        for e in &entries {
+            if let Some(id) = child_name(&e.path, paths::REQUESTS_LOCK) {
+                dirs.insert(
+                    id,
+                    RequestLockDir {
+                        id: id.to_owned(),
+                        mtime_ms: e.stat.mtime,
+                        locked: false,
+                    },
+                );
+            }
+        }
+        for e in &entries {
+            let (dir, name) = super::split_path(&e.path);
+            if lock_contender_sequence(name).is_some()
+                && let Some(id) = child_name(dir, paths::REQUESTS_LOCK)
+                && let Some(d) = dirs.get_mut(id)
+            {
+                d.locked = true;
+            }
+        }
+        Ok(dirs.into_values().collect())
+    }
+
+    /// Deletes a request lock directory (only if nobody holds it).
+    pub async fn delete_request_lock_dir(&self, id: &str) -> Result<(), StoreError> {
+        match self.inner.delete(&paths::request_lock(id), None).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    // ----- images ------------------------------------------------------
+
+    /// Everything under `/nodepool/images`.
+    pub async fn image_state(&self) -> Result<ImageState, StoreError> {
+        let entries = self.inner.scan(paths::IMAGES).await?;
+        let mut locked: BTreeSet<&str> = BTreeSet::new();
+        for e in &entries {
+            if let Some(record) = contender_of(&e.path) {
+                locked.insert(record);
+            }
+        }
+        let mut st = ImageState::default();
+        for e in &entries {
+            match classify_image_path(&e.path) {
+                ImagePath::Image(image) => {
+                    st.images.insert(image.to_owned());
+                }
+                ImagePath::Pause(image) => {
+                    st.paused.insert(image.to_owned());
+                }
+                ImagePath::BuildRequest(image) => {
+                    st.build_requests
+                        .insert(image.to_owned(), e.stat.ctime as f64 / 1000.0);
+                }
+                ImagePath::Build(image, build) => match ImageBuild::from_json(&e.data) {
+                    Ok(b) => st.builds.push(BuildRecord {
+                        image: image.to_owned(),
+                        id: build.to_owned(),
+                        build: b,
+                        version: e.stat.version,
+                        locked: locked.contains(e.path.as_str()),
+                    }),
+                    Err(err) => st.malformed.push(Malformed {
+                        path: e.path.clone(),
+                        reason: err.to_string(),
+                    }),
+                },
+                ImagePath::Upload(image, build, provider, upload) => {
+                    match ImageUpload::from_json(&e.data) {
+                        Ok(u) => {
+                            let uploads_dir = paths::uploads(image, build, provider);
+                            st.uploads.push(UploadRecord {
+                                image: image.to_owned(),
+                                build_id: build.to_owned(),
+                                provider: provider.to_owned(),
+                                id: upload.to_owned(),
+                                upload: u,
+                                version: e.stat.version,
+                                locked: locked.contains(e.path.as_str()),
+                                uploads_locked: locked.contains(uploads_dir.as_str()),
+                            })
+                        }
+                        Err(err) => st.malformed.push(Malformed {
+                            path: e.path.clone(),
+                            reason: err.to_string(),
+                        }),
+                    }
+                }
+                ImagePath::Other => {}
+            }
+        }
+        for m in &st.malformed {
+            tracing::warn!(path = %m.path, reason = %m.reason, "skipping malformed image record");
+        }
+        Ok(st)
+    }
+
+    /// Creates a build record at `/nodepool/images/<image>/builds/<id>`.
+    pub async fn create_build(
+        &self,
+        image: &str,
+        id: &str,
+        build: &ImageBuild,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .create(
+                &paths::build(image, id),
+                &build.to_json(),
+                CreateMode::Persistent,
+            )
+            .await
+            .map(|_| ())
+    }
+
+    /// Reads a build.
+    pub async fn get_build(
+        &self,
+        image: &str,
+        id: &str,
+    ) -> Result<Option<Versioned<ImageBuild>>, StoreError> {
+        let path = paths::build(image, id);
+        match self.inner.get(&path).await? {
+            None => Ok(None),
+            Some((data, stat)) => ImageBuild::from_json(&data)
+                .map(|value| {
+                    Some(Versioned {
+                        value,
+                        version: stat.version,
+                    })
+                })
+                .map_err(|e| StoreError::Malformed {
+                    path,
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Writes a build; with `version`, only at that version.
+    pub async fn update_build(
+        &self,
+        image: &str,
+        id: &str,
+        build: &ImageBuild,
+        version: Option<i32>,
+    ) -> Result<i32, StoreError> {
+        Ok(self
+            .inner
+            .set(&paths::build(image, id), &build.to_json(), version)
+            .await?
+            .version)
+    }
+
+    /// Deletes a build and everything under it.
+    pub async fn delete_build(&self, image: &str, id: &str) -> Result<(), StoreError> {
+        self.inner.delete_tree(&paths::build(image, id)).await
+    }
+
+    /// Creates an upload record with the next sequential id for this build
+    /// and provider.
+    pub async fn create_upload(
+        &self,
+        image: &str,
+        build: &str,
+        provider: &str,
+        upload: &ImageUpload,
+    ) -> Result<String, StoreError> {
+        let path = self
+            .inner
+            .create(
+                &format!("{}/", paths::uploads(image, build, provider)),
+                &upload.to_json(),
+                CreateMode::PersistentSequential,
+            )
+            .await?;
+        Ok(super::split_path(&path).1.to_owned())
+    }
+
+    /// Reads an upload.
+    pub async fn get_upload(
+        &self,
+        image: &str,
+        build: &str,
+        provider: &str,
+        id: &str,
+    ) -> Result<Option<Versioned<ImageUpload>>, StoreError> {
+        let path = paths::upload(image, build, provider, id);
+        match self.inner.get(&path).await? {
+            None => Ok(None),
+            Some((data, stat)) => ImageUpload::from_json(&data)
+                .map(|value| {
+                    Some(Versioned {
+                        value,
+                        version: stat.version,
+                    })
+                })
+                .map_err(|e| StoreError::Malformed {
+                    path,
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Writes an upload; with `version`, only at that version.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn update_upload(
+        &self,
+        image: &str,
+        build: &str,
+        provider: &str,
+        id: &str,
+        upload: &ImageUpload,
+        version: Option<i32>,
+    ) -> Result<i32, StoreError> {
+        Ok(self
+            .inner
+            .set(
+                &paths::upload(image, build, provider, id),
+                &upload.to_json(),
+                version,
+            )
+            .await?
+            .version)
+    }
+
+    /// Deletes an upload record.
+    pub async fn delete_upload(
+        &self,
+        image: &str,
+        build: &str,
+        provider: &str,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .delete_tree(&paths::upload(image, build, provider, id))
+            .await
+    }
+
+    /// Pauses or unpauses an image's builds (`image-pause`).
+    pub async fn set_image_paused(&self, image: &str, paused: bool) -> Result<(), StoreError> {
+        let path = paths::image_pause(image);
+        if paused {
+            match self.inner.create(&path, b"", CreateMode::Persistent).await {
+                Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        } else {
+            match self.inner.delete(&path, None).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    /// Asks for a build of an image (`image-build`).
+    pub async fn request_image_build(&self, image: &str) -> Result<(), StoreError> {
+        match self
+            .inner
+            .create(
+                &paths::image_build_request(image),
+                b"",
+                CreateMode::Persistent,
+            )
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes a build request (after a successful build).
+    pub async fn clear_image_build_request(&self, image: &str) -> Result<(), StoreError> {
+        match self
+            .inner
+            .delete(&paths::image_build_request(image), None)
+            .await
+        {
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    // ----- components --------------------------------------------------
+
+    /// Registers this process's component: an ephemeral sequential record
+    /// `/nodepool/components/<kind>/<hostname><seq10>`.
+    pub async fn register_component(
+        &self,
+        component: &Component,
+    ) -> Result<ComponentRegistration, StoreError> {
+        let prefix = format!(
+            "{}/{}",
+            paths::components(component.kind.as_str()),
+            component.hostname
+        );
+        let path = self
+            .inner
+            .create(
+                &prefix,
+                &component.to_json(),
+                CreateMode::EphemeralSequential,
+            )
+            .await?;
+        Ok(ComponentRegistration { path, version: 0 })
+    }
+
+    /// Updates a registration (compare-and-set on its version).
+    pub async fn update_component(
+        &self,
+        reg: &mut ComponentRegistration,
+        component: &Component,
+    ) -> Result<(), StoreError> {
+        let stat = self
+            .inner
+            .set(&reg.path, &component.to_json(), Some(reg.version))
+            .await?;
+        reg.version = stat.version;
+        Ok(())
+    }
+
+    /// Removes a registration.
+    pub async fn unregister_component(
+        &self,
+        reg: &ComponentRegistration,
+    ) -> Result<(), StoreError> {
+        match self.inner.delete(&reg.path, None).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) | Err(StoreError::SessionLost) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Registered components of one kind.
+    pub async fn list_components(
+        &self,
+        kind: ComponentKind,
+    ) -> Result<Listing<(String, Component)>, StoreError> {
+        let dir = paths::components(kind.as_str());
+        let entries = self.inner.scan(&dir).await?;
+        let mut out = Listing {
+            records: Vec::new(),
+            malformed: Vec::new(),
+        };
+        for e in &entries {
+            let Some(name) = child_name(&e.path, &dir) else {
+                continue;
+            };
+            match Component::from_json(&e.data) {
+                Ok(c) => out.records.push((name.to_owned(), c)),
+                Err(err) => out.malformed.push(Malformed {
+                    path: e.path.clone(),
+                    reason: err.to_string(),
+                }),
+            }
+        }
+        Ok(out)
+    }
+}
