@@ -18,7 +18,8 @@ fn fixture_dir() -> PathBuf {
 /// The raw `data` of a `{path, ephemeral, data}` sample, as exact text.
 fn sample_data(name: &str) -> String {
     let text = std::fs::read_to_string(fixture_dir().join(name)).expect("fixture exists");
-    let wrapper: BTreeMap<String, Box<RawValue>> = serde_json::from_str(&text).expect("sample is JSON");
+    let wrapper: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(&text).expect("sample is JSON");
     wrapper["data"].get().to_owned()
 }
 
@@ -106,7 +107,11 @@ fn nodes_round_trip_exactly() {
 fn node_states_read_from_samples() {
     let states: Vec<NodeState> = NODE_SAMPLES
         .iter()
-        .map(|n| Node::from_json(sample_data(n).as_bytes()).expect("decodes").state)
+        .map(|n| {
+            Node::from_json(sample_data(n).as_bytes())
+                .expect("decodes")
+                .state
+        })
         .collect();
     assert_eq!(
         states,
@@ -124,7 +129,10 @@ fn node_states_read_from_samples() {
 fn zuul_keys_survive_read_modify_write() {
     let original = sample_data("node-in-use.json");
     let mut node = Node::from_json(original.as_bytes()).expect("decodes");
-    assert_eq!(node.extra.get("id").map(Json::as_text), Some("\"0000000000\""));
+    assert_eq!(
+        node.extra.get("id").map(Json::as_text),
+        Some("\"0000000000\"")
+    );
     node.set_state(NodeState::Used, 1795261400.5);
     let encoded = String::from_utf8(node.to_json()).expect("utf-8");
     let back: BTreeMap<String, &RawValue> = serde_json::from_str(&encoded).expect("object");
@@ -134,7 +142,11 @@ fn zuul_keys_survive_read_modify_write() {
     assert_eq!(back["state_time"].get(), "1795261400.5");
     // user_data set by Zuul comes back as written
     let orig: BTreeMap<String, &RawValue> = serde_json::from_str(&original).expect("object");
-    assert_json_eq(orig["user_data"].get(), back["user_data"].get(), "user_data");
+    assert_json_eq(
+        orig["user_data"].get(),
+        back["user_data"].get(),
+        "user_data",
+    );
 }
 
 #[test]
@@ -145,7 +157,9 @@ fn requests_round_trip_exactly() {
         let enc: BTreeMap<String, &RawValue> = serde_json::from_str(&encoded).expect("object");
         // Every key the original had comes back with the same value...
         for (k, v) in &orig {
-            let got = enc.get(k).unwrap_or_else(|| panic!("{name}: key {k} dropped"));
+            let got = enc
+                .get(k)
+                .unwrap_or_else(|| panic!("{name}: key {k} dropped"));
             assert_json_eq(v.get(), got.get(), &format!("{name}.{k}"));
         }
         // ...and keys Nodepool always writes are added when Zuul left them out.
@@ -160,7 +174,10 @@ fn zuul_trace_ids_come_back_byte_for_byte() {
     let original = sample_data("request-from-zuul.json");
     let req = NodeRequest::from_json(original.as_bytes()).expect("decodes");
     let data = req.requestor_data.as_ref().expect("requestor_data");
-    assert!(data.as_text().contains("228016936497163457391215283634950237719"));
+    assert!(
+        data.as_text()
+            .contains("228016936497163457391215283634950237719")
+    );
     assert!(data.as_text().contains("15811829404862412261"));
     assert!(data.as_text().contains("1795262711451234567"));
     let encoded = String::from_utf8(req.to_json()).expect("utf-8");
@@ -216,11 +233,12 @@ fn components_round_trip_with_sorted_keys() {
         let (c, original, encoded): (Component, _, _) = round_trip(name);
         assert_eq!(c.kind, kind);
         assert_json_eq(&original, &encoded, name);
-        let keys: Vec<String> = serde_json::from_str::<indexmap::IndexMap<String, &RawValue>>(&encoded)
-            .expect("object")
-            .keys()
-            .cloned()
-            .collect();
+        let keys: Vec<String> =
+            serde_json::from_str::<indexmap::IndexMap<String, &RawValue>>(&encoded)
+                .expect("object")
+                .keys()
+                .cloned()
+                .collect();
         let mut sorted = keys.clone();
         sorted.sort();
         assert_eq!(keys, sorted, "{name}: keys not sorted");
@@ -265,7 +283,11 @@ fn malformed_records_are_errors_not_panics() {
         b"{\"state_time\": 1}",
         b"{\"state\": \"ready\", \"type\": 5}",
     ] {
-        assert!(Node::from_json(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        assert!(
+            Node::from_json(bad).is_err(),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
     }
     assert!(NodeRequest::from_json(b"{\"state\": 3}").is_err());
 }

@@ -39,6 +39,8 @@ pub struct ConfigSource {
     pub path: PathBuf,
     /// The secure file (`-s`).
     pub secure: Option<PathBuf>,
+    /// Environment for `%(NODEPOOL_x)` substitution; `None` = the process's.
+    pub env: Option<Vec<(String, String)>>,
 }
 
 impl ConfigSource {
@@ -47,7 +49,14 @@ impl ConfigSource {
         ConfigSource {
             path: path.into(),
             secure,
+            env: None,
         }
+    }
+
+    /// Uses these variables instead of the process environment.
+    pub fn with_env(mut self, env: Vec<(String, String)>) -> Self {
+        self.env = Some(env);
+        self
     }
 
     /// A fingerprint of the files' current contents, to notice changes
@@ -63,7 +72,7 @@ impl ConfigSource {
 
     /// Reads, substitutes, merges and validates.
     pub fn load(&self) -> Result<Config, ConfigErrors> {
-        let env = process_env();
+        let env = self.env.clone().unwrap_or_else(process_env);
         let env_ref = || env.iter().map(|(k, v)| (k.as_str(), v.as_str()));
         let main = read(&self.path)?;
         let main = substitute_env(&main, env_ref());

@@ -115,7 +115,7 @@ impl NodeRequest {
             nodes: Vec::new(),
             reuse: true,
             requestor: Some(requestor.to_owned()),
-            requestor_data: Some(Json::null()),
+            requestor_data: None,
             provider: None,
             relative_priority: 0,
             event_id: Some(uuid::Uuid::new_v4().simple().to_string()),

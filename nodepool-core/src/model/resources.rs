@@ -201,7 +201,10 @@ mod tests {
         let full = Resources::new().with(INSTANCES, 2);
         assert!(!limits.fits(&full, &Resources::new().with(INSTANCES, 1)));
         assert!(limits.min(&Limits::unlimited()).get(RAM).is_none());
-        assert_eq!(limits.min(&Limits::unlimited().with(CORES, 4)).get(CORES), Some(4));
+        assert_eq!(
+            limits.min(&Limits::unlimited().with(CORES, 4)).get(CORES),
+            Some(4)
+        );
     }
 
     #[test]

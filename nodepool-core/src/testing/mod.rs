@@ -1,1 +1,7 @@
-//! Test support.
+//! Test support (feature `testing`): an in-memory store, and the
+//! conformance suites every backend runs against itself.
+
+pub mod conformance;
+mod memory_store;
+
+pub use memory_store::MemoryStore;

@@ -1,0 +1,731 @@
+//! The `StateStore` conformance suite.
+//!
+//! Each function is one test body. A backend runs them all with
+//! [`store_conformance_tests!`](crate::store_conformance_tests), giving a
+//! [`Harness`] that makes independent clients on one fresh store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::model::{
+    BuildState, Component, ComponentKind, ImageBuild, ImageUpload, Node, NodeRequest, NodeState,
+    RequestState, UploadState,
+};
+use crate::store::{CreateMode, LockWait, StateStore, Store, StoreError, StoreEvent, paths};
+
+/// Makes clients of one fresh store.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// A new client with its own session on the same store.
+    async fn client(&self) -> Arc<dyn StateStore>;
+
+    /// Ends the client's session the way a crashed process's ends (expiry,
+    /// not a clean close): its ephemeral records and locks must vanish.
+    async fn expire(&self, client: &Arc<dyn StateStore>);
+}
+
+/// Generates one `#[tokio::test]` per conformance test for a harness
+/// expression (evaluated inside each async test, so it may `.await`).
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($harness:expr) => {
+        $crate::store_conformance_tests!(@each $harness;
+            crud_and_versions,
+            create_makes_parents_and_rejects_duplicates,
+            sequential_ids_increase_per_parent,
+            delete_checks_version_and_children,
+            children_and_scan_are_sorted,
+            delete_tree_removes_everything,
+            typed_records_round_trip,
+            stale_typed_writes_conflict,
+            malformed_records_are_skipped,
+            listing_shows_node_locks,
+            lock_excludes_other_clients,
+            lock_nonblocking_and_timeout,
+            lock_waiter_gets_it_after_release,
+            locks_released_on_close,
+            locks_released_on_expiry,
+            ephemerals_vanish_with_session,
+            watches_deliver_create_change_delete,
+            requests_use_priority_prefixes,
+            image_flags_and_components
+        );
+    };
+    (@each $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let harness = $harness;
+                $crate::testing::conformance::store::$name(&harness).await;
+            }
+        )*
+    };
+}
+
+fn node(state: NodeState, label: &str) -> Node {
+    Node::new(state, 1_700_000_000.5, "prov", "main", vec![label.into()])
+}
+
+/// get/set with versions; stale versions conflict; missing records.
+pub async fn crud_and_versions(h: &dyn Harness) {
+    let c = h.client().await;
+    assert_eq!(c.get("/t/a").await.expect("get"), None);
+    let p = c
+        .create("/t/a", b"one", CreateMode::Persistent)
+        .await
+        .expect("create");
+    assert_eq!(p, "/t/a");
+    let (data, stat) = c.get("/t/a").await.expect("get").expect("exists");
+    assert_eq!(&data[..], b"one");
+    assert_eq!(stat.version, 0);
+    assert_eq!(stat.ephemeral_owner, 0);
+    let s1 = c
+        .set("/t/a", b"two", Some(0))
+        .await
+        .expect("set at version 0");
+    assert_eq!(s1.version, 1);
+    assert!(s1.mzxid > stat.mzxid, "mzxid increases on change");
+    let stale = c.set("/t/a", b"three", Some(0)).await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "{stale:?}"
+    );
+    assert_eq!(
+        &c.get("/t/a").await.expect("get").expect("exists").0[..],
+        b"two"
+    );
+    c.set("/t/a", b"four", None)
+        .await
+        .expect("unconditional set");
+    let missing = c.set("/t/missing", b"x", None).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
+    // an empty record is allowed
+    c.create("/t/empty", b"", CreateMode::Persistent)
+        .await
+        .expect("create");
+    assert!(
+        c.get("/t/empty")
+            .await
+            .expect("get")
+            .expect("exists")
+            .0
+            .is_empty()
+    );
+}
+
+/// Missing parents are created; an existing path conflicts.
+pub async fn create_makes_parents_and_rejects_duplicates(h: &dyn Harness) {
+    let c = h.client().await;
+    c.create("/deep/er/still/leaf", b"x", CreateMode::Persistent)
+        .await
+        .expect("create with parents");
+    let (parent, stat) = c
+        .get("/deep/er")
+        .await
+        .expect("get")
+        .expect("parent exists");
+    assert!(parent.is_empty());
+    assert_eq!(stat.ephemeral_owner, 0);
+    let dup = c
+        .create("/deep/er/still/leaf", b"y", CreateMode::Persistent)
+        .await;
+    assert!(matches!(dup, Err(StoreError::Conflict { .. })), "{dup:?}");
+}
+
+/// Sequential names get 10 digits, increasing per parent, after any prefix.
+pub async fn sequential_ids_increase_per_parent(h: &dyn Harness) {
+    let c = h.client().await;
+    let mut last = String::new();
+    for _ in 0..5 {
+        let p = c
+            .create("/seq/items/", b"", CreateMode::PersistentSequential)
+            .await
+            .expect("create");
+        let name = p.rsplit('/').next().expect("name").to_owned();
+        assert_eq!(name.len(), 10, "{p}");
+        assert!(name.bytes().all(|b| b.is_ascii_digit()), "{p}");
+        assert!(name > last, "{name} after {last}");
+        last = name;
+    }
+    let a = c
+        .create("/seq/items/200-", b"", CreateMode::PersistentSequential)
+        .await
+        .expect("create");
+    let b = c
+        .create("/seq/items/100-", b"", CreateMode::PersistentSequential)
+        .await
+        .expect("create");
+    let seq = |p: &str| p[p.len() - 10..].to_owned();
+    assert!(a.starts_with("/seq/items/200-"), "{a}");
+    assert!(
+        seq(&b) > seq(&a),
+        "the counter is per parent, not per prefix"
+    );
+    assert!(seq(&a) > last);
+    // another parent has its own counter
+    let other = c
+        .create("/seq/other/", b"", CreateMode::PersistentSequential)
+        .await
+        .expect("create");
+    assert!(other.ends_with("0000000000"), "{other}");
+}
+
+/// Deletes honour versions and refuse records with children.
+pub async fn delete_checks_version_and_children(h: &dyn Harness) {
+    let c = h.client().await;
+    c.create("/d/a/child", b"", CreateMode::Persistent)
+        .await
+        .expect("create");
+    let r = c.delete("/d/a", None).await;
+    assert!(matches!(r, Err(StoreError::NotEmpty { .. })), "{r:?}");
+    c.set("/d/a/child", b"v1", None).await.expect("set");
+    let r = c.delete("/d/a/child", Some(0)).await;
+    assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
+    c.delete("/d/a/child", Some(1))
+        .await
+        .expect("delete at version");
+    c.delete("/d/a", None).await.expect("now empty");
+    let r = c.delete("/d/a", None).await;
+    assert!(matches!(r, Err(StoreError::NotFound { .. })), "{r:?}");
+}
+
+/// `children` lists names, sorted; `scan` lists the subtree, sorted by path.
+pub async fn children_and_scan_are_sorted(h: &dyn Harness) {
+    let c = h.client().await;
+    for p in ["/s/b", "/s/a/x", "/s/c", "/s/a/y/z", "/sx/not-below"] {
+        c.create(p, p.as_bytes(), CreateMode::Persistent)
+            .await
+            .expect("create");
+    }
+    assert_eq!(c.children("/s").await.expect("children"), ["a", "b", "c"]);
+    assert_eq!(
+        c.children("/s/b").await.expect("children"),
+        Vec::<String>::new()
+    );
+    let missing = c.children("/nope").await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
+    let paths: Vec<String> = c
+        .scan("/s")
+        .await
+        .expect("scan")
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(
+        paths,
+        ["/s", "/s/a", "/s/a/x", "/s/a/y", "/s/a/y/z", "/s/b", "/s/c"]
+    );
+    let entries = c.scan("/s/a/y").await.expect("scan");
+    assert_eq!(entries.len(), 2);
+    assert_eq!(&entries[1].data[..], b"/s/a/y/z");
+    assert!(c.scan("/absent").await.expect("scan").is_empty());
+}
+
+/// `delete_tree` removes a record and all descendants.
+pub async fn delete_tree_removes_everything(h: &dyn Harness) {
+    let c = h.client().await;
+    for p in ["/tree/n/lock/x", "/tree/n/a", "/tree/n/a/b", "/tree/keep"] {
+        c.create(p, b"", CreateMode::Persistent)
+            .await
+            .expect("create");
+    }
+    c.delete_tree("/tree/n").await.expect("delete tree");
+    assert_eq!(c.get("/tree/n").await.expect("get"), None);
+    assert!(c.get("/tree/keep").await.expect("get").is_some());
+    c.delete_tree("/tree/n")
+        .await
+        .expect("deleting a missing tree is fine");
+}
+
+/// Every typed record type survives create → get → update → list.
+pub async fn typed_records_round_trip(h: &dyn Harness) {
+    let store = Store::new(h.client().await);
+    // nodes
+    let n = node(NodeState::Init, "small");
+    let id = store.create_node(&n).await.expect("create node");
+    assert_eq!(id.len(), 10);
+    let got = store.get_node(&id).await.expect("get").expect("exists");
+    assert_eq!(got.value, n);
+    let mut ready = got.value.clone();
+    ready.set_state(NodeState::Ready, 1_700_000_001.0);
+    let v = store
+        .update_node(&id, &ready, got.version)
+        .await
+        .expect("update");
+    assert_eq!(v, got.version + 1);
+    let listed = store.list_nodes().await.expect("list");
+    assert_eq!(listed.records.len(), 1);
+    assert_eq!(*listed.records[0].node, ready);
+    assert_eq!(listed.records[0].version, v);
+    assert!(!listed.records[0].locked);
+    store.delete_node(&id).await.expect("delete");
+    assert!(store.get_node(&id).await.expect("get").is_none());
+    assert!(store.list_nodes().await.expect("list").records.is_empty());
+
+    // requests
+    let r = NodeRequest::new(
+        vec!["small".into(), "small".into()],
+        "zuul",
+        1_700_000_000.0,
+    );
+    let rid = store
+        .submit_request(&r, "200", false)
+        .await
+        .expect("submit");
+    assert!(rid.starts_with("200-"), "{rid}");
+    let got = store.get_request(&rid).await.expect("get").expect("exists");
+    assert_eq!(got.value, r);
+    let mut pending = got.value.clone();
+    pending.set_state(RequestState::Pending, 1_700_000_002.0);
+    store
+        .update_request(&rid, &pending, got.version)
+        .await
+        .expect("update");
+    let listed = store.list_requests().await.expect("list");
+    assert_eq!(listed.records.len(), 1);
+    assert_eq!(listed.records[0].request.state, RequestState::Pending);
+    assert!(!listed.records[0].ephemeral);
+    store.delete_request(&rid).await.expect("delete");
+    store
+        .delete_request(&rid)
+        .await
+        .expect("deleting twice is fine");
+
+    // builds and uploads
+    let b = ImageBuild::new(1_700_000_000.0, vec!["qcow2".into(), "raw".into()]);
+    store
+        .create_build("jammy", "abc123", &b)
+        .await
+        .expect("create build");
+    let u = ImageUpload::new(1_700_000_000.0, Some("qcow2".into()));
+    let uid = store
+        .create_upload("jammy", "abc123", "cloud1", &u)
+        .await
+        .expect("create upload");
+    assert_eq!(uid.len(), 10);
+    let uid2 = store
+        .create_upload("jammy", "abc123", "cloud1", &u)
+        .await
+        .expect("create upload");
+    assert!(uid2 > uid);
+    let mut ready_upload = u.clone();
+    ready_upload.set_state(UploadState::Ready, 1_700_000_003.0);
+    ready_upload.external_id = Some("img-1".into());
+    store
+        .update_upload("jammy", "abc123", "cloud1", &uid, &ready_upload, Some(0))
+        .await
+        .expect("update upload");
+    let st = store.image_state().await.expect("images");
+    assert_eq!(st.builds.len(), 1);
+    assert_eq!(st.builds[0].build.formats, ["qcow2", "raw"]);
+    assert_eq!(st.builds[0].image, "jammy");
+    assert_eq!(st.uploads.len(), 2);
+    let first = st
+        .uploads
+        .iter()
+        .find(|x| x.id == uid)
+        .expect("first upload");
+    assert_eq!(first.upload.state, UploadState::Ready);
+    assert_eq!(first.provider, "cloud1");
+    assert_eq!(first.build_id, "abc123");
+    let mut done = b.clone();
+    done.set_state(BuildState::Ready, 1_700_000_004.0);
+    store
+        .update_build("jammy", "abc123", &done, Some(0))
+        .await
+        .expect("update build");
+    assert_eq!(
+        store
+            .get_build("jammy", "abc123")
+            .await
+            .expect("get")
+            .expect("exists")
+            .value
+            .state,
+        BuildState::Ready
+    );
+    store
+        .delete_build("jammy", "abc123")
+        .await
+        .expect("delete build");
+    let st = store.image_state().await.expect("images");
+    assert!(st.builds.is_empty() && st.uploads.is_empty());
+}
+
+/// Typed writes with a stale version are conflicts.
+pub async fn stale_typed_writes_conflict(h: &dyn Harness) {
+    let a = Store::new(h.client().await);
+    let b = Store::new(h.client().await);
+    let id = a
+        .create_node(&node(NodeState::Ready, "x"))
+        .await
+        .expect("create");
+    let va = a.get_node(&id).await.expect("get").expect("exists");
+    let vb = b.get_node(&id).await.expect("get").expect("exists");
+    let mut na = va.value.clone();
+    na.comment = Some("a".into());
+    a.update_node(&id, &na, va.version)
+        .await
+        .expect("first writer wins");
+    let mut nb = vb.value.clone();
+    nb.comment = Some("b".into());
+    let r = b.update_node(&id, &nb, vb.version).await;
+    assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
+    let rid = a
+        .submit_request(&NodeRequest::new(vec!["x".into()], "z", 1.0), "100", false)
+        .await
+        .expect("submit");
+    let r = b
+        .update_request(&rid, &NodeRequest::new(vec![], "z", 1.0), 7)
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
+}
+
+/// Malformed records are reported per record and skipped, never fatal.
+pub async fn malformed_records_are_skipped(h: &dyn Harness) {
+    let c = h.client().await;
+    let store = Store::new(c.clone());
+    let good = store
+        .create_node(&node(NodeState::Ready, "x"))
+        .await
+        .expect("create");
+    c.create(
+        &paths::node("0000009998"),
+        b"{not json",
+        CreateMode::Persistent,
+    )
+    .await
+    .expect("create");
+    c.create(
+        &paths::node("0000009999"),
+        br#"{"state": "exploded"}"#,
+        CreateMode::Persistent,
+    )
+    .await
+    .expect("create");
+    c.create(&paths::node("0000009997"), b"", CreateMode::Persistent)
+        .await
+        .expect("create");
+    let listed = store.list_nodes().await.expect("listing succeeds");
+    assert_eq!(listed.records.len(), 1);
+    assert_eq!(listed.records[0].id, good);
+    assert_eq!(listed.malformed.len(), 3);
+    let r = store.get_node("0000009998").await;
+    assert!(matches!(r, Err(StoreError::Malformed { .. })), "{r:?}");
+    c.create(
+        &paths::request("100-0000000001"),
+        b"[]",
+        CreateMode::Persistent,
+    )
+    .await
+    .expect("create");
+    let listed = store.list_requests().await.expect("listing succeeds");
+    assert!(listed.records.is_empty());
+    assert_eq!(listed.malformed.len(), 1);
+    c.create(&paths::build("img", "b1"), b"nope", CreateMode::Persistent)
+        .await
+        .expect("create");
+    let st = store.image_state().await.expect("image listing succeeds");
+    assert!(st.builds.is_empty());
+    assert_eq!(st.malformed.len(), 1);
+}
+
+/// Listings show whether a node's lock has a contender.
+pub async fn listing_shows_node_locks(h: &dyn Harness) {
+    let store = Store::new(h.client().await);
+    let id = store
+        .create_node(&node(NodeState::Ready, "x"))
+        .await
+        .expect("create");
+    let guard = store
+        .lock_node(&id, LockWait::NonBlocking)
+        .await
+        .expect("lock");
+    let contender = guard
+        .contender()
+        .rsplit('/')
+        .next()
+        .expect("name")
+        .to_owned();
+    assert!(
+        crate::store::paths::lock_contender_sequence(&contender).is_some(),
+        "kazoo-style contender name: {contender}"
+    );
+    assert_eq!(
+        contender.find("__lock__"),
+        Some(32),
+        "uuid4 hex prefix: {contender}"
+    );
+    assert!(store.list_nodes().await.expect("list").records[0].locked);
+    assert!(store.is_node_locked(&id).await.expect("is locked"));
+    guard.release().await.expect("release");
+    assert!(!store.list_nodes().await.expect("list").records[0].locked);
+}
+
+/// A lock held by one client cannot be taken by another.
+pub async fn lock_excludes_other_clients(h: &dyn Harness) {
+    let a = Store::new(h.client().await);
+    let b = Store::new(h.client().await);
+    let guard = a
+        .lock("/locks/x", LockWait::NonBlocking)
+        .await
+        .expect("a locks");
+    assert!(guard.is_held());
+    let r = b.lock("/locks/x", LockWait::NonBlocking).await;
+    assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
+    // the failed attempt left no contender behind
+    let children = b.backend().children("/locks/x").await.expect("children");
+    assert_eq!(children.len(), 1, "{children:?}");
+    guard.release().await.expect("release");
+    let g2 = b
+        .lock("/locks/x", LockWait::NonBlocking)
+        .await
+        .expect("b locks after release");
+    g2.release().await.expect("release");
+}
+
+/// Non-blocking fails at once; a timeout gives up and cleans up.
+pub async fn lock_nonblocking_and_timeout(h: &dyn Harness) {
+    let a = Store::new(h.client().await);
+    let b = Store::new(h.client().await);
+    let _guard = a
+        .lock("/locks/t", LockWait::NonBlocking)
+        .await
+        .expect("a locks");
+    let r = b
+        .lock("/locks/t", LockWait::Timeout(Duration::from_millis(300)))
+        .await;
+    assert!(matches!(r, Err(StoreError::Timeout { .. })), "{r:?}");
+    let children = b.backend().children("/locks/t").await.expect("children");
+    assert_eq!(
+        children.len(),
+        1,
+        "timed-out waiter removed its contender: {children:?}"
+    );
+}
+
+/// A blocked waiter acquires the lock once the holder releases it.
+pub async fn lock_waiter_gets_it_after_release(h: &dyn Harness) {
+    let a = Store::new(h.client().await);
+    let b = Store::new(h.client().await);
+    let guard = a
+        .lock("/locks/w", LockWait::NonBlocking)
+        .await
+        .expect("a locks");
+    let waiter = tokio::spawn(async move {
+        b.lock("/locks/w", LockWait::Timeout(Duration::from_secs(20)))
+            .await
+            .map(|g| g.is_held())
+    });
+    // The waiter queues behind us: wait until its contender shows up.
+    let probe = h.client().await;
+    let mut queued = false;
+    for _ in 0..200 {
+        if probe.children("/locks/w").await.expect("children").len() == 2 {
+            queued = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(queued, "waiter never queued");
+    assert!(!waiter.is_finished(), "waiter must not get a held lock");
+    guard.release().await.expect("release");
+    let held = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("waiter finishes")
+        .expect("task")
+        .expect("waiter acquires");
+    assert!(held);
+}
+
+/// Closing a session releases its locks.
+pub async fn locks_released_on_close(h: &dyn Harness) {
+    let a = h.client().await;
+    let b = Store::new(h.client().await);
+    let guard = Store::new(a.clone())
+        .lock("/locks/c", LockWait::NonBlocking)
+        .await
+        .expect("a locks");
+    a.close().await.expect("close");
+    assert!(!guard.is_held());
+    guard.forget();
+    let g = b
+        .lock("/locks/c", LockWait::Timeout(Duration::from_secs(20)))
+        .await
+        .expect("b locks after a's session ended");
+    g.release().await.expect("release");
+}
+
+/// Session expiry (a crashed holder) releases its locks.
+pub async fn locks_released_on_expiry(h: &dyn Harness) {
+    let a = h.client().await;
+    let b = Store::new(h.client().await);
+    let guard = Store::new(a.clone())
+        .lock("/locks/e", LockWait::NonBlocking)
+        .await
+        .expect("a locks");
+    h.expire(&a).await;
+    assert!(!guard.is_held(), "a lock of an expired session is not held");
+    guard.forget();
+    let g = b
+        .lock("/locks/e", LockWait::Timeout(Duration::from_secs(30)))
+        .await
+        .expect("b locks after a's session expired");
+    g.release().await.expect("release");
+}
+
+/// Ephemeral records go with their session; persistent ones stay.
+pub async fn ephemerals_vanish_with_session(h: &dyn Harness) {
+    let a = h.client().await;
+    let b = h.client().await;
+    let e = a
+        .create("/eph/one", b"x", CreateMode::Ephemeral)
+        .await
+        .expect("create");
+    let s = a
+        .create("/eph/seq-", b"x", CreateMode::EphemeralSequential)
+        .await
+        .expect("create");
+    a.create("/eph/kept", b"x", CreateMode::Persistent)
+        .await
+        .expect("create");
+    let (_, stat) = b.get(&e).await.expect("get").expect("visible to others");
+    assert_ne!(stat.ephemeral_owner, 0);
+    a.close().await.expect("close");
+    assert_eq!(b.get(&e).await.expect("get"), None);
+    assert_eq!(b.get(&s).await.expect("get"), None);
+    assert!(b.get("/eph/kept").await.expect("get").is_some());
+    let c = h.client().await;
+    c.create("/eph/two", b"x", CreateMode::Ephemeral)
+        .await
+        .expect("create");
+    h.expire(&c).await;
+    assert_eq!(b.get("/eph/two").await.expect("get"), None);
+}
+
+/// Subscribers see creations, changes and deletions (also of other clients).
+pub async fn watches_deliver_create_change_delete(h: &dyn Harness) {
+    let watcher = h.client().await;
+    let writer = h.client().await;
+    let mut events = watcher.subscribe();
+    writer
+        .create("/w/x", b"1", CreateMode::Persistent)
+        .await
+        .expect("create");
+    writer.set("/w/x", b"2", None).await.expect("set");
+    writer.delete("/w/x", None).await.expect("delete");
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.contains(&StoreEvent::Deleted("/w/x".into())) {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(e)) if e.path().starts_with("/w") => seen.push(e),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("watch failed: {e}"),
+            Err(_) => panic!("no delete event; saw {seen:?}"),
+        }
+    }
+    let pos = |e: &StoreEvent| seen.iter().position(|x| x == e);
+    let created = pos(&StoreEvent::Created("/w/x".into())).expect("created event");
+    let changed = pos(&StoreEvent::Changed("/w/x".into())).expect("changed event");
+    let deleted = pos(&StoreEvent::Deleted("/w/x".into())).expect("deleted event");
+    assert!(created < changed && changed < deleted, "{seen:?}");
+}
+
+/// Requests are `<prio>-<seq>`; min-ready ones are ephemeral.
+pub async fn requests_use_priority_prefixes(h: &dyn Harness) {
+    let a = h.client().await;
+    let store = Store::new(a.clone());
+    let other = Store::new(h.client().await);
+    let r = NodeRequest::new(vec!["x".into()], "zuul", 1.0);
+    let high = store
+        .submit_request(&r, "100", false)
+        .await
+        .expect("submit");
+    let min_ready = store.submit_request(&r, "900", true).await.expect("submit");
+    assert!(high.starts_with("100-") && min_ready.starts_with("900-"));
+    assert!(min_ready[4..] > high[4..], "one sequence across priorities");
+    let listed = other.list_requests().await.expect("list");
+    let eph: Vec<bool> = listed.records.iter().map(|r| r.ephemeral).collect();
+    assert_eq!(eph, [false, true]);
+    a.close().await.expect("close");
+    let listed = other.list_requests().await.expect("list");
+    assert_eq!(
+        listed.records.len(),
+        1,
+        "ephemeral min-ready request went with its session"
+    );
+}
+
+/// Pause flags, build requests and component registrations.
+pub async fn image_flags_and_components(h: &dyn Harness) {
+    let a = h.client().await;
+    let store = Store::new(a.clone());
+    let other = Store::new(h.client().await);
+    store.set_image_paused("jammy", true).await.expect("pause");
+    store
+        .set_image_paused("jammy", true)
+        .await
+        .expect("pausing twice is fine");
+    store.request_image_build("focal").await.expect("request");
+    let st = other.image_state().await.expect("images");
+    assert!(st.paused.contains("jammy"));
+    assert!(st.build_requests.contains_key("focal"));
+    store
+        .set_image_paused("jammy", false)
+        .await
+        .expect("unpause");
+    store
+        .clear_image_build_request("focal")
+        .await
+        .expect("clear");
+    let st = other.image_state().await.expect("images");
+    assert!(st.paused.is_empty() && st.build_requests.is_empty());
+
+    let mut c = Component::pool(
+        "host",
+        "1.0",
+        "host-PoolWorker.p-main-abc",
+        "p",
+        "main",
+        vec!["x".into()],
+        100,
+    );
+    let mut reg = store.register_component(&c).await.expect("register");
+    assert!(
+        reg.path.starts_with("/nodepool/components/pool/host"),
+        "{}",
+        reg.path
+    );
+    c.paused = Some(true);
+    store.update_component(&mut reg, &c).await.expect("update");
+    let stale = crate::store::ComponentRegistration {
+        path: reg.path.clone(),
+        version: 0,
+    };
+    let r = store.update_component(&mut stale.clone(), &c).await;
+    assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
+    let listed = other
+        .list_components(ComponentKind::Pool)
+        .await
+        .expect("list");
+    assert_eq!(listed.records.len(), 1);
+    assert_eq!(listed.records[0].1.paused, Some(true));
+    a.close().await.expect("close");
+    let listed = other
+        .list_components(ComponentKind::Pool)
+        .await
+        .expect("list");
+    assert!(
+        listed.records.is_empty(),
+        "component registrations are ephemeral"
+    );
+}
