@@ -4,10 +4,12 @@
 #   scripts/test.sh
 #
 # It installs and starts what the tests need when it is missing (ZooKeeper
-# from Debian's packages; Python packages for interop tests into a local
-# venv), runs the whole workspace's tests against those real servers, stops
-# what it started, and prints one summary line. A test that needs a server
-# fails (it never skips) when the server is missing.
+# from Debian's packages; the Python reference peers into a local venv),
+# checks formatting and lints, runs the whole workspace's tests against those
+# real servers, then the slow real-service suites in scripts/test.d/ (each
+# starts and stops its own service), stops what it started, and prints one
+# summary. A test that needs a server fails (it never skips) when the server
+# is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -36,24 +38,42 @@ start_zookeeper() {
   scripts/zookeeper.sh start && started_zk=1 && eval "$(scripts/zookeeper.sh env)"
 }
 
+python_peers() {
+  local vars
+  vars=$(scripts/python-env.sh) && eval "$vars"
+}
+
 lint() {
   cargo fmt --all -- --check && cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 }
 
-workspace_tests() {
-  cargo test --workspace --all-features --locked --no-fail-fast 2>&1 | tee "$ROOT/target/test-output.txt"
-  local rc=${PIPESTATUS[0]}
+count_tests() {
+  local file=$1 label=$2
   local passed failed
-  passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$ROOT/target/test-output.txt" | awk '{s+=$4} END {print s+0}')
-  failed=$(grep -Eo '[0-9]+ failed' "$ROOT/target/test-output.txt" | awk '{s+=$1} END {print s+0}')
-  SUMMARY+=("workspace tests: $passed passed, $failed failed")
+  passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$file" | awk '{s+=$4} END {print s+0}')
+  failed=$(grep -Eo '; [0-9]+ failed' "$file" | awk '{s+=$2} END {print s+0}')
+  SUMMARY+=("$label: $passed passed, $failed failed")
+}
+
+workspace_tests() {
+  cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$ROOT/target/test-workspace.txt"
+  local rc=${PIPESTATUS[0]}
+  count_tests "$ROOT/target/test-workspace.txt" "workspace tests"
   return "$rc"
 }
 
 mkdir -p target
+export CARGO_TERM_COLOR=never
 phase "start ZooKeeper" start_zookeeper
+phase "python reference peers" python_peers
 phase "fmt + clippy" lint
 phase "cargo test --workspace" workspace_tests
+for suite in scripts/test.d/*.sh; do
+  [[ -e "$suite" ]] || continue
+  name=$(basename "$suite" .sh)
+  phase "$name" bash "$suite" "$ROOT/target/test-$name.txt"
+  [[ -f "$ROOT/target/test-$name.txt" ]] && count_tests "$ROOT/target/test-$name.txt" "$name tests"
+done
 
 echo
 echo "=== summary"
