@@ -71,45 +71,45 @@ fn node(state: NodeState, label: &str) -> Node {
 /// get/set with versions; stale versions conflict; missing records.
 pub async fn crud_and_versions(h: &dyn Harness) {
     let c = h.client().await;
-    assert_eq!(c.get("/t/a").await.expect("get"), None);
+    assert_eq!(c.get("/nodepool/x/t/a").await.expect("get"), None);
     let p = c
-        .create("/t/a", b"one", CreateMode::Persistent)
+        .create("/nodepool/x/t/a", b"one", CreateMode::Persistent)
         .await
         .expect("create");
-    assert_eq!(p, "/t/a");
-    let (data, stat) = c.get("/t/a").await.expect("get").expect("exists");
+    assert_eq!(p, "/nodepool/x/t/a");
+    let (data, stat) = c.get("/nodepool/x/t/a").await.expect("get").expect("exists");
     assert_eq!(&data[..], b"one");
     assert_eq!(stat.version, 0);
     assert_eq!(stat.ephemeral_owner, 0);
     let s1 = c
-        .set("/t/a", b"two", Some(0))
+        .set("/nodepool/x/t/a", b"two", Some(0))
         .await
         .expect("set at version 0");
     assert_eq!(s1.version, 1);
     assert!(s1.mzxid > stat.mzxid, "mzxid increases on change");
-    let stale = c.set("/t/a", b"three", Some(0)).await;
+    let stale = c.set("/nodepool/x/t/a", b"three", Some(0)).await;
     assert!(
         matches!(stale, Err(StoreError::Conflict { .. })),
         "{stale:?}"
     );
     assert_eq!(
-        &c.get("/t/a").await.expect("get").expect("exists").0[..],
+        &c.get("/nodepool/x/t/a").await.expect("get").expect("exists").0[..],
         b"two"
     );
-    c.set("/t/a", b"four", None)
+    c.set("/nodepool/x/t/a", b"four", None)
         .await
         .expect("unconditional set");
-    let missing = c.set("/t/missing", b"x", None).await;
+    let missing = c.set("/nodepool/x/t/missing", b"x", None).await;
     assert!(
         matches!(missing, Err(StoreError::NotFound { .. })),
         "{missing:?}"
     );
     // an empty record is allowed
-    c.create("/t/empty", b"", CreateMode::Persistent)
+    c.create("/nodepool/x/t/empty", b"", CreateMode::Persistent)
         .await
         .expect("create");
     assert!(
-        c.get("/t/empty")
+        c.get("/nodepool/x/t/empty")
             .await
             .expect("get")
             .expect("exists")
@@ -121,18 +121,18 @@ pub async fn crud_and_versions(h: &dyn Harness) {
 /// Missing parents are created; an existing path conflicts.
 pub async fn create_makes_parents_and_rejects_duplicates(h: &dyn Harness) {
     let c = h.client().await;
-    c.create("/deep/er/still/leaf", b"x", CreateMode::Persistent)
+    c.create("/nodepool/x/deep/er/still/leaf", b"x", CreateMode::Persistent)
         .await
         .expect("create with parents");
     let (parent, stat) = c
-        .get("/deep/er")
+        .get("/nodepool/x/deep/er")
         .await
         .expect("get")
         .expect("parent exists");
     assert!(parent.is_empty());
     assert_eq!(stat.ephemeral_owner, 0);
     let dup = c
-        .create("/deep/er/still/leaf", b"y", CreateMode::Persistent)
+        .create("/nodepool/x/deep/er/still/leaf", b"y", CreateMode::Persistent)
         .await;
     assert!(matches!(dup, Err(StoreError::Conflict { .. })), "{dup:?}");
 }
@@ -143,7 +143,7 @@ pub async fn sequential_ids_increase_per_parent(h: &dyn Harness) {
     let mut last = String::new();
     for _ in 0..5 {
         let p = c
-            .create("/seq/items/", b"", CreateMode::PersistentSequential)
+            .create("/nodepool/x/seq/items/", b"", CreateMode::PersistentSequential)
             .await
             .expect("create");
         let name = p.rsplit('/').next().expect("name").to_owned();
@@ -153,15 +153,15 @@ pub async fn sequential_ids_increase_per_parent(h: &dyn Harness) {
         last = name;
     }
     let a = c
-        .create("/seq/items/200-", b"", CreateMode::PersistentSequential)
+        .create("/nodepool/x/seq/items/200-", b"", CreateMode::PersistentSequential)
         .await
         .expect("create");
     let b = c
-        .create("/seq/items/100-", b"", CreateMode::PersistentSequential)
+        .create("/nodepool/x/seq/items/100-", b"", CreateMode::PersistentSequential)
         .await
         .expect("create");
     let seq = |p: &str| p[p.len() - 10..].to_owned();
-    assert!(a.starts_with("/seq/items/200-"), "{a}");
+    assert!(a.starts_with("/nodepool/x/seq/items/200-"), "{a}");
     assert!(
         seq(&b) > seq(&a),
         "the counter is per parent, not per prefix"
@@ -169,7 +169,7 @@ pub async fn sequential_ids_increase_per_parent(h: &dyn Harness) {
     assert!(seq(&a) > last);
     // another parent has its own counter
     let other = c
-        .create("/seq/other/", b"", CreateMode::PersistentSequential)
+        .create("/nodepool/x/seq/other/", b"", CreateMode::PersistentSequential)
         .await
         .expect("create");
     assert!(other.ends_with("0000000000"), "{other}");
@@ -178,42 +178,42 @@ pub async fn sequential_ids_increase_per_parent(h: &dyn Harness) {
 /// Deletes honour versions and refuse records with children.
 pub async fn delete_checks_version_and_children(h: &dyn Harness) {
     let c = h.client().await;
-    c.create("/d/a/child", b"", CreateMode::Persistent)
+    c.create("/nodepool/x/d/a/child", b"", CreateMode::Persistent)
         .await
         .expect("create");
-    let r = c.delete("/d/a", None).await;
+    let r = c.delete("/nodepool/x/d/a", None).await;
     assert!(matches!(r, Err(StoreError::NotEmpty { .. })), "{r:?}");
-    c.set("/d/a/child", b"v1", None).await.expect("set");
-    let r = c.delete("/d/a/child", Some(0)).await;
+    c.set("/nodepool/x/d/a/child", b"v1", None).await.expect("set");
+    let r = c.delete("/nodepool/x/d/a/child", Some(0)).await;
     assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
-    c.delete("/d/a/child", Some(1))
+    c.delete("/nodepool/x/d/a/child", Some(1))
         .await
         .expect("delete at version");
-    c.delete("/d/a", None).await.expect("now empty");
-    let r = c.delete("/d/a", None).await;
+    c.delete("/nodepool/x/d/a", None).await.expect("now empty");
+    let r = c.delete("/nodepool/x/d/a", None).await;
     assert!(matches!(r, Err(StoreError::NotFound { .. })), "{r:?}");
 }
 
 /// `children` lists names, sorted; `scan` lists the subtree, sorted by path.
 pub async fn children_and_scan_are_sorted(h: &dyn Harness) {
     let c = h.client().await;
-    for p in ["/s/b", "/s/a/x", "/s/c", "/s/a/y/z", "/sx/not-below"] {
+    for p in ["/nodepool/x/s/b", "/nodepool/x/s/a/x", "/nodepool/x/s/c", "/nodepool/x/s/a/y/z", "/nodepool/x/sx/not-below"] {
         c.create(p, p.as_bytes(), CreateMode::Persistent)
             .await
             .expect("create");
     }
-    assert_eq!(c.children("/s").await.expect("children"), ["a", "b", "c"]);
+    assert_eq!(c.children("/nodepool/x/s").await.expect("children"), ["a", "b", "c"]);
     assert_eq!(
-        c.children("/s/b").await.expect("children"),
+        c.children("/nodepool/x/s/b").await.expect("children"),
         Vec::<String>::new()
     );
-    let missing = c.children("/nope").await;
+    let missing = c.children("/nodepool/x/nope").await;
     assert!(
         matches!(missing, Err(StoreError::NotFound { .. })),
         "{missing:?}"
     );
     let paths: Vec<String> = c
-        .scan("/s")
+        .scan("/nodepool/x/s")
         .await
         .expect("scan")
         .into_iter()
@@ -221,26 +221,26 @@ pub async fn children_and_scan_are_sorted(h: &dyn Harness) {
         .collect();
     assert_eq!(
         paths,
-        ["/s", "/s/a", "/s/a/x", "/s/a/y", "/s/a/y/z", "/s/b", "/s/c"]
+        ["/nodepool/x/s", "/nodepool/x/s/a", "/nodepool/x/s/a/x", "/nodepool/x/s/a/y", "/nodepool/x/s/a/y/z", "/nodepool/x/s/b", "/nodepool/x/s/c"]
     );
-    let entries = c.scan("/s/a/y").await.expect("scan");
+    let entries = c.scan("/nodepool/x/s/a/y").await.expect("scan");
     assert_eq!(entries.len(), 2);
-    assert_eq!(&entries[1].data[..], b"/s/a/y/z");
-    assert!(c.scan("/absent").await.expect("scan").is_empty());
+    assert_eq!(&entries[1].data[..], b"/nodepool/x/s/a/y/z");
+    assert!(c.scan("/nodepool/x/absent").await.expect("scan").is_empty());
 }
 
 /// `delete_tree` removes a record and all descendants.
 pub async fn delete_tree_removes_everything(h: &dyn Harness) {
     let c = h.client().await;
-    for p in ["/tree/n/lock/x", "/tree/n/a", "/tree/n/a/b", "/tree/keep"] {
+    for p in ["/nodepool/x/tree/n/lock/x", "/nodepool/x/tree/n/a", "/nodepool/x/tree/n/a/b", "/nodepool/x/tree/keep"] {
         c.create(p, b"", CreateMode::Persistent)
             .await
             .expect("create");
     }
-    c.delete_tree("/tree/n").await.expect("delete tree");
-    assert_eq!(c.get("/tree/n").await.expect("get"), None);
-    assert!(c.get("/tree/keep").await.expect("get").is_some());
-    c.delete_tree("/tree/n")
+    c.delete_tree("/nodepool/x/tree/n").await.expect("delete tree");
+    assert_eq!(c.get("/nodepool/x/tree/n").await.expect("get"), None);
+    assert!(c.get("/nodepool/x/tree/keep").await.expect("get").is_some());
+    c.delete_tree("/nodepool/x/tree/n")
         .await
         .expect("deleting a missing tree is fine");
 }
@@ -475,18 +475,18 @@ pub async fn lock_excludes_other_clients(h: &dyn Harness) {
     let a = Store::new(h.client().await);
     let b = Store::new(h.client().await);
     let guard = a
-        .lock("/locks/x", LockWait::NonBlocking)
+        .lock("/nodepool/x/locks/x", LockWait::NonBlocking)
         .await
         .expect("a locks");
     assert!(guard.is_held());
-    let r = b.lock("/locks/x", LockWait::NonBlocking).await;
+    let r = b.lock("/nodepool/x/locks/x", LockWait::NonBlocking).await;
     assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
     // the failed attempt left no contender behind
-    let children = b.backend().children("/locks/x").await.expect("children");
+    let children = b.backend().children("/nodepool/x/locks/x").await.expect("children");
     assert_eq!(children.len(), 1, "{children:?}");
     guard.release().await.expect("release");
     let g2 = b
-        .lock("/locks/x", LockWait::NonBlocking)
+        .lock("/nodepool/x/locks/x", LockWait::NonBlocking)
         .await
         .expect("b locks after release");
     g2.release().await.expect("release");
@@ -497,14 +497,14 @@ pub async fn lock_nonblocking_and_timeout(h: &dyn Harness) {
     let a = Store::new(h.client().await);
     let b = Store::new(h.client().await);
     let _guard = a
-        .lock("/locks/t", LockWait::NonBlocking)
+        .lock("/nodepool/x/locks/t", LockWait::NonBlocking)
         .await
         .expect("a locks");
     let r = b
-        .lock("/locks/t", LockWait::Timeout(Duration::from_millis(300)))
+        .lock("/nodepool/x/locks/t", LockWait::Timeout(Duration::from_millis(300)))
         .await;
     assert!(matches!(r, Err(StoreError::Timeout { .. })), "{r:?}");
-    let children = b.backend().children("/locks/t").await.expect("children");
+    let children = b.backend().children("/nodepool/x/locks/t").await.expect("children");
     assert_eq!(
         children.len(),
         1,
@@ -517,11 +517,11 @@ pub async fn lock_waiter_gets_it_after_release(h: &dyn Harness) {
     let a = Store::new(h.client().await);
     let b = Store::new(h.client().await);
     let guard = a
-        .lock("/locks/w", LockWait::NonBlocking)
+        .lock("/nodepool/x/locks/w", LockWait::NonBlocking)
         .await
         .expect("a locks");
     let waiter = tokio::spawn(async move {
-        b.lock("/locks/w", LockWait::Timeout(Duration::from_secs(20)))
+        b.lock("/nodepool/x/locks/w", LockWait::Timeout(Duration::from_secs(20)))
             .await
             .map(|g| g.is_held())
     });
@@ -529,7 +529,7 @@ pub async fn lock_waiter_gets_it_after_release(h: &dyn Harness) {
     let probe = h.client().await;
     let mut queued = false;
     for _ in 0..200 {
-        if probe.children("/locks/w").await.expect("children").len() == 2 {
+        if probe.children("/nodepool/x/locks/w").await.expect("children").len() == 2 {
             queued = true;
             break;
         }
@@ -552,14 +552,14 @@ pub async fn locks_released_on_close(h: &dyn Harness) {
     let a = h.client().await;
     let b = Store::new(h.client().await);
     let guard = Store::new(a.clone())
-        .lock("/locks/c", LockWait::NonBlocking)
+        .lock("/nodepool/x/locks/c", LockWait::NonBlocking)
         .await
         .expect("a locks");
     a.close().await.expect("close");
     assert!(!guard.is_held());
     guard.forget();
     let g = b
-        .lock("/locks/c", LockWait::Timeout(Duration::from_secs(20)))
+        .lock("/nodepool/x/locks/c", LockWait::Timeout(Duration::from_secs(20)))
         .await
         .expect("b locks after a's session ended");
     g.release().await.expect("release");
@@ -570,14 +570,14 @@ pub async fn locks_released_on_expiry(h: &dyn Harness) {
     let a = h.client().await;
     let b = Store::new(h.client().await);
     let guard = Store::new(a.clone())
-        .lock("/locks/e", LockWait::NonBlocking)
+        .lock("/nodepool/x/locks/e", LockWait::NonBlocking)
         .await
         .expect("a locks");
     h.expire(&a).await;
     assert!(!guard.is_held(), "a lock of an expired session is not held");
     guard.forget();
     let g = b
-        .lock("/locks/e", LockWait::Timeout(Duration::from_secs(30)))
+        .lock("/nodepool/x/locks/e", LockWait::Timeout(Duration::from_secs(30)))
         .await
         .expect("b locks after a's session expired");
     g.release().await.expect("release");
@@ -588,14 +588,14 @@ pub async fn ephemerals_vanish_with_session(h: &dyn Harness) {
     let a = h.client().await;
     let b = h.client().await;
     let e = a
-        .create("/eph/one", b"x", CreateMode::Ephemeral)
+        .create("/nodepool/x/eph/one", b"x", CreateMode::Ephemeral)
         .await
         .expect("create");
     let s = a
-        .create("/eph/seq-", b"x", CreateMode::EphemeralSequential)
+        .create("/nodepool/x/eph/seq-", b"x", CreateMode::EphemeralSequential)
         .await
         .expect("create");
-    a.create("/eph/kept", b"x", CreateMode::Persistent)
+    a.create("/nodepool/x/eph/kept", b"x", CreateMode::Persistent)
         .await
         .expect("create");
     let (_, stat) = b.get(&e).await.expect("get").expect("visible to others");
@@ -603,13 +603,13 @@ pub async fn ephemerals_vanish_with_session(h: &dyn Harness) {
     a.close().await.expect("close");
     assert_eq!(b.get(&e).await.expect("get"), None);
     assert_eq!(b.get(&s).await.expect("get"), None);
-    assert!(b.get("/eph/kept").await.expect("get").is_some());
+    assert!(b.get("/nodepool/x/eph/kept").await.expect("get").is_some());
     let c = h.client().await;
-    c.create("/eph/two", b"x", CreateMode::Ephemeral)
+    c.create("/nodepool/x/eph/two", b"x", CreateMode::Ephemeral)
         .await
         .expect("create");
     h.expire(&c).await;
-    assert_eq!(b.get("/eph/two").await.expect("get"), None);
+    assert_eq!(b.get("/nodepool/x/eph/two").await.expect("get"), None);
 }
 
 /// Subscribers see creations, changes and deletions (also of other clients).
@@ -618,25 +618,25 @@ pub async fn watches_deliver_create_change_delete(h: &dyn Harness) {
     let writer = h.client().await;
     let mut events = watcher.subscribe();
     writer
-        .create("/w/x", b"1", CreateMode::Persistent)
+        .create("/nodepool/x/w/x", b"1", CreateMode::Persistent)
         .await
         .expect("create");
-    writer.set("/w/x", b"2", None).await.expect("set");
-    writer.delete("/w/x", None).await.expect("delete");
+    writer.set("/nodepool/x/w/x", b"2", None).await.expect("set");
+    writer.delete("/nodepool/x/w/x", None).await.expect("delete");
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !seen.contains(&StoreEvent::Deleted("/w/x".into())) {
+    while !seen.contains(&StoreEvent::Deleted("/nodepool/x/w/x".into())) {
         match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Ok(e)) if e.path().starts_with("/w") => seen.push(e),
+            Ok(Ok(e)) if e.path().starts_with("/nodepool/x/w") => seen.push(e),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => panic!("watch failed: {e}"),
             Err(_) => panic!("no delete event; saw {seen:?}"),
         }
     }
     let pos = |e: &StoreEvent| seen.iter().position(|x| x == e);
-    let created = pos(&StoreEvent::Created("/w/x".into())).expect("created event");
-    let changed = pos(&StoreEvent::Changed("/w/x".into())).expect("changed event");
-    let deleted = pos(&StoreEvent::Deleted("/w/x".into())).expect("deleted event");
+    let created = pos(&StoreEvent::Created("/nodepool/x/w/x".into())).expect("created event");
+    let changed = pos(&StoreEvent::Changed("/nodepool/x/w/x".into())).expect("changed event");
+    let deleted = pos(&StoreEvent::Deleted("/nodepool/x/w/x".into())).expect("deleted event");
     assert!(created < changed && changed < deleted, "{seen:?}");
 }
 
