@@ -61,6 +61,10 @@ pub struct RequestRecord {
     pub version: i32,
     /// Whether it was created ephemeral (min-ready requests are).
     pub ephemeral: bool,
+    /// The session that owns it when ephemeral (0 otherwise).
+    pub ephemeral_owner: i64,
+    /// Whether its lock (`/nodepool/requests-lock/<id>`) has any contender.
+    pub locked: bool,
 }
 
 /// A build as listed.
@@ -414,9 +418,16 @@ impl Store {
         }
     }
 
-    /// Every request.
+    /// Every request, with its lock state.
     pub async fn list_requests(&self) -> Result<Listing<RequestRecord>, StoreError> {
         let entries = self.inner.scan(paths::REQUESTS).await?;
+        let locked: BTreeSet<String> = self
+            .list_request_lock_dirs()
+            .await?
+            .into_iter()
+            .filter(|d| d.locked)
+            .map(|d| d.id)
+            .collect();
         let mut out = Listing {
             records: Vec::new(),
             malformed: Vec::new(),
@@ -434,6 +445,8 @@ impl Store {
                     request,
                     version: e.stat.version,
                     ephemeral: e.stat.ephemeral_owner != 0,
+                    ephemeral_owner: e.stat.ephemeral_owner,
+                    locked: locked.contains(id),
                 }),
                 Err(reason) => out.malformed.push(Malformed {
                     path: e.path.clone(),
