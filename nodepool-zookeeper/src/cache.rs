@@ -1,0 +1,266 @@
+//! The in-memory mirror of the cached subtree (`/nodepool`).
+//!
+//! Filled by one full load and kept fresh by one persistent recursive
+//! watch (see `session.rs` for the event pipeline that feeds it). This
+//! module holds the data structure and the full load; it knows nothing of
+//! sessions.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use nodepool_core::store::{Entry, Stat, StoreEvent};
+use zookeeper_client as zk;
+
+/// How many reads the full load keeps in flight. ZooKeeper answers a
+/// session's requests in order, so pipelining is what makes loading 10,000
+/// nodes take milliseconds per thousand instead of a round trip each.
+const LOAD_IN_FLIGHT: usize = 512;
+
+/// One cached znode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Cached {
+    pub data: Bytes,
+    pub stat: Stat,
+}
+
+/// Converts the client's stat.
+pub(crate) fn stat(s: &zk::Stat) -> Stat {
+    Stat {
+        version: s.version,
+        czxid: s.czxid,
+        mzxid: s.mzxid,
+        ctime: s.ctime,
+        mtime: s.mtime,
+        ephemeral_owner: s.ephemeral_owner,
+        num_children: s.num_children,
+    }
+}
+
+/// The mirror of one subtree.
+#[derive(Debug, Default)]
+pub(crate) struct TreeCache {
+    entries: BTreeMap<String, Cached>,
+    /// Whether a full load has completed for the current session (until
+    /// then the mirror may be missing records, or hold another session's).
+    pub loaded: bool,
+}
+
+impl TreeCache {
+    /// Records a znode's data as read after an event.
+    pub fn upsert(&mut self, path: &str, cached: Cached) {
+        match self.entries.get_mut(path) {
+            Some(c) => *c = cached,
+            None => {
+                self.entries.insert(path.to_owned(), cached);
+            }
+        }
+    }
+
+    /// Forgets a znode.
+    pub fn remove(&mut self, path: &str) {
+        self.entries.remove(path);
+    }
+
+    /// Number of cached znodes.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Replaces everything with a fresh load and returns what changed, as
+    /// events, so that subscribers hear about changes whose watch events
+    /// were lost while disconnected (ZOOKEEPER-4698) or that belong to a
+    /// new session (our expired ephemerals are gone).
+    pub fn replace(&mut self, fresh: BTreeMap<String, Cached>) -> Vec<StoreEvent> {
+        let mut events = Vec::new();
+        for (path, old) in &self.entries {
+            match fresh.get(path) {
+                None => events.push(StoreEvent::Deleted(path.clone())),
+                Some(new) if new.stat.czxid != old.stat.czxid => {
+                    events.push(StoreEvent::Deleted(path.clone()));
+                    events.push(StoreEvent::Created(path.clone()));
+                }
+                Some(new) if new.stat.mzxid != old.stat.mzxid => {
+                    events.push(StoreEvent::Changed(path.clone()))
+                }
+                Some(_) => {}
+            }
+        }
+        for path in fresh.keys() {
+            if !self.entries.contains_key(path) {
+                events.push(StoreEvent::Created(path.clone()));
+            }
+        }
+        self.entries = fresh;
+        self.loaded = true;
+        events
+    }
+
+    /// The record at `prefix` and all below it, sorted by path, with
+    /// `num_children` counted from the mirror itself: a persistent
+    /// recursive watch reports no child events, so a parent's stored stat
+    /// goes stale when children come and go.
+    pub fn scan(&self, prefix: &str) -> Vec<Entry> {
+        let below = format!("{prefix}/");
+        let mut out: Vec<Entry> = Vec::new();
+        if let Some(c) = self.entries.get(prefix) {
+            out.push(entry(prefix, c));
+        }
+        for (p, c) in self.entries.range(below.clone()..) {
+            if !p.starts_with(&below) {
+                break;
+            }
+            out.push(entry(p, c));
+        }
+        count_children(&mut out);
+        out
+    }
+}
+
+fn entry(path: &str, c: &Cached) -> Entry {
+    Entry {
+        path: path.to_owned(),
+        data: c.data.clone(),
+        stat: Stat {
+            num_children: 0,
+            ..c.stat
+        },
+    }
+}
+
+/// Sets each entry's `num_children` from the (complete, sorted) subtree.
+fn count_children(entries: &mut [Entry]) {
+    let mut counts: BTreeMap<String, i32> = BTreeMap::new();
+    for e in entries.iter() {
+        let (parent, _) = nodepool_core::store::split_path(&e.path);
+        *counts.entry(parent.to_owned()).or_default() += 1;
+    }
+    for e in entries.iter_mut() {
+        e.stat.num_children = counts.get(&e.path).copied().unwrap_or(0);
+    }
+}
+
+/// Reads the subtree at `root` (missing root: empty), breadth first with
+/// pipelined reads. Znodes deleted while loading are skipped; the watch
+/// that was set up before the load reports them.
+pub(crate) async fn load(
+    client: &zk::Client,
+    root: &str,
+) -> Result<BTreeMap<String, Cached>, zk::Error> {
+    let mut out = BTreeMap::new();
+    let mut level = vec![root.to_owned()];
+    while !level.is_empty() {
+        let reads: Vec<(String, Result<(Vec<u8>, zk::Stat), zk::Error>)> =
+            futures::stream::iter(level)
+                .map(|path| {
+                    let fut = client.get_data(&path);
+                    async move { (path, fut.await) }
+                })
+                .buffered(LOAD_IN_FLIGHT)
+                .collect()
+                .await;
+        let mut parents = Vec::new();
+        for (path, r) in reads {
+            match r {
+                Ok((data, st)) => {
+                    if st.num_children > 0 {
+                        parents.push(path.clone());
+                    }
+                    out.insert(
+                        path,
+                        Cached {
+                            data: Bytes::from(data),
+                            stat: stat(&st),
+                        },
+                    );
+                }
+                Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let lists: Vec<(String, Result<Vec<String>, zk::Error>)> = futures::stream::iter(parents)
+            .map(|path| {
+                let fut = client.list_children(&path);
+                async move { (path, fut.await) }
+            })
+            .buffered(LOAD_IN_FLIGHT)
+            .collect()
+            .await;
+        level = Vec::new();
+        for (path, r) in lists {
+            match r {
+                Ok(children) => {
+                    let base = if path == "/" { "" } else { path.as_str() };
+                    level.extend(children.into_iter().map(|c| format!("{base}/{c}")));
+                }
+                Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(czxid: i64, mzxid: i64) -> Cached {
+        Cached {
+            data: Bytes::new(),
+            stat: Stat {
+                czxid,
+                mzxid,
+                ..Stat::default()
+            },
+        }
+    }
+
+    #[test]
+    fn replace_reports_the_difference() {
+        let mut t = TreeCache::default();
+        t.replace(BTreeMap::from([
+            ("/a".to_owned(), c(1, 1)),
+            ("/a/gone".to_owned(), c(2, 2)),
+            ("/a/same".to_owned(), c(3, 3)),
+            ("/a/changed".to_owned(), c(4, 4)),
+            ("/a/recreated".to_owned(), c(5, 5)),
+        ]));
+        let events = t.replace(BTreeMap::from([
+            ("/a".to_owned(), c(1, 1)),
+            ("/a/same".to_owned(), c(3, 3)),
+            ("/a/changed".to_owned(), c(4, 9)),
+            ("/a/recreated".to_owned(), c(8, 8)),
+            ("/a/new".to_owned(), c(7, 7)),
+        ]));
+        assert_eq!(
+            events,
+            [
+                StoreEvent::Changed("/a/changed".into()),
+                StoreEvent::Deleted("/a/gone".into()),
+                StoreEvent::Deleted("/a/recreated".into()),
+                StoreEvent::Created("/a/recreated".into()),
+                StoreEvent::Created("/a/new".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn scan_counts_children_from_the_mirror() {
+        let mut t = TreeCache::default();
+        t.replace(BTreeMap::from([
+            ("/a".to_owned(), c(1, 1)),
+            ("/a/b".to_owned(), c(2, 2)),
+            ("/a/b/c".to_owned(), c(3, 3)),
+            ("/a/d".to_owned(), c(4, 4)),
+            ("/ab".to_owned(), c(5, 5)),
+        ]));
+        let s = t.scan("/a");
+        let got: Vec<(&str, i32)> = s
+            .iter()
+            .map(|e| (e.path.as_str(), e.stat.num_children))
+            .collect();
+        assert_eq!(got, [("/a", 2), ("/a/b", 1), ("/a/b/c", 0), ("/a/d", 0)]);
+        assert!(t.scan("/zz").is_empty());
+    }
+}

@@ -1,0 +1,806 @@
+//! [`ZooKeeperStore`]: the [`StateStore`] operations, and the session
+//! supervisor that keeps the mirror of `/nodepool` fresh and replaces an
+//! expired session.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
+use nodepool_core::store::{
+    CreateMode, Entry, SessionState, Stat, StateStore, StoreError, StoreEvent, split_path,
+    validate_path,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use zookeeper_client as zk;
+
+use crate::cache::{self, Cached, TreeCache};
+use crate::error::{self, is_connection, is_terminal};
+use crate::options::{TlsFiles, ZooKeeperOptions};
+
+/// Capacity of the change stream; a subscriber that falls further behind
+/// gets `Lagged` and rescans (the lock recipe handles that).
+const EVENT_CAPACITY: usize = 16_384;
+
+/// Longest pause between attempts to open a new session after expiry.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A [`StateStore`] on ZooKeeper, wire-compatible with Python Nodepool and
+/// Zuul. Cheap to clone; clones share one session. Dropping the last clone
+/// ends the session (as [`StateStore::close`] does, but in the background).
+#[derive(Clone)]
+pub struct ZooKeeperStore {
+    shared: Arc<Shared>,
+    _stop: Arc<DropGuard>,
+}
+
+impl std::fmt::Debug for ZooKeeperStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ZooKeeperStore")
+            .field(&self.shared.describe)
+            .finish()
+    }
+}
+
+struct Shared {
+    options: ZooKeeperOptions,
+    describe: String,
+    tls: Option<zk::TlsOptions>,
+    /// The current session's client; replaced after expiry, `None` once closed.
+    client: RwLock<Option<zk::Client>>,
+    session_tx: watch::Sender<SessionState>,
+    events: broadcast::Sender<StoreEvent>,
+    cache: Mutex<TreeCache>,
+    /// Freshness requests from `scan()`, answered by the supervisor once
+    /// every watch event received so far is in the mirror.
+    barriers: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    shutdown: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn client(&self) -> Result<zk::Client, StoreError> {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::SessionLost)
+    }
+
+    fn map(&self, err: zk::Error, path: &str) -> StoreError {
+        error::map(err, path, &self.describe)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, TreeCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, state: SessionState) {
+        self.session_tx.send_if_modified(|s| {
+            if *s == state {
+                false
+            } else {
+                *s = state;
+                true
+            }
+        });
+    }
+
+    fn in_cache(&self, prefix: &str) -> bool {
+        let root = self.options.cache_root.as_str();
+        prefix == root
+            || prefix
+                .strip_prefix(root)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+}
+
+fn load_tls(files: &TlsFiles) -> Result<zk::TlsOptions, StoreError> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read_to_string(path).map_err(|e| {
+            StoreError::Other(format!("zookeeper-tls {what} {}: {e}", path.display()))
+        })
+    };
+    let ca = read("ca", &files.ca)?;
+    let cert = read("cert", &files.cert)?;
+    let key = read("key", &files.key)?;
+    // Errors name the files, never their contents (the key is a secret).
+    zk::TlsOptions::new()
+        .with_pem_ca(&ca)
+        .map_err(|e| {
+            StoreError::Other(format!("zookeeper-tls ca {}: {e}", files.ca.display()))
+        })?
+        .with_pem_identity(&cert, &key)
+        .map_err(|e| {
+            StoreError::Other(format!(
+                "zookeeper-tls cert {} / key {}: {e}",
+                files.cert.display(),
+                files.key.display()
+            ))
+        })
+}
+
+/// Opens a session (optionally re-attaching to `session`) and enters the
+/// chroot, creating it when missing.
+async fn open_client(
+    options: &ZooKeeperOptions,
+    tls: Option<&zk::TlsOptions>,
+    session: Option<zk::SessionInfo>,
+) -> Result<zk::Client, zk::Error> {
+    let mut connector = zk::Client::connector().with_session_timeout(options.session_timeout);
+    if let Some(info) = session {
+        connector = connector.with_session(info);
+    }
+    let hosts = options.hosts();
+    let client = match tls {
+        Some(t) => connector.with_tls(t.clone()).secure_connect(&hosts).await?,
+        None => connector.connect(&hosts).await?,
+    };
+    let Some(chroot) = &options.chroot else {
+        return Ok(client);
+    };
+    // Python Nodepool expects the chroot to exist; we make it, like kazoo's
+    // ensure_path would, so a fresh test chroot needs no setup.
+    client
+        .mkdir(chroot, &persistent_dir_options())
+        .await
+        .or_else(|e| {
+            if e == zk::Error::NodeExists {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+    client
+        .chroot(chroot.as_str())
+        .map_err(|_| zk::Error::BadArguments(&"invalid chroot"))
+}
+
+fn persistent_dir_options() -> zk::CreateOptions<'static> {
+    zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all())
+}
+
+fn zk_mode(mode: CreateMode) -> zk::CreateMode {
+    match mode {
+        CreateMode::Persistent => zk::CreateMode::Persistent,
+        CreateMode::PersistentSequential => zk::CreateMode::PersistentSequential,
+        CreateMode::Ephemeral => zk::CreateMode::Ephemeral,
+        CreateMode::EphemeralSequential => zk::CreateMode::EphemeralSequential,
+    }
+}
+
+impl ZooKeeperStore {
+    /// Connects, sets the watch on the cached subtree, loads it, and starts
+    /// the supervisor. Fails with [`StoreError::Unavailable`] naming the
+    /// servers if no session could be opened within
+    /// [`ZooKeeperOptions::connect_timeout`].
+    pub async fn connect(options: ZooKeeperOptions) -> Result<Self, StoreError> {
+        validate_path(&options.cache_root)?;
+        if options.servers.is_empty() {
+            return Err(StoreError::Other("zookeeper: no server configured".into()));
+        }
+        let tls = options.tls.as_ref().map(load_tls).transpose()?;
+        let describe = options.describe();
+        let unavailable = |reason: String| StoreError::Unavailable {
+            store: describe.clone(),
+            reason,
+        };
+        let deadline = tokio::time::Instant::now() + options.connect_timeout;
+        let mut backoff = Duration::from_millis(100);
+        let client = loop {
+            let attempt = tokio::time::timeout_at(
+                deadline,
+                open_client(&options, tls.as_ref(), None),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(c)) => break c,
+                Err(_) => {
+                    return Err(unavailable(format!(
+                        "no session within {:?}",
+                        options.connect_timeout
+                    )));
+                }
+                Ok(Err(e)) if tokio::time::Instant::now() + backoff >= deadline => {
+                    return Err(unavailable(e.to_string()));
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(store = %describe, error = %e, "connect failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        let root = options.cache_root.clone();
+        // Watch first, then load: every change after the load's reads is
+        // reported by the watch, so nothing falls between the two.
+        let watcher = client
+            .watch(&root, zk::AddWatchMode::PersistentRecursive)
+            .await
+            .map_err(|e| error::map(e, &root, &describe))?;
+        let tree = cache::load(&client, &root)
+            .await
+            .map_err(|e| error::map(e, &root, &describe))?;
+        let mut mirror = TreeCache::default();
+        mirror.replace(tree);
+        let id = client.session_id().0;
+        tracing::info!(store = %describe, session = format!("{id:#x}"), cached = mirror.len(), "connected");
+        let (session_tx, _) = watch::channel(SessionState::Connected { id });
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let (barriers, barriers_rx) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            options,
+            describe,
+            tls,
+            client: RwLock::new(Some(client.clone())),
+            session_tx,
+            events,
+            cache: Mutex::new(mirror),
+            barriers,
+            shutdown: shutdown.clone(),
+            task: Mutex::new(None),
+        });
+        let supervisor = Supervisor {
+            shared: shared.clone(),
+            client,
+            watcher: Some(watcher),
+            barriers_rx,
+            pipeline: FuturesOrdered::new(),
+            enqueued: 0,
+            applied: 0,
+            waiting: VecDeque::new(),
+            needs_load: false,
+            connected: true,
+            backoff: Duration::from_millis(100),
+        };
+        let task = tokio::spawn(supervisor.run());
+        *shared.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(ZooKeeperStore {
+            shared,
+            _stop: Arc::new(shutdown.drop_guard()),
+        })
+    }
+
+    /// Connects with the settings of `nodepool.yaml`.
+    pub async fn from_config(config: &nodepool_core::config::Config) -> Result<Self, StoreError> {
+        Self::connect(ZooKeeperOptions::from_config(config)?).await
+    }
+
+    /// The options this store was opened with.
+    pub fn options(&self) -> &ZooKeeperOptions {
+        &self.shared.options
+    }
+
+    /// Makes the server expire this client's current session, as a crashed
+    /// process's session would, and waits until the store runs on a new
+    /// session. For fault-injection tests.
+    ///
+    /// ZooKeeper has no "expire" call, so this does what Curator's and
+    /// kazoo's test helpers do: a second connection attaches to the same
+    /// session id and password and closes it. The server then deletes the
+    /// session's ephemerals (locks included) and refuses our reconnection
+    /// with "session expired". Our own client may win the session back
+    /// between the two steps, so it retries until the session id changes.
+    pub async fn expire_session(&self) -> Result<(), StoreError> {
+        let old = self.shared.client()?;
+        let old_id = old.session_id().0;
+        let info = old.session().clone();
+        drop(old);
+        let deadline = tokio::time::Instant::now() + self.shared.options.session_timeout * 4;
+        loop {
+            if let Ok(Ok(stealer)) = tokio::time::timeout_at(
+                deadline,
+                open_client(
+                    &ZooKeeperOptions {
+                        chroot: None,
+                        ..self.shared.options.clone()
+                    },
+                    self.shared.tls.as_ref(),
+                    Some(info.clone()),
+                ),
+            )
+            .await
+            {
+                let mut state = stealer.state_watcher();
+                // Dropping the only handle sends CloseSession; `Closed` is
+                // reported once the server answered it.
+                drop(stealer);
+                let _ = tokio::time::timeout_at(deadline, async {
+                    while !state.peek_state().is_terminated() {
+                        state.changed().await;
+                    }
+                })
+                .await;
+            }
+            // Poke our client so it notices at once instead of at its next ping.
+            let _ = self.get("/").await;
+            let mut session = self.session();
+            let renewed = tokio::time::timeout(Duration::from_secs(2), async {
+                loop {
+                    match *session.borrow_and_update() {
+                        SessionState::Connected { id } if id != old_id => return true,
+                        SessionState::Closed => return false,
+                        _ => {}
+                    }
+                    if session.changed().await.is_err() {
+                        return false;
+                    }
+                }
+            })
+            .await;
+            match renewed {
+                Ok(true) => return Ok(()),
+                Ok(false) => return Err(StoreError::SessionLost),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(StoreError::Timeout {
+                        what: format!("expiry of session {old_id:#x}"),
+                    });
+                }
+                Err(_) => continue,
+            }
+        }
+    }
+
+    async fn scan_direct(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        let client = self.shared.client()?;
+        let tree = cache::load(&client, prefix)
+            .await
+            .map_err(|e| self.shared.map(e, prefix))?;
+        Ok(tree
+            .into_iter()
+            .map(|(path, c)| Entry {
+                path,
+                data: c.data,
+                stat: c.stat,
+            })
+            .collect())
+    }
+
+    /// Waits until the mirror holds every change the server made before
+    /// this call. The `sync` round trip is ordered after every watch
+    /// notification the server sent us before answering it (one connection,
+    /// FIFO), including those for other clients' writes that completed
+    /// before we asked; the barrier then waits until the supervisor has
+    /// applied all events received so far.
+    async fn freshen(&self) -> Result<(), StoreError> {
+        let state = *self.shared.session_tx.borrow();
+        match state {
+            SessionState::Connected { .. } => {}
+            // Like Nodepool's tree caches, a suspended session serves the
+            // last known state; lock-guarded work is paused meanwhile.
+            SessionState::Suspended => return Ok(()),
+            SessionState::Expired => {
+                return Err(StoreError::Unavailable {
+                    store: self.shared.describe.clone(),
+                    reason: "session expired; opening a new one".into(),
+                });
+            }
+            SessionState::Closed => return Err(StoreError::SessionLost),
+        }
+        let timeout = self.shared.options.session_timeout;
+        let client = self.shared.client()?;
+        match tokio::time::timeout(timeout, client.sync("/")).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if is_terminal(&e) || is_connection(&e) => return Ok(()),
+            Ok(Err(e)) => return Err(self.shared.map(e, "/")),
+            Err(_) => return Ok(()),
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.shared.barriers.send(tx).is_err() {
+            return Err(StoreError::SessionLost);
+        }
+        if tokio::time::timeout(timeout, rx).await.is_err() {
+            tracing::warn!(store = %self.shared.describe, "cache did not catch up within {timeout:?}; serving it as is");
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StateStore for ZooKeeperStore {
+    fn describe(&self) -> String {
+        self.shared.describe.clone()
+    }
+
+    async fn create(
+        &self,
+        path: &str,
+        data: &[u8],
+        mode: CreateMode,
+    ) -> Result<String, StoreError> {
+        let (parent, name) = split_path(path);
+        validate_path(parent)?;
+        if name.is_empty() && !mode.is_sequential() {
+            return Err(StoreError::Other(format!("invalid path {path:?}")));
+        }
+        let client = self.shared.client()?;
+        let options = zk_mode(mode).with_acls(zk::Acls::anyone_all());
+        let mut made_parents = false;
+        loop {
+            match client.create(path, data, &options).await {
+                Ok((_, seq)) => {
+                    return Ok(if mode.is_sequential() {
+                        format!("{path}{seq}")
+                    } else {
+                        path.to_owned()
+                    });
+                }
+                // kazoo's makepath: missing parents become empty persistent znodes.
+                Err(zk::Error::NoNode) if !made_parents && parent != "/" => {
+                    made_parents = true;
+                    client
+                        .mkdir(parent, &persistent_dir_options())
+                        .await
+                        .map_err(|e| self.shared.map(e, parent))?;
+                }
+                Err(e) => return Err(self.shared.map(e, path)),
+            }
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<Option<(Bytes, Stat)>, StoreError> {
+        validate_path(path)?;
+        let client = self.shared.client()?;
+        match client.get_data(path).await {
+            Ok((data, st)) => Ok(Some((Bytes::from(data), cache::stat(&st)))),
+            Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(self.shared.map(e, path)),
+        }
+    }
+
+    async fn set(&self, path: &str, data: &[u8], version: Option<i32>) -> Result<Stat, StoreError> {
+        validate_path(path)?;
+        let client = self.shared.client()?;
+        client
+            .set_data(path, data, version)
+            .await
+            .map(|s| cache::stat(&s))
+            .map_err(|e| self.shared.map(e, path))
+    }
+
+    async fn delete(&self, path: &str, version: Option<i32>) -> Result<(), StoreError> {
+        validate_path(path)?;
+        let client = self.shared.client()?;
+        client
+            .delete(path, version)
+            .await
+            .map_err(|e| self.shared.map(e, path))
+    }
+
+    async fn children(&self, path: &str) -> Result<Vec<String>, StoreError> {
+        validate_path(path)?;
+        let client = self.shared.client()?;
+        let mut children = client
+            .list_children(path)
+            .await
+            .map_err(|e| self.shared.map(e, path))?;
+        children.sort();
+        Ok(children)
+    }
+
+    async fn scan(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
+        validate_path(prefix)?;
+        if !self.shared.in_cache(prefix) {
+            return self.scan_direct(prefix).await;
+        }
+        self.freshen().await?;
+        Ok(self.shared.cache().scan(prefix))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.shared.events.subscribe()
+    }
+
+    fn session(&self) -> watch::Receiver<SessionState> {
+        self.shared.session_tx.subscribe()
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.shared.shutdown.cancel();
+        let task = self
+            .shared
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let client = self
+            .shared
+            .client
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(client) = client {
+            let mut state = client.state_watcher();
+            // The session ends when the last handle is dropped; wait for the
+            // server's answer so ephemerals are gone when close() returns.
+            drop(client);
+            let _ = tokio::time::timeout(self.shared.options.session_timeout, async {
+                while !state.peek_state().is_terminated() {
+                    state.changed().await;
+                }
+            })
+            .await;
+        }
+        self.shared.publish(SessionState::Closed);
+        Ok(())
+    }
+}
+
+/// A watch event whose znode has been read (or needs no read).
+struct Applied {
+    event: StoreEvent,
+    update: Update,
+}
+
+enum Update {
+    Upsert(Cached),
+    Remove,
+    /// The read failed for connection reasons: the mirror must be reloaded.
+    Unknown,
+}
+
+/// The background task: turns watch events into mirror updates and change
+/// events, reloads after reconnection, replaces expired sessions.
+struct Supervisor {
+    shared: Arc<Shared>,
+    client: zk::Client,
+    /// `None` once the session ended (the watcher must not be polled then).
+    watcher: Option<zk::PersistentWatcher>,
+    barriers_rx: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    /// Reads for received events, applied strictly in event order so a
+    /// slow read can never overwrite a newer one or resurrect a deletion.
+    pipeline: FuturesOrdered<BoxFuture<'static, Applied>>,
+    enqueued: u64,
+    applied: u64,
+    waiting: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// The mirror may have missed events (reconnection, failed read).
+    needs_load: bool,
+    connected: bool,
+    backoff: Duration,
+}
+
+impl Supervisor {
+    async fn run(mut self) {
+        loop {
+            if self.shared.shutdown.is_cancelled() {
+                break;
+            }
+            if self.watcher.is_none() {
+                if !self.renew_session().await {
+                    break;
+                }
+                continue;
+            }
+            if self.needs_load && self.connected {
+                self.reload().await;
+                continue;
+            }
+            let Some(watcher) = self.watcher.as_mut() else {
+                continue;
+            };
+            let can_answer = !self.needs_load;
+            tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled() => break,
+                ev = watcher.changed() => self.on_event(ev),
+                Some(applied) = self.pipeline.next(), if !self.pipeline.is_empty() => self.apply(applied),
+                Some(tx) = self.barriers_rx.recv(), if can_answer => self.on_barrier(tx),
+            }
+        }
+        tracing::debug!(store = %self.shared.describe, "supervisor stopped");
+    }
+
+    fn on_event(&mut self, ev: zk::WatchedEvent) {
+        match ev.event_type {
+            zk::EventType::Session => self.on_session(ev.session_state),
+            zk::EventType::NodeCreated => self.enqueue(StoreEvent::Created(ev.path), true),
+            zk::EventType::NodeDataChanged => self.enqueue(StoreEvent::Changed(ev.path), true),
+            zk::EventType::NodeDeleted => self.enqueue(StoreEvent::Deleted(ev.path), false),
+            // Recursive watches do not report child changes; the mirror
+            // counts children itself.
+            zk::EventType::NodeChildrenChanged => {}
+        }
+    }
+
+    fn on_session(&mut self, state: zk::SessionState) {
+        match state {
+            zk::SessionState::Disconnected => {
+                tracing::warn!(store = %self.shared.describe, "connection lost; session suspended");
+                self.connected = false;
+                self.shared.publish(SessionState::Suspended);
+            }
+            zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                let id = self.client.session_id().0;
+                tracing::info!(store = %self.shared.describe, session = format!("{id:#x}"), "reconnected");
+                self.connected = true;
+                // Persistent watches lose the events of the disconnected
+                // period (ZOOKEEPER-4698): reload the mirror.
+                self.needs_load = true;
+                self.shared.publish(SessionState::Connected { id });
+            }
+            zk::SessionState::Expired
+            | zk::SessionState::Closed
+            | zk::SessionState::AuthFailed => self.session_over(state),
+        }
+    }
+
+    fn session_over(&mut self, state: zk::SessionState) {
+        if self.shared.shutdown.is_cancelled() {
+            return;
+        }
+        tracing::warn!(store = %self.shared.describe, session = format!("{:#x}", self.client.session_id().0), %state, "session ended; its locks and ephemerals are gone");
+        self.watcher = None;
+        self.connected = false;
+        self.needs_load = true;
+        self.pipeline = FuturesOrdered::new();
+        self.applied = self.enqueued;
+        self.shared.cache().loaded = false;
+        self.shared.publish(SessionState::Expired);
+    }
+
+    fn enqueue(&mut self, event: StoreEvent, read: bool) {
+        self.enqueued += 1;
+        if !read {
+            self.pipeline.push_back(
+                futures::future::ready(Applied {
+                    event,
+                    update: Update::Remove,
+                })
+                .boxed(),
+            );
+            return;
+        }
+        // The read is sent now (the client sends on call), so it is
+        // answered after the change that triggered the event.
+        let fut = self.client.get_data(event.path());
+        self.pipeline.push_back(
+            async move {
+                let update = match fut.await {
+                    Ok((data, st)) => Update::Upsert(Cached {
+                        data: Bytes::from(data),
+                        stat: cache::stat(&st),
+                    }),
+                    Err(zk::Error::NoNode) => Update::Remove,
+                    Err(_) => Update::Unknown,
+                };
+                Applied { event, update }
+            }
+            .boxed(),
+        );
+    }
+
+    fn apply(&mut self, applied: Applied) {
+        {
+            let mut cache = self.shared.cache();
+            match applied.update {
+                Update::Upsert(c) => cache.upsert(applied.event.path(), c),
+                Update::Remove => cache.remove(applied.event.path()),
+                Update::Unknown => self.needs_load = true,
+            }
+        }
+        let _ = self.shared.events.send(applied.event);
+        self.applied += 1;
+        self.answer_barriers();
+    }
+
+    fn answer_barriers(&mut self) {
+        if self.needs_load {
+            return;
+        }
+        while let Some((target, _)) = self.waiting.front() {
+            if *target > self.applied {
+                break;
+            }
+            if let Some((_, tx)) = self.waiting.pop_front() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    fn on_barrier(&mut self, tx: oneshot::Sender<()>) {
+        // Everything the server sent before answering the caller's sync is
+        // already in the watcher's queue: take it all without waiting.
+        while let Some(w) = self.watcher.as_mut() {
+            match w.changed().now_or_never() {
+                Some(ev) => self.on_event(ev),
+                None => break,
+            }
+        }
+        self.waiting.push_back((self.enqueued, tx));
+        self.answer_barriers();
+    }
+
+    async fn flush_pipeline(&mut self) {
+        while let Some(applied) = self.pipeline.next().await {
+            self.apply(applied);
+        }
+    }
+
+    async fn reload(&mut self) {
+        // Reads already under way are applied first, so none of them can
+        // land on top of the fresh load with older data.
+        self.flush_pipeline().await;
+        let root = self.shared.options.cache_root.clone();
+        match cache::load(&self.client, &root).await {
+            Ok(tree) => {
+                let events = self.shared.cache().replace(tree);
+                tracing::info!(store = %self.shared.describe, changed = events.len(), "cache reloaded");
+                for e in events {
+                    let _ = self.shared.events.send(e);
+                }
+                self.needs_load = false;
+                self.applied = self.enqueued;
+                self.answer_barriers();
+            }
+            Err(e) if is_terminal(&e) => {
+                // The session event follows in the watcher; wait for it.
+                self.connected = false;
+            }
+            Err(e) if is_connection(&e) => {
+                self.connected = false;
+            }
+            Err(e) => {
+                tracing::warn!(store = %self.shared.describe, error = %e, "cache reload failed; retrying");
+                tokio::select! {
+                    _ = self.shared.shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+
+    /// Opens a new session after expiry; retries until it works or the
+    /// store shuts down (false).
+    async fn renew_session(&mut self) -> bool {
+        loop {
+            let opened = tokio::select! {
+                _ = self.shared.shutdown.cancelled() => return false,
+                r = open_client(&self.shared.options, self.shared.tls.as_ref(), None) => r,
+            };
+            let root = self.shared.options.cache_root.clone();
+            let result = match opened {
+                Ok(client) => client
+                    .watch(&root, zk::AddWatchMode::PersistentRecursive)
+                    .await
+                    .map(|w| (client, w)),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok((client, watcher)) => {
+                    let id = client.session_id().0;
+                    tracing::info!(store = %self.shared.describe, session = format!("{id:#x}"), "new session");
+                    *self
+                        .shared
+                        .client
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
+                    self.client = client;
+                    self.watcher = Some(watcher);
+                    self.connected = true;
+                    self.needs_load = true;
+                    self.backoff = Duration::from_millis(100);
+                    self.shared.publish(SessionState::Connected { id });
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(store = %self.shared.describe, error = %e, "cannot open a new session; retrying");
+                    tokio::select! {
+                        _ = self.shared.shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(self.backoff) => {}
+                    }
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
