@@ -24,6 +24,7 @@ pub mod consumer;
 pub mod image_builder;
 pub mod model;
 pub mod provider;
+pub mod requestor;
 pub mod store;
 
 #[cfg(feature = "testing")]
