@@ -271,9 +271,9 @@ impl Requestor {
                             waited: timeout,
                         });
                     }
-                    Ok(Ok(StoreEvent::Created(p) | StoreEvent::Changed(p) | StoreEvent::Deleted(p)))
-                        if p == path =>
-                    {
+                    Ok(Ok(
+                        StoreEvent::Created(p) | StoreEvent::Changed(p) | StoreEvent::Deleted(p),
+                    )) if p == path => {
                         break;
                     }
                     Ok(Ok(_)) => {}
@@ -290,11 +290,7 @@ impl Requestor {
     /// timeout), checks again under the lock. Then deletes the request —
     /// also when something failed, as Zuul does, after unlocking whatever
     /// it had locked.
-    pub async fn accept(
-        &self,
-        id: &str,
-        request: &NodeRequest,
-    ) -> Result<NodeSet, RequestorError> {
+    pub async fn accept(&self, id: &str, request: &NodeRequest) -> Result<NodeSet, RequestorError> {
         if request.state != RequestState::Fulfilled {
             return Err(RequestorError::NotFulfilled {
                 id: id.to_owned(),
@@ -581,7 +577,9 @@ pub mod suite {
                 .await
                 .expect("read")
                 .expect("request exists");
-            r.value.declined_by.push("host-PoolWorker.cloud-main-x".into());
+            r.value
+                .declined_by
+                .push("host-PoolWorker.cloud-main-x".into());
             r.value.set_state(RequestState::Failed, epoch_now());
             self.store
                 .update_request(id, &r.value, r.version)
@@ -666,7 +664,10 @@ pub mod suite {
             .await
             .expect("get")
             .expect("exists");
-        assert_eq!(got.value.requestor_data.map(|j| j.as_text().to_owned()), Some("{}".to_owned()));
+        assert_eq!(
+            got.value.requestor_data.map(|j| j.as_text().to_owned()),
+            Some("{}".to_owned())
+        );
         assert!(got.value.event_id.is_some_and(|e| e.len() == 32));
     }
 
@@ -694,7 +695,12 @@ pub mod suite {
             nodes
         );
         assert!(
-            launcher.store.get_request(&id).await.expect("get").is_none(),
+            launcher
+                .store
+                .get_request(&id)
+                .await
+                .expect("get")
+                .is_none(),
             "accept deletes the request"
         );
         for n in &nodes {
@@ -706,7 +712,13 @@ pub mod suite {
             .await
             .expect("use");
         for n in &nodes {
-            let node = launcher.store.get_node(n).await.expect("get").expect("exists").value;
+            let node = launcher
+                .store
+                .get_node(n)
+                .await
+                .expect("get")
+                .expect("exists")
+                .value;
             assert_eq!(node.state, NodeState::InUse);
             let ud: serde_json::Value = node.user_data.expect("user_data").decode().expect("json");
             assert_eq!(ud["zuul_system"], SYSTEM);
@@ -714,7 +726,13 @@ pub mod suite {
         }
         rq.return_nodes(set).await.expect("return");
         for n in &nodes {
-            let node = launcher.store.get_node(n).await.expect("get").expect("exists").value;
+            let node = launcher
+                .store
+                .get_node(n)
+                .await
+                .expect("get")
+                .expect("exists")
+                .value;
             assert_eq!(node.state, NodeState::Used);
             assert!(!launcher.store.is_node_locked(n).await.expect("locked?"));
         }
@@ -732,11 +750,21 @@ pub mod suite {
         let Outcome::Failed(r) = &outcome else {
             panic!("not failed: {outcome:?}");
         };
-        let err = rq.accept(&id, &r.value).await.expect_err("cannot accept a failed request");
+        let err = rq
+            .accept(&id, &r.value)
+            .await
+            .expect_err("cannot accept a failed request");
         assert!(matches!(err, RequestorError::NotFulfilled { .. }), "{err}");
         rq.cancel(&id).await.expect("cancel");
         rq.cancel(&id).await.expect("cancel twice");
-        assert!(launcher.store.get_request(&id).await.expect("get").is_none());
+        assert!(
+            launcher
+                .store
+                .get_request(&id)
+                .await
+                .expect("get")
+                .is_none()
+        );
     }
 
     /// A deadline gives `Timeout`; a deleted request gives `Gone`.
@@ -792,9 +820,19 @@ pub mod suite {
         );
         assert!(err.to_string().contains("200-0000099999"), "{err}");
         for n in &nodes {
-            assert!(!launcher.store.is_node_locked(n).await.expect("locked?"), "{n} left locked");
+            assert!(
+                !launcher.store.is_node_locked(n).await.expect("locked?"),
+                "{n} left locked"
+            );
         }
-        assert!(launcher.store.get_request(&id).await.expect("get").is_none());
+        assert!(
+            launcher
+                .store
+                .get_request(&id)
+                .await
+                .expect("get")
+                .is_none()
+        );
     }
 
     /// A node someone else keeps locked makes accept give up after the lock
@@ -820,8 +858,21 @@ pub mod suite {
             matches!(&err, RequestorError::Lock { node, source: StoreError::Timeout { .. }, .. } if *node == nodes[1]),
             "{err}"
         );
-        assert!(!launcher.store.is_node_locked(&nodes[0]).await.expect("locked?"));
-        assert!(launcher.store.get_request(&id).await.expect("get").is_none());
+        assert!(
+            !launcher
+                .store
+                .is_node_locked(&nodes[0])
+                .await
+                .expect("locked?")
+        );
+        assert!(
+            launcher
+                .store
+                .get_request(&id)
+                .await
+                .expect("get")
+                .is_none()
+        );
         guard.release().await.expect("release");
     }
 
@@ -855,7 +906,13 @@ pub mod suite {
         assert_eq!(node.hold_job.as_deref(), Some(hold.job.as_str()));
         assert_eq!(node.comment.as_deref(), Some(hold.comment.as_str()));
         assert_eq!(node.hold_expiration, Some(86_400));
-        assert!(!launcher.store.is_node_locked(&nodes[0]).await.expect("locked?"));
+        assert!(
+            !launcher
+                .store
+                .is_node_locked(&nodes[0])
+                .await
+                .expect("locked?")
+        );
         // returning unused nodes only unlocks them: they stay ready
         let id = rq
             .submit(&NewRequest::new(vec!["b".into()]))
@@ -887,7 +944,12 @@ pub mod suite {
             .await
             .expect("submit");
         assert!(rq.revise_priority(&id, 5).await.expect("revise"));
-        let got = launcher.store.get_request(&id).await.expect("get").expect("exists");
+        let got = launcher
+            .store
+            .get_request(&id)
+            .await
+            .expect("get")
+            .expect("exists");
         assert_eq!(got.value.relative_priority, 5);
         let guard = launcher
             .store
@@ -895,10 +957,19 @@ pub mod suite {
             .await
             .expect("launcher locks");
         assert!(!rq.revise_priority(&id, 9).await.expect("revise"));
-        let got = launcher.store.get_request(&id).await.expect("get").expect("exists");
+        let got = launcher
+            .store
+            .get_request(&id)
+            .await
+            .expect("get")
+            .expect("exists");
         assert_eq!(got.value.relative_priority, 5, "unchanged while locked");
         guard.release().await.expect("release");
-        assert!(!rq.revise_priority("200-0000099999", 1).await.expect("missing request"));
+        assert!(
+            !rq.revise_priority("200-0000099999", 1)
+                .await
+                .expect("missing request")
+        );
     }
 }
 

@@ -182,7 +182,11 @@ impl ZooKeeperOptions {
                 .zookeeper_servers
                 .iter()
                 .map(|s| ServerAddress {
-                    host: s.host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                    host: s
+                        .host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_owned(),
                     port: s.port,
                 })
                 .collect(),

@@ -103,9 +103,8 @@ impl Shared {
 
 fn load_tls(files: &TlsFiles) -> Result<zk::TlsOptions, StoreError> {
     let read = |what: &str, path: &std::path::Path| {
-        std::fs::read_to_string(path).map_err(|e| {
-            StoreError::Other(format!("zookeeper-tls {what} {}: {e}", path.display()))
-        })
+        std::fs::read_to_string(path)
+            .map_err(|e| StoreError::Other(format!("zookeeper-tls {what} {}: {e}", path.display())))
     };
     let ca = read("ca", &files.ca)?;
     let cert = read("cert", &files.cert)?;
@@ -113,9 +112,7 @@ fn load_tls(files: &TlsFiles) -> Result<zk::TlsOptions, StoreError> {
     // Errors name the files, never their contents (the key is a secret).
     zk::TlsOptions::new()
         .with_pem_ca(&ca)
-        .map_err(|e| {
-            StoreError::Other(format!("zookeeper-tls ca {}: {e}", files.ca.display()))
-        })?
+        .map_err(|e| StoreError::Other(format!("zookeeper-tls ca {}: {e}", files.ca.display())))?
         .with_pem_identity(&cert, &key)
         .map_err(|e| {
             StoreError::Other(format!(
@@ -194,11 +191,8 @@ impl ZooKeeperStore {
         let deadline = tokio::time::Instant::now() + options.connect_timeout;
         let mut backoff = Duration::from_millis(100);
         let client = loop {
-            let attempt = tokio::time::timeout_at(
-                deadline,
-                open_client(&options, tls.as_ref(), None),
-            )
-            .await;
+            let attempt =
+                tokio::time::timeout_at(deadline, open_client(&options, tls.as_ref(), None)).await;
             match attempt {
                 Ok(Ok(c)) => break c,
                 Err(_) => {
@@ -628,9 +622,9 @@ impl Supervisor {
                 self.needs_load = true;
                 self.shared.publish(SessionState::Connected { id });
             }
-            zk::SessionState::Expired
-            | zk::SessionState::Closed
-            | zk::SessionState::AuthFailed => self.session_over(state),
+            zk::SessionState::Expired | zk::SessionState::Closed | zk::SessionState::AuthFailed => {
+                self.session_over(state)
+            }
         }
     }
 

@@ -78,12 +78,20 @@ async fn tls_and_plaintext_see_the_same_tree() {
     let secure = common::connect(common::tls(&chroot)).await;
     let plain = common::connect(common::plain(&chroot)).await;
     secure
-        .create("/nodepool/nodes/0000000001", b"{}", nodepool_core::store::CreateMode::Persistent)
+        .create(
+            "/nodepool/nodes/0000000001",
+            b"{}",
+            nodepool_core::store::CreateMode::Persistent,
+        )
         .await
         .expect("create over TLS");
     let entries = plain.scan("/nodepool/nodes").await.expect("scan");
     assert_eq!(entries.len(), 2, "{entries:?}");
-    assert!(secure.describe().ends_with("(tls)"), "{}", secure.describe());
+    assert!(
+        secure.describe().ends_with("(tls)"),
+        "{}",
+        secure.describe()
+    );
 }
 
 #[tokio::test]
@@ -112,7 +120,9 @@ async fn missing_tls_files_are_named() {
     let mut files = common::tls_files();
     files.key = PathBuf::from("/nonexistent/client.key");
     let options = common::tls(&common::fresh_chroot()).with_tls(files);
-    let err = ZooKeeperStore::connect(options).await.expect_err("no key file");
+    let err = ZooKeeperStore::connect(options)
+        .await
+        .expect_err("no key file");
     assert!(err.to_string().contains("/nonexistent/client.key"), "{err}");
     let garbage = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(garbage.path(), "not a certificate").expect("write");
@@ -123,5 +133,9 @@ async fn missing_tls_files_are_named() {
     let err = ZooKeeperStore::connect(common::tls("/x").with_tls(files))
         .await
         .expect_err("bad CA");
-    assert!(err.to_string().contains(&garbage.path().display().to_string()), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&garbage.path().display().to_string()),
+        "{err}"
+    );
 }

@@ -63,9 +63,9 @@ pub fn plain_hosts() -> String {
 /// Connects, failing the test with the reason.
 pub async fn connect(options: ZooKeeperOptions) -> ZooKeeperStore {
     let what = options.describe();
-    ZooKeeperStore::connect(options)
-        .await
-        .unwrap_or_else(|e| panic!("connect to {what}: {e} (is `scripts/zookeeper.sh start` running?)"))
+    ZooKeeperStore::connect(options).await.unwrap_or_else(|e| {
+        panic!("connect to {what}: {e} (is `scripts/zookeeper.sh start` running?)")
+    })
 }
 
 /// Polls `f` until it returns true, for at most `limit`.
@@ -79,7 +79,30 @@ where
         if f().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The venv's python (from `scripts/python-env.sh`).
+pub fn python() -> String {
+    python_var("NODEPOOL_TEST_PYTHON")
+}
+
+/// The venv's `nodepool` CLI (Python Nodepool 11.0.0).
+pub fn py_nodepool() -> String {
+    python_var("NODEPOOL_TEST_PY_NODEPOOL")
+}
+
+fn python_var(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() && std::path::Path::new(&v).exists() => v,
+        _ => panic!(
+            "{name} is not set or does not exist: create the Python peers with \
+             `eval \"$(scripts/python-env.sh)\"` (scripts/test.sh does it)"
+        ),
     }
 }

@@ -1,0 +1,242 @@
+//! Mutual exclusion between our lock recipe and kazoo's (what Python
+//! Nodepool and Zuul use), in both directions and in a mixed queue, on a
+//! node lock path. The kazoo side runs as a subprocess
+//! (`tests/py/kazoo_lock_peer.py`) driven line by line.
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodepool_core::model::{Node, NodeState};
+use nodepool_core::store::{LockWait, Store, StoreError, paths};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+/// Generous bound for one answer of the peer (python start-up included).
+const ANSWER: Duration = Duration::from_secs(30);
+
+struct Kazoo {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Kazoo {
+    async fn start(hosts: &str) -> Kazoo {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/kazoo_lock_peer.py");
+        let mut child = Command::new(common::python())
+            .arg(script)
+            .arg(hosts)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the kazoo peer");
+        let stdin = child.stdin.take().expect("stdin");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut k = Kazoo {
+            child,
+            stdin,
+            lines,
+        };
+        assert_eq!(k.answer().await, "ready");
+        k
+    }
+
+    async fn send(&mut self, cmd: &str) {
+        self.stdin
+            .write_all(format!("{cmd}\n").as_bytes())
+            .await
+            .expect("write to peer");
+        self.stdin.flush().await.expect("flush");
+    }
+
+    async fn answer(&mut self) -> String {
+        tokio::time::timeout(ANSWER, self.lines.next_line())
+            .await
+            .expect("peer answers in time")
+            .expect("read from peer")
+            .expect("peer alive")
+    }
+
+    async fn ask(&mut self, cmd: &str) -> String {
+        self.send(cmd).await;
+        self.answer().await
+    }
+
+    async fn quit(mut self) {
+        assert_eq!(self.ask("quit").await, "bye");
+        let _ = tokio::time::timeout(ANSWER, self.child.wait()).await;
+    }
+}
+
+struct Setup {
+    store: Store,
+    chroot: String,
+    hosts: String,
+    id: String,
+    dir: String,
+}
+
+async fn setup() -> Setup {
+    let chroot = common::fresh_chroot();
+    let store = Store::new(Arc::new(common::connect(common::plain(&chroot)).await));
+    let id = store
+        .create_node(&Node::new(
+            NodeState::Ready,
+            1.0,
+            "p",
+            "main",
+            vec!["x".into()],
+        ))
+        .await
+        .expect("create node");
+    let hosts = format!("{}{chroot}", common::plain_hosts());
+    let dir = paths::node_lock(&id);
+    Setup {
+        store,
+        chroot,
+        hosts,
+        id,
+        dir,
+    }
+}
+
+async fn lock_children(store: &Store, dir: &str) -> Vec<String> {
+    store.backend().children(dir).await.expect("children")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_holder_excludes_kazoo() {
+    let Setup {
+        store,
+        hosts,
+        id,
+        dir,
+        ..
+    } = setup().await;
+    let mut kazoo = Kazoo::start(&hosts).await;
+    let guard = store
+        .lock_node(&id, LockWait::NonBlocking)
+        .await
+        .expect("we lock");
+    assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "busy");
+    assert_eq!(kazoo.ask(&format!("lock {dir} 0.3")).await, "timeout");
+    // kazoo cleaned up its contenders; ours is the only one
+    assert_eq!(lock_children(&store, &dir).await.len(), 1);
+    // a kazoo waiter queues behind us and gets the lock when we release
+    kazoo.send(&format!("lock {dir} 20")).await;
+    common::eventually(Duration::from_secs(20), "kazoo queued", || async {
+        lock_children(&store, &dir).await.len() == 2
+    })
+    .await;
+    guard.release().await.expect("release");
+    assert_eq!(kazoo.answer().await, "locked");
+    assert!(
+        store.is_node_locked(&id).await.expect("locked?"),
+        "kazoo's lock shows"
+    );
+    kazoo.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kazoo_holder_excludes_rust() {
+    let Setup {
+        store,
+        hosts,
+        id,
+        dir,
+        ..
+    } = setup().await;
+    let mut kazoo = Kazoo::start(&hosts).await;
+    assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "locked");
+    let names = lock_children(&store, &dir).await;
+    assert_eq!(names.len(), 1);
+    assert_eq!(
+        names[0].find("__lock__"),
+        Some(32),
+        "kazoo's name: {names:?}"
+    );
+    let r = store.lock_node(&id, LockWait::NonBlocking).await;
+    assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
+    let r = store
+        .lock_node(&id, LockWait::Timeout(Duration::from_millis(300)))
+        .await;
+    assert!(matches!(r, Err(StoreError::Timeout { .. })), "{r:?}");
+    assert_eq!(lock_children(&store, &dir).await, names, "we cleaned up");
+    assert!(store.list_nodes().await.expect("list").records[0].locked);
+    // we queue behind kazoo and get it when kazoo releases
+    let waiter = {
+        let store = store.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            store
+                .lock_node(&id, LockWait::Timeout(Duration::from_secs(20)))
+                .await
+        })
+    };
+    common::eventually(Duration::from_secs(20), "we queued", || async {
+        lock_children(&store, &dir).await.len() == 2
+    })
+    .await;
+    assert!(!waiter.is_finished(), "we must not get a lock kazoo holds");
+    assert_eq!(kazoo.ask(&format!("release {dir}")).await, "released");
+    let guard = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("waiter finishes")
+        .expect("task")
+        .expect("we get the lock");
+    assert!(guard.is_held());
+    assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "busy");
+    guard.release().await.expect("release");
+    kazoo.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_queue_is_served_in_order() {
+    let Setup {
+        store,
+        hosts,
+        id,
+        dir,
+        chroot,
+    } = setup().await;
+    let mut kazoo = Kazoo::start(&hosts).await;
+    let other = Store::new(Arc::new(common::connect(common::plain(&chroot)).await));
+    // rust A holds, kazoo waits, rust B waits: A → kazoo → B
+    let a = store
+        .lock_node(&id, LockWait::NonBlocking)
+        .await
+        .expect("A locks");
+    kazoo.send(&format!("lock {dir} 20")).await;
+    common::eventually(Duration::from_secs(20), "kazoo queued", || async {
+        lock_children(&store, &dir).await.len() == 2
+    })
+    .await;
+    let b = {
+        let other = other.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            other
+                .lock_node(&id, LockWait::Timeout(Duration::from_secs(20)))
+                .await
+        })
+    };
+    common::eventually(Duration::from_secs(20), "B queued", || async {
+        lock_children(&store, &dir).await.len() == 3
+    })
+    .await;
+    a.release().await.expect("A releases");
+    assert_eq!(kazoo.answer().await, "locked", "kazoo is next");
+    assert!(!b.is_finished(), "B waits behind kazoo");
+    assert_eq!(kazoo.ask(&format!("release {dir}")).await, "released");
+    let g = tokio::time::timeout(Duration::from_secs(20), b)
+        .await
+        .expect("B finishes")
+        .expect("task")
+        .expect("B gets it");
+    g.release().await.expect("release");
+    kazoo.quit().await;
+}
