@@ -250,7 +250,10 @@ pub(crate) struct Record {
 fn int(row: &rusqlite::Row<'_>, idx: usize, name: &str) -> Result<i64, String> {
     match row.get_ref(idx) {
         Ok(ValueRef::Integer(i)) => Ok(i),
-        Ok(v) => Err(format!("column {name} holds {:?}, not an integer", v.data_type())),
+        Ok(v) => Err(format!(
+            "column {name} holds {:?}, not an integer",
+            v.data_type()
+        )),
         Err(e) => Err(format!("column {name}: {e}")),
     }
 }
@@ -264,7 +267,11 @@ fn int32(row: &rusqlite::Row<'_>, idx: usize, name: &str) -> Result<i32, String>
 /// schema's types is a [`Malformed`] naming the record, never an error for
 /// the whole read.
 fn decode(row: &rusqlite::Row<'_>) -> Result<Record, Malformed> {
-    let rowid = row.get_ref(0).ok().and_then(|v| v.as_i64().ok()).unwrap_or(0);
+    let rowid = row
+        .get_ref(0)
+        .ok()
+        .and_then(|v| v.as_i64().ok())
+        .unwrap_or(0);
     let path = match row.get_ref(1) {
         Ok(ValueRef::Text(t)) => match std::str::from_utf8(t) {
             Ok(p) => p.to_owned(),
@@ -314,7 +321,8 @@ pub(crate) fn get(
     conn: &Connection,
     path: &str,
 ) -> Result<Option<Result<Record, Malformed>>, rusqlite::Error> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM records WHERE path = ?1"))?;
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {COLUMNS} FROM records WHERE path = ?1"))?;
     let mut rows = stmt.query([path])?;
     match rows.next()? {
         Some(row) => Ok(Some(decode(row))),
@@ -324,7 +332,10 @@ pub(crate) fn get(
 
 /// The names of a record's children, sorted; `None` if it does not exist.
 /// Call inside a read transaction so both reads see one snapshot.
-pub(crate) fn children(conn: &Connection, path: &str) -> Result<Option<Vec<String>>, rusqlite::Error> {
+pub(crate) fn children(
+    conn: &Connection,
+    path: &str,
+) -> Result<Option<Vec<String>>, rusqlite::Error> {
     let exists: bool = conn
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM records WHERE path = ?1)")?
         .query_row([path], |r| r.get(0))?;
@@ -332,7 +343,8 @@ pub(crate) fn children(conn: &Connection, path: &str) -> Result<Option<Vec<Strin
         return Ok(None);
     }
     let prefix_len = if path == "/" { 1 } else { path.len() + 1 };
-    let mut stmt = conn.prepare_cached("SELECT path FROM records WHERE parent = ?1 ORDER BY path")?;
+    let mut stmt =
+        conn.prepare_cached("SELECT path FROM records WHERE parent = ?1 ORDER BY path")?;
     let names = stmt
         .query_map([path], |r| r.get::<_, String>(0))?
         .filter_map(|p| match p {
@@ -748,7 +760,9 @@ impl<'c> Txn<'c> {
             .prepare_cached(
                 "SELECT id, pid, expires_ms FROM sessions WHERE expires_ms < ?1 AND id <> ?2",
             )?
-            .query_map(params![self.now, me], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .query_map(params![self.now, me], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(ids.len());
         for (id, pid, expires) in ids {
@@ -810,7 +824,10 @@ mod tests {
             assert!(inside >= lo.as_str() && inside < hi.as_str(), "{inside}");
         }
         for outside in ["/a/b", "/a/b-c", "/a/b.c", "/a/b0", "/a/bc", "/a/c"] {
-            assert!(!(outside >= lo.as_str() && outside < hi.as_str()), "{outside}");
+            assert!(
+                !(outside >= lo.as_str() && outside < hi.as_str()),
+                "{outside}"
+            );
         }
     }
 
@@ -825,8 +842,10 @@ mod tests {
         t.delete("/a/b", None).expect("delete");
         assert!(t.commit().expect("commit"));
         let feed = changes_since(&conn, 0).expect("feed");
-        let got: Vec<(i64, ChangeKind, &str)> =
-            feed.iter().map(|c| (c.zxid, c.kind, c.path.as_str())).collect();
+        let got: Vec<(i64, ChangeKind, &str)> = feed
+            .iter()
+            .map(|c| (c.zxid, c.kind, c.path.as_str()))
+            .collect();
         assert_eq!(
             got,
             [
@@ -837,7 +856,10 @@ mod tests {
             ]
         );
         assert_eq!(current_zxid(&conn).expect("zxid"), 4);
-        let a = get(&conn, "/a").expect("get").expect("exists").expect("decodes");
+        let a = get(&conn, "/a")
+            .expect("get")
+            .expect("exists")
+            .expect("decodes");
         assert_eq!(a.stat.num_children, 0);
         assert_eq!(a.cversion, 2, "a create and a delete of a child");
     }

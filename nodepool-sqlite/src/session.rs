@@ -13,7 +13,7 @@
 //! local copy of the expiry (checked before every operation and every poll)
 //! or from the row (gone, or past its expiry, when a write or renewal looks
 //! at it). It then reports [`SessionState::Expired`], deletes what the
-//! session owned if nobody has yet, and starts a new session
+//! session owned if nobody has yet, and shortly after starts a new session
 //! ([`SessionState::Connected`] with a new id), as a ZooKeeper client does
 //! after expiry. Operations that were in flight fail with
 //! [`StoreError::SessionLost`].
@@ -33,9 +33,15 @@ pub(crate) struct SessionInfo {
     pub state: SessionState,
     /// Lease end as last written, epoch ms.
     pub expires_ms: i64,
-    /// When it was last renewed, epoch ms.
+    /// When it was last renewed, epoch ms; when it expired, once expired.
     pub renewed_ms: i64,
 }
+
+/// How long a handle stays [`SessionState::Expired`] before it starts a new
+/// session: long enough that watchers of the session state see the expiry
+/// (a `watch` channel only keeps the latest state) and stop lock-guarded
+/// work, short against any lease.
+pub(crate) const RECONNECT_DELAY_MS: i64 = 200;
 
 /// What the worker should do about the session now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +62,8 @@ impl SessionInfo {
     pub(crate) fn due(&self, now: i64, renew_every_ms: i64) -> Due {
         match self.state {
             SessionState::Closed => Due::Nothing,
-            SessionState::Expired => Due::Reconnect,
+            SessionState::Expired if now - self.renewed_ms >= RECONNECT_DELAY_MS => Due::Reconnect,
+            SessionState::Expired => Due::Nothing,
             SessionState::Connected { .. } | SessionState::Suspended => {
                 if now > self.expires_ms {
                     Due::Lapsed
@@ -113,6 +120,7 @@ impl Shared {
                 return;
             }
             info.state = SessionState::Expired;
+            info.renewed_ms = now_ms();
         }
         tracing::warn!(
             store = %self.label,
@@ -140,12 +148,11 @@ impl Shared {
             ),
         }
         self.session_tx.send_replace(SessionState::Expired);
-        if let Err(e) = self.reconnect_locked(conn) {
-            tracing::warn!(store = %self.label, error = %e, "cannot start a new session yet");
-        }
+        // The worker starts the new session after RECONNECT_DELAY_MS.
+        self.nudge();
     }
 
-    /// Starts a new session after an expiry.
+    /// Starts a new session after an expiry (the worker calls this).
     pub(crate) fn reconnect(&self, conn: &mut Connection) -> Result<(), StoreError> {
         let _transition = lock(&self.transition);
         if lock(&self.session).state != SessionState::Expired {
@@ -182,8 +189,7 @@ impl Shared {
             };
         }
         tracing::info!(store = %self.label, session = id, "started a new session");
-        self.session_tx
-            .send_replace(SessionState::Connected { id });
+        self.session_tx.send_replace(SessionState::Connected { id });
         Ok(())
     }
 
@@ -298,7 +304,11 @@ mod tests {
         // Lease 1000 ms, renewed at 9000: renew from 9333, lapsed after 10000.
         assert_eq!(c.due(9_100, 333), Due::Nothing);
         assert_eq!(c.due(9_333, 333), Due::Renew);
-        assert_eq!(c.due(10_000, 333), Due::Renew, "the last moment is still ours");
+        assert_eq!(
+            c.due(10_000, 333),
+            Due::Renew,
+            "the last moment is still ours"
+        );
         assert_eq!(c.due(10_001, 333), Due::Lapsed);
     }
 
@@ -312,7 +322,11 @@ mod tests {
     fn suspended_retries_expired_reconnects_closed_rests() {
         assert_eq!(info(SessionState::Suspended).due(9_001, 333), Due::Renew);
         assert_eq!(info(SessionState::Suspended).due(10_500, 333), Due::Lapsed);
-        assert_eq!(info(SessionState::Expired).due(9_001, 333), Due::Reconnect);
+        assert_eq!(info(SessionState::Expired).due(9_100, 333), Due::Nothing);
+        assert_eq!(
+            info(SessionState::Expired).due(9_000 + RECONNECT_DELAY_MS, 333),
+            Due::Reconnect
+        );
         assert_eq!(info(SessionState::Closed).due(99_999, 333), Due::Nothing);
     }
 }

@@ -272,7 +272,10 @@ fn open_blocking(
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir).map_err(|e| {
-            unavailable(format!("cannot create the directory {}: {e}", dir.display()))
+            unavailable(format!(
+                "cannot create the directory {}: {e}",
+                dir.display()
+            ))
         })?;
     }
     let open_err = |e: DbError| match e {
@@ -341,12 +344,10 @@ impl StateStore for SqliteStore {
     async fn get(&self, path: &str) -> Result<Option<(Bytes, Stat)>, StoreError> {
         validate_path(path)?;
         let path = path.to_owned();
-        self.blocking(move |s| {
-            match s.read(|c| Ok(db::get(c, &path)?))? {
-                None => Ok(None),
-                Some(Ok(r)) => Ok(Some((r.data, r.stat))),
-                Some(Err(m)) => Err(m.into_store()),
-            }
+        self.blocking(move |s| match s.read(|c| Ok(db::get(c, &path)?))? {
+            None => Ok(None),
+            Some(Ok(r)) => Ok(Some((r.data, r.stat))),
+            Some(Err(m)) => Err(m.into_store()),
         })
         .await
     }

@@ -186,7 +186,11 @@ impl Feed {
             return Ok(false);
         }
         if max < self.zxid {
-            tracing::warn!(from = self.zxid, to = max, "the change id went back: was the database file replaced?");
+            tracing::warn!(
+                from = self.zxid,
+                to = max,
+                "the change id went back: was the database file replaced?"
+            );
             self.zxid = max;
             return Ok(true);
         }
@@ -267,7 +271,11 @@ mod tests {
         let mut p = Pruner::new(Duration::from_secs(40));
         assert_eq!(p.every, Duration::from_secs(10));
         assert_eq!(p.due(t0, 5), None, "nothing is old yet");
-        assert_eq!(p.due(t0 + Duration::from_secs(5), 6), None, "not time to look yet");
+        assert_eq!(
+            p.due(t0 + Duration::from_secs(5), 6),
+            None,
+            "not time to look yet"
+        );
         assert_eq!(p.due(t0 + Duration::from_secs(10), 9), None);
         assert_eq!(p.due(t0 + Duration::from_secs(30), 20), None);
         assert_eq!(

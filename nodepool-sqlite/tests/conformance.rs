@@ -45,7 +45,8 @@ impl Harness for Sqlite {
         let mut states = client.session();
         let id = states.borrow().id().expect("a connected client");
         let conn = rusqlite::Connection::open(&self.path).expect("open");
-        conn.busy_timeout(Duration::from_secs(5)).expect("busy timeout");
+        conn.busy_timeout(Duration::from_secs(5))
+            .expect("busy timeout");
         let n = conn
             .execute("UPDATE sessions SET expires_ms = 0 WHERE id = ?1", [id])
             .expect("lapse the lease");
