@@ -32,6 +32,8 @@ use crate::procs;
 
 /// How long the sweep waits for killed processes to disappear.
 const PROCESS_WAIT: Duration = Duration::from_secs(10);
+/// How long the sweep waits for detached loop devices to disappear.
+const LOOP_WAIT: Duration = Duration::from_secs(10);
 
 /// What one sweep did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -261,8 +263,15 @@ fn detach_loops(dir: &Path, report: &mut SweepReport) {
             Err(e) => report.problems.push(e),
         }
     }
-    // losetup -d on a busy device only marks it for autoclear.
-    let left = loops_backed_under(dir);
+    // losetup -d on a device someone else has open (a concurrent
+    // `losetup -f` probing it, blkid) only marks it for autoclear: it goes
+    // when that holder closes it, normally within milliseconds.
+    let deadline = Instant::now() + LOOP_WAIT;
+    let mut left = loops_backed_under(dir);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        left = loops_backed_under(dir);
+    }
     if !left.is_empty() {
         report.problems.push(format!(
             "loop devices still attached: {}",
