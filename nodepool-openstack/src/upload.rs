@@ -59,12 +59,21 @@ impl UploadHashes {
     }
 }
 
-/// A body stream reading `path` (which must be `len` bytes long).
+/// A body streaming `path` (which must be `len` bytes long).
 pub fn file_body(
     path: PathBuf,
     len: u64,
     hashes: Option<std::sync::Arc<UploadHashes>>,
 ) -> reqwest::Body {
+    reqwest::Body::wrap_stream(file_stream(path, len, hashes))
+}
+
+/// The chunks of `path`, read and hashed on a blocking thread.
+pub fn file_stream(
+    path: PathBuf,
+    len: u64,
+    hashes: Option<std::sync::Arc<UploadHashes>>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(CHANNEL_DEPTH);
     tokio::task::spawn_blocking(move || {
         let send_err = |e: std::io::Error| {
@@ -130,10 +139,9 @@ pub fn file_body(
             });
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
+    futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
-    });
-    reqwest::Body::wrap_stream(stream)
+    })
 }
 
 #[cfg(test)]
@@ -148,10 +156,9 @@ mod tests {
         let data: Vec<u8> = (0..(CHUNK * 2 + 17)).map(|i| (i % 251) as u8).collect();
         std::fs::write(&p, &data).unwrap();
         let h = Arc::new(UploadHashes::new(true));
-        let body = file_body(p.clone(), data.len() as u64, Some(h.clone()));
         let mut got = Vec::new();
-        let mut s = body.into_data_stream();
         use futures::StreamExt;
+        let mut s = Box::pin(file_stream(p.clone(), data.len() as u64, Some(h.clone())));
         while let Some(chunk) = s.next().await {
             got.extend_from_slice(&chunk.unwrap());
         }
@@ -168,9 +175,8 @@ mod tests {
         let p = dir.path().join("f");
         std::fs::write(&p, b"abc").unwrap();
         let h = Arc::new(UploadHashes::new(false));
-        let body = file_body(p, 10, Some(h.clone()));
         use futures::StreamExt;
-        let items: Vec<_> = body.into_data_stream().collect().await;
+        let items: Vec<_> = file_stream(p, 10, Some(h.clone())).collect().await;
         assert!(items.last().unwrap().is_err());
         assert!(h.digests().is_none());
     }

@@ -66,7 +66,7 @@ pub enum Target {
 }
 
 /// A request body.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum RequestBody {
     /// No body.
     Empty,
@@ -85,8 +85,9 @@ pub enum RequestBody {
     },
 }
 
-/// A request, fully described, not yet sent.
-#[derive(Clone, Debug)]
+/// A request, fully described, not yet sent. Its `Debug` shows neither
+/// header values nor JSON bodies (they carry tokens and passwords).
+#[derive(Clone)]
 pub struct ApiRequest {
     /// HTTP method.
     pub method: Method,
@@ -104,6 +105,33 @@ pub struct ApiRequest {
     pub authenticated: bool,
     /// A longer per-call timeout than the default (uploads).
     pub timeout: Option<std::time::Duration>,
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequestBody::Empty => f.write_str("Empty"),
+            RequestBody::Json(_) => f.write_str("Json(<not shown>)"),
+            RequestBody::File { path, len, .. } => {
+                write!(f, "File({}, {len} bytes)", path.display())
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ApiRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiRequest")
+            .field("call", &self.describe())
+            .field("query", &self.query)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            )
+            .field("body", &self.body)
+            .field("expected", &self.expected)
+            .finish()
+    }
 }
 
 impl ApiRequest {

@@ -246,6 +246,26 @@ impl Client {
         Ok(g)
     }
 
+    /// Revokes the current token in Keystone (`DELETE /v3/auth/tokens`)
+    /// but keeps using it, so the next call learns of it from a 401 and
+    /// authenticates again, exactly as after a revocation by someone else.
+    /// For re-authentication tests and drills.
+    pub async fn revoke_token(&self) -> Result<(), ApiError> {
+        let ts = self.token_state().await?;
+        let mut req = ApiRequest {
+            method: reqwest::Method::DELETE,
+            target: Target::Url(format!("{}/auth/tokens", self.cloud.auth.auth_url())),
+            ..ApiRequest::get(Service::Identity, "")
+        };
+        req.headers
+            .push(("x-subject-token", ts.token.expose().to_owned()));
+        req.expected = &[204, 200];
+        self.run_attempts(&req, Some(&ts))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.scrubbed(&self.secrets()))
+    }
+
     async fn token_state(&self) -> Result<Arc<TokenState>, ApiError> {
         // Holding the lock while authenticating makes concurrent callers
         // wait for one new token instead of each asking for their own.
@@ -285,7 +305,6 @@ impl Client {
         };
         let issued = auth.parse(resp)?;
         self.authentications.fetch_add(1, Ordering::Relaxed);
-        let margin = self.options.refresh_margin.min(issued.lifetime / 2);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         if let Ok(mut t) = self.current_token.lock() {
             *t = Some(issued.token.expose().to_owned());
@@ -298,7 +317,7 @@ impl Client {
         );
         Ok(Arc::new(TokenState {
             token: issued.token,
-            refresh_at: started + issued.lifetime.saturating_sub(margin),
+            refresh_at: refresh_at(started, issued.lifetime, self.options.refresh_margin),
             catalog: issued.catalog,
             project_id: issued.project_id,
             generation,
@@ -485,7 +504,11 @@ impl Client {
                 .header("x-openstack-nova-api-version", format!("{major}.{minor}"));
         }
         for (k, v) in &req.headers {
-            rb = rb.header(*k, v.as_str());
+            let mut value = HeaderValue::from_str(v).map_err(|_| {
+                ApiError::Local(format!("{}: header {k} is not valid", req.describe()))
+            })?;
+            value.set_sensitive(k.ends_with("-token"));
+            rb = rb.header(*k, value);
         }
         rb = match &req.body {
             RequestBody::Empty => rb,
@@ -535,6 +558,12 @@ impl Client {
         }
         result
     }
+}
+
+/// When a token issued at `issued` for `lifetime` is renewed: `margin`
+/// before it expires, but never earlier than half-way through its life.
+pub fn refresh_at(issued: Instant, lifetime: Duration, margin: Duration) -> Instant {
+    issued + lifetime.saturating_sub(margin.min(lifetime / 2))
 }
 
 /// A transport error's message with its causes, without the URL's query.
