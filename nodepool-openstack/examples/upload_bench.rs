@@ -1,1 +1,66 @@
-fn main() {}
+//! Upload benchmark: one image upload through `OpenStackProvider::upload_image`
+//! (create, streamed PUT, wait for active, checksum check), reporting wall
+//! time, throughput and this process's peak RSS.
+//!
+//! ```text
+//! cargo run --release -p nodepool-openstack --example upload_bench -- \
+//!     CLOUDS_YAML CLOUD FILE [FORMAT]
+//! ```
+//!
+//! `nodepool-openstack/bench/upload.sh` runs it next to `curl -T` of the
+//! same file to the same Glance and prints both.
+
+use std::time::{Duration, Instant};
+
+use indexmap::IndexMap;
+use nodepool_core::provider::{ImageUploadSpec, Provider};
+use nodepool_openstack::{CloudsLoader, OpenStackProvider, ProviderOptions};
+
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 4 {
+        eprintln!("usage: upload_bench CLOUDS_YAML CLOUD FILE [FORMAT]");
+        std::process::exit(2);
+    }
+    let cloud = CloudsLoader::file(&args[1]).load(Some(&args[2]), None)?;
+    let file = std::path::PathBuf::from(&args[3]);
+    let format = args.get(4).cloned().unwrap_or_else(|| "raw".into());
+    let len = std::fs::metadata(&file)?.len();
+    let p = OpenStackProvider::new("bench", cloud, ProviderOptions::default())?;
+    let mut properties = IndexMap::new();
+    properties.insert("nodepool_build_id".to_owned(), "bench".to_owned());
+    let spec = ImageUploadSpec {
+        name: format!("testbed-bench-{}", std::process::id()),
+        path: file,
+        format,
+        properties,
+        md5: None,
+        sha256: None,
+        timeout: Duration::from_secs(3600),
+    };
+    let rss_before = peak_rss_kib().unwrap_or(0);
+    let started = Instant::now();
+    let id = p.upload_image(&spec).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let rss = peak_rss_kib().unwrap_or(0);
+    p.delete_image(&id).await?;
+    println!(
+        "nodepool-openstack upload: {len} bytes in {secs:.2} s = {:.1} MiB/s; peak RSS {:.1} MiB (before the upload {:.1} MiB)",
+        len as f64 / 1_048_576.0 / secs,
+        rss as f64 / 1024.0,
+        rss_before as f64 / 1024.0
+    );
+    Ok(())
+}
