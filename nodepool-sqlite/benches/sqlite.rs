@@ -7,6 +7,7 @@
 //! * watch latency: a write committed by one handle until the event arrives
 //!   at another handle's subscriber (each handle has its own connections and
 //!   poller thread, exactly as another process would);
+//! * the in-memory store's listing, as a reference point on the same machine;
 //! * the CPU an idle handle costs (lease renewal + feed polling), printed
 //!   once before the criterion runs.
 //!
@@ -21,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use nodepool_core::model::{Node, NodeState};
-use nodepool_core::store::{CreateMode, StateStore, Store, StoreEvent};
+use nodepool_core::store::{CreateMode, StateStore, Store, StoreEvent, paths};
+use nodepool_core::testing::MemoryStore;
 use nodepool_sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use tokio::runtime::Runtime;
 
@@ -65,7 +67,13 @@ fn node(i: usize) -> Node {
     n
 }
 
-async fn populated(path: &Path) -> Vec<String> {
+async fn populate(store: &Store) {
+    for i in 0..NODES {
+        store.create_node(&node(i)).await.expect("create node");
+    }
+}
+
+async fn populated(path: &Path) {
     // Populating is not what is measured: fsync per commit is off for it.
     let setup = SqliteStore::open(
         path,
@@ -73,13 +81,8 @@ async fn populated(path: &Path) -> Vec<String> {
     )
     .await
     .expect("open");
-    let store = Store::new(Arc::new(setup.clone()));
-    let mut ids = Vec::with_capacity(NODES);
-    for i in 0..NODES {
-        ids.push(store.create_node(&node(i)).await.expect("create node"));
-    }
+    populate(&Store::new(Arc::new(setup.clone()))).await;
     setup.close().await.expect("close");
-    ids
 }
 
 fn list_nodes(c: &mut Criterion) {
@@ -103,7 +106,21 @@ fn list_nodes(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| black_box(rt.block_on(store.list_nodes()).expect("list")));
         });
+        if cache {
+            // The store's part alone: catch-up check and copy of the subtree.
+            let backend = store.backend().clone();
+            group.bench_function("scan_only_scan_cache", |b| {
+                b.iter(|| black_box(rt.block_on(backend.scan(paths::NODES)).expect("scan")));
+            });
+        }
     }
+    // Reference point: the same listing from the in-memory store.
+    let memory = Store::new(Arc::new(MemoryStore::new()));
+    rt.block_on(populate(&memory));
+    rt.block_on(memory.list_nodes()).expect("list");
+    group.bench_function("memory_store_reference", |b| {
+        b.iter(|| black_box(rt.block_on(memory.list_nodes()).expect("list")));
+    });
     group.finish();
 }
 
@@ -155,11 +172,19 @@ fn watch_latency(c: &mut Criterion) {
             .expect("create");
         let mut events = watcher.subscribe();
         // Commit (the write call returned) to delivery in the other handle.
+        // Writes start at a pseudo-random phase of the poll cycle (as real
+        // writes do): right after a delivery, the next poll is a full
+        // interval away, which would measure the worst case only.
+        let mut phase: u64 = 0x2545_f491_4f6c_dd1d;
         group.bench_function(format!("poll_{poll_ms}ms"), |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
+                        phase ^= phase << 13;
+                        phase ^= phase >> 7;
+                        phase ^= phase << 17;
+                        tokio::time::sleep(Duration::from_micros(phase % (poll_ms * 1000))).await;
                         writer.set(&target, b"x", None).await.expect("set");
                         let committed = Instant::now();
                         loop {
@@ -190,8 +215,16 @@ fn cpu_time() -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// Not a criterion benchmark: the background cost of idle handles.
+/// Not a criterion benchmark: the background cost of idle handles (runs
+/// unless a filter that does not mention `idle` is given).
 fn idle_cost(_: &mut Criterion) {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if !filters.is_empty() && !filters.iter().any(|f| f.contains("idle")) {
+        return;
+    }
     let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("idle.db");

@@ -154,7 +154,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("c.db");
         let mut writer = connect(&file, &SqliteOptions::default()).expect("open");
-        init(&mut writer).expect("init");
+        init(&mut writer, std::time::Duration::from_secs(5)).expect("init");
         let mut reader = connect(&file, &SqliteOptions::default()).expect("open");
         let mut cache = Cache::default();
         write(&mut writer, |t| {

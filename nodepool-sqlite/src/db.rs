@@ -19,6 +19,7 @@
 //!   rather than derived from `changes` because pruning empties that table).
 
 use std::path::Path;
+use std::time::Duration;
 
 use bytes::Bytes;
 use nodepool_core::store::{CreateMode, Stat, StoreError, split_path, validate_path};
@@ -146,13 +147,16 @@ pub(crate) fn connect(path: &Path, options: &SqliteOptions) -> Result<Connection
     // fresh file that another process is creating too waits instead of failing.
     conn.busy_timeout(options.busy_timeout)?;
     conn.pragma_update(None, "synchronous", options.synchronous.pragma_value())?;
+    // Bounds the WAL file left behind after checkpoints of a write burst
+    // (per connection: whichever connection checkpoints applies it).
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 
 /// Switches the file to WAL (a persistent property of the file) and
 /// creates or checks the schema.
-pub(crate) fn init(conn: &mut Connection) -> Result<(), DbError> {
+pub(crate) fn init(conn: &mut Connection, busy_timeout: Duration) -> Result<(), DbError> {
     // Before touching the file (switching to WAL changes it): is it ours?
     let (tables, has_meta) = foreign_check(conn)?;
     if tables > 0 && !has_meta {
@@ -161,14 +165,12 @@ pub(crate) fn init(conn: &mut Connection) -> Result<(), DbError> {
                 .into(),
         )));
     }
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    let mode = switch_to_wal(conn, busy_timeout)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(DbError::Store(StoreError::Other(format!(
             "cannot switch to WAL journal mode (got {mode:?}); is the file on a filesystem without shared memory?"
         ))));
     }
-    // Bounds the WAL file left behind after checkpoints of a write burst.
-    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // Again under the write lock: another process may have created it meanwhile.
     let (_, has_meta) = foreign_check(&tx)?;
@@ -207,6 +209,28 @@ pub(crate) fn init(conn: &mut Connection) -> Result<(), DbError> {
     }
     tx.commit()?;
     Ok(())
+}
+
+/// `PRAGMA journal_mode = WAL`, retried while another process holds the
+/// file: switching needs an exclusive lock, and SQLite reports `BUSY` for
+/// it at once rather than through the busy handler (it could deadlock with
+/// our own shared lock), which happens when several processes open a
+/// fresh file together.
+fn switch_to_wal(conn: &Connection, busy_timeout: Duration) -> Result<String, rusqlite::Error> {
+    let deadline = std::time::Instant::now() + busy_timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Err(e)
+                if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// How many tables the file has and whether one is our `meta`.
@@ -813,8 +837,30 @@ mod tests {
     fn fresh() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut conn = connect(&dir.path().join("t.db"), &SqliteOptions::default()).expect("open");
-        init(&mut conn).expect("init");
+        init(&mut conn, Duration::from_secs(5)).expect("init");
         (dir, conn)
+    }
+
+    #[test]
+    fn connections_use_wal_and_the_chosen_durability() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.db");
+        for (sync, level) in [
+            (crate::Synchronous::Full, 2),
+            (crate::Synchronous::Normal, 1),
+        ] {
+            let mut conn =
+                connect(&path, &SqliteOptions::default().with_synchronous(sync)).expect("open");
+            init(&mut conn, Duration::from_secs(5)).expect("init");
+            let got: i64 = conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("pragma");
+            assert_eq!(got, level, "{sync:?}");
+            let mode: String = conn
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .expect("pragma");
+            assert_eq!(mode, "wal");
+        }
     }
 
     #[test]
@@ -916,10 +962,35 @@ mod tests {
             .expect("create");
         drop(conn);
         let mut conn = connect(&path, &SqliteOptions::default()).expect("open");
-        let r = init(&mut conn);
+        let r = init(&mut conn, Duration::from_secs(5));
         assert!(
             matches!(r, Err(DbError::Store(StoreError::Other(ref m))) if m.contains("something else")),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn several_connections_can_create_a_fresh_file_together() {
+        // Switching a fresh file to WAL is the step that fails with BUSY
+        // without waiting; a rare race, so several rounds.
+        for round in 0..25 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("r.db");
+            let openers: Vec<_> = (0..3)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || -> Result<(), String> {
+                        let mut c = connect(&path, &SqliteOptions::default())
+                            .map_err(|e| format!("connect: {e}"))?;
+                        init(&mut c, Duration::from_secs(5)).map_err(|e| format!("init: {e:?}"))
+                    })
+                })
+                .collect();
+            for o in openers {
+                if let Err(e) = o.join().expect("join") {
+                    panic!("round {round}: {e}");
+                }
+            }
+        }
     }
 }

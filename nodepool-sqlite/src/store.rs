@@ -284,7 +284,7 @@ fn open_blocking(
     };
     let connect = || db::connect(&path, &options).map_err(|e| open_err(DbError::Sql(e)));
     let mut writer = connect()?;
-    db::init(&mut writer).map_err(open_err)?;
+    db::init(&mut writer, options.busy_timeout).map_err(open_err)?;
     let reader = connect()?;
     let worker_conn = connect()?;
     let mut t = Txn::begin(&mut writer).map_err(|e| open_err(DbError::Sql(e)))?;
