@@ -140,6 +140,8 @@ fn count_children(entries: &mut [Entry]) {
     }
 }
 
+type DataRead = Result<(Vec<u8>, zk::Stat), zk::Error>;
+
 /// Reads the subtree at `root` (missing root: empty), breadth first with
 /// pipelined reads. Znodes deleted while loading are skipped; the watch
 /// that was set up before the load reports them.
@@ -150,15 +152,14 @@ pub(crate) async fn load(
     let mut out = BTreeMap::new();
     let mut level = vec![root.to_owned()];
     while !level.is_empty() {
-        let reads: Vec<(String, Result<(Vec<u8>, zk::Stat), zk::Error>)> =
-            futures::stream::iter(level)
-                .map(|path| {
-                    let fut = client.get_data(&path);
-                    async move { (path, fut.await) }
-                })
-                .buffered(LOAD_IN_FLIGHT)
-                .collect()
-                .await;
+        let reads: Vec<(String, DataRead)> = futures::stream::iter(level)
+            .map(|path| {
+                let fut = client.get_data(&path);
+                async move { (path, fut.await) }
+            })
+            .buffered(LOAD_IN_FLIGHT)
+            .collect()
+            .await;
         let mut parents = Vec::new();
         for (path, r) in reads {
             match r {

@@ -251,6 +251,7 @@ impl ZooKeeperStore {
             applied: 0,
             waiting: VecDeque::new(),
             needs_load: false,
+            rewatch: false,
             connected: true,
             backoff: Duration::from_millis(100),
         };
@@ -559,6 +560,8 @@ struct Supervisor {
     waiting: VecDeque<(u64, oneshot::Sender<()>)>,
     /// The mirror may have missed events (reconnection, failed read).
     needs_load: bool,
+    /// The watch must be added again before reloading (see `reload`).
+    rewatch: bool,
     connected: bool,
     backoff: Duration,
 }
@@ -618,8 +621,12 @@ impl Supervisor {
                 tracing::info!(store = %self.shared.describe, session = format!("{id:#x}"), "reconnected");
                 self.connected = true;
                 // Persistent watches lose the events of the disconnected
-                // period (ZOOKEEPER-4698): reload the mirror.
+                // period (ZOOKEEPER-4698): reload the mirror. And
+                // zookeeper-client 0.11.2 does not re-register persistent
+                // watches on reconnection (its SetWatches omits them), so
+                // the watch is added again first.
                 self.needs_load = true;
+                self.rewatch = true;
                 self.shared.publish(SessionState::Connected { id });
             }
             zk::SessionState::Expired | zk::SessionState::Closed | zk::SessionState::AuthFailed => {
@@ -725,6 +732,22 @@ impl Supervisor {
         // land on top of the fresh load with older data.
         self.flush_pipeline().await;
         let root = self.shared.options.cache_root.clone();
+        if self.rewatch {
+            // Adding the new watcher before dropping the old one keeps the
+            // server-side registration (the client only asks the server to
+            // remove a path's watch when its last local watcher goes).
+            match self
+                .client
+                .watch(&root, zk::AddWatchMode::PersistentRecursive)
+                .await
+            {
+                Ok(w) => {
+                    self.watcher = Some(w);
+                    self.rewatch = false;
+                }
+                Err(e) => return self.load_failed(e).await,
+            }
+        }
         match cache::load(&self.client, &root).await {
             Ok(tree) => {
                 let events = self.shared.cache().replace(tree);
@@ -736,20 +759,20 @@ impl Supervisor {
                 self.applied = self.enqueued;
                 self.answer_barriers();
             }
-            Err(e) if is_terminal(&e) => {
-                // The session event follows in the watcher; wait for it.
-                self.connected = false;
-            }
-            Err(e) if is_connection(&e) => {
-                self.connected = false;
-            }
-            Err(e) => {
-                tracing::warn!(store = %self.shared.describe, error = %e, "cache reload failed; retrying");
-                tokio::select! {
-                    _ = self.shared.shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
+            Err(e) => self.load_failed(e).await,
+        }
+    }
+
+    async fn load_failed(&mut self, e: zk::Error) {
+        if is_terminal(&e) || is_connection(&e) {
+            // The session event follows in the watcher; wait for it.
+            self.connected = false;
+            return;
+        }
+        tracing::warn!(store = %self.shared.describe, error = %e, "cache reload failed; retrying");
+        tokio::select! {
+            _ = self.shared.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 

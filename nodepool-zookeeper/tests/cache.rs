@@ -1,0 +1,350 @@
+//! The mirror of `/nodepool`: it matches ZooKeeper after concurrent churn,
+//! shows other clients' completed writes at once, reloads after a
+//! reconnection whose watch events were lost (reporting what changed), and
+//! drops an expired session's ephemerals.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use nodepool_core::store::{CreateMode, Entry, SessionState, StateStore, StoreError, StoreEvent};
+use nodepool_zookeeper::{ServerAddress, ZooKeeperStore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+/// A client whose `scan("/nodepool")` reads ZooKeeper directly (its mirror
+/// is elsewhere): the reference the mirror is compared with.
+async fn direct(chroot: &str) -> ZooKeeperStore {
+    let mut options = common::plain(chroot);
+    options.cache_root = "/not-nodepool".into();
+    common::connect(options).await
+}
+
+fn comparable(entries: Vec<Entry>) -> Vec<(String, Vec<u8>, i32, i64, i64, i64, i32)> {
+    entries
+        .into_iter()
+        .map(|e| {
+            (
+                e.path,
+                e.data.to_vec(),
+                e.stat.version,
+                e.stat.czxid,
+                e.stat.mzxid,
+                e.stat.ephemeral_owner,
+                e.stat.num_children,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_matches_zookeeper_after_concurrent_churn() {
+    let chroot = common::fresh_chroot();
+    let cached = common::connect(common::plain(&chroot)).await;
+    let writers: Vec<ZooKeeperStore> =
+        futures::future::join_all((0..3).map(|_| common::connect(common::plain(&chroot)))).await;
+    // Each writer hammers its own paths and some shared ones, 64 ops in
+    // flight: creates with parents, sequential and ephemeral creates,
+    // versioned and blind sets, deletes that may race with creates.
+    futures::stream::iter(0..1_500usize)
+        .map(|i| {
+            let w = writers[i % writers.len()].clone();
+            async move {
+                let k = i % 37;
+                let p = format!("/nodepool/churn/{}/k{k}", i % 5);
+                let _ = match i % 6 {
+                    0 | 1 => w
+                        .create(&p, format!("c{i}").as_bytes(), CreateMode::Persistent)
+                        .await
+                        .map(|_| ()),
+                    2 => w
+                        .set(&p, format!("s{i}").as_bytes(), None)
+                        .await
+                        .map(|_| ()),
+                    3 => w.delete(&p, None).await,
+                    4 => w
+                        .create(
+                            "/nodepool/churn/seq/",
+                            b"q",
+                            CreateMode::PersistentSequential,
+                        )
+                        .await
+                        .map(|_| ()),
+                    _ => w
+                        .create(&format!("{p}-eph"), b"e", CreateMode::Ephemeral)
+                        .await
+                        .map(|_| ()),
+                };
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    // one writer leaves: its ephemerals go
+    writers[0].close().await.expect("close");
+    let reference = direct(&chroot).await;
+    let want = comparable(reference.scan("/nodepool").await.expect("direct scan"));
+    let got = comparable(cached.scan("/nodepool").await.expect("mirror scan"));
+    assert!(want.len() > 50, "the churn left a tree: {}", want.len());
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g, w);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_shows_every_write_completed_before_it() {
+    let chroot = common::fresh_chroot();
+    let reader = common::connect(common::plain(&chroot)).await;
+    let writer = common::connect(common::plain(&chroot)).await;
+    writer
+        .create("/nodepool/x", b"0", CreateMode::Persistent)
+        .await
+        .expect("create");
+    for i in 1..=200 {
+        let data = i.to_string();
+        writer
+            .set("/nodepool/x", data.as_bytes(), None)
+            .await
+            .expect("set");
+        let seen = reader.scan("/nodepool/x").await.expect("scan");
+        assert_eq!(&seen[0].data[..], data.as_bytes(), "round {i}");
+        // and our own writes, through the same client
+        reader
+            .create(&format!("/nodepool/own/{i}"), b"", CreateMode::Persistent)
+            .await
+            .expect("create");
+        assert_eq!(
+            reader.scan("/nodepool/own").await.expect("scan").len(),
+            i + 1
+        );
+    }
+}
+
+/// A TCP proxy to the test ZooKeeper that can cut and refuse connections,
+/// to make our client lose its connection while its session lives on.
+struct Proxy {
+    port: u16,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
+    _accept: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let upstream = common::plain_hosts();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accept = {
+            let conns = conns.clone();
+            let refuse = refuse.clone();
+            tokio::spawn(async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    if refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                        drop(down);
+                        continue;
+                    }
+                    let upstream = upstream.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut up) = TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                    });
+                    conns.lock().expect("lock").push(task);
+                }
+            })
+        };
+        Proxy {
+            port,
+            conns,
+            refuse,
+            _accept: accept,
+        }
+    }
+
+    /// Cuts every connection and refuses new ones until `heal`.
+    fn cut(&self) {
+        self.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.refuse
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn wait_state(store: &ZooKeeperStore, what: &str, f: impl Fn(SessionState) -> bool) {
+    let mut rx = store.session();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if f(*rx.borrow_and_update()) {
+                return;
+            }
+            rx.changed().await.expect("session watch");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}; state {:?}", *rx.borrow()));
+}
+
+async fn collect_until(
+    events: &mut broadcast::Receiver<StoreEvent>,
+    want: &[StoreEvent],
+) -> Vec<StoreEvent> {
+    let mut seen = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(20), async {
+        while !want.iter().all(|w| seen.contains(w)) {
+            match events.recv().await {
+                Ok(e) => seen.push(e),
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("events: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "missing some of {want:?}; saw {seen:?}");
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnection_reloads_the_mirror_and_reports_missed_changes() {
+    let chroot = common::fresh_chroot();
+    let proxy = Proxy::start().await;
+    let mut options = common::plain(&chroot);
+    options.servers = vec![ServerAddress {
+        host: "127.0.0.1".into(),
+        port: proxy.port,
+    }];
+    let a = common::connect(options).await;
+    let b = common::connect(common::plain(&chroot)).await;
+    let id = a.session().borrow().id().expect("connected");
+    b.create("/nodepool/r/keep", b"1", CreateMode::Persistent)
+        .await
+        .expect("create");
+    b.create("/nodepool/r/gone", b"1", CreateMode::Persistent)
+        .await
+        .expect("create");
+    let lock = nodepool_core::store::Store::new(Arc::new(a.clone()))
+        .lock(
+            "/nodepool/r/lock",
+            nodepool_core::store::LockWait::NonBlocking,
+        )
+        .await
+        .expect("lock");
+    assert_eq!(a.scan("/nodepool/r").await.expect("scan").len(), 5);
+    let mut events = a.subscribe();
+
+    proxy.cut();
+    wait_state(&a, "suspended", |s| s == SessionState::Suspended).await;
+    assert!(!lock.is_held(), "a suspended lock must not guard work");
+    // changes A cannot hear about
+    b.set("/nodepool/r/keep", b"2", None).await.expect("set");
+    b.delete("/nodepool/r/gone", None).await.expect("delete");
+    b.create("/nodepool/r/new", b"3", CreateMode::Persistent)
+        .await
+        .expect("create");
+    // suspended: the last known state is served
+    let stale = a.scan("/nodepool/r").await.expect("stale scan");
+    assert!(
+        stale.iter().any(|e| e.path == "/nodepool/r/gone"),
+        "{stale:?}"
+    );
+
+    proxy.heal();
+    wait_state(&a, "reconnected", |s| s == SessionState::Connected { id }).await;
+    let seen = collect_until(
+        &mut events,
+        &[
+            StoreEvent::Changed("/nodepool/r/keep".into()),
+            StoreEvent::Deleted("/nodepool/r/gone".into()),
+            StoreEvent::Created("/nodepool/r/new".into()),
+        ],
+    )
+    .await;
+    assert!(!seen.is_empty());
+    let fresh = a.scan("/nodepool/r").await.expect("scan");
+    let paths: Vec<&str> = fresh.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/nodepool/r",
+            "/nodepool/r/keep",
+            "/nodepool/r/lock",
+            lock.contender(),
+            "/nodepool/r/new"
+        ]
+    );
+    assert_eq!(&fresh[1].data[..], b"2");
+    assert!(lock.is_held(), "same session: the lock survived");
+    // and the watch still works
+    b.set("/nodepool/r/new", b"4", None).await.expect("set");
+    collect_until(
+        &mut events,
+        &[StoreEvent::Changed("/nodepool/r/new".into())],
+    )
+    .await;
+    lock.release().await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_drops_our_ephemerals_from_the_mirror() {
+    let chroot = common::fresh_chroot();
+    let a = common::connect(common::plain(&chroot)).await;
+    let old = a.session().borrow().id().expect("connected");
+    a.create(
+        "/nodepool/components/pool/host",
+        b"{}",
+        CreateMode::EphemeralSequential,
+    )
+    .await
+    .expect("register");
+    a.create("/nodepool/p", b"x", CreateMode::Persistent)
+        .await
+        .expect("create");
+    let mut events = a.subscribe();
+    a.expire_session().await.expect("expire");
+    let new = a.session().borrow().id().expect("a new session");
+    assert_ne!(new, old);
+    collect_until(
+        &mut events,
+        &[StoreEvent::Deleted(
+            "/nodepool/components/pool/host0000000000".into(),
+        )],
+    )
+    .await;
+    let paths: Vec<String> = a
+        .scan("/nodepool")
+        .await
+        .expect("scan")
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/nodepool",
+            "/nodepool/components",
+            "/nodepool/components/pool",
+            "/nodepool/p"
+        ]
+    );
+    // the new session works and is watched
+    a.create("/nodepool/q", b"", CreateMode::Ephemeral)
+        .await
+        .expect("create");
+    let (_, stat) = a.get("/nodepool/q").await.expect("get").expect("exists");
+    assert_eq!(stat.ephemeral_owner, new);
+    collect_until(&mut events, &[StoreEvent::Created("/nodepool/q".into())]).await;
+    a.close().await.expect("close");
+    assert_eq!(*a.session().borrow(), SessionState::Closed);
+    let r = a.scan("/nodepool").await;
+    assert!(matches!(r, Err(StoreError::SessionLost)), "{r:?}");
+}
