@@ -23,7 +23,10 @@ async fn direct(chroot: &str) -> ZooKeeperStore {
     common::connect(options).await
 }
 
-fn comparable(entries: Vec<Entry>) -> Vec<(String, Vec<u8>, i32, i64, i64, i64, i32)> {
+/// Path, data, version, czxid, mzxid, ephemeral owner, children.
+type Comparable = (String, Vec<u8>, i32, i64, i64, i64, i32);
+
+fn comparable(entries: Vec<Entry>) -> Vec<Comparable> {
     entries
         .into_iter()
         .map(|e| {
