@@ -235,6 +235,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn options_come_from_nodepool_yaml() {
+        let config = Config::from_yaml(
+            "zookeeper-servers:\n  - host: zk1\n    chroot: /np\n  - host: ::1\n    port: 2182\n    chroot: /np\n\
+             zookeeper-tls:\n  ca: /etc/ca.pem\n  cert: /etc/c.pem\n  key: /etc/c.key\n\
+             labels: []\nproviders: []\n",
+        )
+        .expect("config parses");
+        let o = ZooKeeperOptions::from_config(&config).expect("options");
+        assert_eq!(o.hosts(), "zk1:2281,[::1]:2182");
+        assert_eq!(o.chroot.as_deref(), Some("/np"));
+        assert_eq!(
+            o.session_timeout,
+            Duration::from_secs(10),
+            "Nodepool's default, not 6 s"
+        );
+        assert_eq!(
+            o.tls.as_ref().map(|t| t.key.clone()),
+            Some(PathBuf::from("/etc/c.key"))
+        );
+        assert_eq!(o.describe(), "zookeeper zk1:2281,[::1]:2182/np (tls)");
+
+        let config = Config::from_yaml(
+            "zookeeper-servers:\n  - host: a\n    chroot: /x\n  - host: b\n    chroot: /y\n\
+             zookeeper-timeout: 30\nlabels: []\nproviders: []\n",
+        )
+        .expect("config parses");
+        assert_eq!(config.zookeeper_timeout, Duration::from_secs(30));
+        let e = ZooKeeperOptions::from_config(&config).expect_err("two chroots");
+        assert!(e.to_string().contains("zookeeper-servers[1].chroot"), "{e}");
+    }
+
+    #[test]
     fn connect_strings_parse() {
         let o = ZooKeeperOptions::from_connect_string("a:1,[::1]:2,b/np/x").expect("parses");
         assert_eq!(o.hosts(), "a:1,[::1]:2,b:2281");

@@ -139,3 +139,36 @@ async fn missing_tls_files_are_named() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_from_a_nodepool_yaml() {
+    let chroot = common::fresh_chroot();
+    let tls = common::tls_files();
+    let (host, port) = common::tls_hosts()
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_owned(), p.to_owned()))
+        .expect("host:port");
+    let config = nodepool_core::config::Config::from_yaml(&format!(
+        "zookeeper-servers:\n  - host: {host}\n    port: {port}\n    chroot: {chroot}\n\
+         zookeeper-tls:\n  cert: {}\n  key: {}\n  ca: {}\n\
+         labels: []\nproviders: []\n",
+        tls.cert.display(),
+        tls.key.display(),
+        tls.ca.display()
+    ))
+    .expect("config parses");
+    let store = ZooKeeperStore::from_config(&config)
+        .await
+        .expect("connects over TLS");
+    assert_eq!(store.options().session_timeout, Duration::from_secs(10));
+    store
+        .create(
+            "/nodepool/hello",
+            b"x",
+            nodepool_core::store::CreateMode::Ephemeral,
+        )
+        .await
+        .expect("create");
+    assert_eq!(store.scan("/nodepool").await.expect("scan").len(), 2);
+    store.close().await.expect("close");
+}
