@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, watch};
 use crate::cache::Cache;
 use crate::db::{self, DbError, Txn, sql_error};
 use crate::options::SqliteOptions;
-use crate::session::SessionInfo;
+use crate::session::{Due, SessionInfo};
 use crate::worker::{self, Signal};
 
 /// How many events a subscriber may fall behind before it sees `Lagged`
@@ -102,10 +102,29 @@ impl Shared {
         }
         t.sweep_expired(id)
             .map_err(|e| sql_error(&self.label, &e))?;
+        // Like any ZooKeeper request, a write counts as a heartbeat: a
+        // handle busy writing holds the write lock often, while its worker's
+        // renewal would have to win it against those very writes (SQLite's
+        // lock is not fair).
+        let now = t.now;
+        let renew = lock(&self.session).due(now, self.options.renew_every_ms()) == Due::Renew;
+        let renewed = if renew {
+            t.renew(id, self.options.lease_ms())
+                .map_err(|e| sql_error(&self.label, &e))?
+        } else {
+            None
+        };
         // On error the transaction rolls back as it drops.
         let v = f(&mut t, id).map_err(|e| self.err(e))?;
         let logged = t.commit().map_err(|e| sql_error(&self.label, &e))?;
         drop(conn);
+        if let Some(expires) = renewed {
+            let mut info = lock(&self.session);
+            if info.id == id && info.expires_ms < expires {
+                info.expires_ms = expires;
+                info.renewed_ms = now;
+            }
+        }
         if logged {
             self.nudge();
         }
