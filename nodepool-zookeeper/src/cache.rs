@@ -176,6 +176,9 @@ pub(crate) async fn load(
                     );
                 }
                 Err(zk::Error::NoNode) => {}
+                Err(zk::Error::NoAuth) => {
+                    tracing::warn!(%path, "no permission to read; left out of the cache");
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -194,7 +197,7 @@ pub(crate) async fn load(
                     let base = if path == "/" { "" } else { path.as_str() };
                     level.extend(children.into_iter().map(|c| format!("{base}/{c}")));
                 }
-                Err(zk::Error::NoNode) => {}
+                Err(zk::Error::NoNode | zk::Error::NoAuth) => {}
                 Err(e) => return Err(e),
             }
         }

@@ -586,8 +586,9 @@ impl Supervisor {
                 continue;
             };
             let can_answer = !self.needs_load;
+            // Unbiased: a burst of events must not starve the application
+            // of reads (or the other way round).
             tokio::select! {
-                biased;
                 _ = self.shared.shutdown.cancelled() => break,
                 ev = watcher.changed() => self.on_event(ev),
                 Some(applied) = self.pipeline.next(), if !self.pipeline.is_empty() => self.apply(applied),
@@ -672,6 +673,9 @@ impl Supervisor {
                         stat: cache::stat(&st),
                     }),
                     Err(zk::Error::NoNode) => Update::Remove,
+                    // A znode we may not read is left out of the mirror
+                    // rather than making it reload for ever.
+                    Err(zk::Error::NoAuth) => Update::Remove,
                     Err(_) => Update::Unknown,
                 };
                 Applied { event, update }
