@@ -822,6 +822,11 @@ impl<'c> Txn<'c> {
         Ok(paths.len())
     }
 
+    /// Drops all but the last `keep` change feed entries.
+    pub(crate) fn cap_changes(&mut self, keep: i64) -> Result<usize, rusqlite::Error> {
+        self.prune_changes(self.zxid - keep)
+    }
+
     /// Drops change feed entries up to `zxid`.
     pub(crate) fn prune_changes(&mut self, zxid: i64) -> Result<usize, rusqlite::Error> {
         self.tx

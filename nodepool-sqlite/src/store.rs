@@ -310,6 +310,7 @@ fn open_blocking(
     let started = (|| {
         t.sweep_expired(0)?;
         t.sweep_orphans()?;
+        t.cap_changes(worker::MAX_FEED_ENTRIES)?;
         let now = t.now;
         let (id, expires) = t.open_session(options.lease_ms())?;
         t.commit()?;

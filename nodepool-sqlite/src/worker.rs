@@ -79,7 +79,8 @@ fn run(shared: &Shared, mut conn: Connection, feed_zxid: i64) {
     let mut next_sweep = Instant::now();
     let mut next_orphan_sweep = Instant::now() + ORPHAN_SWEEP_EVERY;
     let mut pruner = Pruner::new(options.change_retention);
-    while shared.wait(options.poll_interval) {
+    let tick = options.poll_interval.max(Duration::from_millis(1));
+    while shared.wait(tick) {
         // Session first: a lapse must be noticed before anything else runs
         // under the old session.
         let due = lock(&shared.session).due(now_ms(), options.renew_every_ms());
@@ -222,14 +223,22 @@ impl Feed {
     }
 }
 
+/// At most this many change feed entries are kept, whatever their age: a
+/// live process is never this far behind, and the file stays bounded when
+/// no long-lived process runs long enough to prune by age.
+pub(crate) const MAX_FEED_ENTRIES: i64 = 100_000;
+
 /// Decides when to prune the change feed: entries older than the retention
-/// go. Change ids are remembered with the (monotonic) time they were seen,
-/// so no timestamp column or time index is needed.
+/// go, and all but the last [`MAX_FEED_ENTRIES`]. Change ids are remembered
+/// with the (monotonic) time they were seen, so no timestamp column or time
+/// index is needed.
 struct Pruner {
     retention: Duration,
     every: Duration,
     next: Option<Instant>,
     seen: VecDeque<(Instant, i64)>,
+    /// Up to where we pruned last.
+    done: i64,
 }
 
 impl Pruner {
@@ -239,6 +248,7 @@ impl Pruner {
             every: (retention / 4).clamp(Duration::from_millis(10), Duration::from_secs(30)),
             next: None,
             seen: VecDeque::new(),
+            done: 0,
         }
     }
 
@@ -249,15 +259,18 @@ impl Pruner {
         }
         self.next = Some(now + self.every);
         self.seen.push_back((now, zxid));
-        let mut upto = None;
+        let mut upto = zxid - MAX_FEED_ENTRIES;
         while let Some(&(t, z)) = self.seen.front() {
             if now.duration_since(t) < self.retention {
                 break;
             }
-            upto = Some(z);
+            upto = upto.max(z);
             self.seen.pop_front();
         }
-        upto.filter(|z| *z > 0)
+        (upto > self.done).then(|| {
+            self.done = upto;
+            upto
+        })
     }
 }
 
@@ -284,5 +297,16 @@ mod tests {
             "what was current 40 s ago"
         );
         assert_eq!(p.due(t0 + Duration::from_secs(80), 31), Some(20));
+        assert_eq!(p.due(t0 + Duration::from_secs(90), 32), Some(30));
+        assert_eq!(
+            p.due(t0 + Duration::from_secs(100), MAX_FEED_ENTRIES + 500),
+            Some(500),
+            "a burst beyond the cap"
+        );
+        assert_eq!(
+            p.due(t0 + Duration::from_secs(110), MAX_FEED_ENTRIES + 500),
+            None,
+            "nothing new to prune"
+        );
     }
 }
