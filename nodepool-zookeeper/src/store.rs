@@ -34,6 +34,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A [`StateStore`] on ZooKeeper, wire-compatible with Python Nodepool and
 /// Zuul. Cheap to clone; clones share one session. Dropping the last clone
 /// ends the session (as [`StateStore::close`] does, but in the background).
+///
+/// `subscribe()` reports changes under the cached root only
+/// ([`ZooKeeperOptions::cache_root`], `/nodepool`): a blocking lock wait on
+/// a lock directory elsewhere (Zuul's `/zuul/...`) is not woken by its
+/// predecessor's release; use non-blocking locks there.
 #[derive(Clone)]
 pub struct ZooKeeperStore {
     shared: Arc<Shared>,
