@@ -112,8 +112,33 @@ fn list_nodes(c: &mut Criterion) {
             group.bench_function("scan_only_scan_cache", |b| {
                 b.iter(|| black_box(rt.block_on(backend.scan(paths::NODES)).expect("scan")));
             });
+            // A fresh typed facade: every node's JSON is parsed.
+            group.bench_function("scan_cache_cold_decode", |b| {
+                b.iter(|| {
+                    let fresh = Store::new(backend.clone());
+                    black_box(rt.block_on(fresh.list_nodes()).expect("list"))
+                });
+            });
         }
     }
+    // What a CLI invocation pays: open, load the tree, list, close.
+    group.sample_size(10);
+    group.bench_function("open_list_close", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let sqlite = SqliteStore::open(&path, SqliteOptions::default())
+                    .await
+                    .expect("open");
+                let listed = Store::new(Arc::new(sqlite.clone()))
+                    .list_nodes()
+                    .await
+                    .expect("list");
+                sqlite.close().await.expect("close");
+                black_box(listed)
+            })
+        });
+    });
+    group.sample_size(20);
     // Reference point: the same listing from the in-memory store.
     let memory = Store::new(Arc::new(MemoryStore::new()));
     rt.block_on(populate(&memory));
@@ -141,7 +166,15 @@ fn round_trip(c: &mut Criterion) {
         let n = node(1);
         let id = rt.block_on(store.create_node(&n)).expect("create");
         let mut version = 0;
-        group.bench_function(name, |b| {
+        group.bench_function(format!("{name}/create_get"), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let id = store.create_node(&n).await.expect("create");
+                    black_box(store.get_node(&id).await.expect("get"))
+                })
+            });
+        });
+        group.bench_function(format!("{name}/update_get"), |b| {
             b.iter(|| {
                 rt.block_on(async {
                     version = store.update_node(&id, &n, version).await.expect("update");
