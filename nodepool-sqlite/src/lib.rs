@@ -33,7 +33,10 @@
 //!   releasing its locks. A process whose own lease lapsed reports
 //!   `SessionState::Expired` and starts a new session.
 //! * Watches: every process polls the change feed (default every 20 ms), so
-//!   `subscribe` sees the changes of every process, in commit order.
+//!   `subscribe` sees the changes of every process, in commit order. The
+//!   feed keeps 5 minutes (and at most 100,000 entries) of history.
+//! * Scans: served from an in-process copy of the tree that the same feed
+//!   keeps fresh; a scan first catches up with every commit made before it.
 //!
 //! Leases are measured on the wall clock, which every process of the
 //! machine shares; a forward clock step larger than the lease expires

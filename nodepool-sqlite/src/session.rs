@@ -1,7 +1,9 @@
 //! Sessions: ZooKeeper's session semantics over a row with a lease.
 //!
 //! A handle's session is a row in `sessions` whose `expires_ms` its worker
-//! thread pushes forward every third of the lease. Every process checks
+//! thread pushes forward every third of the lease; the handle's own writes
+//! push it too when a renewal is due (a busy writer holds the write lock so
+//! often that its worker could starve waiting for it). Every process checks
 //! the table (on each write and every `sweep_interval`) and expires the
 //! sessions whose lease ran out: their ephemeral records, including lock
 //! contenders, are deleted in the same transaction as the row, so the
@@ -15,8 +17,8 @@
 //! at it). It then reports [`SessionState::Expired`], deletes what the
 //! session owned if nobody has yet, and shortly after starts a new session
 //! ([`SessionState::Connected`] with a new id), as a ZooKeeper client does
-//! after expiry. Operations that were in flight fail with
-//! [`StoreError::SessionLost`].
+//! after expiry. Operations that were in flight, and those made before the
+//! new session is up, fail with [`StoreError::SessionLost`].
 
 use nodepool_core::store::{SessionState, StoreError};
 use rusqlite::Connection;
