@@ -9,7 +9,8 @@
 # machine), starts it (about 130 s cold) while the tests compile, runs
 # `cargo test -p nodepool-openstack --features testbed` with its output
 # tee'd to OUTPUT_FILE, and stops and wipes the cloud again, also on
-# failure. A testbed that was already running is used and left running.
+# failure. The cloud tests mostly wait on the cloud, so 6 run at once
+# (within the 10-instance quota). A testbed that was already running is used and left running.
 # Exits non-zero when anything failed.
 set -uo pipefail
 OUT=${1:-/dev/null}
@@ -60,7 +61,7 @@ fi
 [[ $build_rc == 0 ]] || { log "build failed"; exit 1; }
 log "testbed up; running the tests"
 
-cargo test -p nodepool-openstack --features testbed --locked --no-fail-fast 2>&1 | tee "$OUT"
+cargo test -p nodepool-openstack --features testbed --locked --no-fail-fast -- --test-threads 6 2>&1 | tee "$OUT"
 rc=${PIPESTATUS[0]}
 log "tests done (exit $rc)"
 exit "$rc"

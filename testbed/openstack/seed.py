@@ -8,8 +8,9 @@ nodepool, so the provider tests have something to boot:
 - an external flat network `public` (203.0.113.0/24), a shared tenant vxlan
   network `private` (10.20.0.0/24) and a router np-router between them, so
   floating IPs can be attached;
-- a project np-quota with a user np-quota (password as admin's) whose
-  compute quota is one instance, for the instance-quota test.
+- a project np-quota with a user np-quota (password as admin's, role admin
+  in that project only) whose compute quota is one instance, for the
+  instance-quota test.
 """
 import os
 
@@ -56,7 +57,10 @@ project = conn.identity.find_project("np-quota") or conn.identity.create_project
     name="np-quota", domain_id="default", description="one-instance quota for tests")
 user = conn.identity.find_user("np-quota", domain_id="default") or conn.identity.create_user(
     name="np-quota", password=PASSWORD, domain_id="default", default_project_id=project.id)
-member = conn.identity.find_role("member")
-conn.identity.assign_project_role_to_user(project, user, member)
+# admin in its own project: with only `member`, Neutron's policy refuses the
+# port delete Nova does when the server is deleted (the port is on `private`,
+# a shared network of the admin project). Quotas apply to admins too.
+for role in ("member", "admin"):
+    conn.identity.assign_project_role_to_user(project, user, conn.identity.find_role(role))
 conn.set_compute_quotas(project.id, instances=1)
 print("project np-quota (instances quota 1)")
