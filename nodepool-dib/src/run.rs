@@ -37,6 +37,9 @@ const REAP_WAIT: Duration = Duration::from_secs(30);
 /// How long to wait for the output pipe's end of file once the group is
 /// gone (a process that left the group may still hold it).
 const DRAIN_WAIT: Duration = Duration::from_secs(5);
+/// How long processes left in the group by a command that exited by
+/// itself get to finish before they are killed.
+const STRAGGLER_WAIT: Duration = Duration::from_secs(2);
 /// Poll interval while waiting for processes to go.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -159,7 +162,14 @@ pub async fn run(spec: &RunSpec<'_>, cancel: &CancellationToken) -> Result<RunRe
 
     let mut stragglers = Vec::new();
     if ending == Ending::Exited {
+        // DIB's output filter may still be flushing its last lines (DIB
+        // sleeps a second for it before exiting): a moment to finish.
+        let settle = Instant::now() + STRAGGLER_WAIT;
         stragglers = procs::group_members(pgid);
+        while !stragglers.is_empty() && Instant::now() < settle {
+            tokio::time::sleep(POLL).await;
+            stragglers = procs::group_members(pgid);
+        }
         if !stragglers.is_empty() {
             tracing::warn!(build = %spec.label, pids = ?stragglers, "build exited and left processes in its group; killing them");
         }

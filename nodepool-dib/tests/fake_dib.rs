@@ -372,6 +372,25 @@ async fn a_missing_or_unparsable_dib_cmd_fails_with_its_name() {
 }
 
 #[tokio::test]
+async fn processes_left_by_a_successful_build_are_killed() {
+    let site = Site::new();
+    let spec = site.spec("deb", "raw", &[("FAKE_DIB_ORPHAN", "1")]);
+    site.builder()
+        .build(&spec, CancellationToken::new())
+        .await
+        .unwrap();
+    let log = read(&spec.log_path);
+    let pgid = fake_pids(&log).0.unwrap();
+    let child: i32 = log
+        .split("leaving child ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no child in {log}"));
+    assert!(!alive(child), "child {child} outlived the build");
+    assert_eq!(live_group_members(pgid), Vec::<i32>::new());
+}
+
+#[tokio::test]
 async fn timeout_kills_the_build_and_everything_in_its_group() {
     let site = Site::new();
     let mut spec = site.spec("deb", "qcow2", &[("FAKE_DIB_HANG", "1")]);

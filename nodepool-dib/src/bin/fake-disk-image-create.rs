@@ -43,6 +43,7 @@ Environment:
   FAKE_DIB_HANG=ignore-term   the same with SIGTERM blocked in it and its child
   FAKE_DIB_CORRUPT=FMT  write a wrong sha256 for FMT
   FAKE_DIB_SKIP=FMT     do not write FMT
+  FAKE_DIB_ORPHAN=1     succeed, leaving a `sleep` child running in the group
   FAKE_DIB_LEAK=1       (root) leave two nested tmpfs mounts and a loop device
                         (+ a /dev/mapper link) under TMP_DIR, as a killed DIB does
 ";
@@ -393,6 +394,12 @@ async fn fake(argv: Vec<String>, hang: String) -> ExitCode {
             );
         }
         out(&format!("Image file {} created...", file.display()));
+    }
+    if std::env::var("FAKE_DIB_ORPHAN").as_deref() == Ok("1") {
+        match std::process::Command::new("sleep").arg("3600").spawn() {
+            Ok(c) => out(&format!("fake-dib: leaving child {}", c.id())),
+            Err(e) => return fail(format!("cannot start the child: {e}")),
+        }
     }
     out("Build completed successfully");
     ExitCode::SUCCESS

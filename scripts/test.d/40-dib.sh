@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Real diskimage-builder builds (nodepool-dib's `real-dib` feature): a small
+# Debian image built through DibBuilder and checked (qcow2 + raw, ~3 min),
+# then a second build killed mid-way and checked to leave no mount, loop
+# device or process (~2 min). Needs root.
+#
+#   bash scripts/test.d/40-dib.sh OUTPUT_FILE
+#
+# Sets up the testbed first when missing (testbed/dib/setup.sh: Debian
+# packages, diskimage-builder from PyPI in a venv, the device-mapper shims,
+# the mirror apt uses). Nothing is left running; the build's files live in
+# a temporary directory removed by the tests.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:?usage: 40-dib.sh OUTPUT_FILE}
+
+if ! vars=$(testbed/dib/setup.sh); then
+  echo "40-dib: testbed/dib/setup.sh failed: the real-dib tests cannot run" | tee "$OUT" >&2
+  exit 1
+fi
+eval "$vars"
+
+# --nocapture: the tests print the build's timings and memory for BENCHMARKS.md.
+cargo test -p nodepool-dib --features real-dib --locked -- --nocapture 2>&1 | tee "$OUT"
+exit "${PIPESTATUS[0]}"
