@@ -117,10 +117,10 @@ pub fn is_quota_message(message: &str) -> bool {
 /// {"message": ...}}`, Keystone's `{"error": {"message": ...}}`, or the
 /// text itself (Glance answers with HTML/plain text), shortened.
 pub fn error_message(body: &[u8]) -> String {
-    if let Ok(v) = serde_json::from_slice::<Value>(body) {
-        if let Some(m) = find_message(&v, 0) {
-            return shorten(&m);
-        }
+    if let Ok(v) = serde_json::from_slice::<Value>(body)
+        && let Some(m) = find_message(&v, 0)
+    {
+        return shorten(&m);
     }
     let text = String::from_utf8_lossy(body);
     let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");

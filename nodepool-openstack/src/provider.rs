@@ -1197,6 +1197,66 @@ mod tests {
         assert_eq!(i.interface_ip.as_deref(), Some("100.64.1.1"));
     }
 
+    const NODEPOOL_YAML: &str = r#"
+zookeeper-servers: [{host: zk1.example.org}]
+labels: [{name: small}]
+providers:
+  - name: cloud1
+    cloud: mycloud
+    region-name: RegionTwo
+    rate: 2.5
+    cloud-images: [{name: base}]
+    pools:
+      - name: main
+        labels: [{name: small, cloud-image: base, min-ram: 512}]
+  - name: cloud2
+    cloud: nosuchcloud
+    pools: []
+"#;
+
+    #[tokio::test]
+    async fn from_config_applies_cloud_region_and_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let clouds = dir.path().join("clouds.yaml");
+        std::fs::write(
+            &clouds,
+            "clouds:\n  mycloud:\n    auth: {auth_url: 'http://k:5000', user_id: u, password: pw, project_id: p}\n    image_format: vhd\n",
+        )
+        .unwrap();
+        let mut config = nodepool_core::config::Config::from_yaml(NODEPOOL_YAML).unwrap();
+        let loader = CloudsLoader::file(&clouds);
+        let p = OpenStackProvider::from_config_with(
+            &config.providers[0],
+            &loader,
+            ProviderOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(p.name(), "cloud1");
+        assert_eq!(p.client().cloud().region_name.as_deref(), Some("RegionTwo"));
+        assert_eq!(p.client().options().rate, Duration::from_millis(2500));
+        assert_eq!(p.image_format(), "vhd");
+        assert!(!format!("{p:?}").contains("pw"));
+        let e = OpenStackProvider::from_config_with(
+            &config.providers[1],
+            &loader,
+            ProviderOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("providers.cloud2 (cloud \"nosuchcloud\")"),
+            "{e}"
+        );
+        assert!(
+            e.contains("no cloud named \"nosuchcloud\" (clouds here: mycloud)"),
+            "{e}"
+        );
+        // the builder's helper fills the upload format from clouds.yaml
+        config.providers.truncate(1);
+        crate::clouds::fill_image_formats(&loader, &mut config).unwrap();
+        assert_eq!(config.providers[0].upload_format(), "vhd");
+    }
+
     #[test]
     fn statuses() {
         let mut s = server(vec![]);
