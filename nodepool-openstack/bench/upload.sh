@@ -44,7 +44,17 @@ curl_upload() {
 }
 
 echo "file $F, $SIZE MiB; Glance $GL (file store)"
+RES=$(mktemp)
 for r in $(seq "$ROUNDS"); do
-  curl_upload
-  "$BIN" "$CLOUDS" peer "$F" raw
+  curl_upload | tee -a "$RES"
+  "$BIN" "$CLOUDS" peer "$F" raw | tee -a "$RES"
 done
+# medians of MiB/s, and ours relative to curl's
+awk '/curl -T upload/ { c[nc++] = $(NF-1) }
+     /nodepool-openstack upload/ { for (i = 1; i <= NF; i++) if ($i == "MiB/s;") o[no++] = $(i-1);
+                                   for (i = 1; i <= NF; i++) if ($i == "RSS") { r = $(i+1); if (r > maxr) maxr = r } }
+     function median(a, n,   i, j, t) { for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+                                        return n % 2 ? a[int(n/2)] : (a[n/2-1] + a[n/2]) / 2 }
+     END { mc = median(c, nc); mo = median(o, no);
+           printf "median: curl %.1f MiB/s, nodepool-openstack %.1f MiB/s (%.0f %% of curl), max peak RSS %.1f MiB\n", mc, mo, 100 * mo / mc, maxr }' "$RES"
+rm -f "$RES"

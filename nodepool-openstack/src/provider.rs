@@ -473,14 +473,20 @@ impl OpenStackProvider {
         len: u64,
         deadline: Instant,
     ) -> Result<(), ProviderError> {
-        let hashes = Arc::new(UploadHashes::new(spec.sha256.is_some()));
+        // Glance computes the MD5 (`checksum`) and its os_hash of what it
+        // stored, so a given MD5 is checked against Glance's without hashing
+        // here. Only a SHA-256 without an MD5 needs a local hash (Glance's
+        // os_hash is usually SHA-512): hashing 2 GiB costs a core for
+        // seconds, which on a small machine slows the cloud side too.
+        let hashes = (spec.md5.is_none() && spec.sha256.is_some())
+            .then(|| Arc::new(UploadHashes::new(true)));
         let remaining = deadline.saturating_duration_since(Instant::now());
         self.client
             .execute(&UploadImageData {
                 id: id.to_owned(),
                 path: spec.path.clone(),
                 len,
-                hashes: Some(hashes.clone()),
+                hashes: hashes.clone(),
                 timeout: remaining,
             })
             .await
@@ -502,50 +508,61 @@ impl OpenStackProvider {
                 _ => tokio::time::sleep(self.options.poll_interval).await,
             }
         };
-        let sent = hashes.digests().ok_or_else(|| {
-            ProviderError::Other(format!(
-                "provider {}: image {id}: the upload ended before the whole file was read",
-                self.name
-            ))
-        })?;
-        let mismatch = |what: &str, want: &str, got: &str| {
-            ProviderError::Other(format!(
-                "provider {}: image {id} ({}): {what} checksum mismatch: expected {want}, got {got}",
-                self.name,
-                spec.path.display()
-            ))
-        };
-        if let Some(want) = &spec.md5
-            && !want.eq_ignore_ascii_case(&sent.md5)
-        {
-            return Err(mismatch("local file md5", want, &sent.md5));
-        }
-        if let (Some(want), Some(got)) = (&spec.sha256, &sent.sha256)
-            && !want.eq_ignore_ascii_case(got)
-        {
-            return Err(mismatch("local file sha256", want, got));
-        }
-        if let Some(stored) = &image.checksum
-            && !stored.eq_ignore_ascii_case(&sent.md5)
-        {
-            return Err(mismatch("stored md5 (Glance checksum)", &sent.md5, stored));
-        }
-        if let (Some("sha256"), Some(stored), Some(got)) =
-            (image.hash_algo.as_deref(), &image.hash_value, &sent.sha256)
-            && !stored.eq_ignore_ascii_case(got)
-        {
-            return Err(mismatch("stored sha256 (os_hash_value)", got, stored));
-        }
-        if let Some(size) = image.size
-            && size != len
-        {
-            return Err(ProviderError::Other(format!(
-                "provider {}: image {id}: Glance stored {size} bytes, the file has {len}",
-                self.name
-            )));
-        }
-        Ok(())
+        verify_upload(&self.name, id, spec, len, &image, hashes.as_deref())
     }
+}
+
+/// Checks an uploaded image against what was asked: its size, Glance's MD5
+/// against the given MD5, Glance's SHA-256 (when that is its os_hash)
+/// against the given SHA-256, and a locally computed SHA-256 when that was
+/// the only checksum given.
+pub fn verify_upload(
+    provider: &str,
+    id: &str,
+    spec: &ImageUploadSpec,
+    len: u64,
+    image: &crate::api::image::Image,
+    local: Option<&UploadHashes>,
+) -> Result<(), ProviderError> {
+    let mismatch = |what: &str, want: &str, got: &str| {
+        ProviderError::Other(format!(
+            "provider {provider}: image {id} ({}): {what} checksum mismatch: expected {want}, got {got}",
+            spec.path.display()
+        ))
+    };
+    if let Some(size) = image.size
+        && size != len
+    {
+        return Err(ProviderError::Other(format!(
+            "provider {provider}: image {id}: Glance stored {size} bytes, the file has {len}"
+        )));
+    }
+    if let Some(want) = &spec.md5 {
+        match &image.checksum {
+            Some(stored) if stored.eq_ignore_ascii_case(want) => {}
+            Some(stored) => return Err(mismatch("md5 (Glance checksum)", want, stored)),
+            None => return Err(mismatch("md5 (Glance checksum)", want, "none")),
+        }
+    }
+    if let Some(want) = &spec.sha256 {
+        if let (Some("sha256"), Some(stored)) = (image.hash_algo.as_deref(), &image.hash_value)
+            && !stored.eq_ignore_ascii_case(want)
+        {
+            return Err(mismatch("sha256 (Glance os_hash_value)", want, stored));
+        }
+        if let Some(h) = local {
+            let sent = h.digests().ok_or_else(|| {
+                ProviderError::Other(format!(
+                    "provider {provider}: image {id}: the upload ended before the whole file was read"
+                ))
+            })?;
+            let got = sent.sha256.unwrap_or_default();
+            if !got.eq_ignore_ascii_case(want) {
+                return Err(mismatch("sha256 (of the file sent)", want, &got));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The flavor rule of reference §3.4, on a flavor list.

@@ -552,13 +552,14 @@ async fn glance_checksum_mismatch_fails_and_deletes_the_image() {
     .await;
     let p = provider(&s.uri(), ProviderOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let e = p
-        .upload_image(&upload_spec(dir.path(), Duration::from_secs(30)))
-        .await
-        .expect_err("mismatch");
+    let mut spec = upload_spec(dir.path(), Duration::from_secs(30));
+    // md5("hello"), which the file has; Glance reports something else
+    spec.md5 = Some("5d41402abc4b2a76b9719d911017c592".into());
+    let e = p.upload_image(&spec).await.expect_err("mismatch");
     assert!(
-        e.to_string()
-            .contains("stored md5 (Glance checksum) checksum mismatch"),
+        e.to_string().contains(
+            "md5 (Glance checksum) checksum mismatch: expected 5d41402abc4b2a76b9719d911017c592, got 0123456789abcdef0123456789abcdef"
+        ),
         "{e}"
     );
 }
@@ -582,6 +583,27 @@ async fn upload_timeout_fails_and_deletes_the_image() {
         .expect_err("timeout");
     assert!(matches!(e, ProviderError::Timeout(_)), "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn a_lone_sha256_is_checked_on_the_bytes_sent() {
+    let s = server().await;
+    upload_mocks(
+        &s,
+        ResponseTemplate::new(204),
+        "5d41402abc4b2a76b9719d911017c592",
+    )
+    .await;
+    let p = provider(&s.uri(), ProviderOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = upload_spec(dir.path(), Duration::from_secs(30));
+    spec.sha256 = Some("00".repeat(32));
+    let e = p.upload_image(&spec).await.expect_err("mismatch");
+    assert!(
+        e.to_string()
+            .contains("sha256 (of the file sent) checksum mismatch"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
