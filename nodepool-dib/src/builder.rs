@@ -1,7 +1,7 @@
 //! [`DibBuilder`]: the [`ImageBuilder`] that runs diskimage-builder.
 //!
-//! One build is: plan ([`crate::command`]), run ([`crate::run`]), sweep
-//! ([`crate::sweep`], always, however the run ended), convert a vhd if
+//! One build is: plan ([`crate::command`]), run (`crate::run`), sweep
+//! ([`crate::sweep`](mod@crate::sweep), always, however the run ended), convert a vhd if
 //! diskimage-builder did not make it, then collect and verify the files
 //! ([`crate::output`]).
 
@@ -385,6 +385,7 @@ impl ImageBuilder for DibBuilder {
         guard.armed = false;
 
         let result = result.map_err(|msg| failed(None, msg))?;
+        tracing::debug!(build = %label, pgid = result.pgid, stragglers = ?result.stragglers, survivors = ?result.survivors, "build process group ended");
         match result.ending {
             Ending::TimedOut => {
                 tracing::warn!(build = %label, "build timed out after {:?}", spec.timeout);

@@ -13,12 +13,12 @@
 //! - [`builder`]: [`DibBuilder`] and its [`DibOptions`]; one build end to end.
 //! - [`command`]: the command line and environment, computed as a value
 //!   (no I/O): what DIB is asked for, the per-build `TMP_DIR`, the vhd plan.
-//! - [`run`]: the process: own group, output streamed to the log, timeout,
-//!   cancellation, SIGTERM → grace → SIGKILL of the group.
-//! - [`stream`]: line splitting and the bounded log tail.
-//! - [`sweep`]: after every build, processes, mounts, loop devices,
+//! - `run` (private): the process: own group, output streamed to the log,
+//!   timeout, cancellation, SIGTERM → grace → SIGKILL of the group.
+//! - `stream` (private): line splitting and the bounded log tail.
+//! - [`sweep`](mod@sweep): after every build, processes, mounts, loop devices,
 //!   `/dev/mapper` links, the temp directory and `*-new` files.
-//! - [`procs`]: finding a build's processes in procfs.
+//! - `procs` (private): finding a build's processes in procfs.
 //! - [`output`]: sizes and checksums, verified against DIB's files.
 //! - [`retention`]: pruning old build logs (`build-log-retention`).
 //!
@@ -53,10 +53,10 @@
 pub mod builder;
 pub mod command;
 pub mod output;
-pub mod procs;
+mod procs;
 pub mod retention;
-pub mod run;
-pub mod stream;
+mod run;
+mod stream;
 pub mod sweep;
 
 #[cfg(test)]

@@ -11,12 +11,13 @@ use std::time::SystemTime;
 /// "newest" is by modification time (ties: by name). Unlike Nodepool's
 /// prefix match, only `<image>-<id>.log` with a build id of hex digits
 /// counts, so pruning `ubuntu` never touches `ubuntu-jammy-<id>.log`.
-/// Returns the deleted files; the error names the directory or file.
+/// Returns the deleted files; the error's message names the directory or
+/// file (its kind is the underlying one).
 pub fn prune_build_logs(
     log_dir: &Path,
     image: &str,
     retention: Option<u32>,
-) -> Result<Vec<PathBuf>, String> {
+) -> std::io::Result<Vec<PathBuf>> {
     let Some(keep) = retention else {
         return Ok(Vec::new());
     };
@@ -25,16 +26,13 @@ pub fn prune_build_logs(
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => {
-            return Err(format!(
-                "cannot list build logs in {}: {e}",
-                log_dir.display()
-            ));
+            return Err(context(e, "cannot list build logs in", log_dir));
         }
     };
     let prefix = format!("{image}-");
     let mut logs: Vec<(SystemTime, String, PathBuf)> = Vec::new();
     for e in entries {
-        let e = e.map_err(|e| format!("cannot list build logs in {}: {e}", log_dir.display()))?;
+        let e = e.map_err(|e| context(e, "cannot list build logs in", log_dir))?;
         let Some(name) = e.file_name().to_str().map(str::to_owned) else {
             continue;
         };
@@ -62,10 +60,14 @@ pub fn prune_build_logs(
                 deleted.push(path);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot delete build log {}: {e}", path.display())),
+            Err(e) => return Err(context(e, "cannot delete build log", &path)),
         }
     }
     Ok(deleted)
+}
+
+fn context(e: std::io::Error, what: &str, path: &Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -127,7 +129,9 @@ mod tests {
     fn an_unreadable_dir_is_named_in_the_error() {
         let d = tempfile::tempdir().unwrap();
         let f = log(d.path(), "plain-file", 0);
-        let e = prune_build_logs(&f, "img", Some(1)).unwrap_err();
+        let e = prune_build_logs(&f, "img", Some(1))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("cannot list build logs in") && e.contains("plain-file"),
             "{e}"

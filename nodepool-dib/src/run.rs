@@ -209,6 +209,7 @@ pub async fn run(spec: &RunSpec<'_>, cancel: &CancellationToken) -> Result<RunRe
     };
     let tail = match end {
         Some(mut end) => {
+            tracing::debug!(build = %spec.label, bytes = end.bytes, eof = end.eof, "build output ended");
             let code = status
                 .as_ref()
                 .and_then(exit_code)
