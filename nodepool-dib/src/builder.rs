@@ -317,7 +317,10 @@ impl DibBuilder {
         )
         .await;
         let result = match r {
-            Err(msg) => Err(failed(None, format!("vhd conversion: {msg}"))),
+            Err(crate::run::RunError::Spawn(msg)) => {
+                Err(failed(None, format!("vhd conversion: {msg}")))
+            }
+            Err(e) => Err(e.into()),
             Ok(r) => match r.ending {
                 Ending::TimedOut => Err(BuildError::Timeout(spec.timeout)),
                 Ending::Cancelled => Err(BuildError::Cancelled),
@@ -384,7 +387,7 @@ impl ImageBuilder for DibBuilder {
         sweep_now(&label, &cmd.tmp_dir, &spec.output_base).await;
         guard.armed = false;
 
-        let result = result.map_err(|msg| failed(None, msg))?;
+        let result = result.map_err(BuildError::from)?;
         tracing::debug!(build = %label, pgid = result.pgid, stragglers = ?result.stragglers, survivors = ?result.survivors, "build process group ended");
         match result.ending {
             Ending::TimedOut => {

@@ -24,6 +24,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use nodepool_core::image_builder::BuildError;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -99,10 +100,30 @@ pub fn exit_code(status: &ExitStatus) -> Option<i32> {
     status.code().or_else(|| status.signal().map(|s| -s))
 }
 
+/// Why a command did not run at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunError {
+    /// Local I/O: the log file or the output pipe (names the file).
+    Io(String),
+    /// The program could not be started (names the program).
+    Spawn(String),
+}
+
+impl From<RunError> for BuildError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Io(msg) => BuildError::Io(msg),
+            RunError::Spawn(msg) => BuildError::Failed {
+                exit_code: None,
+                log_tail: msg,
+            },
+        }
+    }
+}
+
 /// Spawns the command and runs it to its end (see the module doc).
-/// `Err` only when it could not be started (or its log not created); the
-/// message names the command and the file.
-pub async fn run(spec: &RunSpec<'_>, cancel: &CancellationToken) -> Result<RunResult, String> {
+/// `Err` only when it could not be started.
+pub async fn run(spec: &RunSpec<'_>, cancel: &CancellationToken) -> Result<RunResult, RunError> {
     let log = tokio::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -110,13 +131,16 @@ pub async fn run(spec: &RunSpec<'_>, cancel: &CancellationToken) -> Result<RunRe
         .truncate(!spec.append)
         .open(spec.log_path)
         .await
-        .map_err(|e| format!("cannot create build log {}: {e}", spec.log_path.display()))?;
-    let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
-    let writer2 = writer
-        .try_clone()
-        .map_err(|e| format!("cannot create a pipe: {e}"))?;
-    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())
-        .map_err(|e| format!("cannot watch the output pipe: {e}"))?;
+        .map_err(|e| {
+            RunError::Io(format!(
+                "cannot create build log {}: {e}",
+                spec.log_path.display()
+            ))
+        })?;
+    let pipe_err = |e: std::io::Error| RunError::Io(format!("cannot create the output pipe: {e}"));
+    let (reader, writer) = std::io::pipe().map_err(pipe_err)?;
+    let writer2 = writer.try_clone().map_err(pipe_err)?;
+    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into()).map_err(pipe_err)?;
 
     let mut cmd = tokio::process::Command::new(spec.program);
     cmd.args(spec.args)
@@ -141,11 +165,13 @@ pub async fn run(spec: &RunSpec<'_>, cancel: &CancellationToken) -> Result<RunRe
             let _ = log
                 .write_all(format!("{msg}\nExit code: None\n").as_bytes())
                 .await;
-            return Err(msg);
+            return Err(RunError::Spawn(msg));
         }
     };
     let Some(pid) = child.id() else {
-        return Err("the build process vanished before it had a pid".into());
+        return Err(RunError::Spawn(
+            "the build process vanished before it had a pid".into(),
+        ));
     };
     let pgid = pid as i32;
     let guard = GroupGuard { pgid, armed: true };

@@ -711,3 +711,20 @@ async fn startup_sweep_cleans_a_dead_builders_leftovers() {
     let status = sleeper.wait().unwrap();
     assert!(!status.success());
 }
+
+#[tokio::test]
+async fn an_unwritable_log_place_is_an_io_error_naming_it() {
+    let site = Site::new();
+    let mut spec = site.spec("deb", "raw", &[]);
+    std::fs::write(site.path("not-a-dir"), "").unwrap();
+    spec.log_path = site.path("not-a-dir/deb-0123abcd.log");
+    let e = site
+        .builder()
+        .build(&spec, CancellationToken::new())
+        .await
+        .unwrap_err();
+    let BuildError::Io(msg) = e else {
+        panic!("{e:?}")
+    };
+    assert!(msg.contains("not-a-dir"), "{msg}");
+}
