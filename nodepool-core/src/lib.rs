@@ -23,6 +23,7 @@ pub mod config;
 pub mod consumer;
 pub mod image_builder;
 pub mod model;
+pub mod planner;
 pub mod provider;
 pub mod requestor;
 pub mod store;

@@ -3,5 +3,7 @@
 
 pub mod conformance;
 mod memory_store;
+mod world;
 
 pub use memory_store::MemoryStore;
+pub use world::{World, resolve_flavor};

@@ -77,7 +77,11 @@ pub async fn crud_and_versions(h: &dyn Harness) {
         .await
         .expect("create");
     assert_eq!(p, "/nodepool/x/t/a");
-    let (data, stat) = c.get("/nodepool/x/t/a").await.expect("get").expect("exists");
+    let (data, stat) = c
+        .get("/nodepool/x/t/a")
+        .await
+        .expect("get")
+        .expect("exists");
     assert_eq!(&data[..], b"one");
     assert_eq!(stat.version, 0);
     assert_eq!(stat.ephemeral_owner, 0);
@@ -93,7 +97,11 @@ pub async fn crud_and_versions(h: &dyn Harness) {
         "{stale:?}"
     );
     assert_eq!(
-        &c.get("/nodepool/x/t/a").await.expect("get").expect("exists").0[..],
+        &c.get("/nodepool/x/t/a")
+            .await
+            .expect("get")
+            .expect("exists")
+            .0[..],
         b"two"
     );
     c.set("/nodepool/x/t/a", b"four", None)
@@ -121,9 +129,13 @@ pub async fn crud_and_versions(h: &dyn Harness) {
 /// Missing parents are created; an existing path conflicts.
 pub async fn create_makes_parents_and_rejects_duplicates(h: &dyn Harness) {
     let c = h.client().await;
-    c.create("/nodepool/x/deep/er/still/leaf", b"x", CreateMode::Persistent)
-        .await
-        .expect("create with parents");
+    c.create(
+        "/nodepool/x/deep/er/still/leaf",
+        b"x",
+        CreateMode::Persistent,
+    )
+    .await
+    .expect("create with parents");
     let (parent, stat) = c
         .get("/nodepool/x/deep/er")
         .await
@@ -132,7 +144,11 @@ pub async fn create_makes_parents_and_rejects_duplicates(h: &dyn Harness) {
     assert!(parent.is_empty());
     assert_eq!(stat.ephemeral_owner, 0);
     let dup = c
-        .create("/nodepool/x/deep/er/still/leaf", b"y", CreateMode::Persistent)
+        .create(
+            "/nodepool/x/deep/er/still/leaf",
+            b"y",
+            CreateMode::Persistent,
+        )
         .await;
     assert!(matches!(dup, Err(StoreError::Conflict { .. })), "{dup:?}");
 }
@@ -143,7 +159,11 @@ pub async fn sequential_ids_increase_per_parent(h: &dyn Harness) {
     let mut last = String::new();
     for _ in 0..5 {
         let p = c
-            .create("/nodepool/x/seq/items/", b"", CreateMode::PersistentSequential)
+            .create(
+                "/nodepool/x/seq/items/",
+                b"",
+                CreateMode::PersistentSequential,
+            )
             .await
             .expect("create");
         let name = p.rsplit('/').next().expect("name").to_owned();
@@ -153,11 +173,19 @@ pub async fn sequential_ids_increase_per_parent(h: &dyn Harness) {
         last = name;
     }
     let a = c
-        .create("/nodepool/x/seq/items/200-", b"", CreateMode::PersistentSequential)
+        .create(
+            "/nodepool/x/seq/items/200-",
+            b"",
+            CreateMode::PersistentSequential,
+        )
         .await
         .expect("create");
     let b = c
-        .create("/nodepool/x/seq/items/100-", b"", CreateMode::PersistentSequential)
+        .create(
+            "/nodepool/x/seq/items/100-",
+            b"",
+            CreateMode::PersistentSequential,
+        )
         .await
         .expect("create");
     let seq = |p: &str| p[p.len() - 10..].to_owned();
@@ -169,7 +197,11 @@ pub async fn sequential_ids_increase_per_parent(h: &dyn Harness) {
     assert!(seq(&a) > last);
     // another parent has its own counter
     let other = c
-        .create("/nodepool/x/seq/other/", b"", CreateMode::PersistentSequential)
+        .create(
+            "/nodepool/x/seq/other/",
+            b"",
+            CreateMode::PersistentSequential,
+        )
         .await
         .expect("create");
     assert!(other.ends_with("0000000000"), "{other}");
@@ -183,7 +215,9 @@ pub async fn delete_checks_version_and_children(h: &dyn Harness) {
         .expect("create");
     let r = c.delete("/nodepool/x/d/a", None).await;
     assert!(matches!(r, Err(StoreError::NotEmpty { .. })), "{r:?}");
-    c.set("/nodepool/x/d/a/child", b"v1", None).await.expect("set");
+    c.set("/nodepool/x/d/a/child", b"v1", None)
+        .await
+        .expect("set");
     let r = c.delete("/nodepool/x/d/a/child", Some(0)).await;
     assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
     c.delete("/nodepool/x/d/a/child", Some(1))
@@ -197,12 +231,21 @@ pub async fn delete_checks_version_and_children(h: &dyn Harness) {
 /// `children` lists names, sorted; `scan` lists the subtree, sorted by path.
 pub async fn children_and_scan_are_sorted(h: &dyn Harness) {
     let c = h.client().await;
-    for p in ["/nodepool/x/s/b", "/nodepool/x/s/a/x", "/nodepool/x/s/c", "/nodepool/x/s/a/y/z", "/nodepool/x/sx/not-below"] {
+    for p in [
+        "/nodepool/x/s/b",
+        "/nodepool/x/s/a/x",
+        "/nodepool/x/s/c",
+        "/nodepool/x/s/a/y/z",
+        "/nodepool/x/sx/not-below",
+    ] {
         c.create(p, p.as_bytes(), CreateMode::Persistent)
             .await
             .expect("create");
     }
-    assert_eq!(c.children("/nodepool/x/s").await.expect("children"), ["a", "b", "c"]);
+    assert_eq!(
+        c.children("/nodepool/x/s").await.expect("children"),
+        ["a", "b", "c"]
+    );
     assert_eq!(
         c.children("/nodepool/x/s/b").await.expect("children"),
         Vec::<String>::new()
@@ -221,7 +264,15 @@ pub async fn children_and_scan_are_sorted(h: &dyn Harness) {
         .collect();
     assert_eq!(
         paths,
-        ["/nodepool/x/s", "/nodepool/x/s/a", "/nodepool/x/s/a/x", "/nodepool/x/s/a/y", "/nodepool/x/s/a/y/z", "/nodepool/x/s/b", "/nodepool/x/s/c"]
+        [
+            "/nodepool/x/s",
+            "/nodepool/x/s/a",
+            "/nodepool/x/s/a/x",
+            "/nodepool/x/s/a/y",
+            "/nodepool/x/s/a/y/z",
+            "/nodepool/x/s/b",
+            "/nodepool/x/s/c"
+        ]
     );
     let entries = c.scan("/nodepool/x/s/a/y").await.expect("scan");
     assert_eq!(entries.len(), 2);
@@ -232,12 +283,19 @@ pub async fn children_and_scan_are_sorted(h: &dyn Harness) {
 /// `delete_tree` removes a record and all descendants.
 pub async fn delete_tree_removes_everything(h: &dyn Harness) {
     let c = h.client().await;
-    for p in ["/nodepool/x/tree/n/lock/x", "/nodepool/x/tree/n/a", "/nodepool/x/tree/n/a/b", "/nodepool/x/tree/keep"] {
+    for p in [
+        "/nodepool/x/tree/n/lock/x",
+        "/nodepool/x/tree/n/a",
+        "/nodepool/x/tree/n/a/b",
+        "/nodepool/x/tree/keep",
+    ] {
         c.create(p, b"", CreateMode::Persistent)
             .await
             .expect("create");
     }
-    c.delete_tree("/nodepool/x/tree/n").await.expect("delete tree");
+    c.delete_tree("/nodepool/x/tree/n")
+        .await
+        .expect("delete tree");
     assert_eq!(c.get("/nodepool/x/tree/n").await.expect("get"), None);
     assert!(c.get("/nodepool/x/tree/keep").await.expect("get").is_some());
     c.delete_tree("/nodepool/x/tree/n")
@@ -482,7 +540,11 @@ pub async fn lock_excludes_other_clients(h: &dyn Harness) {
     let r = b.lock("/nodepool/x/locks/x", LockWait::NonBlocking).await;
     assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
     // the failed attempt left no contender behind
-    let children = b.backend().children("/nodepool/x/locks/x").await.expect("children");
+    let children = b
+        .backend()
+        .children("/nodepool/x/locks/x")
+        .await
+        .expect("children");
     assert_eq!(children.len(), 1, "{children:?}");
     guard.release().await.expect("release");
     let g2 = b
@@ -501,10 +563,17 @@ pub async fn lock_nonblocking_and_timeout(h: &dyn Harness) {
         .await
         .expect("a locks");
     let r = b
-        .lock("/nodepool/x/locks/t", LockWait::Timeout(Duration::from_millis(300)))
+        .lock(
+            "/nodepool/x/locks/t",
+            LockWait::Timeout(Duration::from_millis(300)),
+        )
         .await;
     assert!(matches!(r, Err(StoreError::Timeout { .. })), "{r:?}");
-    let children = b.backend().children("/nodepool/x/locks/t").await.expect("children");
+    let children = b
+        .backend()
+        .children("/nodepool/x/locks/t")
+        .await
+        .expect("children");
     assert_eq!(
         children.len(),
         1,
@@ -521,15 +590,24 @@ pub async fn lock_waiter_gets_it_after_release(h: &dyn Harness) {
         .await
         .expect("a locks");
     let waiter = tokio::spawn(async move {
-        b.lock("/nodepool/x/locks/w", LockWait::Timeout(Duration::from_secs(20)))
-            .await
-            .map(|g| g.is_held())
+        b.lock(
+            "/nodepool/x/locks/w",
+            LockWait::Timeout(Duration::from_secs(20)),
+        )
+        .await
+        .map(|g| g.is_held())
     });
     // The waiter queues behind us: wait until its contender shows up.
     let probe = h.client().await;
     let mut queued = false;
     for _ in 0..200 {
-        if probe.children("/nodepool/x/locks/w").await.expect("children").len() == 2 {
+        if probe
+            .children("/nodepool/x/locks/w")
+            .await
+            .expect("children")
+            .len()
+            == 2
+        {
             queued = true;
             break;
         }
@@ -559,7 +637,10 @@ pub async fn locks_released_on_close(h: &dyn Harness) {
     assert!(!guard.is_held());
     guard.forget();
     let g = b
-        .lock("/nodepool/x/locks/c", LockWait::Timeout(Duration::from_secs(20)))
+        .lock(
+            "/nodepool/x/locks/c",
+            LockWait::Timeout(Duration::from_secs(20)),
+        )
         .await
         .expect("b locks after a's session ended");
     g.release().await.expect("release");
@@ -577,7 +658,10 @@ pub async fn locks_released_on_expiry(h: &dyn Harness) {
     assert!(!guard.is_held(), "a lock of an expired session is not held");
     guard.forget();
     let g = b
-        .lock("/nodepool/x/locks/e", LockWait::Timeout(Duration::from_secs(30)))
+        .lock(
+            "/nodepool/x/locks/e",
+            LockWait::Timeout(Duration::from_secs(30)),
+        )
         .await
         .expect("b locks after a's session expired");
     g.release().await.expect("release");
@@ -592,7 +676,11 @@ pub async fn ephemerals_vanish_with_session(h: &dyn Harness) {
         .await
         .expect("create");
     let s = a
-        .create("/nodepool/x/eph/seq-", b"x", CreateMode::EphemeralSequential)
+        .create(
+            "/nodepool/x/eph/seq-",
+            b"x",
+            CreateMode::EphemeralSequential,
+        )
         .await
         .expect("create");
     a.create("/nodepool/x/eph/kept", b"x", CreateMode::Persistent)
@@ -621,8 +709,14 @@ pub async fn watches_deliver_create_change_delete(h: &dyn Harness) {
         .create("/nodepool/x/w/x", b"1", CreateMode::Persistent)
         .await
         .expect("create");
-    writer.set("/nodepool/x/w/x", b"2", None).await.expect("set");
-    writer.delete("/nodepool/x/w/x", None).await.expect("delete");
+    writer
+        .set("/nodepool/x/w/x", b"2", None)
+        .await
+        .expect("set");
+    writer
+        .delete("/nodepool/x/w/x", None)
+        .await
+        .expect("delete");
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !seen.contains(&StoreEvent::Deleted("/nodepool/x/w/x".into())) {

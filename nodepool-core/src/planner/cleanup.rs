@@ -1,0 +1,332 @@
+//! Node cleanup (reference §4.1, §4.5), min-ready (§4.3) and housekeeping.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use super::requests::Index;
+use super::{
+    Action, DeleteReason, INIT_GRACE_SECS, LocalState, Plan, REQUEST_LOCK_CLEANUP_SECS, Snapshot,
+    rendezvous_owner,
+};
+use crate::config::{Config, ImageSource};
+use crate::model::{NodeState, RequestState, parse_request_id};
+
+/// Deletions and deallocations of nodes. Returns the indices of nodes this
+/// pass deallocates and of nodes it deletes, so the rest of the pass can
+/// reuse the former and must not touch the latter.
+pub(crate) fn nodes(
+    s: &Snapshot,
+    cfg: &Config,
+    now: f64,
+    idx: &Index<'_>,
+    plan: &mut Plan,
+) -> (Vec<usize>, HashSet<usize>) {
+    let mut freed = Vec::new();
+    let mut deleted = HashSet::new();
+    let ours: HashSet<&str> = cfg.providers.iter().map(|p| p.name.as_str()).collect();
+    let max_hold = cfg.max_hold_age.map(|d| d.as_secs_f64());
+    for (i, rec) in s.nodes.iter().enumerate() {
+        let n = &rec.node;
+        if rec.locked || !ours.contains(n.provider.as_str()) {
+            continue;
+        }
+        let before = plan.actions.len();
+        let age = now - n.state_time;
+        match n.state {
+            st if st.deletable_when_unlocked() => plan.actions.push(Action::DeleteNode {
+                node: rec.id.clone(),
+                reason: DeleteReason::Unlocked,
+            }),
+            NodeState::Ready => match &n.allocated_to {
+                // Only request allocations are ours to undo; a consumer's
+                // (e.g. a Jenkins target's) are not request ids.
+                Some(r) if parse_request_id(r).is_some() => {
+                    let gone = match idx.requests.get(r.as_str()) {
+                        None => true,
+                        Some(&i) => matches!(
+                            s.requests[i].request.state,
+                            RequestState::Requested | RequestState::Failed
+                        ),
+                    };
+                    if gone {
+                        plan.actions.push(Action::Deallocate {
+                            node: rec.id.clone(),
+                        });
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    let limit = n
+                        .node_type
+                        .iter()
+                        .filter_map(|l| cfg.label(l).and_then(|l| l.max_ready_age))
+                        .min();
+                    if let Some(limit) = limit
+                        && age > limit.as_secs_f64()
+                    {
+                        plan.actions.push(Action::DeleteNode {
+                            node: rec.id.clone(),
+                            reason: DeleteReason::MaxReadyAge,
+                        });
+                    }
+                }
+            },
+            NodeState::Hold => {
+                let own = n.hold_expiration.filter(|e| *e > 0).map(|e| e as f64);
+                let limit = match (own, max_hold) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if limit.is_some_and(|l| age > l) {
+                    plan.actions.push(Action::DeleteNode {
+                        node: rec.id.clone(),
+                        reason: DeleteReason::HoldExpired,
+                    });
+                }
+            }
+            NodeState::Init if age > INIT_GRACE_SECS => {
+                let lost = match n.allocated_to.as_deref() {
+                    None => true,
+                    Some(r) => idx
+                        .requests
+                        .get(r)
+                        .is_none_or(|&i| s.requests[i].request.state != RequestState::Pending),
+                };
+                if lost {
+                    plan.actions.push(Action::DeleteNode {
+                        node: rec.id.clone(),
+                        reason: DeleteReason::LostInit,
+                    });
+                }
+            }
+            _ => {}
+        }
+        match plan.actions.get(before) {
+            Some(Action::Deallocate { .. }) => freed.push(i),
+            Some(Action::DeleteNode { .. }) => {
+                deleted.insert(i);
+            }
+            _ => {}
+        }
+    }
+    (freed, deleted)
+}
+
+/// Min-ready requests for the labels this launcher owns, and completion of
+/// the finished ones it created.
+pub(crate) fn min_ready(
+    s: &Snapshot,
+    cfg: &Config,
+    local: &LocalState,
+    idx: &Index<'_>,
+    plan: &mut Plan,
+) {
+    let our_ids: HashSet<&str> = local.pool_ids.values().map(String::as_str).collect();
+    // Every registered pool, plus ours if not yet visible.
+    let mut pools: Vec<(&str, Vec<&str>)> = s
+        .pools
+        .iter()
+        .map(|p| (p.id.as_str(), p.labels.iter().map(String::as_str).collect()))
+        .collect();
+    for o in &idx.our_pools {
+        if !pools.iter().any(|(id, _)| *id == o.id) {
+            let pc = &cfg.providers[o.provider].pools[o.pool];
+            pools.push((
+                o.id.as_str(),
+                pc.labels.iter().map(|l| l.name.as_str()).collect(),
+            ));
+        }
+    }
+    // Nodes this pass already deletes or hands to a request are not spares.
+    let spoken_for: HashSet<&str> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteNode { node, .. } | Action::Allocate { node, .. } => Some(node.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut ready_free: HashMap<&str, usize> = HashMap::new();
+    for rec in &s.nodes {
+        if rec.node.state == NodeState::Ready
+            && rec.node.allocated_to.is_none()
+            && !spoken_for.contains(rec.id.as_str())
+        {
+            for l in &rec.node.node_type {
+                *ready_free.entry(l.as_str()).or_default() += 1;
+            }
+        }
+    }
+    // Outstanding min-ready requests (a fulfilled one is about to become a
+    // ready spare, so it counts too; failed ones do not).
+    let mut outstanding: HashMap<&str, usize> = HashMap::new();
+    for r in &s.requests {
+        let req = &r.request;
+        if !req.is_min_ready() {
+            continue;
+        }
+        if req.state != RequestState::Failed {
+            for l in &req.node_types {
+                *outstanding.entry(l.as_str()).or_default() += 1;
+            }
+        }
+        let ours = r.ephemeral_owner != 0 && r.ephemeral_owner == local.session_id;
+        if ours && matches!(req.state, RequestState::Fulfilled | RequestState::Failed) {
+            plan.actions.push(Action::CompleteMinReady {
+                request: r.id.clone(),
+            });
+        }
+    }
+    for label in cfg.labels.iter().filter(|l| l.min_ready > 0) {
+        let serving = pools
+            .iter()
+            .filter(|(_, ls)| ls.contains(&label.name.as_str()))
+            .map(|(id, _)| *id);
+        let Some(owner) = rendezvous_owner(&label.name, serving) else {
+            continue;
+        };
+        if !our_ids.contains(owner) && !idx.our_pools.iter().any(|o| o.id == owner) {
+            continue;
+        }
+        if !image_available(s, cfg, idx, &label.name) {
+            continue;
+        }
+        let have = ready_free.get(label.name.as_str()).copied().unwrap_or(0)
+            + outstanding.get(label.name.as_str()).copied().unwrap_or(0);
+        for _ in have..label.min_ready as usize {
+            plan.actions.push(Action::CreateMinReady {
+                label: label.name.clone(),
+            });
+        }
+    }
+}
+
+/// Whether some enabled pool of ours could boot this label now.
+fn image_available(s: &Snapshot, cfg: &Config, idx: &Index<'_>, label: &str) -> bool {
+    cfg.providers.iter().any(|p| {
+        p.pools
+            .iter()
+            .filter(|pool| !pool.is_disabled())
+            .any(|pool| {
+                pool.label(label).is_some_and(|pl| match &pl.image {
+                    ImageSource::DiskImage(d) => idx
+                        .newest_upload
+                        .contains_key(&(p.name.as_str(), d.as_str())),
+                    ImageSource::CloudImage(c) => !s
+                        .providers
+                        .get(&p.name)
+                        .is_some_and(|v| v.missing_cloud_images.contains(c)),
+                })
+            })
+    })
+}
+
+/// Pending requests nobody holds (their launcher died): reset them. Returns
+/// the ready nodes this frees, which the rest of the pass may reuse.
+pub(crate) fn lost_requests(
+    s: &Snapshot,
+    local: &LocalState,
+    idx: &Index<'_>,
+    plan: &mut Plan,
+) -> Vec<usize> {
+    let mut freed = Vec::new();
+    for r in &s.requests {
+        if r.request.state == RequestState::Pending
+            && !r.locked
+            && !local.owned_requests.contains_key(&r.id)
+        {
+            plan.actions.push(Action::ResetLost {
+                request: r.id.clone(),
+            });
+            if let Some(nodes) = idx.allocations.get(r.id.as_str()) {
+                freed.extend(
+                    nodes.iter().copied().filter(|&i| {
+                        s.nodes[i].node.state == NodeState::Ready && !s.nodes[i].locked
+                    }),
+                );
+            }
+        }
+    }
+    freed
+}
+
+/// Stale lock directories, empty nodes, leaked servers.
+pub(crate) fn housekeeping(
+    s: &Snapshot,
+    cfg: &Config,
+    now: f64,
+    local: &LocalState,
+    plan: &mut Plan,
+) {
+    let present: HashSet<&str> = s.requests.iter().map(|r| r.id.as_str()).collect();
+    for d in &s.request_lock_dirs {
+        if !d.locked
+            && !present.contains(d.id.as_str())
+            && now - d.mtime_ms as f64 / 1000.0 > REQUEST_LOCK_CLEANUP_SECS
+        {
+            plan.actions.push(Action::DeleteRequestLockDir {
+                request: d.id.clone(),
+            });
+        }
+    }
+    for id in &s.empty_nodes {
+        plan.actions
+            .push(Action::DeleteEmptyNode { node: id.clone() });
+    }
+
+    // Leaked servers: tagged for one of our providers, unknown to the
+    // store, and seen so at the previous check too.
+    let mut suspects = BTreeSet::new();
+    let checked: HashSet<&str> = s
+        .providers
+        .iter()
+        .filter(|(_, v)| v.instances.is_some())
+        .map(|(p, _)| p.as_str())
+        .collect();
+    let nodes: HashMap<(&str, &str), &crate::model::Node> = s
+        .nodes
+        .iter()
+        .map(|r| ((r.node.provider.as_str(), r.id.as_str()), &*r.node))
+        .collect();
+    for p in &cfg.providers {
+        let Some(instances) = s.providers.get(&p.name).and_then(|v| v.instances.as_ref()) else {
+            continue;
+        };
+        for inst in instances {
+            if inst.provider_name().as_deref() != Some(p.name.as_str()) {
+                continue;
+            }
+            let leaked = match inst.node_id() {
+                None => true,
+                Some(id) => match nodes.get(&(p.name.as_str(), id.as_str())) {
+                    None => true,
+                    // A server left over from an earlier launch attempt of a
+                    // node that has since moved on to another server.
+                    Some(n) => {
+                        n.external_id
+                            .as_deref()
+                            .is_some_and(|e| e != inst.external_id)
+                            && !matches!(n.state, NodeState::Init | NodeState::Building)
+                    }
+                },
+            };
+            if !leaked {
+                continue;
+            }
+            let key = (p.name.clone(), inst.external_id.clone());
+            if local.leak_suspects.contains(&key) {
+                plan.actions.push(Action::DeleteLeakedInstance {
+                    provider: key.0.clone(),
+                    external_id: key.1.clone(),
+                });
+            }
+            suspects.insert(key);
+        }
+    }
+    // Providers not checked this pass keep their suspects for next time.
+    for key in &local.leak_suspects {
+        if !checked.contains(key.0.as_str()) {
+            suspects.insert(key.clone());
+        }
+    }
+    plan.leak_suspects = suspects;
+}

@@ -1,0 +1,373 @@
+//! The pure pool planner: what a launcher should do next, as data.
+//!
+//! [`plan`] takes an immutable [`Snapshot`] of the store and the clouds, the
+//! configuration, `now` and this launcher's [`LocalState`], and returns a
+//! [`Plan`]: a list of [`Action`]s for the runtime to execute. It does no
+//! IO, reads no clock and draws no random numbers, so every decision can be
+//! tested (and property-tested) as a function. It is level-triggered: it
+//! decides from the state alone, never from the event that woke the loop,
+//! so running it again on the state its actions produced plans nothing new
+//! for the same need.
+//!
+//! Decisions follow Python Nodepool (reference §2.3–2.5, §4) with the
+//! improvements of reference §10: min-ready has one owner per label
+//! (rendezvous hashing), a request no registered pool can serve fails in one
+//! pass, and quota counts both the store's nodes and what the cloud reports.
+//!
+//! Layout: [`quota`] (usage accounting), `requests` (pickup and
+//! fulfilment), `cleanup` (deletions, lost requests, leaks, min-ready),
+//! [`images`] (the builder's plan: builds, uploads, retention).
+
+mod cleanup;
+pub mod images;
+pub mod quota;
+mod rendezvous;
+mod requests;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::config::Config;
+use crate::model::{Resources, parse_request_id};
+use crate::provider::Instance;
+use crate::store::{ImageState, NodeRecord, RequestLockDir, RequestRecord};
+
+pub use rendezvous::rendezvous_owner;
+
+/// A provider pool, by provider and pool name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolKey {
+    /// Provider name.
+    pub provider: String,
+    /// Pool name.
+    pub pool: String,
+}
+
+impl PoolKey {
+    /// A key.
+    pub fn new(provider: &str, pool: &str) -> Self {
+        PoolKey {
+            provider: provider.to_owned(),
+            pool: pool.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for PoolKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.provider, self.pool)
+    }
+}
+
+/// A registered pool component (of any launcher, ours included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolInfo {
+    /// Launcher-pool id (`<fqdn>-PoolWorker.<provider>-<pool>-<uuid>`).
+    pub id: String,
+    /// Provider name.
+    pub provider: String,
+    /// Pool name.
+    pub pool: String,
+    /// Labels it can serve.
+    pub labels: Vec<String>,
+    /// Priority; lower is preferred.
+    pub priority: i64,
+    /// Whether it is paused (waiting for quota).
+    pub paused: bool,
+}
+
+/// What the launcher knows about one of its clouds this pass.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProviderView {
+    /// The cloud's absolute limits (unlimited names are absent).
+    pub limits: crate::model::Limits,
+    /// Quota used by servers that are not this provider's live nodes.
+    pub unmanaged: Resources,
+    /// The cloud's own in-use totals, when it reports them.
+    pub reported_usage: Option<Resources>,
+    /// Quota of one node, by (pool, label), from the flavors.
+    pub label_resources: BTreeMap<(String, String), Resources>,
+    /// Availability zones of the cloud (used when a pool names none).
+    pub availability_zones: Vec<String>,
+    /// Cloud images (by config name) that the cloud does not have.
+    pub missing_cloud_images: BTreeSet<String>,
+    /// Every server of the cloud, present only on passes where a leak
+    /// check is due.
+    pub instances: Option<Vec<Instance>>,
+}
+
+/// Everything the planner looks at.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// Every node.
+    pub nodes: Vec<NodeRecord>,
+    /// Every request.
+    pub requests: Vec<RequestRecord>,
+    /// Registered pools of every launcher.
+    pub pools: Vec<PoolInfo>,
+    /// Builds, uploads and image flags.
+    pub images: ImageState,
+    /// Per configured provider.
+    pub providers: BTreeMap<String, ProviderView>,
+    /// Request lock directories.
+    pub request_lock_dirs: Vec<RequestLockDir>,
+    /// Node records without data (leftovers to delete).
+    pub empty_nodes: Vec<String>,
+}
+
+/// What only this launcher process knows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LocalState {
+    /// Our launcher-pool ids, by pool.
+    pub pool_ids: BTreeMap<PoolKey, String>,
+    /// Requests we accepted and hold the lock of.
+    pub owned_requests: BTreeMap<String, PoolKey>,
+    /// Our store session (min-ready requests are ephemeral records of it).
+    pub session_id: i64,
+    /// Cloud servers that looked leaked at the previous leak check, by
+    /// (provider, external id).
+    pub leak_suspects: BTreeSet<(String, String)>,
+}
+
+/// The image a node is booted from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LaunchImage {
+    /// The newest ready upload of a diskimage to the provider.
+    Upload {
+        /// Diskimage name.
+        image: String,
+        /// Build id.
+        build: String,
+        /// Upload id.
+        upload: String,
+        /// Cloud image id.
+        external_id: String,
+    },
+    /// A cloud image from the provider's `cloud-images`.
+    Cloud {
+        /// Its config name.
+        name: String,
+    },
+}
+
+/// Why a node is deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeleteReason {
+    /// An unlocked node in a state that means "done" (used, failed, ...).
+    Unlocked,
+    /// Ready for longer than its label's `max-ready-age`.
+    MaxReadyAge,
+    /// Held longer than `max-hold-age` or its `hold_expiration`.
+    HoldExpired,
+    /// An `init` node whose request is gone.
+    LostInit,
+    /// The oldest unused ready node, evicted to free quota for another label.
+    Evicted,
+}
+
+impl DeleteReason {
+    /// A short label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeleteReason::Unlocked => "unlocked",
+            DeleteReason::MaxReadyAge => "max-ready-age",
+            DeleteReason::HoldExpired => "hold-expired",
+            DeleteReason::LostInit => "lost-init",
+            DeleteReason::Evicted => "evicted",
+        }
+    }
+}
+
+/// One thing to do. Actions about the same request must be executed in
+/// order, and the rest of a request's actions skipped if one fails (e.g.
+/// another launcher took the request lock first).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Lock the request (non-blocking), re-check it is `requested` and not
+    /// declined by this pool, set it `pending`; it is ours from then on.
+    Accept {
+        /// Request id.
+        request: String,
+        /// The pool taking it.
+        pool: PoolKey,
+    },
+    /// Add our pool ids to `declined_by`; set `failed` if `fail`, else
+    /// back to `requested`. Deallocate the listed nodes first. Release our
+    /// lock if we held it.
+    Decline {
+        /// Request id.
+        request: String,
+        /// Our pool ids declining it.
+        by: Vec<String>,
+        /// Whether every registered pool has now declined it.
+        fail: bool,
+        /// Ready nodes to give back.
+        deallocate: Vec<String>,
+        /// Why, for the log.
+        reason: String,
+    },
+    /// Fail a request no registered pool can serve.
+    Fail {
+        /// Request id.
+        request: String,
+        /// Why, for the log.
+        reason: String,
+    },
+    /// Reuse a ready, unallocated node for an owned request.
+    Allocate {
+        /// Request id.
+        request: String,
+        /// Node id.
+        node: String,
+    },
+    /// Create a node record (`init`, allocated to the request), lock it, set
+    /// it `building` and launch a server for it.
+    Launch {
+        /// The request it is for.
+        request: String,
+        /// Pool to launch in.
+        pool: PoolKey,
+        /// Label.
+        label: String,
+        /// Image to boot.
+        image: LaunchImage,
+        /// Availability zone for the whole node set, if chosen.
+        az: Option<String>,
+        /// Quota it will use.
+        resources: Resources,
+    },
+    /// Every node is ready: record them in order, set `fulfilled`, release
+    /// the request lock. The nodes stay allocated to the request.
+    Fulfill {
+        /// Request id.
+        request: String,
+        /// Node ids in `node_types` order.
+        nodes: Vec<String>,
+    },
+    /// Drop our hold on a request that vanished or is no longer pending.
+    Release {
+        /// Request id.
+        request: String,
+    },
+    /// A pending request nobody holds the lock of: lock it, reset it to
+    /// `requested` with no nodes, deallocate its nodes.
+    ResetLost {
+        /// Request id.
+        request: String,
+    },
+    /// Submit one min-ready request (one node, `reuse: false`, priority
+    /// 900, ephemeral).
+    CreateMinReady {
+        /// Label.
+        label: String,
+    },
+    /// A finished min-ready request of ours: deallocate its nodes (they
+    /// become ready spares) and delete it.
+    CompleteMinReady {
+        /// Request id.
+        request: String,
+    },
+    /// Clear a ready node's `allocated_to` (its request is gone or back in
+    /// the queue).
+    Deallocate {
+        /// Node id.
+        node: String,
+    },
+    /// Lock the node, set it `deleting`, delete its server, delete the record.
+    DeleteNode {
+        /// Node id.
+        node: String,
+        /// Why.
+        reason: DeleteReason,
+    },
+    /// Remove a stale request lock directory.
+    DeleteRequestLockDir {
+        /// Request id.
+        request: String,
+    },
+    /// Remove a node record without data.
+    DeleteEmptyNode {
+        /// Node id.
+        node: String,
+    },
+    /// Delete a server the store does not know (seen leaked twice).
+    DeleteLeakedInstance {
+        /// Provider.
+        provider: String,
+        /// Cloud server id.
+        external_id: String,
+    },
+}
+
+impl Action {
+    /// The request an action is about, if any.
+    pub fn request(&self) -> Option<&str> {
+        match self {
+            Action::Accept { request, .. }
+            | Action::Decline { request, .. }
+            | Action::Fail { request, .. }
+            | Action::Allocate { request, .. }
+            | Action::Launch { request, .. }
+            | Action::Fulfill { request, .. }
+            | Action::Release { request }
+            | Action::ResetLost { request }
+            | Action::CompleteMinReady { request } => Some(request),
+            _ => None,
+        }
+    }
+}
+
+/// A pool's state after this pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Which pool.
+    pub pool: PoolKey,
+    /// Whether it is waiting for quota (it takes no new requests).
+    pub paused: bool,
+    /// Requests it could take (Nodepool's `addressable_requests` gauge).
+    pub addressable_requests: usize,
+}
+
+/// The result of a planning pass.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// What to do, in order.
+    pub actions: Vec<Action>,
+    /// Our pools' states.
+    pub pools: Vec<PoolStatus>,
+    /// Servers that look leaked now (keep for the next leak check).
+    pub leak_suspects: BTreeSet<(String, String)>,
+}
+
+/// Unlocked `init` nodes younger than this are left alone: their creator may
+/// be about to lock them.
+pub const INIT_GRACE_SECS: f64 = 60.0;
+/// Request lock directories of missing requests are removed after this (8 h).
+pub const REQUEST_LOCK_CLEANUP_SECS: f64 = 8.0 * 3600.0;
+
+/// The sort key of a request: priority prefix, relative priority, sequence.
+pub fn request_order_key(id: &str, relative_priority: i64) -> (String, i64, String) {
+    match parse_request_id(id) {
+        Some((prio, seq)) => (prio.to_owned(), relative_priority, seq.to_owned()),
+        None => ("~".to_owned(), relative_priority, id.to_owned()),
+    }
+}
+
+/// Plans one pass for this launcher.
+pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) -> Plan {
+    let mut plan = Plan::default();
+    let mut index = requests::Index::build(snapshot, config, local);
+    let mut quota = quota::QuotaState::new(snapshot, config, &index.node_resources);
+    let mut freed = cleanup::lost_requests(snapshot, local, &index, &mut plan);
+    let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, &index, &mut plan);
+    freed.extend(deallocated);
+    // Given-back nodes stop counting against their tenant.
+    for &i in &freed {
+        let n = &snapshot.nodes[i].node;
+        quota.retag(n.tenant_name.as_deref(), None, &index.node_resources[i]);
+    }
+    index.update_free(snapshot, &freed, &deleted);
+    requests::plan_requests(snapshot, config, local, &index, &mut quota, &mut plan);
+    cleanup::min_ready(snapshot, config, local, &index, &mut plan);
+    cleanup::housekeeping(snapshot, config, now, local, &mut plan);
+    plan
+}

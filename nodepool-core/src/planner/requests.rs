@@ -1,0 +1,919 @@
+//! Request pickup (reference §2.3), decline (§2.4) and fulfilment (§2.5).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use super::quota::{QuotaBlock, QuotaState, one_instance};
+use super::{
+    Action, DeleteReason, LaunchImage, LocalState, Plan, PoolInfo, PoolKey, PoolStatus, Snapshot,
+    request_order_key,
+};
+use crate::config::{Config, ImageSource};
+use crate::model::{BuildState, NodeState, RequestState, Resources, UploadState};
+use crate::store::RequestRecord;
+
+/// One of this launcher's pools.
+#[derive(Debug)]
+pub(crate) struct OurPool {
+    pub key: PoolKey,
+    pub id: String,
+    pub provider: usize,
+    pub pool: usize,
+    pub priority: i64,
+}
+
+/// Lookups built once per pass.
+#[derive(Debug)]
+pub(crate) struct Index<'a> {
+    /// Quota of each node, aligned with `snapshot.nodes`.
+    pub node_resources: Vec<Resources>,
+    /// Node indices allocated to each request.
+    pub allocations: HashMap<&'a str, Vec<usize>>,
+    /// Ready, unallocated, unlocked nodes per (pool, label), oldest first.
+    pub ready_free: HashMap<(PoolKey, &'a str), Vec<usize>>,
+    /// Ready, unallocated, unlocked nodes per pool, oldest first.
+    pub ready_free_in_pool: HashMap<PoolKey, Vec<usize>>,
+    /// Nodes being deleted per pool.
+    pub deleting_in_pool: HashMap<PoolKey, usize>,
+    /// Launches in flight per provider (init/building nodes of our pools).
+    pub in_flight: HashMap<&'a str, usize>,
+    /// This launcher's pools, in configuration order.
+    pub our_pools: Vec<OurPool>,
+    /// The newest ready upload per (provider, diskimage).
+    pub newest_upload: HashMap<(&'a str, &'a str), LaunchImage>,
+    /// Request index by id.
+    pub requests: HashMap<&'a str, usize>,
+}
+
+fn label_resources(s: &Snapshot, provider: &str, pool: &str, label: &str) -> Option<Resources> {
+    s.providers
+        .get(provider)?
+        .label_resources
+        .get(&(pool.to_owned(), label.to_owned()))
+        .cloned()
+}
+
+impl<'a> Index<'a> {
+    pub fn build(s: &'a Snapshot, cfg: &Config, local: &LocalState) -> Self {
+        let our_ids: HashSet<&str> = local.pool_ids.values().map(String::as_str).collect();
+        let mut idx = Index {
+            node_resources: Vec::with_capacity(s.nodes.len()),
+            allocations: HashMap::new(),
+            ready_free: HashMap::new(),
+            ready_free_in_pool: HashMap::new(),
+            deleting_in_pool: HashMap::new(),
+            in_flight: HashMap::new(),
+            our_pools: Vec::new(),
+            newest_upload: HashMap::new(),
+            requests: s
+                .requests
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.id.as_str(), i))
+                .collect(),
+        };
+        for (pi, p) in cfg.providers.iter().enumerate() {
+            for (qi, pool) in p.pools.iter().enumerate() {
+                let key = PoolKey::new(&p.name, &pool.name);
+                let id = local
+                    .pool_ids
+                    .get(&key)
+                    .cloned()
+                    .unwrap_or_else(|| format!("local-PoolWorker.{}-{}", p.name, pool.name));
+                idx.our_pools.push(OurPool {
+                    key,
+                    id,
+                    provider: pi,
+                    pool: qi,
+                    priority: pool.priority.unwrap_or(p.priority),
+                });
+            }
+        }
+        for (i, rec) in s.nodes.iter().enumerate() {
+            let n = &rec.node;
+            let res = n
+                .resources
+                .clone()
+                .or_else(|| {
+                    n.node_type
+                        .first()
+                        .and_then(|l| label_resources(s, &n.provider, &n.pool, l))
+                })
+                .unwrap_or_else(one_instance);
+            idx.node_resources.push(res);
+            if let Some(r) = &n.allocated_to {
+                idx.allocations.entry(r.as_str()).or_default().push(i);
+            }
+            let key = PoolKey::new(&n.provider, &n.pool);
+            match n.state {
+                NodeState::Ready if n.allocated_to.is_none() && !rec.locked => {
+                    for l in &n.node_type {
+                        idx.ready_free
+                            .entry((key.clone(), l.as_str()))
+                            .or_default()
+                            .push(i);
+                    }
+                    idx.ready_free_in_pool.entry(key).or_default().push(i);
+                }
+                NodeState::Deleting => *idx.deleting_in_pool.entry(key).or_default() += 1,
+                NodeState::Init | NodeState::Building
+                    if n.launcher.as_deref().is_some_and(|l| our_ids.contains(l)) =>
+                {
+                    *idx.in_flight.entry(n.provider.as_str()).or_default() += 1;
+                }
+                _ => {}
+            }
+        }
+        let oldest_first = |v: &mut Vec<usize>| {
+            v.sort_by(|a, b| {
+                s.nodes[*a]
+                    .node
+                    .state_time
+                    .total_cmp(&s.nodes[*b].node.state_time)
+                    .then_with(|| s.nodes[*a].id.cmp(&s.nodes[*b].id))
+            })
+        };
+        idx.ready_free.values_mut().for_each(oldest_first);
+        idx.ready_free_in_pool.values_mut().for_each(oldest_first);
+
+        // Newest ready upload of a ready build, per provider and image.
+        let ready_builds: HashSet<(&str, &str)> = s
+            .images
+            .builds
+            .iter()
+            .filter(|b| b.build.state == BuildState::Ready)
+            .map(|b| (b.image.as_str(), b.id.as_str()))
+            .collect();
+        let mut best: HashMap<(&str, &str), (f64, &crate::store::UploadRecord)> = HashMap::new();
+        for u in &s.images.uploads {
+            if u.upload.state != UploadState::Ready
+                || u.upload.external_id.is_none()
+                || !ready_builds.contains(&(u.image.as_str(), u.build_id.as_str()))
+            {
+                continue;
+            }
+            let k = (u.provider.as_str(), u.image.as_str());
+            let t = u.upload.state_time;
+            match best.get(&k) {
+                Some((bt, bu)) if (*bt, bu.id.as_str()) >= (t, u.id.as_str()) => {}
+                _ => {
+                    best.insert(k, (t, u));
+                }
+            }
+        }
+        for (k, (_, u)) in best {
+            idx.newest_upload.insert(
+                k,
+                LaunchImage::Upload {
+                    image: u.image.clone(),
+                    build: u.build_id.clone(),
+                    upload: u.id.clone(),
+                    external_id: u.upload.external_id.clone().unwrap_or_default(),
+                },
+            );
+        }
+        idx
+    }
+}
+
+impl<'a> Index<'a> {
+    /// Nodes deallocated this pass become reusable; nodes deleted this pass
+    /// are not.
+    pub fn update_free(&mut self, s: &'a Snapshot, freed: &[usize], deleted: &HashSet<usize>) {
+        if !deleted.is_empty() {
+            for v in self.ready_free.values_mut() {
+                v.retain(|i| !deleted.contains(i));
+            }
+            for v in self.ready_free_in_pool.values_mut() {
+                v.retain(|i| !deleted.contains(i));
+            }
+        }
+        if freed.is_empty() {
+            return;
+        }
+        for &i in freed {
+            let n = &s.nodes[i].node;
+            let key = PoolKey::new(&n.provider, &n.pool);
+            for l in &n.node_type {
+                self.ready_free
+                    .entry((key.clone(), l.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+            self.ready_free_in_pool.entry(key).or_default().push(i);
+        }
+        let oldest_first = |v: &mut Vec<usize>| {
+            v.sort_by(|a, b| {
+                s.nodes[*a]
+                    .node
+                    .state_time
+                    .total_cmp(&s.nodes[*b].node.state_time)
+                    .then_with(|| s.nodes[*a].id.cmp(&s.nodes[*b].id))
+            })
+        };
+        self.ready_free.values_mut().for_each(oldest_first);
+        self.ready_free_in_pool.values_mut().for_each(oldest_first);
+    }
+}
+
+/// A fixed-size set of registered-pool indices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PoolSet(Vec<u64>);
+
+impl PoolSet {
+    fn empty(n: usize) -> Self {
+        PoolSet(vec![0; n.div_ceil(64).max(1)])
+    }
+    fn full(n: usize) -> Self {
+        let mut s = PoolSet::empty(n);
+        for i in 0..n {
+            s.insert(i);
+        }
+        s
+    }
+    fn insert(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn contains(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+    fn and(&mut self, o: &PoolSet) {
+        for (a, b) in self.0.iter_mut().zip(&o.0) {
+            *a &= b;
+        }
+    }
+    fn and_not(&mut self, o: &PoolSet) {
+        for (a, b) in self.0.iter_mut().zip(&o.0) {
+            *a &= !b;
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+    fn is_superset(&self, o: &PoolSet) -> bool {
+        self.0.iter().zip(&o.0).all(|(a, b)| a & b == *b)
+    }
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, bits)| {
+            (0..64)
+                .filter(move |b| bits & (1 << b) != 0)
+                .map(move |b| w * 64 + b)
+        })
+    }
+}
+
+/// Registered pools and how to find them.
+struct Registry {
+    pools: Vec<PoolInfo>,
+    by_id: HashMap<String, usize>,
+    by_label: HashMap<String, PoolSet>,
+    all: PoolSet,
+    /// Registered index of each of our pools (aligned with `Index::our_pools`).
+    ours: Vec<usize>,
+    is_ours: PoolSet,
+}
+
+impl Registry {
+    fn build(s: &Snapshot, cfg: &Config, idx: &Index<'_>) -> Self {
+        let mut pools = s.pools.clone();
+        // Our own pools count even before their registration is visible.
+        for ours in &idx.our_pools {
+            if !pools.iter().any(|p| p.id == ours.id) {
+                let pc = &cfg.providers[ours.provider].pools[ours.pool];
+                pools.push(PoolInfo {
+                    id: ours.id.clone(),
+                    provider: ours.key.provider.clone(),
+                    pool: ours.key.pool.clone(),
+                    labels: pc.labels.iter().map(|l| l.name.clone()).collect(),
+                    priority: ours.priority,
+                    paused: false,
+                });
+            }
+        }
+        let n = pools.len();
+        let mut by_label: HashMap<String, PoolSet> = HashMap::new();
+        for (i, p) in pools.iter().enumerate() {
+            for l in &p.labels {
+                by_label
+                    .entry(l.clone())
+                    .or_insert_with(|| PoolSet::empty(n))
+                    .insert(i);
+            }
+        }
+        let by_id: HashMap<String, usize> = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id.clone(), i))
+            .collect();
+        let ours: Vec<usize> = idx.our_pools.iter().map(|o| by_id[&o.id]).collect();
+        let mut is_ours = PoolSet::empty(n);
+        for &i in &ours {
+            is_ours.insert(i);
+        }
+        Registry {
+            all: PoolSet::full(n),
+            pools,
+            by_id,
+            by_label,
+            ours,
+            is_ours,
+        }
+    }
+
+    fn declined(&self, req: &RequestRecord) -> PoolSet {
+        let mut d = PoolSet::empty(self.pools.len());
+        for id in &req.request.declined_by {
+            if let Some(&i) = self.by_id.get(id) {
+                d.insert(i);
+            }
+        }
+        d
+    }
+
+    fn candidates(&self, labels: &[String], declined: &PoolSet) -> PoolSet {
+        let mut c = self.all.clone();
+        for l in labels {
+            match self.by_label.get(l) {
+                Some(set) => c.and(set),
+                None => return PoolSet::empty(self.pools.len()),
+            }
+        }
+        c.and_not(declined);
+        c
+    }
+}
+
+/// Why one of our pools declines a request, if it does.
+fn decline_reason(
+    s: &Snapshot,
+    cfg: &Config,
+    idx: &Index<'_>,
+    quota: &QuotaState,
+    ours: &OurPool,
+    req: &RequestRecord,
+) -> Option<String> {
+    let provider = &cfg.providers[ours.provider];
+    let pool = &provider.pools[ours.pool];
+    if pool.is_disabled() {
+        return Some("pool is disabled".into());
+    }
+    if provider.max_concurrency == Some(0) {
+        return Some("provider handles no requests (max-concurrency 0)".into());
+    }
+    let mut total = Resources::new();
+    for label in &req.request.node_types {
+        let Some(pl) = pool.label(label) else {
+            return Some(format!("label {label} is not supported"));
+        };
+        if launch_image(s, idx, provider.name.as_str(), pl).is_none() {
+            return Some(format!("no image available for label {label}"));
+        }
+        total.add(
+            &label_resources(s, &provider.name, &pool.name, label).unwrap_or_else(one_instance),
+        );
+    }
+    match quota.could_ever_fit(&ours.key, &total) {
+        Ok(()) => None,
+        Err(QuotaBlock::Pool(q)) => Some(format!("request can never fit the pool's {q} limit")),
+        Err(QuotaBlock::Cloud(q)) => Some(format!("request can never fit the cloud's {q} quota")),
+        Err(QuotaBlock::Tenant(_)) => None,
+    }
+}
+
+fn launch_image(
+    s: &Snapshot,
+    idx: &Index<'_>,
+    provider: &str,
+    label: &crate::config::PoolLabel,
+) -> Option<LaunchImage> {
+    match &label.image {
+        ImageSource::DiskImage(d) => idx.newest_upload.get(&(provider, d.as_str())).cloned(),
+        ImageSource::CloudImage(c) => {
+            let missing = s
+                .providers
+                .get(provider)
+                .is_some_and(|v| v.missing_cloud_images.contains(c));
+            (!missing).then(|| LaunchImage::Cloud { name: c.clone() })
+        }
+    }
+}
+
+/// Per-pass mutable state.
+struct Pass<'p, 'a> {
+    s: &'a Snapshot,
+    cfg: &'p Config,
+    idx: &'p Index<'a>,
+    reg: &'p Registry,
+    quota: &'p mut QuotaState,
+    plan: &'p mut Plan,
+    /// Nodes allocated or evicted this pass.
+    taken: HashSet<usize>,
+    /// Our pools paused this pass (by our-pool position).
+    paused: Vec<bool>,
+    /// Launches planned this pass per provider.
+    launches: HashMap<String, usize>,
+    addressable: Vec<usize>,
+}
+
+enum Progress {
+    Done,
+    Waiting,
+    Paused,
+    Declined,
+}
+
+impl Pass<'_, '_> {
+    fn concurrency_ok(&self, ours: &OurPool) -> bool {
+        let provider = &self.cfg.providers[ours.provider];
+        match provider.max_concurrency {
+            None => true,
+            Some(limit) => {
+                let now = self
+                    .idx
+                    .in_flight
+                    .get(provider.name.as_str())
+                    .copied()
+                    .unwrap_or(0)
+                    + self.launches.get(&provider.name).copied().unwrap_or(0);
+                now < limit as usize
+            }
+        }
+    }
+
+    fn fail_if_all_declined(&self, req: &RequestRecord, extra: &[usize]) -> bool {
+        let mut declined = self.reg.declined(req);
+        for &i in extra {
+            declined.insert(i);
+        }
+        declined.is_superset(&self.reg.all)
+    }
+
+    /// Plans the next steps of a request this launcher holds. A request
+    /// accepted in this very pass (`fresh`) has no allocations of its own
+    /// yet: nodes still pointing at it are leftovers that cleanup frees.
+    fn fulfil(&mut self, pos: usize, req: &RequestRecord, fresh: bool) -> Progress {
+        let ours = &self.idx.our_pools[pos];
+        let provider = &self.cfg.providers[ours.provider];
+        let pool = &provider.pools[ours.pool];
+        let r = &req.request;
+        let nodes = &self.s.nodes;
+        let allocated: Vec<usize> = self
+            .idx
+            .allocations
+            .get(req.id.as_str())
+            .filter(|_| !fresh)
+            .map(|v| {
+                v.iter()
+                    .copied()
+                    .filter(|&i| {
+                        let n = &nodes[i].node;
+                        n.provider == ours.key.provider
+                            && n.pool == ours.key.pool
+                            && !matches!(n.state, NodeState::Deleting | NodeState::Deleted)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let in_flight = allocated
+            .iter()
+            .any(|&i| matches!(nodes[i].node.state, NodeState::Init | NodeState::Building));
+        let failed = allocated
+            .iter()
+            .any(|&i| nodes[i].node.state == NodeState::Failed);
+        // A ready node someone else holds locked is not ours to hand out,
+        // whatever its allocation says (nobody locks nodes of a pending
+        // request but its launcher, and ours are unlocked once ready).
+        let mut usable: Vec<usize> = allocated
+            .iter()
+            .copied()
+            .filter(|&i| match nodes[i].node.state {
+                NodeState::Ready => !nodes[i].locked,
+                NodeState::Init | NodeState::Building => true,
+                _ => false,
+            })
+            .collect();
+        // Ready first, so a slot is filled by a finished node when it can be.
+        usable.sort_by_key(|&i| (nodes[i].node.state != NodeState::Ready, nodes[i].id.clone()));
+
+        if failed {
+            if in_flight {
+                return Progress::Waiting;
+            }
+            let ready: Vec<String> = usable
+                .iter()
+                .filter(|&&i| nodes[i].node.state == NodeState::Ready)
+                .map(|&i| nodes[i].id.clone())
+                .collect();
+            let reg_idx = self.reg.ours[pos];
+            let fail = self.fail_if_all_declined(req, &[reg_idx]);
+            self.plan.actions.push(Action::Decline {
+                request: req.id.clone(),
+                by: vec![ours.id.clone()],
+                fail,
+                deallocate: ready,
+                reason: "a node launch failed".into(),
+            });
+            return Progress::Declined;
+        }
+
+        // Fill slots in node_types order with allocated nodes.
+        let mut slots: Vec<Option<usize>> = vec![None; r.node_types.len()];
+        let mut used = vec![false; usable.len()];
+        for (slot, label) in r.node_types.iter().enumerate() {
+            if let Some(k) =
+                (0..usable.len()).find(|&k| !used[k] && nodes[usable[k]].node.has_label(label))
+            {
+                used[k] = true;
+                slots[slot] = Some(usable[k]);
+            }
+        }
+        for (k, &i) in usable.iter().enumerate() {
+            if !used[k] && nodes[i].node.state == NodeState::Ready {
+                self.plan.actions.push(Action::Deallocate {
+                    node: nodes[i].id.clone(),
+                });
+            }
+        }
+        let mut az: Option<String> = slots
+            .iter()
+            .flatten()
+            .find_map(|&i| nodes[i].node.az.clone());
+
+        for slot in 0..slots.len() {
+            if slots[slot].is_some() {
+                continue;
+            }
+            let label = r.node_types[slot].as_str();
+            if r.reuse {
+                let key = (ours.key.clone(), label);
+                if let Some(&i) = self.idx.ready_free.get(&key).and_then(|v| {
+                    v.iter().find(|&&i| {
+                        !self.taken.contains(&i)
+                            && (az.is_none()
+                                || nodes[i].node.az.is_none()
+                                || nodes[i].node.az == az)
+                    })
+                }) {
+                    self.taken.insert(i);
+                    if az.is_none() {
+                        az = nodes[i].node.az.clone();
+                    }
+                    slots[slot] = Some(i);
+                    // A freed node's old tenant was already uncharged.
+                    let old = if self.idx.allocations.values().any(|v| v.contains(&i)) {
+                        None
+                    } else {
+                        nodes[i].node.tenant_name.as_deref()
+                    };
+                    self.quota
+                        .retag(old, r.tenant_name.as_deref(), &self.idx.node_resources[i]);
+                    self.plan.actions.push(Action::Allocate {
+                        request: req.id.clone(),
+                        node: nodes[i].id.clone(),
+                    });
+                    continue;
+                }
+            }
+            let Some(pl) = pool.label(label) else {
+                return Progress::Waiting;
+            };
+            let Some(image) = launch_image(self.s, self.idx, &provider.name, pl) else {
+                return Progress::Waiting;
+            };
+            if !self.concurrency_ok(ours) {
+                return Progress::Waiting;
+            }
+            let need = label_resources(self.s, &provider.name, &pool.name, label)
+                .unwrap_or_else(one_instance);
+            match self
+                .quota
+                .can_launch(&ours.key, r.tenant_name.as_deref(), &need)
+            {
+                Ok(()) => {
+                    if az.is_none() {
+                        az = choose_az(self.s, pool, &provider.name, &req.id);
+                    }
+                    self.quota.add(&ours.key, r.tenant_name.as_deref(), &need);
+                    *self.launches.entry(provider.name.clone()).or_default() += 1;
+                    self.plan.actions.push(Action::Launch {
+                        request: req.id.clone(),
+                        pool: ours.key.clone(),
+                        label: label.to_owned(),
+                        image,
+                        az: az.clone(),
+                        resources: need,
+                    });
+                }
+                Err(block) => {
+                    if r.is_min_ready() {
+                        if in_flight {
+                            return Progress::Waiting;
+                        }
+                        let ready: Vec<String> = slots
+                            .iter()
+                            .flatten()
+                            .filter(|&&i| nodes[i].node.state == NodeState::Ready)
+                            .map(|&i| nodes[i].id.clone())
+                            .collect();
+                        let reg_idx = self.reg.ours[pos];
+                        let fail = self.fail_if_all_declined(req, &[reg_idx]);
+                        self.plan.actions.push(Action::Decline {
+                            request: req.id.clone(),
+                            by: vec![ours.id.clone()],
+                            fail,
+                            deallocate: ready,
+                            reason: format!("min-ready request at quota ({block:?})"),
+                        });
+                        return Progress::Declined;
+                    }
+                    self.paused[pos] = true;
+                    if !matches!(block, QuotaBlock::Tenant(_)) {
+                        self.evict(pos);
+                    }
+                    return Progress::Paused;
+                }
+            }
+        }
+        let all_ready = slots
+            .iter()
+            .all(|s| s.is_some_and(|i| nodes[i].node.state == NodeState::Ready));
+        if all_ready && !in_flight {
+            self.plan.actions.push(Action::Fulfill {
+                request: req.id.clone(),
+                nodes: slots
+                    .iter()
+                    .flatten()
+                    .map(|&i| nodes[i].id.clone())
+                    .collect(),
+            });
+            return Progress::Done;
+        }
+        Progress::Waiting
+    }
+
+    /// Frees quota for a waiting request by deleting the oldest unused ready
+    /// node of the pool — unless a deletion there is already under way.
+    fn evict(&mut self, pos: usize) {
+        let key = &self.idx.our_pools[pos].key;
+        let already = self.idx.deleting_in_pool.get(key).copied().unwrap_or(0) > 0
+            || self.plan.actions.iter().any(|a| {
+                matches!(a, Action::DeleteNode { reason: DeleteReason::Evicted, node }
+                    if self.s.nodes.iter().any(|n| &n.id == node && n.node.provider == key.provider && n.node.pool == key.pool))
+            });
+        if already {
+            return;
+        }
+        if let Some(&i) = self
+            .idx
+            .ready_free_in_pool
+            .get(key)
+            .and_then(|v| v.iter().find(|&&i| !self.taken.contains(&i)))
+        {
+            self.taken.insert(i);
+            self.plan.actions.push(Action::DeleteNode {
+                node: self.s.nodes[i].id.clone(),
+                reason: DeleteReason::Evicted,
+            });
+        }
+    }
+}
+
+/// A deterministic AZ for a node set: spread by request id over the pool's
+/// (or else the cloud's) zones; `None` lets the cloud choose.
+fn choose_az(
+    s: &Snapshot,
+    pool: &crate::config::Pool,
+    provider: &str,
+    request: &str,
+) -> Option<String> {
+    let zones: &[String] = if pool.availability_zones.is_empty() {
+        s.providers
+            .get(provider)
+            .map(|v| v.availability_zones.as_slice())
+            .unwrap_or(&[])
+    } else {
+        &pool.availability_zones
+    };
+    if zones.is_empty() {
+        return None;
+    }
+    let h = super::rendezvous::fnv1a(request.as_bytes());
+    Some(zones[(h % zones.len() as u64) as usize].clone())
+}
+
+/// Plans every request-related action of this pass.
+pub(crate) fn plan_requests(
+    s: &Snapshot,
+    cfg: &Config,
+    local: &LocalState,
+    idx: &Index<'_>,
+    quota: &mut QuotaState,
+    plan: &mut Plan,
+) {
+    let reg = Registry::build(s, cfg, idx);
+    let our_by_key: HashMap<&PoolKey, usize> = idx
+        .our_pools
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (&o.key, i))
+        .collect();
+    let mut pass = Pass {
+        s,
+        cfg,
+        idx,
+        reg: &reg,
+        quota,
+        plan,
+        taken: HashSet::new(),
+        paused: vec![false; idx.our_pools.len()],
+        launches: HashMap::new(),
+        addressable: vec![0; idx.our_pools.len()],
+    };
+
+    // 1. Requests we hold, most urgent first (Nodepool re-runs paused
+    //    handlers before taking new requests).
+    let mut owned: Vec<(&String, &PoolKey)> = local.owned_requests.iter().collect();
+    owned.sort_by_cached_key(|(id, _)| {
+        let rp = idx
+            .requests
+            .get(id.as_str())
+            .map(|&i| s.requests[i].request.relative_priority)
+            .unwrap_or(0);
+        request_order_key(id, rp)
+    });
+    for (id, key) in owned {
+        let Some(&ri) = idx.requests.get(id.as_str()) else {
+            pass.plan.actions.push(Action::Release {
+                request: id.clone(),
+            });
+            continue;
+        };
+        let req = &s.requests[ri];
+        let Some(&pos) = our_by_key.get(key) else {
+            pass.plan.actions.push(Action::Release {
+                request: id.clone(),
+            });
+            continue;
+        };
+        if req.request.state != RequestState::Pending {
+            pass.plan.actions.push(Action::Release {
+                request: id.clone(),
+            });
+            continue;
+        }
+        pass.fulfil(pos, req, false);
+    }
+
+    // 2. New requests, in priority / relative priority / FIFO order.
+    if idx.our_pools.is_empty() {
+        return;
+    }
+    let mut waiting: Vec<&RequestRecord> = s
+        .requests
+        .iter()
+        .filter(|r| {
+            r.request.state == RequestState::Requested
+                && !r.locked
+                && !local.owned_requests.contains_key(&r.id)
+        })
+        .collect();
+    waiting.sort_by_cached_key(|r| request_order_key(&r.id, r.request.relative_priority));
+
+    for req in waiting {
+        let r = &req.request;
+        let declined = reg.declined(req);
+        if declined.is_superset(&reg.all) {
+            pass.plan.actions.push(Action::Fail {
+                request: req.id.clone(),
+                reason: "every registered pool declined it".into(),
+            });
+            continue;
+        }
+        let mut cand = reg.candidates(&r.node_types, &declined);
+        if cand.is_empty() {
+            pass.plan.actions.push(Action::Fail {
+                request: req.id.clone(),
+                reason: format!(
+                    "no registered pool can serve {:?}",
+                    r.node_types.iter().collect::<BTreeSet<_>>()
+                ),
+            });
+            continue;
+        }
+        if let Some(p) = &r.provider {
+            let mut of_provider = PoolSet::empty(reg.pools.len());
+            for i in cand.iter() {
+                if &reg.pools[i].provider == p {
+                    of_provider.insert(i);
+                }
+            }
+            if !of_provider.is_empty() {
+                cand = of_provider;
+            }
+        }
+        // The best priority among other launchers' unpaused candidates.
+        let best_other = cand
+            .iter()
+            .filter(|&i| !reg.is_ours.contains(i) && !reg.pools[i].paused)
+            .map(|i| reg.pools[i].priority)
+            .min();
+        let mut eligible: Vec<usize> = (0..idx.our_pools.len())
+            .filter(|&pos| cand.contains(reg.ours[pos]))
+            .filter(|&pos| best_other.is_none_or(|b| idx.our_pools[pos].priority <= b))
+            .collect();
+        if eligible.is_empty() {
+            continue;
+        }
+        eligible.sort_by_key(|&pos| (idx.our_pools[pos].priority, pos));
+        for &pos in &eligible {
+            pass.addressable[pos] += 1;
+        }
+
+        let mut decliners = Vec::new();
+        let mut taker = None;
+        let mut deferred = false;
+        for &pos in &eligible {
+            if let Some(reason) = decline_reason(s, cfg, idx, pass.quota, &idx.our_pools[pos], req)
+            {
+                decliners.push((pos, reason));
+                continue;
+            }
+            if pass.paused[pos] || !pass.concurrency_ok(&idx.our_pools[pos]) {
+                deferred = true;
+                continue;
+            }
+            let mut total = Resources::new();
+            let ours = &idx.our_pools[pos];
+            for l in &r.node_types {
+                total.add(
+                    &label_resources(s, &ours.key.provider, &ours.key.pool, l)
+                        .unwrap_or_else(one_instance),
+                );
+            }
+            if pass
+                .quota
+                .tenant_fits(r.tenant_name.as_deref(), &total)
+                .is_err()
+            {
+                deferred = true;
+                continue;
+            }
+            taker = Some(pos);
+            break;
+        }
+        match taker {
+            Some(pos) => {
+                pass.plan.actions.push(Action::Accept {
+                    request: req.id.clone(),
+                    pool: idx.our_pools[pos].key.clone(),
+                });
+                pass.fulfil(pos, req, true);
+            }
+            None if !deferred && !decliners.is_empty() => {
+                let regs: Vec<usize> = decliners.iter().map(|(pos, _)| reg.ours[*pos]).collect();
+                let fail = pass.fail_if_all_declined(req, &regs);
+                pass.plan.actions.push(Action::Decline {
+                    request: req.id.clone(),
+                    by: decliners
+                        .iter()
+                        .map(|(pos, _)| idx.our_pools[*pos].id.clone())
+                        .collect(),
+                    fail,
+                    deallocate: Vec::new(),
+                    reason: decliners
+                        .iter()
+                        .map(|(pos, why)| format!("{}: {why}", idx.our_pools[*pos].key))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                });
+            }
+            None => {}
+        }
+    }
+
+    for (pos, ours) in idx.our_pools.iter().enumerate() {
+        pass.plan.pools.push(PoolStatus {
+            pool: ours.key.clone(),
+            paused: pass.paused[pos],
+            addressable_requests: pass.addressable[pos],
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PoolSet;
+
+    #[test]
+    fn pool_sets() {
+        let mut a = PoolSet::full(70);
+        let mut b = PoolSet::empty(70);
+        b.insert(3);
+        b.insert(65);
+        assert!(a.is_superset(&b));
+        a.and(&b);
+        assert_eq!(a.iter().collect::<Vec<_>>(), [3, 65]);
+        a.and_not(&b);
+        assert!(a.is_empty());
+        assert!(!a.contains(3));
+    }
+}

@@ -1,0 +1,911 @@
+//! Named planner scenarios, after the behaviours Python Nodepool's test
+//! suite checks (reference §8).
+
+use nodepool_core::model::{MIN_READY_REQUESTOR, NodeRequest, NodeState, RequestState};
+use nodepool_core::planner::{Action, DeleteReason, PoolInfo, PoolKey};
+use nodepool_core::provider::Instance;
+use nodepool_core::store::RequestLockDir;
+use nodepool_core::testing::World;
+
+const ONE_POOL: &str = r#"
+labels:
+  - name: small
+  - name: large
+providers:
+  - name: cloud1
+    driver: simulated
+    simulation:
+      flavors:
+        - {name: s, vcpus: 2, ram: 2048}
+        - {name: l, vcpus: 8, ram: 16384}
+    cloud-images: [{name: img}]
+    pools:
+      - name: main
+        max-servers: 4
+        labels:
+          - {name: small, cloud-image: img, flavor-name: s}
+          - {name: large, cloud-image: img, flavor-name: l}
+"#;
+
+fn count(plan: &nodepool_core::planner::Plan, f: impl Fn(&Action) -> bool) -> usize {
+    plan.actions.iter().filter(|a| f(a)).count()
+}
+
+fn is_launch(a: &Action) -> bool {
+    matches!(a, Action::Launch { .. })
+}
+
+#[test]
+fn a_request_is_accepted_launched_and_fulfilled() {
+    let mut w = World::new(ONE_POOL);
+    let r = w.add_request(&["small"], "200");
+    let p = w.plan();
+    assert!(matches!(&p.actions[0], Action::Accept { request, .. } if request == &r));
+    assert_eq!(count(&p, is_launch), 1);
+    w.apply(&p);
+    assert_eq!(w.request(&r).map(|r| r.state), Some(RequestState::Pending));
+    // While the server builds, nothing new is planned for it.
+    let again = w.plan();
+    assert_eq!(count(&again, is_launch), 0, "{:?}", again.actions);
+    w.finish_launches();
+    let p = w.plan();
+    let Some(Action::Fulfill { nodes, .. }) = p
+        .actions
+        .iter()
+        .find(|a| matches!(a, Action::Fulfill { .. }))
+    else {
+        panic!("not fulfilled: {:?}", p.actions)
+    };
+    assert_eq!(nodes.len(), 1);
+    w.apply(&p);
+    let req = w.request(&r).expect("request");
+    assert_eq!(req.state, RequestState::Fulfilled);
+    assert_eq!(
+        w.node(&req.nodes[0]).and_then(|n| n.allocated_to.clone()),
+        Some(r.clone())
+    );
+    // Fulfilled requests are left alone until the requestor deletes them.
+    assert!(w.plan().actions.is_empty(), "{:?}", w.plan().actions);
+}
+
+#[test]
+fn multi_node_requests_get_nodes_in_label_order() {
+    let mut w = World::new(ONE_POOL);
+    let r = w.add_request(&["large", "small", "small"], "200");
+    w.run(10);
+    let req = w.request(&r).expect("request");
+    assert_eq!(req.state, RequestState::Fulfilled);
+    let labels: Vec<String> = req
+        .nodes
+        .iter()
+        .map(|n| w.node(n).expect("node").node_type[0].clone())
+        .collect();
+    assert_eq!(labels, ["large", "small", "small"]);
+}
+
+#[test]
+fn ready_nodes_are_reused_in_the_same_pool_and_az() {
+    let mut w = World::new(ONE_POOL);
+    let a = w.add_node("cloud1", "main", "small", NodeState::Ready);
+    w.edit_node(&a, |n, _| n.az = Some("az1".into()));
+    let b = w.add_node("cloud1", "main", "small", NodeState::Ready);
+    w.edit_node(&b, |n, _| n.az = Some("az2".into()));
+    let c = w.add_node("cloud1", "main", "small", NodeState::Ready);
+    w.edit_node(&c, |n, _| n.az = Some("az1".into()));
+    let r = w.add_request(&["small", "small"], "200");
+    let p = w.plan();
+    let allocated: Vec<&String> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Allocate { node, .. } => Some(node),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(allocated, [&a, &c], "the first reused node pins the AZ");
+    assert_eq!(count(&p, is_launch), 0);
+    // Reused nodes are ready, so the request is fulfilled in the same pass.
+    assert_eq!(
+        p.actions.last(),
+        Some(&Action::Fulfill {
+            request: r.clone(),
+            nodes: vec![a.clone(), c.clone()]
+        })
+    );
+    w.apply(&p);
+    assert!(w.plan().actions.is_empty());
+}
+
+#[test]
+fn min_ready_requests_never_reuse() {
+    let mut w = World::new(ONE_POOL);
+    w.add_node("cloud1", "main", "small", NodeState::Ready);
+    let mut req = NodeRequest::new(vec!["small".into()], MIN_READY_REQUESTOR, w.now);
+    req.reuse = false;
+    w.push_request(req, "900", 1);
+    let p = w.plan();
+    assert_eq!(count(&p, |a| matches!(a, Action::Allocate { .. })), 0);
+    assert_eq!(count(&p, is_launch), 1);
+}
+
+#[test]
+fn pool_max_servers_pauses_the_pool_and_waits() {
+    let mut w = World::new(ONE_POOL);
+    for _ in 0..4 {
+        let n = w.add_node("cloud1", "main", "small", NodeState::InUse);
+        w.edit_node(&n, |_, locked| *locked = true);
+    }
+    let r1 = w.add_request(&["small"], "200");
+    let r2 = w.add_request(&["small"], "200");
+    let p = w.plan();
+    assert_eq!(count(&p, is_launch), 0);
+    assert_eq!(
+        count(&p, |a| matches!(a, Action::Accept { .. })),
+        1,
+        "the pool takes one, then pauses"
+    );
+    assert!(p.pools[0].paused);
+    w.apply(&p);
+    assert_eq!(w.request(&r1).map(|r| r.state), Some(RequestState::Pending));
+    assert_eq!(
+        w.request(&r2).map(|r| r.state),
+        Some(RequestState::Requested)
+    );
+    // A node frees up: the waiting request launches first.
+    let used = w.snapshot.nodes[0].id.clone();
+    w.snapshot.nodes.retain(|n| n.id != used);
+    w.finish_deletes();
+    let p = w.plan();
+    assert!(
+        matches!(p.actions.iter().find(|a| is_launch(a)), Some(Action::Launch { request, .. }) if request == &r1)
+    );
+    // The next request is taken and waits in turn.
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Accept { request, .. } if request == &r2))
+    );
+    assert!(p.pools[0].paused);
+}
+
+#[test]
+fn core_and_ram_limits_of_the_pool() {
+    let cfg = ONE_POOL.replace("max-servers: 4", "max-cores: 10\n        max-ram: 100000");
+    let mut w = World::new(&cfg);
+    let _l = w.add_request(&["large"], "200");
+    let _s = w.add_request(&["small"], "200");
+    let _t = w.add_request(&["small"], "200");
+    // 8 + 2 cores fit; the third (2 more) does not.
+    let p = w.plan();
+    assert_eq!(count(&p, is_launch), 2);
+    w.apply(&p);
+    let usage = w.usage_by_pool();
+    assert_eq!(usage[&PoolKey::new("cloud1", "main")].get("cores"), 10);
+}
+
+#[test]
+fn cloud_quota_minus_unmanaged_usage() {
+    let cfg = ONE_POOL.replace(
+        "      flavors:",
+        "      quota: {instances: 3}\n      flavors:",
+    );
+    let mut w = World::new(&cfg);
+    w.snapshot
+        .providers
+        .get_mut("cloud1")
+        .expect("view")
+        .unmanaged = nodepool_core::model::Resources::new().with("instances", 1);
+    for _ in 0..3 {
+        w.add_request(&["small"], "200");
+    }
+    let p = w.plan();
+    assert_eq!(count(&p, is_launch), 2, "3 instances minus 1 unmanaged");
+}
+
+#[test]
+fn reported_cloud_usage_is_respected() {
+    let cfg = ONE_POOL.replace(
+        "      flavors:",
+        "      quota: {instances: 3}\n      flavors:",
+    );
+    let mut w = World::new(&cfg);
+    w.snapshot
+        .providers
+        .get_mut("cloud1")
+        .expect("view")
+        .reported_usage = Some(nodepool_core::model::Resources::new().with("instances", 3));
+    w.add_request(&["small"], "200");
+    assert_eq!(count(&w.plan(), is_launch), 0, "the cloud says it is full");
+}
+
+#[test]
+fn ignore_provider_quota_skips_the_cloud_check() {
+    let cfg = ONE_POOL
+        .replace(
+            "      flavors:",
+            "      quota: {instances: 0}\n      flavors:",
+        )
+        .replace(
+            "max-servers: 4",
+            "max-servers: 4\n        ignore-provider-quota: true",
+        );
+    let mut w = World::new(&cfg);
+    w.add_request(&["small"], "200");
+    assert_eq!(count(&w.plan(), is_launch), 1);
+}
+
+#[test]
+fn tenant_limits_defer_requests() {
+    let cfg = format!("tenant-resource-limits: [{{tenant-name: t1, max-servers: 1}}]\n{ONE_POOL}");
+    let mut w = World::new(&cfg);
+    let n = w.add_node("cloud1", "main", "small", NodeState::InUse);
+    w.edit_node(&n, |n, l| {
+        n.tenant_name = Some("t1".into());
+        *l = true;
+    });
+    let mut req = NodeRequest::new(vec!["small".into()], "zuul", w.now);
+    req.tenant_name = Some("t1".into());
+    let t1 = w.push_request(req, "200", 0);
+    let other = w.add_request(&["small"], "200");
+    let p = w.plan();
+    assert!(
+        !p.actions.iter().any(|a| a.request() == Some(t1.as_str())),
+        "{:?}",
+        p.actions
+    );
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Accept { request, .. } if request == &other))
+    );
+}
+
+#[test]
+fn a_request_that_can_never_fit_is_declined_and_fails() {
+    let cfg = ONE_POOL.replace("max-servers: 4", "max-servers: 4\n        max-cores: 4");
+    let mut w = World::new(&cfg);
+    let r = w.add_request(&["large"], "200");
+    let p = w.plan();
+    assert!(
+        matches!(&p.actions[..], [Action::Decline { request, fail: true, reason, .. }] if request == &r && reason.contains("cores")),
+        "{:?}",
+        p.actions
+    );
+}
+
+#[test]
+fn min_ready_requests_are_declined_at_quota() {
+    let mut w = World::new(ONE_POOL);
+    for _ in 0..4 {
+        let n = w.add_node("cloud1", "main", "large", NodeState::InUse);
+        w.edit_node(&n, |_, l| *l = true);
+    }
+    let mut req = NodeRequest::new(vec!["small".into()], MIN_READY_REQUESTOR, w.now);
+    req.reuse = false;
+    let r = w.push_request(req, "900", 1);
+    let p = w.plan();
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Decline { request, .. } if request == &r)),
+        "{:?}",
+        p.actions
+    );
+    assert!(!p.pools[0].paused, "min-ready requests never pause a pool");
+}
+
+#[test]
+fn a_paused_pool_evicts_the_oldest_unused_node_of_another_label() {
+    let mut w = World::new(ONE_POOL);
+    for _ in 0..2 {
+        let n = w.add_node("cloud1", "main", "large", NodeState::InUse);
+        w.edit_node(&n, |_, l| *l = true);
+    }
+    let old = w.add_node("cloud1", "main", "large", NodeState::Ready);
+    w.edit_node(&old, |n, _| n.state_time -= 100.0);
+    let _newer = w.add_node("cloud1", "main", "large", NodeState::Ready);
+    let r = w.add_request(&["small"], "200");
+    let p = w.plan();
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Accept { request, .. } if request == &r))
+    );
+    assert!(
+        p.actions.contains(&Action::DeleteNode {
+            node: old.clone(),
+            reason: DeleteReason::Evicted
+        }),
+        "{:?}",
+        p.actions
+    );
+    w.apply(&p);
+    // While that deletion runs nothing more is evicted.
+    let mut w2 = w.clone();
+    let del = w2.add_node("cloud1", "main", "large", NodeState::Deleting);
+    w2.edit_node(&del, |_, l| *l = true);
+    let p = w2.plan();
+    assert_eq!(
+        count(&p, |a| matches!(
+            a,
+            Action::DeleteNode {
+                reason: DeleteReason::Evicted,
+                ..
+            }
+        )),
+        0
+    );
+    // Once freed, the request launches.
+    w.finish_deletes();
+    let p = w.plan();
+    assert_eq!(count(&p, is_launch), 1, "{:?}", p.actions);
+}
+
+const TWO_PROVIDERS: &str = r#"
+labels:
+  - name: small
+providers:
+  - name: cheap
+    driver: simulated
+    priority: 50
+    cloud-images: [{name: img}]
+    pools:
+      - name: main
+        max-servers: 10
+        labels: [{name: small, cloud-image: img, min-ram: 1}]
+  - name: dear
+    driver: simulated
+    priority: 100
+    cloud-images: [{name: img}]
+    pools:
+      - name: main
+        max-servers: 10
+        labels: [{name: small, cloud-image: img, min-ram: 1}]
+"#;
+
+#[test]
+fn the_higher_priority_provider_takes_requests() {
+    let mut w = World::new(TWO_PROVIDERS);
+    w.add_request(&["small"], "200");
+    let p = w.plan();
+    assert!(matches!(&p.actions[0], Action::Accept { pool, .. } if pool.provider == "cheap"));
+}
+
+#[test]
+fn another_launchers_better_pool_is_yielded_to() {
+    let one = ONE_POOL.replace(
+        "        max-servers: 4",
+        "        max-servers: 4\n        priority: 100",
+    );
+    let mut w = World::new(&one);
+    w.snapshot.pools.push(PoolInfo {
+        id: "other-PoolWorker.fast-main-1".into(),
+        provider: "fast".into(),
+        pool: "main".into(),
+        labels: vec!["small".into()],
+        priority: 10,
+        paused: false,
+    });
+    w.add_request(&["small"], "200");
+    assert!(w.plan().actions.is_empty(), "{:?}", w.plan().actions);
+    // Unless it is paused.
+    w.snapshot.pools.last_mut().expect("pool").paused = true;
+    assert!(matches!(&w.plan().actions[0], Action::Accept { .. }));
+}
+
+#[test]
+fn a_request_naming_a_provider_goes_there() {
+    let mut w = World::new(TWO_PROVIDERS);
+    let mut req = NodeRequest::new(vec!["small".into()], "zuul", w.now);
+    req.provider = Some("dear".into());
+    w.push_request(req, "200", 0);
+    let p = w.plan();
+    assert!(matches!(&p.actions[0], Action::Accept { pool, .. } if pool.provider == "dear"));
+    // An unknown provider name is ignored.
+    let mut w = World::new(TWO_PROVIDERS);
+    let mut req = NodeRequest::new(vec!["small".into()], "zuul", w.now);
+    req.provider = Some("nowhere".into());
+    w.push_request(req, "200", 0);
+    assert!(
+        matches!(&w.plan().actions[0], Action::Accept { pool, .. } if pool.provider == "cheap")
+    );
+}
+
+#[test]
+fn a_failed_launch_declines_and_the_last_decliner_fails_it() {
+    let mut w = World::new(TWO_PROVIDERS);
+    let r = w.add_request(&["small"], "200");
+    let p = w.plan();
+    w.apply(&p);
+    // The launch (in "cheap") failed after its retries.
+    let n = w.snapshot.nodes[0].id.clone();
+    w.edit_node(&n, |n, l| {
+        n.state = NodeState::Failed;
+        *l = false;
+    });
+    let p = w.plan();
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Decline { request, fail: false, .. } if request == &r)),
+        "{:?}",
+        p.actions
+    );
+    assert!(p.actions.contains(&Action::DeleteNode {
+        node: n.clone(),
+        reason: DeleteReason::Unlocked
+    }));
+    w.apply(&p);
+    // "dear" takes it next; its launch fails too: now every pool declined.
+    let p = w.plan();
+    assert!(
+        matches!(&p.actions[0], Action::Accept { pool, .. } if pool.provider == "dear"),
+        "{:?}",
+        p.actions
+    );
+    w.apply(&p);
+    let n2 = w
+        .snapshot
+        .nodes
+        .iter()
+        .find(|n| n.node.provider == "dear")
+        .expect("launched")
+        .id
+        .clone();
+    w.edit_node(&n2, |n, l| {
+        n.state = NodeState::Failed;
+        *l = false;
+    });
+    let p = w.plan();
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Decline { fail: true, .. })),
+        "{:?}",
+        p.actions
+    );
+    w.apply(&p);
+    assert_eq!(w.request(&r).map(|r| r.state), Some(RequestState::Failed));
+}
+
+#[test]
+fn an_aborted_launch_is_replaced_without_declining() {
+    let mut w = World::new(ONE_POOL);
+    let r = w.add_request(&["small"], "200");
+    let p = w.plan();
+    w.apply(&p);
+    let n = w.snapshot.nodes[0].id.clone();
+    w.edit_node(&n, |n, l| {
+        n.state = NodeState::Aborted;
+        *l = false;
+    });
+    let p = w.plan();
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Launch { request, .. } if request == &r)),
+        "{:?}",
+        p.actions
+    );
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Decline { .. }))
+    );
+}
+
+#[test]
+fn unknown_labels_fail_in_one_pass() {
+    let mut w = World::new(ONE_POOL);
+    let r = w.add_request(&["small", "gpu"], "200");
+    let p = w.plan();
+    assert!(
+        matches!(&p.actions[..], [Action::Fail { request, reason }] if request == &r && reason.contains("gpu"))
+    );
+}
+
+#[test]
+fn requests_are_taken_by_priority_relative_priority_then_age() {
+    let cfg = ONE_POOL.replace("max-servers: 4", "max-servers: 2");
+    let mut w = World::new(&cfg);
+    let low = w.add_request(&["small"], "300");
+    let normal_late = w.add_request(&["small"], "200");
+    let mut urgent = NodeRequest::new(vec!["small".into()], "zuul", w.now);
+    urgent.relative_priority = -1;
+    let normal_urgent = w.push_request(urgent, "200", 0);
+    let high = w.add_request(&["small"], "100");
+    let p = w.plan();
+    let accepted: Vec<&String> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Accept { request, .. } => Some(request),
+            _ => None,
+        })
+        .collect();
+    // Two fit, the third is accepted and waits (pausing the pool), the fourth waits outside.
+    assert_eq!(accepted, [&high, &normal_urgent, &normal_late]);
+    assert!(!accepted.contains(&&low));
+}
+
+#[test]
+fn max_ready_age_deletes_old_unused_nodes() {
+    let cfg = ONE_POOL.replace(
+        "  - name: small\n",
+        "  - name: small\n    max-ready-age: 3600\n",
+    );
+    let mut w = World::new(&cfg);
+    let old = w.add_node("cloud1", "main", "small", NodeState::Ready);
+    w.edit_node(&old, |n, _| n.state_time -= 3601.0);
+    let young = w.add_node("cloud1", "main", "small", NodeState::Ready);
+    let allocated = w.add_node("cloud1", "main", "small", NodeState::Ready);
+    let r = w.add_request(&["small"], "200");
+    w.edit_request(&r, |r| r.state = RequestState::Fulfilled);
+    w.edit_node(&allocated, |n, _| {
+        n.state_time -= 9999.0;
+        n.allocated_to = Some(r.clone());
+    });
+    let p = w.plan();
+    assert!(p.actions.contains(&Action::DeleteNode {
+        node: old,
+        reason: DeleteReason::MaxReadyAge
+    }));
+    assert!(!p.actions.iter().any(
+        |a| matches!(a, Action::DeleteNode { node, .. } if node == &young || node == &allocated)
+    ));
+}
+
+#[test]
+fn held_nodes_expire_by_max_hold_age_or_their_own_expiration() {
+    let cfg = format!("max-hold-age: 7200\n{ONE_POOL}");
+    let mut w = World::new(&cfg);
+    let forever = w.add_node("cloud1", "main", "small", NodeState::Hold);
+    w.edit_node(&forever, |n, _| n.state_time -= 3600.0);
+    let old = w.add_node("cloud1", "main", "small", NodeState::Hold);
+    w.edit_node(&old, |n, _| n.state_time -= 7201.0);
+    let short = w.add_node("cloud1", "main", "small", NodeState::Hold);
+    w.edit_node(&short, |n, _| {
+        n.state_time -= 61.0;
+        n.hold_expiration = Some(60);
+    });
+    let p = w.plan();
+    let deleted: Vec<&String> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteNode {
+                node,
+                reason: DeleteReason::HoldExpired,
+            } => Some(node),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, [&old, &short]);
+    // Without max-hold-age a hold without expiration is kept forever.
+    let mut w = World::new(ONE_POOL);
+    let n = w.add_node("cloud1", "main", "small", NodeState::Hold);
+    w.edit_node(&n, |n, _| n.state_time -= 1e9);
+    assert!(w.plan().actions.is_empty());
+}
+
+#[test]
+fn unlocked_finished_nodes_are_deleted_and_locked_ones_are_not() {
+    let mut w = World::new(ONE_POOL);
+    let mut expect = Vec::new();
+    for st in [
+        NodeState::Used,
+        NodeState::InUse,
+        NodeState::Building,
+        NodeState::Failed,
+        NodeState::Aborted,
+        NodeState::Deleting,
+        NodeState::Deleted,
+    ] {
+        expect.push(w.add_node("cloud1", "main", "small", st));
+        let locked = w.add_node("cloud1", "main", "small", st);
+        w.edit_node(&locked, |_, l| *l = true);
+    }
+    let young_init = w.add_node("cloud1", "main", "small", NodeState::Init);
+    let other = w.add_node("elsewhere", "main", "small", NodeState::Used);
+    let p = w.plan();
+    let deleted: Vec<String> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteNode { node, .. } => Some(node.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, expect);
+    assert!(!deleted.contains(&young_init) && !deleted.contains(&other));
+}
+
+#[test]
+fn init_nodes_of_lost_requests_are_deleted_after_a_grace() {
+    let mut w = World::new(ONE_POOL);
+    let n = w.add_node("cloud1", "main", "small", NodeState::Init);
+    w.edit_node(&n, |n, _| n.allocated_to = Some("200-0000000099".into()));
+    assert!(w.plan().actions.is_empty());
+    w.now += 61.0;
+    assert_eq!(
+        w.plan().actions,
+        vec![Action::DeleteNode {
+            node: n,
+            reason: DeleteReason::LostInit
+        }]
+    );
+}
+
+#[test]
+fn lost_requests_are_reset() {
+    let mut w = World::new(ONE_POOL);
+    let r = w.add_request(&["small"], "200");
+    w.edit_request(&r, |r| r.state = RequestState::Pending);
+    let p = w.plan();
+    assert!(
+        p.actions
+            .contains(&Action::ResetLost { request: r.clone() })
+    );
+    // A pending request somebody holds is not lost.
+    let mut w2 = w.clone();
+    w2.snapshot.requests[0].locked = true;
+    assert!(w2.plan().actions.is_empty());
+}
+
+#[test]
+fn nodes_zuul_gave_back_unused_are_deallocated_once_the_request_is_gone() {
+    let mut w = World::new(ONE_POOL);
+    let n = w.add_node("cloud1", "main", "small", NodeState::Ready);
+    w.edit_node(&n, |n, _| n.allocated_to = Some("200-0000000042".into()));
+    assert_eq!(
+        w.plan().actions,
+        vec![Action::Deallocate { node: n.clone() }]
+    );
+    // Still locked by an executor: leave it.
+    w.edit_node(&n, |_, l| *l = true);
+    assert!(w.plan().actions.is_empty());
+    // A consumer's allocation (not a request id) is not ours to undo.
+    w.edit_node(&n, |n, l| {
+        *l = false;
+        n.allocated_to = Some("jenkins:wmf".into());
+    });
+    assert!(w.plan().actions.is_empty());
+}
+
+#[test]
+fn disabled_providers_launch_nothing_and_drain() {
+    let cfg = ONE_POOL.replace("max-servers: 4", "max-servers: -1");
+    let mut w = World::new(&cfg);
+    let used = w.add_node("cloud1", "main", "small", NodeState::Used);
+    let busy = w.add_node("cloud1", "main", "small", NodeState::InUse);
+    w.edit_node(&busy, |_, l| *l = true);
+    let r = w.add_request(&["small"], "200");
+    let p = w.plan();
+    assert!(p.actions.iter().any(|a| matches!(a, Action::Decline { request, fail: true, reason, .. } if request == &r && reason.contains("disabled"))), "{:?}", p.actions);
+    assert!(p.actions.contains(&Action::DeleteNode {
+        node: used,
+        reason: DeleteReason::Unlocked
+    }));
+    assert_eq!(count(&p, is_launch), 0);
+}
+
+#[test]
+fn max_concurrency_limits_launches_in_flight() {
+    let cfg = ONE_POOL.replace(
+        "    driver: simulated\n",
+        "    driver: simulated\n    max-concurrency: 2\n",
+    );
+    let mut w = World::new(&cfg);
+    for _ in 0..4 {
+        w.add_request(&["small"], "200");
+    }
+    let p = w.plan();
+    assert_eq!(count(&p, is_launch), 2);
+    w.apply(&p);
+    assert_eq!(count(&w.plan(), is_launch), 0, "two still building");
+    w.finish_launches();
+    assert_eq!(count(&w.plan(), is_launch), 2);
+}
+
+#[test]
+fn min_ready_creates_the_deficit_once() {
+    let cfg = ONE_POOL.replace("  - name: small\n", "  - name: small\n    min-ready: 3\n");
+    let mut w = World::new(&cfg);
+    w.add_node("cloud1", "main", "small", NodeState::Ready);
+    let p = w.plan();
+    assert_eq!(
+        count(
+            &p,
+            |a| matches!(a, Action::CreateMinReady { label } if label == "small")
+        ),
+        2
+    );
+    w.apply(&p);
+    assert_eq!(
+        count(&w.plan(), |a| matches!(a, Action::CreateMinReady { .. })),
+        0
+    );
+    w.run(10);
+    let ready_free = w
+        .snapshot
+        .nodes
+        .iter()
+        .filter(|n| n.node.state == NodeState::Ready && n.node.allocated_to.is_none())
+        .count();
+    assert_eq!(ready_free, 3);
+    assert!(
+        w.snapshot.requests.is_empty(),
+        "finished min-ready requests are deleted"
+    );
+}
+
+#[test]
+fn min_ready_has_one_owner_among_launchers() {
+    let cfg = ONE_POOL.replace("  - name: small\n", "  - name: small\n    min-ready: 2\n");
+    let a = World::new(&cfg);
+    let mut b = World::new(&cfg);
+    // b is a second launcher for the same provider: its pool id differs.
+    let key = PoolKey::new("cloud1", "main");
+    b.local
+        .pool_ids
+        .insert(key, "second-PoolWorker.cloud1-main-1".into());
+    let mut both = a.snapshot.pools.clone();
+    both.push(PoolInfo {
+        id: "second-PoolWorker.cloud1-main-1".into(),
+        ..a.snapshot.pools[0].clone()
+    });
+    let mut a = a;
+    a.snapshot.pools = both.clone();
+    b.snapshot.pools = both;
+    let created = |w: &World| count(&w.plan(), |a| matches!(a, Action::CreateMinReady { .. }));
+    assert_eq!(
+        created(&a) + created(&b),
+        2,
+        "exactly one launcher creates the two requests"
+    );
+}
+
+#[test]
+fn leaked_servers_are_deleted_on_the_second_sighting() {
+    let mut w = World::new(ONE_POOL);
+    let known = w.add_node("cloud1", "main", "small", NodeState::Ready);
+    let server = |id: &str, node: &str, provider: &str| Instance {
+        external_id: id.into(),
+        name: format!("np{node}"),
+        status: nodepool_core::provider::InstanceStatus::Active,
+        metadata: [
+            ("nodepool_node_id".to_string(), node.to_string()),
+            ("nodepool_provider_name".to_string(), provider.to_string()),
+        ]
+        .into_iter()
+        .collect(),
+        public_ipv4: None,
+        private_ipv4: None,
+        public_ipv6: None,
+        interface_ip: None,
+        az: None,
+        region: None,
+        cloud: None,
+        host_id: None,
+        resources: None,
+    };
+    w.snapshot
+        .providers
+        .get_mut("cloud1")
+        .expect("view")
+        .instances = Some(vec![
+        server("srv-known", &known, "cloud1"),
+        server("srv-leaked", "0000009999", "cloud1"),
+        server("srv-other", "0000009998", "someone-else"),
+    ]);
+    let p = w.plan();
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a, Action::DeleteLeakedInstance { .. }))
+    );
+    assert!(
+        p.leak_suspects
+            .contains(&("cloud1".to_string(), "srv-leaked".to_string()))
+    );
+    assert_eq!(p.leak_suspects.len(), 1);
+    w.apply(&p);
+    let p = w.plan();
+    assert_eq!(
+        p.actions,
+        vec![Action::DeleteLeakedInstance {
+            provider: "cloud1".into(),
+            external_id: "srv-leaked".into()
+        }]
+    );
+    // Without a fresh listing the suspects are kept, nothing is deleted.
+    w.snapshot
+        .providers
+        .get_mut("cloud1")
+        .expect("view")
+        .instances = None;
+    let p = w.plan();
+    assert!(p.actions.is_empty());
+    assert_eq!(p.leak_suspects.len(), 1);
+}
+
+#[test]
+fn stale_request_lock_dirs_and_empty_nodes_are_removed() {
+    let mut w = World::new(ONE_POOL);
+    let live = w.add_request(&["small"], "200");
+    w.edit_request(&live, |r| r.state = RequestState::Fulfilled);
+    let old_ms = ((w.now - 9.0 * 3600.0) * 1000.0) as i64;
+    w.snapshot.request_lock_dirs = vec![
+        RequestLockDir {
+            id: "200-0000000001".into(),
+            mtime_ms: old_ms,
+            locked: false,
+        },
+        RequestLockDir {
+            id: "200-0000000002".into(),
+            mtime_ms: (w.now * 1000.0) as i64,
+            locked: false,
+        },
+        RequestLockDir {
+            id: live.clone(),
+            mtime_ms: old_ms,
+            locked: false,
+        },
+    ];
+    w.snapshot.empty_nodes = vec!["0000000777".into()];
+    let p = w.plan();
+    assert_eq!(
+        p.actions,
+        vec![
+            Action::DeleteRequestLockDir {
+                request: "200-0000000001".into()
+            },
+            Action::DeleteEmptyNode {
+                node: "0000000777".into()
+            },
+        ]
+    );
+}
+
+#[test]
+fn diskimage_labels_wait_for_a_ready_upload() {
+    let cfg = r#"
+labels: [{name: small}]
+diskimages: [{name: jammy}]
+providers:
+  - name: cloud1
+    driver: simulated
+    diskimages: [{name: jammy}]
+    pools:
+      - name: main
+        labels: [{name: small, diskimage: jammy, min-ram: 1}]
+"#;
+    let mut w = World::new(cfg);
+    let r = w.add_request(&["small"], "200");
+    let p = w.plan();
+    assert!(
+        matches!(&p.actions[..], [Action::Decline { request, reason, fail: true, .. }] if request == &r && reason.contains("no image"))
+    );
+    let mut w = World::new(cfg).with_ready_images();
+    w.add_ready_upload("cloud1", "jammy", "build1", w.now - 10.0);
+    w.add_request(&["small"], "200");
+    let p = w.plan();
+    let Some(Action::Launch { image, .. }) = p.actions.iter().find(|a| is_launch(a)) else {
+        panic!("no launch: {:?}", p.actions)
+    };
+    assert!(
+        matches!(image, nodepool_core::planner::LaunchImage::Upload { build, .. } if build == "build1"),
+        "the newest upload is used: {image:?}"
+    );
+}
+
+#[test]
+fn an_owned_request_that_vanished_is_released() {
+    let mut w = World::new(ONE_POOL);
+    let r = w.add_request(&["small"], "200");
+    let p = w.plan();
+    w.apply(&p);
+    w.snapshot.requests.clear();
+    let p = w.plan();
+    assert!(p.actions.contains(&Action::Release { request: r }));
+}
