@@ -1,6 +1,7 @@
 //! Quota arithmetic: the `resources` dict of a node and the limits of pools,
 //! tenants and clouds.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -17,17 +18,75 @@ pub const VOLUMES: &str = "volumes";
 /// Quota name for volume size in GB (the dash is Nodepool's spelling).
 pub const VOLUME_GB: &str = "volume-gb";
 
+type Name = Cow<'static, str>;
+
+/// Quota names without allocating for the common ones (quota arithmetic
+/// runs for every node and request of every planning pass).
+fn intern(name: &str) -> Name {
+    match name {
+        INSTANCES => Cow::Borrowed(INSTANCES),
+        CORES => Cow::Borrowed(CORES),
+        RAM => Cow::Borrowed(RAM),
+        VOLUMES => Cow::Borrowed(VOLUMES),
+        VOLUME_GB => Cow::Borrowed(VOLUME_GB),
+        other => Cow::Owned(other.to_owned()),
+    }
+}
+
+fn same(a: &str, b: &str) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+}
+
+/// A small map from quota name to amount, sorted by name.
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Amounts(Vec<(Name, i64)>);
+
+impl Amounts {
+    fn get(&self, name: &str) -> Option<i64> {
+        self.0.iter().find(|(k, _)| same(k, name)).map(|(_, v)| *v)
+    }
+
+    fn slot(&mut self, name: &str) -> &mut i64 {
+        // A handful of entries: a linear scan beats a binary search, and
+        // interned names usually match by pointer.
+        let pos = match self.0.iter().position(|(k, _)| same(k, name)) {
+            Some(i) => i,
+            None => {
+                let i = self.0.partition_point(|(k, _)| k.as_ref() < name);
+                self.0.insert(i, (intern(name), 0));
+                i
+            }
+        };
+        &mut self.0[pos].1
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.0.iter().map(|(k, v)| (k.as_ref(), *v))
+    }
+}
+
+impl Serialize for Amounts {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k.as_ref(), v)?;
+        }
+        m.end()
+    }
+}
+
 /// A bag of named quota amounts, e.g. `{"cores": 8, "instances": 1, "ram": 8192}`.
 ///
 /// Missing names count as zero. This is the node's `resources` field on the
 /// wire and the unit of every quota computation.
 #[derive(Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Resources(BTreeMap<String, i64>);
+pub struct Resources(Amounts);
 
 impl Resources {
     /// No resources.
     pub fn new() -> Self {
-        Resources(BTreeMap::new())
+        Resources(Amounts::default())
     }
 
     /// One server with the given cores and RAM (MiB).
@@ -41,7 +100,7 @@ impl Resources {
 
     /// Sets one amount.
     pub fn set(&mut self, name: &str, amount: i64) {
-        self.0.insert(name.to_owned(), amount);
+        *self.0.slot(name) = amount;
     }
 
     /// Builder form of [`Resources::set`].
@@ -52,31 +111,31 @@ impl Resources {
 
     /// One amount, zero when absent.
     pub fn get(&self, name: &str) -> i64 {
-        self.0.get(name).copied().unwrap_or(0)
+        self.0.get(name).unwrap_or(0)
     }
 
     /// Adds every amount of `other`.
     pub fn add(&mut self, other: &Resources) {
-        for (k, v) in &other.0 {
-            *self.0.entry(k.clone()).or_insert(0) += v;
+        for (k, v) in other.0.iter() {
+            *self.0.slot(k) += v;
         }
     }
 
     /// Subtracts every amount of `other`.
     pub fn subtract(&mut self, other: &Resources) {
-        for (k, v) in &other.0 {
-            *self.0.entry(k.clone()).or_insert(0) -= v;
+        for (k, v) in other.0.iter() {
+            *self.0.slot(k) -= v;
         }
     }
 
     /// Iterates over the named amounts.
     pub fn iter(&self) -> impl Iterator<Item = (&str, i64)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+        self.0.iter()
     }
 
     /// Whether no amount is set.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.0.is_empty()
     }
 }
 
@@ -91,30 +150,29 @@ impl<'de> Deserialize<'de> for Resources {
         // Drivers write ints; accept floats too (truncated) and skip values
         // that are not numbers rather than rejecting the whole node.
         let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
-        Ok(Resources(
-            raw.into_iter()
-                .filter_map(|(k, v)| {
-                    let n = v.as_i64().or_else(|| v.as_f64().map(|f| f as i64))?;
-                    Some((k, n))
-                })
-                .collect(),
-        ))
+        let mut r = Resources::new();
+        for (k, v) in raw {
+            if let Some(n) = v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)) {
+                r.set(&k, n);
+            }
+        }
+        Ok(r)
     }
 }
 
 /// Upper bounds on named amounts; a missing name is unlimited.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Limits(BTreeMap<String, i64>);
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Limits(Amounts);
 
 impl Limits {
     /// No limits at all.
     pub fn unlimited() -> Self {
-        Limits(BTreeMap::new())
+        Limits(Amounts::default())
     }
 
     /// Sets the limit for one name.
     pub fn set(&mut self, name: &str, limit: i64) {
-        self.0.insert(name.to_owned(), limit);
+        *self.0.slot(name) = limit;
     }
 
     /// Builder form of [`Limits::set`].
@@ -125,12 +183,12 @@ impl Limits {
 
     /// The limit for one name; `None` = unlimited.
     pub fn get(&self, name: &str) -> Option<i64> {
-        self.0.get(name).copied()
+        self.0.get(name)
     }
 
     /// Iterates over the limited names.
     pub fn iter(&self) -> impl Iterator<Item = (&str, i64)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+        self.0.iter()
     }
 
     /// Whether `used + need` stays within every limit.
@@ -145,39 +203,44 @@ impl Limits {
             if want == 0 {
                 return None;
             }
-            (used.get(name) + want > *limit).then_some(name.as_str())
+            (used.get(name) + want > limit).then_some(name)
         })
     }
 
     /// The tighter of two limit sets, name by name.
     pub fn min(&self, other: &Limits) -> Limits {
         let mut out = self.clone();
-        for (k, v) in &other.0 {
-            let e = out.0.entry(k.clone()).or_insert(*v);
-            *e = (*e).min(*v);
+        for (k, v) in other.0.iter() {
+            let cur = out.get(k).map_or(v, |c| c.min(v));
+            out.set(k, cur);
         }
         out
     }
 
     /// These limits minus some usage (e.g. cloud limits minus unmanaged servers).
     pub fn minus(&self, used: &Resources) -> Limits {
-        Limits(
-            self.0
-                .iter()
-                .map(|(k, v)| (k.clone(), v - used.get(k)))
-                .collect(),
-        )
+        let mut out = self.clone();
+        for (k, v) in self.0.iter() {
+            out.set(k, v - used.get(k));
+        }
+        out
     }
 
     /// Whether no name is limited.
     pub fn is_unlimited(&self) -> bool {
-        self.0.is_empty()
+        self.0.0.is_empty()
     }
 }
 
 impl fmt::Debug for Limits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map().entries(self.0.iter()).finish()
+    }
+}
+
+impl Serialize for Limits {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
     }
 }
 

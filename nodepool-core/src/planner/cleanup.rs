@@ -1,13 +1,15 @@
 //! Node cleanup (reference §4.1, §4.5), min-ready (§4.3) and housekeeping.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use super::fast::{FastMap, FastSet};
 
 use super::requests::Index;
 use super::{
     Action, DeleteReason, INIT_GRACE_SECS, LocalState, Plan, REQUEST_LOCK_CLEANUP_SECS, Snapshot,
     rendezvous_owner,
 };
-use crate::config::{Config, ImageSource};
+use crate::config::Config;
 use crate::model::{NodeState, RequestState, parse_request_id};
 
 /// Deletions and deallocations of nodes. Returns the indices of nodes this
@@ -19,11 +21,16 @@ pub(crate) fn nodes(
     now: f64,
     idx: &Index<'_>,
     plan: &mut Plan,
-) -> (Vec<usize>, HashSet<usize>) {
+) -> (Vec<usize>, FastSet<usize>) {
     let mut freed = Vec::new();
-    let mut deleted = HashSet::new();
-    let ours: HashSet<&str> = cfg.providers.iter().map(|p| p.name.as_str()).collect();
+    let mut deleted = FastSet::default();
+    let ours: FastSet<&str> = cfg.providers.iter().map(|p| p.name.as_str()).collect();
     let max_hold = cfg.max_hold_age.map(|d| d.as_secs_f64());
+    let max_ready_age: FastMap<&str, f64> = cfg
+        .labels
+        .iter()
+        .filter_map(|l| Some((l.name.as_str(), l.max_ready_age?.as_secs_f64())))
+        .collect();
     for (i, rec) in s.nodes.iter().enumerate() {
         let n = &rec.node;
         if rec.locked || !ours.contains(n.provider.as_str()) {
@@ -58,11 +65,9 @@ pub(crate) fn nodes(
                     let limit = n
                         .node_type
                         .iter()
-                        .filter_map(|l| cfg.label(l).and_then(|l| l.max_ready_age))
-                        .min();
-                    if let Some(limit) = limit
-                        && age > limit.as_secs_f64()
-                    {
+                        .filter_map(|l| max_ready_age.get(l.as_str()).copied())
+                        .reduce(f64::min);
+                    if limit.is_some_and(|limit| age > limit) {
                         plan.actions.push(Action::DeleteNode {
                             node: rec.id.clone(),
                             reason: DeleteReason::MaxReadyAge,
@@ -120,24 +125,41 @@ pub(crate) fn min_ready(
     idx: &Index<'_>,
     plan: &mut Plan,
 ) {
-    let our_ids: HashSet<&str> = local.pool_ids.values().map(String::as_str).collect();
-    // Every registered pool, plus ours if not yet visible.
-    let mut pools: Vec<(&str, Vec<&str>)> = s
-        .pools
+    let wanted: Vec<&crate::config::Label> =
+        cfg.labels.iter().filter(|l| l.min_ready > 0).collect();
+    // Registered pools serving each wanted label, plus ours if not yet visible.
+    let mut serving: FastMap<&str, Vec<&str>> = wanted
         .iter()
-        .map(|p| (p.id.as_str(), p.labels.iter().map(String::as_str).collect()))
+        .map(|l| (l.name.as_str(), Vec::new()))
         .collect();
-    for o in &idx.our_pools {
-        if !pools.iter().any(|(id, _)| *id == o.id) {
-            let pc = &cfg.providers[o.provider].pools[o.pool];
-            pools.push((
-                o.id.as_str(),
-                pc.labels.iter().map(|l| l.name.as_str()).collect(),
-            ));
+    let mut registered: FastSet<&str> = FastSet::default();
+    for p in &s.pools {
+        registered.insert(p.id.as_str());
+        for l in &p.labels {
+            if let Some(v) = serving.get_mut(l.as_str()) {
+                v.push(p.id.as_str());
+            }
         }
     }
+    // Whether some enabled pool of ours could boot the label now.
+    let mut available: FastSet<&str> = FastSet::default();
+    for o in &idx.our_pools {
+        let pc = &cfg.providers[o.provider].pools[o.pool];
+        for (l, info) in &o.labels {
+            if let Some(v) = serving.get_mut(l.as_str()) {
+                if !registered.contains(o.id.as_str()) {
+                    v.push(o.id.as_str());
+                }
+                if info.image.is_some() && !pc.is_disabled() {
+                    available.insert(l.as_str());
+                }
+            }
+        }
+    }
+    let ours: FastSet<&str> = idx.our_pools.iter().map(|o| o.id.as_str()).collect();
+
     // Nodes this pass already deletes or hands to a request are not spares.
-    let spoken_for: HashSet<&str> = plan
+    let spoken_for: FastSet<&str> = plan
         .actions
         .iter()
         .filter_map(|a| match a {
@@ -145,7 +167,7 @@ pub(crate) fn min_ready(
             _ => None,
         })
         .collect();
-    let mut ready_free: HashMap<&str, usize> = HashMap::new();
+    let mut ready_free: FastMap<&str, usize> = FastMap::default();
     for rec in &s.nodes {
         if rec.node.state == NodeState::Ready
             && rec.node.allocated_to.is_none()
@@ -158,7 +180,7 @@ pub(crate) fn min_ready(
     }
     // Outstanding min-ready requests (a fulfilled one is about to become a
     // ready spare, so it counts too; failed ones do not).
-    let mut outstanding: HashMap<&str, usize> = HashMap::new();
+    let mut outstanding: FastMap<&str, usize> = FastMap::default();
     for r in &s.requests {
         let req = &r.request;
         if !req.is_min_ready() {
@@ -169,55 +191,30 @@ pub(crate) fn min_ready(
                 *outstanding.entry(l.as_str()).or_default() += 1;
             }
         }
-        let ours = r.ephemeral_owner != 0 && r.ephemeral_owner == local.session_id;
-        if ours && matches!(req.state, RequestState::Fulfilled | RequestState::Failed) {
+        let mine = r.ephemeral_owner != 0 && r.ephemeral_owner == local.session_id;
+        if mine && matches!(req.state, RequestState::Fulfilled | RequestState::Failed) {
             plan.actions.push(Action::CompleteMinReady {
                 request: r.id.clone(),
             });
         }
     }
-    for label in cfg.labels.iter().filter(|l| l.min_ready > 0) {
-        let serving = pools
-            .iter()
-            .filter(|(_, ls)| ls.contains(&label.name.as_str()))
-            .map(|(id, _)| *id);
-        let Some(owner) = rendezvous_owner(&label.name, serving) else {
+    for label in wanted {
+        let name = label.name.as_str();
+        let candidates = serving.get(name).map(Vec::as_slice).unwrap_or(&[]);
+        let Some(owner) = rendezvous_owner(name, candidates.iter().copied()) else {
             continue;
         };
-        if !our_ids.contains(owner) && !idx.our_pools.iter().any(|o| o.id == owner) {
+        if !ours.contains(owner) || !available.contains(name) {
             continue;
         }
-        if !image_available(s, cfg, idx, &label.name) {
-            continue;
-        }
-        let have = ready_free.get(label.name.as_str()).copied().unwrap_or(0)
-            + outstanding.get(label.name.as_str()).copied().unwrap_or(0);
+        let have = ready_free.get(name).copied().unwrap_or(0)
+            + outstanding.get(name).copied().unwrap_or(0);
         for _ in have..label.min_ready as usize {
             plan.actions.push(Action::CreateMinReady {
                 label: label.name.clone(),
             });
         }
     }
-}
-
-/// Whether some enabled pool of ours could boot this label now.
-fn image_available(s: &Snapshot, cfg: &Config, idx: &Index<'_>, label: &str) -> bool {
-    cfg.providers.iter().any(|p| {
-        p.pools
-            .iter()
-            .filter(|pool| !pool.is_disabled())
-            .any(|pool| {
-                pool.label(label).is_some_and(|pl| match &pl.image {
-                    ImageSource::DiskImage(d) => idx
-                        .newest_upload
-                        .contains_key(&(p.name.as_str(), d.as_str())),
-                    ImageSource::CloudImage(c) => !s
-                        .providers
-                        .get(&p.name)
-                        .is_some_and(|v| v.missing_cloud_images.contains(c)),
-                })
-            })
-    })
 }
 
 /// Pending requests nobody holds (their launcher died): reset them. Returns
@@ -257,7 +254,7 @@ pub(crate) fn housekeeping(
     local: &LocalState,
     plan: &mut Plan,
 ) {
-    let present: HashSet<&str> = s.requests.iter().map(|r| r.id.as_str()).collect();
+    let present: FastSet<&str> = s.requests.iter().map(|r| r.id.as_str()).collect();
     for d in &s.request_lock_dirs {
         if !d.locked
             && !present.contains(d.id.as_str())
@@ -276,13 +273,16 @@ pub(crate) fn housekeeping(
     // Leaked servers: tagged for one of our providers, unknown to the
     // store, and seen so at the previous check too.
     let mut suspects = BTreeSet::new();
-    let checked: HashSet<&str> = s
+    let checked: FastSet<&str> = s
         .providers
         .iter()
         .filter(|(_, v)| v.instances.is_some())
         .map(|(p, _)| p.as_str())
         .collect();
-    let nodes: HashMap<(&str, &str), &crate::model::Node> = s
+    if checked.is_empty() && local.leak_suspects.is_empty() {
+        return;
+    }
+    let nodes: FastMap<(&str, &str), &crate::model::Node> = s
         .nodes
         .iter()
         .map(|r| ((r.node.provider.as_str(), r.id.as_str()), &*r.node))

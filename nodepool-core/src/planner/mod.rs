@@ -19,6 +19,7 @@
 //! [`images`] (the builder's plan: builds, uploads, retention).
 
 mod cleanup;
+mod fast;
 pub mod images;
 pub mod quota;
 mod rendezvous;
@@ -84,8 +85,8 @@ pub struct ProviderView {
     pub unmanaged: Resources,
     /// The cloud's own in-use totals, when it reports them.
     pub reported_usage: Option<Resources>,
-    /// Quota of one node, by (pool, label), from the flavors.
-    pub label_resources: BTreeMap<(String, String), Resources>,
+    /// Quota of one node, by pool then label, from the flavors.
+    pub label_resources: BTreeMap<String, BTreeMap<String, Resources>>,
     /// Availability zones of the cloud (used when a pool names none).
     pub availability_zones: Vec<String>,
     /// Cloud images (by config name) that the cloud does not have.
@@ -352,11 +353,20 @@ pub fn request_order_key(id: &str, relative_priority: i64) -> (String, i64, Stri
     }
 }
 
+/// [`request_order_key`] without allocating.
+pub(crate) fn request_order(id: &str, relative_priority: i64) -> (&str, i64, &str) {
+    match parse_request_id(id) {
+        Some((prio, seq)) => (prio, relative_priority, seq),
+        None => ("~", relative_priority, id),
+    }
+}
+
 /// Plans one pass for this launcher.
 pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) -> Plan {
     let mut plan = Plan::default();
     let mut index = requests::Index::build(snapshot, config, local);
-    let mut quota = quota::QuotaState::new(snapshot, config, &index.node_resources);
+    let mut quota =
+        quota::QuotaState::new(snapshot, config, &index.node_resources, &index.node_pool);
     let mut freed = cleanup::lost_requests(snapshot, local, &index, &mut plan);
     let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, &index, &mut plan);
     freed.extend(deallocated);

@@ -6,10 +6,13 @@
 //! Cloud usage is the larger of "unmanaged servers + our nodes" and what the
 //! cloud itself reports, so a launch is never planned into quota the cloud
 //! already says is full.
+//!
+//! Pools are addressed by their position in the configuration (providers in
+//! order, then their pools), the same numbering the request planner uses.
 
 use std::collections::HashMap;
 
-use super::{PoolKey, Snapshot};
+use super::Snapshot;
 use crate::config::Config;
 use crate::model::{INSTANCES, Limits, Resources};
 
@@ -24,109 +27,125 @@ pub enum QuotaBlock {
     Tenant(String),
 }
 
+#[derive(Debug)]
+struct PoolQuota {
+    provider: usize,
+    limits: Limits,
+    ignore_cloud: bool,
+    used: Resources,
+}
+
+#[derive(Debug, Default)]
+struct CloudQuota {
+    limits: Limits,
+    unmanaged: Resources,
+    reported: Option<Resources>,
+    ours: Resources,
+}
+
 /// Usage and limits during one pass.
 #[derive(Debug)]
 pub struct QuotaState {
-    pool_limits: HashMap<PoolKey, Limits>,
-    ignore_cloud: HashMap<PoolKey, bool>,
-    cloud_limits: HashMap<String, Limits>,
-    unmanaged: HashMap<String, Resources>,
-    reported: HashMap<String, Resources>,
+    pools: Vec<PoolQuota>,
+    clouds: Vec<CloudQuota>,
     tenant_limits: HashMap<String, Limits>,
-    pool_usage: HashMap<PoolKey, Resources>,
-    provider_usage: HashMap<String, Resources>,
     tenant_usage: HashMap<String, Resources>,
 }
 
 impl QuotaState {
-    /// Usage from the snapshot's nodes; `node_resources[i]` is the quota of
-    /// `snapshot.nodes[i]`.
-    pub fn new(snapshot: &Snapshot, config: &Config, node_resources: &[Resources]) -> Self {
+    /// Usage from the snapshot's nodes. `node_resources[i]` is the quota
+    /// of `snapshot.nodes[i]` and `node_pool[i]` its pool position, if the
+    /// pool is configured here.
+    pub fn new(
+        snapshot: &Snapshot,
+        config: &Config,
+        node_resources: &[std::borrow::Cow<'_, Resources>],
+        node_pool: &[Option<usize>],
+    ) -> Self {
         let mut q = QuotaState {
-            pool_limits: HashMap::new(),
-            ignore_cloud: HashMap::new(),
-            cloud_limits: HashMap::new(),
-            unmanaged: HashMap::new(),
-            reported: HashMap::new(),
+            pools: Vec::new(),
+            clouds: Vec::new(),
             tenant_limits: config
                 .tenant_resource_limits
                 .iter()
                 .map(|(t, l)| (t.clone(), l.clone()))
                 .collect(),
-            pool_usage: HashMap::new(),
-            provider_usage: HashMap::new(),
             tenant_usage: HashMap::new(),
         };
-        for p in &config.providers {
-            for pool in &p.pools {
-                let key = PoolKey::new(&p.name, &pool.name);
-                q.pool_limits.insert(key.clone(), pool.limits());
-                q.ignore_cloud.insert(key, pool.ignore_provider_quota);
-            }
+        let mut provider_pos: HashMap<&str, usize> = HashMap::new();
+        for (pi, p) in config.providers.iter().enumerate() {
+            provider_pos.insert(p.name.as_str(), pi);
+            let mut cloud = CloudQuota::default();
             if let Some(view) = snapshot.providers.get(&p.name) {
-                q.cloud_limits.insert(p.name.clone(), view.limits.clone());
-                q.unmanaged.insert(p.name.clone(), view.unmanaged.clone());
-                if let Some(r) = &view.reported_usage {
-                    q.reported.insert(p.name.clone(), r.clone());
-                }
+                cloud.limits = view.limits.clone();
+                cloud.unmanaged = view.unmanaged.clone();
+                cloud.reported = view.reported_usage.clone();
+            }
+            q.clouds.push(cloud);
+            for pool in &p.pools {
+                q.pools.push(PoolQuota {
+                    provider: pi,
+                    limits: pool.limits(),
+                    ignore_cloud: pool.ignore_provider_quota,
+                    used: Resources::new(),
+                });
             }
         }
-        for (rec, res) in snapshot.nodes.iter().zip(node_resources) {
+        let tenants = !q.tenant_limits.is_empty();
+        for ((rec, res), pos) in snapshot.nodes.iter().zip(node_resources).zip(node_pool) {
             let n = &rec.node;
-            q.pool_usage
-                .entry(PoolKey::new(&n.provider, &n.pool))
-                .or_default()
-                .add(res);
-            q.provider_usage
-                .entry(n.provider.clone())
-                .or_default()
-                .add(res);
-            if let Some(t) = &n.tenant_name {
-                q.tenant_usage.entry(t.clone()).or_default().add(res);
+            let provider = match pos {
+                Some(pos) => {
+                    q.pools[*pos].used.add(res);
+                    Some(q.pools[*pos].provider)
+                }
+                // A pool no longer configured: its nodes still use the cloud.
+                None => provider_pos.get(n.provider.as_str()).copied(),
+            };
+            if let Some(pi) = provider {
+                q.clouds[pi].ours.add(res);
+            }
+            if tenants
+                && let Some(t) = n
+                    .tenant_name
+                    .as_deref()
+                    .filter(|t| q.tenant_limits.contains_key(*t))
+            {
+                q.tenant_usage.entry(t.to_owned()).or_default().add(res);
             }
         }
         q
     }
 
-    fn cloud_used(&self, provider: &str) -> Resources {
-        let mut used = self.unmanaged.get(provider).cloned().unwrap_or_default();
-        if let Some(u) = self.provider_usage.get(provider) {
-            used.add(u);
-        }
-        if let Some(reported) = self.reported.get(provider) {
-            let mut out = Resources::new();
-            let names: std::collections::BTreeSet<&str> = used
-                .iter()
-                .map(|(k, _)| k)
-                .chain(reported.iter().map(|(k, _)| k))
-                .collect();
-            for name in names {
-                out.set(name, used.get(name).max(reported.get(name)));
+    fn cloud_used(&self, provider: usize) -> Resources {
+        let c = &self.clouds[provider];
+        let mut used = c.unmanaged.clone();
+        used.add(&c.ours);
+        if let Some(reported) = &c.reported {
+            for (name, v) in reported.iter() {
+                if v > used.get(name) {
+                    used.set(name, v);
+                }
             }
-            return out;
         }
         used
     }
 
-    /// Whether one more node needing `need` fits now in the pool, the cloud
-    /// and the tenant.
+    /// Whether one more node needing `need` fits now in the pool (by
+    /// position), the cloud and the tenant.
     pub fn can_launch(
         &self,
-        pool: &PoolKey,
+        pool: usize,
         tenant: Option<&str>,
         need: &Resources,
     ) -> Result<(), QuotaBlock> {
-        let empty = Resources::new();
-        if let Some(limits) = self.pool_limits.get(pool) {
-            let used = self.pool_usage.get(pool).unwrap_or(&empty);
-            if let Some(name) = limits.first_exceeded(used, need) {
-                return Err(QuotaBlock::Pool(name.to_owned()));
-            }
+        let p = &self.pools[pool];
+        if let Some(name) = p.limits.first_exceeded(&p.used, need) {
+            return Err(QuotaBlock::Pool(name.to_owned()));
         }
-        if !self.ignore_cloud.get(pool).copied().unwrap_or(false)
-            && let Some(limits) = self.cloud_limits.get(&pool.provider)
-        {
-            let used = self.cloud_used(&pool.provider);
+        let limits = &self.clouds[p.provider].limits;
+        if !p.ignore_cloud && !limits.is_unlimited() {
+            let used = self.cloud_used(p.provider);
             if let Some(name) = limits.first_exceeded(&used, need) {
                 return Err(QuotaBlock::Cloud(name.to_owned()));
             }
@@ -150,32 +169,28 @@ impl QuotaState {
 
     /// Whether `need` could ever fit in the pool: its limits, and the
     /// cloud's limits minus unmanaged usage, with no nodes of ours at all.
-    pub fn could_ever_fit(&self, pool: &PoolKey, need: &Resources) -> Result<(), QuotaBlock> {
-        let empty = Resources::new();
-        if let Some(limits) = self.pool_limits.get(pool)
-            && let Some(name) = limits.first_exceeded(&empty, need)
-        {
+    pub fn could_ever_fit(&self, pool: usize, need: &Resources) -> Result<(), QuotaBlock> {
+        let p = &self.pools[pool];
+        if let Some(name) = p.limits.first_exceeded(&Resources::new(), need) {
             return Err(QuotaBlock::Pool(name.to_owned()));
         }
-        if !self.ignore_cloud.get(pool).copied().unwrap_or(false)
-            && let Some(limits) = self.cloud_limits.get(&pool.provider)
+        let c = &self.clouds[p.provider];
+        if !p.ignore_cloud
+            && let Some(name) = c.limits.first_exceeded(&c.unmanaged, need)
         {
-            let unmanaged = self.unmanaged.get(&pool.provider).unwrap_or(&empty);
-            if let Some(name) = limits.first_exceeded(unmanaged, need) {
-                return Err(QuotaBlock::Cloud(name.to_owned()));
-            }
+            return Err(QuotaBlock::Cloud(name.to_owned()));
         }
         Ok(())
     }
 
     /// Records a planned launch.
-    pub fn add(&mut self, pool: &PoolKey, tenant: Option<&str>, need: &Resources) {
-        self.pool_usage.entry(pool.clone()).or_default().add(need);
-        self.provider_usage
-            .entry(pool.provider.clone())
-            .or_default()
-            .add(need);
-        if let Some(t) = tenant {
+    pub fn add(&mut self, pool: usize, tenant: Option<&str>, need: &Resources) {
+        self.pools[pool].used.add(need);
+        let provider = self.pools[pool].provider;
+        self.clouds[provider].ours.add(need);
+        if let Some(t) = tenant
+            && self.tenant_limits.contains_key(t)
+        {
             self.tenant_usage.entry(t.to_owned()).or_default().add(need);
         }
     }
@@ -187,30 +202,25 @@ impl QuotaState {
         if from == to {
             return;
         }
-        if let Some(t) = from {
+        if let Some(t) = from.filter(|t| self.tenant_limits.contains_key(*t)) {
             self.tenant_usage
                 .entry(t.to_owned())
                 .or_default()
                 .subtract(res);
         }
-        if let Some(t) = to {
+        if let Some(t) = to.filter(|t| self.tenant_limits.contains_key(*t)) {
             self.tenant_usage.entry(t.to_owned()).or_default().add(res);
         }
     }
 
-    /// Current usage of a pool.
-    pub fn pool_usage(&self, pool: &PoolKey) -> Resources {
-        self.pool_usage.get(pool).cloned().unwrap_or_default()
+    /// Current usage of a pool (by position).
+    pub fn pool_usage(&self, pool: usize) -> &Resources {
+        &self.pools[pool].used
     }
 
     /// Current usage of a tenant.
     pub fn tenant_usage(&self, tenant: &str) -> Resources {
         self.tenant_usage.get(tenant).cloned().unwrap_or_default()
-    }
-
-    /// Current cloud usage of a provider (unmanaged + ours, or reported).
-    pub fn cloud_usage(&self, provider: &str) -> Resources {
-        self.cloud_used(provider)
     }
 }
 

@@ -1,15 +1,28 @@
 //! Request pickup (reference §2.3), decline (§2.4) and fulfilment (§2.5).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+
+use super::fast::{FastMap, FastSet};
 
 use super::quota::{QuotaBlock, QuotaState, one_instance};
 use super::{
-    Action, DeleteReason, LaunchImage, LocalState, Plan, PoolInfo, PoolKey, PoolStatus, Snapshot,
-    request_order_key,
+    Action, DeleteReason, LaunchImage, LocalState, Plan, PoolKey, PoolStatus, Snapshot,
+    request_order, request_order_key,
 };
 use crate::config::{Config, ImageSource};
 use crate::model::{BuildState, NodeState, RequestState, Resources, UploadState};
 use crate::store::RequestRecord;
+
+/// What one of our pools needs to know about a label it serves.
+#[derive(Debug)]
+pub(crate) struct LabelInfo {
+    /// Quota of one node.
+    pub resources: Resources,
+    /// The image a launch would boot now, if any (shared: cloned only
+    /// when a launch is planned).
+    pub image: Option<std::sync::Arc<LaunchImage>>,
+}
 
 /// One of this launcher's pools.
 #[derive(Debug)]
@@ -19,58 +32,67 @@ pub(crate) struct OurPool {
     pub provider: usize,
     pub pool: usize,
     pub priority: i64,
+    /// The labels it serves.
+    pub labels: FastMap<String, LabelInfo>,
 }
 
-/// Lookups built once per pass.
+/// Lookups built once per pass. Pools are addressed by position in the
+/// configuration (`our_pools`), labels by `&str` into the snapshot.
 #[derive(Debug)]
 pub(crate) struct Index<'a> {
     /// Quota of each node, aligned with `snapshot.nodes`.
-    pub node_resources: Vec<Resources>,
+    pub node_resources: Vec<Cow<'a, Resources>>,
+    /// Our pool position of each node, if it is in one of our pools.
+    pub node_pool: Vec<Option<usize>>,
     /// Node indices allocated to each request.
-    pub allocations: HashMap<&'a str, Vec<usize>>,
-    /// Ready, unallocated, unlocked nodes per (pool, label), oldest first.
-    pub ready_free: HashMap<(PoolKey, &'a str), Vec<usize>>,
-    /// Ready, unallocated, unlocked nodes per pool, oldest first.
-    pub ready_free_in_pool: HashMap<PoolKey, Vec<usize>>,
-    /// Nodes being deleted per pool.
-    pub deleting_in_pool: HashMap<PoolKey, usize>,
+    pub allocations: FastMap<&'a str, Vec<usize>>,
+    /// Ready, unallocated, unlocked nodes per (pool position, label), oldest first.
+    pub ready_free: FastMap<(usize, &'a str), Vec<usize>>,
+    /// Ready, unallocated, unlocked nodes per pool position, oldest first.
+    pub ready_free_in_pool: Vec<Vec<usize>>,
+    /// Nodes being deleted per pool position.
+    pub deleting_in_pool: Vec<usize>,
     /// Launches in flight per provider (init/building nodes of our pools).
-    pub in_flight: HashMap<&'a str, usize>,
+    pub in_flight: FastMap<&'a str, usize>,
     /// This launcher's pools, in configuration order.
     pub our_pools: Vec<OurPool>,
     /// The newest ready upload per (provider, diskimage).
-    pub newest_upload: HashMap<(&'a str, &'a str), LaunchImage>,
+    pub newest_upload: FastMap<(&'a str, &'a str), std::sync::Arc<LaunchImage>>,
     /// Request index by id.
-    pub requests: HashMap<&'a str, usize>,
+    pub requests: FastMap<&'a str, usize>,
+    /// Nodes given back this pass (deallocated or freed from a lost request).
+    pub freed: FastSet<usize>,
 }
 
 fn label_resources(s: &Snapshot, provider: &str, pool: &str, label: &str) -> Option<Resources> {
     s.providers
         .get(provider)?
         .label_resources
-        .get(&(pool.to_owned(), label.to_owned()))
+        .get(pool)?
+        .get(label)
         .cloned()
 }
 
 impl<'a> Index<'a> {
     pub fn build(s: &'a Snapshot, cfg: &Config, local: &LocalState) -> Self {
-        let our_ids: HashSet<&str> = local.pool_ids.values().map(String::as_str).collect();
+        let our_ids: FastSet<&str> = local.pool_ids.values().map(String::as_str).collect();
         let mut idx = Index {
             node_resources: Vec::with_capacity(s.nodes.len()),
-            allocations: HashMap::new(),
-            ready_free: HashMap::new(),
-            ready_free_in_pool: HashMap::new(),
-            deleting_in_pool: HashMap::new(),
-            in_flight: HashMap::new(),
+            node_pool: Vec::with_capacity(s.nodes.len()),
+            allocations: FastMap::default(),
+            ready_free: FastMap::default(),
+            ready_free_in_pool: Vec::new(),
+            deleting_in_pool: Vec::new(),
+            in_flight: FastMap::default(),
             our_pools: Vec::new(),
-            newest_upload: HashMap::new(),
-            requests: s
-                .requests
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.id.as_str(), i))
-                .collect(),
+            newest_upload: FastMap::default(),
+            requests: FastMap::with_capacity_and_hasher(s.requests.len(), Default::default()),
+            freed: FastSet::default(),
         };
+        for (i, r) in s.requests.iter().enumerate() {
+            idx.requests.insert(r.id.as_str(), i);
+        }
+        let mut pool_pos: FastMap<(&str, &str), usize> = FastMap::default();
         for (pi, p) in cfg.providers.iter().enumerate() {
             for (qi, pool) in p.pools.iter().enumerate() {
                 let key = PoolKey::new(&p.name, &pool.name);
@@ -79,43 +101,47 @@ impl<'a> Index<'a> {
                     .get(&key)
                     .cloned()
                     .unwrap_or_else(|| format!("local-PoolWorker.{}-{}", p.name, pool.name));
+                pool_pos.insert((p.name.as_str(), pool.name.as_str()), idx.our_pools.len());
                 idx.our_pools.push(OurPool {
                     key,
                     id,
                     provider: pi,
                     pool: qi,
                     priority: pool.priority.unwrap_or(p.priority),
+                    labels: FastMap::default(),
                 });
             }
         }
+        idx.ready_free_in_pool = vec![Vec::new(); idx.our_pools.len()];
+        idx.deleting_in_pool = vec![0; idx.our_pools.len()];
         for (i, rec) in s.nodes.iter().enumerate() {
             let n = &rec.node;
-            let res = n
-                .resources
-                .clone()
-                .or_else(|| {
+            let res = match &n.resources {
+                Some(r) => Cow::Borrowed(r),
+                None => Cow::Owned(
                     n.node_type
                         .first()
                         .and_then(|l| label_resources(s, &n.provider, &n.pool, l))
-                })
-                .unwrap_or_else(one_instance);
+                        .unwrap_or_else(one_instance),
+                ),
+            };
             idx.node_resources.push(res);
             if let Some(r) = &n.allocated_to {
                 idx.allocations.entry(r.as_str()).or_default().push(i);
             }
-            let key = PoolKey::new(&n.provider, &n.pool);
-            match n.state {
-                NodeState::Ready if n.allocated_to.is_none() && !rec.locked => {
+            let pos = pool_pos
+                .get(&(n.provider.as_str(), n.pool.as_str()))
+                .copied();
+            idx.node_pool.push(pos);
+            match (n.state, pos) {
+                (NodeState::Ready, Some(pos)) if n.allocated_to.is_none() && !rec.locked => {
                     for l in &n.node_type {
-                        idx.ready_free
-                            .entry((key.clone(), l.as_str()))
-                            .or_default()
-                            .push(i);
+                        idx.ready_free.entry((pos, l.as_str())).or_default().push(i);
                     }
-                    idx.ready_free_in_pool.entry(key).or_default().push(i);
+                    idx.ready_free_in_pool[pos].push(i);
                 }
-                NodeState::Deleting => *idx.deleting_in_pool.entry(key).or_default() += 1,
-                NodeState::Init | NodeState::Building
+                (NodeState::Deleting, Some(pos)) => idx.deleting_in_pool[pos] += 1,
+                (NodeState::Init | NodeState::Building, _)
                     if n.launcher.as_deref().is_some_and(|l| our_ids.contains(l)) =>
                 {
                     *idx.in_flight.entry(n.provider.as_str()).or_default() += 1;
@@ -123,27 +149,18 @@ impl<'a> Index<'a> {
                 _ => {}
             }
         }
-        let oldest_first = |v: &mut Vec<usize>| {
-            v.sort_by(|a, b| {
-                s.nodes[*a]
-                    .node
-                    .state_time
-                    .total_cmp(&s.nodes[*b].node.state_time)
-                    .then_with(|| s.nodes[*a].id.cmp(&s.nodes[*b].id))
-            })
-        };
-        idx.ready_free.values_mut().for_each(oldest_first);
-        idx.ready_free_in_pool.values_mut().for_each(oldest_first);
+        idx.sort_free(s);
 
         // Newest ready upload of a ready build, per provider and image.
-        let ready_builds: HashSet<(&str, &str)> = s
+        let ready_builds: FastSet<(&str, &str)> = s
             .images
             .builds
             .iter()
             .filter(|b| b.build.state == BuildState::Ready)
             .map(|b| (b.image.as_str(), b.id.as_str()))
             .collect();
-        let mut best: HashMap<(&str, &str), (f64, &crate::store::UploadRecord)> = HashMap::new();
+        let mut best: FastMap<(&str, &str), (f64, &crate::store::UploadRecord)> =
+            FastMap::default();
         for u in &s.images.uploads {
             if u.upload.state != UploadState::Ready
                 || u.upload.external_id.is_none()
@@ -163,55 +180,78 @@ impl<'a> Index<'a> {
         for (k, (_, u)) in best {
             idx.newest_upload.insert(
                 k,
-                LaunchImage::Upload {
+                std::sync::Arc::new(LaunchImage::Upload {
                     image: u.image.clone(),
                     build: u.build_id.clone(),
                     upload: u.id.clone(),
                     external_id: u.upload.external_id.clone().unwrap_or_default(),
-                },
+                }),
             );
+        }
+        for pos in 0..idx.our_pools.len() {
+            let (pi, qi) = (idx.our_pools[pos].provider, idx.our_pools[pos].pool);
+            let provider = &cfg.providers[pi];
+            let pool = &provider.pools[qi];
+            let labels = pool
+                .labels
+                .iter()
+                .map(|l| {
+                    let info = LabelInfo {
+                        resources: label_resources(s, &provider.name, &pool.name, &l.name)
+                            .unwrap_or_else(one_instance),
+                        image: launch_image(s, &idx, &provider.name, l),
+                    };
+                    (l.name.clone(), info)
+                })
+                .collect();
+            idx.our_pools[pos].labels = labels;
         }
         idx
     }
-}
 
-impl<'a> Index<'a> {
-    /// Nodes deallocated this pass become reusable; nodes deleted this pass
-    /// are not.
-    pub fn update_free(&mut self, s: &'a Snapshot, freed: &[usize], deleted: &HashSet<usize>) {
-        if !deleted.is_empty() {
-            for v in self.ready_free.values_mut() {
-                v.retain(|i| !deleted.contains(i));
-            }
-            for v in self.ready_free_in_pool.values_mut() {
-                v.retain(|i| !deleted.contains(i));
-            }
-        }
-        if freed.is_empty() {
-            return;
-        }
-        for &i in freed {
-            let n = &s.nodes[i].node;
-            let key = PoolKey::new(&n.provider, &n.pool);
-            for l in &n.node_type {
-                self.ready_free
-                    .entry((key.clone(), l.as_str()))
-                    .or_default()
-                    .push(i);
-            }
-            self.ready_free_in_pool.entry(key).or_default().push(i);
-        }
+    fn sort_free(&mut self, s: &Snapshot) {
         let oldest_first = |v: &mut Vec<usize>| {
             v.sort_by(|a, b| {
                 s.nodes[*a]
                     .node
                     .state_time
                     .total_cmp(&s.nodes[*b].node.state_time)
-                    .then_with(|| s.nodes[*a].id.cmp(&s.nodes[*b].id))
+                    // Listings come sorted by id, so the index breaks ties by id.
+                    .then(a.cmp(b))
             })
         };
         self.ready_free.values_mut().for_each(oldest_first);
-        self.ready_free_in_pool.values_mut().for_each(oldest_first);
+        self.ready_free_in_pool.iter_mut().for_each(oldest_first);
+    }
+
+    /// Nodes deallocated this pass become reusable; nodes deleted this pass
+    /// are not.
+    pub fn update_free(&mut self, s: &'a Snapshot, freed: &[usize], deleted: &FastSet<usize>) {
+        if !deleted.is_empty() {
+            for v in self.ready_free.values_mut() {
+                v.retain(|i| !deleted.contains(i));
+            }
+            for v in self.ready_free_in_pool.iter_mut() {
+                v.retain(|i| !deleted.contains(i));
+            }
+        }
+        if freed.is_empty() {
+            return;
+        }
+        self.freed.extend(freed.iter().copied());
+        for &i in freed {
+            let Some(pos) = self.node_pool[i] else {
+                continue;
+            };
+            for l in &s.nodes[i].node.node_type {
+                self.ready_free
+                    .entry((pos, l.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+            self.ready_free_in_pool[pos].push(i);
+        }
+        self.sort_free(s);
     }
 }
 
@@ -261,56 +301,75 @@ impl PoolSet {
     }
 }
 
+/// A registered pool, as far as pickup needs it.
+struct RegPool<'r> {
+    provider: &'r str,
+    priority: i64,
+    paused: bool,
+}
+
 /// Registered pools and how to find them.
-struct Registry {
-    pools: Vec<PoolInfo>,
-    by_id: HashMap<String, usize>,
-    by_label: HashMap<String, PoolSet>,
+struct Registry<'r> {
+    pools: Vec<RegPool<'r>>,
+    by_id: FastMap<&'r str, usize>,
+    by_label: FastMap<&'r str, PoolSet>,
     all: PoolSet,
+    none: PoolSet,
     /// Registered index of each of our pools (aligned with `Index::our_pools`).
     ours: Vec<usize>,
+    /// Our pool position of each registered pool, if it is ours.
+    our_pos: Vec<Option<usize>>,
     is_ours: PoolSet,
 }
 
-impl Registry {
-    fn build(s: &Snapshot, cfg: &Config, idx: &Index<'_>) -> Self {
-        let mut pools = s.pools.clone();
+impl<'r> Registry<'r> {
+    fn build(s: &'r Snapshot, cfg: &'r Config, idx: &'r Index<'_>) -> Self {
+        let mut pools = Vec::with_capacity(s.pools.len() + idx.our_pools.len());
+        let mut by_id: FastMap<&'r str, usize> = FastMap::default();
+        let mut labels: Vec<Vec<&'r str>> = Vec::new();
+        for p in &s.pools {
+            by_id.insert(p.id.as_str(), pools.len());
+            pools.push(RegPool {
+                provider: p.provider.as_str(),
+                priority: p.priority,
+                paused: p.paused,
+            });
+            labels.push(p.labels.iter().map(String::as_str).collect());
+        }
         // Our own pools count even before their registration is visible.
         for ours in &idx.our_pools {
-            if !pools.iter().any(|p| p.id == ours.id) {
+            if !by_id.contains_key(ours.id.as_str()) {
                 let pc = &cfg.providers[ours.provider].pools[ours.pool];
-                pools.push(PoolInfo {
-                    id: ours.id.clone(),
-                    provider: ours.key.provider.clone(),
-                    pool: ours.key.pool.clone(),
-                    labels: pc.labels.iter().map(|l| l.name.clone()).collect(),
+                by_id.insert(ours.id.as_str(), pools.len());
+                pools.push(RegPool {
+                    provider: ours.key.provider.as_str(),
                     priority: ours.priority,
                     paused: false,
                 });
+                labels.push(pc.labels.iter().map(|l| l.name.as_str()).collect());
             }
         }
         let n = pools.len();
-        let mut by_label: HashMap<String, PoolSet> = HashMap::new();
-        for (i, p) in pools.iter().enumerate() {
-            for l in &p.labels {
+        let mut by_label: FastMap<&'r str, PoolSet> = FastMap::default();
+        for (i, ls) in labels.iter().enumerate() {
+            for l in ls {
                 by_label
-                    .entry(l.clone())
+                    .entry(l)
                     .or_insert_with(|| PoolSet::empty(n))
                     .insert(i);
             }
         }
-        let by_id: HashMap<String, usize> = pools
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (p.id.clone(), i))
-            .collect();
-        let ours: Vec<usize> = idx.our_pools.iter().map(|o| by_id[&o.id]).collect();
+        let ours: Vec<usize> = idx.our_pools.iter().map(|o| by_id[o.id.as_str()]).collect();
         let mut is_ours = PoolSet::empty(n);
-        for &i in &ours {
+        let mut our_pos = vec![None; n];
+        for (pos, &i) in ours.iter().enumerate() {
             is_ours.insert(i);
+            our_pos[i] = Some(pos);
         }
         Registry {
+            our_pos,
             all: PoolSet::full(n),
+            none: PoolSet::empty(n),
             pools,
             by_id,
             by_label,
@@ -320,9 +379,12 @@ impl Registry {
     }
 
     fn declined(&self, req: &RequestRecord) -> PoolSet {
+        if req.request.declined_by.is_empty() {
+            return self.none.clone();
+        }
         let mut d = PoolSet::empty(self.pools.len());
         for id in &req.request.declined_by {
-            if let Some(&i) = self.by_id.get(id) {
+            if let Some(&i) = self.by_id.get(id.as_str()) {
                 d.insert(i);
             }
         }
@@ -332,9 +394,9 @@ impl Registry {
     fn candidates(&self, labels: &[String], declined: &PoolSet) -> PoolSet {
         let mut c = self.all.clone();
         for l in labels {
-            match self.by_label.get(l) {
+            match self.by_label.get(l.as_str()) {
                 Some(set) => c.and(set),
-                None => return PoolSet::empty(self.pools.len()),
+                None => return self.none.clone(),
             }
         }
         c.and_not(declined);
@@ -344,10 +406,9 @@ impl Registry {
 
 /// Why one of our pools declines a request, if it does.
 fn decline_reason(
-    s: &Snapshot,
     cfg: &Config,
-    idx: &Index<'_>,
     quota: &QuotaState,
+    pos: usize,
     ours: &OurPool,
     req: &RequestRecord,
 ) -> Option<String> {
@@ -359,19 +420,27 @@ fn decline_reason(
     if provider.max_concurrency == Some(0) {
         return Some("provider handles no requests (max-concurrency 0)".into());
     }
-    let mut total = Resources::new();
+    let mut infos = Vec::with_capacity(req.request.node_types.len());
     for label in &req.request.node_types {
-        let Some(pl) = pool.label(label) else {
+        let Some(info) = ours.labels.get(label.as_str()) else {
             return Some(format!("label {label} is not supported"));
         };
-        if launch_image(s, idx, provider.name.as_str(), pl).is_none() {
+        if info.image.is_none() {
             return Some(format!("no image available for label {label}"));
         }
-        total.add(
-            &label_resources(s, &provider.name, &pool.name, label).unwrap_or_else(one_instance),
-        );
+        infos.push(&info.resources);
     }
-    match quota.could_ever_fit(&ours.key, &total) {
+    let fit = match infos.as_slice() {
+        [one] => quota.could_ever_fit(pos, one),
+        many => {
+            let mut total = Resources::new();
+            for r in many {
+                total.add(r);
+            }
+            quota.could_ever_fit(pos, &total)
+        }
+    };
+    match fit {
         Ok(()) => None,
         Err(QuotaBlock::Pool(q)) => Some(format!("request can never fit the pool's {q} limit")),
         Err(QuotaBlock::Cloud(q)) => Some(format!("request can never fit the cloud's {q} quota")),
@@ -384,7 +453,7 @@ fn launch_image(
     idx: &Index<'_>,
     provider: &str,
     label: &crate::config::PoolLabel,
-) -> Option<LaunchImage> {
+) -> Option<std::sync::Arc<LaunchImage>> {
     match &label.image {
         ImageSource::DiskImage(d) => idx.newest_upload.get(&(provider, d.as_str())).cloned(),
         ImageSource::CloudImage(c) => {
@@ -392,25 +461,27 @@ fn launch_image(
                 .providers
                 .get(provider)
                 .is_some_and(|v| v.missing_cloud_images.contains(c));
-            (!missing).then(|| LaunchImage::Cloud { name: c.clone() })
+            (!missing).then(|| std::sync::Arc::new(LaunchImage::Cloud { name: c.clone() }))
         }
     }
 }
 
 /// Per-pass mutable state.
-struct Pass<'p, 'a> {
+struct Pass<'p, 'a, 'r> {
     s: &'a Snapshot,
     cfg: &'p Config,
     idx: &'p Index<'a>,
-    reg: &'p Registry,
+    reg: &'p Registry<'r>,
     quota: &'p mut QuotaState,
     plan: &'p mut Plan,
     /// Nodes allocated or evicted this pass.
-    taken: HashSet<usize>,
+    taken: FastSet<usize>,
     /// Our pools paused this pass (by our-pool position).
     paused: Vec<bool>,
     /// Launches planned this pass per provider.
-    launches: HashMap<String, usize>,
+    launches: FastMap<String, usize>,
+    /// Our pools that evicted a node this pass.
+    evicted: Vec<bool>,
     addressable: Vec<usize>,
 }
 
@@ -421,7 +492,7 @@ enum Progress {
     Declined,
 }
 
-impl Pass<'_, '_> {
+impl Pass<'_, '_, '_> {
     fn concurrency_ok(&self, ours: &OurPool) -> bool {
         let provider = &self.cfg.providers[ours.provider];
         match provider.max_concurrency {
@@ -543,56 +614,51 @@ impl Pass<'_, '_> {
                 continue;
             }
             let label = r.node_types[slot].as_str();
-            if r.reuse {
-                let key = (ours.key.clone(), label);
-                if let Some(&i) = self.idx.ready_free.get(&key).and_then(|v| {
+            if r.reuse
+                && let Some(&i) = self.idx.ready_free.get(&(pos, label)).and_then(|v| {
                     v.iter().find(|&&i| {
                         !self.taken.contains(&i)
                             && (az.is_none()
                                 || nodes[i].node.az.is_none()
                                 || nodes[i].node.az == az)
                     })
-                }) {
-                    self.taken.insert(i);
-                    if az.is_none() {
-                        az = nodes[i].node.az.clone();
-                    }
-                    slots[slot] = Some(i);
-                    // A freed node's old tenant was already uncharged.
-                    let old = if self.idx.allocations.values().any(|v| v.contains(&i)) {
-                        None
-                    } else {
-                        nodes[i].node.tenant_name.as_deref()
-                    };
-                    self.quota
-                        .retag(old, r.tenant_name.as_deref(), &self.idx.node_resources[i]);
-                    self.plan.actions.push(Action::Allocate {
-                        request: req.id.clone(),
-                        node: nodes[i].id.clone(),
-                    });
-                    continue;
+                })
+            {
+                self.taken.insert(i);
+                if az.is_none() {
+                    az = nodes[i].node.az.clone();
                 }
+                slots[slot] = Some(i);
+                // A freed node's old tenant was already uncharged.
+                let old = if self.idx.freed.contains(&i) {
+                    None
+                } else {
+                    nodes[i].node.tenant_name.as_deref()
+                };
+                self.quota
+                    .retag(old, r.tenant_name.as_deref(), &self.idx.node_resources[i]);
+                self.plan.actions.push(Action::Allocate {
+                    request: req.id.clone(),
+                    node: nodes[i].id.clone(),
+                });
+                continue;
             }
-            let Some(pl) = pool.label(label) else {
+            let Some(info) = ours.labels.get(label) else {
                 return Progress::Waiting;
             };
-            let Some(image) = launch_image(self.s, self.idx, &provider.name, pl) else {
+            let Some(image) = info.image.as_deref().cloned() else {
                 return Progress::Waiting;
             };
             if !self.concurrency_ok(ours) {
                 return Progress::Waiting;
             }
-            let need = label_resources(self.s, &provider.name, &pool.name, label)
-                .unwrap_or_else(one_instance);
-            match self
-                .quota
-                .can_launch(&ours.key, r.tenant_name.as_deref(), &need)
-            {
+            let need = info.resources.clone();
+            match self.quota.can_launch(pos, r.tenant_name.as_deref(), &need) {
                 Ok(()) => {
                     if az.is_none() {
                         az = choose_az(self.s, pool, &provider.name, &req.id);
                     }
-                    self.quota.add(&ours.key, r.tenant_name.as_deref(), &need);
+                    self.quota.add(pos, r.tenant_name.as_deref(), &need);
                     *self.launches.entry(provider.name.clone()).or_default() += 1;
                     self.plan.actions.push(Action::Launch {
                         request: req.id.clone(),
@@ -653,22 +719,15 @@ impl Pass<'_, '_> {
     /// Frees quota for a waiting request by deleting the oldest unused ready
     /// node of the pool — unless a deletion there is already under way.
     fn evict(&mut self, pos: usize) {
-        let key = &self.idx.our_pools[pos].key;
-        let already = self.idx.deleting_in_pool.get(key).copied().unwrap_or(0) > 0
-            || self.plan.actions.iter().any(|a| {
-                matches!(a, Action::DeleteNode { reason: DeleteReason::Evicted, node }
-                    if self.s.nodes.iter().any(|n| &n.id == node && n.node.provider == key.provider && n.node.pool == key.pool))
-            });
-        if already {
+        if self.evicted[pos] || self.idx.deleting_in_pool[pos] > 0 {
             return;
         }
-        if let Some(&i) = self
-            .idx
-            .ready_free_in_pool
-            .get(key)
-            .and_then(|v| v.iter().find(|&&i| !self.taken.contains(&i)))
+        if let Some(&i) = self.idx.ready_free_in_pool[pos]
+            .iter()
+            .find(|&&i| !self.taken.contains(&i))
         {
             self.taken.insert(i);
+            self.evicted[pos] = true;
             self.plan.actions.push(Action::DeleteNode {
                 node: self.s.nodes[i].id.clone(),
                 reason: DeleteReason::Evicted,
@@ -710,7 +769,7 @@ pub(crate) fn plan_requests(
     plan: &mut Plan,
 ) {
     let reg = Registry::build(s, cfg, idx);
-    let our_by_key: HashMap<&PoolKey, usize> = idx
+    let our_by_key: FastMap<&PoolKey, usize> = idx
         .our_pools
         .iter()
         .enumerate()
@@ -723,9 +782,10 @@ pub(crate) fn plan_requests(
         reg: &reg,
         quota,
         plan,
-        taken: HashSet::new(),
+        taken: FastSet::default(),
         paused: vec![false; idx.our_pools.len()],
-        launches: HashMap::new(),
+        launches: FastMap::default(),
+        evicted: vec![false; idx.our_pools.len()],
         addressable: vec![0; idx.our_pools.len()],
     };
 
@@ -776,7 +836,10 @@ pub(crate) fn plan_requests(
                 && !local.owned_requests.contains_key(&r.id)
         })
         .collect();
-    waiting.sort_by_cached_key(|r| request_order_key(&r.id, r.request.relative_priority));
+    waiting.sort_by(|a, b| {
+        request_order(&a.id, a.request.relative_priority)
+            .cmp(&request_order(&b.id, b.request.relative_priority))
+    });
 
     for req in waiting {
         let r = &req.request;
@@ -802,7 +865,7 @@ pub(crate) fn plan_requests(
         if let Some(p) = &r.provider {
             let mut of_provider = PoolSet::empty(reg.pools.len());
             for i in cand.iter() {
-                if &reg.pools[i].provider == p {
+                if reg.pools[i].provider == p {
                     of_provider.insert(i);
                 }
             }
@@ -816,8 +879,9 @@ pub(crate) fn plan_requests(
             .filter(|&i| !reg.is_ours.contains(i) && !reg.pools[i].paused)
             .map(|i| reg.pools[i].priority)
             .min();
-        let mut eligible: Vec<usize> = (0..idx.our_pools.len())
-            .filter(|&pos| cand.contains(reg.ours[pos]))
+        let mut eligible: Vec<usize> = cand
+            .iter()
+            .filter_map(|i| reg.our_pos[i])
             .filter(|&pos| best_other.is_none_or(|b| idx.our_pools[pos].priority <= b))
             .collect();
         if eligible.is_empty() {
@@ -832,28 +896,33 @@ pub(crate) fn plan_requests(
         let mut taker = None;
         let mut deferred = false;
         for &pos in &eligible {
-            if let Some(reason) = decline_reason(s, cfg, idx, pass.quota, &idx.our_pools[pos], req)
-            {
+            let blocked = pass.paused[pos] || !pass.concurrency_ok(&idx.our_pools[pos]);
+            // Once the request waits anyway, a blocked pool's verdict changes
+            // nothing: skip it (a backlog would otherwise re-check every
+            // paused pool for every waiting request).
+            if blocked && deferred {
+                continue;
+            }
+            if let Some(reason) = decline_reason(cfg, pass.quota, pos, &idx.our_pools[pos], req) {
                 decliners.push((pos, reason));
                 continue;
             }
-            if pass.paused[pos] || !pass.concurrency_ok(&idx.our_pools[pos]) {
+            if blocked {
                 deferred = true;
                 continue;
             }
-            let mut total = Resources::new();
-            let ours = &idx.our_pools[pos];
-            for l in &r.node_types {
-                total.add(
-                    &label_resources(s, &ours.key.provider, &ours.key.pool, l)
-                        .unwrap_or_else(one_instance),
-                );
-            }
-            if pass
-                .quota
-                .tenant_fits(r.tenant_name.as_deref(), &total)
-                .is_err()
-            {
+            let tenant_blocked = r.tenant_name.is_some() && {
+                let mut total = Resources::new();
+                for l in &r.node_types {
+                    if let Some(info) = idx.our_pools[pos].labels.get(l.as_str()) {
+                        total.add(&info.resources);
+                    }
+                }
+                pass.quota
+                    .tenant_fits(r.tenant_name.as_deref(), &total)
+                    .is_err()
+            };
+            if tenant_blocked {
                 deferred = true;
                 continue;
             }

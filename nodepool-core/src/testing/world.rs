@@ -104,7 +104,9 @@ impl World {
                         .map(|f| Resources::server(f.vcpus, f.ram))
                         .unwrap_or_default();
                     view.label_resources
-                        .insert((pool.name.clone(), l.name.clone()), res);
+                        .entry(pool.name.clone())
+                        .or_default()
+                        .insert(l.name.clone(), res);
                 }
             }
             w.snapshot.providers.insert(p.name.clone(), view);
@@ -179,7 +181,7 @@ impl World {
         self.snapshot
             .providers
             .get(provider)
-            .and_then(|v| v.label_resources.get(&(pool.to_owned(), label.to_owned())))
+            .and_then(|v| v.label_resources.get(pool)?.get(label))
             .cloned()
             .unwrap_or_else(|| Resources::server(4, 8192))
     }
