@@ -16,6 +16,9 @@
 //!   trait (diskimage-builder).
 //! - [`consumer`]: the [`NodeConsumer`](consumer::NodeConsumer) trait
 //!   (Jenkins).
+//! - [`simulated`]: the built-in simulated cloud
+//!   ([`SimulatedProvider`](simulated::SimulatedProvider), `driver:
+//!   simulated`) for tests, benchmarks and the quick start.
 //! - `testing` (feature `testing`): an in-memory store and the shared
 //!   conformance suites every backend runs.
 
@@ -26,6 +29,7 @@ pub mod model;
 pub mod planner;
 pub mod provider;
 pub mod requestor;
+pub mod simulated;
 pub mod store;
 
 #[cfg(feature = "testing")]

@@ -6,4 +6,5 @@ mod memory_store;
 mod world;
 
 pub use memory_store::MemoryStore;
-pub use world::{World, resolve_flavor};
+pub use crate::simulated::resolve_flavor;
+pub use world::World;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::config::{Config, Driver, ImageSource, PoolLabel, SimulatedFlavor};
+use crate::config::{Config, Driver, ImageSource, SimulatedFlavor};
 use crate::model::{
     BuildState, ImageBuild, ImageUpload, MIN_READY_REQUESTOR, Node, NodeRequest, NodeState,
     RequestState, Resources, UploadState,
@@ -13,28 +13,8 @@ use crate::model::{
 use crate::planner::{
     Action, LaunchImage, LocalState, Plan, PoolInfo, PoolKey, ProviderView, Snapshot, plan,
 };
+use crate::simulated::resolve_flavor;
 use crate::store::{BuildRecord, NodeRecord, RequestRecord, UploadRecord};
-
-/// Picks a flavor the way Nodepool does: by name (or id) when
-/// `flavor-name` is given (a substring filter when `min-ram` is given
-/// too), else the smallest flavor with at least `min-ram`.
-pub fn resolve_flavor<'f>(
-    flavors: &'f [SimulatedFlavor],
-    label: &PoolLabel,
-) -> Option<&'f SimulatedFlavor> {
-    let mut candidates: Vec<&SimulatedFlavor> = flavors.iter().collect();
-    match (&label.flavor_name, label.min_ram) {
-        (Some(name), None) => return flavors.iter().find(|f| &f.name == name),
-        (Some(name), Some(_)) => candidates.retain(|f| f.name.contains(name.as_str())),
-        _ => {}
-    }
-    if let Some(min) = label.min_ram {
-        candidates.retain(|f| f.ram >= min);
-    }
-    candidates
-        .into_iter()
-        .min_by_key(|f| (f.ram, f.vcpus, f.name.clone()))
-}
 
 /// A modelled installation.
 #[derive(Clone, Debug)]

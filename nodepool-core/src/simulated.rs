@@ -1,0 +1,1391 @@
+//! The built-in simulated cloud (`driver: simulated`): a real [`Provider`]
+//! with in-memory servers, images, flavors, floating IPs and ports.
+//!
+//! It is what tests, benchmarks and the quick start launch into. It is not
+//! a mock of the OpenStack APIs: it keeps the same behaviour contract as
+//! `nodepool-openstack` and passes the same conformance suite
+//! (`nodepool_core::testing::conformance::provider`). Servers carry the
+//! metadata the launcher puts in [`InstanceSpec::metadata`] (cut to Nova's
+//! 255-byte limit like OpenStack does), so leak detection works the same.
+//!
+//! Behaviour comes from the provider's [`SimulatedCloud`] knobs:
+//!
+//! - **Time.** A server is `Building` for `boot-delay` after its create,
+//!   then `Active`; a delete takes `delete-delay`. Everything is measured on
+//!   tokio's clock (`tokio::time`), so tests on a paused clock are exact.
+//!   State changes are computed from the clock when the cloud is next looked
+//!   at, not by background tasks, so a cancelled wait or delete never leaves
+//!   a server half-way.
+//! - **Quota.** A create that would exceed `quota` fails at once with
+//!   [`ProviderError::QuotaExceeded`] and Nova's message. Every existing
+//!   server counts, including ones in ERROR or being deleted, as in Nova.
+//! - **Failures.** Each create, delete and upload rolls a die from its own
+//!   splitmix64 stream seeded by `seed`, so the n-th create of a run fails or
+//!   not whatever the other operations did. A failed create is accepted and
+//!   then goes ERROR with a fault (seen by `wait_for_instance` as
+//!   [`ProviderError::ServerFailed`]); a failed delete leaves the server in
+//!   ERROR; a failed upload leaves no image.
+//! - **Leaks.** `leaked-servers: N` servers exist from the start, tagged for
+//!   this provider with node ids (`9000000000` and up) that no store issues.
+//!
+//! Tests reach further with the hooks on [`SimulatedProvider`]
+//! (`inject_*`, [`set_failure_rates`](SimulatedProvider::set_failure_rates),
+//! [`fail_server`](SimulatedProvider::fail_server), ...).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::config::{Driver, PoolLabel, ProviderConfig, SimulatedCloud, SimulatedFlavor};
+use crate::model::{Limits, Resources, VOLUME_GB, VOLUMES};
+use crate::provider::{
+    CloudImageInfo, CloudResource, ImageRef, ImageUploadSpec, Instance, InstanceSpec,
+    InstanceStatus, META_GROUPS, META_NODE_ID, META_POOL, META_PROVIDER, Provider, ProviderError,
+    ResourceKind,
+};
+
+/// Longest metadata key or value Nova takes, in bytes; longer ones are cut
+/// on a character boundary (as `nodepool-openstack` does before sending).
+const METADATA_LIMIT: usize = 255;
+
+/// First node id of the servers `leaked-servers` creates: far beyond any id
+/// a store's sequence reaches, so the store never knows them.
+const LEAKED_NODE_ID_BASE: u64 = 9_000_000_000;
+
+/// Hypervisors per availability zone (servers spread over them by host_id).
+const HOSTS_PER_AZ: u64 = 4;
+
+/// The fault of a server whose create failed by the dice.
+const CREATE_FAULT: &str =
+    "simulated create failure: No valid host was found. There are not enough hosts available.";
+
+/// The fault of a server whose delete failed by the dice.
+const DELETE_FAULT: &str = "simulated delete failure: error while deleting the server";
+
+/// Picks a flavor the way Nodepool does (reference §3.4): with `min-ram`,
+/// the smallest flavor with at least that much RAM whose name contains
+/// `flavor-name` (when given), ties broken by name; with `flavor-name`
+/// alone, the flavor of that name (a simulated flavor's id is its name).
+/// `None` when nothing matches.
+pub fn resolve_flavor<'f>(
+    flavors: &'f [SimulatedFlavor],
+    label: &PoolLabel,
+) -> Option<&'f SimulatedFlavor> {
+    match (label.min_ram, &label.flavor_name) {
+        (Some(min_ram), name) => flavors
+            .iter()
+            .filter(|f| f.ram >= min_ram)
+            .filter(|f| name.as_ref().is_none_or(|n| f.name.contains(n.as_str())))
+            .min_by(|a, b| (a.ram, &a.name).cmp(&(b.ram, &b.name))),
+        (None, Some(name)) => flavors.iter().find(|f| &f.name == name),
+        (None, None) => None,
+    }
+}
+
+/// Probabilities (0 to 1) that a create, delete or upload fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FailureRates {
+    /// A server create: the server goes ERROR instead of ACTIVE.
+    pub create: f64,
+    /// A server delete: the server goes ERROR instead of away.
+    pub delete: f64,
+    /// An image upload: no image is left.
+    pub upload: f64,
+}
+
+impl FailureRates {
+    fn clamped(self) -> Self {
+        let c = |p: f64| if p.is_nan() { 0.0 } else { p.clamp(0.0, 1.0) };
+        FailureRates {
+            create: c(self.create),
+            delete: c(self.delete),
+            upload: c(self.upload),
+        }
+    }
+}
+
+/// splitmix64: tiny, fast and good enough for failure dice; no crate needed.
+#[derive(Clone, Debug)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// Stream `stream` of `seed`: streams start far apart, so rolls in one
+    /// do not shift the others.
+    fn new(seed: u64, stream: u64) -> Self {
+        let mut s = SplitMix64(seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        s.next_u64();
+        s
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// True with probability `p`. Always draws, so the n-th roll of a
+    /// stream is the same whatever the rates were before it.
+    fn roll(&mut self, p: f64) -> bool {
+        let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        u < p
+    }
+
+    /// A UUID-shaped id (version 4 layout), as Nova and Glance give.
+    fn uuid(&mut self) -> String {
+        let hi = u128::from(self.next_u64());
+        let lo = u128::from(self.next_u64());
+        let bytes = ((hi << 64) | lo).to_be_bytes();
+        uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .to_string()
+    }
+}
+
+/// FNV-1a: a stable hash of a name (std's hashers may change between
+/// releases, and ids must not).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The longest prefix of `s` of at most `max` bytes ending on a character
+/// boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Whether a fault says a quota ran out; the same test the OpenStack
+/// backend applies to Nova faults.
+fn is_quota_message(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    (m.contains("quota") && (m.contains("exceed") || m.contains("overquota")))
+        || m.contains("overquota")
+        || m.contains("number of ports exceeded")
+}
+
+/// An accepted delete: when it completes and whether it fails.
+#[derive(Clone, Copy, Debug)]
+struct Deletion {
+    at: Instant,
+    fails: bool,
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct Server {
+    /// The instance as listed, except `status` (computed from the clock).
+    base: Instance,
+    /// When it leaves BUILD.
+    ready_at: Instant,
+    /// ERROR instead of ACTIVE at `ready_at` (the create die failed).
+    boot_fault: Option<String>,
+    /// ERROR now (a hook, or a failed delete).
+    error: Option<String>,
+    deleting: Option<Deletion>,
+    /// Wakes `wait_for_instance` when the server changes before `ready_at`.
+    changed: Arc<Notify>,
+}
+
+impl Server {
+    fn status(&self, now: Instant) -> InstanceStatus {
+        if self.deleting.is_some() {
+            InstanceStatus::Deleting
+        } else if let Some(f) = &self.error {
+            InstanceStatus::Error(f.clone())
+        } else if now < self.ready_at {
+            InstanceStatus::Building
+        } else if let Some(f) = &self.boot_fault {
+            InstanceStatus::Error(f.clone())
+        } else {
+            InstanceStatus::Active
+        }
+    }
+
+    fn instance(&self, now: Instant) -> Instance {
+        let mut i = self.base.clone();
+        i.status = self.status(now);
+        i
+    }
+
+    fn resources(&self) -> Option<&Resources> {
+        self.base.resources.as_ref()
+    }
+}
+
+/// Everything mutable, behind the provider's one lock. The lock is never
+/// held across an `.await`.
+#[derive(Debug)]
+struct State {
+    servers: IndexMap<String, Server>,
+    /// Accepted deletes by completion time, applied by `settle`.
+    pending_deletes: BTreeMap<(Instant, u64), String>,
+    /// Quota used by every existing server.
+    usage: Resources,
+    quota: Limits,
+    rates: FailureRates,
+    create_dice: SplitMix64,
+    delete_dice: SplitMix64,
+    upload_dice: SplitMix64,
+    ids: SplitMix64,
+    images: IndexMap<String, CloudImageInfo>,
+    floating_ips: IndexMap<String, CloudResource>,
+    ports: IndexMap<String, CloudResource>,
+    /// Servers ever created; numbers addresses and spreads hosts.
+    created: u64,
+    az_cursor: usize,
+    seq: u64,
+}
+
+impl State {
+    /// Applies every delete whose time has come: the server goes away, or
+    /// to ERROR when its delete failed.
+    fn settle(&mut self, now: Instant) {
+        while let Some(entry) = self.pending_deletes.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, seq), id) = entry.remove_entry();
+            let Some(s) = self.servers.get_mut(&id) else {
+                continue;
+            };
+            let Some(d) = s.deleting.filter(|d| d.seq == seq) else {
+                continue;
+            };
+            if d.fails {
+                s.deleting = None;
+                s.error = Some(DELETE_FAULT.to_owned());
+                s.changed.notify_waiters();
+            } else if let Some(s) = self.servers.shift_remove(&id) {
+                if let Some(r) = s.resources() {
+                    self.usage.subtract(r);
+                }
+                s.changed.notify_waiters();
+            }
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+}
+
+/// What a new server is made of.
+struct NewServer {
+    name: String,
+    metadata: IndexMap<String, String>,
+    resources: Resources,
+    az: Option<String>,
+    ready_at: Instant,
+    boot_fault: Option<String>,
+}
+
+struct Inner {
+    name: String,
+    cloud: String,
+    region: Option<String>,
+    /// Pool name written on injected leaked servers.
+    leak_pool: String,
+    boot_delay: Duration,
+    delete_delay: Duration,
+    flavors: Vec<SimulatedFlavor>,
+    azs: Vec<String>,
+    skip_nodescan: bool,
+    /// Per-provider salt of host ids.
+    salt: u64,
+    state: Mutex<State>,
+}
+
+/// The simulated cloud of one provider. Cheap to clone (clones share the
+/// cloud); use it as `Arc<dyn Provider>` or keep a clone for the hooks.
+#[derive(Clone)]
+pub struct SimulatedProvider {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SimulatedProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimulatedProvider")
+            .field("name", &self.inner.name)
+            .field("servers", &self.server_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimulatedProvider {
+    /// The simulated cloud of a `nodepool.yaml` provider, which must have
+    /// `driver: simulated` (any other driver is an `InvalidRequest`).
+    pub fn new(provider: &ProviderConfig) -> Result<Self, ProviderError> {
+        match &provider.driver {
+            Driver::Simulated(knobs) => Ok(Self::with_knobs(provider, knobs.clone())),
+            other => Err(ProviderError::InvalidRequest(format!(
+                "provider {}: driver {} is not the simulated cloud",
+                provider.name,
+                other.name()
+            ))),
+        }
+    }
+
+    /// The simulated cloud of a provider with explicit knobs (the provider's
+    /// own driver is ignored): its name, `cloud`, `region-name`,
+    /// `cloud-images` (present from the start) and first pool (written on
+    /// leaked servers) are used.
+    pub fn with_knobs(provider: &ProviderConfig, knobs: SimulatedCloud) -> Self {
+        let salt = fnv1a(&provider.name);
+        let seed = knobs.seed;
+        let mut state = State {
+            servers: IndexMap::new(),
+            pending_deletes: BTreeMap::new(),
+            usage: Resources::new(),
+            quota: knobs.quota.clone(),
+            rates: FailureRates {
+                create: knobs.create_failure_rate,
+                delete: knobs.delete_failure_rate,
+                upload: knobs.upload_failure_rate,
+            }
+            .clamped(),
+            create_dice: SplitMix64::new(seed, 1),
+            delete_dice: SplitMix64::new(seed, 2),
+            upload_dice: SplitMix64::new(seed, 3),
+            // Ids also depend on the provider, so two simulated clouds with
+            // one seed never share a server id.
+            ids: SplitMix64::new(seed ^ salt, 4),
+            images: IndexMap::new(),
+            floating_ips: IndexMap::new(),
+            ports: IndexMap::new(),
+            created: 0,
+            az_cursor: 0,
+            seq: 0,
+        };
+        for c in &provider.cloud_images {
+            let id = match &c.image_id {
+                Some(id) => id.clone(),
+                None => state.ids.uuid(),
+            };
+            let name = c.image_name.clone().unwrap_or_else(|| c.name.clone());
+            state.images.insert(
+                id.clone(),
+                CloudImageInfo {
+                    id,
+                    name,
+                    status: "active".into(),
+                    properties: IndexMap::new(),
+                },
+            );
+        }
+        let p = SimulatedProvider {
+            inner: Arc::new(Inner {
+                name: provider.name.clone(),
+                cloud: provider
+                    .cloud
+                    .clone()
+                    .unwrap_or_else(|| provider.name.clone()),
+                region: provider.region_name.clone(),
+                leak_pool: provider
+                    .pools
+                    .first()
+                    .map_or_else(|| "main".to_owned(), |p| p.name.clone()),
+                boot_delay: knobs.boot_delay,
+                delete_delay: knobs.delete_delay,
+                flavors: knobs.flavors,
+                azs: knobs.availability_zones,
+                skip_nodescan: knobs.skip_nodescan,
+                salt,
+                state: Mutex::new(state),
+            }),
+        };
+        for i in 0..u64::from(knobs.leaked_servers) {
+            p.inject_leaked_server(&format!("{:010}", LEAKED_NODE_ID_BASE + i));
+        }
+        p
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps inconsistent
+        // in a way that matters more than losing the whole cloud would.
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn flavor_for(&self, label: &PoolLabel) -> Result<&SimulatedFlavor, ProviderError> {
+        resolve_flavor(&self.inner.flavors, label).ok_or_else(|| {
+            let names: Vec<&str> = self.inner.flavors.iter().map(|f| f.name.as_str()).collect();
+            ProviderError::InvalidRequest(format!(
+                "provider {}: label {}: no flavor matches {} (flavors: {})",
+                self.inner.name,
+                label.name,
+                match (&label.flavor_name, label.min_ram) {
+                    (Some(n), Some(r)) => format!("min-ram {r} with a name containing {n:?}"),
+                    (None, Some(r)) => format!("min-ram {r}"),
+                    (Some(n), None) => format!("flavor-name {n:?}"),
+                    (None, None) => "(no flavor-name or min-ram)".to_owned(),
+                },
+                names.join(", ")
+            ))
+        })
+    }
+
+    fn resources_for(&self, label: &PoolLabel) -> Result<Resources, ProviderError> {
+        let f = self.flavor_for(label)?;
+        let mut r = Resources::server(f.vcpus, f.ram);
+        if label.boot_from_volume {
+            r.set(VOLUMES, 1);
+            r.set(VOLUME_GB, label.volume_size);
+        }
+        Ok(r)
+    }
+
+    /// Adds a server and returns its id. Addresses, host and AZ defaults
+    /// are drawn here so every path (launch, leak injection) agrees.
+    fn insert_server(&self, st: &mut State, new: NewServer) -> String {
+        let id = st.ids.uuid();
+        st.created += 1;
+        let n = st.created;
+        let az = new.az.or_else(|| {
+            if self.inner.azs.is_empty() {
+                return None;
+            }
+            let az = self.inner.azs[st.az_cursor % self.inner.azs.len()].clone();
+            st.az_cursor += 1;
+            Some(az)
+        });
+        // 198.18.0.0/15 (RFC 2544, reserved for benchmarks, never routed):
+        // the documentation /24s are too small for a 1,000-node burst, and
+        // addresses of live servers should not repeat.
+        let v4 = (n % 131_070 + 1) as u32;
+        let public = Ipv4Addr::from(0xC612_0000 | v4).to_string();
+        let private = Ipv4Addr::from(0x0A00_0000 | (n % 0x00FF_FFFF + 1) as u32).to_string();
+        let ipv6 = Ipv6Addr::new(
+            0x2001,
+            0x0db8,
+            0,
+            0,
+            0,
+            0,
+            (n >> 16) as u16,
+            n as u16,
+        )
+        .to_string();
+        let host = n % HOSTS_PER_AZ;
+        let mut h = SplitMix64::new(
+            self.inner.salt ^ fnv1a(az.as_deref().unwrap_or("")),
+            100 + host,
+        );
+        // Nova's hostId is a SHA-224 hex digest: 56 characters.
+        let host_id: String = (0..4)
+            .map(|_| format!("{:016x}", h.next_u64()))
+            .collect::<String>()[..56]
+            .to_owned();
+        st.usage.add(&new.resources);
+        let base = Instance {
+            external_id: id.clone(),
+            name: new.name,
+            status: InstanceStatus::Building,
+            metadata: new.metadata,
+            public_ipv4: Some(public.clone()),
+            private_ipv4: Some(private),
+            public_ipv6: Some(ipv6),
+            interface_ip: Some(public),
+            az,
+            region: self.inner.region.clone(),
+            cloud: Some(self.inner.cloud.clone()),
+            host_id: Some(host_id),
+            resources: Some(new.resources),
+        };
+        st.servers.insert(
+            id.clone(),
+            Server {
+                base,
+                ready_at: new.ready_at,
+                boot_fault: new.boot_fault,
+                error: None,
+                deleting: None,
+                changed: Arc::new(Notify::new()),
+            },
+        );
+        id
+    }
+
+    fn image_exists(&self, st: &State, image: &ImageRef) -> Result<(), ProviderError> {
+        let active = |i: &&CloudImageInfo| i.status == "active";
+        let found = match image {
+            ImageRef::Uploaded { external_id } => {
+                st.images.get(external_id).filter(active).is_some()
+            }
+            ImageRef::Cloud { id: Some(id), .. } => st.images.get(id).filter(active).is_some(),
+            // Like the OpenStack backend: by name, then a name that is an id.
+            ImageRef::Cloud { id: None, name } => {
+                st.images.values().any(|i| &i.name == name && i.status == "active")
+                    || st.images.get(name).filter(active).is_some()
+            }
+        };
+        if found {
+            Ok(())
+        } else {
+            Err(ProviderError::InvalidRequest(format!(
+                "provider {}: no active image {}",
+                self.inner.name,
+                match image {
+                    ImageRef::Uploaded { external_id } => format!("with id {external_id}"),
+                    ImageRef::Cloud { id: Some(id), .. } => format!("with id {id}"),
+                    ImageRef::Cloud { id: None, name } => format!("named {name:?}"),
+                }
+            )))
+        }
+    }
+
+    // ----- test hooks -----
+
+    /// Adds an ACTIVE server tagged for this provider (and its first pool)
+    /// with `node_id`, as a launcher that died after its create would leave
+    /// it. Returns its cloud id. It uses quota like any server.
+    pub fn inject_leaked_server(&self, node_id: &str) -> String {
+        let resources = self
+            .inner
+            .flavors
+            .first()
+            .map_or_else(|| Resources::server(0, 0), |f| Resources::server(f.vcpus, f.ram));
+        let mut metadata = IndexMap::new();
+        metadata.insert(
+            META_GROUPS.to_owned(),
+            format!("{},leaked-image,leaked-label", self.inner.name),
+        );
+        metadata.insert(META_NODE_ID.to_owned(), node_id.to_owned());
+        metadata.insert(META_POOL.to_owned(), self.inner.leak_pool.clone());
+        metadata.insert(META_PROVIDER.to_owned(), self.inner.name.clone());
+        let mut st = self.state();
+        self.insert_server(
+            &mut st,
+            NewServer {
+                name: format!("np{node_id}"),
+                metadata,
+                resources,
+                az: None,
+                ready_at: Instant::now(),
+                boot_fault: None,
+            },
+        )
+    }
+
+    /// Adds a floating IP (attached to a port or not) and returns its id;
+    /// for `clean-floating-ips` tests.
+    pub fn inject_floating_ip(&self, attached: bool) -> String {
+        let mut st = self.state();
+        let id = st.ids.uuid();
+        st.floating_ips.insert(
+            id.clone(),
+            CloudResource {
+                kind: ResourceKind::FloatingIp,
+                id: id.clone(),
+                status: if attached { "ACTIVE" } else { "DOWN" }.into(),
+                attached,
+                device_owner: None,
+            },
+        );
+        id
+    }
+
+    /// Adds a DOWN port with this device owner (`""`, `compute:nova`, ...)
+    /// and returns its id; for `port-cleanup-interval` tests.
+    pub fn inject_down_port(&self, device_owner: &str) -> String {
+        let mut st = self.state();
+        let id = st.ids.uuid();
+        st.ports.insert(
+            id.clone(),
+            CloudResource {
+                kind: ResourceKind::Port,
+                id: id.clone(),
+                status: "DOWN".into(),
+                attached: false,
+                device_owner: Some(device_owner.to_owned()),
+            },
+        );
+        id
+    }
+
+    /// Replaces the failure rates (each clamped to 0..=1). The dice streams
+    /// carry on where they were.
+    pub fn set_failure_rates(&self, rates: FailureRates) {
+        self.state().rates = rates.clamped();
+    }
+
+    /// The current failure rates.
+    pub fn failure_rates(&self) -> FailureRates {
+        self.state().rates
+    }
+
+    /// Replaces the cloud quota (missing names unlimited). Existing servers
+    /// stay, even over the new quota, as in Nova.
+    pub fn set_quota(&self, quota: Limits) {
+        self.state().quota = quota;
+    }
+
+    /// Quota used by every existing server (building, active, in error or
+    /// being deleted).
+    pub fn usage(&self) -> Resources {
+        let mut st = self.state();
+        st.settle(Instant::now());
+        st.usage.clone()
+    }
+
+    /// Servers that exist now (any status).
+    pub fn server_count(&self) -> usize {
+        let mut st = self.state();
+        st.settle(Instant::now());
+        st.servers.len()
+    }
+
+    /// The server tagged with `node_id` (the first, if several are).
+    pub fn server_for_node(&self, node_id: &str) -> Option<Instance> {
+        let now = Instant::now();
+        let mut st = self.state();
+        st.settle(now);
+        st.servers
+            .values()
+            .find(|s| s.base.node_id().as_deref() == Some(node_id))
+            .map(|s| s.instance(now))
+    }
+
+    /// Makes a server go ERROR now with `fault` (a fault that reads like a
+    /// quota error makes `wait_for_instance` return `QuotaExceeded`, as
+    /// from Nova). False when there is no such server or it is being
+    /// deleted.
+    pub fn fail_server(&self, external_id: &str, fault: &str) -> bool {
+        let mut st = self.state();
+        st.settle(Instant::now());
+        match st.servers.get_mut(external_id) {
+            Some(s) if s.deleting.is_none() => {
+                s.error = Some(fault.to_owned());
+                s.changed.notify_waiters();
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for SimulatedProvider {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    async fn quota_limits(&self) -> Result<Limits, ProviderError> {
+        Ok(self.state().quota.clone())
+    }
+
+    async fn label_resources(&self, label: &PoolLabel) -> Result<Resources, ProviderError> {
+        self.resources_for(label)
+    }
+
+    async fn create_instance(&self, spec: &InstanceSpec) -> Result<String, ProviderError> {
+        let resources = self.resources_for(&spec.label)?;
+        if let Some(az) = &spec.availability_zone
+            && !self.inner.azs.is_empty()
+            && !self.inner.azs.contains(az)
+        {
+            return Err(ProviderError::InvalidRequest(format!(
+                "provider {}: the requested availability zone {az:?} is not available (zones: {})",
+                self.inner.name,
+                self.inner.azs.join(", ")
+            )));
+        }
+        let mut metadata = IndexMap::with_capacity(spec.metadata.len());
+        for (k, v) in &spec.metadata {
+            let (key, value) = (
+                truncate_utf8(k, METADATA_LIMIT),
+                truncate_utf8(v, METADATA_LIMIT),
+            );
+            if key.len() != k.len() || value.len() != v.len() {
+                warn!(server = %spec.name, key, key_bytes = k.len(), value_bytes = v.len(),
+                    limit = METADATA_LIMIT, "server metadata longer than Nova allows; truncated");
+            }
+            metadata.insert(key.to_owned(), value.to_owned());
+        }
+        let now = Instant::now();
+        let mut st = self.state();
+        st.settle(now);
+        self.image_exists(&st, &spec.image)?;
+        if let Some(name) = st.quota.first_exceeded(&st.usage, &resources) {
+            // Nova's 403 text, which the OpenStack backend maps to
+            // QuotaExceeded.
+            return Err(ProviderError::QuotaExceeded(format!(
+                "provider {}: Quota exceeded for {name}: Requested {}, but already used {} of {} {name}",
+                self.inner.name,
+                resources.get(name),
+                st.usage.get(name),
+                st.quota.get(name).unwrap_or_default(),
+            )));
+        }
+        let rate = st.rates.create;
+        let fails = st.create_dice.roll(rate);
+        let id = self.insert_server(
+            &mut st,
+            NewServer {
+                name: spec.name.clone(),
+                metadata,
+                resources,
+                az: spec.availability_zone.clone(),
+                ready_at: now + self.inner.boot_delay,
+                boot_fault: fails.then(|| CREATE_FAULT.to_owned()),
+            },
+        );
+        debug!(provider = %self.inner.name, server = %spec.name, id = %id, fails, "server create accepted");
+        Ok(id)
+    }
+
+    async fn wait_for_instance(
+        &self,
+        external_id: &str,
+        _spec: &InstanceSpec,
+    ) -> Result<Instance, ProviderError> {
+        loop {
+            let (ready_at, changed) = {
+                let now = Instant::now();
+                let mut st = self.state();
+                st.settle(now);
+                let Some(s) = st.servers.get(external_id) else {
+                    return Err(ProviderError::ServerFailed(format!(
+                        "provider {}: server {external_id} disappeared while booting",
+                        self.inner.name
+                    )));
+                };
+                match s.status(now) {
+                    InstanceStatus::Active => return Ok(s.instance(now)),
+                    InstanceStatus::Error(fault) => {
+                        let msg = format!(
+                            "provider {}: server {external_id} went ERROR: {fault}",
+                            self.inner.name
+                        );
+                        return Err(if is_quota_message(&fault) {
+                            ProviderError::QuotaExceeded(msg)
+                        } else {
+                            ProviderError::ServerFailed(msg)
+                        });
+                    }
+                    InstanceStatus::Deleting => {
+                        return Err(ProviderError::ServerFailed(format!(
+                            "provider {}: server {external_id} was deleted while booting",
+                            self.inner.name
+                        )));
+                    }
+                    InstanceStatus::Building | InstanceStatus::Other(_) => {
+                        // Registered before the lock is released, so a
+                        // change made right after is not missed.
+                        (s.ready_at, s.changed.clone().notified_owned())
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(ready_at) => {}
+                _ = changed => {}
+            }
+        }
+    }
+
+    async fn get_instance(&self, external_id: &str) -> Result<Option<Instance>, ProviderError> {
+        let now = Instant::now();
+        let mut st = self.state();
+        st.settle(now);
+        Ok(st.servers.get(external_id).map(|s| s.instance(now)))
+    }
+
+    async fn list_instances(&self) -> Result<Vec<Instance>, ProviderError> {
+        let now = Instant::now();
+        let mut st = self.state();
+        st.settle(now);
+        Ok(st.servers.values().map(|s| s.instance(now)).collect())
+    }
+
+    async fn delete_instance(&self, external_id: &str) -> Result<(), ProviderError> {
+        let deletion = {
+            let now = Instant::now();
+            let mut st = self.state();
+            st.settle(now);
+            let Some(existing) = st.servers.get(external_id).map(|s| s.deleting) else {
+                return Ok(());
+            };
+            match existing {
+                // Already being deleted: this call ends with that delete.
+                Some(d) => d,
+                None => {
+                    let rate = st.rates.delete;
+                    let fails = st.delete_dice.roll(rate);
+                    let d = Deletion {
+                        at: now + self.inner.delete_delay,
+                        fails,
+                        seq: st.next_seq(),
+                    };
+                    if let Some(s) = st.servers.get_mut(external_id) {
+                        s.deleting = Some(d);
+                        s.error = None;
+                        s.changed.notify_waiters();
+                    }
+                    st.pending_deletes
+                        .insert((d.at, d.seq), external_id.to_owned());
+                    st.settle(now);
+                    debug!(provider = %self.inner.name, id = external_id, fails, "server delete accepted");
+                    d
+                }
+            }
+        };
+        if deletion.at > Instant::now() {
+            tokio::time::sleep_until(deletion.at).await;
+        }
+        self.state().settle(Instant::now());
+        if deletion.fails {
+            Err(ProviderError::ServerFailed(format!(
+                "provider {}: server {external_id} went ERROR while being deleted: {DELETE_FAULT}",
+                self.inner.name
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn console_log(&self, external_id: &str) -> Result<String, ProviderError> {
+        let now = Instant::now();
+        let mut st = self.state();
+        st.settle(now);
+        match st.servers.get(external_id) {
+            Some(s) => Ok(format!(
+                "[    0.000000] Linux version 6.1.0-simulated\n\
+                 [    0.412000] simulated cloud {}: server {} ({})\n\
+                 {} login:\n",
+                self.inner.name,
+                s.base.name,
+                external_id,
+                s.base.name
+            )),
+            None => Err(ProviderError::NotFound(format!(
+                "provider {}: server {external_id}",
+                self.inner.name
+            ))),
+        }
+    }
+
+    async fn upload_image(&self, spec: &ImageUploadSpec) -> Result<String, ProviderError> {
+        // Rolled first so the n-th upload's fate does not depend on how
+        // the file reads.
+        let fails = {
+            let mut st = self.state();
+            let rate = st.rates.upload;
+            st.upload_dice.roll(rate)
+        };
+        let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+        let (path, stop) = (spec.path.clone(), cancel.0.clone());
+        let (want_md5, want_sha256) = (spec.md5.is_some(), spec.sha256.is_some());
+        // Hashing gigabytes is blocking work: keep it off the async workers.
+        let job = tokio::task::spawn_blocking(move || {
+            digest_file(&path, want_md5, want_sha256, &stop)
+        });
+        let digests = match tokio::time::timeout(spec.timeout, job).await {
+            Err(_) => {
+                return Err(ProviderError::Timeout(format!(
+                    "provider {}: image {}: not active within image-upload-timeout {} s",
+                    self.inner.name,
+                    spec.name,
+                    spec.timeout.as_secs()
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(ProviderError::Other(format!(
+                    "provider {}: image {}: upload task failed: {e}",
+                    self.inner.name, spec.name
+                )));
+            }
+            Ok(Ok(Err(e))) => {
+                return Err(ProviderError::Other(format!(
+                    "provider {}: cannot read {}: {e}",
+                    self.inner.name,
+                    spec.path.display()
+                )));
+            }
+            Ok(Ok(Ok(d))) => d,
+        };
+        for (what, want, got) in [
+            ("md5", &spec.md5, &digests.md5),
+            ("sha256", &spec.sha256, &digests.sha256),
+        ] {
+            if let (Some(want), Some(got)) = (want, got)
+                && !want.eq_ignore_ascii_case(got)
+            {
+                return Err(ProviderError::Other(format!(
+                    "provider {}: image {} ({}): {what} checksum mismatch: expected {want}, got {got}",
+                    self.inner.name,
+                    spec.name,
+                    spec.path.display()
+                )));
+            }
+        }
+        if fails {
+            return Err(ProviderError::Other(format!(
+                "provider {}: image {}: simulated upload failure: the image went killed during the upload",
+                self.inner.name, spec.name
+            )));
+        }
+        let mut properties = spec.properties.clone();
+        // What openstacksdk records (and the OpenStack backend mirrors).
+        if let Some(md5) = &spec.md5 {
+            properties.insert("owner_specified.openstack.md5".into(), md5.clone());
+        }
+        if let Some(sha) = &spec.sha256 {
+            properties.insert("owner_specified.openstack.sha256".into(), sha.clone());
+        }
+        let mut st = self.state();
+        let id = st.ids.uuid();
+        st.images.insert(
+            id.clone(),
+            CloudImageInfo {
+                id: id.clone(),
+                name: spec.name.clone(),
+                status: "active".into(),
+                properties,
+            },
+        );
+        debug!(provider = %self.inner.name, image = %spec.name, id = %id, bytes = digests.len, "image active");
+        Ok(id)
+    }
+
+    async fn list_images(&self) -> Result<Vec<CloudImageInfo>, ProviderError> {
+        Ok(self.state().images.values().cloned().collect())
+    }
+
+    async fn delete_image(&self, external_id: &str) -> Result<(), ProviderError> {
+        self.state().images.shift_remove(external_id);
+        Ok(())
+    }
+
+    async fn list_resources(
+        &self,
+        kind: ResourceKind,
+    ) -> Result<Vec<CloudResource>, ProviderError> {
+        let st = self.state();
+        let map = match kind {
+            ResourceKind::FloatingIp => &st.floating_ips,
+            ResourceKind::Port => &st.ports,
+        };
+        Ok(map.values().cloned().collect())
+    }
+
+    async fn delete_resource(&self, kind: ResourceKind, id: &str) -> Result<(), ProviderError> {
+        let mut st = self.state();
+        match kind {
+            ResourceKind::FloatingIp => st.floating_ips.shift_remove(id),
+            ResourceKind::Port => st.ports.shift_remove(id),
+        };
+        Ok(())
+    }
+
+    fn skip_nodescan(&self) -> bool {
+        self.inner.skip_nodescan
+    }
+}
+
+/// Stops the blocking file read when the upload is dropped or times out.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What reading an upload's file found.
+struct Digests {
+    len: u64,
+    md5: Option<String>,
+    sha256: Option<String>,
+}
+
+/// Reads a file in 1 MiB chunks (constant memory), hashing only what was
+/// asked for.
+fn digest_file(
+    path: &Path,
+    md5: bool,
+    sha256: bool,
+    stop: &AtomicBool,
+) -> std::io::Result<Digests> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut m = md5.then(digest::Md5::new);
+    let mut s = sha256.then(digest::Sha256::new);
+    let mut len = 0u64;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("upload cancelled"));
+        }
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = &buf[..n];
+        if let Some(m) = &mut m {
+            m.update(chunk);
+        }
+        if let Some(s) = &mut s {
+            s.update(chunk);
+        }
+        len += n as u64;
+    }
+    Ok(Digests {
+        len,
+        md5: m.map(|m| digest::hex(&m.finish())),
+        sha256: s.map(|s| digest::hex(&s.finish())),
+    })
+}
+
+/// MD5 and SHA-256, written out because the core crate takes no hashing
+/// dependency for a test cloud. Checked against the RFC 1321 and FIPS 180
+/// test vectors below.
+mod digest {
+    pub(super) fn hex(bytes: &[u8]) -> String {
+        use std::fmt::Write;
+        let mut s = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            let _ = write!(s, "{b:02x}");
+        }
+        s
+    }
+
+    /// The 64-byte block buffering both hashes share; `big_endian` is the
+    /// byte order of the length in the final block.
+    struct Blocks {
+        buf: [u8; 64],
+        used: usize,
+        len: u64,
+    }
+
+    impl Blocks {
+        fn new() -> Self {
+            Blocks {
+                buf: [0; 64],
+                used: 0,
+                len: 0,
+            }
+        }
+
+        fn update(&mut self, mut data: &[u8], mut compress: impl FnMut(&[u8; 64])) {
+            self.len = self.len.wrapping_add(data.len() as u64);
+            if self.used > 0 {
+                let take = (64 - self.used).min(data.len());
+                self.buf[self.used..self.used + take].copy_from_slice(&data[..take]);
+                self.used += take;
+                data = &data[take..];
+                if self.used < 64 {
+                    return;
+                }
+                compress(&self.buf);
+                self.used = 0;
+            }
+            let mut blocks = data.chunks_exact(64);
+            for b in &mut blocks {
+                let mut block = [0u8; 64];
+                block.copy_from_slice(b);
+                compress(&block);
+            }
+            let rest = blocks.remainder();
+            self.buf[..rest.len()].copy_from_slice(rest);
+            self.used = rest.len();
+        }
+
+        fn finish(mut self, big_endian: bool, mut compress: impl FnMut(&[u8; 64])) {
+            let bits = self.len.wrapping_mul(8);
+            self.buf[self.used] = 0x80;
+            self.buf[self.used + 1..].fill(0);
+            if self.used >= 56 {
+                compress(&self.buf);
+                self.buf = [0; 64];
+            }
+            self.buf[56..].copy_from_slice(&if big_endian {
+                bits.to_be_bytes()
+            } else {
+                bits.to_le_bytes()
+            });
+            compress(&self.buf);
+        }
+    }
+
+    const MD5_S: [u32; 64] = [
+        7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9, 14, 20, 5, 9, 14, 20, 5,
+        9, 14, 20, 5, 9, 14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 6, 10,
+        15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21,
+    ];
+
+    const MD5_K: [u32; 64] = [
+        0xd76aa478, 0xe8c7b756, 0x242070db, 0xc1bdceee, 0xf57c0faf, 0x4787c62a, 0xa8304613,
+        0xfd469501, 0x698098d8, 0x8b44f7af, 0xffff5bb1, 0x895cd7be, 0x6b901122, 0xfd987193,
+        0xa679438e, 0x49b40821, 0xf61e2562, 0xc040b340, 0x265e5a51, 0xe9b6c7aa, 0xd62f105d,
+        0x02441453, 0xd8a1e681, 0xe7d3fbc8, 0x21e1cde6, 0xc33707d6, 0xf4d50d87, 0x455a14ed,
+        0xa9e3e905, 0xfcefa3f8, 0x676f02d9, 0x8d2a4c8a, 0xfffa3942, 0x8771f681, 0x6d9d6122,
+        0xfde5380c, 0xa4beea44, 0x4bdecfa9, 0xf6bb4b60, 0xbebfbc70, 0x289b7ec6, 0xeaa127fa,
+        0xd4ef3085, 0x04881d05, 0xd9d4d039, 0xe6db99e5, 0x1fa27cf8, 0xc4ac5665, 0xf4292244,
+        0x432aff97, 0xab9423a7, 0xfc93a039, 0x655b59c3, 0x8f0ccc92, 0xffeff47d, 0x85845dd1,
+        0x6fa87e4f, 0xfe2ce6e0, 0xa3014314, 0x4e0811a1, 0xf7537e82, 0xbd3af235, 0x2ad7d2bb,
+        0xeb86d391,
+    ];
+
+    fn md5_compress(state: &mut [u32; 4], block: &[u8; 64]) {
+        let mut m = [0u32; 16];
+        for (i, w) in m.iter_mut().enumerate() {
+            *w = u32::from_le_bytes([
+                block[4 * i],
+                block[4 * i + 1],
+                block[4 * i + 2],
+                block[4 * i + 3],
+            ]);
+        }
+        let [mut a, mut b, mut c, mut d] = *state;
+        for i in 0..64 {
+            let (f, g) = match i / 16 {
+                0 => ((b & c) | (!b & d), i),
+                1 => ((d & b) | (!d & c), (5 * i + 1) % 16),
+                2 => (b ^ c ^ d, (3 * i + 5) % 16),
+                _ => (c ^ (b | !d), (7 * i) % 16),
+            };
+            let f = f
+                .wrapping_add(a)
+                .wrapping_add(MD5_K[i])
+                .wrapping_add(m[g]);
+            a = d;
+            d = c;
+            c = b;
+            b = b.wrapping_add(f.rotate_left(MD5_S[i]));
+        }
+        for (s, v) in state.iter_mut().zip([a, b, c, d]) {
+            *s = s.wrapping_add(v);
+        }
+    }
+
+    /// Incremental MD5 (RFC 1321).
+    pub(super) struct Md5 {
+        state: [u32; 4],
+        blocks: Blocks,
+    }
+
+    impl Md5 {
+        pub(super) fn new() -> Self {
+            Md5 {
+                state: [0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476],
+                blocks: Blocks::new(),
+            }
+        }
+
+        pub(super) fn update(&mut self, data: &[u8]) {
+            let state = &mut self.state;
+            self.blocks.update(data, |b| md5_compress(state, b));
+        }
+
+        pub(super) fn finish(mut self) -> [u8; 16] {
+            let state = &mut self.state;
+            self.blocks.finish(false, |b| md5_compress(state, b));
+            let mut out = [0u8; 16];
+            for (chunk, w) in out.chunks_exact_mut(4).zip(self.state) {
+                chunk.copy_from_slice(&w.to_le_bytes());
+            }
+            out
+        }
+    }
+
+    const SHA256_K: [u32; 64] = [
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
+    ];
+
+    fn sha256_compress(state: &mut [u32; 8], block: &[u8; 64]) {
+        let mut w = [0u32; 64];
+        for i in 0..16 {
+            w[i] = u32::from_be_bytes([
+                block[4 * i],
+                block[4 * i + 1],
+                block[4 * i + 2],
+                block[4 * i + 3],
+            ]);
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
+        for i in 0..64 {
+            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
+            let ch = (e & f) ^ (!e & g);
+            let t1 = h
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(SHA256_K[i])
+                .wrapping_add(w[i]);
+            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
+            let maj = (a & b) ^ (a & c) ^ (b & c);
+            let t2 = s0.wrapping_add(maj);
+            h = g;
+            g = f;
+            f = e;
+            e = d.wrapping_add(t1);
+            d = c;
+            c = b;
+            b = a;
+            a = t1.wrapping_add(t2);
+        }
+        for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
+            *s = s.wrapping_add(v);
+        }
+    }
+
+    /// Incremental SHA-256 (FIPS 180-4).
+    pub(super) struct Sha256 {
+        state: [u32; 8],
+        blocks: Blocks,
+    }
+
+    impl Sha256 {
+        pub(super) fn new() -> Self {
+            Sha256 {
+                state: [
+                    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c,
+                    0x1f83d9ab, 0x5be0cd19,
+                ],
+                blocks: Blocks::new(),
+            }
+        }
+
+        pub(super) fn update(&mut self, data: &[u8]) {
+            let state = &mut self.state;
+            self.blocks.update(data, |b| sha256_compress(state, b));
+        }
+
+        pub(super) fn finish(mut self) -> [u8; 32] {
+            let state = &mut self.state;
+            self.blocks.finish(true, |b| sha256_compress(state, b));
+            let mut out = [0u8; 32];
+            for (chunk, w) in out.chunks_exact_mut(4).zip(self.state) {
+                chunk.copy_from_slice(&w.to_be_bytes());
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md5(data: &[u8]) -> String {
+        let mut m = digest::Md5::new();
+        m.update(data);
+        digest::hex(&m.finish())
+    }
+
+    fn sha256(data: &[u8]) -> String {
+        let mut s = digest::Sha256::new();
+        s.update(data);
+        digest::hex(&s.finish())
+    }
+
+    #[test]
+    fn md5_vectors() {
+        assert_eq!(md5(b""), "d41d8cd98f00b204e9800998ecf8427e");
+        assert_eq!(md5(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
+        assert_eq!(
+            md5(b"12345678901234567890123456789012345678901234567890123456789012345678901234567890"),
+            "57edf4a22be3c955ac49da2e2107b67a"
+        );
+        assert_eq!(
+            md5(b"The quick brown fox jumps over the lazy dog"),
+            "9e107d9d372bb6826bd81d3542a419d6"
+        );
+    }
+
+    #[test]
+    fn sha256_vectors() {
+        assert_eq!(
+            sha256(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            sha256(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            sha256(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+        );
+        let million_a = vec![b'a'; 1_000_000];
+        assert_eq!(
+            sha256(&million_a),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
+        );
+        assert_eq!(md5(&million_a), "7707d6ae4e027c70eea2a935c2296f21");
+    }
+
+    #[test]
+    fn chunking_does_not_change_digests() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for split in [0, 1, 55, 56, 63, 64, 65, 127, 128, 500, 999] {
+            let mut m = digest::Md5::new();
+            let mut s = digest::Sha256::new();
+            for part in [&data[..split], &data[split..]] {
+                for piece in part.chunks(13) {
+                    m.update(piece);
+                    s.update(piece);
+                }
+            }
+            assert_eq!(digest::hex(&m.finish()), md5(&data), "split {split}");
+            assert_eq!(digest::hex(&s.finish()), sha256(&data), "split {split}");
+        }
+    }
+
+    #[test]
+    fn dice_are_reproducible_and_fair() {
+        let mut a = SplitMix64::new(7, 1);
+        let mut b = SplitMix64::new(7, 1);
+        let rolls_a: Vec<bool> = (0..100).map(|_| a.roll(0.3)).collect();
+        let rolls_b: Vec<bool> = (0..100).map(|_| b.roll(0.3)).collect();
+        assert_eq!(rolls_a, rolls_b);
+        let mut c = SplitMix64::new(7, 2);
+        let hits = (0..10_000).filter(|_| c.roll(0.3)).count();
+        assert!((2_700..3_300).contains(&hits), "{hits}");
+        assert!((0..1000).all(|_| !c.roll(0.0)));
+        assert!((0..1000).all(|_| c.roll(1.0)));
+    }
+
+    #[test]
+    fn truncation_on_char_boundaries() {
+        let s = format!("{}é", "a".repeat(254));
+        assert_eq!(truncate_utf8(&s, 255), "a".repeat(254));
+        assert_eq!(truncate_utf8("abc", 255), "abc");
+    }
+}
