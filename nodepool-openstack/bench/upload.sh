@@ -5,7 +5,9 @@
 #
 #   nodepool-openstack/bench/upload.sh [SIZE_MIB (2048)] [ROUNDS (2)]
 #
-# Prints, per run, seconds and MiB/s; for ours also the peak RSS (VmHWM).
+# Prints, per run, seconds and MiB/s (for ours: the PUT alone, as curl's,
+# and the whole upload_image with create and wait), ours' peak RSS (VmHWM),
+# and the medians.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIZE=${1:-2048}
@@ -51,10 +53,11 @@ for r in $(seq "$ROUNDS"); do
 done
 # medians of MiB/s, and ours relative to curl's
 awk '/curl -T upload/ { c[nc++] = $(NF-1) }
-     /nodepool-openstack upload/ { for (i = 1; i <= NF; i++) if ($i == "MiB/s;") o[no++] = $(i-1);
+     /nodepool-openstack PUT/ { o[no++] = $(NF-1) }
+     /nodepool-openstack upload/ { for (i = 1; i <= NF; i++) if ($i == "MiB/s;") u[nu++] = $(i-1);
                                    for (i = 1; i <= NF; i++) if ($i == "RSS") { r = $(i+1); if (r > maxr) maxr = r } }
      function median(a, n,   i, j, t) { for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
                                         return n % 2 ? a[int(n/2)] : (a[n/2-1] + a[n/2]) / 2 }
-     END { mc = median(c, nc); mo = median(o, no);
-           printf "median: curl %.1f MiB/s, nodepool-openstack %.1f MiB/s (%.0f %% of curl), max peak RSS %.1f MiB\n", mc, mo, 100 * mo / mc, maxr }' "$RES"
+     END { mc = median(c, nc); mo = median(o, no); mu = median(u, nu);
+           printf "median PUT: curl %.1f MiB/s, nodepool-openstack %.1f MiB/s (%.0f %% of curl); whole upload_image %.1f MiB/s; max peak RSS %.1f MiB\n", mc, mo, 100 * mo / mc, mu, maxr }' "$RES"
 rm -f "$RES"

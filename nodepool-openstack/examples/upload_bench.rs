@@ -1,6 +1,7 @@
-//! Upload benchmark: one image upload through `OpenStackProvider::upload_image`
-//! (create, streamed PUT, wait for active, checksum check), reporting wall
-//! time, throughput and this process's peak RSS.
+//! Upload benchmark: the streamed `PUT /v2/images/{id}/file` alone (what
+//! `curl -T` does), then one whole `OpenStackProvider::upload_image`
+//! (create, PUT, wait for active, checks), reporting times, throughput and
+//! this process's peak RSS.
 //!
 //! ```text
 //! cargo run --release -p nodepool-openstack --example upload_bench -- \
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 use nodepool_core::provider::{ImageUploadSpec, Provider};
+use nodepool_openstack::api::image::{CreateImage, DeleteImage, UploadImageData};
 use nodepool_openstack::{CloudsLoader, OpenStackProvider, ProviderOptions};
 
 fn peak_rss_kib() -> Option<u64> {
@@ -29,6 +31,11 @@ fn peak_rss_kib() -> Option<u64> {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // RUST_LOG=nodepool_openstack=debug shows each API call with its time.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 4 {
         eprintln!("usage: upload_bench CLOUDS_YAML CLOUD FILE [FORMAT]");
@@ -50,7 +57,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sha256: None,
         timeout: Duration::from_secs(3600),
     };
+    // 1. The data transfer alone, measured like `curl -T`: PUT /file.
+    let client = p.client();
+    let img = client
+        .execute(&CreateImage {
+            name: format!("testbed-bench-put-{}", std::process::id()),
+            disk_format: spec.format.clone(),
+            properties: IndexMap::new(),
+        })
+        .await?;
     let rss_before = peak_rss_kib().unwrap_or(0);
+    let started = Instant::now();
+    client
+        .execute(&UploadImageData {
+            id: img.id.clone(),
+            path: spec.path.clone(),
+            len,
+            hashes: None,
+            timeout: Duration::from_secs(3600),
+        })
+        .await?;
+    let put_secs = started.elapsed().as_secs_f64();
+    client.execute(&DeleteImage(&img.id)).await?;
+    println!(
+        "nodepool-openstack PUT: {len} bytes in {put_secs:.2} s = {:.1} MiB/s",
+        len as f64 / 1_048_576.0 / put_secs
+    );
+    // 2. The whole upload_image: create, PUT, wait for active, checks.
     let started = Instant::now();
     let id = p.upload_image(&spec).await?;
     let secs = started.elapsed().as_secs_f64();

@@ -15,9 +15,9 @@ use md5::{Digest, Md5};
 use sha2::Sha256;
 
 /// Bytes read and sent per chunk.
-pub const CHUNK: usize = 1 << 20;
+pub const CHUNK: usize = 256 << 10;
 /// Chunks buffered between the reader thread and the HTTP body.
-pub const CHANNEL_DEPTH: usize = 4;
+pub const CHANNEL_DEPTH: usize = 16;
 
 /// Digests of a file, as sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
