@@ -23,6 +23,7 @@
 //!   conformance suites every backend runs.
 
 pub mod config;
+pub mod launcher;
 pub mod consumer;
 pub mod image_builder;
 pub mod model;

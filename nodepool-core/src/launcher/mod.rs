@@ -1,0 +1,575 @@
+//! The launcher runtime: keeps pools of ready nodes and serves node
+//! requests, by running the [planner](crate::planner) in a loop and
+//! executing its plan through a [`StateStore`](crate::store::StateStore)
+//! and the configured [`Provider`](crate::provider::Provider)s.
+//!
+//! Embedding: build a [`Launcher`] with a store, a provider factory and
+//! settings, then `run` it with a configuration channel (send a new config
+//! to reload) and a cancellation token (cancel to stop). Signals, config
+//! files and web endpoints belong to the binary.
+//!
+//! Each pass reads a snapshot (the stores keep caches fresh by watches),
+//! plans, and executes. Passes run when the store changes (a new request
+//! is picked up within milliseconds), when a task finishes, and at least
+//! every second for time-based rules.
+//!
+//! Layout: `providers` (clouds and their observers), `executor` (actions),
+//! `tasks` (launch and delete), `nodescan`, [`metrics`].
+
+mod executor;
+pub mod metrics;
+pub mod nodescan;
+mod providers;
+mod tasks;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use metrics::Metrics;
+pub use providers::{ObserverIntervals, ProviderFactory};
+
+use crate::config::Config;
+use crate::model::{Component, ComponentKind, ComponentState, NodeState, RequestState, epoch_now};
+use crate::planner::{self, LocalState, PoolInfo, PoolKey, Snapshot};
+use crate::store::{ComponentRegistration, LockGuard, SessionState, Store, StoreError};
+use providers::ProviderHandle;
+
+/// Tunables of the launcher. `Default` gives Nodepool's values.
+#[derive(Clone, Debug)]
+pub struct LauncherSettings {
+    /// Host name registered in components and launcher ids.
+    pub hostname: String,
+    /// Version string registered in components.
+    pub version: String,
+    /// Longest time between two passes.
+    pub max_pass_interval: Duration,
+    /// Shortest time between two passes (coalesces bursts of events).
+    pub min_pass_interval: Duration,
+    /// Time allowed to delete a server (Nodepool: 600 s).
+    pub delete_timeout: Duration,
+    /// Deletions running at once.
+    pub max_parallel_deletes: usize,
+    /// Cloud observation intervals.
+    pub observer: ObserverIntervals,
+    /// Grace for in-flight work at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for LauncherSettings {
+    fn default() -> Self {
+        LauncherSettings {
+            hostname: "localhost".into(),
+            version: crate::VERSION.into(),
+            max_pass_interval: Duration::from_secs(1),
+            min_pass_interval: Duration::from_millis(5),
+            delete_timeout: Duration::from_secs(600),
+            max_parallel_deletes: 100,
+            observer: ObserverIntervals::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors that stop the launcher.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LauncherError {
+    /// The store failed in a way the launcher cannot work around.
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    /// A newer component registered with a higher model API.
+    #[error("a newer component (model API {0}) is registered; this one stops")]
+    NewerModel(i64),
+}
+
+/// What the launcher is doing, for `/ready` and state dumps.
+#[derive(Debug, Default)]
+pub struct LauncherStatus {
+    ready: std::sync::atomic::AtomicBool,
+    report: Mutex<String>,
+}
+
+impl LauncherStatus {
+    /// Whether the first pass completed (the web app's `/ready`).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A human-readable dump of the launcher's state (SIGUSR2).
+    pub fn report(&self) -> String {
+        self.report.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What launch and delete tasks share with the loop.
+pub(crate) struct Shared {
+    store: Store,
+    metrics: Arc<Metrics>,
+    settings: LauncherSettings,
+    wake: Notify,
+    deletes: tokio::sync::Semaphore,
+}
+
+/// A request this launcher accepted and holds the lock of.
+struct Owned {
+    pool: PoolKey,
+    guard: LockGuard,
+}
+
+/// A launcher. See the module documentation.
+pub struct Launcher {
+    store: Store,
+    factory: ProviderFactory,
+    settings: LauncherSettings,
+    metrics: Arc<Metrics>,
+    status: Arc<LauncherStatus>,
+}
+
+impl Launcher {
+    /// A launcher on a store, building providers with `factory`.
+    pub fn new(store: Store, factory: ProviderFactory, settings: LauncherSettings) -> Self {
+        Launcher {
+            store,
+            factory,
+            settings,
+            metrics: Arc::new(Metrics::in_memory()),
+            status: Arc::new(LauncherStatus::default()),
+        }
+    }
+
+    /// Uses this metrics sink.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The status, readable while it runs.
+    pub fn status(&self) -> Arc<LauncherStatus> {
+        self.status.clone()
+    }
+
+    /// The metrics sink.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled. A new value on `config` is a
+    /// reload: providers whose configuration changed are rebuilt, pools
+    /// re-registered.
+    pub async fn run(self, mut config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<(), LauncherError> {
+        let shared = Arc::new(Shared {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            deletes: tokio::sync::Semaphore::new(self.settings.max_parallel_deletes.max(1)),
+            settings: self.settings.clone(),
+            wake: Notify::new(),
+        });
+        let mut rt = Runtime {
+            shared: shared.clone(),
+            factory: self.factory.clone(),
+            config: config.borrow_and_update().clone(),
+            providers: BTreeMap::new(),
+            pool_ids: BTreeMap::new(),
+            owned: HashMap::new(),
+            launcher_reg: None,
+            pool_regs: BTreeMap::new(),
+            session_id: 0,
+            leak_suspects: Default::default(),
+            tasks: TaskTracker::new(),
+            status: self.status.clone(),
+            pass_count: 0,
+        };
+        rt.apply_config();
+        let mut events = self.store.backend().subscribe();
+        let mut session = self.store.backend().session();
+        let result = loop {
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
+            if let Err(e) = rt.ensure_registered().await {
+                tracing::warn!(error = %e, "registration failed; retrying");
+            }
+            if let Err(e) = rt.pass().await {
+                match e {
+                    LauncherError::Store(err) => {
+                        tracing::warn!(error = %err, "planning pass failed; retrying");
+                    }
+                    fatal => break Err(fatal),
+                }
+            }
+            // Wait for something to happen: a store change, a task, a
+            // reload, a session change, or the periodic tick.
+            let tick = tokio::time::sleep(self.settings.max_pass_interval);
+            tokio::pin!(tick);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = &mut tick => {}
+                _ = shared.wake.notified() => {}
+                r = events.recv() => {
+                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
+                        events = self.store.backend().subscribe();
+                    }
+                }
+                r = config.changed() => {
+                    if r.is_ok() {
+                        rt.config = config.borrow_and_update().clone();
+                        tracing::info!("configuration reloaded");
+                        rt.apply_config();
+                    }
+                }
+                _ = session.changed() => {}
+            }
+            // Coalesce a burst of events into one pass.
+            tokio::time::sleep(self.settings.min_pass_interval).await;
+            while events.try_recv().is_ok() {}
+        };
+        rt.shutdown().await;
+        result
+    }
+}
+
+struct Runtime {
+    shared: Arc<Shared>,
+    factory: ProviderFactory,
+    config: Arc<Config>,
+    providers: BTreeMap<String, Arc<ProviderHandle>>,
+    pool_ids: BTreeMap<PoolKey, String>,
+    owned: HashMap<String, Owned>,
+    launcher_reg: Option<ComponentRegistration>,
+    pool_regs: BTreeMap<PoolKey, (ComponentRegistration, Component)>,
+    session_id: i64,
+    leak_suspects: std::collections::BTreeSet<(String, String)>,
+    tasks: TaskTracker,
+    status: Arc<LauncherStatus>,
+    pass_count: u64,
+}
+
+impl Runtime {
+    /// Builds providers for new or changed provider configurations and
+    /// gives every pool a launcher id.
+    fn apply_config(&mut self) {
+        let cfg = self.config.clone();
+        let mut next = BTreeMap::new();
+        for pc in &cfg.providers {
+            match self.providers.remove(&pc.name) {
+                Some(h) if h.config == *pc => {
+                    next.insert(pc.name.clone(), h);
+                }
+                _ => match (self.factory)(pc) {
+                    Ok(p) => {
+                        next.insert(
+                            pc.name.clone(),
+                            Arc::new(ProviderHandle::start(pc.clone(), p, self.shared.settings.observer.clone())),
+                        );
+                    }
+                    Err(e) => tracing::error!(provider = %pc.name, error = %e, "cannot set up provider"),
+                },
+            }
+        }
+        self.providers = next;
+        let mut ids = BTreeMap::new();
+        for pc in &cfg.providers {
+            for pool in &pc.pools {
+                let key = PoolKey::new(&pc.name, &pool.name);
+                let id = self.pool_ids.remove(&key).unwrap_or_else(|| {
+                    format!(
+                        "{}-PoolWorker.{}-{}-{}",
+                        self.shared.settings.hostname,
+                        pc.name,
+                        pool.name,
+                        uuid::Uuid::new_v4().simple()
+                    )
+                });
+                ids.insert(key, id);
+            }
+        }
+        self.pool_ids = ids;
+    }
+
+    /// (Re-)registers the launcher and pool components: at start, after a
+    /// session was replaced, and when pools change.
+    async fn ensure_registered(&mut self) -> Result<(), StoreError> {
+        let store = self.shared.store.clone();
+        let current = *store.backend().session().borrow();
+        let Some(id) = current.id() else {
+            return Ok(());
+        };
+        if id != self.session_id {
+            // A new session: every ephemeral record of the old one is gone.
+            self.launcher_reg = None;
+            self.pool_regs.clear();
+            if self.session_id != 0 {
+                tracing::warn!("store session replaced; registering again and dropping held requests");
+                // Our request locks died with the session.
+                for (_, o) in self.owned.drain() {
+                    o.guard.forget();
+                }
+            }
+            self.session_id = id;
+        }
+        if self.launcher_reg.is_none() {
+            let mut c = Component::new(ComponentKind::Launcher, &self.shared.settings.hostname, &self.shared.settings.version);
+            c.state = ComponentState::Running;
+            self.launcher_reg = Some(store.register_component(&c).await?);
+        }
+        // Pools that went away.
+        let gone: Vec<PoolKey> = self
+            .pool_regs
+            .keys()
+            .filter(|k| !self.pool_ids.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some((reg, _)) = self.pool_regs.remove(&k) {
+                store.unregister_component(&reg).await?;
+            }
+        }
+        let cfg = self.config.clone();
+        for pc in &cfg.providers {
+            for pool in &pc.pools {
+                let key = PoolKey::new(&pc.name, &pool.name);
+                let Some(pid) = self.pool_ids.get(&key).cloned() else { continue };
+                let mut want = Component::pool(
+                    &self.shared.settings.hostname,
+                    &self.shared.settings.version,
+                    &pid,
+                    &pc.name,
+                    &pool.name,
+                    pool.labels.iter().map(|l| l.name.clone()).collect(),
+                    pool.priority.unwrap_or(pc.priority),
+                );
+                want.state = ComponentState::Running;
+                match self.pool_regs.get_mut(&key) {
+                    None => {
+                        let reg = store.register_component(&want).await?;
+                        self.pool_regs.insert(key, (reg, want));
+                    }
+                    Some((reg, have)) => {
+                        want.paused = have.paused;
+                        want.state = have.state;
+                        if *have != want {
+                            store.update_component(reg, &want).await?;
+                            *have = want;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let store = &self.shared.store;
+        let nodes = store.list_nodes().await?;
+        let requests = store.list_requests().await?;
+        let pools = store.list_components(ComponentKind::Pool).await?;
+        let images = store.image_state().await?;
+        let lock_dirs = store.list_request_lock_dirs().await?;
+        let mut model_api = None;
+        for (_, c) in &pools.records {
+            if c.model_api > crate::model::MODEL_API {
+                model_api = Some(c.model_api);
+            }
+        }
+        if let Some(v) = model_api {
+            tracing::error!(model_api = v, "a component with a newer model API is registered");
+        }
+        let mut snap = Snapshot {
+            empty_nodes: nodes
+                .malformed
+                .iter()
+                .filter(|m| m.reason == "empty record")
+                .filter_map(|m| m.path.rsplit('/').next().map(str::to_owned))
+                .collect(),
+            nodes: nodes.records,
+            requests: requests.records,
+            pools: pools
+                .records
+                .into_iter()
+                .filter_map(|(_, c)| {
+                    Some(PoolInfo {
+                        id: c.id?,
+                        provider: c.provider_name.unwrap_or_default(),
+                        pool: c.name.unwrap_or_default(),
+                        labels: c.supported_labels.unwrap_or_default(),
+                        priority: c.priority.unwrap_or(100),
+                        paused: c.paused.unwrap_or(false),
+                    })
+                })
+                .collect(),
+            images,
+            providers: BTreeMap::new(),
+            request_lock_dirs: lock_dirs,
+        };
+        for (name, h) in &self.providers {
+            snap.providers.insert(name.clone(), h.view(&snap.nodes));
+        }
+        Ok(snap)
+    }
+
+    fn local_state(&self) -> LocalState {
+        LocalState {
+            pool_ids: self.pool_ids.clone(),
+            owned_requests: self.owned.iter().map(|(k, o)| (k.clone(), o.pool.clone())).collect(),
+            session_id: self.session_id,
+            leak_suspects: self.leak_suspects.clone(),
+        }
+    }
+
+    async fn pass(&mut self) -> Result<(), LauncherError> {
+        if self.shared.store.backend().session().borrow().id().is_none() {
+            // Suspended or expired: do nothing that needs locks.
+            return Ok(());
+        }
+        // Drop requests whose lock we no longer hold.
+        self.owned.retain(|id, o| {
+            let held = o.guard.is_held();
+            if !held {
+                tracing::warn!(request = %id, "lost the lock of a held request");
+            }
+            held
+        });
+        let snapshot = self.snapshot().await?;
+        let local = self.local_state();
+        let plan = planner::plan(&snapshot, &self.config, epoch_now(), &local);
+        self.leak_suspects = plan.leak_suspects.clone();
+        if !plan.actions.is_empty() {
+            tracing::debug!(actions = plan.actions.len(), "executing plan");
+        }
+        executor::execute(self, &snapshot, &plan).await;
+        self.update_pool_status(&plan).await;
+        self.report_stats(&snapshot, &plan);
+        self.pass_count += 1;
+        self.status.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.update_report(&plan);
+        Ok(())
+    }
+
+    async fn update_pool_status(&mut self, plan: &planner::Plan) {
+        let store = self.shared.store.clone();
+        for st in &plan.pools {
+            if let Some((reg, c)) = self.pool_regs.get_mut(&st.pool) {
+                let paused = Some(st.paused);
+                if c.paused != paused {
+                    let mut next = c.clone();
+                    next.paused = paused;
+                    next.state = if st.paused { ComponentState::Paused } else { ComponentState::Running };
+                    match store.update_component(reg, &next).await {
+                        Ok(()) => *c = next,
+                        Err(e) => tracing::warn!(pool = %st.pool, error = %e, "could not update pool component"),
+                    }
+                }
+            }
+        }
+    }
+
+    fn report_stats(&self, snapshot: &Snapshot, plan: &planner::Plan) {
+        let m = &self.shared.metrics;
+        let mut total: BTreeMap<&str, usize> = NodeState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut by_provider: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        let mut by_label: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for rec in &snapshot.nodes {
+            let st = rec.node.state.as_str();
+            *total.entry(st).or_default() += 1;
+            *by_provider.entry((rec.node.provider.as_str(), st)).or_default() += 1;
+            for l in &rec.node.node_type {
+                *by_label.entry((l.as_str(), st)).or_default() += 1;
+            }
+        }
+        for (st, n) in &total {
+            m.gauge(&format!("nodepool.nodes.{st}"), *n as f64);
+        }
+        for pc in &self.config.providers {
+            for st in NodeState::ALL {
+                let n = by_provider.get(&(pc.name.as_str(), st.as_str())).copied().unwrap_or(0);
+                m.gauge(&format!("nodepool.provider.{}.nodes.{}", pc.name, st.as_str()), n as f64);
+            }
+            let max: i64 = pc.pools.iter().map(|p| p.max_servers.unwrap_or(0).max(0)).sum();
+            m.gauge(&format!("nodepool.provider.{}.max_servers", pc.name), max as f64);
+        }
+        for label in &self.config.labels {
+            for st in NodeState::ALL {
+                let n = by_label.get(&(label.name.as_str(), st.as_str())).copied().unwrap_or(0);
+                m.gauge(&format!("nodepool.label.{}.nodes.{}", label.name, st.as_str()), n as f64);
+            }
+        }
+        for st in &plan.pools {
+            m.gauge(
+                &format!("nodepool.provider.{}.pool.{}.addressable_requests", st.pool.provider, st.pool.pool),
+                st.addressable_requests as f64,
+            );
+        }
+        for (tenant, limits) in &self.config.tenant_resource_limits {
+            for (name, v) in limits.iter() {
+                m.gauge(&format!("nodepool.tenant_limits.{tenant}.{name}"), v as f64);
+            }
+        }
+    }
+
+    fn update_report(&self, plan: &planner::Plan) {
+        let mut r = String::new();
+        use std::fmt::Write as _;
+        let _ = writeln!(r, "launcher {} (pass {})", self.shared.settings.hostname, self.pass_count);
+        for st in &plan.pools {
+            let id = self.pool_ids.get(&st.pool).cloned().unwrap_or_default();
+            let _ = writeln!(
+                r,
+                "  pool {} id={id} paused={} addressable={}",
+                st.pool, st.paused, st.addressable_requests
+            );
+        }
+        for (id, o) in &self.owned {
+            let _ = writeln!(r, "  holding request {id} for {}", o.pool);
+        }
+        for (name, h) in &self.providers {
+            let _ = writeln!(
+                r,
+                "  provider {name}: last error {}",
+                h.last_error().unwrap_or_else(|| "none".into())
+            );
+        }
+        let _ = writeln!(r, "  tasks in flight: {}", self.tasks.len());
+        *self.status.report.lock().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    /// Stops taking requests, hands back the ones held, lets in-flight
+    /// work finish within the grace period, and unregisters.
+    async fn shutdown(mut self) {
+        tracing::info!("launcher stopping");
+        let store = self.shared.store.clone();
+        for (id, o) in self.owned.drain() {
+            if let Err(e) = executor::hand_back(&store, &id, o.guard).await {
+                tracing::warn!(request = %id, error = %e, "could not hand back a request");
+            }
+        }
+        self.tasks.close();
+        if tokio::time::timeout(self.shared.settings.shutdown_grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight work did not finish within the shutdown grace; leaving it to cleanup");
+        }
+        for (_, (reg, _)) in std::mem::take(&mut self.pool_regs) {
+            let _ = store.unregister_component(&reg).await;
+        }
+        if let Some(reg) = self.launcher_reg.take() {
+            let _ = store.unregister_component(&reg).await;
+        }
+        tracing::info!("launcher stopped");
+    }
+}
+
+/// Whether a request is still in a state where a pass acts on it.
+pub(crate) fn is_open(state: RequestState) -> bool {
+    matches!(state, RequestState::Requested | RequestState::Pending)
+}
+
+/// The session state, for tests.
+pub fn session_of(store: &Store) -> SessionState {
+    *store.backend().session().borrow()
+}

@@ -1,0 +1,284 @@
+//! The launcher's clouds: one [`Provider`] per configured provider, and a
+//! background observer per provider that keeps what planning needs to know
+//! about the cloud (limits, flavors, missing cloud images, the server list
+//! for leak checks) fresh — so that a planning pass never waits on a cloud
+//! API, and a hung API never wedges the launcher.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ImageSource, ProviderConfig};
+use crate::model::{Limits, Resources};
+use crate::planner::ProviderView;
+use crate::provider::{Instance, Provider};
+use crate::store::NodeRecord;
+
+/// Builds a provider from its configuration (the daemon picks the backend:
+/// OpenStack, simulated, ...).
+pub type ProviderFactory =
+    Arc<dyn Fn(&ProviderConfig) -> Result<Arc<dyn Provider>, String> + Send + Sync>;
+
+/// How often the observer refreshes each kind of information.
+#[derive(Clone, Debug)]
+pub struct ObserverIntervals {
+    /// Cloud limits (Nodepool caches them 5 minutes).
+    pub limits: Duration,
+    /// Server listing for leak checks and unmanaged usage (Nodepool: 60 s).
+    pub instances: Duration,
+    /// Cloud image lookups (Nodepool re-checks a missing one after 300 s).
+    pub cloud_images: Duration,
+    /// Retry after a failed call.
+    pub retry: Duration,
+    /// Timeout of each cloud call made by the observer.
+    pub call_timeout: Duration,
+}
+
+impl Default for ObserverIntervals {
+    fn default() -> Self {
+        ObserverIntervals {
+            limits: Duration::from_secs(300),
+            instances: Duration::from_secs(60),
+            cloud_images: Duration::from_secs(300),
+            retry: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Observed {
+    limits: Option<Limits>,
+    limits_due: Option<Instant>,
+    label_resources: BTreeMap<String, BTreeMap<String, Resources>>,
+    flavors_known: bool,
+    missing_cloud_images: BTreeSet<String>,
+    images_due: Option<Instant>,
+    fresh_instances: Option<Vec<Instance>>,
+    instances_due: Option<Instant>,
+    unmanaged: Resources,
+    reported: Option<Resources>,
+    last_error: Option<String>,
+}
+
+/// One configured provider and what is known about its cloud.
+#[derive(Debug)]
+pub(crate) struct ProviderHandle {
+    pub config: ProviderConfig,
+    pub provider: Arc<dyn Provider>,
+    observed: Arc<Mutex<Observed>>,
+    stop: CancellationToken,
+}
+
+impl Drop for ProviderHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn bounded<T, E: std::fmt::Display>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: timed out after {limit:?}")),
+    }
+}
+
+impl ProviderHandle {
+    /// Starts the observer for a provider.
+    pub fn start(config: ProviderConfig, provider: Arc<dyn Provider>, intervals: ObserverIntervals) -> Self {
+        let observed = Arc::new(Mutex::new(Observed::default()));
+        let stop = CancellationToken::new();
+        let handle = ProviderHandle {
+            config: config.clone(),
+            provider: provider.clone(),
+            observed: observed.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(observe(config, provider, observed, intervals, stop));
+        handle
+    }
+
+    fn observed(&self) -> std::sync::MutexGuard<'_, Observed> {
+        self.observed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forces a limits refresh (after the cloud refused a launch for quota).
+    pub fn invalidate_limits(&self) {
+        self.observed().limits_due = None;
+    }
+
+    /// The planner's view of this cloud. A fresh server listing is handed
+    /// out once (it drives the two-pass leak rule) and also updates the
+    /// unmanaged usage, computed against the store's nodes.
+    pub fn view(&self, nodes: &[NodeRecord]) -> ProviderView {
+        let mut o = self.observed();
+        let instances = o.fresh_instances.take();
+        if let Some(list) = &instances {
+            let ours: BTreeSet<&str> = nodes
+                .iter()
+                .filter(|n| n.node.provider == self.config.name)
+                .map(|n| n.id.as_str())
+                .collect();
+            let mut unmanaged = Resources::new();
+            let mut total = Resources::new();
+            for inst in list {
+                let res = inst.resources.clone().unwrap_or_else(|| Resources::new().with(crate::model::INSTANCES, 1));
+                total.add(&res);
+                let managed = inst.provider_name().as_deref() == Some(self.config.name.as_str())
+                    && inst.node_id().is_some_and(|id| ours.contains(id.as_str()));
+                if !managed {
+                    unmanaged.add(&res);
+                }
+            }
+            o.unmanaged = unmanaged;
+            o.reported = Some(total);
+        }
+        ProviderView {
+            limits: o.limits.clone().unwrap_or_default(),
+            unmanaged: o.unmanaged.clone(),
+            reported_usage: o.reported.clone(),
+            label_resources: o.label_resources.clone(),
+            availability_zones: Vec::new(),
+            missing_cloud_images: o.missing_cloud_images.clone(),
+            instances,
+        }
+    }
+
+    /// The last error the observer met, for the state dump.
+    pub fn last_error(&self) -> Option<String> {
+        self.observed().last_error.clone()
+    }
+}
+
+async fn observe(
+    config: ProviderConfig,
+    provider: Arc<dyn Provider>,
+    observed: Arc<Mutex<Observed>>,
+    iv: ObserverIntervals,
+    stop: CancellationToken,
+) {
+    let lock = || observed.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let now = Instant::now();
+        let (need_limits, need_flavors, need_images, need_instances) = {
+            let o = lock();
+            (
+                o.limits_due.is_none_or(|d| d <= now),
+                !o.flavors_known,
+                o.images_due.is_none_or(|d| d <= now),
+                o.instances_due.is_none_or(|d| d <= now),
+            )
+        };
+        let mut error = None;
+        if need_limits {
+            match bounded(iv.call_timeout, "quota limits", provider.quota_limits()).await {
+                Ok(l) => {
+                    let mut o = lock();
+                    o.limits = Some(l);
+                    o.limits_due = Some(Instant::now() + iv.limits);
+                }
+                Err(e) => {
+                    // The stale value (if any) stays in use, as Nodepool does.
+                    lock().limits_due = Some(Instant::now() + iv.retry);
+                    error = Some(e);
+                }
+            }
+        }
+        if need_flavors {
+            let mut all = BTreeMap::new();
+            let mut ok = true;
+            for pool in &config.pools {
+                let mut labels = BTreeMap::new();
+                for label in &pool.labels {
+                    match bounded(iv.call_timeout, "flavor lookup", provider.label_resources(label)).await {
+                        Ok(r) => {
+                            labels.insert(label.name.clone(), r);
+                        }
+                        Err(e) => {
+                            ok = false;
+                            error = Some(format!("label {} in pool {}: {e}", label.name, pool.name));
+                        }
+                    }
+                }
+                all.insert(pool.name.clone(), labels);
+            }
+            let mut o = lock();
+            o.label_resources = all;
+            o.flavors_known = ok;
+        }
+        if need_images {
+            let names: BTreeSet<&str> = config
+                .pools
+                .iter()
+                .flat_map(|p| p.labels.iter())
+                .filter_map(|l| match &l.image {
+                    ImageSource::CloudImage(c) => Some(c.as_str()),
+                    ImageSource::DiskImage(_) => None,
+                })
+                .collect();
+            let wanted: Vec<&crate::config::CloudImage> =
+                names.into_iter().filter_map(|n| config.cloud_image(n)).collect();
+            if wanted.is_empty() {
+                lock().images_due = Some(Instant::now() + iv.cloud_images);
+            } else {
+                match bounded(iv.call_timeout, "image list", provider.list_images()).await {
+                    Ok(images) => {
+                        let missing = wanted
+                            .iter()
+                            .filter(|c| {
+                                let key = c.external_name();
+                                !images.iter().any(|i| i.id == key || i.name == key)
+                            })
+                            .map(|c| c.name.clone())
+                            .collect();
+                        let mut o = lock();
+                        o.missing_cloud_images = missing;
+                        o.images_due = Some(Instant::now() + iv.cloud_images);
+                    }
+                    Err(e) => {
+                        lock().images_due = Some(Instant::now() + iv.retry);
+                        error = Some(e);
+                    }
+                }
+            }
+        }
+        if need_instances {
+            match bounded(iv.call_timeout, "server list", provider.list_instances()).await {
+                Ok(list) => {
+                    let mut o = lock();
+                    o.fresh_instances = Some(list);
+                    o.instances_due = Some(Instant::now() + iv.instances);
+                }
+                Err(e) => {
+                    lock().instances_due = Some(Instant::now() + iv.retry);
+                    error = Some(e);
+                }
+            }
+        }
+        if let Some(e) = &error {
+            tracing::warn!(provider = %config.name, error = %e, "cloud information could not be refreshed");
+        }
+        lock().last_error = error;
+        let next = {
+            let o = lock();
+            [o.limits_due, o.images_due, o.instances_due]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or_else(|| Instant::now() + iv.retry)
+                .min(Instant::now() + Duration::from_secs(1))
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+    }
+}

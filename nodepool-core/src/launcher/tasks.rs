@@ -1,0 +1,384 @@
+//! Long-running node work: launching a server (create, wait, nodescan,
+//! retries) and deleting one. Each task holds the node's lock for its
+//! whole life, so nobody else acts on the node meanwhile; progress is
+//! written to the node record, so a crash loses nothing cleanup cannot
+//! recover.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use indexmap::IndexMap;
+
+use super::Shared;
+use super::metrics::sanitize_component;
+use super::nodescan;
+use super::providers::ProviderHandle;
+use crate::config::Config;
+use crate::model::{Node, NodeState, epoch_now};
+use crate::planner::LaunchImage;
+use crate::provider::{
+    ImageRef, InstanceSpec, META_GROUPS, META_NODE_ID, META_POOL, META_PROVIDER, ProviderError,
+};
+use crate::store::LockGuard;
+
+/// Everything a launch needs, prepared by the executor.
+pub(crate) struct LaunchJob {
+    pub node_id: String,
+    pub node: Node,
+    pub version: i32,
+    pub guard: LockGuard,
+    pub provider: Arc<ProviderHandle>,
+    pub spec: InstanceSpec,
+    pub host_key_checking: bool,
+    pub console_log: bool,
+    pub requestor: Option<String>,
+}
+
+/// Builds the server spec for a node: name `np<id>`, Nodepool's metadata
+/// tags, the label's instance properties and formatted dynamic ones.
+pub(crate) fn instance_spec(
+    config: &Config,
+    provider: &str,
+    pool: &str,
+    label: &str,
+    image: &LaunchImage,
+    az: Option<String>,
+    node_id: &str,
+    request: Option<&crate::model::NodeRequest>,
+    request_id: &str,
+) -> Option<(InstanceSpec, bool, bool)> {
+    let pc = config.provider(provider)?;
+    let pool_cfg = pc.pool(pool)?;
+    let pl = pool_cfg.label(label)?.clone();
+    let (image_ref, image_name, config_drive) = match image {
+        LaunchImage::Upload { image, external_id, .. } => (
+            ImageRef::Uploaded {
+                external_id: external_id.clone(),
+            },
+            image.clone(),
+            pc.diskimage(image).and_then(|d| d.config_drive),
+        ),
+        LaunchImage::Cloud { name } => {
+            let ci = pc.cloud_image(name)?;
+            (
+                ImageRef::Cloud {
+                    id: ci.image_id.clone(),
+                    name: ci.image_name.clone().unwrap_or_else(|| ci.name.clone()),
+                },
+                name.clone(),
+                ci.config_drive,
+            )
+        }
+    };
+    let mut metadata = IndexMap::new();
+    metadata.insert(META_GROUPS.to_owned(), format!("{provider},{image_name},{label}"));
+    for (k, v) in &pl.instance_properties {
+        metadata.insert(k.clone(), v.clone());
+    }
+    for (k, fmt) in &pl.dynamic_instance_properties {
+        metadata.insert(k.clone(), format_request_fields(fmt, request, request_id));
+    }
+    metadata.insert(META_NODE_ID.to_owned(), node_id.to_owned());
+    metadata.insert(META_POOL.to_owned(), pool.to_owned());
+    metadata.insert(META_PROVIDER.to_owned(), provider.to_owned());
+    let host_key_checking = pl.host_key_checking;
+    let console_log = pl.console_log;
+    Some((
+        InstanceSpec {
+            name: format!("np{node_id}"),
+            node_id: node_id.to_owned(),
+            provider: provider.to_owned(),
+            pool: pool.to_owned(),
+            label: pl,
+            image: image_ref,
+            availability_zone: az,
+            security_groups: pool_cfg.security_groups.clone(),
+            config_drive,
+            auto_floating_ip: pool_cfg.auto_floating_ip,
+            metadata,
+        },
+        host_key_checking,
+        console_log,
+    ))
+}
+
+/// Formats `{request.<field>}` placeholders of dynamic instance properties.
+pub(crate) fn format_request_fields(
+    fmt: &str,
+    request: Option<&crate::model::NodeRequest>,
+    request_id: &str,
+) -> String {
+    let mut out = String::new();
+    let mut rest = fmt;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        if rest[start..].starts_with("{{") {
+            out.push('{');
+            rest = &rest[start + 2..];
+            continue;
+        }
+        let Some(end) = rest[start..].find('}') else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let field = &rest[start + 1..start + end];
+        let value = match (field, request) {
+            ("request.id", _) => request_id.to_owned(),
+            ("request.labels", Some(r)) => r.node_types.join(","),
+            ("request.requestor", Some(r)) => r.requestor.clone().unwrap_or_default(),
+            ("request.requestor_data", Some(r)) => {
+                r.requestor_data.as_ref().map(|j| j.as_text().to_owned()).unwrap_or_default()
+            }
+            ("request.relative_priority", Some(r)) => r.relative_priority.to_string(),
+            ("request.event_id", Some(r)) => r.event_id.clone().unwrap_or_default(),
+            ("request.created_time", Some(r)) => r.created_time.map(|t| t.to_string()).unwrap_or_default(),
+            ("request.tenant_name", Some(r)) => r.tenant_name.clone().unwrap_or_default(),
+            _ => String::new(),
+        };
+        out.push_str(&value);
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest.replace("}}", "}").as_str());
+    out
+}
+
+/// Launch result labels, as in Nodepool's `nodepool.launch.<result>`.
+fn result_label(e: &ProviderError) -> &'static str {
+    match e {
+        ProviderError::QuotaExceeded(_) => "error.quota",
+        ProviderError::Timeout(_) => "error.servercreatetimeout",
+        ProviderError::ServerFailed(_) => "error.status",
+        _ => "error.unknown",
+    }
+}
+
+enum AttemptError {
+    Quota(ProviderError),
+    Retryable(String, &'static str),
+    LockLost,
+}
+
+/// Runs a launch to `ready`, `failed` or `aborted`, then releases the lock.
+pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
+    let LaunchJob {
+        node_id,
+        mut node,
+        mut version,
+        guard,
+        provider,
+        spec,
+        host_key_checking,
+        console_log,
+        requestor,
+    } = job;
+    let started = Instant::now();
+    let pc = provider.config.clone();
+    let retries = pc.launch_retries.max(1);
+    let mut attempt = 0;
+    let outcome = loop {
+        attempt += 1;
+        match attempt_launch(&shared, &provider, &spec, &node_id, &mut node, &mut version, &guard, host_key_checking, console_log).await {
+            Ok(()) => break Ok(()),
+            Err(AttemptError::Quota(e)) => break Err(("error.quota", e.to_string(), true)),
+            Err(AttemptError::LockLost) => break Err(("error.zksession", "lost the node lock".into(), false)),
+            Err(AttemptError::Retryable(msg, label)) => {
+                tracing::warn!(node = %node_id, provider = %pc.name, attempt, retries, error = %msg, "launch attempt failed");
+                // Delete the partial server before trying again.
+                if let Some(ext) = node.external_id.take() {
+                    match tokio::time::timeout(shared.settings.delete_timeout, provider.provider.delete_instance(&ext)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(node = %node_id, server = %ext, error = %e, "could not delete a failed server; leak cleanup will"),
+                        Err(_) => tracing::warn!(node = %node_id, server = %ext, "deleting a failed server timed out; leak cleanup will"),
+                    }
+                    if let Ok(v) = shared.store.update_node(&node_id, &node, version).await {
+                        version = v;
+                    }
+                }
+                if attempt >= retries {
+                    break Err((label, msg, false));
+                }
+            }
+        }
+    };
+    let elapsed = started.elapsed();
+    let az = node.az.clone().unwrap_or_else(|| "unknown".into());
+    let result = match &outcome {
+        Ok(()) => "ready",
+        Err((label, _, _)) => label,
+    };
+    let m = &shared.metrics;
+    m.timing(&format!("nodepool.launch.{result}"), elapsed);
+    m.timing(&format!("nodepool.launch.provider.{}.{result}", pc.name), elapsed);
+    m.timing(&format!("nodepool.launch.provider.{}.{}.{result}", pc.name, sanitize_component(&az)), elapsed);
+    if let Some(r) = &requestor {
+        m.timing(&format!("nodepool.launch.requestor.{}.{result}", sanitize_component(r)), elapsed);
+    }
+    match outcome {
+        Ok(()) => {
+            tracing::info!(node = %node_id, provider = %pc.name, seconds = elapsed.as_secs_f64(), "node ready");
+        }
+        Err((_, msg, quota)) => {
+            if !guard.is_held() {
+                tracing::warn!(node = %node_id, error = %msg, "launch abandoned: the node lock was lost");
+                guard.forget();
+                shared.wake.notify_one();
+                return;
+            }
+            let state = if quota { NodeState::Aborted } else { NodeState::Failed };
+            if quota {
+                provider.invalidate_limits();
+                tracing::info!(node = %node_id, provider = %pc.name, error = %msg, "launch hit the cloud's quota; node aborted");
+            } else {
+                tracing::error!(node = %node_id, provider = %pc.name, error = %msg, "launch failed");
+            }
+            node.set_state(state, epoch_now());
+            if let Err(e) = shared.store.update_node(&node_id, &node, version).await {
+                tracing::warn!(node = %node_id, error = %e, "could not record the failed launch");
+            }
+        }
+    }
+    let _ = guard.release().await;
+    shared.wake.notify_one();
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt_launch(
+    shared: &Shared,
+    provider: &ProviderHandle,
+    spec: &InstanceSpec,
+    node_id: &str,
+    node: &mut Node,
+    version: &mut i32,
+    guard: &LockGuard,
+    host_key_checking: bool,
+    console_log: bool,
+) -> Result<(), AttemptError> {
+    let pc = &provider.config;
+    let deadline = tokio::time::Instant::now() + pc.launch_timeout;
+    let classify = |e: ProviderError| match e {
+        ProviderError::QuotaExceeded(_) => AttemptError::Quota(e),
+        other => {
+            let label = result_label(&other);
+            AttemptError::Retryable(other.to_string(), label)
+        }
+    };
+    let external_id = match tokio::time::timeout_at(deadline, provider.provider.create_instance(spec)).await {
+        Ok(Ok(id)) => id,
+        Ok(Err(e)) => return Err(classify(e)),
+        Err(_) => return Err(AttemptError::Retryable("server create timed out".into(), "error.servercreatetimeout")),
+    };
+    // Record the server id at once, so a crash from here on cannot leak it.
+    node.external_id = Some(external_id.clone());
+    if !guard.is_held() {
+        return Err(AttemptError::LockLost);
+    }
+    match shared.store.update_node(node_id, node, *version).await {
+        Ok(v) => *version = v,
+        Err(e) => return Err(AttemptError::Retryable(format!("recording the server id: {e}"), "error.zksession")),
+    }
+    let instance = match tokio::time::timeout_at(deadline, provider.provider.wait_for_instance(&external_id, spec)).await {
+        Ok(Ok(i)) => i,
+        Ok(Err(e)) => return Err(classify(e)),
+        Err(_) => {
+            return Err(AttemptError::Retryable(
+                format!("server {external_id} not active within launch-timeout {:?}", pc.launch_timeout),
+                "error.servercreatetimeout",
+            ));
+        }
+    };
+    node.cloud = instance.cloud.clone().or_else(|| pc.cloud.clone());
+    node.region = instance.region.clone().or_else(|| pc.region_name.clone());
+    if instance.az.is_some() {
+        node.az = instance.az.clone();
+    }
+    node.public_ipv4 = instance.public_ipv4.clone();
+    node.private_ipv4 = instance.private_ipv4.clone();
+    node.public_ipv6 = instance.public_ipv6.clone();
+    node.interface_ip = instance.interface_ip.clone();
+    node.host_id = instance.host_id.clone();
+    if let Some(r) = &instance.resources {
+        node.resources = Some(r.clone());
+    }
+    let skip = !host_key_checking || provider.provider.skip_nodescan();
+    if !skip {
+        let Some(ip) = node.interface_ip.clone() else {
+            return Err(AttemptError::Retryable("server has no address to scan".into(), "error.ipadd"));
+        };
+        let port = node.port().number().unwrap_or(22);
+        let conn = node.connection_type.clone().unwrap_or_else(|| "ssh".into());
+        match nodescan::scan(&ip, port as u16, &conn, pc.boot_timeout).await {
+            Ok(keys) => node.host_keys = keys,
+            Err(e) => {
+                if console_log {
+                    match provider.provider.console_log(&external_id).await {
+                        Ok(log) => tracing::info!(node = %node_id, server = %external_id, console = %log, "console log after a failed nodescan"),
+                        Err(e) => tracing::debug!(node = %node_id, error = %e, "no console log"),
+                    }
+                }
+                return Err(AttemptError::Retryable(format!("nodescan of {ip}:{port}: {e}"), "error.keyscan"));
+            }
+        }
+    }
+    if !guard.is_held() {
+        return Err(AttemptError::LockLost);
+    }
+    node.set_state(NodeState::Ready, epoch_now());
+    match shared.store.update_node(node_id, node, *version).await {
+        Ok(v) => {
+            *version = v;
+            Ok(())
+        }
+        Err(e) => Err(AttemptError::Retryable(format!("recording the ready node: {e}"), "error.zksession")),
+    }
+}
+
+/// Deletes a node's server and record. Holds the node lock; on failure
+/// the node is left `deleting` and unlocked, for the next pass to retry.
+pub(crate) async fn delete(shared: Arc<Shared>, provider: Option<Arc<ProviderHandle>>, node_id: String, guard: LockGuard, reason: &'static str) {
+    let started = Instant::now();
+    let result = delete_inner(&shared, provider.as_deref(), &node_id, &guard).await;
+    match result {
+        Ok(()) => {
+            tracing::info!(node = %node_id, reason, seconds = started.elapsed().as_secs_f64(), "node deleted");
+            // The lock directory went with the record.
+            guard.forget();
+        }
+        Err(e) => {
+            tracing::warn!(node = %node_id, reason, error = %e, "node deletion failed; will retry");
+            if e.contains("timed out") {
+                shared.metrics.incr("nodepool.launch.error.serverdeletetimeout");
+            }
+            let _ = guard.release().await;
+        }
+    }
+    shared.wake.notify_one();
+}
+
+async fn delete_inner(shared: &Shared, provider: Option<&ProviderHandle>, node_id: &str, guard: &LockGuard) -> Result<(), String> {
+    let Some(current) = shared.store.get_node(node_id).await.map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let mut node = current.value;
+    let mut version = current.version;
+    if node.state != NodeState::Deleting {
+        node.set_state(NodeState::Deleting, epoch_now());
+        version = shared.store.update_node(node_id, &node, version).await.map_err(|e| e.to_string())?;
+    }
+    if let Some(ext) = node.external_id.clone() {
+        let Some(p) = provider else {
+            return Err(format!("provider {} is not configured here", node.provider));
+        };
+        match tokio::time::timeout(shared.settings.delete_timeout, p.provider.delete_instance(&ext)).await {
+            Ok(Ok(())) | Ok(Err(ProviderError::NotFound(_))) => {}
+            Ok(Err(e)) => return Err(format!("deleting server {ext}: {e}")),
+            Err(_) => return Err(format!("deleting server {ext} timed out after {:?}", shared.settings.delete_timeout)),
+        }
+    }
+    if !guard.is_held() {
+        return Err("lost the node lock".into());
+    }
+    // `deleted` first, so whoever takes the lock in the gap finishes the job.
+    node.set_state(NodeState::Deleted, epoch_now());
+    let _ = shared.store.update_node(node_id, &node, version).await;
+    shared.store.delete_node(node_id).await.map_err(|e| e.to_string())
+}
