@@ -23,9 +23,9 @@
 //!   conformance suites every backend runs.
 
 pub mod config;
-pub mod launcher;
 pub mod consumer;
 pub mod image_builder;
+pub mod launcher;
 pub mod model;
 pub mod planner;
 pub mod provider;

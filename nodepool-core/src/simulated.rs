@@ -474,17 +474,8 @@ impl SimulatedProvider {
         let v4 = (n % 131_070 + 1) as u32;
         let public = Ipv4Addr::from(0xC612_0000 | v4).to_string();
         let private = Ipv4Addr::from(0x0A00_0000 | (n % 0x00FF_FFFF + 1) as u32).to_string();
-        let ipv6 = Ipv6Addr::new(
-            0x2001,
-            0x0db8,
-            0,
-            0,
-            0,
-            0,
-            (n >> 16) as u16,
-            n as u16,
-        )
-        .to_string();
+        let ipv6 =
+            Ipv6Addr::new(0x2001, 0x0db8, 0, 0, 0, 0, (n >> 16) as u16, n as u16).to_string();
         let host = n % HOSTS_PER_AZ;
         let mut h = SplitMix64::new(
             self.inner.salt ^ fnv1a(az.as_deref().unwrap_or("")),
@@ -534,7 +525,9 @@ impl SimulatedProvider {
             ImageRef::Cloud { id: Some(id), .. } => st.images.get(id).filter(active).is_some(),
             // Like the OpenStack backend: by name, then a name that is an id.
             ImageRef::Cloud { id: None, name } => {
-                st.images.values().any(|i| &i.name == name && i.status == "active")
+                st.images
+                    .values()
+                    .any(|i| &i.name == name && i.status == "active")
                     || st.images.get(name).filter(active).is_some()
             }
         };
@@ -559,11 +552,10 @@ impl SimulatedProvider {
     /// with `node_id`, as a launcher that died after its create would leave
     /// it. Returns its cloud id. It uses quota like any server.
     pub fn inject_leaked_server(&self, node_id: &str) -> String {
-        let resources = self
-            .inner
-            .flavors
-            .first()
-            .map_or_else(|| Resources::server(0, 0), |f| Resources::server(f.vcpus, f.ram));
+        let resources = self.inner.flavors.first().map_or_else(
+            || Resources::server(0, 0),
+            |f| Resources::server(f.vcpus, f.ram),
+        );
         let mut metadata = IndexMap::new();
         metadata.insert(
             META_GROUPS.to_owned(),
@@ -871,10 +863,7 @@ impl Provider for SimulatedProvider {
                 "[    0.000000] Linux version 6.1.0-simulated\n\
                  [    0.412000] simulated cloud {}: server {} ({})\n\
                  {} login:\n",
-                self.inner.name,
-                s.base.name,
-                external_id,
-                s.base.name
+                self.inner.name, s.base.name, external_id, s.base.name
             )),
             None => Err(ProviderError::NotFound(format!(
                 "provider {}: server {external_id}",
@@ -895,9 +884,8 @@ impl Provider for SimulatedProvider {
         let (path, stop) = (spec.path.clone(), cancel.0.clone());
         let (want_md5, want_sha256) = (spec.md5.is_some(), spec.sha256.is_some());
         // Hashing gigabytes is blocking work: keep it off the async workers.
-        let job = tokio::task::spawn_blocking(move || {
-            digest_file(&path, want_md5, want_sha256, &stop)
-        });
+        let job =
+            tokio::task::spawn_blocking(move || digest_file(&path, want_md5, want_sha256, &stop));
         let digests = match tokio::time::timeout(spec.timeout, job).await {
             Err(_) => {
                 return Err(ProviderError::Timeout(format!(
@@ -1164,10 +1152,7 @@ mod digest {
                 2 => (b ^ c ^ d, (3 * i + 5) % 16),
                 _ => (c ^ (b | !d), (7 * i) % 16),
             };
-            let f = f
-                .wrapping_add(a)
-                .wrapping_add(MD5_K[i])
-                .wrapping_add(m[g]);
+            let f = f.wrapping_add(a).wrapping_add(MD5_K[i]).wrapping_add(m[g]);
             a = d;
             d = c;
             c = b;
@@ -1320,7 +1305,9 @@ mod tests {
         assert_eq!(md5(b""), "d41d8cd98f00b204e9800998ecf8427e");
         assert_eq!(md5(b"abc"), "900150983cd24fb0d6963f7d28e17f72");
         assert_eq!(
-            md5(b"12345678901234567890123456789012345678901234567890123456789012345678901234567890"),
+            md5(
+                b"12345678901234567890123456789012345678901234567890123456789012345678901234567890"
+            ),
             "57edf4a22be3c955ac49da2e2107b67a"
         );
         assert_eq!(

@@ -10,9 +10,9 @@
 use std::collections::HashSet;
 
 use super::tasks::{self, LaunchJob};
-use super::{Owned, Runtime};
+use super::{Clock, Owned, Runtime};
 use crate::model::{
-    MIN_READY_PRIORITY, MIN_READY_REQUESTOR, Node, NodeRequest, NodeState, RequestState, epoch_now,
+    MIN_READY_PRIORITY, MIN_READY_REQUESTOR, Node, NodeRequest, NodeState, RequestState,
 };
 use crate::planner::{Action, DeleteReason, LaunchImage, Plan, Snapshot};
 use crate::store::{LockGuard, LockWait, Store, StoreError, paths};
@@ -26,10 +26,10 @@ fn err(e: impl std::fmt::Display) -> Failure {
 pub(crate) async fn execute(rt: &mut Runtime, snapshot: &Snapshot, plan: &Plan) {
     let mut failed_requests: HashSet<String> = HashSet::new();
     for action in &plan.actions {
-        if let Some(r) = action.request() {
-            if failed_requests.contains(r) {
-                continue;
-            }
+        if let Some(r) = action.request()
+            && failed_requests.contains(r)
+        {
+            continue;
         }
         let result = run(rt, snapshot, action).await;
         if let Err(e) = result {
@@ -38,7 +38,9 @@ pub(crate) async fn execute(rt: &mut Runtime, snapshot: &Snapshot, plan: &Plan) 
                     tracing::debug!(request = %r, action = ?action_name(action), error = %e, "request action skipped");
                     failed_requests.insert(r.to_owned());
                 }
-                None => tracing::debug!(action = ?action_name(action), error = %e, "action skipped"),
+                None => {
+                    tracing::debug!(action = ?action_name(action), error = %e, "action skipped")
+                }
             }
         }
     }
@@ -66,12 +68,17 @@ fn action_name(a: &Action) -> &'static str {
 
 async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(), Failure> {
     let store = rt.shared.store.clone();
+    let clock = rt.shared.settings.clock;
+    let now = || clock.now();
     match action {
         Action::Accept { request, pool } => {
             let Some(our_id) = rt.pool_ids.get(pool).cloned() else {
                 return Err("unknown pool".into());
             };
-            let guard = store.lock_request(request, LockWait::NonBlocking).await.map_err(err)?;
+            let guard = store
+                .lock_request(request, LockWait::NonBlocking)
+                .await
+                .map_err(err)?;
             let Some(cur) = store.get_request(request).await.map_err(err)? else {
                 let _ = guard.release().await;
                 return Err("request vanished".into());
@@ -81,24 +88,39 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
                 let _ = guard.release().await;
                 return Err("request no longer waiting".into());
             }
-            req.set_state(RequestState::Pending, epoch_now());
+            req.set_state(RequestState::Pending, now());
             if let Err(e) = store.update_request(request, &req, cur.version).await {
                 let _ = guard.release().await;
                 return Err(err(e));
             }
             tracing::info!(request = %request, pool = %pool, labels = ?req.node_types, "request accepted");
-            rt.owned.insert(request.clone(), Owned { pool: pool.clone(), guard });
+            rt.owned.insert(
+                request.clone(),
+                Owned {
+                    pool: pool.clone(),
+                    guard,
+                },
+            );
             Ok(())
         }
-        Action::Decline { request, by, fail, deallocate, reason } => {
+        Action::Decline {
+            request,
+            by,
+            fail,
+            deallocate,
+            reason,
+        } => {
             for n in deallocate {
-                if let Err(e) = deallocate_node(&store, n, Some(request)).await {
+                if let Err(e) = deallocate_node(&store, n, Some(request), clock).await {
                     tracing::debug!(node = %n, error = %e, "could not give a node back");
                 }
             }
             let guard = match rt.owned.remove(request) {
                 Some(o) => o.guard,
-                None => store.lock_request(request, LockWait::NonBlocking).await.map_err(err)?,
+                None => store
+                    .lock_request(request, LockWait::NonBlocking)
+                    .await
+                    .map_err(err)?,
             };
             let result = async {
                 let Some(cur) = store.get_request(request).await.map_err(err)? else {
@@ -115,7 +137,7 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
                 }
                 let state = if *fail { RequestState::Failed } else { RequestState::Requested };
                 req.nodes.clear();
-                req.set_state(state, epoch_now());
+                req.set_state(state, now());
                 store.update_request(request, &req, cur.version).await.map_err(err)?;
                 if *fail {
                     tracing::info!(request = %request, reason = %reason, "request failed: every pool declined");
@@ -129,7 +151,10 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             result
         }
         Action::Fail { request, reason } => {
-            let guard = store.lock_request(request, LockWait::NonBlocking).await.map_err(err)?;
+            let guard = store
+                .lock_request(request, LockWait::NonBlocking)
+                .await
+                .map_err(err)?;
             let result = async {
                 let Some(cur) = store.get_request(request).await.map_err(err)? else {
                     return Ok(());
@@ -138,8 +163,11 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
                 if req.state != RequestState::Requested {
                     return Err("request no longer waiting".to_string());
                 }
-                req.set_state(RequestState::Failed, epoch_now());
-                store.update_request(request, &req, cur.version).await.map_err(err)?;
+                req.set_state(RequestState::Failed, now());
+                store
+                    .update_request(request, &req, cur.version)
+                    .await
+                    .map_err(err)?;
                 tracing::info!(request = %request, reason = %reason, "request failed");
                 Ok(())
             }
@@ -157,9 +185,16 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
                 .iter()
                 .find(|r| &r.id == request)
                 .map(|r| r.request.clone());
-            let guard = store.lock_node(node, LockWait::NonBlocking).await.map_err(err)?;
+            let guard = store
+                .lock_node(node, LockWait::NonBlocking)
+                .await
+                .map_err(err)?;
             let result = async {
-                let cur = store.get_node(node).await.map_err(err)?.ok_or("node vanished")?;
+                let cur = store
+                    .get_node(node)
+                    .await
+                    .map_err(err)?
+                    .ok_or("node vanished")?;
                 let mut n = cur.value;
                 if n.state != NodeState::Ready || n.allocated_to.is_some() {
                     return Err("node no longer free".to_string());
@@ -169,7 +204,10 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
                     n.tenant_name = r.tenant_name.clone();
                     n.requestor = r.requestor.clone();
                 }
-                store.update_node(node, &n, cur.version).await.map_err(err)?;
+                store
+                    .update_node(node, &n, cur.version)
+                    .await
+                    .map_err(err)?;
                 tracing::debug!(request = %request, node = %node, "ready node allocated");
                 Ok(())
             }
@@ -177,7 +215,14 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             let _ = guard.release().await;
             result
         }
-        Action::Launch { request, pool, label, image, az, resources } => {
+        Action::Launch {
+            request,
+            pool,
+            label,
+            image,
+            az,
+            resources,
+        } => {
             if !rt.owned.contains_key(request) {
                 return Err("request not held".into());
             }
@@ -189,8 +234,14 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
                 .iter()
                 .find(|r| &r.id == request)
                 .map(|r| r.request.clone());
-            let now = epoch_now();
-            let mut node = Node::new(NodeState::Init, now, &pool.provider, &pool.pool, vec![label.clone()]);
+            let t = now();
+            let mut node = Node::new(
+                NodeState::Init,
+                t,
+                &pool.provider,
+                &pool.pool,
+                vec![label.clone()],
+            );
             node.allocated_to = Some(request.clone());
             node.launcher = rt.pool_ids.get(pool).cloned();
             node.az = az.clone();
@@ -213,8 +264,11 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             let id = store.create_node(&node).await.map_err(err)?;
             // Create, then lock, then `building`: an unlocked `init` node is
             // left alone by cleanup, an unlocked `building` one is deleted.
-            let guard = store.lock_node(&id, LockWait::NonBlocking).await.map_err(err)?;
-            node.set_state(NodeState::Building, epoch_now());
+            let guard = store
+                .lock_node(&id, LockWait::NonBlocking)
+                .await
+                .map_err(err)?;
+            node.set_state(NodeState::Building, now());
             let version = match store.update_node(&id, &node, 0).await {
                 Ok(v) => v,
                 Err(e) => {
@@ -224,14 +278,12 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             };
             let Some((spec, host_key_checking, console_log)) = tasks::instance_spec(
                 &cfg,
-                &pool.provider,
-                &pool.pool,
+                pool,
                 label,
                 image,
                 az.clone(),
                 &id,
-                req.as_deref(),
-                request,
+                (request, req.as_deref()),
             ) else {
                 let _ = guard.release().await;
                 return Err("label no longer configured".into());
@@ -255,14 +307,21 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
                 return Err("request not held".into());
             };
             let result = async {
-                let cur = store.get_request(request).await.map_err(err)?.ok_or("request vanished")?;
+                let cur = store
+                    .get_request(request)
+                    .await
+                    .map_err(err)?
+                    .ok_or("request vanished")?;
                 let mut req = cur.value;
                 if req.state != RequestState::Pending {
                     return Err("request is not pending".to_string());
                 }
                 req.nodes = nodes.clone();
-                req.set_state(RequestState::Fulfilled, epoch_now());
-                store.update_request(request, &req, cur.version).await.map_err(err)?;
+                req.set_state(RequestState::Fulfilled, now());
+                store
+                    .update_request(request, &req, cur.version)
+                    .await
+                    .map_err(err)?;
                 tracing::info!(request = %request, nodes = ?nodes, "request fulfilled");
                 Ok(())
             }
@@ -277,28 +336,37 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             Ok(())
         }
         Action::ResetLost { request } => {
-            let guard = store.lock_request(request, LockWait::NonBlocking).await.map_err(err)?;
-            hand_back(&store, request, guard).await.map_err(err)
+            let guard = store
+                .lock_request(request, LockWait::NonBlocking)
+                .await
+                .map_err(err)?;
+            hand_back(&store, request, guard, clock).await.map_err(err)
         }
         Action::CreateMinReady { label } => {
-            let mut req = NodeRequest::new(vec![label.clone()], MIN_READY_REQUESTOR, epoch_now());
+            let mut req = NodeRequest::new(vec![label.clone()], MIN_READY_REQUESTOR, now());
             req.reuse = false;
-            store.submit_request(&req, MIN_READY_PRIORITY, true).await.map_err(err)?;
+            store
+                .submit_request(&req, MIN_READY_PRIORITY, true)
+                .await
+                .map_err(err)?;
             Ok(())
         }
         Action::CompleteMinReady { request } => {
             for rec in &snapshot.nodes {
-                if rec.node.allocated_to.as_deref() == Some(request.as_str()) {
-                    if let Err(e) = deallocate_node(&store, &rec.id, Some(request)).await {
-                        tracing::debug!(node = %rec.id, error = %e, "could not give a node back");
-                    }
+                if rec.node.allocated_to.as_deref() == Some(request.as_str())
+                    && let Err(e) = deallocate_node(&store, &rec.id, Some(request), clock).await
+                {
+                    tracing::debug!(node = %rec.id, error = %e, "could not give a node back");
                 }
             }
             store.delete_request(request).await.map_err(err)
         }
-        Action::Deallocate { node } => deallocate_node(&store, node, None).await,
+        Action::Deallocate { node } => deallocate_node(&store, node, None, clock).await,
         Action::DeleteNode { node, reason } => {
-            let guard = store.lock_node(node, LockWait::NonBlocking).await.map_err(err)?;
+            let guard = store
+                .lock_node(node, LockWait::NonBlocking)
+                .await
+                .map_err(err)?;
             let Some(cur) = store.get_node(node).await.map_err(err)? else {
                 guard.forget();
                 return Ok(());
@@ -326,21 +394,28 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             });
             Ok(())
         }
-        Action::DeleteRequestLockDir { request } => store.delete_request_lock_dir(request).await.map_err(err),
+        Action::DeleteRequestLockDir { request } => {
+            store.delete_request_lock_dir(request).await.map_err(err)
+        }
         Action::DeleteEmptyNode { node } => {
             let path = paths::node(node);
             match store.backend().get(&path).await.map_err(err)? {
                 Some((data, stat)) if data.is_empty() => {
                     match store.backend().delete(&path, Some(stat.version)).await {
                         Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
-                        Err(StoreError::NotEmpty { .. }) => store.delete_node(node).await.map_err(err),
+                        Err(StoreError::NotEmpty { .. }) => {
+                            store.delete_node(node).await.map_err(err)
+                        }
                         Err(e) => Err(err(e)),
                     }
                 }
                 _ => Ok(()),
             }
         }
-        Action::DeleteLeakedInstance { provider, external_id } => {
+        Action::DeleteLeakedInstance {
+            provider,
+            external_id,
+        } => {
             let Some(h) = rt.providers.get(provider).cloned() else {
                 return Err("provider gone".into());
             };
@@ -364,10 +439,22 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
 }
 
 /// Copies the login and connection details of the image into the node.
-fn fill_image_fields(cfg: &crate::config::Config, provider: &str, image: &LaunchImage, node: &mut Node) {
-    let Some(pc) = cfg.provider(provider) else { return };
+fn fill_image_fields(
+    cfg: &crate::config::Config,
+    provider: &str,
+    image: &LaunchImage,
+    node: &mut Node,
+) {
+    let Some(pc) = cfg.provider(provider) else {
+        return;
+    };
     match image {
-        LaunchImage::Upload { image, build, upload, .. } => {
+        LaunchImage::Upload {
+            image,
+            build,
+            upload,
+            ..
+        } => {
             node.image_id = Some(paths::upload(image, build, provider, upload));
             if let Some(d) = cfg.diskimage(image) {
                 node.username = Some(d.username.clone());
@@ -399,8 +486,16 @@ fn fill_image_fields(cfg: &crate::config::Config, provider: &str, image: &Launch
 /// Gives a ready node back to the spares (under its lock): clears
 /// `allocated_to` (only if it still points at `request`, when given) and
 /// the tenant charge.
-async fn deallocate_node(store: &Store, node: &str, request: Option<&String>) -> Result<(), Failure> {
-    let guard = store.lock_node(node, LockWait::NonBlocking).await.map_err(err)?;
+async fn deallocate_node(
+    store: &Store,
+    node: &str,
+    request: Option<&String>,
+    clock: Clock,
+) -> Result<(), Failure> {
+    let guard = store
+        .lock_node(node, LockWait::NonBlocking)
+        .await
+        .map_err(err)?;
     let result = async {
         let Some(cur) = store.get_node(node).await.map_err(err)? else {
             return Ok(());
@@ -415,10 +510,13 @@ async fn deallocate_node(store: &Store, node: &str, request: Option<&String>) ->
                 n.tenant_name = None;
             }
             // A launch that never started: delete it.
-            NodeState::Init => n.set_state(NodeState::Deleting, epoch_now()),
+            NodeState::Init => n.set_state(NodeState::Deleting, clock.now()),
             _ => return Ok(()),
         }
-        store.update_node(node, &n, cur.version).await.map_err(err)?;
+        store
+            .update_node(node, &n, cur.version)
+            .await
+            .map_err(err)?;
         Ok(())
     }
     .await;
@@ -429,7 +527,12 @@ async fn deallocate_node(store: &Store, node: &str, request: Option<&String>) ->
 /// Returns a held (or lost) request to the queue: its ready nodes go back
 /// to the spares, its `init` nodes are deleted, the request is set
 /// `requested` with no nodes, and the lock is released.
-pub(crate) async fn hand_back(store: &Store, request: &str, guard: LockGuard) -> Result<(), StoreError> {
+pub(crate) async fn hand_back(
+    store: &Store,
+    request: &str,
+    guard: LockGuard,
+    clock: Clock,
+) -> Result<(), StoreError> {
     let result = async {
         let Some(cur) = store.get_request(request).await? else {
             return Ok(());
@@ -441,11 +544,11 @@ pub(crate) async fn hand_back(store: &Store, request: &str, guard: LockGuard) ->
         let nodes = store.list_nodes().await?;
         for rec in &nodes.records {
             if rec.node.allocated_to.as_deref() == Some(request) {
-                let _ = deallocate_node(store, &rec.id, Some(&request.to_owned())).await;
+                let _ = deallocate_node(store, &rec.id, Some(&request.to_owned()), clock).await;
             }
         }
         req.nodes.clear();
-        req.set_state(RequestState::Requested, epoch_now());
+        req.set_state(RequestState::Requested, clock.now());
         store.update_request(request, &req, cur.version).await?;
         tracing::info!(request = %request, "request handed back to the queue");
         Ok(())

@@ -120,7 +120,13 @@ impl Metrics {
     pub fn prometheus(&self) -> String {
         fn prom(name: &str) -> String {
             name.chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == ':' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect()
         }
         let r = self.registry();
@@ -165,11 +171,20 @@ mod tests {
         let n = listener.recv(&mut buf).expect("packet");
         assert_eq!(&buf[..n], b"nodepool.launch.ready:1|c");
         m.gauge("nodepool.nodes.ready", 3.0);
-        m.timing("nodepool.launch.provider.p.ready", Duration::from_millis(1500));
+        m.timing(
+            "nodepool.launch.provider.p.ready",
+            Duration::from_millis(1500),
+        );
         let text = m.prometheus();
         assert!(text.contains("nodepool_launch_ready_total 1"), "{text}");
         assert!(text.contains("nodepool_nodes_ready 3"), "{text}");
-        assert!(text.contains("nodepool_launch_provider_p_ready_ms_count 1"), "{text}");
-        assert_eq!(sanitize_component("NodePool:min-ready"), "NodePool_min-ready");
+        assert!(
+            text.contains("nodepool_launch_provider_p_ready_ms_count 1"),
+            "{text}"
+        );
+        assert_eq!(
+            sanitize_component("NodePool:min-ready"),
+            "NodePool_min-ready"
+        );
     }
 }

@@ -58,6 +58,42 @@ pub struct LauncherSettings {
     pub observer: ObserverIntervals,
     /// Grace for in-flight work at shutdown.
     pub shutdown_grace: Duration,
+    /// Where "now" comes from.
+    pub clock: Clock,
+}
+
+/// The launcher's notion of the current time (epoch seconds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Clock {
+    /// The system clock.
+    System,
+    /// Epoch time advanced by tokio's clock from a start point, so tests on
+    /// tokio's paused clock see time-based rules (max-ready-age,
+    /// max-hold-age) fire as virtual time passes.
+    Tokio {
+        /// Epoch seconds at `start`.
+        epoch: f64,
+        /// The tokio instant the epoch was taken.
+        start: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    /// A tokio-driven clock starting now.
+    pub fn tokio() -> Self {
+        Clock::Tokio {
+            epoch: epoch_now(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The current time in epoch seconds.
+    pub fn now(&self) -> f64 {
+        match self {
+            Clock::System => epoch_now(),
+            Clock::Tokio { epoch, start } => epoch + start.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 impl Default for LauncherSettings {
@@ -71,6 +107,7 @@ impl Default for LauncherSettings {
             max_parallel_deletes: 100,
             observer: ObserverIntervals::default(),
             shutdown_grace: Duration::from_secs(30),
+            clock: Clock::System,
         }
     }
 }
@@ -102,7 +139,10 @@ impl LauncherStatus {
 
     /// A human-readable dump of the launcher's state (SIGUSR2).
     pub fn report(&self) -> String {
-        self.report.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -113,6 +153,13 @@ pub(crate) struct Shared {
     settings: LauncherSettings,
     wake: Notify,
     deletes: tokio::sync::Semaphore,
+}
+
+impl Shared {
+    /// The current time (epoch seconds) on the launcher's clock.
+    pub(crate) fn now(&self) -> f64 {
+        self.settings.clock.now()
+    }
 }
 
 /// A request this launcher accepted and holds the lock of.
@@ -161,7 +208,11 @@ impl Launcher {
     /// Runs until `shutdown` is cancelled. A new value on `config` is a
     /// reload: providers whose configuration changed are rebuilt, pools
     /// re-registered.
-    pub async fn run(self, mut config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<(), LauncherError> {
+    pub async fn run(
+        self,
+        mut config: watch::Receiver<Arc<Config>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), LauncherError> {
         let shared = Arc::new(Shared {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
@@ -264,10 +315,16 @@ impl Runtime {
                     Ok(p) => {
                         next.insert(
                             pc.name.clone(),
-                            Arc::new(ProviderHandle::start(pc.clone(), p, self.shared.settings.observer.clone())),
+                            Arc::new(ProviderHandle::start(
+                                pc.clone(),
+                                p,
+                                self.shared.settings.observer.clone(),
+                            )),
                         );
                     }
-                    Err(e) => tracing::error!(provider = %pc.name, error = %e, "cannot set up provider"),
+                    Err(e) => {
+                        tracing::error!(provider = %pc.name, error = %e, "cannot set up provider")
+                    }
                 },
             }
         }
@@ -304,7 +361,9 @@ impl Runtime {
             self.launcher_reg = None;
             self.pool_regs.clear();
             if self.session_id != 0 {
-                tracing::warn!("store session replaced; registering again and dropping held requests");
+                tracing::warn!(
+                    "store session replaced; registering again and dropping held requests"
+                );
                 // Our request locks died with the session.
                 for (_, o) in self.owned.drain() {
                     o.guard.forget();
@@ -313,7 +372,11 @@ impl Runtime {
             self.session_id = id;
         }
         if self.launcher_reg.is_none() {
-            let mut c = Component::new(ComponentKind::Launcher, &self.shared.settings.hostname, &self.shared.settings.version);
+            let mut c = Component::new(
+                ComponentKind::Launcher,
+                &self.shared.settings.hostname,
+                &self.shared.settings.version,
+            );
             c.state = ComponentState::Running;
             self.launcher_reg = Some(store.register_component(&c).await?);
         }
@@ -333,7 +396,9 @@ impl Runtime {
         for pc in &cfg.providers {
             for pool in &pc.pools {
                 let key = PoolKey::new(&pc.name, &pool.name);
-                let Some(pid) = self.pool_ids.get(&key).cloned() else { continue };
+                let Some(pid) = self.pool_ids.get(&key).cloned() else {
+                    continue;
+                };
                 let mut want = Component::pool(
                     &self.shared.settings.hostname,
                     &self.shared.settings.version,
@@ -377,7 +442,10 @@ impl Runtime {
             }
         }
         if let Some(v) = model_api {
-            tracing::error!(model_api = v, "a component with a newer model API is registered");
+            tracing::error!(
+                model_api = v,
+                "a component with a newer model API is registered"
+            );
         }
         let mut snap = Snapshot {
             empty_nodes: nodes
@@ -415,14 +483,26 @@ impl Runtime {
     fn local_state(&self) -> LocalState {
         LocalState {
             pool_ids: self.pool_ids.clone(),
-            owned_requests: self.owned.iter().map(|(k, o)| (k.clone(), o.pool.clone())).collect(),
+            owned_requests: self
+                .owned
+                .iter()
+                .map(|(k, o)| (k.clone(), o.pool.clone()))
+                .collect(),
             session_id: self.session_id,
             leak_suspects: self.leak_suspects.clone(),
         }
     }
 
     async fn pass(&mut self) -> Result<(), LauncherError> {
-        if self.shared.store.backend().session().borrow().id().is_none() {
+        if self
+            .shared
+            .store
+            .backend()
+            .session()
+            .borrow()
+            .id()
+            .is_none()
+        {
             // Suspended or expired: do nothing that needs locks.
             return Ok(());
         }
@@ -436,7 +516,12 @@ impl Runtime {
         });
         let snapshot = self.snapshot().await?;
         let local = self.local_state();
-        let plan = planner::plan(&snapshot, &self.config, epoch_now(), &local);
+        let plan = planner::plan(
+            &snapshot,
+            &self.config,
+            self.shared.settings.clock.now(),
+            &local,
+        );
         self.leak_suspects = plan.leak_suspects.clone();
         if !plan.actions.is_empty() {
             tracing::debug!(actions = plan.actions.len(), "executing plan");
@@ -445,7 +530,9 @@ impl Runtime {
         self.update_pool_status(&plan).await;
         self.report_stats(&snapshot, &plan);
         self.pass_count += 1;
-        self.status.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.status
+            .ready
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.update_report(&plan);
         Ok(())
     }
@@ -458,10 +545,16 @@ impl Runtime {
                 if c.paused != paused {
                     let mut next = c.clone();
                     next.paused = paused;
-                    next.state = if st.paused { ComponentState::Paused } else { ComponentState::Running };
+                    next.state = if st.paused {
+                        ComponentState::Paused
+                    } else {
+                        ComponentState::Running
+                    };
                     match store.update_component(reg, &next).await {
                         Ok(()) => *c = next,
-                        Err(e) => tracing::warn!(pool = %st.pool, error = %e, "could not update pool component"),
+                        Err(e) => {
+                            tracing::warn!(pool = %st.pool, error = %e, "could not update pool component")
+                        }
                     }
                 }
             }
@@ -470,13 +563,16 @@ impl Runtime {
 
     fn report_stats(&self, snapshot: &Snapshot, plan: &planner::Plan) {
         let m = &self.shared.metrics;
-        let mut total: BTreeMap<&str, usize> = NodeState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut total: BTreeMap<&str, usize> =
+            NodeState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         let mut by_provider: BTreeMap<(&str, &str), usize> = BTreeMap::new();
         let mut by_label: BTreeMap<(&str, &str), usize> = BTreeMap::new();
         for rec in &snapshot.nodes {
             let st = rec.node.state.as_str();
             *total.entry(st).or_default() += 1;
-            *by_provider.entry((rec.node.provider.as_str(), st)).or_default() += 1;
+            *by_provider
+                .entry((rec.node.provider.as_str(), st))
+                .or_default() += 1;
             for l in &rec.node.node_type {
                 *by_label.entry((l.as_str(), st)).or_default() += 1;
             }
@@ -486,21 +582,43 @@ impl Runtime {
         }
         for pc in &self.config.providers {
             for st in NodeState::ALL {
-                let n = by_provider.get(&(pc.name.as_str(), st.as_str())).copied().unwrap_or(0);
-                m.gauge(&format!("nodepool.provider.{}.nodes.{}", pc.name, st.as_str()), n as f64);
+                let n = by_provider
+                    .get(&(pc.name.as_str(), st.as_str()))
+                    .copied()
+                    .unwrap_or(0);
+                m.gauge(
+                    &format!("nodepool.provider.{}.nodes.{}", pc.name, st.as_str()),
+                    n as f64,
+                );
             }
-            let max: i64 = pc.pools.iter().map(|p| p.max_servers.unwrap_or(0).max(0)).sum();
-            m.gauge(&format!("nodepool.provider.{}.max_servers", pc.name), max as f64);
+            let max: i64 = pc
+                .pools
+                .iter()
+                .map(|p| p.max_servers.unwrap_or(0).max(0))
+                .sum();
+            m.gauge(
+                &format!("nodepool.provider.{}.max_servers", pc.name),
+                max as f64,
+            );
         }
         for label in &self.config.labels {
             for st in NodeState::ALL {
-                let n = by_label.get(&(label.name.as_str(), st.as_str())).copied().unwrap_or(0);
-                m.gauge(&format!("nodepool.label.{}.nodes.{}", label.name, st.as_str()), n as f64);
+                let n = by_label
+                    .get(&(label.name.as_str(), st.as_str()))
+                    .copied()
+                    .unwrap_or(0);
+                m.gauge(
+                    &format!("nodepool.label.{}.nodes.{}", label.name, st.as_str()),
+                    n as f64,
+                );
             }
         }
         for st in &plan.pools {
             m.gauge(
-                &format!("nodepool.provider.{}.pool.{}.addressable_requests", st.pool.provider, st.pool.pool),
+                &format!(
+                    "nodepool.provider.{}.pool.{}.addressable_requests",
+                    st.pool.provider, st.pool.pool
+                ),
                 st.addressable_requests as f64,
             );
         }
@@ -514,7 +632,11 @@ impl Runtime {
     fn update_report(&self, plan: &planner::Plan) {
         let mut r = String::new();
         use std::fmt::Write as _;
-        let _ = writeln!(r, "launcher {} (pass {})", self.shared.settings.hostname, self.pass_count);
+        let _ = writeln!(
+            r,
+            "launcher {} (pass {})",
+            self.shared.settings.hostname, self.pass_count
+        );
         for st in &plan.pools {
             let id = self.pool_ids.get(&st.pool).cloned().unwrap_or_default();
             let _ = writeln!(
@@ -543,7 +665,9 @@ impl Runtime {
         tracing::info!("launcher stopping");
         let store = self.shared.store.clone();
         for (id, o) in self.owned.drain() {
-            if let Err(e) = executor::hand_back(&store, &id, o.guard).await {
+            if let Err(e) =
+                executor::hand_back(&store, &id, o.guard, self.shared.settings.clock).await
+            {
                 tracing::warn!(request = %id, error = %e, "could not hand back a request");
             }
         }
@@ -552,7 +676,9 @@ impl Runtime {
             .await
             .is_err()
         {
-            tracing::warn!("in-flight work did not finish within the shutdown grace; leaving it to cleanup");
+            tracing::warn!(
+                "in-flight work did not finish within the shutdown grace; leaving it to cleanup"
+            );
         }
         for (_, (reg, _)) in std::mem::take(&mut self.pool_regs) {
             let _ = store.unregister_component(&reg).await;

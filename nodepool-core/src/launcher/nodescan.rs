@@ -23,7 +23,10 @@ struct KeyCatcher {
 impl russh::client::Handler for KeyCatcher {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, key: &russh::keys::PublicKey) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKey,
+    ) -> Result<bool, Self::Error> {
         if let Ok(text) = key.to_openssh() {
             // "<type> <base64>" without a comment.
             let mut parts = text.split_whitespace();
@@ -70,7 +73,12 @@ async fn key_for(host: &str, port: u16, algorithm: Algorithm) -> Result<Option<S
 
 /// Scans a node until `timeout`. For SSH (and `network_cli`), returns the
 /// host keys; for other connection types (WinRM), waits for the port only.
-pub async fn scan(host: &str, port: u16, connection_type: &str, timeout: Duration) -> Result<Vec<String>, String> {
+pub async fn scan(
+    host: &str,
+    port: u16,
+    connection_type: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let ssh = matches!(connection_type, "ssh" | "network_cli");
     let mut last_error;
@@ -100,7 +108,12 @@ pub async fn scan(host: &str, port: u16, connection_type: &str, timeout: Duratio
                 Err(e) => last_error = e,
             }
         } else {
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, tokio::net::TcpStream::connect((host, port))).await {
+            match tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                tokio::net::TcpStream::connect((host, port)),
+            )
+            .await
+            {
                 Ok(Ok(_)) => return Ok(Vec::new()),
                 Ok(Err(e)) => last_error = e.to_string(),
                 Err(_) => last_error = "connect timed out".into(),

@@ -93,7 +93,11 @@ async fn bounded<T, E: std::fmt::Display>(
 
 impl ProviderHandle {
     /// Starts the observer for a provider.
-    pub fn start(config: ProviderConfig, provider: Arc<dyn Provider>, intervals: ObserverIntervals) -> Self {
+    pub fn start(
+        config: ProviderConfig,
+        provider: Arc<dyn Provider>,
+        intervals: ObserverIntervals,
+    ) -> Self {
         let observed = Arc::new(Mutex::new(Observed::default()));
         let stop = CancellationToken::new();
         let handle = ProviderHandle {
@@ -130,7 +134,10 @@ impl ProviderHandle {
             let mut unmanaged = Resources::new();
             let mut total = Resources::new();
             for inst in list {
-                let res = inst.resources.clone().unwrap_or_else(|| Resources::new().with(crate::model::INSTANCES, 1));
+                let res = inst
+                    .resources
+                    .clone()
+                    .unwrap_or_else(|| Resources::new().with(crate::model::INSTANCES, 1));
                 total.add(&res);
                 let managed = inst.provider_name().as_deref() == Some(self.config.name.as_str())
                     && inst.node_id().is_some_and(|id| ours.contains(id.as_str()));
@@ -198,13 +205,20 @@ async fn observe(
             for pool in &config.pools {
                 let mut labels = BTreeMap::new();
                 for label in &pool.labels {
-                    match bounded(iv.call_timeout, "flavor lookup", provider.label_resources(label)).await {
+                    match bounded(
+                        iv.call_timeout,
+                        "flavor lookup",
+                        provider.label_resources(label),
+                    )
+                    .await
+                    {
                         Ok(r) => {
                             labels.insert(label.name.clone(), r);
                         }
                         Err(e) => {
                             ok = false;
-                            error = Some(format!("label {} in pool {}: {e}", label.name, pool.name));
+                            error =
+                                Some(format!("label {} in pool {}: {e}", label.name, pool.name));
                         }
                     }
                 }
@@ -224,8 +238,10 @@ async fn observe(
                     ImageSource::DiskImage(_) => None,
                 })
                 .collect();
-            let wanted: Vec<&crate::config::CloudImage> =
-                names.into_iter().filter_map(|n| config.cloud_image(n)).collect();
+            let wanted: Vec<&crate::config::CloudImage> = names
+                .into_iter()
+                .filter_map(|n| config.cloud_image(n))
+                .collect();
             if wanted.is_empty() {
                 lock().images_due = Some(Instant::now() + iv.cloud_images);
             } else {

@@ -14,8 +14,8 @@ use super::metrics::sanitize_component;
 use super::nodescan;
 use super::providers::ProviderHandle;
 use crate::config::Config;
-use crate::model::{Node, NodeState, epoch_now};
-use crate::planner::LaunchImage;
+use crate::model::{Node, NodeState};
+use crate::planner::{LaunchImage, PoolKey};
 use crate::provider::{
     ImageRef, InstanceSpec, META_GROUPS, META_NODE_ID, META_POOL, META_PROVIDER, ProviderError,
 };
@@ -38,20 +38,22 @@ pub(crate) struct LaunchJob {
 /// tags, the label's instance properties and formatted dynamic ones.
 pub(crate) fn instance_spec(
     config: &Config,
-    provider: &str,
-    pool: &str,
+    target: &PoolKey,
     label: &str,
     image: &LaunchImage,
     az: Option<String>,
     node_id: &str,
-    request: Option<&crate::model::NodeRequest>,
-    request_id: &str,
+    request: (&str, Option<&crate::model::NodeRequest>),
 ) -> Option<(InstanceSpec, bool, bool)> {
+    let (provider, pool) = (target.provider.as_str(), target.pool.as_str());
+    let (request_id, request) = request;
     let pc = config.provider(provider)?;
     let pool_cfg = pc.pool(pool)?;
     let pl = pool_cfg.label(label)?.clone();
     let (image_ref, image_name, config_drive) = match image {
-        LaunchImage::Upload { image, external_id, .. } => (
+        LaunchImage::Upload {
+            image, external_id, ..
+        } => (
             ImageRef::Uploaded {
                 external_id: external_id.clone(),
             },
@@ -71,7 +73,10 @@ pub(crate) fn instance_spec(
         }
     };
     let mut metadata = IndexMap::new();
-    metadata.insert(META_GROUPS.to_owned(), format!("{provider},{image_name},{label}"));
+    metadata.insert(
+        META_GROUPS.to_owned(),
+        format!("{provider},{image_name},{label}"),
+    );
     for (k, v) in &pl.instance_properties {
         metadata.insert(k.clone(), v.clone());
     }
@@ -126,12 +131,16 @@ pub(crate) fn format_request_fields(
             ("request.id", _) => request_id.to_owned(),
             ("request.labels", Some(r)) => r.node_types.join(","),
             ("request.requestor", Some(r)) => r.requestor.clone().unwrap_or_default(),
-            ("request.requestor_data", Some(r)) => {
-                r.requestor_data.as_ref().map(|j| j.as_text().to_owned()).unwrap_or_default()
-            }
+            ("request.requestor_data", Some(r)) => r
+                .requestor_data
+                .as_ref()
+                .map(|j| j.as_text().to_owned())
+                .unwrap_or_default(),
             ("request.relative_priority", Some(r)) => r.relative_priority.to_string(),
             ("request.event_id", Some(r)) => r.event_id.clone().unwrap_or_default(),
-            ("request.created_time", Some(r)) => r.created_time.map(|t| t.to_string()).unwrap_or_default(),
+            ("request.created_time", Some(r)) => {
+                r.created_time.map(|t| t.to_string()).unwrap_or_default()
+            }
             ("request.tenant_name", Some(r)) => r.tenant_name.clone().unwrap_or_default(),
             _ => String::new(),
         };
@@ -177,18 +186,41 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
     let mut attempt = 0;
     let outcome = loop {
         attempt += 1;
-        match attempt_launch(&shared, &provider, &spec, &node_id, &mut node, &mut version, &guard, host_key_checking, console_log).await {
+        match attempt_launch(
+            &shared,
+            &provider,
+            &spec,
+            &node_id,
+            &mut node,
+            &mut version,
+            &guard,
+            host_key_checking,
+            console_log,
+        )
+        .await
+        {
             Ok(()) => break Ok(()),
             Err(AttemptError::Quota(e)) => break Err(("error.quota", e.to_string(), true)),
-            Err(AttemptError::LockLost) => break Err(("error.zksession", "lost the node lock".into(), false)),
+            Err(AttemptError::LockLost) => {
+                break Err(("error.zksession", "lost the node lock".into(), false));
+            }
             Err(AttemptError::Retryable(msg, label)) => {
                 tracing::warn!(node = %node_id, provider = %pc.name, attempt, retries, error = %msg, "launch attempt failed");
                 // Delete the partial server before trying again.
                 if let Some(ext) = node.external_id.take() {
-                    match tokio::time::timeout(shared.settings.delete_timeout, provider.provider.delete_instance(&ext)).await {
+                    match tokio::time::timeout(
+                        shared.settings.delete_timeout,
+                        provider.provider.delete_instance(&ext),
+                    )
+                    .await
+                    {
                         Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::warn!(node = %node_id, server = %ext, error = %e, "could not delete a failed server; leak cleanup will"),
-                        Err(_) => tracing::warn!(node = %node_id, server = %ext, "deleting a failed server timed out; leak cleanup will"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(node = %node_id, server = %ext, error = %e, "could not delete a failed server; leak cleanup will")
+                        }
+                        Err(_) => {
+                            tracing::warn!(node = %node_id, server = %ext, "deleting a failed server timed out; leak cleanup will")
+                        }
                     }
                     if let Ok(v) = shared.store.update_node(&node_id, &node, version).await {
                         version = v;
@@ -208,10 +240,26 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
     };
     let m = &shared.metrics;
     m.timing(&format!("nodepool.launch.{result}"), elapsed);
-    m.timing(&format!("nodepool.launch.provider.{}.{result}", pc.name), elapsed);
-    m.timing(&format!("nodepool.launch.provider.{}.{}.{result}", pc.name, sanitize_component(&az)), elapsed);
+    m.timing(
+        &format!("nodepool.launch.provider.{}.{result}", pc.name),
+        elapsed,
+    );
+    m.timing(
+        &format!(
+            "nodepool.launch.provider.{}.{}.{result}",
+            pc.name,
+            sanitize_component(&az)
+        ),
+        elapsed,
+    );
     if let Some(r) = &requestor {
-        m.timing(&format!("nodepool.launch.requestor.{}.{result}", sanitize_component(r)), elapsed);
+        m.timing(
+            &format!(
+                "nodepool.launch.requestor.{}.{result}",
+                sanitize_component(r)
+            ),
+            elapsed,
+        );
     }
     match outcome {
         Ok(()) => {
@@ -224,14 +272,18 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
                 shared.wake.notify_one();
                 return;
             }
-            let state = if quota { NodeState::Aborted } else { NodeState::Failed };
+            let state = if quota {
+                NodeState::Aborted
+            } else {
+                NodeState::Failed
+            };
             if quota {
                 provider.invalidate_limits();
                 tracing::info!(node = %node_id, provider = %pc.name, error = %msg, "launch hit the cloud's quota; node aborted");
             } else {
                 tracing::error!(node = %node_id, provider = %pc.name, error = %msg, "launch failed");
             }
-            node.set_state(state, epoch_now());
+            node.set_state(state, shared.now());
             if let Err(e) = shared.store.update_node(&node_id, &node, version).await {
                 tracing::warn!(node = %node_id, error = %e, "could not record the failed launch");
             }
@@ -262,11 +314,17 @@ async fn attempt_launch(
             AttemptError::Retryable(other.to_string(), label)
         }
     };
-    let external_id = match tokio::time::timeout_at(deadline, provider.provider.create_instance(spec)).await {
-        Ok(Ok(id)) => id,
-        Ok(Err(e)) => return Err(classify(e)),
-        Err(_) => return Err(AttemptError::Retryable("server create timed out".into(), "error.servercreatetimeout")),
-    };
+    let external_id =
+        match tokio::time::timeout_at(deadline, provider.provider.create_instance(spec)).await {
+            Ok(Ok(id)) => id,
+            Ok(Err(e)) => return Err(classify(e)),
+            Err(_) => {
+                return Err(AttemptError::Retryable(
+                    "server create timed out".into(),
+                    "error.servercreatetimeout",
+                ));
+            }
+        };
     // Record the server id at once, so a crash from here on cannot leak it.
     node.external_id = Some(external_id.clone());
     if !guard.is_held() {
@@ -274,14 +332,27 @@ async fn attempt_launch(
     }
     match shared.store.update_node(node_id, node, *version).await {
         Ok(v) => *version = v,
-        Err(e) => return Err(AttemptError::Retryable(format!("recording the server id: {e}"), "error.zksession")),
+        Err(e) => {
+            return Err(AttemptError::Retryable(
+                format!("recording the server id: {e}"),
+                "error.zksession",
+            ));
+        }
     }
-    let instance = match tokio::time::timeout_at(deadline, provider.provider.wait_for_instance(&external_id, spec)).await {
+    let instance = match tokio::time::timeout_at(
+        deadline,
+        provider.provider.wait_for_instance(&external_id, spec),
+    )
+    .await
+    {
         Ok(Ok(i)) => i,
         Ok(Err(e)) => return Err(classify(e)),
         Err(_) => {
             return Err(AttemptError::Retryable(
-                format!("server {external_id} not active within launch-timeout {:?}", pc.launch_timeout),
+                format!(
+                    "server {external_id} not active within launch-timeout {:?}",
+                    pc.launch_timeout
+                ),
                 "error.servercreatetimeout",
             ));
         }
@@ -302,7 +373,10 @@ async fn attempt_launch(
     let skip = !host_key_checking || provider.provider.skip_nodescan();
     if !skip {
         let Some(ip) = node.interface_ip.clone() else {
-            return Err(AttemptError::Retryable("server has no address to scan".into(), "error.ipadd"));
+            return Err(AttemptError::Retryable(
+                "server has no address to scan".into(),
+                "error.ipadd",
+            ));
         };
         let port = node.port().number().unwrap_or(22);
         let conn = node.connection_type.clone().unwrap_or_else(|| "ssh".into());
@@ -311,30 +385,44 @@ async fn attempt_launch(
             Err(e) => {
                 if console_log {
                     match provider.provider.console_log(&external_id).await {
-                        Ok(log) => tracing::info!(node = %node_id, server = %external_id, console = %log, "console log after a failed nodescan"),
+                        Ok(log) => {
+                            tracing::info!(node = %node_id, server = %external_id, console = %log, "console log after a failed nodescan")
+                        }
                         Err(e) => tracing::debug!(node = %node_id, error = %e, "no console log"),
                     }
                 }
-                return Err(AttemptError::Retryable(format!("nodescan of {ip}:{port}: {e}"), "error.keyscan"));
+                return Err(AttemptError::Retryable(
+                    format!("nodescan of {ip}:{port}: {e}"),
+                    "error.keyscan",
+                ));
             }
         }
     }
     if !guard.is_held() {
         return Err(AttemptError::LockLost);
     }
-    node.set_state(NodeState::Ready, epoch_now());
+    node.set_state(NodeState::Ready, shared.now());
     match shared.store.update_node(node_id, node, *version).await {
         Ok(v) => {
             *version = v;
             Ok(())
         }
-        Err(e) => Err(AttemptError::Retryable(format!("recording the ready node: {e}"), "error.zksession")),
+        Err(e) => Err(AttemptError::Retryable(
+            format!("recording the ready node: {e}"),
+            "error.zksession",
+        )),
     }
 }
 
 /// Deletes a node's server and record. Holds the node lock; on failure
 /// the node is left `deleting` and unlocked, for the next pass to retry.
-pub(crate) async fn delete(shared: Arc<Shared>, provider: Option<Arc<ProviderHandle>>, node_id: String, guard: LockGuard, reason: &'static str) {
+pub(crate) async fn delete(
+    shared: Arc<Shared>,
+    provider: Option<Arc<ProviderHandle>>,
+    node_id: String,
+    guard: LockGuard,
+    reason: &'static str,
+) {
     let started = Instant::now();
     let result = delete_inner(&shared, provider.as_deref(), &node_id, &guard).await;
     match result {
@@ -346,7 +434,9 @@ pub(crate) async fn delete(shared: Arc<Shared>, provider: Option<Arc<ProviderHan
         Err(e) => {
             tracing::warn!(node = %node_id, reason, error = %e, "node deletion failed; will retry");
             if e.contains("timed out") {
-                shared.metrics.incr("nodepool.launch.error.serverdeletetimeout");
+                shared
+                    .metrics
+                    .incr("nodepool.launch.error.serverdeletetimeout");
             }
             let _ = guard.release().await;
         }
@@ -354,31 +444,59 @@ pub(crate) async fn delete(shared: Arc<Shared>, provider: Option<Arc<ProviderHan
     shared.wake.notify_one();
 }
 
-async fn delete_inner(shared: &Shared, provider: Option<&ProviderHandle>, node_id: &str, guard: &LockGuard) -> Result<(), String> {
-    let Some(current) = shared.store.get_node(node_id).await.map_err(|e| e.to_string())? else {
+async fn delete_inner(
+    shared: &Shared,
+    provider: Option<&ProviderHandle>,
+    node_id: &str,
+    guard: &LockGuard,
+) -> Result<(), String> {
+    let Some(current) = shared
+        .store
+        .get_node(node_id)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
         return Ok(());
     };
     let mut node = current.value;
     let mut version = current.version;
     if node.state != NodeState::Deleting {
-        node.set_state(NodeState::Deleting, epoch_now());
-        version = shared.store.update_node(node_id, &node, version).await.map_err(|e| e.to_string())?;
+        node.set_state(NodeState::Deleting, shared.now());
+        version = shared
+            .store
+            .update_node(node_id, &node, version)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     if let Some(ext) = node.external_id.clone() {
         let Some(p) = provider else {
             return Err(format!("provider {} is not configured here", node.provider));
         };
-        match tokio::time::timeout(shared.settings.delete_timeout, p.provider.delete_instance(&ext)).await {
+        match tokio::time::timeout(
+            shared.settings.delete_timeout,
+            p.provider.delete_instance(&ext),
+        )
+        .await
+        {
             Ok(Ok(())) | Ok(Err(ProviderError::NotFound(_))) => {}
             Ok(Err(e)) => return Err(format!("deleting server {ext}: {e}")),
-            Err(_) => return Err(format!("deleting server {ext} timed out after {:?}", shared.settings.delete_timeout)),
+            Err(_) => {
+                return Err(format!(
+                    "deleting server {ext} timed out after {:?}",
+                    shared.settings.delete_timeout
+                ));
+            }
         }
     }
     if !guard.is_held() {
         return Err("lost the node lock".into());
     }
     // `deleted` first, so whoever takes the lock in the gap finishes the job.
-    node.set_state(NodeState::Deleted, epoch_now());
+    node.set_state(NodeState::Deleted, shared.now());
     let _ = shared.store.update_node(node_id, &node, version).await;
-    shared.store.delete_node(node_id).await.map_err(|e| e.to_string())
+    shared
+        .store
+        .delete_node(node_id)
+        .await
+        .map_err(|e| e.to_string())
 }

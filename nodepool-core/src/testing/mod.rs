@@ -5,6 +5,6 @@ pub mod conformance;
 mod memory_store;
 mod world;
 
-pub use memory_store::MemoryStore;
 pub use crate::simulated::resolve_flavor;
+pub use memory_store::MemoryStore;
 pub use world::World;

@@ -1,0 +1,475 @@
+//! The launcher runtime end to end on the in-memory store and the
+//! simulated cloud, driven through the Zuul-side requestor library, on
+//! tokio's paused clock (no real sleeping).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nodepool_core::config::Config;
+use nodepool_core::launcher::{Launcher, LauncherSettings, ObserverIntervals, ProviderFactory};
+use nodepool_core::model::{NodeState, RequestState};
+use nodepool_core::provider::Provider;
+use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
+use nodepool_core::simulated::SimulatedProvider;
+use nodepool_core::store::Store;
+use nodepool_core::testing::MemoryStore;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const BASE: &str = r#"
+labels:
+  - name: small
+  - name: large
+providers:
+  - name: sim
+    driver: simulated
+    simulation:
+      boot-delay: 2
+      flavors:
+        - {name: s, vcpus: 2, ram: 2048}
+        - {name: l, vcpus: 8, ram: 16384}
+    cloud-images: [{name: img}]
+    pools:
+      - name: main
+        max-servers: 10
+        labels:
+          - {name: small, cloud-image: img, flavor-name: s}
+          - {name: large, cloud-image: img, flavor-name: l}
+"#;
+
+type Clouds = Arc<Mutex<BTreeMap<String, Arc<SimulatedProvider>>>>;
+
+struct Running {
+    shutdown: CancellationToken,
+    config: watch::Sender<Arc<Config>>,
+    task: tokio::task::JoinHandle<()>,
+    clouds: Clouds,
+    status: Arc<nodepool_core::launcher::LauncherStatus>,
+}
+
+fn settings(host: &str) -> LauncherSettings {
+    LauncherSettings {
+        hostname: host.into(),
+        observer: ObserverIntervals {
+            instances: Duration::from_secs(5),
+            ..ObserverIntervals::default()
+        },
+        clock: nodepool_core::launcher::Clock::tokio(),
+        ..LauncherSettings::default()
+    }
+}
+
+fn start(store: Store, yaml: &str, host: &str) -> Running {
+    let cfg = Arc::new(Config::from_yaml(yaml).expect("valid config"));
+    let clouds: Clouds = Arc::default();
+    let registry = clouds.clone();
+    let factory: ProviderFactory = Arc::new(move |pc| {
+        let mut reg = registry.lock().expect("lock");
+        if let Some(p) = reg.get(&pc.name) {
+            // The same cloud across reloads (a real cloud does not forget its servers).
+            return Ok(p.clone() as Arc<dyn Provider>);
+        }
+        let p = Arc::new(SimulatedProvider::new(pc).map_err(|e| e.to_string())?);
+        reg.insert(pc.name.clone(), p.clone());
+        Ok(p as Arc<dyn Provider>)
+    });
+    let launcher = Launcher::new(store, factory, settings(host));
+    let status = launcher.status();
+    let (tx, rx) = watch::channel(cfg);
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        launcher.run(rx, stop).await.expect("launcher runs");
+    });
+    Running {
+        shutdown,
+        config: tx,
+        task,
+        clouds,
+        status,
+    }
+}
+
+impl Running {
+    fn cloud(&self, name: &str) -> Arc<SimulatedProvider> {
+        self.clouds
+            .lock()
+            .expect("lock")
+            .get(name)
+            .cloned()
+            .expect("cloud exists")
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("launcher task");
+    }
+}
+
+/// Polls `f` on the paused clock until true (bounded in virtual time).
+async fn until<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(what: &str, mut f: F) {
+    for _ in 0..600 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("{what}: not reached within 300 s of virtual time");
+}
+
+async fn nodes_in(store: &Store, state: NodeState) -> usize {
+    store
+        .list_nodes()
+        .await
+        .expect("list")
+        .records
+        .iter()
+        .filter(|n| n.node.state == state)
+        .count()
+}
+
+fn store() -> (MemoryStore, Store) {
+    let mem = MemoryStore::new();
+    (mem.clone(), Store::new(Arc::new(mem.new_session())))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_is_fulfilled_used_and_deleted() {
+    let (_mem, store) = store();
+    let l = start(store.clone(), BASE, "l1");
+    let zuul = Requestor::new(store.clone(), "zuul-system-id");
+    let id = zuul
+        .submit(&NewRequest::new(vec!["small".into(), "large".into()]))
+        .await
+        .expect("submit");
+    let Outcome::Fulfilled(req) = zuul
+        .wait(&id, Duration::from_secs(300))
+        .await
+        .expect("wait")
+    else {
+        panic!("request failed")
+    };
+    assert_eq!(req.value.nodes.len(), 2);
+    let mut set = zuul.accept(&id, &req.value).await.expect("accept");
+    assert!(
+        store.get_request(&id).await.expect("get").is_none(),
+        "the requestor deleted it"
+    );
+    for n in &set.nodes {
+        let node = store.get_node(&n.id).await.expect("get").expect("node");
+        assert_eq!(node.value.state, NodeState::Ready);
+        assert_eq!(node.value.allocated_to.as_deref(), Some(id.as_str()));
+        assert!(node.value.external_id.is_some());
+        assert!(node.value.interface_ip.is_some());
+    }
+    assert_eq!(l.cloud("sim").server_count(), 2);
+    zuul.use_nodes(&mut set, "example/project")
+        .await
+        .expect("in-use");
+    zuul.return_nodes(set).await.expect("used");
+    until("used nodes deleted with their servers", || async {
+        store.list_nodes().await.expect("list").records.is_empty()
+            && l.cloud("sim").server_count() == 0
+    })
+    .await;
+    assert!(l.status.is_ready());
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_ready_nodes_appear_without_overshoot() {
+    let (_mem, store) = store();
+    let cfg = BASE.replace("  - name: small\n", "  - name: small\n    min-ready: 3\n");
+    let l = start(store.clone(), &cfg, "l1");
+    until("three ready spares", || async {
+        nodes_in(&store, NodeState::Ready).await == 3
+    })
+    .await;
+    // Let many passes go by: still exactly three, and no request left over.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(nodes_in(&store, NodeState::Ready).await, 3);
+    assert_eq!(store.list_nodes().await.expect("list").records.len(), 3);
+    assert_eq!(l.cloud("sim").server_count(), 3);
+    assert!(
+        store
+            .list_requests()
+            .await
+            .expect("list")
+            .records
+            .is_empty()
+    );
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_label_fails_at_once() {
+    let (_mem, store) = store();
+    let l = start(store.clone(), BASE, "l1");
+    let zuul = Requestor::new(store.clone(), "zuul");
+    let id = zuul
+        .submit(&NewRequest::new(vec!["gpu".into()]))
+        .await
+        .expect("submit");
+    let outcome = zuul.wait(&id, Duration::from_secs(60)).await.expect("wait");
+    assert!(matches!(outcome, Outcome::Failed(_)));
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn launch_failures_are_retried_then_the_request_fails() {
+    let (_mem, store) = store();
+    let cfg = BASE.replace(
+        "      boot-delay: 2\n",
+        "      boot-delay: 2\n      failure-rates: {create: 1.0}\n",
+    );
+    let l = start(store.clone(), &cfg, "l1");
+    let zuul = Requestor::new(store.clone(), "zuul");
+    let id = zuul
+        .submit(&NewRequest::new(vec!["small".into()]))
+        .await
+        .expect("submit");
+    let outcome = zuul
+        .wait(&id, Duration::from_secs(300))
+        .await
+        .expect("wait");
+    let Outcome::Failed(req) = outcome else {
+        panic!("should fail")
+    };
+    assert_eq!(req.value.declined_by.len(), 1);
+    // The failed node and its servers are cleaned up.
+    until("failed node deleted", || async {
+        store.list_nodes().await.expect("list").records.is_empty()
+            && l.cloud("sim").server_count() == 0
+    })
+    .await;
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_error_aborts_and_relaunches_once_quota_frees() {
+    let (_mem, store) = store();
+    let l = start(store.clone(), BASE, "l1");
+    let zuul = Requestor::new(store.clone(), "zuul");
+    // The cloud is full for something we do not manage.
+    until("cloud set up", || async {
+        l.clouds.lock().expect("lock").contains_key("sim")
+    })
+    .await;
+    l.cloud("sim")
+        .set_quota(nodepool_core::model::Limits::unlimited().with("instances", 0));
+    let id = zuul
+        .submit(&NewRequest::new(vec!["small".into()]))
+        .await
+        .expect("submit");
+    until("an aborted launch", || async {
+        l.cloud("sim").server_count() == 0
+            && store
+                .get_request(&id)
+                .await
+                .expect("get")
+                .is_some_and(|r| r.value.state == RequestState::Pending)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(
+        store
+            .get_request(&id)
+            .await
+            .expect("get")
+            .map(|r| r.value.state),
+        Some(RequestState::Pending),
+        "a quota error does not fail the request"
+    );
+    l.cloud("sim")
+        .set_quota(nodepool_core::model::Limits::unlimited());
+    let outcome = zuul
+        .wait(&id, Duration::from_secs(600))
+        .await
+        .expect("wait");
+    assert!(matches!(outcome, Outcome::Fulfilled(_)));
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn leaked_servers_are_deleted_after_two_listings() {
+    let (_mem, store) = store();
+    let l = start(store.clone(), BASE, "l1");
+    until("cloud set up", || async {
+        l.clouds.lock().expect("lock").contains_key("sim")
+    })
+    .await;
+    let leaked = l.cloud("sim").inject_leaked_server("0000099999");
+    until("leaked server deleted", || async {
+        l.cloud("sim").server_count() == 0
+    })
+    .await;
+    assert!(!leaked.is_empty());
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_launchers_share_a_store_without_double_allocation_or_overshoot() {
+    let (mem, store) = store();
+    let cfg = BASE.replace("  - name: small\n", "  - name: small\n    min-ready: 4\n");
+    let a = start(store.clone(), &cfg, "la");
+    let b = start(Store::new(Arc::new(mem.new_session())), &cfg, "lb");
+    let zuul = Requestor::new(store.clone(), "zuul");
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(
+            zuul.submit(&NewRequest::new(vec!["small".into()]))
+                .await
+                .expect("submit"),
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for id in &ids {
+        let Outcome::Fulfilled(req) = zuul.wait(id, Duration::from_secs(300)).await.expect("wait")
+        else {
+            panic!("failed")
+        };
+        for n in &req.value.nodes {
+            assert!(seen.insert(n.clone()), "node {n} given to two requests");
+        }
+    }
+    until("min-ready restored", || async {
+        let nodes = store.list_nodes().await.expect("list").records;
+        nodes
+            .iter()
+            .filter(|n| n.node.state == NodeState::Ready && n.node.allocated_to.is_none())
+            .count()
+            == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let spares = store
+        .list_nodes()
+        .await
+        .expect("list")
+        .records
+        .iter()
+        .filter(|n| n.node.allocated_to.is_none())
+        .count();
+    assert_eq!(spares, 4, "min-ready overshot with two launchers");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_nodes_expire_with_max_hold_age() {
+    let (_mem, store) = store();
+    let cfg = format!("max-hold-age: 3600\n{BASE}");
+    let l = start(store.clone(), &cfg, "l1");
+    let zuul = Requestor::new(store.clone(), "zuul");
+    let id = zuul
+        .submit(&NewRequest::new(vec!["small".into()]))
+        .await
+        .expect("submit");
+    let Outcome::Fulfilled(req) = zuul
+        .wait(&id, Duration::from_secs(300))
+        .await
+        .expect("wait")
+    else {
+        panic!("failed")
+    };
+    let mut set = zuul.accept(&id, &req.value).await.expect("accept");
+    zuul.use_nodes(&mut set, "p").await.expect("use");
+    let held = set.nodes[0].id.clone();
+    zuul.hold(
+        set,
+        &nodepool_core::requestor::Hold {
+            job: "tenant project job .*".into(),
+            comment: "debugging".into(),
+            expiration: None,
+        },
+    )
+    .await
+    .expect("hold");
+    tokio::time::sleep(Duration::from_secs(3500)).await;
+    assert_eq!(
+        store
+            .get_node(&held)
+            .await
+            .expect("get")
+            .map(|n| n.value.state),
+        Some(NodeState::Hold),
+        "kept before max-hold-age"
+    );
+    until("held node deleted after max-hold-age", || async {
+        store.get_node(&held).await.expect("get").is_none()
+    })
+    .await;
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_adds_a_label_and_drains_a_removed_provider() {
+    let (_mem, store) = store();
+    let l = start(store.clone(), BASE, "l1");
+    let zuul = Requestor::new(store.clone(), "zuul");
+    let with_medium = BASE
+        .replace("  - name: large\n", "  - name: large\n  - name: medium\n")
+        .replace(
+            "          - {name: large, cloud-image: img, flavor-name: l}\n",
+            "          - {name: large, cloud-image: img, flavor-name: l}\n          - {name: medium, cloud-image: img, flavor-name: s}\n",
+        );
+    l.config
+        .send(Arc::new(Config::from_yaml(&with_medium).expect("valid")))
+        .expect("send");
+    let id = zuul
+        .submit(&NewRequest::new(vec!["medium".into()]))
+        .await
+        .expect("submit");
+    assert!(matches!(
+        zuul.wait(&id, Duration::from_secs(300))
+            .await
+            .expect("wait"),
+        Outcome::Fulfilled(_)
+    ));
+    // Drain: max-servers -1 launches nothing more.
+    let drained = with_medium.replace("max-servers: 10", "max-servers: -1");
+    l.config
+        .send(Arc::new(Config::from_yaml(&drained).expect("valid")))
+        .expect("send");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let id2 = zuul
+        .submit(&NewRequest::new(vec!["small".into()]))
+        .await
+        .expect("submit");
+    assert!(matches!(
+        zuul.wait(&id2, Duration::from_secs(60))
+            .await
+            .expect("wait"),
+        Outcome::Failed(_)
+    ));
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_unregisters_components() {
+    let (mem, store) = store();
+    let l = start(store.clone(), BASE, "l1");
+    let observer = Store::new(Arc::new(mem.new_session()));
+    until("pool registered", || async {
+        !observer
+            .list_components(nodepool_core::model::ComponentKind::Pool)
+            .await
+            .expect("list")
+            .records
+            .is_empty()
+    })
+    .await;
+    let pools = observer
+        .list_components(nodepool_core::model::ComponentKind::Pool)
+        .await
+        .expect("list");
+    let id = pools.records[0].1.id.clone().expect("pool id");
+    assert!(id.starts_with("l1-PoolWorker.sim-main-"), "{id}");
+    l.stop().await;
+    let pools = observer
+        .list_components(nodepool_core::model::ComponentKind::Pool)
+        .await
+        .expect("list");
+    assert!(pools.records.is_empty());
+}
