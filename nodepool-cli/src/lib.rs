@@ -5,3 +5,5 @@
 //! Start at [`admin`] for the `nodepool` command.
 
 pub mod admin;
+pub mod daemon;
+pub mod webapp;

@@ -1,0 +1,114 @@
+//! `nodepool-launcher`: keeps pools of ready nodes and serves node requests.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use nodepool_cli::daemon::{self, LogFormat};
+use nodepool_core::config::ConfigSource;
+use nodepool_core::launcher::{Launcher, LauncherSettings, Metrics, ProviderFactory};
+
+/// Launch and delete nodes for Zuul (or any requestor), keeping min-ready
+/// spares, within every pool's and cloud's limits.
+#[derive(Debug, Parser)]
+#[command(name = "nodepool-launcher", version, about)]
+struct Args {
+    /// Configuration file.
+    #[arg(short = 'c', long = "config", default_value = nodepool_cli::admin::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Secure configuration file.
+    #[arg(short = 's', long = "secure")]
+    secure: Option<PathBuf>,
+    /// Do not serve the web app.
+    #[arg(long = "no-webapp")]
+    no_webapp: bool,
+    /// Write the process id here.
+    #[arg(short = 'p', long = "pidfile")]
+    pidfile: Option<PathBuf>,
+    /// Log format.
+    #[arg(long = "log-format", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Debug logging.
+    #[arg(short = 'd', long = "debug")]
+    debug: bool,
+    /// Stay in the foreground (always the case; accepted for compatibility).
+    #[arg(short = 'f', long = "foreground")]
+    foreground: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    daemon::init_logging(args.log_format, args.debug);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodepool-launcher: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodepool-launcher: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let _pid = args
+        .pidfile
+        .clone()
+        .map(daemon::PidFile::create)
+        .transpose()?;
+    let status_slot: Arc<std::sync::Mutex<Option<Arc<nodepool_core::launcher::LauncherStatus>>>> =
+        Arc::default();
+    let dump_slot = status_slot.clone();
+    let shutdown = daemon::handle_signals(move || {
+        let report = dump_slot
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .map(|s| s.report())
+            .unwrap_or_else(|| "launcher not started yet".into());
+        tracing::info!(target: "nodepool.stack_dump", "state dump (SIGUSR2):\n{report}");
+    })?;
+    let source = ConfigSource::new(&args.config, args.secure.clone());
+    let config = daemon::watch_config(source, Duration::from_secs(1), shutdown.clone())?;
+    let initial = config.borrow().clone();
+    let store = daemon::open_store(&initial).await?;
+    tracing::info!(store = %store.describe(), "state store open");
+    let factory: ProviderFactory = Arc::new(daemon::make_provider);
+    let metrics = Arc::new(Metrics::from_env());
+    let launcher = Launcher::new(
+        store.clone(),
+        factory,
+        LauncherSettings {
+            hostname: daemon::hostname(),
+            ..LauncherSettings::default()
+        },
+    )
+    .with_metrics(metrics.clone());
+    let status = launcher.status();
+    if let Ok(mut slot) = status_slot.lock() {
+        *slot = Some(status.clone());
+    }
+    if !args.no_webapp {
+        nodepool_cli::webapp::spawn(
+            store.clone(),
+            config.clone(),
+            status.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
+    launcher.run(config, shutdown).await?;
+    store.backend().close().await.ok();
+    Ok(())
+}

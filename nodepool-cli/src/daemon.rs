@@ -1,0 +1,158 @@
+//! What the daemons share: logging, signals, configuration hot reload,
+//! and choosing backends (state store, providers) from the configuration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use nodepool_core::config::{Config, ConfigSource, Driver, ProviderConfig, StateStoreConfig};
+use nodepool_core::provider::Provider;
+use nodepool_core::store::{StateStore, Store};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How to log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sets up tracing to stderr. `RUST_LOG` overrides the level.
+pub fn init_logging(format: LogFormat, debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("logging already initialised: {e}");
+    }
+}
+
+/// The host name registered in components (the FQDN when resolvable).
+pub fn hostname() -> String {
+    hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Cancels the returned token on SIGINT or SIGTERM (graceful stop); calls
+/// `on_dump` on SIGUSR2 (state dump to the log).
+pub fn handle_signals(on_dump: impl Fn() + Send + 'static) -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let stop = token.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); stop.cancel(); }
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); stop.cancel(); }
+                _ = usr2.recv() => on_dump(),
+            }
+        }
+    });
+    Ok(token)
+}
+
+/// Loads the configuration and keeps watching it: every `interval` the
+/// files are fingerprinted, and a changed, valid configuration is sent on
+/// the returned channel. An invalid one is logged with every error and
+/// the running configuration is kept.
+pub fn watch_config(
+    source: ConfigSource,
+    interval: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<watch::Receiver<Arc<Config>>> {
+    let initial = source.load().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (tx, rx) = watch::channel(Arc::new(initial));
+    let mut seen = source.fingerprint();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let now = source.fingerprint();
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match source.load() {
+                Ok(cfg) => {
+                    tracing::info!(file = %source.path.display(), "configuration changed; reloading");
+                    if tx.send(Arc::new(cfg)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("new configuration rejected, keeping the running one:\n{e}")
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Opens the state store the configuration selects.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let backend: Arc<dyn StateStore> = match &config.state_store {
+        StateStoreConfig::ZooKeeper => Arc::new(
+            nodepool_zookeeper::ZooKeeperStore::from_config(config)
+                .await
+                .map_err(|e| anyhow::anyhow!("ZooKeeper {}: {e}", config.zookeeper_hosts()))?,
+        ),
+        StateStoreConfig::Sqlite { path } => Arc::new(
+            nodepool_sqlite::SqliteStore::from_config(config, Default::default())
+                .await
+                .map_err(|e| anyhow::anyhow!("SQLite store {}: {e}", path.display()))?,
+        ),
+    };
+    Ok(Store::new(backend))
+}
+
+/// Builds a provider for its configuration: OpenStack or the simulated cloud.
+pub fn make_provider(pc: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
+    match &pc.driver {
+        Driver::OpenStack => nodepool_openstack::OpenStackProvider::from_config(pc)
+            .map(|p| Arc::new(p) as Arc<dyn Provider>)
+            .map_err(|e| e.to_string()),
+        Driver::Simulated(_) => nodepool_core::simulated::SimulatedProvider::new(pc)
+            .map(|p| Arc::new(p) as Arc<dyn Provider>)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Writes the process id to a file (`-p`), removed on drop.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Creates the pid file.
+    pub fn create(path: PathBuf) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing pid file {}", path.display()))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
