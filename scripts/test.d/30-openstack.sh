@@ -31,7 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [[ ! -x $V/bin/nova-api || ! -x $V/bin/keystone-manage ]] || ! command -v mariadbd > /dev/null \
+if [[ ! -x $V/bin/nova-manage || ! -x $V/bin/keystone-manage || ! -x $V/bin/gunicorn ]] || ! command -v mariadbd > /dev/null \
    || [[ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]]; then
   log "installing the testbed (apt + pip)"
   "$TB/install.sh" > /tmp/openstack-testbed-install.log 2>&1 \
