@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 
 pub use metrics::Metrics;
 pub use providers::{ObserverIntervals, ProviderFactory};
+pub use tasks::delete_locked_node;
 
 use crate::config::Config;
 use crate::model::{Component, ComponentKind, ComponentState, NodeState, RequestState, epoch_now};

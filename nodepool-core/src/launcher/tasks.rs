@@ -450,20 +450,44 @@ async fn delete_inner(
     node_id: &str,
     guard: &LockGuard,
 ) -> Result<(), String> {
-    let Some(current) = shared
-        .store
-        .get_node(node_id)
-        .await
-        .map_err(|e| e.to_string())?
-    else {
+    let clock = shared.settings.clock;
+    delete_locked_node(
+        &shared.store,
+        provider.map(|p| p.provider.as_ref()),
+        node_id,
+        guard,
+        shared.settings.delete_timeout,
+        &move || clock.now(),
+    )
+    .await
+}
+
+/// Deletes a node whose lock the caller holds, as the launcher does:
+/// state `deleting`, delete the server (within `timeout`; "not found" is
+/// success), state `deleted`, then the record and its lock directory.
+/// On error the node is left `deleting` for the launcher to retry; the
+/// caller still owns (and must release) the lock. On success the lock
+/// directory is gone with the record, so the guard should be forgotten.
+///
+/// Shared by the launcher's delete task and `nodepool delete --now`, so
+/// both delete a node the same way. `provider` is the node's provider;
+/// `None` is an error when the node has a server.
+pub async fn delete_locked_node(
+    store: &crate::store::Store,
+    provider: Option<&dyn crate::provider::Provider>,
+    node_id: &str,
+    guard: &LockGuard,
+    timeout: std::time::Duration,
+    now: &(dyn Fn() -> f64 + Send + Sync),
+) -> Result<(), String> {
+    let Some(current) = store.get_node(node_id).await.map_err(|e| e.to_string())? else {
         return Ok(());
     };
     let mut node = current.value;
     let mut version = current.version;
     if node.state != NodeState::Deleting {
-        node.set_state(NodeState::Deleting, shared.now());
-        version = shared
-            .store
+        node.set_state(NodeState::Deleting, now());
+        version = store
             .update_node(node_id, &node, version)
             .await
             .map_err(|e| e.to_string())?;
@@ -472,19 +496,11 @@ async fn delete_inner(
         let Some(p) = provider else {
             return Err(format!("provider {} is not configured here", node.provider));
         };
-        match tokio::time::timeout(
-            shared.settings.delete_timeout,
-            p.provider.delete_instance(&ext),
-        )
-        .await
-        {
+        match tokio::time::timeout(timeout, p.delete_instance(&ext)).await {
             Ok(Ok(())) | Ok(Err(ProviderError::NotFound(_))) => {}
             Ok(Err(e)) => return Err(format!("deleting server {ext}: {e}")),
             Err(_) => {
-                return Err(format!(
-                    "deleting server {ext} timed out after {:?}",
-                    shared.settings.delete_timeout
-                ));
+                return Err(format!("deleting server {ext} timed out after {timeout:?}"));
             }
         }
     }
@@ -492,11 +508,7 @@ async fn delete_inner(
         return Err("lost the node lock".into());
     }
     // `deleted` first, so whoever takes the lock in the gap finishes the job.
-    node.set_state(NodeState::Deleted, shared.now());
-    let _ = shared.store.update_node(node_id, &node, version).await;
-    shared
-        .store
-        .delete_node(node_id)
-        .await
-        .map_err(|e| e.to_string())
+    node.set_state(NodeState::Deleted, now());
+    let _ = store.update_node(node_id, &node, version).await;
+    store.delete_node(node_id).await.map_err(|e| e.to_string())
 }
