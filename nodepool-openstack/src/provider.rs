@@ -879,8 +879,10 @@ impl Provider for OpenStackProvider {
         }
         info!(provider = %self.name, id = external_id, "server delete accepted");
         let deadline = started + self.options.delete_timeout;
+        // Any list made after the delete was accepted will do: concurrent
+        // deletes then share one list per `list_ttl`.
+        let since = Instant::now();
         loop {
-            let since = Instant::now();
             let list = self.server_list(Some(since)).await.map_err(provider_err)?;
             let listed = list.iter().any(|s| s.id == external_id && !gone(s));
             if !listed {
