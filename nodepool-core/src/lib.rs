@@ -14,6 +14,7 @@
 //! - [`provider`]: the [`Provider`](provider::Provider) trait (clouds).
 //! - [`image_builder`]: the [`ImageBuilder`](image_builder::ImageBuilder)
 //!   trait (diskimage-builder).
+//! - [`builder`]: the builder runtime (image builds, uploads, retention).
 //! - [`consumer`]: the [`NodeConsumer`](consumer::NodeConsumer) trait
 //!   (Jenkins).
 //! - [`simulated`]: the built-in simulated cloud
@@ -22,6 +23,7 @@
 //! - `testing` (feature `testing`): an in-memory store and the shared
 //!   conformance suites every backend runs.
 
+pub mod builder;
 pub mod config;
 pub mod consumer;
 pub mod image_builder;

@@ -16,6 +16,9 @@ pub const COMPONENTS: &str = "/nodepool/components";
 pub const STATS_ELECTION: &str = "/nodepool/elections/stats";
 /// Our own extension: Jenkins job hold rules (not read by Python Nodepool).
 pub const JOB_HOLDS: &str = "/nodepool/job-holds";
+/// Our own extension: one lock per consumer target, so that one consumer
+/// runtime at a time serves a target when several launchers run.
+pub const CONSUMER_ELECTIONS: &str = "/nodepool/elections/consumers";
 /// The name of a lock directory under a record.
 pub const LOCK: &str = "lock";
 
@@ -59,6 +62,24 @@ pub fn image_build_request(image: &str) -> String {
     format!("{IMAGES}/{image}/request-build")
 }
 
+/// `/nodepool/images/<image>/upload-requests`: our own extension (not read
+/// by Python Nodepool), the "upload now" requests of
+/// `nodepool image-upload PROVIDER IMAGE`.
+pub fn image_upload_requests(image: &str) -> String {
+    format!("{IMAGES}/{image}/upload-requests")
+}
+
+/// `/nodepool/images/<image>/upload-requests/<provider>`: an empty record
+/// asking the builder to upload the newest ready build of `image` to
+/// `provider` now, even when that provider already has a ready upload of
+/// it (a fresh upload, as Python's old `image-upload` did). Its creation
+/// time is the request time. The builder deletes it once a ready upload of
+/// the newest ready build exists that is newer than the request, or at once
+/// when the provider does not (or no longer) take this image.
+pub fn image_upload_request(image: &str, provider: &str) -> String {
+    format!("{IMAGES}/{image}/upload-requests/{provider}")
+}
+
 /// `/nodepool/images/<image>/builds`.
 pub fn builds(image: &str) -> String {
     format!("{IMAGES}/{image}/builds")
@@ -99,6 +120,17 @@ pub fn upload_lock(image: &str, build: &str, provider: &str, upload: &str) -> St
     format!("{}/{LOCK}", self::upload(image, build, provider, upload))
 }
 
+/// `/nodepool/job-holds/<encoded job name>` (see
+/// [`crate::consumers::holds`] for the encoding).
+pub fn job_hold(encoded_job: &str) -> String {
+    format!("{JOB_HOLDS}/{encoded_job}")
+}
+
+/// `/nodepool/elections/consumers/<target>`: the lock of a consumer target.
+pub fn consumer_election(target: &str) -> String {
+    format!("{CONSUMER_ELECTIONS}/{target}")
+}
+
 /// `/nodepool/components/<kind>`.
 pub fn components(kind: &str) -> String {
     format!("{COMPONENTS}/{kind}")
@@ -113,6 +145,8 @@ pub enum ImagePath<'a> {
     Pause(&'a str),
     /// `/nodepool/images/<image>/request-build`.
     BuildRequest(&'a str),
+    /// `/nodepool/images/<image>/upload-requests/<provider>`.
+    UploadRequest(&'a str, &'a str),
     /// `/nodepool/images/<image>/builds/<build>`.
     Build(&'a str, &'a str),
     /// `.../builds/<build>/providers/<provider>/images/<upload>`.
@@ -131,6 +165,7 @@ pub fn classify_image_path(path: &str) -> ImagePath<'_> {
         [image] => ImagePath::Image(image),
         [image, "pause"] => ImagePath::Pause(image),
         [image, "request-build"] => ImagePath::BuildRequest(image),
+        [image, "upload-requests", provider] => ImagePath::UploadRequest(image, provider),
         [_, "builds", LOCK] => ImagePath::Other,
         [image, "builds", build] => ImagePath::Build(image, build),
         [_, "builds", _, "providers", _, "images", LOCK] => ImagePath::Other,
@@ -179,6 +214,10 @@ mod tests {
         assert_eq!(
             classify_image_path("/nodepool/images/ubuntu/pause"),
             ImagePath::Pause("ubuntu")
+        );
+        assert_eq!(
+            classify_image_path("/nodepool/images/ubuntu/upload-requests/p1"),
+            ImagePath::UploadRequest("ubuntu", "p1")
         );
     }
 

@@ -116,6 +116,13 @@ pub struct ImageState {
     pub paused: BTreeSet<String>,
     /// Images with a pending `image-build` request, and when it was made (epoch s).
     pub build_requests: BTreeMap<String, f64>,
+    /// Images whose build lock (`/nodepool/images/<image>/builds/lock`) has
+    /// a contender: a builder is building it (or about to).
+    pub build_locked: BTreeSet<String>,
+    /// Pending "upload now" requests (`nodepool image-upload`), by (image,
+    /// provider), and when each was made (epoch s). See
+    /// [`paths::image_upload_request`].
+    pub upload_requests: BTreeMap<(String, String), f64>,
     /// Records that could not be decoded.
     pub malformed: Vec<Malformed>,
 }
@@ -506,10 +513,26 @@ impl Store {
             }
         }
         let mut st = ImageState::default();
+        for record in &locked {
+            if let Some(image) = record
+                .strip_prefix(paths::IMAGES)
+                .and_then(|r| r.strip_prefix('/'))
+                .and_then(|r| r.strip_suffix("/builds"))
+                .filter(|i| !i.contains('/'))
+            {
+                st.build_locked.insert(image.to_owned());
+            }
+        }
         for e in &entries {
             match classify_image_path(&e.path) {
                 ImagePath::Image(image) => {
                     st.images.insert(image.to_owned());
+                }
+                ImagePath::UploadRequest(image, provider) => {
+                    st.upload_requests.insert(
+                        (image.to_owned(), provider.to_owned()),
+                        e.stat.ctime as f64 / 1000.0,
+                    );
                 }
                 ImagePath::Pause(image) => {
                     st.paused.insert(image.to_owned());
@@ -738,6 +761,44 @@ impl Store {
         match self
             .inner
             .delete(&paths::image_build_request(image), None)
+            .await
+        {
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Asks for a fresh upload of an image's newest ready build to a
+    /// provider (`image-upload PROVIDER IMAGE`); see
+    /// [`paths::image_upload_request`]. An existing request is kept as is.
+    pub async fn request_image_upload(
+        &self,
+        image: &str,
+        provider: &str,
+    ) -> Result<(), StoreError> {
+        match self
+            .inner
+            .create(
+                &paths::image_upload_request(image, provider),
+                b"",
+                CreateMode::Persistent,
+            )
+            .await
+        {
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes an upload request (after the upload, or when it cannot be served).
+    pub async fn clear_image_upload_request(
+        &self,
+        image: &str,
+        provider: &str,
+    ) -> Result<(), StoreError> {
+        match self
+            .inner
+            .delete(&paths::image_upload_request(image, provider), None)
             .await
         {
             Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),

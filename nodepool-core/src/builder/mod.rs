@@ -1,0 +1,633 @@
+//! The builder runtime: builds disk images and keeps every provider's
+//! images current, by running the [image planner](crate::planner::images)
+//! in a loop and executing its plan through a
+//! [`StateStore`](crate::store::StateStore), an
+//! [`ImageBuilder`](crate::image_builder::ImageBuilder) and the configured
+//! [`Provider`](crate::provider::Provider)s (reference §5).
+//!
+//! Embedding mirrors the [launcher](crate::launcher): build a [`Builder`]
+//! with a store, a provider factory, an image builder and
+//! [`BuilderSettings`], then [`run`](Builder::run) it with a configuration
+//! channel (send a new config to reload) and a cancellation token (cancel
+//! to stop: running builds are cancelled, which makes `DibBuilder` kill
+//! diskimage-builder and sweep; uploads are marked failed). Signals,
+//! config files and the DIB work-directory sweep at startup belong to the
+//! binary (`nodepool-builder`).
+//!
+//! Each pass lists this builder's image files (before reading the store,
+//! so a file seen always has its record in the snapshot), reads the
+//! store's image records, plans, and starts what the plan asks for: builds
+//! on up to [`BuilderSettings::build_workers`] workers, uploads on up to
+//! [`BuilderSettings::upload_workers`], deletions on up to
+//! [`BuilderSettings::cleanup_workers`]; each action takes its lock
+//! non-blocking and re-checks under it, so builders sharing a store never
+//! both act. Passes run when image records change, when a task ends, on a
+//! reload, and at least every [`BuilderSettings::max_pass_interval`].
+//!
+//! Layout: `local` (the images directory: id file, file scan, deletions,
+//! checksums, image names), `hook` (`post-upload-hook`), `tasks` (build,
+//! upload and delete tasks).
+
+mod hook;
+pub mod local;
+mod tasks;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use hook::{HookError, run_post_upload_hook};
+
+use crate::config::{Config, ProviderConfig};
+use crate::image_builder::ImageBuilder;
+use crate::launcher::{Clock, ProviderFactory};
+use crate::model::{Component, ComponentKind, ComponentState};
+use crate::planner::images::{
+    BuildKey, BuilderLocal, ImageAction, ImagePlan, ImageSnapshot, plan_images,
+};
+use crate::provider::Provider;
+use crate::store::{ComponentRegistration, Store, StoreError, StoreEvent, paths};
+
+/// Prunes old build logs of an image before a build: `(log dir, image,
+/// build-log-retention)`. The daemon passes `nodepool_dib::prune_build_logs`.
+pub type LogPruner =
+    Arc<dyn Fn(&Path, &str, Option<u32>) -> std::io::Result<Vec<PathBuf>> + Send + Sync>;
+
+/// Tunables of the builder. `Default` gives Nodepool's values.
+#[derive(Clone)]
+pub struct BuilderSettings {
+    /// Host name recorded in builds and the component registration.
+    pub hostname: String,
+    /// Version string registered in the component.
+    pub version: String,
+    /// Builds running at once (`--build-workers`, Nodepool's default 1).
+    pub build_workers: usize,
+    /// Uploads running at once (`--upload-workers`, default 4).
+    pub upload_workers: usize,
+    /// Deletions (cloud images, records) running at once.
+    pub cleanup_workers: usize,
+    /// Longest time between two passes (Nodepool's workers poll every 10 s).
+    pub max_pass_interval: Duration,
+    /// Shortest time between two passes (coalesces bursts of events).
+    pub min_pass_interval: Duration,
+    /// How often a running upload reports its progress in the log.
+    pub upload_progress_interval: Duration,
+    /// Time allowed to delete one cloud image.
+    pub delete_timeout: Duration,
+    /// Time allowed at shutdown for cancelled builds to be killed and swept
+    /// and for uploads to record their failure.
+    pub shutdown_grace: Duration,
+    /// Prunes build logs before each build (`build-log-retention`).
+    pub log_pruner: Option<LogPruner>,
+    /// Where "now" comes from.
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for BuilderSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuilderSettings")
+            .field("hostname", &self.hostname)
+            .field("version", &self.version)
+            .field("build_workers", &self.build_workers)
+            .field("upload_workers", &self.upload_workers)
+            .field("cleanup_workers", &self.cleanup_workers)
+            .field("max_pass_interval", &self.max_pass_interval)
+            .field("min_pass_interval", &self.min_pass_interval)
+            .field("upload_progress_interval", &self.upload_progress_interval)
+            .field("delete_timeout", &self.delete_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("log_pruner", &self.log_pruner.is_some())
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+impl Default for BuilderSettings {
+    fn default() -> Self {
+        BuilderSettings {
+            hostname: "localhost".into(),
+            version: crate::VERSION.into(),
+            build_workers: 1,
+            upload_workers: 4,
+            cleanup_workers: 4,
+            max_pass_interval: Duration::from_secs(10),
+            min_pass_interval: Duration::from_millis(5),
+            upload_progress_interval: Duration::from_secs(60),
+            delete_timeout: Duration::from_secs(600),
+            // DibBuilder's SIGTERM grace (30 s) plus the sweep.
+            shutdown_grace: Duration::from_secs(60),
+            log_pruner: None,
+            clock: Clock::System,
+        }
+    }
+}
+
+/// Errors that stop the builder.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuilderError {
+    /// The configuration has no `images-dir`.
+    #[error("the builder needs `images-dir` in the configuration")]
+    NoImagesDir,
+    /// The images directory or the builder id file cannot be used.
+    #[error("images directory: {0}")]
+    ImagesDir(#[from] std::io::Error),
+}
+
+/// What the builder is doing, for state dumps (SIGUSR2).
+#[derive(Debug, Default)]
+pub struct BuilderStatus {
+    ready: std::sync::atomic::AtomicBool,
+    report: Mutex<String>,
+    builder_id: Mutex<String>,
+}
+
+impl BuilderStatus {
+    /// Whether the first pass completed.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A human-readable dump of the builder's state.
+    pub fn report(&self) -> String {
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// This builder's id (empty until it started).
+    pub fn builder_id(&self) -> String {
+        self.builder_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Which worker pool a task runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Build,
+    Upload,
+    Cleanup,
+}
+
+/// What the tasks share with the loop.
+pub(crate) struct Shared {
+    store: Store,
+    settings: BuilderSettings,
+    image_builder: Arc<dyn ImageBuilder>,
+    builder_id: String,
+    wake: Notify,
+    /// Running tasks by action key.
+    running: Mutex<HashMap<String, Kind>>,
+    /// Builds this process runs, for the planner.
+    running_builds: Mutex<BTreeSet<BuildKey>>,
+    /// Cancelled at shutdown: builds stop, uploads give up.
+    work: CancellationToken,
+}
+
+impl Shared {
+    /// The current time (epoch seconds) on the builder's clock.
+    pub(crate) fn now(&self) -> f64 {
+        self.settings.clock.now()
+    }
+
+    fn count(&self, kind: Kind) -> usize {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|k| **k == kind)
+            .count()
+    }
+}
+
+/// Removes a task's key when it ends (however it ends) and wakes the loop.
+pub(crate) struct TaskSlot {
+    shared: Arc<Shared>,
+    key: String,
+}
+
+impl Drop for TaskSlot {
+    fn drop(&mut self) {
+        self.shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+        self.shared.wake.notify_one();
+    }
+}
+
+/// A configured provider and its cloud.
+#[derive(Clone, Debug)]
+pub(crate) struct ProviderEntry {
+    pub config: ProviderConfig,
+    pub provider: Arc<dyn Provider>,
+}
+
+/// A builder. See the module documentation.
+pub struct Builder {
+    store: Store,
+    factory: ProviderFactory,
+    image_builder: Arc<dyn ImageBuilder>,
+    settings: BuilderSettings,
+    status: Arc<BuilderStatus>,
+}
+
+impl Builder {
+    /// A builder on a store, building images with `image_builder` and
+    /// reaching clouds through providers made by `factory`.
+    pub fn new(
+        store: Store,
+        factory: ProviderFactory,
+        image_builder: Arc<dyn ImageBuilder>,
+        settings: BuilderSettings,
+    ) -> Self {
+        Builder {
+            store,
+            factory,
+            image_builder,
+            settings,
+            status: Arc::new(BuilderStatus::default()),
+        }
+    }
+
+    /// The status, readable while it runs.
+    pub fn status(&self) -> Arc<BuilderStatus> {
+        self.status.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled. A new value on `config` is a
+    /// reload: providers whose configuration changed are rebuilt and the
+    /// next pass plans with it. The builder id is read (or created) in the
+    /// initial configuration's `images-dir`.
+    pub async fn run(
+        self,
+        mut config: watch::Receiver<Arc<Config>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), BuilderError> {
+        let initial = config.borrow_and_update().clone();
+        let images_dir = initial
+            .images_dir
+            .clone()
+            .ok_or(BuilderError::NoImagesDir)?;
+        let builder_id = {
+            let dir = images_dir.clone();
+            tokio::task::spawn_blocking(move || local::builder_id(&dir))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??
+        };
+        *self
+            .status
+            .builder_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = builder_id.clone();
+        tracing::info!(builder_id = %builder_id, images_dir = %images_dir.display(), "builder starting");
+        let shared = Arc::new(Shared {
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            image_builder: self.image_builder.clone(),
+            builder_id,
+            wake: Notify::new(),
+            running: Mutex::default(),
+            running_builds: Mutex::default(),
+            work: CancellationToken::new(),
+        });
+        let mut rt = Runtime {
+            shared: shared.clone(),
+            factory: self.factory.clone(),
+            config: initial,
+            providers: BTreeMap::new(),
+            registration: None,
+            session_id: 0,
+            tasks: TaskTracker::new(),
+            status: self.status.clone(),
+            pass_count: 0,
+            last_notes: BTreeSet::new(),
+        };
+        rt.apply_config();
+        let mut events = self.store.backend().subscribe();
+        let mut session = self.store.backend().session();
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if let Err(e) = rt.ensure_registered().await {
+                tracing::warn!(error = %e, "builder registration failed; retrying");
+            }
+            if let Err(e) = rt.pass().await {
+                tracing::warn!(error = %e, "builder pass failed; retrying");
+            }
+            let tick = tokio::time::sleep(self.settings.max_pass_interval);
+            tokio::pin!(tick);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = &mut tick => break,
+                    _ = shared.wake.notified() => break,
+                    r = events.recv() => match r {
+                        // Only image records concern the builder.
+                        Ok(StoreEvent::Created(p) | StoreEvent::Changed(p) | StoreEvent::Deleted(p))
+                            if !p.starts_with(paths::IMAGES) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            events = self.store.backend().subscribe();
+                            break;
+                        }
+                        _ => break,
+                    },
+                    r = config.changed() => {
+                        if r.is_ok() {
+                            rt.config = config.borrow_and_update().clone();
+                            tracing::info!("configuration reloaded");
+                            rt.apply_config();
+                        }
+                        break;
+                    }
+                    _ = session.changed() => break,
+                }
+            }
+            // Coalesce a burst of events into one pass.
+            tokio::time::sleep(self.settings.min_pass_interval).await;
+            while events.try_recv().is_ok() {}
+        }
+        rt.shutdown().await;
+        Ok(())
+    }
+}
+
+struct Runtime {
+    shared: Arc<Shared>,
+    factory: ProviderFactory,
+    config: Arc<Config>,
+    providers: BTreeMap<String, ProviderEntry>,
+    registration: Option<ComponentRegistration>,
+    session_id: i64,
+    tasks: TaskTracker,
+    status: Arc<BuilderStatus>,
+    pass_count: u64,
+    /// Notes logged at the last pass (each is logged when it first appears).
+    last_notes: BTreeSet<String>,
+}
+
+impl Runtime {
+    /// Builds providers for new or changed provider configurations.
+    fn apply_config(&mut self) {
+        let mut next = BTreeMap::new();
+        for pc in &self.config.providers {
+            match self.providers.remove(&pc.name) {
+                Some(e) if e.config == *pc => {
+                    next.insert(pc.name.clone(), e);
+                }
+                _ => match (self.factory)(pc) {
+                    Ok(p) => {
+                        next.insert(
+                            pc.name.clone(),
+                            ProviderEntry {
+                                config: pc.clone(),
+                                provider: p,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(provider = %pc.name, error = %e, "cannot set up provider")
+                    }
+                },
+            }
+        }
+        self.providers = next;
+    }
+
+    /// Registers the builder component: at start and after a session was
+    /// replaced (its ephemeral record went with the old session).
+    async fn ensure_registered(&mut self) -> Result<(), StoreError> {
+        let store = self.shared.store.clone();
+        let current = *store.backend().session().borrow();
+        let Some(id) = current.id() else {
+            return Ok(());
+        };
+        if id != self.session_id {
+            if self.session_id != 0 {
+                tracing::warn!("store session replaced; registering the builder again");
+            }
+            self.registration = None;
+            self.session_id = id;
+        }
+        if self.registration.is_none() {
+            let mut c = Component::new(
+                ComponentKind::Builder,
+                &self.shared.settings.hostname,
+                &self.shared.settings.version,
+            );
+            c.state = ComponentState::Running;
+            self.registration = Some(store.register_component(&c).await?);
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&self) -> Result<ImageSnapshot, StoreError> {
+        // Files first: a build's record is created before its files, so
+        // every file listed here has its record in the store read below.
+        let local_files = match &self.config.images_dir {
+            Some(dir) => {
+                let dir = dir.clone();
+                match tokio::task::spawn_blocking(move || local::scan(&dir)).await {
+                    Ok(Ok(f)) => f,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot list the images directory");
+                        BTreeMap::new()
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "image directory scan failed");
+                        BTreeMap::new()
+                    }
+                }
+            }
+            None => BTreeMap::new(),
+        };
+        let images = self.shared.store.image_state().await?;
+        Ok(ImageSnapshot {
+            images,
+            local_files,
+        })
+    }
+
+    fn local(&self) -> BuilderLocal {
+        BuilderLocal {
+            builder_id: self.shared.builder_id.clone(),
+            running_builds: self
+                .shared
+                .running_builds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    async fn pass(&mut self) -> Result<(), StoreError> {
+        if self
+            .shared
+            .store
+            .backend()
+            .session()
+            .borrow()
+            .id()
+            .is_none()
+        {
+            // Suspended or expired: do nothing that needs locks.
+            return Ok(());
+        }
+        let snapshot = self.snapshot().await?;
+        let local = self.local();
+        let plan = plan_images(&snapshot, &self.config, self.shared.now(), &local);
+        let notes: BTreeSet<String> = plan.notes.iter().cloned().collect();
+        for n in notes.difference(&self.last_notes) {
+            tracing::warn!("{n}");
+        }
+        self.last_notes = notes;
+        self.execute(&plan).await;
+        self.pass_count += 1;
+        self.status
+            .ready
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.update_report(&plan);
+        Ok(())
+    }
+
+    /// Starts the plan's actions that are not running yet, within the
+    /// worker limits.
+    async fn execute(&mut self, plan: &ImagePlan) {
+        let s = &self.shared.settings;
+        for action in &plan.actions {
+            let key = action.key();
+            if self
+                .shared
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&key)
+            {
+                continue;
+            }
+            let kind = match action {
+                ImageAction::Build { .. } => Kind::Build,
+                ImageAction::Upload { .. } => Kind::Upload,
+                ImageAction::ClearUploadRequest {
+                    image,
+                    provider,
+                    reason,
+                } => {
+                    tracing::info!(image = %image, provider = %provider, "removing upload request: {reason}");
+                    if let Err(e) = self
+                        .shared
+                        .store
+                        .clear_image_upload_request(image, provider)
+                        .await
+                    {
+                        tracing::warn!(image = %image, provider = %provider, error = %e, "cannot remove upload request");
+                    }
+                    continue;
+                }
+                _ => Kind::Cleanup,
+            };
+            let limit = match kind {
+                Kind::Build => s.build_workers,
+                Kind::Upload => s.upload_workers,
+                Kind::Cleanup => s.cleanup_workers,
+            };
+            if self.shared.count(kind) >= limit.max(1) {
+                continue;
+            }
+            let provider = match action {
+                ImageAction::Upload { provider, .. }
+                | ImageAction::DeleteUpload { provider, .. }
+                | ImageAction::RemoveDeadUpload { provider, .. } => {
+                    match self.providers.get(provider) {
+                        Some(p) => Some(p.clone()),
+                        None => {
+                            tracing::debug!(provider = %provider, "provider not set up; skipping {key}");
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            self.shared
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), kind);
+            let slot = TaskSlot {
+                shared: self.shared.clone(),
+                key,
+            };
+            let task = tasks::Task {
+                shared: self.shared.clone(),
+                config: self.config.clone(),
+                provider,
+                action: action.clone(),
+            };
+            self.tasks.spawn(async move {
+                task.run().await;
+                drop(slot);
+            });
+        }
+    }
+
+    fn update_report(&self, plan: &ImagePlan) {
+        use std::fmt::Write as _;
+        let mut r = String::new();
+        let _ = writeln!(
+            r,
+            "builder {} id={} (pass {})",
+            self.shared.settings.hostname, self.shared.builder_id, self.pass_count
+        );
+        let mut running: Vec<String> = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        running.sort();
+        for k in running {
+            let _ = writeln!(r, "  running: {k}");
+        }
+        let _ = writeln!(r, "  planned actions: {}", plan.actions.len());
+        for n in &plan.notes {
+            let _ = writeln!(r, "  note: {n}");
+        }
+        for name in self.providers.keys() {
+            let _ = writeln!(r, "  provider {name}");
+        }
+        *self.status.report.lock().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    /// Cancels running builds and uploads, lets them record how they
+    /// ended within the grace, and unregisters.
+    async fn shutdown(mut self) {
+        tracing::info!("builder stopping");
+        self.shared.work.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(self.shared.settings.shutdown_grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "work did not finish within the shutdown grace; another builder's cleanup will finish it"
+            );
+        }
+        if let Some(reg) = self.registration.take() {
+            let _ = self.shared.store.unregister_component(&reg).await;
+        }
+        tracing::info!("builder stopped");
+    }
+}

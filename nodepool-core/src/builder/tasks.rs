@@ -1,0 +1,934 @@
+//! The builder's tasks: one per planned action. Each takes the lock the
+//! reference names (non-blocking: someone else holding it means someone
+//! else is doing it), re-reads the records under it, and only then acts.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use indexmap::IndexMap;
+
+use super::{ProviderEntry, Shared, hook, local};
+use crate::config::{Config, DiskImage};
+use crate::image_builder::{BuildError, BuildSpec};
+use crate::model::{BuildState, ImageBuild, ImageUpload, Json, UploadState};
+use crate::planner::images::{BuildReason, ImageAction, ImageDeleteReason};
+use crate::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID, ImageUploadSpec};
+use crate::store::paths::{self, ImagePath, classify_image_path};
+use crate::store::{LockGuard, LockWait, Store, StoreError, Versioned};
+
+/// Lines and bytes of a failed build's log kept in its record.
+const LOG_TAIL_LINES: usize = 20;
+const LOG_TAIL_BYTES: usize = 4096;
+
+/// Key of the failed build's log tail in its record. Python Nodepool
+/// ignores keys it does not know when reading.
+pub(crate) const LOG_TAIL_KEY: &str = "log_tail";
+
+/// Extra time given to a provider past `image-upload-timeout` before the
+/// builder gives up on it (providers enforce the timeout themselves; this
+/// bounds one that does not).
+const UPLOAD_TIMEOUT_MARGIN: Duration = Duration::from_secs(60);
+
+type TaskResult = Result<(), String>;
+
+fn store_err(what: &str) -> impl Fn(StoreError) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// One planned action, with what it needs.
+pub(crate) struct Task {
+    pub shared: std::sync::Arc<Shared>,
+    pub config: std::sync::Arc<Config>,
+    pub provider: Option<ProviderEntry>,
+    pub action: ImageAction,
+}
+
+/// Takes a lock non-blocking; `Ok(None)` when someone else holds it.
+async fn try_lock(store: &Store, dir: &str) -> Result<Option<LockGuard>, String> {
+    match store.lock(dir, LockWait::NonBlocking).await {
+        Ok(g) => Ok(Some(g)),
+        Err(StoreError::Locked { .. }) => Ok(None),
+        Err(e) => Err(format!("cannot lock {dir}: {e}")),
+    }
+}
+
+async fn release(guard: LockGuard) {
+    if let Err(e) = guard.release().await {
+        tracing::debug!(error = %e, "lock release failed (it goes with the session)");
+    }
+}
+
+/// Every build of an image, read from the store (not the scan cache).
+async fn read_builds(
+    store: &Store,
+    image: &str,
+) -> Result<Vec<(String, Versioned<ImageBuild>)>, StoreError> {
+    let names = match store.backend().children(&paths::builds(image)).await {
+        Ok(n) => n,
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for n in names.into_iter().filter(|n| n != paths::LOCK) {
+        match store.get_build(image, &n).await {
+            Ok(Some(b)) => out.push((n, b)),
+            Ok(None) => {}
+            Err(StoreError::Malformed { path, reason }) => {
+                tracing::warn!(path = %path, reason = %reason, "skipping malformed build record")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Every upload of a build to a provider, read from the store.
+async fn read_uploads(
+    store: &Store,
+    image: &str,
+    build: &str,
+    provider: &str,
+) -> Result<Vec<(String, ImageUpload)>, StoreError> {
+    let names = match store
+        .backend()
+        .children(&paths::uploads(image, build, provider))
+        .await
+    {
+        Ok(n) => n,
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for n in names.into_iter().filter(|n| n != paths::LOCK) {
+        if let Ok(Some(u)) = store.get_upload(image, build, provider, &n).await {
+            out.push((n, u.value));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether any upload record is left under a build.
+async fn build_has_uploads(store: &Store, image: &str, build: &str) -> Result<bool, StoreError> {
+    let entries = store.backend().scan(&paths::build(image, build)).await?;
+    Ok(entries
+        .iter()
+        .any(|e| matches!(classify_image_path(&e.path), ImagePath::Upload(..))))
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+    if out.len() > LOG_TAIL_BYTES {
+        let mut cut = out.len() - LOG_TAIL_BYTES;
+        while !out.is_char_boundary(cut) {
+            cut += 1;
+        }
+        out = out[cut..].to_owned();
+    }
+    out
+}
+
+impl Task {
+    pub async fn run(self) {
+        let key = self.action.key();
+        let r = match &self.action {
+            ImageAction::Build {
+                image,
+                formats,
+                reason,
+                newest_ready,
+                requested,
+            } => {
+                self.build(image, formats, reason, newest_ready.as_deref(), *requested)
+                    .await
+            }
+            ImageAction::Upload {
+                image,
+                build,
+                provider,
+                format,
+                requested,
+            } => {
+                self.upload(image, build, provider, format, *requested)
+                    .await
+            }
+            ImageAction::DeleteUpload {
+                image,
+                build,
+                provider,
+                upload,
+                reason,
+            } => {
+                self.delete_upload(image, build, provider, upload, *reason)
+                    .await
+            }
+            ImageAction::RemoveDeadUpload {
+                image,
+                build,
+                provider,
+                upload,
+            } => {
+                self.remove_dead_upload(image, build, provider, upload)
+                    .await
+            }
+            ImageAction::MarkDeadBuild { image, build } => self.mark_dead_build(image, build).await,
+            ImageAction::MarkBuildDeleting {
+                image,
+                build,
+                reason,
+            } => self.mark_build_deleting(image, build, *reason).await,
+            ImageAction::RemoveBuild {
+                image,
+                build,
+                reason,
+            } => self.remove_build(image, build, *reason).await,
+            ImageAction::DeleteLocalFiles {
+                image,
+                build,
+                formats,
+                reason,
+            } => {
+                self.delete_local_files(image, build, formats.clone(), *reason)
+                    .await
+            }
+            ImageAction::ClearUploadRequest { .. } => Ok(()),
+        };
+        if let Err(e) = r {
+            tracing::warn!(task = %key, "{e}");
+        }
+    }
+
+    fn images_dir(&self) -> Result<&Path, String> {
+        self.config
+            .images_dir
+            .as_deref()
+            .ok_or_else(|| "no images-dir configured".to_owned())
+    }
+
+    async fn delete_files(
+        &self,
+        image: &str,
+        build: &str,
+        formats: Option<Vec<String>>,
+    ) -> TaskResult {
+        let dir = self.images_dir()?.to_path_buf();
+        let (i, b) = (image.to_owned(), build.to_owned());
+        let deleted = tokio::task::spawn_blocking(move || {
+            local::delete_build_files(&dir, &i, &b, formats.as_deref())
+        })
+        .await
+        .map_err(|e| format!("file deletion task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+        if !deleted.is_empty() {
+            tracing::info!(image = %image, build = %build, files = deleted.len(), "deleted local image files");
+        }
+        Ok(())
+    }
+
+    // ----- builds ------------------------------------------------------
+
+    async fn build(
+        &self,
+        image: &str,
+        formats: &[String],
+        reason: &BuildReason,
+        newest_ready: Option<&str>,
+        requested: bool,
+    ) -> TaskResult {
+        let Some(di) = self.config.diskimage(image).cloned() else {
+            return Ok(());
+        };
+        let store = &self.shared.store;
+        let Some(guard) = try_lock(store, &paths::builds_lock(image)).await? else {
+            tracing::debug!(image = %image, "another builder is building it");
+            return Ok(());
+        };
+        let r = self
+            .build_locked(&guard, &di, formats, reason, newest_ready, requested)
+            .await;
+        release(guard).await;
+        r
+    }
+
+    async fn build_locked(
+        &self,
+        guard: &LockGuard,
+        di: &DiskImage,
+        formats: &[String],
+        reason: &BuildReason,
+        newest_ready: Option<&str>,
+        requested: bool,
+    ) -> TaskResult {
+        let image = di.name.as_str();
+        let store = &self.shared.store;
+        let images_dir = self.images_dir()?.to_path_buf();
+        // Re-check under the lock: another builder may have just built it.
+        let builds = read_builds(store, image)
+            .await
+            .map_err(store_err("cannot read builds"))?;
+        let newest = builds
+            .iter()
+            .filter(|(_, b)| b.value.state == BuildState::Ready)
+            .max_by(|a, b| {
+                a.1.value
+                    .state_time
+                    .total_cmp(&b.1.value.state_time)
+                    .then_with(|| a.0.cmp(&b.0))
+            })
+            .map(|(id, _)| id.as_str());
+        if newest != newest_ready {
+            tracing::info!(image = %image, "its newest ready build changed meanwhile; not building");
+            return Ok(());
+        }
+        if self.shared.work.is_cancelled() {
+            return Ok(());
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let key = (image.to_owned(), id.clone());
+        // Ours before the record exists: no pass may take the record or
+        // its files for a dead builder's.
+        let _running = RunningBuild::new(&self.shared, key);
+        let mut rec = ImageBuild::new(self.shared.now(), formats.to_vec());
+        rec.builder = Some(self.shared.settings.hostname.clone());
+        rec.builder_id = Some(self.shared.builder_id.clone());
+        store
+            .create_build(image, &id, &rec)
+            .await
+            .map_err(store_err("cannot create the build record"))?;
+        if let Some(prune) = &self.shared.settings.log_pruner {
+            let (prune, dir, img, keep) = (
+                prune.clone(),
+                self.config.build_log_dir.clone(),
+                image.to_owned(),
+                self.config.build_log_retention,
+            );
+            match tokio::task::spawn_blocking(move || prune(&dir, &img, keep)).await {
+                Ok(Err(e)) => tracing::warn!(image = %image, error = %e, "cannot prune build logs"),
+                Err(e) => tracing::warn!(image = %image, error = %e, "log pruning failed"),
+                Ok(Ok(_)) => {}
+            }
+        }
+        let spec = BuildSpec {
+            image: di.clone(),
+            build_id: id.clone(),
+            formats: formats.to_vec(),
+            output_base: local::output_base(&images_dir, image, &id),
+            log_path: local::log_path(&self.config.build_log_dir, image, &id),
+            elements_dir: self.config.elements_dir.clone(),
+            timeout: di.build_timeout,
+        };
+        tracing::info!(image = %image, build = %id, %reason, formats = %formats.join(","), log = %spec.log_path.display(), "building image");
+        let started = Instant::now();
+        let result = self
+            .shared
+            .image_builder
+            .build(&spec, self.shared.work.child_token())
+            .await;
+        let now = self.shared.now();
+        if !guard.is_held() {
+            // The session (and with it the lock) was lost: another builder
+            // may already have taken the record for a dead builder's.
+            tracing::error!(image = %image, build = %id, "the store session was lost during the build; discarding it");
+            if let Ok(Some(mut v)) = store.get_build(image, &id).await
+                && v.value.state == BuildState::Building
+            {
+                v.value.set_state(BuildState::Failed, now);
+                let _ = store
+                    .update_build(image, &id, &v.value, Some(v.version))
+                    .await;
+            }
+            return self.delete_files(image, &id, None).await;
+        }
+        let Some(Versioned { mut value, version }) = store
+            .get_build(image, &id)
+            .await
+            .map_err(store_err("cannot read the build record"))?
+        else {
+            tracing::error!(image = %image, build = %id, "the build record vanished during the build; discarding it");
+            return self.delete_files(image, &id, None).await;
+        };
+        match result {
+            Ok(artifacts) => {
+                let mut got: Vec<String> = artifacts
+                    .artifacts
+                    .iter()
+                    .map(|a| a.format.clone())
+                    .collect();
+                got.sort();
+                got.dedup();
+                value.formats = got;
+                value.username = Some(di.username.clone());
+                value.python_path = Some(di.python_path.clone());
+                value.shell_type = di.shell_type.clone();
+                value.set_state(BuildState::Ready, now);
+                if let Err(e) = store.update_build(image, &id, &value, Some(version)).await {
+                    // Without a ready record nobody will use the files.
+                    self.delete_files(image, &id, None).await?;
+                    return Err(format!("cannot record build {id} ready: {e}"));
+                }
+                tracing::info!(
+                    image = %image,
+                    build = %id,
+                    elapsed_s = started.elapsed().as_secs(),
+                    files = ?artifacts.artifacts.iter().map(|a| (&a.format, a.size)).collect::<Vec<_>>(),
+                    "build ready"
+                );
+                if requested && let Err(e) = store.clear_image_build_request(image).await {
+                    tracing::warn!(image = %image, error = %e, "cannot remove the build request");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let why = match &e {
+                    BuildError::Failed { log_tail, .. } => {
+                        format!("{e}\n{}", tail(log_tail))
+                    }
+                    other => other.to_string(),
+                };
+                value.set_state(BuildState::Failed, now);
+                value
+                    .extra
+                    .insert(LOG_TAIL_KEY.to_owned(), Json::encode(&tail(&why)));
+                let written = store.update_build(image, &id, &value, Some(version)).await;
+                if matches!(e, BuildError::Cancelled) {
+                    tracing::info!(image = %image, build = %id, "build cancelled; recorded failed");
+                } else {
+                    tracing::warn!(image = %image, build = %id, log = %spec.log_path.display(), "build failed: {why}");
+                }
+                self.delete_files(image, &id, None).await?;
+                written
+                    .map(|_| ())
+                    .map_err(store_err("cannot record the failed build"))
+            }
+        }
+    }
+
+    async fn mark_dead_build(&self, image: &str, build: &str) -> TaskResult {
+        let store = &self.shared.store;
+        // The image build lock is what a live builder holds while building.
+        let Some(guard) = try_lock(store, &paths::builds_lock(image)).await? else {
+            return Ok(());
+        };
+        let r = async {
+            if let Some(mut v) = store
+                .get_build(image, build)
+                .await
+                .map_err(store_err("cannot read build"))?
+                && v.value.state == BuildState::Building
+            {
+                v.value.set_state(BuildState::Deleting, self.shared.now());
+                store
+                    .update_build(image, build, &v.value, Some(v.version))
+                    .await
+                    .map_err(store_err("cannot mark the build deleting"))?;
+                tracing::warn!(image = %image, build = %build, builder = ?v.value.builder, "build left by a builder that is gone; deleting it");
+            }
+            Ok(())
+        }
+        .await;
+        release(guard).await;
+        r
+    }
+
+    async fn mark_build_deleting(
+        &self,
+        image: &str,
+        build: &str,
+        reason: ImageDeleteReason,
+    ) -> TaskResult {
+        let store = &self.shared.store;
+        let Some(guard) = try_lock(store, &paths::build_lock(image, build)).await? else {
+            return Ok(());
+        };
+        let r = async {
+            if let Some(mut v) = store
+                .get_build(image, build)
+                .await
+                .map_err(store_err("cannot read build"))?
+                && matches!(v.value.state, BuildState::Ready | BuildState::Failed)
+            {
+                v.value.set_state(BuildState::Deleting, self.shared.now());
+                store
+                    .update_build(image, build, &v.value, Some(v.version))
+                    .await
+                    .map_err(store_err("cannot mark the build deleting"))?;
+                tracing::info!(image = %image, build = %build, %reason, "build marked deleting; its uploads are being deleted");
+            }
+            Ok(())
+        }
+        .await;
+        release(guard).await;
+        r
+    }
+
+    async fn remove_build(
+        &self,
+        image: &str,
+        build: &str,
+        reason: ImageDeleteReason,
+    ) -> TaskResult {
+        let store = &self.shared.store;
+        let Some(guard) = try_lock(store, &paths::build_lock(image, build)).await? else {
+            return Ok(());
+        };
+        let Some(mut v) = store
+            .get_build(image, build)
+            .await
+            .map_err(store_err("cannot read build"))?
+        else {
+            release(guard).await;
+            return Ok(());
+        };
+        if v.value.state == BuildState::Building {
+            release(guard).await;
+            return Ok(());
+        }
+        if v.value.state != BuildState::Deleting {
+            v.value.set_state(BuildState::Deleting, self.shared.now());
+            if let Err(e) = store
+                .update_build(image, build, &v.value, Some(v.version))
+                .await
+            {
+                release(guard).await;
+                return Err(format!("cannot mark build {build} deleting: {e}"));
+            }
+        }
+        if build_has_uploads(store, image, build)
+            .await
+            .map_err(store_err("cannot list uploads"))?
+        {
+            // An upload appeared meanwhile: the next pass deletes it first.
+            release(guard).await;
+            return Ok(());
+        }
+        self.delete_files(image, build, None).await?;
+        store
+            .delete_build(image, build)
+            .await
+            .map_err(store_err("cannot delete the build record"))?;
+        // The lock directory went with the record.
+        guard.forget();
+        tracing::info!(image = %image, build = %build, %reason, "deleted build");
+        Ok(())
+    }
+
+    async fn delete_local_files(
+        &self,
+        image: &str,
+        build: &str,
+        formats: Option<Vec<String>>,
+        reason: ImageDeleteReason,
+    ) -> TaskResult {
+        tracing::info!(image = %image, build = %build, ?formats, %reason, "deleting local image files");
+        self.delete_files(image, build, formats).await
+    }
+
+    // ----- uploads -----------------------------------------------------
+
+    fn entry(&self) -> Result<&ProviderEntry, String> {
+        self.provider
+            .as_ref()
+            .ok_or_else(|| "provider not set up".to_owned())
+    }
+
+    async fn upload(
+        &self,
+        image: &str,
+        build: &str,
+        provider: &str,
+        format: &str,
+        requested: bool,
+    ) -> TaskResult {
+        let store = &self.shared.store;
+        let Some(guard) = try_lock(store, &paths::uploads_lock(image, build, provider)).await?
+        else {
+            return Ok(());
+        };
+        let r = self
+            .upload_locked(&guard, image, build, provider, format, requested)
+            .await;
+        release(guard).await;
+        r
+    }
+
+    async fn upload_locked(
+        &self,
+        guard: &LockGuard,
+        image: &str,
+        build: &str,
+        provider: &str,
+        format: &str,
+        mut requested: bool,
+    ) -> TaskResult {
+        let store = &self.shared.store;
+        let entry = self.entry()?;
+        let pc = &entry.config;
+        let Some(di) = self.config.diskimage(image) else {
+            return Ok(());
+        };
+        let images_dir = self.images_dir()?;
+        // Re-check under the lock.
+        let Some(b) = store
+            .get_build(image, build)
+            .await
+            .map_err(store_err("cannot read build"))?
+        else {
+            return Ok(());
+        };
+        if b.value.state != BuildState::Ready {
+            return Ok(());
+        }
+        let existing = read_uploads(store, image, build, provider)
+            .await
+            .map_err(store_err("cannot read uploads"))?;
+        if existing
+            .iter()
+            .any(|(_, u)| u.state == UploadState::Uploading)
+        {
+            // Left by a dead uploader (we hold the lock): cleanup first.
+            return Ok(());
+        }
+        let mut since = None;
+        if requested {
+            match store
+                .backend()
+                .get(&paths::image_upload_request(image, provider))
+                .await
+            {
+                Ok(Some((_, stat))) => since = Some(stat.ctime as f64 / 1000.0),
+                _ => requested = false,
+            }
+        }
+        if existing
+            .iter()
+            .any(|(_, u)| u.state == UploadState::Ready && since.is_none_or(|t| u.state_time >= t))
+        {
+            return Ok(());
+        }
+        let path = local::image_file(images_dir, image, build, format);
+        let size = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => m.len(),
+            _ => {
+                return Err(format!(
+                    "{} is missing: cannot upload build {build} to {provider}",
+                    path.display()
+                ));
+            }
+        };
+        let md5 = local::read_checksum(
+            &local::image_file(images_dir, image, build, &format!("{format}.md5")),
+            32,
+        );
+        let sha256 = local::read_checksum(
+            &local::image_file(images_dir, image, build, &format!("{format}.sha256")),
+            64,
+        );
+        let now = self.shared.now();
+        let mut rec = ImageUpload::new(now, Some(format.to_owned()));
+        rec.username = b.value.username.clone();
+        rec.python_path = b.value.python_path.clone();
+        rec.shell_type = b.value.shell_type.clone();
+        let upload_id = store
+            .create_upload(image, build, provider, &rec)
+            .await
+            .map_err(store_err("cannot create the upload record"))?;
+        let name = local::format_image_name(&pc.image_name_format, image, &upload_id, now as i64);
+        // Recorded before the upload, so a cloud image left by a crash can
+        // be found by name as well as by its tags.
+        rec.external_name = Some(name.clone());
+        let mut version = store
+            .update_upload(image, build, provider, &upload_id, &rec, Some(0))
+            .await
+            .map_err(store_err("cannot update the upload record"))?;
+        let mut properties: IndexMap<String, String> = di.metadata.clone();
+        if let Some(pdi) = pc.diskimage(image) {
+            for (k, v) in &pdi.meta {
+                properties.insert(k.clone(), v.clone());
+            }
+        }
+        properties.insert(IMAGE_BUILD_ID.into(), build.to_owned());
+        properties.insert(IMAGE_UPLOAD_ID.into(), upload_id.clone());
+        properties.insert(IMAGE_PROVIDER.into(), provider.to_owned());
+        // Glance's disk_format travels as `format` (Python passes it as
+        // the `disk_format` keyword of create_image).
+        let spec = ImageUploadSpec {
+            name: name.clone(),
+            path: path.clone(),
+            format: format.to_owned(),
+            properties,
+            md5,
+            sha256,
+            timeout: pc.image_upload_timeout,
+        };
+        tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload_id, file = %path.display(), bytes = size, name = %name, "uploading image");
+        let started = Instant::now();
+        let mut outcome = self.timed_upload(entry, &spec, size).await;
+        if let (Ok(ext), Some(hook)) = (&outcome, &pc.post_upload_hook) {
+            tracing::info!(provider = %provider, image = %name, hook = %hook, "running post-upload-hook");
+            match hook::run_post_upload_hook(hook, provider, ext, &path, pc.image_upload_timeout)
+                .await
+            {
+                Ok(output) => {
+                    tracing::info!(provider = %provider, image = %name, "post-upload-hook succeeded: {output}")
+                }
+                Err(e) => {
+                    self.delete_cloud_image(entry, ext).await;
+                    outcome = Err(e.to_string());
+                }
+            }
+        }
+        let now = self.shared.now();
+        if !guard.is_held() {
+            if let Ok(ext) = &outcome {
+                self.delete_cloud_image(entry, ext).await;
+            }
+            return Err(format!(
+                "the store session was lost during upload {upload_id} of build {build} to {provider}; discarded it"
+            ));
+        }
+        match outcome {
+            Ok(ext) => {
+                rec.external_id = Some(ext.clone());
+                rec.set_state(UploadState::Ready, now);
+                if let Err(e) = store
+                    .update_upload(image, build, provider, &upload_id, &rec, Some(version))
+                    .await
+                {
+                    self.delete_cloud_image(entry, &ext).await;
+                    return Err(format!("cannot record upload {upload_id} ready: {e}"));
+                }
+                let secs = started.elapsed().as_secs_f64();
+                tracing::info!(
+                    image = %image, build = %build, provider = %provider, upload = %upload_id,
+                    external_id = %ext, elapsed_s = format!("{secs:.1}"),
+                    mib_per_s = format!("{:.1}", size as f64 / 1048576.0 / secs.max(0.001)),
+                    "upload ready"
+                );
+                if requested && let Err(e) = store.clear_image_upload_request(image, provider).await
+                {
+                    tracing::warn!(image = %image, provider = %provider, error = %e, "cannot remove the upload request");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                rec.set_state(UploadState::Failed, now);
+                version = store
+                    .update_upload(image, build, provider, &upload_id, &rec, Some(version))
+                    .await
+                    .map_err(store_err("cannot record the failed upload"))?;
+                let _ = version;
+                Err(format!(
+                    "upload {upload_id} of build {build} to {provider} failed: {e}"
+                ))
+            }
+        }
+    }
+
+    /// Runs the provider's upload, logging progress, bounded by the upload
+    /// timeout (plus a margin) and by shutdown.
+    async fn timed_upload(
+        &self,
+        entry: &ProviderEntry,
+        spec: &ImageUploadSpec,
+        size: u64,
+    ) -> Result<String, String> {
+        let upload = entry.provider.upload_image(spec);
+        tokio::pin!(upload);
+        let limit = tokio::time::sleep(spec.timeout + UPLOAD_TIMEOUT_MARGIN);
+        tokio::pin!(limit);
+        let every = self.shared.settings.upload_progress_interval;
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                r = &mut upload => return r.map_err(|e| e.to_string()),
+                _ = &mut limit => return Err(format!(
+                    "no result within image-upload-timeout ({} s)", spec.timeout.as_secs()
+                )),
+                _ = self.shared.work.cancelled() => return Err("the builder is stopping".into()),
+                _ = progress.tick() => {
+                    tracing::info!(
+                        provider = %entry.config.name, image = %spec.name, bytes = size,
+                        elapsed_s = started.elapsed().as_secs(),
+                        timeout_s = spec.timeout.as_secs(),
+                        "still uploading"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn delete_cloud_image(&self, entry: &ProviderEntry, external_id: &str) {
+        let t = self.shared.settings.delete_timeout;
+        match tokio::time::timeout(t, entry.provider.delete_image(external_id)).await {
+            Ok(Ok(())) => {
+                tracing::info!(provider = %entry.config.name, image = %external_id, "deleted cloud image")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(provider = %entry.config.name, image = %external_id, error = %e, "cannot delete cloud image")
+            }
+            Err(_) => {
+                tracing::warn!(provider = %entry.config.name, image = %external_id, "cloud image deletion timed out")
+            }
+        }
+    }
+
+    /// Deletes the cloud image of an upload: by id when known, else every
+    /// image tagged with its build and upload ids.
+    async fn delete_upload_image(
+        &self,
+        entry: &ProviderEntry,
+        build: &str,
+        upload: &str,
+        external_id: Option<&str>,
+    ) -> TaskResult {
+        let p = &entry.provider;
+        let t = self.shared.settings.delete_timeout;
+        let ids: Vec<String> = match external_id {
+            Some(id) => vec![id.to_owned()],
+            None => tokio::time::timeout(t, p.list_images())
+                .await
+                .map_err(|_| "listing cloud images timed out".to_owned())?
+                .map_err(|e| format!("cannot list cloud images: {e}"))?
+                .into_iter()
+                .filter(|i| {
+                    i.properties.get(IMAGE_BUILD_ID).map(String::as_str) == Some(build)
+                        && i.properties.get(IMAGE_UPLOAD_ID).map(String::as_str) == Some(upload)
+                        && i.properties
+                            .get(IMAGE_PROVIDER)
+                            .is_none_or(|n| n == &entry.config.name)
+                })
+                .map(|i| i.id)
+                .collect(),
+        };
+        for id in ids {
+            tokio::time::timeout(t, p.delete_image(&id))
+                .await
+                .map_err(|_| format!("deleting cloud image {id} timed out"))?
+                .map_err(|e| format!("cannot delete cloud image {id}: {e}"))?;
+            tracing::info!(provider = %entry.config.name, image = %id, "deleted cloud image");
+        }
+        Ok(())
+    }
+
+    async fn delete_upload(
+        &self,
+        image: &str,
+        build: &str,
+        provider: &str,
+        upload: &str,
+        reason: ImageDeleteReason,
+    ) -> TaskResult {
+        let store = &self.shared.store;
+        let entry = self.entry()?;
+        let Some(guard) =
+            try_lock(store, &paths::upload_lock(image, build, provider, upload)).await?
+        else {
+            return Ok(());
+        };
+        let Some(mut v) = store
+            .get_upload(image, build, provider, upload)
+            .await
+            .map_err(store_err("cannot read upload"))?
+        else {
+            release(guard).await;
+            return Ok(());
+        };
+        if v.value.state == UploadState::Uploading {
+            release(guard).await;
+            return Ok(());
+        }
+        if v.value.state != UploadState::Deleting {
+            v.value.set_state(UploadState::Deleting, self.shared.now());
+            if let Err(e) = store
+                .update_upload(image, build, provider, upload, &v.value, Some(v.version))
+                .await
+            {
+                release(guard).await;
+                return Err(format!("cannot mark upload deleting: {e}"));
+            }
+        }
+        tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload, external_id = ?v.value.external_id, %reason, "deleting upload");
+        if let Err(e) = self
+            .delete_upload_image(entry, build, upload, v.value.external_id.as_deref())
+            .await
+        {
+            release(guard).await;
+            return Err(e);
+        }
+        store
+            .delete_upload(image, build, provider, upload)
+            .await
+            .map_err(store_err("cannot delete the upload record"))?;
+        guard.forget();
+        Ok(())
+    }
+
+    async fn remove_dead_upload(
+        &self,
+        image: &str,
+        build: &str,
+        provider: &str,
+        upload: &str,
+    ) -> TaskResult {
+        let store = &self.shared.store;
+        let entry = self.entry()?;
+        // The lock a live uploader holds.
+        let Some(guard) = try_lock(store, &paths::uploads_lock(image, build, provider)).await?
+        else {
+            return Ok(());
+        };
+        let r = async {
+            let Some(v) = store
+                .get_upload(image, build, provider, upload)
+                .await
+                .map_err(store_err("cannot read upload"))?
+            else {
+                return Ok(());
+            };
+            if v.value.state != UploadState::Uploading {
+                return Ok(());
+            }
+            tracing::warn!(image = %image, build = %build, provider = %provider, upload = %upload, "upload left by a builder that is gone; removing it");
+            self.delete_upload_image(entry, build, upload, v.value.external_id.as_deref())
+                .await?;
+            store
+                .delete_upload(image, build, provider, upload)
+                .await
+                .map_err(store_err("cannot delete the upload record"))
+        }
+        .await;
+        release(guard).await;
+        r
+    }
+}
+
+/// Marks a build as running in this process for as long as it lives.
+struct RunningBuild {
+    shared: std::sync::Arc<Shared>,
+    key: (String, String),
+}
+
+impl RunningBuild {
+    fn new(shared: &std::sync::Arc<Shared>, key: (String, String)) -> Self {
+        shared
+            .running_builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        RunningBuild {
+            shared: shared.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for RunningBuild {
+    fn drop(&mut self) {
+        self.shared
+            .running_builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
