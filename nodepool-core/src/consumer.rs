@@ -15,6 +15,11 @@ pub enum NodeOutcome {
     Hold {
         /// Why it is held (goes to the node's `comment`).
         comment: String,
+        /// The job hold rule this counts against (goes to the node's
+        /// `hold_job`): the runtime holds the node only while fewer nodes
+        /// than the rule allows are held for that job, and deletes it
+        /// otherwise. `None`: hold unconditionally.
+        job: Option<String>,
     },
 }
 
@@ -49,6 +54,12 @@ pub enum ConsumerError {
 }
 
 /// A user of nodes. Object-safe; used as `Arc<dyn NodeConsumer>`.
+///
+/// Driven by the consumer runtime ([`crate::consumers`]), which gets nodes
+/// through node requests and keeps them allocated to the consumer while it
+/// has them. `node_ready` must be idempotent: after a restart the runtime
+/// calls it again for every node still allocated to the consumer, which
+/// must then adopt what it registered before instead of failing.
 #[async_trait]
 pub trait NodeConsumer: Send + Sync + std::fmt::Debug {
     /// Consumer name (a Jenkins target's name).
@@ -65,4 +76,11 @@ pub trait NodeConsumer: Send + Sync + std::fmt::Debug {
 
     /// A node it had is gone (deleted): forget it (remove the agent).
     async fn node_gone(&self, node_id: &str) -> Result<(), ConsumerError>;
+
+    /// Nodes running a job right now, as of the last `finished_nodes`
+    /// call. They do not count as idle for `min-ready`, so a replacement is
+    /// launched as soon as a job starts rather than when it ends.
+    fn busy_nodes(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

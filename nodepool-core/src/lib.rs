@@ -17,6 +17,8 @@
 //! - [`builder`]: the builder runtime (image builds, uploads, retention).
 //! - [`consumer`]: the [`NodeConsumer`](consumer::NodeConsumer) trait
 //!   (Jenkins).
+//! - [`consumers`]: the runtime that keeps consumers (Jenkins targets)
+//!   supplied with nodes, and job hold rules.
 //! - [`simulated`]: the built-in simulated cloud
 //!   ([`SimulatedProvider`](simulated::SimulatedProvider), `driver:
 //!   simulated`) for tests, benchmarks and the quick start.
@@ -26,6 +28,7 @@
 pub mod builder;
 pub mod config;
 pub mod consumer;
+pub mod consumers;
 pub mod image_builder;
 pub mod launcher;
 pub mod model;
