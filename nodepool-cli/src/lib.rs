@@ -2,8 +2,10 @@
 //! `nodepool-launcher` and `nodepool-builder`. They parse arguments, load
 //! the configuration, pick backends and call into `nodepool-core`.
 //!
-//! Start at [`admin`] for the `nodepool` command.
+//! Start at [`admin`] for the `nodepool` command; [`listing`] holds the
+//! listings it shares with the launcher's [`webapp`].
 
 pub mod admin;
 pub mod daemon;
+pub mod listing;
 pub mod webapp;

@@ -1,42 +1,69 @@
-//! The launcher's web app (reference §7.1). Filled in with the admin CLI's
-//! listings; for now `/ready` and `/metrics`.
+//! The launcher's web app (reference §7.1): the listings of the `nodepool`
+//! CLI over HTTP, `/ready`, and Prometheus `/metrics`.
+//!
+//! Paths: `/node-list` (`?node_id=`), `/request-list`, `/label-list`,
+//! `/image-list`, `/dib-image-list`, `/image-status`, `/ready`,
+//! `/metrics`; anything else is 404. The format is chosen by `Accept`
+//! only: JSON when `application/json` is preferred over `text/html` and
+//! `text/plain`, else the text table; `?fields=a,b` picks table columns.
+//! As Nodepool's, responses are cached for one second per path, query and
+//! format, carry `Access-Control-Allow-Origin: *`, `Cache-Control: public,
+//! max-age=1`, `Last-Modified` and `Expires`, and answer a matching
+//! `If-Modified-Since` with 304. `/ready` is 503 until the launcher's
+//! first pass completed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
 use nodepool_core::config::Config;
 use nodepool_core::launcher::{LauncherStatus, Metrics};
+use nodepool_core::model::epoch_now;
 use nodepool_core::store::Store;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::listing::Source;
+
+/// How long a rendered listing is served from the cache (Nodepool: 1 s).
+pub const CACHE_EXPIRY: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 struct AppState {
+    store: Store,
     status: Arc<LauncherStatus>,
     metrics: Arc<Metrics>,
+    cache: Arc<Mutex<HashMap<String, (SystemTime, String)>>>,
 }
 
-/// Binds the configured address and serves until `shutdown`.
+/// Binds the configured address and serves until `shutdown`. Returns the
+/// bound address (useful with port 0).
 pub async fn spawn(
-    _store: Store,
+    store: Store,
     config: watch::Receiver<Arc<Config>>,
     status: Arc<LauncherStatus>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SocketAddr> {
     let web = config.borrow().webapp.clone();
     let addr = format!("{}:{}", web.listen_address, web.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("web app cannot listen on {addr}: {e}"))?;
-    tracing::info!(%addr, "web app listening");
-    let app = axum::Router::new()
-        .route("/ready", get(ready))
-        .route("/metrics", get(prometheus))
-        .with_state(AppState { status, metrics });
+    let bound = listener
+        .local_addr()
+        .map_err(|e| anyhow::anyhow!("web app on {addr}: {e}"))?;
+    tracing::info!(addr = %bound, "web app listening");
+    let app = axum::Router::new().fallback(serve).with_state(AppState {
+        store,
+        status,
+        metrics,
+        cache: Arc::default(),
+    });
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -45,20 +72,235 @@ pub async fn spawn(
             tracing::error!(error = %e, "web app stopped");
         }
     });
-    Ok(())
+    Ok(bound)
 }
 
-async fn ready(State(s): State<AppState>) -> impl IntoResponse {
-    if s.status.is_ready() {
-        (StatusCode::OK, "OK")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+/// The response formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The text table.
+    Pretty,
+    /// JSON.
+    Json,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Pretty => "pretty",
+            Format::Json => "json",
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Pretty => "text/plain; charset=UTF-8",
+            Format::Json => "application/json; charset=UTF-8",
+        }
     }
 }
 
-async fn prometheus(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        s.metrics.prometheus(),
-    )
+/// Picks the format from an `Accept` header as webob's
+/// `acceptable_offers(['text/html', 'text/plain', 'application/json'])`
+/// does: each offer gets the quality of the most specific matching media
+/// range; JSON wins only if it has the highest quality and no earlier
+/// offer ties with it. No header (or nothing acceptable) means text.
+pub fn negotiate(accept: Option<&str>) -> Format {
+    const OFFERS: [&str; 3] = ["text/html", "text/plain", "application/json"];
+    let Some(accept) = accept else {
+        return Format::Pretty;
+    };
+    let mut ranges: Vec<(String, f32)> = Vec::new();
+    for part in accept.split(',') {
+        let mut pieces = part.split(';');
+        let range = pieces.next().unwrap_or("").trim().to_ascii_lowercase();
+        if range.is_empty() {
+            continue;
+        }
+        let mut q = 1.0f32;
+        for p in pieces {
+            if let Some((k, v)) = p.split_once('=')
+                && k.trim().eq_ignore_ascii_case("q")
+            {
+                q = v.trim().parse().unwrap_or(0.0);
+            }
+        }
+        ranges.push((range, q));
+    }
+    let quality = |offer: &str| -> f32 {
+        let (otype, _) = offer.split_once('/').unwrap_or((offer, ""));
+        let mut best: Option<(u8, f32)> = None;
+        for (range, q) in &ranges {
+            let specificity = if range == offer {
+                3
+            } else if range.strip_suffix("/*") == Some(otype) {
+                2
+            } else if range == "*/*" {
+                1
+            } else {
+                continue;
+            };
+            if best.is_none_or(|(s, _)| specificity > s) {
+                best = Some((specificity, *q));
+            }
+        }
+        best.map_or(0.0, |(_, q)| q)
+    };
+    let mut winner: Option<(&str, f32)> = None;
+    for offer in OFFERS {
+        let q = quality(offer);
+        if q > 0.0 && winner.is_none_or(|(_, wq)| q > wq) {
+            winner = Some((offer, q));
+        }
+    }
+    match winner {
+        Some(("application/json", _)) => Format::Json,
+        _ => Format::Pretty,
+    }
+}
+
+fn source_for(path: &str, params: &[(String, String)]) -> Option<Source> {
+    Some(match path {
+        "/node-list" => Source::Nodes {
+            node_id: params
+                .iter()
+                .find(|(k, _)| k == "node_id")
+                .map(|(_, v)| v.clone()),
+        },
+        "/request-list" => Source::Requests,
+        "/label-list" => Source::Labels,
+        "/image-list" => Source::Images,
+        "/dib-image-list" => Source::DibImages,
+        "/image-status" => Source::ImageStatus,
+        _ => return None,
+    })
+}
+
+fn with_cache_headers(mut resp: Response, format: Format, modified: SystemTime) -> Response {
+    let h = resp.headers_mut();
+    let set = |h: &mut HeaderMap, k: header::HeaderName, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(k, v);
+        }
+    };
+    set(h, header::CONTENT_TYPE, format.content_type().into());
+    set(h, header::ACCESS_CONTROL_ALLOW_ORIGIN, "*".into());
+    set(
+        h,
+        header::CACHE_CONTROL,
+        format!("public, max-age={}", CACHE_EXPIRY.as_secs()),
+    );
+    set(h, header::LAST_MODIFIED, httpdate::fmt_http_date(modified));
+    set(
+        h,
+        header::EXPIRES,
+        httpdate::fmt_http_date(modified + CACHE_EXPIRY),
+    );
+    resp
+}
+
+async fn serve(
+    State(s): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let path = uri.path();
+    if path == "/metrics" {
+        return (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            s.metrics.prometheus(),
+        )
+            .into_response();
+    }
+    let format = negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    if path == "/ready" {
+        if !s.status.is_ready() {
+            return (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n").into_response();
+        }
+        return with_cache_headers("OK".into_response(), format, SystemTime::now());
+    }
+    let Some(source) = source_for(path, &params) else {
+        return (StatusCode::NOT_FOUND, "Not Found\n").into_response();
+    };
+    let mut sorted = params.clone();
+    sorted.sort();
+    let key = format!("{path}?{sorted:?}.{}", format.name());
+    let cached = {
+        let mut cache = s.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let now = SystemTime::now();
+        cache.retain(|_, (t, _)| now.duration_since(*t).unwrap_or_default() <= CACHE_EXPIRY);
+        cache.get(&key).cloned()
+    };
+    let (modified, body) = match cached {
+        Some(hit) => hit,
+        None => {
+            let listing = match source.fetch(&s.store, epoch_now()).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(path, error = %e, "web app cannot read the state store");
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("state store unavailable: {e}\n"),
+                    )
+                        .into_response();
+                }
+            };
+            let body = match format {
+                Format::Json => listing.to_json(),
+                Format::Pretty => {
+                    let fields: Option<Vec<&str>> = params
+                        .iter()
+                        .find(|(k, v)| k == "fields" && !v.is_empty())
+                        .map(|(_, v)| v.split(',').collect());
+                    listing.to_table(fields.as_deref(), epoch_now())
+                }
+            };
+            let now = SystemTime::now();
+            s.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, (now, body.clone()));
+            (now, body)
+        }
+    };
+    // Conditional GET: HTTP dates have whole seconds.
+    let since = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    if let Some(since) = since {
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if secs(modified) <= secs(since) {
+            return with_cache_headers(StatusCode::NOT_MODIFIED.into_response(), format, modified);
+        }
+    }
+    with_cache_headers(body.into_response(), format, modified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_negotiation_follows_webob() {
+        assert_eq!(negotiate(None), Format::Pretty);
+        assert_eq!(negotiate(Some("application/json")), Format::Json);
+        assert_eq!(negotiate(Some("*/*")), Format::Pretty);
+        assert_eq!(
+            negotiate(Some("text/html;q=0.5, application/json")),
+            Format::Json
+        );
+        assert_eq!(
+            negotiate(Some("application/json, text/plain")),
+            Format::Pretty,
+            "a tie goes to the earlier offer"
+        );
+        assert_eq!(
+            negotiate(Some("application/*;q=0.9, text/*;q=0.1")),
+            Format::Json
+        );
+        assert_eq!(negotiate(Some("application/json;q=0, */*")), Format::Pretty);
+        assert_eq!(negotiate(Some("image/png")), Format::Pretty);
+    }
 }
