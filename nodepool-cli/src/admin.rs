@@ -241,6 +241,8 @@ pub struct Io<'a> {
     pub err: &'a mut dyn Write,
     /// Answers to confirmation prompts.
     pub input: &'a mut dyn BufRead,
+    /// Whether `input` is a terminal (which echoes the answer itself).
+    pub interactive: bool,
 }
 
 /// Runs the CLI as the `nodepool` binary does: real clouds, stdin for
@@ -261,11 +263,13 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
         }
     };
     let stdin = std::io::stdin();
+    let interactive = std::io::IsTerminal::is_terminal(&stdin);
     let mut input = stdin.lock();
     let mut io = Io {
         out,
         err,
         input: &mut input,
+        interactive,
     };
     let providers: ProviderFactory = Arc::new(crate::daemon::make_provider);
     runtime.block_on(run_with(cli, providers, &mut io))
@@ -422,6 +426,10 @@ impl Ctx<'_, '_> {
             .input
             .read_line(&mut answer)
             .context("reading the answer")?;
+        if !self.io.interactive {
+            // Nobody typed it, so echo it: the prompt then reads as a log.
+            let _ = writeln!(self.io.err, "{}", answer.trim());
+        }
         if matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
             Ok(())
         } else {
