@@ -1,0 +1,300 @@
+//! The cloud-backed subcommands (`alien-list`, `alien-image-list`,
+//! `delete --now`, `request`) against the simulated cloud.
+//!
+//! The simulated cloud lives in the memory of one process and forgets its
+//! servers when that process exits, so a `nodepool` process could never
+//! see servers a launcher process made. These tests therefore run the CLI
+//! in-process ([`nodepool_cli::admin::run_with`], exactly what the binary
+//! runs after parsing) with a provider factory that hands out one shared
+//! simulated cloud, next to an in-process launcher where one is needed.
+//! Against OpenStack the same code runs in the `nodepool` process.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use common::{Backend, Fixture, populate, row};
+use nodepool_cli::admin::{Cli, Io, run_with};
+use nodepool_core::launcher::{Launcher, LauncherSettings, ProviderFactory};
+use nodepool_core::model::{ImageUpload, NodeState, UploadState, epoch_now};
+use nodepool_core::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, ImageUploadSpec, Provider};
+use nodepool_core::simulated::SimulatedProvider;
+use tokio_util::sync::CancellationToken;
+
+fn cloud_of(f: &Fixture) -> (SimulatedProvider, ProviderFactory) {
+    let sim = SimulatedProvider::new(f.config.provider("sim").expect("sim provider"))
+        .expect("simulated cloud");
+    let shared = sim.clone();
+    let factory: ProviderFactory =
+        Arc::new(move |_pc| Ok(Arc::new(shared.clone()) as Arc<dyn Provider>));
+    (sim, factory)
+}
+
+struct Ran {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+async fn cli(f: &Fixture, factory: &ProviderFactory, args: &[&str]) -> Ran {
+    let mut argv = vec!["nodepool", "-c", f.config_path.to_str().expect("utf-8")];
+    argv.extend_from_slice(args);
+    let cli = Cli::try_parse_from(argv).expect("arguments parse");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut input = std::io::empty();
+    let code = {
+        let mut io = Io {
+            out: &mut out,
+            err: &mut err,
+            input: &mut input,
+            interactive: false,
+        };
+        run_with(cli, factory.clone(), &mut io).await
+    };
+    Ran {
+        ok: code == std::process::ExitCode::SUCCESS,
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr: String::from_utf8_lossy(&err).into_owned(),
+    }
+}
+
+async fn alien_list_shows_servers_the_store_does_not_know(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let d = populate(&f.store).await;
+    let (sim, factory) = cloud_of(&f);
+    // A server for a known node, recorded on it: not an alien.
+    let known = sim.inject_leaked_server(&d.ready);
+    let mut v = f
+        .store
+        .get_node(&d.ready)
+        .await
+        .expect("read")
+        .expect("node");
+    v.value.external_id = Some(known.clone());
+    f.store
+        .update_node(&d.ready, &v.value, v.version)
+        .await
+        .expect("update");
+    // A server whose node is gone, and a stale server of a node that has
+    // since moved on to another server: aliens.
+    let gone = sim.inject_leaked_server("0000000777");
+    let stale = sim.inject_leaked_server(&d.held);
+
+    let r = cli(&f, &factory, &["alien-list"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let t = &r.stdout;
+    assert_eq!(
+        common::header(t),
+        ["Provider", "Hostname", "Server ID", "IP"]
+    );
+    assert_eq!(common::row_count(t), 2, "{t}");
+    let cells = row(t, &gone);
+    assert_eq!(cells[..3], ["sim", "np0000000777", gone.as_str()]);
+    row(t, &stale);
+    assert!(!t.contains(&known), "{t}");
+
+    let r = cli(&f, &factory, &["--json", "alien-list", "sim"]).await;
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON");
+    assert_eq!(v.as_array().map(Vec::len), Some(2));
+    assert_eq!(v[0]["provider"], "sim");
+
+    let r = cli(&f, &factory, &["alien-list", "elsewhere"]).await;
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("unknown provider \"elsewhere\""),
+        "{}",
+        r.stderr
+    );
+}
+both_stores!(alien_list_shows_servers_the_store_does_not_know);
+
+async fn alien_image_list_shows_uploaded_images_without_a_ready_upload(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let d = populate(&f.store).await;
+    let (sim, factory) = cloud_of(&f);
+    let file = f.dir.path().join("image.qcow2");
+    std::fs::write(&file, b"not really an image").expect("write");
+    let upload = |name: &str, provider: &str| {
+        let mut properties = indexmap::IndexMap::new();
+        properties.insert(IMAGE_BUILD_ID.to_owned(), d.ubuntu_build.clone());
+        properties.insert(IMAGE_PROVIDER.to_owned(), provider.to_owned());
+        ImageUploadSpec {
+            name: name.to_owned(),
+            path: file.clone(),
+            format: "qcow2".into(),
+            properties,
+            md5: None,
+            sha256: None,
+            timeout: Duration::from_secs(30),
+        }
+    };
+    let recorded = sim
+        .upload_image(&upload("ubuntu-recorded", "sim"))
+        .await
+        .expect("upload");
+    let forgotten = sim
+        .upload_image(&upload("ubuntu-forgotten", "sim"))
+        .await
+        .expect("upload");
+    sim.upload_image(&upload("ubuntu-of-another-provider", "other"))
+        .await
+        .expect("upload");
+    let mut u = ImageUpload::new(epoch_now(), Some("qcow2".into()));
+    u.set_state(UploadState::Ready, epoch_now());
+    u.external_id = Some(recorded.clone());
+    f.store
+        .create_upload("ubuntu", &d.ubuntu_build, "sim", &u)
+        .await
+        .expect("record the upload");
+
+    let r = cli(&f, &factory, &["alien-image-list"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let t = &r.stdout;
+    assert_eq!(common::header(t), ["Provider", "Name", "Image ID"]);
+    assert_eq!(
+        row(t, &forgotten),
+        ["sim", "ubuntu-forgotten", forgotten.as_str()]
+    );
+    assert_eq!(
+        common::row_count(t),
+        1,
+        "cloud images and known uploads are not aliens:\n{t}"
+    );
+}
+both_stores!(alien_image_list_shows_uploaded_images_without_a_ready_upload);
+
+async fn delete_now_deletes_server_and_record(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let d = populate(&f.store).await;
+    let (sim, factory) = cloud_of(&f);
+    let server = sim.inject_leaked_server(&d.busy);
+    let mut v = f
+        .store
+        .get_node(&d.busy)
+        .await
+        .expect("read")
+        .expect("node");
+    v.value.external_id = Some(server.clone());
+    f.store
+        .update_node(&d.busy, &v.value, v.version)
+        .await
+        .expect("update");
+    assert!(sim.server_for_node(&d.busy).is_some());
+
+    let r = cli(&f, &factory, &["delete", "--now", "--yes", &d.busy]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        common::row_count(&r.stdout),
+        0,
+        "the node is gone:\n{}",
+        r.stdout
+    );
+    assert!(f.store.get_node(&d.busy).await.expect("read").is_none());
+    assert!(sim.server_for_node(&d.busy).is_none(), "the server is gone");
+
+    // A node whose provider is not configured cannot have its server deleted.
+    let mut orphan = nodepool_core::model::Node::new(
+        NodeState::Used,
+        epoch_now(),
+        "gone-provider",
+        "main",
+        vec!["small".into()],
+    );
+    orphan.external_id = Some("srv-x".into());
+    let id = f.store.create_node(&orphan).await.expect("create");
+    let r = cli(&f, &factory, &["delete", "--now", "--yes", &id]).await;
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("is not in the configuration"),
+        "{}",
+        r.stderr
+    );
+    assert!(!f.store.is_node_locked(&id).await.expect("lock state"));
+}
+both_stores!(delete_now_deletes_server_and_record);
+
+async fn request_gets_nodes_from_a_running_launcher(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let (_sim, factory) = cloud_of(&f);
+    let stop = CancellationToken::new();
+    let (_tx, rx) = tokio::sync::watch::channel(f.config.clone());
+    let launcher = Launcher::new(
+        f.store.clone(),
+        factory.clone(),
+        LauncherSettings::default(),
+    );
+    let run = tokio::spawn(launcher.run(rx, stop.clone()));
+
+    // Held for the user.
+    let r = cli(&f, &factory, &["request", "large", "--timeout", "60"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let t = &r.stdout;
+    assert_eq!(common::row_count(t), 1, "{t}");
+    let id = common::row(t, "large")[0].clone();
+    let n = f.store.get_node(&id).await.expect("read").expect("node");
+    assert_eq!(n.value.state, NodeState::Hold);
+    assert!(!f.store.is_node_locked(&id).await.expect("lock"));
+    assert!(r.stderr.contains("holding"), "{}", r.stderr);
+
+    // Returned: the launcher deletes it, and the command waits for that.
+    let r = cli(
+        &f,
+        &factory,
+        &[
+            "--json",
+            "request",
+            "large",
+            "large",
+            "--return",
+            "--timeout",
+            "60",
+        ],
+    )
+    .await;
+    assert!(r.ok, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON");
+    let ids: Vec<String> = v
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    for id in &ids {
+        assert!(f.store.get_node(id).await.expect("read").is_none());
+        assert!(
+            r.stderr.contains(&format!("node {id} deleted")),
+            "{}",
+            r.stderr
+        );
+    }
+    assert!(
+        f.store
+            .list_requests()
+            .await
+            .expect("requests")
+            .records
+            .iter()
+            .all(|q| !q
+                .request
+                .requestor
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("nodepool-cli"))
+    );
+
+    // No pool serves it: the request fails once every pool declined.
+    let r = cli(&f, &factory, &["request", "nonesuch", "--timeout", "60"]).await;
+    assert!(!r.ok);
+    assert!(r.stderr.contains("failed"), "{}", r.stderr);
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the launcher stops")
+        .expect("join")
+        .expect("clean stop");
+}
+both_stores!(request_gets_nodes_from_a_running_launcher);
