@@ -1,0 +1,250 @@
+//! The launcher's web app on 127.0.0.1:0 over a populated store: paths,
+//! `Accept` negotiation, `?fields=`, `?node_id=`, caching headers,
+//! conditional GET, 404, `/ready` before and after the first pass, and
+//! the same JSON as the CLI's `--json`.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Backend, Fixture, populate};
+use nodepool_core::launcher::{Launcher, LauncherSettings, Metrics, ProviderFactory};
+use nodepool_core::provider::Provider;
+use nodepool_core::simulated::SimulatedProvider;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 GET over a fresh connection.
+async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .expect("answer within 30 s")
+        .expect("read");
+    let text = String::from_utf8(raw).expect("utf-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Resp {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+const JSON: (&str, &str) = ("Accept", "application/json");
+
+struct Web {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    launcher: Option<Launcher>,
+    config: Arc<nodepool_core::config::Config>,
+}
+
+async fn start(f: &Fixture) -> Web {
+    let mut cfg = (*f.config).clone();
+    cfg.webapp.port = 0;
+    cfg.webapp.listen_address = "127.0.0.1".into();
+    let config = Arc::new(cfg);
+    let sim = SimulatedProvider::new(config.provider("sim").expect("sim")).expect("cloud");
+    let factory: ProviderFactory =
+        Arc::new(move |_pc| Ok(Arc::new(sim.clone()) as Arc<dyn Provider>));
+    let metrics = Arc::new(Metrics::in_memory());
+    let launcher = Launcher::new(f.store.clone(), factory, LauncherSettings::default())
+        .with_metrics(metrics.clone());
+    let stop = CancellationToken::new();
+    let (_tx, rx) = tokio::sync::watch::channel(config.clone());
+    let addr = nodepool_cli::webapp::spawn(
+        f.store.clone(),
+        rx,
+        launcher.status(),
+        metrics,
+        stop.clone(),
+    )
+    .await
+    .expect("web app starts");
+    Web {
+        addr,
+        stop,
+        launcher: Some(launcher),
+        config,
+    }
+}
+
+async fn ready_is_503_until_the_first_pass(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let mut web = start(&f).await;
+    let r = get(web.addr, "/ready", &[]).await;
+    assert_eq!(r.status, 503);
+    let launcher = web.launcher.take().expect("launcher");
+    let (_tx, rx) = tokio::sync::watch::channel(web.config.clone());
+    let run = tokio::spawn(launcher.run(rx, web.stop.clone()));
+    common::eventually(Duration::from_secs(30), "/ready to say OK", || async {
+        let r = get(web.addr, "/ready", &[]).await;
+        r.status == 200 && r.body == "OK"
+    })
+    .await;
+    let m = get(web.addr, "/metrics", &[]).await;
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains("nodepool_nodes_ready "), "{}", m.body);
+    web.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("clean");
+}
+both_stores!(ready_is_503_until_the_first_pass);
+
+async fn listings_negotiate_and_carry_cache_headers(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let d = populate(&f.store).await;
+    let web = start(&f).await;
+
+    // No Accept, or a browser's: the text table.
+    for accept in [
+        &[][..],
+        &[(
+            "Accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        )][..],
+    ] {
+        let r = get(web.addr, "/node-list", accept).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some("text/plain; charset=UTF-8"));
+        assert_eq!(common::row(&r.body, &d.ready)[6], "ready", "{}", r.body);
+        assert_eq!(common::header(&r.body).len(), 21, "every node column");
+        assert!(!r.body.contains(common::SECRET));
+    }
+    let r = get(web.addr, "/node-list", &[JSON]).await;
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json; charset=UTF-8")
+    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=1"));
+    let lm = httpdate::parse_http_date(r.header("last-modified").expect("Last-Modified"))
+        .expect("an HTTP date");
+    let ex = httpdate::parse_http_date(r.header("expires").expect("Expires")).expect("date");
+    assert_eq!(
+        ex.duration_since(lm).expect("later"),
+        Duration::from_secs(1)
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    assert_eq!(v.as_array().map(Vec::len), Some(3));
+    assert_eq!(v[0]["AZ"], "az1");
+    assert!(!r.body.contains(common::SECRET));
+
+    let r = get(web.addr, &format!("/node-list?node_id={}", d.held), &[JSON]).await;
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    assert_eq!(v.as_array().map(Vec::len), Some(1));
+    assert_eq!(v[0]["comment"], "investigating a flaky test");
+
+    let r = get(web.addr, "/node-list?fields=id,state", &[]).await;
+    assert_eq!(common::header(&r.body), ["ID", "State"]);
+    assert_eq!(common::row(&r.body, &d.busy), [d.busy.as_str(), "in-use"]);
+    let r = get(web.addr, "/node-list?fields=id,state", &[JSON]).await;
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    assert_eq!(
+        v[0].as_object().map(|o| o.len()),
+        Some(21),
+        "fields select table columns only"
+    );
+
+    // The same JSON as the CLI's --json, for every listing.
+    for (path, cmd) in [
+        ("/request-list", "request-list"),
+        ("/label-list", "label-list"),
+        ("/image-list", "image-list"),
+        ("/dib-image-list", "dib-image-list"),
+        ("/image-status", "image-status"),
+    ] {
+        let web_json = get(web.addr, path, &[JSON]).await;
+        assert_eq!(web_json.status, 200, "{path}");
+        let cli_json = f.run(&["--json", cmd]).await;
+        let a: serde_json::Value = serde_json::from_str(&web_json.body).expect("JSON");
+        let b: serde_json::Value = serde_json::from_str(cli_json.ok()).expect("JSON");
+        assert_eq!(a, b, "{path} and `nodepool --json {cmd}` agree");
+        let text = get(web.addr, path, &[]).await;
+        assert!(text.body.starts_with("+-"), "{path}: {}", text.body);
+    }
+
+    let r = get(web.addr, "/no-such-list", &[]).await;
+    assert_eq!(r.status, 404);
+    let r = get(web.addr, "/node-list.json", &[JSON]).await;
+    assert_eq!(r.status, 404, "no format by suffix");
+    web.stop.cancel();
+}
+both_stores!(listings_negotiate_and_carry_cache_headers);
+
+async fn responses_are_cached_for_a_second_and_conditional(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let d = populate(&f.store).await;
+    let web = start(&f).await;
+    let first = get(web.addr, "/request-list", &[JSON]).await;
+    let lm = first.header("last-modified").expect("lm").to_owned();
+
+    let r = get(
+        web.addr,
+        "/request-list",
+        &[JSON, ("If-Modified-Since", &lm)],
+    )
+    .await;
+    assert_eq!(r.status, 304);
+    assert_eq!(r.body, "");
+    let r = get(
+        web.addr,
+        "/request-list",
+        &[JSON, ("If-Modified-Since", "Thu, 01 Jan 1970 00:00:00 GMT")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    // A change shows once the cached copy expired, not before.
+    f.store.delete_request(&d.request).await.expect("delete");
+    let again = get(web.addr, "/request-list", &[JSON]).await;
+    if again.header("last-modified") == Some(lm.as_str()) {
+        assert_eq!(again.body, first.body, "served from the cache");
+    }
+    common::eventually(Duration::from_secs(10), "the cache to expire", || async {
+        get(web.addr, "/request-list", &[JSON]).await.body == "[]"
+    })
+    .await;
+    // Text and JSON are cached apart.
+    let text = get(web.addr, "/request-list", &[]).await;
+    assert!(text.body.starts_with("+-"));
+    web.stop.cancel();
+}
+both_stores!(responses_are_cached_for_a_second_and_conditional);
