@@ -1,0 +1,241 @@
+//! Interop with the real Python Nodepool 11.0.0 over ZooKeeper (TLS, the
+//! only way it connects):
+//!
+//! * our `nodepool` lists records Python wrote: the golden samples its
+//!   launcher wrote (nodes, a request, a pool registration; written raw)
+//!   and image records written by its own builder code
+//!   (`py/python_image_writer.py`);
+//! * the Python `nodepool` CLI reads what our CLI changed, and the two
+//!   `export-image-data` files agree and import into each other.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{Backend, Fixture, Out, header, populate, row, var};
+use nodepool_core::store::CreateMode;
+
+fn sample(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../nodepool-core/tests/fixtures/zk-samples")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("read sample")).expect("JSON")
+}
+
+fn tls_hosts(f: &Fixture) -> String {
+    let chroot = f.config.zookeeper_servers[0]
+        .chroot
+        .clone()
+        .expect("a chroot");
+    format!("{}{chroot}", var("NODEPOOL_TEST_ZK_TLS_HOSTS"))
+}
+
+/// Runs the Python CLI on the fixture's store. Its configuration has the
+/// same ZooKeeper section and nothing else: Python knows no `simulated`
+/// driver.
+async fn py_nodepool(f: &Fixture, args: &[&str]) -> Out {
+    let ours = std::fs::read_to_string(&f.config_path).expect("read config");
+    let (zk, _) = ours
+        .split_once("labels:")
+        .expect("a ZooKeeper section first");
+    let config = f.dir.path().join("python-nodepool.yaml");
+    std::fs::write(
+        &config,
+        format!("{zk}labels: []\nproviders: []\ndiskimages: []\n"),
+    )
+    .expect("write config");
+    let mut cmd = tokio::process::Command::new(common::py_nodepool());
+    cmd.arg("-c").arg(&config).args(args);
+    common::run_process(cmd, "").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_cli_lists_what_python_nodepool_wrote() {
+    let f = Fixture::new(Backend::ZooKeeperTls).await;
+    let backend = f.store.backend();
+    // The launcher's records, byte for byte as Python wrote them.
+    for (file, path, mode) in [
+        (
+            "node-ready.json",
+            "/nodepool/nodes/0000000000",
+            CreateMode::Persistent,
+        ),
+        (
+            "node-in-use.json",
+            "/nodepool/nodes/0000000001",
+            CreateMode::Persistent,
+        ),
+        (
+            "request-pending.json",
+            "/nodepool/requests/100-0000000000",
+            CreateMode::Persistent,
+        ),
+        (
+            "component-pool.json",
+            "/nodepool/components/pool/vm0000000000",
+            CreateMode::Ephemeral,
+        ),
+    ] {
+        let data = serde_json::to_vec(&sample(file)["data"]).expect("encode");
+        backend
+            .create(path, &data, mode)
+            .await
+            .expect("write sample");
+    }
+    // Image records from Python's own builder code.
+    let mut cmd = tokio::process::Command::new(common::python());
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/python_image_writer.py"
+    ))
+    .arg(tls_hosts(&f))
+    .args([
+        var("NODEPOOL_TEST_ZK_CA"),
+        var("NODEPOOL_TEST_ZK_CERT"),
+        var("NODEPOOL_TEST_ZK_KEY"),
+    ]);
+    let out = common::run_process(cmd, "").await;
+    let ids: serde_json::Value = serde_json::from_str(out.ok()).expect("ids");
+    let build = ids["build"].as_str().expect("build id");
+    let upload = ids["upload"].as_str().expect("upload id");
+    let paused_build = ids["paused_build"].as_str().expect("build id");
+
+    let t = f.run(&["list"]).await.ok().to_owned();
+    assert_eq!(
+        row(&t, "0000000000")[..7],
+        [
+            "0000000000",
+            "fake-provider",
+            "fake-label",
+            "3bba4f7101e14f0eb44043a125437fef",
+            "fake",
+            "",
+            "ready"
+        ],
+        "{t}"
+    );
+    assert_eq!(row(&t, "0000000001")[6], "in-use");
+    let t = f.run(&["list", "--detail"]).await.ok().to_owned();
+    let r = row(&t, "0000000001");
+    assert_eq!(r[12], "az2");
+    assert_eq!(r[14], "22");
+    assert_eq!(r[16], "100-0000000000");
+    assert!(r[19].contains("bench/project"), "{t}");
+
+    let t = f.run(&["request-list"]).await.ok().to_owned();
+    assert_eq!(
+        row(&t, "100-0000000000"),
+        [
+            "100-0000000000",
+            "0",
+            "pending",
+            "zuul-sample-dumper",
+            "fake-label,fake-label",
+            "",
+            "",
+            "5dc93234cbac46e09846f1ad6ddb4bf9"
+        ]
+    );
+    assert_eq!(
+        f.run(&["--json", "label-list"]).await.ok(),
+        "[{\"label\":\"fake-label\"},{\"label\":\"fake-label2\"}]\n"
+    );
+
+    let t = f.run(&["dib-image-list"]).await.ok().to_owned();
+    assert_eq!(
+        row(&t, &format!("py-image-{build}"))[1..5],
+        ["py-image", "py-builder.example.org", "qcow2,raw", "ready"],
+        "{t}"
+    );
+    assert_eq!(row(&t, &format!("py-paused-{paused_build}"))[4], "paused");
+    let t = f.run(&["image-list"]).await.ok().to_owned();
+    assert_eq!(
+        row(&t, "py-glance-1")[..7],
+        [
+            build,
+            upload,
+            "sim",
+            "py-image",
+            "py-image-1700000000",
+            "py-glance-1",
+            "ready"
+        ]
+    );
+    let t = f.run(&["image-status"]).await.ok().to_owned();
+    assert_eq!(row(&t, "py-image")[1..3], ["False", "pending"]);
+    assert_eq!(row(&t, "py-paused")[1], "True");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_cli_reads_what_our_cli_changed() {
+    let f = Fixture::new(Backend::ZooKeeperTls).await;
+    let d = populate(&f.store).await;
+    f.run(&["hold", &d.ready, "--reason", "held by us"])
+        .await
+        .ok();
+    f.run(&["delete", "--yes", &d.busy]).await.ok();
+    f.run(&["image-pause", "ubuntu"]).await.ok();
+    f.run(&["image-unpause", "centos"]).await.ok();
+    f.run(&["image-build", "centos"]).await.ok();
+    f.run(&[
+        "dib-image-delete",
+        "-y",
+        &format!("centos-{}", d.centos_build),
+    ])
+    .await
+    .ok();
+
+    let t = py_nodepool(&f, &["list", "--detail"]).await.ok().to_owned();
+    let r = row(&t, &d.ready);
+    assert_eq!(r[6], "hold", "{t}");
+    assert!(r.iter().any(|c| c == "held by us"), "{t}");
+    assert_eq!(row(&t, &d.busy)[6], "deleting");
+    assert!(!t.contains(common::SECRET), "Python redacts the port too");
+
+    let t = py_nodepool(&f, &["image-status"]).await.ok().to_owned();
+    assert_eq!(
+        header(&t),
+        ["Image", "Paused", "Build Request", "Build Request Age"]
+    );
+    assert_eq!(row(&t, "ubuntu")[1..3], ["True", "pending"]);
+    assert_eq!(row(&t, "centos")[1..3], ["False", "pending"]);
+    // Our image-status says the same.
+    let ours = f.run(&["image-status"]).await.ok().to_owned();
+    assert_eq!(row(&ours, "ubuntu")[..3], row(&t, "ubuntu")[..3]);
+    assert_eq!(row(&ours, "centos")[..3], row(&t, "centos")[..3]);
+
+    let t = py_nodepool(&f, &["dib-image-list"]).await.ok().to_owned();
+    assert_eq!(
+        row(&t, &format!("centos-{}", d.centos_build))[4],
+        "deleting"
+    );
+
+    // Both exports of one tree agree.
+    let ours = f.dir.path().join("ours.json");
+    let theirs = f.dir.path().join("theirs.json");
+    f.run(&["export-image-data", ours.to_str().expect("utf-8")])
+        .await
+        .ok();
+    py_nodepool(&f, &["export-image-data", theirs.to_str().expect("utf-8")])
+        .await
+        .ok();
+    let read = |p: &PathBuf| -> std::collections::BTreeMap<String, String> {
+        serde_json::from_str(&std::fs::read_to_string(p).expect("read")).expect("JSON")
+    };
+    assert_eq!(read(&ours), read(&theirs));
+
+    // Python imports our export; we import Python's.
+    let g = Fixture::new(Backend::ZooKeeperTls).await;
+    py_nodepool(&g, &["import-image-data", ours.to_str().expect("utf-8")])
+        .await
+        .ok();
+    let h = Fixture::new(Backend::ZooKeeperTls).await;
+    h.run(&["import-image-data", "-y", theirs.to_str().expect("utf-8")])
+        .await
+        .ok();
+    let want = f.run(&["--json", "image-list"]).await.ok().to_owned();
+    assert_eq!(g.run(&["--json", "image-list"]).await.ok(), want);
+    assert_eq!(h.run(&["--json", "image-list"]).await.ok(), want);
+    let t = py_nodepool(&h, &["dib-image-list"]).await.ok().to_owned();
+    assert_eq!(row(&t, &format!("ubuntu-{}", d.ubuntu_build))[4], "paused");
+}
