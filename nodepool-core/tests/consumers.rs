@@ -181,7 +181,10 @@ impl Running {
         let (tx, rx) = watch::channel(cfg);
         let shutdown = CancellationToken::new();
         let factory: ProviderFactory = Arc::new(|pc| {
-            Ok(Arc::new(SimulatedProvider::new(pc).map_err(|e| e.to_string())?) as Arc<dyn Provider>)
+            Ok(
+                Arc::new(SimulatedProvider::new(pc).map_err(|e| e.to_string())?)
+                    as Arc<dyn Provider>,
+            )
         });
         let launcher = Launcher::new(
             Store::new(Arc::new(mem.new_session())),
@@ -309,7 +312,11 @@ async fn min_ready_nodes_are_given_to_the_target_and_kept() {
         assert!(!s.is_node_locked(id).await.expect("locked?"), "{id}");
     }
     assert!(
-        s.list_requests().await.expect("requests").records.is_empty(),
+        s.list_requests()
+            .await
+            .expect("requests")
+            .records
+            .is_empty(),
         "requests were accepted and deleted"
     );
     // A long while later: the launcher has neither deallocated nor deleted
@@ -401,7 +408,11 @@ async fn failed_jobs_are_held_within_their_rule() {
         Some(NodeState::Hold),
         "the rule allows one"
     );
-    assert_ne!(state_of(&s, &ids[2]).await, Some(NodeState::Hold), "no rule");
+    assert_ne!(
+        state_of(&s, &ids[2]).await,
+        Some(NodeState::Hold),
+        "no rule"
+    );
     assert_eq!(state_of(&s, &ids[3]).await, Some(NodeState::Hold));
     until("rule-less and over-rule nodes deleted", || async {
         state_of(&s, &ids[1]).await.is_none() && state_of(&s, &ids[2]).await.is_none()

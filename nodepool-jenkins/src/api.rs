@@ -710,7 +710,10 @@ mod tests {
         assert_eq!(job_name("job/a%2/1/"), None);
         assert_eq!(job_name("view/v/8/"), None);
         assert_eq!(job_name("job/x/"), None);
-        assert_eq!(build_path("https://j.example/job/x/8"), Some("job/x/8/".into()));
+        assert_eq!(
+            build_path("https://j.example/job/x/8"),
+            Some("job/x/8/".into())
+        );
         assert_eq!(build_path("https://j.example/computer/x"), None);
     }
 
@@ -728,11 +731,17 @@ mod tests {
         assert_eq!(b.number, 8);
         assert!(b.failed());
         let running = e
-            .parse(response(200, r#"{"building":true,"number":8,"result":null}"#))
+            .parse(response(
+                200,
+                r#"{"building":true,"number":8,"result":null}"#,
+            ))
             .expect("parse");
         assert!(!running.failed());
         let ok = e
-            .parse(response(200, r#"{"building":false,"number":8,"result":"SUCCESS"}"#))
+            .parse(response(
+                200,
+                r#"{"building":false,"number":8,"result":"SUCCESS"}"#,
+            ))
             .expect("parse");
         assert!(!ok.failed());
     }

@@ -132,7 +132,10 @@ impl std::fmt::Debug for JenkinsClient {
 
 fn read_token_file(path: &std::path::Path) -> Result<Secret, ApiError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        ApiError::Local(format!("cannot read the API token file {}: {e}", path.display()))
+        ApiError::Local(format!(
+            "cannot read the API token file {}: {e}",
+            path.display()
+        ))
     })?;
     let token = text.trim();
     if token.is_empty() {
@@ -201,10 +204,7 @@ impl JenkinsClient {
     }
 
     fn token(&self) -> Option<Secret> {
-        self.token
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.token.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Sends an endpoint's request and parses the answer (see the module
@@ -353,7 +353,10 @@ impl JenkinsClient {
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         let call = req.describe();
-        let resp = rb.send().await.map_err(|e| self.transport_error(&call, &e))?;
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| self.transport_error(&call, &e))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp
@@ -423,8 +426,11 @@ mod tests {
 
     #[test]
     fn base_urls_are_checked_and_get_a_slash() {
-        let c = JenkinsClient::new(&conn("https://ci.example/jenkins"), ClientOptions::default())
-            .expect("client");
+        let c = JenkinsClient::new(
+            &conn("https://ci.example/jenkins"),
+            ClientOptions::default(),
+        )
+        .expect("client");
         assert_eq!(c.url(), "https://ci.example/jenkins/");
         let e = JenkinsClient::new(&conn("ftp://x"), ClientOptions::default()).expect_err("ftp");
         assert!(e.to_string().contains("not http"), "{e}");

@@ -425,7 +425,13 @@ mod tests {
 
     #[test]
     fn agent_names_are_made_of_the_node() {
-        let n = Node::new(NodeState::Ready, 0.0, "rax dfw", "main", vec!["ubuntu/22".into()]);
+        let n = Node::new(
+            NodeState::Ready,
+            0.0,
+            "rax dfw",
+            "main",
+            vec!["ubuntu/22".into()],
+        );
         assert_eq!(agent_name("0000000042", &n), "ubuntu-22-rax-dfw-0000000042");
         let bare = Node::new(NodeState::Ready, 0.0, "p", "main", vec![]);
         assert_eq!(agent_name("0000000001", &bare), "node-p-0000000001");
@@ -441,6 +447,9 @@ mod tests {
         assert_eq!(node_address(&n), Some("203.0.113.9"));
         assert_eq!(host_key(&n), HostKeyCheck::None);
         n.host_keys = vec!["ssh-rsa AAAAB".into(), "ssh-ed25519 AAAAC".into()];
-        assert_eq!(host_key(&n), HostKeyCheck::Manual("ssh-ed25519 AAAAC".into()));
+        assert_eq!(
+            host_key(&n),
+            HostKeyCheck::Manual("ssh-ed25519 AAAAC".into())
+        );
     }
 }

@@ -135,7 +135,11 @@ pub fn error_message(body: &[u8]) -> String {
         .split("<h1>")
         .nth(1)
         .and_then(|t| t.split("</h1>").next())
-        .or_else(|| text.split("<p>").nth(1).and_then(|t| t.split("</p>").next()));
+        .or_else(|| {
+            text.split("<p>")
+                .nth(1)
+                .and_then(|t| t.split("</p>").next())
+        });
     let chosen = heading.or(title).unwrap_or(&text);
     let plain: String = strip_tags(chosen)
         .split_whitespace()
@@ -214,7 +218,10 @@ mod tests {
         ));
         assert!(matches!(m(status(400, "No mode")), ConsumerError::Other(_)));
         for s in [500, 502, 503, 504] {
-            assert!(matches!(m(status(s, "")), ConsumerError::Transient(_)), "{s}");
+            assert!(
+                matches!(m(status(s, "")), ConsumerError::Transient(_)),
+                "{s}"
+            );
         }
         assert!(matches!(
             m(ApiError::Transport {
@@ -255,6 +262,9 @@ mod tests {
     #[test]
     fn secrets_are_scrubbed() {
         let e = status(401, "token s3cr3t-token refused").scrubbed(&["s3cr3t-token", "ab"]);
-        assert_eq!(e.to_string(), "POST /computer/doCreateItem: HTTP 401: token <redacted> refused");
+        assert_eq!(
+            e.to_string(),
+            "POST /computer/doCreateItem: HTTP 401: token <redacted> refused"
+        );
     }
 }

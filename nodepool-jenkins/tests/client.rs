@@ -70,7 +70,10 @@ async fn agents_are_created_read_and_deleted_with_one_crumb() {
         .find(|l| l.path.ends_with("/computer/doCreateItem"))
         .expect("create logged");
     assert_eq!(create.status, 302);
-    assert!(!log.iter().any(|l| l.method == "GET" && l.path == "/jenkins/computer/"));
+    assert!(
+        !log.iter()
+            .any(|l| l.method == "GET" && l.path == "/jenkins/computer/")
+    );
 
     let info = c.execute(&GetComputer("a1".into())).await.expect("get");
     assert_eq!(info.name, "a1");
@@ -139,10 +142,7 @@ async fn a_wrong_token_is_unauthenticated_and_never_shown() {
     let j = FakeJenkins::start().await;
     let wrong = "0000aaaa1111bbbb2222cccc";
     let c = JenkinsClient::new(&conn(&j.url, wrong), options()).expect("client");
-    let err = c
-        .execute(&GetComputer("a1".into()))
-        .await
-        .expect_err("401");
+    let err = c.execute(&GetComputer("a1".into())).await.expect_err("401");
     assert_eq!(err.status(), Some(401));
     let text = format!("{err} {err:?}");
     assert!(!text.contains(wrong), "{text}");
@@ -151,10 +151,7 @@ async fn a_wrong_token_is_unauthenticated_and_never_shown() {
         ConsumerError::Unauthenticated(_)
     ));
     // POSTs fail the same way (at the crumb issuer).
-    let err = c
-        .execute(&CreateAgent(spec("a1")))
-        .await
-        .expect_err("401");
+    let err = c.execute(&CreateAgent(spec("a1"))).await.expect_err("401");
     assert_eq!(err.status(), Some(401));
     assert!(j.agent("a1").is_none());
     assert_eq!(c.stats().retries, 0, "401 is not retried");
@@ -181,13 +178,24 @@ async fn unknown_agents_and_builds_are_not_found() {
     let j = FakeJenkins::start().await;
     let c = client(&j);
     for err in [
-        c.execute(&GetComputer("nope".into())).await.expect_err("404"),
-        c.execute(&DeleteAgent("nope".into())).await.expect_err("404"),
-        c.execute(&AgentBuilds("nope".into())).await.expect_err("404"),
-        c.execute(&GetBuild("job/x/1/".into())).await.expect_err("404"),
+        c.execute(&GetComputer("nope".into()))
+            .await
+            .expect_err("404"),
+        c.execute(&DeleteAgent("nope".into()))
+            .await
+            .expect_err("404"),
+        c.execute(&AgentBuilds("nope".into()))
+            .await
+            .expect_err("404"),
+        c.execute(&GetBuild("job/x/1/".into()))
+            .await
+            .expect_err("404"),
     ] {
         assert!(err.is_not_found(), "{err}");
-        assert!(matches!(ConsumerError::from(err), ConsumerError::NotFound(_)));
+        assert!(matches!(
+            ConsumerError::from(err),
+            ConsumerError::NotFound(_)
+        ));
     }
 }
 
@@ -202,7 +210,10 @@ async fn a_taken_name_is_a_conflict() {
         .expect_err("exists");
     assert_eq!(err.status(), Some(400));
     assert!(err.to_string().contains("already exists"), "{err}");
-    assert!(matches!(ConsumerError::from(err), ConsumerError::Conflict(_)));
+    assert!(matches!(
+        ConsumerError::from(err),
+        ConsumerError::Conflict(_)
+    ));
 }
 
 #[tokio::test]
@@ -218,7 +229,10 @@ async fn server_errors_are_retried_with_backoff_then_given_up() {
     let err = c.execute(&ListAgents).await.expect_err("gives up");
     assert_eq!(err.status(), Some(502));
     assert_eq!(j.log().len() - before, 4, "max_attempts requests");
-    assert!(matches!(ConsumerError::from(err), ConsumerError::Transient(_)));
+    assert!(matches!(
+        ConsumerError::from(err),
+        ConsumerError::Transient(_)
+    ));
 }
 
 #[tokio::test]
@@ -228,12 +242,18 @@ async fn an_unreachable_master_is_transient() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let c = JenkinsClient::new(&conn(&format!("http://127.0.0.1:{port}/"), TOKEN), options())
-        .expect("client");
+    let c = JenkinsClient::new(
+        &conn(&format!("http://127.0.0.1:{port}/"), TOKEN),
+        options(),
+    )
+    .expect("client");
     let err = c.execute(&ListAgents).await.expect_err("refused");
     assert!(matches!(err, ApiError::Transport { .. }), "{err}");
     assert_eq!(c.stats().retries, 3, "connection failures are retried");
-    assert!(matches!(ConsumerError::from(err), ConsumerError::Transient(_)));
+    assert!(matches!(
+        ConsumerError::from(err),
+        ConsumerError::Transient(_)
+    ));
 }
 
 #[tokio::test]

@@ -80,7 +80,9 @@ async fn a_ready_node_becomes_an_agent_once() {
         c.wants(),
         [("small".to_owned(), 2), ("large".to_owned(), 0)]
     );
-    c.node_ready("0000000001", &node("small")).await.expect("ready");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("ready");
     let a = j.agent("small-sim-0000000001").expect("agent");
     assert_eq!(a.label(), "small");
     assert_eq!(a.host(), "198.51.100.7");
@@ -93,7 +95,9 @@ async fn a_ready_node_becomes_an_agent_once() {
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA"
     );
     let requests = j.log().len();
-    c.node_ready("0000000001", &node("small")).await.expect("again");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("again");
     assert_eq!(j.log().len(), requests, "idempotent without a call");
     assert!(c.finished_nodes().await.expect("poll").is_empty());
     assert!(c.busy_nodes().is_empty());
@@ -102,12 +106,19 @@ async fn a_ready_node_becomes_an_agent_once() {
 #[tokio::test]
 async fn a_restarted_consumer_adopts_its_agents() {
     let (j, s, c) = setup().await;
-    c.node_ready("0000000001", &node("small")).await.expect("ready");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("ready");
     drop(c);
     let c = JenkinsConsumer::new(&target(&j.url), s, options()).expect("consumer");
-    c.node_ready("0000000001", &node("small")).await.expect("adopt");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("adopt");
     assert_eq!(
-        j.log().iter().filter(|l| l.path.ends_with("doCreateItem")).count(),
+        j.log()
+            .iter()
+            .filter(|l| l.path.ends_with("doCreateItem"))
+            .count(),
         1,
         "not created twice"
     );
@@ -121,7 +132,10 @@ async fn a_node_without_an_address_cannot_be_registered() {
     let (j, _s, c) = setup().await;
     let mut n = node("small");
     n.interface_ip = None;
-    let err = c.node_ready("0000000002", &n).await.expect_err("no address");
+    let err = c
+        .node_ready("0000000002", &n)
+        .await
+        .expect_err("no address");
     assert!(matches!(err, ConsumerError::Other(_)), "{err}");
     assert!(j.agents().is_empty());
 }
@@ -129,8 +143,12 @@ async fn a_node_without_an_address_cannot_be_registered() {
 #[tokio::test]
 async fn an_agent_offline_after_its_job_is_finished_once() {
     let (j, _s, c) = setup().await;
-    c.node_ready("0000000001", &node("small")).await.expect("ready");
-    c.node_ready("0000000002", &node("small")).await.expect("ready");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("ready");
+    c.node_ready("0000000002", &node("small"))
+        .await
+        .expect("ready");
     j.start_job("small-sim-0000000001", "tox");
     assert!(c.finished_nodes().await.expect("poll").is_empty());
     assert_eq!(c.busy_nodes(), ["0000000001"]);
@@ -152,7 +170,9 @@ async fn an_agent_offline_after_its_job_is_finished_once() {
 #[tokio::test]
 async fn a_finished_build_ends_the_agent_even_when_it_stays_online() {
     let (j, _s, c) = setup().await;
-    c.node_ready("0000000001", &node("small")).await.expect("ready");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("ready");
     j.start_job("small-sim-0000000001", "tox");
     assert!(c.finished_nodes().await.expect("poll").is_empty());
     j.finish_job("small-sim-0000000001", "SUCCESS", false);
@@ -163,7 +183,9 @@ async fn a_finished_build_ends_the_agent_even_when_it_stays_online() {
 #[tokio::test]
 async fn a_job_between_two_polls_is_noticed_by_the_offline_flag() {
     let (j, _s, c) = setup().await;
-    c.node_ready("0000000001", &node("small")).await.expect("ready");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("ready");
     j.run_job("small-sim-0000000001", "tox", "SUCCESS");
     let f = c.finished_nodes().await.expect("poll");
     assert_eq!(f.len(), 1);
@@ -200,7 +222,10 @@ async fn a_failed_job_with_a_hold_rule_is_held() {
     match outcomes[0].1 {
         NodeOutcome::Hold { comment, job } => {
             assert_eq!(job.as_deref(), Some("folder/flaky"));
-            assert!(comment.contains("folder/flaky") && comment.contains("#1"), "{comment}");
+            assert!(
+                comment.contains("folder/flaky") && comment.contains("#1"),
+                "{comment}"
+            );
         }
         o => panic!("node 1: {o:?}"),
     }
@@ -216,7 +241,9 @@ async fn a_failed_job_with_a_hold_rule_is_held() {
 #[tokio::test]
 async fn build_results_are_not_fetched_without_hold_rules() {
     let (j, _s, c) = setup().await;
-    c.node_ready("0000000001", &node("small")).await.expect("ready");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("ready");
     j.run_job("small-sim-0000000001", "tox", "FAILURE");
     let f = c.finished_nodes().await.expect("poll");
     assert_eq!(f[0].outcome, NodeOutcome::Used);
@@ -234,9 +261,13 @@ async fn an_agent_deleted_in_jenkins_or_never_online_is_finished() {
     let mut o = options();
     o.connect_timeout = Duration::from_millis(50);
     let c = JenkinsConsumer::new(&target(&j.url), store(), o).expect("consumer");
-    c.node_ready("0000000001", &node("small")).await.expect("ready");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("ready");
     j.set_connects(false);
-    c.node_ready("0000000002", &node("small")).await.expect("ready");
+    c.node_ready("0000000002", &node("small"))
+        .await
+        .expect("ready");
     j.remove_agent("small-sim-0000000001");
     let f = c.finished_nodes().await.expect("poll");
     assert_eq!(
@@ -260,19 +291,26 @@ async fn an_agent_deleted_in_jenkins_or_never_online_is_finished() {
 #[tokio::test]
 async fn gone_nodes_lose_their_agents_even_when_unknown() {
     let (j, s, c) = setup().await;
-    c.node_ready("0000000001", &node("small")).await.expect("ready");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("ready");
     // Another consumer instance (after a reload) never saw the node.
     let other = JenkinsConsumer::new(&target(&j.url), s, options()).expect("consumer");
     other.node_gone("0000000001").await.expect("gone");
     assert!(j.agent("small-sim-0000000001").is_none());
-    other.node_gone("0000000001").await.expect("nothing to remove");
+    other
+        .node_gone("0000000001")
+        .await
+        .expect("nothing to remove");
     c.node_gone("0000000001").await.expect("404 is gone");
 }
 
 #[tokio::test]
 async fn an_unwell_master_is_reported() {
     let (j, _s, c) = setup().await;
-    c.node_ready("0000000001", &node("small")).await.expect("ready");
+    c.node_ready("0000000001", &node("small"))
+        .await
+        .expect("ready");
     j.fail_next(503, 10);
     let err = c.finished_nodes().await.expect_err("every poll failed");
     assert!(matches!(err, ConsumerError::Transient(_)), "{err}");
@@ -292,7 +330,10 @@ async fn a_refused_token_is_unauthenticated_without_showing_it() {
     let wrong = "ffffeeeeddddccccbbbbaaaa";
     t.jenkins.api_token = Some(Secret::new(wrong));
     let c = JenkinsConsumer::new(&t, store(), options()).expect("consumer");
-    let err = c.node_ready("0000000001", &node("small")).await.expect_err("401");
+    let err = c
+        .node_ready("0000000001", &node("small"))
+        .await
+        .expect_err("401");
     assert!(matches!(err, ConsumerError::Unauthenticated(_)), "{err}");
     let text = format!("{err} {err:?} {c:?}");
     assert!(!text.contains(wrong), "{text}");

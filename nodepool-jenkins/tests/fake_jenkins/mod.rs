@@ -117,12 +117,24 @@ fn b64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         out.push(T[(n >> 18) as usize & 63] as char);
         out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if chunk.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
 }
@@ -307,7 +319,10 @@ impl FakeJenkins {
             .unwrap_or(0)
             + 1;
         let a = st.agents.get_mut(agent).expect("agent exists");
-        assert!(a.online && !a.temporarily_offline, "agent {agent} is offline");
+        assert!(
+            a.online && !a.temporarily_offline,
+            "agent {agent} is offline"
+        );
         assert!(a.current.is_none(), "agent {agent} is busy");
         a.current = Some((job.to_owned(), number));
         a.builds.push((job.to_owned(), number));
@@ -435,17 +450,24 @@ fn route(
             else {
                 return page(400, "Error", "Missing name, type or json");
             };
-            if kind != "hudson.slaves.DumbSlave$DescriptorImpl" && kind != "hudson.slaves.DumbSlave" {
+            if kind != "hudson.slaves.DumbSlave$DescriptorImpl" && kind != "hudson.slaves.DumbSlave"
+            {
                 return page(400, "Error", &format!("No node type ‘{kind}’ is known"));
             }
             if st.agents.contains_key(name.as_str()) {
-                return page(400, "Error", &format!("Agent called ‘{name}’ already exists"));
+                return page(
+                    400,
+                    "Error",
+                    &format!("Agent called ‘{name}’ already exists"),
+                );
             }
             let Ok(config) = serde_json::from_str::<Value>(json_text) else {
                 return page(400, "Error", "bad json");
             };
             if config["launcher"]["stapler-class"] != "hudson.plugins.sshslaves.SSHLauncher"
-                || config["launcher"]["host"].as_str().is_none_or(str::is_empty)
+                || config["launcher"]["host"]
+                    .as_str()
+                    .is_none_or(str::is_empty)
                 || config["numExecutors"] != 1
             {
                 return page(400, "Error", "unexpected agent configuration");
