@@ -143,6 +143,7 @@ pub enum BuilderError {
 #[derive(Debug, Default)]
 pub struct BuilderStatus {
     ready: std::sync::atomic::AtomicBool,
+    passes: std::sync::atomic::AtomicU64,
     report: Mutex<String>,
     builder_id: Mutex<String>,
 }
@@ -151,6 +152,12 @@ impl BuilderStatus {
     /// Whether the first pass completed.
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Planning passes completed so far (tests wait for passes to see
+    /// that something did *not* happen).
+    pub fn passes(&self) -> u64 {
+        self.passes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A human-readable dump of the builder's state.
@@ -497,6 +504,9 @@ impl Runtime {
         self.status
             .ready
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.status
+            .passes
+            .store(self.pass_count, std::sync::atomic::Ordering::SeqCst);
         self.update_report(&plan);
         Ok(())
     }

@@ -1,0 +1,754 @@
+//! The builder runtime (`nodepool_core::builder`) end to end: real
+//! `DibBuilder` running `fake-disk-image-create` (a real program, this
+//! crate's binary), the simulated cloud receiving real uploads (checksums
+//! verified), the in-memory store (and one SQLite file). Waits poll real
+//! conditions; "nothing happens" is checked over counted planning passes.
+
+// Helpers outside #[test] fns panic on purpose, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use nodepool_core::builder::{Builder, BuilderSettings, BuilderStatus};
+use nodepool_core::config::Config;
+use nodepool_core::launcher::ProviderFactory;
+use nodepool_core::model::{BuildState, ComponentKind, UploadState};
+use nodepool_core::provider::{CloudImageInfo, ImageUploadSpec, Provider};
+use nodepool_core::simulated::SimulatedProvider;
+use nodepool_core::store::{BuildRecord, ImageState, Store, UploadRecord};
+use nodepool_core::testing::MemoryStore;
+use nodepool_dib::{DibBuilder, DibOptions};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const FAKE: &str = env!("CARGO_BIN_EXE_fake-disk-image-create");
+const LIMIT: Duration = Duration::from_secs(60);
+
+type Clouds = Arc<Mutex<BTreeMap<String, Arc<SimulatedProvider>>>>;
+
+/// A scratch installation: images, logs, elements, scripts.
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new() -> Self {
+        Site {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn images(&self) -> PathBuf {
+        self.path("images")
+    }
+
+    /// A configuration: `deb` built by the fake (extra diskimage YAML
+    /// lines in `image`), uploaded to `p1` (qcow2) and `p2` (raw), with
+    /// `providers_extra` appended to each provider.
+    fn config(&self, image: &str, providers_extra: &str) -> Config {
+        let yaml = format!(
+            r#"images-dir: {images}
+build-log-dir: {logs}
+elements-dir: {elements}
+build-log-retention: 2
+labels:
+  - name: small
+diskimages:
+  - name: deb
+    dib-cmd: {FAKE}
+    elements: [debian-minimal, vm]
+    release: bookworm
+    metadata: {{os: debian, team: infra}}
+{image}
+providers:
+  - name: p1
+    driver: simulated
+    image-name-format: "{{image_name}}-{{upload_id}}"
+    diskimages: [{{name: deb, meta: {{team: ci}}}}]
+{providers_extra}
+    pools:
+      - name: main
+        max-servers: 5
+        labels: [{{name: small, diskimage: deb, flavor-name: "Fake Flavor"}}]
+  - name: p2
+    driver: simulated
+    diskimages: [{{name: deb}}]
+{providers_extra}
+    pools:
+      - name: main
+        max-servers: 5
+        labels: [{{name: small, diskimage: deb, flavor-name: "Fake Flavor"}}]
+"#,
+            images = self.images().display(),
+            logs = self.path("logs").display(),
+            elements = self.path("elements").display(),
+        );
+        let mut c = config(&yaml);
+        // Stands for clouds.yaml `image_format: raw` of p2's cloud.
+        c.providers[1].image_format = Some("raw".into());
+        c
+    }
+
+    /// Writes an executable script.
+    fn script(&self, name: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.path(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    config: watch::Sender<Arc<Config>>,
+    task: tokio::task::JoinHandle<()>,
+    status: Arc<BuilderStatus>,
+    store: Store,
+}
+
+fn factory(clouds: &Clouds) -> ProviderFactory {
+    let registry = clouds.clone();
+    Arc::new(move |pc| {
+        let mut reg = registry.lock().unwrap();
+        if let Some(p) = reg.get(&pc.name) {
+            // One cloud across reloads and builders, as a real one.
+            return Ok(p.clone() as Arc<dyn Provider>);
+        }
+        let p = Arc::new(SimulatedProvider::new(pc).map_err(|e| e.to_string())?);
+        reg.insert(pc.name.clone(), p.clone());
+        Ok(p as Arc<dyn Provider>)
+    })
+}
+
+fn settings(host: &str) -> BuilderSettings {
+    BuilderSettings {
+        hostname: host.into(),
+        max_pass_interval: Duration::from_millis(500),
+        shutdown_grace: Duration::from_secs(30),
+        log_pruner: Some(Arc::new(nodepool_dib::prune_build_logs)),
+        ..BuilderSettings::default()
+    }
+}
+
+fn start(store: Store, cfg: Config, host: &str, clouds: &Clouds) -> Running {
+    let dib = DibBuilder::new(DibOptions::default().with_term_grace(Duration::from_secs(5)));
+    let builder = Builder::new(
+        store.clone(),
+        factory(clouds),
+        Arc::new(dib),
+        settings(host),
+    );
+    let status = builder.status();
+    let (tx, rx) = watch::channel(Arc::new(cfg));
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        builder.run(rx, stop).await.expect("builder runs");
+    });
+    Running {
+        shutdown,
+        config: tx,
+        task,
+        status,
+        store,
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+
+    async fn images(&self) -> ImageState {
+        self.store.image_state().await.unwrap()
+    }
+
+    /// Waits until `f` holds on the store's image state.
+    async fn until(&self, what: &str, f: impl Fn(&ImageState) -> bool) -> ImageState {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let st = self.images().await;
+            if f(&st) {
+                return st;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {st:#?}\n{}",
+                self.status.report()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for `n` more planning passes (to see that nothing happens).
+    async fn passes(&self, n: u64) {
+        let target = self.status.passes() + n;
+        wait_for("planning passes", LIMIT, || self.status.passes() >= target).await;
+    }
+}
+
+fn cloud(clouds: &Clouds, name: &str) -> Arc<SimulatedProvider> {
+    clouds.lock().unwrap().get(name).cloned().unwrap()
+}
+
+async fn cloud_images(clouds: &Clouds, name: &str) -> Vec<CloudImageInfo> {
+    cloud(clouds, name).list_images().await.unwrap()
+}
+
+fn ready_builds<'a>(st: &'a ImageState, image: &str) -> Vec<&'a BuildRecord> {
+    let mut v: Vec<_> = st
+        .builds
+        .iter()
+        .filter(|b| b.image == image && b.build.state == BuildState::Ready)
+        .collect();
+    v.sort_by(|a, b| a.build.state_time.total_cmp(&b.build.state_time));
+    v
+}
+
+fn ready_uploads<'a>(st: &'a ImageState, build: &str) -> Vec<&'a UploadRecord> {
+    st.uploads
+        .iter()
+        .filter(|u| u.build_id == build && u.upload.state == UploadState::Ready)
+        .collect()
+}
+
+/// The newest ready build has a ready upload on both providers.
+fn uploaded_everywhere(st: &ImageState) -> bool {
+    ready_builds(st, "deb").last().is_some_and(|b| {
+        let ups = ready_uploads(st, &b.id);
+        ["p1", "p2"]
+            .iter()
+            .all(|p| ups.iter().any(|u| u.provider == *p))
+    })
+}
+
+fn files_of(site: &Site, build: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(site.images())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(build))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Checks the whole first-build path on a store: build record, files,
+/// log, uploads to two providers in their formats with checksums and
+/// properties, the component registration.
+async fn build_then_upload_to_two_providers(store: Store) {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let b = start(store, site.config("", ""), "nb01", &clouds);
+    let st = b
+        .until("a build uploaded to p1 and p2", uploaded_everywhere)
+        .await;
+    let build = ready_builds(&st, "deb")[0];
+    let id = build.id.clone();
+    assert_eq!(id.len(), 32);
+    assert_eq!(build.build.formats, ["qcow2", "raw"]);
+    assert_eq!(build.build.builder.as_deref(), Some("nb01"));
+    let builder_id = std::fs::read_to_string(site.images().join("builder_id.txt")).unwrap();
+    assert_eq!(build.build.builder_id.as_deref(), Some(builder_id.as_str()));
+    assert_eq!(b.status.builder_id(), builder_id);
+    assert_eq!(build.build.username.as_deref(), Some("zuul"));
+    let log = std::fs::read_to_string(site.path(&format!("logs/deb-{id}.log"))).unwrap();
+    assert!(log.ends_with("Exit code: 0\n"), "{log}");
+    let files = files_of(&site, &id);
+    for f in [
+        "qcow2",
+        "qcow2.md5",
+        "qcow2.sha256",
+        "raw",
+        "raw.md5",
+        "raw.sha256",
+    ] {
+        assert!(files.contains(&format!("deb-{id}.{f}")), "{files:?}");
+    }
+    for (p, fmt) in [("p1", "qcow2"), ("p2", "raw")] {
+        let u = ready_uploads(&st, &id)
+            .into_iter()
+            .find(|u| u.provider == p)
+            .unwrap();
+        assert_eq!(u.upload.format.as_deref(), Some(fmt));
+        let images = cloud_images(&clouds, p).await;
+        assert_eq!(images.len(), 1, "{images:?}");
+        let img = &images[0];
+        assert_eq!(u.upload.external_id.as_deref(), Some(img.id.as_str()));
+        assert_eq!(u.upload.external_name.as_deref(), Some(img.name.as_str()));
+        let file = site.images().join(format!("deb-{id}.{fmt}"));
+        // The cloud checked these against the bytes it received.
+        assert_eq!(
+            img.properties.get("owner_specified.openstack.sha256"),
+            Some(&sha256_of(&file))
+        );
+        assert!(img.properties.contains_key("owner_specified.openstack.md5"));
+        assert_eq!(img.properties["nodepool_build_id"], id);
+        assert_eq!(img.properties["nodepool_upload_id"], u.id);
+        assert_eq!(img.properties["nodepool_provider_name"], p);
+        assert_eq!(img.properties["os"], "debian");
+        let team = if p == "p1" { "ci" } else { "infra" };
+        assert_eq!(img.properties["team"], team, "provider meta overrides");
+        if p == "p1" {
+            assert_eq!(img.name, format!("deb-{}", u.id));
+        }
+    }
+    let comps = b
+        .store
+        .list_components(ComponentKind::Builder)
+        .await
+        .unwrap();
+    assert_eq!(comps.records.len(), 1);
+    assert_eq!(comps.records[0].1.hostname, "nb01");
+    // Settled: nothing more is built or uploaded.
+    b.passes(3).await;
+    let again = b.images().await;
+    assert_eq!(again.builds.len(), 1);
+    assert_eq!(again.uploads.len(), 2);
+    let store = b.store.clone();
+    b.stop().await;
+    let comps = store.list_components(ComponentKind::Builder).await.unwrap();
+    assert!(comps.records.is_empty(), "unregistered at stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_is_uploaded_to_two_providers() {
+    build_then_upload_to_two_providers(Store::new(Arc::new(MemoryStore::new()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_is_uploaded_to_two_providers_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = nodepool_sqlite::SqliteStore::open(
+        &dir.path().join("nodepool.db"),
+        nodepool_sqlite::SqliteOptions::default(),
+    )
+    .await
+    .unwrap();
+    let store = Store::new(Arc::new(store));
+    build_then_upload_to_two_providers(store.clone()).await;
+    store.backend().close().await.unwrap();
+}
+
+/// Asks for a build and waits until it is ready and uploaded everywhere;
+/// returns its id.
+async fn one_more_build(b: &Running) -> String {
+    let before: Vec<String> = ready_builds(&b.images().await, "deb")
+        .iter()
+        .map(|x| x.id.clone())
+        .collect();
+    b.store.request_image_build("deb").await.unwrap();
+    let st = b
+        .until("a new build uploaded everywhere", |st| {
+            ready_builds(st, "deb")
+                .last()
+                .is_some_and(|x| !before.contains(&x.id))
+                && uploaded_everywhere(st)
+                && !st.build_requests.contains_key("deb")
+        })
+        .await;
+    ready_builds(&st, "deb").last().unwrap().id.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_two_builds_and_deletes_the_rest_everywhere() {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let b = start(store, site.config("", ""), "nb01", &clouds);
+    b.until("the first build", uploaded_everywhere).await;
+    let first = ready_builds(&b.images().await, "deb")[0].id.clone();
+    let second = one_more_build(&b).await;
+    let third = one_more_build(&b).await;
+    let st = b
+        .until("the first build deleted", |st| {
+            !st.builds.iter().any(|x| x.id == first)
+        })
+        .await;
+    let kept: Vec<&str> = ready_builds(&st, "deb")
+        .iter()
+        .map(|x| x.id.as_str())
+        .collect();
+    assert_eq!(kept, [second.as_str(), third.as_str()]);
+    assert_eq!(st.uploads.len(), 4);
+    for p in ["p1", "p2"] {
+        let images = cloud_images(&clouds, p).await;
+        assert_eq!(images.len(), 2, "{p}: {images:?}");
+        assert!(
+            images
+                .iter()
+                .all(|i| i.properties["nodepool_build_id"] != first)
+        );
+    }
+    wait_for("the first build's files deleted", LIMIT, || {
+        files_of(&site, &first).is_empty()
+    })
+    .await;
+    assert!(!files_of(&site, &second).is_empty());
+    // build-log-retention: 2 keeps the two newest logs before each build
+    // (as Python), then the build writes its own.
+    let logs: Vec<_> = std::fs::read_dir(site.path("logs")).unwrap().collect();
+    assert_eq!(logs.len(), 3);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_image_is_not_built_until_unpaused() {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    store.set_image_paused("deb", true).await.unwrap();
+    store.request_image_build("deb").await.unwrap();
+    let b = start(store.clone(), site.config("", ""), "nb01", &clouds);
+    b.passes(5).await;
+    assert!(b.images().await.builds.is_empty());
+    store.set_image_paused("deb", false).await.unwrap();
+    b.until("a build after unpausing", uploaded_everywhere)
+        .await;
+    // Paused in the configuration this time (a reload).
+    b.config
+        .send(Arc::new(site.config("    pause: true", "")))
+        .unwrap();
+    b.passes(2).await;
+    store.request_image_build("deb").await.unwrap();
+    b.passes(5).await;
+    assert_eq!(b.images().await.builds.len(), 1);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_by_deleting_the_newest_build_keeps_the_previous_one() {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let b = start(store.clone(), site.config("", ""), "nb01", &clouds);
+    b.until("the first build", uploaded_everywhere).await;
+    let previous = ready_builds(&b.images().await, "deb")[0].id.clone();
+    let newest = one_more_build(&b).await;
+    // Seed 000: pause, then `nodepool dib-image-delete deb-<newest>`.
+    store.set_image_paused("deb", true).await.unwrap();
+    let v = store.get_build("deb", &newest).await.unwrap().unwrap();
+    let mut rec = v.value;
+    rec.set_state(BuildState::Deleting, nodepool_core::model::epoch_now());
+    store
+        .update_build("deb", &newest, &rec, Some(v.version))
+        .await
+        .unwrap();
+    let st = b
+        .until("the newest build gone", |st| {
+            !st.builds.iter().any(|x| x.id == newest)
+        })
+        .await;
+    assert!(st.uploads.iter().all(|u| u.build_id == previous));
+    assert_eq!(ready_uploads(&st, &previous).len(), 2);
+    for p in ["p1", "p2"] {
+        let images = cloud_images(&clouds, p).await;
+        assert_eq!(images.len(), 1);
+        assert_eq!(images[0].properties["nodepool_build_id"], previous);
+    }
+    assert!(files_of(&site, &newest).is_empty());
+    b.passes(4).await;
+    let st = b.images().await;
+    assert_eq!(st.builds.len(), 1, "paused: not rebuilt");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_provider_deletes_its_uploads() {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let b = start(store, site.config("", ""), "nb01", &clouds);
+    b.until("the first build", uploaded_everywhere).await;
+    // Seed 001: p2 keeps no images and every pool at max-servers -1.
+    let mut cfg = site.config("", "");
+    cfg.providers[1].diskimages.clear();
+    for pool in &mut cfg.providers[1].pools {
+        pool.max_servers = Some(-1);
+        pool.labels.clear();
+    }
+    b.config.send(Arc::new(cfg)).unwrap();
+    let st = b
+        .until("p2's upload deleted", |st| {
+            st.uploads.iter().all(|u| u.provider != "p2")
+        })
+        .await;
+    assert!(cloud_images(&clouds, "p2").await.is_empty());
+    assert_eq!(cloud_images(&clouds, "p1").await.len(), 1);
+    assert_eq!(st.uploads.len(), 1);
+    b.passes(3).await;
+    assert!(cloud_images(&clouds, "p2").await.is_empty(), "nothing new");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_builders_build_and_upload_are_recovered_by_another() {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let mem = MemoryStore::new();
+    // Builder A hangs in diskimage-builder, then dies: its runtime (the
+    // stand-in for its process) goes away with every task, and its store
+    // session expires.
+    let mem_a = mem.new_session();
+    let store_a = Store::new(Arc::new(mem_a.clone()));
+    let rt_a = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = {
+        let _in_a = rt_a.enter();
+        start(
+            store_a,
+            site.config("    env-vars: {FAKE_DIB_HANG: \"1\"}", ""),
+            "nb-a",
+            &clouds,
+        )
+    };
+    let st = a
+        .until("A building", |st| {
+            st.builds
+                .iter()
+                .any(|b| b.build.state == BuildState::Building)
+                && st.build_locked.contains("deb")
+        })
+        .await;
+    let dead = st.builds[0].id.clone();
+    let log = site.path(&format!("logs/deb-{dead}.log"));
+    wait_for("the fake to hang", LIMIT, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("pgid"))
+    })
+    .await;
+    let (_, child) = fake_pids(&std::fs::read_to_string(&log).unwrap());
+    rt_a.shutdown_background();
+    mem_a.expire_session();
+    drop(a);
+    // Another dead upload: a ready build of B's own with an `uploading`
+    // record nobody holds and a half-made cloud image tagged with it.
+    let store = Store::new(Arc::new(mem.clone()));
+    let b = start(store.clone(), site.config("", ""), "nb-b", &clouds);
+    let st = b
+        .until("B's build uploaded", |st| {
+            uploaded_everywhere(st) && !st.builds.iter().any(|x| x.id == dead)
+        })
+        .await;
+    assert_eq!(st.builds.len(), 1);
+    let good = st.builds[0].id.clone();
+    let stale = store
+        .create_upload(
+            "deb",
+            &good,
+            "p1",
+            &nodepool_core::model::ImageUpload::new(
+                nodepool_core::model::epoch_now(),
+                Some("qcow2".into()),
+            ),
+        )
+        .await
+        .unwrap();
+    let file = site.images().join(format!("deb-{good}.qcow2"));
+    let leftover = cloud(&clouds, "p1")
+        .upload_image(&ImageUploadSpec {
+            name: "half-made".into(),
+            path: file,
+            format: "qcow2".into(),
+            properties: [
+                ("nodepool_build_id".to_owned(), good.clone()),
+                ("nodepool_upload_id".to_owned(), stale.clone()),
+                ("nodepool_provider_name".to_owned(), "p1".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+            md5: None,
+            sha256: None,
+            timeout: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+    b.until("the dead upload removed", |st| {
+        !st.uploads
+            .iter()
+            .any(|u| u.id == stale && u.build_id == good && u.provider == "p1")
+    })
+    .await;
+    let images = cloud_images(&clouds, "p1").await;
+    assert!(images.iter().all(|i| i.id != leftover), "{images:?}");
+    assert_eq!(images.len(), 1);
+    // A's diskimage-builder did not outlive A.
+    if let Some(child) = child {
+        wait_for("A's build processes gone", LIMIT, || !alive(child)).await;
+    }
+    assert!(files_of(&site, &dead).is_empty());
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_past_its_timeout_is_killed_and_recorded_failed() {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let b = start(
+        store,
+        site.config(
+            "    build-timeout: 1\n    env-vars: {FAKE_DIB_HANG: \"1\"}",
+            "",
+        ),
+        "nb01",
+        &clouds,
+    );
+    let st = b
+        .until("the build failed", |st| {
+            st.builds
+                .iter()
+                .any(|x| x.build.state == BuildState::Failed)
+        })
+        .await;
+    let rec = &st.builds[0];
+    let tail = rec.build.extra["log_tail"].decode::<String>().unwrap();
+    assert!(tail.contains("timed out"), "{tail}");
+    let log = std::fs::read_to_string(site.path(&format!("logs/deb-{}.log", rec.id))).unwrap();
+    let (pgid, child) = fake_pids(&log);
+    let pgid = pgid.expect("the fake prints its pgid");
+    assert_eq!(live_group_members(pgid), Vec::<i32>::new());
+    if let Some(c) = child {
+        assert!(!alive(c));
+    }
+    assert!(files_of(&site, &rec.id).is_empty());
+    // Backed off: not rebuilt at once.
+    b.passes(4).await;
+    assert_eq!(b.images().await.builds.len(), 1);
+    assert!(b.images().await.uploads.is_empty());
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_post_upload_hook_fails_the_upload_and_deletes_the_cloud_image() {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let args = site.path("hook-args");
+    let hook = site.script(
+        "hook.sh",
+        &format!(
+            "echo \"$@\" >> {}\necho hook output for $1\n[ \"$1\" = p1 ]",
+            args.display()
+        ),
+    );
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let b = start(
+        store,
+        site.config("", &format!("    post-upload-hook: {}", hook.display())),
+        "nb01",
+        &clouds,
+    );
+    let st = b
+        .until("p1 ready and p2 failed", |st| {
+            st.uploads
+                .iter()
+                .any(|u| u.provider == "p1" && u.upload.state == UploadState::Ready)
+                && st
+                    .uploads
+                    .iter()
+                    .any(|u| u.provider == "p2" && u.upload.state == UploadState::Failed)
+        })
+        .await;
+    let build = &st.builds[0].id;
+    let p1 = st.uploads.iter().find(|u| u.provider == "p1").unwrap();
+    let calls = std::fs::read_to_string(&args).unwrap();
+    let ext = p1.upload.external_id.clone().unwrap();
+    assert!(
+        calls.contains(&format!(
+            "p1 {ext} {}",
+            site.images().join(format!("deb-{build}.qcow2")).display()
+        )),
+        "{calls}"
+    );
+    assert!(calls.contains(&format!("deb-{build}.raw")), "{calls}");
+    assert_eq!(cloud_images(&clouds, "p1").await.len(), 1);
+    assert!(
+        cloud_images(&clouds, "p2").await.is_empty(),
+        "the failed upload's image is deleted"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_cancels_a_running_build_and_leaves_no_process() {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let b = start(
+        store.clone(),
+        site.config("    env-vars: {FAKE_DIB_HANG: \"1\"}", ""),
+        "nb01",
+        &clouds,
+    );
+    let st = b
+        .until("building", |st| {
+            st.builds
+                .iter()
+                .any(|x| x.build.state == BuildState::Building)
+        })
+        .await;
+    let id = st.builds[0].id.clone();
+    let log = site.path(&format!("logs/deb-{id}.log"));
+    wait_for("the fake to hang", LIMIT, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("pgid"))
+    })
+    .await;
+    b.stop().await;
+    let st = store.image_state().await.unwrap();
+    assert_eq!(st.builds[0].build.state, BuildState::Failed);
+    assert!(st.build_locked.is_empty());
+    let (pgid, _) = fake_pids(&std::fs::read_to_string(&log).unwrap());
+    assert_eq!(live_group_members(pgid.unwrap()), Vec::<i32>::new());
+    assert!(files_of(&site, &id).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_request_uploads_the_newest_build_again() {
+    let site = Site::new();
+    let clouds = Clouds::default();
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let b = start(store.clone(), site.config("", ""), "nb01", &clouds);
+    let st = b.until("the first build", uploaded_everywhere).await;
+    let old = st
+        .uploads
+        .iter()
+        .find(|u| u.provider == "p1")
+        .unwrap()
+        .upload
+        .external_id
+        .clone()
+        .unwrap();
+    // `nodepool image-upload p1 deb`
+    store.request_image_upload("deb", "p1").await.unwrap();
+    let st = b
+        .until(
+            "a fresh p1 upload, the request cleared, the old copy gone",
+            |st| {
+                st.upload_requests.is_empty()
+                    && st.uploads.iter().filter(|u| u.provider == "p1").count() == 1
+                    && st.uploads.iter().any(|u| {
+                        u.provider == "p1" && u.upload.external_id.as_deref() != Some(old.as_str())
+                    })
+            },
+        )
+        .await;
+    let images = cloud_images(&clouds, "p1").await;
+    assert_eq!(images.len(), 1);
+    assert_ne!(images[0].id, old);
+    assert_eq!(st.uploads.len(), 2);
+    b.stop().await;
+}
