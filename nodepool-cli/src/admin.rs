@@ -224,6 +224,12 @@ pub enum Command {
         #[command(flatten)]
         confirm: Confirm,
     },
+    /// Hold up to N failed nodes of a Jenkins job instead of deleting them.
+    JobCreate(crate::jobs::JobCreate),
+    /// List job hold rules and the nodes held for each.
+    JobList,
+    /// Stop holding failed nodes of a Jenkins job.
+    JobDelete(crate::jobs::JobDelete),
     /// Check the configuration file (and secure file) and report every problem.
     ConfigValidate,
     /// Print a shell completion script.
@@ -458,6 +464,18 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
             ctx.print(&l, fields);
         }
         Command::RequestList => listing_of(ctx, Source::Requests).await?,
+        Command::JobCreate(args) => {
+            let line = crate::jobs::create(&ctx.store, args).await?;
+            ctx.say(&line);
+        }
+        Command::JobList => {
+            let l = crate::jobs::list(&ctx.store).await?;
+            ctx.print(&l, None);
+        }
+        Command::JobDelete(args) => {
+            let line = crate::jobs::delete(&ctx.store, args).await?;
+            ctx.say(&line);
+        }
         Command::LabelList => listing_of(ctx, Source::Labels).await?,
         Command::ImageList => listing_of(ctx, Source::Images).await?,
         Command::DibImageList => listing_of(ctx, Source::DibImages).await?,

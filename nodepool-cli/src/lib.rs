@@ -7,5 +7,6 @@
 
 pub mod admin;
 pub mod daemon;
+pub mod jobs;
 pub mod listing;
 pub mod webapp;

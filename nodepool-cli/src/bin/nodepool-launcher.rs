@@ -108,7 +108,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?;
     }
+    // Jenkins targets: the consumer runtime beside the launcher, on the same
+    // store. Always started, so a reload can add targets; idle without any.
+    let consumers = tokio::spawn(
+        nodepool_core::consumers::ConsumerRuntime::new(
+            store.clone(),
+            nodepool_jenkins::consumer_factory(store.clone(), Default::default()),
+            Default::default(),
+        )
+        .run(config.clone(), shutdown.clone()),
+    );
     launcher.run(config, shutdown).await?;
+    consumers.await.ok();
     store.backend().close().await.ok();
     Ok(())
 }
