@@ -1,4 +1,4 @@
-//! A Nodepool [`NodeConsumer`](nodepool_core::consumer::NodeConsumer) that
+//! A Nodepool [`NodeConsumer`] that
 //! registers nodes as single-use Jenkins agents (seeds 002 and 003): the
 //! `targets` of `nodepool.yaml`.
 //!
