@@ -550,3 +550,32 @@ async fn removing_a_target_gives_its_nodes_up() {
     assert!(targets_nodes(&s).await.is_empty());
     r.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_label_nobody_serves_is_asked_for_with_a_backoff() {
+    let mem = MemoryStore::new();
+    let s = store(&mem);
+    // `orphan` is a label, but no pool offers it: every request fails.
+    let yaml = CONFIG
+        .replace("  - name: large\n", "  - name: large\n  - name: orphan\n")
+        .replace(
+            "      - name: small\n        min-ready: 2",
+            "      - name: orphan\n        min-ready: 1",
+        );
+    let r = Running::start(&mem, &yaml);
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    // Watch the requests the target makes for 300 s (virtual).
+    for _ in 0..600 {
+        for rec in s.list_requests().await.expect("requests").records {
+            if rec.request.requestor.as_deref() == Some("jenkins:ci") {
+                seen.lock().expect("seen").insert(rec.id.clone());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let n = seen.lock().expect("seen").len();
+    // One at the start, then one a minute (failed_request_backoff).
+    assert!((2..=7).contains(&n), "{n} requests in 300 s");
+    assert!(nodes(&s).await.is_empty());
+    r.stop().await;
+}

@@ -6,7 +6,9 @@
 //!
 //! The runtime is a requestor like Zuul ([`crate::requestor`]), with the
 //! requestor id `jenkins:<target>`: for each label the target wants, it
-//! keeps `min-ready` idle nodes by submitting one-node requests. A
+//! keeps `min-ready` idle nodes by submitting one-node requests (a label
+//! whose request failed, as no launcher serves it, is asked for again only
+//! after `failed_request_backoff`). A
 //! fulfilled request is accepted (nodes locked, request deleted) and each
 //! node is **re-allocated to the target**: `allocated_to =
 //! "jenkins:<target>"`, state left `ready`, lock released. Then the
@@ -94,6 +96,9 @@ pub struct ConsumerSettings {
     pub max_registration_backoff: Duration,
     /// How long to wait for a node's lock when writing its outcome.
     pub node_lock_timeout: Duration,
+    /// After a request of a label failed (no launcher can serve it), no
+    /// new request for that label for this long.
+    pub failed_request_backoff: Duration,
     /// Where `state_time` comes from (the launcher's clock in tests).
     pub clock: Clock,
 }
@@ -106,6 +111,7 @@ impl Default for ConsumerSettings {
             registration_backoff: Duration::from_secs(10),
             max_registration_backoff: Duration::from_secs(300),
             node_lock_timeout: Duration::from_secs(10),
+            failed_request_backoff: Duration::from_secs(60),
             clock: Clock::System,
         }
     }
@@ -256,6 +262,8 @@ struct Served {
     outcomes: BTreeMap<String, NodeOutcome>,
     /// Nodes whose `node_gone` is still to be delivered.
     gone: BTreeSet<String>,
+    /// Labels whose last request failed, and when to ask again.
+    label_backoff: BTreeMap<String, Instant>,
     /// Whether "another runtime serves it" was logged.
     told_not_elected: bool,
 }
@@ -271,6 +279,7 @@ impl Served {
             failures: BTreeMap::new(),
             outcomes: BTreeMap::new(),
             gone: BTreeSet::new(),
+            label_backoff: BTreeMap::new(),
             told_not_elected: false,
         }
     }
@@ -339,6 +348,10 @@ impl Served {
                 RequestState::Fulfilled => self.take(ctx, &requestor, &r.id, &r.request).await,
                 RequestState::Failed => {
                     tracing::warn!(target_name = %self.target.name, request = %r.id, labels = ?r.request.node_types, "node request failed (no launcher can serve it); withdrawing it");
+                    let again = Instant::now() + ctx.settings.failed_request_backoff;
+                    for l in &r.request.node_types {
+                        self.label_backoff.insert(l.clone(), again);
+                    }
                     if let Err(e) = requestor.cancel(&r.id).await {
                         tracing::warn!(request = %r.id, error = %e, "cannot withdraw the failed request");
                     }
@@ -453,7 +466,12 @@ impl Served {
 
         // 7. min-ready: idle nodes and outstanding requests per label.
         let busy: BTreeSet<String> = self.consumer.busy_nodes().into_iter().collect();
+        let now = Instant::now();
+        self.label_backoff.retain(|_, until| *until > now);
         for (label, min_ready) in self.consumer.wants() {
+            if self.label_backoff.contains_key(&label) {
+                continue;
+            }
             let idle = ours
                 .iter()
                 .filter(|(id, rec)| {
