@@ -135,6 +135,7 @@ fn settings(host: &str) -> BuilderSettings {
     BuilderSettings {
         hostname: host.into(),
         max_pass_interval: Duration::from_millis(500),
+        repeat_delay: Duration::from_millis(100),
         shutdown_grace: Duration::from_secs(30),
         log_pruner: Some(Arc::new(nodepool_dib::prune_build_logs)),
         ..BuilderSettings::default()

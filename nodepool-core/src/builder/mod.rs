@@ -79,6 +79,14 @@ pub struct BuilderSettings {
     pub upload_progress_interval: Duration,
     /// Time allowed to delete one cloud image.
     pub delete_timeout: Duration,
+    /// An action that succeeded is not started again for this long (so a
+    /// no-op, e.g. a lock another builder holds, cannot spin).
+    pub repeat_delay: Duration,
+    /// An action that failed is retried after this, doubling with each
+    /// failure in a row (Nodepool's workers sleep 10 s after an error).
+    pub retry_delay: Duration,
+    /// The longest retry delay.
+    pub max_retry_delay: Duration,
     /// Time allowed at shutdown for cancelled builds to be killed and swept
     /// and for uploads to record their failure.
     pub shutdown_grace: Duration,
@@ -100,6 +108,9 @@ impl std::fmt::Debug for BuilderSettings {
             .field("min_pass_interval", &self.min_pass_interval)
             .field("upload_progress_interval", &self.upload_progress_interval)
             .field("delete_timeout", &self.delete_timeout)
+            .field("repeat_delay", &self.repeat_delay)
+            .field("retry_delay", &self.retry_delay)
+            .field("max_retry_delay", &self.max_retry_delay)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("log_pruner", &self.log_pruner.is_some())
             .field("clock", &self.clock)
@@ -119,6 +130,9 @@ impl Default for BuilderSettings {
             min_pass_interval: Duration::from_millis(5),
             upload_progress_interval: Duration::from_secs(60),
             delete_timeout: Duration::from_secs(600),
+            repeat_delay: Duration::from_secs(1),
+            retry_delay: Duration::from_secs(10),
+            max_retry_delay: Duration::from_secs(300),
             // DibBuilder's SIGTERM grace (30 s) plus the sweep.
             shutdown_grace: Duration::from_secs(60),
             log_pruner: None,
@@ -196,6 +210,9 @@ pub(crate) struct Shared {
     running: Mutex<HashMap<String, Kind>>,
     /// Builds this process runs, for the planner.
     running_builds: Mutex<BTreeSet<BuildKey>>,
+    /// When each recently ended action may start again, and how many
+    /// times in a row it failed.
+    cooldown: Mutex<HashMap<String, (tokio::time::Instant, u32)>>,
     /// Cancelled at shutdown: builds stop, uploads give up.
     work: CancellationToken,
 }
@@ -204,6 +221,40 @@ impl Shared {
     /// The current time (epoch seconds) on the builder's clock.
     pub(crate) fn now(&self) -> f64 {
         self.settings.clock.now()
+    }
+
+    /// Records how an action ended: it may start again after the repeat
+    /// delay, or after the (growing) retry delay when it failed.
+    fn finished(&self, key: &str, ok: bool) {
+        let s = &self.settings;
+        let now = tokio::time::Instant::now();
+        let mut m = self.cooldown.lock().unwrap_or_else(|p| p.into_inner());
+        let failures = if ok {
+            0
+        } else {
+            m.get(key).map_or(0, |e| e.1).saturating_add(1)
+        };
+        let delay = if ok {
+            s.repeat_delay
+        } else {
+            let doubled = s
+                .retry_delay
+                .saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+            doubled.min(s.max_retry_delay.max(s.retry_delay))
+        };
+        m.insert(key.to_owned(), (now + delay, failures));
+        // Entries long past are of actions no longer planned.
+        let horizon = s.max_retry_delay.saturating_mul(2);
+        m.retain(|_, (at, _)| now.saturating_duration_since(*at) < horizon);
+    }
+
+    /// Whether an action must wait (it ended too recently).
+    fn cooling(&self, key: &str) -> bool {
+        self.cooldown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .is_some_and(|(at, _)| *at > tokio::time::Instant::now())
     }
 
     fn count(&self, kind: Kind) -> usize {
@@ -306,6 +357,7 @@ impl Builder {
             wake: Notify::new(),
             running: Mutex::default(),
             running_builds: Mutex::default(),
+            cooldown: Mutex::default(),
             work: CancellationToken::new(),
         });
         let mut rt = Runtime {
@@ -523,6 +575,7 @@ impl Runtime {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains_key(&key)
+                || self.shared.cooling(&key)
             {
                 continue;
             }
@@ -585,7 +638,8 @@ impl Runtime {
                 action: action.clone(),
             };
             self.tasks.spawn(async move {
-                task.run().await;
+                let ok = task.run().await;
+                slot.shared.finished(&slot.key, ok);
                 drop(slot);
             });
         }

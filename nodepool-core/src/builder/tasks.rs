@@ -129,7 +129,9 @@ fn tail(text: &str) -> String {
 }
 
 impl Task {
-    pub async fn run(self) {
+    /// Runs the action; `false` when it failed (the runtime backs off
+    /// before trying it again).
+    pub async fn run(self) -> bool {
         let key = self.action.key();
         let r = match &self.action {
             ImageAction::Build {
@@ -193,8 +195,12 @@ impl Task {
             }
             ImageAction::ClearUploadRequest { .. } => Ok(()),
         };
-        if let Err(e) = r {
-            tracing::warn!(task = %key, "{e}");
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(task = %key, "{e}");
+                false
+            }
         }
     }
 

@@ -272,9 +272,10 @@ pub enum ImageAction {
 }
 
 impl ImageAction {
-    /// A key naming what the action works on; two actions with the same
-    /// key must not run at once (the runtime skips a planned action whose
-    /// key is still running).
+    /// A key naming the action and what it works on: the runtime skips a
+    /// planned action whose key is still running, or failed recently (it
+    /// backs off). Actions with different keys on the same records may run
+    /// at once; their locks keep them apart.
     pub fn key(&self) -> String {
         match self {
             ImageAction::Build { image, .. } => format!("build {image}"),
@@ -297,10 +298,12 @@ impl ImageAction {
                 provider,
                 upload,
             } => format!("delete-upload {image}/{build}/{provider}/{upload}"),
-            ImageAction::MarkDeadBuild { image, build }
-            | ImageAction::MarkBuildDeleting { image, build, .. }
-            | ImageAction::RemoveBuild { image, build, .. } => {
-                format!("delete-build {image}/{build}")
+            ImageAction::MarkDeadBuild { image, build } => format!("mark-dead {image}/{build}"),
+            ImageAction::MarkBuildDeleting { image, build, .. } => {
+                format!("mark-deleting {image}/{build}")
+            }
+            ImageAction::RemoveBuild { image, build, .. } => {
+                format!("remove-build {image}/{build}")
             }
             ImageAction::DeleteLocalFiles { image, build, .. } => {
                 format!("delete-files {image}/{build}")
