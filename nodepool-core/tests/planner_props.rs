@@ -242,8 +242,14 @@ fn world(s: &Spec) -> World {
             };
             ok.then(|| id.clone())
         });
+        // Only an executor locks a ready allocated node, and only once its
+        // request is fulfilled.
+        let lockable = match (&n.state, n.allocate_to.and_then(|i| s.requests.get(i))) {
+            (NodeState::Ready, Some(r)) => alloc.is_none() || r.state == RequestState::Fulfilled,
+            _ => true,
+        };
         w.edit_node(&id, |node, locked| {
-            *locked = n.locked;
+            *locked = n.locked && lockable;
             node.state_time -= n.age;
             node.hold_expiration = n.hold_expiration;
             node.allocated_to = alloc;

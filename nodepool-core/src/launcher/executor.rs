@@ -7,13 +7,20 @@
 //! record's lock. Launches and deletions become tasks holding the node
 //! lock.
 
-use std::collections::HashSet;
-
 use super::tasks::{self, LaunchJob};
-use super::{Clock, Owned, Runtime};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use futures::stream::{self, StreamExt};
+use tokio_util::task::TaskTracker;
+
+use super::providers::ProviderHandle;
+use super::{Clock, Owned, Shared};
+use crate::config::Config;
 use crate::model::{
     MIN_READY_PRIORITY, MIN_READY_REQUESTOR, Node, NodeRequest, NodeState, RequestState,
 };
+use crate::planner::PoolKey;
 use crate::planner::{Action, DeleteReason, LaunchImage, Plan, Snapshot};
 use crate::store::{LockGuard, LockWait, Store, StoreError, paths};
 
@@ -23,27 +30,76 @@ fn err(e: impl std::fmt::Display) -> Failure {
     e.to_string()
 }
 
-pub(crate) async fn execute(rt: &mut Runtime, snapshot: &Snapshot, plan: &Plan) {
-    let mut failed_requests: HashSet<String> = HashSet::new();
-    for action in &plan.actions {
-        if let Some(r) = action.request()
-            && failed_requests.contains(r)
-        {
-            continue;
-        }
-        let result = run(rt, snapshot, action).await;
-        if let Err(e) = result {
-            match action.request() {
+/// What executing actions needs; cheap to clone, shared by concurrent groups.
+pub(crate) struct ExecContext {
+    pub shared: Arc<Shared>,
+    pub owned: Arc<Mutex<HashMap<String, Owned>>>,
+    pub providers: BTreeMap<String, Arc<ProviderHandle>>,
+    pub pool_ids: BTreeMap<PoolKey, String>,
+    pub config: Arc<Config>,
+    pub tasks: TaskTracker,
+}
+
+impl ExecContext {
+    fn owned(&self) -> std::sync::MutexGuard<'_, HashMap<String, Owned>> {
+        self.owned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Requests handled at once: each costs a few sequential store round trips.
+const CONCURRENT_GROUPS: usize = 64;
+
+/// Runs a plan: first what frees nodes (so requests can reuse them), then
+/// every request's actions (concurrently across requests, in order within
+/// one), then the rest.
+pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) {
+    let mut first = Vec::new();
+    let mut groups: Vec<(String, Vec<&Action>)> = Vec::new();
+    let mut group_of: HashMap<&str, usize> = HashMap::new();
+    let mut last = Vec::new();
+    for a in &plan.actions {
+        match a {
+            Action::ResetLost { .. }
+            | Action::Deallocate { .. }
+            | Action::CompleteMinReady { .. } => first.push(a),
+            _ => match a.request() {
                 Some(r) => {
-                    tracing::debug!(request = %r, action = ?action_name(action), error = %e, "request action skipped");
-                    failed_requests.insert(r.to_owned());
+                    let i = *group_of.entry(r).or_insert_with(|| {
+                        groups.push((r.to_owned(), Vec::new()));
+                        groups.len() - 1
+                    });
+                    groups[i].1.push(a);
                 }
-                None => {
-                    tracing::debug!(action = ?action_name(action), error = %e, "action skipped")
-                }
-            }
+                None => last.push(a),
+            },
         }
     }
+    let ctx = &ctx;
+    stream::iter(first)
+        .for_each_concurrent(CONCURRENT_GROUPS, |a| async move {
+            if let Err(e) = run(ctx, snapshot, a).await {
+                tracing::debug!(action = action_name(a), error = %e, "action skipped");
+            }
+        })
+        .await;
+    stream::iter(groups)
+        .for_each_concurrent(CONCURRENT_GROUPS, |(request, actions)| async move {
+            for a in actions {
+                if let Err(e) = run(ctx, snapshot, a).await {
+                    // The next pass re-plans this request from the new state.
+                    tracing::debug!(request = %request, action = action_name(a), error = %e, "request action skipped");
+                    break;
+                }
+            }
+        })
+        .await;
+    stream::iter(last)
+        .for_each_concurrent(CONCURRENT_GROUPS, |a| async move {
+            if let Err(e) = run(ctx, snapshot, a).await {
+                tracing::debug!(action = action_name(a), error = %e, "action skipped");
+            }
+        })
+        .await;
 }
 
 fn action_name(a: &Action) -> &'static str {
@@ -66,7 +122,7 @@ fn action_name(a: &Action) -> &'static str {
     }
 }
 
-async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(), Failure> {
+async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(), Failure> {
     let store = rt.shared.store.clone();
     let clock = rt.shared.settings.clock;
     let now = || clock.now();
@@ -94,7 +150,7 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
                 return Err(err(e));
             }
             tracing::info!(request = %request, pool = %pool, labels = ?req.node_types, "request accepted");
-            rt.owned.insert(
+            rt.owned().insert(
                 request.clone(),
                 Owned {
                     pool: pool.clone(),
@@ -115,7 +171,9 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
                     tracing::debug!(node = %n, error = %e, "could not give a node back");
                 }
             }
-            let guard = match rt.owned.remove(request) {
+            // Take it out first: the map's lock must not be held across an await.
+            let held = rt.owned().remove(request);
+            let guard = match held {
                 Some(o) => o.guard,
                 None => store
                     .lock_request(request, LockWait::NonBlocking)
@@ -176,10 +234,9 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             result
         }
         Action::Allocate { request, node } => {
-            let Some(owned) = rt.owned.get(request) else {
+            if !rt.owned().contains_key(request) {
                 return Err("request not held".into());
-            };
-            let _ = owned;
+            }
             let req = snapshot
                 .requests
                 .iter()
@@ -223,7 +280,7 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             az,
             resources,
         } => {
-            if !rt.owned.contains_key(request) {
+            if !rt.owned().contains_key(request) {
                 return Err("request not held".into());
             }
             let Some(handle) = rt.providers.get(&pool.provider).cloned() else {
@@ -303,7 +360,7 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             Ok(())
         }
         Action::Fulfill { request, nodes } => {
-            let Some(owned) = rt.owned.remove(request) else {
+            let Some(owned) = rt.owned().remove(request) else {
                 return Err("request not held".into());
             };
             let result = async {
@@ -330,7 +387,8 @@ async fn run(rt: &mut Runtime, snapshot: &Snapshot, action: &Action) -> Result<(
             result
         }
         Action::Release { request } => {
-            if let Some(o) = rt.owned.remove(request) {
+            let held = rt.owned().remove(request);
+            if let Some(o) = held {
                 let _ = o.guard.release().await;
             }
             Ok(())

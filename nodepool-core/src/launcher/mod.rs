@@ -59,6 +59,9 @@ pub struct LauncherSettings {
     pub observer: ObserverIntervals,
     /// Grace for in-flight work at shutdown.
     pub shutdown_grace: Duration,
+    /// How long the set of registered pools must stay unchanged before
+    /// min-ready requests are created (so launchers agree on label owners).
+    pub registry_settle: Duration,
     /// Where "now" comes from.
     pub clock: Clock,
 }
@@ -108,6 +111,7 @@ impl Default for LauncherSettings {
             max_parallel_deletes: 100,
             observer: ObserverIntervals::default(),
             shutdown_grace: Duration::from_secs(30),
+            registry_settle: Duration::from_secs(2),
             clock: Clock::System,
         }
     }
@@ -129,6 +133,7 @@ pub enum LauncherError {
 #[derive(Debug, Default)]
 pub struct LauncherStatus {
     ready: std::sync::atomic::AtomicBool,
+    config_generation: std::sync::atomic::AtomicU64,
     report: Mutex<String>,
 }
 
@@ -136,6 +141,12 @@ impl LauncherStatus {
     /// Whether the first pass completed (the web app's `/ready`).
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many configurations were applied (1 after start, +1 per reload).
+    pub fn config_generation(&self) -> u64 {
+        self.config_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A human-readable dump of the launcher's state (SIGUSR2).
@@ -227,7 +238,7 @@ impl Launcher {
             config: config.borrow_and_update().clone(),
             providers: BTreeMap::new(),
             pool_ids: BTreeMap::new(),
-            owned: HashMap::new(),
+            owned: Arc::default(),
             launcher_reg: None,
             pool_regs: BTreeMap::new(),
             session_id: 0,
@@ -235,6 +246,7 @@ impl Launcher {
             tasks: TaskTracker::new(),
             status: self.status.clone(),
             pass_count: 0,
+            registry: (Vec::new(), tokio::time::Instant::now()),
         };
         rt.apply_config();
         let mut events = self.store.backend().subscribe();
@@ -291,7 +303,7 @@ struct Runtime {
     config: Arc<Config>,
     providers: BTreeMap<String, Arc<ProviderHandle>>,
     pool_ids: BTreeMap<PoolKey, String>,
-    owned: HashMap<String, Owned>,
+    owned: Arc<Mutex<HashMap<String, Owned>>>,
     launcher_reg: Option<ComponentRegistration>,
     pool_regs: BTreeMap<PoolKey, (ComponentRegistration, Component)>,
     session_id: i64,
@@ -299,9 +311,15 @@ struct Runtime {
     tasks: TaskTracker,
     status: Arc<LauncherStatus>,
     pass_count: u64,
+    /// The registered pool ids last seen, and since when.
+    registry: (Vec<String>, tokio::time::Instant),
 }
 
 impl Runtime {
+    fn owned_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Owned>> {
+        self.owned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Builds providers for new or changed provider configurations and
     /// gives every pool a launcher id.
     fn apply_config(&mut self) {
@@ -347,6 +365,9 @@ impl Runtime {
             }
         }
         self.pool_ids = ids;
+        self.status
+            .config_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// (Re-)registers the launcher and pool components: at start, after a
@@ -366,7 +387,7 @@ impl Runtime {
                     "store session replaced; registering again and dropping held requests"
                 );
                 // Our request locks died with the session.
-                for (_, o) in self.owned.drain() {
+                for (_, o) in self.owned_map().drain() {
                     o.guard.forget();
                 }
             }
@@ -481,11 +502,18 @@ impl Runtime {
         Ok(snap)
     }
 
-    fn local_state(&self) -> LocalState {
+    fn local_state(&mut self, snapshot: &Snapshot) -> LocalState {
+        let mut ids: Vec<String> = snapshot.pools.iter().map(|p| p.id.clone()).collect();
+        ids.sort();
+        if ids != self.registry.0 {
+            self.registry = (ids, tokio::time::Instant::now());
+        }
+        let registry_settled = self.registry.1.elapsed() >= self.shared.settings.registry_settle;
         LocalState {
+            registry_settled,
             pool_ids: self.pool_ids.clone(),
             owned_requests: self
-                .owned
+                .owned_map()
                 .iter()
                 .map(|(k, o)| (k.clone(), o.pool.clone()))
                 .collect(),
@@ -508,7 +536,7 @@ impl Runtime {
             return Ok(());
         }
         // Drop requests whose lock we no longer hold.
-        self.owned.retain(|id, o| {
+        self.owned_map().retain(|id, o| {
             let held = o.guard.is_held();
             if !held {
                 tracing::warn!(request = %id, "lost the lock of a held request");
@@ -516,7 +544,7 @@ impl Runtime {
             held
         });
         let snapshot = self.snapshot().await?;
-        let local = self.local_state();
+        let local = self.local_state(&snapshot);
         let plan = planner::plan(
             &snapshot,
             &self.config,
@@ -527,7 +555,7 @@ impl Runtime {
         if !plan.actions.is_empty() {
             tracing::debug!(actions = plan.actions.len(), "executing plan");
         }
-        executor::execute(self, &snapshot, &plan).await;
+        executor::execute(self.exec_context(), &snapshot, &plan).await;
         self.update_pool_status(&plan).await;
         self.report_stats(&snapshot, &plan);
         self.pass_count += 1;
@@ -536,6 +564,17 @@ impl Runtime {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.update_report(&plan);
         Ok(())
+    }
+
+    fn exec_context(&self) -> executor::ExecContext {
+        executor::ExecContext {
+            shared: self.shared.clone(),
+            owned: self.owned.clone(),
+            providers: self.providers.clone(),
+            pool_ids: self.pool_ids.clone(),
+            config: self.config.clone(),
+            tasks: self.tasks.clone(),
+        }
     }
 
     async fn update_pool_status(&mut self, plan: &planner::Plan) {
@@ -646,7 +685,7 @@ impl Runtime {
                 st.pool, st.paused, st.addressable_requests
             );
         }
-        for (id, o) in &self.owned {
+        for (id, o) in self.owned_map().iter() {
             let _ = writeln!(r, "  holding request {id} for {}", o.pool);
         }
         for (name, h) in &self.providers {
@@ -665,7 +704,8 @@ impl Runtime {
     async fn shutdown(mut self) {
         tracing::info!("launcher stopping");
         let store = self.shared.store.clone();
-        for (id, o) in self.owned.drain() {
+        let held: Vec<(String, Owned)> = self.owned_map().drain().collect();
+        for (id, o) in held {
             if let Err(e) =
                 executor::hand_back(&store, &id, o.guard, self.shared.settings.clock).await
             {

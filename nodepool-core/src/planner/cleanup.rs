@@ -198,6 +198,9 @@ pub(crate) fn min_ready(
             });
         }
     }
+    if !local.registry_settled {
+        return;
+    }
     for label in wanted {
         let name = label.name.as_str();
         let candidates = serving.get(name).map(Vec::as_slice).unwrap_or(&[]);

@@ -33,6 +33,7 @@ use crate::provider::Instance;
 use crate::store::{ImageState, NodeRecord, RequestLockDir, RequestRecord};
 
 pub use rendezvous::rendezvous_owner;
+pub use requests::HANDOFF_SECS;
 
 /// A provider pool, by provider and pool name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -116,7 +117,7 @@ pub struct Snapshot {
 }
 
 /// What only this launcher process knows.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct LocalState {
     /// Our launcher-pool ids, by pool.
     pub pool_ids: BTreeMap<PoolKey, String>,
@@ -127,6 +128,23 @@ pub struct LocalState {
     /// Cloud servers that looked leaked at the previous leak check, by
     /// (provider, external id).
     pub leak_suspects: BTreeSet<(String, String)>,
+    /// Whether the set of registered pools has been stable long enough for
+    /// every launcher to agree on who owns each label's min-ready. While a
+    /// launcher joins or leaves, views differ for a moment and two could
+    /// each believe they own a label; no min-ready request is created then.
+    pub registry_settled: bool,
+}
+
+impl Default for LocalState {
+    fn default() -> Self {
+        LocalState {
+            pool_ids: BTreeMap::new(),
+            owned_requests: BTreeMap::new(),
+            session_id: 0,
+            leak_suspects: BTreeSet::new(),
+            registry_settled: true,
+        }
+    }
 }
 
 /// The image a node is booted from.
@@ -376,7 +394,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) 
         quota.retag(n.tenant_name.as_deref(), None, &index.node_resources[i]);
     }
     index.update_free(snapshot, &freed, &deleted);
-    requests::plan_requests(snapshot, config, local, &index, &mut quota, &mut plan);
+    requests::plan_requests(snapshot, config, now, local, &index, &mut quota, &mut plan);
     cleanup::min_ready(snapshot, config, local, &index, &mut plan);
     cleanup::housekeeping(snapshot, config, now, local, &mut plan);
     plan

@@ -4,6 +4,7 @@ use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use super::fast::{FastMap, FastSet};
+use super::rendezvous_owner;
 
 use super::quota::{QuotaBlock, QuotaState, one_instance};
 use super::{
@@ -301,6 +302,9 @@ impl PoolSet {
     }
 }
 
+/// How long another launcher's preferred request is left to it.
+pub const HANDOFF_SECS: f64 = 5.0;
+
 /// A registered pool, as far as pickup needs it.
 struct RegPool<'r> {
     provider: &'r str,
@@ -311,6 +315,7 @@ struct RegPool<'r> {
 /// Registered pools and how to find them.
 struct Registry<'r> {
     pools: Vec<RegPool<'r>>,
+    ids: Vec<&'r str>,
     by_id: FastMap<&'r str, usize>,
     by_label: FastMap<&'r str, PoolSet>,
     all: PoolSet,
@@ -325,10 +330,12 @@ struct Registry<'r> {
 impl<'r> Registry<'r> {
     fn build(s: &'r Snapshot, cfg: &'r Config, idx: &'r Index<'_>) -> Self {
         let mut pools = Vec::with_capacity(s.pools.len() + idx.our_pools.len());
+        let mut ids = Vec::with_capacity(pools.capacity());
         let mut by_id: FastMap<&'r str, usize> = FastMap::default();
         let mut labels: Vec<Vec<&'r str>> = Vec::new();
         for p in &s.pools {
             by_id.insert(p.id.as_str(), pools.len());
+            ids.push(p.id.as_str());
             pools.push(RegPool {
                 provider: p.provider.as_str(),
                 priority: p.priority,
@@ -341,6 +348,7 @@ impl<'r> Registry<'r> {
             if !by_id.contains_key(ours.id.as_str()) {
                 let pc = &cfg.providers[ours.provider].pools[ours.pool];
                 by_id.insert(ours.id.as_str(), pools.len());
+                ids.push(ours.id.as_str());
                 pools.push(RegPool {
                     provider: ours.key.provider.as_str(),
                     priority: ours.priority,
@@ -367,6 +375,7 @@ impl<'r> Registry<'r> {
             our_pos[i] = Some(pos);
         }
         Registry {
+            ids,
             our_pos,
             all: PoolSet::full(n),
             none: PoolSet::empty(n),
@@ -544,22 +553,26 @@ impl Pass<'_, '_, '_> {
                     .collect()
             })
             .unwrap_or_default();
-        let in_flight = allocated
-            .iter()
-            .any(|&i| matches!(nodes[i].node.state, NodeState::Init | NodeState::Building));
+        // A ready node that is still locked is one our launch task marked
+        // ready a moment ago and has not unlocked yet (nobody else locks
+        // nodes of a pending request): still in flight, not missing.
+        let busy = |i: usize| match nodes[i].node.state {
+            NodeState::Init | NodeState::Building => true,
+            NodeState::Ready => nodes[i].locked,
+            _ => false,
+        };
+        let in_flight = allocated.iter().any(|&i| busy(i));
         let failed = allocated
             .iter()
             .any(|&i| nodes[i].node.state == NodeState::Failed);
-        // A ready node someone else holds locked is not ours to hand out,
-        // whatever its allocation says (nobody locks nodes of a pending
-        // request but its launcher, and ours are unlocked once ready).
         let mut usable: Vec<usize> = allocated
             .iter()
             .copied()
-            .filter(|&i| match nodes[i].node.state {
-                NodeState::Ready => !nodes[i].locked,
-                NodeState::Init | NodeState::Building => true,
-                _ => false,
+            .filter(|&i| {
+                matches!(
+                    nodes[i].node.state,
+                    NodeState::Ready | NodeState::Init | NodeState::Building
+                )
             })
             .collect();
         // Ready first, so a slot is filled by a finished node when it can be.
@@ -660,6 +673,13 @@ impl Pass<'_, '_, '_> {
                     }
                     self.quota.add(pos, r.tenant_name.as_deref(), &need);
                     *self.launches.entry(provider.name.clone()).or_default() += 1;
+                    tracing::trace!(
+                        request = %req.id,
+                        fresh,
+                        slot,
+                        allocated = ?allocated.iter().map(|&i| (&nodes[i].id, nodes[i].node.state)).collect::<Vec<_>>(),
+                        "planning a launch"
+                    );
                     self.plan.actions.push(Action::Launch {
                         request: req.id.clone(),
                         pool: ours.key.clone(),
@@ -699,9 +719,9 @@ impl Pass<'_, '_, '_> {
                 }
             }
         }
-        let all_ready = slots
-            .iter()
-            .all(|s| s.is_some_and(|i| nodes[i].node.state == NodeState::Ready));
+        let all_ready = slots.iter().all(|s| {
+            s.is_some_and(|i| nodes[i].node.state == NodeState::Ready && !nodes[i].locked)
+        });
         if all_ready && !in_flight {
             self.plan.actions.push(Action::Fulfill {
                 request: req.id.clone(),
@@ -763,6 +783,7 @@ fn choose_az(
 pub(crate) fn plan_requests(
     s: &Snapshot,
     cfg: &Config,
+    now: f64,
     local: &LocalState,
     idx: &Index<'_>,
     quota: &mut QuotaState,
@@ -887,7 +908,35 @@ pub(crate) fn plan_requests(
         if eligible.is_empty() {
             continue;
         }
-        eligible.sort_by_key(|&pos| (idx.our_pools[pos].priority, pos));
+        // Spread requests over the best unpaused candidates, ours and other
+        // launchers' alike: each request has one preferred pool
+        // (rendezvous hashing on its id), so equal launchers share the load
+        // instead of racing for every lock. Another launcher's preferred
+        // request is left to it for a short hand-off time, after which
+        // anyone may take it (its owner may be stuck or gone).
+        let unpaused = |i: usize| match reg.our_pos[i] {
+            Some(pos) => !pass.paused[pos],
+            None => !reg.pools[i].paused,
+        };
+        let best = cand
+            .iter()
+            .filter(|&i| unpaused(i))
+            .map(|i| reg.pools[i].priority)
+            .min();
+        let preferred = rendezvous_owner(
+            &req.id,
+            cand.iter()
+                .filter(|&i| unpaused(i) && Some(reg.pools[i].priority) == best)
+                .map(|i| reg.ids[i]),
+        )
+        .and_then(|id| reg.by_id.get(id).copied());
+        if let Some(p) = preferred {
+            if reg.our_pos[p].is_none() && now - r.state_time < HANDOFF_SECS {
+                continue;
+            }
+        }
+        let preferred_pos = preferred.and_then(|p| reg.our_pos[p]);
+        eligible.sort_by_key(|&pos| (Some(pos) != preferred_pos, idx.our_pools[pos].priority, pos));
         for &pos in &eligible {
             pass.addressable[pos] += 1;
         }

@@ -232,8 +232,33 @@ impl Store {
     }
 
     /// Locks a node.
+    ///
+    /// Taking a lock creates the lock directory's missing parents, so a
+    /// lock attempt racing with the node's deletion would leave an empty
+    /// node record behind (Python Nodepool has the same race and cleans
+    /// such records up later). So the record is checked under the lock: if
+    /// it is gone or empty, the lock is dropped, the empty leftover removed,
+    /// and the node reported [`StoreError::NotFound`].
     pub async fn lock_node(&self, id: &str, wait: LockWait) -> Result<LockGuard, StoreError> {
-        self.lock(&paths::node_lock(id), wait).await
+        let path = paths::node(id);
+        let guard = self.lock(&paths::node_lock(id), wait).await?;
+        match self.inner.get(&path).await {
+            Ok(Some((data, _))) if !data.is_empty() => Ok(guard),
+            Ok(_) => {
+                let _ = guard.release().await;
+                if let Ok(Some((data, stat))) = self.inner.get(&path).await {
+                    if data.is_empty() {
+                        let _ = self.inner.delete(&paths::node_lock(id), None).await;
+                        let _ = self.inner.delete(&path, Some(stat.version)).await;
+                    }
+                }
+                Err(StoreError::NotFound { path })
+            }
+            Err(e) => {
+                let _ = guard.release().await;
+                Err(e)
+            }
+        }
     }
 
     /// Locks a request (its lock lives under `/nodepool/requests-lock`).
