@@ -930,10 +930,11 @@ pub(crate) fn plan_requests(
                 .map(|i| reg.ids[i]),
         )
         .and_then(|id| reg.by_id.get(id).copied());
-        if let Some(p) = preferred {
-            if reg.our_pos[p].is_none() && now - r.state_time < HANDOFF_SECS {
-                continue;
-            }
+        if let Some(p) = preferred
+            && reg.our_pos[p].is_none()
+            && now - r.state_time < HANDOFF_SECS
+        {
+            continue;
         }
         let preferred_pos = preferred.and_then(|p| reg.our_pos[p]);
         eligible.sort_by_key(|&pos| (Some(pos) != preferred_pos, idx.our_pools[pos].priority, pos));

@@ -246,11 +246,11 @@ impl Store {
             Ok(Some((data, _))) if !data.is_empty() => Ok(guard),
             Ok(_) => {
                 let _ = guard.release().await;
-                if let Ok(Some((data, stat))) = self.inner.get(&path).await {
-                    if data.is_empty() {
-                        let _ = self.inner.delete(&paths::node_lock(id), None).await;
-                        let _ = self.inner.delete(&path, Some(stat.version)).await;
-                    }
+                if let Ok(Some((data, stat))) = self.inner.get(&path).await
+                    && data.is_empty()
+                {
+                    let _ = self.inner.delete(&paths::node_lock(id), None).await;
+                    let _ = self.inner.delete(&path, Some(stat.version)).await;
                 }
                 Err(StoreError::NotFound { path })
             }
