@@ -77,6 +77,15 @@ pub trait NodeConsumer: Send + Sync + std::fmt::Debug {
     /// A node it had is gone (deleted): forget it (remove the agent).
     async fn node_gone(&self, node_id: &str) -> Result<(), ConsumerError>;
 
+    /// Called when the runtime starts serving the consumer (and after the
+    /// consumer was rebuilt by a reload) with the ids of every node
+    /// allocated to it: remove whatever belongs to other nodes (agents of
+    /// nodes deleted while nobody served the target). Default: nothing.
+    async fn reconcile(&self, live: &[String]) -> Result<(), ConsumerError> {
+        let _ = live;
+        Ok(())
+    }
+
     /// Nodes running a job right now, as of the last `finished_nodes`
     /// call. They do not count as idle for `min-ready`, so a replacement is
     /// launched as soon as a job starts rather than when it ends.

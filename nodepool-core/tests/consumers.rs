@@ -72,6 +72,8 @@ struct TestState {
     busy: Vec<String>,
     /// node_ready fails with this.
     fail_ready: Option<ConsumerError>,
+    /// Every reconcile call's live nodes.
+    reconciled: Vec<Vec<String>>,
 }
 
 impl TestConsumer {
@@ -133,6 +135,11 @@ impl NodeConsumer for TestConsumer {
 
     fn busy_nodes(&self) -> Vec<String> {
         self.st().busy.clone()
+    }
+
+    async fn reconcile(&self, live: &[String]) -> Result<(), ConsumerError> {
+        self.st().reconciled.push(live.to_vec());
+        Ok(())
     }
 }
 
@@ -518,6 +525,16 @@ async fn one_runtime_serves_a_target_and_another_takes_over() {
     // The standby adopts the same nodes: no new ones, no node given up.
     let adopted = registered(&r, 1, 2).await;
     assert_eq!(adopted.ready(), ids);
+    assert_eq!(
+        first.st().reconciled,
+        [Vec::<String>::new()],
+        "once, at the start"
+    );
+    assert_eq!(
+        adopted.st().reconciled,
+        std::slice::from_ref(&ids),
+        "the new server reconciles with the nodes it found"
+    );
     assert_eq!(nodes(&s).await.len(), 2);
     assert!(first.gone().is_empty() && adopted.gone().is_empty());
     r.stop().await;

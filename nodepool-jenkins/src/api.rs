@@ -413,6 +413,40 @@ impl Endpoint for ListAgents {
     }
 }
 
+/// `GET /computer/api/json`: every agent's name and description.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListAgentDescriptions;
+
+#[derive(Deserialize)]
+struct DescribedSetBody {
+    #[serde(default)]
+    computer: Vec<DescribedBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DescribedBody {
+    display_name: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+impl Endpoint for ListAgentDescriptions {
+    type Output = Vec<(String, String)>;
+
+    fn request(&self) -> ApiRequest {
+        ApiRequest::get("computer/api/json").query("tree", "computer[displayName,description]")
+    }
+
+    fn parse(&self, response: ApiResponse) -> Result<Vec<(String, String)>, ApiError> {
+        let b: DescribedSetBody = response.json("GET /computer/api/json")?;
+        Ok(b.computer
+            .into_iter()
+            .map(|c| (c.display_name, c.description.unwrap_or_default()))
+            .collect())
+    }
+}
+
 // ----- builds -----------------------------------------------------------
 
 /// `GET /computer/NAME/rssAll`: the builds that ran on an agent, newest
@@ -685,6 +719,23 @@ mod tests {
             ))
             .expect("parse");
         assert_eq!(names, ["Built-In Node", "a"]);
+    }
+
+    #[test]
+    fn agent_descriptions_are_read() {
+        let list = ListAgentDescriptions
+            .parse(response(
+                200,
+                r#"{"computer":[{"displayName":"Built-In Node","description":null},{"displayName":"a","description":"d"}]}"#,
+            ))
+            .expect("parse");
+        assert_eq!(
+            list,
+            [
+                ("Built-In Node".to_owned(), String::new()),
+                ("a".to_owned(), "d".to_owned())
+            ]
+        );
     }
 
     #[test]

@@ -18,6 +18,12 @@
 //!   (`/computer/NAME/rssAll`), for jobs that started and ended between
 //!   two polls. Build results are only fetched while hold rules exist.
 //!
+//! Agents carry the description `nodepool node <id> of provider <p>,
+//! target <t>`; [`reconcile`](NodeConsumer::reconcile) removes agents with
+//! this target's description whose node is no longer allocated to it
+//! (nodes deleted while no runtime served the target). Other agents of the
+//! master are never touched.
+//!
 //! Single use rests on NODE_OFFLINE_WHEN_COMPLETE: without it, Jenkins may
 //! start a second job on an idle agent before the next poll notices the
 //! first one ended.
@@ -37,7 +43,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{
     AgentBuilds, AgentSpec, ComputerInfo, CreateAgent, DeleteAgent, GetBuild, GetComputer,
-    HostKeyCheck, ListAgents, build_path,
+    HostKeyCheck, ListAgentDescriptions, ListAgents, build_path,
 };
 use crate::client::{ClientOptions, JenkinsClient};
 use crate::error::ApiError;
@@ -171,6 +177,28 @@ impl JenkinsConsumer {
             .unwrap_or_default()
     }
 
+    /// An agent's description: also how `reconcile` recognises agents of
+    /// this target among every agent of the master.
+    fn description(&self, node_id: &str, provider: &str) -> String {
+        format!(
+            "nodepool node {node_id} of provider {provider}, {}",
+            self.description_suffix()
+        )
+    }
+
+    fn description_suffix(&self) -> String {
+        format!("target {}", self.target.name)
+    }
+
+    /// The node id of an agent this target made, from its description.
+    fn described_node<'a>(&self, description: &'a str) -> Option<&'a str> {
+        let rest = description.strip_prefix("nodepool node ")?;
+        if !description.ends_with(&format!(", {}", self.description_suffix())) {
+            return None;
+        }
+        rest.split(' ').next()
+    }
+
     fn adopt(&self, node_id: &str, name: &str, info: &ComputerInfo) {
         let mut agent = Agent {
             name: name.to_owned(),
@@ -275,7 +303,7 @@ impl NodeConsumer for JenkinsConsumer {
             .unwrap_or(22);
         let spec = AgentSpec {
             name: name.clone(),
-            description: format!("nodepool node {node_id} of provider {}", node.provider),
+            description: self.description(node_id, &node.provider),
             label: self.label_for(node),
             remote_fs_root: self.target.jenkins.remote_fs_root.clone(),
             host: host.to_owned(),
@@ -406,6 +434,29 @@ impl NodeConsumer for JenkinsConsumer {
             Err(e) => return Err(e.into()),
         }
         self.agents().remove(node_id);
+        Ok(())
+    }
+
+    async fn reconcile(&self, live: &[String]) -> Result<(), ConsumerError> {
+        let agents = self
+            .client
+            .execute(&ListAgentDescriptions)
+            .await
+            .map_err(ConsumerError::from)?;
+        for (name, description) in agents {
+            let Some(node_id) = self.described_node(&description) else {
+                continue;
+            };
+            if live.iter().any(|l| l == node_id) || self.agents().contains_key(node_id) {
+                continue;
+            }
+            info!(agent = %name, node = %node_id, "removing the agent of a node that is gone");
+            match self.client.execute(&DeleteAgent(name.clone())).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 

@@ -344,3 +344,30 @@ async fn a_refused_token_is_unauthenticated_without_showing_it() {
     let text = format!("{err} {err:?} {c:?}");
     assert!(!text.contains(wrong), "{text}");
 }
+
+#[tokio::test]
+async fn agents_of_vanished_nodes_are_removed_on_reconcile() {
+    let (j, s, c) = setup().await;
+    for id in ["0000000001", "0000000002"] {
+        c.node_ready(id, &node("small")).await.expect("ready");
+    }
+    // Agents this target did not make: a static one, another target's.
+    j.add_agent("static-1", "small", "a static agent");
+    j.add_agent(
+        "small-sim-0000000099",
+        "small",
+        "nodepool node 0000000099 of provider sim, target other",
+    );
+    // After a restart only node 1 is still allocated to the target.
+    let c2 = JenkinsConsumer::new(&target(&j.url), s, options()).expect("consumer");
+    c2.reconcile(&["0000000001".to_owned()])
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        j.agents().keys().cloned().collect::<Vec<_>>(),
+        ["small-sim-0000000001", "small-sim-0000000099", "static-1"]
+    );
+    // A consumer keeps what it registered itself even if not listed.
+    c.reconcile(&[]).await.expect("reconcile");
+    assert!(j.agent("small-sim-0000000001").is_some());
+}

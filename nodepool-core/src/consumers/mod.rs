@@ -36,8 +36,11 @@
 //! `hold` when a [job hold rule](holds) for its failed job still has room;
 //! then [`node_gone`](NodeConsumer::node_gone) removes the agent. Nodes
 //! that leave `ready` or vanish under the consumer (an operator's `nodepool
-//! delete`, a cloud failure) are `node_gone` too. Registration failures
-//! particular to a node are retried with backoff, then the node is given up
+//! delete`, a cloud failure) are `node_gone` too. When a runtime starts
+//! serving a target it calls [`reconcile`](NodeConsumer::reconcile) once
+//! with the target's nodes, so agents of nodes that went while nobody
+//! served the target are removed. Registration failures particular to a
+//! node are retried with backoff, then the node is given up
 //! (`used`); failures of the whole target (Jenkins unreachable, token
 //! refused) are retried without giving nodes up, so a Jenkins outage does
 //! not churn the pool.
@@ -230,6 +233,7 @@ async fn apply_config(
                 // The new consumer knows no agent: node_ready adopts them.
                 s.registered.clear();
                 s.failures.clear();
+                s.reconciled = false;
             }
             None => {
                 served.insert(t.name.clone(), Served::new(t.clone(), consumer));
@@ -264,6 +268,8 @@ struct Served {
     gone: BTreeSet<String>,
     /// Labels whose last request failed, and when to ask again.
     label_backoff: BTreeMap<String, Instant>,
+    /// Whether `reconcile` ran since the target was taken or rebuilt.
+    reconciled: bool,
     /// Whether "another runtime serves it" was logged.
     told_not_elected: bool,
 }
@@ -280,6 +286,7 @@ impl Served {
             outcomes: BTreeMap::new(),
             gone: BTreeSet::new(),
             label_backoff: BTreeMap::new(),
+            reconciled: false,
             told_not_elected: false,
         }
     }
@@ -308,6 +315,7 @@ impl Served {
                 tracing::info!(target_name = %self.target.name, "serving target");
                 self.election = Some(g);
                 self.told_not_elected = false;
+                self.reconciled = false;
                 true
             }
             Err(StoreError::Locked { .. }) => {
@@ -389,6 +397,18 @@ impl Served {
                 self.failures.remove(&id);
                 self.outcomes.remove(&id);
                 self.gone.insert(id);
+            }
+        }
+
+        // Once per election or consumer: drop what belongs to nodes that
+        // went while nobody served the target.
+        if !self.reconciled {
+            let live: Vec<String> = ours.keys().map(|id| (*id).to_owned()).collect();
+            match self.consumer.reconcile(&live).await {
+                Ok(()) => self.reconciled = true,
+                Err(e) => {
+                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot reconcile the target with its nodes; retrying")
+                }
             }
         }
 

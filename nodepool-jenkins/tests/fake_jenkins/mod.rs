@@ -293,13 +293,13 @@ impl FakeJenkins {
         self.st().agents.remove(name);
     }
 
-    /// Creates an agent directly (something made it before us).
-    pub fn add_agent(&self, name: &str, label: &str) {
+    /// Creates an agent directly (a person, or another program).
+    pub fn add_agent(&self, name: &str, label: &str, description: &str) {
         self.st().agents.insert(
             name.to_owned(),
             FakeAgent {
                 name: name.to_owned(),
-                config: json!({"labelString": label}),
+                config: json!({"labelString": label, "nodeDescription": description}),
                 online: true,
                 temporarily_offline: false,
                 offline_cause: None,
@@ -489,7 +489,9 @@ fn route(
         }
         ("GET", ["computer", "api", "json"]) => {
             let mut list = vec![json!({"displayName": "Built-In Node"})];
-            list.extend(st.agents.keys().map(|n| json!({"displayName": n})));
+            list.extend(st.agents.values().map(
+                |a| json!({"displayName": a.name, "description": a.config["nodeDescription"]}),
+            ));
             json_response(json!({"computer": list}))
         }
         ("GET", ["computer", name, "api", "json"]) => {
