@@ -57,6 +57,16 @@ fn site() -> tempfile::TempDir {
 /// The testbed's image: Debian bookworm `debian-minimal vm` plus the
 /// `tiny-ssh` element from `elements-dir`, mirrors from the testbed.
 fn spec(site: &Path, image: &str, formats: &str) -> BuildSpec {
+    spec_from_config(&config(&site_yaml(site, image, formats)), image, BUILD_ID)
+}
+
+/// The build id of the real builds (hex, as the builder runtime parses
+/// build ids out of file names).
+const BUILD_ID: &str = "5eed0001";
+
+/// The configuration of [`spec`]'s image, as YAML (providers can be
+/// appended).
+fn site_yaml(site: &Path, image: &str, formats: &str) -> String {
     assert!(
         is_root(),
         "real diskimage-builder builds need root (loop devices, mount, chroot)"
@@ -67,7 +77,7 @@ fn spec(site: &Path, image: &str, formats: &str) -> BuildSpec {
         "{cmd} is missing: rerun testbed/dib/setup.sh"
     );
     run_ok("qemu-img", &["--version"]);
-    let yaml = format!(
+    format!(
         r#"images-dir: {site}/images
 build-log-dir: {site}/logs
 elements-dir: {elements}
@@ -90,8 +100,7 @@ diskimages:
         path = need("NODEPOOL_TEST_DIB_PATH"),
         mirror = need("NODEPOOL_TEST_DIB_MIRROR"),
         security = need("NODEPOOL_TEST_DIB_SECURITY_MIRROR"),
-    );
-    spec_from_config(&config(&yaml), image, "5eed0001")
+    )
 }
 
 /// The lines of a failed DIB log that say why: errors, and what ran just
@@ -259,6 +268,129 @@ async fn a_real_debian_image_is_built_and_verified() {
     assert!(!tmp.exists(), "{} left", tmp.display());
     assert_eq!(mounts_under(&tmp), Vec::<PathBuf>::new());
     assert_eq!(loops_under(&tmp), Vec::<String>::new());
+
+    upload_through_the_builder_runtime(site.path(), &out).await;
+}
+
+/// Uploads the real build through the builder runtime to two simulated
+/// clouds, one taking qcow2 and one raw, and checks that each cloud got
+/// exactly the bytes diskimage-builder wrote (the cloud hashes what it
+/// receives and checks the builder's MD5 and SHA-256; here they are
+/// compared again with coreutils' sums of the files).
+async fn upload_through_the_builder_runtime(
+    site: &Path,
+    out: &nodepool_core::image_builder::BuildArtifacts,
+) {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use nodepool_core::builder::{Builder, BuilderSettings};
+    use nodepool_core::launcher::ProviderFactory;
+    use nodepool_core::model::{BuildState, ImageBuild, UploadState, epoch_now};
+    use nodepool_core::provider::Provider;
+    use nodepool_core::simulated::SimulatedProvider;
+    use nodepool_core::store::Store;
+    use nodepool_core::testing::MemoryStore;
+
+    let mut yaml = site_yaml(site, "tiny", "qcow2, raw");
+    yaml += "labels:\n  - name: small\nproviders:\n";
+    for p in ["sim-qcow2", "sim-raw"] {
+        yaml += &format!(
+            "  - name: {p}\n    driver: simulated\n    image-upload-timeout: 900\n    diskimages: [{{name: tiny}}]\n    pools:\n      - name: main\n        max-servers: 1\n        labels: [{{name: small, diskimage: tiny, flavor-name: \"Fake Flavor\"}}]\n"
+        );
+    }
+    let mut cfg = config(&yaml);
+    // As clouds.yaml `image_format: raw` would.
+    cfg.providers[1].image_format = Some("raw".into());
+    // The build DibBuilder just made, recorded as the runtime records its own.
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let now = epoch_now();
+    let mut rec = ImageBuild::new(now, vec!["qcow2".into(), "raw".into()]);
+    rec.set_state(BuildState::Ready, now);
+    store.create_build("tiny", BUILD_ID, &rec).await.unwrap();
+
+    let clouds: Arc<Mutex<BTreeMap<String, Arc<SimulatedProvider>>>> = Arc::default();
+    let registry = clouds.clone();
+    let factory: ProviderFactory = Arc::new(move |pc| {
+        let p = Arc::new(SimulatedProvider::new(pc).map_err(|e| e.to_string())?);
+        registry.lock().unwrap().insert(pc.name.clone(), p.clone());
+        Ok(p as Arc<dyn Provider>)
+    });
+    let builder = Builder::new(
+        store.clone(),
+        factory,
+        Arc::new(DibBuilder::default()),
+        BuilderSettings {
+            // One at a time, so each upload's time is its own.
+            upload_workers: 1,
+            max_pass_interval: Duration::from_millis(500),
+            ..BuilderSettings::default()
+        },
+    );
+    let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(cfg));
+    let stop = CancellationToken::new();
+    let start = Instant::now();
+    let task = tokio::spawn(builder.run(rx, stop.clone()));
+    let mut ready_at: BTreeMap<String, f64> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while ready_at.len() < 2 {
+        assert!(Instant::now() < deadline, "uploads not ready within 900 s");
+        let st = store.image_state().await.unwrap();
+        assert!(st.builds.len() == 1, "the runtime built again: {st:#?}");
+        for u in &st.uploads {
+            assert_ne!(u.upload.state, UploadState::Failed, "{u:#?}");
+            if u.upload.state == UploadState::Ready {
+                ready_at
+                    .entry(u.provider.clone())
+                    .or_insert_with(|| start.elapsed().as_secs_f64());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    let st = store.image_state().await.unwrap();
+    let mut first_done = 0.0f64;
+    let mut order: Vec<(&String, &f64)> = ready_at.iter().collect();
+    order.sort_by(|a, b| a.1.total_cmp(b.1));
+    for (provider, at) in order {
+        let fmt = if provider == "sim-raw" {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        let a = out.get(fmt).unwrap();
+        let u = st.uploads.iter().find(|u| &u.provider == provider).unwrap();
+        assert_eq!(u.upload.format.as_deref(), Some(fmt));
+        let cloud = clouds.lock().unwrap().get(provider).cloned().unwrap();
+        let images = cloud.list_images().await.unwrap();
+        assert_eq!(images.len(), 1);
+        let img = &images[0];
+        assert_eq!(u.upload.external_id.as_deref(), Some(img.id.as_str()));
+        let sha = run_ok("sha256sum", &[a.path.to_str().unwrap()]);
+        assert_eq!(
+            img.properties
+                .get("owner_specified.openstack.sha256")
+                .map(String::as_str),
+            sha.split_whitespace().next(),
+            "{provider}"
+        );
+        let md5 = run_ok("md5sum", &[a.path.to_str().unwrap()]);
+        assert_eq!(
+            img.properties
+                .get("owner_specified.openstack.md5")
+                .map(String::as_str),
+            md5.split_whitespace().next()
+        );
+        assert_eq!(img.properties["nodepool_build_id"], BUILD_ID);
+        let secs = at - first_done;
+        first_done = *at;
+        println!(
+            "real-dib: builder runtime uploaded {fmt} ({} bytes) to the simulated cloud in {secs:.1} s ({:.0} MiB/s, checksums verified)",
+            a.size,
+            a.size as f64 / 1048576.0 / secs.max(0.001)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

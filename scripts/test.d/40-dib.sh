@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Real diskimage-builder builds (nodepool-dib's `real-dib` feature): a small
 # Debian image built through DibBuilder and checked (qcow2 + raw, ~3 min),
-# then a second build killed mid-way and checked to leave no mount, loop
-# device or process (~2 min). Needs root.
+# then uploaded through the builder runtime (nodepool_core::builder) to two
+# simulated clouds, one taking qcow2 and one raw, with the checksums the
+# clouds computed compared to coreutils' (~30 s); then a second build killed
+# mid-way and checked to leave no mount, loop device or process (~2 min).
+# Needs root. (The upload of a real build to the OpenStack testbed's Glance
+# is not part of this phase yet.)
 #
 #   bash scripts/test.d/40-dib.sh OUTPUT_FILE
 #

@@ -336,12 +336,6 @@ fn usable_upload(u: &UploadRecord, ready_builds: &BTreeSet<&str>) -> bool {
         && ready_builds.contains(u.build_id.as_str())
 }
 
-/// Whether the provider takes uploads of `image` now (lists it, not being
-/// removed, not paused for it).
-fn uploads_to(p: &ProviderConfig, image: &str) -> bool {
-    p.diskimage(image).is_some_and(|d| !d.pause) && !p.is_disabled()
-}
-
 /// Whether existing uploads of `image` to the provider are wanted (lists
 /// it, not being removed; a paused image keeps its uploads).
 fn keeps_uploads(p: &ProviderConfig, image: &str) -> bool {
@@ -357,23 +351,47 @@ pub fn kept_uploads<'a>(
     config: &Config,
     image: &str,
 ) -> BTreeMap<String, Vec<&'a UploadRecord>> {
-    let ready_builds: BTreeSet<&str> = state
+    if config.diskimage(image).is_none() {
+        return BTreeMap::new();
+    }
+    let ready: BTreeSet<&str> = state
         .builds
         .iter()
         .filter(|b| b.image == image && b.build.state == BuildState::Ready)
         .map(|b| b.id.as_str())
         .collect();
-    let mut out = BTreeMap::new();
-    if config.diskimage(image).is_none() {
-        return out;
+    let keepers: BTreeSet<&str> = config
+        .providers
+        .iter()
+        .filter(|p| keeps_uploads(p, image))
+        .map(|p| p.name.as_str())
+        .collect();
+    select_kept(
+        state.uploads.iter().filter(|u| u.image == image),
+        &ready,
+        &keepers,
+    )
+}
+
+/// [`kept_uploads`] over one image's uploads, the ids of its ready builds
+/// and the providers that keep its uploads.
+fn select_kept<'a>(
+    uploads: impl Iterator<Item = &'a UploadRecord>,
+    ready: &BTreeSet<&str>,
+    keepers: &BTreeSet<&str>,
+) -> BTreeMap<String, Vec<&'a UploadRecord>> {
+    let mut out: BTreeMap<String, Vec<&'a UploadRecord>> = keepers
+        .iter()
+        .map(|p| ((*p).to_owned(), Vec::new()))
+        .collect();
+    for u in uploads {
+        if usable_upload(u, ready)
+            && let Some(v) = out.get_mut(u.provider.as_str())
+        {
+            v.push(u);
+        }
     }
-    for p in config.providers.iter().filter(|p| keeps_uploads(p, image)) {
-        let mut ups: Vec<&UploadRecord> = state
-            .uploads
-            .iter()
-            .filter(|u| u.image == image && u.provider == p.name)
-            .filter(|u| usable_upload(u, &ready_builds))
-            .collect();
+    for ups in out.values_mut() {
         ups.sort_by(|a, b| {
             newer_first(
                 (a.upload.state_time, a.id.as_str(), ()),
@@ -385,7 +403,6 @@ pub fn kept_uploads<'a>(
         // (`image-upload`) must not push the previous image out.
         let mut seen: BTreeSet<&str> = BTreeSet::new();
         ups.retain(|u| seen.len() < KEEP && seen.insert(&u.build_id));
-        out.insert(p.name.clone(), ups);
     }
     out
 }
@@ -468,8 +485,24 @@ pub fn plan_images(
     for image in images {
         let mut recs = builds_by_image.get(image).cloned().unwrap_or_default();
         sort_builds(&mut recs);
+        let providers = config
+            .providers
+            .iter()
+            .map(|p| {
+                let d = p.diskimage(image);
+                (
+                    p.name.as_str(),
+                    Relation {
+                        provider: p,
+                        listed: d.is_some(),
+                        paused: d.is_some_and(|d| d.pause),
+                    },
+                )
+            })
+            .collect();
         let ctx = ImageCtx {
             image,
+            providers,
             builds: recs,
             uploads_by_build: &uploads_by_build,
             unreadable: &unreadable,
@@ -500,8 +533,32 @@ pub fn plan_images(
     ImagePlan { actions, notes }
 }
 
+/// How a configured provider relates to one image.
+#[derive(Clone, Copy)]
+struct Relation<'a> {
+    provider: &'a ProviderConfig,
+    /// The provider lists the image.
+    listed: bool,
+    /// Listed with `pause: true`.
+    paused: bool,
+}
+
+impl Relation<'_> {
+    /// Takes new uploads of the image.
+    fn uploads_to(&self) -> bool {
+        self.listed && !self.paused && !self.provider.is_disabled()
+    }
+
+    /// Keeps existing uploads of the image.
+    fn keeps(&self) -> bool {
+        self.listed && !self.provider.is_disabled()
+    }
+}
+
 struct ImageCtx<'a> {
     image: &'a str,
+    /// Every configured provider, by name, and how it relates to the image.
+    providers: BTreeMap<&'a str, Relation<'a>>,
     /// This image's builds, newest first.
     builds: Vec<&'a BuildRecord>,
     uploads_by_build: &'a BTreeMap<(&'a str, &'a str), Vec<&'a UploadRecord>>,
@@ -611,10 +668,11 @@ impl<'a> ImageCtx<'a> {
             return;
         };
         let ups = self.uploads_of(&newest.id);
-        for p in &self.config.providers {
-            if !uploads_to(p, self.image) {
+        for rel in self.providers.values() {
+            if !rel.uploads_to() {
                 continue;
             }
+            let p = rel.provider;
             let format = p.upload_format();
             if !newest.build.formats.iter().any(|f| f == format) || !files.contains(format) {
                 continue;
@@ -661,7 +719,18 @@ impl<'a> ImageCtx<'a> {
         let mut keep_uploads: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
         if configured {
             keep_builds.extend(self.ready().take(KEEP).map(|b| b.id.as_str()));
-            for (_, ups) in kept_uploads(&self.snapshot.images, self.config, self.image) {
+            let ready: BTreeSet<&str> = self.ready().map(|b| b.id.as_str()).collect();
+            let keepers: BTreeSet<&str> = self
+                .providers
+                .iter()
+                .filter(|(_, r)| r.keeps())
+                .map(|(n, _)| *n)
+                .collect();
+            let mine = self
+                .builds
+                .iter()
+                .flat_map(|b| self.uploads_of(&b.id).iter().copied());
+            for (_, ups) in select_kept(mine, &ready, &keepers) {
                 for u in ups {
                     keep_builds.insert(&u.build_id);
                     keep_uploads.insert((&u.build_id, &u.provider, &u.id));
@@ -675,7 +744,7 @@ impl<'a> ImageCtx<'a> {
             let kept = keep_builds.contains(b.id.as_str());
             let ups = self.uploads_of(&b.id);
             for u in ups {
-                let Some(p) = self.config.provider(&u.provider) else {
+                let Some(rel) = self.providers.get(u.provider.as_str()) else {
                     notes.push(format!(
                         "upload {}/{}/{}/{} ({}) is for provider {:?}, which is not configured: \
                          left alone (`nodepool erase {}` removes its records)",
@@ -691,9 +760,9 @@ impl<'a> ImageCtx<'a> {
                 };
                 let obsolete = if !configured {
                     Some(ImageDeleteReason::ImageRemoved)
-                } else if p.diskimage(self.image).is_none() {
+                } else if !rel.listed {
                     Some(ImageDeleteReason::ImageRemovedFromProvider)
-                } else if p.is_disabled() {
+                } else if rel.provider.is_disabled() {
                     Some(ImageDeleteReason::ProviderRemoved)
                 } else {
                     None
@@ -818,10 +887,10 @@ impl<'a> ImageCtx<'a> {
                         continue;
                     }
                     let targets: Vec<&ProviderConfig> = self
-                        .config
                         .providers
-                        .iter()
-                        .filter(|p| uploads_to(p, self.image))
+                        .values()
+                        .filter(|r| r.uploads_to())
+                        .map(|r| r.provider)
                         .collect();
                     let ups = self.uploads_of(build);
                     let everywhere = !targets.is_empty()
