@@ -1,0 +1,226 @@
+//! Load benchmark of issue 5: a burst of single-node requests submitted at
+//! once, as Zuul submits them, to a real `nodepool-launcher` process on a
+//! real ZooKeeper with the simulated cloud (0.1 s boot, no quota). Reports
+//! wall time, requests/s, submit→fulfilled percentiles, the launcher's CPU
+//! seconds and peak RSS; then the latency of one request on an idle
+//! launcher.
+//!
+//! ```text
+//! cargo build --release -p nodepool-cli -p nodepool-tests
+//! eval "$(scripts/zookeeper.sh env)"
+//! target/release/burst [--requests 1000] [--launcher target/release/nodepool-launcher]
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nodepool_core::config::Config;
+use nodepool_core::model::RequestState;
+use nodepool_core::requestor::{NewRequest, Requestor};
+use nodepool_core::store::StoreEvent;
+use tokio::sync::broadcast::error::RecvError;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    Ok(ticks / 100.0)
+}
+
+/// Peak resident set size, in MiB.
+fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    Ok(kb / 1024.0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = arg("--requests").and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let launcher_bin = arg("--launcher").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/nodepool-launcher")
+    });
+    if !launcher_bin.exists() {
+        bail!("{} not found: cargo build --release -p nodepool-cli", launcher_bin.display());
+    }
+    let hosts = std::env::var("NODEPOOL_TEST_ZK_HOSTS")
+        .context("NODEPOOL_TEST_ZK_HOSTS: start ZooKeeper with scripts/zookeeper.sh")?;
+    let (host, port) = hosts.rsplit_once(':').context("NODEPOOL_TEST_ZK_HOSTS is host:port")?;
+    let chroot = format!("/nodepool-rs-bench/{}", uuid::Uuid::new_v4().simple());
+    let dir = tempfile::tempdir()?;
+    let yaml = format!(
+        r#"zookeeper-servers: [{{host: '{host}', port: {port}, chroot: '{chroot}'}}]
+labels: [{{name: small}}]
+providers:
+  - name: sim
+    driver: simulated
+    simulation:
+      boot-delay: 0.1
+      delete-delay: 0.01
+      flavors: [{{name: s, vcpus: 1, ram: 1024}}]
+    cloud-images: [{{name: img}}]
+    pools:
+      - name: main
+        max-servers: 100000
+        labels: [{{name: small, cloud-image: img, flavor-name: s}}]
+"#
+    );
+    let cfg_path = dir.path().join("nodepool.yaml");
+    std::fs::write(&cfg_path, &yaml)?;
+    let cfg = Config::from_yaml(&yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let store = nodepool_cli::daemon::open_store(&cfg).await?;
+    let zuul = Arc::new(Requestor::new(store.clone(), "8d0f7c1e6b2a4f3c9e5d7a1b2c3d4e5f"));
+
+    let mut child = Command::new(&launcher_bin)
+        .arg("-c")
+        .arg(&cfg_path)
+        .arg("--no-webapp")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", launcher_bin.display()))?;
+    let pid = child.id();
+    // Wait until the launcher registered its pool.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store
+        .list_components(nodepool_core::model::ComponentKind::Pool)
+        .await?
+        .records
+        .is_empty()
+    {
+        if Instant::now() > deadline {
+            bail!("the launcher did not register within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu_before = cpu_seconds(pid)?;
+
+    // The burst.
+    let mut events = store.backend().subscribe();
+    let started = Instant::now();
+    let mut submitted: BTreeMap<String, Instant> = BTreeMap::new();
+    let submits = futures_lite_join(n, zuul.clone()).await?;
+    for (id, at) in submits {
+        submitted.insert(id, at);
+    }
+    let submit_time = started.elapsed();
+    let mut latencies = Vec::with_capacity(n);
+    let mut done: HashSet<String> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    // Catch the ones fulfilled before we looked, then follow events.
+    let check = |id: &str, state: RequestState, done: &mut HashSet<String>, latencies: &mut Vec<Duration>| {
+        if state == RequestState::Fulfilled && done.insert(id.to_owned()) {
+            if let Some(at) = submitted.get(id) {
+                latencies.push(at.elapsed());
+            }
+        }
+    };
+    for r in store.list_requests().await?.records {
+        check(&r.id, r.request.state, &mut done, &mut latencies);
+    }
+    while done.len() < n {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            bail!("only {} of {n} requests fulfilled within 300 s", done.len());
+        }
+        match tokio::time::timeout(remaining, events.recv()).await {
+            Ok(Ok(StoreEvent::Changed(path))) => {
+                if let Some(id) = path.strip_prefix("/nodepool/requests/") {
+                    if !done.contains(id) {
+                        if let Some(r) = store.get_request(id).await? {
+                            check(id, r.value.state, &mut done, &mut latencies);
+                        }
+                    }
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(RecvError::Lagged(_))) => {
+                for r in store.list_requests().await?.records {
+                    check(&r.id, r.request.state, &mut done, &mut latencies);
+                }
+            }
+            Ok(Err(RecvError::Closed)) => bail!("store event stream closed"),
+            Err(_) => {}
+        }
+    }
+    let wall = started.elapsed();
+    let cpu = cpu_seconds(pid)? - cpu_before;
+    let rss = peak_rss_mib(pid)?;
+    latencies.sort();
+
+    // Clean up the burst (Zuul deletes fulfilled requests; nodes go used).
+    for id in submitted.keys() {
+        let _ = store.delete_request(id).await;
+    }
+    // One request on the (now idle) launcher.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    let id = zuul.submit(&NewRequest::new(vec!["small".into()])).await?;
+    let outcome = zuul.wait(&id, Duration::from_secs(60)).await?;
+    let idle = t.elapsed();
+    if !matches!(outcome, nodepool_core::requestor::Outcome::Fulfilled(_)) {
+        bail!("the idle request was not fulfilled");
+    }
+
+    let _ = Command::new("kill").arg("-INT").arg(pid.to_string()).status();
+    let _ = child.wait();
+
+    println!("burst of {n} single-node requests (real ZooKeeper, simulated cloud, 0.1 s boot):");
+    println!("  submitted in        {:.3} s", submit_time.as_secs_f64());
+    println!("  all fulfilled after {:.3} s  ({:.0} requests/s)", wall.as_secs_f64(), n as f64 / wall.as_secs_f64());
+    println!("  submit→fulfilled    p50 {:.3} s, p95 {:.3} s, max {:.3} s",
+        percentile(&latencies, 0.5).as_secs_f64(), percentile(&latencies, 0.95).as_secs_f64(),
+        latencies.last().copied().unwrap_or_default().as_secs_f64());
+    println!("  launcher CPU        {cpu:.2} s");
+    println!("  launcher peak RSS   {rss:.1} MiB");
+    println!("one request on an idle launcher: {:.1} ms", idle.as_secs_f64() * 1000.0);
+    Ok(())
+}
+
+/// Submits `n` requests with up to 64 in flight, as a busy Zuul does.
+async fn futures_lite_join(n: usize, zuul: Arc<Requestor>) -> anyhow::Result<Vec<(String, Instant)>> {
+    let mut out = Vec::with_capacity(n);
+    let mut set = tokio::task::JoinSet::new();
+    let mut next = 0;
+    while next < n || !set.is_empty() {
+        while next < n && set.len() < 64 {
+            let z = zuul.clone();
+            set.spawn(async move {
+                let at = Instant::now();
+                z.submit(&NewRequest::new(vec!["small".into()])).await.map(|id| (id, at))
+            });
+            next += 1;
+        }
+        if let Some(r) = set.join_next().await {
+            out.push(r??);
+        }
+    }
+    Ok(out)
+}
