@@ -39,7 +39,12 @@ impl russh::client::Handler for KeyCatcher {
     }
 }
 
-async fn key_for(host: &str, port: u16, algorithm: Algorithm) -> Result<Option<String>, String> {
+async fn key_for(
+    host: &str,
+    port: u16,
+    algorithm: Algorithm,
+    deadline: tokio::time::Instant,
+) -> Result<Option<String>, String> {
     let key = Arc::new(Mutex::new(None));
     let config = russh::client::Config {
         preferred: russh::Preferred {
@@ -49,15 +54,19 @@ async fn key_for(host: &str, port: u16, algorithm: Algorithm) -> Result<Option<S
         ..Default::default()
     };
     let handler = KeyCatcher { key: key.clone() };
+    // Each attempt is capped, and never runs past the scan's deadline.
+    let limit = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .min(ATTEMPT_TIMEOUT);
     let attempt = tokio::time::timeout(
-        ATTEMPT_TIMEOUT,
+        limit,
         russh::client::connect(Arc::new(config), (host, port), handler),
     )
     .await;
     let caught = key.lock().unwrap_or_else(|p| p.into_inner()).clone();
     match (caught, attempt) {
         (Some(k), _) => Ok(Some(k)),
-        (None, Err(_)) => Err("no SSH key exchange within 10 s".into()),
+        (None, Err(_)) => Err(format!("no SSH key exchange within {limit:?}")),
         (None, Ok(Err(e))) => {
             let text = e.to_string();
             // The server simply does not have a key of this type.
@@ -84,7 +93,7 @@ pub async fn scan(
     let mut last_error;
     loop {
         if ssh {
-            match key_for(host, port, Algorithm::Ed25519).await {
+            match key_for(host, port, Algorithm::Ed25519, deadline).await {
                 Ok(first) => {
                     // The server is up: collect the other key types once.
                     let mut keys: Vec<String> = first.into_iter().collect();
@@ -96,7 +105,7 @@ pub async fn scan(
                             hash: Some(HashAlg::Sha512),
                         },
                     ] {
-                        if let Ok(Some(k)) = key_for(host, port, alg).await {
+                        if let Ok(Some(k)) = key_for(host, port, alg, deadline).await {
                             keys.push(k);
                         }
                     }
