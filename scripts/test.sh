@@ -64,6 +64,8 @@ workspace_tests() {
 
 mkdir -p target
 export CARGO_TERM_COLOR=never
+# Incremental caches are GBs a one-shot CI build never reuses.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 phase "start ZooKeeper" start_zookeeper
 phase "python reference peers" python_peers
 phase "fmt + clippy" lint

@@ -83,10 +83,14 @@ pub(crate) fn config(root: &Value, errs: &mut Errors) -> (Config, Vec<RawDiskIma
     if let Some(f) = top.get("webapp")
         && let Some(mut m) = f.at().fields(errs)
     {
-        if let Some(port) = m.get("port")
-            && let Some(p) = port_number(port.at(), errs)
-        {
-            cfg.webapp.port = p;
+        if let Some(port) = m.get("port") {
+            // 0 asks the system for a free port (the bound address is
+            // logged): handy for embedding and for tests.
+            if port.at().value.as_i64() == Some(0) {
+                cfg.webapp.port = 0;
+            } else if let Some(p) = port_number(port.at(), errs) {
+                cfg.webapp.port = p;
+            }
         }
         if let Some(addr) = m.string("listen_address", errs) {
             cfg.webapp.listen_address = addr;
