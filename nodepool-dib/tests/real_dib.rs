@@ -285,12 +285,15 @@ async fn upload_through_the_builder_runtime(
     use std::sync::{Arc, Mutex};
 
     use nodepool_core::builder::{Builder, BuilderSettings};
+    use nodepool_core::config::Driver;
     use nodepool_core::launcher::ProviderFactory;
     use nodepool_core::model::{BuildState, ImageBuild, UploadState, epoch_now};
     use nodepool_core::provider::Provider;
     use nodepool_core::simulated::SimulatedProvider;
     use nodepool_core::store::Store;
     use nodepool_core::testing::MemoryStore;
+    use nodepool_openstack::api::{ApiRequest, Raw, Service};
+    use nodepool_openstack::{ClientOptions, CloudsLoader, OpenStackProvider, ProviderOptions};
 
     let mut yaml = site_yaml(site, "tiny", "qcow2, raw");
     yaml += "labels:\n  - name: small\nproviders:\n";
@@ -299,9 +302,25 @@ async fn upload_through_the_builder_runtime(
             "  - name: {p}\n    driver: simulated\n    image-upload-timeout: 900\n    diskimages: [{{name: tiny}}]\n    pools:\n      - name: main\n        max-servers: 1\n        labels: [{{name: small, diskimage: tiny, flavor-name: \"Fake Flavor\"}}]\n"
         );
     }
+    // And the real Glance of the OpenStack testbed. The provider name is
+    // unique per run: only this run's image is looked at and deleted.
+    let glance_name = format!(
+        "dib-glance-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    yaml += &format!(
+        "  - name: {glance_name}\n    driver: openstack\n    cloud: peer\n    rate: 0.1\n    image-upload-timeout: 900\n    diskimages: [{{name: tiny}}]\n    pools:\n      - name: main\n        max-servers: 1\n        labels: [{{name: small, diskimage: tiny, flavor-name: np.tiny}}]\n"
+    );
+    let clouds_yaml = PathBuf::from(need("NODEPOOL_TEST_CLOUDS_YAML"));
+    assert!(
+        clouds_yaml.is_file(),
+        "{} is missing: the OpenStack testbed is not running (scripts/test.d/40-dib.sh starts it)",
+        clouds_yaml.display()
+    );
     let mut cfg = config(&yaml);
     // As clouds.yaml `image_format: raw` would.
     cfg.providers[1].image_format = Some("raw".into());
+    cfg.providers[2].image_format = Some("qcow2".into());
     // The build DibBuilder just made, recorded as the runtime records its own.
     let store = Store::new(Arc::new(MemoryStore::new()));
     let now = epoch_now();
@@ -311,7 +330,26 @@ async fn upload_through_the_builder_runtime(
 
     let clouds: Arc<Mutex<BTreeMap<String, Arc<SimulatedProvider>>>> = Arc::default();
     let registry = clouds.clone();
+    let glance: Arc<Mutex<Option<Arc<OpenStackProvider>>>> = Arc::default();
+    let glance_slot = glance.clone();
+    let loader = CloudsLoader::file(clouds_yaml);
     let factory: ProviderFactory = Arc::new(move |pc| {
+        if matches!(pc.driver, Driver::OpenStack) {
+            let options = ProviderOptions {
+                client: ClientOptions {
+                    // Glance hashes what it stores; a shared CI machine is slow.
+                    timeout: Duration::from_secs(600),
+                    ..ClientOptions::default()
+                },
+                ..ProviderOptions::default()
+            };
+            let p = Arc::new(
+                OpenStackProvider::from_config_with(pc, &loader, options)
+                    .map_err(|e| e.to_string())?,
+            );
+            *glance_slot.lock().unwrap() = Some(p.clone());
+            return Ok(p as Arc<dyn Provider>);
+        }
         let p = Arc::new(SimulatedProvider::new(pc).map_err(|e| e.to_string())?);
         registry.lock().unwrap().insert(pc.name.clone(), p.clone());
         Ok(p as Arc<dyn Provider>)
@@ -333,7 +371,7 @@ async fn upload_through_the_builder_runtime(
     let task = tokio::spawn(builder.run(rx, stop.clone()));
     let mut ready_at: BTreeMap<String, f64> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(900);
-    while ready_at.len() < 2 {
+    while ready_at.len() < 3 {
         assert!(Instant::now() < deadline, "uploads not ready within 900 s");
         let st = store.image_state().await.unwrap();
         assert!(st.builds.len() == 1, "the runtime built again: {st:#?}");
@@ -362,6 +400,39 @@ async fn upload_through_the_builder_runtime(
         let a = out.get(fmt).unwrap();
         let u = st.uploads.iter().find(|u| &u.provider == provider).unwrap();
         assert_eq!(u.upload.format.as_deref(), Some(fmt));
+        let secs = at - first_done;
+        first_done = *at;
+        if *provider == glance_name {
+            // Glance's own record of what it stored: its MD5 and size of
+            // the bytes it received, and our properties.
+            let p = glance.lock().unwrap().clone().unwrap();
+            let id = u.upload.external_id.clone().unwrap();
+            let shown = p
+                .client()
+                .execute(&Raw(ApiRequest::get(
+                    Service::Image,
+                    format!("images/{id}"),
+                )))
+                .await
+                .unwrap_or_else(|e| panic!("GET images/{id}: {e}"))
+                .json()
+                .unwrap();
+            // Removed before the checks, so a failed check leaves no image.
+            p.delete_image(&id).await.unwrap();
+            let md5 = run_ok("md5sum", &[a.path.to_str().unwrap()]);
+            assert_eq!(shown["status"], "active", "{shown}");
+            assert_eq!(shown["checksum"].as_str(), md5.split_whitespace().next());
+            assert_eq!(shown["size"].as_u64(), Some(a.size));
+            assert_eq!(shown["disk_format"], "qcow2");
+            assert_eq!(shown["nodepool_build_id"], BUILD_ID);
+            assert_eq!(shown["nodepool_provider_name"], glance_name.as_str());
+            println!(
+                "real-dib: builder runtime uploaded {fmt} ({} bytes) to the testbed's Glance in {secs:.1} s ({:.0} MiB/s, Glance's MD5 verified)",
+                a.size,
+                a.size as f64 / 1048576.0 / secs.max(0.001)
+            );
+            continue;
+        }
         let cloud = clouds.lock().unwrap().get(provider).cloned().unwrap();
         let images = cloud.list_images().await.unwrap();
         assert_eq!(images.len(), 1);
@@ -383,8 +454,6 @@ async fn upload_through_the_builder_runtime(
             md5.split_whitespace().next()
         );
         assert_eq!(img.properties["nodepool_build_id"], BUILD_ID);
-        let secs = at - first_done;
-        first_done = *at;
         println!(
             "real-dib: builder runtime uploaded {fmt} ({} bytes) to the simulated cloud in {secs:.1} s ({:.0} MiB/s, checksums verified)",
             a.size,
