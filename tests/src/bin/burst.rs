@@ -26,7 +26,9 @@ use tokio::sync::broadcast::error::RecvError;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 /// utime + stime of a process, in seconds.
@@ -62,16 +64,23 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let n: usize = arg("--requests").and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let n: usize = arg("--requests")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let launcher_bin = arg("--launcher").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/nodepool-launcher")
     });
     if !launcher_bin.exists() {
-        bail!("{} not found: cargo build --release -p nodepool-cli", launcher_bin.display());
+        bail!(
+            "{} not found: cargo build --release -p nodepool-cli",
+            launcher_bin.display()
+        );
     }
     let hosts = std::env::var("NODEPOOL_TEST_ZK_HOSTS")
         .context("NODEPOOL_TEST_ZK_HOSTS: start ZooKeeper with scripts/zookeeper.sh")?;
-    let (host, port) = hosts.rsplit_once(':').context("NODEPOOL_TEST_ZK_HOSTS is host:port")?;
+    let (host, port) = hosts
+        .rsplit_once(':')
+        .context("NODEPOOL_TEST_ZK_HOSTS is host:port")?;
     let chroot = format!("/nodepool-rs-bench/{}", uuid::Uuid::new_v4().simple());
     let dir = tempfile::tempdir()?;
     let yaml = format!(
@@ -95,7 +104,10 @@ providers:
     std::fs::write(&cfg_path, &yaml)?;
     let cfg = Config::from_yaml(&yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = nodepool_cli::daemon::open_store(&cfg).await?;
-    let zuul = Arc::new(Requestor::new(store.clone(), "8d0f7c1e6b2a4f3c9e5d7a1b2c3d4e5f"));
+    let zuul = Arc::new(Requestor::new(
+        store.clone(),
+        "8d0f7c1e6b2a4f3c9e5d7a1b2c3d4e5f",
+    ));
 
     let mut child = Command::new(&launcher_bin)
         .arg("-c")
@@ -135,7 +147,10 @@ providers:
     let mut done: HashSet<String> = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     // Catch the ones fulfilled before we looked, then follow events.
-    let check = |id: &str, state: RequestState, done: &mut HashSet<String>, latencies: &mut Vec<Duration>| {
+    let check = |id: &str,
+                 state: RequestState,
+                 done: &mut HashSet<String>,
+                 latencies: &mut Vec<Duration>| {
         if state == RequestState::Fulfilled && done.insert(id.to_owned()) {
             if let Some(at) = submitted.get(id) {
                 latencies.push(at.elapsed());
@@ -189,23 +204,39 @@ providers:
         bail!("the idle request was not fulfilled");
     }
 
-    let _ = Command::new("kill").arg("-INT").arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-INT")
+        .arg(pid.to_string())
+        .status();
     let _ = child.wait();
 
     println!("burst of {n} single-node requests (real ZooKeeper, simulated cloud, 0.1 s boot):");
     println!("  submitted in        {:.3} s", submit_time.as_secs_f64());
-    println!("  all fulfilled after {:.3} s  ({:.0} requests/s)", wall.as_secs_f64(), n as f64 / wall.as_secs_f64());
-    println!("  submit→fulfilled    p50 {:.3} s, p95 {:.3} s, max {:.3} s",
-        percentile(&latencies, 0.5).as_secs_f64(), percentile(&latencies, 0.95).as_secs_f64(),
-        latencies.last().copied().unwrap_or_default().as_secs_f64());
+    println!(
+        "  all fulfilled after {:.3} s  ({:.0} requests/s)",
+        wall.as_secs_f64(),
+        n as f64 / wall.as_secs_f64()
+    );
+    println!(
+        "  submit→fulfilled    p50 {:.3} s, p95 {:.3} s, max {:.3} s",
+        percentile(&latencies, 0.5).as_secs_f64(),
+        percentile(&latencies, 0.95).as_secs_f64(),
+        latencies.last().copied().unwrap_or_default().as_secs_f64()
+    );
     println!("  launcher CPU        {cpu:.2} s");
     println!("  launcher peak RSS   {rss:.1} MiB");
-    println!("one request on an idle launcher: {:.1} ms", idle.as_secs_f64() * 1000.0);
+    println!(
+        "one request on an idle launcher: {:.1} ms",
+        idle.as_secs_f64() * 1000.0
+    );
     Ok(())
 }
 
 /// Submits `n` requests with up to 64 in flight, as a busy Zuul does.
-async fn futures_lite_join(n: usize, zuul: Arc<Requestor>) -> anyhow::Result<Vec<(String, Instant)>> {
+async fn futures_lite_join(
+    n: usize,
+    zuul: Arc<Requestor>,
+) -> anyhow::Result<Vec<(String, Instant)>> {
     let mut out = Vec::with_capacity(n);
     let mut set = tokio::task::JoinSet::new();
     let mut next = 0;
@@ -214,7 +245,9 @@ async fn futures_lite_join(n: usize, zuul: Arc<Requestor>) -> anyhow::Result<Vec
             let z = zuul.clone();
             set.spawn(async move {
                 let at = Instant::now();
-                z.submit(&NewRequest::new(vec!["small".into()])).await.map(|id| (id, at))
+                z.submit(&NewRequest::new(vec!["small".into()]))
+                    .await
+                    .map(|id| (id, at))
             });
             next += 1;
         }
