@@ -151,10 +151,11 @@ providers:
                  state: RequestState,
                  done: &mut HashSet<String>,
                  latencies: &mut Vec<Duration>| {
-        if state == RequestState::Fulfilled && done.insert(id.to_owned()) {
-            if let Some(at) = submitted.get(id) {
-                latencies.push(at.elapsed());
-            }
+        if state == RequestState::Fulfilled
+            && done.insert(id.to_owned())
+            && let Some(at) = submitted.get(id)
+        {
+            latencies.push(at.elapsed());
         }
     };
     for r in store.list_requests().await?.records {
@@ -167,12 +168,11 @@ providers:
         }
         match tokio::time::timeout(remaining, events.recv()).await {
             Ok(Ok(StoreEvent::Changed(path))) => {
-                if let Some(id) = path.strip_prefix("/nodepool/requests/") {
-                    if !done.contains(id) {
-                        if let Some(r) = store.get_request(id).await? {
-                            check(id, r.value.state, &mut done, &mut latencies);
-                        }
-                    }
+                if let Some(id) = path.strip_prefix("/nodepool/requests/")
+                    && !done.contains(id)
+                    && let Some(r) = store.get_request(id).await?
+                {
+                    check(id, r.value.state, &mut done, &mut latencies);
                 }
             }
             Ok(Ok(_)) => {}
