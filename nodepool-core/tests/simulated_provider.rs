@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1163,4 +1163,708 @@ async fn a_thousand_launches_and_deletes() {
         "1,000 create+wait+delete cycles: {:?} real time",
         real.elapsed()
     );
+}
+
+// ----- a cloud in a state file, shared by providers and processes -----
+
+/// The conformance configuration with the cloud kept in `file`.
+fn conformance_on(file: &Path) -> Config {
+    config(&CONFORMANCE.replace(
+        "      boot-delay: 0\n",
+        &format!(
+            "      boot-delay: 0\n      state-file: '{}'\n",
+            file.display()
+        ),
+    ))
+}
+
+/// Two providers opened on one state file, as two processes would open
+/// it: creates, uploads and deletes go through the first; waits, reads and
+/// listings through the second. Nothing is shared but the file.
+#[derive(Debug)]
+struct TwoOnOneFile {
+    first: SimulatedProvider,
+    second: SimulatedProvider,
+}
+
+#[async_trait]
+impl Provider for TwoOnOneFile {
+    fn name(&self) -> &str {
+        self.first.name()
+    }
+
+    async fn quota_limits(&self) -> Result<Limits, ProviderError> {
+        self.second.quota_limits().await
+    }
+
+    async fn label_resources(&self, label: &PoolLabel) -> Result<Resources, ProviderError> {
+        self.second.label_resources(label).await
+    }
+
+    async fn create_instance(&self, spec: &InstanceSpec) -> Result<String, ProviderError> {
+        self.first.create_instance(spec).await
+    }
+
+    async fn wait_for_instance(
+        &self,
+        external_id: &str,
+        spec: &InstanceSpec,
+    ) -> Result<nodepool_core::provider::Instance, ProviderError> {
+        self.second.wait_for_instance(external_id, spec).await
+    }
+
+    async fn get_instance(
+        &self,
+        external_id: &str,
+    ) -> Result<Option<nodepool_core::provider::Instance>, ProviderError> {
+        self.second.get_instance(external_id).await
+    }
+
+    async fn list_instances(
+        &self,
+    ) -> Result<Vec<nodepool_core::provider::Instance>, ProviderError> {
+        self.second.list_instances().await
+    }
+
+    async fn delete_instance(&self, external_id: &str) -> Result<(), ProviderError> {
+        self.first.delete_instance(external_id).await
+    }
+
+    async fn console_log(&self, external_id: &str) -> Result<String, ProviderError> {
+        self.second.console_log(external_id).await
+    }
+
+    async fn upload_image(&self, spec: &ImageUploadSpec) -> Result<String, ProviderError> {
+        self.first.upload_image(spec).await
+    }
+
+    async fn list_images(
+        &self,
+    ) -> Result<Vec<nodepool_core::provider::CloudImageInfo>, ProviderError> {
+        self.second.list_images().await
+    }
+
+    async fn delete_image(&self, external_id: &str) -> Result<(), ProviderError> {
+        self.first.delete_image(external_id).await
+    }
+
+    async fn list_resources(
+        &self,
+        kind: ResourceKind,
+    ) -> Result<Vec<nodepool_core::provider::CloudResource>, ProviderError> {
+        self.second.list_resources(kind).await
+    }
+
+    async fn delete_resource(&self, kind: ResourceKind, id: &str) -> Result<(), ProviderError> {
+        self.first.delete_resource(kind, id).await
+    }
+
+    fn skip_nodescan(&self) -> bool {
+        self.second.skip_nodescan()
+    }
+}
+
+/// The conformance harness on a state file (one per test, like [`Sim`]).
+struct SharedSim {
+    sim: Sim,
+    state: PathBuf,
+}
+
+impl SharedSim {
+    fn new() -> Self {
+        let mut sim = Sim::new();
+        let state = sim._dir.path().join("cloud.json");
+        sim.config = conformance_on(&state);
+        SharedSim { sim, state }
+    }
+}
+
+#[async_trait]
+impl Harness for SharedSim {
+    async fn provider(&self) -> Arc<dyn Provider> {
+        let open = || SimulatedProvider::new(&self.sim.config.providers[0]).expect("simulated");
+        let (first, second) = (open(), open());
+        assert_eq!(first.state_file(), Some(self.state.as_path()));
+        Arc::new(TwoOnOneFile { first, second })
+    }
+
+    fn label(&self) -> PoolLabel {
+        self.sim.label()
+    }
+
+    fn image(&self) -> ImageRef {
+        self.sim.image()
+    }
+
+    fn upload_file(&self) -> UploadFile {
+        self.sim.upload_file()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.sim.capabilities()
+    }
+
+    fn quota_label(&self) -> Option<PoolLabel> {
+        self.sim.quota_label()
+    }
+
+    fn timeout(&self) -> Duration {
+        self.sim.timeout()
+    }
+}
+
+mod conformance_on_a_state_file {
+    use super::SharedSim;
+    nodepool_core::provider_conformance_tests!(SharedSim::new());
+}
+
+/// A cloud on a state file in `dir` with these knobs (see [`cloud`]).
+fn cloud_on(dir: &Path, knobs: &str) -> Cloud {
+    let file = format!("state-file: '{}'", dir.join("cloud.json").display());
+    if knobs.is_empty() {
+        cloud(&file)
+    } else {
+        cloud(&format!("{file}, {knobs}"))
+    }
+}
+
+/// Another provider on the same configuration (and so the same file).
+fn reopen(c: &Cloud) -> SimulatedProvider {
+    let file = c.provider.state_file().expect("file-backed");
+    let dir = file.parent().expect("dir");
+    cloud_on(dir, "").provider
+}
+
+#[tokio::test]
+async fn the_state_file_outlives_its_providers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_img, path) = image_file();
+    let a = cloud_on(dir.path(), "");
+    let server = launch(&a, 7).await.expect("launch");
+    let image = a
+        .provider
+        .upload_image(&upload_spec(path, "kept"))
+        .await
+        .expect("upload");
+    let fip = a.provider.inject_floating_ip(false);
+    let port = a.provider.inject_down_port("compute:nova");
+    let before = a.provider.get_instance(&server).await.expect("get");
+    let usage = a.provider.usage();
+    drop(a);
+
+    // A new provider finds everything as it was.
+    let b = cloud_on(dir.path(), "");
+    let after = b.provider.get_instance(&server).await.expect("get");
+    assert_eq!(after, before);
+    assert_eq!(
+        after.as_ref().map(|i| i.status.clone()),
+        Some(InstanceStatus::Active)
+    );
+    assert_eq!(b.provider.usage(), usage);
+    assert_eq!(
+        b.provider
+            .server_for_node("0000000007")
+            .map(|i| i.external_id),
+        Some(server.clone())
+    );
+    let images = b.provider.list_images().await.expect("images");
+    assert!(images.iter().any(|i| i.id == image && i.name == "kept"));
+    assert!(
+        images.iter().any(|i| i.name == "Ubuntu 22.04"),
+        "the cloud image was not added twice or lost: {images:?}"
+    );
+    assert_eq!(
+        images.iter().filter(|i| i.name == "Ubuntu 22.04").count(),
+        1
+    );
+    let fips = b
+        .provider
+        .list_resources(ResourceKind::FloatingIp)
+        .await
+        .expect("fips");
+    assert_eq!(
+        fips.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [fip.as_str()]
+    );
+    let ports = b
+        .provider
+        .list_resources(ResourceKind::Port)
+        .await
+        .expect("ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].id, port);
+    assert_eq!(ports[0].device_owner.as_deref(), Some("compute:nova"));
+
+    // The file holds wall-clock epoch times, readable by anyone.
+    let text = std::fs::read_to_string(dir.path().join("cloud.json")).expect("read");
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(doc["version"], 1);
+    let ready_at = doc["providers"]["sim"]["servers"][0]["ready_at"]
+        .as_f64()
+        .expect("ready_at");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        (now - 600.0..=now).contains(&ready_at),
+        "{ready_at} vs {now}"
+    );
+
+    b.provider.delete_instance(&server).await.expect("delete");
+    assert_eq!(reopen(&b).server_count(), 0);
+}
+
+#[tokio::test]
+async fn dice_and_ids_carry_on_across_providers() {
+    let knobs = "seed: 42, failure-rates: {create: 0.5}";
+    let memory = cloud(knobs);
+    let mut expected = Vec::new();
+    for node in 0..32 {
+        let id = memory
+            .provider
+            .create_instance(&spec(&memory, node))
+            .await
+            .expect("create");
+        let failed = memory
+            .provider
+            .wait_for_instance(&id, &spec(&memory, node))
+            .await
+            .is_err();
+        expected.push((id, failed));
+    }
+    // Two providers on one file, taking turns: one cloud, one stream of
+    // dice and ids, exactly as one provider in memory.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = cloud_on(dir.path(), knobs);
+    let b = cloud_on(dir.path(), knobs);
+    let mut got = Vec::new();
+    for node in 0..32 {
+        let (creator, waiter) = if node % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let id = creator
+            .provider
+            .create_instance(&spec(creator, node))
+            .await
+            .expect("create");
+        let failed = waiter
+            .provider
+            .wait_for_instance(&id, &spec(waiter, node))
+            .await
+            .is_err();
+        got.push((id, failed));
+    }
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
+async fn waits_notice_what_another_provider_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Far longer than the test may take: only a change can end the waits.
+    let a = cloud_on(dir.path(), "boot-delay: 600");
+    let b = reopen(&a);
+    let failing = a
+        .provider
+        .create_instance(&spec(&a, 1))
+        .await
+        .expect("create");
+    let deleted = a
+        .provider
+        .create_instance(&spec(&a, 2))
+        .await
+        .expect("create");
+    let waits = {
+        let b = b.clone();
+        let (s1, s2) = (spec(&a, 1), spec(&a, 2));
+        let (failing, deleted) = (failing.clone(), deleted.clone());
+        tokio::spawn(async move {
+            let w1 = b.wait_for_instance(&failing, &s1);
+            let w2 = b.wait_for_instance(&deleted, &s2);
+            tokio::join!(w1, w2)
+        })
+    };
+    assert_eq!(
+        b.get_instance(&failing)
+            .await
+            .expect("get")
+            .map(|i| i.status),
+        Some(InstanceStatus::Building)
+    );
+    assert!(a.provider.fail_server(&failing, "Quota exceeded for ram"));
+    a.provider.delete_instance(&deleted).await.expect("delete");
+    let (r1, r2) = tokio::time::timeout(Duration::from_secs(30), waits)
+        .await
+        .expect("both waits end")
+        .expect("join");
+    assert!(matches!(r1, Err(ProviderError::QuotaExceeded(_))), "{r1:?}");
+    let e = r2.expect_err("deleted while booting");
+    assert!(matches!(e, ProviderError::ServerFailed(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn delays_run_on_the_wall_clock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = cloud_on(dir.path(), "boot-delay: 0.3, delete-delay: 0.2");
+    let b = reopen(&a);
+    let started = std::time::Instant::now();
+    let id = a
+        .provider
+        .create_instance(&spec(&a, 1))
+        .await
+        .expect("create");
+    assert_eq!(
+        b.get_instance(&id).await.expect("get").map(|i| i.status),
+        Some(InstanceStatus::Building)
+    );
+    let inst = b
+        .wait_for_instance(&id, &spec(&a, 1))
+        .await
+        .expect("active");
+    assert_eq!(inst.status, InstanceStatus::Active);
+    // Times are kept to the millisecond.
+    assert!(
+        started.elapsed() >= Duration::from_millis(299),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A delete accepted by a provider that then goes away (its call
+    // cancelled, the provider dropped) still completes for everyone.
+    let deleting = std::time::Instant::now();
+    let cancelled =
+        tokio::time::timeout(Duration::from_millis(50), a.provider.delete_instance(&id)).await;
+    assert!(cancelled.is_err(), "the delete takes 0.2 s");
+    drop(a);
+    assert_eq!(
+        b.get_instance(&id).await.expect("get").map(|i| i.status),
+        Some(InstanceStatus::Deleting)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while b.get_instance(&id).await.expect("get").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delete never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        deleting.elapsed() >= Duration::from_millis(199),
+        "{:?}",
+        deleting.elapsed()
+    );
+    assert_eq!(b.server_count(), 0);
+}
+
+#[tokio::test]
+async fn opening_applies_the_configuration_and_keeps_the_cloud() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = cloud_on(dir.path(), "leaked-servers: 2, quota: {instances: 5}");
+    assert_eq!(first.provider.server_count(), 2);
+    // The same configuration again: the leaked servers are not made twice.
+    let again = cloud_on(dir.path(), "leaked-servers: 2, quota: {instances: 5}");
+    assert_eq!(again.provider.server_count(), 2);
+    assert_eq!(first.provider.server_count(), 2);
+
+    // A hook changes the cloud for every provider...
+    first
+        .provider
+        .set_quota(Limits::unlimited().with(INSTANCES, 3));
+    first.provider.set_failure_rates(FailureRates {
+        create: 1.0,
+        ..FailureRates::default()
+    });
+    assert_eq!(
+        again
+            .provider
+            .quota_limits()
+            .await
+            .expect("limits")
+            .get(INSTANCES),
+        Some(3)
+    );
+    assert_eq!(again.provider.failure_rates().create, 1.0);
+
+    // ...until a provider opens the file with another configuration: its
+    // quota, rates and cloud images apply; the servers stay.
+    let cfg = sim_config(&format!(
+        "{FLAVORS}, boot-delay: 0, delete-delay: 0, leaked-servers: 2, quota: {{instances: 9}}, state-file: '{}'",
+        dir.path().join("cloud.json").display()
+    ));
+    let mut pc = cfg.providers[0].clone();
+    pc.cloud_images.push(nodepool_core::config::CloudImage {
+        name: "debian".into(),
+        image_name: Some("Debian 12".into()),
+        ..pc.cloud_images[0].clone()
+    });
+    let reconfigured = SimulatedProvider::new(&pc).expect("open");
+    for p in [&first.provider, &again.provider, &reconfigured] {
+        assert_eq!(
+            p.quota_limits().await.expect("limits").get(INSTANCES),
+            Some(9)
+        );
+        assert_eq!(p.failure_rates(), FailureRates::default());
+        assert_eq!(p.server_count(), 2);
+        let names: Vec<String> = p
+            .list_images()
+            .await
+            .expect("images")
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, ["Ubuntu 22.04", "Debian 12"]);
+    }
+}
+
+#[tokio::test]
+async fn providers_of_other_names_keep_their_own_cloud_in_a_shared_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("cloud.json");
+    let cfg = config(&format!(
+        r#"
+labels: [{{name: small}}]
+providers:
+  - name: east
+    driver: simulated
+    simulation: {{boot-delay: 0, state-file: '{f}', leaked-servers: 1}}
+    cloud-images: [{{name: ubuntu}}]
+    pools: [{{name: main, labels: [{{name: small, cloud-image: ubuntu, flavor-name: Fake Flavor}}]}}]
+  - name: west
+    driver: simulated
+    simulation: {{boot-delay: 0, state-file: '{f}'}}
+    cloud-images: [{{name: ubuntu}}]
+    pools: [{{name: main, labels: [{{name: small, cloud-image: ubuntu, flavor-name: Fake Flavor}}]}}]
+"#,
+        f = file.display()
+    ));
+    let east = SimulatedProvider::new(&cfg.providers[0]).expect("east");
+    let west = SimulatedProvider::new(&cfg.providers[1]).expect("west");
+    assert_eq!(east.server_count(), 1);
+    assert_eq!(west.server_count(), 0);
+    let leaked = east.list_instances().await.expect("list");
+    assert_eq!(leaked[0].provider_name().as_deref(), Some("east"));
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("JSON");
+    let names: Vec<&String> = doc["providers"]
+        .as_object()
+        .expect("providers")
+        .keys()
+        .collect();
+    assert_eq!(names, ["east", "west"]);
+}
+
+#[tokio::test]
+async fn an_unusable_state_file_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("cloud.json");
+    std::fs::write(&file, "this is not JSON").expect("write");
+    let cfg = sim_config(&format!("{FLAVORS}, state-file: '{}'", file.display()));
+    let e = SimulatedProvider::new(&cfg.providers[0]).expect_err("garbage");
+    assert!(e.to_string().contains(&file.display().to_string()), "{e}");
+    assert!(e.to_string().contains("parsing"), "{e}");
+
+    std::fs::write(&file, r#"{"version": 99, "providers": {}}"#).expect("write");
+    let e = SimulatedProvider::new(&cfg.providers[0]).expect_err("future format");
+    assert!(e.to_string().contains("version 99"), "{e}");
+
+    // Broken after opening: every operation reports it.
+    std::fs::remove_file(&file).expect("remove");
+    let c = cloud_on(dir.path(), "");
+    launch(&c, 1).await.expect("launch");
+    std::fs::write(&file, "{").expect("write");
+    let e = c.provider.list_instances().await.expect_err("broken");
+    assert!(matches!(e, ProviderError::Other(_)), "{e:?}");
+    let e = c
+        .provider
+        .create_instance(&spec(&c, 2))
+        .await
+        .expect_err("broken");
+    assert!(matches!(e, ProviderError::Other(_)), "{e:?}");
+    // A file no cloud could have written: a server twice, absurd amounts.
+    std::fs::remove_file(&file).expect("remove");
+    launch(&c, 3).await.expect("launch");
+    let good: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("JSON");
+    let mut twice = good.clone();
+    let server = twice["providers"]["sim"]["servers"][0].clone();
+    twice["providers"]["sim"]["servers"]
+        .as_array_mut()
+        .expect("servers")
+        .push(server);
+    let mut huge = good.clone();
+    huge["providers"]["sim"]["servers"][0]["resources"]["ram"] = i64::MAX.into();
+    for (doc, what) in [(twice, "listed twice"), (huge, "out of range")] {
+        std::fs::write(&file, doc.to_string()).expect("write");
+        let e = c.provider.list_instances().await.expect_err(what);
+        assert!(e.to_string().contains(what), "{e}");
+        assert!(e.to_string().contains(&file.display().to_string()), "{e}");
+    }
+    // A missing file is a new, empty cloud (created again).
+    std::fs::remove_file(&file).expect("remove");
+    assert!(c.provider.list_instances().await.expect("list").is_empty());
+    assert!(file.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_operations_of_two_providers_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Arc::new(cloud_on(dir.path(), "boot-delay: 0.05"));
+    let b = Arc::new(Cloud {
+        provider: reopen(&a),
+        label: a.label.clone(),
+    });
+    let tasks: Vec<_> = (0..100u64)
+        .map(|node| {
+            let c = if node % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(async move { launch(&c, node).await })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for t in tasks {
+        assert!(ids.insert(t.await.expect("join").expect("launch")));
+    }
+    let listed = a.provider.list_instances().await.expect("list");
+    assert_eq!(listed.len(), 100, "no create was lost");
+    let addresses: HashSet<_> = listed.iter().map(|i| i.public_ipv4.clone()).collect();
+    assert_eq!(addresses.len(), 100, "every server got its own address");
+    assert_eq!(b.provider.usage().get(INSTANCES), 100);
+    let deletes: Vec<_> = ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let p = if i % 2 == 0 {
+                a.provider.clone()
+            } else {
+                b.provider.clone()
+            };
+            tokio::spawn(async move { p.delete_instance(&id).await })
+        })
+        .collect();
+    for d in deletes {
+        d.await.expect("join").expect("delete");
+    }
+    assert_eq!(a.provider.server_count(), 0);
+    assert!(b.provider.usage().iter().all(|(_, v)| v == 0));
+}
+
+/// Set in the copy of this test binary that
+/// [`a_second_process_shares_the_cloud`] starts: the state file and the
+/// server id the first process made.
+const CHILD_ENV: &str = "NODEPOOL_TEST_SIMULATED_CHILD";
+
+#[tokio::test]
+async fn a_second_process_shares_the_cloud() {
+    if let Ok(arg) = std::env::var(CHILD_ENV) {
+        return second_process(&arg).await;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cloud_on(dir.path(), "");
+    let ours = launch(&c, 1).await.expect("launch");
+    let file = c.provider.state_file().expect("file").to_owned();
+    let out_path = dir.path().join("child.out");
+    let out = std::fs::File::create(&out_path).expect("child output");
+    let err = out.try_clone().expect("dup");
+    let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "a_second_process_shares_the_cloud",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD_ENV, format!("{}\n{ours}", file.display()))
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the second process");
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("the second process ends within 60 s")
+        .expect("wait");
+    let output = std::fs::read_to_string(&out_path).expect("read");
+    assert!(status.success(), "the second process failed:\n{output}");
+    let theirs = output
+        .lines()
+        // The harness prints "test ... " on the same line before it.
+        .find_map(|l| l.split_once("CHILD-SERVER ").map(|(_, id)| id.trim()))
+        .unwrap_or_else(|| panic!("no server id in:\n{output}"));
+    // Its server is ours to see, and ours is gone: it deleted it.
+    let inst = c
+        .provider
+        .get_instance(theirs)
+        .await
+        .expect("get")
+        .expect("its server");
+    assert_eq!(inst.status, InstanceStatus::Active);
+    assert_eq!(inst.node_id().as_deref(), Some("0000000002"));
+    assert_eq!(c.provider.get_instance(&ours).await.expect("get"), None);
+    assert_eq!(c.provider.server_count(), 1);
+}
+
+/// The second process: sees the first's server, makes its own, deletes
+/// the first's.
+async fn second_process(arg: &str) {
+    let (file, ours) = arg.split_once('\n').expect("file and server id");
+    let dir = Path::new(file).parent().expect("dir");
+    let c = cloud_on(dir, "");
+    let theirs = c
+        .provider
+        .get_instance(ours)
+        .await
+        .expect("get")
+        .expect("the first process's server");
+    assert_eq!(theirs.status, InstanceStatus::Active);
+    assert_eq!(theirs.node_id().as_deref(), Some("0000000001"));
+    let mine = launch(&c, 2).await.expect("launch");
+    c.provider.delete_instance(ours).await.expect("delete");
+    println!("CHILD-SERVER {mine}");
+}
+
+#[test]
+fn the_state_file_knob_is_parsed_and_resolved_like_the_sqlite_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = |file: &str| {
+        format!(
+            r#"
+state-store: {{driver: sqlite, path: state.db}}
+labels: [{{name: small}}]
+providers:
+  - name: sim
+    driver: simulated
+    simulation: {{state-file: {file}}}
+    cloud-images: [{{name: ubuntu}}]
+    pools: [{{name: main, labels: [{{name: small, cloud-image: ubuntu, flavor-name: Fake Flavor}}]}}]
+"#
+        )
+    };
+    let state_file = |cfg: &Config| match &cfg.providers[0].driver {
+        nodepool_core::config::Driver::Simulated(s) => s.state_file.clone(),
+        other => panic!("{other:?}"),
+    };
+    let path = dir.path().join("nodepool.yaml");
+    std::fs::write(&path, yaml("clouds/sim.json")).expect("write");
+    let cfg = Config::load(&path, None).expect("valid");
+    assert_eq!(state_file(&cfg), Some(dir.path().join("clouds/sim.json")));
+    std::fs::write(&path, yaml("/srv/sim.json")).expect("write");
+    let cfg = Config::load(&path, None).expect("valid");
+    assert_eq!(state_file(&cfg), Some(PathBuf::from("/srv/sim.json")));
+    // From text alone, relative paths stay relative.
+    let cfg = Config::from_yaml(&yaml("sim.json")).expect("valid");
+    assert_eq!(state_file(&cfg), Some(PathBuf::from("sim.json")));
+    // Without the knob, the cloud is in memory.
+    let cfg = config(CONFORMANCE);
+    assert_eq!(state_file(&cfg), None);
+    assert_eq!(
+        SimulatedProvider::new(&cfg.providers[0])
+            .expect("sim")
+            .state_file(),
+        None
+    );
+
+    for bad in ["''", "'clouds/'", "[a]"] {
+        let e = Config::from_yaml(&yaml(bad)).expect_err(bad).to_string();
+        assert!(
+            e.contains("providers[0].simulation.state-file"),
+            "{bad}: {e}"
+        );
+    }
 }

@@ -4,8 +4,14 @@
 //!
 //! ZooKeeper comes from `scripts/zookeeper.sh` (the test command starts
 //! it); a test that needs it and finds no `NODEPOOL_TEST_ZK_HOSTS` fails.
+//!
+//! Tests that run the daemons as processes find them with
+//! [`workspace_binary`] and keep them in a [`Daemon`], which kills them
+//! when the test ends, even by a panic.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -206,4 +212,197 @@ where
 /// The simulated cloud of a provider, once a launcher built it.
 pub fn cloud(clouds: &Clouds, name: &str) -> Option<Arc<SimulatedProvider>> {
     clouds.lock().ok().and_then(|c| c.get(name).cloned())
+}
+
+/// The path of binary `name` of workspace package `package` (e.g.
+/// `nodepool-cli`, `nodepool-launcher`), built with the profile of the
+/// running test, for tests that run the daemons as processes.
+///
+/// `env!("CARGO_BIN_EXE_<name>")` exists only in the tests of the binary's
+/// own package, and a binary found lying in `target/` may be stale, so this
+/// asks Cargo: `cargo build -p PACKAGE --bin NAME --message-format=json`,
+/// a no-op when the binary is up to date, and takes the path from the
+/// `executable` field of its `compiler-artifact` message (the interface
+/// Cargo documents for tools). It uses the Cargo that built the tests (the
+/// `CARGO` variable) and the environment's `CARGO_TARGET_DIR`, so the
+/// binary lands beside the test's own. Each binary is built once per test
+/// process. With `NODEPOOL_TEST_BIN_DIR` set, the binary is taken from that
+/// directory and nothing is built.
+///
+/// Blocking (it may compile): call it through `spawn_blocking` in async
+/// tests. Panics with Cargo's output when the build fails.
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
+    if let Some(dir) = std::env::var_os("NODEPOOL_TEST_BIN_DIR") {
+        let path = Path::new(&dir).join(name);
+        assert!(
+            path.is_file(),
+            "NODEPOOL_TEST_BIN_DIR is set but {} does not exist",
+            path.display()
+        );
+        return path;
+    }
+    // One build at a time; the lock also makes concurrent tests wait for it.
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(name) {
+        return path.clone();
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut cmd = Command::new(&cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .args(["-p", package, "--bin", name])
+        .arg("--message-format=json-render-diagnostics")
+        .args(profile_args());
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "building {name} failed ({:?}):\n{stderr}",
+        out.status
+    );
+    let path = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo built no executable {name}:\n{stderr}"));
+    assert!(
+        path.is_file(),
+        "{} is missing after the build",
+        path.display()
+    );
+    built.insert(name.to_owned(), path.clone());
+    path
+}
+
+/// Cargo's profile flags for the profile the running test was built with,
+/// read from where the test binary is (`target/<profile dir>/deps/`).
+fn profile_args() -> Vec<String> {
+    let exe = std::env::current_exe().ok();
+    let dir = exe
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|d| d.file_name().is_some_and(|n| n == "deps"))
+        .and_then(Path::parent)
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str());
+    match dir {
+        None | Some("debug") => vec!["--profile".into(), "dev".into()],
+        Some("release") => vec!["--release".into()],
+        Some(custom) => vec!["--profile".into(), custom.into()],
+    }
+}
+
+/// A daemon running as a child process, its stdout and stderr going to a
+/// log file. Dropping it kills the process (SIGKILL) if it still runs, so
+/// a failing test leaves no process behind; when the test is panicking,
+/// the end of the log is printed to help explain why.
+pub struct Daemon {
+    name: String,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` with its output appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("{name}: log file {}: {e}", log.display()));
+        let err = out.try_clone().expect("log file handle");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: cannot start {cmd:?}: {e}"));
+        Daemon {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it still runs (reaps it if it ended).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `kill -9`: SIGKILL, then reaps it. The process gets no chance to
+    /// clean up, exactly as in a crash or an OOM kill.
+    pub fn kill(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let status = self.child.wait().expect("wait for the killed process");
+        assert!(
+            status.code().is_none(),
+            "{}: ended by itself ({status}) before the SIGKILL",
+            self.name
+        );
+    }
+
+    /// Graceful stop: SIGTERM, then waits up to `limit` for it to exit.
+    /// Panics (with its log) when it does not.
+    pub async fn terminate(&mut self, limit: Duration) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: still running {limit:?} after SIGTERM",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let Ok(pid) = i32::try_from(self.child.id()) else {
+            panic!("{}: pid {} out of range", self.name, self.child.id());
+        };
+        // ESRCH only when it already ended and was reaped; then the caller's
+        // wait reports how it ended.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "----- last lines of {} ({}) -----",
+                self.name,
+                self.log.display()
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
 }

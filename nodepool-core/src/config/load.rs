@@ -9,7 +9,7 @@ use serde_yaml::Value;
 
 use super::error::ConfigErrorKind as Kind;
 use super::yaml::{self, At, Errors};
-use super::{Config, ConfigError, ConfigErrors, StateStoreConfig, parse, validate};
+use super::{Config, ConfigError, ConfigErrors, Driver, StateStoreConfig, parse, validate};
 
 /// Replaces `%(NODEPOOL_x)` with the value of environment variable
 /// `NODEPOOL_x`, exactly as Nodepool does (plain text replacement; only
@@ -114,7 +114,8 @@ impl Config {
     }
 
     /// Parses and validates YAML text plus an optional secure file's text;
-    /// relative SQLite paths are resolved against `base_dir`.
+    /// relative SQLite paths and simulated `state-file`s are resolved
+    /// against `base_dir`.
     pub fn from_yaml_with_secure(
         text: &str,
         secure: Option<(&Path, &str)>,
@@ -151,6 +152,17 @@ impl Config {
             && path.is_relative()
         {
             *path = base.join(&*path);
+        }
+        // The simulated cloud's state file, like the SQLite path.
+        if let Some(base) = base_dir {
+            for p in &mut cfg.providers {
+                if let Driver::Simulated(sim) = &mut p.driver
+                    && let Some(f) = &mut sim.state_file
+                    && f.is_relative()
+                {
+                    *f = base.join(&*f);
+                }
+            }
         }
         if errs.list.is_empty() {
             Ok(cfg)

@@ -158,6 +158,11 @@ pub struct SimulatedCloud {
     pub availability_zones: Vec<String>,
     /// Seed of the failure dice, for reproducible runs.
     pub seed: u64,
+    /// `state-file`: keep the cloud in this file instead of the process's
+    /// memory, so every process that opens it (launchers, the `nodepool`
+    /// CLI, tests) sees one cloud. Relative paths are resolved against the
+    /// configuration file's directory.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for SimulatedCloud {
@@ -185,6 +190,7 @@ impl Default for SimulatedCloud {
             skip_nodescan: true,
             availability_zones: vec!["az1".into(), "az2".into()],
             seed: 0,
+            state_file: None,
         }
     }
 }

@@ -628,6 +628,18 @@ fn simulation(at: At<'_>, errs: &mut Errors) -> Option<SimulatedCloud> {
     if let Some(s) = m.uint("seed", errs) {
         sim.seed = s;
     }
+    if let Some(f) = m.string("state-file", errs) {
+        // A file name is needed: the lock and temporary files go beside it.
+        if f.trim().is_empty() || f.ends_with('/') {
+            errs.push(
+                &m.path_of("state-file"),
+                Kind::InvalidValue,
+                format!("must be the path of a file, found {f:?}"),
+            );
+        } else {
+            sim.state_file = Some(f.into());
+        }
+    }
     m.finish(errs);
     Some(sim)
 }
