@@ -60,7 +60,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use indexmap::IndexMap;
+use md5::Md5;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::Instant;
@@ -1771,8 +1773,8 @@ fn digest_file(
 ) -> std::io::Result<Digests> {
     let mut file = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
-    let mut m = md5.then(digest::Md5::new);
-    let mut s = sha256.then(digest::Sha256::new);
+    let mut m = md5.then(Md5::new);
+    let mut s = sha256.then(Sha256::new);
     let mut len = 0u64;
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -1795,239 +1797,9 @@ fn digest_file(
     }
     Ok(Digests {
         len,
-        md5: m.map(|m| digest::hex(&m.finish())),
-        sha256: s.map(|s| digest::hex(&s.finish())),
+        md5: m.map(|m| hex::encode(m.finalize())),
+        sha256: s.map(|s| hex::encode(s.finalize())),
     })
-}
-
-/// MD5 and SHA-256, written out because the core crate takes no hashing
-/// dependency for a test cloud. Checked against the RFC 1321 and FIPS 180
-/// test vectors below.
-mod digest {
-    pub(super) fn hex(bytes: &[u8]) -> String {
-        use std::fmt::Write;
-        let mut s = String::with_capacity(bytes.len() * 2);
-        for b in bytes {
-            let _ = write!(s, "{b:02x}");
-        }
-        s
-    }
-
-    /// The 64-byte block buffering both hashes share; `big_endian` is the
-    /// byte order of the length in the final block.
-    struct Blocks {
-        buf: [u8; 64],
-        used: usize,
-        len: u64,
-    }
-
-    impl Blocks {
-        fn new() -> Self {
-            Blocks {
-                buf: [0; 64],
-                used: 0,
-                len: 0,
-            }
-        }
-
-        fn update(&mut self, mut data: &[u8], mut compress: impl FnMut(&[u8; 64])) {
-            self.len = self.len.wrapping_add(data.len() as u64);
-            if self.used > 0 {
-                let take = (64 - self.used).min(data.len());
-                self.buf[self.used..self.used + take].copy_from_slice(&data[..take]);
-                self.used += take;
-                data = &data[take..];
-                if self.used < 64 {
-                    return;
-                }
-                compress(&self.buf);
-                self.used = 0;
-            }
-            let mut blocks = data.chunks_exact(64);
-            for b in &mut blocks {
-                let mut block = [0u8; 64];
-                block.copy_from_slice(b);
-                compress(&block);
-            }
-            let rest = blocks.remainder();
-            self.buf[..rest.len()].copy_from_slice(rest);
-            self.used = rest.len();
-        }
-
-        fn finish(mut self, big_endian: bool, mut compress: impl FnMut(&[u8; 64])) {
-            let bits = self.len.wrapping_mul(8);
-            self.buf[self.used] = 0x80;
-            self.buf[self.used + 1..].fill(0);
-            if self.used >= 56 {
-                compress(&self.buf);
-                self.buf = [0; 64];
-            }
-            self.buf[56..].copy_from_slice(&if big_endian {
-                bits.to_be_bytes()
-            } else {
-                bits.to_le_bytes()
-            });
-            compress(&self.buf);
-        }
-    }
-
-    const MD5_S: [u32; 64] = [
-        7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 7, 12, 17, 22, 5, 9, 14, 20, 5, 9, 14, 20, 5,
-        9, 14, 20, 5, 9, 14, 20, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 4, 11, 16, 23, 6, 10,
-        15, 21, 6, 10, 15, 21, 6, 10, 15, 21, 6, 10, 15, 21,
-    ];
-
-    const MD5_K: [u32; 64] = [
-        0xd76aa478, 0xe8c7b756, 0x242070db, 0xc1bdceee, 0xf57c0faf, 0x4787c62a, 0xa8304613,
-        0xfd469501, 0x698098d8, 0x8b44f7af, 0xffff5bb1, 0x895cd7be, 0x6b901122, 0xfd987193,
-        0xa679438e, 0x49b40821, 0xf61e2562, 0xc040b340, 0x265e5a51, 0xe9b6c7aa, 0xd62f105d,
-        0x02441453, 0xd8a1e681, 0xe7d3fbc8, 0x21e1cde6, 0xc33707d6, 0xf4d50d87, 0x455a14ed,
-        0xa9e3e905, 0xfcefa3f8, 0x676f02d9, 0x8d2a4c8a, 0xfffa3942, 0x8771f681, 0x6d9d6122,
-        0xfde5380c, 0xa4beea44, 0x4bdecfa9, 0xf6bb4b60, 0xbebfbc70, 0x289b7ec6, 0xeaa127fa,
-        0xd4ef3085, 0x04881d05, 0xd9d4d039, 0xe6db99e5, 0x1fa27cf8, 0xc4ac5665, 0xf4292244,
-        0x432aff97, 0xab9423a7, 0xfc93a039, 0x655b59c3, 0x8f0ccc92, 0xffeff47d, 0x85845dd1,
-        0x6fa87e4f, 0xfe2ce6e0, 0xa3014314, 0x4e0811a1, 0xf7537e82, 0xbd3af235, 0x2ad7d2bb,
-        0xeb86d391,
-    ];
-
-    fn md5_compress(state: &mut [u32; 4], block: &[u8; 64]) {
-        let mut m = [0u32; 16];
-        for (w, b) in m.iter_mut().zip(block.chunks_exact(4)) {
-            *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        let [mut a, mut b, mut c, mut d] = *state;
-        for i in 0..64 {
-            let (f, g) = match i / 16 {
-                0 => ((b & c) | (!b & d), i),
-                1 => ((d & b) | (!d & c), (5 * i + 1) % 16),
-                2 => (b ^ c ^ d, (3 * i + 5) % 16),
-                _ => (c ^ (b | !d), (7 * i) % 16),
-            };
-            let f = f.wrapping_add(a).wrapping_add(MD5_K[i]).wrapping_add(m[g]);
-            a = d;
-            d = c;
-            c = b;
-            b = b.wrapping_add(f.rotate_left(MD5_S[i]));
-        }
-        for (s, v) in state.iter_mut().zip([a, b, c, d]) {
-            *s = s.wrapping_add(v);
-        }
-    }
-
-    /// Incremental MD5 (RFC 1321).
-    pub(super) struct Md5 {
-        state: [u32; 4],
-        blocks: Blocks,
-    }
-
-    impl Md5 {
-        pub(super) fn new() -> Self {
-            Md5 {
-                state: [0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476],
-                blocks: Blocks::new(),
-            }
-        }
-
-        pub(super) fn update(&mut self, data: &[u8]) {
-            let state = &mut self.state;
-            self.blocks.update(data, |b| md5_compress(state, b));
-        }
-
-        pub(super) fn finish(mut self) -> [u8; 16] {
-            let state = &mut self.state;
-            self.blocks.finish(false, |b| md5_compress(state, b));
-            let mut out = [0u8; 16];
-            for (chunk, w) in out.chunks_exact_mut(4).zip(self.state) {
-                chunk.copy_from_slice(&w.to_le_bytes());
-            }
-            out
-        }
-    }
-
-    const SHA256_K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-
-    fn sha256_compress(state: &mut [u32; 8], block: &[u8; 64]) {
-        let mut w = [0u32; 64];
-        for (wi, b) in w.iter_mut().zip(block.chunks_exact(4)) {
-            *wi = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
-        for (k, wi) in SHA256_K.iter().zip(w) {
-            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-            let ch = (e & f) ^ (!e & g);
-            let t1 = h
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(*k)
-                .wrapping_add(wi);
-            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-            let maj = (a & b) ^ (a & c) ^ (b & c);
-            let t2 = s0.wrapping_add(maj);
-            h = g;
-            g = f;
-            f = e;
-            e = d.wrapping_add(t1);
-            d = c;
-            c = b;
-            b = a;
-            a = t1.wrapping_add(t2);
-        }
-        for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
-            *s = s.wrapping_add(v);
-        }
-    }
-
-    /// Incremental SHA-256 (FIPS 180-4).
-    pub(super) struct Sha256 {
-        state: [u32; 8],
-        blocks: Blocks,
-    }
-
-    impl Sha256 {
-        pub(super) fn new() -> Self {
-            Sha256 {
-                state: [
-                    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c,
-                    0x1f83d9ab, 0x5be0cd19,
-                ],
-                blocks: Blocks::new(),
-            }
-        }
-
-        pub(super) fn update(&mut self, data: &[u8]) {
-            let state = &mut self.state;
-            self.blocks.update(data, |b| sha256_compress(state, b));
-        }
-
-        pub(super) fn finish(mut self) -> [u8; 32] {
-            let state = &mut self.state;
-            self.blocks.finish(true, |b| sha256_compress(state, b));
-            let mut out = [0u8; 32];
-            for (chunk, w) in out.chunks_exact_mut(4).zip(self.state) {
-                chunk.copy_from_slice(&w.to_be_bytes());
-            }
-            out
-        }
-    }
 }
 
 #[cfg(test)]
@@ -2035,15 +1807,11 @@ mod tests {
     use super::*;
 
     fn md5(data: &[u8]) -> String {
-        let mut m = digest::Md5::new();
-        m.update(data);
-        digest::hex(&m.finish())
+        hex::encode(Md5::digest(data))
     }
 
     fn sha256(data: &[u8]) -> String {
-        let mut s = digest::Sha256::new();
-        s.update(data);
-        digest::hex(&s.finish())
+        hex::encode(Sha256::digest(data))
     }
 
     #[test]
@@ -2085,20 +1853,21 @@ mod tests {
     }
 
     #[test]
-    fn chunking_does_not_change_digests() {
-        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
-        for split in [0, 1, 55, 56, 63, 64, 65, 127, 128, 500, 999] {
-            let mut m = digest::Md5::new();
-            let mut s = digest::Sha256::new();
-            for part in [&data[..split], &data[split..]] {
-                for piece in part.chunks(13) {
-                    m.update(piece);
-                    s.update(piece);
-                }
-            }
-            assert_eq!(digest::hex(&m.finish()), md5(&data), "split {split}");
-            assert_eq!(digest::hex(&s.finish()), sha256(&data), "split {split}");
-        }
+    fn digest_file_reads_every_chunk() {
+        // More than one 1 MiB read, ending in a partial one.
+        let data: Vec<u8> = (0..(5u32 << 19) + 13)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("image");
+        std::fs::write(&path, &data).expect("write");
+        let d = digest_file(&path, true, true, &AtomicBool::new(false)).expect("digest");
+        assert_eq!(d.len, data.len() as u64);
+        assert_eq!(d.md5.as_deref(), Some(md5(&data).as_str()));
+        assert_eq!(d.sha256.as_deref(), Some(sha256(&data).as_str()));
+        let only = digest_file(&path, false, true, &AtomicBool::new(false)).expect("digest");
+        assert_eq!(only.md5, None);
+        assert!(digest_file(&path, true, false, &AtomicBool::new(true)).is_err());
     }
 
     #[test]
