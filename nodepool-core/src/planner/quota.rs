@@ -94,16 +94,15 @@ impl QuotaState {
         let tenants = !q.tenant_limits.is_empty();
         for ((rec, res), pos) in snapshot.nodes.iter().zip(node_resources).zip(node_pool) {
             let n = &rec.node;
-            let provider = match pos {
-                Some(pos) => {
-                    q.pools[*pos].used.add(res);
-                    Some(q.pools[*pos].provider)
-                }
+            match pos {
+                // Added to the cloud with the pool's total below.
+                Some(pos) => q.pools[*pos].used.add(res),
                 // A pool no longer configured: its nodes still use the cloud.
-                None => provider_pos.get(n.provider.as_str()).copied(),
-            };
-            if let Some(pi) = provider {
-                q.clouds[pi].ours.add(res);
+                None => {
+                    if let Some(&pi) = provider_pos.get(n.provider.as_str()) {
+                        q.clouds[pi].ours.add(res);
+                    }
+                }
             }
             if tenants
                 && let Some(t) = n
@@ -113,6 +112,9 @@ impl QuotaState {
             {
                 q.tenant_usage.entry(t.to_owned()).or_default().add(res);
             }
+        }
+        for p in &q.pools {
+            q.clouds[p.provider].ours.add(&p.used);
         }
         q
     }
