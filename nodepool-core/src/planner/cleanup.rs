@@ -146,12 +146,12 @@ pub(crate) fn min_ready(
     for o in &idx.our_pools {
         let pc = &cfg.providers[o.provider].pools[o.pool];
         for (l, info) in &o.labels {
-            if let Some(v) = serving.get_mut(l.as_str()) {
+            if let Some(v) = serving.get_mut(*l) {
                 if !registered.contains(o.id.as_str()) {
                     v.push(o.id.as_str());
                 }
                 if info.image.is_some() && !pc.is_disabled() {
-                    available.insert(l.as_str());
+                    available.insert(*l);
                 }
             }
         }
@@ -255,12 +255,12 @@ pub(crate) fn housekeeping(
     cfg: &Config,
     now: f64,
     local: &LocalState,
+    idx: &Index<'_>,
     plan: &mut Plan,
 ) {
-    let present: FastSet<&str> = s.requests.iter().map(|r| r.id.as_str()).collect();
     for d in &s.request_lock_dirs {
         if !d.locked
-            && !present.contains(d.id.as_str())
+            && !idx.requests.contains_key(d.id.as_str())
             && now - d.mtime_ms as f64 / 1000.0 > REQUEST_LOCK_CLEANUP_SECS
         {
             plan.actions.push(Action::DeleteRequestLockDir {

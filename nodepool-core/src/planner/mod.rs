@@ -396,6 +396,6 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) 
     index.update_free(snapshot, &freed, &deleted);
     requests::plan_requests(snapshot, config, now, local, &index, &mut quota, &mut plan);
     cleanup::min_ready(snapshot, config, local, &index, &mut plan);
-    cleanup::housekeeping(snapshot, config, now, local, &mut plan);
+    cleanup::housekeeping(snapshot, config, now, local, &index, &mut plan);
     plan
 }

@@ -1,7 +1,6 @@
 //! Request pickup (reference §2.3), decline (§2.4) and fulfilment (§2.5).
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
 
 use super::fast::{FastMap, FastSet};
 use super::rendezvous_owner;
@@ -17,28 +16,54 @@ use crate::store::RequestRecord;
 
 /// What one of our pools needs to know about a label it serves.
 #[derive(Debug)]
-pub(crate) struct LabelInfo {
+pub(crate) struct LabelInfo<'a> {
     /// Quota of one node.
-    pub resources: Resources,
-    /// The image a launch would boot now, if any (shared: cloned only
-    /// when a launch is planned).
-    pub image: Option<std::sync::Arc<LaunchImage>>,
+    pub resources: Cow<'a, Resources>,
+    /// The image a launch would boot now, if any.
+    pub image: Option<ImageRef<'a>>,
+}
+
+/// The image a launch would boot, by reference: a [`LaunchImage`] is built
+/// only when a launch is planned, not for every label of every pass.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ImageRef<'a> {
+    /// The newest ready upload of a diskimage to the provider.
+    Upload(&'a crate::store::UploadRecord),
+    /// A cloud image, by config name.
+    Cloud(&'a str),
+}
+
+impl ImageRef<'_> {
+    fn to_launch_image(self) -> LaunchImage {
+        match self {
+            ImageRef::Upload(u) => LaunchImage::Upload {
+                image: u.image.clone(),
+                build: u.build_id.clone(),
+                upload: u.id.clone(),
+                external_id: u.upload.external_id.clone().unwrap_or_default(),
+            },
+            ImageRef::Cloud(name) => LaunchImage::Cloud {
+                name: name.to_owned(),
+            },
+        }
+    }
 }
 
 /// One of this launcher's pools.
 #[derive(Debug)]
-pub(crate) struct OurPool {
+pub(crate) struct OurPool<'a> {
     pub key: PoolKey,
     pub id: String,
     pub provider: usize,
     pub pool: usize,
     pub priority: i64,
     /// The labels it serves.
-    pub labels: FastMap<String, LabelInfo>,
+    pub labels: FastMap<&'a str, LabelInfo<'a>>,
 }
 
 /// Lookups built once per pass. Pools are addressed by position in the
-/// configuration (`our_pools`), labels by `&str` into the snapshot.
+/// configuration (`our_pools`), labels by `&str` into the snapshot and
+/// the configuration.
 #[derive(Debug)]
 pub(crate) struct Index<'a> {
     /// Quota of each node, aligned with `snapshot.nodes`.
@@ -56,9 +81,9 @@ pub(crate) struct Index<'a> {
     /// Launches in flight per provider (init/building nodes of our pools).
     pub in_flight: FastMap<&'a str, usize>,
     /// This launcher's pools, in configuration order.
-    pub our_pools: Vec<OurPool>,
+    pub our_pools: Vec<OurPool<'a>>,
     /// The newest ready upload per (provider, diskimage).
-    pub newest_upload: FastMap<(&'a str, &'a str), std::sync::Arc<LaunchImage>>,
+    pub newest_upload: FastMap<(&'a str, &'a str), &'a crate::store::UploadRecord>,
     /// Request index by id.
     pub requests: FastMap<&'a str, usize>,
     /// Nodes given back this pass (deallocated or freed from a lost request).
@@ -75,7 +100,7 @@ fn label_resources(s: &Snapshot, provider: &str, pool: &str, label: &str) -> Opt
 }
 
 impl<'a> Index<'a> {
-    pub fn build(s: &'a Snapshot, cfg: &Config, local: &LocalState) -> Self {
+    pub fn build(s: &'a Snapshot, cfg: &'a Config, local: &LocalState) -> Self {
         let our_ids: FastSet<&str> = local.pool_ids.values().map(String::as_str).collect();
         let mut idx = Index {
             node_resources: Vec::with_capacity(s.nodes.len()),
@@ -115,6 +140,8 @@ impl<'a> Index<'a> {
         }
         idx.ready_free_in_pool = vec![Vec::new(); idx.our_pools.len()];
         idx.deleting_in_pool = vec![0; idx.our_pools.len()];
+        // Ready, free nodes of our pools: (age key, node, pool position).
+        let mut ready: Vec<(f64, usize, usize)> = Vec::new();
         for (i, rec) in s.nodes.iter().enumerate() {
             let n = &rec.node;
             let res = match &n.resources {
@@ -136,10 +163,7 @@ impl<'a> Index<'a> {
             idx.node_pool.push(pos);
             match (n.state, pos) {
                 (NodeState::Ready, Some(pos)) if n.allocated_to.is_none() && !rec.locked => {
-                    for l in &n.node_type {
-                        idx.ready_free.entry((pos, l.as_str())).or_default().push(i);
-                    }
-                    idx.ready_free_in_pool[pos].push(i);
+                    ready.push((n.state_time, i, pos));
                 }
                 (NodeState::Deleting, Some(pos)) => idx.deleting_in_pool[pos] += 1,
                 (NodeState::Init | NodeState::Building, _)
@@ -150,7 +174,16 @@ impl<'a> Index<'a> {
                 _ => {}
             }
         }
-        idx.sort_free(s);
+        // Oldest first; listings come sorted by id, so the index breaks
+        // ties by id. Handing out the sorted list keeps every per-pool and
+        // per-label list sorted without sorting each.
+        ready.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        for &(_, i, pos) in &ready {
+            for l in &s.nodes[i].node.node_type {
+                idx.ready_free.entry((pos, l.as_str())).or_default().push(i);
+            }
+            idx.ready_free_in_pool[pos].push(i);
+        }
 
         // Newest ready upload of a ready build, per provider and image.
         let ready_builds: FastSet<(&str, &str)> = s
@@ -178,31 +211,27 @@ impl<'a> Index<'a> {
                 }
             }
         }
-        for (k, (_, u)) in best {
-            idx.newest_upload.insert(
-                k,
-                std::sync::Arc::new(LaunchImage::Upload {
-                    image: u.image.clone(),
-                    build: u.build_id.clone(),
-                    upload: u.id.clone(),
-                    external_id: u.upload.external_id.clone().unwrap_or_default(),
-                }),
-            );
-        }
+        idx.newest_upload = best.into_iter().map(|(k, (_, u))| (k, u)).collect();
         for pos in 0..idx.our_pools.len() {
             let (pi, qi) = (idx.our_pools[pos].provider, idx.our_pools[pos].pool);
             let provider = &cfg.providers[pi];
             let pool = &provider.pools[qi];
+            let flavors = s
+                .providers
+                .get(&provider.name)
+                .and_then(|v| v.label_resources.get(&pool.name));
             let labels = pool
                 .labels
                 .iter()
                 .map(|l| {
                     let info = LabelInfo {
-                        resources: label_resources(s, &provider.name, &pool.name, &l.name)
-                            .unwrap_or_else(one_instance),
+                        resources: match flavors.and_then(|f| f.get(&l.name)) {
+                            Some(r) => Cow::Borrowed(r),
+                            None => Cow::Owned(one_instance()),
+                        },
                         image: launch_image(s, &idx, &provider.name, l),
                     };
-                    (l.name.clone(), info)
+                    (l.name.as_str(), info)
                 })
                 .collect();
             idx.our_pools[pos].labels = labels;
@@ -274,6 +303,7 @@ impl PoolSet {
     fn insert(&mut self, i: usize) {
         self.0[i / 64] |= 1 << (i % 64);
     }
+    #[cfg(test)]
     fn contains(&self, i: usize) -> bool {
         self.0[i / 64] & (1 << (i % 64)) != 0
     }
@@ -293,12 +323,42 @@ impl PoolSet {
     fn is_superset(&self, o: &PoolSet) -> bool {
         self.0.iter().zip(&o.0).all(|(a, b)| a & b == *b)
     }
-    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().enumerate().flat_map(|(w, bits)| {
-            (0..64)
-                .filter(move |b| bits & (1 << b) != 0)
-                .map(move |b| w * 64 + b)
-        })
+    /// Makes this set a copy of `o` (same size), keeping its allocation.
+    fn copy_from(&mut self, o: &PoolSet) {
+        self.0.copy_from_slice(&o.0);
+    }
+    fn clear(&mut self) {
+        self.0.fill(0);
+    }
+    fn iter(&self) -> PoolSetIter<'_> {
+        PoolSetIter {
+            words: &self.0,
+            word: 0,
+            bits: self.0.first().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// The members of a [`PoolSet`] in ascending order, a set bit at a time
+/// (a scan of every bit position cost more than the rest of pickup).
+struct PoolSetIter<'s> {
+    words: &'s [u64],
+    word: usize,
+    bits: u64,
+}
+
+impl Iterator for PoolSetIter<'_> {
+    type Item = usize;
+
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        while self.bits == 0 {
+            self.word += 1;
+            self.bits = *self.words.get(self.word)?;
+        }
+        let b = self.bits.trailing_zeros() as usize;
+        self.bits &= self.bits - 1;
+        Some(self.word * 64 + b)
     }
 }
 
@@ -324,7 +384,6 @@ struct Registry<'r> {
     ours: Vec<usize>,
     /// Our pool position of each registered pool, if it is ours.
     our_pos: Vec<Option<usize>>,
-    is_ours: PoolSet,
 }
 
 impl<'r> Registry<'r> {
@@ -368,10 +427,8 @@ impl<'r> Registry<'r> {
             }
         }
         let ours: Vec<usize> = idx.our_pools.iter().map(|o| by_id[o.id.as_str()]).collect();
-        let mut is_ours = PoolSet::empty(n);
         let mut our_pos = vec![None; n];
         for (pos, &i) in ours.iter().enumerate() {
-            is_ours.insert(i);
             our_pos[i] = Some(pos);
         }
         Registry {
@@ -383,33 +440,39 @@ impl<'r> Registry<'r> {
             by_id,
             by_label,
             ours,
-            is_ours,
         }
     }
 
     fn declined(&self, req: &RequestRecord) -> PoolSet {
-        if req.request.declined_by.is_empty() {
-            return self.none.clone();
-        }
-        let mut d = PoolSet::empty(self.pools.len());
+        let mut d = self.none.clone();
+        self.declined_into(req, &mut d);
+        d
+    }
+
+    /// The registered pools that declined the request, into `d`.
+    fn declined_into(&self, req: &RequestRecord, d: &mut PoolSet) {
+        d.clear();
         for id in &req.request.declined_by {
             if let Some(&i) = self.by_id.get(id.as_str()) {
                 d.insert(i);
             }
         }
-        d
     }
 
-    fn candidates(&self, labels: &[String], declined: &PoolSet) -> PoolSet {
-        let mut c = self.all.clone();
+    /// The registered pools serving every label that have not declined,
+    /// into `c`.
+    fn candidates_into(&self, labels: &[String], declined: &PoolSet, c: &mut PoolSet) {
+        c.copy_from(&self.all);
         for l in labels {
             match self.by_label.get(l.as_str()) {
                 Some(set) => c.and(set),
-                None => return self.none.clone(),
+                None => {
+                    c.clear();
+                    return;
+                }
             }
         }
         c.and_not(declined);
-        c
     }
 }
 
@@ -457,20 +520,23 @@ fn decline_reason(
     }
 }
 
-fn launch_image(
-    s: &Snapshot,
-    idx: &Index<'_>,
-    provider: &str,
-    label: &crate::config::PoolLabel,
-) -> Option<std::sync::Arc<LaunchImage>> {
+fn launch_image<'a>(
+    s: &'a Snapshot,
+    idx: &Index<'a>,
+    provider: &'a str,
+    label: &'a crate::config::PoolLabel,
+) -> Option<ImageRef<'a>> {
     match &label.image {
-        ImageSource::DiskImage(d) => idx.newest_upload.get(&(provider, d.as_str())).cloned(),
+        ImageSource::DiskImage(d) => idx
+            .newest_upload
+            .get(&(provider, d.as_str()))
+            .map(|u| ImageRef::Upload(u)),
         ImageSource::CloudImage(c) => {
             let missing = s
                 .providers
                 .get(provider)
                 .is_some_and(|v| v.missing_cloud_images.contains(c));
-            (!missing).then(|| std::sync::Arc::new(LaunchImage::Cloud { name: c.clone() }))
+            (!missing).then_some(ImageRef::Cloud(c))
         }
     }
 }
@@ -659,13 +725,13 @@ impl Pass<'_, '_, '_> {
             let Some(info) = ours.labels.get(label) else {
                 return Progress::Waiting;
             };
-            let Some(image) = info.image.as_deref().cloned() else {
+            let Some(image) = info.image.map(ImageRef::to_launch_image) else {
                 return Progress::Waiting;
             };
             if !self.concurrency_ok(ours) {
                 return Progress::Waiting;
             }
-            let need = info.resources.clone();
+            let need = info.resources.clone().into_owned();
             match self.quota.can_launch(pos, r.tenant_name.as_deref(), &need) {
                 Ok(()) => {
                     if az.is_none() {
@@ -779,6 +845,83 @@ fn choose_az(
     Some(zones[(h % zones.len() as u64) as usize].clone())
 }
 
+fn min_with(a: Option<i64>, b: i64) -> i64 {
+    a.map_or(b, |a| a.min(b))
+}
+
+/// `prefix` followed by a request's labels as a set, written like
+/// `{"a", "b"}` (the `Debug` of a `BTreeSet`, without building one and
+/// formatting it for every unservable request).
+fn with_label_set(prefix: &str, labels: &[String]) -> String {
+    use std::fmt::Write;
+    let mut sorted: Vec<&str> = labels.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let len = sorted.iter().map(|l| l.len() + 4).sum::<usize>();
+    let mut out = String::with_capacity(prefix.len() + len + 2);
+    out.push_str(prefix);
+    out.push('{');
+    for (k, l) in sorted.iter().enumerate() {
+        if k > 0 {
+            out.push_str(", ");
+        }
+        // `Debug` leaves printable ASCII other than quote and backslash as is.
+        if l.bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        {
+            out.push('"');
+            out.push_str(l);
+            out.push('"');
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "{l:?}");
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// A string of at most `N - 1` bytes as `N` bytes that compare like the
+/// string: its bytes zero-padded, then its length (equal padded bytes mean
+/// one string is the other plus NULs, and the shorter sorts first).
+fn packed<const N: usize>(s: &str) -> Option<[u8; N]> {
+    let n = s.len();
+    if n >= N {
+        return None;
+    }
+    let mut buf = [0u8; N];
+    buf[..n].copy_from_slice(s.as_bytes());
+    buf[N - 1] = u8::try_from(n).ok()?;
+    Some(buf)
+}
+
+/// Sorts requests into queue order ([`request_order`]), stably. Request
+/// ids are short, so the order is usually a tuple of integers: comparing
+/// thousands of ids as strings was a tenth of a pass.
+fn sort_queue(reqs: &mut Vec<&RequestRecord>) {
+    let keys: Option<Vec<(u64, i64, u128, usize)>> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let (prio, rp, seq) = request_order(&r.id, r.request.relative_priority);
+            let prio = u64::from_be_bytes(packed(prio)?);
+            let seq = u128::from_be_bytes(packed(seq)?);
+            // The position last: keys are distinct, so unstable is stable.
+            Some((prio, rp, seq, i))
+        })
+        .collect();
+    match keys {
+        Some(mut keys) => {
+            keys.sort_unstable();
+            *reqs = keys.iter().map(|k| reqs[k.3]).collect();
+        }
+        None => reqs.sort_by(|a, b| {
+            request_order(&a.id, a.request.relative_priority)
+                .cmp(&request_order(&b.id, b.request.relative_priority))
+        }),
+    }
+}
+
 /// Plans every request-related action of this pass.
 pub(crate) fn plan_requests(
     s: &Snapshot,
@@ -857,14 +1000,27 @@ pub(crate) fn plan_requests(
                 && !local.owned_requests.contains_key(&r.id)
         })
         .collect();
-    waiting.sort_by(|a, b| {
-        request_order(&a.id, a.request.relative_priority)
-            .cmp(&request_order(&b.id, b.request.relative_priority))
-    });
+    sort_queue(&mut waiting);
 
+    // Scratch space reused for every request: a backlog runs this loop
+    // thousands of times per pass.
+    let mut declined = reg.none.clone();
+    let mut cand = reg.none.clone();
+    let mut of_provider = reg.none.clone();
+    // Our pools in pickup order (priority, then position) and each pool's
+    // rank in it: ranks sort as plain integers.
+    let mut by_rank: Vec<usize> = (0..idx.our_pools.len()).collect();
+    by_rank.sort_by_key(|&pos| (idx.our_pools[pos].priority, pos));
+    let mut rank = vec![0; by_rank.len()];
+    for (k, &pos) in by_rank.iter().enumerate() {
+        rank[pos] = k;
+    }
+    // Ranks of our pools that may take the request.
+    let mut eligible: Vec<usize> = Vec::new();
+    let mut decliners: Vec<(usize, String)> = Vec::new();
     for req in waiting {
         let r = &req.request;
-        let declined = reg.declined(req);
+        reg.declined_into(req, &mut declined);
         if declined.is_superset(&reg.all) {
             pass.plan.actions.push(Action::Fail {
                 request: req.id.clone(),
@@ -872,39 +1028,50 @@ pub(crate) fn plan_requests(
             });
             continue;
         }
-        let mut cand = reg.candidates(&r.node_types, &declined);
+        reg.candidates_into(&r.node_types, &declined, &mut cand);
         if cand.is_empty() {
             pass.plan.actions.push(Action::Fail {
                 request: req.id.clone(),
-                reason: format!(
-                    "no registered pool can serve {:?}",
-                    r.node_types.iter().collect::<BTreeSet<_>>()
-                ),
+                reason: with_label_set("no registered pool can serve ", &r.node_types),
             });
             continue;
         }
+        let mut cand = &cand;
         if let Some(p) = &r.provider {
-            let mut of_provider = PoolSet::empty(reg.pools.len());
+            of_provider.clear();
             for i in cand.iter() {
                 if reg.pools[i].provider == p {
                     of_provider.insert(i);
                 }
             }
             if !of_provider.is_empty() {
-                cand = of_provider;
+                cand = &of_provider;
             }
         }
-        // The best priority among other launchers' unpaused candidates.
-        let best_other = cand
-            .iter()
-            .filter(|&i| !reg.is_ours.contains(i) && !reg.pools[i].paused)
-            .map(|i| reg.pools[i].priority)
-            .min();
-        let mut eligible: Vec<usize> = cand
-            .iter()
-            .filter_map(|i| reg.our_pos[i])
-            .filter(|&pos| best_other.is_none_or(|b| idx.our_pools[pos].priority <= b))
-            .collect();
+        // The best priority among other launchers' unpaused candidates, and
+        // among all unpaused candidates.
+        let unpaused = |i: usize| match reg.our_pos[i] {
+            Some(pos) => !pass.paused[pos],
+            None => !reg.pools[i].paused,
+        };
+        let mut best_other = None;
+        let mut best = None;
+        eligible.clear();
+        for i in cand.iter() {
+            match reg.our_pos[i] {
+                Some(pos) => eligible.push(rank[pos]),
+                None if !reg.pools[i].paused => {
+                    best_other = Some(min_with(best_other, reg.pools[i].priority));
+                }
+                None => {}
+            }
+            if unpaused(i) {
+                best = Some(min_with(best, reg.pools[i].priority));
+            }
+        }
+        if let Some(b) = best_other {
+            eligible.retain(|&k| idx.our_pools[by_rank[k]].priority <= b);
+        }
         if eligible.is_empty() {
             continue;
         }
@@ -914,22 +1081,16 @@ pub(crate) fn plan_requests(
         // instead of racing for every lock. Another launcher's preferred
         // request is left to it for a short hand-off time, after which
         // anyone may take it (its owner may be stuck or gone).
-        let unpaused = |i: usize| match reg.our_pos[i] {
-            Some(pos) => !pass.paused[pos],
-            None => !reg.pools[i].paused,
-        };
-        let best = cand
-            .iter()
-            .filter(|&i| unpaused(i))
-            .map(|i| reg.pools[i].priority)
-            .min();
-        let preferred = rendezvous_owner(
-            &req.id,
-            cand.iter()
-                .filter(|&i| unpaused(i) && Some(reg.pools[i].priority) == best)
-                .map(|i| reg.ids[i]),
-        )
-        .and_then(|id| reg.by_id.get(id).copied());
+        // With every candidate paused there is nothing to hash.
+        let preferred = best.and_then(|best| {
+            rendezvous_owner(
+                &req.id,
+                cand.iter()
+                    .filter(|&i| unpaused(i) && reg.pools[i].priority == best)
+                    .map(|i| reg.ids[i]),
+            )
+            .and_then(|id| reg.by_id.get(id).copied())
+        });
         if let Some(p) = preferred
             && reg.our_pos[p].is_none()
             && now - r.state_time < HANDOFF_SECS
@@ -937,15 +1098,25 @@ pub(crate) fn plan_requests(
             continue;
         }
         let preferred_pos = preferred.and_then(|p| reg.our_pos[p]);
-        eligible.sort_by_key(|&pos| (Some(pos) != preferred_pos, idx.our_pools[pos].priority, pos));
-        for &pos in &eligible {
+        // The preferred pool first, then by priority and position.
+        if !eligible.is_sorted() {
+            eligible.sort_unstable();
+        }
+        if let Some(first) = preferred_pos.map(|pos| rank[pos])
+            && let Some(k) = eligible.iter().position(|&r| r == first)
+        {
+            eligible[..=k].rotate_right(1);
+        }
+        for &k in &eligible {
+            let pos = by_rank[k];
             pass.addressable[pos] += 1;
         }
 
-        let mut decliners = Vec::new();
+        decliners.clear();
         let mut taker = None;
         let mut deferred = false;
-        for &pos in &eligible {
+        for &k in &eligible {
+            let pos = by_rank[k];
             let blocked = pass.paused[pos] || !pass.concurrency_ok(&idx.our_pools[pos]);
             // Once the request waits anyway, a blocked pool's verdict changes
             // nothing: skip it (a backlog would otherwise re-check every
@@ -1020,7 +1191,9 @@ pub(crate) fn plan_requests(
 
 #[cfg(test)]
 mod tests {
-    use super::PoolSet;
+    use super::{PoolSet, packed, sort_queue, with_label_set};
+    use crate::planner::request_order;
+    use std::collections::BTreeSet;
 
     #[test]
     fn pool_sets() {
@@ -1034,5 +1207,94 @@ mod tests {
         a.and_not(&b);
         assert!(a.is_empty());
         assert!(!a.contains(3));
+        let mut c = PoolSet::full(130);
+        assert_eq!(c.iter().count(), 130);
+        assert_eq!(c.iter().last(), Some(129));
+        c.clear();
+        assert_eq!(c.iter().next(), None);
+        assert_eq!(PoolSet::empty(0).iter().next(), None);
+    }
+
+    #[test]
+    fn packed_strings_order_like_strings() {
+        let words = [
+            "",
+            "\0",
+            "\0\0",
+            "a",
+            "a\0",
+            "a\0\0",
+            "ab",
+            "~",
+            "100",
+            "0000000001",
+            "0000000001\0",
+            "0123456789abcde",
+            "0123456789abcdf",
+            "é",
+            "\u{10ffff}",
+        ];
+        for a in words {
+            for b in words {
+                let (pa, pb) = (packed::<16>(a), packed::<16>(b));
+                assert_eq!(pa.cmp(&pb), a.cmp(b), "{a:?} {b:?}");
+            }
+        }
+        assert_eq!(packed::<16>("0123456789abcdef"), None);
+        assert_eq!(packed::<8>("1234567"), Some(*b"1234567\x07"));
+        assert_eq!(packed::<8>("12345678"), None);
+    }
+
+    #[test]
+    fn queue_order_is_a_stable_sort_by_request_order() {
+        use crate::model::NodeRequest;
+        use crate::store::RequestRecord;
+        use std::sync::Arc;
+        let rec = |id: &str, rp: i64| {
+            let mut req = NodeRequest::new(vec![], "r", 0.0);
+            req.relative_priority = rp;
+            RequestRecord {
+                id: id.into(),
+                request: Arc::new(req),
+                version: 0,
+                ephemeral: false,
+                ephemeral_owner: 0,
+                locked: false,
+            }
+        };
+        let short = [
+            rec("200-0000000001", 0),
+            rec("100-0000000003", 1),
+            rec("100-0000000002", 1),
+            rec("100-0000000004", 0),
+            rec("x", 0),
+            rec("100-0000000002", 1),
+            rec("~", -1),
+        ];
+        let mut long = short.to_vec();
+        long.push(rec("100-00000000000000000001", 0));
+        long.push(rec("a-long-id-without-a-priority", 0));
+        long.push(rec("1000-0000000001", 0));
+        for records in [&short[..], &long[..]] {
+            let mut got: Vec<&RequestRecord> = records.iter().collect();
+            sort_queue(&mut got);
+            let mut want: Vec<&RequestRecord> = records.iter().collect();
+            want.sort_by_key(|r| request_order(&r.id, r.request.relative_priority));
+            assert!(got.iter().zip(&want).all(|(a, b)| std::ptr::eq(*a, *b)));
+            assert_eq!(got.len(), want.len());
+        }
+    }
+
+    #[test]
+    fn label_sets_read_like_btree_sets() {
+        for labels in [
+            vec![],
+            vec!["b", "a", "b"],
+            vec!["quote\"d", "back\\slash", "\u{1f600}", "tab\t", "~ok ok"],
+        ] {
+            let owned: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+            let set: BTreeSet<&String> = owned.iter().collect();
+            assert_eq!(with_label_set("x ", &owned), format!("x {set:?}"));
+        }
     }
 }
