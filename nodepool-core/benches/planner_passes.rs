@@ -30,12 +30,21 @@ fn main() {
         panic!("unknown size {size:?} (tenth, base, ten_x)");
     };
     let w = common::world(sz);
+    let cpu_start = thread_cpu_ns();
     let start = std::time::Instant::now();
     let mut last = None;
     for _ in 0..passes {
         last = Some(black_box(w.plan()));
     }
     let elapsed = start.elapsed();
+    // Time on a CPU, without the time spent waiting for one on a busy machine.
+    let cpu = match (cpu_start, thread_cpu_ns()) {
+        (Some(a), Some(b)) => format!(
+            ", {:.3} ms on-CPU per pass",
+            (b - a) as f64 / 1e6 / passes.max(1) as f64
+        ),
+        _ => String::new(),
+    };
     if let Some(p) = last {
         let mut h = DefaultHasher::new();
         format!("{:?}", p).hash(&mut h);
@@ -50,11 +59,17 @@ fn main() {
             *kinds.entry(kind).or_default() += 1;
         }
         println!(
-            "{size}: {passes} passes, {:.3} ms per pass, {} actions {kinds:?}, {} paused pools, digest {:016x}",
+            "{size}: {passes} passes, {:.3} ms per pass{cpu}, {} actions {kinds:?}, {} paused pools, digest {:016x}",
             elapsed.as_secs_f64() * 1000.0 / passes.max(1) as f64,
             p.actions.len(),
             p.pools.iter().filter(|s| s.paused).count(),
             h.finish()
         );
     }
+}
+
+/// This thread's time on a CPU so far (Linux), in nanoseconds.
+fn thread_cpu_ns() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    stat.split_whitespace().next()?.parse().ok()
 }

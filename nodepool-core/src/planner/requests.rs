@@ -377,13 +377,23 @@ struct Registry<'r> {
     pools: Vec<RegPool<'r>>,
     ids: Vec<&'r str>,
     by_id: FastMap<&'r str, usize>,
-    by_label: FastMap<&'r str, PoolSet>,
+    /// A number for every label some registered pool serves: a request's
+    /// labels are looked up by name once, and by number after that.
+    label_ids: FastMap<&'r str, usize>,
+    /// The registered pools serving each label, by label number.
+    by_label: Vec<PoolSet>,
     all: PoolSet,
     none: PoolSet,
     /// Registered index of each of our pools (aligned with `Index::our_pools`).
     ours: Vec<usize>,
     /// Our pool position of each registered pool, if it is ours.
     our_pos: Vec<Option<usize>>,
+    /// The registered pools that are ours.
+    ours_set: PoolSet,
+    /// Other launchers' pools that are not paused.
+    others_unpaused: PoolSet,
+    /// Other launchers' pools that are paused.
+    others_paused: PoolSet,
 }
 
 impl<'r> Registry<'r> {
@@ -417,13 +427,15 @@ impl<'r> Registry<'r> {
             }
         }
         let n = pools.len();
-        let mut by_label: FastMap<&'r str, PoolSet> = FastMap::default();
+        let mut label_ids: FastMap<&'r str, usize> = FastMap::default();
+        let mut by_label: Vec<PoolSet> = Vec::new();
         for (i, ls) in labels.iter().enumerate() {
             for l in ls {
-                by_label
-                    .entry(l)
-                    .or_insert_with(|| PoolSet::empty(n))
-                    .insert(i);
+                let id = *label_ids.entry(l).or_insert_with(|| {
+                    by_label.push(PoolSet::empty(n));
+                    by_label.len() - 1
+                });
+                by_label[id].insert(i);
             }
         }
         let ours: Vec<usize> = idx.our_pools.iter().map(|o| by_id[o.id.as_str()]).collect();
@@ -431,13 +443,27 @@ impl<'r> Registry<'r> {
         for (pos, &i) in ours.iter().enumerate() {
             our_pos[i] = Some(pos);
         }
+        let mut ours_set = PoolSet::empty(n);
+        let mut others_unpaused = PoolSet::empty(n);
+        let mut others_paused = PoolSet::empty(n);
+        for (i, p) in pools.iter().enumerate() {
+            match (our_pos[i], p.paused) {
+                (Some(_), _) => ours_set.insert(i),
+                (None, false) => others_unpaused.insert(i),
+                (None, true) => others_paused.insert(i),
+            }
+        }
         Registry {
+            ours_set,
+            others_unpaused,
+            others_paused,
             ids,
             our_pos,
             all: PoolSet::full(n),
             none: PoolSet::empty(n),
             pools,
             by_id,
+            label_ids,
             by_label,
             ours,
         }
@@ -459,18 +485,25 @@ impl<'r> Registry<'r> {
         }
     }
 
-    /// The registered pools serving every label that have not declined,
-    /// into `c`.
-    fn candidates_into(&self, labels: &[String], declined: &PoolSet, c: &mut PoolSet) {
-        c.copy_from(&self.all);
+    /// The numbers of the labels, into `ids`; false if a label is served
+    /// by no registered pool.
+    fn label_ids_into(&self, labels: &[String], ids: &mut Vec<usize>) -> bool {
+        ids.clear();
         for l in labels {
-            match self.by_label.get(l.as_str()) {
-                Some(set) => c.and(set),
-                None => {
-                    c.clear();
-                    return;
-                }
+            match self.label_ids.get(l.as_str()) {
+                Some(&id) => ids.push(id),
+                None => return false,
             }
+        }
+        true
+    }
+
+    /// The registered pools serving every label (by number) that have not
+    /// declined, into `c`.
+    fn candidates_into(&self, ids: &[usize], declined: &PoolSet, c: &mut PoolSet) {
+        c.copy_from(&self.all);
+        for &id in ids {
+            c.and(&self.by_label[id]);
         }
         c.and_not(declined);
     }
@@ -492,7 +525,10 @@ fn decline_reason(
     if provider.max_concurrency == Some(0) {
         return Some("provider handles no requests (max-concurrency 0)".into());
     }
-    let mut infos = Vec::with_capacity(req.request.node_types.len());
+    // The quota of the whole node set: borrowed for one node, summed
+    // into a copy of the first node's for more.
+    let mut one: Option<&Resources> = None;
+    let mut total: Option<Resources> = None;
     for label in &req.request.node_types {
         let Some(info) = ours.labels.get(label.as_str()) else {
             return Some(format!("label {label} is not supported"));
@@ -500,17 +536,20 @@ fn decline_reason(
         if info.image.is_none() {
             return Some(format!("no image available for label {label}"));
         }
-        infos.push(&info.resources);
-    }
-    let fit = match infos.as_slice() {
-        [one] => quota.could_ever_fit(pos, one),
-        many => {
-            let mut total = Resources::new();
-            for r in many {
-                total.add(r);
+        match (&mut total, one) {
+            (Some(t), _) => t.add(&info.resources),
+            (None, Some(first)) => {
+                let mut t = first.clone();
+                t.add(&info.resources);
+                total = Some(t);
             }
-            quota.could_ever_fit(pos, &total)
+            (None, None) => one = Some(&info.resources),
         }
+    }
+    let fit = match (&total, one) {
+        (Some(t), _) => quota.could_ever_fit(pos, t),
+        (None, Some(r)) => quota.could_ever_fit(pos, r),
+        (None, None) => quota.could_ever_fit(pos, &Resources::new()),
     };
     match fit {
         Ok(()) => None,
@@ -553,6 +592,9 @@ struct Pass<'p, 'a, 'r> {
     taken: FastSet<usize>,
     /// Our pools paused this pass (by our-pool position).
     paused: Vec<bool>,
+    /// Registered pools that take no requests now: other launchers' paused
+    /// pools and our pools paused this pass.
+    paused_reg: PoolSet,
     /// Launches planned this pass per provider.
     launches: FastMap<String, usize>,
     /// Our pools that evicted a node this pass.
@@ -582,6 +624,15 @@ impl Pass<'_, '_, '_> {
                     + self.launches.get(&provider.name).copied().unwrap_or(0);
                 now < limit as usize
             }
+        }
+    }
+
+    fn pause(&mut self, pos: usize) {
+        self.paused[pos] = true;
+        let i = self.reg.ours[pos];
+        // The registered pool's state is that of the pool it maps back to.
+        if self.reg.our_pos[i] == Some(pos) {
+            self.paused_reg.insert(i);
         }
     }
 
@@ -777,7 +828,7 @@ impl Pass<'_, '_, '_> {
                         });
                         return Progress::Declined;
                     }
-                    self.paused[pos] = true;
+                    self.pause(pos);
                     if !matches!(block, QuotaBlock::Tenant(_)) {
                         self.evict(pos);
                     }
@@ -845,10 +896,6 @@ fn choose_az(
     Some(zones[(h % zones.len() as u64) as usize].clone())
 }
 
-fn min_with(a: Option<i64>, b: i64) -> i64 {
-    a.map_or(b, |a| a.min(b))
-}
-
 /// `prefix` followed by a request's labels as a set, written like
 /// `{"a", "b"}` (the `Debug` of a `BTreeSet`, without building one and
 /// formatting it for every unservable request).
@@ -881,6 +928,37 @@ fn with_label_set(prefix: &str, labels: &[String]) -> String {
     out
 }
 
+/// Up to three label numbers as one key, with their count.
+fn pack_ids(ids: &[usize]) -> Option<u128> {
+    if ids.len() > 3 {
+        return None;
+    }
+    let mut key = ids.len() as u128;
+    for (k, &id) in ids.iter().enumerate() {
+        key |= u128::from(u32::try_from(id).ok()?) << (8 + 32 * k);
+    }
+    Some(key)
+}
+
+/// A key for a request's labels in order (short lists only).
+fn sequence_key(ids: &[usize]) -> Option<u128> {
+    pack_ids(ids)
+}
+
+/// A key for the set of a request's labels (small sets only).
+fn set_key(ids: &[usize]) -> Option<u128> {
+    let mut set = [0; 3];
+    let mut n = 0;
+    for &id in ids {
+        if !set[..n].contains(&id) {
+            *set.get_mut(n)? = id;
+            n += 1;
+        }
+    }
+    set[..n].sort_unstable();
+    pack_ids(&set[..n])
+}
+
 /// A string of at most `N - 1` bytes as `N` bytes that compare like the
 /// string: its bytes zero-padded, then its length (equal padded bytes mean
 /// one string is the other plus NULs, and the shorter sorts first).
@@ -895,31 +973,79 @@ fn packed<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(buf)
 }
 
-/// Sorts requests into queue order ([`request_order`]), stably. Request
-/// ids are short, so the order is usually a tuple of integers: comparing
-/// thousands of ids as strings was a tenth of a pass.
+/// Sorts requests into queue order ([`request_order`]), stably.
+///
+/// Request ids are short, so the order is usually a tuple of integers
+/// (comparing thousands of ids as strings was a tenth of a pass). There are
+/// few (priority, relative priority) groups, and listings come in sequence
+/// order, so requests are bucketed by group and each bucket is usually
+/// sorted already.
 fn sort_queue(reqs: &mut Vec<&RequestRecord>) {
-    let keys: Option<Vec<(u64, i64, u128, usize)>> = reqs
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let (prio, rp, seq) = request_order(&r.id, r.request.relative_priority);
-            let prio = u64::from_be_bytes(packed(prio)?);
-            let seq = u128::from_be_bytes(packed(seq)?);
-            // The position last: keys are distinct, so unstable is stable.
-            Some((prio, rp, seq, i))
-        })
-        .collect();
-    match keys {
-        Some(mut keys) => {
-            keys.sort_unstable();
-            *reqs = keys.iter().map(|k| reqs[k.3]).collect();
-        }
-        None => reqs.sort_by(|a, b| {
+    /// Beyond this many groups a plain sort is as good.
+    const MAX_GROUPS: usize = 16;
+    let by_string = |reqs: &mut Vec<&RequestRecord>| {
+        reqs.sort_by(|a, b| {
             request_order(&a.id, a.request.relative_priority)
                 .cmp(&request_order(&b.id, b.request.relative_priority))
-        }),
+        })
+    };
+    let mut keys: Vec<(u64, i64, u128)> = Vec::with_capacity(reqs.len());
+    for r in reqs.iter() {
+        let (prio, rp, seq) = request_order(&r.id, r.request.relative_priority);
+        let (Some(prio), Some(seq)) = (packed(prio), packed(seq)) else {
+            return by_string(reqs);
+        };
+        keys.push((u64::from_be_bytes(prio), rp, u128::from_be_bytes(seq)));
     }
+    let mut groups: Vec<(u64, i64)> = Vec::new();
+    let mut group_of: Vec<usize> = Vec::with_capacity(keys.len());
+    for &(prio, rp, _) in &keys {
+        let g = match groups.iter().position(|&g| g == (prio, rp)) {
+            Some(g) => g,
+            None if groups.len() < MAX_GROUPS => {
+                groups.push((prio, rp));
+                groups.len() - 1
+            }
+            None => {
+                // Positions last: the keys are distinct, so unstable is stable.
+                let mut all: Vec<(u64, i64, u128, usize)> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(p, rp, seq))| (p, rp, seq, i))
+                    .collect();
+                all.sort_unstable();
+                *reqs = all.iter().map(|k| reqs[k.3]).collect();
+                return;
+            }
+        };
+        group_of.push(g);
+    }
+    // Where each group starts in the sorted queue.
+    let mut rank: Vec<usize> = (0..groups.len()).collect();
+    rank.sort_unstable_by_key(|&g| groups[g]);
+    let mut start = vec![0; groups.len()];
+    let mut sizes = vec![0; groups.len()];
+    for &g in &group_of {
+        sizes[g] += 1;
+    }
+    let mut at = 0;
+    for &g in &rank {
+        start[g] = at;
+        at += sizes[g];
+    }
+    let mut next = start.clone();
+    let mut queue: Vec<(u128, usize)> = vec![(0, 0); keys.len()];
+    for (i, (&g, &(_, _, seq))) in group_of.iter().zip(&keys).enumerate() {
+        queue[next[g]] = (seq, i);
+        next[g] += 1;
+    }
+    for g in 0..groups.len() {
+        let bucket = &mut queue[start[g]..start[g] + sizes[g]];
+        if !bucket.is_sorted() {
+            bucket.sort_unstable();
+        }
+    }
+    *reqs = queue.iter().map(|&(_, i)| reqs[i]).collect();
 }
 
 /// Plans every request-related action of this pass.
@@ -948,6 +1074,7 @@ pub(crate) fn plan_requests(
         plan,
         taken: FastSet::default(),
         paused: vec![false; idx.our_pools.len()],
+        paused_reg: reg.others_paused.clone(),
         launches: FastMap::default(),
         evicted: vec![false; idx.our_pools.len()],
         addressable: vec![0; idx.our_pools.len()],
@@ -1015,9 +1142,25 @@ pub(crate) fn plan_requests(
     for (k, &pos) in by_rank.iter().enumerate() {
         rank[pos] = k;
     }
-    // Ranks of our pools that may take the request.
+    // Ranks of our pools that may take the request, in pickup order; as a
+    // set of ranks they come out sorted (sorting them for every waiting
+    // request was a tenth of a pass).
     let mut eligible: Vec<usize> = Vec::new();
+    let mut eligible_set = PoolSet::empty(by_rank.len());
+    // Rank of each registered pool that is ours.
+    let mut reg_rank = vec![usize::MAX; reg.pools.len()];
+    for (i, pos) in reg.our_pos.iter().enumerate() {
+        if let Some(pos) = pos {
+            reg_rank[i] = rank[*pos];
+        }
+    }
+    let mut unpaused = reg.none.clone();
+    let mut others = reg.none.clone();
+    let mut ours = reg.none.clone();
     let mut decliners: Vec<(usize, String)> = Vec::new();
+    let mut ids: Vec<usize> = Vec::new();
+    let mut fail_reasons: FastMap<u128, String> = FastMap::default();
+    let mut decline_reasons: FastMap<(usize, u128), Option<String>> = FastMap::default();
     for req in waiting {
         let r = &req.request;
         reg.declined_into(req, &mut declined);
@@ -1028,14 +1171,31 @@ pub(crate) fn plan_requests(
             });
             continue;
         }
-        reg.candidates_into(&r.node_types, &declined, &mut cand);
+        let known = reg.label_ids_into(&r.node_types, &mut ids);
+        if known {
+            reg.candidates_into(&ids, &declined, &mut cand);
+        } else {
+            cand.clear();
+        }
         if cand.is_empty() {
+            let why = |labels: &[String]| with_label_set("no registered pool can serve ", labels);
+            // A backlog holds many requests for the same unservable set.
+            let reason = match set_key(&ids).filter(|_| known) {
+                Some(k) => fail_reasons
+                    .entry(k)
+                    .or_insert_with(|| why(&r.node_types))
+                    .clone(),
+                None => why(&r.node_types),
+            };
             pass.plan.actions.push(Action::Fail {
                 request: req.id.clone(),
-                reason: with_label_set("no registered pool can serve ", &r.node_types),
+                reason,
             });
             continue;
         }
+        // Whether a pool declines depends only on the pool and the labels
+        // in order (not on usage), so it is the same for the whole pass.
+        let labels_key = sequence_key(&ids);
         let mut cand = &cand;
         if let Some(p) = &r.provider {
             of_provider.clear();
@@ -1049,29 +1209,26 @@ pub(crate) fn plan_requests(
             }
         }
         // The best priority among other launchers' unpaused candidates, and
-        // among all unpaused candidates.
-        let unpaused = |i: usize| match reg.our_pos[i] {
-            Some(pos) => !pass.paused[pos],
-            None => !reg.pools[i].paused,
-        };
-        let mut best_other = None;
-        let mut best = None;
+        // among all unpaused candidates (in a backlog every pool is paused
+        // and these sets are empty).
+        unpaused.copy_from(cand);
+        unpaused.and_not(&pass.paused_reg);
+        let best = unpaused.iter().map(|i| reg.pools[i].priority).min();
+        others.copy_from(cand);
+        others.and(&reg.others_unpaused);
+        let best_other = others.iter().map(|i| reg.pools[i].priority).min();
+        ours.copy_from(cand);
+        ours.and(&reg.ours_set);
+        for i in ours.iter() {
+            eligible_set.insert(reg_rank[i]);
+        }
         eligible.clear();
-        for i in cand.iter() {
-            match reg.our_pos[i] {
-                Some(pos) => eligible.push(rank[pos]),
-                None if !reg.pools[i].paused => {
-                    best_other = Some(min_with(best_other, reg.pools[i].priority));
-                }
-                None => {}
-            }
-            if unpaused(i) {
-                best = Some(min_with(best, reg.pools[i].priority));
-            }
-        }
-        if let Some(b) = best_other {
-            eligible.retain(|&k| idx.our_pools[by_rank[k]].priority <= b);
-        }
+        eligible.extend(
+            eligible_set
+                .iter()
+                .filter(|&k| best_other.is_none_or(|b| idx.our_pools[by_rank[k]].priority <= b)),
+        );
+        eligible_set.clear();
         if eligible.is_empty() {
             continue;
         }
@@ -1081,12 +1238,12 @@ pub(crate) fn plan_requests(
         // instead of racing for every lock. Another launcher's preferred
         // request is left to it for a short hand-off time, after which
         // anyone may take it (its owner may be stuck or gone).
-        // With every candidate paused there is nothing to hash.
         let preferred = best.and_then(|best| {
             rendezvous_owner(
                 &req.id,
-                cand.iter()
-                    .filter(|&i| unpaused(i) && reg.pools[i].priority == best)
+                unpaused
+                    .iter()
+                    .filter(|&i| reg.pools[i].priority == best)
                     .map(|i| reg.ids[i]),
             )
             .and_then(|id| reg.by_id.get(id).copied())
@@ -1099,9 +1256,6 @@ pub(crate) fn plan_requests(
         }
         let preferred_pos = preferred.and_then(|p| reg.our_pos[p]);
         // The preferred pool first, then by priority and position.
-        if !eligible.is_sorted() {
-            eligible.sort_unstable();
-        }
         if let Some(first) = preferred_pos.map(|pos| rank[pos])
             && let Some(k) = eligible.iter().position(|&r| r == first)
         {
@@ -1124,7 +1278,16 @@ pub(crate) fn plan_requests(
             if blocked && deferred {
                 continue;
             }
-            if let Some(reason) = decline_reason(cfg, pass.quota, pos, &idx.our_pools[pos], req) {
+            let verdict =
+                |quota: &QuotaState| decline_reason(cfg, quota, pos, &idx.our_pools[pos], req);
+            let declines = match labels_key {
+                Some(k) => decline_reasons
+                    .entry((pos, k))
+                    .or_insert_with(|| verdict(pass.quota))
+                    .clone(),
+                None => verdict(pass.quota),
+            };
+            if let Some(reason) = declines {
                 decliners.push((pos, reason));
                 continue;
             }
@@ -1191,7 +1354,7 @@ pub(crate) fn plan_requests(
 
 #[cfg(test)]
 mod tests {
-    use super::{PoolSet, packed, sort_queue, with_label_set};
+    use super::{PoolSet, packed, sequence_key, set_key, sort_queue, with_label_set};
     use crate::planner::request_order;
     use std::collections::BTreeSet;
 
@@ -1275,7 +1438,15 @@ mod tests {
         long.push(rec("100-00000000000000000001", 0));
         long.push(rec("a-long-id-without-a-priority", 0));
         long.push(rec("1000-0000000001", 0));
-        for records in [&short[..], &long[..]] {
+        // More (priority, relative priority) groups than buckets.
+        let many: Vec<RequestRecord> = (0..60)
+            .map(|i| rec(&format!("{}-{:010}", 100 + i % 3, 60 - i), i % 20 - 10))
+            .collect();
+        let mut few = many.clone();
+        for r in &mut few {
+            Arc::make_mut(&mut r.request).relative_priority %= 3;
+        }
+        for records in [&short[..], &long[..], &many[..], &few[..]] {
             let mut got: Vec<&RequestRecord> = records.iter().collect();
             sort_queue(&mut got);
             let mut want: Vec<&RequestRecord> = records.iter().collect();
@@ -1283,6 +1454,18 @@ mod tests {
             assert!(got.iter().zip(&want).all(|(a, b)| std::ptr::eq(*a, *b)));
             assert_eq!(got.len(), want.len());
         }
+    }
+
+    #[test]
+    fn label_keys() {
+        assert_eq!(set_key(&[3, 1, 3]), set_key(&[1, 3]));
+        assert_ne!(set_key(&[1]), set_key(&[1, 3]));
+        assert_eq!(set_key(&[1, 2, 3, 3, 2]), set_key(&[3, 2, 1]));
+        assert_eq!(set_key(&[1, 2, 3, 4]), None);
+        assert_ne!(sequence_key(&[1, 3]), sequence_key(&[3, 1]));
+        assert_ne!(sequence_key(&[1]), sequence_key(&[1, 1]));
+        assert_ne!(sequence_key(&[]), sequence_key(&[0]));
+        assert_eq!(sequence_key(&[1, 1, 1, 1]), None);
     }
 
     #[test]
