@@ -24,7 +24,6 @@ pub(crate) fn nodes(
 ) -> (Vec<usize>, FastSet<usize>) {
     let mut freed = Vec::new();
     let mut deleted = FastSet::default();
-    let ours: FastSet<&str> = cfg.providers.iter().map(|p| p.name.as_str()).collect();
     let max_hold = cfg.max_hold_age.map(|d| d.as_secs_f64());
     let max_ready_age: FastMap<&str, f64> = cfg
         .labels
@@ -33,7 +32,7 @@ pub(crate) fn nodes(
         .collect();
     for (i, rec) in s.nodes.iter().enumerate() {
         let n = &rec.node;
-        if rec.locked || !ours.contains(n.provider.as_str()) {
+        if rec.locked || idx.node_provider[i].is_none() {
             continue;
         }
         let before = plan.actions.len();
@@ -47,9 +46,9 @@ pub(crate) fn nodes(
                 // Only request allocations are ours to undo; a consumer's
                 // (e.g. a Jenkins target's) are not request ids.
                 Some(r) if parse_request_id(r).is_some() => {
-                    let gone = match idx.requests.get(r.as_str()) {
+                    let gone = match idx.request(r) {
                         None => true,
-                        Some(&i) => matches!(
+                        Some(i) => matches!(
                             s.requests[i].request.state,
                             RequestState::Requested | RequestState::Failed
                         ),
@@ -92,9 +91,8 @@ pub(crate) fn nodes(
                 let lost = match n.allocated_to.as_deref() {
                     None => true,
                     Some(r) => idx
-                        .requests
-                        .get(r)
-                        .is_none_or(|&i| s.requests[i].request.state != RequestState::Pending),
+                        .request(r)
+                        .is_none_or(|i| s.requests[i].request.state != RequestState::Pending),
                 };
                 if lost {
                     plan.actions.push(Action::DeleteNode {
@@ -260,7 +258,7 @@ pub(crate) fn housekeeping(
 ) {
     for d in &s.request_lock_dirs {
         if !d.locked
-            && !idx.requests.contains_key(d.id.as_str())
+            && idx.request(&d.id).is_none()
             && now - d.mtime_ms as f64 / 1000.0 > REQUEST_LOCK_CLEANUP_SECS
         {
             plan.actions.push(Action::DeleteRequestLockDir {

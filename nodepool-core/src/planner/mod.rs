@@ -383,8 +383,13 @@ pub(crate) fn request_order(id: &str, relative_priority: i64) -> (&str, i64, &st
 pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) -> Plan {
     let mut plan = Plan::default();
     let mut index = requests::Index::build(snapshot, config, local);
-    let mut quota =
-        quota::QuotaState::new(snapshot, config, &index.node_resources, &index.node_pool);
+    let mut quota = quota::QuotaState::new(
+        snapshot,
+        config,
+        &index.node_resources,
+        &index.node_pool,
+        &index.node_provider,
+    );
     let mut freed = cleanup::lost_requests(snapshot, local, &index, &mut plan);
     let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, &index, &mut plan);
     freed.extend(deallocated);

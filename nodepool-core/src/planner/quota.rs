@@ -54,13 +54,14 @@ pub struct QuotaState {
 
 impl QuotaState {
     /// Usage from the snapshot's nodes. `node_resources[i]` is the quota
-    /// of `snapshot.nodes[i]` and `node_pool[i]` its pool position, if the
-    /// pool is configured here.
+    /// of `snapshot.nodes[i]`, `node_pool[i]` its pool position and
+    /// `node_provider[i]` its provider's, if configured here.
     pub fn new(
         snapshot: &Snapshot,
         config: &Config,
         node_resources: &[std::borrow::Cow<'_, Resources>],
         node_pool: &[Option<usize>],
+        node_provider: &[Option<usize>],
     ) -> Self {
         let mut q = QuotaState {
             pools: Vec::new(),
@@ -72,9 +73,7 @@ impl QuotaState {
                 .collect(),
             tenant_usage: HashMap::new(),
         };
-        let mut provider_pos: HashMap<&str, usize> = HashMap::new();
         for (pi, p) in config.providers.iter().enumerate() {
-            provider_pos.insert(p.name.as_str(), pi);
             let mut cloud = CloudQuota::default();
             if let Some(view) = snapshot.providers.get(&p.name) {
                 cloud.limits = view.limits.clone();
@@ -92,20 +91,17 @@ impl QuotaState {
             }
         }
         let tenants = !q.tenant_limits.is_empty();
-        for ((rec, res), pos) in snapshot.nodes.iter().zip(node_resources).zip(node_pool) {
-            let n = &rec.node;
-            match pos {
+        for (i, res) in node_resources.iter().enumerate() {
+            match (node_pool[i], node_provider[i]) {
                 // Added to the cloud with the pool's total below.
-                Some(pos) => q.pools[*pos].used.add(res),
+                (Some(pos), _) => q.pools[pos].used.add(res),
                 // A pool no longer configured: its nodes still use the cloud.
-                None => {
-                    if let Some(&pi) = provider_pos.get(n.provider.as_str()) {
-                        q.clouds[pi].ours.add(res);
-                    }
-                }
+                (None, Some(pi)) => q.clouds[pi].ours.add(res),
+                (None, None) => {}
             }
             if tenants
-                && let Some(t) = n
+                && let Some(t) = snapshot.nodes[i]
+                    .node
                     .tenant_name
                     .as_deref()
                     .filter(|t| q.tenant_limits.contains_key(*t))

@@ -70,6 +70,8 @@ pub(crate) struct Index<'a> {
     pub node_resources: Vec<Cow<'a, Resources>>,
     /// Our pool position of each node, if it is in one of our pools.
     pub node_pool: Vec<Option<usize>>,
+    /// Configuration position of each node's provider, if it is ours.
+    pub node_provider: Vec<Option<usize>>,
     /// Node indices allocated to each request.
     pub allocations: FastMap<&'a str, Vec<usize>>,
     /// Ready, unallocated, unlocked nodes per (pool position, label), oldest first.
@@ -78,14 +80,17 @@ pub(crate) struct Index<'a> {
     pub ready_free_in_pool: Vec<Vec<usize>>,
     /// Nodes being deleted per pool position.
     pub deleting_in_pool: Vec<usize>,
-    /// Launches in flight per provider (init/building nodes of our pools).
-    pub in_flight: FastMap<&'a str, usize>,
+    /// Launches in flight per provider position (init/building nodes
+    /// launched by our pools).
+    pub in_flight: Vec<usize>,
     /// This launcher's pools, in configuration order.
     pub our_pools: Vec<OurPool<'a>>,
     /// The newest ready upload per (provider, diskimage).
     pub newest_upload: FastMap<(&'a str, &'a str), &'a crate::store::UploadRecord>,
-    /// Request index by id.
-    pub requests: FastMap<&'a str, usize>,
+    /// Request index by id, built on first use: most passes look up few
+    /// requests or none.
+    requests: std::cell::OnceCell<FastMap<&'a str, usize>>,
+    all_requests: &'a [RequestRecord],
     /// Nodes given back this pass (deallocated or freed from a lost request).
     pub freed: FastSet<usize>,
 }
@@ -105,21 +110,30 @@ impl<'a> Index<'a> {
         let mut idx = Index {
             node_resources: Vec::with_capacity(s.nodes.len()),
             node_pool: Vec::with_capacity(s.nodes.len()),
+            node_provider: Vec::with_capacity(s.nodes.len()),
             allocations: FastMap::default(),
             ready_free: FastMap::default(),
             ready_free_in_pool: Vec::new(),
             deleting_in_pool: Vec::new(),
-            in_flight: FastMap::default(),
+            in_flight: vec![0; cfg.providers.len()],
             our_pools: Vec::new(),
             newest_upload: FastMap::default(),
-            requests: FastMap::with_capacity_and_hasher(s.requests.len(), Default::default()),
+            requests: std::cell::OnceCell::new(),
+            all_requests: &s.requests,
             freed: FastSet::default(),
         };
-        for (i, r) in s.requests.iter().enumerate() {
-            idx.requests.insert(r.id.as_str(), i);
-        }
-        let mut pool_pos: FastMap<(&str, &str), usize> = FastMap::default();
+        // Provider names are unique in a (validated) configuration, and
+        // pool names within a provider: a node's pool is found by hashing
+        // its provider name only.
+        let provider_pos: FastMap<&str, usize> = cfg
+            .providers
+            .iter()
+            .enumerate()
+            .map(|(pi, p)| (p.name.as_str(), pi))
+            .collect();
+        let mut first_pool = Vec::with_capacity(cfg.providers.len());
         for (pi, p) in cfg.providers.iter().enumerate() {
+            first_pool.push(idx.our_pools.len());
             for (qi, pool) in p.pools.iter().enumerate() {
                 let key = PoolKey::new(&p.name, &pool.name);
                 let id = local
@@ -127,7 +141,6 @@ impl<'a> Index<'a> {
                     .get(&key)
                     .cloned()
                     .unwrap_or_else(|| format!("local-PoolWorker.{}-{}", p.name, pool.name));
-                pool_pos.insert((p.name.as_str(), pool.name.as_str()), idx.our_pools.len());
                 idx.our_pools.push(OurPool {
                     key,
                     id,
@@ -157,9 +170,15 @@ impl<'a> Index<'a> {
             if let Some(r) = &n.allocated_to {
                 idx.allocations.entry(r.as_str()).or_default().push(i);
             }
-            let pos = pool_pos
-                .get(&(n.provider.as_str(), n.pool.as_str()))
-                .copied();
+            let provider = provider_pos.get(n.provider.as_str()).copied();
+            let pos = provider.and_then(|pi| {
+                let qi = cfg.providers[pi]
+                    .pools
+                    .iter()
+                    .position(|q| q.name == n.pool)?;
+                Some(first_pool[pi] + qi)
+            });
+            idx.node_provider.push(provider);
             idx.node_pool.push(pos);
             match (n.state, pos) {
                 (NodeState::Ready, Some(pos)) if n.allocated_to.is_none() && !rec.locked => {
@@ -169,7 +188,10 @@ impl<'a> Index<'a> {
                 (NodeState::Init | NodeState::Building, _)
                     if n.launcher.as_deref().is_some_and(|l| our_ids.contains(l)) =>
                 {
-                    *idx.in_flight.entry(n.provider.as_str()).or_default() += 1;
+                    // Only our providers' counts are ever asked for.
+                    if let Some(pi) = provider {
+                        idx.in_flight[pi] += 1;
+                    }
                 }
                 _ => {}
             }
@@ -237,6 +259,21 @@ impl<'a> Index<'a> {
             idx.our_pools[pos].labels = labels;
         }
         idx
+    }
+
+    /// The position of a request in the snapshot, by id.
+    pub fn request(&self, id: &str) -> Option<usize> {
+        self.requests
+            .get_or_init(|| {
+                let mut m =
+                    FastMap::with_capacity_and_hasher(self.all_requests.len(), Default::default());
+                for (i, r) in self.all_requests.iter().enumerate() {
+                    m.insert(r.id.as_str(), i);
+                }
+                m
+            })
+            .get(id)
+            .copied()
     }
 
     fn sort_free(&mut self, s: &Snapshot) {
@@ -595,8 +632,8 @@ struct Pass<'p, 'a, 'r> {
     /// Registered pools that take no requests now: other launchers' paused
     /// pools and our pools paused this pass.
     paused_reg: PoolSet,
-    /// Launches planned this pass per provider.
-    launches: FastMap<String, usize>,
+    /// Launches planned this pass per provider position.
+    launches: Vec<usize>,
     /// Our pools that evicted a node this pass.
     evicted: Vec<bool>,
     addressable: Vec<usize>,
@@ -615,13 +652,7 @@ impl Pass<'_, '_, '_> {
         match provider.max_concurrency {
             None => true,
             Some(limit) => {
-                let now = self
-                    .idx
-                    .in_flight
-                    .get(provider.name.as_str())
-                    .copied()
-                    .unwrap_or(0)
-                    + self.launches.get(&provider.name).copied().unwrap_or(0);
+                let now = self.idx.in_flight[ours.provider] + self.launches[ours.provider];
                 now < limit as usize
             }
         }
@@ -789,7 +820,7 @@ impl Pass<'_, '_, '_> {
                         az = choose_az(self.s, pool, &provider.name, &req.id);
                     }
                     self.quota.add(pos, r.tenant_name.as_deref(), &need);
-                    *self.launches.entry(provider.name.clone()).or_default() += 1;
+                    self.launches[ours.provider] += 1;
                     tracing::trace!(
                         request = %req.id,
                         fresh,
@@ -1049,12 +1080,12 @@ fn sort_queue(reqs: &mut Vec<&RequestRecord>) {
 }
 
 /// Plans every request-related action of this pass.
-pub(crate) fn plan_requests(
-    s: &Snapshot,
+pub(crate) fn plan_requests<'a>(
+    s: &'a Snapshot,
     cfg: &Config,
     now: f64,
     local: &LocalState,
-    idx: &Index<'_>,
+    idx: &Index<'a>,
     quota: &mut QuotaState,
     plan: &mut Plan,
 ) {
@@ -1075,7 +1106,7 @@ pub(crate) fn plan_requests(
         taken: FastSet::default(),
         paused: vec![false; idx.our_pools.len()],
         paused_reg: reg.others_paused.clone(),
-        launches: FastMap::default(),
+        launches: vec![0; cfg.providers.len()],
         evicted: vec![false; idx.our_pools.len()],
         addressable: vec![0; idx.our_pools.len()],
     };
@@ -1085,14 +1116,13 @@ pub(crate) fn plan_requests(
     let mut owned: Vec<(&String, &PoolKey)> = local.owned_requests.iter().collect();
     owned.sort_by_cached_key(|(id, _)| {
         let rp = idx
-            .requests
-            .get(id.as_str())
-            .map(|&i| s.requests[i].request.relative_priority)
+            .request(id)
+            .map(|i| s.requests[i].request.relative_priority)
             .unwrap_or(0);
         request_order_key(id, rp)
     });
     for (id, key) in owned {
-        let Some(&ri) = idx.requests.get(id.as_str()) else {
+        let Some(ri) = idx.request(id) else {
             pass.plan.actions.push(Action::Release {
                 request: id.clone(),
             });
