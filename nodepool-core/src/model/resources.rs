@@ -37,39 +37,76 @@ fn same(a: &str, b: &str) -> bool {
     (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
 }
 
+/// A bit for each common quota name, and one for any other name.
+fn name_bit(name: &str) -> u8 {
+    match name {
+        INSTANCES => 1,
+        CORES => 2,
+        RAM => 4,
+        VOLUMES => 8,
+        VOLUME_GB => 16,
+        _ => OTHER_NAMES,
+    }
+}
+
+const OTHER_NAMES: u8 = 32;
+
 /// A small map from quota name to amount, sorted by name.
 #[derive(Clone, Default, PartialEq, Eq)]
-struct Amounts(Vec<(Name, i64)>);
+struct Amounts {
+    entries: Vec<(Name, i64)>,
+    /// The [`name_bit`]s of the names present: two maps with the same bits
+    /// and only common names have their entries in the same order.
+    names: u8,
+}
 
 impl Amounts {
     fn get(&self, name: &str) -> Option<i64> {
-        self.0.iter().find(|(k, _)| same(k, name)).map(|(_, v)| *v)
+        self.entries
+            .iter()
+            .find(|(k, _)| same(k, name))
+            .map(|(_, v)| *v)
+    }
+
+    /// The entries of `self` and `other` side by side, if they name the
+    /// same common quotas.
+    fn aligned<'s>(
+        &'s mut self,
+        other: &'s Amounts,
+    ) -> Option<impl Iterator<Item = (&'s mut i64, i64)>> {
+        (self.names == other.names && self.names & OTHER_NAMES == 0).then(|| {
+            self.entries
+                .iter_mut()
+                .zip(&other.entries)
+                .map(|(a, b)| (&mut a.1, b.1))
+        })
     }
 
     fn slot(&mut self, name: &str) -> &mut i64 {
         // A handful of entries: a linear scan beats a binary search, and
         // interned names usually match by pointer.
-        let pos = match self.0.iter().position(|(k, _)| same(k, name)) {
+        let pos = match self.entries.iter().position(|(k, _)| same(k, name)) {
             Some(i) => i,
             None => {
-                let i = self.0.partition_point(|(k, _)| k.as_ref() < name);
-                self.0.insert(i, (intern(name), 0));
+                let i = self.entries.partition_point(|(k, _)| k.as_ref() < name);
+                self.entries.insert(i, (intern(name), 0));
+                self.names |= name_bit(name);
                 i
             }
         };
-        &mut self.0[pos].1
+        &mut self.entries[pos].1
     }
 
     fn iter(&self) -> impl Iterator<Item = (&str, i64)> {
-        self.0.iter().map(|(k, v)| (k.as_ref(), *v))
+        self.entries.iter().map(|(k, v)| (k.as_ref(), *v))
     }
 }
 
 impl Serialize for Amounts {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
+        let mut m = s.serialize_map(Some(self.entries.len()))?;
+        for (k, v) in &self.entries {
             m.serialize_entry(k.as_ref(), v)?;
         }
         m.end()
@@ -118,10 +155,9 @@ impl Resources {
     pub fn add(&mut self, other: &Resources) {
         // Usage is summed over every node of every pass, and nodes mostly
         // name the same quotas: then the entries line up one to one.
-        let (mine, theirs) = (&mut self.0.0, &other.0.0);
-        if mine.len() == theirs.len() && mine.iter().zip(theirs).all(|(a, b)| same(&a.0, &b.0)) {
-            for (a, b) in mine.iter_mut().zip(theirs) {
-                a.1 += b.1;
+        if let Some(pairs) = self.0.aligned(&other.0) {
+            for (a, b) in pairs {
+                *a += b;
             }
             return;
         }
@@ -144,7 +180,7 @@ impl Resources {
 
     /// Whether no amount is set.
     pub fn is_empty(&self) -> bool {
-        self.0.0.is_empty()
+        self.0.entries.is_empty()
     }
 }
 
@@ -237,7 +273,7 @@ impl Limits {
 
     /// Whether no name is limited.
     pub fn is_unlimited(&self) -> bool {
-        self.0.0.is_empty()
+        self.0.entries.is_empty()
     }
 }
 
@@ -256,6 +292,24 @@ impl Serialize for Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sums_whatever_the_names() {
+        let mut a = Resources::server(2, 1024);
+        a.add(&Resources::server(4, 2048));
+        assert_eq!(a, Resources::server(6, 3072).with(INSTANCES, 2));
+        a.add(&Resources::new().with("gpus", 1).with(CORES, 1));
+        assert_eq!(a.get(CORES), 7);
+        assert_eq!(a.get("gpus"), 1);
+        let mut b = Resources::new().with("gpus", 2);
+        b.add(&Resources::new().with("gpus", 3));
+        assert_eq!(b.get("gpus"), 5);
+        b.add(&Resources::new().with("fpgas", 1));
+        assert_eq!(b.iter().collect::<Vec<_>>(), [("fpgas", 1), ("gpus", 5)]);
+        let mut c = Resources::new();
+        c.add(&Resources::server(1, 1));
+        assert_eq!(c, Resources::server(1, 1));
+    }
 
     #[test]
     fn fits_checks_only_needed_names() {

@@ -74,6 +74,50 @@ impl Hasher for FxHasher {
     }
 }
 
+/// Whether two byte strings are equal, comparing short ones in registers:
+/// `==` on slices calls `memcmp`, and a call per key comparison was a sixth
+/// of a planning pass (names and labels are mostly under 16 bytes).
+#[inline]
+pub fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1..=3 => a.iter().zip(b).all(|(x, y)| x == y),
+        4..=7 => {
+            a.first_chunk::<4>() == b.first_chunk::<4>()
+                && a.last_chunk::<4>() == b.last_chunk::<4>()
+        }
+        8..=16 => {
+            a.first_chunk::<8>() == b.first_chunk::<8>()
+                && a.last_chunk::<8>() == b.last_chunk::<8>()
+        }
+        _ => a == b,
+    }
+}
+
+/// A string map key that compares with [`bytes_eq`] and hashes like `str`.
+#[derive(Clone, Copy, Debug)]
+pub struct Key<'a>(pub &'a str);
+
+impl PartialEq for Key<'_> {
+    #[inline]
+    fn eq(&self, o: &Self) -> bool {
+        bytes_eq(self.0.as_bytes(), o.0.as_bytes())
+    }
+}
+
+impl Eq for Key<'_> {}
+
+impl std::hash::Hash for Key<'_> {
+    #[inline]
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.0.hash(h);
+    }
+}
+
 /// A `HashMap` with [`FxHasher`].
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 /// A `HashSet` with [`FxHasher`].
@@ -81,8 +125,29 @@ pub type FastSet<K> = HashSet<K, BuildHasherDefault<FxHasher>>;
 
 #[cfg(test)]
 mod tests {
-    use super::FxHasher;
+    use super::{FxHasher, bytes_eq};
     use std::hash::Hasher;
+
+    #[test]
+    fn short_strings_compare_like_slices() {
+        let words: Vec<Vec<u8>> = (0..=20)
+            .flat_map(|len| {
+                let base: Vec<u8> = (0..len as u8).map(|b| b'a' + b % 26).collect();
+                let mut variants = vec![base.clone()];
+                for i in 0..len {
+                    let mut v = base.clone();
+                    v[i] = b'#';
+                    variants.push(v);
+                }
+                variants
+            })
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(bytes_eq(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
+    }
 
     fn hash(bytes: &[u8]) -> u64 {
         let mut h = FxHasher::default();

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use super::fast::{FastMap, FastSet};
+use super::fast::{FastMap, FastSet, Key, bytes_eq};
 use super::rendezvous_owner;
 
 use super::quota::{QuotaBlock, QuotaState, one_instance};
@@ -125,11 +125,11 @@ impl<'a> Index<'a> {
         // Provider names are unique in a (validated) configuration, and
         // pool names within a provider: a node's pool is found by hashing
         // its provider name only.
-        let provider_pos: FastMap<&str, usize> = cfg
+        let provider_pos: FastMap<Key<'_>, usize> = cfg
             .providers
             .iter()
             .enumerate()
-            .map(|(pi, p)| (p.name.as_str(), pi))
+            .map(|(pi, p)| (Key(&p.name), pi))
             .collect();
         let mut first_pool = Vec::with_capacity(cfg.providers.len());
         for (pi, p) in cfg.providers.iter().enumerate() {
@@ -170,12 +170,12 @@ impl<'a> Index<'a> {
             if let Some(r) = &n.allocated_to {
                 idx.allocations.entry(r.as_str()).or_default().push(i);
             }
-            let provider = provider_pos.get(n.provider.as_str()).copied();
+            let provider = provider_pos.get(&Key(&n.provider)).copied();
             let pos = provider.and_then(|pi| {
                 let qi = cfg.providers[pi]
                     .pools
                     .iter()
-                    .position(|q| q.name == n.pool)?;
+                    .position(|q| bytes_eq(q.name.as_bytes(), n.pool.as_bytes()))?;
                 Some(first_pool[pi] + qi)
             });
             idx.node_provider.push(provider);
@@ -403,6 +403,7 @@ impl Iterator for PoolSetIter<'_> {
 pub const HANDOFF_SECS: f64 = 5.0;
 
 /// A registered pool, as far as pickup needs it.
+#[derive(Clone, Copy)]
 struct RegPool<'r> {
     provider: &'r str,
     priority: i64,
@@ -416,7 +417,7 @@ struct Registry<'r> {
     by_id: FastMap<&'r str, usize>,
     /// A number for every label some registered pool serves: a request's
     /// labels are looked up by name once, and by number after that.
-    label_ids: FastMap<&'r str, usize>,
+    label_ids: FastMap<Key<'r>, usize>,
     /// The registered pools serving each label, by label number.
     by_label: Vec<PoolSet>,
     all: PoolSet,
@@ -435,6 +436,7 @@ struct Registry<'r> {
 
 impl<'r> Registry<'r> {
     fn build(s: &'r Snapshot, cfg: &'r Config, idx: &'r Index<'_>) -> Self {
+        // Entries in listing order, then renumbered below.
         let mut pools = Vec::with_capacity(s.pools.len() + idx.our_pools.len());
         let mut ids = Vec::with_capacity(pools.capacity());
         let mut by_id: FastMap<&'r str, usize> = FastMap::default();
@@ -464,11 +466,37 @@ impl<'r> Registry<'r> {
             }
         }
         let n = pools.len();
-        let mut label_ids: FastMap<&'r str, usize> = FastMap::default();
+        let mut our_pos = vec![None; n];
+        for (pos, ours) in idx.our_pools.iter().enumerate() {
+            our_pos[by_id[ours.id.as_str()]] = Some(pos);
+        }
+        // Renumber: our pools first, in the order they take requests
+        // (priority, then position), then the others. Sets of pools then
+        // list our candidates in pickup order, with nothing to sort.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_unstable_by_key(|&i| match our_pos[i] {
+            Some(pos) => (false, idx.our_pools[pos].priority, pos),
+            None => (true, 0, i),
+        });
+        let mut renumbered = vec![0; n];
+        for (new, &old) in order.iter().enumerate() {
+            renumbered[old] = new;
+        }
+        let pools: Vec<RegPool<'r>> = order.iter().map(|&old| pools[old]).collect();
+        let ids: Vec<&'r str> = order.iter().map(|&old| ids[old]).collect();
+        let labels: Vec<Vec<&'r str>> = order
+            .iter()
+            .map(|&old| std::mem::take(&mut labels[old]))
+            .collect();
+        let our_pos: Vec<Option<usize>> = order.iter().map(|&old| our_pos[old]).collect();
+        for i in by_id.values_mut() {
+            *i = renumbered[*i];
+        }
+        let mut label_ids: FastMap<Key<'r>, usize> = FastMap::default();
         let mut by_label: Vec<PoolSet> = Vec::new();
         for (i, ls) in labels.iter().enumerate() {
             for l in ls {
-                let id = *label_ids.entry(l).or_insert_with(|| {
+                let id = *label_ids.entry(Key(l)).or_insert_with(|| {
                     by_label.push(PoolSet::empty(n));
                     by_label.len() - 1
                 });
@@ -476,10 +504,6 @@ impl<'r> Registry<'r> {
             }
         }
         let ours: Vec<usize> = idx.our_pools.iter().map(|o| by_id[o.id.as_str()]).collect();
-        let mut our_pos = vec![None; n];
-        for (pos, &i) in ours.iter().enumerate() {
-            our_pos[i] = Some(pos);
-        }
         let mut ours_set = PoolSet::empty(n);
         let mut others_unpaused = PoolSet::empty(n);
         let mut others_paused = PoolSet::empty(n);
@@ -527,7 +551,7 @@ impl<'r> Registry<'r> {
     fn label_ids_into(&self, labels: &[String], ids: &mut Vec<usize>) -> bool {
         ids.clear();
         for l in labels {
-            match self.label_ids.get(l.as_str()) {
+            match self.label_ids.get(&Key(l)) {
                 Some(&id) => ids.push(id),
                 None => return false,
             }
@@ -1164,26 +1188,10 @@ pub(crate) fn plan_requests<'a>(
     let mut declined = reg.none.clone();
     let mut cand = reg.none.clone();
     let mut of_provider = reg.none.clone();
-    // Our pools in pickup order (priority, then position) and each pool's
-    // rank in it: ranks sort as plain integers.
-    let mut by_rank: Vec<usize> = (0..idx.our_pools.len()).collect();
-    by_rank.sort_by_key(|&pos| (idx.our_pools[pos].priority, pos));
-    let mut rank = vec![0; by_rank.len()];
-    for (k, &pos) in by_rank.iter().enumerate() {
-        rank[pos] = k;
-    }
-    // Ranks of our pools that may take the request, in pickup order; as a
-    // set of ranks they come out sorted (sorting them for every waiting
-    // request was a tenth of a pass).
+    // Positions of our pools that may take the request, in pickup order
+    // (registered pools are numbered so that a set lists ours in that
+    // order: sorting them for every waiting request was a tenth of a pass).
     let mut eligible: Vec<usize> = Vec::new();
-    let mut eligible_set = PoolSet::empty(by_rank.len());
-    // Rank of each registered pool that is ours.
-    let mut reg_rank = vec![usize::MAX; reg.pools.len()];
-    for (i, pos) in reg.our_pos.iter().enumerate() {
-        if let Some(pos) = pos {
-            reg_rank[i] = rank[*pos];
-        }
-    }
     let mut unpaused = reg.none.clone();
     let mut others = reg.none.clone();
     let mut ours = reg.none.clone();
@@ -1249,16 +1257,12 @@ pub(crate) fn plan_requests<'a>(
         let best_other = others.iter().map(|i| reg.pools[i].priority).min();
         ours.copy_from(cand);
         ours.and(&reg.ours_set);
-        for i in ours.iter() {
-            eligible_set.insert(reg_rank[i]);
-        }
         eligible.clear();
         eligible.extend(
-            eligible_set
-                .iter()
-                .filter(|&k| best_other.is_none_or(|b| idx.our_pools[by_rank[k]].priority <= b)),
+            ours.iter()
+                .filter_map(|i| reg.our_pos[i])
+                .filter(|&pos| best_other.is_none_or(|b| idx.our_pools[pos].priority <= b)),
         );
-        eligible_set.clear();
         if eligible.is_empty() {
             continue;
         }
@@ -1286,21 +1290,19 @@ pub(crate) fn plan_requests<'a>(
         }
         let preferred_pos = preferred.and_then(|p| reg.our_pos[p]);
         // The preferred pool first, then by priority and position.
-        if let Some(first) = preferred_pos.map(|pos| rank[pos])
-            && let Some(k) = eligible.iter().position(|&r| r == first)
+        if let Some(first) = preferred_pos
+            && let Some(k) = eligible.iter().position(|&pos| pos == first)
         {
             eligible[..=k].rotate_right(1);
         }
-        for &k in &eligible {
-            let pos = by_rank[k];
+        for &pos in &eligible {
             pass.addressable[pos] += 1;
         }
 
         decliners.clear();
         let mut taker = None;
         let mut deferred = false;
-        for &k in &eligible {
-            let pos = by_rank[k];
+        for &pos in &eligible {
             let blocked = pass.paused[pos] || !pass.concurrency_ok(&idx.our_pools[pos]);
             // Once the request waits anyway, a blocked pool's verdict changes
             // nothing: skip it (a backlog would otherwise re-check every
