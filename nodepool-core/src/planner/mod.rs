@@ -386,11 +386,11 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) 
     let mut quota = quota::QuotaState::new(
         snapshot,
         config,
+        &index.pool_used,
+        &index.unpooled_used,
         &index.node_resources,
-        &index.node_pool,
-        &index.node_provider,
     );
-    let mut freed = cleanup::lost_requests(snapshot, local, &index, &mut plan);
+    let mut freed = cleanup::lost_requests(snapshot, &index, &mut plan);
     let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, &index, &mut plan);
     freed.extend(deallocated);
     // Given-back nodes stop counting against their tenant.
@@ -399,8 +399,11 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) 
         quota.retag(n.tenant_name.as_deref(), None, &index.node_resources[i]);
     }
     index.update_free(snapshot, &freed, &deleted);
-    requests::plan_requests(snapshot, config, now, local, &index, &mut quota, &mut plan);
-    cleanup::min_ready(snapshot, config, local, &index, &mut plan);
+    let registry = requests::Registry::build(snapshot, config, &index);
+    requests::plan_requests(
+        snapshot, config, now, local, &index, &registry, &mut quota, &mut plan,
+    );
+    cleanup::min_ready(snapshot, config, local, &index, &registry, &mut plan);
     cleanup::housekeeping(snapshot, config, now, local, &index, &mut plan);
     plan
 }

@@ -53,15 +53,17 @@ pub struct QuotaState {
 }
 
 impl QuotaState {
-    /// Usage from the snapshot's nodes. `node_resources[i]` is the quota
-    /// of `snapshot.nodes[i]`, `node_pool[i]` its pool position and
-    /// `node_provider[i]` its provider's, if configured here.
+    /// Usage from the snapshot's nodes: `pool_used[p]` is the quota used
+    /// by the nodes of pool position `p`, `unpooled_used[i]` that of nodes
+    /// of provider position `i` in pools no longer configured.
+    /// `node_resources[i]` is the quota of `snapshot.nodes[i]` (for tenant
+    /// usage).
     pub fn new(
         snapshot: &Snapshot,
         config: &Config,
+        pool_used: &[Resources],
+        unpooled_used: &[Resources],
         node_resources: &[std::borrow::Cow<'_, Resources>],
-        node_pool: &[Option<usize>],
-        node_provider: &[Option<usize>],
     ) -> Self {
         let mut q = QuotaState {
             pools: Vec::new(),
@@ -80,37 +82,33 @@ impl QuotaState {
                 cloud.unmanaged = view.unmanaged.clone();
                 cloud.reported = view.reported_usage.clone();
             }
-            q.clouds.push(cloud);
+            // A pool no longer configured: its nodes still use the cloud.
+            if let Some(used) = unpooled_used.get(pi) {
+                cloud.ours.add(used);
+            }
             for pool in &p.pools {
+                let used = pool_used.get(q.pools.len()).cloned().unwrap_or_default();
+                cloud.ours.add(&used);
                 q.pools.push(PoolQuota {
                     provider: pi,
                     limits: pool.limits(),
                     ignore_cloud: pool.ignore_provider_quota,
-                    used: Resources::new(),
+                    used,
                 });
             }
+            q.clouds.push(cloud);
         }
-        let tenants = !q.tenant_limits.is_empty();
-        for (i, res) in node_resources.iter().enumerate() {
-            match (node_pool[i], node_provider[i]) {
-                // Added to the cloud with the pool's total below.
-                (Some(pos), _) => q.pools[pos].used.add(res),
-                // A pool no longer configured: its nodes still use the cloud.
-                (None, Some(pi)) => q.clouds[pi].ours.add(res),
-                (None, None) => {}
-            }
-            if tenants
-                && let Some(t) = snapshot.nodes[i]
+        if !q.tenant_limits.is_empty() {
+            for (rec, res) in snapshot.nodes.iter().zip(node_resources) {
+                if let Some(t) = rec
                     .node
                     .tenant_name
                     .as_deref()
                     .filter(|t| q.tenant_limits.contains_key(*t))
-            {
-                q.tenant_usage.entry(t.to_owned()).or_default().add(res);
+                {
+                    q.tenant_usage.entry(t.to_owned()).or_default().add(res);
+                }
             }
-        }
-        for p in &q.pools {
-            q.clouds[p.provider].ours.add(&p.used);
         }
         q
     }

@@ -58,7 +58,7 @@ pub(crate) struct OurPool<'a> {
     pub pool: usize,
     pub priority: i64,
     /// The labels it serves.
-    pub labels: FastMap<&'a str, LabelInfo<'a>>,
+    pub labels: FastMap<Key<'a>, LabelInfo<'a>>,
 }
 
 /// Lookups built once per pass. Pools are addressed by position in the
@@ -72,6 +72,19 @@ pub(crate) struct Index<'a> {
     pub node_pool: Vec<Option<usize>>,
     /// Configuration position of each node's provider, if it is ours.
     pub node_provider: Vec<Option<usize>>,
+    /// Quota used by the nodes of each of our pools.
+    pub pool_used: Vec<Resources>,
+    /// Quota used per provider position by nodes of pools no longer
+    /// configured.
+    pub unpooled_used: Vec<Resources>,
+    /// Ready nodes allocated to nothing (any pool, locked or not).
+    pub ready_unallocated: Vec<usize>,
+    /// Requests waiting for a launcher (`requested`, unlocked, not ours).
+    pub waiting: Vec<usize>,
+    /// Pending requests nobody holds (unlocked, not ours).
+    pub lost: Vec<usize>,
+    /// Requests Nodepool made for min-ready.
+    pub min_ready_requests: Vec<usize>,
     /// Node indices allocated to each request.
     pub allocations: FastMap<&'a str, Vec<usize>>,
     /// Ready, unallocated, unlocked nodes per (pool position, label), oldest first.
@@ -86,7 +99,7 @@ pub(crate) struct Index<'a> {
     /// This launcher's pools, in configuration order.
     pub our_pools: Vec<OurPool<'a>>,
     /// The newest ready upload per (provider, diskimage).
-    pub newest_upload: FastMap<(&'a str, &'a str), &'a crate::store::UploadRecord>,
+    pub newest_upload: FastMap<(Key<'a>, Key<'a>), &'a crate::store::UploadRecord>,
     /// Request index by id, built on first use: most passes look up few
     /// requests or none.
     requests: std::cell::OnceCell<FastMap<&'a str, usize>>,
@@ -111,6 +124,12 @@ impl<'a> Index<'a> {
             node_resources: Vec::with_capacity(s.nodes.len()),
             node_pool: Vec::with_capacity(s.nodes.len()),
             node_provider: Vec::with_capacity(s.nodes.len()),
+            pool_used: Vec::new(),
+            unpooled_used: vec![Resources::new(); cfg.providers.len()],
+            ready_unallocated: Vec::new(),
+            waiting: Vec::new(),
+            lost: Vec::new(),
+            min_ready_requests: Vec::new(),
             allocations: FastMap::default(),
             ready_free: FastMap::default(),
             ready_free_in_pool: Vec::new(),
@@ -151,10 +170,26 @@ impl<'a> Index<'a> {
                 });
             }
         }
+        // One look at every request.
+        for (i, r) in s.requests.iter().enumerate() {
+            let req = &r.request;
+            if req.is_min_ready() {
+                idx.min_ready_requests.push(i);
+            }
+            let queue = match req.state {
+                RequestState::Requested => &mut idx.waiting,
+                RequestState::Pending => &mut idx.lost,
+                _ => continue,
+            };
+            if !r.locked && !local.owned_requests.contains_key(&r.id) {
+                queue.push(i);
+            }
+        }
         idx.ready_free_in_pool = vec![Vec::new(); idx.our_pools.len()];
         idx.deleting_in_pool = vec![0; idx.our_pools.len()];
-        // Ready, free nodes of our pools: (age key, node, pool position).
-        let mut ready: Vec<(f64, usize, usize)> = Vec::new();
+        idx.pool_used = vec![Resources::new(); idx.our_pools.len()];
+        // Ready, free nodes of each of our pools: (age key, node).
+        let mut ready: Vec<Vec<(f64, usize)>> = vec![Vec::new(); idx.our_pools.len()];
         for (i, rec) in s.nodes.iter().enumerate() {
             let n = &rec.node;
             let res = match &n.resources {
@@ -166,7 +201,6 @@ impl<'a> Index<'a> {
                         .unwrap_or_else(one_instance),
                 ),
             };
-            idx.node_resources.push(res);
             if let Some(r) = &n.allocated_to {
                 idx.allocations.entry(r.as_str()).or_default().push(i);
             }
@@ -180,9 +214,20 @@ impl<'a> Index<'a> {
             });
             idx.node_provider.push(provider);
             idx.node_pool.push(pos);
+            // Usage is summed here, while the node is at hand; the cloud's
+            // share of it is the sum over its pools (QuotaState).
+            match (pos, provider) {
+                (Some(pos), _) => idx.pool_used[pos].add(&res),
+                (None, Some(pi)) => idx.unpooled_used[pi].add(&res),
+                (None, None) => {}
+            }
+            idx.node_resources.push(res);
+            if n.state == NodeState::Ready && n.allocated_to.is_none() {
+                idx.ready_unallocated.push(i);
+            }
             match (n.state, pos) {
                 (NodeState::Ready, Some(pos)) if n.allocated_to.is_none() && !rec.locked => {
-                    ready.push((n.state_time, i, pos));
+                    ready[pos].push((n.state_time, i));
                 }
                 (NodeState::Deleting, Some(pos)) => idx.deleting_in_pool[pos] += 1,
                 (NodeState::Init | NodeState::Building, _)
@@ -197,14 +242,16 @@ impl<'a> Index<'a> {
             }
         }
         // Oldest first; listings come sorted by id, so the index breaks
-        // ties by id. Handing out the sorted list keeps every per-pool and
-        // per-label list sorted without sorting each.
-        ready.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        for &(_, i, pos) in &ready {
-            for l in &s.nodes[i].node.node_type {
-                idx.ready_free.entry((pos, l.as_str())).or_default().push(i);
+        // ties by id. Per-label lists filled from the sorted pool lists are
+        // sorted too.
+        for (pos, mut nodes) in ready.into_iter().enumerate() {
+            nodes.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            for &(_, i) in &nodes {
+                for l in &s.nodes[i].node.node_type {
+                    idx.ready_free.entry((pos, l.as_str())).or_default().push(i);
+                }
             }
-            idx.ready_free_in_pool[pos].push(i);
+            idx.ready_free_in_pool[pos] = nodes.into_iter().map(|(_, i)| i).collect();
         }
 
         // Newest ready upload of a ready build, per provider and image.
@@ -215,7 +262,7 @@ impl<'a> Index<'a> {
             .filter(|b| b.build.state == BuildState::Ready)
             .map(|b| (b.image.as_str(), b.id.as_str()))
             .collect();
-        let mut best: FastMap<(&str, &str), (f64, &crate::store::UploadRecord)> =
+        let mut best: FastMap<(Key<'_>, Key<'_>), (f64, &crate::store::UploadRecord)> =
             FastMap::default();
         for u in &s.images.uploads {
             if u.upload.state != UploadState::Ready
@@ -224,7 +271,7 @@ impl<'a> Index<'a> {
             {
                 continue;
             }
-            let k = (u.provider.as_str(), u.image.as_str());
+            let k = (Key(&u.provider), Key(&u.image));
             let t = u.upload.state_time;
             match best.get(&k) {
                 Some((bt, bu)) if (*bt, bu.id.as_str()) >= (t, u.id.as_str()) => {}
@@ -242,18 +289,30 @@ impl<'a> Index<'a> {
                 .providers
                 .get(&provider.name)
                 .and_then(|v| v.label_resources.get(&pool.name));
+            // A pool has a handful of labels: scanning its flavors beats a
+            // string-ordered tree search per label.
+            let small: Option<Vec<(&String, &Resources)>> = flavors
+                .filter(|f| f.len() <= 32)
+                .map(|f| f.iter().collect());
+            let flavor = |name: &str| match &small {
+                Some(v) => v
+                    .iter()
+                    .find(|(k, _)| bytes_eq(k.as_bytes(), name.as_bytes()))
+                    .map(|(_, r)| *r),
+                None => flavors.and_then(|f| f.get(name)),
+            };
             let labels = pool
                 .labels
                 .iter()
                 .map(|l| {
                     let info = LabelInfo {
-                        resources: match flavors.and_then(|f| f.get(&l.name)) {
+                        resources: match flavor(&l.name) {
                             Some(r) => Cow::Borrowed(r),
                             None => Cow::Owned(one_instance()),
                         },
                         image: launch_image(s, &idx, &provider.name, l),
                     };
-                    (l.name.as_str(), info)
+                    (Key(&l.name), info)
                 })
                 .collect();
             idx.our_pools[pos].labels = labels;
@@ -411,7 +470,7 @@ struct RegPool<'r> {
 }
 
 /// Registered pools and how to find them.
-struct Registry<'r> {
+pub(crate) struct Registry<'r> {
     pools: Vec<RegPool<'r>>,
     ids: Vec<&'r str>,
     by_id: FastMap<&'r str, usize>,
@@ -435,7 +494,7 @@ struct Registry<'r> {
 }
 
 impl<'r> Registry<'r> {
-    fn build(s: &'r Snapshot, cfg: &'r Config, idx: &'r Index<'_>) -> Self {
+    pub fn build(s: &'r Snapshot, cfg: &'r Config, idx: &'r Index<'_>) -> Self {
         // Entries in listing order, then renumbered below.
         let mut pools = Vec::with_capacity(s.pools.len() + idx.our_pools.len());
         let mut ids = Vec::with_capacity(pools.capacity());
@@ -530,6 +589,27 @@ impl<'r> Registry<'r> {
         }
     }
 
+    /// The registered pools serving a label.
+    pub fn serving<'s>(&'s self, label: &str) -> impl Iterator<Item = usize> + use<'s, 'r> {
+        let pools = self
+            .label_ids
+            .get(&Key(label))
+            .map(|&id| &self.by_label[id]);
+        pools.into_iter().flat_map(PoolSet::iter)
+    }
+
+    /// A registered pool's id.
+    pub fn id(&self, i: usize) -> &'r str {
+        self.ids[i]
+    }
+
+    /// Whether a registered pool id is one of this launcher's pools.
+    pub fn is_ours(&self, id: &str) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|&i| self.our_pos[i].is_some())
+    }
+
     fn declined(&self, req: &RequestRecord) -> PoolSet {
         let mut d = self.none.clone();
         self.declined_into(req, &mut d);
@@ -591,7 +671,7 @@ fn decline_reason(
     let mut one: Option<&Resources> = None;
     let mut total: Option<Resources> = None;
     for label in &req.request.node_types {
-        let Some(info) = ours.labels.get(label.as_str()) else {
+        let Some(info) = ours.labels.get(&Key(label)) else {
             return Some(format!("label {label} is not supported"));
         };
         if info.image.is_none() {
@@ -629,7 +709,7 @@ fn launch_image<'a>(
     match &label.image {
         ImageSource::DiskImage(d) => idx
             .newest_upload
-            .get(&(provider, d.as_str()))
+            .get(&(Key(provider), Key(d)))
             .map(|u| ImageRef::Upload(u)),
         ImageSource::CloudImage(c) => {
             let missing = s
@@ -828,7 +908,7 @@ impl Pass<'_, '_, '_> {
                 });
                 continue;
             }
-            let Some(info) = ours.labels.get(label) else {
+            let Some(info) = ours.labels.get(&Key(label)) else {
                 return Progress::Waiting;
             };
             let Some(image) = info.image.map(ImageRef::to_launch_image) else {
@@ -1104,16 +1184,17 @@ fn sort_queue(reqs: &mut Vec<&RequestRecord>) {
 }
 
 /// Plans every request-related action of this pass.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn plan_requests<'a>(
     s: &'a Snapshot,
     cfg: &Config,
     now: f64,
     local: &LocalState,
     idx: &Index<'a>,
+    reg: &Registry<'_>,
     quota: &mut QuotaState,
     plan: &mut Plan,
 ) {
-    let reg = Registry::build(s, cfg, idx);
     let our_by_key: FastMap<&PoolKey, usize> = idx
         .our_pools
         .iter()
@@ -1124,7 +1205,7 @@ pub(crate) fn plan_requests<'a>(
         s,
         cfg,
         idx,
-        reg: &reg,
+        reg,
         quota,
         plan,
         taken: FastSet::default(),
@@ -1172,15 +1253,7 @@ pub(crate) fn plan_requests<'a>(
     if idx.our_pools.is_empty() {
         return;
     }
-    let mut waiting: Vec<&RequestRecord> = s
-        .requests
-        .iter()
-        .filter(|r| {
-            r.request.state == RequestState::Requested
-                && !r.locked
-                && !local.owned_requests.contains_key(&r.id)
-        })
-        .collect();
+    let mut waiting: Vec<&RequestRecord> = idx.waiting.iter().map(|&i| &s.requests[i]).collect();
     sort_queue(&mut waiting);
 
     // Scratch space reused for every request: a backlog runs this loop
@@ -1330,7 +1403,7 @@ pub(crate) fn plan_requests<'a>(
             let tenant_blocked = r.tenant_name.is_some() && {
                 let mut total = Resources::new();
                 for l in &r.node_types {
-                    if let Some(info) = idx.our_pools[pos].labels.get(l.as_str()) {
+                    if let Some(info) = idx.our_pools[pos].labels.get(&Key(l)) {
                         total.add(&info.resources);
                     }
                 }
