@@ -94,7 +94,8 @@ pub(crate) struct Index<'a> {
     /// Nodes being deleted per pool position.
     pub deleting_in_pool: Vec<usize>,
     /// Launches in flight per provider position (init/building nodes
-    /// launched by our pools).
+    /// launched by our pools), counted for providers with a
+    /// `max-concurrency` only.
     pub in_flight: Vec<usize>,
     /// This launcher's pools, in configuration order.
     pub our_pools: Vec<OurPool<'a>>,
@@ -119,7 +120,7 @@ fn label_resources(s: &Snapshot, provider: &str, pool: &str, label: &str) -> Opt
 
 impl<'a> Index<'a> {
     pub fn build(s: &'a Snapshot, cfg: &'a Config, local: &LocalState) -> Self {
-        let our_ids: FastSet<&str> = local.pool_ids.values().map(String::as_str).collect();
+        let our_ids: FastSet<Key<'_>> = local.pool_ids.values().map(|id| Key(id)).collect();
         let mut idx = Index {
             node_resources: Vec::with_capacity(s.nodes.len()),
             node_pool: Vec::with_capacity(s.nodes.len()),
@@ -230,10 +231,14 @@ impl<'a> Index<'a> {
                     ready[pos].push((n.state_time, i));
                 }
                 (NodeState::Deleting, Some(pos)) => idx.deleting_in_pool[pos] += 1,
+                // Only counts of our providers with a concurrency limit are
+                // ever asked for (matching launcher ids is not free).
                 (NodeState::Init | NodeState::Building, _)
-                    if n.launcher.as_deref().is_some_and(|l| our_ids.contains(l)) =>
+                    if provider.is_some_and(|pi| cfg.providers[pi].max_concurrency.is_some())
+                        && n.launcher
+                            .as_deref()
+                            .is_some_and(|l| our_ids.contains(&Key(l))) =>
                 {
-                    // Only our providers' counts are ever asked for.
                     if let Some(pi) = provider {
                         idx.in_flight[pi] += 1;
                     }
@@ -244,6 +249,7 @@ impl<'a> Index<'a> {
         // Oldest first; listings come sorted by id, so the index breaks
         // ties by id. Per-label lists filled from the sorted pool lists are
         // sorted too.
+        idx.ready_free.reserve(ready.iter().map(Vec::len).sum());
         for (pos, mut nodes) in ready.into_iter().enumerate() {
             nodes.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             for &(_, i) in &nodes {
@@ -263,7 +269,7 @@ impl<'a> Index<'a> {
             .map(|b| (b.image.as_str(), b.id.as_str()))
             .collect();
         let mut best: FastMap<(Key<'_>, Key<'_>), (f64, &crate::store::UploadRecord)> =
-            FastMap::default();
+            FastMap::with_capacity_and_hasher(s.images.uploads.len(), Default::default());
         for u in &s.images.uploads {
             if u.upload.state != UploadState::Ready
                 || u.upload.external_id.is_none()
@@ -1103,7 +1109,10 @@ fn packed<const N: usize>(s: &str) -> Option<[u8; N]> {
         return None;
     }
     let mut buf = [0u8; N];
-    buf[..n].copy_from_slice(s.as_bytes());
+    // Byte by byte: a copy of a variable length is a call to memcpy.
+    for (b, c) in buf.iter_mut().zip(s.as_bytes()) {
+        *b = *c;
+    }
     buf[N - 1] = u8::try_from(n).ok()?;
     Some(buf)
 }
@@ -1372,10 +1381,17 @@ pub(crate) fn plan_requests<'a>(
             pass.addressable[pos] += 1;
         }
 
+        // A paused pool is blocked; with none of ours unpaused, nothing
+        // after the first wait can take the request.
+        ours.and_not(&pass.paused_reg);
+        let any_unpaused = !ours.is_empty();
         decliners.clear();
         let mut taker = None;
         let mut deferred = false;
         for &pos in &eligible {
+            if deferred && !any_unpaused {
+                break;
+            }
             let blocked = pass.paused[pos] || !pass.concurrency_ok(&idx.our_pools[pos]);
             // Once the request waits anyway, a blocked pool's verdict changes
             // nothing: skip it (a backlog would otherwise re-check every
