@@ -32,7 +32,7 @@ pub(crate) fn nodes(
         .collect();
     for (i, rec) in s.nodes.iter().enumerate() {
         let n = &rec.node;
-        if rec.locked || idx.node_provider[i].is_none() {
+        if rec.locked || idx.node_provider(i).is_none() {
             continue;
         }
         let before = plan.actions.len();

@@ -388,7 +388,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) 
         config,
         &index.pool_used,
         &index.unpooled_used,
-        &index.node_resources,
+        |i| requests::node_resources(snapshot, i),
     );
     let mut freed = cleanup::lost_requests(snapshot, &index, &mut plan);
     let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, &index, &mut plan);
@@ -396,7 +396,11 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) 
     // Given-back nodes stop counting against their tenant.
     for &i in &freed {
         let n = &snapshot.nodes[i].node;
-        quota.retag(n.tenant_name.as_deref(), None, &index.node_resources[i]);
+        quota.retag(
+            n.tenant_name.as_deref(),
+            None,
+            &requests::node_resources(snapshot, i),
+        );
     }
     index.update_free(snapshot, &freed, &deleted);
     let registry = requests::Registry::build(snapshot, config, &index);

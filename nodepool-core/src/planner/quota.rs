@@ -56,14 +56,14 @@ impl QuotaState {
     /// Usage from the snapshot's nodes: `pool_used[p]` is the quota used
     /// by the nodes of pool position `p`, `unpooled_used[i]` that of nodes
     /// of provider position `i` in pools no longer configured.
-    /// `node_resources[i]` is the quota of `snapshot.nodes[i]` (for tenant
+    /// `node_resources(i)` is the quota of `snapshot.nodes[i]` (for tenant
     /// usage).
-    pub fn new(
+    pub fn new<'s>(
         snapshot: &Snapshot,
         config: &Config,
         pool_used: &[Resources],
         unpooled_used: &[Resources],
-        node_resources: &[std::borrow::Cow<'_, Resources>],
+        node_resources: impl Fn(usize) -> std::borrow::Cow<'s, Resources>,
     ) -> Self {
         let mut q = QuotaState {
             pools: Vec::new(),
@@ -99,14 +99,17 @@ impl QuotaState {
             q.clouds.push(cloud);
         }
         if !q.tenant_limits.is_empty() {
-            for (rec, res) in snapshot.nodes.iter().zip(node_resources) {
+            for (i, rec) in snapshot.nodes.iter().enumerate() {
                 if let Some(t) = rec
                     .node
                     .tenant_name
                     .as_deref()
                     .filter(|t| q.tenant_limits.contains_key(*t))
                 {
-                    q.tenant_usage.entry(t.to_owned()).or_default().add(res);
+                    q.tenant_usage
+                        .entry(t.to_owned())
+                        .or_default()
+                        .add(&node_resources(i));
                 }
             }
         }

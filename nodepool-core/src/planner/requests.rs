@@ -66,12 +66,8 @@ pub(crate) struct OurPool<'a> {
 /// the configuration.
 #[derive(Debug)]
 pub(crate) struct Index<'a> {
-    /// Quota of each node, aligned with `snapshot.nodes`.
-    pub node_resources: Vec<Cow<'a, Resources>>,
-    /// Our pool position of each node, if it is in one of our pools.
-    pub node_pool: Vec<Option<usize>>,
-    /// Configuration position of each node's provider, if it is ours.
-    pub node_provider: Vec<Option<usize>>,
+    /// Where each node is, aligned with `snapshot.nodes`.
+    places: Vec<Place>,
     /// Quota used by the nodes of each of our pools.
     pub pool_used: Vec<Resources>,
     /// Quota used per provider position by nodes of pools no longer
@@ -118,13 +114,46 @@ fn label_resources(s: &Snapshot, provider: &str, pool: &str, label: &str) -> Opt
         .cloned()
 }
 
+/// The quota of node `i`: its recorded resources, else its label's flavor
+/// in its pool, else one instance.
+pub(crate) fn node_resources(s: &Snapshot, i: usize) -> Cow<'_, Resources> {
+    let n = &s.nodes[i].node;
+    match &n.resources {
+        Some(r) => Cow::Borrowed(r),
+        None => Cow::Owned(
+            n.node_type
+                .first()
+                .and_then(|l| label_resources(s, &n.provider, &n.pool, l))
+                .unwrap_or_else(one_instance),
+        ),
+    }
+}
+
+/// Where a node is: our pool position and provider position, if ours
+/// (packed: there is one per node, and the index is walked every pass).
+#[derive(Clone, Copy, Debug)]
+struct Place {
+    pool: u32,
+    provider: u32,
+}
+
+impl Place {
+    const NONE: u32 = u32::MAX;
+
+    fn new(pool: Option<usize>, provider: Option<usize>) -> Self {
+        let pack = |p: Option<usize>| p.and_then(|p| u32::try_from(p).ok()).unwrap_or(Self::NONE);
+        Place {
+            pool: pack(pool),
+            provider: pack(provider),
+        }
+    }
+}
+
 impl<'a> Index<'a> {
     pub fn build(s: &'a Snapshot, cfg: &'a Config, local: &LocalState) -> Self {
         let our_ids: FastSet<Key<'_>> = local.pool_ids.values().map(|id| Key(id)).collect();
         let mut idx = Index {
-            node_resources: Vec::with_capacity(s.nodes.len()),
-            node_pool: Vec::with_capacity(s.nodes.len()),
-            node_provider: Vec::with_capacity(s.nodes.len()),
+            places: Vec::with_capacity(s.nodes.len()),
             pool_used: Vec::new(),
             unpooled_used: vec![Resources::new(); cfg.providers.len()],
             ready_unallocated: Vec::new(),
@@ -195,12 +224,7 @@ impl<'a> Index<'a> {
             let n = &rec.node;
             let res = match &n.resources {
                 Some(r) => Cow::Borrowed(r),
-                None => Cow::Owned(
-                    n.node_type
-                        .first()
-                        .and_then(|l| label_resources(s, &n.provider, &n.pool, l))
-                        .unwrap_or_else(one_instance),
-                ),
+                None => node_resources(s, i),
             };
             if let Some(r) = &n.allocated_to {
                 idx.allocations.entry(r.as_str()).or_default().push(i);
@@ -213,8 +237,7 @@ impl<'a> Index<'a> {
                     .position(|q| bytes_eq(q.name.as_bytes(), n.pool.as_bytes()))?;
                 Some(first_pool[pi] + qi)
             });
-            idx.node_provider.push(provider);
-            idx.node_pool.push(pos);
+            idx.places.push(Place::new(pos, provider));
             // Usage is summed here, while the node is at hand; the cloud's
             // share of it is the sum over its pools (QuotaState).
             match (pos, provider) {
@@ -222,7 +245,6 @@ impl<'a> Index<'a> {
                 (None, Some(pi)) => idx.unpooled_used[pi].add(&res),
                 (None, None) => {}
             }
-            idx.node_resources.push(res);
             if n.state == NodeState::Ready && n.allocated_to.is_none() {
                 idx.ready_unallocated.push(i);
             }
@@ -326,6 +348,18 @@ impl<'a> Index<'a> {
         idx
     }
 
+    /// Our pool position of node `i`, if it is in one of our pools.
+    pub fn node_pool(&self, i: usize) -> Option<usize> {
+        let p = self.places[i].pool;
+        (p != Place::NONE).then_some(p as usize)
+    }
+
+    /// The configuration position of node `i`'s provider, if it is ours.
+    pub fn node_provider(&self, i: usize) -> Option<usize> {
+        let p = self.places[i].provider;
+        (p != Place::NONE).then_some(p as usize)
+    }
+
     /// The position of a request in the snapshot, by id.
     pub fn request(&self, id: &str) -> Option<usize> {
         self.requests
@@ -372,7 +406,7 @@ impl<'a> Index<'a> {
         }
         self.freed.extend(freed.iter().copied());
         for &i in freed {
-            let Some(pos) = self.node_pool[i] else {
+            let Some(pos) = self.node_pool(i) else {
                 continue;
             };
             for l in &s.nodes[i].node.node_type {
@@ -907,7 +941,7 @@ impl Pass<'_, '_, '_> {
                     nodes[i].node.tenant_name.as_deref()
                 };
                 self.quota
-                    .retag(old, r.tenant_name.as_deref(), &self.idx.node_resources[i]);
+                    .retag(old, r.tenant_name.as_deref(), &node_resources(self.s, i));
                 self.plan.actions.push(Action::Allocate {
                     request: req.id.clone(),
                     node: nodes[i].id.clone(),
