@@ -679,6 +679,28 @@ impl<'r> Registry<'r> {
         true
     }
 
+    /// Candidates split in one pass over the words: the unpaused ones, other
+    /// launchers' unpaused ones, and ours. Returns whether any of ours is
+    /// unpaused.
+    fn split(
+        &self,
+        cand: &PoolSet,
+        paused: &PoolSet,
+        unpaused: &mut PoolSet,
+        others: &mut PoolSet,
+        ours: &mut PoolSet,
+    ) -> bool {
+        let mut any = 0;
+        for (w, &c) in cand.0.iter().enumerate() {
+            let up = c & !paused.0[w];
+            unpaused.0[w] = up;
+            others.0[w] = c & self.others_unpaused.0[w];
+            ours.0[w] = c & self.ours_set.0[w];
+            any |= up & self.ours_set.0[w];
+        }
+        any != 0
+    }
+
     /// The registered pools serving every label (by number) that have not
     /// declined, into `c`.
     fn candidates_into(&self, ids: &[usize], declined: &PoolSet, c: &mut PoolSet) {
@@ -1134,21 +1156,31 @@ fn set_key(ids: &[usize]) -> Option<u128> {
     pack_ids(&set[..n])
 }
 
-/// A string of at most `N - 1` bytes as `N` bytes that compare like the
-/// string: its bytes zero-padded, then its length (equal padded bytes mean
+/// A string of fewer than `width` (at most 16) bytes as an integer of
+/// `width` bytes that compares like the string: its bytes from the top,
+/// zero-padded, then its length in the last byte (equal padded bytes mean
 /// one string is the other plus NULs, and the shorter sorts first).
-fn packed<const N: usize>(s: &str) -> Option<[u8; N]> {
-    let n = s.len();
-    if n >= N {
+fn packed(s: &str, width: usize) -> Option<u128> {
+    let b = s.as_bytes();
+    let n = b.len();
+    if n >= width || width > 16 {
         return None;
     }
-    let mut buf = [0u8; N];
-    // Byte by byte: a copy of a variable length is a call to memcpy.
-    for (b, c) in buf.iter_mut().zip(s.as_bytes()) {
-        *b = *c;
+    let (head, tail) = b.split_at(n.min(8));
+    let v = u128::from(be_prefix(head)) << 64 | u128::from(be_prefix(tail));
+    Some(v >> (8 * (16 - width)) | n as u128)
+}
+
+/// Up to 8 bytes from the top of a big-endian word, zero-padded.
+fn be_prefix(b: &[u8]) -> u64 {
+    match b.first_chunk::<8>() {
+        Some(w) => u64::from_be_bytes(*w),
+        // Shifted in byte by byte: a copying loop would become a memcpy call.
+        None => b
+            .iter()
+            .enumerate()
+            .fold(0, |v, (k, &c)| v | u64::from(c) << (56 - 8 * k)),
     }
-    buf[N - 1] = u8::try_from(n).ok()?;
-    Some(buf)
 }
 
 /// Sorts requests into queue order ([`request_order`]), stably.
@@ -1170,10 +1202,11 @@ fn sort_queue(reqs: &mut Vec<&RequestRecord>) {
     let mut keys: Vec<(u64, i64, u128)> = Vec::with_capacity(reqs.len());
     for r in reqs.iter() {
         let (prio, rp, seq) = request_order(&r.id, r.request.relative_priority);
-        let (Some(prio), Some(seq)) = (packed(prio), packed(seq)) else {
+        let prio = packed(prio, 8).and_then(|p| u64::try_from(p).ok());
+        let (Some(prio), Some(seq)) = (prio, packed(seq, 16)) else {
             return by_string(reqs);
         };
-        keys.push((u64::from_be_bytes(prio), rp, u128::from_be_bytes(seq)));
+        keys.push((prio, rp, seq));
     }
     let mut groups: Vec<(u64, i64)> = Vec::new();
     let mut group_of: Vec<usize> = Vec::with_capacity(keys.len());
@@ -1365,14 +1398,15 @@ pub(crate) fn plan_requests<'a>(
         // The best priority among other launchers' unpaused candidates, and
         // among all unpaused candidates (in a backlog every pool is paused
         // and these sets are empty).
-        unpaused.copy_from(cand);
-        unpaused.and_not(&pass.paused_reg);
+        let any_unpaused = reg.split(
+            cand,
+            &pass.paused_reg,
+            &mut unpaused,
+            &mut others,
+            &mut ours,
+        );
         let best = unpaused.iter().map(|i| reg.pools[i].priority).min();
-        others.copy_from(cand);
-        others.and(&reg.others_unpaused);
         let best_other = others.iter().map(|i| reg.pools[i].priority).min();
-        ours.copy_from(cand);
-        ours.and(&reg.ours_set);
         eligible.clear();
         eligible.extend(
             ours.iter()
@@ -1417,8 +1451,6 @@ pub(crate) fn plan_requests<'a>(
 
         // A paused pool is blocked; with none of ours unpaused, nothing
         // after the first wait can take the request.
-        ours.and_not(&pass.paused_reg);
-        let any_unpaused = !ours.is_empty();
         decliners.clear();
         let mut taker = None;
         let mut deferred = false;
@@ -1554,13 +1586,21 @@ mod tests {
         ];
         for a in words {
             for b in words {
-                let (pa, pb) = (packed::<16>(a), packed::<16>(b));
+                let (pa, pb) = (packed(a, 16), packed(b, 16));
                 assert_eq!(pa.cmp(&pb), a.cmp(b), "{a:?} {b:?}");
             }
         }
-        assert_eq!(packed::<16>("0123456789abcdef"), None);
-        assert_eq!(packed::<8>("1234567"), Some(*b"1234567\x07"));
-        assert_eq!(packed::<8>("12345678"), None);
+        assert_eq!(packed("0123456789abcdef", 16), None);
+        assert_eq!(
+            packed("1234567", 8),
+            Some(u128::from(u64::from_be_bytes(*b"1234567\x07")))
+        );
+        assert_eq!(packed("12345678", 8), None);
+        for a in ["", "a", "ab", "~", "100", "1234567"] {
+            for b in ["", "a", "ab", "~", "100", "1234567", "\0"] {
+                assert_eq!(packed(a, 8).cmp(&packed(b, 8)), a.cmp(b), "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]
