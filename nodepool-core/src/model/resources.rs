@@ -1,7 +1,6 @@
 //! Quota arithmetic: the `resources` dict of a node and the limits of pools,
 //! tenants and clouds.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -18,59 +17,115 @@ pub const VOLUMES: &str = "volumes";
 /// Quota name for volume size in GB (the dash is Nodepool's spelling).
 pub const VOLUME_GB: &str = "volume-gb";
 
-type Name = Cow<'static, str>;
+/// The quota names almost every node carries, in name order.
+const COMMON: [&str; 5] = [CORES, INSTANCES, RAM, VOLUME_GB, VOLUMES];
 
-/// Quota names without allocating for the common ones (quota arithmetic
-/// runs for every node and request of every planning pass).
-fn intern(name: &str) -> Name {
+/// The position of a name in [`COMMON`].
+fn common(name: &str) -> Option<usize> {
     match name {
-        INSTANCES => Cow::Borrowed(INSTANCES),
-        CORES => Cow::Borrowed(CORES),
-        RAM => Cow::Borrowed(RAM),
-        VOLUMES => Cow::Borrowed(VOLUMES),
-        VOLUME_GB => Cow::Borrowed(VOLUME_GB),
-        other => Cow::Owned(other.to_owned()),
+        CORES => Some(0),
+        INSTANCES => Some(1),
+        RAM => Some(2),
+        VOLUME_GB => Some(3),
+        VOLUMES => Some(4),
+        _ => None,
     }
 }
 
-fn same(a: &str, b: &str) -> bool {
-    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+/// A small map from quota name to amount, listed in name order.
+///
+/// The common names are kept inline, so most maps need no allocation and
+/// reading a node's quota (every node, every planning pass) touches no
+/// memory beyond the node itself.
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Amounts {
+    /// Amounts of the common names, zero where absent.
+    common: [i64; COMMON.len()],
+    /// Which common names are present, a bit each by position.
+    present: u8,
+    /// Any other names, in name order.
+    other: Vec<(String, i64)>,
 }
 
-/// A small map from quota name to amount, sorted by name.
-#[derive(Clone, Default, PartialEq, Eq)]
-struct Amounts(Vec<(Name, i64)>);
-
 impl Amounts {
+    fn has(&self, k: usize) -> bool {
+        self.present & (1 << k) != 0
+    }
+
     fn get(&self, name: &str) -> Option<i64> {
-        self.0.iter().find(|(k, _)| same(k, name)).map(|(_, v)| *v)
+        match common(name) {
+            Some(k) => self.has(k).then_some(self.common[k]),
+            None => self.other.iter().find(|(n, _)| n == name).map(|(_, v)| *v),
+        }
     }
 
     fn slot(&mut self, name: &str) -> &mut i64 {
-        // A handful of entries: a linear scan beats a binary search, and
-        // interned names usually match by pointer.
-        let pos = match self.0.iter().position(|(k, _)| same(k, name)) {
-            Some(i) => i,
-            None => {
-                let i = self.0.partition_point(|(k, _)| k.as_ref() < name);
-                self.0.insert(i, (intern(name), 0));
+        if let Some(k) = common(name) {
+            self.present |= 1 << k;
+            return &mut self.common[k];
+        }
+        let i = match self.other.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+            Ok(i) => i,
+            Err(i) => {
+                self.other.insert(i, (name.to_owned(), 0));
                 i
             }
         };
-        &mut self.0[pos].1
+        &mut self.other[i].1
+    }
+
+    /// Every entry in name order, with its position in [`COMMON`] if it
+    /// has one.
+    fn entries(&self) -> impl Iterator<Item = (&str, i64, Option<usize>)> {
+        let mut common = (0..COMMON.len())
+            .filter(|&k| self.has(k))
+            .map(|k| (COMMON[k], self.common[k], Some(k)))
+            .peekable();
+        let mut other = self
+            .other
+            .iter()
+            .map(|(n, v)| (n.as_str(), *v, None))
+            .peekable();
+        std::iter::from_fn(move || match (common.peek(), other.peek()) {
+            (Some(c), Some(o)) if o.0 < c.0 => other.next(),
+            (Some(_), _) => common.next(),
+            (None, _) => other.next(),
+        })
     }
 
     fn iter(&self) -> impl Iterator<Item = (&str, i64)> {
-        self.0.iter().map(|(k, v)| (k.as_ref(), *v))
+        self.entries().map(|(n, v, _)| (n, v))
+    }
+
+    fn len(&self) -> usize {
+        self.present.count_ones() as usize + self.other.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.present == 0 && self.other.is_empty()
+    }
+
+    /// Combines every amount of `o` into this map with `op`.
+    fn merge(&mut self, o: &Amounts, op: impl Fn(i64, i64) -> i64) {
+        for k in 0..COMMON.len() {
+            if o.has(k) {
+                self.present |= 1 << k;
+                self.common[k] = op(self.common[k], o.common[k]);
+            }
+        }
+        for (n, v) in &o.other {
+            let slot = self.slot(n);
+            *slot = op(*slot, *v);
+        }
     }
 }
 
 impl Serialize for Amounts {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k.as_ref(), v)?;
+        let mut m = s.serialize_map(Some(self.len()))?;
+        for (k, v) in self.iter() {
+            m.serialize_entry(k, &v)?;
         }
         m.end()
     }
@@ -116,16 +171,12 @@ impl Resources {
 
     /// Adds every amount of `other`.
     pub fn add(&mut self, other: &Resources) {
-        for (k, v) in other.0.iter() {
-            *self.0.slot(k) += v;
-        }
+        self.0.merge(&other.0, |a, b| a + b);
     }
 
     /// Subtracts every amount of `other`.
     pub fn subtract(&mut self, other: &Resources) {
-        for (k, v) in other.0.iter() {
-            *self.0.slot(k) -= v;
-        }
+        self.0.merge(&other.0, |a, b| a - b);
     }
 
     /// Iterates over the named amounts.
@@ -135,7 +186,7 @@ impl Resources {
 
     /// Whether no amount is set.
     pub fn is_empty(&self) -> bool {
-        self.0.0.is_empty()
+        self.0.is_empty()
     }
 }
 
@@ -198,12 +249,15 @@ impl Limits {
 
     /// The first quota name that `used + need` would exceed.
     pub fn first_exceeded(&self, used: &Resources, need: &Resources) -> Option<&str> {
-        self.0.iter().find_map(|(name, limit)| {
-            let want = need.get(name);
+        self.0.entries().find_map(|(name, limit, k)| {
+            let (want, have) = match k {
+                Some(k) => (need.0.common[k], used.0.common[k]),
+                None => (need.get(name), used.get(name)),
+            };
             if want == 0 {
                 return None;
             }
-            (used.get(name) + want > limit).then_some(name)
+            (have + want > limit).then_some(name)
         })
     }
 
@@ -228,7 +282,7 @@ impl Limits {
 
     /// Whether no name is limited.
     pub fn is_unlimited(&self) -> bool {
-        self.0.0.is_empty()
+        self.0.is_empty()
     }
 }
 
@@ -247,6 +301,79 @@ impl Serialize for Limits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sums_whatever_the_names() {
+        let mut a = Resources::server(2, 1024);
+        a.add(&Resources::server(4, 2048));
+        assert_eq!(a, Resources::server(6, 3072).with(INSTANCES, 2));
+        a.add(&Resources::new().with("gpus", 1).with(CORES, 1));
+        assert_eq!(a.get(CORES), 7);
+        assert_eq!(a.get("gpus"), 1);
+        let mut b = Resources::new().with("gpus", 2);
+        b.add(&Resources::new().with("gpus", 3));
+        assert_eq!(b.get("gpus"), 5);
+        b.add(&Resources::new().with("fpgas", 1));
+        assert_eq!(b.iter().collect::<Vec<_>>(), [("fpgas", 1), ("gpus", 5)]);
+        let mut c = Resources::new();
+        c.add(&Resources::server(1, 1));
+        assert_eq!(c, Resources::server(1, 1));
+    }
+
+    #[test]
+    fn names_list_in_order_whichever_kind() {
+        let r = Resources::new()
+            .with("zz", 1)
+            .with(VOLUMES, 2)
+            .with("a", 3)
+            .with(RAM, 4)
+            .with("volume-", 5)
+            .with(CORES, 6);
+        assert_eq!(
+            r.iter().collect::<Vec<_>>(),
+            [
+                ("a", 3),
+                (CORES, 6),
+                (RAM, 4),
+                ("volume-", 5),
+                (VOLUMES, 2),
+                ("zz", 1)
+            ]
+        );
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"a":3,"cores":6,"ram":4,"volume-":5,"volumes":2,"zz":1}"#
+        );
+        assert_eq!(
+            format!("{r:?}"),
+            r#"{"a": 3, "cores": 6, "ram": 4, "volume-": 5, "volumes": 2, "zz": 1}"#
+        );
+        // A name present at zero is not a name absent.
+        assert_ne!(Resources::new().with(RAM, 0), Resources::new());
+        assert_eq!(Resources::new().with(RAM, 0).get(RAM), 0);
+        assert!(Resources::new().is_empty());
+        assert!(!Resources::new().with("x", 0).is_empty());
+        let mut d = Resources::server(4, 100).with("gpus", 2);
+        d.subtract(&Resources::server(1, 50).with("gpus", 1).with(VOLUMES, 1));
+        assert_eq!(
+            d.iter().collect::<Vec<_>>(),
+            [
+                (CORES, 3),
+                ("gpus", 1),
+                (INSTANCES, 0),
+                (RAM, 50),
+                (VOLUMES, -1)
+            ]
+        );
+        let limits = Limits::unlimited().with("gpus", 1).with(RAM, 10);
+        assert_eq!(
+            limits.first_exceeded(
+                &Resources::new(),
+                &Resources::new().with("gpus", 2).with(RAM, 11)
+            ),
+            Some("gpus")
+        );
+    }
 
     #[test]
     fn fits_checks_only_needed_names() {

@@ -2,9 +2,9 @@
 
 use std::collections::BTreeSet;
 
-use super::fast::{FastMap, FastSet};
+use super::fast::{FastMap, FastSet, Key};
 
-use super::requests::Index;
+use super::requests::{Index, Registry};
 use super::{
     Action, DeleteReason, INIT_GRACE_SECS, LocalState, Plan, REQUEST_LOCK_CLEANUP_SECS, Snapshot,
     rendezvous_owner,
@@ -24,7 +24,6 @@ pub(crate) fn nodes(
 ) -> (Vec<usize>, FastSet<usize>) {
     let mut freed = Vec::new();
     let mut deleted = FastSet::default();
-    let ours: FastSet<&str> = cfg.providers.iter().map(|p| p.name.as_str()).collect();
     let max_hold = cfg.max_hold_age.map(|d| d.as_secs_f64());
     let max_ready_age: FastMap<&str, f64> = cfg
         .labels
@@ -33,7 +32,7 @@ pub(crate) fn nodes(
         .collect();
     for (i, rec) in s.nodes.iter().enumerate() {
         let n = &rec.node;
-        if rec.locked || !ours.contains(n.provider.as_str()) {
+        if rec.locked || idx.node_provider(i).is_none() {
             continue;
         }
         let before = plan.actions.len();
@@ -47,9 +46,9 @@ pub(crate) fn nodes(
                 // Only request allocations are ours to undo; a consumer's
                 // (e.g. a Jenkins target's) are not request ids.
                 Some(r) if parse_request_id(r).is_some() => {
-                    let gone = match idx.requests.get(r.as_str()) {
+                    let gone = match idx.request(r) {
                         None => true,
-                        Some(&i) => matches!(
+                        Some(i) => matches!(
                             s.requests[i].request.state,
                             RequestState::Requested | RequestState::Failed
                         ),
@@ -92,9 +91,8 @@ pub(crate) fn nodes(
                 let lost = match n.allocated_to.as_deref() {
                     None => true,
                     Some(r) => idx
-                        .requests
-                        .get(r)
-                        .is_none_or(|&i| s.requests[i].request.state != RequestState::Pending),
+                        .request(r)
+                        .is_none_or(|i| s.requests[i].request.state != RequestState::Pending),
                 };
                 if lost {
                     plan.actions.push(Action::DeleteNode {
@@ -123,72 +121,18 @@ pub(crate) fn min_ready(
     cfg: &Config,
     local: &LocalState,
     idx: &Index<'_>,
+    reg: &Registry<'_>,
     plan: &mut Plan,
 ) {
-    let wanted: Vec<&crate::config::Label> =
-        cfg.labels.iter().filter(|l| l.min_ready > 0).collect();
-    // Registered pools serving each wanted label, plus ours if not yet visible.
-    let mut serving: FastMap<&str, Vec<&str>> = wanted
-        .iter()
-        .map(|l| (l.name.as_str(), Vec::new()))
-        .collect();
-    let mut registered: FastSet<&str> = FastSet::default();
-    for p in &s.pools {
-        registered.insert(p.id.as_str());
-        for l in &p.labels {
-            if let Some(v) = serving.get_mut(l.as_str()) {
-                v.push(p.id.as_str());
-            }
-        }
-    }
-    // Whether some enabled pool of ours could boot the label now.
-    let mut available: FastSet<&str> = FastSet::default();
-    for o in &idx.our_pools {
-        let pc = &cfg.providers[o.provider].pools[o.pool];
-        for (l, info) in &o.labels {
-            if let Some(v) = serving.get_mut(l.as_str()) {
-                if !registered.contains(o.id.as_str()) {
-                    v.push(o.id.as_str());
-                }
-                if info.image.is_some() && !pc.is_disabled() {
-                    available.insert(l.as_str());
-                }
-            }
-        }
-    }
-    let ours: FastSet<&str> = idx.our_pools.iter().map(|o| o.id.as_str()).collect();
-
-    // Nodes this pass already deletes or hands to a request are not spares.
-    let spoken_for: FastSet<&str> = plan
-        .actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::DeleteNode { node, .. } | Action::Allocate { node, .. } => Some(node.as_str()),
-            _ => None,
-        })
-        .collect();
-    let mut ready_free: FastMap<&str, usize> = FastMap::default();
-    for rec in &s.nodes {
-        if rec.node.state == NodeState::Ready
-            && rec.node.allocated_to.is_none()
-            && !spoken_for.contains(rec.id.as_str())
-        {
-            for l in &rec.node.node_type {
-                *ready_free.entry(l.as_str()).or_default() += 1;
-            }
-        }
-    }
     // Outstanding min-ready requests (a fulfilled one is about to become a
     // ready spare, so it counts too; failed ones do not).
-    let mut outstanding: FastMap<&str, usize> = FastMap::default();
-    for r in &s.requests {
+    let mut outstanding: FastMap<Key<'_>, usize> = FastMap::default();
+    for &ri in &idx.min_ready_requests {
+        let r = &s.requests[ri];
         let req = &r.request;
-        if !req.is_min_ready() {
-            continue;
-        }
         if req.state != RequestState::Failed {
             for l in &req.node_types {
-                *outstanding.entry(l.as_str()).or_default() += 1;
+                *outstanding.entry(Key(l)).or_default() += 1;
             }
         }
         let mine = r.ephemeral_owner != 0 && r.ephemeral_owner == local.session_id;
@@ -198,20 +142,54 @@ pub(crate) fn min_ready(
             });
         }
     }
-    if !local.registry_settled {
+    let wanted: Vec<&crate::config::Label> =
+        cfg.labels.iter().filter(|l| l.min_ready > 0).collect();
+    if !local.registry_settled || wanted.is_empty() {
         return;
     }
-    for label in wanted {
-        let name = label.name.as_str();
-        let candidates = serving.get(name).map(Vec::as_slice).unwrap_or(&[]);
-        let Some(owner) = rendezvous_owner(name, candidates.iter().copied()) else {
-            continue;
-        };
-        if !ours.contains(owner) || !available.contains(name) {
+    // Labels some enabled pool of ours could boot now.
+    let mut available: FastSet<Key<'_>> = FastSet::default();
+    for o in &idx.our_pools {
+        if cfg.providers[o.provider].pools[o.pool].is_disabled() {
             continue;
         }
-        let have = ready_free.get(name).copied().unwrap_or(0)
-            + outstanding.get(name).copied().unwrap_or(0);
+        for (l, info) in &o.labels {
+            if info.image.is_some() {
+                available.insert(*l);
+            }
+        }
+    }
+    // Nodes this pass already deletes or hands to a request are not spares.
+    let spoken_for: FastSet<Key<'_>> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteNode { node, .. } | Action::Allocate { node, .. } => Some(Key(node)),
+            _ => None,
+        })
+        .collect();
+    let mut ready_free: FastMap<Key<'_>, usize> = FastMap::default();
+    for &i in &idx.ready_unallocated {
+        let rec = &s.nodes[i];
+        if !spoken_for.contains(&Key(&rec.id)) {
+            for l in &rec.node.node_type {
+                *ready_free.entry(Key(l)).or_default() += 1;
+            }
+        }
+    }
+    for label in wanted {
+        let name = Key(&label.name);
+        // The registered pools serving the label (ours count before their
+        // registration is visible).
+        let serving = reg.serving(&label.name);
+        let Some(owner) = rendezvous_owner(&label.name, serving.map(|i| reg.id(i))) else {
+            continue;
+        };
+        if !reg.is_ours(owner) || !available.contains(&name) {
+            continue;
+        }
+        let have = ready_free.get(&name).copied().unwrap_or(0)
+            + outstanding.get(&name).copied().unwrap_or(0);
         for _ in have..label.min_ready as usize {
             plan.actions.push(Action::CreateMinReady {
                 label: label.name.clone(),
@@ -222,28 +200,20 @@ pub(crate) fn min_ready(
 
 /// Pending requests nobody holds (their launcher died): reset them. Returns
 /// the ready nodes this frees, which the rest of the pass may reuse.
-pub(crate) fn lost_requests(
-    s: &Snapshot,
-    local: &LocalState,
-    idx: &Index<'_>,
-    plan: &mut Plan,
-) -> Vec<usize> {
+pub(crate) fn lost_requests(s: &Snapshot, idx: &Index<'_>, plan: &mut Plan) -> Vec<usize> {
     let mut freed = Vec::new();
-    for r in &s.requests {
-        if r.request.state == RequestState::Pending
-            && !r.locked
-            && !local.owned_requests.contains_key(&r.id)
-        {
-            plan.actions.push(Action::ResetLost {
-                request: r.id.clone(),
-            });
-            if let Some(nodes) = idx.allocations.get(r.id.as_str()) {
-                freed.extend(
-                    nodes.iter().copied().filter(|&i| {
-                        s.nodes[i].node.state == NodeState::Ready && !s.nodes[i].locked
-                    }),
-                );
-            }
+    for &ri in &idx.lost {
+        let r = &s.requests[ri];
+        plan.actions.push(Action::ResetLost {
+            request: r.id.clone(),
+        });
+        if let Some(nodes) = idx.allocations.get(r.id.as_str()) {
+            freed.extend(
+                nodes
+                    .iter()
+                    .copied()
+                    .filter(|&i| s.nodes[i].node.state == NodeState::Ready && !s.nodes[i].locked),
+            );
         }
     }
     freed
@@ -255,12 +225,12 @@ pub(crate) fn housekeeping(
     cfg: &Config,
     now: f64,
     local: &LocalState,
+    idx: &Index<'_>,
     plan: &mut Plan,
 ) {
-    let present: FastSet<&str> = s.requests.iter().map(|r| r.id.as_str()).collect();
     for d in &s.request_lock_dirs {
         if !d.locked
-            && !present.contains(d.id.as_str())
+            && idx.request(&d.id).is_none()
             && now - d.mtime_ms as f64 / 1000.0 > REQUEST_LOCK_CLEANUP_SECS
         {
             plan.actions.push(Action::DeleteRequestLockDir {

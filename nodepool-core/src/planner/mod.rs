@@ -383,19 +383,31 @@ pub(crate) fn request_order(id: &str, relative_priority: i64) -> (&str, i64, &st
 pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) -> Plan {
     let mut plan = Plan::default();
     let mut index = requests::Index::build(snapshot, config, local);
-    let mut quota =
-        quota::QuotaState::new(snapshot, config, &index.node_resources, &index.node_pool);
-    let mut freed = cleanup::lost_requests(snapshot, local, &index, &mut plan);
+    let mut quota = quota::QuotaState::new(
+        snapshot,
+        config,
+        &index.pool_used,
+        &index.unpooled_used,
+        |i| requests::node_resources(snapshot, i),
+    );
+    let mut freed = cleanup::lost_requests(snapshot, &index, &mut plan);
     let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, &index, &mut plan);
     freed.extend(deallocated);
     // Given-back nodes stop counting against their tenant.
     for &i in &freed {
         let n = &snapshot.nodes[i].node;
-        quota.retag(n.tenant_name.as_deref(), None, &index.node_resources[i]);
+        quota.retag(
+            n.tenant_name.as_deref(),
+            None,
+            &requests::node_resources(snapshot, i),
+        );
     }
     index.update_free(snapshot, &freed, &deleted);
-    requests::plan_requests(snapshot, config, now, local, &index, &mut quota, &mut plan);
-    cleanup::min_ready(snapshot, config, local, &index, &mut plan);
-    cleanup::housekeeping(snapshot, config, now, local, &mut plan);
+    let registry = requests::Registry::build(snapshot, config, &index);
+    requests::plan_requests(
+        snapshot, config, now, local, &index, &registry, &mut quota, &mut plan,
+    );
+    cleanup::min_ready(snapshot, config, local, &index, &registry, &mut plan);
+    cleanup::housekeeping(snapshot, config, now, local, &index, &mut plan);
     plan
 }

@@ -53,14 +53,17 @@ pub struct QuotaState {
 }
 
 impl QuotaState {
-    /// Usage from the snapshot's nodes. `node_resources[i]` is the quota
-    /// of `snapshot.nodes[i]` and `node_pool[i]` its pool position, if the
-    /// pool is configured here.
-    pub fn new(
+    /// Usage from the snapshot's nodes: `pool_used[p]` is the quota used
+    /// by the nodes of pool position `p`, `unpooled_used[i]` that of nodes
+    /// of provider position `i` in pools no longer configured.
+    /// `node_resources(i)` is the quota of `snapshot.nodes[i]` (for tenant
+    /// usage).
+    pub fn new<'s>(
         snapshot: &Snapshot,
         config: &Config,
-        node_resources: &[std::borrow::Cow<'_, Resources>],
-        node_pool: &[Option<usize>],
+        pool_used: &[Resources],
+        unpooled_used: &[Resources],
+        node_resources: impl Fn(usize) -> std::borrow::Cow<'s, Resources>,
     ) -> Self {
         let mut q = QuotaState {
             pools: Vec::new(),
@@ -72,46 +75,42 @@ impl QuotaState {
                 .collect(),
             tenant_usage: HashMap::new(),
         };
-        let mut provider_pos: HashMap<&str, usize> = HashMap::new();
         for (pi, p) in config.providers.iter().enumerate() {
-            provider_pos.insert(p.name.as_str(), pi);
             let mut cloud = CloudQuota::default();
             if let Some(view) = snapshot.providers.get(&p.name) {
                 cloud.limits = view.limits.clone();
                 cloud.unmanaged = view.unmanaged.clone();
                 cloud.reported = view.reported_usage.clone();
             }
-            q.clouds.push(cloud);
+            // A pool no longer configured: its nodes still use the cloud.
+            if let Some(used) = unpooled_used.get(pi) {
+                cloud.ours.add(used);
+            }
             for pool in &p.pools {
+                let used = pool_used.get(q.pools.len()).cloned().unwrap_or_default();
+                cloud.ours.add(&used);
                 q.pools.push(PoolQuota {
                     provider: pi,
                     limits: pool.limits(),
                     ignore_cloud: pool.ignore_provider_quota,
-                    used: Resources::new(),
+                    used,
                 });
             }
+            q.clouds.push(cloud);
         }
-        let tenants = !q.tenant_limits.is_empty();
-        for ((rec, res), pos) in snapshot.nodes.iter().zip(node_resources).zip(node_pool) {
-            let n = &rec.node;
-            let provider = match pos {
-                Some(pos) => {
-                    q.pools[*pos].used.add(res);
-                    Some(q.pools[*pos].provider)
-                }
-                // A pool no longer configured: its nodes still use the cloud.
-                None => provider_pos.get(n.provider.as_str()).copied(),
-            };
-            if let Some(pi) = provider {
-                q.clouds[pi].ours.add(res);
-            }
-            if tenants
-                && let Some(t) = n
+        if !q.tenant_limits.is_empty() {
+            for (i, rec) in snapshot.nodes.iter().enumerate() {
+                if let Some(t) = rec
+                    .node
                     .tenant_name
                     .as_deref()
                     .filter(|t| q.tenant_limits.contains_key(*t))
-            {
-                q.tenant_usage.entry(t.to_owned()).or_default().add(res);
+                {
+                    q.tenant_usage
+                        .entry(t.to_owned())
+                        .or_default()
+                        .add(&node_resources(i));
+                }
             }
         }
         q
