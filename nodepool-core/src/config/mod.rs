@@ -115,6 +115,9 @@ pub struct Label {
 }
 
 /// The driver behind a provider.
+// One per provider, read when providers are (re)built: a boxed variant
+// would only make every match on it noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Driver {
     /// A real OpenStack cloud.
