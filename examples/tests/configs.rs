@@ -50,7 +50,7 @@ fn the_secure_example_merges_into_the_minimal_one() {
 fn the_quickstart_uses_the_embedded_defaults() {
     let cfg = Config::load(dir().join("quickstart.yaml"), None).expect("valid");
     match &cfg.state_store {
-        StateStoreConfig::Sqlite { path } => {
+        StateStoreConfig::Sqlite { path, .. } => {
             assert_eq!(path, &dir().join("nodepool-quickstart.db"));
         }
         other => panic!("unexpected store {other:?}"),

@@ -365,7 +365,7 @@ pub async fn open_store(config: &Config, connect_timeout: Duration) -> anyhow::R
                     })?,
             )
         }
-        StateStoreConfig::Sqlite { path } => Arc::new(
+        StateStoreConfig::Sqlite { path, .. } => Arc::new(
             nodepool_sqlite::SqliteStore::from_config(config, Default::default())
                 .await
                 .map_err(|e| anyhow!("SQLite store {} is unreachable: {e}", path.display()))?,

@@ -115,7 +115,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
                 .await
                 .map_err(|e| anyhow::anyhow!("ZooKeeper {}: {e}", config.zookeeper_hosts()))?,
         ),
-        StateStoreConfig::Sqlite { path } => Arc::new(
+        StateStoreConfig::Sqlite { path, .. } => Arc::new(
             nodepool_sqlite::SqliteStore::from_config(config, Default::default())
                 .await
                 .map_err(|e| anyhow::anyhow!("SQLite store {}: {e}", path.display()))?,

@@ -78,7 +78,8 @@ fn base_is_valid_with_code_defaults() {
     assert_eq!(
         cfg.state_store,
         StateStoreConfig::Sqlite {
-            path: DEFAULT_SQLITE_PATH.into()
+            path: DEFAULT_SQLITE_PATH.into(),
+            lease: None,
         }
     );
     assert_eq!(cfg.zookeeper_timeout, Duration::from_secs(10));
@@ -226,7 +227,8 @@ fn env_substitution_and_secure_file_on_load() {
     assert_eq!(
         cfg.state_store,
         StateStoreConfig::Sqlite {
-            path: dir.path().join("state.db")
+            path: dir.path().join("state.db"),
+            lease: None,
         }
     );
 }
@@ -741,6 +743,38 @@ fn e48_unknown_state_store() {
         &format!("state-store: {{driver: etcd}}\n{BASE}"),
         "state-store.driver",
         K::InvalidValue,
+    );
+}
+
+#[test]
+fn e48b_sqlite_lease_too_short() {
+    invalid(
+        &format!("state-store: {{driver: sqlite, lease: 0.5}}\n{BASE}"),
+        "state-store.lease",
+        K::InvalidValue,
+    );
+}
+
+#[test]
+fn e48c_lease_with_the_zookeeper_store() {
+    invalid(
+        &format!(
+            "zookeeper-servers: [{{host: zk}}]\nstate-store: {{driver: zookeeper, lease: 5}}\n{BASE}"
+        ),
+        "state-store.lease",
+        K::Conflict,
+    );
+}
+
+#[test]
+fn sqlite_lease_is_read() {
+    let cfg = parse(&format!("state-store: {{path: s.db, lease: 4.5}}\n{BASE}")).expect("valid");
+    assert_eq!(
+        cfg.state_store,
+        StateStoreConfig::Sqlite {
+            path: "s.db".into(),
+            lease: Some(Duration::from_millis(4500)),
+        }
     );
 }
 

@@ -246,10 +246,17 @@ impl SqliteStore {
     }
 
     /// Opens the store a configuration selects (`state-store: {driver:
-    /// sqlite, path: ...}`, or the default path when no ZooKeeper is set).
+    /// sqlite, path: ...}`, or the default path when no ZooKeeper is set);
+    /// the configuration's `lease`, when set, replaces `options.lease`.
     pub async fn from_config(config: &Config, options: SqliteOptions) -> Result<Self, StoreError> {
         match &config.state_store {
-            StateStoreConfig::Sqlite { path } => Self::open(path, options).await,
+            StateStoreConfig::Sqlite { path, lease } => {
+                let mut options = options;
+                if let Some(lease) = lease {
+                    options.lease = *lease;
+                }
+                Self::open(path, options).await
+            }
             StateStoreConfig::ZooKeeper => Err(StoreError::Other(
                 "the configuration selects the ZooKeeper state store (zookeeper-servers), not sqlite"
                     .into(),

@@ -87,7 +87,7 @@ impl TestEnv {
                 )
             }
             Backend::Sqlite => format!(
-                "state-store: {{driver: sqlite, path: '{}'}}\n",
+                "state-store: {{driver: sqlite, path: '{}', lease: 3}}\n",
                 self.dir.path().join("state.db").display()
             ),
         }

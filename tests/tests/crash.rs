@@ -50,9 +50,9 @@ providers:
           - {name: small, cloud-image: img, flavor-name: s}
 "#;
 
-/// A request's fulfilment: A's session must expire first (3 s on
-/// ZooKeeper by `zookeeper-timeout`; on SQLite the store's default 10 s
-/// lease, which the configuration does not set), then B boots new servers.
+/// A request's fulfilment: A's session must expire first (3 s: ZooKeeper's
+/// `zookeeper-timeout`, SQLite's `state-store.lease`), then B boots new
+/// servers.
 const FULFIL: Duration = Duration::from_secs(120);
 
 /// Cleaning up what A left. Normally seconds (B deletes A's unlocked

@@ -148,7 +148,8 @@ impl Config {
             }
         }
         validate::cross_check(&cfg, &raw_images, &mut errs);
-        if let (StateStoreConfig::Sqlite { path }, Some(base)) = (&mut cfg.state_store, base_dir)
+        if let (StateStoreConfig::Sqlite { path, .. }, Some(base)) =
+            (&mut cfg.state_store, base_dir)
             && path.is_relative()
         {
             *path = base.join(&*path);

@@ -97,6 +97,9 @@ pub enum StateStoreConfig {
     Sqlite {
         /// Database file (relative paths are resolved against the config file's directory).
         path: PathBuf,
+        /// `lease`: how long a process's locks and ephemeral records outlive
+        /// it (ZooKeeper's session timeout); `None` = the store's default.
+        lease: Option<Duration>,
     },
 }
 

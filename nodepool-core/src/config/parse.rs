@@ -19,6 +19,7 @@ pub(crate) fn config(root: &Value, errs: &mut Errors) -> (Config, Vec<RawDiskIma
         zookeeper_timeout: Duration::from_secs(10),
         state_store: StateStoreConfig::Sqlite {
             path: PathBuf::from(DEFAULT_SQLITE_PATH),
+            lease: None,
         },
         labels: Vec::new(),
         providers: Vec::new(),
@@ -210,6 +211,7 @@ fn state_store(top: &mut Fields<'_>, have_zookeeper: bool, errs: &mut Errors) ->
     } else {
         StateStoreConfig::Sqlite {
             path: DEFAULT_SQLITE_PATH.into(),
+            lease: None,
         }
     };
     let Some(f) = top.get("state-store") else {
@@ -220,9 +222,25 @@ fn state_store(top: &mut Fields<'_>, have_zookeeper: bool, errs: &mut Errors) ->
     };
     let driver = m.string("driver", errs);
     let path = m.string("path", errs);
+    let lease = m.float("lease", errs);
     let driver_path = m.path_of("driver");
     let path_path = m.path_of("path");
+    let lease_path = m.path_of("lease");
     m.finish(errs);
+    let lease = lease.and_then(|t| {
+        // Renewed every third of it: under a second leaves no room for a
+        // slow disk between renewals.
+        if t >= 1.0 && t.is_finite() {
+            Some(Duration::from_secs_f64(t))
+        } else {
+            errs.push(
+                &lease_path,
+                Kind::InvalidValue,
+                format!("must be a number of seconds, at least 1, found {t}"),
+            );
+            None
+        }
+    });
     match driver.as_deref() {
         Some("zookeeper") => {
             if !have_zookeeper {
@@ -239,6 +257,13 @@ fn state_store(top: &mut Fields<'_>, have_zookeeper: bool, errs: &mut Errors) ->
                     "`path` only applies to the sqlite driver",
                 );
             }
+            if lease.is_some() {
+                errs.push(
+                    &lease_path,
+                    Kind::Conflict,
+                    "`lease` only applies to the sqlite driver (ZooKeeper's is zookeeper-timeout)",
+                );
+            }
             StateStoreConfig::ZooKeeper
         }
         Some("sqlite") | None => {
@@ -251,6 +276,7 @@ fn state_store(top: &mut Fields<'_>, have_zookeeper: bool, errs: &mut Errors) ->
             }
             StateStoreConfig::Sqlite {
                 path: path.unwrap_or_else(|| DEFAULT_SQLITE_PATH.into()).into(),
+                lease,
             }
         }
         Some(other) => {
