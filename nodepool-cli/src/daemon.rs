@@ -21,6 +21,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// A daemon's `main`: logging as asked, a multi-threaded runtime, and the
+/// exit status of `body` (its error printed as `NAME: error`).
+pub fn run_main(
+    name: &str,
+    log_format: LogFormat,
+    debug: bool,
+    body: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    init_logging(log_format, debug);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(body) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Sets up tracing to stderr. `RUST_LOG` overrides the level.
 pub fn init_logging(format: LogFormat, debug: bool) {
     let default = if debug { "debug" } else { "info" };

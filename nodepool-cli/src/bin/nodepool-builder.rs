@@ -49,24 +49,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    daemon::init_logging(args.log_format, args.debug);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nodepool-builder: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("nodepool-builder: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let (log_format, debug) = (args.log_format, args.debug);
+    daemon::run_main("nodepool-builder", log_format, debug, run(args))
 }
 
 /// Fills what the builder needs from clouds.yaml (each OpenStack cloud's

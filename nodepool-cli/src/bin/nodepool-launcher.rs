@@ -40,24 +40,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    daemon::init_logging(args.log_format, args.debug);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("nodepool-launcher: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("nodepool-launcher: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let (log_format, debug) = (args.log_format, args.debug);
+    daemon::run_main("nodepool-launcher", log_format, debug, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
