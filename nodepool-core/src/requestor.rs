@@ -387,8 +387,8 @@ impl Requestor {
 
     async fn store_held(&self, n: &HeldNode) -> Result<(), RequestorError> {
         // Zuul writes under the lock without a version check; we refuse to
-        // write once the lock may have gone to someone else.
-        if !n.lock.is_held() {
+        // write once the lock is gone (waiting out a suspended session).
+        if !n.lock.wait_held().await {
             return Err(RequestorError::LockLost { node: n.id.clone() });
         }
         self.store.store_node(&n.id, &n.node).await?;

@@ -637,6 +637,39 @@ fn init_nodes_of_lost_requests_are_deleted_after_a_grace() {
 }
 
 #[test]
+fn an_unlocked_init_node_of_a_request_we_hold_is_deleted_at_once() {
+    // A node create whose outcome the store could not report leaves an
+    // unlocked `init` node on our request; counted as in flight, it would
+    // keep the request waiting for ever.
+    let mut w = World::new(ONE_POOL);
+    let r = w.add_request(&["small"], "200");
+    w.edit_request(&r, |r| r.state = RequestState::Pending);
+    w.snapshot.requests[0].locked = true;
+    w.local
+        .owned_requests
+        .insert(r.clone(), PoolKey::new("cloud1", "main"));
+    let n = w.add_node("cloud1", "main", "small", NodeState::Init);
+    w.edit_node(&n, |n, _| n.allocated_to = Some(r.clone()));
+    let p = w.plan();
+    assert!(
+        p.actions.contains(&Action::DeleteNode {
+            node: n.clone(),
+            reason: DeleteReason::LostInit
+        }),
+        "{:?}",
+        p.actions
+    );
+    // Locked, it is our launch in progress: left alone.
+    w.edit_node(&n, |_, locked| *locked = true);
+    assert!(
+        !w.plan()
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::DeleteNode { .. })),
+    );
+}
+
+#[test]
 fn lost_requests_are_reset() {
     let mut w = World::new(ONE_POOL);
     let r = w.add_request(&["small"], "200");

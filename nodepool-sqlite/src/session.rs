@@ -66,10 +66,10 @@ impl SessionInfo {
             SessionState::Closed => Due::Nothing,
             SessionState::Expired if now - self.renewed_ms >= RECONNECT_DELAY_MS => Due::Reconnect,
             SessionState::Expired => Due::Nothing,
-            SessionState::Connected { .. } | SessionState::Suspended => {
+            SessionState::Connected { .. } | SessionState::Suspended { .. } => {
                 if now > self.expires_ms {
                     Due::Lapsed
-                } else if self.state == SessionState::Suspended
+                } else if matches!(self.state, SessionState::Suspended { .. })
                     || now - self.renewed_ms >= renew_every_ms
                     // The wall clock went back: renew so the lease is
                     // measured from the new "now".
@@ -87,7 +87,7 @@ impl SessionInfo {
     fn live(&self) -> bool {
         matches!(
             self.state,
-            SessionState::Connected { .. } | SessionState::Suspended
+            SessionState::Connected { .. } | SessionState::Suspended { .. }
         )
     }
 }
@@ -216,7 +216,7 @@ impl Shared {
                 if s.id == info.id && s.live() {
                     s.expires_ms = expires;
                     s.renewed_ms = now;
-                    if s.state == SessionState::Suspended {
+                    if matches!(s.state, SessionState::Suspended { .. }) {
                         s.state = SessionState::Connected { id: s.id };
                         drop(s);
                         tracing::info!(store = %self.label, session = info.id, "session renewed again");
@@ -237,9 +237,10 @@ impl Shared {
                 if s.id == info.id && s.state == (SessionState::Connected { id: info.id }) {
                     // Like a ZooKeeper connection loss: the session may come
                     // back if a renewal gets through before the lease ends.
-                    s.state = SessionState::Suspended;
+                    s.state = SessionState::Suspended { id: info.id };
                     drop(s);
-                    self.session_tx.send_replace(SessionState::Suspended);
+                    self.session_tx
+                        .send_replace(SessionState::Suspended { id: info.id });
                 }
                 Err(err)
             }
@@ -322,8 +323,14 @@ mod tests {
 
     #[test]
     fn suspended_retries_expired_reconnects_closed_rests() {
-        assert_eq!(info(SessionState::Suspended).due(9_001, 333), Due::Renew);
-        assert_eq!(info(SessionState::Suspended).due(10_500, 333), Due::Lapsed);
+        assert_eq!(
+            info(SessionState::Suspended { id: 7 }).due(9_001, 333),
+            Due::Renew
+        );
+        assert_eq!(
+            info(SessionState::Suspended { id: 7 }).due(10_500, 333),
+            Due::Lapsed
+        );
         assert_eq!(info(SessionState::Expired).due(9_100, 333), Due::Nothing);
         assert_eq!(
             info(SessionState::Expired).due(9_000 + RECONNECT_DELAY_MS, 333),

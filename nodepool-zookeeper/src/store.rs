@@ -375,7 +375,7 @@ impl ZooKeeperStore {
             SessionState::Connected { .. } => {}
             // Like Nodepool's tree caches, a suspended session serves the
             // last known state; lock-guarded work is paused meanwhile.
-            SessionState::Suspended => return Ok(()),
+            SessionState::Suspended { .. } => return Ok(()),
             SessionState::Expired => {
                 return Err(StoreError::Unavailable {
                     store: self.shared.describe.clone(),
@@ -620,7 +620,9 @@ impl Supervisor {
             zk::SessionState::Disconnected => {
                 tracing::warn!(store = %self.shared.describe, "connection lost; session suspended");
                 self.connected = false;
-                self.shared.publish(SessionState::Suspended);
+                self.shared.publish(SessionState::Suspended {
+                    id: self.client.session_id().0,
+                });
             }
             zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
                 let id = self.client.session_id().0;

@@ -331,7 +331,9 @@ impl Task {
             .build(&spec, self.shared.work.child_token())
             .await;
         let now = self.shared.now();
-        if !guard.is_held() {
+        // A suspended session is waited for: a ZooKeeper blip at the end
+        // of a long build must not throw the build away.
+        if !guard.wait_held().await {
             // The session (and with it the lock) was lost: another builder
             // may already have taken the record for a dead builder's.
             tracing::error!(image = %image, build = %id, "the store session was lost during the build; discarding it");
@@ -684,7 +686,7 @@ impl Task {
             }
         }
         let now = self.shared.now();
-        if !guard.is_held() {
+        if !guard.wait_held().await {
             if let Ok(ext) = &outcome {
                 self.delete_cloud_image(entry, ext).await;
             }

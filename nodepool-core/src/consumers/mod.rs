@@ -295,7 +295,8 @@ impl Served {
     /// notices when a lost session took it away.
     async fn ensure_elected(&mut self, store: &Store) -> bool {
         if let Some(g) = &self.election {
-            if g.is_held() {
+            // Suspended is not lost: the lock comes back with the session.
+            if !g.is_lost() {
                 return true;
             }
             tracing::warn!(target_name = %self.target.name, "lost the target's lock (session); taking it again");
@@ -570,7 +571,7 @@ impl Served {
         };
         for mut n in set.nodes {
             n.node.allocated_to = Some(self.id.clone());
-            let result = if n.lock.is_held() {
+            let result = if n.lock.wait_held().await {
                 ctx.store.store_node(&n.id, &n.node).await.map(|_| ())
             } else {
                 Err(StoreError::SessionLost)
@@ -627,7 +628,7 @@ impl Served {
                     node.set_state(NodeState::Used, now);
                 }
             }
-            if !lock.is_held() {
+            if !lock.wait_held().await {
                 return Err(StoreError::SessionLost);
             }
             ctx.store.store_node(id, node).await.map(|_| ())
@@ -681,7 +682,7 @@ impl Served {
         let Some(g) = &self.election else {
             return;
         };
-        if !g.is_held() {
+        if !g.wait_held().await {
             return;
         }
         let records = match ctx.store.list_nodes().await {

@@ -165,12 +165,61 @@ pub(crate) struct Shared {
     settings: LauncherSettings,
     wake: Notify,
     deletes: tokio::sync::Semaphore,
+    /// Servers whose launch ended without a lock or a record, and that
+    /// could not be settled yet (see [`tasks::settle_server`]).
+    orphans: Mutex<Vec<Orphan>>,
 }
+
+/// A server this launcher made that no launch keeps any more.
+#[derive(Clone, Debug)]
+pub(crate) struct Orphan {
+    provider: String,
+    node_id: String,
+    external_id: String,
+    /// Not tried again before this (the store or cloud just failed).
+    due: tokio::time::Instant,
+}
+
+/// Pause before an orphan server is tried again.
+const ORPHAN_RETRY: Duration = Duration::from_secs(2);
 
 impl Shared {
     /// The current time (epoch seconds) on the launcher's clock.
     pub(crate) fn now(&self) -> f64 {
         self.settings.clock.now()
+    }
+
+    /// Remembers a server to settle on a pass a moment from now.
+    pub(crate) fn add_orphan(&self, provider: &str, node_id: &str, external_id: &str) {
+        let mut list = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        if list
+            .iter()
+            .any(|o| o.provider == provider && o.external_id == external_id)
+        {
+            return;
+        }
+        list.push(Orphan {
+            provider: provider.to_owned(),
+            node_id: node_id.to_owned(),
+            external_id: external_id.to_owned(),
+            due: tokio::time::Instant::now() + ORPHAN_RETRY,
+        });
+    }
+
+    /// The orphans due for another try.
+    fn take_orphans(&self) -> Vec<Orphan> {
+        let now = tokio::time::Instant::now();
+        let mut list = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        let (due, later) = std::mem::take(&mut *list)
+            .into_iter()
+            .partition(|o| o.due <= now);
+        *list = later;
+        due
+    }
+
+    /// Servers waiting to be settled, for the state dump and tests.
+    pub(crate) fn orphan_count(&self) -> usize {
+        self.orphans.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -231,6 +280,7 @@ impl Launcher {
             deletes: tokio::sync::Semaphore::new(self.settings.max_parallel_deletes.max(1)),
             settings: self.settings.clone(),
             wake: Notify::new(),
+            orphans: Mutex::new(Vec::new()),
         });
         let mut rt = Runtime {
             shared: shared.clone(),
@@ -535,14 +585,15 @@ impl Runtime {
             // Suspended or expired: do nothing that needs locks.
             return Ok(());
         }
-        // Drop requests whose lock we no longer hold.
+        // Drop requests whose lock is gone with its session.
         self.owned_map().retain(|id, o| {
-            let held = o.guard.is_held();
-            if !held {
+            let lost = o.guard.is_lost();
+            if lost {
                 tracing::warn!(request = %id, "lost the lock of a held request");
             }
-            held
+            !lost
         });
+        self.settle_orphans();
         let snapshot = self.snapshot().await?;
         let local = self.local_state(&snapshot);
         let plan = planner::plan(
@@ -564,6 +615,23 @@ impl Runtime {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.update_report(&plan);
         Ok(())
+    }
+
+    /// Settles the servers that launches left behind (deletes the ones no
+    /// node record owns), each in its own task so a slow cloud delays
+    /// nothing else.
+    fn settle_orphans(&self) {
+        for o in self.shared.take_orphans() {
+            let Some(handle) = self.providers.get(&o.provider).cloned() else {
+                tracing::warn!(provider = %o.provider, server = %o.external_id, "provider gone; the leak sweep of a launcher that has it deletes the server");
+                continue;
+            };
+            let shared = self.shared.clone();
+            self.tasks.spawn(async move {
+                let _permit = shared.deletes.acquire().await;
+                tasks::settle_server(&shared, &handle, &o.node_id, &o.external_id).await;
+            });
+        }
     }
 
     fn exec_context(&self) -> executor::ExecContext {
@@ -696,6 +764,7 @@ impl Runtime {
             );
         }
         let _ = writeln!(r, "  tasks in flight: {}", self.tasks.len());
+        let _ = writeln!(r, "  servers to settle: {}", self.shared.orphan_count());
         *self.status.report.lock().unwrap_or_else(|p| p.into_inner()) = r;
     }
 

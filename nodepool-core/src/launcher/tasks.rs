@@ -19,7 +19,7 @@ use crate::planner::{LaunchImage, PoolKey};
 use crate::provider::{
     ImageRef, InstanceSpec, META_GROUPS, META_NODE_ID, META_POOL, META_PROVIDER, ProviderError,
 };
-use crate::store::LockGuard;
+use crate::store::{LockGuard, StoreError};
 
 /// Everything a launch needs, prepared by the executor.
 pub(crate) struct LaunchJob {
@@ -162,16 +162,42 @@ fn result_label(e: &ProviderError) -> &'static str {
 }
 
 enum AttemptError {
+    /// The cloud refused for quota; no server was made.
     Quota(ProviderError),
+    /// The cloud failed this attempt; another may succeed.
     Retryable(String, &'static str),
+    /// The node lock is gone (its session expired or was replaced).
     LockLost,
+    /// The store would not take a write (after resolving and retrying):
+    /// the launch cannot go on without recording its progress.
+    Store(String),
+}
+
+/// How a launch ended.
+enum Outcome {
+    Ready,
+    /// The cloud failed it (quota: `aborted`, else `failed`).
+    Failed {
+        label: &'static str,
+        message: String,
+        quota: bool,
+    },
+    LockLost,
+    Store(String),
 }
 
 /// Runs a launch to `ready`, `failed` or `aborted`, then releases the lock.
+///
+/// Every attempt starts from the node as the executor wrote it
+/// (`building`, no server), so nothing of a failed attempt (its server id,
+/// addresses, a `ready` that was never written) carries into the next.
+/// The lock is checked before each create and right after it; a server
+/// made by an attempt that then lost the lock, or could not record it, is
+/// deleted at once unless the node record owns it (see [`settle_server`]).
 pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
     let LaunchJob {
         node_id,
-        mut node,
+        node: base,
         mut version,
         guard,
         provider,
@@ -184,9 +210,11 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
     let pc = provider.config.clone();
     let retries = pc.launch_retries.max(1);
     let mut attempt = 0;
+    let mut node = base.clone();
     let outcome = loop {
         attempt += 1;
-        match attempt_launch(
+        let mut server = None;
+        let result = attempt_launch(
             &shared,
             &provider,
             &spec,
@@ -194,40 +222,65 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             &mut node,
             &mut version,
             &guard,
+            &mut server,
             host_key_checking,
             console_log,
         )
-        .await
-        {
-            Ok(()) => break Ok(()),
-            Err(AttemptError::Quota(e)) => break Err(("error.quota", e.to_string(), true)),
+        .await;
+        match result {
+            Ok(()) => break Outcome::Ready,
+            Err(AttemptError::Quota(e)) => {
+                break Outcome::Failed {
+                    label: "error.quota",
+                    message: e.to_string(),
+                    quota: true,
+                };
+            }
             Err(AttemptError::LockLost) => {
-                break Err(("error.zksession", "lost the node lock".into(), false));
+                if let Some(ext) = server {
+                    settle_server(&shared, &provider, &node_id, &ext).await;
+                }
+                break Outcome::LockLost;
+            }
+            Err(AttemptError::Store(msg)) => {
+                if let Some(ext) = server {
+                    settle_server(&shared, &provider, &node_id, &ext).await;
+                }
+                break Outcome::Store(msg);
             }
             Err(AttemptError::Retryable(msg, label)) => {
                 tracing::warn!(node = %node_id, provider = %pc.name, attempt, retries, error = %msg, "launch attempt failed");
-                // Delete the partial server before trying again.
-                if let Some(ext) = node.external_id.take() {
-                    match tokio::time::timeout(
-                        shared.settings.delete_timeout,
-                        provider.provider.delete_instance(&ext),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::warn!(node = %node_id, server = %ext, error = %e, "could not delete a failed server; leak cleanup will")
-                        }
-                        Err(_) => {
-                            tracing::warn!(node = %node_id, server = %ext, "deleting a failed server timed out; leak cleanup will")
-                        }
+                shared.metrics.incr("nodepool.launch.attempt_failed");
+                // The failed server goes before anything else is tried.
+                let undeleted = match server {
+                    Some(ext) => {
+                        (!delete_server(&shared, &provider, &node_id, &ext).await).then_some(ext)
                     }
-                    if let Ok(v) = shared.store.update_node(&node_id, &node, version).await {
-                        version = v;
-                    }
-                }
+                    None => None,
+                };
                 if attempt >= retries {
-                    break Err((label, msg, false));
+                    // A server that could not be deleted stays on the
+                    // failed node: deleting the node deletes it again.
+                    node.external_id = undeleted;
+                    break Outcome::Failed {
+                        label,
+                        message: msg,
+                        quota: false,
+                    };
+                }
+                // Start again from `building` with no server.
+                node = base.clone();
+                node.set_state(NodeState::Building, shared.now());
+                let written = write_node(&shared, &guard, &node_id, &node, version).await;
+                if let Some(ext) = undeleted {
+                    // The record no longer points to it (or never will):
+                    // keep trying to delete it.
+                    shared.add_orphan(&pc.name, &node_id, &ext);
+                }
+                match written {
+                    Ok(v) => version = v,
+                    Err(AttemptError::LockLost) => break Outcome::LockLost,
+                    Err(e) => break Outcome::Store(e.message()),
                 }
             }
         }
@@ -235,8 +288,9 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
     let elapsed = started.elapsed();
     let az = node.az.clone().unwrap_or_else(|| "unknown".into());
     let result = match &outcome {
-        Ok(()) => "ready",
-        Err((label, _, _)) => label,
+        Outcome::Ready => "ready",
+        Outcome::Failed { label, .. } => label,
+        Outcome::LockLost | Outcome::Store(_) => "error.zksession",
     };
     let m = &shared.metrics;
     m.timing(&format!("nodepool.launch.{result}"), elapsed);
@@ -262,16 +316,19 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         );
     }
     match outcome {
-        Ok(()) => {
+        Outcome::Ready => {
             tracing::info!(node = %node_id, provider = %pc.name, seconds = elapsed.as_secs_f64(), "node ready");
         }
-        Err((_, msg, quota)) => {
-            if !guard.is_held() {
-                tracing::warn!(node = %node_id, error = %msg, "launch abandoned: the node lock was lost");
-                guard.forget();
-                shared.wake.notify_one();
-                return;
-            }
+        Outcome::LockLost => {
+            // Nothing more is written: the node is someone else's now.
+            tracing::warn!(node = %node_id, provider = %pc.name, "launch abandoned: the node lock was lost");
+        }
+        Outcome::Store(msg) => {
+            // Unlocked and `building`, the node is deleted by the next
+            // cleanup pass (with its server, if the record names one).
+            tracing::error!(node = %node_id, provider = %pc.name, error = %msg, "launch abandoned: the store refused its progress");
+        }
+        Outcome::Failed { message, quota, .. } => {
             let state = if quota {
                 NodeState::Aborted
             } else {
@@ -279,18 +336,118 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             };
             if quota {
                 provider.invalidate_limits();
-                tracing::info!(node = %node_id, provider = %pc.name, error = %msg, "launch hit the cloud's quota; node aborted");
+                tracing::info!(node = %node_id, provider = %pc.name, error = %message, "launch hit the cloud's quota; node aborted");
             } else {
-                tracing::error!(node = %node_id, provider = %pc.name, error = %msg, "launch failed");
+                tracing::error!(node = %node_id, provider = %pc.name, error = %message, "launch failed");
             }
             node.set_state(state, shared.now());
-            if let Err(e) = shared.store.update_node(&node_id, &node, version).await {
-                tracing::warn!(node = %node_id, error = %e, "could not record the failed launch");
+            if let Err(e) = write_node(&shared, &guard, &node_id, &node, version).await {
+                tracing::warn!(node = %node_id, error = %e.message(), "could not record the failed launch; cleanup deletes the node");
             }
         }
     }
     let _ = guard.release().await;
     shared.wake.notify_one();
+}
+
+impl AttemptError {
+    fn message(&self) -> String {
+        match self {
+            AttemptError::Quota(e) => e.to_string(),
+            AttemptError::Retryable(m, _) | AttemptError::Store(m) => m.clone(),
+            AttemptError::LockLost => "lost the node lock".into(),
+        }
+    }
+}
+
+/// Writes the node under its lock: waits while the session is suspended,
+/// and lets the store resolve a write whose outcome was unknown.
+async fn write_node(
+    shared: &Shared,
+    guard: &LockGuard,
+    node_id: &str,
+    node: &Node,
+    version: i32,
+) -> Result<i32, AttemptError> {
+    if !guard.wait_held().await {
+        return Err(AttemptError::LockLost);
+    }
+    match shared.store.update_node(node_id, node, version).await {
+        Ok(v) => Ok(v),
+        Err(_) if guard.is_lost() => Err(AttemptError::LockLost),
+        Err(e) => Err(AttemptError::Store(format!(
+            "recording node {node_id}: {e}"
+        ))),
+    }
+}
+
+/// Deletes a server of ours within the delete timeout; false when it
+/// could not be deleted (the caller keeps track of it).
+async fn delete_server(
+    shared: &Shared,
+    provider: &ProviderHandle,
+    node_id: &str,
+    external_id: &str,
+) -> bool {
+    match tokio::time::timeout(
+        shared.settings.delete_timeout,
+        provider.provider.delete_instance(external_id),
+    )
+    .await
+    {
+        Ok(Ok(())) | Ok(Err(ProviderError::NotFound(_))) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(node = %node_id, server = %external_id, error = %e, "could not delete a server");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(node = %node_id, server = %external_id, "deleting a server timed out");
+            false
+        }
+    }
+}
+
+/// A server this launcher made whose launch ended without a lock or a
+/// record: deleted unless the node record points to it.
+///
+/// The record decides, because a write whose outcome was unknown may
+/// have landed: a server a committed record names (a `ready` node above
+/// all) must never be deleted from under it — the node's own deletion
+/// removes it. Any other server is deleted now; when that cannot be done
+/// (store or cloud unreachable) it is kept on the launcher's list and
+/// retried every pass, so it never waits for the leak sweep.
+pub(crate) async fn settle_server(
+    shared: &Shared,
+    provider: &ProviderHandle,
+    node_id: &str,
+    external_id: &str,
+) -> bool {
+    let owned = match shared.store.get_node(node_id).await {
+        Ok(Some(n)) => n.value.external_id.as_deref() == Some(external_id),
+        Ok(None) => false,
+        // A malformed record names no server we can trust.
+        Err(StoreError::Malformed { .. }) => false,
+        Err(e) => {
+            tracing::info!(node = %node_id, server = %external_id, error = %e, "cannot read the node yet; its server is checked again next pass");
+            shared.add_orphan(&provider.config.name, node_id, external_id);
+            return false;
+        }
+    };
+    if owned {
+        tracing::info!(node = %node_id, server = %external_id, "the node record owns the server; its cleanup deletes it");
+        return true;
+    }
+    if delete_server(shared, provider, node_id, external_id).await {
+        tracing::info!(node = %node_id, server = %external_id, "deleted a server its launch could not keep");
+        shared.metrics.incr(&format!(
+            "nodepool.provider.{}.orphans_deleted",
+            provider.config.name
+        ));
+        true
+    } else {
+        shared.add_orphan(&provider.config.name, node_id, external_id);
+        false
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -302,10 +459,15 @@ async fn attempt_launch(
     node: &mut Node,
     version: &mut i32,
     guard: &LockGuard,
+    server: &mut Option<String>,
     host_key_checking: bool,
     console_log: bool,
 ) -> Result<(), AttemptError> {
     let pc = &provider.config;
+    // Never create a server for a node that is no longer ours.
+    if !guard.wait_held().await {
+        return Err(AttemptError::LockLost);
+    }
     let deadline = tokio::time::Instant::now() + pc.launch_timeout;
     let classify = |e: ProviderError| match e {
         ProviderError::QuotaExceeded(_) => AttemptError::Quota(e),
@@ -325,20 +487,10 @@ async fn attempt_launch(
                 ));
             }
         };
+    *server = Some(external_id.clone());
     // Record the server id at once, so a crash from here on cannot leak it.
     node.external_id = Some(external_id.clone());
-    if !guard.is_held() {
-        return Err(AttemptError::LockLost);
-    }
-    match shared.store.update_node(node_id, node, *version).await {
-        Ok(v) => *version = v,
-        Err(e) => {
-            return Err(AttemptError::Retryable(
-                format!("recording the server id: {e}"),
-                "error.zksession",
-            ));
-        }
-    }
+    *version = write_node(shared, guard, node_id, node, *version).await?;
     let instance = match tokio::time::timeout_at(
         deadline,
         provider.provider.wait_for_instance(&external_id, spec),
@@ -398,20 +550,9 @@ async fn attempt_launch(
             }
         }
     }
-    if !guard.is_held() {
-        return Err(AttemptError::LockLost);
-    }
     node.set_state(NodeState::Ready, shared.now());
-    match shared.store.update_node(node_id, node, *version).await {
-        Ok(v) => {
-            *version = v;
-            Ok(())
-        }
-        Err(e) => Err(AttemptError::Retryable(
-            format!("recording the ready node: {e}"),
-            "error.zksession",
-        )),
-    }
+    *version = write_node(shared, guard, node_id, node, *version).await?;
+    Ok(())
 }
 
 /// Deletes a node's server and record. Holds the node lock; on failure
@@ -504,7 +645,7 @@ pub async fn delete_locked_node(
             }
         }
     }
-    if !guard.is_held() {
+    if !guard.wait_held().await {
         return Err("lost the node lock".into());
     }
     // `deleted` first, so whoever takes the lock in the gap finishes the job.

@@ -19,6 +19,7 @@ pub(crate) fn nodes(
     s: &Snapshot,
     cfg: &Config,
     now: f64,
+    local: &LocalState,
     idx: &Index<'_>,
     plan: &mut Plan,
 ) -> (Vec<usize>, FastSet<usize>) {
@@ -86,6 +87,20 @@ pub(crate) fn nodes(
                         reason: DeleteReason::HoldExpired,
                     });
                 }
+            }
+            // Our executor locks an `init` node the moment it created it,
+            // before the pass ends: an unlocked one of a request we hold
+            // was left by a create whose outcome the store could not
+            // report. It would keep the request waiting for ever.
+            NodeState::Init
+                if n.allocated_to
+                    .as_ref()
+                    .is_some_and(|r| local.owned_requests.contains_key(r)) =>
+            {
+                plan.actions.push(Action::DeleteNode {
+                    node: rec.id.clone(),
+                    reason: DeleteReason::LostInit,
+                });
             }
             NodeState::Init if age > INIT_GRACE_SECS => {
                 let lost = match n.allocated_to.as_deref() {

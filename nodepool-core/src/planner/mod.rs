@@ -391,7 +391,7 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) 
         |i| requests::node_resources(snapshot, i),
     );
     let mut freed = cleanup::lost_requests(snapshot, &index, &mut plan);
-    let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, &index, &mut plan);
+    let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, local, &index, &mut plan);
     freed.extend(deallocated);
     // Given-back nodes stop counting against their tenant.
     for &i in &freed {

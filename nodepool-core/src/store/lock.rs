@@ -27,6 +27,14 @@ pub enum LockWait {
 
 /// A held lock. Release it with [`LockGuard::release`]; dropping it also
 /// releases it, in a background task.
+///
+/// A lock lives as long as the session that took it. While that session
+/// is suspended (connection lost, may come back) the lock is neither
+/// surely held ([`is_held`](Self::is_held) is false: lock-guarded work
+/// must not write) nor lost ([`is_lost`](Self::is_lost) is false: the work
+/// must not be abandoned either, or the node stays locked by a live
+/// session with nobody working on it). [`wait_held`](Self::wait_held)
+/// tells which it turns out to be.
 #[derive(Debug)]
 pub struct LockGuard {
     store: Arc<dyn StateStore>,
@@ -47,20 +55,40 @@ impl LockGuard {
         &self.contender
     }
 
-    /// Whether the lock is still ours: our session is the one that took it
-    /// and is connected. A suspended session may still come back, but work
-    /// guarded by the lock must not continue meanwhile.
+    /// The session the lock belongs to.
+    pub fn session_id(&self) -> i64 {
+        self.session_id
+    }
+
+    /// Whether the lock is surely ours now: our session is the one that
+    /// took it and is connected. A suspended session may still come back,
+    /// but work guarded by the lock must not write meanwhile.
     pub fn is_held(&self) -> bool {
         matches!(*self.store.session().borrow(), SessionState::Connected { id } if id == self.session_id)
     }
 
-    /// Releases the lock now (deletes our contender).
+    /// Whether the lock is surely gone: the session that took it expired,
+    /// was replaced or closed. False while it is only suspended.
+    pub fn is_lost(&self) -> bool {
+        !self.store.session().borrow().may_be_alive(self.session_id)
+    }
+
+    /// Waits while the session is suspended; true once it is connected
+    /// again with the same id (the lock survived), false when it is lost.
+    /// The stores bound the wait: a ZooKeeper client declares its session
+    /// expired when it cannot reconnect in time, a SQLite lease lapses.
+    pub async fn wait_held(&self) -> bool {
+        await_session(self.store.as_ref(), self.session_id).await
+    }
+
+    /// Releases the lock now (deletes our contender). When the store is
+    /// unreachable for a moment, waits for the session to come back and
+    /// deletes it then: a contender left behind by a live session would
+    /// keep the lock taken until the process ends. A lost session took
+    /// the contender with it, so that is success too.
     pub async fn release(mut self) -> Result<(), StoreError> {
         self.released = true;
-        match self.store.delete(&self.contender, None).await {
-            Ok(()) | Err(StoreError::NotFound { .. }) | Err(StoreError::SessionLost) => Ok(()),
-            Err(e) => Err(e),
-        }
+        delete_contender(self.store.as_ref(), &self.contender, self.session_id).await
     }
 
     /// Gives up the guard without deleting the contender (it goes when the
@@ -77,10 +105,60 @@ impl Drop for LockGuard {
         }
         let store = self.store.clone();
         let contender = std::mem::take(&mut self.contender);
+        let session = self.session_id;
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = store.delete(&contender, None).await;
+                let _ = delete_contender(store.as_ref(), &contender, session).await;
             });
+        }
+    }
+}
+
+/// Waits while session `id` is suspended: true once it is connected
+/// again, false once it expired, was replaced or closed.
+pub async fn await_session(store: &dyn StateStore, id: i64) -> bool {
+    let mut rx = store.session();
+    loop {
+        let state = *rx.borrow_and_update();
+        match state {
+            SessionState::Connected { id: s } if s == id => return true,
+            SessionState::Suspended { id: s } if s == id => {}
+            _ => return false,
+        }
+        if rx.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// Pause between attempts at a write the store could not take (ZooKeeper
+/// unreachable, SQLite disk full) while the session still looks alive.
+pub(crate) fn retry_pause(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.min(4))
+}
+
+/// Deletes a lock contender of session `session`, retrying through
+/// connection losses for as long as that session may be alive.
+async fn delete_contender(
+    store: &dyn StateStore,
+    contender: &str,
+    session: i64,
+) -> Result<(), StoreError> {
+    let mut attempt = 0;
+    loop {
+        match store.delete(contender, None).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) | Err(StoreError::SessionLost) => {
+                return Ok(());
+            }
+            Err(StoreError::Unavailable { .. } | StoreError::Timeout { .. }) => {
+                if !await_session(store, session).await {
+                    // Ephemeral: it went with its session.
+                    return Ok(());
+                }
+                tokio::time::sleep(retry_pause(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -108,9 +186,21 @@ pub async fn acquire(
     // Subscribe before creating, so no deletion of a predecessor is missed.
     let mut events = store.subscribe();
     let prefix = format!("{dir}/{}__lock__", uuid::Uuid::new_v4().simple());
-    let contender = store
+    let contender = match store
         .create(&prefix, data, CreateMode::EphemeralSequential)
-        .await?;
+        .await
+    {
+        Ok(c) => c,
+        Err(e @ (StoreError::Unavailable { .. } | StoreError::Timeout { .. })) => {
+            // The create may have been applied: a contender of our live
+            // session would hold the lock for ever. kazoo's recipe names
+            // contenders with a fresh uuid for exactly this: find ours by
+            // it once the session is back, and take it away.
+            remove_lost_contender(store.as_ref(), dir, &prefix, session_id).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let our_name = contender.rsplit('/').next().unwrap_or_default().to_owned();
     let deadline = match wait {
         LockWait::Timeout(d) => Some(tokio::time::Instant::now() + d),
@@ -171,6 +261,33 @@ pub async fn acquire(
                     guard.released = true;
                     return Err(StoreError::SessionLost);
                 }
+            }
+        }
+    }
+}
+
+/// Deletes the contender with name prefix `prefix` that an ambiguous
+/// create may have left in `dir`, once session `session` is back. Nothing
+/// to do when the session is lost: the contender went with it.
+async fn remove_lost_contender(store: &dyn StateStore, dir: &str, prefix: &str, session: i64) {
+    let name_prefix = prefix.rsplit('/').next().unwrap_or_default();
+    let mut attempt = 0;
+    while await_session(store, session).await {
+        match store.children(dir).await {
+            Ok(children) => {
+                for c in children.iter().filter(|c| c.starts_with(name_prefix)) {
+                    let _ = delete_contender(store, &format!("{dir}/{c}"), session).await;
+                }
+                return;
+            }
+            Err(StoreError::NotFound { .. }) => return,
+            Err(StoreError::Unavailable { .. } | StoreError::Timeout { .. }) if attempt < 10 => {
+                tokio::time::sleep(retry_pause(attempt)).await;
+                attempt += 1;
+            }
+            Err(e) => {
+                tracing::warn!(dir, error = %e, "could not look for a lock contender left by a failed create");
+                return;
             }
         }
     }

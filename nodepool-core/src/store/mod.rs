@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
-pub use lock::{LockGuard, LockWait};
+pub use lock::{LockGuard, LockWait, await_session};
 pub use typed::{
     BuildRecord, ComponentRegistration, ImageState, Listing, Malformed, NodeRecord, RequestLockDir,
     RequestRecord, Store, UploadRecord, Versioned,
@@ -122,8 +122,12 @@ pub enum SessionState {
         id: i64,
     },
     /// Connection lost; the session may still come back (kazoo's SUSPENDED).
-    /// Lock-guarded work should pause.
-    Suspended,
+    /// Lock-guarded work should pause until it is connected again, and go
+    /// on if it comes back with the same id: its locks survived.
+    Suspended {
+        /// The session that may come back.
+        id: i64,
+    },
     /// The session ended: its ephemerals and locks are gone.
     Expired,
     /// Closed by [`StateStore::close`].
@@ -137,6 +141,12 @@ impl SessionState {
             SessionState::Connected { id } => Some(id),
             _ => None,
         }
+    }
+
+    /// Whether session `id` may still be alive: connected, or suspended
+    /// and possibly coming back. False once it expired or was replaced.
+    pub fn may_be_alive(self, id: i64) -> bool {
+        matches!(self, SessionState::Connected { id: s } | SessionState::Suspended { id: s } if s == id)
     }
 }
 

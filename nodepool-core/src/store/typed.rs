@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::lock::{self, LockGuard, LockWait};
 use super::paths::{self, ImagePath, classify_image_path, lock_contender_sequence};
-use super::{CreateMode, Entry, StateStore, StoreError};
+use super::{CreateMode, Entry, SessionState, StateStore, StoreError};
 use crate::model::{
     Component, ComponentKind, ImageBuild, ImageUpload, Node, NodeRequest, WireRecord,
 };
@@ -205,6 +205,46 @@ fn contender_of(path: &str) -> Option<&str> {
     (lock_name == paths::LOCK).then_some(record)
 }
 
+/// Attempts at a write whose outcome was unknown, or that the store could
+/// not take (SQLite's disk full), before the error is returned.
+const WRITE_ATTEMPTS: u32 = 6;
+
+/// Longest wait for a connected session before an unresolved write's
+/// error is returned (a ZooKeeper client gives up a session it cannot
+/// reconnect after 1.4 session timeouts and opens a new one; this covers
+/// that and a restart of the server).
+const RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether an error leaves a write's outcome unknown: the request may or
+/// may not have been applied before the connection broke.
+fn outcome_unknown(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Unavailable { .. } | StoreError::Timeout { .. }
+    )
+}
+
+/// Waits for a connected session (any id: persistent records outlive
+/// sessions); false when the store was closed or none came in time.
+async fn await_connected(store: &dyn StateStore) -> bool {
+    let mut rx = store.session();
+    let wait = async {
+        loop {
+            match *rx.borrow_and_update() {
+                SessionState::Connected { .. } => return true,
+                SessionState::Closed => return false,
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return false;
+            }
+        }
+    };
+    tokio::time::timeout(RECONNECT_WAIT, wait)
+        .await
+        .unwrap_or(false)
+}
+
 impl Store {
     /// Wraps a backend.
     pub fn new(inner: Arc<dyn StateStore>) -> Self {
@@ -222,6 +262,91 @@ impl Store {
     /// The backend's address, for messages.
     pub fn describe(&self) -> String {
         self.inner.describe()
+    }
+
+    // ----- writes whose outcome may be unknown ---------------------------
+
+    /// Sets a record (at `version`, when given) and returns its new
+    /// version, resolving a write whose outcome is unknown.
+    ///
+    /// A connection that breaks after ZooKeeper applied a write reports
+    /// the write as failed. Acting on that report (deleting the server a
+    /// `ready` node points to, writing the next step at the old version)
+    /// is how a dead node gets handed out. So the record is read back once
+    /// a session is connected again: our bytes at the next version mean
+    /// the write was applied; the old version means it was not, and it is
+    /// sent again; anything else is a [`StoreError::Conflict`]. A store
+    /// that keeps refusing the write (SQLite's disk full) gets a few
+    /// attempts with growing pauses, then its error is returned.
+    pub async fn set_resolved(
+        &self,
+        path: &str,
+        data: &[u8],
+        version: Option<i32>,
+    ) -> Result<i32, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let err = match self.inner.set(path, data, version).await {
+                Ok(stat) => return Ok(stat.version),
+                Err(e) if outcome_unknown(&e) => e,
+                Err(e) => return Err(e),
+            };
+            attempt += 1;
+            if !await_connected(self.inner.as_ref()).await {
+                return Err(err);
+            }
+            match self.inner.get(path).await {
+                Ok(Some((current, stat))) => {
+                    let ours = current.as_ref() == data;
+                    match version {
+                        Some(v) if stat.version == v + 1 && ours => return Ok(stat.version),
+                        Some(v) if stat.version != v => {
+                            return Err(StoreError::Conflict {
+                                path: path.to_owned(),
+                                reason: "version changed".into(),
+                            });
+                        }
+                        None if ours => return Ok(stat.version),
+                        _ => {
+                            tracing::debug!(path, error = %err, "write not applied; sending it again");
+                        }
+                    }
+                }
+                Ok(None) => {
+                    return Err(StoreError::NotFound {
+                        path: path.to_owned(),
+                    });
+                }
+                Err(e) if outcome_unknown(&e) => {}
+                Err(e) => return Err(e),
+            }
+            if attempt >= WRITE_ATTEMPTS {
+                return Err(err);
+            }
+            tokio::time::sleep(lock::retry_pause(attempt)).await;
+        }
+    }
+
+    /// Runs an idempotent operation (a delete that treats "not found" as
+    /// done), again when its outcome was unknown.
+    async fn retry_unknown<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Err(e) if outcome_unknown(&e) && attempt + 1 < WRITE_ATTEMPTS => {
+                    attempt += 1;
+                    if !await_connected(self.inner.as_ref()).await {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(lock::retry_pause(attempt)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     // ----- locks -------------------------------------------------------
@@ -317,25 +442,20 @@ impl Store {
         node: &Node,
         version: i32,
     ) -> Result<i32, StoreError> {
-        Ok(self
-            .inner
-            .set(&paths::node(id), &node.to_json(), Some(version))
-            .await?
-            .version)
+        self.set_resolved(&paths::node(id), &node.to_json(), Some(version))
+            .await
     }
 
     /// Writes a node regardless of version (only under its lock).
     pub async fn store_node(&self, id: &str, node: &Node) -> Result<i32, StoreError> {
-        Ok(self
-            .inner
-            .set(&paths::node(id), &node.to_json(), None)
-            .await?
-            .version)
+        self.set_resolved(&paths::node(id), &node.to_json(), None)
+            .await
     }
 
     /// Deletes a node record and its lock directory.
     pub async fn delete_node(&self, id: &str) -> Result<(), StoreError> {
-        self.inner.delete_tree(&paths::node(id)).await
+        let path = paths::node(id);
+        self.retry_unknown(|| self.inner.delete_tree(&path)).await
     }
 
     /// Every node, with its lock state.
@@ -434,20 +554,21 @@ impl Store {
         request: &NodeRequest,
         version: i32,
     ) -> Result<i32, StoreError> {
-        Ok(self
-            .inner
-            .set(&paths::request(id), &request.to_json(), Some(version))
-            .await?
-            .version)
+        self.set_resolved(&paths::request(id), &request.to_json(), Some(version))
+            .await
     }
 
     /// Deletes a request (its lock directory is left, as Nodepool does;
     /// cleanup removes stale ones).
     pub async fn delete_request(&self, id: &str) -> Result<(), StoreError> {
-        match self.inner.delete(&paths::request(id), None).await {
-            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e),
-        }
+        let path = paths::request(id);
+        self.retry_unknown(|| async {
+            match self.inner.delete(&path, None).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     /// Every request, with its lock state.
@@ -657,11 +778,8 @@ impl Store {
         build: &ImageBuild,
         version: Option<i32>,
     ) -> Result<i32, StoreError> {
-        Ok(self
-            .inner
-            .set(&paths::build(image, id), &build.to_json(), version)
-            .await?
-            .version)
+        self.set_resolved(&paths::build(image, id), &build.to_json(), version)
+            .await
     }
 
     /// Deletes a build and everything under it.
@@ -725,15 +843,12 @@ impl Store {
         upload: &ImageUpload,
         version: Option<i32>,
     ) -> Result<i32, StoreError> {
-        Ok(self
-            .inner
-            .set(
-                &paths::upload(image, build, provider, id),
-                &upload.to_json(),
-                version,
-            )
-            .await?
-            .version)
+        self.set_resolved(
+            &paths::upload(image, build, provider, id),
+            &upload.to_json(),
+            version,
+        )
+        .await
     }
 
     /// Deletes an upload record.
@@ -861,11 +976,9 @@ impl Store {
         reg: &mut ComponentRegistration,
         component: &Component,
     ) -> Result<(), StoreError> {
-        let stat = self
-            .inner
-            .set(&reg.path, &component.to_json(), Some(reg.version))
+        reg.version = self
+            .set_resolved(&reg.path, &component.to_json(), Some(reg.version))
             .await?;
-        reg.version = stat.version;
         Ok(())
     }
 

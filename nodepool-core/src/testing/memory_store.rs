@@ -5,7 +5,7 @@
 //! ephemeral records between independent clients.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -44,6 +44,9 @@ pub struct MemoryStore {
     backend: Arc<Backend>,
     session: Arc<Mutex<i64>>,
     session_tx: Arc<watch::Sender<SessionState>>,
+    /// Writes still to apply and then report as failed (see
+    /// [`MemoryStore::ambiguous_writes`]).
+    ambiguous: Arc<AtomicU32>,
 }
 
 fn now_ms() -> i64 {
@@ -78,6 +81,7 @@ impl MemoryStore {
             backend,
             session: Arc::new(Mutex::new(id)),
             session_tx: Arc::new(tx),
+            ambiguous: Arc::new(AtomicU32::new(0)),
         }
     }
 
@@ -93,8 +97,37 @@ impl MemoryStore {
     fn session_id(&self) -> Result<i64, StoreError> {
         match *self.session_tx.borrow() {
             SessionState::Connected { id } => Ok(id),
+            SessionState::Suspended { .. } => Err(self.unavailable("connection lost")),
             _ => Err(StoreError::SessionLost),
         }
+    }
+
+    fn unavailable(&self, reason: &str) -> StoreError {
+        StoreError::Unavailable {
+            store: "memory store".into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Simulates a lost connection (ZooKeeper stopped): the session is
+    /// suspended and every operation fails with
+    /// [`StoreError::Unavailable`] until [`resume`](Self::resume).
+    pub fn suspend(&self) {
+        let id = *self.session.lock().unwrap_or_else(|p| p.into_inner());
+        self.session_tx.send_replace(SessionState::Suspended { id });
+    }
+
+    /// Reconnects a suspended session: its locks and ephemerals survived.
+    pub fn resume(&self) {
+        let id = *self.session.lock().unwrap_or_else(|p| p.into_inner());
+        self.session_tx.send_replace(SessionState::Connected { id });
+    }
+
+    /// The next `n` record writes (`set`) are applied and then reported as
+    /// [`StoreError::Unavailable`], as when ZooKeeper applied a write and
+    /// the connection broke before its answer arrived.
+    pub fn ambiguous_writes(&self, n: u32) {
+        self.ambiguous.store(n, Ordering::SeqCst);
     }
 
     fn emit(&self, events: Vec<StoreEvent>) {
@@ -278,6 +311,13 @@ impl StateStore for MemoryStore {
             r.stat
         };
         self.emit(vec![StoreEvent::Changed(path.into())]);
+        let lie = self
+            .ambiguous
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if lie {
+            return Err(self.unavailable("connection reset after the write was sent"));
+        }
         Ok(stat)
     }
 

@@ -174,7 +174,7 @@ async fn main() -> Result<()> {
 fn describe(s: SessionState) -> String {
     match s {
         SessionState::Connected { id } => format!("connected {id}"),
-        SessionState::Suspended => "suspended".into(),
+        SessionState::Suspended { .. } => "suspended".into(),
         SessionState::Expired => "expired".into(),
         SessionState::Closed => "closed".into(),
     }
