@@ -10,7 +10,15 @@
 //! cloud when the provider does not.
 //!
 //! Every error names the file and the key, e.g.
-//! `/etc/openstack/clouds.yaml: clouds.peer.auth.auth_url: missing`.
+//! `/etc/openstack/clouds.yaml: clouds.peer.auth.auth_url: missing` (a
+//! key secure.yaml set names secure.yaml; a syntax error names the line
+//! and column). A value of the wrong type is described by its kind, never
+//! echoed, so a misplaced password cannot leak into a message; only
+//! values that are not secret (URLs, region and interface names) are.
+//!
+//! [`provider_clouds`] loads the cloud of every OpenStack provider of a
+//! configuration and reports every provider's problem at once: the check
+//! `nodepool config-validate` and every daemon (re)load make.
 
 use std::collections::BTreeMap;
 use std::fmt;
