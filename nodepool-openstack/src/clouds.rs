@@ -465,10 +465,9 @@ impl CloudConfig {
             ));
         }
         let auth = read_auth(&cloud)?;
-        let region_name = match region {
-            Some(r) => Some(r.to_owned()),
-            None => cloud.string("region_name")?,
-        };
+        // Type-checked even when the provider's region-name overrides it.
+        let own_region = cloud.string("region_name")?;
+        let region_name = region.map(str::to_owned).or(own_region);
         let regions = match cloud.map.get("regions") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(list)) => list
@@ -644,8 +643,10 @@ fn check_interface(i: &str, place: &str) -> Result<(), CloudConfigError> {
     }
 }
 
-/// The `auth_type`s the client can authenticate with.
+/// The `auth_type`s of a user and password (the client's other type is
+/// [`APPCRED_AUTH`]; anything else, e.g. `token`, it cannot use).
 const PASSWORD_AUTH: [&str; 2] = ["password", "v3password"];
+/// The `auth_type`s of an application credential.
 const APPCRED_AUTH: [&str; 3] = [
     "v3applicationcredential",
     "applicationcredential",
