@@ -231,7 +231,16 @@ pub enum Command {
     /// Stop holding failed nodes of a Jenkins job.
     JobDelete(crate::jobs::JobDelete),
     /// Check the configuration file (and secure file) and report every problem.
-    ConfigValidate,
+    ///
+    /// Also loads the clouds.yaml entry of every OpenStack provider the way
+    /// the launcher does (OS_CLIENT_CONFIG_FILE, ./, ~/.config/openstack,
+    /// /etc/openstack; secure.yaml merged; OS_CLOUD) and checks it.
+    ConfigValidate {
+        /// Skip the clouds.yaml checks (e.g. to check a configuration
+        /// repository where no cloud credentials are).
+        #[arg(long = "no-clouds")]
+        no_clouds: bool,
+    },
     /// Print a shell completion script.
     Completions {
         /// Shell.
@@ -284,7 +293,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
 /// Runs the CLI with these clouds and streams; returns the exit code.
 pub async fn run_with(cli: Cli, providers: ProviderFactory, io: &mut Io<'_>) -> ExitCode {
     let result = match &cli.command {
-        Command::ConfigValidate => config_validate(&cli, io),
+        Command::ConfigValidate { no_clouds } => config_validate(&cli, *no_clouds, io),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "nodepool", io.out);
             Ok(())
@@ -322,16 +331,47 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
-fn config_validate(cli: &Cli, io: &mut Io<'_>) -> Result<(), Failure> {
+fn config_validate(cli: &Cli, no_clouds: bool, io: &mut Io<'_>) -> Result<(), Failure> {
     let cfg = load_config(cli, io)?;
+    // The daemons refuse a configuration whose clouds they cannot load
+    // (crate::daemon::load_config), so a "valid" here must mean that too.
+    let clouds = if no_clouds {
+        None
+    } else {
+        let loader = nodepool_openstack::CloudsLoader::from_env();
+        match nodepool_openstack::clouds::provider_clouds(&loader, &cfg) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = writeln!(io.err, "{e}");
+                return Err(Failure::Reported);
+            }
+        }
+    };
+    let files = match &cli.secure {
+        Some(s) => format!("{} (+ {})", cli.config.display(), s.display()),
+        None => cli.config.display().to_string(),
+    };
     let _ = writeln!(
         io.out,
-        "{}: valid ({} labels, {} providers, {} diskimages)",
-        cli.config.display(),
+        "{files}: valid ({} labels, {} providers, {} diskimages)",
         cfg.labels.len(),
         cfg.providers.len(),
         cfg.diskimages.len()
     );
+    for (provider, cloud) in clouds.iter().flatten() {
+        // Which file was used matters: the search path depends on the
+        // directory and user the command runs as.
+        let region = cloud
+            .region_name
+            .as_deref()
+            .map(|r| format!(" region {r:?}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            io.out,
+            "  providers.{provider}: cloud {:?}{region} from {}",
+            cloud.name, cloud.source
+        );
+    }
     Ok(())
 }
 
@@ -673,7 +713,7 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
                 path.display()
             ));
         }
-        Command::ConfigValidate | Command::Completions { .. } => {}
+        Command::ConfigValidate { .. } | Command::Completions { .. } => {}
     }
     Ok(())
 }

@@ -96,16 +96,31 @@ pub fn handle_signals(on_dump: impl Fn() + Send + 'static) -> anyhow::Result<Can
     Ok(token)
 }
 
-/// Loads the configuration and keeps watching it: every `interval` the
-/// files are fingerprinted, and a changed, valid configuration is sent on
-/// the returned channel. An invalid one is logged with every error and
-/// the running configuration is kept.
+/// Loads the configuration as the daemons run it: the files validated,
+/// then every OpenStack provider's clouds.yaml entry loaded and checked
+/// (as `nodepool config-validate` does) and its `image_format` filled in.
+/// The error lists every problem, each with its file and key.
+pub fn load_config(source: &ConfigSource) -> Result<Config, String> {
+    let mut config = source.load().map_err(|e| e.to_string())?;
+    nodepool_openstack::clouds::fill_image_formats(
+        &nodepool_openstack::CloudsLoader::from_env(),
+        &mut config,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+/// Loads the configuration ([`load_config`]) and keeps watching it: every
+/// `interval` the files are fingerprinted, and a changed configuration
+/// that loads is sent on the returned channel. One that does not (a bad
+/// file, or a provider whose cloud cannot be loaded) is logged with every
+/// error and the running configuration is kept.
 pub fn watch_config(
     source: ConfigSource,
     interval: Duration,
     stop: CancellationToken,
 ) -> anyhow::Result<watch::Receiver<Arc<Config>>> {
-    let initial = source.load().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let initial = load_config(&source).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (tx, rx) = watch::channel(Arc::new(initial));
     let mut seen = source.fingerprint();
     tokio::spawn(async move {
@@ -119,7 +134,7 @@ pub fn watch_config(
                 continue;
             }
             seen = now;
-            match source.load() {
+            match load_config(&source) {
                 Ok(cfg) => {
                     tracing::info!(file = %source.path.display(), "configuration changed; reloading");
                     if tx.send(Arc::new(cfg)).is_err() {

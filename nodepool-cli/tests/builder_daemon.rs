@@ -215,3 +215,45 @@ async fn the_builder_daemon_needs_an_images_dir() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("images-dir"), "{err}");
 }
+
+#[tokio::test]
+async fn the_builder_daemon_refuses_a_provider_whose_cloud_cannot_be_loaded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cfg = d.join("nodepool.yaml");
+    write_config(
+        &cfg,
+        &format!(
+            "{}  - name: os\n    cloud: mycloud\n    diskimages: [{{name: deb}}]\n    pools: [{{name: main, labels: [{{name: small, diskimage: deb, min-ram: 512}}]}}]\n",
+            config(d, &["p1"])
+        ),
+    );
+    let clouds = d.join("clouds.yaml");
+    std::fs::write(
+        &clouds,
+        "clouds:\n  mycloud:\n    image_format: [raw]\n    auth: {auth_url: 'http://k/v3', user_id: u, password: pw-never-shown}\n",
+    )
+    .expect("write clouds.yaml");
+    let out = tokio::process::Command::new(BIN)
+        .args(["-c", &cfg.display().to_string()])
+        .current_dir(d)
+        .env("HOME", d)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("OS_CLOUD")
+        .env_remove("OS_CLIENT_SECURE_FILE")
+        .env("OS_CLIENT_CONFIG_FILE", &clouds)
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "nodepool-builder: 1 cloud configuration error:\n  \
+             providers.os (cloud \"mycloud\"): {}: clouds.mycloud.image_format: expected a string, found a list\n",
+            clouds.display()
+        )
+    );
+    assert!(!d.join("nodepool.db").exists(), "nothing created");
+    assert!(!d.join("images").exists(), "nothing created");
+}

@@ -1,7 +1,13 @@
-//! `nodepool config-validate` as a real process.
+//! `nodepool config-validate` as a real process: the configuration files,
+//! and the clouds.yaml entry of every OpenStack provider, found the way the
+//! launcher finds it.
+//!
+//! Every run is hermetic: its own working directory and `HOME`, no
+//! `XDG_CONFIG_HOME`, `OS_CLOUD` or `OS_CLIENT_SECURE_FILE` from the
+//! caller, and `OS_CLIENT_CONFIG_FILE` only when a test sets it.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 fn nodepool() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nodepool"))
@@ -11,35 +17,554 @@ fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
-#[test]
-fn a_valid_config_exits_zero() {
-    let out = nodepool()
-        .args(["config-validate", "-c"])
-        .arg(examples().join("multi-cloud.yaml"))
-        .output()
-        .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+/// Passwords and secrets the files below carry; no output may show them.
+const SECRETS: [&str; 4] = [
+    "pw-rax-9f2c",
+    "pw-ovh-71ad",
+    "appcred-secret-5be0",
+    "dib-secret-c41d",
+];
+
+/// A test's own directory, used as cwd and `HOME` of the command.
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Self {
+        Sandbox {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    /// `nodepool ARGS` here, with `OS_CLIENT_CONFIG_FILE` when given.
+    fn run(&self, args: &[&str], clouds: Option<&Path>) -> Output {
+        let mut cmd = nodepool();
+        cmd.args(args)
+            .current_dir(self.path())
+            .env("HOME", self.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("OS_CLOUD")
+            .env_remove("OS_CLIENT_SECURE_FILE")
+            .env_remove("OS_CLIENT_CONFIG_FILE");
+        if let Some(c) = clouds {
+            cmd.env("OS_CLIENT_CONFIG_FILE", c);
+        }
+        cmd.output().expect("runs")
+    }
+
+    /// `config-validate` of a one-provider configuration (cloud
+    /// `mycloud`, region `RegionOne`) against this clouds.yaml text.
+    fn validate_clouds(&self, clouds_yaml: &str) -> (PathBuf, Output) {
+        let config = self.write("nodepool.yaml", ONE_PROVIDER);
+        let clouds = self.write("clouds.yaml", clouds_yaml);
+        let out = self.run(
+            &["-c", &config.display().to_string(), "config-validate"],
+            Some(&clouds),
+        );
+        (clouds, out)
+    }
+}
+
+const ONE_PROVIDER: &str = "zookeeper-servers: [{host: zk.example.org}]
+labels: [{name: small}]
+providers:
+  - name: p1
+    cloud: mycloud
+    region-name: RegionOne
+    cloud-images: [{name: cirros}]
+    pools:
+      - name: main
+        max-servers: 1
+        labels: [{name: small, cloud-image: cirros, min-ram: 512}]
+";
+
+/// A usable `mycloud` with `extra` lines added to its entry.
+fn mycloud(extra: &str) -> String {
+    format!(
+        "clouds:
+  mycloud:
+    regions: [RegionOne, RegionTwo]
+    auth:
+      auth_url: https://keystone.example.org:5000/v3
+      username: nodepool
+      password: pw-rax-9f2c
+      project_name: ci
+      user_domain_name: Default
+      project_domain_name: Default
+{extra}"
+    )
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_no_secrets(o: &Output) {
+    let all = format!("{}{}", stdout(o), stderr(o));
+    for s in SECRETS {
+        assert!(!all.contains(s), "secret {s} printed:\n{all}");
+    }
+}
+
+/// Exit 1, nothing on stdout, exactly this one cloud error on stderr.
+fn assert_cloud_error(o: &Output, line: &str) {
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(o), stderr(o));
+    assert_eq!(
+        stderr(o),
+        format!("1 cloud configuration error:\n  {line}\n")
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (8 labels, 6 providers"));
+    assert!(o.stdout.is_empty(), "{}", stdout(o));
+    assert_no_secrets(o);
+}
+
+#[test]
+fn a_good_clouds_yaml_passes_and_names_the_files_used() {
+    let sb = Sandbox::new();
+    // Found on the standard search path (the working directory), with the
+    // passwords in a secure.yaml beside it, as openstacksdk merges them.
+    sb.write(
+        "clouds.yaml",
+        "clouds:
+  rax:
+    regions: [DFW, IAD, ORD]
+    image_format: vhd
+    api_timeout: 60
+    auth:
+      auth_url: https://identity.api.rackspacecloud.com/v3
+      username: ci
+      user_domain_name: Default
+      project_name: ci
+      project_domain_name: Default
+  ovh:
+    regions: [{name: BHS1}, {name: GRA1}]
+    verify: true
+    auth:
+      auth_url: https://auth.cloud.ovh.net/v3
+      user_id: abc123
+      project_id: def456
+  private:
+    auth_type: v3applicationcredential
+    region_name: RegionOne
+    auth:
+      auth_url: https://keystone.private.example/
+      application_credential_id: 0123abcd
+",
+    );
+    sb.write(
+        "secure.yaml",
+        "clouds:
+  rax: {auth: {password: pw-rax-9f2c}}
+  ovh: {auth: {password: pw-ovh-71ad}}
+  private: {auth: {application_credential_secret: appcred-secret-5be0}}
+",
+    );
+    let config = examples().join("multi-cloud.yaml");
+    let out = sb.run(
+        &[
+            "-c",
+            &config.display().to_string(),
+            "--debug",
+            "config-validate",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let from = format!(
+        "{d}/clouds.yaml (+ {d}/secure.yaml)",
+        d = sb.path().display()
+    );
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{c}: valid (8 labels, 6 providers, 7 diskimages)
+  providers.rax-dfw: cloud \"rax\" region \"DFW\" from {from}
+  providers.rax-iad: cloud \"rax\" region \"IAD\" from {from}
+  providers.rax-ord: cloud \"rax\" region \"ORD\" from {from}
+  providers.ovh-bhs1: cloud \"ovh\" region \"BHS1\" from {from}
+  providers.ovh-gra1: cloud \"ovh\" region \"GRA1\" from {from}
+  providers.private-arm: cloud \"private\" region \"RegionOne\" from {from}
+",
+            c = config.display()
+        )
+    );
+    assert_no_secrets(&out);
 }
 
 #[test]
 fn a_secure_file_is_merged() {
-    let out = nodepool()
-        .arg("-c")
-        .arg(examples().join("minimal-openstack.yaml"))
-        .arg("-s")
-        .arg(examples().join("secure.yaml"))
-        .arg("config-validate")
-        .output()
-        .expect("runs");
+    let sb = Sandbox::new();
+    let clouds = sb.write("clouds.yaml", &mycloud(""));
+    let config = examples().join("minimal-openstack.yaml");
+    let secure = examples().join("secure.yaml");
+    let out = sb.run(
+        &[
+            "-c",
+            &config.display().to_string(),
+            "-s",
+            &secure.display().to_string(),
+            "config-validate",
+        ],
+        Some(&clouds),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{} (+ {}): valid (1 labels, 1 providers, 1 diskimages)
+  providers.cloud1: cloud \"mycloud\" region \"RegionOne\" from {}
+",
+            config.display(),
+            secure.display(),
+            clouds.display()
+        )
+    );
+    // The secure file's diskimage env-var is a secret too.
+    assert!(!stdout(&out).contains("not-a-real-password"));
+}
+
+#[test]
+fn a_missing_cloud_is_named_with_the_clouds_there() {
+    let sb = Sandbox::new();
+    let (clouds, out) = sb.validate_clouds(&mycloud("").replace("mycloud:", "othercloud:"));
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds: no cloud named \"mycloud\" (clouds here: othercloud)",
+            clouds.display()
+        ),
+    );
+}
+
+#[test]
+fn a_missing_auth_url_is_named() {
+    let sb = Sandbox::new();
+    let (clouds, out) = sb.validate_clouds(
+        &mycloud("").replace("      auth_url: https://keystone.example.org:5000/v3\n", ""),
+    );
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds.mycloud.auth.auth_url: missing",
+            clouds.display()
+        ),
+    );
+}
+
+#[test]
+fn a_missing_password_for_the_password_auth_type_is_named() {
+    let sb = Sandbox::new();
+    let (clouds, out) =
+        sb.validate_clouds(&mycloud("").replace("      password: pw-rax-9f2c\n", ""));
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds.mycloud.auth.password: missing",
+            clouds.display()
+        ),
+    );
+}
+
+#[test]
+fn an_unknown_auth_type_is_named() {
+    let sb = Sandbox::new();
+    let (clouds, out) = sb.validate_clouds(&mycloud("    auth_type: v3oidcpassword\n"));
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds.mycloud.auth_type: unsupported auth_type \"v3oidcpassword\" (use password or v3applicationcredential)",
+            clouds.display()
+        ),
+    );
+}
+
+#[test]
+fn a_wrong_type_api_timeout_is_named() {
+    let sb = Sandbox::new();
+    let (clouds, out) = sb.validate_clouds(&mycloud("    api_timeout: [30]\n"));
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds.mycloud.api_timeout: expected a positive number of seconds, found a list",
+            clouds.display()
+        ),
+    );
+}
+
+#[test]
+fn a_yaml_syntax_error_names_the_line_and_column() {
+    let sb = Sandbox::new();
+    // Line 7 is the password line: its value must not be echoed.
+    let broken = mycloud("").replace("password: pw-rax-9f2c", "password: pw-rax-9f2c: oops");
+    let (clouds, out) = sb.validate_clouds(&broken);
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: line 7 column 28: not valid YAML: mapping values are not allowed in this context at line 7 column 28",
+            clouds.display()
+        ),
+    );
+}
+
+#[test]
+fn an_unknown_region_is_named() {
+    let sb = Sandbox::new();
+    let config = sb.write(
+        "nodepool.yaml",
+        &ONE_PROVIDER.replace("region-name: RegionOne", "region-name: RegionNine"),
+    );
+    let clouds = sb.write("clouds.yaml", &mycloud(""));
+    let out = sb.run(
+        &["-c", &config.display().to_string(), "config-validate"],
+        Some(&clouds),
+    );
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds.mycloud.regions: region \"RegionNine\" (the provider's region-name) is not one of RegionOne, RegionTwo",
+            clouds.display()
+        ),
+    );
+}
+
+#[test]
+fn a_missing_ca_file_is_named() {
+    let sb = Sandbox::new();
+    let ca = sb.path().join("missing-ca.pem");
+    let (clouds, out) = sb.validate_clouds(&mycloud(&format!("    cacert: {}\n", ca.display())));
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds.mycloud.cacert: cannot read {}: No such file or directory (os error 2)",
+            clouds.display(),
+            ca.display()
+        ),
+    );
+    // `verify` may be the CA bundle's path, as in requests.
+    let (clouds, out) = sb.validate_clouds(&mycloud(&format!("    verify: {}\n", ca.display())));
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds.mycloud.verify: cannot read {}: No such file or directory (os error 2)",
+            clouds.display(),
+            ca.display()
+        ),
+    );
+    // And `verify: maybe` is neither a boolean nor a file.
+    let (clouds, out) = sb.validate_clouds(&mycloud("    verify: 3\n"));
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds.mycloud.verify: expected true, false or the path of a CA bundle, found a number",
+            clouds.display()
+        ),
+    );
+}
+
+#[test]
+fn a_missing_clouds_yaml_names_every_path_searched() {
+    // The last search directory is the machine's; this test needs it empty.
+    for ext in ["yaml", "yml", "json"] {
+        let p = format!("/etc/openstack/clouds.{ext}");
+        assert!(
+            !Path::new(&p).exists(),
+            "{p} exists: this test needs a machine without one"
+        );
+    }
+    let sb = Sandbox::new();
+    let config = sb.write("nodepool.yaml", ONE_PROVIDER);
+    let given = sb.path().join("not-there.yaml");
+    let out = sb.run(
+        &["-c", &config.display().to_string(), "config-validate"],
+        Some(&given),
+    );
+    let d = sb.path().display();
+    let searched = [
+        format!("{} (OS_CLIENT_CONFIG_FILE)", given.display()),
+        format!("{d}/clouds.yaml, {d}/clouds.yml, {d}/clouds.json"),
+        format!(
+            "{d}/.config/openstack/clouds.yaml, {d}/.config/openstack/clouds.yml, {d}/.config/openstack/clouds.json"
+        ),
+        "/etc/openstack/clouds.yaml, /etc/openstack/clouds.yml, /etc/openstack/clouds.json".into(),
+    ];
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): clouds.yaml: no clouds.yaml found (looked at {})",
+            searched.join(", ")
+        ),
+    );
+}
+
+#[test]
+fn every_broken_provider_is_reported_at_once_and_no_clouds_skips_the_check() {
+    let sb = Sandbox::new();
+    let config = sb.write(
+        "nodepool.yaml",
+        &format!(
+            "{ONE_PROVIDER}  - name: p2
+    cloud: nosuch
+    cloud-images: [{{name: cirros}}]
+    pools: [{{name: main, labels: [{{name: small, cloud-image: cirros, min-ram: 512}}]}}]
+  - name: sim
+    driver: simulated
+    cloud-images: [{{name: cirros}}]
+    pools: [{{name: main, labels: [{{name: small, cloud-image: cirros, min-ram: 512}}]}}]
+"
+        ),
+    );
+    let clouds = sb.write("clouds.yaml", &mycloud("    api_timeout: never\n"));
+    let c = config.display().to_string();
+    let out = sb.run(&["-c", &c, "config-validate"], Some(&clouds));
+    assert_eq!(out.status.code(), Some(1));
+    let f = clouds.display();
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "2 cloud configuration errors:
+  providers.p1 (cloud \"mycloud\"): {f}: clouds.mycloud.api_timeout: expected a positive number of seconds, found a string
+  providers.p2 (cloud \"nosuch\"): {f}: clouds: no cloud named \"nosuch\" (clouds here: mycloud)
+"
+        )
+    );
+    assert_no_secrets(&out);
+
+    let out = sb.run(&["-c", &c, "config-validate", "--no-clouds"], Some(&clouds));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("{c}: valid (1 labels, 3 providers, 0 diskimages)\n")
+    );
+}
+
+#[test]
+fn secret_values_are_never_printed() {
+    let sb = Sandbox::new();
+    let config = sb.write("nodepool.yaml", ONE_PROVIDER);
+    let c = config.display().to_string();
+    // clouds.yaml's secure.yaml with the password of the wrong type, and
+    // then with a broken line: the error names secure.yaml, not the value.
+    let clouds = sb.write(
+        "clouds.yaml",
+        &mycloud("").replace("      password: pw-rax-9f2c\n", ""),
+    );
+    let secure = sb.write(
+        "secure.yaml",
+        "clouds:\n  mycloud:\n    auth:\n      password: [pw-rax-9f2c]\n",
+    );
+    let out = sb.run(&["-c", &c, "--debug", "config-validate"], Some(&clouds));
+    assert_cloud_error(
+        &out,
+        &format!(
+            "providers.p1 (cloud \"mycloud\"): {}: clouds.mycloud.auth.password: expected a string, found a list",
+            secure.display()
+        ),
+    );
+    sb.write(
+        "secure.yaml",
+        "clouds:\n  mycloud:\n    auth:\n      password: 'pw-rax-9f2c\n",
+    );
+    let out = sb.run(&["-c", &c, "config-validate"], Some(&clouds));
+    assert_eq!(out.status.code(), Some(1));
     assert!(
-        out.status.success(),
+        stderr(&out).contains(&format!("{}: line ", secure.display())),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr(&out)
+    );
+    assert_no_secrets(&out);
+
+    // Nodepool's own secure file: a secret env-var next to a wrong key.
+    let np_secure = sb.write(
+        "nodepool-secure.yaml",
+        "diskimages: [{name: nope, env-vars: {DIB_PASS: dib-secret-c41d}}]\nzookeeper-pasword: dib-secret-c41d\n",
+    );
+    let out = sb.run(
+        &[
+            "-c",
+            &c,
+            "-s",
+            &np_secure.display().to_string(),
+            "config-validate",
+        ],
+        Some(&clouds),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{c}: 2 configuration errors:
+  {s}: zookeeper-pasword: unknown key `zookeeper-pasword`
+  {s}: diskimages[0].name: unknown diskimage \"nope\"
+",
+            s = np_secure.display()
+        )
+    );
+    assert_no_secrets(&out);
+}
+
+#[test]
+fn a_nodepool_secure_file_with_a_syntax_error_is_named_with_its_line() {
+    let sb = Sandbox::new();
+    let config = sb.write("nodepool.yaml", ONE_PROVIDER);
+    let secure = sb.write(
+        "secure.yaml",
+        "zookeeper-servers:\n  - host: zk\n    port: [2281\n",
+    );
+    let out = sb.run(
+        &[
+            "-c",
+            &config.display().to_string(),
+            "-s",
+            &secure.display().to_string(),
+            "config-validate",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{}: 1 configuration error:
+  line 4 column 1: not valid YAML: did not find expected ',' or ']' at line 4 column 1, while parsing a flow sequence at line 3 column 11
+",
+            secure.display()
+        )
+    );
+    // A key of the right name but the wrong type is placed in it too.
+    std::fs::write(&secure, "zookeeper-servers: [{host: zk, port: high}]\n").expect("write");
+    let out = sb.run(
+        &[
+            "-c",
+            &config.display().to_string(),
+            "-s",
+            &secure.display().to_string(),
+            "config-validate",
+            "--no-clouds",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{}: 1 configuration error:\n  {}: zookeeper-servers[0].port: expected an integer, found a string\n",
+            config.display(),
+            secure.display()
+        )
     );
 }
 

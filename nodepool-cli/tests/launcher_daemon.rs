@@ -2,6 +2,7 @@
 //! it: on the embedded SQLite store with a simulated cloud it fills
 //! min-ready, serves the web app, sends statsd packets to `STATSD_HOST`,
 //! dumps its state on SIGUSR2, rejects a broken configuration on reload
+//! (a bad file, or a provider whose clouds.yaml entry cannot be loaded)
 //! while keeping the running one, applies a good one, and on SIGTERM stops
 //! cleanly: pid file removed, component registration gone.
 
@@ -44,6 +45,39 @@ providers:
 "#,
         dir = dir.display()
     )
+}
+
+/// An OpenStack provider (appended to [`config`]'s providers) whose
+/// cloud is [`BROKEN_CLOUDS`]'s `mycloud`.
+const OPENSTACK_PROVIDER: &str = "  - name: os
+    cloud: mycloud
+    cloud-images: [{name: cirros}]
+    pools:
+      - name: main
+        max-servers: 1
+        labels: [{name: small, cloud-image: cirros, min-ram: 512}]
+";
+
+/// A clouds.yaml whose `mycloud` has no `auth_url`.
+const BROKEN_CLOUDS: &str = "clouds:
+  mycloud:
+    auth:
+      username: nodepool
+      password: pw-never-shown
+      user_domain_name: Default
+";
+
+/// The launcher command, with clouds.yaml found only at `clouds` (no
+/// OS_CLOUD, secure.yaml or user config directory of the caller's).
+fn launcher(dir: &Path, clouds: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.current_dir(dir)
+        .env("HOME", dir)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("OS_CLOUD")
+        .env_remove("OS_CLIENT_SECURE_FILE")
+        .env("OS_CLIENT_CONFIG_FILE", clouds);
+    cmd
 }
 
 fn write_config(path: &Path, text: &str) {
@@ -170,7 +204,9 @@ async fn the_launcher_daemon_serves_reloads_dumps_and_stops() {
         .await
         .expect("statsd socket");
     let statsd_port = statsd.local_addr().expect("statsd address").port();
-    let mut child = tokio::process::Command::new(BIN)
+    let clouds = d.join("clouds.yaml");
+    std::fs::write(&clouds, BROKEN_CLOUDS).expect("write clouds.yaml");
+    let mut child = launcher(d, &clouds)
         .args(["-c", &cfg.display().to_string()])
         .args(["-p", &pidfile.display().to_string()])
         .args(["--log-format", "json"])
@@ -256,6 +292,28 @@ async fn the_launcher_daemon_serves_reloads_dumps_and_stops() {
         "old configuration still in force"
     );
 
+    // So is a provider whose cloud cannot be loaded, with clouds.yaml's
+    // file and key named, and no password in the log.
+    write_config(&cfg, &format!("{}{OPENSTACK_PROVIDER}", config(d, 3)));
+    let rejected = until_log(&mut child, &log, "the rejected cloud", |v| {
+        message(v).contains("cloud configuration error")
+    })
+    .await;
+    assert_eq!(
+        message(&rejected),
+        format!(
+            "new configuration rejected, keeping the running one:\n1 cloud configuration error:\n  \
+             providers.os (cloud \"mycloud\"): {}: clouds.mycloud.auth.auth_url: missing",
+            clouds.display()
+        )
+    );
+    assert!(child.try_wait().expect("poll").is_none(), "still running");
+    assert_eq!(
+        ready_nodes(&store).await,
+        2,
+        "old configuration still in force"
+    );
+
     // A good one is applied: min-ready goes up to 3.
     write_config(&cfg, &config(d, 3));
     until_ready(&store, 3, &log).await;
@@ -286,6 +344,37 @@ async fn the_launcher_daemon_serves_reloads_dumps_and_stops() {
     // Ready nodes are the pool's stock: they outlive the process.
     assert_eq!(ready_nodes(&store).await, 3);
     store.backend().close().await.ok();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!log_text.contains("pw-never-shown"), "{log_text}");
+}
+
+#[tokio::test]
+async fn a_provider_whose_cloud_cannot_be_loaded_stops_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cfg = d.join("nodepool.yaml");
+    write_config(&cfg, &format!("{}{OPENSTACK_PROVIDER}", config(d, 1)));
+    let clouds = d.join("clouds.yaml");
+    std::fs::write(&clouds, BROKEN_CLOUDS).expect("write clouds.yaml");
+    let out = tokio::time::timeout(
+        LIMIT,
+        launcher(d, &clouds)
+            .args(["-c", &cfg.display().to_string()])
+            .output(),
+    )
+    .await
+    .expect("exits within the limit")
+    .expect("run nodepool-launcher");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "nodepool-launcher: 1 cloud configuration error:\n  \
+             providers.os (cloud \"mycloud\"): {}: clouds.mycloud.auth.auth_url: missing\n",
+            clouds.display()
+        )
+    );
+    assert!(!d.join("nodepool.db").exists(), "nothing created");
 }
 
 #[tokio::test]

@@ -933,6 +933,47 @@ fn e62_secure_file_unknown_key() {
 }
 
 #[test]
+fn e62b_secure_file_syntax_error_names_the_secure_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let main = dir.path().join("nodepool.yaml");
+    let secure = dir.path().join("secure.yaml");
+    std::fs::write(&main, BASE).expect("write");
+    std::fs::write(&secure, "zookeeper-servers:\n  - host: a\n    port: [\n").expect("write");
+    let e = ConfigSource::new(&main, Some(secure.clone()))
+        .load()
+        .unwrap_err();
+    assert_eq!(e.file.as_deref(), Some(secure.as_path()), "{e}");
+    assert_eq!(e.errors[0].kind, K::Syntax);
+    assert_eq!(e.errors[0].path, "line 4 column 1", "{e}");
+}
+
+#[test]
+fn e62c_secure_zookeeper_keys_are_located_in_the_secure_file() {
+    let e = Config::from_yaml_with_secure(
+        BASE,
+        Some((
+            std::path::Path::new("s.yaml"),
+            "zookeeper-servers: [{host: zk, port: many, hots: x}]\nzookeeper-tls: {ca: a}\n",
+        )),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        e.has("s.yaml: zookeeper-servers[0].port", K::WrongType),
+        "{e}"
+    );
+    assert!(
+        e.has("s.yaml: zookeeper-servers[0].hots", K::UnknownKey),
+        "{e}"
+    );
+    assert!(e.has("s.yaml: zookeeper-tls.cert", K::MissingKey), "{e}");
+    assert!(
+        e.errors.iter().all(|x| x.path.starts_with("s.yaml: ")),
+        "nothing blamed on the main file: {e}"
+    );
+}
+
+#[test]
 fn e63_missing_file_is_an_io_error_naming_it() {
     let e = Config::load("/nonexistent/nodepool.yaml", None).unwrap_err();
     assert_eq!(e.errors[0].kind, K::Io);

@@ -10,14 +10,22 @@
 //! cloud when the provider does not.
 //!
 //! Every error names the file and the key, e.g.
-//! `/etc/openstack/clouds.yaml: clouds.peer.auth.auth_url: missing`.
+//! `/etc/openstack/clouds.yaml: clouds.peer.auth.auth_url: missing` (a
+//! key secure.yaml set names secure.yaml; a syntax error names the line
+//! and column). A value of the wrong type is described by its kind, never
+//! echoed, so a misplaced password cannot leak into a message; only
+//! values that are not secret (URLs, region and interface names) are.
+//!
+//! [`provider_clouds`] loads the cloud of every OpenStack provider of a
+//! configuration and reports every provider's problem at once: the check
+//! `nodepool config-validate` and every daemon (re)load make.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nodepool_core::config::Secret;
+use nodepool_core::config::{Config, Driver, ProviderConfig, Secret};
 use serde_json::{Map, Value};
 
 /// The image format a cloud wants when clouds.yaml does not say.
@@ -108,22 +116,9 @@ impl CloudsLoader {
         cloud: Option<&str>,
         region: Option<&str>,
     ) -> Result<CloudConfig, CloudConfigError> {
-        let path = self.find(&self.config_file, "clouds").ok_or_else(|| {
-            let mut looked: Vec<String> = self
-                .config_file
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect();
-            looked.extend(
-                self.search_dirs
-                    .iter()
-                    .map(|d| d.join("clouds.yaml").display().to_string()),
-            );
-            CloudConfigError::new(
-                "clouds.yaml",
-                format!("no clouds.yaml found (looked at {})", looked.join(", ")),
-            )
-        })?;
+        let path = self
+            .find(&self.config_file, "clouds")
+            .ok_or_else(|| CloudConfigError::new("clouds.yaml", self.not_found()))?;
         let name = cloud
             .map(str::to_owned)
             .or_else(|| self.default_cloud.clone())
@@ -134,13 +129,40 @@ impl CloudsLoader {
                 )
             })?;
         let mut doc = read_doc(&path)?;
-        let mut sources = path.display().to_string();
-        if let Some(secure) = self.find(&self.secure_file, "secure") {
-            let sec = read_doc(&secure)?;
-            deep_merge(&mut doc, sec);
-            sources = format!("{sources} (+ {})", secure.display());
+        let secure = match self.find(&self.secure_file, "secure") {
+            Some(p) => {
+                let sec = read_doc(&p)?;
+                deep_merge(&mut doc, sec.clone());
+                Some((p, sec))
+            }
+            None => None,
+        };
+        let sources = match &secure {
+            Some((s, _)) => format!("{} (+ {})", path.display(), s.display()),
+            None => path.display().to_string(),
+        };
+        let secure = secure.as_ref().map(|(p, v)| (p.as_path(), v));
+        CloudConfig::from_doc(&name, region, &doc, &path, secure, &sources)
+    }
+
+    /// Every path [`load`](Self::load) looks at for clouds.yaml, in order,
+    /// for the message when none exists.
+    fn not_found(&self) -> String {
+        let mut looked: Vec<String> = self
+            .config_file
+            .iter()
+            .map(|p| format!("{} (OS_CLIENT_CONFIG_FILE)", p.display()))
+            .collect();
+        for d in &self.search_dirs {
+            for ext in ["yaml", "yml", "json"] {
+                looked.push(d.join(format!("clouds.{ext}")).display().to_string());
+            }
         }
-        CloudConfig::from_doc(&name, region, &doc, &path, &sources)
+        if looked.is_empty() {
+            "no clouds.yaml found (no place to look: set OS_CLIENT_CONFIG_FILE)".to_owned()
+        } else {
+            format!("no clouds.yaml found (looked at {})", looked.join(", "))
+        }
     }
 }
 
@@ -149,8 +171,15 @@ fn read_doc(path: &Path) -> Result<Value, CloudConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CloudConfigError::new(&place, format!("cannot read: {e}")))?;
     // YAML is a superset of JSON, so one parser reads all three suffixes.
-    let v: Value = serde_yaml::from_str(&text)
-        .map_err(|e| CloudConfigError::new(&place, format!("not valid YAML: {e}")))?;
+    let v: Value = serde_yaml::from_str(&text).map_err(|e| {
+        // libyaml's messages name positions and expectations, never the
+        // text itself, so a password on a broken line is not echoed.
+        let at = match e.location() {
+            Some(l) => format!("{place}: line {} column {}", l.line(), l.column()),
+            None => place.clone(),
+        };
+        CloudConfigError::new(at, format!("not valid YAML: {e}"))
+    })?;
     match v {
         Value::Object(_) => Ok(v),
         Value::Null => Ok(Value::Object(Map::new())),
@@ -291,15 +320,29 @@ pub struct CloudConfig {
     pub cacert: Option<PathBuf>,
 }
 
+/// One mapping of the merged document, with the path to it, for located
+/// errors.
 struct Reader<'a> {
     file: &'a str,
+    /// The secure file and its mapping at the same path: a key found there
+    /// came from it (secure.yaml wins the merge), so errors about it name
+    /// that file.
+    secure: Option<(&'a str, &'a Map<String, Value>)>,
     prefix: String,
     map: &'a Map<String, Value>,
 }
 
 impl<'a> Reader<'a> {
     fn place(&self, key: &str) -> String {
-        format!("{}: {}.{key}", self.file, self.prefix)
+        let file = match self.secure {
+            Some((secure, m)) if m.contains_key(key) => secure,
+            _ => self.file,
+        };
+        format!("{file}: {}", join(&self.prefix, key))
+    }
+
+    fn error(&self, key: &str, message: impl Into<String>) -> CloudConfigError {
+        CloudConfigError::new(self.place(key), message)
     }
 
     fn string(&self, key: &str) -> Result<Option<String>, CloudConfigError> {
@@ -308,9 +351,19 @@ impl<'a> Reader<'a> {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             // Ids and ports are sometimes written as bare numbers.
             Some(Value::Number(n)) => Ok(Some(n.to_string())),
-            Some(other) => Err(CloudConfigError::new(
-                self.place(key),
-                format!("expected a string, found {}", kind(other)),
+            Some(other) => {
+                Err(self.error(key, format!("expected a string, found {}", kind(other))))
+            }
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>, CloudConfigError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.error(
+                key,
+                format!("expected true or false, found {}", kind(other)),
             )),
         }
     }
@@ -320,14 +373,26 @@ impl<'a> Reader<'a> {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Object(m)) => Ok(Some(Reader {
                 file: self.file,
-                prefix: format!("{}.{key}", self.prefix),
+                secure: self.secure.and_then(|(f, s)| match s.get(key) {
+                    Some(Value::Object(sm)) => Some((f, sm)),
+                    _ => None,
+                }),
+                prefix: join(&self.prefix, key),
                 map: m,
             })),
-            Some(other) => Err(CloudConfigError::new(
-                self.place(key),
-                format!("expected a mapping, found {}", kind(other)),
-            )),
+            Some(other) => {
+                Err(self.error(key, format!("expected a mapping, found {}", kind(other))))
+            }
         }
+    }
+}
+
+/// `a.b` + `c` → `a.b.c`; the top level has no prefix.
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
     }
 }
 
@@ -348,86 +413,104 @@ impl CloudConfig {
         region: Option<&str>,
         doc: &Value,
         path: &Path,
+        secure: Option<(&Path, &Value)>,
         sources: &str,
     ) -> Result<CloudConfig, CloudConfigError> {
         let file = path.display().to_string();
+        let secure_file = secure.map(|(p, _)| p.display().to_string());
         let root = doc
             .as_object()
             .ok_or_else(|| CloudConfigError::new(&file, "the top level must be a mapping"))?;
         let top = Reader {
             file: &file,
+            secure: secure_file
+                .as_deref()
+                .zip(secure.and_then(|(_, v)| v.as_object())),
             prefix: String::new(),
             map: root,
         };
-        let clouds = match root.get("clouds") {
-            Some(Value::Object(m)) => m,
-            Some(other) => {
-                return Err(CloudConfigError::new(
-                    format!("{file}: clouds"),
-                    format!("expected a mapping, found {}", kind(other)),
-                ));
-            }
+        let clouds = match top.child("clouds")? {
+            Some(c) => c,
             None => return Err(CloudConfigError::new(format!("{file}: clouds"), "missing")),
         };
-        let _ = top;
-        let cloud = match clouds.get(name) {
-            Some(Value::Object(m)) => Reader {
-                file: &file,
-                prefix: format!("clouds.{name}"),
-                map: m,
-            },
-            Some(other) => {
-                return Err(CloudConfigError::new(
-                    format!("{file}: clouds.{name}"),
-                    format!("expected a mapping, found {}", kind(other)),
-                ));
-            }
-            None => {
-                let known: Vec<&str> = clouds.keys().map(String::as_str).collect();
-                return Err(CloudConfigError::new(
-                    format!("{file}: clouds"),
-                    format!(
-                        "no cloud named {name:?} (clouds here: {})",
-                        if known.is_empty() {
-                            "none".to_owned()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                ));
-            }
+        if matches!(clouds.map.get(name), Some(Value::Null)) {
+            return Err(clouds.error(name, "expected a mapping, found null"));
+        }
+        let Some(cloud) = clouds.child(name)? else {
+            let known: Vec<&str> = clouds.map.keys().map(String::as_str).collect();
+            return Err(CloudConfigError::new(
+                format!("{file}: clouds"),
+                format!(
+                    "no cloud named {name:?} (clouds here: {})",
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
         };
         if cloud.map.contains_key("profile") {
-            return Err(CloudConfigError::new(
-                cloud.place("profile"),
+            return Err(cloud.error(
+                "profile",
                 "vendor profiles are not supported; write auth_url, region_name, ... out in full",
             ));
         }
         if let Some(v) = cloud.string("identity_api_version")?
             && !v.starts_with('3')
         {
-            return Err(CloudConfigError::new(
-                cloud.place("identity_api_version"),
+            return Err(cloud.error(
+                "identity_api_version",
                 format!("only Keystone v3 is supported, not {v}"),
             ));
         }
         let auth = read_auth(&cloud)?;
-        let region_name = region.map(str::to_owned).or(cloud.string("region_name")?);
-        if let (Some(r), Some(Value::Array(regions))) = (&region_name, cloud.map.get("regions")) {
-            let names: Vec<String> = regions
+        // Type-checked even when the provider's region-name overrides it.
+        let own_region = cloud.string("region_name")?;
+        let region_name = region.map(str::to_owned).or(own_region);
+        let regions = match cloud.map.get("regions") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(list)) => list
                 .iter()
-                .filter_map(|v| match v {
-                    Value::String(s) => Some(s.clone()),
-                    Value::Object(m) => m.get("name").and_then(Value::as_str).map(str::to_owned),
-                    _ => None,
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Object(m) => match m.get("name") {
+                        Some(Value::String(s)) => Ok(s.clone()),
+                        _ => Err(cloud.error(
+                            "regions",
+                            "a region given as a mapping needs a `name` string",
+                        )),
+                    },
+                    other => Err(cloud.error(
+                        "regions",
+                        format!(
+                            "expected region names or {{name: ...}} mappings, found {}",
+                            kind(other)
+                        ),
+                    )),
                 })
-                .collect();
-            if !names.is_empty() && !names.contains(r) {
-                return Err(CloudConfigError::new(
-                    cloud.place("regions"),
-                    format!("region {r:?} is not one of {}", names.join(", ")),
-                ));
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(
+                    cloud.error("regions", format!("expected a list, found {}", kind(other)))
+                );
             }
+        };
+        if let Some(r) = &region_name
+            && !regions.is_empty()
+            && !regions.contains(r)
+        {
+            // Say which file the wrong name is in: nodepool.yaml's
+            // `region-name` wins over clouds.yaml's `region_name`.
+            let from = if region.is_some() {
+                " (the provider's region-name)"
+            } else {
+                ""
+            };
+            return Err(cloud.error(
+                "regions",
+                format!("region {r:?}{from} is not one of {}", regions.join(", ")),
+            ));
         }
         let interface = cloud
             .string("interface")?
@@ -454,30 +537,59 @@ impl CloudConfig {
         let api_timeout = match cloud.map.get("api_timeout") {
             None | Some(Value::Null) => None,
             Some(v) => {
-                let secs = v
-                    .as_f64()
-                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                    .filter(|s| s.is_finite() && *s > 0.0)
+                let secs = match v {
+                    Value::Number(n) => n.as_f64(),
+                    Value::String(s) => s.trim().parse::<f64>().ok(),
+                    _ => None,
+                };
+                let found = match v {
+                    Value::Number(n) => n.to_string(),
+                    // Not echoed: a misplaced line could hold anything.
+                    other => kind(other).to_owned(),
+                };
+                // try_from: a huge number is an error here, not a panic.
+                let timeout = secs
+                    .filter(|s| *s > 0.0)
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
                     .ok_or_else(|| {
-                        CloudConfigError::new(
-                            cloud.place("api_timeout"),
-                            "expected a positive number of seconds",
+                        cloud.error(
+                            "api_timeout",
+                            format!("expected a positive number of seconds, found {found}"),
                         )
                     })?;
-                Some(Duration::from_secs_f64(secs))
+                Some(timeout)
             }
         };
-        let verify = match cloud.map.get("verify") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
+        // openstacksdk (get_requests_verify_args): `insecure: true` turns
+        // verification off; `verify` is a boolean or, as in requests, the
+        // path of a CA bundle; with verification on, `cacert` wins over
+        // that path, and with it off neither file is read.
+        let insecure = cloud.boolean("insecure")?.unwrap_or(false);
+        let (verify, verify_ca) = match cloud.map.get("verify") {
+            None | Some(Value::Null) => (true, None),
+            Some(Value::Bool(b)) => (*b, None),
+            Some(Value::String(p)) => (true, Some(p.clone())),
             Some(other) => {
-                return Err(CloudConfigError::new(
-                    cloud.place("verify"),
-                    format!("expected true or false, found {}", kind(other)),
+                return Err(cloud.error(
+                    "verify",
+                    format!(
+                        "expected true, false or the path of a CA bundle, found {}",
+                        kind(other)
+                    ),
                 ));
             }
         };
-        let cacert = cloud.string("cacert")?.map(PathBuf::from);
+        let verify = verify && !insecure;
+        let cacert_key = cloud.string("cacert")?;
+        let cacert = match (verify, cacert_key, verify_ca) {
+            (false, _, _) => None,
+            (true, Some(c), _) => Some((expand_home(&c), "cacert")),
+            (true, None, Some(v)) => Some((expand_home(&v), "verify")),
+            (true, None, None) => None,
+        };
+        if let Some((ca, key)) = &cacert {
+            check_ca_bundle(ca).map_err(|m| cloud.error(key, m))?;
+        }
         Ok(CloudConfig {
             name: name.to_owned(),
             source: sources.to_owned(),
@@ -489,7 +601,7 @@ impl CloudConfig {
             image_format,
             api_timeout,
             verify,
-            cacert,
+            cacert: cacert.map(|(p, _)| p),
         })
     }
 
@@ -499,6 +611,25 @@ impl CloudConfig {
             .get(service_type)
             .map(String::as_str)
             .unwrap_or(&self.interface)
+    }
+}
+
+/// `~/x` → `$HOME/x`, as openstacksdk expands `cacert`.
+fn expand_home(path: &str) -> PathBuf {
+    match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) if !home.is_empty() => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(path),
+    }
+}
+
+/// Whether a CA bundle can be used: readable, with at least one PEM
+/// certificate (the client reads it again when it is built).
+fn check_ca_bundle(path: &Path) -> Result<(), String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(()),
+        Ok(_) => Err(format!("{} holds no PEM certificate", path.display())),
+        Err(e) => Err(format!("{} is not a PEM bundle: {e}", path.display())),
     }
 }
 
@@ -512,13 +643,32 @@ fn check_interface(i: &str, place: &str) -> Result<(), CloudConfigError> {
     }
 }
 
+/// The `auth_type`s of a user and password (the client's other type is
+/// [`APPCRED_AUTH`]; anything else, e.g. `token`, it cannot use).
+const PASSWORD_AUTH: [&str; 2] = ["password", "v3password"];
+/// The `auth_type`s of an application credential.
+const APPCRED_AUTH: [&str; 3] = [
+    "v3applicationcredential",
+    "applicationcredential",
+    "application_credential",
+];
+
 fn read_auth(cloud: &Reader<'_>) -> Result<Auth, CloudConfigError> {
-    let auth = cloud
-        .child("auth")?
-        .ok_or_else(|| CloudConfigError::new(cloud.place("auth"), "missing"))?;
     let auth_type = cloud
         .string("auth_type")?
         .unwrap_or_else(|| "password".to_owned());
+    // The type decides which keys are required, so it is checked first.
+    if !PASSWORD_AUTH.contains(&auth_type.as_str()) && !APPCRED_AUTH.contains(&auth_type.as_str()) {
+        return Err(cloud.error(
+            "auth_type",
+            format!(
+                "unsupported auth_type {auth_type:?} (use password or v3applicationcredential)"
+            ),
+        ));
+    }
+    let auth = cloud
+        .child("auth")?
+        .ok_or_else(|| CloudConfigError::new(cloud.place("auth"), "missing"))?;
     let raw_url = auth
         .string("auth_url")?
         .ok_or_else(|| CloudConfigError::new(auth.place("auth_url"), "missing"))?;
@@ -558,71 +708,62 @@ fn read_auth(cloud: &Reader<'_>) -> Result<Auth, CloudConfigError> {
             None => Ok(None),
         }
     };
-    match auth_type.as_str() {
-        "password" | "v3password" => {
-            let user = user(true)?.ok_or_else(|| {
-                CloudConfigError::new(auth.place("username"), "missing: give username or user_id")
-            })?;
-            let password = auth
-                .string("password")?
-                .ok_or_else(|| CloudConfigError::new(auth.place("password"), "missing"))?;
-            let project = if let Some(id) = auth.string("project_id")?.or(auth.string("tenant_id")?)
-            {
-                Some(ProjectRef::Id(id))
-            } else if let Some(name) = auth.string("project_name")?.or(auth.string("tenant_name")?)
-            {
-                let domain =
+    if PASSWORD_AUTH.contains(&auth_type.as_str()) {
+        let user = user(true)?.ok_or_else(|| {
+            CloudConfigError::new(auth.place("username"), "missing: give username or user_id")
+        })?;
+        let password = auth
+            .string("password")?
+            .ok_or_else(|| CloudConfigError::new(auth.place("password"), "missing"))?;
+        let project = if let Some(id) = auth.string("project_id")?.or(auth.string("tenant_id")?) {
+            Some(ProjectRef::Id(id))
+        } else if let Some(name) = auth.string("project_name")?.or(auth.string("tenant_name")?) {
+            let domain =
                     domain("project_domain_id", "project_domain_name")?.ok_or_else(|| {
                         CloudConfigError::new(
                             auth.place("project_domain_name"),
                             "missing: a project given by name needs project_domain_name or project_domain_id",
                         )
                     })?;
-                Some(ProjectRef::Name { name, domain })
-            } else {
-                None
-            };
-            Ok(Auth::Password {
-                auth_url,
-                user,
-                password: Secret::new(password),
-                project,
-            })
-        }
-        "v3applicationcredential" | "applicationcredential" | "application_credential" => {
-            let secret = auth
-                .string("application_credential_secret")?
-                .ok_or_else(|| {
-                    CloudConfigError::new(auth.place("application_credential_secret"), "missing")
-                })?;
-            let id = auth.string("application_credential_id")?;
-            let name = auth.string("application_credential_name")?;
-            let user = if id.is_none() {
-                if name.is_none() {
-                    return Err(CloudConfigError::new(
-                        auth.place("application_credential_id"),
-                        "missing: give application_credential_id, or application_credential_name with the user",
-                    ));
-                }
-                Some(
-                    user(true)?
-                        .ok_or_else(|| CloudConfigError::new(auth.place("username"), "missing"))?,
-                )
-            } else {
-                None
-            };
-            Ok(Auth::ApplicationCredential {
-                auth_url,
-                id,
-                name,
-                user,
-                secret: Secret::new(secret),
-            })
-        }
-        other => Err(CloudConfigError::new(
-            cloud.place("auth_type"),
-            format!("unsupported auth_type {other:?} (use password or v3applicationcredential)"),
-        )),
+            Some(ProjectRef::Name { name, domain })
+        } else {
+            None
+        };
+        Ok(Auth::Password {
+            auth_url,
+            user,
+            password: Secret::new(password),
+            project,
+        })
+    } else {
+        let secret = auth
+            .string("application_credential_secret")?
+            .ok_or_else(|| {
+                CloudConfigError::new(auth.place("application_credential_secret"), "missing")
+            })?;
+        let id = auth.string("application_credential_id")?;
+        let name = auth.string("application_credential_name")?;
+        let user = if id.is_none() {
+            if name.is_none() {
+                return Err(CloudConfigError::new(
+                    auth.place("application_credential_id"),
+                    "missing: give application_credential_id, or application_credential_name with the user",
+                ));
+            }
+            Some(
+                user(true)?
+                    .ok_or_else(|| CloudConfigError::new(auth.place("username"), "missing"))?,
+            )
+        } else {
+            None
+        };
+        Ok(Auth::ApplicationCredential {
+            auth_url,
+            id,
+            name,
+            user,
+            secret: Secret::new(secret),
+        })
     }
 }
 
@@ -653,20 +794,86 @@ pub fn image_format(
     Ok(loader.load(cloud, None)?.image_format)
 }
 
+/// Every problem found in the clouds of one configuration (never empty).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct CloudConfigErrors {
+    /// The problems, one per provider at most, in provider order.
+    pub errors: Vec<CloudConfigError>,
+}
+
+impl fmt::Display for CloudConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(
+            f,
+            "{n} cloud configuration error{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads the cloud of one OpenStack provider (its `cloud`, else
+/// `OS_CLOUD`, in its `region-name`) the way the launcher and the builder
+/// do; an error says which provider, then the file and key, e.g.
+/// `providers.p1 (cloud "c"): /etc/openstack/clouds.yaml: clouds.c.auth.auth_url: missing`.
+pub fn provider_cloud(
+    loader: &CloudsLoader,
+    provider: &ProviderConfig,
+) -> Result<CloudConfig, CloudConfigError> {
+    loader
+        .load(provider.cloud.as_deref(), provider.region_name.as_deref())
+        .map_err(|e| CloudConfigError {
+            place: format!(
+                "providers.{} (cloud {:?}): {}",
+                provider.name,
+                provider.cloud.as_deref().unwrap_or("OS_CLOUD"),
+                e.place
+            ),
+            message: e.message,
+        })
+}
+
+/// The cloud of every OpenStack provider of `config`, by provider name in
+/// configuration order, or every provider's problem at once. This is the
+/// check `nodepool config-validate` and every daemon (re)load make.
+pub fn provider_clouds(
+    loader: &CloudsLoader,
+    config: &Config,
+) -> Result<Vec<(String, CloudConfig)>, CloudConfigErrors> {
+    let mut clouds = Vec::new();
+    let mut errors = Vec::new();
+    for p in &config.providers {
+        if !matches!(p.driver, Driver::OpenStack) {
+            continue;
+        }
+        match provider_cloud(loader, p) {
+            Ok(c) => clouds.push((p.name.clone(), c)),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(clouds)
+    } else {
+        Err(CloudConfigErrors { errors })
+    }
+}
+
 /// Fills `image_format` of every OpenStack provider from its cloud's
-/// clouds.yaml entry (providers that already have one are left alone).
+/// clouds.yaml entry (providers that already have one are left alone),
+/// checking every provider's cloud on the way ([`provider_clouds`]).
 pub fn fill_image_formats(
     loader: &CloudsLoader,
-    config: &mut nodepool_core::config::Config,
-) -> Result<(), CloudConfigError> {
-    for p in &mut config.providers {
-        if matches!(p.driver, nodepool_core::config::Driver::OpenStack) && p.image_format.is_none()
+    config: &mut Config,
+) -> Result<(), CloudConfigErrors> {
+    let clouds = provider_clouds(loader, config)?;
+    for (name, cloud) in clouds {
+        if let Some(p) = config.providers.iter_mut().find(|p| p.name == name)
+            && p.image_format.is_none()
         {
-            let cloud = loader
-                .load(p.cloud.as_deref(), p.region_name.as_deref())
-                .map_err(|e| {
-                    CloudConfigError::new(format!("provider {}", p.name), e.to_string())
-                })?;
             p.image_format = Some(cloud.image_format);
         }
     }
@@ -828,6 +1035,232 @@ clouds:
         assert!(e.to_string().contains("OS_CLOUD"), "{e}");
         let e = CloudsLoader::default().load(Some("x"), None).unwrap_err();
         assert!(e.to_string().contains("no clouds.yaml found"), "{e}");
+    }
+
+    /// A self-signed certificate (`openssl req -x509`; any will do: the
+    /// bundle is only parsed, never used for a handshake here).
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBjTCCATOgAwIBAgIUOuU3SOCO6tkop+WcQSPNR7CWY9kwCgYIKoZIzj0EAwIw
+GzEZMBcGA1UEAwwQbm9kZXBvb2wtdGVzdC1jYTAgFw0yNjEyMDMxNzQ3MDdaGA8y
+MTI2MTEwOTE3NDcwN1owGzEZMBcGA1UEAwwQbm9kZXBvb2wtdGVzdC1jYTBZMBMG
+ByqGSM49AgEGCCqGSM49AwEHA0IABOmYzuOAaQ+4JnPu9ALcf3mriazbD4HcbLEK
+kB8CwAUs/89D1OlxSMs1JaDTUx+RmzmQcg+UiPgA4xSylZf+0s6jUzBRMB0GA1Ud
+DgQWBBTv/1bzOFG17Pwx3BGiwJIEquRZKzAfBgNVHSMEGDAWgBTv/1bzOFG17Pwx
+3BGiwJIEquRZKzAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0gAMEUCIEE0
+8qxud8G9ZOpcJtY8GA8ugNpAok93kg40zPtogd+EAiEApg8UpVEXA8buroxC+SB5
+JkjdsJ/NRKuLK4ivl5imqgI=
+-----END CERTIFICATE-----
+";
+
+    fn cloud_with(extra: &str) -> String {
+        format!(
+            "clouds:\n  c:\n    auth:\n      auth_url: http://k/v3\n      user_id: u\n      password: hunter2\n{extra}"
+        )
+    }
+
+    #[test]
+    fn value_types_tls_and_auth_type_are_checked_with_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write(dir.path(), "ca.pem", CA_PEM);
+        let junk = write(dir.path(), "junk.pem", "not a certificate\n");
+        let case = |extra: &str| {
+            let p = write(dir.path(), "clouds.yaml", &cloud_with(extra));
+            let r = CloudsLoader::file(&p).load(Some("c"), None);
+            (p.display().to_string(), r)
+        };
+        let err = |extra: &str| {
+            let (f, r) = case(extra);
+            let e = r.expect_err(extra).to_string();
+            assert!(!e.contains("hunter2"), "{e}");
+            e.replace(&f, "F")
+        };
+        assert_eq!(
+            err("    api_timeout: soon\n"),
+            "F: clouds.c.api_timeout: expected a positive number of seconds, found a string"
+        );
+        assert_eq!(
+            err("    api_timeout: -1\n"),
+            "F: clouds.c.api_timeout: expected a positive number of seconds, found -1"
+        );
+        // Too big for a Duration: an error, not a panic.
+        assert_eq!(
+            err("    api_timeout: 1e300\n"),
+            "F: clouds.c.api_timeout: expected a positive number of seconds, found 1e+300"
+        );
+        assert_eq!(
+            err("    verify: [x]\n"),
+            "F: clouds.c.verify: expected true, false or the path of a CA bundle, found a list"
+        );
+        assert_eq!(
+            err("    insecure: sometimes\n"),
+            "F: clouds.c.insecure: expected true or false, found a string"
+        );
+        let missing = dir.path().join("nope.pem");
+        assert_eq!(
+            err(&format!("    cacert: {}\n", missing.display())),
+            format!(
+                "F: clouds.c.cacert: cannot read {}: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        assert_eq!(
+            err(&format!("    verify: {}\n", junk.display())),
+            format!(
+                "F: clouds.c.verify: {} holds no PEM certificate",
+                junk.display()
+            )
+        );
+        assert_eq!(
+            err("    regions: RegionOne\n"),
+            "F: clouds.c.regions: expected a list, found a string"
+        );
+        // The type is checked before the keys it requires.
+        assert_eq!(
+            err("    auth_type: token\n"),
+            "F: clouds.c.auth_type: unsupported auth_type \"token\" (use password or v3applicationcredential)"
+        );
+        // Good values.
+        let (_, ok) = case(&format!(
+            "    api_timeout: '2.5'\n    verify: {}\n",
+            ca.display()
+        ));
+        let ok = ok.unwrap();
+        assert_eq!(ok.api_timeout, Some(Duration::from_millis(2500)));
+        assert!(ok.verify);
+        assert_eq!(ok.cacert.as_deref(), Some(ca.as_path()));
+        // cacert wins over a path in verify; verification off reads neither.
+        let (_, ok) = case(&format!(
+            "    verify: {}\n    cacert: {}\n",
+            missing.display(),
+            ca.display()
+        ));
+        assert_eq!(ok.unwrap().cacert.as_deref(), Some(ca.as_path()));
+        let (_, ok) = case(&format!(
+            "    insecure: true\n    cacert: {}\n",
+            missing.display()
+        ));
+        let ok = ok.unwrap();
+        assert!(!ok.verify);
+        assert_eq!(ok.cacert, None);
+    }
+
+    #[test]
+    fn syntax_errors_have_a_line_and_keys_from_secure_yaml_name_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = write(
+            dir.path(),
+            "clouds.yaml",
+            "clouds:\n  c:\n    auth:\n      password: hunter2: x\n",
+        );
+        let e = CloudsLoader::file(&bad)
+            .load(Some("c"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{}: line 4 column 24: not valid YAML: ",
+                bad.display()
+            )),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+
+        let clouds = write(dir.path(), "clouds.yaml", &cloud_with(""));
+        let secure = write(
+            dir.path(),
+            "secure.yaml",
+            "clouds:\n  c:\n    auth:\n      password: [hunter2]\n",
+        );
+        let loader = CloudsLoader {
+            config_file: Some(clouds.clone()),
+            secure_file: Some(secure.clone()),
+            ..CloudsLoader::default()
+        };
+        assert_eq!(
+            loader.load(Some("c"), None).unwrap_err().to_string(),
+            format!(
+                "{}: clouds.c.auth.password: expected a string, found a list",
+                secure.display()
+            )
+        );
+        // A key only clouds.yaml has is still placed there.
+        write(
+            dir.path(),
+            "secure.yaml",
+            "clouds:\n  c:\n    auth:\n      password: fine\n",
+        );
+        write(
+            dir.path(),
+            "clouds.yaml",
+            &cloud_with("    api_timeout: [1]\n"),
+        );
+        assert_eq!(
+            loader.load(Some("c"), None).unwrap_err().to_string(),
+            format!(
+                "{}: clouds.c.api_timeout: expected a positive number of seconds, found a list",
+                clouds.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_missing_clouds_yaml_names_every_path_searched() {
+        let dir = tempfile::tempdir().unwrap();
+        let given = dir.path().join("given.yaml");
+        let loader = CloudsLoader {
+            config_file: Some(given.clone()),
+            search_dirs: vec![dir.path().join("a"), dir.path().join("b")],
+            ..CloudsLoader::default()
+        };
+        let d = dir.path().display();
+        assert_eq!(
+            loader.load(Some("c"), None).unwrap_err().to_string(),
+            format!(
+                "clouds.yaml: no clouds.yaml found (looked at {} (OS_CLIENT_CONFIG_FILE), \
+                 {d}/a/clouds.yaml, {d}/a/clouds.yml, {d}/a/clouds.json, \
+                 {d}/b/clouds.yaml, {d}/b/clouds.yml, {d}/b/clouds.json)",
+                given.display()
+            )
+        );
+    }
+
+    #[test]
+    fn provider_clouds_reports_every_provider_and_fills_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "clouds.yaml", CLOUDS);
+        let mut config = nodepool_core::config::Config::from_yaml(
+            "labels: [{name: l}]
+providers:
+  - {name: good, cloud: peer, region-name: RegionOne, cloud-images: [{name: i}], pools: [{name: m, labels: [{name: l, cloud-image: i, min-ram: 1}]}]}
+  - {name: gone, cloud: nosuch, cloud-images: [{name: i}], pools: [{name: m, labels: [{name: l, cloud-image: i, min-ram: 1}]}]}
+  - {name: sim, driver: simulated, cloud-images: [{name: i}], pools: [{name: m, labels: [{name: l, cloud-image: i, min-ram: 1}]}]}
+",
+        )
+        .unwrap();
+        let secure = write(
+            dir.path(),
+            "secure.yaml",
+            "clouds:\n  peer:\n    auth:\n      password: hunter2\n",
+        );
+        let loader = CloudsLoader {
+            config_file: Some(p.clone()),
+            secure_file: Some(secure),
+            ..CloudsLoader::default()
+        };
+        let e = provider_clouds(&loader, &config).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "1 cloud configuration error:\n  providers.gone (cloud \"nosuch\"): {}: clouds: \
+                 no cloud named \"nosuch\" (clouds here: peer, appcred)",
+                p.display()
+            )
+        );
+        assert!(fill_image_formats(&loader, &mut config).is_err());
+        config.providers.retain(|p| p.name != "gone");
+        fill_image_formats(&loader, &mut config).unwrap();
+        assert_eq!(config.providers[0].image_format.as_deref(), Some("raw"));
+        assert_eq!(config.providers[1].image_format, None, "not OpenStack");
     }
 
     #[test]

@@ -70,6 +70,6 @@ pub mod provider;
 pub mod upload;
 
 pub use client::{Client, ClientOptions, ClientStats};
-pub use clouds::{CloudConfig, CloudConfigError, CloudsLoader};
+pub use clouds::{CloudConfig, CloudConfigError, CloudConfigErrors, CloudsLoader};
 pub use error::ApiError;
 pub use provider::{OpenStackProvider, ProviderOptions};

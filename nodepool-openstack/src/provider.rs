@@ -113,16 +113,7 @@ impl OpenStackProvider {
         mut options: ProviderOptions,
     ) -> Result<Self, CloudConfigError> {
         let place = format!("providers.{}", config.name);
-        let cloud = loader
-            .load(config.cloud.as_deref(), config.region_name.as_deref())
-            .map_err(|e| CloudConfigError {
-                place: format!(
-                    "{place} (cloud {:?}): {}",
-                    config.cloud.as_deref().unwrap_or("OS_CLOUD"),
-                    e.place
-                ),
-                message: e.message,
-            })?;
+        let cloud = crate::clouds::provider_cloud(loader, config)?;
         if !(config.rate.is_finite() && config.rate >= 0.0) {
             return Err(CloudConfigError {
                 place: format!("{place}.rate"),

@@ -11,11 +11,9 @@ use anyhow::Context;
 use clap::Parser;
 use nodepool_cli::daemon::{self, LogFormat};
 use nodepool_core::builder::{Builder, BuilderSettings, BuilderStatus};
-use nodepool_core::config::{Config, ConfigSource};
+use nodepool_core::config::ConfigSource;
 use nodepool_core::launcher::ProviderFactory;
 use nodepool_dib::{DibBuilder, DibOptions};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 /// Build disk images and keep them uploaded to every provider.
 #[derive(Debug, Parser)]
@@ -53,49 +51,6 @@ fn main() -> ExitCode {
     daemon::run_main("nodepool-builder", log_format, debug, run(args))
 }
 
-/// Fills what the builder needs from clouds.yaml (each OpenStack cloud's
-/// `image_format`, which decides the format built and uploaded for it).
-fn with_image_formats(mut cfg: Config) -> anyhow::Result<Config> {
-    nodepool_openstack::clouds::fill_image_formats(
-        &nodepool_openstack::CloudsLoader::from_env(),
-        &mut cfg,
-    )
-    .map_err(|e| anyhow::anyhow!("clouds.yaml: {e}"))?;
-    Ok(cfg)
-}
-
-/// The configuration channel the builder runs on: every configuration the
-/// file watcher accepts, with image formats filled in. One whose clouds
-/// cannot be read is rejected like an invalid file (the running one is
-/// kept).
-fn builder_config(
-    mut raw: watch::Receiver<Arc<Config>>,
-    stop: CancellationToken,
-) -> anyhow::Result<watch::Receiver<Arc<Config>>> {
-    let initial = with_image_formats((**raw.borrow_and_update()).clone())?;
-    let (tx, rx) = watch::channel(Arc::new(initial));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = raw.changed() => if r.is_err() { return },
-            }
-            let next = (**raw.borrow_and_update()).clone();
-            match with_image_formats(next) {
-                Ok(cfg) => {
-                    if tx.send(Arc::new(cfg)).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!("new configuration rejected, keeping the running one: {e}")
-                }
-            }
-        }
-    });
-    Ok(rx)
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     let _pid = args
         .pidfile
@@ -114,8 +69,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(target: "nodepool.stack_dump", "state dump (SIGUSR2):\n{report}");
     })?;
     let source = ConfigSource::new(&args.config, args.secure.clone());
-    let raw = daemon::watch_config(source, Duration::from_secs(1), shutdown.clone())?;
-    let config = builder_config(raw, shutdown.clone())?;
+    // Each OpenStack provider's upload format (clouds.yaml `image_format`)
+    // is filled in by the loader, on every reload.
+    let config = daemon::watch_config(source, Duration::from_secs(1), shutdown.clone())?;
     let initial = config.borrow().clone();
     let images_dir = initial
         .images_dir

@@ -86,7 +86,11 @@ impl ConfigSource {
             secure.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
             base_dir.as_deref(),
         )
-        .map_err(|e| e.in_file(&self.path))
+        // A syntax error in the secure file already names that file.
+        .map_err(|e| match e.file {
+            Some(_) => e,
+            None => e.in_file(&self.path),
+        })
     }
 }
 
@@ -124,18 +128,35 @@ impl Config {
         let mut root = yaml::parse(text)?;
         let mut errs = Errors::default();
         let mut secure_images = Vec::new();
+        let mut from_secure = None;
         if let Some((secure_path, secure_text)) = secure {
             let secure_root = yaml::parse(secure_text).map_err(|e| e.in_file(secure_path))?;
             let label = secure_path.display().to_string();
-            merge_secure(
+            let replaced = merge_secure(
                 &mut root,
                 &secure_root,
                 &label,
                 &mut secure_images,
                 &mut errs,
             );
+            from_secure = Some((label, replaced));
         }
+        let merged_from = errs.list.len();
         let (mut cfg, raw_images) = parse::config(&root, &mut errs);
+        // The keys the secure file replaced are parsed with the main ones;
+        // a problem in them is in the secure file, so say so.
+        if let Some((label, replaced)) = &from_secure {
+            for e in &mut errs.list[merged_from..] {
+                let ours = replaced.iter().any(|k| {
+                    e.path
+                        .strip_prefix(k)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+                });
+                if ours {
+                    e.path = format!("{label}: {}", e.path);
+                }
+            }
+        }
         cfg.diskimages = validate::resolve_diskimages(&raw_images, &mut errs);
         for (path, name, env) in secure_images {
             match cfg.diskimages.iter_mut().find(|d| d.name == name) {
@@ -178,14 +199,15 @@ impl Config {
 
 /// The secure file may hold `zookeeper-servers` (replacing the main ones),
 /// `zookeeper-tls`, and `diskimages: [{name, env-vars}]` merged into the
-/// named images' env-vars after inheritance.
+/// named images' env-vars after inheritance; any other key is an error.
+/// Returns the top-level keys it put into `root`.
 fn merge_secure(
     root: &mut Value,
     secure: &Value,
     label: &str,
     images: &mut Vec<(String, String, indexmap::IndexMap<String, String>)>,
     errs: &mut Errors,
-) {
+) -> Vec<&'static str> {
     let prefix = format!("{label}: ");
     let mut local = Errors::default();
     let Some(mut m) = (At {
@@ -194,7 +216,7 @@ fn merge_secure(
     })
     .fields(&mut local) else {
         prefix_errors(local, &prefix, errs);
-        return;
+        return Vec::new();
     };
     let servers = m.get("zookeeper-servers").map(|f| f.value.clone());
     let tls = m.get("zookeeper-tls").map(|f| f.value.clone());
@@ -215,14 +237,18 @@ fn merge_secure(
     }
     m.finish(&mut local);
     prefix_errors(local, &prefix, errs);
+    let mut replaced = Vec::new();
     if let Value::Mapping(map) = root {
         if let Some(s) = servers {
             map.insert(Value::String("zookeeper-servers".into()), s);
+            replaced.push("zookeeper-servers");
         }
         if let Some(t) = tls {
             map.insert(Value::String("zookeeper-tls".into()), t);
+            replaced.push("zookeeper-tls");
         }
     }
+    replaced
 }
 
 fn prefix_errors(local: Errors, prefix: &str, errs: &mut Errors) {
