@@ -769,19 +769,34 @@ fn read_auth(cloud: &Reader<'_>) -> Result<Auth, CloudConfigError> {
 
 /// Normalises an `auth_url` to the Keystone v3 root (`.../v3`).
 fn identity_v3_url(raw: &str) -> Result<String, String> {
-    let parsed = url::Url::parse(raw).map_err(|e| format!("not a URL ({e}): {raw:?}"))?;
+    let shown = without_userinfo(raw);
+    let parsed = url::Url::parse(raw).map_err(|e| format!("not a URL ({e}): {shown:?}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("not an http(s) URL: {raw:?}"));
+        return Err(format!("not an http(s) URL: {shown:?}"));
     }
     let trimmed = raw.trim_end_matches('/');
     if trimmed.ends_with("/v3") {
         Ok(trimmed.to_owned())
     } else if trimmed.ends_with("/v2.0") {
         Err(format!(
-            "{raw:?} is Keystone v2.0, which is gone; use the v3 endpoint"
+            "{shown:?} is Keystone v2.0, which is gone; use the v3 endpoint"
         ))
     } else {
         Ok(format!("{trimmed}/v3"))
+    }
+}
+
+/// A URL as it may be shown in a message: `user:password@` before the host
+/// is cut out (a password written into an `auth_url` is still a secret).
+fn without_userinfo(raw: &str) -> String {
+    let Some(scheme_end) = raw.find("://") else {
+        return raw.to_owned();
+    };
+    let rest = &raw[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***@{}", &raw[..scheme_end + 3], &rest[at + 1..]),
+        None => raw.to_owned(),
     }
 }
 
@@ -892,6 +907,21 @@ impl fmt::Display for DomainRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_in_an_auth_url_is_never_shown() {
+        let err = identity_v3_url("ftp://admin:hunter2@keystone.example/v3").expect_err("not http");
+        assert!(
+            !err.contains("hunter2") && err.contains("ftp://***@keystone.example/v3"),
+            "{err}"
+        );
+        let err = identity_v3_url("https://u:hunter2@k.example/v2.0").expect_err("v2");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(
+            without_userinfo("https://k.example/v3"),
+            "https://k.example/v3"
+        );
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
