@@ -78,9 +78,7 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::config::{
-    ApiFault, Driver, PoolLabel, ProviderConfig, SimulatedCloud, SimulatedFlavor,
-};
+use crate::config::{ApiFault, Driver, PoolLabel, ProviderConfig, SimulatedCloud, SimulatedFlavor};
 use crate::model::{Limits, Resources, VOLUME_GB, VOLUMES};
 use crate::provider::{
     CloudImageInfo, CloudResource, ImageRef, ImageUploadSpec, Instance, InstanceSpec,
@@ -1835,7 +1833,11 @@ impl FileCloud {
             created: self.created,
             az_cursor: self.az_cursor,
             seq: self.seq,
-            api_fault: self.api_fault.as_ref().map(FileFault::to_fault).transpose()?,
+            api_fault: self
+                .api_fault
+                .as_ref()
+                .map(FileFault::to_fault)
+                .transpose()?,
         };
         for (list, kind) in [
             (&self.floating_ips, ResourceKind::FloatingIp),

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use nodepool_core::config::{
-    ApiFault, Config, ConfigErrorKind as K, ConfigErrors, ConfigSource, DEFAULT_SQLITE_PATH, Driver,
-    ImageSource, StateStoreConfig,
+    ApiFault, Config, ConfigErrorKind as K, ConfigErrors, ConfigSource, DEFAULT_SQLITE_PATH,
+    Driver, ImageSource, StateStoreConfig,
 };
 
 const BASE: &str = r#"
@@ -199,7 +199,10 @@ fn simulated_api_timeout_and_faults() {
         };
         sim
     };
-    assert_eq!(with("api-timeout: 2.5").api_timeout, Duration::from_millis(2500));
+    assert_eq!(
+        with("api-timeout: 2.5").api_timeout,
+        Duration::from_millis(2500)
+    );
     assert_eq!(with("api-fault: hang").api_fault, Some(ApiFault::Hang));
     assert_eq!(
         with("api-fault: server-error").api_fault,
@@ -216,7 +219,10 @@ fn simulated_api_timeout_and_faults() {
         })
     );
     assert_eq!(with("api-fault: none").api_fault, None);
-    assert_eq!(with("api-fault: {mode: hang}").api_fault, Some(ApiFault::Hang));
+    assert_eq!(
+        with("api-fault: {mode: hang}").api_fault,
+        Some(ApiFault::Hang)
+    );
 }
 
 #[test]

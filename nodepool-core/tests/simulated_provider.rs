@@ -1885,10 +1885,17 @@ async fn a_hung_api_times_out_after_api_timeout_and_recovers_when_cleared() {
     assert!(e.to_string().contains("server list"), "{e}");
     assert_eq!(t0.elapsed(), Duration::from_secs(5));
     // A wait looks at the server through the API too: it times out.
-    let e = c.provider.wait_for_instance(&id, &s).await.expect_err("hung");
+    let e = c
+        .provider
+        .wait_for_instance(&id, &s)
+        .await
+        .expect_err("hung");
     assert!(matches!(e, ProviderError::Timeout(_)), "{e:?}");
     assert!(
-        matches!(c.provider.label_resources(&c.label).await, Err(ProviderError::Timeout(_))),
+        matches!(
+            c.provider.label_resources(&c.label).await,
+            Err(ProviderError::Timeout(_))
+        ),
         "the flavor list is an API call"
     );
     // The cloud itself carries on (the hooks are no API calls): the server
@@ -1930,20 +1937,45 @@ async fn an_api_fault_set_through_the_state_file_reaches_every_process() {
     let launcher = cloud(&file);
     let drill = cloud(&file);
     launch(&launcher, 1).await.expect("works");
-    drill.provider.set_api_fault(Some(ApiFault::RateLimit { retry_after: None }));
+    drill
+        .provider
+        .set_api_fault(Some(ApiFault::RateLimit { retry_after: None }));
     let e = launcher.provider.list_instances().await.expect_err("429");
-    assert!(matches!(e, ProviderError::RateLimited { retry_after: None, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            ProviderError::RateLimited {
+                retry_after: None,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     // A provider opening the file later keeps the fault (its configuration
     // sets none)...
     let late = cloud(&file);
     assert!(late.provider.list_images().await.is_err());
     // ... and clearing it reaches everyone.
     drill.provider.set_api_fault(None);
-    assert_eq!(launcher.provider.list_instances().await.expect("works").len(), 1);
+    assert_eq!(
+        launcher
+            .provider
+            .list_instances()
+            .await
+            .expect("works")
+            .len(),
+        1
+    );
     assert_eq!(late.provider.api_fault(), None);
     // A configured fault is applied by the provider that opens the file.
-    let faulty = cloud(&format!("{file}, api-fault: {{mode: rate-limit, retry-after: 7}}"));
-    faulty.provider.list_images().await.expect_err("configured fault");
+    let faulty = cloud(&format!(
+        "{file}, api-fault: {{mode: rate-limit, retry-after: 7}}"
+    ));
+    faulty
+        .provider
+        .list_images()
+        .await
+        .expect_err("configured fault");
     assert_eq!(
         launcher.provider.api_fault(),
         Some(ApiFault::RateLimit {

@@ -724,11 +724,9 @@ fn api_fault(at: At<'_>, errs: &mut Errors) -> Option<ApiFault> {
     };
     match (fault, retry_after) {
         (f, None) => f,
-        (Some(ApiFault::RateLimit { .. }), Some((d, path))) => {
-            Some(ApiFault::RateLimit {
-                retry_after: Some(non_negative_duration(d, &path, errs)),
-            })
-        }
+        (Some(ApiFault::RateLimit { .. }), Some((d, path))) => Some(ApiFault::RateLimit {
+            retry_after: Some(non_negative_duration(d, &path, errs)),
+        }),
         (f, Some((_, path))) => {
             errs.push(
                 &path,

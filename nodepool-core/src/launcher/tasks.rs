@@ -206,28 +206,40 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             }
             Err(AttemptError::Retryable(msg, label)) => {
                 tracing::warn!(node = %node_id, provider = %pc.name, attempt, retries, error = %msg, "launch attempt failed");
+                // A provider marked unavailable fails every call fast: no
+                // retry, and the failure is the cloud's, not the request's
+                // (the node is aborted, so the request is not declined).
+                let unavailable = provider.unavailable();
+                let last = attempt >= retries || unavailable;
                 // Delete the partial server before trying again.
                 if let Some(ext) = node.external_id.take() {
-                    match tokio::time::timeout(
+                    let deleted = match tokio::time::timeout(
                         shared.settings.delete_timeout,
                         provider.provider.delete_instance(&ext),
                     )
                     .await
                     {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(())) => true,
                         Ok(Err(e)) => {
-                            tracing::warn!(node = %node_id, server = %ext, error = %e, "could not delete a failed server; leak cleanup will")
+                            tracing::warn!(node = %node_id, server = %ext, error = %e, "could not delete a failed server; leak cleanup will");
+                            false
                         }
                         Err(_) => {
-                            tracing::warn!(node = %node_id, server = %ext, "deleting a failed server timed out; leak cleanup will")
+                            tracing::warn!(node = %node_id, server = %ext, "deleting a failed server timed out; leak cleanup will");
+                            false
                         }
+                    };
+                    // With no retry to replace it, the server stays on the
+                    // node, whose deletion then deletes it.
+                    if !deleted && last {
+                        node.external_id = Some(ext);
                     }
                     if let Ok(v) = shared.store.update_node(&node_id, &node, version).await {
                         version = v;
                     }
                 }
-                if attempt >= retries {
-                    break Err((label, msg, false));
+                if last {
+                    break Err((label, msg, unavailable));
                 }
             }
         }
@@ -265,21 +277,23 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         Ok(()) => {
             tracing::info!(node = %node_id, provider = %pc.name, seconds = elapsed.as_secs_f64(), "node ready");
         }
-        Err((_, msg, quota)) => {
+        Err((label, msg, aborted)) => {
             if !guard.is_held() {
                 tracing::warn!(node = %node_id, error = %msg, "launch abandoned: the node lock was lost");
                 guard.forget();
                 shared.wake.notify_one();
                 return;
             }
-            let state = if quota {
+            let state = if aborted {
                 NodeState::Aborted
             } else {
                 NodeState::Failed
             };
-            if quota {
+            if aborted && label == "error.quota" {
                 provider.invalidate_limits();
                 tracing::info!(node = %node_id, provider = %pc.name, error = %msg, "launch hit the cloud's quota; node aborted");
+            } else if aborted {
+                tracing::warn!(node = %node_id, provider = %pc.name, error = %msg, "launch cut short: the provider is unavailable; node aborted");
             } else {
                 tracing::error!(node = %node_id, provider = %pc.name, error = %msg, "launch failed");
             }
