@@ -1064,6 +1064,12 @@ impl Provider for OpenStackProvider {
             Err(e) => Err(e.into()),
         }
     }
+
+    /// clouds.yaml `api_timeout` (else the client's default), which also
+    /// bounds each HTTP request the client sends.
+    fn api_timeout(&self) -> Duration {
+        self.client.options().timeout
+    }
 }
 
 impl OpenStackProvider {
