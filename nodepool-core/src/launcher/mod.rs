@@ -899,3 +899,45 @@ pub(crate) fn is_open(state: RequestState) -> bool {
 pub fn session_of(store: &Store) -> SessionState {
     *store.backend().session().borrow()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_says_why_it_is_not_ready() {
+        let status = LauncherStatus::default();
+        let (session, rx) = watch::channel(SessionState::Connected { id: 7 });
+        *status.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        assert_eq!(
+            status.readiness().problems,
+            ["the first planning pass has not completed"]
+        );
+        status
+            .ready
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(status.readiness().is_ready());
+        session.send_replace(SessionState::Suspended);
+        status.set_pass_error(Some("/nodepool/requests: connection lost".into()));
+        assert_eq!(
+            status.readiness().problems,
+            [
+                "the state store session is not connected (suspended: connection lost)",
+                "the last planning pass failed: /nodepool/requests: connection lost"
+            ]
+        );
+        session.send_replace(SessionState::Connected { id: 8 });
+        status.set_pass_error(None);
+        // Unavailable providers are listed, but the launcher is ready.
+        *status.unavailable.lock().unwrap_or_else(|p| p.into_inner()) = vec![UnavailableProvider {
+            provider: "bad".into(),
+            reason: "timed out".into(),
+            since: 1.0,
+        }];
+        let r = status.readiness();
+        assert!(r.is_ready());
+        assert_eq!(r.unavailable.len(), 1);
+        session.send_replace(SessionState::Expired);
+        assert!(!status.readiness().is_ready());
+    }
+}
