@@ -599,6 +599,49 @@ async fn one_server_list_serves_concurrent_callers() {
     }
 }
 
+#[tokio::test]
+async fn callers_waiting_for_a_hung_server_list_share_its_timeout() {
+    let s = server().await;
+    Mock::given(method("GET"))
+        .and(path("/compute/v2.1/servers/detail"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"servers": []}))
+                .set_delay(Duration::from_secs(60)),
+        )
+        .expect(1)
+        .mount(&s)
+        .await;
+    let p = Arc::new(provider(
+        &s.uri(),
+        ProviderOptions {
+            client: ClientOptions {
+                timeout: Duration::from_millis(500),
+                ..fast()
+            },
+            ..ProviderOptions::default()
+        },
+    ));
+    // The token first, so only the list hangs.
+    p.client().authenticate().await.expect("token");
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move { p.list_instances().await }));
+    }
+    for t in tasks {
+        let e = t.await.expect("join").expect_err("hung");
+        assert!(matches!(e, ProviderError::Timeout(_)), "{e:?}");
+    }
+    // One list request for all eight (wiremock checks `expect(1)`).
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 async fn upload_mocks(s: &MockServer, put: ResponseTemplate, checksum: &str) {
     Mock::given(method("POST"))
         .and(path("/image/v2/images"))
