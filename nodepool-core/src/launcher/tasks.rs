@@ -221,11 +221,11 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
                     {
                         Ok(Ok(())) => true,
                         Ok(Err(e)) => {
-                            tracing::warn!(node = %node_id, server = %ext, error = %e, "could not delete a failed server; leak cleanup will");
+                            tracing::warn!(node = %node_id, server = %ext, error = %e, "could not delete a failed server; it is deleted later");
                             false
                         }
                         Err(_) => {
-                            tracing::warn!(node = %node_id, server = %ext, "deleting a failed server timed out; leak cleanup will");
+                            tracing::warn!(node = %node_id, server = %ext, "deleting a failed server timed out; it is deleted later");
                             false
                         }
                     };
@@ -293,7 +293,8 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
                 provider.invalidate_limits();
                 tracing::info!(node = %node_id, provider = %pc.name, error = %msg, "launch hit the cloud's quota; node aborted");
             } else if aborted {
-                tracing::warn!(node = %node_id, provider = %pc.name, error = %msg, "launch cut short: the provider is unavailable; node aborted");
+                // The outage itself was warned about once, by the breaker.
+                tracing::info!(node = %node_id, provider = %pc.name, error = %msg, "launch cut short: the provider is unavailable; node aborted");
             } else {
                 tracing::error!(node = %node_id, provider = %pc.name, error = %msg, "launch failed");
             }
