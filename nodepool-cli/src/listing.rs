@@ -17,9 +17,9 @@
 //! (Python prints a dict's repr; JSON is what the record holds and what a
 //! reader can paste).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use nodepool_core::model::{Component, Json, Port, format_age};
+use nodepool_core::model::{Component, Json, Port, RequestState, format_age};
 use nodepool_core::store::{ImageState, NodeRecord, RequestRecord, Store, StoreError};
 use serde::Serialize;
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
@@ -125,7 +125,9 @@ pub const NODE_BRIEF_FIELDS: &[&str] = &[
     "locked",
 ];
 
-/// `nodepool request-list` and `/request-list`.
+/// `nodepool request-list` and `/request-list`: Python's columns, then
+/// ours: for a waiting request, the providers that could serve it but are
+/// unavailable (their API failing), why and for how long.
 pub const REQUEST_COLUMNS: &[Column] = &[
     col("id", "Request ID"),
     col("relative_priority", "Priority"),
@@ -135,6 +137,7 @@ pub const REQUEST_COLUMNS: &[Column] = &[
     col("nodes", "Nodes"),
     col("declined_by", "Declined By"),
     col("event_id", "Event ID"),
+    col("unavailable_providers", "Unavailable Providers"),
 ];
 
 /// `nodepool image-list` and `/image-list`.
@@ -391,11 +394,44 @@ pub fn node_list(nodes: &[NodeRecord], node_id: Option<&str>, now: f64) -> Listi
     l
 }
 
-/// Node requests.
-pub fn request_list(requests: &[RequestRecord]) -> Listing {
+/// Node requests; `pools` (the registered pool components) tell which
+/// providers a waiting request could go to are unavailable, ages relative
+/// to `now`.
+pub fn request_list(
+    requests: &[RequestRecord],
+    pools: &[(String, Component)],
+    now: f64,
+) -> Listing {
     let mut l = Listing::new(REQUEST_COLUMNS);
     for r in requests {
         let q = &r.request;
+        let waiting = matches!(q.state, RequestState::Requested | RequestState::Pending);
+        // Per provider: the earliest outage start among its pools that
+        // could take the request, and that pool's reason.
+        let mut down: BTreeMap<&str, (f64, &str)> = BTreeMap::new();
+        for (_, c) in pools.iter().filter(|_| waiting) {
+            let (Some(provider), Some(u), Some(labels)) = (
+                &c.provider_name,
+                &c.provider_unavailable,
+                &c.supported_labels,
+            ) else {
+                continue;
+            };
+            let serves = q.node_types.iter().all(|t| labels.contains(t));
+            let declined = c.id.as_ref().is_some_and(|id| q.declined_by.contains(id));
+            if serves && !declined {
+                let e = down.entry(provider).or_insert((u.since, &u.reason));
+                if u.since < e.0 {
+                    *e = (u.since, &u.reason);
+                }
+            }
+        }
+        let unavailable = down
+            .into_iter()
+            .map(|(p, (since, why))| {
+                format!("{p}: unavailable for {}: {why}", format_age(now - since))
+            })
+            .collect();
         l.rows.push(vec![
             Cell::Text(r.id.clone()),
             Cell::Int(q.relative_priority),
@@ -405,6 +441,7 @@ pub fn request_list(requests: &[RequestRecord]) -> Listing {
             Cell::List(q.nodes.clone()),
             Cell::List(q.declined_by.clone()),
             Cell::opt(q.event_id.as_deref()),
+            Cell::List(unavailable),
         ]);
     }
     l
@@ -530,7 +567,14 @@ impl Source {
             Source::Nodes { node_id } => {
                 node_list(&store.list_nodes().await?.records, node_id.as_deref(), now)
             }
-            Source::Requests => request_list(&store.list_requests().await?.records),
+            Source::Requests => request_list(
+                &store.list_requests().await?.records,
+                &store
+                    .list_components(nodepool_core::model::ComponentKind::Pool)
+                    .await?
+                    .records,
+                now,
+            ),
             Source::Images => image_list(&store.image_state().await?),
             Source::DibImages => dib_image_list(&store.image_state().await?),
             Source::ImageStatus => image_status(&store.image_state().await?),

@@ -9,8 +9,16 @@
 //! As Nodepool's, responses are cached for one second per path, query and
 //! format, carry `Access-Control-Allow-Origin: *`, `Cache-Control: public,
 //! max-age=1`, `Last-Modified` and `Expires`, and answer a matching
-//! `If-Modified-Since` with 304. `/ready` is 503 until the launcher's
-//! first pass completed.
+//! `If-Modified-Since` with 304.
+//!
+//! `/ready` answers `OK` (200) once the launcher's first pass completed,
+//! and 503 with one line per reason while it does not work: before the
+//! first pass, while its store session is not connected, after a planning
+//! pass failed (until one works). Providers it stopped calling because
+//! their API kept failing are listed after `OK`, but never make it 503,
+//! not even all of them: the launcher works as designed then (requests
+//! wait for the clouds), and taking it out of service or restarting it
+//! would bring no cloud back.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,8 +29,8 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use nodepool_core::config::Config;
-use nodepool_core::launcher::{LauncherStatus, Metrics};
-use nodepool_core::model::epoch_now;
+use nodepool_core::launcher::{LauncherStatus, Metrics, Readiness};
+use nodepool_core::model::{epoch_now, format_age};
 use nodepool_core::store::Store;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -159,6 +167,34 @@ pub fn negotiate(accept: Option<&str>) -> Format {
     }
 }
 
+/// The `/ready` answer (see the module documentation).
+fn ready(r: &Readiness) -> Response {
+    use std::fmt::Write as _;
+    if !r.is_ready() {
+        let mut body = String::from("Service Unavailable\n");
+        for p in &r.problems {
+            let _ = writeln!(body, "{p}");
+        }
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+    }
+    let mut body = String::from("OK");
+    if !r.unavailable.is_empty() {
+        body.push_str("\nunavailable providers (requests go to others or wait):");
+        let now = epoch_now();
+        for u in &r.unavailable {
+            let _ = write!(
+                body,
+                "\n  {}: for {}: {}",
+                u.provider,
+                format_age(now - u.since),
+                u.reason
+            );
+        }
+        body.push('\n');
+    }
+    body.into_response()
+}
+
 fn source_for(path: &str, params: &[(String, String)]) -> Option<Source> {
     Some(match path {
         "/node-list" => Source::Nodes {
@@ -215,10 +251,7 @@ async fn serve(
     }
     let format = negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     if path == "/ready" {
-        if !s.status.is_ready() {
-            return (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n").into_response();
-        }
-        return with_cache_headers("OK".into_response(), format, SystemTime::now());
+        return with_cache_headers(ready(&s.status.readiness()), format, SystemTime::now());
     }
     let Some(source) = source_for(path, &params) else {
         return (StatusCode::NOT_FOUND, "Not Found\n").into_response();

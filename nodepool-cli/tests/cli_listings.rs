@@ -4,6 +4,7 @@
 mod common;
 
 use common::{AGE, Backend, Fixture, SECRET, header, populate, row, row_count};
+use nodepool_core::model::{Component, ProviderUnavailable};
 use nodepool_core::store::LockWait;
 
 const NODE_BRIEF: [&str; 9] = [
@@ -182,7 +183,8 @@ async fn request_list_shows_requests(backend: Backend) {
             "Node Types",
             "Nodes",
             "Declined By",
-            "Event ID"
+            "Event ID",
+            "Unavailable Providers"
         ]
     );
     assert_eq!(
@@ -195,7 +197,8 @@ async fn request_list_shows_requests(backend: Backend) {
             "small,large",
             "",
             "launcher-a",
-            "ev-42"
+            "ev-42",
+            ""
         ]
     );
     let j = f.run(&["request-list", "--json"]).await;
@@ -205,11 +208,62 @@ async fn request_list_shows_requests(backend: Backend) {
         serde_json::json!([{
             "id": d.request, "relative_priority": 4, "state": "pending",
             "requestor": "zuul-1", "node_types": ["small", "large"], "nodes": [],
-            "declined_by": ["launcher-a"], "event_id": "ev-42"
+            "declined_by": ["launcher-a"], "event_id": "ev-42",
+            "unavailable_providers": []
         }])
     );
 }
 both_stores!(request_list_shows_requests);
+
+/// A waiting request says which provider that could serve it is
+/// unavailable, why and for how long (from the pool components the
+/// launchers write); pools that cannot serve it, or declined it, do not
+/// count.
+async fn request_list_names_unavailable_providers(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let d = populate(&f.store).await;
+    let now = nodepool_core::model::epoch_now();
+    let pool = |id: &str, provider: &str, labels: &[&str], down: bool| {
+        let mut c = Component::pool(
+            "launcher01",
+            "0.1.0",
+            id,
+            provider,
+            "main",
+            labels.iter().map(|l| l.to_string()).collect(),
+            100,
+        );
+        c.paused = Some(down);
+        c.provider_unavailable = down.then(|| ProviderUnavailable {
+            reason: "timed out: provider sim: server list: no answer within 5.0 s".into(),
+            since: now - 3723.0,
+        });
+        c
+    };
+    for c in [
+        pool("launcher-sim", "sim", &["small", "large"], true),
+        // Cannot serve `large`: not a candidate.
+        pool("launcher-other", "other", &["small"], true),
+        // Declined the request already.
+        pool("launcher-a", "third", &["small", "large"], true),
+        pool("launcher-ok", "fine", &["small", "large"], false),
+    ] {
+        f.store.register_component(&c).await.expect("register");
+    }
+    let t = f.run(&["request-list"]).await.ok().to_owned();
+    let r = row(&t, &d.request);
+    assert!(
+        r[8].starts_with("sim: unavailable for 00:01:02:0"),
+        "{:?}\n{t}",
+        r[8]
+    );
+    assert!(r[8].ends_with("no answer within 5.0 s"), "{t}");
+    let j = f.run(&["request-list", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(j.ok()).expect("JSON");
+    let notes = v[0]["unavailable_providers"].as_array().expect("a list");
+    assert_eq!(notes.len(), 1, "{notes:?}");
+}
+both_stores!(request_list_names_unavailable_providers);
 
 async fn image_listings_show_builds_uploads_and_status(backend: Backend) {
     let f = Fixture::new(backend).await;

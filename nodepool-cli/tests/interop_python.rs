@@ -6,13 +6,16 @@
 //!   and image records written by its own builder code
 //!   (`py/python_image_writer.py`);
 //! * the Python `nodepool` CLI reads what our CLI changed, and the two
-//!   `export-image-data` files agree and import into each other.
+//!   `export-image-data` files agree and import into each other;
+//! * Python's component registry reads our pool components, health key
+//!   included (`py/python_component_reader.py`).
 
 mod common;
 
 use std::path::PathBuf;
 
 use common::{Backend, Fixture, Out, header, populate, row, var};
+use nodepool_core::model::{Component, ComponentState, ProviderUnavailable};
 use nodepool_core::store::CreateMode;
 
 fn sample(name: &str) -> serde_json::Value {
@@ -133,7 +136,8 @@ async fn our_cli_lists_what_python_nodepool_wrote() {
             "fake-label,fake-label",
             "",
             "",
-            "5dc93234cbac46e09846f1ad6ddb4bf9"
+            "5dc93234cbac46e09846f1ad6ddb4bf9",
+            ""
         ]
     );
     assert_eq!(
@@ -238,4 +242,68 @@ async fn python_cli_reads_what_our_cli_changed() {
     assert_eq!(h.run(&["--json", "image-list"]).await.ok(), want);
     let t = py_nodepool(&h, &["dib-image-list"]).await.ok().to_owned();
     assert_eq!(row(&t, &format!("ubuntu-{}", d.ubuntu_build))[4], "paused");
+}
+
+/// Python's component registry, as its launchers use it, reads a pool
+/// component carrying our `provider_unavailable` key like any other: the
+/// key is kept in its content and changes nothing it reads (so a Python
+/// launcher sharing the store routes around the pool by `paused`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_reads_pool_components_with_our_health_key() {
+    let f = Fixture::new(Backend::ZooKeeperTls).await;
+    let mut down = Component::pool(
+        "launcher01",
+        "0.1.0",
+        "launcher01-PoolWorker.bad-main-1",
+        "bad",
+        "main",
+        vec!["small".into()],
+        100,
+    );
+    down.state = ComponentState::Paused;
+    down.paused = Some(true);
+    down.provider_unavailable = Some(ProviderUnavailable {
+        reason: "timed out: provider bad: server list: no answer within 5.0 s".into(),
+        since: 1_700_000_000.5,
+    });
+    let mut up = Component::pool(
+        "launcher01",
+        "0.1.0",
+        "launcher01-PoolWorker.good-main-1",
+        "good",
+        "main",
+        vec!["small".into()],
+        100,
+    );
+    up.state = ComponentState::Running;
+    f.store.register_component(&down).await.expect("register");
+    f.store.register_component(&up).await.expect("register");
+    let mut cmd = tokio::process::Command::new(common::python());
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/python_component_reader.py"
+    ))
+    .arg(tls_hosts(&f))
+    .args([
+        var("NODEPOOL_TEST_ZK_CA"),
+        var("NODEPOOL_TEST_ZK_CERT"),
+        var("NODEPOOL_TEST_ZK_KEY"),
+    ])
+    .arg("2");
+    let out = common::run_process(cmd, "").await;
+    let read: serde_json::Value = serde_json::from_str(out.ok()).expect("JSON");
+    assert_eq!(
+        read,
+        serde_json::json!([
+            {"id": "launcher01-PoolWorker.bad-main-1", "provider_name": "bad",
+             "paused": true, "state": "paused", "supported_labels": ["small"],
+             "model_api": 0,
+             "provider_unavailable": {
+                 "reason": "timed out: provider bad: server list: no answer within 5.0 s",
+                 "since": 1_700_000_000.5}},
+            {"id": "launcher01-PoolWorker.good-main-1", "provider_name": "good",
+             "paused": false, "state": "running", "supported_labels": ["small"],
+             "model_api": 0, "provider_unavailable": null}
+        ])
+    );
 }

@@ -128,6 +128,69 @@ async fn ready_is_503_until_the_first_pass(backend: Backend) {
 }
 both_stores!(ready_is_503_until_the_first_pass);
 
+/// `/ready` lists a provider whose API hangs (still 200: the launcher
+/// routes around it), and says 503 with the reason once the store session
+/// is gone.
+async fn ready_lists_unavailable_providers_and_fails_without_a_store(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let mut cfg = (*f.config).clone();
+    cfg.webapp.port = 0;
+    cfg.webapp.listen_address = "127.0.0.1".into();
+    let mut pc = cfg.provider("sim").expect("sim").clone();
+    let nodepool_core::config::Driver::Simulated(knobs) = &mut pc.driver else {
+        panic!("sim is simulated")
+    };
+    knobs.api_timeout = Duration::from_millis(200);
+    let sim = SimulatedProvider::new(&pc).expect("cloud");
+    sim.set_api_fault(Some(nodepool_core::config::ApiFault::Hang));
+    let config = Arc::new(cfg);
+    let factory: ProviderFactory =
+        Arc::new(move |_pc| Ok(Arc::new(sim.clone()) as Arc<dyn Provider>));
+    let metrics = Arc::new(Metrics::in_memory());
+    let launcher = Launcher::new(f.store.clone(), factory, LauncherSettings::default())
+        .with_metrics(metrics.clone());
+    let stop = CancellationToken::new();
+    let (_tx, rx) = tokio::sync::watch::channel(config.clone());
+    let addr = nodepool_cli::webapp::spawn(
+        f.store.clone(),
+        rx.clone(),
+        launcher.status(),
+        metrics,
+        stop.clone(),
+    )
+    .await
+    .expect("web app starts");
+    let run = tokio::spawn(launcher.run(rx, stop.clone()));
+    common::eventually(
+        Duration::from_secs(30),
+        "/ready to list sim as unavailable",
+        || async {
+            let r = get(addr, "/ready", &[]).await;
+            r.status == 200 && r.body.contains("\n  sim: for 00:00:00:")
+        },
+    )
+    .await;
+    let r = get(addr, "/ready", &[]).await;
+    assert!(
+        r.body.starts_with("OK\nunavailable providers"),
+        "{}",
+        r.body
+    );
+    assert!(r.body.contains("simulated API hang"), "{}", r.body);
+    // The store session ends: 503, saying so.
+    f.store.backend().close().await.expect("close");
+    common::eventually(Duration::from_secs(30), "/ready to say 503", || async {
+        let r = get(addr, "/ready", &[]).await;
+        r.status == 503
+            && r.body
+                .contains("state store session is not connected (closed)")
+    })
+    .await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(60), run).await;
+}
+both_stores!(ready_lists_unavailable_providers_and_fails_without_a_store);
+
 async fn listings_negotiate_and_carry_cache_headers(backend: Backend) {
     let f = Fixture::new(backend).await;
     let d = populate(&f.store).await;

@@ -245,6 +245,20 @@ pub enum ProviderError {
     /// A call or a wait took too long.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The cloud refused the call for now because of its request rate
+    /// (HTTP 429), asking to wait `retry_after` (its `Retry-After`) first.
+    #[error("rate limited: {message}")]
+    RateLimited {
+        /// The cloud's answer.
+        message: String,
+        /// How long the cloud asked to wait, when it said.
+        retry_after: Option<Duration>,
+    },
+    /// The call was not made: the launcher marked the provider unavailable
+    /// after its API kept failing, and fails calls fast until a probe
+    /// succeeds (see `launcher::health`).
+    #[error("provider unavailable: {0}")]
+    Unavailable(String),
     /// The server went into an error state.
     #[error("server failed: {0}")]
     ServerFailed(String),
@@ -266,12 +280,40 @@ impl ProviderError {
             ProviderError::InvalidRequest(_) => "invalid",
             ProviderError::Transient(_) => "transient",
             ProviderError::Timeout(_) => "timeout",
+            ProviderError::RateLimited { .. } => "ratelimit",
+            ProviderError::Unavailable(_) => "unavailable",
             ProviderError::ServerFailed(_) => "status",
             ProviderError::Unsupported(_) => "unsupported",
             ProviderError::Other(_) => "unknown",
         }
     }
+
+    /// Whether the error says the cloud's API is unwell (no answer in
+    /// time, a 5xx or connection failure, rate limiting), as opposed to an
+    /// answer about the request itself (not found, quota, invalid, a
+    /// server that went ERROR). Only these count towards marking a
+    /// provider unavailable.
+    pub fn is_api_failure(&self) -> bool {
+        matches!(
+            self,
+            ProviderError::Timeout(_)
+                | ProviderError::Transient(_)
+                | ProviderError::RateLimited { .. }
+        )
+    }
+
+    /// How long the cloud asked callers to wait, when it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProviderError::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
+
+/// The per-call timeout of a provider that does not say otherwise
+/// ([`Provider::api_timeout`]).
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A cloud. Object-safe; used as `Arc<dyn Provider>`.
 ///
@@ -346,5 +388,15 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// cloud's servers have no network).
     fn skip_nodescan(&self) -> bool {
         false
+    }
+
+    /// The longest one API call may take (OpenStack: clouds.yaml
+    /// `api_timeout`; simulated: `simulation.api-timeout`). The launcher
+    /// bounds every single call by it and counts an overrun as a timeout;
+    /// long waits (`wait_for_instance`, `delete_instance`, uploads) are
+    /// bounded by their own timeouts, but each call they make should be
+    /// bounded by this.
+    fn api_timeout(&self) -> Duration {
+        DEFAULT_API_TIMEOUT
     }
 }

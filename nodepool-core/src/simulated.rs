@@ -29,6 +29,16 @@
 //!   ERROR; a failed upload leaves no image.
 //! - **Leaks.** `leaked-servers: N` servers exist from the start, tagged for
 //!   this provider with node ids (`9000000000` and up) that no store issues.
+//! - **API faults.** With an [`ApiFault`] (`api-fault` in the
+//!   configuration, or [`set_api_fault`](SimulatedProvider::set_api_fault)
+//!   at run time, which with a state file reaches every process) every
+//!   API call fails: `hang` gets no answer (each call, and each look a
+//!   wait takes, ends with [`ProviderError::Timeout`] after `api-timeout`,
+//!   as a client with that timeout would see it), `server-error` answers
+//!   500 ([`ProviderError::Transient`]), `rate-limit` answers 429
+//!   ([`ProviderError::RateLimited`] with its `Retry-After`). The cloud
+//!   itself carries on: accepted deletes complete, booting servers become
+//!   ACTIVE. Test hooks are not API calls and work throughout.
 //! - **Sharing.** With `state-file: PATH` the cloud (servers with their
 //!   times and metadata, images, floating IPs, ports, quota, failure rates,
 //!   dice positions) lives in that JSON file, so a launcher, the `nodepool`
@@ -68,7 +78,7 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::config::{Driver, PoolLabel, ProviderConfig, SimulatedCloud, SimulatedFlavor};
+use crate::config::{ApiFault, Driver, PoolLabel, ProviderConfig, SimulatedCloud, SimulatedFlavor};
 use crate::model::{Limits, Resources, VOLUME_GB, VOLUMES};
 use crate::provider::{
     CloudImageInfo, CloudResource, ImageRef, ImageUploadSpec, Instance, InstanceSpec,
@@ -209,6 +219,9 @@ fn is_quota_message(message: &str) -> bool {
 /// another process may fail or delete it, and nothing wakes us then.
 const FILE_POLL: Duration = Duration::from_millis(20);
 
+/// How often a hung call looks whether the fault was cleared.
+const HANG_POLL: Duration = Duration::from_millis(100);
+
 /// Version of the state file's format.
 const FILE_VERSION: u32 = 1;
 
@@ -336,6 +349,8 @@ struct State {
     created: u64,
     az_cursor: usize,
     seq: u64,
+    /// How the API fails now, if it does.
+    api_fault: Option<ApiFault>,
 }
 
 impl State {
@@ -357,6 +372,7 @@ impl State {
             created: 0,
             az_cursor: 0,
             seq: 0,
+            api_fault: None,
         }
     }
 
@@ -450,6 +466,7 @@ struct Seed {
     seed: u64,
     cloud_images: Vec<CloudImageSeed>,
     leaked_servers: u32,
+    api_fault: Option<ApiFault>,
 }
 
 /// Where the state lives.
@@ -596,6 +613,8 @@ struct Inner {
     flavors: Vec<SimulatedFlavor>,
     azs: Vec<String>,
     skip_nodescan: bool,
+    /// Each API call's timeout (a hung call ends after it).
+    api_timeout: Duration,
     /// Per-provider salt of host ids.
     salt: u64,
     /// What a new cloud is made of.
@@ -627,6 +646,7 @@ impl Inner {
             created: 0,
             az_cursor: 0,
             seq: 0,
+            api_fault: self.seed.api_fault,
         };
         for c in &self.seed.cloud_images {
             st.add_cloud_image(c);
@@ -744,6 +764,11 @@ impl Inner {
                     st.quota = self.seed.quota.clone();
                     st.rates = self.seed.rates;
                     st.ensure_cloud_images(&self.seed.cloud_images);
+                    // Only a configured fault: a process opening the file
+                    // must not clear one a drill set at run time.
+                    if self.seed.api_fault.is_some() {
+                        st.api_fault = self.seed.api_fault;
+                    }
                 }
                 st
             }
@@ -850,6 +875,7 @@ impl SimulatedProvider {
                 })
                 .collect(),
             leaked_servers: knobs.leaked_servers,
+            api_fault: knobs.api_fault,
         };
         let (clock, file) = match knobs.state_file {
             Some(path) => (Clock::Wall, Some(StateFile::new(path))),
@@ -876,6 +902,7 @@ impl SimulatedProvider {
             flavors: knobs.flavors,
             azs: knobs.availability_zones,
             skip_nodescan: knobs.skip_nodescan,
+            api_timeout: knobs.api_timeout,
             salt: fnv1a(&provider.name),
             seed,
             clock,
@@ -936,6 +963,85 @@ impl SimulatedProvider {
                 self.inner.run_on_file(file, f)
             }
         }
+    }
+
+    /// One API call: [`with_state`](Self::with_state) behind the API fault,
+    /// if any (see the module documentation). A hung call looks again
+    /// every [`HANG_POLL`] and goes through once the fault is cleared,
+    /// unless `api-timeout` passed first.
+    async fn api<R, F>(&self, what: &str, f: F) -> Result<R, ProviderError>
+    where
+        F: FnOnce(&mut State, Stamp) -> R + Send,
+    {
+        /// What one look found.
+        enum Gate<R> {
+            Done(R),
+            Fault(ApiFault),
+        }
+        let started = Instant::now();
+        let mut f = Some(f);
+        loop {
+            let gate = self
+                .with_state(|st, now| match (st.api_fault, f.take()) {
+                    (None, Some(f)) => Ok(Gate::Done(f(st, now))),
+                    (Some(fault), f_back) => {
+                        // Not spent: the next look may go through.
+                        f = f_back;
+                        Ok(Gate::Fault(fault))
+                    }
+                    (None, None) => Err(ProviderError::Other(format!(
+                        "provider {}: {what}: simulated call made twice",
+                        self.inner.name
+                    ))),
+                })
+                .await??;
+            let fault = match gate {
+                Gate::Done(r) => return Ok(r),
+                Gate::Fault(fault) => fault,
+            };
+            let name = &self.inner.name;
+            match fault {
+                ApiFault::ServerError => {
+                    return Err(ProviderError::Transient(format!(
+                        "provider {name}: {what}: HTTP 500 Internal Server Error (simulated API fault)"
+                    )));
+                }
+                ApiFault::RateLimit { retry_after } => {
+                    return Err(ProviderError::RateLimited {
+                        message: format!(
+                            "provider {name}: {what}: HTTP 429 Too Many Requests (simulated API fault{})",
+                            retry_after
+                                .map(|d| format!(", Retry-After: {}", d.as_secs()))
+                                .unwrap_or_default()
+                        ),
+                        retry_after,
+                    });
+                }
+                ApiFault::Hang => {
+                    let limit = self.inner.api_timeout;
+                    let left = limit.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        return Err(ProviderError::Timeout(format!(
+                            "provider {name}: {what}: no answer within {:.1} s (simulated API hang)",
+                            limit.as_secs_f64()
+                        )));
+                    }
+                    tokio::time::sleep(left.min(HANG_POLL)).await;
+                }
+            }
+        }
+    }
+
+    /// Makes every API call fail as `fault` says, or work again with
+    /// `None`. With a state file, every process's provider of this cloud
+    /// sees it at its next call.
+    pub fn set_api_fault(&self, fault: Option<ApiFault>) {
+        self.hook("set_api_fault", |st, _| st.api_fault = fault);
+    }
+
+    /// How the API fails now, if it does.
+    pub fn api_fault(&self) -> Option<ApiFault> {
+        self.hook("api_fault", |st, _| st.api_fault)
     }
 
     /// A test hook's operation: a state file that cannot be used fails the
@@ -1133,10 +1239,12 @@ impl Provider for SimulatedProvider {
     }
 
     async fn quota_limits(&self) -> Result<Limits, ProviderError> {
-        self.with_state(|st, _| st.quota.clone()).await
+        self.api("quota limits", |st, _| st.quota.clone()).await
     }
 
     async fn label_resources(&self, label: &PoolLabel) -> Result<Resources, ProviderError> {
+        // The flavor list is an API call in a real cloud.
+        self.api("flavor list", |_, _| ()).await?;
         self.resources_for(label)
     }
 
@@ -1165,7 +1273,7 @@ impl Provider for SimulatedProvider {
             metadata.insert(key.to_owned(), value.to_owned());
         }
         let (id, fails) = self
-            .with_state(|st, now| {
+            .api("server create", |st, now| {
                 st.settle(now);
                 self.image_exists(st, &spec.image)?;
                 if let Some(name) = st.quota.first_exceeded(&st.usage, &resources) {
@@ -1206,7 +1314,7 @@ impl Provider for SimulatedProvider {
     ) -> Result<Instance, ProviderError> {
         loop {
             let step = self
-                .with_state(|st, now| {
+                .api("server status", |st, now| {
                     st.settle(now);
                     let Some(s) = st.servers.get(external_id) else {
                         return BootStep::done(Err(ProviderError::ServerFailed(format!(
@@ -1251,7 +1359,7 @@ impl Provider for SimulatedProvider {
     }
 
     async fn get_instance(&self, external_id: &str) -> Result<Option<Instance>, ProviderError> {
-        self.with_state(|st, now| {
+        self.api("server lookup", |st, now| {
             st.settle(now);
             st.servers.get(external_id).map(|s| s.instance(now))
         })
@@ -1259,7 +1367,7 @@ impl Provider for SimulatedProvider {
     }
 
     async fn list_instances(&self) -> Result<Vec<Instance>, ProviderError> {
-        self.with_state(|st, now| {
+        self.api("server list", |st, now| {
             st.settle(now);
             st.servers.values().map(|s| s.instance(now)).collect()
         })
@@ -1268,7 +1376,7 @@ impl Provider for SimulatedProvider {
 
     async fn delete_instance(&self, external_id: &str) -> Result<(), ProviderError> {
         let accepted = self
-            .with_state(|st, now| {
+            .api("server delete", |st, now| {
                 st.settle(now);
                 let existing = st.servers.get(external_id).map(|s| s.deleting)?;
                 Some(match existing {
@@ -1304,7 +1412,7 @@ impl Provider for SimulatedProvider {
         while deletion.at > self.inner.clock.now() {
             self.inner.clock.pause(deletion.at, None).await;
         }
-        self.with_state(|st, now| st.settle(now)).await?;
+        self.api("server delete", |st, now| st.settle(now)).await?;
         if deletion.fails {
             Err(ProviderError::ServerFailed(format!(
                 "provider {}: server {external_id} went ERROR while being deleted: {DELETE_FAULT}",
@@ -1316,7 +1424,7 @@ impl Provider for SimulatedProvider {
     }
 
     async fn console_log(&self, external_id: &str) -> Result<String, ProviderError> {
-        self.with_state(|st, now| {
+        self.api("console log", |st, now| {
             st.settle(now);
             match st.servers.get(external_id) {
                 Some(s) => Ok(format!(
@@ -1338,7 +1446,7 @@ impl Provider for SimulatedProvider {
         // Rolled first so the n-th upload's fate does not depend on how
         // the file reads.
         let fails = self
-            .with_state(|st, _| {
+            .api("image upload", |st, _| {
                 let rate = st.rates.upload;
                 st.upload_dice.roll(rate)
             })
@@ -1403,7 +1511,7 @@ impl Provider for SimulatedProvider {
             properties.insert("owner_specified.openstack.sha256".into(), sha.clone());
         }
         let id = self
-            .with_state(|st, _| {
+            .api("image upload", |st, _| {
                 let id = st.ids.uuid();
                 st.images.insert(
                     id.clone(),
@@ -1422,12 +1530,12 @@ impl Provider for SimulatedProvider {
     }
 
     async fn list_images(&self) -> Result<Vec<CloudImageInfo>, ProviderError> {
-        self.with_state(|st, _| st.images.values().cloned().collect())
+        self.api("image list", |st, _| st.images.values().cloned().collect())
             .await
     }
 
     async fn delete_image(&self, external_id: &str) -> Result<(), ProviderError> {
-        self.with_state(|st, _| {
+        self.api("image delete", |st, _| {
             st.images.shift_remove(external_id);
         })
         .await
@@ -1437,7 +1545,7 @@ impl Provider for SimulatedProvider {
         &self,
         kind: ResourceKind,
     ) -> Result<Vec<CloudResource>, ProviderError> {
-        self.with_state(|st, _| {
+        self.api("resource list", |st, _| {
             let map = match kind {
                 ResourceKind::FloatingIp => &st.floating_ips,
                 ResourceKind::Port => &st.ports,
@@ -1448,7 +1556,7 @@ impl Provider for SimulatedProvider {
     }
 
     async fn delete_resource(&self, kind: ResourceKind, id: &str) -> Result<(), ProviderError> {
-        self.with_state(|st, _| {
+        self.api("resource delete", |st, _| {
             match kind {
                 ResourceKind::FloatingIp => st.floating_ips.shift_remove(id),
                 ResourceKind::Port => st.ports.shift_remove(id),
@@ -1459,6 +1567,10 @@ impl Provider for SimulatedProvider {
 
     fn skip_nodescan(&self) -> bool {
         self.inner.skip_nodescan
+    }
+
+    fn api_timeout(&self) -> Duration {
+        self.inner.api_timeout
     }
 }
 
@@ -1487,6 +1599,46 @@ struct FileCloud {
     images: Vec<FileImage>,
     floating_ips: Vec<FileResource>,
     ports: Vec<FileResource>,
+    /// The API fault; absent in files written before faults existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api_fault: Option<FileFault>,
+}
+
+/// An [`ApiFault`] in the state file.
+#[derive(Debug, Serialize, Deserialize)]
+struct FileFault {
+    /// `hang`, `server-error` or `rate-limit`.
+    mode: String,
+    /// Seconds of `Retry-After`, for `rate-limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retry_after: Option<f64>,
+}
+
+impl FileFault {
+    fn from_fault(f: ApiFault) -> Self {
+        FileFault {
+            mode: f.mode().to_owned(),
+            retry_after: match f {
+                ApiFault::RateLimit { retry_after } => retry_after.map(|d| d.as_secs_f64()),
+                _ => None,
+            },
+        }
+    }
+
+    fn to_fault(&self) -> Result<ApiFault, String> {
+        Ok(match self.mode.as_str() {
+            "hang" => ApiFault::Hang,
+            "server-error" => ApiFault::ServerError,
+            "rate-limit" => ApiFault::RateLimit {
+                retry_after: match self.retry_after {
+                    Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s)),
+                    Some(s) => return Err(format!("api fault retry_after {s} is not a duration")),
+                    None => None,
+                },
+            },
+            other => return Err(format!("unknown api fault mode {other:?}")),
+        })
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -1633,6 +1785,7 @@ impl FileCloud {
                 .collect(),
             floating_ips: st.floating_ips.values().map(resource).collect(),
             ports: st.ports.values().map(resource).collect(),
+            api_fault: st.api_fault.map(FileFault::from_fault),
         }
     }
 
@@ -1680,6 +1833,11 @@ impl FileCloud {
             created: self.created,
             az_cursor: self.az_cursor,
             seq: self.seq,
+            api_fault: self
+                .api_fault
+                .as_ref()
+                .map(FileFault::to_fault)
+                .transpose()?,
         };
         for (list, kind) in [
             (&self.floating_ips, ResourceKind::FloatingIp),

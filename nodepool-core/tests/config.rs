@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use nodepool_core::config::{
-    Config, ConfigErrorKind as K, ConfigErrors, ConfigSource, DEFAULT_SQLITE_PATH, Driver,
-    ImageSource, StateStoreConfig,
+    ApiFault, Config, ConfigErrorKind as K, ConfigErrors, ConfigSource, DEFAULT_SQLITE_PATH,
+    Driver, ImageSource, StateStoreConfig,
 };
 
 const BASE: &str = r#"
@@ -182,6 +182,47 @@ providers:
     assert_eq!(sim.leaked_servers, 2);
     assert_eq!(sim.flavors.len(), 1);
     assert!(cfg.providers[0].cloud.is_none());
+    assert_eq!(sim.api_timeout, Duration::from_secs(60), "the default");
+    assert_eq!(sim.api_fault, None);
+}
+
+#[test]
+fn simulated_api_timeout_and_faults() {
+    let with = |knobs: &str| {
+        let text = base_with(
+            "    cloud: mycloud\n",
+            &format!("    driver: simulated\n    simulation: {{{knobs}}}\n"),
+        );
+        let cfg = parse(&text).unwrap_or_else(|e| panic!("{knobs}: {e}"));
+        let Driver::Simulated(sim) = cfg.providers[0].driver.clone() else {
+            panic!("not simulated")
+        };
+        sim
+    };
+    assert_eq!(
+        with("api-timeout: 2.5").api_timeout,
+        Duration::from_millis(2500)
+    );
+    assert_eq!(with("api-fault: hang").api_fault, Some(ApiFault::Hang));
+    assert_eq!(
+        with("api-fault: server-error").api_fault,
+        Some(ApiFault::ServerError)
+    );
+    assert_eq!(
+        with("api-fault: rate-limit").api_fault,
+        Some(ApiFault::RateLimit { retry_after: None })
+    );
+    assert_eq!(
+        with("api-fault: {mode: rate-limit, retry-after: 30}").api_fault,
+        Some(ApiFault::RateLimit {
+            retry_after: Some(Duration::from_secs(30))
+        })
+    );
+    assert_eq!(with("api-fault: none").api_fault, None);
+    assert_eq!(
+        with("api-fault: {mode: hang}").api_fault,
+        Some(ApiFault::Hang)
+    );
 }
 
 #[test]
@@ -987,5 +1028,56 @@ fn e64_label_in_pool_is_used_even_when_image_source_parses() {
     assert_eq!(
         cfg.providers[0].pools[0].labels[0].image,
         ImageSource::CloudImage("cirros".into())
+    );
+}
+
+#[test]
+fn e65_simulated_api_fault_errors_are_located() {
+    let sim = |knobs: &str| {
+        base_with(
+            "    cloud: mycloud\n",
+            &format!("    driver: simulated\n    simulation: {{{knobs}}}\n"),
+        )
+    };
+    let e = invalid(
+        &sim("api-fault: hung"),
+        "providers[0].simulation.api-fault",
+        K::InvalidValue,
+    );
+    assert!(e.to_string().contains("did you mean `hang`"), "{e}");
+    invalid(
+        &sim("api-fault: {mode: bogus}"),
+        "providers[0].simulation.api-fault.mode",
+        K::InvalidValue,
+    );
+    invalid(
+        &sim("api-fault: {retry-after: 3}"),
+        "providers[0].simulation.api-fault.mode",
+        K::MissingKey,
+    );
+    invalid(
+        &sim("api-fault: {mode: hang, retry-after: 3}"),
+        "providers[0].simulation.api-fault.retry-after",
+        K::Conflict,
+    );
+    invalid(
+        &sim("api-fault: {mode: rate-limit, retry-afer: 3}"),
+        "providers[0].simulation.api-fault.retry-afer",
+        K::UnknownKey,
+    );
+    invalid(
+        &sim("api-fault: [hang]"),
+        "providers[0].simulation.api-fault",
+        K::WrongType,
+    );
+    invalid(
+        &sim("api-timeout: 0"),
+        "providers[0].simulation.api-timeout",
+        K::InvalidValue,
+    );
+    invalid(
+        &sim("api-timout: 3"),
+        "providers[0].simulation.api-timout",
+        K::UnknownKey,
     );
 }

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nodepool_core::config::Config;
+use nodepool_core::config::{ApiFault, Config};
 use nodepool_core::launcher::{Launcher, LauncherSettings, ObserverIntervals, ProviderFactory};
-use nodepool_core::model::{NodeState, RequestState};
+use nodepool_core::model::{ComponentKind, NodeState, RequestState};
 use nodepool_core::provider::Provider;
 use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
 use nodepool_core::simulated::SimulatedProvider;
@@ -46,6 +46,7 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
     clouds: Clouds,
     status: Arc<nodepool_core::launcher::LauncherStatus>,
+    metrics: Arc<nodepool_core::launcher::Metrics>,
 }
 
 fn settings(host: &str) -> LauncherSettings {
@@ -76,6 +77,7 @@ fn start(store: Store, yaml: &str, host: &str) -> Running {
     });
     let launcher = Launcher::new(store, factory, settings(host));
     let status = launcher.status();
+    let metrics = launcher.metrics();
     let (tx, rx) = watch::channel(cfg);
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -88,6 +90,7 @@ fn start(store: Store, yaml: &str, host: &str) -> Running {
         task,
         clouds,
         status,
+        metrics,
     }
 }
 
@@ -472,4 +475,172 @@ async fn shutdown_unregisters_components() {
         .await
         .expect("list");
     assert!(pools.records.is_empty());
+}
+
+/// `bad` is preferred and the only one serving `gpu`; its API answers
+/// within 5 s or is counted as failed.
+const BAD_AND_GOOD: &str = r#"
+labels:
+  - name: small
+  - name: gpu
+providers:
+  - name: bad
+    driver: simulated
+    priority: 50
+    simulation:
+      api-timeout: 5
+      boot-delay: 2
+      flavors: [{name: s, vcpus: 1, ram: 1024}]
+    cloud-images: [{name: img}]
+    pools:
+      - name: main
+        max-servers: 50
+        labels:
+          - {name: small, cloud-image: img, flavor-name: s}
+          - {name: gpu, cloud-image: img, flavor-name: s}
+  - name: good
+    driver: simulated
+    priority: 100
+    simulation:
+      boot-delay: 2
+      flavors: [{name: s, vcpus: 1, ram: 1024}]
+    cloud-images: [{name: img}]
+    pools:
+      - name: main
+        max-servers: 50
+        labels: [{name: small, cloud-image: img, flavor-name: s}]
+"#;
+
+/// A burst while the preferred cloud's API fails: every request the
+/// healthy cloud can serve is served there, fast (virtual time, so the
+/// bound is exact: the old behaviour took nodes x retries x api-timeout);
+/// requests only the failing cloud serves wait, unfailed, and are served
+/// once it recovers; nothing is left behind in either cloud.
+async fn a_failing_cloud_is_routed_around(fault: ApiFault) {
+    let (_mem, store) = store();
+    let l = start(store.clone(), BAD_AND_GOOD, "l1");
+    until("first pass", || async { l.status.is_ready() }).await;
+    let bad = l.cloud("bad");
+    let good = l.cloud("good");
+    bad.set_api_fault(Some(fault));
+    let zuul = Requestor::new(store.clone(), "zuul");
+    let t0 = tokio::time::Instant::now();
+    let mut small = Vec::new();
+    for _ in 0..20 {
+        small.push(
+            zuul.submit(&NewRequest::new(vec!["small".into()]))
+                .await
+                .expect("submit"),
+        );
+    }
+    let mut gpu = Vec::new();
+    for _ in 0..2 {
+        gpu.push(
+            zuul.submit(&NewRequest::new(vec!["gpu".into()]))
+                .await
+                .expect("submit"),
+        );
+    }
+    let mut sets = Vec::new();
+    for id in &small {
+        let Outcome::Fulfilled(req) = zuul.wait(id, Duration::from_secs(600)).await.expect("wait")
+        else {
+            panic!("{fault:?}: request {id} failed")
+        };
+        for n in &req.value.nodes {
+            let node = store.get_node(n).await.expect("get").expect("node");
+            assert_eq!(node.value.provider, "good", "{fault:?}: node {n} of {id}");
+        }
+        sets.push(zuul.accept(id, &req.value).await.expect("accept"));
+    }
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(60),
+        "{fault:?}: the burst took {took:?} of virtual time"
+    );
+    // The bad cloud is marked unavailable, visibly.
+    assert_eq!(
+        l.metrics.counter("nodepool.provider.bad.outages"),
+        1,
+        "{fault:?}"
+    );
+    assert_eq!(
+        l.metrics.gauge_value("nodepool.provider.bad.health"),
+        Some(0.0)
+    );
+    assert_eq!(
+        l.metrics.gauge_value("nodepool.provider.good.health"),
+        Some(1.0)
+    );
+    let down = l.status.unavailable_providers();
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert_eq!(down[0].provider, "bad");
+    assert!(
+        l.status.readiness().is_ready(),
+        "an outage is no readiness problem"
+    );
+    let pools = store
+        .list_components(ComponentKind::Pool)
+        .await
+        .expect("pools")
+        .records;
+    let bad_pool = pools
+        .iter()
+        .map(|(_, c)| c)
+        .find(|c| c.provider_name.as_deref() == Some("bad"))
+        .expect("bad's pool component");
+    assert_eq!(bad_pool.paused, Some(true));
+    let why = bad_pool.provider_unavailable.as_ref().expect("says why");
+    assert!(!why.reason.is_empty());
+    // Requests only the bad cloud serves wait; they are not failed.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    for id in &gpu {
+        let r = store.get_request(id).await.expect("get").expect("request");
+        assert_eq!(r.value.state, RequestState::Requested, "{fault:?}: {id}");
+        assert!(r.value.declined_by.is_empty(), "{fault:?}: {id}");
+    }
+    // The cloud recovers: a probe finds it, and the waiting requests are
+    // served there.
+    bad.set_api_fault(None);
+    for id in &gpu {
+        let Outcome::Fulfilled(req) = zuul.wait(id, Duration::from_secs(300)).await.expect("wait")
+        else {
+            panic!("{fault:?}: request {id} failed after the recovery")
+        };
+        sets.push(zuul.accept(id, &req.value).await.expect("accept"));
+    }
+    assert!(l.status.unavailable_providers().is_empty());
+    // Every node returned; both clouds end empty (the launches the fault
+    // cut short are cleaned up too).
+    for mut set in sets {
+        zuul.use_nodes(&mut set, "org/project")
+            .await
+            .expect("in-use");
+        zuul.return_nodes(set).await.expect("used");
+    }
+    until("every node and server deleted", || async {
+        store.list_nodes().await.expect("list").records.is_empty()
+            && bad.server_count() == 0
+            && good.server_count() == 0
+    })
+    .await;
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_cloud_is_routed_around() {
+    a_failing_cloud_is_routed_around(ApiFault::Hang).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cloud_answering_500_is_routed_around() {
+    a_failing_cloud_is_routed_around(ApiFault::ServerError).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limited_cloud_is_routed_around() {
+    a_failing_cloud_is_routed_around(ApiFault::RateLimit {
+        retry_after: Some(Duration::from_secs(20)),
+    })
+    .await;
 }

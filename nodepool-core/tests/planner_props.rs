@@ -511,4 +511,118 @@ proptest! {
             }
         }
     }
+
+    /// An unavailable provider gets no work: its pools report paused and
+    /// accept nothing, nothing launches or is deleted there, requests held
+    /// there are handed back (never declined or failed because of it)
+    /// once nothing is in flight, and requests only it serves are not
+    /// failed while waiting.
+    #[test]
+    fn an_unavailable_provider_gets_no_work_and_fails_nothing(
+        s in spec(true),
+        down in prop::collection::vec(any::<bool>(), 3),
+        owned in prop::collection::vec((any::<bool>(), 0usize..8), 8),
+    ) {
+        let mut w = world(&s);
+        let down: BTreeSet<String> = (0..s.providers.len())
+            .filter(|&pi| down[pi])
+            .map(|pi| format!("p{pi}"))
+            .collect();
+        for p in &down {
+            w.set_outage(p, Some("timed out"));
+        }
+        // Some pending requests are held by one of our pools.
+        let pools: Vec<PoolKey> = w.local.pool_ids.keys().cloned().collect();
+        let pending: Vec<String> = w.requests_in(RequestState::Pending);
+        for (i, id) in pending.iter().enumerate() {
+            let (hold, pool) = owned[i % owned.len()];
+            if hold {
+                let key = pools[pool % pools.len()].clone();
+                w.local.owned_requests.insert(id.clone(), key);
+                if let Some(r) = w.snapshot.requests.iter_mut().find(|r| &r.id == id) {
+                    r.locked = true;
+                }
+            }
+        }
+        let down_ids: BTreeSet<String> = w.local.pool_ids.iter()
+            .filter(|(k, _)| down.contains(&k.provider))
+            .map(|(_, id)| id.clone())
+            .collect();
+        // Requests whose labels every serving pool is in a down provider
+        // (and some pool serves): they must wait.
+        let only_down: BTreeSet<String> = w.snapshot.requests.iter()
+            .filter(|r| {
+                let serving: Vec<&PoolKey> = pools.iter().filter(|k| {
+                    let pc = w.config.provider(&k.provider).expect("provider");
+                    let pool = pc.pool(&k.pool).expect("pool");
+                    r.request.node_types.iter().all(|l| pool.label(l).is_some())
+                }).collect();
+                !serving.is_empty() && serving.iter().all(|k| down.contains(&k.provider))
+            })
+            .map(|r| r.id.clone())
+            .collect();
+        for pass in 0..3 {
+            let plan = w.plan();
+            for st in &plan.pools {
+                if down.contains(&st.pool.provider) {
+                    prop_assert!(st.paused, "{} not paused", st.pool);
+                }
+            }
+            for a in &plan.actions {
+                match a {
+                    Action::Accept { pool, .. } | Action::Launch { pool, .. } => {
+                        prop_assert!(!down.contains(&pool.provider), "pass {pass}: {a:?}");
+                    }
+                    Action::DeleteNode { node, .. } => {
+                        let n = w.node(node).expect("node");
+                        prop_assert!(!down.contains(&n.provider), "pass {pass}: {a:?}");
+                    }
+                    Action::Allocate { request, .. } | Action::Fulfill { request, .. } => {
+                        let held = w.local.owned_requests.get(request);
+                        prop_assert!(held.is_none_or(|k| !down.contains(&k.provider)), "pass {pass}: {a:?}");
+                    }
+                    Action::Decline { request, by, reason, .. } => {
+                        // A down pool may still decline what it can never
+                        // serve (a permanent verdict), never because of
+                        // the outage.
+                        if by.iter().any(|id| down_ids.contains(id)) {
+                            prop_assert!(reason.contains("can never fit") || reason.contains("not supported")
+                                || reason.contains("no image") || reason.contains("disabled")
+                                || reason.contains("max-concurrency 0"), "pass {pass}: {a:?}");
+                        }
+                        let held = w.local.owned_requests.get(request);
+                        prop_assert!(held.is_none_or(|k| !down.contains(&k.provider)), "pass {pass}: {a:?}");
+                    }
+                    Action::HandBack { request, .. } => {
+                        let held = w.local.owned_requests.get(request);
+                        prop_assert!(held.is_some_and(|k| down.contains(&k.provider)), "pass {pass}: {a:?}");
+                        let k = held.expect("held");
+                        let in_flight = w.snapshot.nodes.iter().any(|n| {
+                            n.node.allocated_to.as_deref() == Some(request.as_str())
+                                && n.node.provider == k.provider && n.node.pool == k.pool
+                                && (matches!(n.node.state, NodeState::Init | NodeState::Building)
+                                    || (n.node.state == NodeState::Ready && n.locked))
+                        });
+                        prop_assert!(!in_flight, "pass {pass}: handed back with a launch in flight: {a:?}");
+                    }
+                    Action::Fail { request, .. } => {
+                        // Unless pools declined it for good (e.g. it can
+                        // never fit), which an outage does not change.
+                        let declined = w.request(request).is_some_and(|r| !r.declined_by.is_empty());
+                        prop_assert!(!only_down.contains(request) || declined, "pass {pass}: {a:?}");
+                    }
+                    _ => {}
+                }
+            }
+            w.apply(&plan);
+            w.finish_launches();
+        }
+        // Requests only the down providers serve, waiting at the start,
+        // wait still: not failed, not declined by a down pool for the outage.
+        for r in &w.snapshot.requests {
+            if only_down.contains(&r.id) && r.request.declined_by.is_empty() {
+                prop_assert_ne!(r.request.state, RequestState::Failed, "{}", r.id);
+            }
+        }
+    }
 }

@@ -385,6 +385,7 @@ fn another_launchers_better_pool_is_yielded_to() {
         labels: vec!["small".into()],
         priority: 10,
         paused: false,
+        unavailable: false,
     });
     w.add_request(&["small"], "200");
     assert!(w.plan().actions.is_empty(), "{:?}", w.plan().actions);
@@ -941,4 +942,234 @@ fn an_owned_request_that_vanished_is_released() {
     w.snapshot.requests.clear();
     let p = w.plan();
     assert!(p.actions.contains(&Action::Release { request: r }));
+}
+
+/// `bad` is preferred (priority 50) and the only one serving `gpu`.
+const BAD_AND_GOOD: &str = r#"
+labels:
+  - name: small
+  - name: gpu
+providers:
+  - name: bad
+    driver: simulated
+    priority: 50
+    cloud-images: [{name: img}]
+    pools:
+      - name: main
+        max-servers: 10
+        labels:
+          - {name: small, cloud-image: img, min-ram: 1}
+          - {name: gpu, cloud-image: img, min-ram: 1}
+  - name: good
+    driver: simulated
+    priority: 100
+    cloud-images: [{name: img}]
+    pools:
+      - name: main
+        max-servers: 10
+        labels: [{name: small, cloud-image: img, min-ram: 1}]
+"#;
+
+fn touches_provider(a: &Action, provider: &str) -> bool {
+    match a {
+        Action::Accept { pool, .. } | Action::Launch { pool, .. } => pool.provider == provider,
+        _ => false,
+    }
+}
+
+#[test]
+fn an_unavailable_providers_pools_take_nothing_and_a_healthy_one_takes_its_work_in_the_same_pass() {
+    let mut w = World::new(BAD_AND_GOOD);
+    w.set_outage("bad", Some("timed out: server list"));
+    let reqs: Vec<String> = (0..5).map(|_| w.add_request(&["small"], "200")).collect();
+    let p = w.plan();
+    assert!(
+        !p.actions.iter().any(|a| touches_provider(a, "bad")),
+        "{:?}",
+        p.actions
+    );
+    for r in &reqs {
+        assert!(
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::Accept { request, pool }
+                if request == r && pool.provider == "good")),
+            "{r} not taken by good: {:?}",
+            p.actions
+        );
+    }
+    assert_eq!(count(&p, is_launch), 5);
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Decline { .. } | Action::Fail { .. }))
+    );
+    let bad = p
+        .pools
+        .iter()
+        .find(|s| s.pool.provider == "bad")
+        .expect("bad's pool");
+    assert!(bad.paused, "an unavailable provider's pool reports paused");
+    assert!(
+        !p.pools
+            .iter()
+            .find(|s| s.pool.provider == "good")
+            .expect("good's pool")
+            .paused
+    );
+    // The same without the outage: the preferred provider takes them.
+    w.set_outage("bad", None);
+    assert!(w.plan().actions.iter().any(|a| touches_provider(a, "bad")));
+}
+
+#[test]
+fn requests_only_an_unavailable_provider_serves_wait_and_are_not_failed() {
+    let mut w = World::new(BAD_AND_GOOD);
+    w.set_outage("bad", Some("HTTP 500"));
+    let gpu = w.add_request(&["gpu"], "200");
+    for _ in 0..5 {
+        let p = w.plan();
+        assert!(
+            !p.actions.iter().any(|a| a.request() == Some(gpu.as_str())),
+            "{:?}",
+            p.actions
+        );
+        w.apply(&p);
+        w.now += 60.0;
+    }
+    let r = w.request(&gpu).expect("request");
+    assert_eq!(r.state, RequestState::Requested);
+    assert!(r.declined_by.is_empty(), "{:?}", r.declined_by);
+    // A request naming the unavailable provider goes elsewhere.
+    let mut req = NodeRequest::new(vec!["small".into()], "zuul", w.now);
+    req.provider = Some("bad".into());
+    let named = w.push_request(req, "200", 0);
+    let p = w.plan();
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Accept { request, pool }
+            if request == &named && pool.provider == "good")),
+        "{:?}",
+        p.actions
+    );
+}
+
+#[test]
+fn requests_held_on_an_unavailable_provider_are_handed_back_once_nothing_is_in_flight() {
+    let mut w = World::new(BAD_AND_GOOD);
+    let small = w.add_request(&["small"], "200");
+    let gpu = w.add_request(&["gpu"], "200");
+    let p = w.plan();
+    assert_eq!(
+        count(&p, |a| touches_provider(a, "bad")),
+        4,
+        "{:?}",
+        p.actions
+    );
+    w.apply(&p);
+    // The cloud's API starts failing while both launches build.
+    w.set_outage("bad", Some("timed out: server create"));
+    let p = w.plan();
+    assert!(
+        !p.actions
+            .iter()
+            .any(|a| matches!(a, Action::HandBack { .. } | Action::Decline { .. })),
+        "launches in flight are waited for (the breaker cuts them short): {:?}",
+        p.actions
+    );
+    // The breaker cut them short: one aborted, one failed (a launch that
+    // ended before the provider was marked unavailable).
+    let nodes: Vec<String> = w.snapshot.nodes.iter().map(|n| n.id.clone()).collect();
+    w.edit_node(&nodes[0], |n, l| {
+        n.state = NodeState::Aborted;
+        *l = false;
+    });
+    w.edit_node(&nodes[1], |n, l| {
+        n.state = NodeState::Failed;
+        *l = false;
+    });
+    let p = w.plan();
+    for r in [&small, &gpu] {
+        assert!(
+            p.actions
+                .iter()
+                .any(|a| matches!(a, Action::HandBack { request, .. } if request == r)),
+            "{r}: {:?}",
+            p.actions
+        );
+    }
+    assert!(
+        !p.actions.iter().any(|a| matches!(
+            a,
+            Action::Decline { .. } | Action::Fail { .. } | Action::DeleteNode { .. }
+        )),
+        "no decline, and the bad cloud's nodes wait for it to recover: {:?}",
+        p.actions
+    );
+    w.apply(&p);
+    for r in [&small, &gpu] {
+        let req = w.request(r).expect("request");
+        assert_eq!(req.state, RequestState::Requested);
+        assert!(req.declined_by.is_empty());
+    }
+    assert!(w.local.owned_requests.is_empty());
+    // The next pass: `small` goes to the healthy provider, `gpu` waits.
+    let p = w.plan();
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Accept { request, pool }
+            if request == &small && pool.provider == "good")),
+        "{:?}",
+        p.actions
+    );
+    assert!(!p.actions.iter().any(|a| a.request() == Some(gpu.as_str())));
+    w.apply(&p);
+    w.finish_launches();
+    w.run(5);
+    assert_eq!(
+        w.request(&small).map(|r| r.state),
+        Some(RequestState::Fulfilled)
+    );
+    assert_eq!(
+        w.request(&gpu).map(|r| r.state),
+        Some(RequestState::Requested)
+    );
+}
+
+#[test]
+fn service_resumes_when_the_provider_recovers() {
+    let mut w = World::new(BAD_AND_GOOD);
+    w.set_outage("bad", Some("rate limited"));
+    let gpu = w.add_request(&["gpu"], "200");
+    let stale = w.add_node("bad", "main", "small", NodeState::Used);
+    w.run(5);
+    assert_eq!(
+        w.request(&gpu).map(|r| r.state),
+        Some(RequestState::Requested)
+    );
+    assert!(w.node(&stale).is_some(), "deletion waits for the cloud");
+    w.set_outage("bad", None);
+    let p = w.plan();
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Accept { request, pool }
+            if request == &gpu && pool.provider == "bad")),
+        "{:?}",
+        p.actions
+    );
+    assert!(p.actions.contains(&Action::DeleteNode {
+        node: stale.clone(),
+        reason: DeleteReason::Unlocked
+    }));
+    assert!(!p.pools.iter().any(|s| s.paused));
+    w.apply(&p);
+    w.finish_launches();
+    w.run(5);
+    assert_eq!(
+        w.request(&gpu).map(|r| r.state),
+        Some(RequestState::Fulfilled)
+    );
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use indexmap::IndexMap;
-use nodepool_core::config::{Config, PoolLabel, ProviderConfig, SimulatedCloud};
+use nodepool_core::config::{ApiFault, Config, PoolLabel, ProviderConfig, SimulatedCloud};
 use nodepool_core::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
 use nodepool_core::provider::{
     IMAGE_BUILD_ID, ImageRef, ImageUploadSpec, InstanceSpec, InstanceStatus, META_GROUPS,
@@ -1867,4 +1867,119 @@ providers:
             "{bad}: {e}"
         );
     }
+}
+
+// ----- API faults -----
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_api_times_out_after_api_timeout_and_recovers_when_cleared() {
+    let c = cloud("api-timeout: 5, boot-delay: 10");
+    assert_eq!(c.provider.api_timeout(), Duration::from_secs(5));
+    let s = spec(&c, 1);
+    let id = c.provider.create_instance(&s).await.expect("create");
+    c.provider.set_api_fault(Some(ApiFault::Hang));
+    assert_eq!(c.provider.api_fault(), Some(ApiFault::Hang));
+    let t0 = Instant::now();
+    let e = c.provider.list_instances().await.expect_err("hung");
+    assert!(matches!(e, ProviderError::Timeout(_)), "{e:?}");
+    assert!(e.to_string().contains("server list"), "{e}");
+    assert_eq!(t0.elapsed(), Duration::from_secs(5));
+    // A wait looks at the server through the API too: it times out.
+    let e = c
+        .provider
+        .wait_for_instance(&id, &s)
+        .await
+        .expect_err("hung");
+    assert!(matches!(e, ProviderError::Timeout(_)), "{e:?}");
+    assert!(
+        matches!(
+            c.provider.label_resources(&c.label).await,
+            Err(ProviderError::Timeout(_))
+        ),
+        "the flavor list is an API call"
+    );
+    // The cloud itself carries on (the hooks are no API calls): the server
+    // booted meanwhile.
+    assert_eq!(c.provider.server_count(), 1);
+    // A hung call goes through once the fault is cleared.
+    let cloud = c.provider.clone();
+    let hung = tokio::spawn(async move { cloud.quota_limits().await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.provider.set_api_fault(None);
+    hung.await.expect("join").expect("answered once cleared");
+    let i = c.provider.wait_for_instance(&id, &s).await.expect("active");
+    assert_eq!(i.status, InstanceStatus::Active);
+}
+
+#[tokio::test]
+async fn server_errors_and_rate_limits_answer_at_once() {
+    let c = cloud("api-fault: server-error");
+    assert_eq!(c.provider.api_fault(), Some(ApiFault::ServerError));
+    let e = launch(&c, 1).await.expect_err("500");
+    assert!(matches!(e, ProviderError::Transient(_)), "{e:?}");
+    assert!(e.to_string().contains("HTTP 500"), "{e}");
+    assert_eq!(c.provider.server_count(), 0, "nothing was created");
+    c.provider.set_api_fault(Some(ApiFault::RateLimit {
+        retry_after: Some(Duration::from_secs(30)),
+    }));
+    let e = c.provider.quota_limits().await.expect_err("429");
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(30)));
+    assert!(e.to_string().contains("HTTP 429"), "{e}");
+    assert_eq!(e.metric_label(), "ratelimit");
+    c.provider.set_api_fault(None);
+    launch(&c, 2).await.expect("works again");
+}
+
+#[tokio::test]
+async fn an_api_fault_set_through_the_state_file_reaches_every_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = format!("state-file: '{}'", dir.path().join("cloud.json").display());
+    let launcher = cloud(&file);
+    let drill = cloud(&file);
+    launch(&launcher, 1).await.expect("works");
+    drill
+        .provider
+        .set_api_fault(Some(ApiFault::RateLimit { retry_after: None }));
+    let e = launcher.provider.list_instances().await.expect_err("429");
+    assert!(
+        matches!(
+            e,
+            ProviderError::RateLimited {
+                retry_after: None,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // A provider opening the file later keeps the fault (its configuration
+    // sets none)...
+    let late = cloud(&file);
+    assert!(late.provider.list_images().await.is_err());
+    // ... and clearing it reaches everyone.
+    drill.provider.set_api_fault(None);
+    assert_eq!(
+        launcher
+            .provider
+            .list_instances()
+            .await
+            .expect("works")
+            .len(),
+        1
+    );
+    assert_eq!(late.provider.api_fault(), None);
+    // A configured fault is applied by the provider that opens the file.
+    let faulty = cloud(&format!(
+        "{file}, api-fault: {{mode: rate-limit, retry-after: 7}}"
+    ));
+    faulty
+        .provider
+        .list_images()
+        .await
+        .expect_err("configured fault");
+    assert_eq!(
+        launcher.provider.api_fault(),
+        Some(ApiFault::RateLimit {
+            retry_after: Some(Duration::from_secs(7))
+        })
+    );
 }

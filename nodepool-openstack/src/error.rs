@@ -17,6 +17,17 @@ pub enum ApiError {
         /// The cloud's message (scrubbed of secrets).
         message: String,
     },
+    /// The cloud refused the call for its request rate (HTTP 429), and
+    /// its `Retry-After` was too long to wait for within the call.
+    #[error("{call}: HTTP 429: {message}")]
+    RateLimited {
+        /// The call.
+        call: String,
+        /// The cloud's message (scrubbed of secrets).
+        message: String,
+        /// The cloud's `Retry-After`, when it sent one.
+        retry_after: Option<std::time::Duration>,
+    },
     /// The call took longer than its timeout.
     #[error("{call}: no answer within {:.1} s", .timeout.as_secs_f64())]
     Timeout {
@@ -52,6 +63,7 @@ impl ApiError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ApiError::Status { status, .. } => Some(*status),
+            ApiError::RateLimited { .. } => Some(429),
             _ => None,
         }
     }
@@ -73,6 +85,15 @@ impl ApiError {
                 call: s(call),
                 status,
                 message: s(message),
+            },
+            ApiError::RateLimited {
+                call,
+                message,
+                retry_after,
+            } => ApiError::RateLimited {
+                call: s(call),
+                message: s(message),
+                retry_after,
             },
             ApiError::Timeout { call, timeout } => ApiError::Timeout {
                 call: s(call),
@@ -172,8 +193,16 @@ impl From<ApiError> for ProviderError {
                 401 => ProviderError::Unauthenticated(text),
                 403 | 409 | 413 if is_quota_message(message) => ProviderError::QuotaExceeded(text),
                 400 | 403 | 409 | 413 | 422 => ProviderError::InvalidRequest(text),
-                429 | 500..=599 => ProviderError::Transient(text),
+                429 => ProviderError::RateLimited {
+                    message: text,
+                    retry_after: None,
+                },
+                500..=599 => ProviderError::Transient(text),
                 _ => ProviderError::Other(text),
+            },
+            ApiError::RateLimited { retry_after, .. } => ProviderError::RateLimited {
+                message: text,
+                retry_after: *retry_after,
             },
             ApiError::Timeout { .. } => ProviderError::Timeout(text),
             ApiError::Transport { .. } => ProviderError::Transient(text),
@@ -221,7 +250,28 @@ mod tests {
         ));
         assert!(matches!(status(500, "boom"), ProviderError::Transient(_)));
         assert!(matches!(status(503, "busy"), ProviderError::Transient(_)));
-        assert!(matches!(status(429, "slow"), ProviderError::Transient(_)));
+        assert!(matches!(
+            status(429, "slow"),
+            ProviderError::RateLimited {
+                retry_after: None,
+                ..
+            }
+        ));
+        let limited: ProviderError = ApiError::RateLimited {
+            call: "compute GET limits".into(),
+            message: "slow down (Retry-After: 30)".into(),
+            retry_after: Some(std::time::Duration::from_secs(30)),
+        }
+        .into();
+        assert_eq!(
+            limited.retry_after(),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(
+            limited.to_string(),
+            "rate limited: compute GET limits: HTTP 429: slow down (Retry-After: 30)"
+        );
+        assert!(limited.is_api_failure());
         let t: ProviderError = ApiError::Timeout {
             call: "c".into(),
             timeout: std::time::Duration::from_secs(1),

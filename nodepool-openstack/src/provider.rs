@@ -61,6 +61,15 @@ impl Default for ProviderOptions {
 
 type Cached<T> = Option<(Instant, Arc<T>)>;
 
+/// The shared server list, and the last failure to get one: callers that
+/// waited for a fetch that failed get its error instead of fetching again
+/// one after the other (a hung API would cost each of them a timeout).
+#[derive(Default)]
+struct ServerList {
+    list: Cached<Vec<Server>>,
+    failure: Option<(Instant, ApiError)>,
+}
+
 /// A Nodepool provider on one OpenStack cloud region.
 ///
 /// Built from a `ProviderConfig` ([`OpenStackProvider::from_config`]) or
@@ -70,7 +79,7 @@ pub struct OpenStackProvider {
     name: String,
     client: Arc<Client>,
     options: ProviderOptions,
-    servers: tokio::sync::Mutex<Cached<Vec<Server>>>,
+    servers: tokio::sync::Mutex<ServerList>,
     flavors: tokio::sync::Mutex<Cached<Vec<Flavor>>>,
     external: tokio::sync::Mutex<Cached<Vec<Network>>>,
     networks: std::sync::Mutex<HashMap<String, (Instant, String)>>,
@@ -134,7 +143,7 @@ impl OpenStackProvider {
             name: name.to_owned(),
             client: Arc::new(client),
             options,
-            servers: tokio::sync::Mutex::new(None),
+            servers: tokio::sync::Mutex::new(ServerList::default()),
             flavors: tokio::sync::Mutex::new(None),
             external: tokio::sync::Mutex::new(None),
             networks: std::sync::Mutex::new(HashMap::new()),
@@ -161,18 +170,31 @@ impl OpenStackProvider {
     /// (concurrent callers wait for the same fetch), fetched at or after
     /// `since` when given.
     async fn server_list(&self, since: Option<Instant>) -> Result<Arc<Vec<Server>>, ApiError> {
+        let asked = Instant::now();
         let mut slot = self.servers.lock().await;
-        if let Some((at, list)) = slot.as_ref()
+        if let Some((at, list)) = slot.list.as_ref()
             && self.fresh(*at, self.options.list_ttl)
             && since.is_none_or(|s| *at >= s)
         {
             return Ok(list.clone());
         }
+        // The fetch we waited for failed: its answer is ours too.
+        if let Some((at, e)) = &slot.failure
+            && *at >= asked
+        {
+            return Err(e.clone());
+        }
         let at = Instant::now();
         let mut all = Vec::new();
         let mut marker = None;
         loop {
-            let (page, next) = self.client.execute(&ListServers { marker }).await?;
+            let (page, next) = match self.client.execute(&ListServers { marker }).await {
+                Ok(p) => p,
+                Err(e) => {
+                    slot.failure = Some((Instant::now(), e.clone()));
+                    return Err(e);
+                }
+            };
             let empty = page.is_empty();
             all.extend(page);
             match next {
@@ -181,12 +203,13 @@ impl OpenStackProvider {
             }
         }
         let list = Arc::new(all);
-        *slot = Some((at, list.clone()));
+        slot.list = Some((at, list.clone()));
+        slot.failure = None;
         Ok(list)
     }
 
     async fn forget_server_list(&self) {
-        *self.servers.lock().await = None;
+        self.servers.lock().await.list = None;
     }
 
     async fn flavor_list(&self, refresh: bool) -> Result<Arc<Vec<Flavor>>, ApiError> {
@@ -849,7 +872,7 @@ impl Provider for OpenStackProvider {
             .lock()
             .map(|s| s.contains(external_id))
             .unwrap_or(true);
-        let listed_fip = match self.servers.lock().await.as_ref() {
+        let listed_fip = match self.servers.lock().await.list.as_ref() {
             Some((_, list)) => list.iter().find(|s| s.id == external_id).is_none_or(|s| {
                 s.addresses
                     .iter()
@@ -1054,6 +1077,12 @@ impl Provider for OpenStackProvider {
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// clouds.yaml `api_timeout` (else the client's default), which also
+    /// bounds each HTTP request the client sends.
+    fn api_timeout(&self) -> Duration {
+        self.client.options().timeout
     }
 }
 

@@ -169,6 +169,40 @@ pub struct SimulatedCloud {
     /// CLI, tests) sees one cloud. Relative paths are resolved against the
     /// configuration file's directory.
     pub state_file: Option<PathBuf>,
+    /// `api-timeout`: the longest one call to this cloud may take before
+    /// the launcher counts it as failed (OpenStack's clouds.yaml
+    /// `api_timeout`).
+    pub api_timeout: Duration,
+    /// `api-fault`: the cloud's API misbehaves from the start (failure
+    /// drills; tests also set it at run time). `None`: it works.
+    pub api_fault: Option<ApiFault>,
+}
+
+/// A way the simulated cloud's API can fail: every call, until cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiFault {
+    /// `hang`: calls get no answer (each is cut at `api-timeout`, as a
+    /// client with that timeout would).
+    Hang,
+    /// `server-error`: calls answer HTTP 500.
+    ServerError,
+    /// `rate-limit`: calls answer HTTP 429 Too Many Requests, with a
+    /// `Retry-After` when given (`{mode: rate-limit, retry-after: SECONDS}`).
+    RateLimit {
+        /// The `Retry-After` sent, if any.
+        retry_after: Option<Duration>,
+    },
+}
+
+impl ApiFault {
+    /// The configuration name of the mode.
+    pub fn mode(self) -> &'static str {
+        match self {
+            ApiFault::Hang => "hang",
+            ApiFault::ServerError => "server-error",
+            ApiFault::RateLimit { .. } => "rate-limit",
+        }
+    }
 }
 
 impl Default for SimulatedCloud {
@@ -197,6 +231,8 @@ impl Default for SimulatedCloud {
             availability_zones: vec!["az1".into(), "az2".into()],
             seed: 0,
             state_file: None,
+            api_timeout: crate::provider::DEFAULT_API_TIMEOUT,
+            api_fault: None,
         }
     }
 }

@@ -654,6 +654,21 @@ fn simulation(at: At<'_>, errs: &mut Errors) -> Option<SimulatedCloud> {
     if let Some(s) = m.uint("seed", errs) {
         sim.seed = s;
     }
+    if let Some(d) = m.float("api-timeout", errs) {
+        let path = m.path_of("api-timeout");
+        if d > 0.0 && d.is_finite() {
+            sim.api_timeout = Duration::from_secs_f64(d);
+        } else {
+            errs.push(
+                &path,
+                Kind::InvalidValue,
+                format!("must be a positive number of seconds, found {d}"),
+            );
+        }
+    }
+    if let Some(f) = m.get("api-fault") {
+        sim.api_fault = api_fault(f.at(), errs);
+    }
     if let Some(f) = m.string("state-file", errs) {
         // A file name is needed: the lock and temporary files go beside it.
         if f.trim().is_empty() || f.ends_with('/') {
@@ -668,6 +683,59 @@ fn simulation(at: At<'_>, errs: &mut Errors) -> Option<SimulatedCloud> {
     }
     m.finish(errs);
     Some(sim)
+}
+
+/// `api-fault`: a mode (`hang`, `server-error`, `rate-limit`, `none`), or
+/// `{mode: rate-limit, retry-after: SECONDS}`.
+fn api_fault(at: At<'_>, errs: &mut Errors) -> Option<ApiFault> {
+    const MODES: [&str; 4] = ["hang", "server-error", "rate-limit", "none"];
+    let (mode, mode_path, retry_after) = match at.value {
+        Value::Mapping(_) => {
+            let mut m = at.fields(errs)?;
+            let mode_path = m.path_of("mode");
+            let mode = m.required_string("mode", errs);
+            let retry_after = m
+                .float("retry-after", errs)
+                .map(|d| (d, m.path_of("retry-after")));
+            m.finish(errs);
+            (mode?, mode_path, retry_after)
+        }
+        _ => (at.string(errs)?, at.path.to_owned(), None),
+    };
+    let fault = match mode.as_str() {
+        "hang" => Some(ApiFault::Hang),
+        "server-error" => Some(ApiFault::ServerError),
+        "rate-limit" => Some(ApiFault::RateLimit { retry_after: None }),
+        "none" => None,
+        other => {
+            let hint = super::yaml::suggest(other, &MODES)
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            errs.push(
+                &mode_path,
+                Kind::InvalidValue,
+                format!(
+                    "unknown api-fault mode `{other}` (one of: {}){hint}",
+                    MODES.join(", ")
+                ),
+            );
+            return None;
+        }
+    };
+    match (fault, retry_after) {
+        (f, None) => f,
+        (Some(ApiFault::RateLimit { .. }), Some((d, path))) => Some(ApiFault::RateLimit {
+            retry_after: Some(non_negative_duration(d, &path, errs)),
+        }),
+        (f, Some((_, path))) => {
+            errs.push(
+                &path,
+                Kind::Conflict,
+                "`retry-after` only applies to `mode: rate-limit`",
+            );
+            f
+        }
+    }
 }
 
 fn non_negative_duration(secs: f64, path: &str, errs: &mut Errors) -> Duration {

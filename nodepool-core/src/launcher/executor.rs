@@ -111,6 +111,7 @@ fn action_name(a: &Action) -> &'static str {
         Action::Launch { .. } => "launch",
         Action::Fulfill { .. } => "fulfill",
         Action::Release { .. } => "release",
+        Action::HandBack { .. } => "hand-back",
         Action::ResetLost { .. } => "reset-lost",
         Action::CreateMinReady { .. } => "create-min-ready",
         Action::CompleteMinReady { .. } => "complete-min-ready",
@@ -392,6 +393,16 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                 let _ = o.guard.release().await;
             }
             Ok(())
+        }
+        Action::HandBack { request, reason } => {
+            // Taken out first: the map's lock must not be held across an await.
+            let Some(o) = rt.owned().remove(request) else {
+                return Err("request not held".into());
+            };
+            tracing::info!(request = %request, pool = %o.pool, %reason, "giving a request back: its provider is unavailable");
+            hand_back(&store, request, o.guard, clock)
+                .await
+                .map_err(err)
         }
         Action::ResetLost { request } => {
             let guard = store

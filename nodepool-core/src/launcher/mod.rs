@@ -13,10 +13,12 @@
 //! is picked up within milliseconds), when a task finishes, and at least
 //! every second for time-based rules.
 //!
-//! Layout: `providers` (clouds and their observers), `executor` (actions),
-//! `tasks` (launch and delete), `nodescan`, [`metrics`].
+//! Layout: `providers` (clouds and their observers), [`health`] (a
+//! circuit breaker per cloud), `executor` (actions), `tasks` (launch and
+//! delete), `nodescan`, [`metrics`].
 
 mod executor;
+pub mod health;
 pub mod metrics;
 pub mod nodescan;
 mod providers;
@@ -30,6 +32,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use health::HealthPolicy;
 pub use metrics::Metrics;
 pub use providers::{ObserverIntervals, ProviderFactory};
 pub use tasks::delete_locked_node;
@@ -62,6 +65,9 @@ pub struct LauncherSettings {
     /// How long the set of registered pools must stay unchanged before
     /// min-ready requests are created (so launchers agree on label owners).
     pub registry_settle: Duration,
+    /// When a cloud whose API keeps failing is marked unavailable, and how
+    /// often it is probed then.
+    pub provider_health: HealthPolicy,
     /// Where "now" comes from.
     pub clock: Clock,
 }
@@ -112,6 +118,7 @@ impl Default for LauncherSettings {
             observer: ObserverIntervals::default(),
             shutdown_grace: Duration::from_secs(30),
             registry_settle: Duration::from_secs(2),
+            provider_health: HealthPolicy::default(),
             clock: Clock::System,
         }
     }
@@ -135,12 +142,103 @@ pub struct LauncherStatus {
     ready: std::sync::atomic::AtomicBool,
     config_generation: std::sync::atomic::AtomicU64,
     report: Mutex<String>,
+    /// The store session, read live (a lost session must show at once,
+    /// even while a pass is stuck).
+    session: Mutex<Option<watch::Receiver<SessionState>>>,
+    /// Why the last planning pass failed; `None` after one that worked.
+    pass_error: Mutex<Option<String>>,
+    /// The providers that were unavailable at the last pass.
+    unavailable: Mutex<Vec<UnavailableProvider>>,
+}
+
+/// A provider the launcher stopped calling because its API kept failing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnavailableProvider {
+    /// Provider name.
+    pub provider: String,
+    /// The latest API failure.
+    pub reason: String,
+    /// Epoch seconds it was marked unavailable.
+    pub since: f64,
+}
+
+/// Whether the launcher works, for the web app's `/ready`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Readiness {
+    /// Why it does not work; empty when it does.
+    pub problems: Vec<String>,
+    /// Providers it routes around. They do not make the launcher unready:
+    /// it works as designed (other providers take the work, requests only
+    /// they serve wait), and restarting it or taking it out of a load
+    /// balancer would not bring a cloud back.
+    pub unavailable: Vec<UnavailableProvider>,
+}
+
+impl Readiness {
+    /// Whether `/ready` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.problems.is_empty()
+    }
 }
 
 impl LauncherStatus {
-    /// Whether the first pass completed (the web app's `/ready`).
+    /// Whether the first pass completed.
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// What `/ready` reports: not ready before the first pass completed,
+    /// while the store session is not connected, and after a planning pass
+    /// failed (until one works); unavailable providers are listed but do
+    /// not make it unready (see [`Readiness::unavailable`]).
+    pub fn readiness(&self) -> Readiness {
+        let mut problems = Vec::new();
+        if !self.is_ready() {
+            problems.push("the first planning pass has not completed".to_owned());
+        }
+        let session = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|rx| *rx.borrow());
+        if let Some(st) = session
+            && st.id().is_none()
+        {
+            problems.push(format!(
+                "the state store session is not connected ({})",
+                match st {
+                    SessionState::Suspended { .. } => "suspended: connection lost",
+                    SessionState::Expired => "expired",
+                    SessionState::Closed => "closed",
+                    SessionState::Connected { .. } => "connected",
+                }
+            ));
+        }
+        if let Some(e) = self
+            .pass_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            problems.push(format!("the last planning pass failed: {e}"));
+        }
+        Readiness {
+            problems,
+            unavailable: self.unavailable_providers(),
+        }
+    }
+
+    /// The providers unavailable at the last pass.
+    pub fn unavailable_providers(&self) -> Vec<UnavailableProvider> {
+        self.unavailable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_pass_error(&self, e: Option<String>) {
+        *self.pass_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 
     /// How many configurations were applied (1 after start, +1 per reload).
@@ -241,12 +339,14 @@ pub struct Launcher {
 impl Launcher {
     /// A launcher on a store, building providers with `factory`.
     pub fn new(store: Store, factory: ProviderFactory, settings: LauncherSettings) -> Self {
+        let status = LauncherStatus::default();
+        *status.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(store.backend().session());
         Launcher {
             store,
             factory,
             settings,
             metrics: Arc::new(Metrics::in_memory()),
-            status: Arc::new(LauncherStatus::default()),
+            status: Arc::new(status),
         }
     }
 
@@ -308,13 +408,13 @@ impl Launcher {
             if let Err(e) = rt.ensure_registered().await {
                 tracing::warn!(error = %e, "registration failed; retrying");
             }
-            if let Err(e) = rt.pass().await {
-                match e {
-                    LauncherError::Store(err) => {
-                        tracing::warn!(error = %err, "planning pass failed; retrying");
-                    }
-                    fatal => break Err(fatal),
+            match rt.pass().await {
+                Ok(()) => {}
+                Err(LauncherError::Store(err)) => {
+                    tracing::warn!(error = %err, "planning pass failed; retrying");
+                    self.status.set_pass_error(Some(err.to_string()));
                 }
+                Err(fatal) => break Err(fatal),
             }
             // Wait for something to happen: a store change, a task, a
             // reload, a session change, or the periodic tick.
@@ -388,6 +488,8 @@ impl Runtime {
                                 pc.clone(),
                                 p,
                                 self.shared.settings.observer.clone(),
+                                self.shared.settings.provider_health.clone(),
+                                self.shared.metrics.clone(),
                             )),
                         );
                     }
@@ -489,6 +591,7 @@ impl Runtime {
                     Some((reg, have)) => {
                         want.paused = have.paused;
                         want.state = have.state;
+                        want.provider_unavailable = have.provider_unavailable.clone();
                         if *have != want {
                             store.update_component(reg, &want).await?;
                             *have = want;
@@ -539,6 +642,7 @@ impl Runtime {
                         labels: c.supported_labels.unwrap_or_default(),
                         priority: c.priority.unwrap_or(100),
                         paused: c.paused.unwrap_or(false),
+                        unavailable: c.provider_unavailable.is_some(),
                     })
                 })
                 .collect(),
@@ -546,8 +650,10 @@ impl Runtime {
             providers: BTreeMap::new(),
             request_lock_dirs: lock_dirs,
         };
+        let now = self.shared.now();
         for (name, h) in &self.providers {
-            snap.providers.insert(name.clone(), h.view(&snap.nodes));
+            snap.providers
+                .insert(name.clone(), h.view(&snap.nodes, now));
         }
         Ok(snap)
     }
@@ -607,9 +713,11 @@ impl Runtime {
             tracing::debug!(actions = plan.actions.len(), "executing plan");
         }
         executor::execute(self.exec_context(), &snapshot, &plan).await;
-        self.update_pool_status(&plan).await;
+        self.update_pool_status(&snapshot, &plan).await;
         self.report_stats(&snapshot, &plan);
+        self.report_health(&snapshot);
         self.pass_count += 1;
+        self.status.set_pass_error(None);
         self.status
             .ready
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -645,14 +753,33 @@ impl Runtime {
         }
     }
 
-    async fn update_pool_status(&mut self, plan: &planner::Plan) {
+    /// Writes our pools' states to their components: `paused` (at quota,
+    /// or its provider unavailable) and why the provider is unavailable,
+    /// so other launchers and the CLI see it.
+    async fn update_pool_status(&mut self, snapshot: &Snapshot, plan: &planner::Plan) {
         let store = self.shared.store.clone();
         for st in &plan.pools {
             if let Some((reg, c)) = self.pool_regs.get_mut(&st.pool) {
                 let paused = Some(st.paused);
-                if c.paused != paused {
+                let unavailable = snapshot
+                    .providers
+                    .get(&st.pool.provider)
+                    .and_then(|v| v.outage.as_ref())
+                    .map(|o| crate::model::ProviderUnavailable {
+                        reason: o.reason.clone(),
+                        since: o.since,
+                    });
+                // The outage's start is computed from two clocks each
+                // pass; it is rewritten only when the outage changes.
+                let same_outage = match (&c.provider_unavailable, &unavailable) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => a.reason == b.reason && (a.since - b.since).abs() < 1.0,
+                    _ => false,
+                };
+                if c.paused != paused || !same_outage {
                     let mut next = c.clone();
                     next.paused = paused;
+                    next.provider_unavailable = unavailable;
                     next.state = if st.paused {
                         ComponentState::Paused
                     } else {
@@ -737,6 +864,30 @@ impl Runtime {
         }
     }
 
+    /// Publishes the providers' availability: the `health` gauge (1
+    /// available, 0 not) and the status `/ready` lists.
+    fn report_health(&self, snapshot: &Snapshot) {
+        let mut unavailable = Vec::new();
+        for (name, view) in &snapshot.providers {
+            self.shared.metrics.gauge(
+                &health::health_gauge(name),
+                if view.outage.is_some() { 0.0 } else { 1.0 },
+            );
+            if let Some(o) = &view.outage {
+                unavailable.push(UnavailableProvider {
+                    provider: name.clone(),
+                    reason: o.reason.clone(),
+                    since: o.since,
+                });
+            }
+        }
+        *self
+            .status
+            .unavailable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = unavailable;
+    }
+
     fn update_report(&self, plan: &planner::Plan) {
         let mut r = String::new();
         use std::fmt::Write as _;
@@ -757,9 +908,17 @@ impl Runtime {
             let _ = writeln!(r, "  holding request {id} for {}", o.pool);
         }
         for (name, h) in &self.providers {
+            let health = match h.health.outage() {
+                Some(o) => format!(
+                    "unavailable for {:.0} s ({})",
+                    o.since.elapsed().as_secs_f64(),
+                    o.reason
+                ),
+                None => "available".into(),
+            };
             let _ = writeln!(
                 r,
-                "  provider {name}: last error {}",
+                "  provider {name}: {health}; last error {}",
                 h.last_error().unwrap_or_else(|| "none".into())
             );
         }
@@ -808,4 +967,46 @@ pub(crate) fn is_open(state: RequestState) -> bool {
 /// The session state, for tests.
 pub fn session_of(store: &Store) -> SessionState {
     *store.backend().session().borrow()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_says_why_it_is_not_ready() {
+        let status = LauncherStatus::default();
+        let (session, rx) = watch::channel(SessionState::Connected { id: 7 });
+        *status.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        assert_eq!(
+            status.readiness().problems,
+            ["the first planning pass has not completed"]
+        );
+        status
+            .ready
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(status.readiness().is_ready());
+        session.send_replace(SessionState::Suspended { id: 1 });
+        status.set_pass_error(Some("/nodepool/requests: connection lost".into()));
+        assert_eq!(
+            status.readiness().problems,
+            [
+                "the state store session is not connected (suspended: connection lost)",
+                "the last planning pass failed: /nodepool/requests: connection lost"
+            ]
+        );
+        session.send_replace(SessionState::Connected { id: 8 });
+        status.set_pass_error(None);
+        // Unavailable providers are listed, but the launcher is ready.
+        *status.unavailable.lock().unwrap_or_else(|p| p.into_inner()) = vec![UnavailableProvider {
+            provider: "bad".into(),
+            reason: "timed out".into(),
+            since: 1.0,
+        }];
+        let r = status.readiness();
+        assert!(r.is_ready());
+        assert_eq!(r.unavailable.len(), 1);
+        session.send_replace(SessionState::Expired);
+        assert!(!status.readiness().is_ready());
+    }
 }

@@ -3,6 +3,10 @@
 //! about the cloud (limits, flavors, missing cloud images, the server list
 //! for leak checks) fresh — so that a planning pass never waits on a cloud
 //! API, and a hung API never wedges the launcher.
+//!
+//! Every provider is wrapped in its [breaker](super::health): the
+//! observer stops refreshing while the provider is unavailable, and makes
+//! the probe that brings it back when no other call does.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -11,9 +15,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::health::{HealthCheckedProvider, HealthMonitor, HealthPolicy};
+use super::metrics::Metrics;
 use crate::config::{ImageSource, ProviderConfig};
 use crate::model::{Limits, Resources};
-use crate::planner::ProviderView;
+use crate::planner::{ProviderOutage, ProviderView};
 use crate::provider::{Instance, Provider};
 use crate::store::NodeRecord;
 
@@ -68,7 +74,11 @@ struct Observed {
 #[derive(Debug)]
 pub(crate) struct ProviderHandle {
     pub config: ProviderConfig,
+    /// The cloud behind its breaker: every call the launcher makes goes
+    /// through it.
     pub provider: Arc<dyn Provider>,
+    /// The breaker.
+    pub health: Arc<HealthMonitor>,
     observed: Arc<Mutex<Observed>>,
     stop: CancellationToken,
 }
@@ -92,22 +102,33 @@ async fn bounded<T, E: std::fmt::Display>(
 }
 
 impl ProviderHandle {
-    /// Starts the observer for a provider.
+    /// Puts the provider behind a breaker and starts its observer.
     pub fn start(
         config: ProviderConfig,
         provider: Arc<dyn Provider>,
         intervals: ObserverIntervals,
+        policy: HealthPolicy,
+        metrics: Arc<Metrics>,
     ) -> Self {
+        let health = Arc::new(HealthMonitor::new(&config.name, policy, metrics));
+        let provider: Arc<dyn Provider> =
+            Arc::new(HealthCheckedProvider::new(provider, health.clone()));
         let observed = Arc::new(Mutex::new(Observed::default()));
         let stop = CancellationToken::new();
         let handle = ProviderHandle {
             config: config.clone(),
             provider: provider.clone(),
+            health: health.clone(),
             observed: observed.clone(),
             stop: stop.clone(),
         };
-        tokio::spawn(observe(config, provider, observed, intervals, stop));
+        tokio::spawn(observe(config, provider, health, observed, intervals, stop));
         handle
+    }
+
+    /// Whether the provider is unavailable now (its breaker is open).
+    pub fn unavailable(&self) -> bool {
+        self.health.outage().is_some()
     }
 
     fn observed(&self) -> std::sync::MutexGuard<'_, Observed> {
@@ -121,8 +142,13 @@ impl ProviderHandle {
 
     /// The planner's view of this cloud. A fresh server listing is handed
     /// out once (it drives the two-pass leak rule) and also updates the
-    /// unmanaged usage, computed against the store's nodes.
-    pub fn view(&self, nodes: &[NodeRecord]) -> ProviderView {
+    /// unmanaged usage, computed against the store's nodes. `now` (epoch
+    /// seconds) dates an outage.
+    pub fn view(&self, nodes: &[NodeRecord], now: f64) -> ProviderView {
+        let outage = self.health.outage().map(|o| ProviderOutage {
+            since: now - o.since.elapsed().as_secs_f64(),
+            reason: o.reason,
+        });
         let mut o = self.observed();
         let instances = o.fresh_instances.take();
         if let Some(list) = &instances {
@@ -156,6 +182,7 @@ impl ProviderHandle {
             availability_zones: Vec::new(),
             missing_cloud_images: o.missing_cloud_images.clone(),
             instances,
+            outage,
         }
     }
 
@@ -168,12 +195,31 @@ impl ProviderHandle {
 async fn observe(
     config: ProviderConfig,
     provider: Arc<dyn Provider>,
+    health: Arc<HealthMonitor>,
     observed: Arc<Mutex<Observed>>,
     iv: ObserverIntervals,
     stop: CancellationToken,
 ) {
     let lock = || observed.lock().unwrap_or_else(|p| p.into_inner());
     loop {
+        if health.outage().is_some() {
+            // Unavailable: every refresh would fail fast (and warn). Only
+            // the probe is made, when due and no other call made it; a
+            // cheap call that caches nothing.
+            if health.probe_due()
+                && let Ok(Ok(l)) =
+                    tokio::time::timeout(iv.call_timeout, provider.quota_limits()).await
+            {
+                let mut o = lock();
+                o.limits = Some(l);
+                o.limits_due = Some(Instant::now() + iv.limits);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        }
         let now = Instant::now();
         let (need_limits, need_flavors, need_images, need_instances) = {
             let o = lock();

@@ -176,11 +176,12 @@ enum AttemptError {
 /// How a launch ended.
 enum Outcome {
     Ready,
-    /// The cloud failed it (quota: `aborted`, else `failed`).
+    /// The cloud failed it: `aborted` (quota, or the provider is
+    /// unavailable: not the request's fault) or `failed`.
     Failed {
         label: &'static str,
         message: String,
-        quota: bool,
+        aborted: bool,
     },
     LockLost,
     Store(String),
@@ -233,7 +234,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
                 break Outcome::Failed {
                     label: "error.quota",
                     message: e.to_string(),
-                    quota: true,
+                    aborted: true,
                 };
             }
             Err(AttemptError::LockLost) => {
@@ -251,6 +252,10 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             Err(AttemptError::Retryable(msg, label)) => {
                 tracing::warn!(node = %node_id, provider = %pc.name, attempt, retries, error = %msg, "launch attempt failed");
                 shared.metrics.incr("nodepool.launch.attempt_failed");
+                // A provider marked unavailable fails every call fast: no
+                // retry, and the failure is the cloud's, not the request's
+                // (the node is aborted, so the request is not declined).
+                let unavailable = provider.unavailable();
                 // The failed server goes before anything else is tried.
                 let undeleted = match server {
                     Some(ext) => {
@@ -258,14 +263,14 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
                     }
                     None => None,
                 };
-                if attempt >= retries {
+                if attempt >= retries || unavailable {
                     // A server that could not be deleted stays on the
                     // failed node: deleting the node deletes it again.
                     node.external_id = undeleted;
                     break Outcome::Failed {
                         label,
                         message: msg,
-                        quota: false,
+                        aborted: unavailable,
                     };
                 }
                 // Start again from `building` with no server.
@@ -328,15 +333,22 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             // cleanup pass (with its server, if the record names one).
             tracing::error!(node = %node_id, provider = %pc.name, error = %msg, "launch abandoned: the store refused its progress");
         }
-        Outcome::Failed { message, quota, .. } => {
-            let state = if quota {
+        Outcome::Failed {
+            label,
+            message,
+            aborted,
+        } => {
+            let state = if aborted {
                 NodeState::Aborted
             } else {
                 NodeState::Failed
             };
-            if quota {
+            if aborted && label == "error.quota" {
                 provider.invalidate_limits();
                 tracing::info!(node = %node_id, provider = %pc.name, error = %message, "launch hit the cloud's quota; node aborted");
+            } else if aborted {
+                // The outage itself was warned about once, by the breaker.
+                tracing::info!(node = %node_id, provider = %pc.name, error = %message, "launch cut short: the provider is unavailable; node aborted");
             } else {
                 tracing::error!(node = %node_id, provider = %pc.name, error = %message, "launch failed");
             }

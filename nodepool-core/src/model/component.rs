@@ -77,6 +77,11 @@ pub struct Component {
     /// Provider name (pool components only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider_name: Option<String>,
+    /// Set while the pool's provider is unavailable (its API failing; the
+    /// pool is then also `paused`). Our own key: Python Nodepool keeps
+    /// unknown component keys in its content dict and never reads them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_unavailable: Option<ProviderUnavailable>,
     /// Lifecycle state.
     pub state: ComponentState,
     /// Labels the pool can serve (pool components only).
@@ -88,6 +93,16 @@ pub struct Component {
     /// Keys other writers added.
     #[serde(flatten, skip_deserializing)]
     pub extra: Extra,
+}
+
+/// Why and since when a pool's provider is unavailable, as written in its
+/// pool component (so the CLI and other launchers can tell).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProviderUnavailable {
+    /// The latest API failure.
+    pub reason: String,
+    /// Epoch seconds it was marked unavailable.
+    pub since: f64,
 }
 
 impl Component {
@@ -102,6 +117,7 @@ impl Component {
             paused: None,
             priority: None,
             provider_name: None,
+            provider_unavailable: None,
             state: ComponentState::Initializing,
             supported_labels: None,
             version: version.to_owned(),
@@ -141,6 +157,7 @@ impl WireRecord for Component {
         "paused",
         "priority",
         "provider_name",
+        "provider_unavailable",
         "state",
         "supported_labels",
         "version",

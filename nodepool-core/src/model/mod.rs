@@ -11,7 +11,7 @@ mod node;
 mod request;
 mod resources;
 
-pub use component::{Component, ComponentKind, ComponentState, MODEL_API};
+pub use component::{Component, ComponentKind, ComponentState, MODEL_API, ProviderUnavailable};
 pub use image::{BuildState, ImageBuild, ImageUpload, UploadState};
 pub use json::{DecodeError, Extra, Json, WireRecord};
 pub use node::{Node, NodeState, Port};

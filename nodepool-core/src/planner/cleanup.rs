@@ -118,6 +118,16 @@ pub(crate) fn nodes(
             }
             _ => {}
         }
+        if matches!(plan.actions.get(before), Some(Action::DeleteNode { .. }))
+            && idx
+                .node_provider(i)
+                .is_some_and(|pi| idx.outage[pi].is_some())
+        {
+            // Its cloud's API is failing and calls to it fail fast: the
+            // deletion waits for the provider to recover (retrying it every
+            // pass would only fill the log).
+            plan.actions.truncate(before);
+        }
         match plan.actions.get(before) {
             Some(Action::Deallocate { .. }) => freed.push(i),
             Some(Action::DeleteNode { .. }) => {

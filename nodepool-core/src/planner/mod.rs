@@ -73,8 +73,13 @@ pub struct PoolInfo {
     pub labels: Vec<String>,
     /// Priority; lower is preferred.
     pub priority: i64,
-    /// Whether it is paused (waiting for quota).
+    /// Whether it is paused (waiting for quota, or its provider is
+    /// unavailable).
     pub paused: bool,
+    /// Whether its provider is unavailable: its API is failing and the
+    /// launcher stopped calling it (our own component key
+    /// `provider_unavailable`).
+    pub unavailable: bool,
 }
 
 /// What the launcher knows about one of its clouds this pass.
@@ -95,6 +100,19 @@ pub struct ProviderView {
     /// Every server of the cloud, present only on passes where a leak
     /// check is due.
     pub instances: Option<Vec<Instance>>,
+    /// Set while the cloud's API is failing and the launcher has stopped
+    /// calling it (`launcher::health`): its pools take nothing, requests
+    /// held there go back to the queue, its nodes wait for deletion.
+    pub outage: Option<ProviderOutage>,
+}
+
+/// Why and since when a provider is unavailable.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProviderOutage {
+    /// Epoch seconds it was marked unavailable.
+    pub since: f64,
+    /// The latest API failure.
+    pub reason: String,
 }
 
 /// Everything the planner looks at.
@@ -262,6 +280,17 @@ pub enum Action {
         /// Node ids in `node_types` order.
         nodes: Vec<String>,
     },
+    /// Give a request we hold back to the queue without declining it:
+    /// its ready nodes back to the spares, its `init` nodes deleted, the
+    /// request `requested` with no nodes, our lock released. For requests
+    /// held on a pool whose provider became unavailable: another provider
+    /// may take them, or they wait for this one to recover.
+    HandBack {
+        /// Request id.
+        request: String,
+        /// Why, for the log.
+        reason: String,
+    },
     /// Drop our hold on a request that vanished or is no longer pending.
     Release {
         /// Request id.
@@ -327,6 +356,7 @@ impl Action {
             | Action::Allocate { request, .. }
             | Action::Launch { request, .. }
             | Action::Fulfill { request, .. }
+            | Action::HandBack { request, .. }
             | Action::Release { request }
             | Action::ResetLost { request }
             | Action::CompleteMinReady { request } => Some(request),

@@ -93,6 +93,9 @@ pub(crate) struct Index<'a> {
     /// launched by our pools), counted for providers with a
     /// `max-concurrency` only.
     pub in_flight: Vec<usize>,
+    /// Per provider position: why it is unavailable (its API is failing),
+    /// if it is.
+    pub outage: Vec<Option<&'a super::ProviderOutage>>,
     /// This launcher's pools, in configuration order.
     pub our_pools: Vec<OurPool<'a>>,
     /// The newest ready upload per (provider, diskimage).
@@ -165,6 +168,11 @@ impl<'a> Index<'a> {
             ready_free_in_pool: Vec::new(),
             deleting_in_pool: Vec::new(),
             in_flight: vec![0; cfg.providers.len()],
+            outage: cfg
+                .providers
+                .iter()
+                .map(|p| s.providers.get(&p.name).and_then(|v| v.outage.as_ref()))
+                .collect(),
             our_pools: Vec::new(),
             newest_upload: FastMap::default(),
             requests: std::cell::OnceCell::new(),
@@ -507,6 +515,9 @@ struct RegPool<'r> {
     provider: &'r str,
     priority: i64,
     paused: bool,
+    /// Its provider's API is failing (our pools: the provider's outage;
+    /// other launchers': what their pool component says).
+    unavailable: bool,
 }
 
 /// Registered pools and how to find them.
@@ -547,6 +558,7 @@ impl<'r> Registry<'r> {
                 provider: p.provider.as_str(),
                 priority: p.priority,
                 paused: p.paused,
+                unavailable: p.unavailable,
             });
             labels.push(p.labels.iter().map(String::as_str).collect());
         }
@@ -560,6 +572,7 @@ impl<'r> Registry<'r> {
                     provider: ours.key.provider.as_str(),
                     priority: ours.priority,
                     paused: false,
+                    unavailable: false,
                 });
                 labels.push(pc.labels.iter().map(|l| l.name.as_str()).collect());
             }
@@ -567,7 +580,10 @@ impl<'r> Registry<'r> {
         let n = pools.len();
         let mut our_pos = vec![None; n];
         for (pos, ours) in idx.our_pools.iter().enumerate() {
-            our_pos[by_id[ours.id.as_str()]] = Some(pos);
+            let i = by_id[ours.id.as_str()];
+            our_pos[i] = Some(pos);
+            // What we know now beats what our component said last pass.
+            pools[i].unavailable = idx.outage[ours.provider].is_some();
         }
         // Renumber: our pools first, in the order they take requests
         // (priority, then position), then the others. Sets of pools then
@@ -831,6 +847,42 @@ impl Pass<'_, '_, '_> {
         if self.reg.our_pos[i] == Some(pos) {
             self.paused_reg.insert(i);
         }
+    }
+
+    /// A request we hold on a pool whose provider is unavailable goes back
+    /// to the queue once nothing of it is in flight there (the breaker cuts
+    /// launches short within seconds). It is not declined: declines by
+    /// every pool fail a request, and an outage is not the request's fault.
+    /// Another provider may take it, or it waits for this one to recover.
+    fn hand_back(&mut self, pos: usize, req: &RequestRecord, outage: &super::ProviderOutage) {
+        let ours = &self.idx.our_pools[pos];
+        let nodes = &self.s.nodes;
+        let in_flight = self
+            .idx
+            .allocations
+            .get(req.id.as_str())
+            .into_iter()
+            .flatten()
+            .any(|&i| {
+                let n = &nodes[i].node;
+                n.provider == ours.key.provider
+                    && n.pool == ours.key.pool
+                    && match n.state {
+                        NodeState::Init | NodeState::Building => true,
+                        NodeState::Ready => nodes[i].locked,
+                        _ => false,
+                    }
+            });
+        if in_flight {
+            return;
+        }
+        self.plan.actions.push(Action::HandBack {
+            request: req.id.clone(),
+            reason: format!(
+                "provider {} is unavailable: {}",
+                ours.key.provider, outage.reason
+            ),
+        });
     }
 
     fn fail_if_all_declined(&self, req: &RequestRecord, extra: &[usize]) -> bool {
@@ -1291,6 +1343,14 @@ pub(crate) fn plan_requests<'a>(
         evicted: vec![false; idx.our_pools.len()],
         addressable: vec![0; idx.our_pools.len()],
     };
+    // Pools of an unavailable provider are paused from the start: they
+    // take nothing, and other pools (ours, other launchers') take the
+    // requests they would have.
+    for pos in 0..idx.our_pools.len() {
+        if idx.outage[idx.our_pools[pos].provider].is_some() {
+            pass.pause(pos);
+        }
+    }
 
     // 1. Requests we hold, most urgent first (Nodepool re-runs paused
     //    handlers before taking new requests).
@@ -1320,6 +1380,10 @@ pub(crate) fn plan_requests<'a>(
             pass.plan.actions.push(Action::Release {
                 request: id.clone(),
             });
+            continue;
+        }
+        if let Some(outage) = idx.outage[idx.our_pools[pos].provider] {
+            pass.hand_back(pos, req, outage);
             continue;
         }
         pass.fulfil(pos, req, false);
@@ -1386,12 +1450,17 @@ pub(crate) fn plan_requests<'a>(
         let mut cand = &cand;
         if let Some(p) = &r.provider {
             of_provider.clear();
+            let mut usable = false;
             for i in cand.iter() {
                 if reg.pools[i].provider == p {
                     of_provider.insert(i);
+                    usable |= !reg.pools[i].unavailable;
                 }
             }
-            if !of_provider.is_empty() {
+            // The preferred provider is no place to wait while its API is
+            // failing: the preference holds only while one of its pools is
+            // available.
+            if usable {
                 cand = &of_provider;
             }
         }

@@ -11,7 +11,8 @@ use crate::model::{
     RequestState, Resources, UploadState,
 };
 use crate::planner::{
-    Action, LaunchImage, LocalState, Plan, PoolInfo, PoolKey, ProviderView, Snapshot, plan,
+    Action, LaunchImage, LocalState, Plan, PoolInfo, PoolKey, ProviderOutage, ProviderView,
+    Snapshot, plan,
 };
 use crate::simulated::resolve_flavor;
 use crate::store::{BuildRecord, NodeRecord, RequestRecord, UploadRecord};
@@ -77,6 +78,7 @@ impl World {
                     labels: pool.labels.iter().map(|l| l.name.clone()).collect(),
                     priority: pool.priority.unwrap_or(p.priority),
                     paused: false,
+                    unavailable: false,
                 });
                 for l in &pool.labels {
                     let res = resolve_flavor(&flavors, l)
@@ -258,6 +260,18 @@ impl World {
             .map(|r| &*r.request)
     }
 
+    /// Marks a provider unavailable (its API failing) since now, or
+    /// available again with `None`, as the launcher's breaker does.
+    pub fn set_outage(&mut self, provider: &str, reason: Option<&str>) {
+        let now = self.now;
+        if let Some(v) = self.snapshot.providers.get_mut(provider) {
+            v.outage = reason.map(|r| ProviderOutage {
+                since: now,
+                reason: r.to_owned(),
+            });
+        }
+    }
+
     /// Plans one pass.
     pub fn plan(&self) -> Plan {
         plan(&self.snapshot, &self.config, self.now, &self.local)
@@ -272,6 +286,11 @@ impl World {
         }
         for st in &plan.pools {
             let id = self.local.pool_ids.get(&st.pool).cloned();
+            let unavailable = self
+                .snapshot
+                .providers
+                .get(&st.pool.provider)
+                .is_some_and(|v| v.outage.is_some());
             if let Some(p) = self
                 .snapshot
                 .pools
@@ -279,6 +298,7 @@ impl World {
                 .find(|p| Some(&p.id) == id.as_ref())
             {
                 p.paused = st.paused;
+                p.unavailable = unavailable;
             }
         }
         self.local.leak_suspects = plan.leak_suspects.clone();
@@ -373,34 +393,12 @@ impl World {
                 self.local.owned_requests.remove(request);
                 self.set_request_locked(request, false);
             }
-            Action::ResetLost { request } => {
-                self.edit_request(request, |r| {
-                    r.nodes.clear();
-                    r.set_state(RequestState::Requested, now);
-                });
-                // Ready nodes go back to the spares; init nodes are deleted
-                // (their launch never started).
-                let ids: Vec<(String, NodeState)> = self
-                    .snapshot
-                    .nodes
-                    .iter()
-                    .filter(|n| n.node.allocated_to.as_deref() == Some(request) && !n.locked)
-                    .map(|n| (n.id.clone(), n.node.state))
-                    .collect();
-                for (id, state) in ids {
-                    match state {
-                        NodeState::Ready => self.edit_node(&id, |n, _| {
-                            n.allocated_to = None;
-                            n.tenant_name = None;
-                        }),
-                        NodeState::Init => self.edit_node(&id, |n, locked| {
-                            n.set_state(NodeState::Deleting, now);
-                            *locked = true;
-                        }),
-                        _ => {}
-                    }
-                }
+            Action::HandBack { request, .. } => {
+                self.reset_request(request);
+                self.local.owned_requests.remove(request);
+                self.set_request_locked(request, false);
             }
+            Action::ResetLost { request } => self.reset_request(request),
             Action::CreateMinReady { label } => {
                 let mut r = NodeRequest::new(vec![label.clone()], MIN_READY_REQUESTOR, now);
                 r.reuse = false;
@@ -449,6 +447,38 @@ impl World {
                 {
                     insts.retain(|i| &i.external_id != external_id);
                 }
+            }
+        }
+    }
+
+    /// Back to the queue: `requested` with no nodes, ready nodes to the
+    /// spares, `init` nodes deleted (their launch never started).
+    fn reset_request(&mut self, request: &str) {
+        let now = self.now;
+        self.edit_request(request, |r| {
+            r.nodes.clear();
+            r.set_state(RequestState::Requested, now);
+        });
+        // Ready nodes go back to the spares; init nodes are deleted
+        // (their launch never started).
+        let ids: Vec<(String, NodeState)> = self
+            .snapshot
+            .nodes
+            .iter()
+            .filter(|n| n.node.allocated_to.as_deref() == Some(request) && !n.locked)
+            .map(|n| (n.id.clone(), n.node.state))
+            .collect();
+        for (id, state) in ids {
+            match state {
+                NodeState::Ready => self.edit_node(&id, |n, _| {
+                    n.allocated_to = None;
+                    n.tenant_name = None;
+                }),
+                NodeState::Init => self.edit_node(&id, |n, locked| {
+                    n.set_state(NodeState::Deleting, now);
+                    *locked = true;
+                }),
+                _ => {}
             }
         }
     }

@@ -8,9 +8,18 @@
 //!
 //! - expected status: hands the response to the endpoint's parser;
 //! - 401: drops the token, authenticates again and retries once;
-//! - 429 / 503: retries with exponential backoff, honouring `Retry-After`;
+//! - 429 / 503: retries with exponential backoff, honouring `Retry-After`
+//!   when it is no longer than the per-call timeout (a longer one fails the
+//!   call at once: a 429 as [`ApiError::RateLimited`] with its
+//!   `Retry-After`, which the launcher's breaker honours);
 //! - connection failures of idempotent calls: retries with backoff;
 //! - anything else: an [`ApiError`] that maps to a `ProviderError` meaning.
+//!
+//! Every HTTP request, token requests included, is bounded by the per-call
+//! timeout (clouds.yaml `api_timeout`). Calls that need a token while
+//! another call is getting one wait for it at most that long, and share its
+//! failure: a hung Keystone costs every waiting call one timeout, not one
+//! each in turn.
 //!
 //! Secrets (password, application credential secret, tokens) never reach a
 //! log line, an error or a `Debug` output: the token header is marked
@@ -79,6 +88,15 @@ pub struct ClientStats {
 
 type SleepFn = Arc<dyn Fn(Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
+/// The token, and the last failure to get one.
+#[derive(Default)]
+struct TokenSlot {
+    token: Option<Arc<TokenState>>,
+    /// When the last token request failed, and how: callers that were
+    /// waiting for it get the same answer instead of asking again.
+    failure: Option<(Instant, ApiError)>,
+}
+
 struct TokenState {
     token: Secret,
     refresh_at: Instant,
@@ -93,7 +111,7 @@ pub struct Client {
     http: reqwest::Client,
     options: ClientOptions,
     limiter: RateLimiter,
-    token: tokio::sync::Mutex<Option<Arc<TokenState>>>,
+    token: tokio::sync::Mutex<TokenSlot>,
     endpoints: tokio::sync::Mutex<HashMap<Service, Resolved>>,
     generation: AtomicU64,
     requests: AtomicU64,
@@ -158,7 +176,7 @@ impl Client {
             cloud,
             http,
             options,
-            token: tokio::sync::Mutex::new(None),
+            token: tokio::sync::Mutex::new(TokenSlot::default()),
             endpoints: tokio::sync::Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -239,11 +257,27 @@ impl Client {
     /// Authenticates now (normally done lazily), returning a new token's
     /// generation number.
     pub async fn authenticate(&self) -> Result<u64, ApiError> {
-        let mut slot = self.token.lock().await;
+        let mut slot = self.token_slot().await?;
         let ts = self.issue_token().await?;
         let g = ts.generation;
-        *slot = Some(ts);
+        slot.token = Some(ts);
+        slot.failure = None;
         Ok(g)
+    }
+
+    /// The token slot, waited for at most one per-call timeout (another
+    /// call may be getting a token from a hung Keystone).
+    async fn token_slot(&self) -> Result<tokio::sync::MutexGuard<'_, TokenSlot>, ApiError> {
+        let timeout = self.options.timeout;
+        tokio::time::timeout(timeout, self.token.lock())
+            .await
+            .map_err(|_| ApiError::Timeout {
+                call: format!(
+                    "identity POST auth/tokens (cloud {}: waiting for another call's token request)",
+                    self.cloud.name
+                ),
+                timeout,
+            })
     }
 
     /// Revokes the current token in Keystone (`DELETE /v3/auth/tokens`)
@@ -267,20 +301,33 @@ impl Client {
     }
 
     async fn token_state(&self) -> Result<Arc<TokenState>, ApiError> {
+        let asked = Instant::now();
         // Holding the lock while authenticating makes concurrent callers
         // wait for one new token instead of each asking for their own.
-        let mut slot = self.token.lock().await;
-        if let Some(ts) = slot.as_ref()
+        let mut slot = self.token_slot().await?;
+        if let Some(ts) = slot.token.as_ref()
             && Instant::now() < ts.refresh_at
         {
             return Ok(ts.clone());
         }
-        let ts = self
-            .issue_token()
-            .await
-            .map_err(|e| e.scrubbed(&self.secrets()))?;
-        *slot = Some(ts.clone());
-        Ok(ts)
+        // The request we waited for failed: its answer is ours too.
+        if let Some((at, e)) = &slot.failure
+            && *at >= asked
+        {
+            return Err(e.clone());
+        }
+        match self.issue_token().await {
+            Ok(ts) => {
+                slot.token = Some(ts.clone());
+                slot.failure = None;
+                Ok(ts)
+            }
+            Err(e) => {
+                let e = e.scrubbed(&self.secrets());
+                slot.failure = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
     }
 
     async fn issue_token(&self) -> Result<Arc<TokenState>, ApiError> {
@@ -325,14 +372,32 @@ impl Client {
     }
 
     async fn invalidate(&self, generation: u64) {
-        let mut slot = self.token.lock().await;
-        if slot.as_ref().is_some_and(|t| t.generation == generation) {
-            *slot = None;
+        // Bounded like any wait for the slot; on timeout the next caller
+        // finds the revoked token, gets a 401 and invalidates it then.
+        if let Ok(mut slot) = self.token_slot().await
+            && slot
+                .token
+                .as_ref()
+                .is_some_and(|t| t.generation == generation)
+        {
+            slot.token = None;
         }
     }
 
     async fn resolve(&self, service: Service, ts: &TokenState) -> Result<Resolved, ApiError> {
-        let mut cache = self.endpoints.lock().await;
+        // Bounded: another call may be discovering the service's versions
+        // on a hung endpoint.
+        let timeout = self.options.timeout;
+        let mut cache = tokio::time::timeout(timeout, self.endpoints.lock())
+            .await
+            .map_err(|_| ApiError::Timeout {
+                call: format!(
+                    "{} version discovery (cloud {}: waiting for another call's)",
+                    service.name(),
+                    self.cloud.name
+                ),
+                timeout,
+            })?;
         if let Some(r) = cache.get(&service) {
             return Ok(r.clone());
         }
@@ -450,7 +515,14 @@ impl Client {
                 return outcome.and_then(|resp| self.check(req, resp));
             };
             failures += 1;
-            match self.options.retry.delay(failures, retry_after) {
+            // A Retry-After longer than the call may take is not waited
+            // for: the call fails now, and the caller (the launcher's
+            // breaker) stays away for that long.
+            let retry = RetryPolicy {
+                max_retry_after: self.options.retry.max_retry_after.min(self.options.timeout),
+                ..self.options.retry.clone()
+            };
+            match retry.delay(failures, retry_after) {
                 Some(delay) => {
                     self.retries.fetch_add(1, Ordering::Relaxed);
                     debug!(cloud = %self.cloud.name, call = %req.describe(), failures,
@@ -467,8 +539,16 @@ impl Client {
             return Ok(resp);
         }
         let mut message = error_message(&resp.body);
-        if let Some(ra) = resp.header("retry-after") {
+        let retry_after = resp.header("retry-after").map(|ra| {
             message = format!("{message} (Retry-After: {ra})");
+            retry::parse_retry_after(ra, SystemTime::now())
+        });
+        if resp.status == 429 {
+            return Err(ApiError::RateLimited {
+                call: req.describe(),
+                message,
+                retry_after: retry_after.flatten(),
+            });
         }
         Err(ApiError::Status {
             call: req.describe(),

@@ -199,9 +199,105 @@ async fn too_long_retry_after_fails_at_once() {
         .await;
     let (c, sleeps) = client(&s.uri(), fast());
     let e: ProviderError = c.execute(&GetLimits).await.expect_err("gives up").into();
-    assert!(matches!(e, ProviderError::Transient(_)), "{e:?}");
+    assert_eq!(
+        e.retry_after(),
+        Some(Duration::from_secs(3600)),
+        "rate limited, with the cloud's Retry-After for the breaker: {e:?}"
+    );
     assert!(e.to_string().contains("Retry-After: 3600"), "{e}");
     assert!(sleeps.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_retry_after_longer_than_the_call_timeout_is_not_waited_for() {
+    let s = server().await;
+    Mock::given(method("GET"))
+        .and(path("/compute/v2.1/limits"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "30"))
+        .expect(1)
+        .mount(&s)
+        .await;
+    // 30 s is within the policy's 60 s, but beyond the call's 10 s timeout.
+    let (c, sleeps) = client(&s.uri(), fast());
+    let e = c.execute(&GetLimits).await.expect_err("gives up at once");
+    assert!(
+        matches!(&e, ApiError::RateLimited { retry_after: Some(d), .. } if *d == Duration::from_secs(30)),
+        "{e:?}"
+    );
+    assert_eq!(e.status(), Some(429));
+    assert!(sleeps.lock().unwrap().is_empty());
+    let pe: ProviderError = e.into();
+    assert!(matches!(pe, ProviderError::RateLimited { .. }), "{pe:?}");
+}
+
+#[tokio::test]
+async fn a_hung_keystone_costs_waiting_calls_one_timeout_and_one_request() {
+    let s = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/identity/v3/auth/tokens"))
+        .respond_with(
+            ResponseTemplate::new(201)
+                .insert_header("x-subject-token", "tok-1")
+                .set_body_json(token_body(&s.uri(), 3600))
+                .set_delay(Duration::from_secs(60)),
+        )
+        .expect(1)
+        .mount(&s)
+        .await;
+    let (c, _) = client(
+        &s.uri(),
+        ClientOptions {
+            timeout: Duration::from_millis(500),
+            ..fast()
+        },
+    );
+    let c = Arc::new(c);
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let c = c.clone();
+        calls.push(tokio::spawn(async move { c.execute(&GetLimits).await }));
+    }
+    for call in calls {
+        let e = call.await.expect("join").expect_err("no token");
+        assert!(matches!(e, ApiError::Timeout { .. }), "{e:?}");
+        assert!(e.to_string().contains("auth/tokens"), "{e}");
+        let pe: ProviderError = e.into();
+        assert!(pe.is_api_failure(), "{pe:?}");
+    }
+    // One token request for all eight (wiremock checks `expect(1)` on
+    // drop), not eight in turn.
+    assert_eq!(c.stats().requests, 1);
+}
+
+#[tokio::test]
+async fn a_rate_limited_keystone_is_rate_limited() {
+    let s = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/identity/v3/auth/tokens"))
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "120"))
+        .expect(1)
+        .mount(&s)
+        .await;
+    let (c, _) = client(&s.uri(), fast());
+    let e: ProviderError = c.execute(&GetLimits).await.expect_err("429").into();
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(120)), "{e:?}");
+    assert!(e.to_string().contains("identity"), "{e}");
+}
+
+#[tokio::test]
+async fn the_provider_call_timeout_is_clouds_yaml_api_timeout() {
+    let mut cfg = cloud("http://127.0.0.1:9");
+    cfg.api_timeout = Some(Duration::from_secs(7));
+    let p = OpenStackProvider::new("mockprov", cfg, ProviderOptions::default()).expect("provider");
+    assert_eq!(p.api_timeout(), Duration::from_secs(7));
+    assert_eq!(p.client().options().timeout, Duration::from_secs(7));
+    let p = OpenStackProvider::new(
+        "mockprov",
+        cloud("http://127.0.0.1:9"),
+        ProviderOptions::default(),
+    )
+    .expect("provider");
+    assert_eq!(p.api_timeout(), Duration::from_secs(60), "the default");
 }
 
 fn create() -> CreateServer {
@@ -270,13 +366,7 @@ async fn hung_endpoint_times_out() {
             ..fast()
         },
     );
-    let started = std::time::Instant::now();
     let e = c.execute(&GetLimits).await.expect_err("no answer");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
     assert!(matches!(e, ApiError::Timeout { .. }), "{e:?}");
     let pe: ProviderError = e.into();
     assert!(matches!(pe, ProviderError::Timeout(_)), "{pe:?}");
@@ -497,6 +587,43 @@ async fn one_server_list_serves_concurrent_callers() {
     }
 }
 
+#[tokio::test]
+async fn callers_waiting_for_a_hung_server_list_share_its_timeout() {
+    let s = server().await;
+    Mock::given(method("GET"))
+        .and(path("/compute/v2.1/servers/detail"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"servers": []}))
+                .set_delay(Duration::from_secs(60)),
+        )
+        .expect(1)
+        .mount(&s)
+        .await;
+    let p = Arc::new(provider(
+        &s.uri(),
+        ProviderOptions {
+            client: ClientOptions {
+                timeout: Duration::from_millis(500),
+                ..fast()
+            },
+            ..ProviderOptions::default()
+        },
+    ));
+    // The token first, so only the list hangs.
+    p.client().authenticate().await.expect("token");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move { p.list_instances().await }));
+    }
+    for t in tasks {
+        let e = t.await.expect("join").expect_err("hung");
+        assert!(matches!(e, ProviderError::Timeout(_)), "{e:?}");
+    }
+    // One list request for all eight (wiremock checks `expect(1)`).
+}
+
 async fn upload_mocks(s: &MockServer, put: ResponseTemplate, checksum: &str) {
     Mock::given(method("POST"))
         .and(path("/image/v2/images"))
@@ -576,13 +703,11 @@ async fn upload_timeout_fails_and_deletes_the_image() {
     .await;
     let p = provider(&s.uri(), ProviderOptions::default());
     let dir = tempfile::tempdir().unwrap();
-    let started = std::time::Instant::now();
     let e = p
         .upload_image(&upload_spec(dir.path(), Duration::from_millis(500)))
         .await
         .expect_err("timeout");
     assert!(matches!(e, ProviderError::Timeout(_)), "{e:?}");
-    assert!(started.elapsed() < Duration::from_secs(20));
 }
 
 #[tokio::test]
