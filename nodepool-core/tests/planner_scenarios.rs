@@ -800,6 +800,55 @@ fn min_ready_has_one_owner_among_launchers() {
 }
 
 #[test]
+fn a_spare_whose_server_left_the_cloud_is_deleted_not_handed_out() {
+    let mut w = World::new(ONE_POOL);
+    let server = |id: &str| Instance {
+        external_id: id.into(),
+        name: id.into(),
+        status: nodepool_core::provider::InstanceStatus::Active,
+        metadata: Default::default(),
+        public_ipv4: None,
+        private_ipv4: None,
+        public_ipv6: None,
+        interface_ip: None,
+        az: None,
+        region: None,
+        cloud: None,
+        host_id: None,
+        resources: None,
+    };
+    let with_server = |w: &mut World, ext: &str| {
+        let n = w.add_node("cloud1", "main", "small", NodeState::Ready);
+        w.edit_node(&n, |n, _| n.external_id = Some(ext.into()));
+        n
+    };
+    let gone = with_server(&mut w, "srv-gone");
+    let alive = with_server(&mut w, "srv-alive");
+    let taken = with_server(&mut w, "srv-taken-gone");
+    w.edit_node(&taken, |n, _| {
+        n.allocated_to = Some("200-0000000001".into())
+    });
+    // Ready only a moment before the listing: a cached listing may not
+    // show its server yet.
+    w.now += 120.0;
+    let fresh = with_server(&mut w, "srv-fresh");
+    let view = w.snapshot.providers.get_mut("cloud1").expect("view");
+    view.instances = Some(vec![server("srv-alive")]);
+    view.instances_listed_at = Some(w.now + 10.0);
+    let deleted: Vec<(String, DeleteReason)> = w
+        .plan()
+        .actions
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::DeleteNode { node, reason } => Some((node, reason)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, vec![(gone, DeleteReason::ServerGone)]);
+    let _ = (alive, fresh);
+}
+
+#[test]
 fn leaked_servers_are_deleted_on_the_second_sighting() {
     let mut w = World::new(ONE_POOL);
     let known = w.add_node("cloud1", "main", "small", NodeState::Ready);

@@ -442,7 +442,7 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             };
             // Re-check under the lock: the node may have been taken meanwhile.
             let still = match reason {
-                DeleteReason::MaxReadyAge | DeleteReason::Evicted => {
+                DeleteReason::MaxReadyAge | DeleteReason::Evicted | DeleteReason::ServerGone => {
                     cur.value.state == NodeState::Ready && cur.value.allocated_to.is_none()
                 }
                 DeleteReason::HoldExpired => cur.value.state == NodeState::Hold,

@@ -64,6 +64,8 @@ struct Observed {
     missing_cloud_images: BTreeSet<String>,
     images_due: Option<Instant>,
     fresh_instances: Option<Vec<Instance>>,
+    /// When the call that made `fresh_instances` started.
+    instances_listed: Option<Instant>,
     instances_due: Option<Instant>,
     unmanaged: Resources,
     reported: Option<Resources>,
@@ -151,6 +153,10 @@ impl ProviderHandle {
         });
         let mut o = self.observed();
         let instances = o.fresh_instances.take();
+        let instances_listed_at = instances
+            .as_ref()
+            .and(o.instances_listed)
+            .map(|at| now - at.elapsed().as_secs_f64());
         if let Some(list) = &instances {
             let ours: BTreeSet<&str> = nodes
                 .iter()
@@ -182,6 +188,7 @@ impl ProviderHandle {
             availability_zones: Vec::new(),
             missing_cloud_images: o.missing_cloud_images.clone(),
             instances,
+            instances_listed_at,
             outage,
         }
     }
@@ -313,10 +320,12 @@ async fn observe(
             }
         }
         if need_instances {
+            let started = Instant::now();
             match bounded(iv.call_timeout, "server list", provider.list_instances()).await {
                 Ok(list) => {
                     let mut o = lock();
                     o.fresh_instances = Some(list);
+                    o.instances_listed = Some(started);
                     o.instances_due = Some(Instant::now() + iv.instances);
                 }
                 Err(e) => {

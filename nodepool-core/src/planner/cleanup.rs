@@ -6,8 +6,8 @@ use super::fast::{FastMap, FastSet, Key};
 
 use super::requests::{Index, Registry};
 use super::{
-    Action, DeleteReason, INIT_GRACE_SECS, LocalState, Plan, REQUEST_LOCK_CLEANUP_SECS, Snapshot,
-    rendezvous_owner,
+    Action, DeleteReason, INIT_GRACE_SECS, LocalState, Plan, REQUEST_LOCK_CLEANUP_SECS,
+    SERVER_GONE_MARGIN_SECS, Snapshot, rendezvous_owner,
 };
 use crate::config::Config;
 use crate::model::{NodeState, RequestState, parse_request_id};
@@ -318,6 +318,32 @@ pub(crate) fn housekeeping(
                 });
             }
             suspects.insert(key);
+        }
+    }
+    // Spares whose server is gone from the cloud (deleted out of band, or
+    // by a launcher that lost track of it): handing one out would give
+    // Zuul a dead node.
+    for (i, rec) in s.nodes.iter().enumerate() {
+        let n = &rec.node;
+        if rec.locked || n.state != NodeState::Ready || n.allocated_to.is_some() {
+            continue;
+        }
+        let Some(view) = s.providers.get(&n.provider) else {
+            continue;
+        };
+        let (Some(instances), Some(listed_at), Some(server)) =
+            (&view.instances, view.instances_listed_at, &n.external_id)
+        else {
+            continue;
+        };
+        if idx.node_provider(i).is_none() || n.state_time > listed_at - SERVER_GONE_MARGIN_SECS {
+            continue;
+        }
+        if !instances.iter().any(|inst| &inst.external_id == server) {
+            plan.actions.push(Action::DeleteNode {
+                node: rec.id.clone(),
+                reason: DeleteReason::ServerGone,
+            });
         }
     }
     // Providers not checked this pass keep their suspects for next time.

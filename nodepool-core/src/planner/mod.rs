@@ -100,6 +100,9 @@ pub struct ProviderView {
     /// Every server of the cloud, present only on passes where a leak
     /// check is due.
     pub instances: Option<Vec<Instance>>,
+    /// When the listing in `instances` was asked for (epoch seconds): a
+    /// server that existed then is in it, if it still exists.
+    pub instances_listed_at: Option<f64>,
     /// Set while the cloud's API is failing and the launcher has stopped
     /// calling it (`launcher::health`): its pools take nothing, requests
     /// held there go back to the queue, its nodes wait for deletion.
@@ -199,6 +202,8 @@ pub enum DeleteReason {
     LostInit,
     /// The oldest unused ready node, evicted to free quota for another label.
     Evicted,
+    /// An unused ready node whose server is not in the cloud's listing.
+    ServerGone,
 }
 
 impl DeleteReason {
@@ -210,6 +215,7 @@ impl DeleteReason {
             DeleteReason::HoldExpired => "hold-expired",
             DeleteReason::LostInit => "lost-init",
             DeleteReason::Evicted => "evicted",
+            DeleteReason::ServerGone => "server-gone",
         }
     }
 }
@@ -386,6 +392,11 @@ pub struct Plan {
     /// Servers that look leaked now (keep for the next leak check).
     pub leak_suspects: BTreeSet<(String, String)>,
 }
+
+/// A ready node missing from a server listing is taken for dead only if it
+/// was ready this long before the listing was asked for: listings may be
+/// served from a cache a moment old, and clocks of hosts differ.
+pub const SERVER_GONE_MARGIN_SECS: f64 = 60.0;
 
 /// Unlocked `init` nodes younger than this are left alone: their creator may
 /// be about to lock them.
