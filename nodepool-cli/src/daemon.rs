@@ -173,7 +173,7 @@ pub fn make_provider(pc: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
         Driver::OpenStack => nodepool_openstack::OpenStackProvider::from_config(pc)
             .map(|p| Arc::new(p) as Arc<dyn Provider>)
             .map_err(|e| e.to_string()),
-        Driver::Simulated(_) => nodepool_core::simulated::SimulatedProvider::new(pc)
+        Driver::Simulated(_) => nodepool_simulated::SimulatedProvider::new(pc)
             .map(|p| Arc::new(p) as Arc<dyn Provider>)
             .map_err(|e| e.to_string()),
     }

@@ -5,7 +5,7 @@
 //! already held stay until `nodepool delete` or max-hold-age).
 //!
 //! The rules live in the state store (`/nodepool/job-holds`, see
-//! `nodepool_core::consumers::holds`); the Jenkins consumer runtime applies
+//! `nodepool_model::store::holds`); the Jenkins consumer runtime applies
 //! them. `admin` dispatches here; each function returns what to print.
 
 use anyhow::{Context, anyhow};

@@ -20,7 +20,7 @@ use nodepool_cli::admin::{Cli, Io, run_with};
 use nodepool_core::launcher::{Launcher, LauncherSettings, ProviderFactory};
 use nodepool_core::model::{ImageUpload, NodeState, UploadState, epoch_now};
 use nodepool_core::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, ImageUploadSpec, Provider};
-use nodepool_core::simulated::SimulatedProvider;
+use nodepool_simulated::SimulatedProvider;
 use tokio_util::sync::CancellationToken;
 
 fn cloud_of(f: &Fixture) -> (SimulatedProvider, ProviderFactory) {

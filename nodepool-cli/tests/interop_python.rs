@@ -20,7 +20,7 @@ use nodepool_core::store::CreateMode;
 
 fn sample(name: &str) -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../nodepool-core/tests/fixtures/zk-samples")
+        .join("../nodepool-model/tests/fixtures/zk-samples")
         .join(name);
     serde_json::from_str(&std::fs::read_to_string(&path).expect("read sample")).expect("JSON")
 }

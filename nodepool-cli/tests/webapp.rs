@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{Backend, Fixture, populate};
 use nodepool_core::launcher::{Launcher, LauncherSettings, Metrics, ProviderFactory};
 use nodepool_core::provider::Provider;
-use nodepool_core::simulated::SimulatedProvider;
+use nodepool_simulated::SimulatedProvider;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 

@@ -19,27 +19,17 @@
 //!   (Jenkins).
 //! - [`consumers`]: the runtime that keeps consumers (Jenkins targets)
 //!   supplied with nodes, and job hold rules.
-//! - [`simulated`]: the built-in simulated cloud
-//!   ([`SimulatedProvider`](simulated::SimulatedProvider), `driver:
-//!   simulated`) for tests, benchmarks and the quick start.
 //! - `testing` (feature `testing`): an in-memory store and the shared
 //!   conformance suites every backend runs.
 
 pub mod builder;
-pub mod config;
-pub mod consumer;
 pub mod consumers;
-pub mod image_builder;
 pub mod launcher;
-pub mod model;
 pub mod planner;
-pub mod provider;
 pub mod requestor;
-pub mod simulated;
-pub mod store;
+
+// The contract, re-exported so one dependency gives the whole picture.
+pub use nodepool_model::{VERSION, cloud, config, consumer, image_builder, model, provider, store};
 
 #[cfg(feature = "testing")]
 pub mod testing;
-
-/// This implementation's version, as registered in components.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -16,9 +16,9 @@ use nodepool_core::consumers::{
 use nodepool_core::launcher::{Clock, Launcher, LauncherSettings, ProviderFactory};
 use nodepool_core::model::{Node, NodeState};
 use nodepool_core::provider::Provider;
-use nodepool_core::simulated::SimulatedProvider;
 use nodepool_core::store::{LockWait, Store};
-use nodepool_core::testing::MemoryStore;
+use nodepool_model::store::MemoryStore;
+use nodepool_simulated::SimulatedProvider;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

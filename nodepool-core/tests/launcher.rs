@@ -11,9 +11,9 @@ use nodepool_core::launcher::{Launcher, LauncherSettings, ObserverIntervals, Pro
 use nodepool_core::model::{ComponentKind, NodeState, RequestState};
 use nodepool_core::provider::Provider;
 use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
-use nodepool_core::simulated::SimulatedProvider;
 use nodepool_core::store::Store;
-use nodepool_core::testing::MemoryStore;
+use nodepool_model::store::MemoryStore;
+use nodepool_simulated::SimulatedProvider;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -21,9 +21,9 @@ use nodepool_core::provider::{
     ProviderError,
 };
 use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
-use nodepool_core::simulated::SimulatedProvider;
 use nodepool_core::store::Store;
-use nodepool_core::testing::MemoryStore;
+use nodepool_model::store::MemoryStore;
+use nodepool_simulated::SimulatedProvider;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 

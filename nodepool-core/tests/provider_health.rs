@@ -11,7 +11,7 @@ use nodepool_core::config::{ApiFault, Config};
 use nodepool_core::launcher::Metrics;
 use nodepool_core::launcher::health::{HealthCheckedProvider, HealthMonitor, HealthPolicy};
 use nodepool_core::provider::{ImageRef, InstanceSpec, META_NODE_ID, Provider, ProviderError};
-use nodepool_core::simulated::SimulatedProvider;
+use nodepool_simulated::SimulatedProvider;
 use tokio::time::Instant;
 
 const CLOUD: &str = r#"

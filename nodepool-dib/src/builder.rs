@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nodepool_core::image_builder::{BuildArtifacts, BuildError, BuildSpec, ImageBuilder};
+use nodepool_model::image_builder::{BuildArtifacts, BuildError, BuildSpec, ImageBuilder};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
-use nodepool_core::image_builder::BuildSpec;
+use nodepool_model::image_builder::BuildSpec;
 
 /// `--qemu-img-options` value Nodepool passes when qcow2 is built: images
 /// stay readable by old qemu versions still found in clouds.

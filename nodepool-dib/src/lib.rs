@@ -1,4 +1,4 @@
-//! The [`ImageBuilder`](nodepool_core::image_builder::ImageBuilder) that
+//! The [`ImageBuilder`](nodepool_model::image_builder::ImageBuilder) that
 //! builds disk images with diskimage-builder (`disk-image-create`), as
 //! Nodepool's builder does (reference §5.3), without leaking what a killed
 //! build leaves behind.
@@ -6,7 +6,7 @@
 //! Start with [`DibBuilder`]: [`ImageBuilder::build`] plans the command,
 //! runs it, always sweeps after it, and returns the verified files.
 //!
-//! [`ImageBuilder::build`]: nodepool_core::image_builder::ImageBuilder::build
+//! [`ImageBuilder::build`]: nodepool_model::image_builder::ImageBuilder::build
 //!
 //! # Layout
 //!

@@ -13,7 +13,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use md5::{Digest, Md5};
-use nodepool_core::image_builder::Artifact;
+use nodepool_model::image_builder::Artifact;
 use sha2::Sha256;
 
 use crate::command::with_suffix;

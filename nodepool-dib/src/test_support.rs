@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use indexmap::IndexMap;
-use nodepool_core::config::DiskImage;
-use nodepool_core::image_builder::BuildSpec;
+use nodepool_model::config::DiskImage;
+use nodepool_model::image_builder::BuildSpec;
 
 /// A diskimage with the reference's defaults and one element.
 pub fn diskimage(name: &str) -> DiskImage {

@@ -20,10 +20,10 @@ use nodepool_core::config::Config;
 use nodepool_core::launcher::ProviderFactory;
 use nodepool_core::model::{BuildState, ComponentKind, UploadState};
 use nodepool_core::provider::{CloudImageInfo, ImageUploadSpec, Provider};
-use nodepool_core::simulated::SimulatedProvider;
 use nodepool_core::store::{BuildRecord, ImageState, Store, UploadRecord};
-use nodepool_core::testing::MemoryStore;
 use nodepool_dib::{DibBuilder, DibOptions};
+use nodepool_model::store::MemoryStore;
+use nodepool_simulated::SimulatedProvider;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -289,11 +289,11 @@ async fn upload_through_the_builder_runtime(
     use nodepool_core::launcher::ProviderFactory;
     use nodepool_core::model::{BuildState, ImageBuild, UploadState, epoch_now};
     use nodepool_core::provider::Provider;
-    use nodepool_core::simulated::SimulatedProvider;
     use nodepool_core::store::Store;
-    use nodepool_core::testing::MemoryStore;
+    use nodepool_model::store::MemoryStore;
     use nodepool_openstack::api::{ApiRequest, Raw, Service};
     use nodepool_openstack::{ClientOptions, CloudsLoader, OpenStackProvider, ProviderOptions};
+    use nodepool_simulated::SimulatedProvider;
 
     let mut yaml = site_yaml(site, "tiny", "qcow2, raw");
     yaml += "labels:\n  - name: small\nproviders:\n";

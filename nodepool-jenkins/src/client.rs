@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use nodepool_core::config::{JenkinsConnection, Secret};
+use nodepool_model::config::{JenkinsConnection, Secret};
 use reqwest::header::{COOKIE, HeaderValue};
 use tracing::{debug, warn};
 

@@ -34,10 +34,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use nodepool_core::config::Target;
-use nodepool_core::consumer::{ConsumerError, FinishedNode, NodeConsumer, NodeOutcome};
-use nodepool_core::model::Node;
-use nodepool_core::store::Store;
+use nodepool_model::config::Target;
+use nodepool_model::consumer::{ConsumerError, FinishedNode, NodeConsumer, NodeOutcome};
+use nodepool_model::model::Node;
+use nodepool_model::store::Store;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -472,7 +472,7 @@ impl NodeConsumer for JenkinsConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodepool_core::model::NodeState;
+    use nodepool_model::model::NodeState;
 
     #[test]
     fn agent_names_are_made_of_the_node() {

@@ -1,6 +1,6 @@
 //! This crate's own error, and how it maps to [`ConsumerError`] meanings.
 
-use nodepool_core::consumer::ConsumerError;
+use nodepool_model::consumer::ConsumerError;
 
 /// What went wrong with a Jenkins call.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -3,7 +3,7 @@
 //! `targets` of `nodepool.yaml`.
 //!
 //! Start with [`JenkinsConsumer`]: one per target, driven by the consumer
-//! runtime of `nodepool_core::consumers` (which gets the nodes through
+//! runtime of `nodepool_model::consumers` (which gets the nodes through
 //! node requests and marks them `used` or `hold` when the consumer says
 //! their job is done). [`consumer_factory`] is what the launcher daemon
 //! hands that runtime.
@@ -33,9 +33,9 @@ pub mod error;
 
 use std::sync::Arc;
 
-use nodepool_core::consumer::NodeConsumer;
-use nodepool_core::consumers::ConsumerFactory;
-use nodepool_core::store::Store;
+use nodepool_model::consumer::ConsumerFactory;
+use nodepool_model::consumer::NodeConsumer;
+use nodepool_model::store::Store;
 
 pub use client::{ClientOptions, ClientStats, JenkinsClient, RetryPolicy};
 pub use consumer::{JenkinsConsumer, JenkinsOptions, agent_name};

@@ -11,8 +11,8 @@ use nodepool_core::consumer::{ConsumerError, NodeConsumer, NodeOutcome};
 use nodepool_core::consumers::JobHold;
 use nodepool_core::model::{Node, NodeState, Port};
 use nodepool_core::store::Store;
-use nodepool_core::testing::MemoryStore;
 use nodepool_jenkins::{ClientOptions, JenkinsConsumer, JenkinsOptions, RetryPolicy};
+use nodepool_model::store::MemoryStore;
 
 fn target(url: &str) -> Target {
     Target {

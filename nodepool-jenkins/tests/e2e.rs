@@ -15,10 +15,10 @@ use nodepool_core::consumers::{ConsumerRuntime, ConsumerSettings, JobHold};
 use nodepool_core::launcher::{Launcher, LauncherSettings, ProviderFactory};
 use nodepool_core::model::{Node, NodeState};
 use nodepool_core::provider::Provider;
-use nodepool_core::simulated::SimulatedProvider;
 use nodepool_core::store::Store;
-use nodepool_core::testing::MemoryStore;
 use nodepool_jenkins::{ClientOptions, JenkinsOptions, RetryPolicy, consumer_factory};
+use nodepool_model::store::MemoryStore;
+use nodepool_simulated::SimulatedProvider;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -14,8 +14,8 @@ use nodepool_core::consumer::NodeConsumer;
 use nodepool_core::consumers::JobHold;
 use nodepool_core::model::{Node, NodeState};
 use nodepool_core::store::Store;
-use nodepool_core::testing::MemoryStore;
 use nodepool_jenkins::{ClientOptions, JenkinsConsumer, JenkinsOptions, RetryPolicy};
+use nodepool_model::store::MemoryStore;
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);

@@ -25,7 +25,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nodepool_core::config::{Config, Driver, ProviderConfig, Secret};
+use nodepool_model::config::{Config, Driver, ProviderConfig, Secret};
 use serde_json::{Map, Value};
 
 /// The image format a cloud wants when clouds.yaml does not say.
@@ -1258,7 +1258,7 @@ JkjdsJ/NRKuLK4ivl5imqgI=
     fn provider_clouds_reports_every_provider_and_fills_formats() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "clouds.yaml", CLOUDS);
-        let mut config = nodepool_core::config::Config::from_yaml(
+        let mut config = nodepool_model::config::Config::from_yaml(
             "labels: [{name: l}]
 providers:
   - {name: good, cloud: peer, region-name: RegionOne, cloud-images: [{name: i}], pools: [{name: m, labels: [{name: l, cloud-image: i, min-ram: 1}]}]}

@@ -1,6 +1,6 @@
 //! This crate's own error, and how it maps to [`ProviderError`] meanings.
 
-use nodepool_core::provider::ProviderError;
+use nodepool_model::provider::ProviderError;
 use serde_json::Value;
 
 /// What went wrong with an API call.
@@ -123,15 +123,7 @@ pub(crate) fn scrub(text: &str, secrets: &[String]) -> String {
     out
 }
 
-/// Whether a cloud message says a quota ran out (Nova's `Quota exceeded
-/// for instances`, Neutron's `OverQuota`, `... exceeds ... quota`, Python
-/// Nodepool's `number of ports exceeded`).
-pub fn is_quota_message(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    (m.contains("quota") && (m.contains("exceed") || m.contains("overquota")))
-        || m.contains("overquota")
-        || m.contains("number of ports exceeded")
-}
+pub use nodepool_model::cloud::is_quota_message;
 
 /// The human message of an OpenStack error body: Nova's
 /// `{"forbidden": {"message": ...}}`, Neutron's `{"NeutronError":

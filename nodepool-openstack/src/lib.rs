@@ -1,4 +1,4 @@
-//! A Nodepool [`Provider`](nodepool_core::provider::Provider) on the
+//! A Nodepool [`Provider`](nodepool_model::provider::Provider) on the
 //! OpenStack REST APIs: Keystone v3, Nova, Glance and Neutron, over reqwest.
 //!
 //! Start with [`OpenStackProvider`]: `OpenStackProvider::from_config(&provider)`
@@ -22,7 +22,6 @@
 //! - [`api`]: the endpoints as values: [`api::identity`],
 //!   [`api::compute`], [`api::image`], [`api::network`].
 //! - [`clouds`]: clouds.yaml + secure.yaml loading.
-//! - [`metadata`]: Nova's 255-byte metadata rule.
 //! - [`upload`]: streaming a file as a request body at constant memory.
 //! - [`error`]: [`ApiError`] and its mapping to `ProviderError`.
 //!
@@ -49,7 +48,7 @@
 //!   before they expire (by the server's own clock); a 401 anyway (revoked,
 //!   Keystone restarted) drops the token, authenticates once more and
 //!   repeats the call once. Concurrent callers wait for one new token.
-//! - **Metadata never fails a launch** ([`metadata`]): values over Nova's
+//! - **Metadata never fails a launch** ([`nodepool_model::cloud`]): values over Nova's
 //!   255 bytes are cut at a character boundary, with a warning.
 //! - **Uploads check the cloud's own hashes.** A given MD5 is compared with
 //!   Glance's `checksum` and a SHA-256 with `os_hash_value` when that is
@@ -65,7 +64,6 @@ pub mod api;
 pub mod client;
 pub mod clouds;
 pub mod error;
-pub mod metadata;
 pub mod provider;
 pub mod upload;
 

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nodepool_core::config::{PoolLabel, ProviderConfig};
-use nodepool_core::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
-use nodepool_core::provider::{
+use nodepool_model::config::{PoolLabel, ProviderConfig};
+use nodepool_model::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
+use nodepool_model::provider::{
     CloudImageInfo, CloudResource, ImageRef, ImageUploadSpec, Instance, InstanceSpec,
     InstanceStatus, Provider, ProviderError, ResourceKind,
 };
@@ -29,8 +29,8 @@ use crate::api::{ApiRequest, Raw, Service};
 use crate::client::{Client, ClientOptions};
 use crate::clouds::{CloudConfig, CloudConfigError, CloudsLoader};
 use crate::error::{ApiError, is_quota_message};
-use crate::metadata::fit_metadata;
 use crate::upload::UploadHashes;
+use nodepool_model::cloud::fit_metadata;
 
 /// Tunables of an [`OpenStackProvider`]; `Default` gives production values.
 #[derive(Clone, Debug, PartialEq)]
@@ -579,24 +579,10 @@ pub fn verify_upload(
     Ok(())
 }
 
-/// The flavor rule of reference §3.4, on a flavor list.
+/// The flavor rule of reference §3.4 ([`nodepool_model::cloud::choose_flavor`]),
+/// on Nova's flavor list.
 pub fn choose_flavor<'a>(flavors: &'a [Flavor], label: &PoolLabel) -> Option<&'a Flavor> {
-    match (label.min_ram, &label.flavor_name) {
-        (Some(min_ram), name) => {
-            let mut candidates: Vec<&Flavor> = flavors
-                .iter()
-                .filter(|f| !f.disabled && f.ram >= min_ram)
-                .filter(|f| name.as_ref().is_none_or(|n| f.name.contains(n.as_str())))
-                .collect();
-            candidates.sort_by(|a, b| (a.ram, &a.name).cmp(&(b.ram, &b.name)));
-            candidates.first().copied()
-        }
-        (None, Some(name)) => flavors
-            .iter()
-            .find(|f| &f.name == name)
-            .or_else(|| flavors.iter().find(|f| &f.id == name)),
-        (None, None) => None,
-    }
+    nodepool_model::cloud::choose_flavor(flavors, label)
 }
 
 fn is_private_v4(ip: &str) -> bool {
@@ -1095,14 +1081,14 @@ impl OpenStackProvider {
 }
 
 /// The metadata key/value limit, re-exported for callers that build specs.
-pub use crate::metadata::NOVA_METADATA_LIMIT;
+pub use nodepool_model::cloud::NOVA_METADATA_LIMIT;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::compute::Address;
     use indexmap::IndexMap;
-    use nodepool_core::config::ImageSource;
+    use nodepool_model::config::ImageSource;
 
     fn flavor(id: &str, name: &str, vcpus: i64, ram: i64, disabled: bool) -> Flavor {
         Flavor {
@@ -1167,7 +1153,7 @@ mod tests {
             auth: crate::clouds::Auth::Password {
                 auth_url: "http://k/v3".into(),
                 user: crate::clouds::UserRef::Id("u".into()),
-                password: nodepool_core::config::Secret::new("p"),
+                password: nodepool_model::config::Secret::new("p"),
                 project: None,
             },
             region_name: Some("R".into()),
@@ -1262,7 +1248,7 @@ providers:
             "clouds:\n  mycloud:\n    auth: {auth_url: 'http://k:5000', user_id: u, password: pw, project_id: p}\n    image_format: vhd\n",
         )
         .unwrap();
-        let mut config = nodepool_core::config::Config::from_yaml(NODEPOOL_YAML).unwrap();
+        let mut config = nodepool_model::config::Config::from_yaml(NODEPOOL_YAML).unwrap();
         let loader = CloudsLoader::file(&clouds);
         let p = OpenStackProvider::from_config_with(
             &config.providers[0],

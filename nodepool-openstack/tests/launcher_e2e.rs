@@ -33,7 +33,7 @@ use nodepool_core::model::{Node, NodeState};
 use nodepool_core::provider::{Provider, ResourceKind};
 use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
 use nodepool_core::store::Store;
-use nodepool_core::testing::MemoryStore;
+use nodepool_model::store::MemoryStore;
 use nodepool_openstack::api::{ApiRequest, Raw, Service};
 use nodepool_openstack::{ClientOptions, CloudsLoader, OpenStackProvider, ProviderOptions};
 use serde_json::Value;

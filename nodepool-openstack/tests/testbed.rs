@@ -23,7 +23,7 @@ use nodepool_core::model::{CORES, INSTANCES};
 use nodepool_core::provider::{
     IMAGE_BUILD_ID, ImageRef, ImageUploadSpec, Provider, ProviderError, ResourceKind,
 };
-use nodepool_core::testing::conformance::provider::{
+use nodepool_model::conformance::provider::{
     Capabilities, Harness, UploadFile, random_node_id, spec_for,
 };
 use nodepool_openstack::api::{ApiRequest, Raw, Service};
@@ -204,7 +204,7 @@ impl Harness for Testbed {
     }
 }
 
-nodepool_core::provider_conformance_tests!(Testbed);
+nodepool_model::provider_conformance_tests!(Testbed);
 
 // ------------------------------------------------------------------------
 // Real-cloud checks beyond the provider-neutral suite.

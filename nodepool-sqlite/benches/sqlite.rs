@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use nodepool_core::model::{Node, NodeState};
 use nodepool_core::store::{CreateMode, StateStore, Store, StoreEvent, paths};
-use nodepool_core::testing::MemoryStore;
+use nodepool_model::store::MemoryStore;
 use nodepool_sqlite::{SqliteOptions, SqliteStore, Synchronous};
 use tokio::runtime::Runtime;
 

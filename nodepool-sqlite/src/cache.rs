@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use nodepool_core::store::{Entry, Stat, split_path};
+use nodepool_model::store::{Entry, Stat, split_path};
 use rusqlite::Connection;
 
 use crate::db::{self, ChangeKind, DbError, Malformed};
@@ -133,7 +133,7 @@ impl Cache {
 
 #[cfg(test)]
 mod tests {
-    use nodepool_core::store::CreateMode;
+    use nodepool_model::store::CreateMode;
 
     use super::*;
     use crate::db::{Txn, connect, init};

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use nodepool_core::store::{CreateMode, Stat, StoreError, split_path, validate_path};
+use nodepool_model::store::{CreateMode, Stat, StoreError, split_path, validate_path};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 

@@ -3,7 +3,7 @@
 //! The launcher, the builder and the `nodepool` CLI of one machine open the
 //! same database file; together they see one tree of versioned records with
 //! ZooKeeper's semantics (sequential names, compare-and-set, ephemeral
-//! records, watches), so `nodepool_core::store` (layout, kazoo lock recipe,
+//! records, watches), so `nodepool_model::store` (layout, kazoo lock recipe,
 //! typed records) works on it unchanged and the conformance suite passes as
 //! it does for ZooKeeper and memory. No server to install.
 //!

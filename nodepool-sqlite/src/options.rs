@@ -57,7 +57,7 @@ pub struct SqliteOptions {
     /// Default 250 ms (a check that finds nothing is one read).
     pub sweep_interval: Duration,
     /// How long a write waits for another process's write transaction
-    /// before failing with [`StoreError::Timeout`](nodepool_core::store::StoreError::Timeout).
+    /// before failing with [`StoreError::Timeout`](nodepool_model::store::StoreError::Timeout).
     /// Default 5 s.
     pub busy_timeout: Duration,
     /// Durability of commits. Default [`Synchronous::Full`].
@@ -66,7 +66,7 @@ pub struct SqliteOptions {
     /// not poll for longer than this (it was stopped; its session expired
     /// long before) misses changes and reloads its cache. Default 5 min.
     pub change_retention: Duration,
-    /// Serve [`scan`](nodepool_core::store::StateStore::scan) from an
+    /// Serve [`scan`](nodepool_model::store::StateStore::scan) from an
     /// in-process copy of the tree kept fresh from the change feed, so a
     /// planning pass does not re-read every record. Default on.
     pub scan_cache: bool,

@@ -20,7 +20,7 @@
 //! after expiry. Operations that were in flight, and those made before the
 //! new session is up, fail with [`StoreError::SessionLost`].
 
-use nodepool_core::store::{SessionState, StoreError};
+use nodepool_model::store::{SessionState, StoreError};
 use rusqlite::Connection;
 
 use crate::db::{Txn, now_ms, sql_error};

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use nodepool_core::config::{Config, StateStoreConfig};
-use nodepool_core::store::{
+use nodepool_model::config::{Config, StateStoreConfig};
+use nodepool_model::store::{
     CreateMode, Entry, SessionState, Stat, StateStore, StoreError, StoreEvent, validate_path,
 };
 use rusqlite::Connection;
@@ -188,9 +188,9 @@ impl Drop for Inner {
 /// background).
 ///
 /// ```no_run
-/// # async fn demo() -> Result<(), nodepool_core::store::StoreError> {
+/// # async fn demo() -> Result<(), nodepool_model::store::StoreError> {
 /// use std::sync::Arc;
-/// use nodepool_core::store::{StateStore, Store};
+/// use nodepool_model::store::{StateStore, Store};
 /// use nodepool_sqlite::{SqliteOptions, SqliteStore};
 ///
 /// let sqlite = SqliteStore::open("/var/lib/nodepool/nodepool.db", SqliteOptions::default()).await?;

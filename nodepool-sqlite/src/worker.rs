@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nodepool_core::store::{StoreError, StoreEvent};
+use nodepool_model::store::{StoreError, StoreEvent};
 use rusqlite::Connection;
 use tokio::sync::broadcast;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use nodepool_core::store::{SessionState, StateStore};
-use nodepool_core::testing::conformance::store::Harness;
+use nodepool_model::conformance::store::Harness;
 use nodepool_sqlite::{SqliteOptions, SqliteStore};
 
 struct Sqlite {
@@ -61,4 +61,4 @@ impl Harness for Sqlite {
     }
 }
 
-nodepool_core::store_conformance_tests!(Sqlite::new());
+nodepool_model::store_conformance_tests!(Sqlite::new());

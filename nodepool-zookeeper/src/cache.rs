@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use nodepool_core::store::{Entry, Stat, StoreEvent};
+use nodepool_model::store::{Entry, Stat, StoreEvent};
 use zookeeper_client as zk;
 
 /// How many reads the full load keeps in flight. ZooKeeper answers a
@@ -132,7 +132,7 @@ fn entry(path: &str, c: &Cached) -> Entry {
 fn count_children(entries: &mut [Entry]) {
     let mut counts: BTreeMap<String, i32> = BTreeMap::new();
     for e in entries.iter() {
-        let (parent, _) = nodepool_core::store::split_path(&e.path);
+        let (parent, _) = nodepool_model::store::split_path(&e.path);
         *counts.entry(parent.to_owned()).or_default() += 1;
     }
     for e in entries.iter_mut() {

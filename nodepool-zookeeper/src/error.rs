@@ -1,6 +1,6 @@
 //! The client crate's errors, mapped to [`StoreError`] meanings.
 
-use nodepool_core::store::StoreError;
+use nodepool_model::store::StoreError;
 use zookeeper_client as zk;
 
 /// Maps an error of an operation on `path`; `store` names the ensemble for

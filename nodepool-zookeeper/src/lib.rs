@@ -1,9 +1,9 @@
 //! `StateStore` on ZooKeeper, wire-compatible with Python Nodepool and Zuul.
 //!
-//! [`ZooKeeperStore`] implements [`nodepool_core::store::StateStore`] with
+//! [`ZooKeeperStore`] implements [`nodepool_model::store::StateStore`] with
 //! the `zookeeper-client` crate: the same znodes, sequence numbers,
 //! ephemerals and versions that kazoo produces, so the core's typed
-//! [`Store`](nodepool_core::store::Store) and its kazoo lock recipe work on
+//! [`Store`](nodepool_model::store::Store) and its kazoo lock recipe work on
 //! it unchanged, side by side with Python launchers, the Python `nodepool`
 //! CLI and Zuul.
 //!

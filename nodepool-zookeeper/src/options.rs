@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nodepool_core::config::{Config, ZooKeeperTls};
-use nodepool_core::store::StoreError;
+use nodepool_model::config::{Config, ZooKeeperTls};
+use nodepool_model::store::StoreError;
 
 /// Nodepool's default session timeout (`zookeeper-timeout`). The client
 /// crate's own default is 6 s; a shorter session than the Python peers use
@@ -79,13 +79,13 @@ impl Default for ZooKeeperOptions {
         ZooKeeperOptions {
             servers: vec![ServerAddress {
                 host: "localhost".into(),
-                port: nodepool_core::config::DEFAULT_ZOOKEEPER_PORT,
+                port: nodepool_model::config::DEFAULT_ZOOKEEPER_PORT,
             }],
             chroot: None,
             tls: None,
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             connect_timeout: Duration::from_secs(30),
-            cache_root: nodepool_core::store::paths::ROOT.into(),
+            cache_root: nodepool_model::store::paths::ROOT.into(),
         }
     }
 }
@@ -95,7 +95,7 @@ fn bad(what: &str, reason: impl std::fmt::Display) -> StoreError {
 }
 
 fn check_chroot(chroot: &str, what: &str) -> Result<(), StoreError> {
-    if chroot == "/" || nodepool_core::store::validate_path(chroot).is_err() {
+    if chroot == "/" || nodepool_model::store::validate_path(chroot).is_err() {
         return Err(bad(
             what,
             format!("invalid chroot {chroot:?} (want an absolute path like /nodepool-test)"),
@@ -134,7 +134,7 @@ impl ZooKeeperOptions {
                 return Err(bad(&what, format!("empty host in {part:?}")));
             }
             let port = match port {
-                None => nodepool_core::config::DEFAULT_ZOOKEEPER_PORT,
+                None => nodepool_model::config::DEFAULT_ZOOKEEPER_PORT,
                 Some(p) => p
                     .parse::<u16>()
                     .ok()

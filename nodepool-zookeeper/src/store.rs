@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
-use nodepool_core::store::{
+use nodepool_model::store::{
     CreateMode, Entry, SessionState, Stat, StateStore, StoreError, StoreEvent, split_path,
     validate_path,
 };
@@ -269,7 +269,7 @@ impl ZooKeeperStore {
     }
 
     /// Connects with the settings of `nodepool.yaml`.
-    pub async fn from_config(config: &nodepool_core::config::Config) -> Result<Self, StoreError> {
+    pub async fn from_config(config: &nodepool_model::config::Config) -> Result<Self, StoreError> {
         Self::connect(ZooKeeperOptions::from_config(config)?).await
     }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use nodepool_core::store::StateStore;
-use nodepool_core::testing::conformance::store::Harness;
+use nodepool_model::conformance::store::Harness;
 use nodepool_zookeeper::{ZooKeeperOptions, ZooKeeperStore};
 
 /// Clients of one chroot, so each test sees an empty store.
@@ -48,4 +48,4 @@ impl Harness for ZooKeeper {
     }
 }
 
-nodepool_core::store_conformance_tests!(ZooKeeper::new(common::plain(&common::fresh_chroot())));
+nodepool_model::store_conformance_tests!(ZooKeeper::new(common::plain(&common::fresh_chroot())));

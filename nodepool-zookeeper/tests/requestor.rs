@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nodepool_core::store::StateStore;
-use nodepool_core::testing::conformance::store::Harness;
+use nodepool_model::conformance::store::Harness;
 use nodepool_zookeeper::ZooKeeperOptions;
 
 struct ZooKeeper(ZooKeeperOptions);

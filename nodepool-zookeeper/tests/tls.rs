@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use nodepool_core::store::{StateStore, StoreError};
-use nodepool_core::testing::conformance::store::{self as suite, Harness};
+use nodepool_model::conformance::store::{self as suite, Harness};
 use nodepool_zookeeper::{TlsFiles, ZooKeeperOptions, ZooKeeperStore};
 
 struct Tls {

@@ -20,8 +20,8 @@ use nodepool_core::launcher::{
     Launcher, LauncherSettings, LauncherStatus, ObserverIntervals, ProviderFactory,
 };
 use nodepool_core::provider::Provider;
-use nodepool_core::simulated::SimulatedProvider;
 use nodepool_core::store::Store;
+use nodepool_simulated::SimulatedProvider;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -20,8 +20,8 @@ use nodepool_core::config::Config;
 use nodepool_core::model::{ComponentKind, NodeState};
 use nodepool_core::provider::{InstanceStatus, Provider};
 use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
-use nodepool_core::simulated::SimulatedProvider;
 use nodepool_core::store::Store;
+use nodepool_simulated::SimulatedProvider;
 use nodepool_tests::{Backend, Daemon, TestEnv, workspace_binary};
 
 /// Servers boot for this long: long enough that A is surely killed while

@@ -33,7 +33,7 @@
 //!
 //! Every pass polls [`finished_nodes`](NodeConsumer::finished_nodes): a
 //! node whose job is done becomes `used` (the launcher deletes it), or
-//! `hold` when a [job hold rule](holds) for its failed job still has room;
+//! `hold` when a [job hold rule](crate::store::holds) for its failed job still has room;
 //! then [`node_gone`](NodeConsumer::node_gone) removes the agent. Nodes
 //! that leave `ready` or vanish under the consumer (an operator's `nodepool
 //! delete`, a cloud failure) are `node_gone` too. When a runtime starts
@@ -51,8 +51,6 @@
 //! lock `/nodepool/elections/consumers/<target>` (kazoo's recipe, tied to
 //! the session, so another launcher takes over when one dies).
 
-pub mod holds;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,7 +66,7 @@ use crate::model::{Node, NodeState, RequestState};
 use crate::requestor::{NewRequest, Requestor};
 use crate::store::{LockGuard, LockWait, NodeRecord, Store, StoreError, paths};
 
-pub use holds::{JobHold, encode_job, held_for};
+pub use crate::store::holds::{JobHold, encode_job, held_for};
 
 /// What `allocated_to` of a consumer's nodes starts with (the targets of
 /// `nodepool.yaml` are Jenkins masters); also the requestor id prefix.
@@ -79,11 +77,7 @@ pub fn allocation_id(target: &str) -> String {
     format!("{ALLOCATION_PREFIX}{target}")
 }
 
-/// Builds the consumer of a target (the daemon passes
-/// `nodepool_jenkins::consumer_factory`). An error leaves the target
-/// unserved until the next configuration change.
-pub type ConsumerFactory =
-    Arc<dyn Fn(&Target) -> Result<Arc<dyn NodeConsumer>, String> + Send + Sync>;
+pub use crate::consumer::ConsumerFactory;
 
 /// Tunables of the runtime. `Default` gives production values.
 #[derive(Clone, Debug)]

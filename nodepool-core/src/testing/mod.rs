@@ -1,10 +1,9 @@
-//! Test support (feature `testing`): an in-memory store, and the
-//! conformance suites every backend runs against itself.
+//! Test support (feature `testing`): the planner's model installation
+//! ([`World`]), and the contract's in-memory store and conformance suites
+//! under their old names.
 
-pub mod conformance;
-mod memory_store;
 mod world;
 
-pub use crate::simulated::resolve_flavor;
-pub use memory_store::MemoryStore;
+pub use nodepool_model::conformance;
+pub use nodepool_model::store::MemoryStore;
 pub use world::World;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::cloud::choose_flavor as resolve_flavor;
 use crate::config::{Config, Driver, ImageSource, SimulatedFlavor};
 use crate::model::{
     BuildState, ImageBuild, ImageUpload, MIN_READY_REQUESTOR, Node, NodeRequest, NodeState,
@@ -14,7 +15,6 @@ use crate::planner::{
     Action, LaunchImage, LocalState, Plan, PoolInfo, PoolKey, ProviderOutage, ProviderView,
     Snapshot, plan,
 };
-use crate::simulated::resolve_flavor;
 use crate::store::{BuildRecord, NodeRecord, RequestRecord, UploadRecord};
 
 /// A modelled installation.

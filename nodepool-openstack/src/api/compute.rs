@@ -32,6 +32,21 @@ pub struct Flavor {
     pub disabled: bool,
 }
 
+impl nodepool_model::cloud::Flavor for Flavor {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn ram(&self) -> i64 {
+        self.ram
+    }
+    fn disabled(&self) -> bool {
+        self.disabled
+    }
+}
+
 /// `GET /flavors/detail` (one page).
 #[derive(Clone, Debug, Default)]
 pub struct ListFlavors {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use nodepool_core::config::Secret;
+use nodepool_model::config::Secret;
 use reqwest::Method;
 use serde_json::{Value, json};
 

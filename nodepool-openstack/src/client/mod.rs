@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use nodepool_core::config::Secret;
+use nodepool_model::config::Secret;
 use reqwest::header::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
 use tracing::{debug, warn};

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nodepool_core::config::Secret;
-use nodepool_core::provider::{ImageUploadSpec, Provider, ProviderError};
+use nodepool_model::config::Secret;
+use nodepool_model::provider::{ImageUploadSpec, Provider, ProviderError};
 use serde_json::{Value, json};
 use wiremock::matchers::{body_partial_json, header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};

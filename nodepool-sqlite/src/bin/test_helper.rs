@@ -26,7 +26,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nodepool_core::store::{CreateMode, LockWait, SessionState, StateStore, Store, StoreError};
+use nodepool_model::store::{CreateMode, LockWait, SessionState, StateStore, Store, StoreError};
 use nodepool_sqlite::{SqliteOptions, SqliteStore};
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;

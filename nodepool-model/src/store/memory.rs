@@ -1,8 +1,13 @@
-//! An in-memory [`StateStore`] with ZooKeeper's semantics, for fast tests.
+//! An in-memory [`StateStore`] with ZooKeeper's semantics: for embedding
+//! (a launcher and its clients in one process, nothing to install), for
+//! planning on a copy of real state, and for fast tests.
 //!
 //! One [`MemoryStore::new`] is one "server"; [`MemoryStore::new_session`]
-//! opens another client session on it, so tests can exercise locks and
-//! ephemeral records between independent clients.
+//! opens another client session on it, so several clients (a launcher and
+//! a requestor, two launchers) share records, locks and ephemeral records
+//! as they would on ZooKeeper. Fault knobs ([`MemoryStore::suspend`],
+//! [`MemoryStore::expire_session`], [`MemoryStore::ambiguous_writes`])
+//! reproduce what a real store does to its clients.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};

@@ -5,7 +5,7 @@
 //! It is what tests, benchmarks and the quick start launch into. It is not
 //! a mock of the OpenStack APIs: it keeps the same behaviour contract as
 //! `nodepool-openstack` and passes the same conformance suite
-//! (`nodepool_core::testing::conformance::provider`). Servers carry the
+//! (`nodepool_model::conformance::provider`). Servers carry the
 //! metadata the launcher puts in [`InstanceSpec::metadata`] (cut to Nova's
 //! 255-byte limit like OpenStack does), so leak detection works the same.
 //!
@@ -76,19 +76,17 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio::sync::futures::OwnedNotified;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::config::{ApiFault, Driver, PoolLabel, ProviderConfig, SimulatedCloud, SimulatedFlavor};
-use crate::model::{Limits, Resources, VOLUME_GB, VOLUMES};
-use crate::provider::{
+use nodepool_model::config::{
+    ApiFault, Driver, PoolLabel, ProviderConfig, SimulatedCloud, SimulatedFlavor,
+};
+use nodepool_model::model::{Limits, Resources, VOLUME_GB, VOLUMES};
+use nodepool_model::provider::{
     CloudImageInfo, CloudResource, ImageRef, ImageUploadSpec, Instance, InstanceSpec,
     InstanceStatus, META_GROUPS, META_NODE_ID, META_POOL, META_PROVIDER, Provider, ProviderError,
     ResourceKind,
 };
-
-/// Longest metadata key or value Nova takes, in bytes; longer ones are cut
-/// on a character boundary (as `nodepool-openstack` does before sending).
-const METADATA_LIMIT: usize = 255;
 
 /// First node id of the servers `leaked-servers` creates: far beyond any id
 /// a store's sequence reaches, so the store never knows them.
@@ -104,24 +102,14 @@ const CREATE_FAULT: &str =
 /// The fault of a server whose delete failed by the dice.
 const DELETE_FAULT: &str = "simulated delete failure: error while deleting the server";
 
-/// Picks a flavor the way Nodepool does (reference §3.4): with `min-ram`,
-/// the smallest flavor with at least that much RAM whose name contains
-/// `flavor-name` (when given), ties broken by name; with `flavor-name`
-/// alone, the flavor of that name (a simulated flavor's id is its name).
-/// `None` when nothing matches.
+/// Picks a flavor the way Nodepool does (reference §3.4,
+/// [`nodepool_model::cloud::choose_flavor`]): a simulated flavor's id is
+/// its name. `None` when nothing matches.
 pub fn resolve_flavor<'f>(
     flavors: &'f [SimulatedFlavor],
     label: &PoolLabel,
 ) -> Option<&'f SimulatedFlavor> {
-    match (label.min_ram, &label.flavor_name) {
-        (Some(min_ram), name) => flavors
-            .iter()
-            .filter(|f| f.ram >= min_ram)
-            .filter(|f| name.as_ref().is_none_or(|n| f.name.contains(n.as_str())))
-            .min_by(|a, b| (a.ram, &a.name).cmp(&(b.ram, &b.name))),
-        (None, Some(name)) => flavors.iter().find(|f| &f.name == name),
-        (None, None) => None,
-    }
+    nodepool_model::cloud::choose_flavor(flavors, label)
 }
 
 /// Probabilities (0 to 1) that a create, delete or upload fails.
@@ -193,27 +181,7 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
-/// The longest prefix of `s` of at most `max` bytes ending on a character
-/// boundary.
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// Whether a fault says a quota ran out; the same test the OpenStack
-/// backend applies to Nova faults.
-fn is_quota_message(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    (m.contains("quota") && (m.contains("exceed") || m.contains("overquota")))
-        || m.contains("overquota")
-        || m.contains("number of ports exceeded")
-}
+use nodepool_model::cloud::{fit_metadata, is_quota_message};
 
 /// How often a file-backed cloud is read again while waiting for a server:
 /// another process may fail or delete it, and nothing wakes us then.
@@ -1260,18 +1228,7 @@ impl Provider for SimulatedProvider {
                 self.inner.azs.join(", ")
             )));
         }
-        let mut metadata = IndexMap::with_capacity(spec.metadata.len());
-        for (k, v) in &spec.metadata {
-            let (key, value) = (
-                truncate_utf8(k, METADATA_LIMIT),
-                truncate_utf8(v, METADATA_LIMIT),
-            );
-            if key.len() != k.len() || value.len() != v.len() {
-                warn!(server = %spec.name, key, key_bytes = k.len(), value_bytes = v.len(),
-                    limit = METADATA_LIMIT, "server metadata longer than Nova allows; truncated");
-            }
-            metadata.insert(key.to_owned(), value.to_owned());
-        }
+        let metadata = fit_metadata(&spec.name, &spec.metadata);
         let (id, fails) = self
             .api("server create", |st, now| {
                 st.settle(now);
@@ -2040,12 +1997,5 @@ mod tests {
         assert!((2_700..3_300).contains(&hits), "{hits}");
         assert!((0..1000).all(|_| !c.roll(0.0)));
         assert!((0..1000).all(|_| c.roll(1.0)));
-    }
-
-    #[test]
-    fn truncation_on_char_boundaries() {
-        let s = format!("{}é", "a".repeat(254));
-        assert_eq!(truncate_utf8(&s, 255), "a".repeat(254));
-        assert_eq!(truncate_utf8("abc", 255), "abc");
     }
 }

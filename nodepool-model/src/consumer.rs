@@ -55,7 +55,7 @@ pub enum ConsumerError {
 
 /// A user of nodes. Object-safe; used as `Arc<dyn NodeConsumer>`.
 ///
-/// Driven by the consumer runtime ([`crate::consumers`]), which gets nodes
+/// Driven by the consumer runtime (`nodepool_core::consumers`), which gets nodes
 /// through node requests and keeps them allocated to the consumer while it
 /// has them. `node_ready` must be idempotent: after a restart the runtime
 /// calls it again for every node still allocated to the consumer, which
@@ -93,3 +93,12 @@ pub trait NodeConsumer: Send + Sync + std::fmt::Debug {
         Vec::new()
     }
 }
+
+/// Builds the consumer of a target (the daemon passes
+/// `nodepool_jenkins::consumer_factory`). An error leaves the target
+/// unserved until the next configuration change.
+pub type ConsumerFactory = std::sync::Arc<
+    dyn Fn(&crate::config::Target) -> Result<std::sync::Arc<dyn NodeConsumer>, String>
+        + Send
+        + Sync,
+>;

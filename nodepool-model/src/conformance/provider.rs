@@ -121,7 +121,7 @@ macro_rules! provider_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let harness = $harness;
-                $crate::testing::conformance::provider::$name(&harness).await;
+                $crate::conformance::provider::$name(&harness).await;
             }
         )*
     };

@@ -4,7 +4,7 @@
 //! a tree of versioned records with sequential and ephemeral children,
 //! exactly ZooKeeper's. So the trait is that model's small core
 //! ([`StateStore`]), implemented by ZooKeeper (`nodepool-zookeeper`), an
-//! embedded SQLite file (`nodepool-sqlite`) and memory (`testing`), and
+//! embedded SQLite file (`nodepool-sqlite`) and memory ([`MemoryStore`]), and
 //! everything Nodepool-specific is written once on top of it:
 //!
 //! * [`paths`]: the znode layout of reference §1.2;
@@ -16,7 +16,9 @@
 //! byte-identical data and the Python CLI can read what any of them wrote
 //! once it is in ZooKeeper.
 
+pub mod holds;
 pub mod lock;
+mod memory;
 pub mod paths;
 mod typed;
 
@@ -27,6 +29,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
 pub use lock::{LockGuard, LockWait, await_session};
+pub use memory::MemoryStore;
 pub use typed::{
     BuildRecord, ComponentRegistration, ImageState, Listing, Malformed, NodeRecord, RequestLockDir,
     RequestRecord, Store, UploadRecord, Versioned,
@@ -236,7 +239,7 @@ impl StoreError {
 ///
 /// Paths are absolute (`/nodepool/nodes/0000000001`), `/`-separated, with no
 /// trailing slash. Every implementation must pass the conformance suite in
-/// `nodepool_core::testing::conformance::store`.
+/// `nodepool_model::conformance::store` (feature `conformance`).
 #[async_trait]
 pub trait StateStore: Send + Sync + fmt::Debug {
     /// The store's address for messages, e.g. `zookeeper 127.0.0.1:2181/nodepool`.

@@ -121,7 +121,7 @@ pub fn upload_lock(image: &str, build: &str, provider: &str, upload: &str) -> St
 }
 
 /// `/nodepool/job-holds/<encoded job name>` (see
-/// [`crate::consumers::holds`] for the encoding).
+/// [`super::holds`] for the encoding).
 pub fn job_hold(encoded_job: &str) -> String {
     format!("{JOB_HOLDS}/{encoded_job}")
 }

@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use indexmap::IndexMap;
-use nodepool_core::config::{ApiFault, Config, PoolLabel, ProviderConfig, SimulatedCloud};
-use nodepool_core::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
-use nodepool_core::provider::{
+use nodepool_model::config::{ApiFault, Config, PoolLabel, ProviderConfig, SimulatedCloud};
+use nodepool_model::conformance::provider::{Capabilities, Harness, UploadFile};
+use nodepool_model::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
+use nodepool_model::provider::{
     IMAGE_BUILD_ID, ImageRef, ImageUploadSpec, InstanceSpec, InstanceStatus, META_GROUPS,
     META_NODE_ID, META_POOL, META_PROVIDER, Provider, ProviderError, ResourceKind,
 };
-use nodepool_core::simulated::{FailureRates, SimulatedProvider};
-use nodepool_core::testing::conformance::provider::{Capabilities, Harness, UploadFile};
-use nodepool_core::testing::resolve_flavor;
+use nodepool_simulated::resolve_flavor;
+use nodepool_simulated::{FailureRates, SimulatedProvider};
 use tokio::time::Instant;
 
 /// The file every upload test sends, and its digests (from `md5sum` and
@@ -124,7 +124,7 @@ impl Harness for Sim {
 
 mod conformance {
     use super::Sim;
-    nodepool_core::provider_conformance_tests!(Sim::new());
+    nodepool_model::provider_conformance_tests!(Sim::new());
 }
 
 // ----- helpers for the knob tests -----
@@ -309,7 +309,7 @@ async fn label_resources_follow_the_flavor_rule() {
 
 #[test]
 fn flavor_rule_matches_nodepool() {
-    use nodepool_core::config::SimulatedFlavor;
+    use nodepool_model::config::SimulatedFlavor;
     let f = |name: &str, vcpus, ram| SimulatedFlavor {
         name: name.into(),
         vcpus,
@@ -1209,20 +1209,20 @@ impl Provider for TwoOnOneFile {
         &self,
         external_id: &str,
         spec: &InstanceSpec,
-    ) -> Result<nodepool_core::provider::Instance, ProviderError> {
+    ) -> Result<nodepool_model::provider::Instance, ProviderError> {
         self.second.wait_for_instance(external_id, spec).await
     }
 
     async fn get_instance(
         &self,
         external_id: &str,
-    ) -> Result<Option<nodepool_core::provider::Instance>, ProviderError> {
+    ) -> Result<Option<nodepool_model::provider::Instance>, ProviderError> {
         self.second.get_instance(external_id).await
     }
 
     async fn list_instances(
         &self,
-    ) -> Result<Vec<nodepool_core::provider::Instance>, ProviderError> {
+    ) -> Result<Vec<nodepool_model::provider::Instance>, ProviderError> {
         self.second.list_instances().await
     }
 
@@ -1240,7 +1240,7 @@ impl Provider for TwoOnOneFile {
 
     async fn list_images(
         &self,
-    ) -> Result<Vec<nodepool_core::provider::CloudImageInfo>, ProviderError> {
+    ) -> Result<Vec<nodepool_model::provider::CloudImageInfo>, ProviderError> {
         self.second.list_images().await
     }
 
@@ -1251,7 +1251,7 @@ impl Provider for TwoOnOneFile {
     async fn list_resources(
         &self,
         kind: ResourceKind,
-    ) -> Result<Vec<nodepool_core::provider::CloudResource>, ProviderError> {
+    ) -> Result<Vec<nodepool_model::provider::CloudResource>, ProviderError> {
         self.second.list_resources(kind).await
     }
 
@@ -1315,7 +1315,7 @@ impl Harness for SharedSim {
 
 mod conformance_on_a_state_file {
     use super::SharedSim;
-    nodepool_core::provider_conformance_tests!(SharedSim::new());
+    nodepool_model::provider_conformance_tests!(SharedSim::new());
 }
 
 /// A cloud on a state file in `dir` with these knobs (see [`cloud`]).
@@ -1590,7 +1590,7 @@ async fn opening_applies_the_configuration_and_keeps_the_cloud() {
         dir.path().join("cloud.json").display()
     ));
     let mut pc = cfg.providers[0].clone();
-    pc.cloud_images.push(nodepool_core::config::CloudImage {
+    pc.cloud_images.push(nodepool_model::config::CloudImage {
         name: "debian".into(),
         image_name: Some("Debian 12".into()),
         ..pc.cloud_images[0].clone()
@@ -1837,7 +1837,7 @@ providers:
         )
     };
     let state_file = |cfg: &Config| match &cfg.providers[0].driver {
-        nodepool_core::config::Driver::Simulated(s) => s.state_file.clone(),
+        nodepool_model::config::Driver::Simulated(s) => s.state_file.clone(),
         other => panic!("{other:?}"),
     };
     let path = dir.path().join("nodepool.yaml");

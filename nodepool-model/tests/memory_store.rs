@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nodepool_core::store::StateStore;
-use nodepool_core::testing::MemoryStore;
-use nodepool_core::testing::conformance::store::Harness;
+use nodepool_model::conformance::store::Harness;
+use nodepool_model::store::MemoryStore;
+use nodepool_model::store::StateStore;
 
 struct Memory {
     root: MemoryStore,
@@ -43,4 +43,4 @@ impl Harness for Memory {
     }
 }
 
-nodepool_core::store_conformance_tests!(Memory::new());
+nodepool_model::store_conformance_tests!(Memory::new());

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use nodepool_core::config::{
+use nodepool_model::config::{
     ApiFault, Config, ConfigErrorKind as K, ConfigErrors, ConfigSource, DEFAULT_SQLITE_PATH,
     Driver, ImageSource, StateStoreConfig,
 };

@@ -318,7 +318,7 @@ pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(60);
 /// A cloud. Object-safe; used as `Arc<dyn Provider>`.
 ///
 /// Every implementation must pass the conformance suite in
-/// `nodepool_core::testing::conformance::provider`.
+/// `nodepool_model::conformance::provider` (feature `conformance`).
 #[async_trait]
 pub trait Provider: Send + Sync + std::fmt::Debug {
     /// Provider name (from the config).

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use nodepool_core::model::{
+use nodepool_model::model::{
     Component, ComponentKind, Json, Node, NodeRequest, NodeState, RequestState, WireRecord,
 };
 use serde_json::value::RawValue;

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nodepool_core::model::{Node, NodeState};
-use nodepool_core::store::{LockWait, SessionState, StateStore, Store, StoreError};
-use nodepool_core::testing::MemoryStore;
+use nodepool_model::model::{Node, NodeState};
+use nodepool_model::store::MemoryStore;
+use nodepool_model::store::{LockWait, SessionState, StateStore, Store, StoreError};
 
 fn node() -> Node {
     Node::new(

@@ -58,7 +58,7 @@ macro_rules! store_conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let harness = $harness;
-                $crate::testing::conformance::store::$name(&harness).await;
+                $crate::conformance::store::$name(&harness).await;
             }
         )*
     };

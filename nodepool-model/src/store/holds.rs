@@ -168,12 +168,12 @@ mod tests {
     }
 }
 
-#[cfg(all(test, feature = "testing"))]
+#[cfg(test)]
 mod store_tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::testing::MemoryStore;
+    use crate::store::MemoryStore;
 
     #[tokio::test]
     async fn rules_round_trip_through_the_store() {
