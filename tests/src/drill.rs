@@ -215,9 +215,8 @@ impl Drill {
             }
             DrillStore::Sqlite { lease, tmpfs_bytes } => {
                 let db_dir = dir.path().join("db");
-                let tmpfs = tmpfs_bytes.map(|size| {
-                    Tmpfs::mount(&db_dir, size).unwrap_or_else(|e| panic!("{e}"))
-                });
+                let tmpfs = tmpfs_bytes
+                    .map(|size| Tmpfs::mount(&db_dir, size).unwrap_or_else(|e| panic!("{e}")));
                 std::fs::create_dir_all(&db_dir).expect("db dir");
                 let yaml = format!(
                     "state-store: {{driver: sqlite, path: '{}', lease: {lease}}}\n",
@@ -580,10 +579,7 @@ impl Drill {
             if let Some(zk) = self.zk.as_mut() {
                 zk.keep();
             }
-            let dir = std::mem::replace(
-                &mut self.dir,
-                tempfile::tempdir().expect("tempdir"),
-            );
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
             dir.keep()
         });
         Report {
@@ -1093,10 +1089,15 @@ async fn give_back(shared: &ZuulShared, mut n: HeldNode) -> Result<(), String> {
                     }
                 }
                 match store.get_node(&n.id).await {
-                    Ok(Some(v)) => n.node = v.value,
-                    // Deleted meanwhile (the launcher found it unlocked):
-                    // nothing to give back.
-                    Ok(None) => {
+                    // Still ours: carry on.
+                    Ok(Some(v)) if v.value.allocated_to == n.node.allocated_to => {
+                        n.node = v.value;
+                    }
+                    // Deleted, or given to another request, while our
+                    // lock was gone (our session expired and the launcher
+                    // rightly reused or deleted the unlocked node): it is
+                    // not ours to give back any more.
+                    Ok(_) => {
                         let _ = n.lock.release().await;
                         return Ok(());
                     }
@@ -1343,8 +1344,11 @@ impl fmt::Display for Report {
         list(f, "  monitor", &self.monitor.violations())?;
         writeln!(
             f,
-            "  monitor samples {} (skipped {})",
-            self.monitor.samples, self.monitor.skipped
+            "  monitor samples {} (skipped {}); peak servers {}, of which without a node {}",
+            self.monitor.samples,
+            self.monitor.skipped,
+            self.monitor.peak_servers,
+            self.monitor.peak_unowned_servers
         )?;
         list(f, "  nodes left", &self.nodes_left)?;
         list(f, "  servers left", &self.servers_left)?;
@@ -1491,12 +1495,7 @@ fn short_session(store: crate::Backend) -> DrillStore {
 /// stopped one must give up what it no longer owns without leaving a
 /// server behind.
 pub async fn session_expiry_sigstop(p: &Params, store: crate::Backend) -> Report {
-    let mut d = Drill::new(
-        "session expiry (SIGSTOP 1 of 2)",
-        p,
-        short_session(store),
-    )
-    .await;
+    let mut d = Drill::new("session expiry (SIGSTOP 1 of 2)", p, short_session(store)).await;
     let a = d.spawn_launcher("a").await;
     d.spawn_launcher("b").await;
     d.submit(p.requests).await;

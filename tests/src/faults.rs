@@ -160,10 +160,7 @@ impl ZooKeeperServer {
     /// Keeps the data directory and the server's logs after the drop
     /// (the server is still killed); returns where they are.
     pub fn keep(&mut self) -> PathBuf {
-        let base = std::mem::replace(
-            &mut self.base,
-            tempfile::tempdir().expect("tempdir"),
-        );
+        let base = std::mem::replace(&mut self.base, tempfile::tempdir().expect("tempdir"));
         base.keep()
     }
 
@@ -309,7 +306,12 @@ impl Tmpfs {
             nix::mount::MsFlags::empty(),
             Some(format!("size={size_bytes},mode=0755").as_str()),
         )
-        .map_err(|e| format!("mount -t tmpfs at {}: {e} (the drills run as root)", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "mount -t tmpfs at {}: {e} (the drills run as root)",
+                path.display()
+            )
+        })?;
         Ok(Tmpfs {
             path: path.to_owned(),
             filler: path.join("filler"),
@@ -583,6 +585,12 @@ pub struct MonitorReport {
     pub double_allocations: BTreeMap<String, String>,
     /// Servers recorded on two live nodes at once.
     pub shared_servers: BTreeMap<String, String>,
+    /// The most servers seen at once that no node records (evidence, not
+    /// a violation: a server exists for a moment before its launcher
+    /// records it, and after its node's record went).
+    pub peak_unowned_servers: usize,
+    /// The most servers seen at once.
+    pub peak_servers: usize,
 }
 
 impl MonitorReport {
@@ -674,18 +682,25 @@ async fn sample(store: &Store, cloud: &SimulatedProvider, report: &mut MonitorRe
         .iter()
         .map(|r| (r.id.as_str(), (r.version, r.node.state)))
         .collect();
+    let recorded: std::collections::BTreeSet<&str> = after
+        .records
+        .iter()
+        .filter_map(|r| r.node.external_id.as_deref())
+        .collect();
+    let unowned = servers.keys().filter(|s| !recorded.contains(**s)).count();
+    report.peak_unowned_servers = report.peak_unowned_servers.max(unowned);
+    report.peak_servers = report.peak_servers.max(servers.len());
     let mut on_server: BTreeMap<&str, &str> = BTreeMap::new();
     for r in &after.records {
         let n = &r.node;
         if let Some(ext) = n.external_id.as_deref()
             && !matches!(n.state, NodeState::Deleting | NodeState::Deleted)
+            && let Some(other) = on_server.insert(ext, r.id.as_str())
         {
-            if let Some(other) = on_server.insert(ext, r.id.as_str()) {
-                report
-                    .shared_servers
-                    .entry(ext.to_owned())
-                    .or_insert_with(|| format!("nodes {other} and {}", r.id));
-            }
+            report
+                .shared_servers
+                .entry(ext.to_owned())
+                .or_insert_with(|| format!("nodes {other} and {}", r.id));
         }
         let steady = before.get(r.id.as_str()) == Some(&(r.version, NodeState::Ready));
         if n.state != NodeState::Ready || !steady {
