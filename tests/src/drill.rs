@@ -20,6 +20,21 @@
 //! conditions with deadlines; the only fixed delays are the faults'
 //! own lengths (an outage of 5 s, a disk full for 6 s) and the cloud's
 //! boot and delete times.
+//!
+//! # Reading the evidence
+//!
+//! With `NODEPOOL_DRILL_KEEP=1` the drill's directory (launcher logs,
+//! configuration, the cloud's state file) and the private ZooKeeper's
+//! data directory (both named in the report) outlive the drill.
+//! ZooKeeper's transaction log then shows every write in order, with its
+//! session and the node's version, which tells an ambiguous write (applied
+//! although the client saw an error) from a failed one:
+//!
+//! ```text
+//! java -cp /usr/share/java/zookeeper.jar:/usr/share/java/zookeeper-jute.jar:\
+//! /usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar \
+//!   org.apache.zookeeper.server.persistence.TxnLogToolkit -d DIR/data/version-2/log.1
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -411,10 +426,13 @@ impl Drill {
             .count())
     }
 
-    /// Waits until at least `min` launches are in flight (see
-    /// [`in_flight`](Self::in_flight)); returns how many there are.
-    pub async fn until_in_flight(&self, min: usize, pool: Option<&str>) -> usize {
-        until(Duration::from_secs(60), || async {
+    /// Waits up to 20 s until at least `min` launches are in flight (see
+    /// [`in_flight`](Self::in_flight)); returns how many there are. When
+    /// they never are (a launcher that stopped launching: its pool full of
+    /// abandoned nodes), the timeline says so and the drill goes on: the
+    /// fault then hits an idle launcher, and the report shows why.
+    pub async fn until_in_flight(&mut self, min: usize, pool: Option<&str>) -> usize {
+        let found = until(Duration::from_secs(20), || async {
             let n = self.in_flight(pool).await?;
             if n >= min {
                 Ok(n)
@@ -422,8 +440,14 @@ impl Drill {
                 Err(format!("{n} launches in flight"))
             }
         })
-        .await
-        .unwrap_or_else(|e| panic!("{}: launches in flight: {e}", self.name))
+        .await;
+        match found {
+            Ok(n) => n,
+            Err(e) => {
+                self.note(format!("waiting for {min} launches in flight: {e}"));
+                0
+            }
+        }
     }
 
     /// Waits until every request is fulfilled and given back, or failed,
@@ -511,33 +535,57 @@ impl Drill {
         })
         .await;
         let nodes_left = last_look(&nodes_gone);
-        let server_list = |cloud: Arc<SimulatedProvider>| async move {
-            let live = crate::faults::servers(&cloud).await;
+        let describe = |live: &[(String, Option<String>, InstanceStatus)]| {
+            live.iter()
+                .map(|(id, node, status)| {
+                    format!(
+                        "server {id} of node {} ({status:?})",
+                        node.as_deref().unwrap_or("?")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        // Servers no node records: they outlived their node. (A server of
+        // a node still there is accounted for by `nodes_left`.)
+        let orphans = || async {
+            let nodes = self
+                .store
+                .list_nodes()
+                .await
+                .map_err(|e| e.to_string())?
+                .records;
+            let recorded: BTreeSet<&str> = nodes
+                .iter()
+                .filter_map(|n| n.node.external_id.as_deref())
+                .collect();
+            let mut live = crate::faults::servers(&self.cloud).await;
+            live.retain(|(id, _, _)| !recorded.contains(id.as_str()));
             if live.is_empty() {
                 Ok(())
             } else {
-                Err(live
-                    .iter()
-                    .map(|(id, node, status)| {
-                        format!(
-                            "server {id} of node {} ({status:?})",
-                            node.as_deref().unwrap_or("?")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n"))
+                Err(describe(&live))
             }
         };
-        let grace = until(limits.servers_grace, || server_list(self.cloud.clone())).await;
-        // The stray servers at the end of the grace, before any longer
-        // wait lets the leak sweep hide them.
-        let servers_left = last_look(&grace);
-        let zero = if grace.is_ok() {
-            Ok(())
+        // Counted at the end of the grace, before any longer wait could
+        // let the leak sweep hide them.
+        let servers_left = last_look(&until(limits.servers_grace, orphans).await);
+        // Zero servers at all, only possible once every node is gone.
+        let seconds_to_zero_servers = if nodes_left.is_empty() {
+            until(limits.zero_servers, || async {
+                let live = crate::faults::servers(&self.cloud).await;
+                if live.is_empty() {
+                    Ok(())
+                } else {
+                    Err(describe(&live))
+                }
+            })
+            .await
+            .ok()
+            .map(|()| returned_at.elapsed().as_secs_f64())
         } else {
-            until(limits.zero_servers, || server_list(self.cloud.clone())).await
+            None
         };
-        let seconds_to_zero_servers = zero.ok().map(|()| returned_at.elapsed().as_secs_f64());
         let monitor = match self.monitor.take() {
             Some(m) => m.finish().await,
             None => MonitorReport::default(),
@@ -1166,12 +1214,14 @@ pub struct Report {
     pub monitor: MonitorReport,
     /// Nodes still there after every node was given back and waited for.
     pub nodes_left: Vec<String>,
-    /// Servers still there after the nodes went (and the grace).
+    /// Servers that no node records, at the end of the grace after the
+    /// nodes went (or after the wait for them): servers that outlived
+    /// their node.
     pub servers_left: Vec<String>,
     /// Servers the leak sweep deleted (launcher logs and metrics).
     pub leak_sweep_deleted: u64,
     /// From the last hand-back until the cloud held no server; `None`
-    /// when it never did within the limit.
+    /// when it never did within the limit, or nodes were left.
     pub seconds_to_zero_servers: Option<f64>,
     /// Counts of [`LOG_MARKERS`] in the launcher processes' logs.
     pub log_counts: BTreeMap<&'static str, usize>,
@@ -1245,7 +1295,7 @@ impl Report {
         }
         if !self.servers_left.is_empty() {
             p.push(format!(
-                "{} servers left once the nodes were gone (before any leak sweep)",
+                "{} servers left that no node records (before any leak sweep)",
                 self.servers_left.len()
             ));
         }

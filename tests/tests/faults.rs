@@ -62,9 +62,13 @@ async fn params(requests: usize) -> Params {
     }
 }
 
+/// Fails with the whole report (timeline, stranded requests and their
+/// nodes, launcher log counts) when any property did not hold. Set
+/// `NODEPOOL_DRILL_KEEP=1` to keep the launchers' logs and ZooKeeper's
+/// data directory.
 fn check(report: &Report) {
-    eprintln!("{report}");
     report.assert_clean();
+    eprintln!("{}", report.table_row());
 }
 
 /// (1) ZooKeeper stopped for 5 s mid-burst, three times, with
