@@ -208,6 +208,7 @@ pub struct Drill {
     started: Instant,
     faults: Vec<String>,
     preconditions: Vec<String>,
+    failures: Vec<String>,
 }
 
 impl Drill {
@@ -278,6 +279,7 @@ impl Drill {
             started,
             faults: setup,
             preconditions: Vec::new(),
+            failures: Vec::new(),
         }
     }
 
@@ -290,6 +292,13 @@ impl Drill {
         );
         tracing::info!(drill = %self.name, "{line}");
         self.faults.push(line);
+    }
+
+    /// Records a way the system failed the drill that the common
+    /// properties do not cover (e.g. a stopped launcher's session never
+    /// expired).
+    pub fn fail(&mut self, what: impl Into<String>) {
+        self.failures.push(what.into());
     }
 
     /// Records that the fault did not have the effect the scenario is
@@ -494,7 +503,7 @@ impl Drill {
     pub async fn finish(mut self) -> Report {
         let limits = self.params.limits;
         let stranded = self.stranded_details().await;
-        for id in self.zuul.waiting() {
+        for id in self.zuul.give_up() {
             let _ = until(Duration::from_secs(10), || async {
                 self.zuul
                     .requestor()
@@ -650,6 +659,7 @@ impl Drill {
             launch_metrics: metrics,
             crashed,
             preconditions: self.preconditions.clone(),
+            failures: self.failures.clone(),
             timeline: self.faults.clone(),
             wall: self.started.elapsed(),
             kept,
@@ -757,6 +767,8 @@ enum Fate {
     Returned,
     /// The launcher failed it.
     Failed,
+    /// Never fulfilled; withdrawn at the end of the drill.
+    Stranded,
 }
 
 /// One request of the burst: its current request id (a new one after a
@@ -875,6 +887,21 @@ impl Zuul {
             .filter(|o| matches!(o.fate, Fate::Returned | Fate::Failed))
             .count();
         (done, st.origins.len())
+    }
+
+    /// Gives up on every request not yet fulfilled (their withdrawal
+    /// must not look like a vanished request to resubmit); returns their
+    /// ids.
+    fn give_up(&self) -> Vec<String> {
+        let mut st = self.shared.state();
+        st.origins
+            .iter_mut()
+            .filter(|o| o.fate == Fate::Waiting)
+            .map(|o| {
+                o.fate = Fate::Stranded;
+                o.request.clone()
+            })
+            .collect()
     }
 
     /// Request ids never fulfilled.
@@ -1231,6 +1258,8 @@ pub struct Report {
     pub crashed: Vec<String>,
     /// Ways the fault did not do what the scenario is about.
     pub preconditions: Vec<String>,
+    /// Scenario-specific failures (see [`Drill::fail`]).
+    pub failures: Vec<String>,
     /// The scenario's steps with their times.
     pub timeline: Vec<String>,
     /// Wall time of the whole drill.
@@ -1308,6 +1337,7 @@ impl Report {
         for c in &self.crashed {
             p.push(c.clone());
         }
+        p.extend(self.failures.iter().cloned());
         p
     }
 
@@ -1424,6 +1454,7 @@ impl fmt::Display for Report {
         list(f, "  in-process launch counters", &metrics)?;
         list(f, "  crashed", &self.crashed)?;
         list(f, "  preconditions not met", &self.preconditions)?;
+        list(f, "  failures", &self.failures)?;
         match &self.kept {
             Some(dir) => writeln!(f, "  logs kept in {}", dir.display()),
             None => writeln!(f, "  (set NODEPOOL_DRILL_KEEP=1 to keep the logs)"),
@@ -1462,7 +1493,8 @@ pub async fn zookeeper_blips(p: &Params, blips: usize, outage: Duration) -> Repo
     d.spawn_launcher("a").await;
     for (i, wave) in waves(p.requests, blips).into_iter().enumerate() {
         d.submit(wave).await;
-        let n = d.until_in_flight(wave.clamp(1, 3), None).await;
+        // Many launches in flight, so the outage hits them at every stage.
+        let n = d.until_in_flight((wave / 2).clamp(1, 10), None).await;
         d.zookeeper().stop().await;
         d.note(format!(
             "blip {}: ZooKeeper stopped with {n} launches in flight",
@@ -1503,7 +1535,9 @@ pub async fn zookeeper_outage_past_session_timeout(p: &Params, outage: Duration)
     .await;
     d.spawn_launcher("a").await;
     d.submit(p.requests).await;
-    let n = d.until_in_flight(p.requests.clamp(1, 3), None).await;
+    // The first launch booting: the burst's other servers are being
+    // created right now, the moment a lost lock is most expensive.
+    let n = d.until_in_flight(1, None).await;
     d.zookeeper().stop().await;
     d.note(format!("ZooKeeper stopped with {n} launches in flight"));
     tokio::time::sleep(outage).await;
@@ -1549,10 +1583,12 @@ pub async fn session_expiry_sigstop(p: &Params, store: crate::Backend) -> Report
     let a = d.spawn_launcher("a").await;
     d.spawn_launcher("b").await;
     d.submit(p.requests).await;
-    let n = d.until_in_flight(2, Some(&a)).await;
+    // a's first launch booting: its other servers are being created.
+    let n = d.until_in_flight(1, Some(&a)).await;
     d.launcher("a").pause();
     d.note(format!("SIGSTOP of launcher a with {n} launches in flight"));
-    let expired = until(Duration::from_secs(60), || async {
+    // Three session timeouts and then some.
+    let expired = until(Duration::from_secs(20), || async {
         let pools = d.pools().await?;
         if pools.contains(&a) {
             Err("a's pool is still registered".to_owned())
@@ -1564,10 +1600,15 @@ pub async fn session_expiry_sigstop(p: &Params, store: crate::Backend) -> Report
     d.note(format!(
         "a's session expired (its registration is gone): {expired:?}"
     ));
-    d.precondition(
-        expired.is_ok(),
-        format!("a's session never expired: {expired:?}"),
-    );
+    if let Err(e) = &expired {
+        // Not the fault missing its mark: the store did not expire a
+        // stopped process (on SQLite, one stopped inside a write
+        // transaction holds the database's write lock, so nobody can
+        // write, expire its lease, or renew their own).
+        d.fail(format!(
+            "launcher a was stopped, but its session never expired: {e}"
+        ));
+    }
     d.launcher("a").resume();
     d.note("SIGCONT of launcher a");
     let noticed = until(Duration::from_secs(30), || async {
@@ -1593,7 +1634,8 @@ pub async fn kill_9(p: &Params, store: crate::Backend) -> Report {
     let a = d.spawn_launcher("a").await;
     d.spawn_launcher("b").await;
     d.submit(p.requests).await;
-    let n = d.until_in_flight(2, Some(&a)).await;
+    // a's first launch booting: its other servers are being created.
+    let n = d.until_in_flight(1, Some(&a)).await;
     d.kill("a");
     d.note(format!("kill -9 of launcher a with {n} launches in flight"));
     let settled = d.settle(p.settle).await;
@@ -1615,13 +1657,27 @@ pub async fn sqlite_disk_full(p: &Params, full_for: Duration) -> Report {
     .await;
     d.spawn_launcher("a").await;
     d.submit(p.requests).await;
-    let n = d.until_in_flight(p.requests.clamp(1, 3), None).await;
+    // The first launch booting: the burst's other servers are being
+    // created right now.
+    let n = d.until_in_flight(1, None).await;
     let filled = d.tmpfs().fill();
     d.note(format!(
         "disk full ({filled:?} bytes of filler) with {n} launches in flight"
     ));
     d.precondition(filled.is_ok(), format!("filling the disk: {filled:?}"));
+    // The fault's length, not a wait for an outcome...
     tokio::time::sleep(full_for).await;
+    // ...but kept up until the launcher's lease lapsed (a lease renewal
+    // may still fit in pages SQLite already has), since the drill is
+    // about what a full disk takes away: the launcher's locks.
+    let lapsed = until(Duration::from_secs(15), || async {
+        match d.log_count("session lease lapsed") {
+            0 => Err("the launcher's lease has not lapsed".to_owned()),
+            n => Ok(n),
+        }
+    })
+    .await;
+    d.note(format!("launcher's lease lapsed: {lapsed:?}"));
     let freed = d.tmpfs().free();
     d.note(format!("disk space freed: {freed:?}"));
     let full = d.log_count("database or disk is full");

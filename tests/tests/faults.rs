@@ -68,7 +68,7 @@ async fn params(requests: usize) -> Params {
 /// data directory.
 fn check(report: &Report) {
     report.assert_clean();
-    eprintln!("{}", report.table_row());
+    eprintln!("{report}");
 }
 
 /// (1) ZooKeeper stopped for 5 s mid-burst, three times, with
@@ -85,7 +85,12 @@ async fn zookeeper_blips_shorter_than_the_session_timeout_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zookeeper_outage_past_the_session_timeout_is_re_served_cleanly() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let p = params(60).await;
+    // A wide pool: the burst's creates take longest, so the outage is
+    // likeliest to catch servers created but not yet recorded.
+    let p = Params {
+        max_servers: 80,
+        ..params(80).await
+    };
     check(&drill::zookeeper_outage_past_session_timeout(&p, Duration::from_secs(8)).await);
 }
 
@@ -94,7 +99,10 @@ async fn zookeeper_outage_past_the_session_timeout_is_re_served_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zookeeper_session_expiry_by_sigstop_leaks_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let p = params(60).await;
+    let p = Params {
+        max_servers: 80,
+        ..params(80).await
+    };
     check(&drill::session_expiry_sigstop(&p, Backend::ZooKeeper).await);
 }
 
@@ -102,7 +110,10 @@ async fn zookeeper_session_expiry_by_sigstop_leaks_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_session_expiry_by_sigstop_leaks_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let p = params(60).await;
+    let p = Params {
+        max_servers: 80,
+        ..params(80).await
+    };
     check(&drill::session_expiry_sigstop(&p, Backend::Sqlite).await);
 }
 
@@ -111,7 +122,10 @@ async fn sqlite_session_expiry_by_sigstop_leaks_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_disk_full_mid_burst_leaks_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let p = params(60).await;
+    let p = Params {
+        max_servers: 80,
+        ..params(80).await
+    };
     check(&drill::sqlite_disk_full(&p, Duration::from_secs(6)).await);
 }
 
