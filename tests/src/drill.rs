@@ -435,13 +435,13 @@ impl Drill {
             .count())
     }
 
-    /// Waits up to 20 s until at least `min` launches are in flight (see
+    /// Waits up to 10 s until at least `min` launches are in flight (see
     /// [`in_flight`](Self::in_flight)); returns how many there are. When
     /// they never are (a launcher that stopped launching: its pool full of
     /// abandoned nodes), the timeline says so and the drill goes on: the
     /// fault then hits an idle launcher, and the report shows why.
     pub async fn until_in_flight(&mut self, min: usize, pool: Option<&str>) -> usize {
-        let found = until(Duration::from_secs(20), || async {
+        let found = until(Duration::from_secs(10), || async {
             let n = self.in_flight(pool).await?;
             if n >= min {
                 Ok(n)
