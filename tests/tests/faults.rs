@@ -137,3 +137,146 @@ async fn ambiguous_node_writes_never_hand_out_a_dead_node() {
     let p = params(60).await;
     check(&drill::ambiguous_writes(&p, Ambiguity::node_updates(12, 0.1)).await);
 }
+
+// ---------------------------------------------------------------------------
+// The harness itself: the premises the drills stand on.
+// ---------------------------------------------------------------------------
+
+/// A private ZooKeeper stopped for 5 s and started again keeps a client's
+/// session and its lock (what the blip drill assumes of a short outage),
+/// over TLS as the launchers connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_a_short_zookeeper_restart_keeps_the_session_and_its_locks() {
+    use nodepool_core::store::{LockWait, SessionState, Store};
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut zk = nodepool_tests::faults::ZooKeeperServer::start_new().await;
+    let yaml = format!(
+        "{}labels: []\nproviders: []\n",
+        zk.store_yaml("/harness", 10.0)
+    );
+    let cfg = nodepool_core::config::Config::from_yaml(&yaml).expect("config");
+    let store: Store = drill::open_store(&cfg).await;
+    let session = store.backend().session();
+    let Some(id) = session.borrow().id() else {
+        panic!("not connected: {:?}", *session.borrow())
+    };
+    let lock = store
+        .lock("/nodepool/harness-lock", LockWait::NonBlocking)
+        .await
+        .expect("lock");
+    zk.stop().await;
+    drill::until(Duration::from_secs(10), || async {
+        match *session.borrow() {
+            SessionState::Suspended => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .expect("the client notices the outage");
+    // The outage's length, not a wait for an outcome.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    zk.start().await;
+    let back = drill::until(Duration::from_secs(20), || async {
+        match *session.borrow() {
+            SessionState::Connected { id: now } => Ok(now),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .expect("the client reconnects");
+    assert_eq!(back, id, "the session was replaced");
+    assert!(lock.is_held(), "the lock guard says it was lost");
+    let contenders = store
+        .backend()
+        .children("/nodepool/harness-lock")
+        .await
+        .expect("children");
+    assert_eq!(
+        contenders.len(),
+        1,
+        "our lock contender went: {contenders:?}"
+    );
+    lock.release().await.expect("release");
+    let _ = store.backend().close().await;
+}
+
+/// The ambiguity decorator applies every write and reports a seeded share
+/// of the matching ones as failed, leaving other paths alone.
+#[tokio::test]
+async fn harness_ambiguous_writes_are_applied_then_reported_failed() {
+    use std::sync::Arc;
+
+    use nodepool_core::store::{CreateMode, StateStore, StoreError};
+    use nodepool_core::testing::MemoryStore;
+    use nodepool_tests::faults::AmbiguousWrites;
+    let inner: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+    let store = AmbiguousWrites::new(inner.clone(), Ambiguity::node_updates(7, 0.25));
+    let mut reported = 0;
+    for i in 0..400 {
+        let path = format!("/nodepool/nodes/{i:010}");
+        store
+            .create(&path, b"{}", CreateMode::Persistent)
+            .await
+            .expect("creates are not made ambiguous");
+        let data = format!(r#"{{"state": "ready", "n": {i}}}"#);
+        match store.set(&path, data.as_bytes(), Some(0)).await {
+            Ok(_) => {}
+            Err(StoreError::Unavailable { .. }) => reported += 1,
+            Err(e) => panic!("{path}: {e}"),
+        }
+        let (now, stat) = inner.get(&path).await.expect("get").expect("exists");
+        assert_eq!(now, data.as_bytes(), "{path}: the write was not applied");
+        assert_eq!(stat.version, 1);
+        // A lock contender below the node is not a node record.
+        store
+            .set(&path, data.as_bytes(), None)
+            .await
+            .map(|_| ())
+            .or_else(|e| match e {
+                StoreError::Unavailable { .. } => Ok(()),
+                e => Err(e),
+            })
+            .expect("set");
+        store
+            .create(
+                &format!("{path}/lock/x__lock__"),
+                b"",
+                CreateMode::PersistentSequential,
+            )
+            .await
+            .expect("paths below a node are left alone");
+    }
+    let injected = store.injected();
+    assert!(
+        (60..=140).contains(&reported),
+        "{reported} of 400 first writes reported failed at a 25% rate"
+    );
+    assert!(injected.len() >= reported);
+    assert!(
+        injected
+            .iter()
+            .all(|f| f.op == "set" && f.state.as_deref() == Some("ready")),
+        "{injected:?}"
+    );
+}
+
+/// A filled tmpfs refuses the next write; freeing it lets it through.
+#[test]
+fn harness_a_filled_tmpfs_is_full_until_freed() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = nodepool_tests::faults::Tmpfs::mount(&dir.path().join("m"), 1 << 20)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let filled = fs.fill().expect("fill");
+    assert!(filled > 900_000, "only {filled} bytes filled 1 MiB");
+    let write = || {
+        std::fs::File::create(fs.path().join("probe")).and_then(|mut f| {
+            f.write_all(&[1u8; 8192])?;
+            f.sync_all()
+        })
+    };
+    let err = write().expect_err("a write to a full disk");
+    assert_eq!(err.raw_os_error(), Some(28), "{err}");
+    fs.free().expect("free");
+    write().expect("a write once space is freed");
+}
