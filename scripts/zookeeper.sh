@@ -5,6 +5,14 @@
 #   scripts/zookeeper.sh start   # installs the package when missing, starts, waits until it answers
 #   scripts/zookeeper.sh stop    # stops what `start` started (by pid file) and wipes its data
 #   scripts/zookeeper.sh env     # prints the NODEPOOL_TEST_ZK_* variables the tests read
+#   scripts/zookeeper.sh run     # prepares as `start` does, then runs ZooKeeper in the foreground
+#
+# `run` is for a harness that owns the server process (the fault drills of
+# tests/src/faults.rs): it `exec`s java, so the harness's child *is* the
+# server, which it stops, starts again on the same data directory (sessions
+# survive a short restart) and kills when the test ends. Point ZK_PORT,
+# ZK_TLS_PORT and ZK_BASE at free ports and a private directory: the shared
+# server must never be stopped, other tests use it.
 #
 # Ports: ZK_PORT (default 22181) and ZK_TLS_PORT (default ZK_PORT+100).
 # State: ZK_BASE (default ${TMPDIR:-/tmp}/nodepool-rs-zk-$ZK_PORT).
@@ -57,8 +65,9 @@ ruok() {
   [[ "$r" == "imok" ]]
 }
 
-start() {
-  if running; then log "already running (pid $(cat "$PIDFILE"))"; return; fi
+# Installs when missing, makes the data directory, certificates and
+# configuration, and sets JAVA_CMD to the server's command line.
+prepare() {
   install_if_missing
   mkdir -p "$ZK_BASE/data"
   gen_certs
@@ -94,9 +103,14 @@ L4J
   local cp="$ZK_BASE:/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-log4j12.jar:/usr/share/java/log4j-1.2.jar"
   # the Netty server (needed for TLS) wants these beside zookeeper.jar
   for j in netty-codec netty-resolver netty-transport-native-unix-common; do cp="$cp:/usr/share/java/$j.jar"; done
-  nohup java -Xmx512m -Dzookeeper.log.dir="$ZK_BASE" -Dlog4j.configuration="file:$ZK_BASE/log4j.properties" \
-    -Djava.net.preferIPv4Stack=true -cp "$cp" org.apache.zookeeper.server.ZooKeeperServerMain "$ZK_BASE/zoo.cfg" \
-    > "$ZK_BASE/zk.out" 2>&1 < /dev/null &
+  JAVA_CMD=(java -Xmx512m -Dzookeeper.log.dir="$ZK_BASE" -Dlog4j.configuration="file:$ZK_BASE/log4j.properties"
+    -Djava.net.preferIPv4Stack=true -cp "$cp" org.apache.zookeeper.server.ZooKeeperServerMain "$ZK_BASE/zoo.cfg")
+}
+
+start() {
+  if running; then log "already running (pid $(cat "$PIDFILE"))"; return; fi
+  prepare
+  nohup "${JAVA_CMD[@]}" > "$ZK_BASE/zk.out" 2>&1 < /dev/null &
   echo $! > "$PIDFILE"
   for _ in $(seq 1 150); do
     if ! running; then log "exited; see $ZK_BASE/zk.out"; cat "$ZK_BASE/zk.out" >&2; exit 1; fi
@@ -129,9 +143,15 @@ env_vars() {
   echo "export NODEPOOL_TEST_ZK_KEY=$CERTS/client.key"
 }
 
+run_foreground() {
+  prepare
+  exec "${JAVA_CMD[@]}"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
   env) env_vars ;;
-  *) echo "usage: $0 start|stop|env" >&2; exit 2 ;;
+  run) run_foreground ;;
+  *) echo "usage: $0 start|stop|env|run" >&2; exit 2 ;;
 esac

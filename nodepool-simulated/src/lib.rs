@@ -1162,6 +1162,16 @@ impl SimulatedProvider {
         })
     }
 
+    /// Every server that exists now (any status), read past any API
+    /// fault: what the cloud really holds, for tests and drills that
+    /// count servers while the API is made to fail.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.hook("instances", |st, now| {
+            st.settle(now);
+            st.servers.values().map(|s| s.instance(now)).collect()
+        })
+    }
+
     /// Servers that exist now (any status).
     pub fn server_count(&self) -> usize {
         self.hook("server_count", |st, now| {

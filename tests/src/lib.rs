@@ -8,6 +8,21 @@
 //! Tests that run the daemons as processes find them with
 //! [`workspace_binary`] and keep them in a [`Daemon`], which kills them
 //! when the test ends, even by a panic.
+//!
+//! # Layout
+//!
+//! - this file: [`TestEnv`] (a store location), [`RunningLauncher`]
+//!   (in-process launchers), [`Daemon`] (daemons as processes),
+//!   [`workspace_binary`].
+//! - [`faults`]: fault injection — a private ZooKeeper to stop and start,
+//!   a tmpfs to fill, ambiguous writes, and the monitor of what must
+//!   never be seen.
+//! - [`drill`]: issue 12's fault drills as functions (a burst, a fault, a
+//!   Zuul-style client, a [`drill::Report`]), shared by
+//!   `tests/tests/faults.rs` and the `drill` benchmark.
+
+pub mod drill;
+pub mod faults;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +32,7 @@ use std::time::Duration;
 
 use nodepool_core::config::{Config, Driver};
 use nodepool_core::launcher::{
-    Launcher, LauncherSettings, LauncherStatus, ObserverIntervals, ProviderFactory,
+    Launcher, LauncherSettings, LauncherStatus, Metrics, ObserverIntervals, ProviderFactory,
 };
 use nodepool_core::provider::Provider;
 use nodepool_core::store::Store;
@@ -136,6 +151,8 @@ pub struct RunningLauncher {
     pub config: watch::Sender<Arc<Config>>,
     /// Its status.
     pub status: Arc<LauncherStatus>,
+    /// Its metrics (counters such as `nodepool.provider.<p>.leaked.instances`).
+    pub metrics: Arc<Metrics>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -143,9 +160,9 @@ impl RunningLauncher {
     /// Starts a launcher on its own store session.
     pub async fn start(env: &TestEnv, cfg: &Config, host: &str, clouds: &Clouds) -> Self {
         let store = env.store(cfg).await;
-        let launcher = Launcher::new(
-            store.clone(),
-            shared_factory(clouds),
+        Self::start_on(
+            store,
+            cfg,
             LauncherSettings {
                 hostname: host.into(),
                 observer: ObserverIntervals {
@@ -155,8 +172,22 @@ impl RunningLauncher {
                 shutdown_grace: Duration::from_secs(10),
                 ..LauncherSettings::default()
             },
-        );
+            shared_factory(clouds),
+        )
+    }
+
+    /// Starts a launcher on `store` (which may be a fault-injecting
+    /// decorator of a real store) with these settings and providers.
+    /// The store is closed when the launcher stops.
+    pub fn start_on(
+        store: Store,
+        cfg: &Config,
+        settings: LauncherSettings,
+        factory: ProviderFactory,
+    ) -> Self {
+        let launcher = Launcher::new(store.clone(), factory, settings);
         let status = launcher.status();
+        let metrics = launcher.metrics();
         let (tx, rx) = watch::channel(Arc::new(cfg.clone()));
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
@@ -168,6 +199,7 @@ impl RunningLauncher {
             shutdown,
             config: tx,
             status,
+            metrics,
             task,
         }
     }
@@ -334,6 +366,30 @@ impl Daemon {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its name, as given to [`spawn`](Self::spawn).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where its output goes.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// `SIGSTOP`: the process stops dead, as in a long GC pause, a
+    /// swapped-out VM or a debugger — its session is not renewed, so it
+    /// expires, while the process itself lives on with everything it held
+    /// in memory.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// `SIGCONT`: a [`pause`](Self::pause)d process runs on, finding out
+    /// only now what happened meanwhile.
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
     }
 
     /// What it logged so far.
