@@ -28,9 +28,9 @@ use nodepool_core::model::{
     BuildState, ImageBuild, ImageUpload, NodeState, UploadState, WireRecord, epoch_now,
 };
 use nodepool_core::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, Provider};
-use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
 use nodepool_core::store::paths::{self, ImagePath, classify_image_path};
 use nodepool_core::store::{CreateMode, LockWait, Store, StoreError};
+use nodepool_requestor::{NewRequest, Outcome, Requestor};
 
 use crate::listing::{self, Cell, Listing, Source};
 

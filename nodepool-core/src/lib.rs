@@ -19,6 +19,8 @@
 //!   (Jenkins).
 //! - [`consumers`]: the runtime that keeps consumers (Jenkins targets)
 //!   supplied with nodes, and job hold rules.
+//! - [`requestor`]: the Zuul-side client (re-exported `nodepool-requestor`,
+//!   which CI systems that only ask for nodes depend on alone).
 //! - `testing` (feature `testing`): an in-memory store and the shared
 //!   conformance suites every backend runs.
 
@@ -26,10 +28,12 @@ pub mod builder;
 pub mod consumers;
 pub mod launcher;
 pub mod planner;
-pub mod requestor;
 
 // The contract, re-exported so one dependency gives the whole picture.
 pub use nodepool_model::{VERSION, cloud, config, consumer, image_builder, model, provider, store};
+/// The Zuul-side client (the `nodepool-requestor` crate), under the path it
+/// had before it became its own crate.
+pub use nodepool_requestor as requestor;
 
 #[cfg(feature = "testing")]
 pub mod testing;

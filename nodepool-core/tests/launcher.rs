@@ -10,9 +10,9 @@ use nodepool_core::config::{ApiFault, Config};
 use nodepool_core::launcher::{Launcher, LauncherSettings, ObserverIntervals, ProviderFactory};
 use nodepool_core::model::{ComponentKind, NodeState, RequestState};
 use nodepool_core::provider::Provider;
-use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
 use nodepool_core::store::Store;
 use nodepool_model::store::MemoryStore;
+use nodepool_requestor::{NewRequest, Outcome, Requestor};
 use nodepool_simulated::SimulatedProvider;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -381,7 +381,7 @@ async fn held_nodes_expire_with_max_hold_age() {
     let held = set.nodes[0].id.clone();
     zuul.hold(
         set,
-        &nodepool_core::requestor::Hold {
+        &nodepool_requestor::Hold {
             job: "tenant project job .*".into(),
             comment: "debugging".into(),
             expiration: None,

@@ -20,9 +20,9 @@ use nodepool_core::provider::{
     CloudImageInfo, ImageUploadSpec, Instance, InstanceSpec, InstanceStatus, Provider,
     ProviderError,
 };
-use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
 use nodepool_core::store::Store;
 use nodepool_model::store::MemoryStore;
+use nodepool_requestor::{NewRequest, Outcome, Requestor};
 use nodepool_simulated::SimulatedProvider;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;

@@ -5,8 +5,8 @@ mod common;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use nodepool_core::store::StateStore;
-use nodepool_model::conformance::store::Harness;
+use nodepool_model::store::StateStore;
+use nodepool_requestor::conformance::Harness;
 use nodepool_zookeeper::ZooKeeperOptions;
 
 struct ZooKeeper(ZooKeeperOptions);
@@ -22,4 +22,4 @@ impl Harness for ZooKeeper {
     }
 }
 
-nodepool_core::requestor_tests!(ZooKeeper(common::plain(&common::fresh_chroot())));
+nodepool_requestor::requestor_tests!(ZooKeeper(common::plain(&common::fresh_chroot())));

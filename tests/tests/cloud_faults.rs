@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use nodepool_core::config::{ApiFault, Config};
 use nodepool_core::model::{ComponentKind, RequestState};
-use nodepool_core::requestor::{NewRequest, NodeSet, Outcome, Requestor};
 use nodepool_core::store::Store;
+use nodepool_requestor::{NewRequest, NodeSet, Outcome, Requestor};
 use nodepool_simulated::SimulatedProvider;
 use nodepool_tests::{Backend, Daemon, TestEnv, workspace_binary};
 

@@ -19,8 +19,8 @@ use std::time::Duration;
 use nodepool_core::config::Config;
 use nodepool_core::model::{ComponentKind, NodeState};
 use nodepool_core::provider::{InstanceStatus, Provider};
-use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
 use nodepool_core::store::Store;
+use nodepool_requestor::{NewRequest, Outcome, Requestor};
 use nodepool_simulated::SimulatedProvider;
 use nodepool_tests::{Backend, Daemon, TestEnv, workspace_binary};
 

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use nodepool_core::model::{NodeState, RequestState};
-use nodepool_core::requestor::{Hold, NewRequest, Outcome, Requestor};
+use nodepool_requestor::{Hold, NewRequest, Outcome, Requestor};
 use nodepool_tests::{Backend, Clouds, RunningLauncher, TestEnv, cloud, eventually};
 
 const BODY: &str = r#"

@@ -4,7 +4,7 @@
 //!
 //! # How a target gets its nodes
 //!
-//! The runtime is a requestor like Zuul ([`crate::requestor`]), with the
+//! The runtime is a requestor like Zuul ([`nodepool_requestor`]), with the
 //! requestor id `jenkins:<target>`: for each label the target wants, it
 //! keeps `min-ready` idle nodes by submitting one-node requests (a label
 //! whose request failed, as no launcher serves it, is asked for again only
@@ -55,6 +55,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nodepool_requestor::{NewRequest, Requestor};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -63,7 +64,6 @@ use crate::config::{Config, Target};
 use crate::consumer::{ConsumerError, NodeConsumer, NodeOutcome};
 use crate::launcher::Clock;
 use crate::model::{Node, NodeState, RequestState};
-use crate::requestor::{NewRequest, Requestor};
 use crate::store::{LockGuard, LockWait, NodeRecord, Store, StoreError, paths};
 
 pub use crate::store::holds::{JobHold, encode_job, held_for};

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nodepool_core::config::Config;
 use nodepool_core::model::RequestState;
-use nodepool_core::requestor::{NewRequest, Requestor};
 use nodepool_core::store::StoreEvent;
+use nodepool_requestor::{NewRequest, Requestor};
 use tokio::sync::broadcast::error::RecvError;
 
 fn arg(name: &str) -> Option<String> {
@@ -200,7 +200,7 @@ providers:
     let id = zuul.submit(&NewRequest::new(vec!["small".into()])).await?;
     let outcome = zuul.wait(&id, Duration::from_secs(60)).await?;
     let idle = t.elapsed();
-    if !matches!(outcome, nodepool_core::requestor::Outcome::Fulfilled(_)) {
+    if !matches!(outcome, nodepool_requestor::Outcome::Fulfilled(_)) {
         bail!("the idle request was not fulfilled");
     }
 
