@@ -1165,11 +1165,20 @@ impl SimulatedProvider {
     /// Every server that exists now (any status), read past any API
     /// fault: what the cloud really holds, for tests and drills that
     /// count servers while the API is made to fail.
-    pub fn instances(&self) -> Vec<Instance> {
-        self.hook("instances", |st, now| {
-            st.settle(now);
-            st.servers.values().map(|s| s.instance(now)).collect()
-        })
+    /// Async, as API calls are: with a state file, the lock is taken on
+    /// a blocking thread, never on the caller's runtime worker (whose
+    /// peers may be needed by whoever holds the lock).
+    pub async fn instances(&self) -> Vec<Instance> {
+        match self
+            .with_state(|st, now| {
+                st.settle(now);
+                st.servers.values().map(|s| s.instance(now)).collect()
+            })
+            .await
+        {
+            Ok(all) => all,
+            Err(e) => panic!("simulated cloud {}: instances: {e}", self.inner.name),
+        }
     }
 
     /// Servers that exist now (any status).

@@ -673,7 +673,7 @@ async fn sample(store: &Store, clouds: &Clouds, report: &mut MonitorReport) -> b
     let Ok(before) = store.list_nodes().await else {
         return false;
     };
-    let servers = clouds.instances();
+    let servers = clouds.instances().await;
     let (Ok(after), Ok(requests)) = (store.list_nodes().await, store.list_requests().await) else {
         return false;
     };
@@ -775,8 +775,12 @@ impl Clouds {
     }
 
     /// Every server of every cloud now, read past any API fault.
-    pub fn instances(&self) -> Vec<Instance> {
-        self.0.iter().flat_map(|c| c.instances()).collect()
+    pub async fn instances(&self) -> Vec<Instance> {
+        let mut all = Vec::new();
+        for c in &self.0 {
+            all.extend(c.instances().await);
+        }
+        all
     }
 }
 
@@ -785,6 +789,7 @@ impl Clouds {
 pub async fn servers(clouds: &Clouds) -> Vec<(String, Option<String>, InstanceStatus)> {
     clouds
         .instances()
+        .await
         .into_iter()
         .map(|i| (i.external_id.clone(), i.node_id(), i.status))
         .collect()
