@@ -19,6 +19,8 @@
 //!   (Jenkins).
 //! - [`consumers`]: the runtime that keeps consumers (Jenkins targets)
 //!   supplied with nodes, and job hold rules.
+//! - [`runtime`]: what the launcher, builder and consumer runtimes share:
+//!   the pass loop, the clock, the provider factory, pass counters.
 //! - `testing` (feature `testing`): an in-memory store and the shared
 //!   conformance suites every backend runs.
 
@@ -27,6 +29,7 @@ pub mod consumers;
 pub mod launcher;
 pub mod planner;
 pub mod requestor;
+pub mod runtime;
 
 // The contract, re-exported so one dependency gives the whole picture.
 pub use nodepool_model::{VERSION, cloud, config, consumer, image_builder, model, provider, store};
