@@ -399,7 +399,8 @@ impl Task {
                 value.python_path = Some(di.python_path.clone());
                 value.shell_type = di.shell_type.clone();
                 value.set_state(BuildState::Ready, now);
-                if let Err(e) = store.update_build(image, &id, &value, Some(version)).await {
+                let key = RecordKey::build(image, &id);
+                if let Err(e) = store.write_locked(guard, &key, &value, Some(version)).await {
                     // Without a ready record nobody will use the files.
                     self.delete_files(image, &id, None).await?;
                     return Err(format!("cannot record build {id} ready: {e}"));
@@ -427,7 +428,9 @@ impl Task {
                 value
                     .extra
                     .insert(LOG_TAIL_KEY.to_owned(), Json::encode(&tail(&why)));
-                let written = store.update_build(image, &id, &value, Some(version)).await;
+                let written = store
+                    .write_locked(guard, &RecordKey::build(image, &id), &value, Some(version))
+                    .await;
                 if matches!(e, BuildError::Cancelled) {
                     tracing::info!(image = %image, build = %id, "build cancelled; recorded failed");
                 } else {
@@ -651,7 +654,7 @@ impl Task {
         // Recorded before the upload, so a cloud image left by a crash can
         // be found by name as well as by its tags.
         rec.external_name = Some(name.clone());
-        let mut version = store
+        let version = store
             .update_upload(image, build, provider, &upload_id, &rec, Some(0))
             .await
             .map_err(store_err("cannot update the upload record"))?;
@@ -693,6 +696,7 @@ impl Task {
             }
         }
         let now = self.shared.now();
+        let key = RecordKey::upload(image, build, provider, &upload_id);
         if !guard.wait_held().await {
             if let Ok(ext) = &outcome {
                 self.delete_cloud_image(entry, ext).await;
@@ -705,10 +709,7 @@ impl Task {
             Ok(ext) => {
                 rec.external_id = Some(ext.clone());
                 rec.set_state(UploadState::Ready, now);
-                if let Err(e) = store
-                    .update_upload(image, build, provider, &upload_id, &rec, Some(version))
-                    .await
-                {
+                if let Err(e) = store.write_locked(guard, &key, &rec, Some(version)).await {
                     self.delete_cloud_image(entry, &ext).await;
                     return Err(format!("cannot record upload {upload_id} ready: {e}"));
                 }
@@ -727,11 +728,10 @@ impl Task {
             }
             Err(e) => {
                 rec.set_state(UploadState::Failed, now);
-                version = store
-                    .update_upload(image, build, provider, &upload_id, &rec, Some(version))
+                store
+                    .write_locked(guard, &key, &rec, Some(version))
                     .await
                     .map_err(store_err("cannot record the failed upload"))?;
-                let _ = version;
                 Err(format!(
                     "upload {upload_id} of build {build} to {provider} failed: {e}"
                 ))
