@@ -21,8 +21,10 @@
 //! [`BuilderSettings::upload_workers`], deletions on up to
 //! [`BuilderSettings::cleanup_workers`]; each action takes its lock
 //! non-blocking and re-checks under it, so builders sharing a store never
-//! both act. Passes run when image records change, when a task ends, on a
-//! reload, and at least every [`BuilderSettings::max_pass_interval`].
+//! both act. Passes run (on the [pass loop](crate::runtime) every runtime
+//! shares) when image records change, when a task ends, on a reload, and
+//! at least every [`BuilderSettings::max_pass_interval`];
+//! [`BuilderStatus::passes`] counts them.
 //!
 //! Layout: `local` (the images directory: id file, file scan, deletions,
 //! checksums, image names), `hook` (`post-upload-hook`), `tasks` (build,

@@ -4,8 +4,9 @@
 //! (another launcher won the lock, the request changed underneath), the
 //! rest of that request's actions are skipped — the next pass re-plans
 //! from the new state. Every write is version-checked or made under the
-//! record's lock. Launches and deletions become tasks holding the node
-//! lock.
+//! record's lock, through the store's lock combinators
+//! ([`Store::with_locked`] and its parts). Launches and deletions become
+//! tasks holding the node lock.
 
 use super::tasks::{self, LaunchJob};
 use std::collections::{BTreeMap, HashMap};

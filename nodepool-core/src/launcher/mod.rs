@@ -9,9 +9,10 @@
 //! files and web endpoints belong to the binary.
 //!
 //! Each pass reads a snapshot (the stores keep caches fresh by watches),
-//! plans, and executes. Passes run when the store changes (a new request
-//! is picked up within milliseconds), when a task finishes, and at least
-//! every second for time-based rules.
+//! plans, and executes, on the [pass loop](crate::runtime) every runtime
+//! shares. Passes run when the store changes (a new request is picked up
+//! within milliseconds), when a task finishes, and at least every second
+//! for time-based rules; [`LauncherStatus::passes`] counts them.
 //!
 //! Layout: `providers` (clouds and their observers), [`health`] (a
 //! circuit breaker per cloud), `executor` (actions), `tasks` (launch and

@@ -4,18 +4,18 @@
 //! is built from.
 //!
 //! Each runtime is a pure planner plus an executor, run by
-//! [`run_passes`]: read a snapshot, plan, execute, then wait for a
+//! `run_passes`: read a snapshot, plan, execute, then wait for a
 //! reason to look again (a store change, a finished task, a reload, a
 //! session change or the periodic tick). Every completed pass is counted
-//! by a [`PassCounter`], which the runtimes expose so that tests (and
-//! operators' tools) can wait for "N more passes" instead of sleeping.
+//! by a [`PassCounter`], which the runtimes expose so that tests and
+//! embedders can wait for "N more passes" instead of sleeping.
 //!
 //! - [`Clock`]: where "now" comes from (the system clock, or tokio's
 //!   paused clock in tests).
 //! - [`ProviderFactory`]: how a runtime gets the cloud of a configured
 //!   provider.
 //! - [`PassCounter`]: the completed passes of one runtime.
-//! - [`run_passes`] and [`Wakeups`]: the loop itself (crate-internal).
+//! - `run_passes` and `Wakeups`: the loop itself (crate-internal).
 
 mod clock;
 mod pass_loop;
