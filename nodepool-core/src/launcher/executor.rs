@@ -27,9 +27,9 @@ use crate::store::{
     Decision, LockGuard, LockOf, LockWait, RecordKey, Store, StoreError, Versioned, paths,
 };
 
-/// Why an action was not carried out. None of these is a fault: the
-/// state moved on since the snapshot (another launcher won a lock, Zuul
-/// withdrew a request), and the next pass re-plans from the new state.
+/// Why an action was not carried out: mostly, the state moved on since
+/// the snapshot (another launcher won a lock, Zuul withdrew a request).
+/// Either way the next pass re-plans from the new state.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ActionError {
     /// The store refused or failed.
