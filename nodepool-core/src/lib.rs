@@ -21,6 +21,8 @@
 //!   supplied with nodes, and job hold rules.
 //! - [`requestor`]: the Zuul-side client (re-exported `nodepool-requestor`,
 //!   which CI systems that only ask for nodes depend on alone).
+//! - [`runtime`]: what the launcher, builder and consumer runtimes share:
+//!   the pass loop, the clock, the provider factory, pass counters.
 //! - `testing` (feature `testing`): an in-memory store and the shared
 //!   conformance suites every backend runs.
 
@@ -28,6 +30,7 @@ pub mod builder;
 pub mod consumers;
 pub mod launcher;
 pub mod planner;
+pub mod runtime;
 
 // The contract, re-exported so one dependency gives the whole picture.
 pub use nodepool_model::{VERSION, cloud, config, consumer, image_builder, model, provider, store};

@@ -13,9 +13,10 @@ use nodepool_core::consumer::{ConsumerError, FinishedNode, NodeConsumer, NodeOut
 use nodepool_core::consumers::{
     ConsumerFactory, ConsumerRuntime, ConsumerSettings, JobHold, allocation_id,
 };
-use nodepool_core::launcher::{Clock, Launcher, LauncherSettings, ProviderFactory};
+use nodepool_core::launcher::{Launcher, LauncherSettings};
 use nodepool_core::model::{Node, NodeState};
 use nodepool_core::provider::Provider;
+use nodepool_core::runtime::{Clock, PassCounter, ProviderFactory};
 use nodepool_core::store::{LockWait, Store};
 use nodepool_model::store::MemoryStore;
 use nodepool_simulated::SimulatedProvider;
@@ -150,7 +151,12 @@ struct Running {
     shutdown: CancellationToken,
     config: watch::Sender<Arc<Config>>,
     launcher: tokio::task::JoinHandle<()>,
-    consumers: Vec<(CancellationToken, tokio::task::JoinHandle<()>, Made)>,
+    consumers: Vec<(
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+        Made,
+        PassCounter,
+    )>,
 }
 
 fn config(yaml: &str) -> Arc<Config> {
@@ -224,11 +230,12 @@ impl Running {
             consumer_factory(made.clone()),
             settings(),
         );
+        let passes = rt.passes();
         let stop = CancellationToken::new();
         let s = stop.clone();
         let rx = self.config.subscribe();
         let task = tokio::spawn(async move { rt.run(rx, s).await });
-        self.consumers.push((stop, task, made));
+        self.consumers.push((stop, task, made, passes));
         self.consumers.len() - 1
     }
 
@@ -237,8 +244,13 @@ impl Running {
         self.consumers[i].2.lock().expect("made").get("ci").cloned()
     }
 
+    /// Waits for `n` more passes of runtime `i`.
+    async fn passes(&self, i: usize, n: u64) {
+        self.consumers[i].3.more(n).await.expect("the runtime runs");
+    }
+
     async fn stop_runtime(&mut self, i: usize) {
-        let (stop, task, _) = &mut self.consumers[i];
+        let (stop, task, _, _) = &mut self.consumers[i];
         stop.cancel();
         task.await.expect("runtime task");
     }
@@ -516,7 +528,7 @@ async fn one_runtime_serves_a_target_and_another_takes_over() {
     let mut r = Running::start(&mem, CONFIG);
     let first = registered(&r, 0, 2).await;
     r.add_runtime(&mem);
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    r.passes(1, 10).await;
     let standby = r.consumer(1).expect("the standby has a consumer too");
     assert!(standby.st().ready_calls.is_empty(), "the standby waits");
     assert_eq!(nodes(&s).await.len(), 2);

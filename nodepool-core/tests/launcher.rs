@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nodepool_core::config::{ApiFault, Config};
-use nodepool_core::launcher::{Launcher, LauncherSettings, ObserverIntervals, ProviderFactory};
+use nodepool_core::launcher::{Launcher, LauncherSettings, ObserverIntervals};
 use nodepool_core::model::{ComponentKind, NodeState, RequestState};
 use nodepool_core::provider::Provider;
+use nodepool_core::runtime::ProviderFactory;
 use nodepool_core::store::Store;
 use nodepool_model::store::MemoryStore;
 use nodepool_requestor::{NewRequest, Outcome, Requestor};
@@ -56,7 +57,7 @@ fn settings(host: &str) -> LauncherSettings {
             instances: Duration::from_secs(5),
             ..ObserverIntervals::default()
         },
-        clock: nodepool_core::launcher::Clock::tokio(),
+        clock: nodepool_core::runtime::Clock::tokio(),
         ..LauncherSettings::default()
     }
 }
@@ -107,6 +108,29 @@ impl Running {
     async fn stop(self) {
         self.shutdown.cancel();
         self.task.await.expect("launcher task");
+    }
+
+    /// Waits for `n` more completed planning passes.
+    async fn passes(&self, n: u64) {
+        self.status
+            .passes()
+            .more(n)
+            .await
+            .expect("the launcher runs");
+    }
+
+    /// Sends a configuration and waits for a pass that planned with it.
+    async fn reload(&self, yaml: &str) {
+        let before = self.status.config_generation();
+        self.config
+            .send(Arc::new(Config::from_yaml(yaml).expect("valid")))
+            .expect("send");
+        until("configuration applied", || async {
+            self.status.config_generation() > before
+        })
+        .await;
+        // The first may have planned with the old one.
+        self.passes(2).await;
     }
 }
 
@@ -190,7 +214,7 @@ async fn min_ready_nodes_appear_without_overshoot() {
     })
     .await;
     // Let many passes go by: still exactly three, and no request left over.
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    l.passes(30).await;
     assert_eq!(nodes_in(&store, NodeState::Ready).await, 3);
     assert_eq!(store.list_nodes().await.expect("list").records.len(), 3);
     assert_eq!(l.cloud("sim").server_count(), 3);
@@ -274,7 +298,7 @@ async fn a_quota_error_aborts_and_relaunches_once_quota_frees() {
                 .is_some_and(|r| r.value.state == RequestState::Pending)
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    l.passes(20).await;
     assert_eq!(
         store
             .get_request(&id)
@@ -345,7 +369,8 @@ async fn two_launchers_share_a_store_without_double_allocation_or_overshoot() {
             == 4
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    a.passes(20).await;
+    b.passes(20).await;
     let spares = store
         .list_nodes()
         .await
@@ -432,10 +457,7 @@ async fn reload_adds_a_label_and_drains_a_removed_provider() {
     ));
     // Drain: max-servers -1 launches nothing more.
     let drained = with_medium.replace("max-servers: 10", "max-servers: -1");
-    l.config
-        .send(Arc::new(Config::from_yaml(&drained).expect("valid")))
-        .expect("send");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    l.reload(&drained).await;
     let id2 = zuul
         .submit(&NewRequest::new(vec!["small".into()]))
         .await

@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use nodepool_core::config::{Config, PoolLabel};
-use nodepool_core::launcher::{
-    Launcher, LauncherSettings, Metrics, ObserverIntervals, ProviderFactory,
-};
+use nodepool_core::launcher::{Launcher, LauncherSettings, Metrics, ObserverIntervals};
 use nodepool_core::model::{Limits, NodeState, Resources};
 use nodepool_core::provider::{
     CloudImageInfo, ImageUploadSpec, Instance, InstanceSpec, InstanceStatus, Provider,
     ProviderError,
 };
+use nodepool_core::runtime::ProviderFactory;
 use nodepool_core::store::Store;
 use nodepool_model::store::MemoryStore;
 use nodepool_requestor::{NewRequest, Outcome, Requestor};
@@ -160,7 +159,7 @@ impl Harness {
                     instances: Duration::from_secs(86_400),
                     ..ObserverIntervals::default()
                 },
-                clock: nodepool_core::launcher::Clock::tokio(),
+                clock: nodepool_core::runtime::Clock::tokio(),
                 ..LauncherSettings::default()
             },
         );

@@ -214,6 +214,15 @@ impl RunningLauncher {
         .await;
     }
 
+    /// Waits for `n` more completed planning passes (to see that
+    /// something did not happen); fails after `limit` of real time.
+    pub async fn passes(&self, n: u64, limit: Duration) {
+        tokio::time::timeout(limit, self.status.passes().more(n))
+            .await
+            .unwrap_or_else(|_| panic!("{n} planning passes: not within {limit:?}"))
+            .expect("the launcher runs");
+    }
+
     /// Stops it gracefully.
     pub async fn stop(self) {
         self.shutdown.cancel();

@@ -183,9 +183,10 @@ async fn two_launchers_share_the_load(backend: Backend) {
             == 3
     })
     .await;
-    // Many passes of both launchers later, still no overshoot.
-    for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // Pass after pass of both launchers, still no overshoot.
+    for _ in 0..10 {
+        a.passes(1, WAIT).await;
+        b.passes(1, WAIT).await;
         let spares = store
             .list_nodes()
             .await
@@ -314,7 +315,7 @@ async fn zuul_unlocked_nodes_are_deallocated_after_the_request_goes(backend: Bac
         panic!("failed")
     };
     // The fulfilled request stays untouched until Zuul deletes it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    l.passes(3, WAIT).await;
     let still = zuul
         .store()
         .get_request(&id)

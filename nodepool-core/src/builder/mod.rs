@@ -21,8 +21,10 @@
 //! [`BuilderSettings::upload_workers`], deletions on up to
 //! [`BuilderSettings::cleanup_workers`]; each action takes its lock
 //! non-blocking and re-checks under it, so builders sharing a store never
-//! both act. Passes run when image records change, when a task ends, on a
-//! reload, and at least every [`BuilderSettings::max_pass_interval`].
+//! both act. Passes run (on the [pass loop](crate::runtime) every runtime
+//! shares) when image records change, when a task ends, on a reload, and
+//! at least every [`BuilderSettings::max_pass_interval`];
+//! [`BuilderStatus::passes`] counts them.
 //!
 //! Layout: `local` (the images directory: id file, file scan, deletions,
 //! checksums, image names), `hook` (`post-upload-hook`), `tasks` (build,
@@ -45,13 +47,15 @@ pub use hook::{HookError, run_post_upload_hook};
 
 use crate::config::{Config, ProviderConfig};
 use crate::image_builder::ImageBuilder;
-use crate::launcher::{Clock, ProviderFactory};
 use crate::model::{Component, ComponentKind, ComponentState};
 use crate::planner::images::{
     BuildKey, BuilderLocal, ImageAction, ImagePlan, ImageSnapshot, plan_images,
 };
 use crate::provider::Provider;
-use crate::store::{ComponentRegistration, Store, StoreError, StoreEvent, paths};
+use crate::runtime::{
+    Clock, PassCounter, PassRunner, Passed, ProviderFactory, Wakeups, run_passes,
+};
+use crate::store::{ComponentRegistration, Store, StoreError, paths};
 
 /// Prunes old build logs of an image before a build: `(log dir, image,
 /// build-log-retention)`. The daemon passes `nodepool_dib::prune_build_logs`.
@@ -157,7 +161,7 @@ pub enum BuilderError {
 #[derive(Debug, Default)]
 pub struct BuilderStatus {
     ready: std::sync::atomic::AtomicBool,
-    passes: std::sync::atomic::AtomicU64,
+    passes: PassCounter,
     report: Mutex<String>,
     builder_id: Mutex<String>,
 }
@@ -168,10 +172,10 @@ impl BuilderStatus {
         self.ready.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Planning passes completed so far (tests wait for passes to see
-    /// that something did *not* happen).
-    pub fn passes(&self) -> u64 {
-        self.passes.load(std::sync::atomic::Ordering::SeqCst)
+    /// The builder's completed passes: wait for some to see that
+    /// something did not happen.
+    pub fn passes(&self) -> &PassCounter {
+        &self.passes
     }
 
     /// A human-readable dump of the builder's state.
@@ -373,53 +377,29 @@ impl Builder {
             last_notes: BTreeSet::new(),
         };
         rt.apply_config();
-        let mut events = self.store.backend().subscribe();
-        let mut session = self.store.backend().session();
-        loop {
-            if shutdown.is_cancelled() {
-                break;
-            }
-            if let Err(e) = rt.ensure_registered().await {
-                tracing::warn!(error = %e, "builder registration failed; retrying");
-            }
-            if let Err(e) = rt.pass().await {
-                tracing::warn!(error = %e, "builder pass failed; retrying");
-            }
-            let tick = tokio::time::sleep(self.settings.max_pass_interval);
-            tokio::pin!(tick);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = &mut tick => break,
-                    _ = shared.wake.notified() => break,
-                    r = events.recv() => match r {
-                        // Only image records concern the builder.
-                        Ok(StoreEvent::Created(p) | StoreEvent::Changed(p) | StoreEvent::Deleted(p))
-                            if !p.starts_with(paths::IMAGES) => continue,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                            events = self.store.backend().subscribe();
-                            break;
-                        }
-                        _ => break,
-                    },
-                    r = config.changed() => {
-                        if r.is_ok() {
-                            rt.config = config.borrow_and_update().clone();
-                            tracing::info!("configuration reloaded");
-                            rt.apply_config();
-                        }
-                        break;
-                    }
-                    _ = session.changed() => break,
-                }
-            }
-            // Coalesce a burst of events into one pass.
-            tokio::time::sleep(self.settings.min_pass_interval).await;
-            while events.try_recv().is_ok() {}
-        }
+        let wakeups = Wakeups {
+            max_interval: self.settings.max_pass_interval,
+            min_interval: self.settings.min_pass_interval,
+            store: Some(self.store.backend()),
+            relevant: image_path,
+            wake: Some(&shared.wake),
+        };
+        let Ok(()) = run_passes(
+            &mut rt,
+            wakeups,
+            &mut config,
+            &shutdown,
+            &self.status.passes,
+        )
+        .await;
         rt.shutdown().await;
         Ok(())
     }
+}
+
+/// Only image records concern the builder.
+fn image_path(path: &str) -> bool {
+    path.starts_with(paths::IMAGES)
 }
 
 struct Runtime {
@@ -530,7 +510,8 @@ impl Runtime {
         }
     }
 
-    async fn pass(&mut self) -> Result<(), StoreError> {
+    /// Plans from a fresh snapshot and starts what the plan asks for.
+    async fn plan_and_execute(&mut self) -> Result<Passed, StoreError> {
         if self
             .shared
             .store
@@ -541,7 +522,7 @@ impl Runtime {
             .is_none()
         {
             // Suspended or expired: do nothing that needs locks.
-            return Ok(());
+            return Ok(Passed::Skipped);
         }
         let snapshot = self.snapshot().await?;
         let local = self.local();
@@ -556,11 +537,8 @@ impl Runtime {
         self.status
             .ready
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.status
-            .passes
-            .store(self.pass_count, std::sync::atomic::Ordering::SeqCst);
         self.update_report(&plan);
-        Ok(())
+        Ok(Passed::Completed)
     }
 
     /// Starts the plan's actions that are not running yet, within the
@@ -693,5 +671,25 @@ impl Runtime {
             let _ = self.shared.store.unregister_component(&reg).await;
         }
         tracing::info!("builder stopped");
+    }
+}
+
+impl PassRunner for Runtime {
+    type Fatal = std::convert::Infallible;
+
+    async fn pass(&mut self) -> Result<Passed, Self::Fatal> {
+        if let Err(e) = self.ensure_registered().await {
+            tracing::warn!(error = %e, "builder registration failed; retrying");
+        }
+        Ok(self.plan_and_execute().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "builder pass failed; retrying");
+            Passed::Skipped
+        }))
+    }
+
+    async fn reload(&mut self, config: Arc<Config>) {
+        self.config = config;
+        tracing::info!("configuration reloaded");
+        self.apply_config();
     }
 }

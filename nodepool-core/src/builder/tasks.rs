@@ -14,7 +14,9 @@ use crate::model::{BuildState, ImageBuild, ImageUpload, Json, UploadState};
 use crate::planner::images::{BuildReason, ImageAction, ImageDeleteReason};
 use crate::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID, ImageUploadSpec};
 use crate::store::paths::{self, ImagePath, classify_image_path};
-use crate::store::{LockGuard, LockWait, Store, StoreError, Versioned};
+use crate::store::{
+    Decision, LockGuard, LockOf, LockWait, RecordKey, Store, StoreError, Versioned,
+};
 
 /// Lines and bytes of a failed build's log kept in its record.
 const LOG_TAIL_LINES: usize = 20;
@@ -43,18 +45,46 @@ pub(crate) struct Task {
     pub action: ImageAction,
 }
 
-/// Takes a lock non-blocking; `Ok(None)` when someone else holds it.
+/// Takes a lock non-blocking; `Ok(None)` when someone else holds it
+/// (someone else is doing the work).
 async fn try_lock(store: &Store, dir: &str) -> Result<Option<LockGuard>, String> {
-    match store.lock(dir, LockWait::NonBlocking).await {
-        Ok(g) => Ok(Some(g)),
-        Err(StoreError::Locked { .. }) => Ok(None),
-        Err(e) => Err(format!("cannot lock {dir}: {e}")),
-    }
+    store
+        .try_lock_for(LockOf::Dir(dir))
+        .await
+        .map_err(|e| format!("cannot lock {dir}: {e}"))
 }
 
-async fn release(guard: LockGuard) {
-    if let Err(e) = guard.release().await {
-        tracing::debug!(error = %e, "lock release failed (it goes with the session)");
+/// Changes a build's state under `lock` if it is in one of `from`;
+/// returns the build as it was when changed, `None` when it was not
+/// (missing, in another state, or the lock held by someone else).
+async fn transition_build(
+    store: &Store,
+    lock: &str,
+    image: &str,
+    build: &str,
+    from: &[BuildState],
+    to: (BuildState, f64),
+) -> Result<Option<ImageBuild>, String> {
+    let changed = store
+        .with_locked(
+            LockOf::Dir(lock),
+            LockWait::NonBlocking,
+            &RecordKey::build(image, build),
+            |cur| match cur {
+                Some(v) if from.contains(&v.value.state) => {
+                    let before = v.value.clone();
+                    let mut b = v.value;
+                    b.set_state(to.0, to.1);
+                    Decision::Write(b, Some(before))
+                }
+                _ => Decision::Leave(None),
+            },
+        )
+        .await;
+    match changed {
+        Ok(c) => Ok(c),
+        Err(StoreError::Locked { .. }) => Ok(None),
+        Err(e) => Err(format!("cannot mark build {build} {}: {e}", to.0.as_str())),
     }
 }
 
@@ -252,7 +282,7 @@ impl Task {
         let r = self
             .build_locked(&guard, &di, formats, reason, newest_ready, requested)
             .await;
-        release(guard).await;
+        guard.release_logged().await;
         r
     }
 
@@ -369,7 +399,8 @@ impl Task {
                 value.python_path = Some(di.python_path.clone());
                 value.shell_type = di.shell_type.clone();
                 value.set_state(BuildState::Ready, now);
-                if let Err(e) = store.update_build(image, &id, &value, Some(version)).await {
+                let key = RecordKey::build(image, &id);
+                if let Err(e) = store.write_locked(guard, &key, &value, Some(version)).await {
                     // Without a ready record nobody will use the files.
                     self.delete_files(image, &id, None).await?;
                     return Err(format!("cannot record build {id} ready: {e}"));
@@ -397,7 +428,9 @@ impl Task {
                 value
                     .extra
                     .insert(LOG_TAIL_KEY.to_owned(), Json::encode(&tail(&why)));
-                let written = store.update_build(image, &id, &value, Some(version)).await;
+                let written = store
+                    .write_locked(guard, &RecordKey::build(image, &id), &value, Some(version))
+                    .await;
                 if matches!(e, BuildError::Cancelled) {
                     tracing::info!(image = %image, build = %id, "build cancelled; recorded failed");
                 } else {
@@ -412,30 +445,20 @@ impl Task {
     }
 
     async fn mark_dead_build(&self, image: &str, build: &str) -> TaskResult {
-        let store = &self.shared.store;
         // The image build lock is what a live builder holds while building.
-        let Some(guard) = try_lock(store, &paths::builds_lock(image)).await? else {
-            return Ok(());
-        };
-        let r = async {
-            if let Some(mut v) = store
-                .get_build(image, build)
-                .await
-                .map_err(store_err("cannot read build"))?
-                && v.value.state == BuildState::Building
-            {
-                v.value.set_state(BuildState::Deleting, self.shared.now());
-                store
-                    .update_build(image, build, &v.value, Some(v.version))
-                    .await
-                    .map_err(store_err("cannot mark the build deleting"))?;
-                tracing::warn!(image = %image, build = %build, builder = ?v.value.builder, "build left by a builder that is gone; deleting it");
-            }
-            Ok(())
+        let marked = transition_build(
+            &self.shared.store,
+            &paths::builds_lock(image),
+            image,
+            build,
+            &[BuildState::Building],
+            (BuildState::Deleting, self.shared.now()),
+        )
+        .await?;
+        if let Some(b) = marked {
+            tracing::warn!(image = %image, build = %build, builder = ?b.builder, "build left by a builder that is gone; deleting it");
         }
-        .await;
-        release(guard).await;
-        r
+        Ok(())
     }
 
     async fn mark_build_deleting(
@@ -444,29 +467,19 @@ impl Task {
         build: &str,
         reason: ImageDeleteReason,
     ) -> TaskResult {
-        let store = &self.shared.store;
-        let Some(guard) = try_lock(store, &paths::build_lock(image, build)).await? else {
-            return Ok(());
-        };
-        let r = async {
-            if let Some(mut v) = store
-                .get_build(image, build)
-                .await
-                .map_err(store_err("cannot read build"))?
-                && matches!(v.value.state, BuildState::Ready | BuildState::Failed)
-            {
-                v.value.set_state(BuildState::Deleting, self.shared.now());
-                store
-                    .update_build(image, build, &v.value, Some(v.version))
-                    .await
-                    .map_err(store_err("cannot mark the build deleting"))?;
-                tracing::info!(image = %image, build = %build, %reason, "build marked deleting; its uploads are being deleted");
-            }
-            Ok(())
+        let marked = transition_build(
+            &self.shared.store,
+            &paths::build_lock(image, build),
+            image,
+            build,
+            &[BuildState::Ready, BuildState::Failed],
+            (BuildState::Deleting, self.shared.now()),
+        )
+        .await?;
+        if marked.is_some() {
+            tracing::info!(image = %image, build = %build, %reason, "build marked deleting; its uploads are being deleted");
         }
-        .await;
-        release(guard).await;
-        r
+        Ok(())
     }
 
     async fn remove_build(
@@ -479,35 +492,32 @@ impl Task {
         let Some(guard) = try_lock(store, &paths::build_lock(image, build)).await? else {
             return Ok(());
         };
-        let Some(mut v) = store
-            .get_build(image, build)
-            .await
-            .map_err(store_err("cannot read build"))?
-        else {
-            release(guard).await;
-            return Ok(());
+        let now = self.shared.now();
+        let marked = store
+            .update_locked(&guard, &RecordKey::build(image, build), |cur| match cur {
+                None => Decision::Leave(false),
+                Some(v) if v.value.state == BuildState::Building => Decision::Leave(false),
+                Some(v) if v.value.state == BuildState::Deleting => Decision::Leave(true),
+                Some(v) => {
+                    let mut b = v.value;
+                    b.set_state(BuildState::Deleting, now);
+                    Decision::Write(b, true)
+                }
+            })
+            .await;
+        let go_on = match marked {
+            // Gone, or being built.
+            Ok(false) => Ok(false),
+            Ok(true) => match build_has_uploads(store, image, build).await {
+                // An upload appeared meanwhile: the next pass deletes it first.
+                Ok(uploads) => Ok(!uploads),
+                Err(e) => Err(format!("cannot list uploads: {e}")),
+            },
+            Err(e) => Err(format!("cannot mark build {build} deleting: {e}")),
         };
-        if v.value.state == BuildState::Building {
-            release(guard).await;
-            return Ok(());
-        }
-        if v.value.state != BuildState::Deleting {
-            v.value.set_state(BuildState::Deleting, self.shared.now());
-            if let Err(e) = store
-                .update_build(image, build, &v.value, Some(v.version))
-                .await
-            {
-                release(guard).await;
-                return Err(format!("cannot mark build {build} deleting: {e}"));
-            }
-        }
-        if build_has_uploads(store, image, build)
-            .await
-            .map_err(store_err("cannot list uploads"))?
-        {
-            // An upload appeared meanwhile: the next pass deletes it first.
-            release(guard).await;
-            return Ok(());
+        if go_on != Ok(true) {
+            guard.release_logged().await;
+            return go_on.map(|_| ());
         }
         self.delete_files(image, build, None).await?;
         store
@@ -555,7 +565,7 @@ impl Task {
         let r = self
             .upload_locked(&guard, image, build, provider, format, requested)
             .await;
-        release(guard).await;
+        guard.release_logged().await;
         r
     }
 
@@ -644,7 +654,7 @@ impl Task {
         // Recorded before the upload, so a cloud image left by a crash can
         // be found by name as well as by its tags.
         rec.external_name = Some(name.clone());
-        let mut version = store
+        let version = store
             .update_upload(image, build, provider, &upload_id, &rec, Some(0))
             .await
             .map_err(store_err("cannot update the upload record"))?;
@@ -686,6 +696,7 @@ impl Task {
             }
         }
         let now = self.shared.now();
+        let key = RecordKey::upload(image, build, provider, &upload_id);
         if !guard.wait_held().await {
             if let Ok(ext) = &outcome {
                 self.delete_cloud_image(entry, ext).await;
@@ -698,10 +709,7 @@ impl Task {
             Ok(ext) => {
                 rec.external_id = Some(ext.clone());
                 rec.set_state(UploadState::Ready, now);
-                if let Err(e) = store
-                    .update_upload(image, build, provider, &upload_id, &rec, Some(version))
-                    .await
-                {
+                if let Err(e) = store.write_locked(guard, &key, &rec, Some(version)).await {
                     self.delete_cloud_image(entry, &ext).await;
                     return Err(format!("cannot record upload {upload_id} ready: {e}"));
                 }
@@ -720,11 +728,10 @@ impl Task {
             }
             Err(e) => {
                 rec.set_state(UploadState::Failed, now);
-                version = store
-                    .update_upload(image, build, provider, &upload_id, &rec, Some(version))
+                store
+                    .write_locked(guard, &key, &rec, Some(version))
                     .await
                     .map_err(store_err("cannot record the failed upload"))?;
-                let _ = version;
                 Err(format!(
                     "upload {upload_id} of build {build} to {provider} failed: {e}"
                 ))
@@ -834,34 +841,42 @@ impl Task {
         else {
             return Ok(());
         };
-        let Some(mut v) = store
-            .get_upload(image, build, provider, upload)
-            .await
-            .map_err(store_err("cannot read upload"))?
-        else {
-            release(guard).await;
-            return Ok(());
-        };
-        if v.value.state == UploadState::Uploading {
-            release(guard).await;
-            return Ok(());
-        }
-        if v.value.state != UploadState::Deleting {
-            v.value.set_state(UploadState::Deleting, self.shared.now());
-            if let Err(e) = store
-                .update_upload(image, build, provider, upload, &v.value, Some(v.version))
-                .await
-            {
-                release(guard).await;
+        let now = self.shared.now();
+        let marked = store
+            .update_locked(
+                &guard,
+                &RecordKey::upload(image, build, provider, upload),
+                |cur| match cur {
+                    None => Decision::Leave(None),
+                    Some(v) if v.value.state == UploadState::Uploading => Decision::Leave(None),
+                    Some(v) if v.value.state == UploadState::Deleting => {
+                        Decision::Leave(Some(v.value))
+                    }
+                    Some(v) => {
+                        let mut u = v.value;
+                        u.set_state(UploadState::Deleting, now);
+                        Decision::Write(u.clone(), Some(u))
+                    }
+                },
+            )
+            .await;
+        let u = match marked {
+            Ok(Some(u)) => u,
+            Ok(None) => {
+                guard.release_logged().await;
+                return Ok(());
+            }
+            Err(e) => {
+                guard.release_logged().await;
                 return Err(format!("cannot mark upload deleting: {e}"));
             }
-        }
-        tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload, external_id = ?v.value.external_id, %reason, "deleting upload");
+        };
+        tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload, external_id = ?u.external_id, %reason, "deleting upload");
         if let Err(e) = self
-            .delete_upload_image(entry, build, upload, v.value.external_id.as_deref())
+            .delete_upload_image(entry, build, upload, u.external_id.as_deref())
             .await
         {
-            release(guard).await;
+            guard.release_logged().await;
             return Err(e);
         }
         store
@@ -906,7 +921,7 @@ impl Task {
                 .map_err(store_err("cannot delete the upload record"))
         }
         .await;
-        release(guard).await;
+        guard.release_logged().await;
         r
     }
 }

@@ -50,23 +50,35 @@
 //! Each target is served by one runtime at a time: the one holding the
 //! lock `/nodepool/elections/consumers/<target>` (kazoo's recipe, tied to
 //! the session, so another launcher takes over when one dies).
+//!
+//! # Layout
+//!
+//! Like the launcher and the builder, each pass of a target is a pure plan
+//! ([`plan`]: [`plan_target`] from a [`TargetSnapshot`] and the runtime's
+//! [`TargetMemory`]) executed by `execute`, run by the shared
+//! [pass loop](crate::runtime); [`ConsumerRuntime::passes`] counts the
+//! passes.
+
+mod execute;
+pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nodepool_requestor::{NewRequest, Requestor};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Target};
-use crate::consumer::{ConsumerError, NodeConsumer, NodeOutcome};
-use crate::launcher::Clock;
-use crate::model::{Node, NodeState, RequestState};
-use crate::store::{LockGuard, LockWait, NodeRecord, Store, StoreError, paths};
+use crate::consumer::NodeConsumer;
+use crate::model::Node;
+use crate::runtime::{Clock, PassCounter, PassRunner, Passed, Wakeups, run_passes};
+use crate::store::{LockGuard, LockWait, Store, StoreError, paths};
 
 pub use crate::store::holds::{JobHold, encode_job, held_for};
+pub use plan::{
+    Failures, NodeEnd, TargetAction, TargetMemory, TargetSnapshot, plan_give_up, plan_target,
+};
 
 /// What `allocated_to` of a consumer's nodes starts with (the targets of
 /// `nodepool.yaml` are Jenkins masters); also the requestor id prefix.
@@ -119,6 +131,7 @@ pub struct ConsumerRuntime {
     store: Store,
     factory: ConsumerFactory,
     settings: ConsumerSettings,
+    passes: PassCounter,
 }
 
 impl std::fmt::Debug for ConsumerRuntime {
@@ -137,7 +150,14 @@ impl ConsumerRuntime {
             store,
             factory,
             settings,
+            passes: PassCounter::default(),
         }
+    }
+
+    /// The runtime's completed passes (one pass serves every target once,
+    /// or finds it served by another runtime); readable while it runs.
+    pub fn passes(&self) -> PassCounter {
+        self.passes.clone()
     }
 
     /// Serves the configuration's `targets` until `shutdown` is cancelled.
@@ -146,124 +166,120 @@ impl ConsumerRuntime {
     /// Store and consumer failures are logged and retried on the next pass;
     /// nothing stops the runtime but `shutdown`.
     pub async fn run(self, mut config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) {
-        let ctx = Ctx {
-            store: self.store,
-            settings: self.settings,
+        let mut runner = Runner {
+            ctx: Ctx {
+                store: self.store,
+                settings: self.settings,
+            },
+            factory: self.factory,
+            served: BTreeMap::new(),
         };
-        let mut served: BTreeMap<String, Served> = BTreeMap::new();
         let cfg = config.borrow_and_update().clone();
-        apply_config(&ctx, &self.factory, &cfg, &mut served).await;
-        loop {
-            if shutdown.is_cancelled() {
-                break;
-            }
-            for s in served.values_mut() {
-                if !s.ensure_elected(&ctx.store).await {
-                    continue;
-                }
-                if let Err(e) = s.pass(&ctx).await {
-                    tracing::warn!(target_name = %s.target.name, error = %e, "consumer pass failed; retrying");
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(ctx.settings.poll_interval) => {}
-                r = config.changed() => {
-                    if r.is_ok() {
-                        let cfg = config.borrow_and_update().clone();
-                        apply_config(&ctx, &self.factory, &cfg, &mut served).await;
-                    }
-                }
-            }
-        }
+        runner.apply_config(&cfg).await;
+        // Consumers are polled: store changes do not start a pass.
+        let wakeups = Wakeups {
+            max_interval: runner.ctx.settings.poll_interval,
+            min_interval: Duration::ZERO,
+            store: None,
+            relevant: Wakeups::any_path,
+            wake: None,
+        };
+        let Ok(()) = run_passes(&mut runner, wakeups, &mut config, &shutdown, &self.passes).await;
         // Nodes and agents stay as they are: the next runtime adopts them.
-        for (_, s) in served {
+        for (_, s) in runner.served {
             s.resign().await;
         }
     }
 }
 
+/// What every target's pass needs.
 struct Ctx {
     store: Store,
     settings: ConsumerSettings,
 }
 
-/// Brings the served targets in line with a configuration.
-async fn apply_config(
-    ctx: &Ctx,
-    factory: &ConsumerFactory,
-    cfg: &Config,
-    served: &mut BTreeMap<String, Served>,
-) {
-    let wanted: BTreeSet<&str> = cfg.targets.iter().map(|t| t.name.as_str()).collect();
-    let removed: Vec<String> = served
-        .keys()
-        .filter(|k| !wanted.contains(k.as_str()))
-        .cloned()
-        .collect();
-    for name in removed {
-        if let Some(mut s) = served.remove(&name) {
-            tracing::info!(target_name = %name, "target removed from the configuration; giving its nodes up");
-            s.give_all_up(ctx).await;
-            s.resign().await;
-        }
-    }
-    for t in &cfg.targets {
-        if served.get(&t.name).is_some_and(|s| s.target == *t) {
-            continue;
-        }
-        let consumer = match factory(t) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(target_name = %t.name, error = %e, "cannot set up the target's consumer");
+/// The runtime as the pass loop sees it.
+struct Runner {
+    ctx: Ctx,
+    factory: ConsumerFactory,
+    served: BTreeMap<String, Served>,
+}
+
+impl PassRunner for Runner {
+    type Fatal = std::convert::Infallible;
+
+    async fn pass(&mut self) -> Result<Passed, Self::Fatal> {
+        for s in self.served.values_mut() {
+            if !s.ensure_elected(&self.ctx.store).await {
                 continue;
             }
-        };
-        match served.get_mut(&t.name) {
-            Some(s) => {
-                tracing::info!(target_name = %t.name, "target changed; its consumer adopts its nodes again");
-                s.target = t.clone();
-                s.consumer = consumer;
-                // The new consumer knows no agent: node_ready adopts them.
-                s.registered.clear();
-                s.failures.clear();
-                s.reconciled = false;
-            }
-            None => {
-                served.insert(t.name.clone(), Served::new(t.clone(), consumer));
+            if let Err(e) = s.pass(&self.ctx).await {
+                tracing::warn!(target_name = %s.target.name, error = %e, "consumer pass failed; retrying");
             }
         }
+        Ok(Passed::Completed)
+    }
+
+    async fn reload(&mut self, config: Arc<Config>) {
+        self.apply_config(&config).await;
     }
 }
 
-/// Registration failures of one node.
-#[derive(Clone, Copy, Debug)]
-struct Failures {
-    /// Failures that count towards giving the node up.
-    counted: u32,
-    /// Failures in a row, for the backoff.
-    in_a_row: u32,
-    /// No attempt before this.
-    next_attempt: Instant,
+impl Runner {
+    /// Brings the served targets in line with a configuration.
+    async fn apply_config(&mut self, cfg: &Config) {
+        let wanted: BTreeSet<&str> = cfg.targets.iter().map(|t| t.name.as_str()).collect();
+        let removed: Vec<String> = self
+            .served
+            .keys()
+            .filter(|k| !wanted.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(mut s) = self.served.remove(&name) {
+                tracing::info!(target_name = %name, "target removed from the configuration; giving its nodes up");
+                s.give_all_up(&self.ctx).await;
+                s.resign().await;
+            }
+        }
+        for t in &cfg.targets {
+            if self.served.get(&t.name).is_some_and(|s| s.target == *t) {
+                continue;
+            }
+            let consumer = match (self.factory)(t) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(target_name = %t.name, error = %e, "cannot set up the target's consumer");
+                    continue;
+                }
+            };
+            match self.served.get_mut(&t.name) {
+                Some(s) => {
+                    tracing::info!(target_name = %t.name, "target changed; its consumer adopts its nodes again");
+                    s.target = t.clone();
+                    s.consumer = consumer;
+                    // The new consumer knows no agent: node_ready adopts them.
+                    s.memory.registered.clear();
+                    s.memory.failures.clear();
+                    s.memory.reconciled = false;
+                }
+                None => {
+                    self.served
+                        .insert(t.name.clone(), Served::new(t.clone(), consumer));
+                }
+            }
+        }
+    }
 }
 
 /// One target being served.
 struct Served {
     target: Target,
     consumer: Arc<dyn NodeConsumer>,
+    /// `jenkins:<target>`.
     id: String,
     election: Option<LockGuard>,
-    /// Nodes `node_ready` accepted.
-    registered: BTreeSet<String>,
-    failures: BTreeMap<String, Failures>,
-    /// Outcomes reported by the consumer and not yet written.
-    outcomes: BTreeMap<String, NodeOutcome>,
-    /// Nodes whose `node_gone` is still to be delivered.
-    gone: BTreeSet<String>,
-    /// Labels whose last request failed, and when to ask again.
-    label_backoff: BTreeMap<String, Instant>,
-    /// Whether `reconcile` ran since the target was taken or rebuilt.
-    reconciled: bool,
+    memory: TargetMemory,
     /// Whether "another runtime serves it" was logged.
     told_not_elected: bool,
 }
@@ -275,12 +291,7 @@ impl Served {
             target,
             consumer,
             election: None,
-            registered: BTreeSet::new(),
-            failures: BTreeMap::new(),
-            outcomes: BTreeMap::new(),
-            gone: BTreeSet::new(),
-            label_backoff: BTreeMap::new(),
-            reconciled: false,
+            memory: TargetMemory::default(),
             told_not_elected: false,
         }
     }
@@ -296,8 +307,8 @@ impl Served {
             tracing::warn!(target_name = %self.target.name, "lost the target's lock (session); taking it again");
             self.election = None;
             // Whoever serves it next adopts the nodes; forget ours.
-            self.registered.clear();
-            self.failures.clear();
+            self.memory.registered.clear();
+            self.memory.failures.clear();
         }
         match store
             .lock(
@@ -310,7 +321,7 @@ impl Served {
                 tracing::info!(target_name = %self.target.name, "serving target");
                 self.election = Some(g);
                 self.told_not_elected = false;
-                self.reconciled = false;
+                self.memory.reconciled = false;
                 true
             }
             Err(StoreError::Locked { .. }) => {
@@ -335,342 +346,6 @@ impl Served {
         }
     }
 
-    /// One pass: take fulfilled requests, register new nodes, collect
-    /// finished ones, remove gone agents, top up min-ready.
-    async fn pass(&mut self, ctx: &Ctx) -> Result<(), StoreError> {
-        let requestor = Requestor::new(ctx.store.clone(), self.id.clone())
-            .with_node_lock_timeout(ctx.settings.node_lock_timeout);
-
-        // 1. Our requests: take fulfilled ones, drop failed ones, count the rest.
-        let mut outstanding: BTreeMap<String, usize> = BTreeMap::new();
-        for r in ctx.store.list_requests().await?.records {
-            if r.request.requestor.as_deref() != Some(self.id.as_str()) {
-                continue;
-            }
-            match r.request.state {
-                RequestState::Fulfilled => self.take(ctx, &requestor, &r.id, &r.request).await,
-                RequestState::Failed => {
-                    tracing::warn!(target_name = %self.target.name, request = %r.id, labels = ?r.request.node_types, "node request failed (no launcher can serve it); withdrawing it");
-                    let again = Instant::now() + ctx.settings.failed_request_backoff;
-                    for l in &r.request.node_types {
-                        self.label_backoff.insert(l.clone(), again);
-                    }
-                    if let Err(e) = requestor.cancel(&r.id).await {
-                        tracing::warn!(request = %r.id, error = %e, "cannot withdraw the failed request");
-                    }
-                }
-                _ => {
-                    for l in &r.request.node_types {
-                        *outstanding.entry(l.clone()).or_default() += 1;
-                    }
-                }
-            }
-        }
-
-        // 2. Our nodes, as the store has them now.
-        let listing = ctx.store.list_nodes().await?;
-        let ours: BTreeMap<&str, &NodeRecord> = listing
-            .records
-            .iter()
-            .filter(|r| {
-                r.node.state == NodeState::Ready
-                    && r.node.allocated_to.as_deref() == Some(self.id.as_str())
-            })
-            .map(|r| (r.id.as_str(), r))
-            .collect();
-        let known: BTreeSet<String> = self
-            .registered
-            .iter()
-            .chain(self.failures.keys())
-            .chain(self.outcomes.keys())
-            .cloned()
-            .collect();
-        for id in known {
-            if !ours.contains_key(id.as_str()) {
-                tracing::info!(target_name = %self.target.name, node = %id, "node left the target (deleted or taken back)");
-                self.registered.remove(&id);
-                self.failures.remove(&id);
-                self.outcomes.remove(&id);
-                self.gone.insert(id);
-            }
-        }
-
-        // Once per election or consumer: drop what belongs to nodes that
-        // went while nobody served the target.
-        if !self.reconciled {
-            let live: Vec<String> = ours.keys().map(|id| (*id).to_owned()).collect();
-            match self.consumer.reconcile(&live).await {
-                Ok(()) => self.reconciled = true,
-                Err(e) => {
-                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot reconcile the target with its nodes; retrying")
-                }
-            }
-        }
-
-        // 3. Register new nodes.
-        let mut given_up: BTreeSet<String> = BTreeSet::new();
-        for (id, rec) in &ours {
-            if self.registered.contains(*id) {
-                continue;
-            }
-            if self
-                .failures
-                .get(*id)
-                .is_some_and(|f| Instant::now() < f.next_attempt)
-            {
-                continue;
-            }
-            match self.consumer.node_ready(id, &rec.node).await {
-                Ok(()) => {
-                    tracing::info!(target_name = %self.target.name, node = %id, "node handed to the target");
-                    self.failures.remove(*id);
-                    self.registered.insert((*id).to_owned());
-                }
-                Err(e) => {
-                    if self.registration_failed(ctx, id, &e) {
-                        given_up.insert((*id).to_owned());
-                    }
-                }
-            }
-        }
-        for id in given_up {
-            self.failures.remove(&id);
-            self.outcomes.insert(id.clone(), NodeOutcome::Used);
-            // A half-made agent may exist.
-            self.gone.insert(id);
-        }
-
-        // 4. Finished nodes.
-        match self.consumer.finished_nodes().await {
-            Ok(finished) => {
-                for f in finished {
-                    self.outcomes.insert(f.node_id, f.outcome);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(target_name = %self.target.name, error = %e, "cannot ask the target which nodes are done");
-            }
-        }
-
-        // 5. Write outcomes.
-        let mut held_now: BTreeMap<String, usize> = BTreeMap::new();
-        let mut finished_now: BTreeSet<String> = BTreeSet::new();
-        let outcomes = std::mem::take(&mut self.outcomes);
-        for (id, outcome) in outcomes {
-            if !ours.contains_key(id.as_str()) {
-                continue;
-            }
-            match self
-                .finish(ctx, &id, &outcome, &listing.records, &mut held_now)
-                .await
-            {
-                Ok(()) => {
-                    self.registered.remove(&id);
-                    finished_now.insert(id.clone());
-                    self.gone.insert(id);
-                }
-                Err(e) => {
-                    tracing::warn!(target_name = %self.target.name, node = %id, error = %e, "cannot write the node's outcome; retrying");
-                    self.outcomes.insert(id, outcome);
-                }
-            }
-        }
-
-        // 6. Remove agents of nodes that are gone.
-        self.deliver_gone().await;
-
-        // 7. min-ready: idle nodes and outstanding requests per label.
-        let busy: BTreeSet<String> = self.consumer.busy_nodes().into_iter().collect();
-        let now = Instant::now();
-        self.label_backoff.retain(|_, until| *until > now);
-        for (label, min_ready) in self.consumer.wants() {
-            if self.label_backoff.contains_key(&label) {
-                continue;
-            }
-            let idle = ours
-                .iter()
-                .filter(|(id, rec)| {
-                    rec.node.node_type.contains(&label)
-                        && !busy.contains(**id)
-                        && !self.outcomes.contains_key(**id)
-                        && !finished_now.contains(**id)
-                })
-                .count()
-                + outstanding.get(&label).copied().unwrap_or(0);
-            for _ in idle..min_ready as usize {
-                match requestor
-                    .submit(&NewRequest::new(vec![label.clone()]))
-                    .await
-                {
-                    Ok(rid) => {
-                        tracing::debug!(target_name = %self.target.name, %label, request = %rid, "requested a node")
-                    }
-                    Err(e) => {
-                        tracing::warn!(target_name = %self.target.name, %label, error = %e, "cannot request a node");
-                        break;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Records a failed registration; returns whether to give the node up.
-    fn registration_failed(&mut self, ctx: &Ctx, id: &str, e: &ConsumerError) -> bool {
-        let s = &ctx.settings;
-        // Failures of the whole target do not count against the node: a
-        // Jenkins outage or a refused token would otherwise delete the pool.
-        let counts = !matches!(
-            e,
-            ConsumerError::Transient(_) | ConsumerError::Unauthenticated(_)
-        );
-        let f = self.failures.entry(id.to_owned()).or_insert(Failures {
-            counted: 0,
-            in_a_row: 0,
-            next_attempt: Instant::now(),
-        });
-        f.in_a_row += 1;
-        if counts {
-            f.counted += 1;
-        }
-        if counts && f.counted >= s.registration_attempts {
-            tracing::warn!(target_name = %self.target.name, node = %id, error = %e, attempts = f.counted, "cannot register the node; giving it up");
-            return true;
-        }
-        let factor = 2u32.saturating_pow(f.in_a_row.saturating_sub(1).min(16));
-        let wait = s
-            .registration_backoff
-            .saturating_mul(factor)
-            .min(s.max_registration_backoff);
-        f.next_attempt = Instant::now() + wait;
-        tracing::warn!(target_name = %self.target.name, node = %id, error = %e, retry_in = ?wait, "cannot register the node; retrying");
-        false
-    }
-
-    /// Accepts a fulfilled request and re-allocates its nodes to the target.
-    async fn take(
-        &mut self,
-        ctx: &Ctx,
-        requestor: &Requestor,
-        request_id: &str,
-        request: &crate::model::NodeRequest,
-    ) {
-        let set = match requestor.accept(request_id, request).await {
-            Ok(set) => set,
-            Err(e) => {
-                // accept deleted the request; min-ready asks again.
-                tracing::warn!(target_name = %self.target.name, request = %request_id, error = %e, "cannot take the request's nodes");
-                return;
-            }
-        };
-        for mut n in set.nodes {
-            n.node.allocated_to = Some(self.id.clone());
-            let result = if n.lock.wait_held().await {
-                ctx.store.store_node(&n.id, &n.node).await.map(|_| ())
-            } else {
-                Err(StoreError::SessionLost)
-            };
-            match result {
-                Ok(()) => {
-                    tracing::debug!(target_name = %self.target.name, node = %n.id, "node allocated to the target")
-                }
-                // Still allocated to the deleted request: the launcher
-                // deallocates it and min-ready asks again.
-                Err(e) => {
-                    tracing::warn!(target_name = %self.target.name, node = %n.id, error = %e, "cannot allocate the node to the target")
-                }
-            }
-            if let Err(e) = n.lock.release().await {
-                tracing::warn!(node = %n.id, error = %e, "cannot unlock node");
-            }
-        }
-    }
-
-    /// Writes a node's outcome under its lock: `used`, or `hold` if its job
-    /// hold rule has room.
-    async fn finish(
-        &self,
-        ctx: &Ctx,
-        id: &str,
-        outcome: &NodeOutcome,
-        all: &[NodeRecord],
-        held_now: &mut BTreeMap<String, usize>,
-    ) -> Result<(), StoreError> {
-        let lock = ctx
-            .store
-            .lock_node(id, LockWait::Timeout(ctx.settings.node_lock_timeout))
-            .await?;
-        let result = async {
-            let Some(mut current) = ctx.store.get_node(id).await? else {
-                return Ok(());
-            };
-            let node = &mut current.value;
-            if node.state != NodeState::Ready || node.allocated_to.as_deref() != Some(&self.id) {
-                // Someone else decided (an operator's hold or delete).
-                return Ok(());
-            }
-            let now = ctx.settings.clock.now();
-            match self.hold_decision(ctx, outcome, all, held_now).await? {
-                Some((comment, job)) => {
-                    tracing::info!(target_name = %self.target.name, node = %id, job = ?job, "holding the node");
-                    node.set_state(NodeState::Hold, now);
-                    node.comment = Some(comment);
-                    node.hold_job = job;
-                }
-                None => {
-                    tracing::info!(target_name = %self.target.name, node = %id, "node used; the launcher deletes it");
-                    node.set_state(NodeState::Used, now);
-                }
-            }
-            if !lock.wait_held().await {
-                return Err(StoreError::SessionLost);
-            }
-            ctx.store.store_node(id, node).await.map(|_| ())
-        }
-        .await;
-        let _ = lock.release().await;
-        result
-    }
-
-    /// Whether to hold: the comment and the job, or `None` for `used`.
-    async fn hold_decision(
-        &self,
-        ctx: &Ctx,
-        outcome: &NodeOutcome,
-        all: &[NodeRecord],
-        held_now: &mut BTreeMap<String, usize>,
-    ) -> Result<Option<(String, Option<String>)>, StoreError> {
-        let NodeOutcome::Hold { comment, job } = outcome else {
-            return Ok(None);
-        };
-        let Some(job) = job else {
-            return Ok(Some((comment.clone(), None)));
-        };
-        let Some(rule) = ctx.store.get_job_hold(job).await? else {
-            return Ok(None);
-        };
-        let held =
-            held_for(job, all.iter().map(|r| &*r.node)) + held_now.get(job).copied().unwrap_or(0);
-        if held >= rule.hold_on_failure as usize {
-            tracing::info!(target_name = %self.target.name, %job, held, "the job's hold rule is full; deleting the node");
-            return Ok(None);
-        }
-        *held_now.entry(job.clone()).or_default() += 1;
-        Ok(Some((comment.clone(), Some(job.clone()))))
-    }
-
-    async fn deliver_gone(&mut self) {
-        for id in std::mem::take(&mut self.gone) {
-            match self.consumer.node_gone(&id).await {
-                Ok(()) | Err(ConsumerError::NotFound(_)) => {}
-                Err(e) => {
-                    tracing::warn!(target_name = %self.target.name, node = %id, error = %e, "cannot remove the node from the target; retrying");
-                    self.gone.insert(id);
-                }
-            }
-        }
-    }
-
     /// The target was removed: its nodes become `used` and its agents go.
     async fn give_all_up(&mut self, ctx: &Ctx) {
         let Some(g) = &self.election else {
@@ -679,29 +354,20 @@ impl Served {
         if !g.wait_held().await {
             return;
         }
-        let records = match ctx.store.list_nodes().await {
+        let nodes = match ctx.store.list_nodes().await {
             Ok(l) => l.records,
             Err(e) => {
                 tracing::warn!(target_name = %self.target.name, error = %e, "cannot list the target's nodes");
                 return;
             }
         };
-        let mut held_now = BTreeMap::new();
-        for rec in &records {
-            if rec.node.allocated_to.as_deref() != Some(self.id.as_str())
-                || rec.node.state != NodeState::Ready
-            {
-                continue;
-            }
-            if let Err(e) = self
-                .finish(ctx, &rec.id, &NodeOutcome::Used, &records, &mut held_now)
-                .await
-            {
-                tracing::warn!(node = %rec.id, error = %e, "cannot give the node up");
-            }
-            self.gone.insert(rec.id.clone());
-        }
-        self.deliver_gone().await;
+        let snapshot = TargetSnapshot {
+            id: self.id.clone(),
+            nodes,
+            ..TargetSnapshot::default()
+        };
+        let actions = plan_give_up(&snapshot, &self.memory);
+        self.execute(ctx, &snapshot, actions).await;
     }
 }
 

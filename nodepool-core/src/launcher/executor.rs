@@ -4,8 +4,9 @@
 //! (another launcher won the lock, the request changed underneath), the
 //! rest of that request's actions are skipped — the next pass re-plans
 //! from the new state. Every write is version-checked or made under the
-//! record's lock. Launches and deletions become tasks holding the node
-//! lock.
+//! record's lock, through the store's lock combinators
+//! ([`Store::with_locked`] and its parts). Launches and deletions become
+//! tasks holding the node lock.
 
 use super::tasks::{self, LaunchJob};
 use std::collections::{BTreeMap, HashMap};
@@ -22,12 +23,48 @@ use crate::model::{
 };
 use crate::planner::PoolKey;
 use crate::planner::{Action, DeleteReason, LaunchImage, Plan, Snapshot};
-use crate::store::{LockGuard, LockWait, Store, StoreError, paths};
+use crate::store::{
+    Decision, LockGuard, LockOf, LockWait, RecordKey, Store, StoreError, Versioned, paths,
+};
 
-type Failure = String;
-
-fn err(e: impl std::fmt::Display) -> Failure {
-    e.to_string()
+/// Why an action was not carried out: mostly, the state moved on since
+/// the snapshot (another launcher won a lock, Zuul withdrew a request).
+/// Either way the next pass re-plans from the new state.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ActionError {
+    /// The store refused or failed.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The plan named a pool this launcher no longer has.
+    #[error("unknown pool {0}")]
+    UnknownPool(PoolKey),
+    /// The plan named a provider this launcher could not set up.
+    #[error("provider {0} is not available")]
+    NoProvider(String),
+    /// The label is gone from the pool's configuration.
+    #[error("label no longer configured")]
+    LabelGone,
+    /// The request is not held by this launcher.
+    #[error("request not held")]
+    NotHeld,
+    /// The request record is gone.
+    #[error("request vanished")]
+    RequestVanished,
+    /// The request was taken or changed before we could accept or fail it.
+    #[error("request no longer waiting")]
+    RequestNotWaiting,
+    /// The request left `pending` under us.
+    #[error("request is not pending")]
+    RequestNotPending,
+    /// The node record is gone.
+    #[error("node vanished")]
+    NodeVanished,
+    /// The node was allocated or changed state before we could allocate it.
+    #[error("node no longer free")]
+    NodeTaken,
+    /// The node no longer meets the reason it was to be deleted for.
+    #[error("node changed")]
+    NodeChanged,
 }
 
 /// What executing actions needs; cheap to clone, shared by concurrent groups.
@@ -123,34 +160,37 @@ fn action_name(a: &Action) -> &'static str {
     }
 }
 
-async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(), Failure> {
+async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(), ActionError> {
     let store = rt.shared.store.clone();
     let clock = rt.shared.settings.clock;
     let now = || clock.now();
     match action {
         Action::Accept { request, pool } => {
             let Some(our_id) = rt.pool_ids.get(pool).cloned() else {
-                return Err("unknown pool".into());
+                return Err(ActionError::UnknownPool(pool.clone()));
             };
-            let guard = store
-                .lock_request(request, LockWait::NonBlocking)
-                .await
-                .map_err(err)?;
-            let Some(cur) = store.get_request(request).await.map_err(err)? else {
-                let _ = guard.release().await;
-                return Err("request vanished".into());
+            let guard = store.lock_request(request, LockWait::NonBlocking).await?;
+            let accepted = update_request(&store, &guard, request, |cur| {
+                let Some(cur) = cur else {
+                    return Decision::Leave(Err(ActionError::RequestVanished));
+                };
+                let mut req = cur.value;
+                if req.state != RequestState::Requested || req.declined_by.contains(&our_id) {
+                    return Decision::Leave(Err(ActionError::RequestNotWaiting));
+                }
+                req.set_state(RequestState::Pending, now());
+                let labels = req.node_types.clone();
+                Decision::Write(req, Ok(labels))
+            })
+            .await;
+            let labels = match accepted {
+                Ok(labels) => labels,
+                Err(e) => {
+                    guard.release_logged().await;
+                    return Err(e);
+                }
             };
-            let mut req = cur.value;
-            if req.state != RequestState::Requested || req.declined_by.contains(&our_id) {
-                let _ = guard.release().await;
-                return Err("request no longer waiting".into());
-            }
-            req.set_state(RequestState::Pending, now());
-            if let Err(e) = store.update_request(request, &req, cur.version).await {
-                let _ = guard.release().await;
-                return Err(err(e));
-            }
-            tracing::info!(request = %request, pool = %pool, labels = ?req.node_types, "request accepted");
+            tracing::info!(request = %request, pool = %pool, labels = ?labels, "request accepted");
             rt.owned().insert(
                 request.clone(),
                 Owned {
@@ -176,102 +216,95 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             let held = rt.owned().remove(request);
             let guard = match held {
                 Some(o) => o.guard,
-                None => store
-                    .lock_request(request, LockWait::NonBlocking)
-                    .await
-                    .map_err(err)?,
+                None => store.lock_request(request, LockWait::NonBlocking).await?,
             };
-            let result = async {
-                let Some(cur) = store.get_request(request).await.map_err(err)? else {
-                    return Ok(());
+            let declined = update_request(&store, &guard, request, |cur| {
+                let Some(cur) = cur.filter(|c| super::is_open(c.value.state)) else {
+                    return Decision::Leave(Ok(false));
                 };
                 let mut req = cur.value;
-                if !super::is_open(req.state) {
-                    return Ok(());
-                }
                 for id in by {
                     if !req.declined_by.contains(id) {
                         req.declined_by.push(id.clone());
                     }
                 }
-                let state = if *fail { RequestState::Failed } else { RequestState::Requested };
+                let state = if *fail {
+                    RequestState::Failed
+                } else {
+                    RequestState::Requested
+                };
                 req.nodes.clear();
                 req.set_state(state, now());
-                store.update_request(request, &req, cur.version).await.map_err(err)?;
+                Decision::Write(req, Ok(true))
+            })
+            .await;
+            guard.release_logged().await;
+            if declined? {
                 if *fail {
                     tracing::info!(request = %request, reason = %reason, "request failed: every pool declined");
                 } else {
                     tracing::info!(request = %request, reason = %reason, "request declined");
                 }
-                Ok(())
             }
-            .await;
-            let _ = guard.release().await;
-            result
+            Ok(())
         }
         Action::Fail { request, reason } => {
-            let guard = store
-                .lock_request(request, LockWait::NonBlocking)
-                .await
-                .map_err(err)?;
-            let result = async {
-                let Some(cur) = store.get_request(request).await.map_err(err)? else {
-                    return Ok(());
-                };
-                let mut req = cur.value;
-                if req.state != RequestState::Requested {
-                    return Err("request no longer waiting".to_string());
-                }
-                req.set_state(RequestState::Failed, now());
-                store
-                    .update_request(request, &req, cur.version)
-                    .await
-                    .map_err(err)?;
+            let failed = store
+                .with_locked(
+                    LockOf::Request(request),
+                    LockWait::NonBlocking,
+                    &RecordKey::request(request),
+                    |cur| {
+                        let Some(cur) = cur else {
+                            return Decision::Leave(Ok(false));
+                        };
+                        let mut req = cur.value;
+                        if req.state != RequestState::Requested {
+                            return Decision::Leave(Err(ActionError::RequestNotWaiting));
+                        }
+                        req.set_state(RequestState::Failed, now());
+                        Decision::Write(req, Ok(true))
+                    },
+                )
+                .await??;
+            if failed {
                 tracing::info!(request = %request, reason = %reason, "request failed");
-                Ok(())
             }
-            .await;
-            let _ = guard.release().await;
-            result
+            Ok(())
         }
         Action::Allocate { request, node } => {
             if !rt.owned().contains_key(request) {
-                return Err("request not held".into());
+                return Err(ActionError::NotHeld);
             }
             let req = snapshot
                 .requests
                 .iter()
                 .find(|r| &r.id == request)
                 .map(|r| r.request.clone());
-            let guard = store
-                .lock_node(node, LockWait::NonBlocking)
-                .await
-                .map_err(err)?;
-            let result = async {
-                let cur = store
-                    .get_node(node)
-                    .await
-                    .map_err(err)?
-                    .ok_or("node vanished")?;
-                let mut n = cur.value;
-                if n.state != NodeState::Ready || n.allocated_to.is_some() {
-                    return Err("node no longer free".to_string());
-                }
-                n.allocated_to = Some(request.clone());
-                if let Some(r) = &req {
-                    n.tenant_name = r.tenant_name.clone();
-                    n.requestor = r.requestor.clone();
-                }
-                store
-                    .update_node(node, &n, cur.version)
-                    .await
-                    .map_err(err)?;
-                tracing::debug!(request = %request, node = %node, "ready node allocated");
-                Ok(())
-            }
-            .await;
-            let _ = guard.release().await;
-            result
+            store
+                .with_locked(
+                    LockOf::Node(node),
+                    LockWait::NonBlocking,
+                    &RecordKey::node(node),
+                    |cur| {
+                        let Some(cur) = cur else {
+                            return Decision::Leave(Err(ActionError::NodeVanished));
+                        };
+                        let mut n = cur.value;
+                        if n.state != NodeState::Ready || n.allocated_to.is_some() {
+                            return Decision::Leave(Err(ActionError::NodeTaken));
+                        }
+                        n.allocated_to = Some(request.clone());
+                        if let Some(r) = &req {
+                            n.tenant_name = r.tenant_name.clone();
+                            n.requestor = r.requestor.clone();
+                        }
+                        Decision::Write(n, Ok(()))
+                    },
+                )
+                .await??;
+            tracing::debug!(request = %request, node = %node, "ready node allocated");
+            Ok(())
         }
         Action::Launch {
             request,
@@ -282,10 +315,10 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             resources,
         } => {
             if !rt.owned().contains_key(request) {
-                return Err("request not held".into());
+                return Err(ActionError::NotHeld);
             }
             let Some(handle) = rt.providers.get(&pool.provider).cloned() else {
-                return Err(format!("provider {} is not available", pool.provider));
+                return Err(ActionError::NoProvider(pool.provider.clone()));
             };
             let req = snapshot
                 .requests
@@ -319,19 +352,19 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                 node.attributes = Some(crate::model::Json::encode(attrs));
             }
             fill_image_fields(&cfg, &pool.provider, image, &mut node);
-            let id = store.create_node(&node).await.map_err(err)?;
+            let id = store.create_node(&node).await?;
             // Create, then lock, then `building`: an unlocked `init` node is
             // left alone by cleanup, an unlocked `building` one is deleted.
-            let guard = store
-                .lock_node(&id, LockWait::NonBlocking)
-                .await
-                .map_err(err)?;
+            let guard = store.lock_node(&id, LockWait::NonBlocking).await?;
             node.set_state(NodeState::Building, now());
-            let version = match store.update_node(&id, &node, 0).await {
+            let written = store
+                .write_locked(&guard, &RecordKey::node(&id), &node, Some(0))
+                .await;
+            let version = match written {
                 Ok(v) => v,
                 Err(e) => {
-                    let _ = guard.release().await;
-                    return Err(err(e));
+                    guard.release_logged().await;
+                    return Err(e.into());
                 }
             };
             let Some((spec, host_key_checking, console_log)) = tasks::instance_spec(
@@ -343,8 +376,8 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                 &id,
                 (request, req.as_deref()),
             ) else {
-                let _ = guard.release().await;
-                return Err("label no longer configured".into());
+                guard.release_logged().await;
+                return Err(ActionError::LabelGone);
             };
             let job = LaunchJob {
                 node_id: id,
@@ -362,62 +395,49 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
         }
         Action::Fulfill { request, nodes } => {
             let Some(owned) = rt.owned().remove(request) else {
-                return Err("request not held".into());
+                return Err(ActionError::NotHeld);
             };
-            let result = async {
-                let cur = store
-                    .get_request(request)
-                    .await
-                    .map_err(err)?
-                    .ok_or("request vanished")?;
+            let fulfilled = update_request(&store, &owned.guard, request, |cur| {
+                let Some(cur) = cur else {
+                    return Decision::Leave(Err(ActionError::RequestVanished));
+                };
                 let mut req = cur.value;
                 if req.state != RequestState::Pending {
-                    return Err("request is not pending".to_string());
+                    return Decision::Leave(Err(ActionError::RequestNotPending));
                 }
                 req.nodes = nodes.clone();
                 req.set_state(RequestState::Fulfilled, now());
-                store
-                    .update_request(request, &req, cur.version)
-                    .await
-                    .map_err(err)?;
-                tracing::info!(request = %request, nodes = ?nodes, "request fulfilled");
-                Ok(())
-            }
+                Decision::Write(req, Ok(()))
+            })
             .await;
-            let _ = owned.guard.release().await;
-            result
+            owned.guard.release_logged().await;
+            fulfilled?;
+            tracing::info!(request = %request, nodes = ?nodes, "request fulfilled");
+            Ok(())
         }
         Action::Release { request } => {
             let held = rt.owned().remove(request);
             if let Some(o) = held {
-                let _ = o.guard.release().await;
+                o.guard.release_logged().await;
             }
             Ok(())
         }
         Action::HandBack { request, reason } => {
             // Taken out first: the map's lock must not be held across an await.
             let Some(o) = rt.owned().remove(request) else {
-                return Err("request not held".into());
+                return Err(ActionError::NotHeld);
             };
             tracing::info!(request = %request, pool = %o.pool, %reason, "giving a request back: its provider is unavailable");
-            hand_back(&store, request, o.guard, clock)
-                .await
-                .map_err(err)
+            Ok(hand_back(&store, request, o.guard, clock).await?)
         }
         Action::ResetLost { request } => {
-            let guard = store
-                .lock_request(request, LockWait::NonBlocking)
-                .await
-                .map_err(err)?;
-            hand_back(&store, request, guard, clock).await.map_err(err)
+            let guard = store.lock_request(request, LockWait::NonBlocking).await?;
+            Ok(hand_back(&store, request, guard, clock).await?)
         }
         Action::CreateMinReady { label } => {
             let mut req = NodeRequest::new(vec![label.clone()], MIN_READY_REQUESTOR, now());
             req.reuse = false;
-            store
-                .submit_request(&req, MIN_READY_PRIORITY, true)
-                .await
-                .map_err(err)?;
+            store.submit_request(&req, MIN_READY_PRIORITY, true).await?;
             Ok(())
         }
         Action::CompleteMinReady { request } => {
@@ -428,17 +448,22 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                     tracing::debug!(node = %rec.id, error = %e, "could not give a node back");
                 }
             }
-            store.delete_request(request).await.map_err(err)
+            Ok(store.delete_request(request).await?)
         }
         Action::Deallocate { node } => deallocate_node(&store, node, None, clock).await,
         Action::DeleteNode { node, reason } => {
-            let guard = store
-                .lock_node(node, LockWait::NonBlocking)
-                .await
-                .map_err(err)?;
-            let Some(cur) = store.get_node(node).await.map_err(err)? else {
-                guard.forget();
-                return Ok(());
+            let guard = store.lock_node(node, LockWait::NonBlocking).await?;
+            let cur = match store.read(&RecordKey::node(node)).await {
+                Ok(Some(cur)) => cur,
+                Ok(None) => {
+                    // The lock directory went with the record.
+                    guard.forget();
+                    return Ok(());
+                }
+                Err(e) => {
+                    guard.release_logged().await;
+                    return Err(e.into());
+                }
             };
             // Re-check under the lock: the node may have been taken meanwhile.
             let still = match reason {
@@ -450,8 +475,8 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                 DeleteReason::Unlocked => cur.value.state.deletable_when_unlocked(),
             };
             if !still {
-                let _ = guard.release().await;
-                return Err("node changed".into());
+                guard.release_logged().await;
+                return Err(ActionError::NodeChanged);
             }
             let provider = rt.providers.get(&cur.value.provider).cloned();
             let shared = rt.shared.clone();
@@ -464,18 +489,16 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             Ok(())
         }
         Action::DeleteRequestLockDir { request } => {
-            store.delete_request_lock_dir(request).await.map_err(err)
+            Ok(store.delete_request_lock_dir(request).await?)
         }
         Action::DeleteEmptyNode { node } => {
             let path = paths::node(node);
-            match store.backend().get(&path).await.map_err(err)? {
+            match store.backend().get(&path).await? {
                 Some((data, stat)) if data.is_empty() => {
                     match store.backend().delete(&path, Some(stat.version)).await {
                         Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
-                        Err(StoreError::NotEmpty { .. }) => {
-                            store.delete_node(node).await.map_err(err)
-                        }
-                        Err(e) => Err(err(e)),
+                        Err(StoreError::NotEmpty { .. }) => Ok(store.delete_node(node).await?),
+                        Err(e) => Err(e.into()),
                     }
                 }
                 _ => Ok(()),
@@ -486,7 +509,7 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             external_id,
         } => {
             let Some(h) = rt.providers.get(provider).cloned() else {
-                return Err("provider gone".into());
+                return Err(ActionError::NoProvider(provider.clone()));
             };
             let shared = rt.shared.clone();
             let ext = external_id.clone();
@@ -560,37 +583,49 @@ async fn deallocate_node(
     node: &str,
     request: Option<&String>,
     clock: Clock,
-) -> Result<(), Failure> {
-    let guard = store
-        .lock_node(node, LockWait::NonBlocking)
-        .await
-        .map_err(err)?;
-    let result = async {
-        let Some(cur) = store.get_node(node).await.map_err(err)? else {
-            return Ok(());
-        };
-        let mut n = cur.value;
-        if n.allocated_to.is_none() || request.is_some_and(|r| n.allocated_to.as_ref() != Some(r)) {
-            return Ok(());
-        }
-        match n.state {
-            NodeState::Ready => {
-                n.allocated_to = None;
-                n.tenant_name = None;
-            }
-            // A launch that never started: delete it.
-            NodeState::Init => n.set_state(NodeState::Deleting, clock.now()),
-            _ => return Ok(()),
-        }
-        store
-            .update_node(node, &n, cur.version)
-            .await
-            .map_err(err)?;
-        Ok(())
-    }
-    .await;
-    let _ = guard.release().await;
-    result
+) -> Result<(), ActionError> {
+    store
+        .with_locked(
+            LockOf::Node(node),
+            LockWait::NonBlocking,
+            &RecordKey::node(node),
+            |cur| {
+                let Some(cur) = cur else {
+                    return Decision::Leave(());
+                };
+                let mut n = cur.value;
+                if n.allocated_to.is_none()
+                    || request.is_some_and(|r| n.allocated_to.as_ref() != Some(r))
+                {
+                    return Decision::Leave(());
+                }
+                match n.state {
+                    NodeState::Ready => {
+                        n.allocated_to = None;
+                        n.tenant_name = None;
+                    }
+                    // A launch that never started: delete it.
+                    NodeState::Init => n.set_state(NodeState::Deleting, clock.now()),
+                    _ => return Decision::Leave(()),
+                }
+                Decision::Write(n, ())
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// Reads a request under a lock this launcher holds, lets `decide` check
+/// it, and writes what it decided.
+async fn update_request<T>(
+    store: &Store,
+    guard: &LockGuard,
+    request: &str,
+    decide: impl FnOnce(Option<Versioned<NodeRequest>>) -> Decision<NodeRequest, Result<T, ActionError>>,
+) -> Result<T, ActionError> {
+    store
+        .update_locked(guard, &RecordKey::request(request), decide)
+        .await?
 }
 
 /// Returns a held (or lost) request to the queue: its ready nodes go back
@@ -602,8 +637,9 @@ pub(crate) async fn hand_back(
     guard: LockGuard,
     clock: Clock,
 ) -> Result<(), StoreError> {
+    let key = RecordKey::request(request);
     let result = async {
-        let Some(cur) = store.get_request(request).await? else {
+        let Some(cur) = store.read(&key).await? else {
             return Ok(());
         };
         let mut req = cur.value;
@@ -618,11 +654,13 @@ pub(crate) async fn hand_back(
         }
         req.nodes.clear();
         req.set_state(RequestState::Requested, clock.now());
-        store.update_request(request, &req, cur.version).await?;
+        store
+            .write_locked(&guard, &key, &req, Some(cur.version))
+            .await?;
         tracing::info!(request = %request, "request handed back to the queue");
         Ok(())
     }
     .await;
-    let _ = guard.release().await;
+    guard.release_logged().await;
     result
 }

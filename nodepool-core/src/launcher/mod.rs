@@ -9,9 +9,10 @@
 //! files and web endpoints belong to the binary.
 //!
 //! Each pass reads a snapshot (the stores keep caches fresh by watches),
-//! plans, and executes. Passes run when the store changes (a new request
-//! is picked up within milliseconds), when a task finishes, and at least
-//! every second for time-based rules.
+//! plans, and executes, on the [pass loop](crate::runtime) every runtime
+//! shares. Passes run when the store changes (a new request is picked up
+//! within milliseconds), when a task finishes, and at least every second
+//! for time-based rules; [`LauncherStatus::passes`] counts them.
 //!
 //! Layout: `providers` (clouds and their observers), [`health`] (a
 //! circuit breaker per cloud), `executor` (actions), `tasks` (launch and
@@ -34,12 +35,15 @@ use tokio_util::task::TaskTracker;
 
 pub use health::HealthPolicy;
 pub use metrics::Metrics;
-pub use providers::{ObserverIntervals, ProviderFactory};
+pub use providers::ObserverIntervals;
+// Shared by every runtime; re-exported where embedders have found them.
+pub use crate::runtime::{Clock, PassCounter, ProviderFactory};
 pub use tasks::delete_locked_node;
 
 use crate::config::Config;
-use crate::model::{Component, ComponentKind, ComponentState, NodeState, RequestState, epoch_now};
+use crate::model::{Component, ComponentKind, ComponentState, NodeState, RequestState};
 use crate::planner::{self, LocalState, PoolInfo, PoolKey, Snapshot};
+use crate::runtime::{PassRunner, Passed, Wakeups, run_passes};
 use crate::store::{ComponentRegistration, LockGuard, SessionState, Store, StoreError};
 use providers::ProviderHandle;
 
@@ -70,40 +74,6 @@ pub struct LauncherSettings {
     pub provider_health: HealthPolicy,
     /// Where "now" comes from.
     pub clock: Clock,
-}
-
-/// The launcher's notion of the current time (epoch seconds).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Clock {
-    /// The system clock.
-    System,
-    /// Epoch time advanced by tokio's clock from a start point, so tests on
-    /// tokio's paused clock see time-based rules (max-ready-age,
-    /// max-hold-age) fire as virtual time passes.
-    Tokio {
-        /// Epoch seconds at `start`.
-        epoch: f64,
-        /// The tokio instant the epoch was taken.
-        start: tokio::time::Instant,
-    },
-}
-
-impl Clock {
-    /// A tokio-driven clock starting now.
-    pub fn tokio() -> Self {
-        Clock::Tokio {
-            epoch: epoch_now(),
-            start: tokio::time::Instant::now(),
-        }
-    }
-
-    /// The current time in epoch seconds.
-    pub fn now(&self) -> f64 {
-        match self {
-            Clock::System => epoch_now(),
-            Clock::Tokio { epoch, start } => epoch + start.elapsed().as_secs_f64(),
-        }
-    }
 }
 
 impl Default for LauncherSettings {
@@ -149,6 +119,8 @@ pub struct LauncherStatus {
     pass_error: Mutex<Option<String>>,
     /// The providers that were unavailable at the last pass.
     unavailable: Mutex<Vec<UnavailableProvider>>,
+    /// Completed passes.
+    passes: PassCounter,
 }
 
 /// A provider the launcher stopped calling because its API kept failing.
@@ -239,6 +211,12 @@ impl LauncherStatus {
 
     fn set_pass_error(&self, e: Option<String>) {
         *self.pass_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// The launcher's completed passes: wait for some to see that
+    /// something did not happen.
+    pub fn passes(&self) -> &PassCounter {
+        &self.passes
     }
 
     /// How many configurations were applied (1 after start, +1 per reload).
@@ -399,49 +377,21 @@ impl Launcher {
             registry: (Vec::new(), tokio::time::Instant::now()),
         };
         rt.apply_config();
-        let mut events = self.store.backend().subscribe();
-        let mut session = self.store.backend().session();
-        let result = loop {
-            if shutdown.is_cancelled() {
-                break Ok(());
-            }
-            if let Err(e) = rt.ensure_registered().await {
-                tracing::warn!(error = %e, "registration failed; retrying");
-            }
-            match rt.pass().await {
-                Ok(()) => {}
-                Err(LauncherError::Store(err)) => {
-                    tracing::warn!(error = %err, "planning pass failed; retrying");
-                    self.status.set_pass_error(Some(err.to_string()));
-                }
-                Err(fatal) => break Err(fatal),
-            }
-            // Wait for something to happen: a store change, a task, a
-            // reload, a session change, or the periodic tick.
-            let tick = tokio::time::sleep(self.settings.max_pass_interval);
-            tokio::pin!(tick);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = &mut tick => {}
-                _ = shared.wake.notified() => {}
-                r = events.recv() => {
-                    if let Err(tokio::sync::broadcast::error::RecvError::Closed) = r {
-                        events = self.store.backend().subscribe();
-                    }
-                }
-                r = config.changed() => {
-                    if r.is_ok() {
-                        rt.config = config.borrow_and_update().clone();
-                        tracing::info!("configuration reloaded");
-                        rt.apply_config();
-                    }
-                }
-                _ = session.changed() => {}
-            }
-            // Coalesce a burst of events into one pass.
-            tokio::time::sleep(self.settings.min_pass_interval).await;
-            while events.try_recv().is_ok() {}
+        let wakeups = Wakeups {
+            max_interval: self.settings.max_pass_interval,
+            min_interval: self.settings.min_pass_interval,
+            store: Some(self.store.backend()),
+            relevant: Wakeups::any_path,
+            wake: Some(&shared.wake),
         };
+        let result = run_passes(
+            &mut rt,
+            wakeups,
+            &mut config,
+            &shutdown,
+            &self.status.passes,
+        )
+        .await;
         rt.shutdown().await;
         result
     }
@@ -678,7 +628,8 @@ impl Runtime {
         }
     }
 
-    async fn pass(&mut self) -> Result<(), LauncherError> {
+    /// Plans from a fresh snapshot and executes the plan.
+    async fn plan_and_execute(&mut self) -> Result<Passed, LauncherError> {
         if self
             .shared
             .store
@@ -689,7 +640,7 @@ impl Runtime {
             .is_none()
         {
             // Suspended or expired: do nothing that needs locks.
-            return Ok(());
+            return Ok(Passed::Skipped);
         }
         // Drop requests whose lock is gone with its session.
         self.owned_map().retain(|id, o| {
@@ -722,7 +673,7 @@ impl Runtime {
             .ready
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.update_report(&plan);
-        Ok(())
+        Ok(Passed::Completed)
     }
 
     /// Settles the servers that launches left behind (deletes the ones no
@@ -956,6 +907,30 @@ impl Runtime {
             let _ = store.unregister_component(&reg).await;
         }
         tracing::info!("launcher stopped");
+    }
+}
+
+impl PassRunner for Runtime {
+    type Fatal = LauncherError;
+
+    async fn pass(&mut self) -> Result<Passed, LauncherError> {
+        if let Err(e) = self.ensure_registered().await {
+            tracing::warn!(error = %e, "registration failed; retrying");
+        }
+        match self.plan_and_execute().await {
+            Err(LauncherError::Store(err)) => {
+                tracing::warn!(error = %err, "planning pass failed; retrying");
+                self.status.set_pass_error(Some(err.to_string()));
+                Ok(Passed::Skipped)
+            }
+            other => other,
+        }
+    }
+
+    async fn reload(&mut self, config: Arc<Config>) {
+        self.config = config;
+        tracing::info!("configuration reloaded");
+        self.apply_config();
     }
 }
 

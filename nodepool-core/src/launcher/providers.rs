@@ -23,11 +23,6 @@ use crate::planner::{ProviderOutage, ProviderView};
 use crate::provider::{Instance, Provider};
 use crate::store::NodeRecord;
 
-/// Builds a provider from its configuration (the daemon picks the backend:
-/// OpenStack, simulated, ...).
-pub type ProviderFactory =
-    Arc<dyn Fn(&ProviderConfig) -> Result<Arc<dyn Provider>, String> + Send + Sync>;
-
 /// How often the observer refreshes each kind of information.
 #[derive(Clone, Debug)]
 pub struct ObserverIntervals {

@@ -19,7 +19,7 @@ use crate::planner::{LaunchImage, PoolKey};
 use crate::provider::{
     ImageRef, InstanceSpec, META_GROUPS, META_NODE_ID, META_POOL, META_PROVIDER, ProviderError,
 };
-use crate::store::{LockGuard, StoreError};
+use crate::store::{LockGuard, RecordKey, StoreError};
 
 /// Everything a launch needs, prepared by the executor.
 pub(crate) struct LaunchJob {
@@ -358,7 +358,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             }
         }
     }
-    let _ = guard.release().await;
+    guard.release_logged().await;
     shared.wake.notify_one();
 }
 
@@ -381,10 +381,11 @@ async fn write_node(
     node: &Node,
     version: i32,
 ) -> Result<i32, AttemptError> {
-    if !guard.wait_held().await {
-        return Err(AttemptError::LockLost);
-    }
-    match shared.store.update_node(node_id, node, version).await {
+    let written = shared
+        .store
+        .write_locked(guard, &RecordKey::node(node_id), node, Some(version))
+        .await;
+    match written {
         Ok(v) => Ok(v),
         Err(_) if guard.is_lost() => Err(AttemptError::LockLost),
         Err(e) => Err(AttemptError::Store(format!(
@@ -591,7 +592,7 @@ pub(crate) async fn delete(
                     .metrics
                     .incr("nodepool.launch.error.serverdeletetimeout");
             }
-            let _ = guard.release().await;
+            guard.release_logged().await;
         }
     }
     shared.wake.notify_one();

@@ -10,7 +10,9 @@
 //! * [`paths`]: the znode layout of reference §1.2;
 //! * [`lock`]: kazoo's lock recipe (`<uuid>__lock__<seq>` contenders);
 //! * [`Store`]: typed operations (nodes, requests, builds, uploads,
-//!   components, flags) with decoding that skips malformed records.
+//!   components, flags) with decoding that skips malformed records;
+//! * [`locked`]: the lock combinators ([`Store::with_locked`]) that take a
+//!   lock, re-read a record under it, write what was decided and release.
 //!
 //! Because the layout and lock recipe live here, all three stores hold
 //! byte-identical data and the Python CLI can read what any of them wrote
@@ -18,6 +20,7 @@
 
 pub mod holds;
 pub mod lock;
+pub mod locked;
 mod memory;
 pub mod paths;
 mod typed;
@@ -29,6 +32,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
 pub use lock::{LockGuard, LockWait, await_session};
+pub use locked::{Decision, LockOf, RecordKey};
 pub use memory::MemoryStore;
 pub use typed::{
     BuildRecord, ComponentRegistration, ImageState, Listing, Malformed, NodeRecord, RequestLockDir,

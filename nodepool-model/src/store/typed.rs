@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use super::lock::{self, LockGuard, LockWait};
+use super::locked::RecordKey;
 use super::paths::{self, ImagePath, classify_image_path, lock_contender_sequence};
 use super::{CreateMode, Entry, SessionState, StateStore, StoreError};
 use crate::model::{
@@ -418,21 +419,7 @@ impl Store {
 
     /// Reads one node; `Ok(None)` if it does not exist.
     pub async fn get_node(&self, id: &str) -> Result<Option<Versioned<Node>>, StoreError> {
-        let path = paths::node(id);
-        match self.inner.get(&path).await? {
-            None => Ok(None),
-            Some((data, stat)) => Node::from_json(&data)
-                .map(|value| {
-                    Some(Versioned {
-                        value,
-                        version: stat.version,
-                    })
-                })
-                .map_err(|e| StoreError::Malformed {
-                    path,
-                    reason: e.to_string(),
-                }),
-        }
+        self.read(&RecordKey::node(id)).await
     }
 
     /// Writes a node if it is still at `version`; returns the new version.
@@ -530,21 +517,7 @@ impl Store {
         &self,
         id: &str,
     ) -> Result<Option<Versioned<NodeRequest>>, StoreError> {
-        let path = paths::request(id);
-        match self.inner.get(&path).await? {
-            None => Ok(None),
-            Some((data, stat)) => NodeRequest::from_json(&data)
-                .map(|value| {
-                    Some(Versioned {
-                        value,
-                        version: stat.version,
-                    })
-                })
-                .map_err(|e| StoreError::Malformed {
-                    path,
-                    reason: e.to_string(),
-                }),
-        }
+        self.read(&RecordKey::request(id)).await
     }
 
     /// Writes a request if it is still at `version`; returns the new version.
@@ -753,21 +726,7 @@ impl Store {
         image: &str,
         id: &str,
     ) -> Result<Option<Versioned<ImageBuild>>, StoreError> {
-        let path = paths::build(image, id);
-        match self.inner.get(&path).await? {
-            None => Ok(None),
-            Some((data, stat)) => ImageBuild::from_json(&data)
-                .map(|value| {
-                    Some(Versioned {
-                        value,
-                        version: stat.version,
-                    })
-                })
-                .map_err(|e| StoreError::Malformed {
-                    path,
-                    reason: e.to_string(),
-                }),
-        }
+        self.read(&RecordKey::build(image, id)).await
     }
 
     /// Writes a build; with `version`, only at that version.
@@ -815,21 +774,8 @@ impl Store {
         provider: &str,
         id: &str,
     ) -> Result<Option<Versioned<ImageUpload>>, StoreError> {
-        let path = paths::upload(image, build, provider, id);
-        match self.inner.get(&path).await? {
-            None => Ok(None),
-            Some((data, stat)) => ImageUpload::from_json(&data)
-                .map(|value| {
-                    Some(Versioned {
-                        value,
-                        version: stat.version,
-                    })
-                })
-                .map_err(|e| StoreError::Malformed {
-                    path,
-                    reason: e.to_string(),
-                }),
-        }
+        self.read(&RecordKey::upload(image, build, provider, id))
+            .await
     }
 
     /// Writes an upload; with `version`, only at that version.
