@@ -45,7 +45,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{Config, ProviderConfig};
 use crate::model::{BuildState, UploadState};
-use crate::store::paths::{ImagePath, classify_image_path};
 use crate::store::{BuildRecord, ImageState, UploadRecord};
 
 /// A failed build blocks new builds of its image for this long, then it is
@@ -66,7 +65,8 @@ pub type BuildKey = (String, String);
 /// Everything the image planner looks at.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ImageSnapshot {
-    /// Builds, uploads, flags, locks and requests from the store.
+    /// Builds, uploads, flags, locks and requests from the store, and the
+    /// builds it could not read (`unreadable_builds`, left alone).
     pub images: ImageState,
     /// Builds with files in this builder's images directory, and the image
     /// formats present (`qcow2`, `raw`, ...; checksum files not counted).
@@ -457,15 +457,11 @@ pub fn plan_images(
     }
     // Builds whose record (or one of whose uploads) cannot be read: we do
     // not know their state, so nothing of theirs is touched.
-    let mut unreadable: BTreeSet<(&str, &str)> = BTreeSet::new();
-    for m in &st.malformed {
-        match classify_image_path(&m.path) {
-            ImagePath::Build(i, b) | ImagePath::Upload(i, b, _, _) => {
-                unreadable.insert((i, b));
-            }
-            _ => {}
-        }
-    }
+    let unreadable: BTreeSet<(&str, &str)> = st
+        .unreadable_builds
+        .iter()
+        .map(|(i, b)| (i.as_str(), b.as_str()))
+        .collect();
 
     // The images this builder is responsible for.
     let mut images: BTreeSet<&str> = config.diskimages.iter().map(|d| d.name.as_str()).collect();
