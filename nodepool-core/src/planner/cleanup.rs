@@ -4,7 +4,8 @@ use std::collections::BTreeSet;
 
 use super::fast::{FastMap, FastSet, Key};
 
-use super::requests::{Index, Registry};
+use super::index::Index;
+use super::registry::Registry;
 use super::{
     Action, DeleteReason, INIT_GRACE_SECS, LocalState, Plan, REQUEST_LOCK_CLEANUP_SECS,
     SERVER_GONE_MARGIN_SECS, Snapshot, rendezvous_owner,

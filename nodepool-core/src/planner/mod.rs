@@ -14,14 +14,19 @@
 //! (rendezvous hashing), a request no registered pool can serve fails in one
 //! pass, and quota counts both the store's nodes and what the cloud reports.
 //!
-//! Layout: [`quota`] (usage accounting), `requests` (pickup and
+//! Layout: `index` (the per-pass index of the snapshot), `registry` (the
+//! registered pools and the labels they serve), `queue` (waiting requests
+//! in pickup order), [`quota`] (usage accounting), `requests` (pickup and
 //! fulfilment), `cleanup` (deletions, lost requests, leaks, min-ready),
 //! [`images`] (the builder's plan: builds, uploads, retention).
 
 mod cleanup;
 mod fast;
 pub mod images;
+mod index;
+mod queue;
 pub mod quota;
+mod registry;
 mod rendezvous;
 mod requests;
 
@@ -423,13 +428,13 @@ pub(crate) fn request_order(id: &str, relative_priority: i64) -> (&str, i64, &st
 /// Plans one pass for this launcher.
 pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) -> Plan {
     let mut plan = Plan::default();
-    let mut index = requests::Index::build(snapshot, config, local);
+    let mut index = index::Index::build(snapshot, config, local);
     let mut quota = quota::QuotaState::new(
         snapshot,
         config,
         &index.pool_used,
         &index.unpooled_used,
-        |i| requests::node_resources(snapshot, i),
+        |i| index::node_resources(snapshot, i),
     );
     let mut freed = cleanup::lost_requests(snapshot, &index, &mut plan);
     let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, local, &index, &mut plan);
@@ -440,11 +445,11 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) 
         quota.retag(
             n.tenant_name.as_deref(),
             None,
-            &requests::node_resources(snapshot, i),
+            &index::node_resources(snapshot, i),
         );
     }
     index.update_free(snapshot, &freed, &deleted);
-    let registry = requests::Registry::build(snapshot, config, &index);
+    let registry = registry::Registry::build(snapshot, config, &index);
     requests::plan_requests(
         snapshot, config, now, local, &index, &registry, &mut quota, &mut plan,
     );
