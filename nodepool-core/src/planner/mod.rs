@@ -18,12 +18,15 @@
 //! registered pools and the labels they serve), `queue` (waiting requests
 //! in pickup order), [`quota`] (usage accounting), `requests` (pickup and
 //! fulfilment), `cleanup` (deletions, lost requests, leaks, min-ready),
-//! [`images`] (the builder's plan: builds, uploads, retention).
+//! [`leaks`] (the rules that find leaked servers and images, shared with
+//! the admin commands), [`images`] (the builder's plan: builds, uploads,
+//! retention).
 
 mod cleanup;
 mod fast;
 pub mod images;
 mod index;
+pub mod leaks;
 mod queue;
 pub mod quota;
 mod registry;
