@@ -19,9 +19,13 @@
 //!   (Jenkins).
 //! - [`consumers`]: the runtime that keeps consumers (Jenkins targets)
 //!   supplied with nodes, and job hold rules.
+//! - [`admin`]: operations on a running installation (delete or hold a
+//!   node, image requests and deletions, leak listings, image data
+//!   export and import), the domain half of the `nodepool` CLI.
 //! - `testing` (feature `testing`): an in-memory store and the shared
 //!   conformance suites every backend runs.
 
+pub mod admin;
 pub mod builder;
 pub mod consumers;
 pub mod launcher;
