@@ -437,6 +437,25 @@ fn sort_builds(v: &mut [&BuildRecord]) {
 }
 
 /// Plans one pass for this builder. See the module documentation.
+///
+/// ```no_run
+/// use nodepool_core::config::Config;
+/// use nodepool_core::planner::images::{BuilderLocal, ImageSnapshot, plan_images};
+///
+/// let config = Config::from_yaml(&std::fs::read_to_string("nodepool.yaml")?)?;
+/// // A builder reads the image records from the store
+/// // (`Store::image_state`) and lists its images directory.
+/// let snapshot = ImageSnapshot::default();
+/// let local = BuilderLocal {
+///     builder_id: "0ee5ef49-5e9c-4d3e-8b36-0b2e0a1f6d3c".into(),
+///     ..BuilderLocal::default()
+/// };
+/// let plan = plan_images(&snapshot, &config, 1_800_000_000.0, &local);
+/// for action in &plan.actions {
+///     println!("{}: {action:?}", action.key());
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn plan_images(
     snapshot: &ImageSnapshot,
     config: &Config,
