@@ -3,7 +3,7 @@
 //! `request` and `completions`.
 //!
 //! Each subcommand is one variant of [`Command`] (defined in
-//! [`crate::cli`]) and one arm of [`execute`]; add a subcommand by adding
+//! [`crate::cli`]) and one arm of `execute`; add a subcommand by adding
 //! both. The arms are thin: what a command does to the installation is in
 //! [`nodepool_core::admin`] (shared with the web app and embedders), what
 //! it prints is here. Listings go through [`crate::listing`], which the web
