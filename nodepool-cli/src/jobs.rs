@@ -13,24 +13,8 @@ use nodepool_core::consumers::{JobHold, held_for};
 use nodepool_core::model::epoch_now;
 use nodepool_core::store::Store;
 
+use crate::cli::{JobCreate, JobDelete};
 use crate::listing::{Cell, Column, Listing};
-
-/// `nodepool job-create` arguments.
-#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
-pub struct JobCreate {
-    /// Jenkins job name (`folder/job` for jobs in folders).
-    pub job: String,
-    /// How many failed nodes of the job to keep held at once.
-    #[arg(long = "hold", visible_alias = "hold-on-failure", value_name = "N")]
-    pub hold: u32,
-}
-
-/// `nodepool job-delete` arguments.
-#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
-pub struct JobDelete {
-    /// Jenkins job name.
-    pub job: String,
-}
 
 /// `nodepool job-list` columns (Python Nodepool's `Name`, `Hold on
 /// Failure`, plus how many nodes are held for the job now).

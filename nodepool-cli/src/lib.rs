@@ -2,10 +2,13 @@
 //! `nodepool-launcher` and `nodepool-builder`. They parse arguments, load
 //! the configuration, pick backends and call into `nodepool-core`.
 //!
-//! Start at [`admin`] for the `nodepool` command; [`listing`] holds the
-//! listings it shares with the launcher's [`webapp`].
+//! Start at [`cli`] for what the binaries accept and [`admin`] for what
+//! the `nodepool` command does with it (its domain operations are in
+//! `nodepool_core::admin`); [`listing`] holds the listings it shares with
+//! the launcher's [`webapp`].
 
 pub mod admin;
+pub mod cli;
 pub mod daemon;
 pub mod jobs;
 pub mod listing;

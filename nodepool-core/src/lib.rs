@@ -19,6 +19,9 @@
 //!   (Jenkins).
 //! - [`consumers`]: the runtime that keeps consumers (Jenkins targets)
 //!   supplied with nodes, and job hold rules.
+//! - [`admin`]: operations on a running installation (delete or hold a
+//!   node, image requests and deletions, leak listings, image data
+//!   export and import), the domain half of the `nodepool` CLI.
 //! - [`requestor`]: the Zuul-side client (re-exported `nodepool-requestor`,
 //!   which CI systems that only ask for nodes depend on alone).
 //! - [`runtime`]: what the launcher, builder and consumer runtimes share:
@@ -26,6 +29,7 @@
 //! - `testing` (feature `testing`): an in-memory store and the shared
 //!   conformance suites every backend runs.
 
+pub mod admin;
 pub mod builder;
 pub mod consumers;
 pub mod launcher;

@@ -740,7 +740,15 @@ fn malformed_records_are_left_alone() {
         path: format!("/nodepool/images/deb/builds/{b}"),
         reason: "bad json".into(),
     });
+    w.snapshot
+        .images
+        .unreadable_builds
+        .insert(("deb".into(), b.clone()));
     assert!(deleted_builds(&w.plan()).is_empty());
+    // Known to be unreadable, its files would be swept as a build's that
+    // is gone: the planner goes by `unreadable_builds`.
+    w.snapshot.images.unreadable_builds.clear();
+    assert_eq!(deleted_builds(&w.plan()), [("deb", b.as_str())].into());
 }
 
 #[test]

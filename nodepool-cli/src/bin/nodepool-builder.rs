@@ -2,14 +2,14 @@
 //! them to every provider that uses them, and keeps the current and the
 //! previous image of each (reference §5, §6.1).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use nodepool_cli::daemon::{self, LogFormat};
+use nodepool_cli::cli::DaemonArgs;
+use nodepool_cli::daemon;
 use nodepool_core::builder::{Builder, BuilderSettings, BuilderStatus};
 use nodepool_core::config::ConfigSource;
 use nodepool_core::launcher::ProviderFactory;
@@ -19,40 +19,25 @@ use nodepool_dib::{DibBuilder, DibOptions};
 #[derive(Debug, Parser)]
 #[command(name = "nodepool-builder", version, about)]
 struct Args {
-    /// Configuration file.
-    #[arg(short = 'c', long = "config", default_value = nodepool_cli::admin::DEFAULT_CONFIG)]
-    config: PathBuf,
-    /// Secure configuration file.
-    #[arg(short = 's', long = "secure")]
-    secure: Option<PathBuf>,
+    #[command(flatten)]
+    common: DaemonArgs,
     /// Builds running at once.
-    #[arg(long = "build-workers", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long = "build-workers", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..), display_order = 2)]
     build_workers: u16,
     /// Uploads running at once.
-    #[arg(long = "upload-workers", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long = "upload-workers", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..), display_order = 3)]
     upload_workers: u16,
-    /// Write the process id here.
-    #[arg(short = 'p', long = "pidfile")]
-    pidfile: Option<PathBuf>,
-    /// Log format.
-    #[arg(long = "log-format", value_enum, default_value = "text")]
-    log_format: LogFormat,
-    /// Debug logging.
-    #[arg(short = 'd', long = "debug")]
-    debug: bool,
-    /// Stay in the foreground (always the case; accepted for compatibility).
-    #[arg(short = 'f', long = "foreground")]
-    foreground: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let (log_format, debug) = (args.log_format, args.debug);
+    let (log_format, debug) = (args.common.log_format, args.common.debug);
     daemon::run_main("nodepool-builder", log_format, debug, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let _pid = args
+        .common
         .pidfile
         .clone()
         .map(daemon::PidFile::create)
@@ -68,15 +53,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| "builder not started yet".into());
         tracing::info!(target: "nodepool.stack_dump", "state dump (SIGUSR2):\n{report}");
     })?;
-    let source = ConfigSource::new(&args.config, args.secure.clone());
+    let source = ConfigSource::new(&args.common.config, args.common.secure.clone());
     // Each OpenStack provider's upload format (clouds.yaml `image_format`)
     // is filled in by the loader, on every reload.
     let config = daemon::watch_config(source, Duration::from_secs(1), shutdown.clone())?;
     let initial = config.borrow().clone();
-    let images_dir = initial
-        .images_dir
-        .clone()
-        .with_context(|| format!("{}: the builder needs `images-dir`", args.config.display()))?;
+    let images_dir = initial.images_dir.clone().with_context(|| {
+        format!(
+            "{}: the builder needs `images-dir`",
+            args.common.config.display()
+        )
+    })?;
     std::fs::create_dir_all(&images_dir)
         .with_context(|| format!("creating images-dir {}", images_dir.display()))?;
 

@@ -1,12 +1,12 @@
 //! `nodepool-launcher`: keeps pools of ready nodes and serves node requests.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use nodepool_cli::daemon::{self, LogFormat};
+use nodepool_cli::cli::DaemonArgs;
+use nodepool_cli::daemon;
 use nodepool_core::config::ConfigSource;
 use nodepool_core::launcher::{Launcher, LauncherSettings, Metrics, ProviderFactory};
 
@@ -15,37 +15,22 @@ use nodepool_core::launcher::{Launcher, LauncherSettings, Metrics, ProviderFacto
 #[derive(Debug, Parser)]
 #[command(name = "nodepool-launcher", version, about)]
 struct Args {
-    /// Configuration file.
-    #[arg(short = 'c', long = "config", default_value = nodepool_cli::admin::DEFAULT_CONFIG)]
-    config: PathBuf,
-    /// Secure configuration file.
-    #[arg(short = 's', long = "secure")]
-    secure: Option<PathBuf>,
+    #[command(flatten)]
+    common: DaemonArgs,
     /// Do not serve the web app.
-    #[arg(long = "no-webapp")]
+    #[arg(long = "no-webapp", display_order = 2)]
     no_webapp: bool,
-    /// Write the process id here.
-    #[arg(short = 'p', long = "pidfile")]
-    pidfile: Option<PathBuf>,
-    /// Log format.
-    #[arg(long = "log-format", value_enum, default_value = "text")]
-    log_format: LogFormat,
-    /// Debug logging.
-    #[arg(short = 'd', long = "debug")]
-    debug: bool,
-    /// Stay in the foreground (always the case; accepted for compatibility).
-    #[arg(short = 'f', long = "foreground")]
-    foreground: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let (log_format, debug) = (args.log_format, args.debug);
+    let (log_format, debug) = (args.common.log_format, args.common.debug);
     daemon::run_main("nodepool-launcher", log_format, debug, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let _pid = args
+        .common
         .pidfile
         .clone()
         .map(daemon::PidFile::create)
@@ -62,7 +47,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| "launcher not started yet".into());
         tracing::info!(target: "nodepool.stack_dump", "state dump (SIGUSR2):\n{report}");
     })?;
-    let source = ConfigSource::new(&args.config, args.secure.clone());
+    let source = ConfigSource::new(&args.common.config, args.common.secure.clone());
     let config = daemon::watch_config(source, Duration::from_secs(1), shutdown.clone())?;
     let initial = config.borrow().clone();
     let store = daemon::open_store(&initial).await?;

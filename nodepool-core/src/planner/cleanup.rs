@@ -4,7 +4,9 @@ use std::collections::BTreeSet;
 
 use super::fast::{FastMap, FastSet, Key};
 
-use super::requests::{Index, Registry};
+use super::index::Index;
+use super::leaks::{KnownNodes, leaked_servers};
+use super::registry::Registry;
 use super::{
     Action, DeleteReason, INIT_GRACE_SECS, LocalState, Plan, REQUEST_LOCK_CLEANUP_SECS,
     SERVER_GONE_MARGIN_SECS, Snapshot, rendezvous_owner,
@@ -268,8 +270,9 @@ pub(crate) fn housekeeping(
             .push(Action::DeleteEmptyNode { node: id.clone() });
     }
 
-    // Leaked servers: tagged for one of our providers, unknown to the
-    // store, and seen so at the previous check too.
+    // Leaked servers (the leak rule of `leaks`), deleted when the previous
+    // check found them leaked too: one listing may race a launch that has
+    // not recorded its server yet, or a deletion.
     let mut suspects = BTreeSet::new();
     let checked: FastSet<&str> = s
         .providers
@@ -280,37 +283,13 @@ pub(crate) fn housekeeping(
     if checked.is_empty() && local.leak_suspects.is_empty() {
         return;
     }
-    let nodes: FastMap<(&str, &str), &crate::model::Node> = s
-        .nodes
-        .iter()
-        .map(|r| ((r.node.provider.as_str(), r.id.as_str()), &*r.node))
-        .collect();
+    let known = KnownNodes::new(&s.nodes);
     for p in &cfg.providers {
         let Some(instances) = s.providers.get(&p.name).and_then(|v| v.instances.as_ref()) else {
             continue;
         };
-        for inst in instances {
-            if inst.provider_name().as_deref() != Some(p.name.as_str()) {
-                continue;
-            }
-            let leaked = match inst.node_id() {
-                None => true,
-                Some(id) => match nodes.get(&(p.name.as_str(), id.as_str())) {
-                    None => true,
-                    // A server left over from an earlier launch attempt of a
-                    // node that has since moved on to another server.
-                    Some(n) => {
-                        n.external_id
-                            .as_deref()
-                            .is_some_and(|e| e != inst.external_id)
-                            && !matches!(n.state, NodeState::Init | NodeState::Building)
-                    }
-                },
-            };
-            if !leaked {
-                continue;
-            }
-            let key = (p.name.clone(), inst.external_id.clone());
+        for leak in leaked_servers(&p.name, instances, &known) {
+            let key = (p.name.clone(), leak.instance.external_id.clone());
             if local.leak_suspects.contains(&key) {
                 plan.actions.push(Action::DeleteLeakedInstance {
                     provider: key.0.clone(),

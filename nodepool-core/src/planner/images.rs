@@ -45,7 +45,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{Config, ProviderConfig};
 use crate::model::{BuildState, UploadState};
-use crate::store::paths::{ImagePath, classify_image_path};
 use crate::store::{BuildRecord, ImageState, UploadRecord};
 
 /// A failed build blocks new builds of its image for this long, then it is
@@ -66,7 +65,8 @@ pub type BuildKey = (String, String);
 /// Everything the image planner looks at.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ImageSnapshot {
-    /// Builds, uploads, flags, locks and requests from the store.
+    /// Builds, uploads, flags, locks and requests from the store, and the
+    /// builds it could not read (`unreadable_builds`, left alone).
     pub images: ImageState,
     /// Builds with files in this builder's images directory, and the image
     /// formats present (`qcow2`, `raw`, ...; checksum files not counted).
@@ -437,6 +437,25 @@ fn sort_builds(v: &mut [&BuildRecord]) {
 }
 
 /// Plans one pass for this builder. See the module documentation.
+///
+/// ```no_run
+/// use nodepool_core::config::Config;
+/// use nodepool_core::planner::images::{BuilderLocal, ImageSnapshot, plan_images};
+///
+/// let config = Config::from_yaml(&std::fs::read_to_string("nodepool.yaml")?)?;
+/// // A builder reads the image records from the store
+/// // (`Store::image_state`) and lists its images directory.
+/// let snapshot = ImageSnapshot::default();
+/// let local = BuilderLocal {
+///     builder_id: "0ee5ef49-5e9c-4d3e-8b36-0b2e0a1f6d3c".into(),
+///     ..BuilderLocal::default()
+/// };
+/// let plan = plan_images(&snapshot, &config, 1_800_000_000.0, &local);
+/// for action in &plan.actions {
+///     println!("{}: {action:?}", action.key());
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn plan_images(
     snapshot: &ImageSnapshot,
     config: &Config,
@@ -457,15 +476,11 @@ pub fn plan_images(
     }
     // Builds whose record (or one of whose uploads) cannot be read: we do
     // not know their state, so nothing of theirs is touched.
-    let mut unreadable: BTreeSet<(&str, &str)> = BTreeSet::new();
-    for m in &st.malformed {
-        match classify_image_path(&m.path) {
-            ImagePath::Build(i, b) | ImagePath::Upload(i, b, _, _) => {
-                unreadable.insert((i, b));
-            }
-            _ => {}
-        }
-    }
+    let unreadable: BTreeSet<(&str, &str)> = st
+        .unreadable_builds
+        .iter()
+        .map(|(i, b)| (i.as_str(), b.as_str()))
+        .collect();
 
     // The images this builder is responsible for.
     let mut images: BTreeSet<&str> = config.diskimages.iter().map(|d| d.name.as_str()).collect();

@@ -14,21 +14,29 @@
 //! (rendezvous hashing), a request no registered pool can serve fails in one
 //! pass, and quota counts both the store's nodes and what the cloud reports.
 //!
-//! Layout: [`quota`] (usage accounting), `requests` (pickup and
+//! Layout: `index` (the per-pass index of the snapshot), `registry` (the
+//! registered pools and the labels they serve), `queue` (waiting requests
+//! in pickup order), [`quota`] (usage accounting), `requests` (pickup and
 //! fulfilment), `cleanup` (deletions, lost requests, leaks, min-ready),
-//! [`images`] (the builder's plan: builds, uploads, retention).
+//! [`leaks`] (the rules that find leaked servers and images, shared with
+//! the admin commands), [`images`] (the builder's plan: builds, uploads,
+//! retention).
 
 mod cleanup;
 mod fast;
 pub mod images;
+mod index;
+pub mod leaks;
+mod queue;
 pub mod quota;
+mod registry;
 mod rendezvous;
 mod requests;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::Config;
-use crate::model::{Resources, parse_request_id};
+use crate::model::{Component, Resources, parse_request_id};
 use crate::provider::Instance;
 use crate::store::{ImageState, NodeRecord, RequestLockDir, RequestRecord};
 
@@ -80,6 +88,37 @@ pub struct PoolInfo {
     /// launcher stopped calling it (our own component key
     /// `provider_unavailable`).
     pub unavailable: bool,
+}
+
+impl PoolInfo {
+    /// A pool component as the planner sees it; `None` for a component
+    /// without a launcher-pool id (not a pool). Missing keys take
+    /// Nodepool's defaults (priority 100, not paused).
+    ///
+    /// ```no_run
+    /// use nodepool_core::model::ComponentKind;
+    /// use nodepool_core::planner::PoolInfo;
+    /// # async fn pools(store: &nodepool_core::store::Store) -> Result<(), nodepool_core::store::StoreError> {
+    /// let registered: Vec<PoolInfo> = store
+    ///     .list_components(ComponentKind::Pool)
+    ///     .await?
+    ///     .records
+    ///     .iter()
+    ///     .filter_map(|(_, c)| PoolInfo::from_component(c))
+    ///     .collect();
+    /// # Ok(()) }
+    /// ```
+    pub fn from_component(c: &Component) -> Option<PoolInfo> {
+        Some(PoolInfo {
+            id: c.id.clone()?,
+            provider: c.provider_name.clone().unwrap_or_default(),
+            pool: c.name.clone().unwrap_or_default(),
+            labels: c.supported_labels.clone().unwrap_or_default(),
+            priority: c.priority.unwrap_or(100),
+            paused: c.paused.unwrap_or(false),
+            unavailable: c.provider_unavailable.is_some(),
+        })
+    }
 }
 
 /// What the launcher knows about one of its clouds this pass.
@@ -420,16 +459,35 @@ pub(crate) fn request_order(id: &str, relative_priority: i64) -> (&str, i64, &st
     }
 }
 
-/// Plans one pass for this launcher.
+/// Plans one pass for this launcher: what to do about every request,
+/// node and leaked server in `snapshot`, given the configuration, the time
+/// and what only this launcher knows. Pure: the same arguments give the
+/// same plan, and nothing is read or changed anywhere.
+///
+/// ```no_run
+/// use nodepool_core::config::Config;
+/// use nodepool_core::planner::{LocalState, Snapshot, plan};
+///
+/// let config = Config::from_yaml(&std::fs::read_to_string("nodepool.yaml")?)?;
+/// // A launcher reads the snapshot from the store and its clouds
+/// // (`examples/programs/what_if.rs` builds one from a store export).
+/// let snapshot = Snapshot::default();
+/// let now = 1_800_000_000.0;
+/// let plan = plan(&snapshot, &config, now, &LocalState::default());
+/// for action in &plan.actions {
+///     println!("{action:?}");
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) -> Plan {
     let mut plan = Plan::default();
-    let mut index = requests::Index::build(snapshot, config, local);
+    let mut index = index::Index::build(snapshot, config, local);
     let mut quota = quota::QuotaState::new(
         snapshot,
         config,
         &index.pool_used,
         &index.unpooled_used,
-        |i| requests::node_resources(snapshot, i),
+        |i| index::node_resources(snapshot, i),
     );
     let mut freed = cleanup::lost_requests(snapshot, &index, &mut plan);
     let (deallocated, deleted) = cleanup::nodes(snapshot, config, now, local, &index, &mut plan);
@@ -440,15 +498,51 @@ pub fn plan(snapshot: &Snapshot, config: &Config, now: f64, local: &LocalState) 
         quota.retag(
             n.tenant_name.as_deref(),
             None,
-            &requests::node_resources(snapshot, i),
+            &index::node_resources(snapshot, i),
         );
     }
     index.update_free(snapshot, &freed, &deleted);
-    let registry = requests::Registry::build(snapshot, config, &index);
+    let registry = registry::Registry::build(snapshot, config, &index);
     requests::plan_requests(
         snapshot, config, now, local, &index, &registry, &mut quota, &mut plan,
     );
     cleanup::min_ready(snapshot, config, local, &index, &registry, &mut plan);
     cleanup::housekeeping(snapshot, config, now, local, &index, &mut plan);
     plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PoolInfo;
+    use crate::model::{Component, ComponentKind, ProviderUnavailable};
+
+    #[test]
+    fn pool_components_become_pool_infos() {
+        let mut c = Component::new(ComponentKind::Pool, "host1", "1.0");
+        assert_eq!(PoolInfo::from_component(&c), None, "no launcher-pool id");
+        c.id = Some("host1-PoolWorker.p1-main-abc".into());
+        c.provider_name = Some("p1".into());
+        c.name = Some("main".into());
+        c.supported_labels = Some(vec!["small".into()]);
+        assert_eq!(
+            PoolInfo::from_component(&c),
+            Some(PoolInfo {
+                id: "host1-PoolWorker.p1-main-abc".into(),
+                provider: "p1".into(),
+                pool: "main".into(),
+                labels: vec!["small".into()],
+                priority: 100,
+                paused: false,
+                unavailable: false,
+            })
+        );
+        c.priority = Some(50);
+        c.paused = Some(true);
+        c.provider_unavailable = Some(ProviderUnavailable {
+            reason: "timed out".into(),
+            since: 1.0,
+        });
+        let p = PoolInfo::from_component(&c).expect("a pool");
+        assert_eq!((p.priority, p.paused, p.unavailable), (50, true, true));
+    }
 }

@@ -31,6 +31,15 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// The candidate with the highest score for `key`; ties go to the smaller
 /// candidate so the choice is total.
+///
+/// ```no_run
+/// use nodepool_core::planner::rendezvous_owner;
+///
+/// // Every launcher computes the same owner from the same pool ids.
+/// let pools = ["host1-PoolWorker.p1-main-1", "host2-PoolWorker.p2-main-2"];
+/// let owner = rendezvous_owner("ubuntu-jammy", pools.iter().copied());
+/// assert!(owner.is_some());
+/// ```
 pub fn rendezvous_owner<'c>(
     key: &str,
     candidates: impl IntoIterator<Item = &'c str>,

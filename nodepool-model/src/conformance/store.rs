@@ -491,9 +491,28 @@ pub async fn malformed_records_are_skipped(h: &dyn Harness) {
     c.create(&paths::build("img", "b1"), b"nope", CreateMode::Persistent)
         .await
         .expect("create");
+    // A readable build with an unreadable upload is unreadable as a whole.
+    store
+        .create_build("img", "b2", &ImageBuild::new(1.0, vec!["qcow2".into()]))
+        .await
+        .expect("create");
+    c.create(
+        &paths::upload("img", "b2", "p1", "0000000001"),
+        b"{",
+        CreateMode::Persistent,
+    )
+    .await
+    .expect("create");
     let st = store.image_state().await.expect("image listing succeeds");
-    assert!(st.builds.is_empty());
-    assert_eq!(st.malformed.len(), 1);
+    assert_eq!(st.builds.len(), 1);
+    assert!(st.uploads.is_empty());
+    assert_eq!(st.malformed.len(), 2);
+    let unreadable: Vec<(&str, &str)> = st
+        .unreadable_builds
+        .iter()
+        .map(|(i, b)| (i.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(unreadable, [("img", "b1"), ("img", "b2")]);
 }
 
 /// Listings show whether a node's lock has a contender.

@@ -126,6 +126,10 @@ pub struct ImageState {
     pub upload_requests: BTreeMap<(String, String), f64>,
     /// Records that could not be decoded.
     pub malformed: Vec<Malformed>,
+    /// Builds whose record, or the record of one of whose uploads, could
+    /// not be decoded, by (image, build id): their state is unknown, so
+    /// the builder leaves everything of theirs alone.
+    pub unreadable_builds: BTreeSet<(String, String)>,
 }
 
 /// A request lock directory.
@@ -668,10 +672,14 @@ impl Store {
                         version: e.stat.version,
                         locked: locked.contains(e.path.as_str()),
                     }),
-                    Err(err) => st.malformed.push(Malformed {
-                        path: e.path.clone(),
-                        reason: err.to_string(),
-                    }),
+                    Err(err) => {
+                        st.unreadable_builds
+                            .insert((image.to_owned(), build.to_owned()));
+                        st.malformed.push(Malformed {
+                            path: e.path.clone(),
+                            reason: err.to_string(),
+                        })
+                    }
                 },
                 ImagePath::Upload(image, build, provider, upload) => {
                     match ImageUpload::from_json(&e.data) {
@@ -688,10 +696,14 @@ impl Store {
                                 uploads_locked: locked.contains(uploads_dir.as_str()),
                             })
                         }
-                        Err(err) => st.malformed.push(Malformed {
-                            path: e.path.clone(),
-                            reason: err.to_string(),
-                        }),
+                        Err(err) => {
+                            st.unreadable_builds
+                                .insert((image.to_owned(), build.to_owned()));
+                            st.malformed.push(Malformed {
+                                path: e.path.clone(),
+                                reason: err.to_string(),
+                            })
+                        }
                     }
                 }
                 ImagePath::Other => {}
