@@ -68,8 +68,13 @@
 //! Nova's rules (`nova.rs`: the server state machine, quota, flavors,
 //! images). `knobs.rs` turns a `nodepool.yaml` provider into a cloud;
 //! `hooks.rs` are the test hooks; `glance.rs` hashes uploads.
+//!
+//! [`faults`] stands apart: [`FaultyProvider`](faults::FaultyProvider), a
+//! decorator injecting latency, errors and hangs into the calls of any
+//! provider, for tests of what sits above a cloud.
 
 mod dice;
+pub mod faults;
 mod glance;
 mod hooks;
 mod knobs;
