@@ -34,8 +34,8 @@
 //! `delete_instance` are many calls inside a provider, not one), then the
 //! operation's latency (tokio's clock, so exact on a paused clock), then
 //! its fault if one is set: an error is returned without calling the
-//! provider, a hang waits until the operation's faults change and then
-//! goes on. Without a fault, the call goes to the provider unchanged; a
+//! provider, a hang waits until the faults change and is then decided
+//! again. Without a fault, the call goes to the provider unchanged; a
 //! decorator with nothing set passes the provider conformance suite
 //! exactly when the provider does.
 
@@ -154,8 +154,10 @@ pub enum Fault {
         /// How long the cloud asks callers to wait.
         retry_after: Option<Duration>,
     },
-    /// No answer: the call waits until its operation's fault is changed
-    /// or cleared (then it is decided again), or until its caller gives up.
+    /// No answer: the call waits until the faults are next changed (a
+    /// `set*` or `clear*` of any operation), then is decided again by what
+    /// its operation has then (still a hang: it waits on; an error: that
+    /// error; nothing: it goes through), or until its caller gives up.
     /// The launcher bounds every call by the provider's `api_timeout`.
     Hang,
 }
@@ -344,7 +346,8 @@ impl FaultyProvider {
         self.table().calls[op.index()]
     }
 
-    /// Faults injected into calls of `op` so far (a hang counts once).
+    /// Calls of `op` that got a fault so far (a hung call answered later
+    /// by another fault counts once).
     pub fn injected(&self, op: Operation) -> u64 {
         self.table().injected[op.index()]
     }
@@ -365,28 +368,31 @@ impl FaultyProvider {
         self.shared.peak_in_flight.load(Ordering::SeqCst)
     }
 
-    /// Counts a call and takes its fault (spending one of a `set_next`).
+    /// Counts a call and takes its fault.
     fn begin(&self, op: Operation) -> (Duration, Option<Fault>) {
         let mut t = self.table();
         let i = op.index();
         t.calls[i] += 1;
         let latency = t.latency[i];
-        let Some(rule) = t.rules[i].as_mut() else {
-            return (latency, None);
-        };
-        let fault = rule.fault.clone();
-        let spent = match &mut rule.remaining {
-            Some(n) => {
-                *n = n.saturating_sub(1);
-                *n == 0
-            }
-            None => false,
-        };
-        if spent {
-            t.rules[i] = None;
+        let fault = take(&mut t.rules[i]);
+        if fault.is_some() {
+            t.injected[i] += 1;
         }
-        t.injected[i] += 1;
-        (latency, Some(fault))
+        (latency, fault)
+    }
+
+    /// Decides a hung call of `op` again: `Some(Hang)` while `op` still
+    /// hangs (taking nothing: the call already counted), another fault
+    /// (taken, so a `set_next` is spent by the calls it answers), or none.
+    fn decide_again(&self, op: Operation) -> Option<Fault> {
+        let mut t = self.table();
+        let rule = &mut t.rules[op.index()];
+        match rule {
+            Some(Rule {
+                fault: Fault::Hang, ..
+            }) => Some(Fault::Hang),
+            _ => take(rule),
+        }
     }
 
     /// Runs one call of `op` through the limit, latency and fault, then
@@ -429,12 +435,10 @@ impl FaultyProvider {
                     if changes.changed().await.is_err() {
                         break;
                     }
-                    let now = self.fault(op);
-                    match now {
+                    match self.decide_again(op) {
                         Some(Fault::Hang) => continue,
                         Some(other) => {
                             // Decided again: the new fault answers.
-                            self.table().injected[op.index()] += 1;
                             if let Some(e) = other.error(self.inner.name(), op) {
                                 return Err(e);
                             }
@@ -446,6 +450,20 @@ impl FaultyProvider {
         }
         call().await
     }
+}
+
+/// The fault of a rule, spending one of a `set_next` (and removing the
+/// rule with its last).
+fn take(rule: &mut Option<Rule>) -> Option<Fault> {
+    let r = rule.as_mut()?;
+    let fault = r.fault.clone();
+    if let Some(n) = &mut r.remaining {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            *rule = None;
+        }
+    }
+    Some(fault)
 }
 
 /// Counts a call in flight for as long as it lives (a cancelled call

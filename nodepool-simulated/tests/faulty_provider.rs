@@ -293,21 +293,30 @@ async fn a_hung_call_waits_until_its_fault_is_cleared_then_goes_through() {
     assert!(bounded.is_err(), "still hung after 5 s");
     assert_eq!(p.in_flight(), 0, "a cancelled call is no longer in flight");
 
-    // A hang replaced by an error answers with that error.
+    // A hang replaced by an error answers with that error, spending it.
     p.set(Operation::GetInstance, Fault::Hang);
     let hung = {
         let p = p.clone();
         tokio::spawn(async move { p.get_instance("x").await })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    p.set(
+    p.set_next(
         Operation::GetInstance,
         Fault::RateLimited {
             retry_after: Some(Duration::from_secs(2)),
         },
+        1,
     );
     let e = hung.await.expect("join").expect_err("429 now");
     assert_eq!(e.retry_after(), Some(Duration::from_secs(2)));
+    assert_eq!(
+        p.fault(Operation::GetInstance),
+        None,
+        "spent by the hung call"
+    );
+    assert_eq!(p.get_instance("x").await.expect("through"), None);
+    assert_eq!(p.injected(Operation::GetInstance), 1, "one call got faults");
+    assert_eq!(p.calls(Operation::GetInstance), 2);
 }
 
 #[tokio::test(start_paused = true)]
