@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use nodepool_core::image_builder::{BuildError, BuildSpec, ImageBuilder};
 use nodepool_dib::{DibBuilder, DibOptions};
+use nodepool_model::image_builder::{BuildError, BuildSpec, ImageBuilder};
 use tokio_util::sync::CancellationToken;
 
 const FAKE: &str = env!("CARGO_BIN_EXE_fake-disk-image-create");
@@ -35,7 +35,7 @@ impl Site {
 
     /// A configuration with the given `diskimages:` YAML (indented list
     /// items) and top-level directories inside the site.
-    fn config(&self, diskimages: &str) -> nodepool_core::config::Config {
+    fn config(&self, diskimages: &str) -> nodepool_model::config::Config {
         let yaml = format!(
             "images-dir: {}\nbuild-log-dir: {}\nelements-dir: {}\ndiskimages:\n{diskimages}",
             self.path("images").display(),

@@ -8,8 +8,8 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use nodepool_core::image_builder::ImageBuilder;
 use nodepool_dib::DibBuilder;
+use nodepool_model::image_builder::ImageBuilder;
 use tokio_util::sync::CancellationToken;
 
 const FAKE: &str = env!("CARGO_BIN_EXE_fake-disk-image-create");

@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
-use nodepool_core::provider::{ImageUploadSpec, Provider};
+use nodepool_model::provider::{ImageUploadSpec, Provider};
 use nodepool_openstack::api::image::{CreateImage, DeleteImage, UploadImageData};
 use nodepool_openstack::{CloudsLoader, OpenStackProvider, ProviderOptions};
 

@@ -18,13 +18,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use indexmap::IndexMap;
 use md5::{Digest, Md5};
-use nodepool_core::config::{ImageSource, PoolLabel};
-use nodepool_core::model::{CORES, INSTANCES};
-use nodepool_core::provider::{
-    IMAGE_BUILD_ID, ImageRef, ImageUploadSpec, Provider, ProviderError, ResourceKind,
-};
+use nodepool_model::config::{ImageSource, PoolLabel};
 use nodepool_model::conformance::provider::{
     Capabilities, Harness, UploadFile, random_node_id, spec_for,
+};
+use nodepool_model::model::{CORES, INSTANCES};
+use nodepool_model::provider::{
+    IMAGE_BUILD_ID, ImageRef, ImageUploadSpec, Provider, ProviderError, ResourceKind,
 };
 use nodepool_openstack::api::{ApiRequest, Raw, Service};
 use nodepool_openstack::{ClientOptions, CloudsLoader, OpenStackProvider, ProviderOptions};
@@ -277,7 +277,7 @@ async fn wrong_password_is_unauthenticated() {
         .expect("clouds.yaml");
     let wrong = "not-the-password-4711";
     if let nodepool_openstack::clouds::Auth::Password { password, .. } = &mut c.auth {
-        *password = nodepool_core::config::Secret::new(wrong);
+        *password = nodepool_model::config::Secret::new(wrong);
     }
     let p = OpenStackProvider::new("testbed-badauth", c, options()).expect("provider");
     let e = p.quota_limits().await.expect_err("refused");

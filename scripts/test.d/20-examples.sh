@@ -6,7 +6,9 @@
 #   bash scripts/test.d/20-examples.sh OUTPUT_FILE
 #
 # The programs use only the embedded default (SQLite file in a temporary
-# directory, simulated cloud) or a store export, so nothing is started here.
+# directory, the simulated cloud or a provider of their own, such as
+# custom_provider's local processes) or a store export, so nothing is started
+# here.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:?usage: 20-examples.sh OUTPUT_FILE}

@@ -7,11 +7,14 @@
 #
 # Installs the testbed when missing (apt + pip, a few minutes, once per
 # machine), starts it (about 130 s cold) while the tests compile, runs
-# `cargo test -p nodepool-openstack --features testbed` with its output
-# tee'd to OUTPUT_FILE, and stops and wipes the cloud again, also on
-# failure (testbed/openstack/lib.sh). The cloud tests mostly wait on the
-# cloud, so 6 run at once (within the 10-instance quota). A testbed that
-# was already running is used and left running.
+# `cargo test -p nodepool-openstack --features testbed` (the provider's own
+# tests and the conformance suite), then the whole-system test of the
+# launcher on it (`cargo test -p nodepool-tests --features testbed --test
+# openstack_launcher`), with their output tee'd to OUTPUT_FILE, and stops
+# and wipes the cloud again, also on failure (testbed/openstack/lib.sh). The
+# cloud tests mostly wait on the cloud, so 6 run at once (within the
+# 10-instance quota); the launcher test runs after them, as it keeps up to
+# four servers. A testbed that was already running is used and left running.
 # Exits non-zero when anything failed.
 set -uo pipefail
 OUT=${1:-/dev/null}
@@ -23,10 +26,14 @@ testbed_start_bg 30-openstack || exit 1
 # Compile while the cloud starts.
 cargo test -p nodepool-openstack --features testbed --locked --no-run 2>&1 | tail -3
 build_rc=${PIPESTATUS[0]}
+cargo test -p nodepool-tests --features testbed --locked --test openstack_launcher --no-run 2>&1 | tail -3
+system_build_rc=${PIPESTATUS[0]}
 testbed_wait || exit 1
-[[ $build_rc == 0 ]] || { tb_log "build failed"; exit 1; }
+[[ $build_rc == 0 && $system_build_rc == 0 ]] || { tb_log "build failed"; exit 1; }
 
 cargo test -p nodepool-openstack --features testbed --locked --no-fail-fast -- --test-threads 6 2>&1 | tee "$OUT"
 rc=${PIPESTATUS[0]}
-tb_log "tests done (exit $rc)"
-exit "$rc"
+cargo test -p nodepool-tests --features testbed --locked --test openstack_launcher 2>&1 | tee -a "$OUT"
+system_rc=${PIPESTATUS[0]}
+tb_log "tests done (exit $rc, launcher end to end: exit $system_rc)"
+[[ $rc == 0 && $system_rc == 0 ]]

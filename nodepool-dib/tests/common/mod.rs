@@ -1,13 +1,17 @@
 //! Helpers shared by the test binaries: specs from real `nodepool.yaml`
-//! text, independent procfs/mountinfo/sysfs checks, bounded polling.
+//! text, independent procfs/mountinfo/sysfs checks, bounded polling; and
+//! (`real`) what the real diskimage-builder tests share. `nodepool-tests`
+//! includes this module too, for its builder runtime and real-DIB tests.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nodepool_core::config::Config;
-use nodepool_core::image_builder::BuildSpec;
+use nodepool_model::config::Config;
+use nodepool_model::image_builder::BuildSpec;
+
+pub mod real;
 
 /// A spec for `image` of a configuration, laid out as the builder runtime
 /// does: `<images-dir>/<image>-<id>`, `<build-log-dir>/<image>-<id>.log`,

@@ -8,8 +8,10 @@
 //! deleted in Nova. Everything is checked against Nova's and Neutron's own
 //! APIs, not only against the store.
 //!
-//! Feature `testbed` only. A missing cloud FAILS the test (nothing is
-//! skipped). The clouds.yaml is `$NODEPOOL_TEST_CLOUDS_YAML`, else the one
+//! Feature `testbed` of `nodepool-tests` only (a whole-system test: the
+//! launcher runtime and the OpenStack backend; `scripts/test.d/
+//! 30-openstack.sh` runs it after the backend's own testbed tests). A
+//! missing cloud FAILS the test (nothing is skipped). The clouds.yaml is `$NODEPOOL_TEST_CLOUDS_YAML`, else the one
 //! the testbed writes (`/tmp/openstack-peer/clouds.yaml`).
 //!
 //! Quota: at most four `np.tiny` servers (1 vCPU each) exist at once (two

@@ -1,12 +1,16 @@
 //! The builder runtime (`nodepool_core::builder`) end to end: real
-//! `DibBuilder` running `fake-disk-image-create` (a real program, this
-//! crate's binary), the simulated cloud receiving real uploads (checksums
-//! verified), the in-memory store (and one SQLite file). Waits poll real
-//! conditions; "nothing happens" is checked over counted planning passes.
+//! `DibBuilder` running `fake-disk-image-create` (a real program,
+//! `nodepool-dib`'s stand-in for diskimage-builder), the simulated cloud
+//! receiving real uploads (checksums verified), the in-memory store and a
+//! SQLite file. Waits poll real conditions; "nothing happens" is checked
+//! over counted planning passes.
 
 // Helpers outside #[test] fns panic on purpose, like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
+// nodepool-dib's own test helpers (procfs checks, specs from YAML, bounded
+// polling), shared rather than copied.
+#[path = "../../nodepool-dib/tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
@@ -24,10 +28,10 @@ use nodepool_core::store::{BuildRecord, ImageState, Store, UploadRecord};
 use nodepool_dib::{DibBuilder, DibOptions};
 use nodepool_model::store::MemoryStore;
 use nodepool_simulated::SimulatedProvider;
+use nodepool_tests::workspace_binary;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-const FAKE: &str = env!("CARGO_BIN_EXE_fake-disk-image-create");
 const LIMIT: Duration = Duration::from_secs(60);
 
 type Clouds = Arc<Mutex<BTreeMap<String, Arc<SimulatedProvider>>>>;
@@ -35,12 +39,21 @@ type Clouds = Arc<Mutex<BTreeMap<String, Arc<SimulatedProvider>>>>;
 /// A scratch installation: images, logs, elements, scripts.
 struct Site {
     dir: tempfile::TempDir,
+    /// The fake diskimage-builder.
+    fake: PathBuf,
 }
 
 impl Site {
-    fn new() -> Self {
+    async fn new() -> Self {
+        // Built by Cargo on first use (blocking).
+        let fake = tokio::task::spawn_blocking(|| {
+            workspace_binary("nodepool-dib", "fake-disk-image-create")
+        })
+        .await
+        .unwrap();
         Site {
             dir: tempfile::tempdir().unwrap(),
+            fake,
         }
     }
 
@@ -65,7 +78,7 @@ labels:
   - name: small
 diskimages:
   - name: deb
-    dib-cmd: {FAKE}
+    dib-cmd: {fake}
     elements: [debian-minimal, vm]
     release: bookworm
     metadata: {{os: debian, team: infra}}
@@ -89,6 +102,7 @@ providers:
         max-servers: 5
         labels: [{{name: small, diskimage: deb, flavor-name: "Fake Flavor"}}]
 "#,
+            fake = self.fake.display(),
             images = self.images().display(),
             logs = self.path("logs").display(),
             elements = self.path("elements").display(),
@@ -252,7 +266,7 @@ fn files_of(site: &Site, build: &str) -> Vec<String> {
 /// log, uploads to two providers in their formats with checksums and
 /// properties, the component registration.
 async fn build_then_upload_to_two_providers(store: Store) {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let b = start(store, site.config("", ""), "nb01", &clouds);
     let st = b
@@ -367,7 +381,7 @@ async fn one_more_build(b: &Running) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_two_builds_and_deletes_the_rest_everywhere() {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let store = Store::new(Arc::new(MemoryStore::new()));
     let b = start(store, site.config("", ""), "nb01", &clouds);
@@ -409,7 +423,7 @@ async fn retention_keeps_two_builds_and_deletes_the_rest_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_image_is_not_built_until_unpaused() {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let store = Store::new(Arc::new(MemoryStore::new()));
     store.set_image_paused("deb", true).await.unwrap();
@@ -433,7 +447,7 @@ async fn a_paused_image_is_not_built_until_unpaused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_by_deleting_the_newest_build_keeps_the_previous_one() {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let store = Store::new(Arc::new(MemoryStore::new()));
     let b = start(store.clone(), site.config("", ""), "nb01", &clouds);
@@ -470,7 +484,7 @@ async fn rollback_by_deleting_the_newest_build_keeps_the_previous_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_a_provider_deletes_its_uploads() {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let store = Store::new(Arc::new(MemoryStore::new()));
     let b = start(store, site.config("", ""), "nb01", &clouds);
@@ -498,7 +512,7 @@ async fn removing_a_provider_deletes_its_uploads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_builders_build_and_upload_are_recovered_by_another() {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let mem = MemoryStore::new();
     // Builder A hangs in diskimage-builder, then dies: its runtime (the
@@ -599,7 +613,7 @@ async fn a_dead_builders_build_and_upload_are_recovered_by_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_past_its_timeout_is_killed_and_recorded_failed() {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let store = Store::new(Arc::new(MemoryStore::new()));
     let b = start(
@@ -638,7 +652,7 @@ async fn a_build_past_its_timeout_is_killed_and_recorded_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_post_upload_hook_fails_the_upload_and_deletes_the_cloud_image() {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let args = site.path("hook-args");
     let hook = site.script(
@@ -688,7 +702,7 @@ async fn a_failing_post_upload_hook_fails_the_upload_and_deletes_the_cloud_image
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_cancels_a_running_build_and_leaves_no_process() {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let store = Store::new(Arc::new(MemoryStore::new()));
     let b = start(
@@ -721,7 +735,7 @@ async fn stopping_cancels_a_running_build_and_leaves_no_process() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_request_uploads_the_newest_build_again() {
-    let site = Site::new();
+    let site = Site::new().await;
     let clouds = Clouds::default();
     let store = Store::new(Arc::new(MemoryStore::new()));
     let b = start(store.clone(), site.config("", ""), "nb01", &clouds);

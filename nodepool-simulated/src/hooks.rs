@@ -1,0 +1,134 @@
+//! Test hooks: what tests do to the cloud behind the API's back (leaked
+//! servers, floating IPs and ports, quota, a server gone ERROR) and what
+//! they read of it (usage, servers). They are not API calls, so they work
+//! during an API fault. With a state file they read and write the file
+//! like any operation, so another process sees what they do; they panic
+//! when the file cannot be used.
+
+use nodepool_model::model::{Limits, Resources};
+use nodepool_model::provider::{CloudResource, Instance, ResourceKind};
+
+use crate::SimulatedProvider;
+
+impl SimulatedProvider {
+    /// Adds an ACTIVE server tagged for this provider (and its first pool)
+    /// with `node_id`, as a launcher that died after its create would leave
+    /// it. Returns its cloud id. It uses quota like any server.
+    pub fn inject_leaked_server(&self, node_id: &str) -> String {
+        self.hook("inject_leaked_server", |st, now| {
+            let server = self.inner.nova.leaked_server(node_id, now);
+            self.inner.nova.insert_server(st, server)
+        })
+    }
+
+    /// Adds a floating IP (attached to a port or not) and returns its id;
+    /// for `clean-floating-ips` tests.
+    pub fn inject_floating_ip(&self, attached: bool) -> String {
+        self.hook("inject_floating_ip", |st, _| {
+            let id = st.ids.uuid();
+            st.floating_ips.insert(
+                id.clone(),
+                CloudResource {
+                    kind: ResourceKind::FloatingIp,
+                    id: id.clone(),
+                    status: if attached { "ACTIVE" } else { "DOWN" }.into(),
+                    attached,
+                    device_owner: None,
+                },
+            );
+            id
+        })
+    }
+
+    /// Adds a DOWN port with this device owner (`""`, `compute:nova`, ...)
+    /// and returns its id; for `port-cleanup-interval` tests.
+    pub fn inject_down_port(&self, device_owner: &str) -> String {
+        self.hook("inject_down_port", |st, _| {
+            let id = st.ids.uuid();
+            st.ports.insert(
+                id.clone(),
+                CloudResource {
+                    kind: ResourceKind::Port,
+                    id: id.clone(),
+                    status: "DOWN".into(),
+                    attached: false,
+                    device_owner: Some(device_owner.to_owned()),
+                },
+            );
+            id
+        })
+    }
+
+    /// Replaces the cloud quota (missing names unlimited). Existing servers
+    /// stay, even over the new quota, as in Nova. With a state file, a
+    /// provider that opens the file later applies its configuration's
+    /// quota again.
+    pub fn set_quota(&self, quota: Limits) {
+        self.hook("set_quota", |st, _| st.quota = quota);
+    }
+
+    /// Quota used by every existing server (building, active, in error or
+    /// being deleted).
+    pub fn usage(&self) -> Resources {
+        self.hook("usage", |st, now| {
+            st.settle(now);
+            st.usage.clone()
+        })
+    }
+
+    /// Every server that exists now (any status), read past any API
+    /// fault: what the cloud really holds, for tests and drills that
+    /// count servers while the API is made to fail. Async, as API calls
+    /// are: with a state file, the lock is taken on a blocking thread,
+    /// never on the caller's runtime worker (whose peers may be needed by
+    /// whoever holds the lock).
+    pub async fn instances(&self) -> Vec<Instance> {
+        match self
+            .with_state(|st, now| {
+                st.settle(now);
+                st.servers.values().map(|s| s.instance(now)).collect()
+            })
+            .await
+        {
+            Ok(all) => all,
+            Err(e) => panic!("simulated cloud {}: instances: {e}", self.inner.nova.name),
+        }
+    }
+
+    /// Servers that exist now (any status).
+    pub fn server_count(&self) -> usize {
+        self.hook("server_count", |st, now| {
+            st.settle(now);
+            st.servers.len()
+        })
+    }
+
+    /// The server tagged with `node_id` (the first, if several are).
+    pub fn server_for_node(&self, node_id: &str) -> Option<Instance> {
+        self.hook("server_for_node", |st, now| {
+            st.settle(now);
+            st.servers
+                .values()
+                .find(|s| s.base.node_id().as_deref() == Some(node_id))
+                .map(|s| s.instance(now))
+        })
+    }
+
+    /// Makes a server go ERROR now with `fault` (a fault that reads like a
+    /// quota error makes `wait_for_instance` return `QuotaExceeded`, as
+    /// from Nova). False when there is no such server or it is being
+    /// deleted.
+    pub fn fail_server(&self, external_id: &str, fault: &str) -> bool {
+        self.hook("fail_server", |st, now| {
+            st.settle(now);
+            match st.servers.get_mut(external_id) {
+                Some(s) if s.deleting.is_none() => {
+                    s.error = Some(fault.to_owned());
+                    s.changed.notify_waiters();
+                    true
+                }
+                _ => false,
+            }
+        })
+    }
+}
