@@ -22,12 +22,17 @@ pub(crate) fn map(err: zk::Error, path: &str, store: &str) -> StoreError {
         zk::Error::SessionExpired | zk::Error::SessionMoved | zk::Error::ClientClosed => {
             StoreError::SessionLost
         }
-        zk::Error::ConnectionLoss | zk::Error::Timeout | zk::Error::NoHosts => {
-            StoreError::Unavailable {
-                store: store.into(),
-                reason: err.to_string(),
-            }
-        }
+        // `Custom` in an operation is the I/O error that broke the
+        // connection ("Connection reset by peer" when the server stops):
+        // the request may or may not have been applied, exactly as with
+        // ConnectionLoss, so it must be resolved, not taken as a refusal.
+        zk::Error::ConnectionLoss
+        | zk::Error::Timeout
+        | zk::Error::NoHosts
+        | zk::Error::Custom(_) => StoreError::Unavailable {
+            store: store.into(),
+            reason: err.to_string(),
+        },
         zk::Error::NoChildrenForEphemerals => {
             StoreError::Other(format!("{path}: ephemeral records cannot have children"))
         }
@@ -40,7 +45,7 @@ pub(crate) fn map(err: zk::Error, path: &str, store: &str) -> StoreError {
 pub(crate) fn is_connection(err: &zk::Error) -> bool {
     matches!(
         err,
-        zk::Error::ConnectionLoss | zk::Error::Timeout | zk::Error::NoHosts
+        zk::Error::ConnectionLoss | zk::Error::Timeout | zk::Error::NoHosts | zk::Error::Custom(_)
     )
 }
 
