@@ -34,9 +34,10 @@ use nodepool_core::consumer::{
     ConsumerError, ConsumerFactory, FinishedNode, NodeConsumer, NodeOutcome,
 };
 use nodepool_core::consumers::{ConsumerRuntime, ConsumerSettings};
-use nodepool_core::launcher::{Launcher, LauncherSettings, ProviderFactory};
+use nodepool_core::launcher::{Launcher, LauncherSettings};
 use nodepool_core::model::{Node, Port};
 use nodepool_core::provider::Provider;
+use nodepool_core::runtime::ProviderFactory;
 use nodepool_core::store::{Store, paths};
 use nodepool_simulated::SimulatedProvider;
 use nodepool_sqlite::{SqliteOptions, SqliteStore};

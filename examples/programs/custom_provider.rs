@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 
 use local_processes::{LocalCloud, LocalFlavor, LocalProcesses};
 use nodepool_core::config::Config;
-use nodepool_core::launcher::{Launcher, LauncherSettings, ProviderFactory};
+use nodepool_core::launcher::{Launcher, LauncherSettings};
 use nodepool_core::model::Limits;
 use nodepool_core::provider::Provider;
-use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
+use nodepool_core::runtime::ProviderFactory;
 use nodepool_core::store::Store;
+use nodepool_requestor::{NewRequest, Outcome, Requestor};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

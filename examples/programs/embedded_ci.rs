@@ -25,9 +25,10 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use nodepool_core::config::Config;
-use nodepool_core::launcher::{Launcher, LauncherSettings, ProviderFactory};
+use nodepool_core::launcher::{Launcher, LauncherSettings};
 use nodepool_core::model::{Json, NodeState, Port};
 use nodepool_core::provider::Provider;
+use nodepool_core::runtime::ProviderFactory;
 use nodepool_core::store::{Store, paths};
 use nodepool_requestor::{NewRequest, Outcome, Requestor};
 use nodepool_simulated::SimulatedProvider;

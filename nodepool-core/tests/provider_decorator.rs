@@ -17,9 +17,9 @@ use nodepool_core::launcher::{
 };
 use nodepool_core::model::RequestState;
 use nodepool_core::provider::Provider;
-use nodepool_core::requestor::{NewRequest, Outcome, Requestor};
 use nodepool_core::store::Store;
 use nodepool_model::store::MemoryStore;
+use nodepool_requestor::{NewRequest, Outcome, Requestor};
 use nodepool_simulated::SimulatedProvider;
 use nodepool_simulated::faults::{Fault, FaultyProvider, Operation};
 use tokio::sync::watch;
@@ -90,7 +90,7 @@ impl Rig {
                     instances: Duration::from_secs(86_400),
                     ..ObserverIntervals::default()
                 },
-                clock: nodepool_core::launcher::Clock::tokio(),
+                clock: nodepool_core::runtime::Clock::tokio(),
                 ..LauncherSettings::default()
             },
         );
