@@ -29,7 +29,7 @@ use crate::planner::leaks::{self, KnownNodes, LeakReason};
 use crate::provider::{Provider, ProviderError};
 use crate::store::paths::{self, ImagePath, classify_image_path};
 use crate::store::{
-    CreateMode, ImageState, LockGuard, LockWait, Store, StoreError, Versioned, split_path,
+    CreateMode, Held, ImageState, LockGuard, LockWait, Store, StoreError, Versioned, split_path,
 };
 
 /// How long `delete` and `hold` wait for a node's lock (Nodepool: 5 s).
@@ -143,12 +143,12 @@ pub enum AdminError {
         id: String,
     },
     /// Deleting the node's server or record failed.
-    #[error("deleting node {id}: {reason}")]
+    #[error("deleting node {id}: {source}")]
     DeleteNode {
         /// Node id.
         id: String,
         /// Why.
-        reason: String,
+        source: crate::launcher::DeleteError,
     },
     /// Writing `deleting` on a node failed (e.g. it changed meanwhile).
     #[error("marking node {id} deleting")]
@@ -485,58 +485,52 @@ pub async fn delete_node(
     now: bool,
 ) -> Result<(), AdminError> {
     let guard = lock_node(store, id).await?;
-    let result = async {
-        let v = node(store, id).await?;
-        if now {
-            let provider: Option<Arc<dyn Provider>> = match config.provider(&v.value.provider) {
-                Some(pc) => Some(providers(pc).map_err(|reason| AdminError::NodeProvider {
-                    provider: v.value.provider.clone(),
+    guard
+        .hold(async |guard: &LockGuard| -> Result<Held<()>, AdminError> {
+            let v = node(store, id).await?;
+            if now {
+                let provider: Option<Arc<dyn Provider>> = match config.provider(&v.value.provider) {
+                    Some(pc) => Some(providers(pc).map_err(|reason| AdminError::NodeProvider {
+                        provider: v.value.provider.clone(),
+                        id: id.to_owned(),
+                        reason,
+                    })?),
+                    None => None,
+                };
+                if provider.is_none() && v.value.external_id.is_some() {
+                    return Err(AdminError::NodeProviderUnknown {
+                        provider: v.value.provider.clone(),
+                        id: id.to_owned(),
+                    });
+                }
+                delete_locked_node(
+                    store,
+                    provider.as_deref(),
+                    id,
+                    guard,
+                    DELETE_TIMEOUT,
+                    &epoch_now,
+                )
+                .await
+                .map_err(|source| AdminError::DeleteNode {
                     id: id.to_owned(),
-                    reason,
-                })?),
-                None => None,
-            };
-            if provider.is_none() && v.value.external_id.is_some() {
-                return Err(AdminError::NodeProviderUnknown {
-                    provider: v.value.provider.clone(),
-                    id: id.to_owned(),
-                });
+                    source,
+                })?;
+                // The lock directory went with the record.
+                return Ok(Held::Removed(()));
             }
-            delete_locked_node(
-                store,
-                provider.as_deref(),
-                id,
-                &guard,
-                DELETE_TIMEOUT,
-                &epoch_now,
-            )
-            .await
-            .map_err(|reason| AdminError::DeleteNode {
-                id: id.to_owned(),
-                reason,
-            })?;
-            return Ok(true);
-        }
-        let mut record = v.value;
-        record.set_state(NodeState::Deleting, epoch_now());
-        store
-            .update_node(id, &record, v.version)
-            .await
-            .map_err(|source| AdminError::MarkNode {
-                id: id.to_owned(),
-                source,
-            })?;
-        Ok(false)
-    }
-    .await;
-    match result {
-        // The lock directory went with the record.
-        Ok(true) => guard.forget(),
-        Ok(false) | Err(_) => {
-            let _ = guard.release().await;
-        }
-    }
-    result.map(|_| ())
+            let mut record = v.value;
+            record.set_state(NodeState::Deleting, epoch_now());
+            store
+                .update_node(id, &record, v.version)
+                .await
+                .map_err(|source| AdminError::MarkNode {
+                    id: id.to_owned(),
+                    source,
+                })?;
+            Ok(Held::Kept(()))
+        })
+        .await
 }
 
 /// `hold ID`: locks the node ([`NODE_LOCK_TIMEOUT`]) and sets it `hold`
@@ -544,31 +538,30 @@ pub async fn delete_node(
 /// cannot be held.
 pub async fn hold_node(store: &Store, id: &str, reason: Option<&str>) -> Result<(), AdminError> {
     let guard = lock_node(store, id).await?;
-    let result = async {
-        let v = node(store, id).await?;
-        if matches!(v.value.state, NodeState::Deleting | NodeState::Deleted) {
-            return Err(AdminError::NotHoldable {
-                id: id.to_owned(),
-                state: v.value.state,
-            });
-        }
-        let mut record = v.value;
-        record.set_state(NodeState::Hold, epoch_now());
-        if let Some(r) = reason {
-            record.comment = Some(r.to_owned());
-        }
-        store
-            .update_node(id, &record, v.version)
-            .await
-            .map_err(|source| AdminError::HoldNode {
-                id: id.to_owned(),
-                source,
-            })?;
-        Ok(())
-    }
-    .await;
-    let _ = guard.release().await;
-    result
+    guard
+        .hold(async |_: &LockGuard| -> Result<Held<()>, AdminError> {
+            let v = node(store, id).await?;
+            if matches!(v.value.state, NodeState::Deleting | NodeState::Deleted) {
+                return Err(AdminError::NotHoldable {
+                    id: id.to_owned(),
+                    state: v.value.state,
+                });
+            }
+            let mut record = v.value;
+            record.set_state(NodeState::Hold, epoch_now());
+            if let Some(r) = reason {
+                record.comment = Some(r.to_owned());
+            }
+            store
+                .update_node(id, &record, v.version)
+                .await
+                .map_err(|source| AdminError::HoldNode {
+                    id: id.to_owned(),
+                    source,
+                })?;
+            Ok(Held::Kept(()))
+        })
+        .await
 }
 
 async fn lock_node(store: &Store, id: &str) -> Result<LockGuard, AdminError> {

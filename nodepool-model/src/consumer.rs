@@ -60,6 +60,49 @@ pub enum ConsumerError {
 /// has them. `node_ready` must be idempotent: after a restart the runtime
 /// calls it again for every node still allocated to the consumer, which
 /// must then adopt what it registered before instead of failing.
+///
+/// # Example
+///
+/// A consumer that keeps one idle node of a label and gives every node
+/// back as soon as it got it (the `custom_consumer` example program is a
+/// fuller one):
+///
+/// ```no_run
+/// use std::sync::Mutex;
+/// use async_trait::async_trait;
+/// use nodepool_model::consumer::{ConsumerError, FinishedNode, NodeConsumer, NodeOutcome};
+/// use nodepool_model::model::Node;
+///
+/// #[derive(Debug, Default)]
+/// struct Echo {
+///     done: Mutex<Vec<String>>,
+/// }
+///
+/// #[async_trait]
+/// impl NodeConsumer for Echo {
+///     fn name(&self) -> &str {
+///         "echo"
+///     }
+///     fn wants(&self) -> Vec<(String, u32)> {
+///         vec![("small".into(), 1)]
+///     }
+///     async fn node_ready(&self, node_id: &str, node: &Node) -> Result<(), ConsumerError> {
+///         println!("got {node_id} at {:?}", node.interface_ip);
+///         self.done.lock().expect("poisoned").push(node_id.to_owned());
+///         Ok(())
+///     }
+///     async fn finished_nodes(&self) -> Result<Vec<FinishedNode>, ConsumerError> {
+///         let done = std::mem::take(&mut *self.done.lock().expect("poisoned"));
+///         Ok(done
+///             .into_iter()
+///             .map(|node_id| FinishedNode { node_id, outcome: NodeOutcome::Used })
+///             .collect())
+///     }
+///     async fn node_gone(&self, _node_id: &str) -> Result<(), ConsumerError> {
+///         Ok(())
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait NodeConsumer: Send + Sync + std::fmt::Debug {
     /// Consumer name (a Jenkins target's name).

@@ -84,6 +84,40 @@ pub enum BuildError {
 }
 
 /// Builds disk images. Object-safe; used as `Arc<dyn ImageBuilder>`.
+///
+/// # Example
+///
+/// A builder that "builds" by copying a prepared image file (handy where
+/// images come from elsewhere); `nodepool-dib` runs diskimage-builder.
+///
+/// ```no_run
+/// use std::path::PathBuf;
+/// use async_trait::async_trait;
+/// use nodepool_model::image_builder::{
+///     Artifact, BuildArtifacts, BuildError, BuildSpec, ImageBuilder,
+/// };
+/// use tokio_util::sync::CancellationToken;
+///
+/// #[derive(Debug)]
+/// struct Prebuilt {
+///     qcow2: PathBuf,
+/// }
+///
+/// #[async_trait]
+/// impl ImageBuilder for Prebuilt {
+///     async fn build(
+///         &self,
+///         spec: &BuildSpec,
+///         _cancel: CancellationToken,
+///     ) -> Result<BuildArtifacts, BuildError> {
+///         let path = spec.output_base.with_extension("qcow2");
+///         let size = std::fs::copy(&self.qcow2, &path).map_err(|e| BuildError::Io(e.to_string()))?;
+///         Ok(BuildArtifacts {
+///             artifacts: vec![Artifact { format: "qcow2".into(), path, size, md5: None, sha256: None }],
+///         })
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait ImageBuilder: Send + Sync + std::fmt::Debug {
     /// Runs one build to completion, honouring `spec.timeout` and `cancel`.

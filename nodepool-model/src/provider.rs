@@ -319,6 +319,27 @@ pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(60);
 ///
 /// Every implementation must pass the conformance suite in
 /// `nodepool_model::conformance::provider` (feature `conformance`).
+///
+/// # Example
+///
+/// One server's life as the launcher drives it (a sketch: the launcher
+/// also records the server id in its node before waiting, and bounds each
+/// wait by the pool's timeouts). The `custom_provider` example program
+/// implements the trait.
+///
+/// ```no_run
+/// use nodepool_model::provider::{InstanceSpec, Provider, ProviderError};
+///
+/// async fn boot_and_delete(
+///     cloud: &dyn Provider,
+///     spec: &InstanceSpec,
+/// ) -> Result<(), ProviderError> {
+///     let id = cloud.create_instance(spec).await?;
+///     let server = cloud.wait_for_instance(&id, spec).await?;
+///     println!("{id} is {:?} at {:?}", server.status, server.interface_ip);
+///     cloud.delete_instance(&id).await
+/// }
+/// ```
 #[async_trait]
 pub trait Provider: Send + Sync + std::fmt::Debug {
     /// Provider name (from the config).

@@ -12,10 +12,11 @@ use crate::config::{Config, DiskImage};
 use crate::image_builder::{BuildError, BuildSpec};
 use crate::model::{BuildState, ImageBuild, ImageUpload, Json, UploadState};
 use crate::planner::images::{BuildReason, ImageAction, ImageDeleteReason};
+use crate::provider::ProviderError;
 use crate::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID, ImageUploadSpec};
 use crate::store::paths::{self, ImagePath, classify_image_path};
 use crate::store::{
-    Decision, LockGuard, LockOf, LockWait, RecordKey, Store, StoreError, Versioned,
+    Decision, Held, LockGuard, LockOf, LockWait, RecordKey, Store, StoreError, Versioned,
 };
 
 /// Lines and bytes of a failed build's log kept in its record.
@@ -31,10 +32,96 @@ pub(crate) const LOG_TAIL_KEY: &str = "log_tail";
 /// bounds one that does not).
 const UPLOAD_TIMEOUT_MARGIN: Duration = Duration::from_secs(60);
 
-type TaskResult = Result<(), String>;
+type TaskResult = Result<(), TaskError>;
 
-fn store_err(what: &str) -> impl Fn(StoreError) -> String + '_ {
-    move |e| format!("{what}: {e}")
+/// Why a builder task did not finish; the runtime logs it and backs off
+/// before trying the action again.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TaskError {
+    /// The store refused or failed.
+    #[error("{what}: {source}")]
+    Store {
+        /// What was being done.
+        what: String,
+        /// The store's error.
+        source: StoreError,
+    },
+    /// The cloud refused or failed.
+    #[error("{what}: {source}")]
+    Cloud {
+        /// What was being done.
+        what: String,
+        /// The provider's error.
+        source: ProviderError,
+    },
+    /// The cloud did not answer in time.
+    #[error("{0} timed out")]
+    Timeout(String),
+    /// Something this builder needs is not configured.
+    #[error("{0}")]
+    NotConfigured(&'static str),
+    /// The image files could not be read or deleted.
+    #[error("{0}")]
+    Files(String),
+    /// An image file to upload is missing.
+    #[error("{} is missing: cannot upload build {build} to {provider}", path.display())]
+    MissingFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its build.
+        build: String,
+        /// Where it was to go.
+        provider: String,
+    },
+    /// The store session (and the lock with it) was lost during long work,
+    /// whose result was discarded.
+    #[error("the store session was lost during {0}; discarded it")]
+    SessionLost(String),
+    /// An upload failed (and was recorded failed).
+    #[error("upload {upload} of build {build} to {provider} failed: {source}")]
+    Upload {
+        /// The upload.
+        upload: String,
+        /// Its build.
+        build: String,
+        /// Where it was to go.
+        provider: String,
+        /// Why.
+        source: UploadError,
+    },
+}
+
+impl From<StoreError> for TaskError {
+    fn from(source: StoreError) -> Self {
+        TaskError::Store {
+            what: "store".into(),
+            source,
+        }
+    }
+}
+
+/// Why an upload to a cloud failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UploadError {
+    /// The cloud refused or failed.
+    #[error("{0}")]
+    Cloud(#[from] ProviderError),
+    /// The provider gave no result in time.
+    #[error("no result within image-upload-timeout ({0} s)")]
+    Timeout(u64),
+    /// The builder was stopped meanwhile.
+    #[error("the builder is stopping")]
+    Stopping,
+    /// The post-upload hook refused the image (and it was deleted).
+    #[error("{0}")]
+    Hook(#[from] hook::HookError),
+}
+
+fn store_err(what: &str) -> impl Fn(StoreError) -> TaskError + '_ {
+    move |source| TaskError::Store {
+        what: what.to_owned(),
+        source,
+    }
 }
 
 /// One planned action, with what it needs.
@@ -43,15 +130,6 @@ pub(crate) struct Task {
     pub config: std::sync::Arc<Config>,
     pub provider: Option<ProviderEntry>,
     pub action: ImageAction,
-}
-
-/// Takes a lock non-blocking; `Ok(None)` when someone else holds it
-/// (someone else is doing the work).
-async fn try_lock(store: &Store, dir: &str) -> Result<Option<LockGuard>, String> {
-    store
-        .try_lock_for(LockOf::Dir(dir))
-        .await
-        .map_err(|e| format!("cannot lock {dir}: {e}"))
 }
 
 /// Changes a build's state under `lock` if it is in one of `from`;
@@ -64,7 +142,7 @@ async fn transition_build(
     build: &str,
     from: &[BuildState],
     to: (BuildState, f64),
-) -> Result<Option<ImageBuild>, String> {
+) -> Result<Option<ImageBuild>, TaskError> {
     let changed = store
         .with_locked(
             LockOf::Dir(lock),
@@ -84,7 +162,10 @@ async fn transition_build(
     match changed {
         Ok(c) => Ok(c),
         Err(StoreError::Locked { .. }) => Ok(None),
-        Err(e) => Err(format!("cannot mark build {build} {}: {e}", to.0.as_str())),
+        Err(source) => Err(TaskError::Store {
+            what: format!("cannot mark build {build} {}", to.0.as_str()),
+            source,
+        }),
     }
 }
 
@@ -234,11 +315,11 @@ impl Task {
         }
     }
 
-    fn images_dir(&self) -> Result<&Path, String> {
+    fn images_dir(&self) -> Result<&Path, TaskError> {
         self.config
             .images_dir
             .as_deref()
-            .ok_or_else(|| "no images-dir configured".to_owned())
+            .ok_or(TaskError::NotConfigured("no images-dir configured"))
     }
 
     async fn delete_files(
@@ -253,8 +334,8 @@ impl Task {
             local::delete_build_files(&dir, &i, &b, formats.as_deref())
         })
         .await
-        .map_err(|e| format!("file deletion task failed: {e}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TaskError::Files(format!("file deletion task failed: {e}")))?
+        .map_err(|e| TaskError::Files(e.to_string()))?;
         if !deleted.is_empty() {
             tracing::info!(image = %image, build = %build, files = deleted.len(), "deleted local image files");
         }
@@ -274,16 +355,23 @@ impl Task {
         let Some(di) = self.config.diskimage(image).cloned() else {
             return Ok(());
         };
-        let store = &self.shared.store;
-        let Some(guard) = try_lock(store, &paths::builds_lock(image)).await? else {
+        let lock = paths::builds_lock(image);
+        let built = self
+            .shared
+            .store
+            .try_holding(
+                LockOf::Dir(&lock),
+                async |guard: &LockGuard| -> Result<Held<()>, TaskError> {
+                    self.build_locked(guard, &di, formats, reason, newest_ready, requested)
+                        .await
+                        .map(Held::Kept)
+                },
+            )
+            .await?;
+        if built.is_none() {
             tracing::debug!(image = %image, "another builder is building it");
-            return Ok(());
-        };
-        let r = self
-            .build_locked(&guard, &di, formats, reason, newest_ready, requested)
-            .await;
-        guard.release_logged().await;
-        r
+        }
+        Ok(())
     }
 
     async fn build_locked(
@@ -403,7 +491,10 @@ impl Task {
                 if let Err(e) = store.write_locked(guard, &key, &value, Some(version)).await {
                     // Without a ready record nobody will use the files.
                     self.delete_files(image, &id, None).await?;
-                    return Err(format!("cannot record build {id} ready: {e}"));
+                    return Err(TaskError::Store {
+                        what: format!("cannot record build {id} ready"),
+                        source: e,
+                    });
                 }
                 tracing::info!(
                     image = %image,
@@ -489,44 +580,50 @@ impl Task {
         reason: ImageDeleteReason,
     ) -> TaskResult {
         let store = &self.shared.store;
-        let Some(guard) = try_lock(store, &paths::build_lock(image, build)).await? else {
-            return Ok(());
-        };
+        let lock = paths::build_lock(image, build);
         let now = self.shared.now();
-        let marked = store
-            .update_locked(&guard, &RecordKey::build(image, build), |cur| match cur {
-                None => Decision::Leave(false),
-                Some(v) if v.value.state == BuildState::Building => Decision::Leave(false),
-                Some(v) if v.value.state == BuildState::Deleting => Decision::Leave(true),
-                Some(v) => {
-                    let mut b = v.value;
-                    b.set_state(BuildState::Deleting, now);
-                    Decision::Write(b, true)
-                }
-            })
-            .await;
-        let go_on = match marked {
-            // Gone, or being built.
-            Ok(false) => Ok(false),
-            Ok(true) => match build_has_uploads(store, image, build).await {
-                // An upload appeared meanwhile: the next pass deletes it first.
-                Ok(uploads) => Ok(!uploads),
-                Err(e) => Err(format!("cannot list uploads: {e}")),
-            },
-            Err(e) => Err(format!("cannot mark build {build} deleting: {e}")),
-        };
-        if go_on != Ok(true) {
-            guard.release_logged().await;
-            return go_on.map(|_| ());
-        }
-        self.delete_files(image, build, None).await?;
         store
-            .delete_build(image, build)
-            .await
-            .map_err(store_err("cannot delete the build record"))?;
-        // The lock directory went with the record.
-        guard.forget();
-        tracing::info!(image = %image, build = %build, %reason, "deleted build");
+            .try_holding(
+                LockOf::Dir(&lock),
+                async |guard: &LockGuard| -> Result<Held<()>, TaskError> {
+                    let marked = store
+                        .update_locked(guard, &RecordKey::build(image, build), |cur| match cur {
+                            None => Decision::Leave(false),
+                            Some(v) if v.value.state == BuildState::Building => {
+                                Decision::Leave(false)
+                            }
+                            Some(v) if v.value.state == BuildState::Deleting => {
+                                Decision::Leave(true)
+                            }
+                            Some(v) => {
+                                let mut b = v.value;
+                                b.set_state(BuildState::Deleting, now);
+                                Decision::Write(b, true)
+                            }
+                        })
+                        .await
+                        .map_err(store_err(&format!("cannot mark build {build} deleting")))?;
+                    // Gone, or being built.
+                    if !marked {
+                        return Ok(Held::Kept(()));
+                    }
+                    if build_has_uploads(store, image, build)
+                        .await
+                        .map_err(store_err("cannot list uploads"))?
+                    {
+                        // An upload appeared meanwhile: the next pass deletes it first.
+                        return Ok(Held::Kept(()));
+                    }
+                    self.delete_files(image, build, None).await?;
+                    store
+                        .delete_build(image, build)
+                        .await
+                        .map_err(store_err("cannot delete the build record"))?;
+                    tracing::info!(image = %image, build = %build, %reason, "deleted build");
+                    Ok(Held::Removed(()))
+                },
+            )
+            .await?;
         Ok(())
     }
 
@@ -543,10 +640,10 @@ impl Task {
 
     // ----- uploads -----------------------------------------------------
 
-    fn entry(&self) -> Result<&ProviderEntry, String> {
+    fn entry(&self) -> Result<&ProviderEntry, TaskError> {
         self.provider
             .as_ref()
-            .ok_or_else(|| "provider not set up".to_owned())
+            .ok_or(TaskError::NotConfigured("provider not set up"))
     }
 
     async fn upload(
@@ -557,16 +654,19 @@ impl Task {
         format: &str,
         requested: bool,
     ) -> TaskResult {
-        let store = &self.shared.store;
-        let Some(guard) = try_lock(store, &paths::uploads_lock(image, build, provider)).await?
-        else {
-            return Ok(());
-        };
-        let r = self
-            .upload_locked(&guard, image, build, provider, format, requested)
-            .await;
-        guard.release_logged().await;
-        r
+        let lock = paths::uploads_lock(image, build, provider);
+        self.shared
+            .store
+            .try_holding(
+                LockOf::Dir(&lock),
+                async |guard: &LockGuard| -> Result<Held<()>, TaskError> {
+                    self.upload_locked(guard, image, build, provider, format, requested)
+                        .await
+                        .map(Held::Kept)
+                },
+            )
+            .await?;
+        Ok(())
     }
 
     async fn upload_locked(
@@ -627,10 +727,11 @@ impl Task {
         let size = match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => m.len(),
             _ => {
-                return Err(format!(
-                    "{} is missing: cannot upload build {build} to {provider}",
-                    path.display()
-                ));
+                return Err(TaskError::MissingFile {
+                    path,
+                    build: build.to_owned(),
+                    provider: provider.to_owned(),
+                });
             }
         };
         let md5 = local::read_checksum(
@@ -691,7 +792,7 @@ impl Task {
                 }
                 Err(e) => {
                     self.delete_cloud_image(entry, ext).await;
-                    outcome = Err(e.to_string());
+                    outcome = Err(e.into());
                 }
             }
         }
@@ -701,9 +802,9 @@ impl Task {
             if let Ok(ext) = &outcome {
                 self.delete_cloud_image(entry, ext).await;
             }
-            return Err(format!(
-                "the store session was lost during upload {upload_id} of build {build} to {provider}; discarded it"
-            ));
+            return Err(TaskError::SessionLost(format!(
+                "upload {upload_id} of build {build} to {provider}"
+            )));
         }
         match outcome {
             Ok(ext) => {
@@ -711,7 +812,10 @@ impl Task {
                 rec.set_state(UploadState::Ready, now);
                 if let Err(e) = store.write_locked(guard, &key, &rec, Some(version)).await {
                     self.delete_cloud_image(entry, &ext).await;
-                    return Err(format!("cannot record upload {upload_id} ready: {e}"));
+                    return Err(TaskError::Store {
+                        what: format!("cannot record upload {upload_id} ready"),
+                        source: e,
+                    });
                 }
                 let secs = started.elapsed().as_secs_f64();
                 tracing::info!(
@@ -732,9 +836,12 @@ impl Task {
                     .write_locked(guard, &key, &rec, Some(version))
                     .await
                     .map_err(store_err("cannot record the failed upload"))?;
-                Err(format!(
-                    "upload {upload_id} of build {build} to {provider} failed: {e}"
-                ))
+                Err(TaskError::Upload {
+                    upload: upload_id,
+                    build: build.to_owned(),
+                    provider: provider.to_owned(),
+                    source: e,
+                })
             }
         }
     }
@@ -746,7 +853,7 @@ impl Task {
         entry: &ProviderEntry,
         spec: &ImageUploadSpec,
         size: u64,
-    ) -> Result<String, String> {
+    ) -> Result<String, UploadError> {
         let upload = entry.provider.upload_image(spec);
         tokio::pin!(upload);
         let limit = tokio::time::sleep(spec.timeout + UPLOAD_TIMEOUT_MARGIN);
@@ -756,11 +863,9 @@ impl Task {
         let started = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                r = &mut upload => return r.map_err(|e| e.to_string()),
-                _ = &mut limit => return Err(format!(
-                    "no result within image-upload-timeout ({} s)", spec.timeout.as_secs()
-                )),
-                _ = self.shared.work.cancelled() => return Err("the builder is stopping".into()),
+                r = &mut upload => return r.map_err(UploadError::Cloud),
+                _ = &mut limit => return Err(UploadError::Timeout(spec.timeout.as_secs())),
+                _ = self.shared.work.cancelled() => return Err(UploadError::Stopping),
                 _ = progress.tick() => {
                     tracing::info!(
                         provider = %entry.config.name, image = %spec.name, bytes = size,
@@ -803,8 +908,11 @@ impl Task {
             Some(id) => vec![id.to_owned()],
             None => tokio::time::timeout(t, p.list_images())
                 .await
-                .map_err(|_| "listing cloud images timed out".to_owned())?
-                .map_err(|e| format!("cannot list cloud images: {e}"))?
+                .map_err(|_| TaskError::Timeout("listing cloud images".into()))?
+                .map_err(|source| TaskError::Cloud {
+                    what: "cannot list cloud images".into(),
+                    source,
+                })?
                 .into_iter()
                 .filter(|i| {
                     i.properties.get(IMAGE_BUILD_ID).map(String::as_str) == Some(build)
@@ -819,8 +927,11 @@ impl Task {
         for id in ids {
             tokio::time::timeout(t, p.delete_image(&id))
                 .await
-                .map_err(|_| format!("deleting cloud image {id} timed out"))?
-                .map_err(|e| format!("cannot delete cloud image {id}: {e}"))?;
+                .map_err(|_| TaskError::Timeout(format!("deleting cloud image {id}")))?
+                .map_err(|source| TaskError::Cloud {
+                    what: format!("cannot delete cloud image {id}"),
+                    source,
+                })?;
             tracing::info!(provider = %entry.config.name, image = %id, "deleted cloud image");
         }
         Ok(())
@@ -836,54 +947,44 @@ impl Task {
     ) -> TaskResult {
         let store = &self.shared.store;
         let entry = self.entry()?;
-        let Some(guard) =
-            try_lock(store, &paths::upload_lock(image, build, provider, upload)).await?
-        else {
-            return Ok(());
-        };
+        let lock = paths::upload_lock(image, build, provider, upload);
         let now = self.shared.now();
-        let marked = store
-            .update_locked(
-                &guard,
-                &RecordKey::upload(image, build, provider, upload),
-                |cur| match cur {
-                    None => Decision::Leave(None),
-                    Some(v) if v.value.state == UploadState::Uploading => Decision::Leave(None),
-                    Some(v) if v.value.state == UploadState::Deleting => {
-                        Decision::Leave(Some(v.value))
-                    }
-                    Some(v) => {
-                        let mut u = v.value;
-                        u.set_state(UploadState::Deleting, now);
-                        Decision::Write(u.clone(), Some(u))
-                    }
-                },
-            )
-            .await;
-        let u = match marked {
-            Ok(Some(u)) => u,
-            Ok(None) => {
-                guard.release_logged().await;
-                return Ok(());
-            }
-            Err(e) => {
-                guard.release_logged().await;
-                return Err(format!("cannot mark upload deleting: {e}"));
-            }
-        };
-        tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload, external_id = ?u.external_id, %reason, "deleting upload");
-        if let Err(e) = self
-            .delete_upload_image(entry, build, upload, u.external_id.as_deref())
-            .await
-        {
-            guard.release_logged().await;
-            return Err(e);
-        }
         store
-            .delete_upload(image, build, provider, upload)
-            .await
-            .map_err(store_err("cannot delete the upload record"))?;
-        guard.forget();
+            .try_holding(LockOf::Dir(&lock), async |guard: &LockGuard| -> Result<Held<()>, TaskError> {
+                let marked = store
+                    .update_locked(
+                        guard,
+                        &RecordKey::upload(image, build, provider, upload),
+                        |cur| match cur {
+                            None => Decision::Leave(None),
+                            Some(v) if v.value.state == UploadState::Uploading => {
+                                Decision::Leave(None)
+                            }
+                            Some(v) if v.value.state == UploadState::Deleting => {
+                                Decision::Leave(Some(v.value))
+                            }
+                            Some(v) => {
+                                let mut u = v.value;
+                                u.set_state(UploadState::Deleting, now);
+                                Decision::Write(u.clone(), Some(u))
+                            }
+                        },
+                    )
+                    .await
+                    .map_err(store_err("cannot mark upload deleting"))?;
+                let Some(u) = marked else {
+                    return Ok(Held::Kept(()));
+                };
+                tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload, external_id = ?u.external_id, %reason, "deleting upload");
+                self.delete_upload_image(entry, build, upload, u.external_id.as_deref())
+                    .await?;
+                store
+                    .delete_upload(image, build, provider, upload)
+                    .await
+                    .map_err(store_err("cannot delete the upload record"))?;
+                Ok(Held::Removed(()))
+            })
+            .await?;
         Ok(())
     }
 
@@ -896,33 +997,31 @@ impl Task {
     ) -> TaskResult {
         let store = &self.shared.store;
         let entry = self.entry()?;
-        // The lock a live uploader holds.
-        let Some(guard) = try_lock(store, &paths::uploads_lock(image, build, provider)).await?
-        else {
-            return Ok(());
-        };
-        let r = async {
-            let Some(v) = store
-                .get_upload(image, build, provider, upload)
-                .await
-                .map_err(store_err("cannot read upload"))?
-            else {
-                return Ok(());
-            };
-            if v.value.state != UploadState::Uploading {
-                return Ok(());
-            }
-            tracing::warn!(image = %image, build = %build, provider = %provider, upload = %upload, "upload left by a builder that is gone; removing it");
-            self.delete_upload_image(entry, build, upload, v.value.external_id.as_deref())
-                .await?;
-            store
-                .delete_upload(image, build, provider, upload)
-                .await
-                .map_err(store_err("cannot delete the upload record"))
-        }
-        .await;
-        guard.release_logged().await;
-        r
+        // The lock a live uploader holds; it is not under the upload record.
+        let lock = paths::uploads_lock(image, build, provider);
+        store
+            .try_holding(LockOf::Dir(&lock), async |_: &LockGuard| -> Result<Held<()>, TaskError> {
+                let Some(v) = store
+                    .get_upload(image, build, provider, upload)
+                    .await
+                    .map_err(store_err("cannot read upload"))?
+                else {
+                    return Ok(Held::Kept(()));
+                };
+                if v.value.state != UploadState::Uploading {
+                    return Ok(Held::Kept(()));
+                }
+                tracing::warn!(image = %image, build = %build, provider = %provider, upload = %upload, "upload left by a builder that is gone; removing it");
+                self.delete_upload_image(entry, build, upload, v.value.external_id.as_deref())
+                    .await?;
+                store
+                    .delete_upload(image, build, provider, upload)
+                    .await
+                    .map_err(store_err("cannot delete the upload record"))?;
+                Ok(Held::Kept(()))
+            })
+            .await?;
+        Ok(())
     }
 }
 

@@ -169,27 +169,26 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             let Some(our_id) = rt.pool_ids.get(pool).cloned() else {
                 return Err(ActionError::UnknownPool(pool.clone()));
             };
-            let guard = store.lock_request(request, LockWait::NonBlocking).await?;
-            let accepted = update_request(&store, &guard, request, |cur| {
-                let Some(cur) = cur else {
-                    return Decision::Leave(Err(ActionError::RequestVanished));
-                };
-                let mut req = cur.value;
-                if req.state != RequestState::Requested || req.declined_by.contains(&our_id) {
-                    return Decision::Leave(Err(ActionError::RequestNotWaiting));
-                }
-                req.set_state(RequestState::Pending, now());
-                let labels = req.node_types.clone();
-                Decision::Write(req, Ok(labels))
-            })
-            .await;
-            let labels = match accepted {
-                Ok(labels) => labels,
-                Err(e) => {
-                    guard.release_logged().await;
-                    return Err(e);
-                }
-            };
+            let (guard, labels) = store
+                .update_keeping(
+                    LockOf::Request(request),
+                    LockWait::NonBlocking,
+                    &RecordKey::request(request),
+                    |cur| {
+                        let Some(cur) = cur else {
+                            return Decision::Leave(Err(ActionError::RequestVanished));
+                        };
+                        let mut req = cur.value;
+                        if req.state != RequestState::Requested || req.declined_by.contains(&our_id)
+                        {
+                            return Decision::Leave(Err(ActionError::RequestNotWaiting));
+                        }
+                        req.set_state(RequestState::Pending, now());
+                        let labels = req.node_types.clone();
+                        Decision::Write(req, Ok(labels))
+                    },
+                )
+                .await?;
             tracing::info!(request = %request, pool = %pool, labels = ?labels, "request accepted");
             rt.owned().insert(
                 request.clone(),
@@ -452,32 +451,35 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
         }
         Action::Deallocate { node } => deallocate_node(&store, node, None, clock).await,
         Action::DeleteNode { node, reason } => {
-            let guard = store.lock_node(node, LockWait::NonBlocking).await?;
-            let cur = match store.read(&RecordKey::node(node)).await {
-                Ok(Some(cur)) => cur,
-                Ok(None) => {
-                    // The lock directory went with the record.
-                    guard.forget();
-                    return Ok(());
-                }
-                Err(e) => {
-                    guard.release_logged().await;
-                    return Err(e.into());
+            // Re-checked under the lock: the node may have been taken meanwhile.
+            let still = |n: &Node| {
+                let qualifies = match reason {
+                    DeleteReason::MaxReadyAge
+                    | DeleteReason::Evicted
+                    | DeleteReason::ServerGone => {
+                        n.state == NodeState::Ready && n.allocated_to.is_none()
+                    }
+                    DeleteReason::HoldExpired => n.state == NodeState::Hold,
+                    DeleteReason::LostInit => n.state == NodeState::Init,
+                    DeleteReason::Unlocked => n.state.deletable_when_unlocked(),
+                };
+                if qualifies {
+                    Ok(())
+                } else {
+                    Err(ActionError::NodeChanged)
                 }
             };
-            // Re-check under the lock: the node may have been taken meanwhile.
-            let still = match reason {
-                DeleteReason::MaxReadyAge | DeleteReason::Evicted | DeleteReason::ServerGone => {
-                    cur.value.state == NodeState::Ready && cur.value.allocated_to.is_none()
-                }
-                DeleteReason::HoldExpired => cur.value.state == NodeState::Hold,
-                DeleteReason::LostInit => cur.value.state == NodeState::Init,
-                DeleteReason::Unlocked => cur.value.state.deletable_when_unlocked(),
+            let Some((guard, cur)) = store
+                .lock_if(
+                    LockOf::Node(node),
+                    LockWait::NonBlocking,
+                    &RecordKey::node(node),
+                    still,
+                )
+                .await?
+            else {
+                return Ok(());
             };
-            if !still {
-                guard.release_logged().await;
-                return Err(ActionError::NodeChanged);
-            }
             let provider = rt.providers.get(&cur.value.provider).cloned();
             let shared = rt.shared.clone();
             let id = node.clone();

@@ -38,7 +38,7 @@ pub use metrics::Metrics;
 pub use providers::ObserverIntervals;
 // Shared by every runtime; re-exported where embedders have found them.
 pub use crate::runtime::{Clock, PassCounter, ProviderFactory};
-pub use tasks::delete_locked_node;
+pub use tasks::{DeleteError, delete_locked_node};
 
 use crate::config::Config;
 use crate::model::{Component, ComponentKind, ComponentState, NodeState, RequestState};
@@ -306,6 +306,44 @@ struct Owned {
 }
 
 /// A launcher. See the module documentation.
+///
+/// # Example
+///
+/// A launcher embedded in another program, on an in-memory store and the
+/// simulated cloud (the `embedded_ci` example program runs one on SQLite
+/// and gets a node from it through the requestor):
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use nodepool_core::config::Config;
+/// use nodepool_core::launcher::{Launcher, LauncherSettings};
+/// use nodepool_core::provider::Provider;
+/// use nodepool_core::runtime::ProviderFactory;
+/// use nodepool_core::store::{MemoryStore, Store};
+/// use nodepool_simulated::SimulatedProvider;
+/// use tokio::sync::watch;
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn example(yaml: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// let config = Config::from_yaml(yaml).map_err(|e| e.to_string())?;
+/// let store = Store::new(Arc::new(MemoryStore::new()));
+/// let clouds: ProviderFactory = Arc::new(|pc| {
+///     SimulatedProvider::new(pc)
+///         .map(|p| Arc::new(p) as Arc<dyn Provider>)
+///         .map_err(|e| e.to_string())
+/// });
+/// let launcher = Launcher::new(store, clouds, LauncherSettings::default());
+/// let passes = launcher.status();
+/// // Sending a new configuration on the channel reloads the launcher.
+/// let (_reload, config) = watch::channel(Arc::new(config));
+/// let stop = CancellationToken::new();
+/// let running = tokio::spawn(launcher.run(config, stop.clone()));
+/// passes.passes().reached(1).await?;
+/// stop.cancel();
+/// running.await??;
+/// # Ok(())
+/// # }
+/// ```
 pub struct Launcher {
     store: Store,
     factory: ProviderFactory,

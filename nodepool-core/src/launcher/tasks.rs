@@ -587,7 +587,7 @@ pub(crate) async fn delete(
         }
         Err(e) => {
             tracing::warn!(node = %node_id, reason, error = %e, "node deletion failed; will retry");
-            if e.contains("timed out") {
+            if matches!(e, DeleteError::Timeout { .. }) {
                 shared
                     .metrics
                     .incr("nodepool.launch.error.serverdeletetimeout");
@@ -603,7 +603,7 @@ async fn delete_inner(
     provider: Option<&ProviderHandle>,
     node_id: &str,
     guard: &LockGuard,
-) -> Result<(), String> {
+) -> Result<(), DeleteError> {
     let clock = shared.settings.clock;
     delete_locked_node(
         &shared.store,
@@ -614,6 +614,37 @@ async fn delete_inner(
         &move || clock.now(),
     )
     .await
+}
+
+/// Why deleting a node did not finish; the node is left `deleting` for
+/// the launcher to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// The store refused or failed.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The node's provider is not configured in this process.
+    #[error("provider {0} is not configured here")]
+    NoProvider(String),
+    /// The cloud refused to delete the server.
+    #[error("deleting server {server}: {source}")]
+    Cloud {
+        /// The server.
+        server: String,
+        /// The cloud's error.
+        source: ProviderError,
+    },
+    /// The cloud did not answer in time.
+    #[error("deleting server {server} timed out after {after:?}")]
+    Timeout {
+        /// The server.
+        server: String,
+        /// How long it was given.
+        after: std::time::Duration,
+    },
+    /// The node lock went with the session before the record was deleted.
+    #[error("lost the node lock")]
+    LockLost,
 }
 
 /// Deletes a node whose lock the caller holds, as the launcher does:
@@ -633,36 +664,36 @@ pub async fn delete_locked_node(
     guard: &LockGuard,
     timeout: std::time::Duration,
     now: &(dyn Fn() -> f64 + Send + Sync),
-) -> Result<(), String> {
-    let Some(current) = store.get_node(node_id).await.map_err(|e| e.to_string())? else {
+) -> Result<(), DeleteError> {
+    let Some(current) = store.get_node(node_id).await? else {
         return Ok(());
     };
     let mut node = current.value;
     let mut version = current.version;
     if node.state != NodeState::Deleting {
         node.set_state(NodeState::Deleting, now());
-        version = store
-            .update_node(node_id, &node, version)
-            .await
-            .map_err(|e| e.to_string())?;
+        version = store.update_node(node_id, &node, version).await?;
     }
-    if let Some(ext) = node.external_id.clone() {
+    if let Some(server) = node.external_id.clone() {
         let Some(p) = provider else {
-            return Err(format!("provider {} is not configured here", node.provider));
+            return Err(DeleteError::NoProvider(node.provider));
         };
-        match tokio::time::timeout(timeout, p.delete_instance(&ext)).await {
+        match tokio::time::timeout(timeout, p.delete_instance(&server)).await {
             Ok(Ok(())) | Ok(Err(ProviderError::NotFound(_))) => {}
-            Ok(Err(e)) => return Err(format!("deleting server {ext}: {e}")),
+            Ok(Err(source)) => return Err(DeleteError::Cloud { server, source }),
             Err(_) => {
-                return Err(format!("deleting server {ext} timed out after {timeout:?}"));
+                return Err(DeleteError::Timeout {
+                    server,
+                    after: timeout,
+                });
             }
         }
     }
     if !guard.wait_held().await {
-        return Err("lost the node lock".into());
+        return Err(DeleteError::LockLost);
     }
     // `deleted` first, so whoever takes the lock in the gap finishes the job.
     node.set_state(NodeState::Deleted, now());
     let _ = store.update_node(node_id, &node, version).await;
-    store.delete_node(node_id).await.map_err(|e| e.to_string())
+    Ok(store.delete_node(node_id).await?)
 }

@@ -17,7 +17,13 @@
 //! [`Store::with_locked`] is the whole sequence; [`Store::update_locked`]
 //! is its middle for work that holds the lock longer (a launch, a build),
 //! and [`Store::read`] and [`Store::write_locked`] are its two halves for
-//! work that does more between them.
+//! work that does more between them. [`Store::try_holding`] runs longer
+//! work under a lock and releases it however the work ended (unless the
+//! work deleted the record and the lock with it: [`Held::Removed`]),
+//! [`Store::lock_if`] takes a lock for work that outlives the caller (a
+//! deletion task) only when the record read under it still qualifies, and
+//! [`Store::update_keeping`] writes under a lock it keeps on success (a
+//! request accepted until it is fulfilled).
 
 use std::marker::PhantomData;
 
@@ -102,6 +108,17 @@ pub enum Decision<T, R> {
     Write(T, R),
     /// Leave the record as it is and return `R`.
     Leave(R),
+}
+
+/// What work done under a lock left of the record the lock guards.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Held<R> {
+    /// The record is still there: release the lock.
+    Kept(R),
+    /// The record was deleted, and the lock directory under it went with
+    /// it: there is nothing left to release. Only for locks that live
+    /// under their record (a node's, a build's, an upload's).
+    Removed(R),
 }
 
 impl Store {
@@ -213,9 +230,104 @@ impl Store {
         guard.release_logged().await;
         result
     }
+
+    /// Takes `lock`, reads `key` under it and writes what `decide`
+    /// decided, like [`with_locked`](Self::with_locked), but keeps the
+    /// lock when `decide` says `Ok`: for records held across passes (a
+    /// request accepted until it is fulfilled). On any error the lock is
+    /// released.
+    pub async fn update_keeping<T: WireRecord, R, E: From<StoreError>>(
+        &self,
+        lock: LockOf<'_>,
+        wait: LockWait,
+        key: &RecordKey<T>,
+        decide: impl FnOnce(Option<Versioned<T>>) -> Decision<T, Result<R, E>>,
+    ) -> Result<(LockGuard, R), E> {
+        let guard = self.lock_for(lock, wait).await?;
+        match self.update_locked(&guard, key, decide).await {
+            Ok(Ok(r)) => Ok((guard, r)),
+            Ok(Err(e)) => {
+                guard.release_logged().await;
+                Err(e)
+            }
+            Err(e) => {
+                guard.release_logged().await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Takes `lock` without waiting and runs `work` holding it; `Ok(None)`
+    /// when someone else holds it (someone else is doing the work). The
+    /// lock is released however `work` ended, except after
+    /// [`Held::Removed`], when it went with the record.
+    pub async fn try_holding<R, E: From<StoreError>>(
+        &self,
+        lock: LockOf<'_>,
+        work: impl AsyncFnOnce(&LockGuard) -> Result<Held<R>, E>,
+    ) -> Result<Option<R>, E> {
+        match self.try_lock_for(lock).await? {
+            Some(guard) => guard.hold(work).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes `lock`, reads `key` under it and hands the lock and the
+    /// record over only when `qualifies` accepts what was read: for work
+    /// that keeps the lock past the caller (a deletion task). `Ok(None)`
+    /// when the record is gone; when `qualifies` refuses, its error. In
+    /// both cases the lock is released.
+    pub async fn lock_if<T: WireRecord, E: From<StoreError>>(
+        &self,
+        lock: LockOf<'_>,
+        wait: LockWait,
+        key: &RecordKey<T>,
+        qualifies: impl FnOnce(&T) -> Result<(), E>,
+    ) -> Result<Option<(LockGuard, Versioned<T>)>, E> {
+        let guard = self.lock_for(lock, wait).await?;
+        let checked = match self.read(key).await {
+            Ok(None) => {
+                guard.release_logged().await;
+                return Ok(None);
+            }
+            Ok(Some(cur)) => qualifies(&cur.value).map(|()| cur),
+            Err(e) => Err(e.into()),
+        };
+        match checked {
+            Ok(cur) => Ok(Some((guard, cur))),
+            Err(e) => {
+                guard.release_logged().await;
+                Err(e)
+            }
+        }
+    }
 }
 
 impl LockGuard {
+    /// Runs `work` holding this lock, then releases it however `work`
+    /// ended, except after [`Held::Removed`], when it went with the
+    /// record. For locks taken with their own wait or error handling;
+    /// [`Store::try_holding`] takes the lock too.
+    pub async fn hold<R, E>(
+        self,
+        work: impl AsyncFnOnce(&LockGuard) -> Result<Held<R>, E>,
+    ) -> Result<R, E> {
+        match work(&self).await {
+            Ok(Held::Removed(r)) => {
+                self.forget();
+                Ok(r)
+            }
+            Ok(Held::Kept(r)) => {
+                self.release_logged().await;
+                Ok(r)
+            }
+            Err(e) => {
+                self.release_logged().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Releases the lock (see [`release`](Self::release)); a failure is
     /// logged, not returned: the contender goes with the session at the
     /// latest, and the work it guarded is done either way.
@@ -428,5 +540,141 @@ mod tests {
         assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
         assert_eq!(state(&store, &id).await, Some(NodeState::Hold));
         guard.release_logged().await;
+    }
+
+    #[tokio::test]
+    async fn try_holding_releases_after_work_that_kept_the_record_or_failed() {
+        let (_, store, _) = stores();
+        let id = a_node(&store, NodeState::Ready).await;
+        let r: Result<Option<u8>, StoreError> = store
+            .try_holding(LockOf::Node(&id), async |g: &LockGuard| {
+                assert!(!g.is_lost());
+                Ok(Held::Kept(7))
+            })
+            .await;
+        assert_eq!(r, Ok(Some(7)));
+        assert!(!store.is_node_locked(&id).await.expect("locked?"));
+        let r: Result<Option<u8>, StoreError> = store
+            .try_holding(LockOf::Node(&id), async |_: &LockGuard| {
+                Err(StoreError::SessionLost)
+            })
+            .await;
+        assert_eq!(r, Err(StoreError::SessionLost));
+        assert!(!store.is_node_locked(&id).await.expect("locked?"));
+    }
+
+    #[tokio::test]
+    async fn try_holding_skips_work_someone_else_holds_and_forgets_a_removed_record() {
+        let (_, store, other) = stores();
+        let id = a_node(&store, NodeState::Ready).await;
+        let theirs = other
+            .lock_node(&id, LockWait::NonBlocking)
+            .await
+            .expect("lock");
+        let mut ran = false;
+        let r: Result<Option<()>, StoreError> = store
+            .try_holding(LockOf::Node(&id), async |_: &LockGuard| {
+                ran = true;
+                Ok(Held::Kept(()))
+            })
+            .await;
+        assert_eq!(r, Ok(None));
+        assert!(!ran, "the work is someone else's");
+        theirs.release().await.expect("release");
+        let r: Result<Option<()>, StoreError> = store
+            .try_holding(LockOf::Node(&id), async |_: &LockGuard| {
+                store.delete_node(&id).await?;
+                Ok(Held::Removed(()))
+            })
+            .await;
+        assert_eq!(r, Ok(Some(())));
+        assert_eq!(store.get_node(&id).await.expect("get"), None);
+    }
+
+    #[tokio::test]
+    async fn lock_if_hands_over_the_lock_only_for_a_record_that_qualifies() {
+        let (_, store, _) = stores();
+        let id = a_node(&store, NodeState::Ready).await;
+        let key = RecordKey::node(&id);
+        let refused: Result<_, StoreError> = store
+            .lock_if(
+                LockOf::Node(&id),
+                LockWait::NonBlocking,
+                &key,
+                |n: &Node| {
+                    if n.state == NodeState::Hold {
+                        Ok(())
+                    } else {
+                        Err(StoreError::SessionLost)
+                    }
+                },
+            )
+            .await;
+        assert!(matches!(refused, Err(StoreError::SessionLost)));
+        assert!(!store.is_node_locked(&id).await.expect("locked?"));
+        let (guard, cur) = store
+            .lock_if(
+                LockOf::Node(&id),
+                LockWait::NonBlocking,
+                &key,
+                |_: &Node| Ok::<(), StoreError>(()),
+            )
+            .await
+            .expect("lock_if")
+            .expect("the record is there");
+        assert_eq!(cur.value.state, NodeState::Ready);
+        assert!(store.is_node_locked(&id).await.expect("locked?"));
+        guard.release_logged().await;
+        // A record gone under its lock: nothing handed over, nothing held.
+        let dir = "/nodepool/requests-lock/100-0000000009";
+        let gone: Result<_, StoreError> = store
+            .lock_if(
+                LockOf::Dir(dir),
+                LockWait::NonBlocking,
+                &RecordKey::request("100-0000000009"),
+                |_: &NodeRequest| Ok(()),
+            )
+            .await;
+        assert!(matches!(gone, Ok(None)));
+        assert_eq!(
+            store
+                .try_lock_for(LockOf::Dir(dir))
+                .await
+                .map(|g| g.map(|g| g.forget()).is_some()),
+            Ok(true),
+            "the lock was released"
+        );
+    }
+
+    #[tokio::test]
+    async fn update_keeping_keeps_the_lock_only_when_the_decision_is_ok() {
+        let (_, store, _) = stores();
+        let id = a_node(&store, NodeState::Ready).await;
+        let key = RecordKey::node(&id);
+        let decide = |cur: Option<Versioned<Node>>| match cur {
+            Some(v) if v.value.state == NodeState::Ready => {
+                let mut n = v.value;
+                n.state = NodeState::Used;
+                Decision::Write(n, Ok(()))
+            }
+            _ => Decision::Leave(Err(StoreError::SessionLost)),
+        };
+        let (guard, ()) = store
+            .update_keeping(LockOf::Node(&id), LockWait::NonBlocking, &key, decide)
+            .await
+            .expect("kept");
+        assert_eq!(state(&store, &id).await, Some(NodeState::Used));
+        assert!(store.is_node_locked(&id).await.expect("locked?"));
+        guard.release_logged().await;
+        // Not ready any more: refused, nothing written, lock released.
+        let refused = store
+            .update_keeping(LockOf::Node(&id), LockWait::NonBlocking, &key, decide)
+            .await;
+        assert!(matches!(refused, Err(StoreError::SessionLost)));
+        assert!(!store.is_node_locked(&id).await.expect("locked?"));
+        assert_eq!(
+            store.get_node(&id).await.expect("get").map(|v| v.version),
+            Some(1)
+        );
     }
 }

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, watch};
 
 pub use lock::{LockGuard, LockWait, await_session};
-pub use locked::{Decision, LockOf, RecordKey};
+pub use locked::{Decision, Held, LockOf, RecordKey};
 pub use memory::MemoryStore;
 pub use typed::{
     BuildRecord, ComponentRegistration, ImageState, Listing, Malformed, NodeRecord, RequestLockDir,
@@ -244,6 +244,34 @@ impl StoreError {
 /// Paths are absolute (`/nodepool/nodes/0000000001`), `/`-separated, with no
 /// trailing slash. Every implementation must pass the conformance suite in
 /// `nodepool_model::conformance::store` (feature `conformance`).
+///
+/// Programs rarely call it directly: [`Store`] wraps any implementation
+/// with the typed records and the lock recipe.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use nodepool_model::model::{Node, NodeState};
+/// use nodepool_model::store::{LockWait, MemoryStore, StateStore, Store, StoreError};
+///
+/// # async fn example() -> Result<(), StoreError> {
+/// let backend: Arc<dyn StateStore> = Arc::new(MemoryStore::new());
+/// let store = Store::new(backend.clone());
+/// let node = Node::new(NodeState::Ready, 0.0, "cloud", "main", vec!["small".into()]);
+/// let id = store.create_node(&node).await?;
+/// // The raw record, as ZooKeeper would hold it.
+/// let (json, stat) = backend
+///     .get(&format!("/nodepool/nodes/{id}"))
+///     .await?
+///     .expect("just created");
+/// println!("version {}: {}", stat.version, String::from_utf8_lossy(&json));
+/// // Kazoo's lock recipe, as Zuul and Python Nodepool take it.
+/// let lock = store.lock_node(&id, LockWait::NonBlocking).await?;
+/// lock.release().await?;
+/// # Ok(())
+/// # }
+/// ```
 #[async_trait]
 pub trait StateStore: Send + Sync + fmt::Debug {
     /// The store's address for messages, e.g. `zookeeper 127.0.0.1:2181/nodepool`.
