@@ -86,8 +86,8 @@ pub(crate) enum TaskError {
         build: String,
         /// Where it was to go.
         provider: String,
-        /// Why.
-        source: UploadError,
+        /// Why (boxed: a hook's output makes it large).
+        source: Box<UploadError>,
     },
 }
 
@@ -840,7 +840,7 @@ impl Task {
                     upload: upload_id,
                     build: build.to_owned(),
                     provider: provider.to_owned(),
-                    source: e,
+                    source: Box::new(e),
                 })
             }
         }
