@@ -44,7 +44,8 @@ python_peers() {
 }
 
 lint() {
-  cargo fmt --all -- --check && cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+  cargo fmt --all -- --check && cargo clippy --workspace --all-targets --all-features --locked -- -D warnings \
+    && RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 }
 
 count_tests() {

@@ -2,8 +2,8 @@
 //! images current, by running the [image planner](crate::planner::images)
 //! in a loop and executing its plan through a
 //! [`StateStore`](crate::store::StateStore), an
-//! [`ImageBuilder`](crate::image_builder::ImageBuilder) and the configured
-//! [`Provider`](crate::provider::Provider)s (reference §5).
+//! [`ImageBuilder`] and the configured
+//! [`Provider`]s (reference §5).
 //!
 //! Embedding mirrors the [launcher](crate::launcher): build a [`Builder`]
 //! with a store, a provider factory, an image builder and

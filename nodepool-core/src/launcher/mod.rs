@@ -1,5 +1,5 @@
 //! The launcher runtime: keeps pools of ready nodes and serves node
-//! requests, by running the [planner](crate::planner) in a loop and
+//! requests, by running the [planner] in a loop and
 //! executing its plan through a [`StateStore`](crate::store::StateStore)
 //! and the configured [`Provider`](crate::provider::Provider)s.
 //!
