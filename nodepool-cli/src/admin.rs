@@ -137,6 +137,27 @@ fn config_validate(cli: &Cli, no_clouds: bool, io: &mut Io<'_>) -> Result<(), Fa
         Some(s) => format!("{} (+ {})", cli.config.display(), s.display()),
         None => cli.config.display().to_string(),
     };
+    for w in &cfg.warnings {
+        let what = if w.kind.fails_validation() {
+            "error"
+        } else {
+            "warning"
+        };
+        let _ = writeln!(io.err, "{}: {what}: {w}", cli.config.display());
+    }
+    let mistakes = cfg
+        .warnings
+        .iter()
+        .filter(|w| w.kind.fails_validation())
+        .count();
+    if mistakes > 0 {
+        let _ = writeln!(
+            io.err,
+            "{files}: not valid ({mistakes} error{}; the daemons would run with it, logging the same)",
+            if mistakes == 1 { "" } else { "s" }
+        );
+        return Err(Failure::Reported);
+    }
     let _ = writeln!(
         io.out,
         "{files}: valid ({} labels, {} providers, {} diskimages)",

@@ -102,6 +102,9 @@ pub fn handle_signals(on_dump: impl Fn() + Send + 'static) -> anyhow::Result<Can
 /// The error lists every problem, each with its file and key.
 pub fn load_config(source: &ConfigSource) -> Result<Config, String> {
     let mut config = source.load().map_err(|e| e.to_string())?;
+    for w in &config.warnings {
+        tracing::warn!(file = %source.path.display(), "configuration: {w}");
+    }
     nodepool_openstack::clouds::fill_image_formats(
         &nodepool_openstack::CloudsLoader::from_env(),
         &mut config,

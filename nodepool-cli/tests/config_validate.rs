@@ -622,3 +622,88 @@ fn version_and_help() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("Check the configuration file"));
 }
+
+#[test]
+fn seed_000s_paused_is_valid_with_a_warning_that_names_pause() {
+    let sb = Sandbox::new();
+    let config = sb.write(
+        "nodepool.yaml",
+        "labels: [{name: small}]
+diskimages:
+  - name: ubuntu-precise
+    paused: True
+providers:
+  - name: sim
+    driver: simulated
+    diskimages: [{name: ubuntu-precise}]
+    pools:
+      - name: main
+        max-servers: 1
+        labels: [{name: small, diskimage: ubuntu-precise, flavor-name: small}]
+",
+    );
+    let c = config.display().to_string();
+    let out = sb.run(&["-c", &c, "config-validate"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{c}: warning: diskimages[0].paused: `paused` is the old spelling of `pause`; read as `pause`\n"
+        )
+    );
+    assert_eq!(
+        stdout(&out),
+        format!("{c}: valid (1 labels, 1 providers, 1 diskimages)\n")
+    );
+}
+
+#[test]
+fn an_unset_variable_and_an_empty_file_fail_validation_with_their_place() {
+    let sb = Sandbox::new();
+    let config = sb.write(
+        "nodepool.yaml",
+        "labels: [{name: small}]
+providers:
+  - name: sim
+    driver: simulated
+    cloud-images: [{name: img, username: \"%(NODEPOOL_IMAGE_USER)\"}]
+    pools:
+      - name: main
+        max-servers: 1
+        labels: [{name: small, cloud-image: img, flavor-name: small}]
+",
+    );
+    let c = config.display().to_string();
+    let out = sb.run(&["-c", &c, "config-validate"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{c}: error: line 5: `%(NODEPOOL_IMAGE_USER)` names an environment variable that is not set; the text is kept as written
+{c}: not valid (1 error; the daemons would run with it, logging the same)
+"
+        )
+    );
+    // Set, it is substituted and valid.
+    let mut cmd = nodepool();
+    let ok = cmd
+        .args(["-c", &c, "config-validate"])
+        .current_dir(sb.path())
+        .env("HOME", sb.path())
+        .env("NODEPOOL_IMAGE_USER", "zuul")
+        .output()
+        .expect("runs");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    let empty = sb.write("empty.yaml", "");
+    let e = empty.display().to_string();
+    let out = sb.run(&["-c", &e, "config-validate"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "{e}: error: the configuration is empty: no labels, providers or diskimages\n"
+        )),
+        "{}",
+        stderr(&out)
+    );
+}

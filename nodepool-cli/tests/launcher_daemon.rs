@@ -401,3 +401,49 @@ async fn a_broken_configuration_at_start_is_an_error_naming_the_place() {
     assert!(err.contains(&cfg.display().to_string()), "{err}");
     assert!(!d.join("nodepool.db").exists(), "nothing created");
 }
+
+#[tokio::test]
+async fn configuration_warnings_are_logged_and_the_launcher_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cfg: PathBuf = d.join("nodepool.yaml");
+    let text = config(d, 0).replace(
+        "      - name: debian\n",
+        "      - name: debian\n        username: \"%(NODEPOOL_UNSET_USER)\"\n",
+    );
+    let line = 1 + text
+        .lines()
+        .position(|l| l.contains("NODEPOOL_UNSET_USER"))
+        .expect("the reference");
+    write_config(&cfg, &text);
+    let log = d.join("launcher.log");
+    let clouds = d.join("clouds.yaml");
+    std::fs::write(&clouds, BROKEN_CLOUDS).expect("write clouds.yaml");
+    let mut child = launcher(d, &clouds)
+        .args(["-c", &cfg.display().to_string()])
+        .args(["--log-format", "json"])
+        .env_remove("NODEPOOL_UNSET_USER")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nodepool-launcher");
+    let warned = until_log(&mut child, &log, "the unset variable warning", |v| {
+        v["level"] == "WARN" && message(v).contains("%(NODEPOOL_UNSET_USER)")
+    })
+    .await;
+    assert!(
+        message(&warned).contains(&format!("line {line}:")),
+        "located: {}",
+        message(&warned)
+    );
+    until_log(&mut child, &log, "the web app address", |v| {
+        message(v) == "web app listening"
+    })
+    .await;
+    signal(&child, "TERM");
+    let status = tokio::time::timeout(LIMIT, child.wait())
+        .await
+        .expect("stops")
+        .expect("exit status");
+    assert!(status.success(), "{status}");
+}

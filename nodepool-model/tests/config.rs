@@ -1081,3 +1081,99 @@ fn e65_simulated_api_fault_errors_are_located() {
         K::UnknownKey,
     );
 }
+
+// ----- seed spellings and warnings ---------------------------------------
+
+const PAUSED_SEED_000: &str = r#"
+labels: [{name: small}]
+diskimages:
+  - name: ubuntu-precise
+    paused: True
+providers:
+  - name: sim
+    driver: simulated
+    diskimages:
+      - name: ubuntu-precise
+        paused: true
+    pools:
+      - name: main
+        max-servers: 1
+        labels: [{name: small, diskimage: ubuntu-precise, flavor-name: small}]
+"#;
+
+#[test]
+fn paused_as_seed_000_spells_it_is_pause_with_a_deprecation_warning() {
+    let cfg = Config::from_yaml(PAUSED_SEED_000).expect("loads");
+    assert!(cfg.diskimage("ubuntu-precise").expect("image").pause);
+    assert!(
+        cfg.providers[0]
+            .diskimage("ubuntu-precise")
+            .expect("provider image")
+            .pause
+    );
+    let warned: Vec<(&str, K)> = cfg
+        .warnings
+        .iter()
+        .map(|w| (w.path.as_str(), w.kind))
+        .collect();
+    assert_eq!(
+        warned,
+        [
+            ("diskimages[0].paused", K::Deprecated),
+            ("providers[0].diskimages[0].paused", K::Deprecated),
+        ]
+    );
+    assert!(cfg.warnings[0].message.contains("read as `pause`"));
+    assert!(!K::Deprecated.fails_validation());
+}
+
+#[test]
+fn paused_and_pause_together_are_a_conflict() {
+    let yaml = PAUSED_SEED_000.replace("    paused: True", "    paused: true\n    pause: false");
+    let e = Config::from_yaml(&yaml).expect_err("conflict");
+    assert!(e.has("diskimages[0].paused", K::Conflict), "{e}");
+}
+
+#[test]
+fn the_modern_spelling_warns_about_nothing() {
+    let cfg = Config::from_yaml(BASE).expect("loads");
+    assert_eq!(cfg.warnings, []);
+}
+
+#[test]
+fn an_unset_nodepool_variable_is_kept_as_written_and_reported_by_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nodepool.yaml");
+    let text = BASE.replace(
+        "release: 22",
+        "release: \"%(NODEPOOL_RELEASE)\"\n    username: \"%(NODEPOOL_USER)\"",
+    );
+    std::fs::write(&path, &text).expect("write");
+    let line = text
+        .lines()
+        .position(|l| l.contains("NODEPOOL_USER"))
+        .expect("line")
+        + 1;
+    let cfg = ConfigSource::new(&path, None)
+        .with_env(vec![("NODEPOOL_RELEASE".into(), "24".into())])
+        .load()
+        .expect("loads");
+    let jammy = cfg.diskimage("jammy").expect("jammy");
+    assert_eq!(jammy.release, "24");
+    assert_eq!(jammy.username, "%(NODEPOOL_USER)", "kept as written");
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    let w = &cfg.warnings[0];
+    assert_eq!(w.kind, K::UnsetVariable);
+    assert_eq!(w.path, format!("line {line}"));
+    assert!(w.message.contains("%(NODEPOOL_USER)"), "{w}");
+    assert!(w.kind.fails_validation());
+}
+
+#[test]
+fn an_empty_file_loads_with_a_warning() {
+    for text in ["", "# nothing yet\n", "{}"] {
+        let cfg = Config::from_yaml(text).expect("loads");
+        assert_eq!(cfg.warnings.len(), 1, "{text:?}");
+        assert_eq!(cfg.warnings[0].kind, K::Empty);
+    }
+}

@@ -27,6 +27,28 @@ pub enum ConfigErrorKind {
     Removed,
     /// Keys that may not be used together, or a required one-of is missing.
     Conflict,
+    /// An old spelling that is still read, with its modern meaning (a
+    /// warning: [`Config::warnings`](super::Config::warnings)).
+    Deprecated,
+    /// A `%(NODEPOOL_x)` reference to a variable that is not set: the text
+    /// stays as written, as in Python Nodepool (a warning for the daemons,
+    /// an error for `nodepool config-validate`).
+    UnsetVariable,
+    /// The file holds no configuration at all (a warning for the daemons,
+    /// an error for `nodepool config-validate`).
+    Empty,
+}
+
+impl ConfigErrorKind {
+    /// Whether `nodepool config-validate` fails on a warning of this kind
+    /// (the daemons only log warnings): a deprecated spelling works, but
+    /// an unset variable or an empty file is almost surely a mistake.
+    pub fn fails_validation(self) -> bool {
+        matches!(
+            self,
+            ConfigErrorKind::UnsetVariable | ConfigErrorKind::Empty
+        )
+    }
 }
 
 /// One configuration problem.

@@ -81,7 +81,7 @@ impl ConfigSource {
             None => None,
         };
         let base_dir = self.path.parent().map(Path::to_path_buf);
-        Config::from_yaml_with_secure(
+        let mut cfg = Config::from_yaml_with_secure(
             &main,
             secure.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
             base_dir.as_deref(),
@@ -90,8 +90,40 @@ impl ConfigSource {
         .map_err(|e| match e.file {
             Some(_) => e,
             None => e.in_file(&self.path),
-        })
+        })?;
+        let mut unset = unset_variables(&main, "");
+        if let Some((p, text)) = &secure {
+            unset.extend(unset_variables(text, &format!("{}: ", p.display())));
+        }
+        cfg.warnings.splice(0..0, unset);
+        Ok(cfg)
     }
+}
+
+/// `%(NODEPOOL_x)` references left after substitution: their variable is
+/// not set (Python Nodepool keeps the text as written, silently). Each is
+/// located by line, prefixed with `file` for the secure file.
+fn unset_variables(text: &str, file: &str) -> Vec<ConfigError> {
+    let mut found = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut rest = line;
+        while let Some(at) = rest.find("%(NODEPOOL_") {
+            let tail = &rest[at + 2..];
+            let Some(end) = tail.find(')') else { break };
+            let name = &tail[..end];
+            if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                found.push(ConfigError::new(
+                    format!("{file}line {}", n + 1),
+                    Kind::UnsetVariable,
+                    format!(
+                        "`%({name})` names an environment variable that is not set; the text is kept as written"
+                    ),
+                ));
+            }
+            rest = &tail[end..];
+        }
+    }
+    found
 }
 
 fn read(path: &Path) -> Result<String, ConfigErrors> {
@@ -127,6 +159,13 @@ impl Config {
     ) -> Result<Config, ConfigErrors> {
         let mut root = yaml::parse(text)?;
         let mut errs = Errors::default();
+        if root.as_mapping().is_some_and(|m| m.is_empty()) {
+            errs.warn(
+                "",
+                Kind::Empty,
+                "the configuration is empty: no labels, providers or diskimages",
+            );
+        }
         let mut secure_images = Vec::new();
         let mut from_secure = None;
         if let Some((secure_path, secure_text)) = secure {
@@ -187,6 +226,7 @@ impl Config {
             }
         }
         if errs.list.is_empty() {
+            cfg.warnings = errs.warnings;
             Ok(cfg)
         } else {
             Err(ConfigErrors {

@@ -64,6 +64,12 @@ pub struct Config {
     pub tenant_resource_limits: IndexMap<String, Limits>,
     /// Jenkins targets that take nodes as agents.
     pub targets: Vec<Target>,
+    /// What loaded anyway but deserves the operator's eye, each with its
+    /// place: old spellings read with their modern meaning, `%(NODEPOOL_x)`
+    /// references to unset variables, an empty file. The daemons log them;
+    /// `nodepool config-validate` prints them and fails on the kinds that
+    /// are surely mistakes ([`ConfigErrorKind::fails_validation`]).
+    pub warnings: Vec<ConfigError>,
 }
 
 /// One ZooKeeper server.

@@ -32,6 +32,7 @@ pub(crate) fn config(root: &Value, errs: &mut Errors) -> (Config, Vec<RawDiskIma
         build_log_retention: Some(7),
         tenant_resource_limits: IndexMap::new(),
         targets: Vec::new(),
+        warnings: Vec::new(),
     };
     let mut raw_images = Vec::new();
     let Some(mut top) = (At {
@@ -366,7 +367,7 @@ fn raw_diskimage(at: At<'_>, errs: &mut Errors) -> Option<RawDiskImage> {
         release: m.get("release").and_then(|f| f.at().scalar_string(errs)),
         rebuild_age: optional_secs(&mut m, "rebuild-age", errs),
         build_timeout: optional_secs(&mut m, "build-timeout", errs),
-        pause: m.bool("pause", errs),
+        pause: m.bool_or_old("pause", "paused", errs),
         username: m.string("username", errs),
         python_path: m.string("python-path", errs),
         shell_type: m.string("shell-type", errs),
@@ -758,7 +759,7 @@ fn default_port_for(connection_type: &str) -> u16 {
 fn provider_diskimage(at: At<'_>, errs: &mut Errors) -> Option<ProviderDiskImage> {
     let mut m = at.fields(errs)?;
     let name = m.required_string("name", errs);
-    let pause = m.bool("pause", errs).unwrap_or(false);
+    let pause = m.bool_or_old("pause", "paused", errs).unwrap_or(false);
     let config_drive = m.bool("config-drive", errs);
     let meta = m.string_map("meta", errs).unwrap_or_default();
     let connection_type = m

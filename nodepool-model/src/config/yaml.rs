@@ -34,11 +34,17 @@ pub(crate) fn parse(text: &str) -> Result<Value, ConfigErrors> {
 #[derive(Default)]
 pub(crate) struct Errors {
     pub list: Vec<ConfigError>,
+    /// What loads anyway, for [`Config::warnings`](super::Config::warnings).
+    pub warnings: Vec<ConfigError>,
 }
 
 impl Errors {
     pub fn push(&mut self, path: &str, kind: ConfigErrorKind, message: impl Into<String>) {
         self.list.push(ConfigError::new(path, kind, message));
+    }
+
+    pub fn warn(&mut self, path: &str, kind: ConfigErrorKind, message: impl Into<String>) {
+        self.warnings.push(ConfigError::new(path, kind, message));
     }
 }
 
@@ -328,6 +334,37 @@ impl<'a> Fields<'a> {
     /// An optional boolean.
     pub fn bool(&mut self, key: &'static str, errs: &mut Errors) -> Option<bool> {
         self.get(key).and_then(|f| f.at().bool(errs))
+    }
+
+    /// A boolean that older documentation spells `old`: read under either
+    /// name, the old one with a deprecation warning; both is a conflict.
+    pub fn bool_or_old(
+        &mut self,
+        key: &'static str,
+        old: &'static str,
+        errs: &mut Errors,
+    ) -> Option<bool> {
+        let modern = self.bool(key, errs);
+        if !self.has(old) {
+            self.asked.push(old);
+            return modern;
+        }
+        if self.has(key) {
+            self.asked.push(old);
+            errs.push(
+                &self.path_of(old),
+                ConfigErrorKind::Conflict,
+                format!("`{old}` is the old spelling of `{key}`; set only `{key}`"),
+            );
+            return modern;
+        }
+        let value = self.bool(old, errs);
+        errs.warn(
+            &self.path_of(old),
+            ConfigErrorKind::Deprecated,
+            format!("`{old}` is the old spelling of `{key}`; read as `{key}`"),
+        );
+        value
     }
 
     /// An optional list of strings.
