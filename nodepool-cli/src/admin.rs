@@ -267,10 +267,19 @@ impl Ctx<'_, '_> {
     }
 
     /// Asks `question [N/y]` on stderr unless `--yes`; anything but `y`
-    /// (or end of input) aborts.
+    /// (or end of input) aborts. Only `erase` asks, as in Python
+    /// Nodepool. Without a terminal nobody can answer, so that is an error
+    /// naming the flag rather than an answer read from a pipe or a silent
+    /// abort.
     fn confirm(&mut self, confirm: Confirm, question: &str) -> Result<(), Failure> {
         if confirm.yes {
             return Ok(());
+        }
+        if !self.io.interactive {
+            return Err(anyhow!(
+                "cannot ask \"{question}\": stdin is not a terminal; pass --yes (or --force, as for Python Nodepool) to go ahead"
+            )
+            .into());
         }
         let _ = write!(self.io.err, "{question} [N/y] ");
         let _ = self.io.err.flush();
@@ -279,10 +288,6 @@ impl Ctx<'_, '_> {
             .input
             .read_line(&mut answer)
             .context("reading the answer")?;
-        if !self.io.interactive {
-            // Nobody typed it, so echo it: the prompt then reads as a log.
-            let _ = writeln!(self.io.err, "{}", answer.trim());
-        }
         if matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
             Ok(())
         } else {
@@ -343,7 +348,7 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
             image,
             build_id,
             upload_id,
-            confirm,
+            ..
         } => {
             let upload = UploadRef {
                 image: image.clone(),
@@ -352,17 +357,12 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
                 upload: upload_id.clone(),
             };
             let read = admin::upload_to_delete(&ctx.store, &upload).await?;
-            ctx.confirm(*confirm, &format!("Delete image {upload}?"))?;
             admin::mark_upload_deleting(&ctx.store, &upload, read).await?;
             ctx.say(&format!("image {upload} marked for deletion"));
         }
-        Command::DibImageDelete { id, confirm } => {
+        Command::DibImageDelete { id, .. } => {
             let build = BuildRef::parse(id)?;
             let read = admin::build_to_delete(&ctx.store, &build).await?;
-            ctx.confirm(
-                *confirm,
-                &format!("Delete build {build} and all its cloud uploads?"),
-            )?;
             admin::mark_build_deleting(&ctx.store, &build, read).await?;
             ctx.say(&format!("build {build} marked for deletion"));
         }
@@ -405,18 +405,7 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
             ctx.print(&l, None);
             report_partial(ctx, aliens)?;
         }
-        Command::Delete { id, now, confirm } => {
-            let n = admin::node(&ctx.store, id).await?.value;
-            ctx.confirm(
-                *confirm,
-                &format!(
-                    "Delete node {id} ({}, {}, {}){}?",
-                    n.provider,
-                    n.node_type.join(","),
-                    n.state,
-                    if *now { " now" } else { "" }
-                ),
-            )?;
+        Command::Delete { id, now, .. } => {
             admin::delete_node(&ctx.config, &ctx.store, &ctx.providers, id, *now).await?;
             ctx.show_node(id).await?;
         }
@@ -461,20 +450,12 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
                 path.display()
             ));
         }
-        Command::ImportImageData { path, confirm } => {
+        Command::ImportImageData { path, .. } => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let data: admin::ImageData = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not an image data export", path.display()))?;
             admin::check_image_data(&data).with_context(|| format!("{}", path.display()))?;
-            ctx.confirm(
-                *confirm,
-                &format!(
-                    "Import {} image records into {} (existing records at the same paths are overwritten)?",
-                    data.len(),
-                    ctx.store.describe()
-                ),
-            )?;
             admin::import_image_data(&ctx.store, &data).await?;
             ctx.say(&format!(
                 "imported {} records from {}",

@@ -50,6 +50,16 @@ pub struct Confirm {
     pub yes: bool,
 }
 
+/// `--yes`/`--force` on a command that does not ask (as Python Nodepool's
+/// does not): accepted and ignored, so scripts written for versions that
+/// asked keep working.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct NeverAsks {
+    /// Accepted for compatibility; the command does not ask.
+    #[arg(short = 'y', long = "yes", alias = "force", hide = true)]
+    pub yes: bool,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -96,17 +106,17 @@ pub enum Command {
         /// Upload id.
         #[arg(long = "upload-id")]
         upload_id: String,
-        /// Skips the confirmation prompt.
+        /// Accepted for compatibility.
         #[command(flatten)]
-        confirm: Confirm,
+        yes: NeverAsks,
     },
     /// Delete a diskimage build from disk along with all its cloud uploads.
     DibImageDelete {
         /// `<image>-<build id>`, as `dib-image-list` shows it.
         id: String,
-        /// Skips the confirmation prompt.
+        /// Accepted for compatibility.
         #[command(flatten)]
-        confirm: Confirm,
+        yes: NeverAsks,
     },
     /// Pause builds of an image.
     ImagePause {
@@ -135,9 +145,9 @@ pub enum Command {
         /// Delete the server and the record in the foreground.
         #[arg(long)]
         now: bool,
-        /// Skips the confirmation prompt.
+        /// Accepted for compatibility.
         #[command(flatten)]
-        confirm: Confirm,
+        yes: NeverAsks,
     },
     /// Hold a node: keep it (e.g. to investigate) until deleted or max-hold-age.
     Hold {
@@ -187,9 +197,9 @@ pub enum Command {
     ImportImageData {
         /// File to read.
         path: PathBuf,
-        /// Skips the confirmation prompt.
+        /// Accepted for compatibility.
         #[command(flatten)]
-        confirm: Confirm,
+        yes: NeverAsks,
     },
     /// Hold up to N failed nodes of a Jenkins job instead of deleting them.
     JobCreate(JobCreate),

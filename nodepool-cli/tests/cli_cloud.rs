@@ -39,17 +39,23 @@ struct Ran {
 }
 
 async fn cli(f: &Fixture, factory: &ProviderFactory, args: &[&str]) -> Ran {
+    run(f, factory, args, None).await
+}
+
+/// Runs the CLI in-process; `terminal`: what the operator types at a
+/// terminal, `None`: stdin is not a terminal.
+async fn run(f: &Fixture, factory: &ProviderFactory, args: &[&str], terminal: Option<&str>) -> Ran {
     let mut argv = vec!["nodepool", "-c", f.config_path.to_str().expect("utf-8")];
     argv.extend_from_slice(args);
     let cli = Cli::try_parse_from(argv).expect("arguments parse");
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let mut input = std::io::empty();
+    let mut input = terminal.unwrap_or_default().as_bytes();
     let code = {
         let mut io = Io {
             out: &mut out,
             err: &mut err,
             input: &mut input,
-            interactive: false,
+            interactive: terminal.is_some(),
         };
         run_with(cli, factory.clone(), &mut io).await
     };
@@ -298,3 +304,27 @@ async fn request_gets_nodes_from_a_running_launcher(backend: Backend) {
         .expect("clean stop");
 }
 both_stores!(request_gets_nodes_from_a_running_launcher);
+
+async fn erase_asks_at_a_terminal_and_does_only_what_was_answered(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    populate(&f.store).await;
+    let (_, factory) = cloud_of(&f);
+    let nodes = |f: &Fixture| {
+        let store = f.store.clone();
+        async move { store.list_nodes().await.expect("nodes").records.len() }
+    };
+    let r = run(&f, &factory, &["erase", "sim"], Some("n\n")).await;
+    assert!(!r.ok, "{}", r.stdout);
+    assert!(r.stderr.contains("not reversible"), "{}", r.stderr);
+    assert!(r.stderr.contains("[N/y]"), "{}", r.stderr);
+    assert!(r.stderr.contains("aborted"), "{}", r.stderr);
+    assert_eq!(nodes(&f).await, 3, "nothing erased");
+    let r = run(&f, &factory, &["erase", "sim"], Some("y\n")).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        r.stdout,
+        "Erasing build data for sim...\nErasing node data for sim...\n"
+    );
+    assert_eq!(nodes(&f).await, 0);
+}
+both_stores!(erase_asks_at_a_terminal_and_does_only_what_was_answered);
