@@ -444,4 +444,20 @@ async fn help_says_what_each_command_does() {
         "{}",
         out.stdout
     );
+    // Each daemon opens with what it is, not the package's description.
+    for (bin, first) in [
+        (
+            env!("CARGO_BIN_EXE_nodepool-launcher"),
+            "Launch and delete nodes for Zuul (or any requestor)",
+        ),
+        (
+            env!("CARGO_BIN_EXE_nodepool-builder"),
+            "Build disk images and keep them uploaded to every provider",
+        ),
+    ] {
+        let mut cmd = tokio::process::Command::new(bin);
+        cmd.arg("--help");
+        let out = common::run_process(cmd, "").await;
+        assert!(out.ok().starts_with(first), "{bin}:\n{}", out.stdout);
+    }
 }

@@ -17,7 +17,7 @@ use nodepool_dib::{DibBuilder, DibOptions};
 
 /// Build disk images and keep them uploaded to every provider.
 #[derive(Debug, Parser)]
-#[command(name = "nodepool-builder", version, about)]
+#[command(name = "nodepool-builder", version)]
 struct Args {
     #[command(flatten)]
     common: DaemonArgs,

@@ -13,7 +13,7 @@ use nodepool_core::launcher::{Launcher, LauncherSettings, Metrics, ProviderFacto
 /// Launch and delete nodes for Zuul (or any requestor), keeping min-ready
 /// spares, within every pool's and cloud's limits.
 #[derive(Debug, Parser)]
-#[command(name = "nodepool-launcher", version, about)]
+#[command(name = "nodepool-launcher", version)]
 struct Args {
     #[command(flatten)]
     common: DaemonArgs,
