@@ -28,6 +28,7 @@ use nodepool_core::admin::{self, Aliens, BuildRef, UploadRef};
 use nodepool_core::config::{Config, ConfigSource, StateStoreConfig};
 use nodepool_core::launcher::ProviderFactory;
 use nodepool_core::model::{NodeState, epoch_now};
+use nodepool_core::planner::explain::RequestExplanation;
 use nodepool_core::store::{Store, StoreError};
 use nodepool_requestor::{NewRequest, Outcome, Requestor};
 
@@ -424,6 +425,15 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
             request(ctx, labels, provider.clone(), timeout, *return_nodes).await?;
         }
         Command::Info { provider } => info(ctx, provider).await?,
+        Command::RequestExplain { id } => {
+            let why = admin::explain_request(&ctx.config, &ctx.store, &ctx.providers, id).await?;
+            for e in &why.unlisted {
+                ctx.warn(&format!("{e}; its quota and images are taken as unknown"));
+            }
+            for x in &why.found {
+                explain(ctx, x);
+            }
+        }
         Command::Erase { provider, confirm } => {
             let data = admin::provider_data(&ctx.store, provider).await?;
             let _ = writeln!(ctx.io.err, "WARNING! This action is not reversible!");
@@ -520,6 +530,15 @@ async fn info(ctx: &mut Ctx<'_, '_>, provider: &str) -> Result<(), Failure> {
         ctx.say(&text);
     }
     Ok(())
+}
+
+fn explain(ctx: &mut Ctx<'_, '_>, x: &RequestExplanation) {
+    let text = if ctx.json {
+        x.to_json().to_string()
+    } else {
+        x.to_text()
+    };
+    ctx.say(&text);
 }
 
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {

@@ -175,6 +175,13 @@ pub enum Command {
         #[arg(long = "return")]
         return_nodes: bool,
     },
+    /// Say why a request waits: one line per pool, from the planner's own
+    /// rules (label not served, image not ready, quota full and by how
+    /// much, max-concurrency, declined, unavailable, ...).
+    RequestExplain {
+        /// Request id, as `request-list` shows it.
+        id: String,
+    },
     /// Show the state store's data for a provider: its uploads and nodes.
     Info {
         /// Provider name.

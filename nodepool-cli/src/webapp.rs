@@ -3,7 +3,9 @@
 //!
 //! Paths: `/node-list` (`?node_id=`), `/request-list`, `/label-list`,
 //! `/image-list`, `/dib-image-list`, `/image-status`, `/ready`,
-//! `/metrics`; anything else is 404. The format is chosen by `Accept`
+//! `/metrics`, and `/request-explain/<id>` (why a request waits, as
+//! `nodepool request-explain` says it, from what the launcher's last pass
+//! knew of its clouds; not cached); anything else is 404. The format is chosen by `Accept`
 //! only: JSON when `application/json` is preferred over `text/html` and
 //! `text/plain`, else the text table; `?fields=a,b` picks table columns.
 //! As Nodepool's, responses are cached for one second per path, query and
@@ -31,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use nodepool_core::config::Config;
 use nodepool_core::launcher::{LauncherStatus, Metrics, Readiness};
 use nodepool_core::model::{epoch_now, format_age};
+use nodepool_core::planner::explain::explain_request;
 use nodepool_core::store::Store;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +46,7 @@ pub const CACHE_EXPIRY: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 struct AppState {
     store: Store,
+    config: watch::Receiver<Arc<Config>>,
     status: Arc<LauncherStatus>,
     metrics: Arc<Metrics>,
     cache: Arc<Mutex<HashMap<String, (SystemTime, String)>>>,
@@ -68,6 +72,7 @@ pub async fn spawn(
     tracing::info!(addr = %bound, "web app listening");
     let app = axum::Router::new().fallback(serve).with_state(AppState {
         store,
+        config,
         status,
         metrics,
         cache: Arc::default(),
@@ -195,6 +200,37 @@ fn ready(r: &Readiness) -> Response {
     body.into_response()
 }
 
+/// `/request-explain/<id>`: why a request waits, from the store as it is
+/// and what the launcher's last pass knew of its clouds (never cached:
+/// it is asked about while watching a request move).
+async fn request_explain(s: &AppState, id: &str, format: Format) -> Response {
+    let mut snapshot = match nodepool_core::launcher::read_snapshot(&s.store).await {
+        Ok(snap) => snap,
+        Err(e) => {
+            tracing::warn!(error = %e, "web app cannot read the state store");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("state store unavailable: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    snapshot.providers = s.status.provider_views();
+    let config = s.config.borrow().clone();
+    let Some(x) = explain_request(&snapshot, &config, epoch_now(), id) else {
+        return (StatusCode::NOT_FOUND, format!("request {id} not found\n")).into_response();
+    };
+    let body = match format {
+        Format::Json => x.to_json().to_string(),
+        Format::Pretty => format!("{}\n", x.to_text()),
+    };
+    let mut resp = body.into_response();
+    if let Ok(v) = HeaderValue::from_str(format.content_type()) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
 fn source_for(path: &str, params: &[(String, String)]) -> Option<Source> {
     Some(match path {
         "/node-list" => Source::Nodes {
@@ -252,6 +288,9 @@ async fn serve(
     let format = negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     if path == "/ready" {
         return with_cache_headers(ready(&s.status.readiness()), format, SystemTime::now());
+    }
+    if let Some(id) = path.strip_prefix("/request-explain/") {
+        return request_explain(&s, id, format).await;
     }
     let Some(source) = source_for(path, &params) else {
         return (StatusCode::NOT_FOUND, "Not Found\n").into_response();

@@ -18,8 +18,9 @@ use clap::Parser;
 use common::{Backend, Fixture, populate, row};
 use nodepool_cli::admin::{Cli, Io, run_with};
 use nodepool_core::launcher::{Launcher, LauncherSettings, ProviderFactory};
-use nodepool_core::model::{ImageUpload, NodeState, UploadState, epoch_now};
+use nodepool_core::model::{ComponentKind, ImageUpload, NodeState, UploadState, epoch_now};
 use nodepool_core::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, ImageUploadSpec, Provider};
+use nodepool_core::store::paths;
 use nodepool_simulated::SimulatedProvider;
 use tokio_util::sync::CancellationToken;
 
@@ -328,3 +329,75 @@ async fn erase_asks_at_a_terminal_and_does_only_what_was_answered(backend: Backe
     assert_eq!(nodes(&f).await, 0);
 }
 both_stores!(erase_asks_at_a_terminal_and_does_only_what_was_answered);
+
+async fn request_explain_says_why_a_request_waits_pool_by_pool(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    populate(&f.store).await;
+    let (_sim, factory) = cloud_of(&f);
+    let zuul = nodepool_requestor::Requestor::new(f.store.clone(), "zuul");
+    let submit = |labels: &[&str]| {
+        let req =
+            nodepool_requestor::NewRequest::new(labels.iter().map(|l| l.to_string()).collect());
+        let zuul = zuul.clone();
+        async move { zuul.submit(&req).await.expect("submit") }
+    };
+    let id = submit(&["small"]).await;
+
+    // The registered pool's next pass takes it (a ready spare is there).
+    let r = cli(&f, &factory, &["--json", "request-explain", &id]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON");
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["state"], "requested");
+    assert_eq!(v["node_types"], serde_json::json!(["small"]));
+    assert_eq!(v["pools"][0]["provider"], "sim");
+    assert_eq!(v["pools"][0]["pool"], "main");
+    assert_eq!(v["pools"][0]["verdict"], "would-take", "{v}");
+
+    // A label the pool does not serve.
+    let odd = submit(&["nonesuch"]).await;
+    let r = cli(&f, &factory, &["request-explain", &odd]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let mut lines = r.stdout.lines();
+    let head = lines.next().expect("summary");
+    assert!(
+        head.starts_with(&format!("request {odd} (nonesuch): requested ")),
+        "{head}"
+    );
+    assert!(head.ends_with("0 of 1 pools could serve it now"), "{head}");
+    assert_eq!(
+        lines.next(),
+        Some("  sim/main: does not serve label nonesuch")
+    );
+
+    // Its launcher gone: nobody runs the pool.
+    let pools = f
+        .store
+        .list_components(ComponentKind::Pool)
+        .await
+        .expect("pools");
+    for (name, _) in &pools.records {
+        let path = format!("{}/{name}", paths::components("pool"));
+        f.store
+            .backend()
+            .delete(&path, None)
+            .await
+            .expect("unregister");
+    }
+    let r = cli(&f, &factory, &["request-explain", &id]).await;
+    assert!(
+        r.stdout
+            .contains("  sim/main: no running launcher serves this pool"),
+        "{}",
+        r.stdout
+    );
+
+    let r = cli(&f, &factory, &["request-explain", "100-0000099999"]).await;
+    assert!(!r.ok);
+    assert!(
+        r.stderr.contains("request 100-0000099999 not found"),
+        "{}",
+        r.stderr
+    );
+}
+both_stores!(request_explain_says_why_a_request_waits_pool_by_pool);

@@ -311,3 +311,46 @@ async fn responses_are_cached_for_a_second_and_conditional(backend: Backend) {
     web.stop.cancel();
 }
 both_stores!(responses_are_cached_for_a_second_and_conditional);
+
+async fn request_explain_answers_like_the_cli(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    populate(&f.store).await;
+    let web = start(&f).await;
+    let zuul = nodepool_requestor::Requestor::new(f.store.clone(), "zuul");
+    let id = zuul
+        .submit(&nodepool_requestor::NewRequest::new(vec![
+            "nonesuch".into(),
+        ]))
+        .await
+        .expect("submit");
+
+    let r = get(web.addr, &format!("/request-explain/{id}"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body
+            .starts_with(&format!("request {id} (nonesuch): requested ")),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body
+            .contains("\n  sim/main: does not serve label nonesuch\n"),
+        "{}",
+        r.body
+    );
+    let r = get(web.addr, &format!("/request-explain/{id}"), &[JSON]).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("application/json"))
+    );
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    assert_eq!(v["id"], id.as_str());
+    assert_eq!(v["pools"][0]["verdict"], "label-not-served", "{v}");
+
+    let r = get(web.addr, "/request-explain/100-0000099999", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body, "request 100-0000099999 not found\n");
+    web.stop.cancel();
+}
+both_stores!(request_explain_answers_like_the_cli);

@@ -100,6 +100,9 @@ pub enum AdminError {
     /// No such node.
     #[error("node {0} not found")]
     NodeNotFound(String),
+    /// No such request.
+    #[error("request {0} not found")]
+    RequestNotFound(String),
     /// Someone held the node's lock for all of [`NODE_LOCK_TIMEOUT`].
     #[error(
         "node {0} is locked by someone else (a launcher or Zuul); gave up after {secs} s",
@@ -703,6 +706,93 @@ pub async fn alien_images(
 
 /// One cloud call, bounded by [`CLOUD_CALL_TIMEOUT`]; a failure is one
 /// line saying what was asked.
+// ----- explain -----------------------------------------------------------
+
+/// `request-explain ID`: the planner's answer for one request
+/// ([`explain_request`](crate::planner::explain::explain_request)) on the
+/// store as it is now, with every provider's limits, flavors, cloud
+/// images and servers asked of its cloud as a launcher would. A cloud that
+/// cannot be asked is named in `unlisted` and taken as unlimited, with
+/// flavors unknown.
+pub async fn explain_request(
+    config: &Config,
+    store: &Store,
+    providers: &ProviderFactory,
+    id: &str,
+) -> Result<Aliens<crate::planner::explain::RequestExplanation>, AdminError> {
+    let mut snapshot = crate::launcher::read_snapshot(store).await?;
+    if !snapshot.requests.iter().any(|r| r.id == id) {
+        return Err(AdminError::RequestNotFound(id.to_owned()));
+    }
+    let mut unlisted = Vec::new();
+    for pc in &config.providers {
+        match provider_view(pc, providers, &snapshot.nodes).await {
+            Ok(view) => {
+                snapshot.providers.insert(pc.name.clone(), view);
+            }
+            Err(e) => unlisted.push(e),
+        }
+    }
+    let found = crate::planner::explain::explain_request(&snapshot, config, epoch_now(), id)
+        .into_iter()
+        .collect();
+    Ok(Aliens { found, unlisted })
+}
+
+/// What a launcher's observer knows of one cloud, asked now.
+async fn provider_view(
+    pc: &ProviderConfig,
+    providers: &ProviderFactory,
+    nodes: &[crate::store::NodeRecord],
+) -> Result<crate::planner::ProviderView, String> {
+    let p = providers(pc).map_err(|e| format!("provider {}: {e}", pc.name))?;
+    let mut view = crate::planner::ProviderView {
+        limits: cloud(format!("quota of {}", pc.name), p.quota_limits()).await?,
+        ..Default::default()
+    };
+    for pool in &pc.pools {
+        for label in &pool.labels {
+            let r = cloud(
+                format!(
+                    "flavor of label {} in {}/{}",
+                    label.name, pc.name, pool.name
+                ),
+                p.label_resources(label),
+            )
+            .await?;
+            view.label_resources
+                .entry(pool.name.clone())
+                .or_default()
+                .insert(label.name.clone(), r);
+        }
+    }
+    let cloud_images: Vec<&crate::config::CloudImage> = pc
+        .pools
+        .iter()
+        .flat_map(|q| q.labels.iter())
+        .filter_map(|l| match &l.image {
+            crate::config::ImageSource::CloudImage(c) => pc.cloud_image(c),
+            crate::config::ImageSource::DiskImage(_) => None,
+        })
+        .collect();
+    if !cloud_images.is_empty() {
+        let images = cloud(format!("images of {}", pc.name), p.list_images()).await?;
+        view.missing_cloud_images = cloud_images
+            .iter()
+            .filter(|c| {
+                let key = c.external_name();
+                !images.iter().any(|i| i.id == key || i.name == key)
+            })
+            .map(|c| c.name.clone())
+            .collect();
+    }
+    let servers = cloud(format!("servers of {}", pc.name), p.list_instances()).await?;
+    let (unmanaged, total) = crate::launcher::cloud_usage(&pc.name, &servers, nodes);
+    view.unmanaged = unmanaged;
+    view.reported_usage = Some(total);
+    Ok(view)
+}
+
 async fn cloud<T>(
     what: String,
     f: impl std::future::Future<Output = Result<T, ProviderError>>,

@@ -36,13 +36,14 @@ use tokio_util::task::TaskTracker;
 pub use health::HealthPolicy;
 pub use metrics::Metrics;
 pub use providers::ObserverIntervals;
+pub(crate) use providers::cloud_usage;
 // Shared by every runtime; re-exported where embedders have found them.
 pub use crate::runtime::{Clock, PassCounter, ProviderFactory};
 pub use tasks::{DeleteError, delete_locked_node};
 
 use crate::config::Config;
 use crate::model::{Component, ComponentKind, ComponentState, NodeState, RequestState};
-use crate::planner::{self, LocalState, PoolInfo, PoolKey, Snapshot};
+use crate::planner::{self, LocalState, PoolInfo, PoolKey, ProviderView, Snapshot};
 use crate::runtime::{PassRunner, Passed, Wakeups, run_passes};
 use crate::store::{ComponentRegistration, LockGuard, SessionState, Store, StoreError};
 use providers::ProviderHandle;
@@ -121,6 +122,9 @@ pub struct LauncherStatus {
     unavailable: Mutex<Vec<UnavailableProvider>>,
     /// Completed passes.
     passes: PassCounter,
+    /// What the last pass knew of each cloud (without server listings),
+    /// for the web app's `/request-explain`.
+    views: Mutex<BTreeMap<String, ProviderView>>,
 }
 
 /// A provider the launcher stopped calling because its API kept failing.
@@ -225,6 +229,12 @@ impl LauncherStatus {
             .load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// What the last pass knew of each cloud (limits, flavors, missing
+    /// cloud images, unmanaged usage, outage; no server listings).
+    pub fn provider_views(&self) -> BTreeMap<String, ProviderView> {
+        self.views.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// A human-readable dump of the launcher's state (SIGUSR2).
     pub fn report(&self) -> String {
         self.report
@@ -297,6 +307,57 @@ impl Shared {
     pub(crate) fn orphan_count(&self) -> usize {
         self.orphans.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
+}
+
+/// What the planner needs from the store: nodes, requests, registered
+/// pools, images and request lock directories (the provider views come
+/// from the clouds; they are left empty).
+pub async fn read_snapshot(store: &Store) -> Result<Snapshot, StoreError> {
+    let nodes = store.list_nodes().await?;
+    let requests = store.list_requests().await?;
+    let pools = store.list_components(ComponentKind::Pool).await?;
+    let images = store.image_state().await?;
+    let lock_dirs = store.list_request_lock_dirs().await?;
+    let mut model_api = None;
+    for (_, c) in &pools.records {
+        if c.model_api > crate::model::MODEL_API {
+            model_api = Some(c.model_api);
+        }
+    }
+    if let Some(v) = model_api {
+        tracing::error!(
+            model_api = v,
+            "a component with a newer model API is registered"
+        );
+    }
+    Ok(Snapshot {
+        empty_nodes: nodes
+            .malformed
+            .iter()
+            .filter(|m| m.reason == "empty record")
+            .filter_map(|m| m.path.rsplit('/').next().map(str::to_owned))
+            .collect(),
+        nodes: nodes.records,
+        requests: requests.records,
+        pools: pools
+            .records
+            .into_iter()
+            .filter_map(|(_, c)| {
+                Some(PoolInfo {
+                    id: c.id?,
+                    provider: c.provider_name.unwrap_or_default(),
+                    pool: c.name.unwrap_or_default(),
+                    labels: c.supported_labels.unwrap_or_default(),
+                    priority: c.priority.unwrap_or(100),
+                    paused: c.paused.unwrap_or(false),
+                    unavailable: c.provider_unavailable.is_some(),
+                })
+            })
+            .collect(),
+        images,
+        providers: BTreeMap::new(),
+        request_lock_dirs: lock_dirs,
+    })
 }
 
 /// A request this launcher accepted and holds the lock of.
@@ -592,57 +653,21 @@ impl Runtime {
     }
 
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let store = &self.shared.store;
-        let nodes = store.list_nodes().await?;
-        let requests = store.list_requests().await?;
-        let pools = store.list_components(ComponentKind::Pool).await?;
-        let images = store.image_state().await?;
-        let lock_dirs = store.list_request_lock_dirs().await?;
-        let mut model_api = None;
-        for (_, c) in &pools.records {
-            if c.model_api > crate::model::MODEL_API {
-                model_api = Some(c.model_api);
-            }
-        }
-        if let Some(v) = model_api {
-            tracing::error!(
-                model_api = v,
-                "a component with a newer model API is registered"
-            );
-        }
-        let mut snap = Snapshot {
-            empty_nodes: nodes
-                .malformed
-                .iter()
-                .filter(|m| m.reason == "empty record")
-                .filter_map(|m| m.path.rsplit('/').next().map(str::to_owned))
-                .collect(),
-            nodes: nodes.records,
-            requests: requests.records,
-            pools: pools
-                .records
-                .into_iter()
-                .filter_map(|(_, c)| {
-                    Some(PoolInfo {
-                        id: c.id?,
-                        provider: c.provider_name.unwrap_or_default(),
-                        pool: c.name.unwrap_or_default(),
-                        labels: c.supported_labels.unwrap_or_default(),
-                        priority: c.priority.unwrap_or(100),
-                        paused: c.paused.unwrap_or(false),
-                        unavailable: c.provider_unavailable.is_some(),
-                    })
-                })
-                .collect(),
-            images,
-            providers: BTreeMap::new(),
-            request_lock_dirs: lock_dirs,
-        };
+        let mut snap = read_snapshot(&self.shared.store).await?;
         let now = self.shared.now();
         for (name, h) in &self.providers {
             snap.providers
                 .insert(name.clone(), h.view(&snap.nodes, now));
         }
+        *self.status.views.lock().unwrap_or_else(|p| p.into_inner()) = snap
+            .providers
+            .iter()
+            .map(|(name, v)| {
+                let mut v = v.clone();
+                v.instances = None;
+                (name.clone(), v)
+            })
+            .collect();
         Ok(snap)
     }
 

@@ -153,25 +153,7 @@ impl ProviderHandle {
             .and(o.instances_listed)
             .map(|at| now - at.elapsed().as_secs_f64());
         if let Some(list) = &instances {
-            let ours: BTreeSet<&str> = nodes
-                .iter()
-                .filter(|n| n.node.provider == self.config.name)
-                .map(|n| n.id.as_str())
-                .collect();
-            let mut unmanaged = Resources::new();
-            let mut total = Resources::new();
-            for inst in list {
-                let res = inst
-                    .resources
-                    .clone()
-                    .unwrap_or_else(|| Resources::new().with(crate::model::INSTANCES, 1));
-                total.add(&res);
-                let managed = inst.provider_name().as_deref() == Some(self.config.name.as_str())
-                    && inst.node_id().is_some_and(|id| ours.contains(id.as_str()));
-                if !managed {
-                    unmanaged.add(&res);
-                }
-            }
+            let (unmanaged, total) = cloud_usage(&self.config.name, list, nodes);
             o.unmanaged = unmanaged;
             o.reported = Some(total);
         }
@@ -192,6 +174,36 @@ impl ProviderHandle {
     pub fn last_error(&self) -> Option<String> {
         self.observed().last_error.clone()
     }
+}
+
+/// Quota the servers of a cloud use: those that are not live nodes of
+/// provider `provider` (unmanaged), and all of them (what the cloud
+/// reports as in use).
+pub(crate) fn cloud_usage(
+    provider: &str,
+    servers: &[Instance],
+    nodes: &[NodeRecord],
+) -> (Resources, Resources) {
+    let ours: BTreeSet<&str> = nodes
+        .iter()
+        .filter(|n| n.node.provider == provider)
+        .map(|n| n.id.as_str())
+        .collect();
+    let mut unmanaged = Resources::new();
+    let mut total = Resources::new();
+    for inst in servers {
+        let res = inst
+            .resources
+            .clone()
+            .unwrap_or_else(|| Resources::new().with(crate::model::INSTANCES, 1));
+        total.add(&res);
+        let managed = inst.provider_name().as_deref() == Some(provider)
+            && inst.node_id().is_some_and(|id| ours.contains(id.as_str()));
+        if !managed {
+            unmanaged.add(&res);
+        }
+    }
+    (unmanaged, total)
 }
 
 async fn observe(

@@ -20,9 +20,10 @@
 //! fulfilment), `cleanup` (deletions, lost requests, leaks, min-ready),
 //! [`leaks`] (the rules that find leaked servers and images, shared with
 //! the admin commands), [`images`] (the builder's plan: builds, uploads,
-//! retention).
+//! retention), [`explain`] (why a request waits, pool by pool).
 
 mod cleanup;
+pub mod explain;
 mod fast;
 pub mod images;
 mod index;

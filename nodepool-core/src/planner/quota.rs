@@ -27,6 +27,32 @@ pub enum QuotaBlock {
     Tenant(String),
 }
 
+/// Whose limit a shortfall is of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QuotaScope {
+    /// The pool's `max-*` limits.
+    Pool,
+    /// The cloud's limits (less what the cloud holds that is not ours).
+    Cloud,
+    /// This tenant's `tenant-resource-limits`.
+    Tenant(String),
+}
+
+/// One limit that a launch would pass, in numbers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shortfall {
+    /// Whose limit.
+    pub scope: QuotaScope,
+    /// Which resource (`instances`, `cores`, `ram`, ...).
+    pub resource: String,
+    /// In use now (for a cloud: by our nodes and by servers that are not).
+    pub used: i64,
+    /// The limit.
+    pub limit: i64,
+    /// What the launch needs of it.
+    pub need: i64,
+}
+
 #[derive(Debug)]
 struct PoolQuota {
     provider: usize,
@@ -180,6 +206,57 @@ impl QuotaState {
             return Err(QuotaBlock::Cloud(name.to_owned()));
         }
         Ok(())
+    }
+
+    /// What [`can_launch`](Self::can_launch) refuses, in numbers: the
+    /// first limit of the pool, the cloud or the tenant that one more node
+    /// needing `need` would pass. With `ever`, the pool and cloud limits
+    /// are checked against an empty pool, as
+    /// [`could_ever_fit`](Self::could_ever_fit) does.
+    pub fn shortfall(
+        &self,
+        pool: usize,
+        tenant: Option<&str>,
+        need: &Resources,
+        ever: bool,
+    ) -> Option<Shortfall> {
+        let p = &self.pools[pool];
+        let none = Resources::new();
+        let short = |scope: QuotaScope, limits: &Limits, used: &Resources| {
+            let resource = limits.first_exceeded(used, need)?;
+            Some(Shortfall {
+                scope,
+                resource: resource.to_owned(),
+                used: used.get(resource),
+                limit: limits.get(resource).unwrap_or(i64::MAX),
+                need: need.get(resource),
+            })
+        };
+        let pool_used = if ever { &none } else { &p.used };
+        if let Some(s) = short(QuotaScope::Pool, &p.limits, pool_used) {
+            return Some(s);
+        }
+        let c = &self.clouds[p.provider];
+        if !p.ignore_cloud && !c.limits.is_unlimited() {
+            let used = if ever {
+                c.unmanaged.clone()
+            } else {
+                self.cloud_used(p.provider)
+            };
+            if let Some(s) = short(QuotaScope::Cloud, &c.limits, &used) {
+                return Some(s);
+            }
+        }
+        if ever {
+            return None;
+        }
+        let t = tenant?;
+        let limits = self.tenant_limits.get(t)?;
+        short(
+            QuotaScope::Tenant(t.to_owned()),
+            limits,
+            self.tenant_usage.get(t).unwrap_or(&none),
+        )
     }
 
     /// Records a planned launch.
