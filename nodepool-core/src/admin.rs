@@ -704,8 +704,6 @@ pub async fn alien_images(
     Ok(out)
 }
 
-/// One cloud call, bounded by [`CLOUD_CALL_TIMEOUT`]; a failure is one
-/// line saying what was asked.
 // ----- explain -----------------------------------------------------------
 
 /// `request-explain ID`: the planner's answer for one request
@@ -793,6 +791,8 @@ async fn provider_view(
     Ok(view)
 }
 
+/// One cloud call, bounded by [`CLOUD_CALL_TIMEOUT`]; a failure is one
+/// line saying what was asked.
 async fn cloud<T>(
     what: String,
     f: impl std::future::Future<Output = Result<T, ProviderError>>,
