@@ -386,6 +386,7 @@ fn another_launchers_better_pool_is_yielded_to() {
         priority: 10,
         paused: false,
         unavailable: false,
+        launchable: None,
     });
     w.add_request(&["small"], "200");
     assert!(w.plan().actions.is_empty(), "{:?}", w.plan().actions);
