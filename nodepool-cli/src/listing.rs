@@ -664,6 +664,7 @@ mod tests {
                     Cell::Null,
                 ],
             ],
+            skipped: Vec::new(),
         };
         let t = l.to_table(None, 1000.0 + 86_400.0 + 61.0);
         assert!(
