@@ -259,6 +259,16 @@ impl Ctx<'_, '_> {
         let _ = writeln!(self.io.out, "{text}");
     }
 
+    /// Prints a listing read from the store, then one warning per record
+    /// it had to leave out (the JSON stays the web app's bare list).
+    fn print_store_listing(&mut self, listing: &Listing, fields: Option<&[&str]>) {
+        self.print(listing, fields);
+        for m in &listing.skipped {
+            let line = format!("skipped unreadable record {}: {}", m.path, m.reason);
+            self.warn(&line);
+        }
+    }
+
     fn say(&mut self, line: &str) {
         let _ = writeln!(self.io.out, "{line}");
     }
@@ -314,7 +324,7 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
                 .fetch(&ctx.store, epoch_now())
                 .await?;
             let fields = (!*detail).then_some(listing::NODE_BRIEF_FIELDS);
-            ctx.print(&l, fields);
+            ctx.print_store_listing(&l, fields);
         }
         Command::RequestList => listing_of(ctx, Source::Requests).await?,
         Command::JobCreate(args) => {
@@ -480,7 +490,7 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
 
 async fn listing_of(ctx: &mut Ctx<'_, '_>, source: Source) -> Result<(), Failure> {
     let l = source.fetch(&ctx.store, epoch_now()).await?;
-    ctx.print(&l, None);
+    ctx.print_store_listing(&l, None);
     Ok(())
 }
 

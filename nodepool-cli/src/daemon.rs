@@ -9,7 +9,7 @@ use anyhow::Context;
 use nodepool_core::config::{Config, ConfigSource, Driver, ProviderConfig, StateStoreConfig};
 use nodepool_core::provider::Provider;
 use nodepool_core::store::{StateStore, Store};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 /// How to log.
@@ -75,25 +75,54 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Cancels the returned token on SIGINT or SIGTERM (graceful stop); calls
-/// `on_dump` on SIGUSR2 (state dump to the log).
-pub fn handle_signals(on_dump: impl Fn() + Send + 'static) -> anyhow::Result<CancellationToken> {
+/// What a daemon's signals ask of it.
+#[derive(Clone, Debug)]
+pub struct Signals {
+    /// Cancelled on SIGINT or SIGTERM (graceful stop).
+    pub shutdown: CancellationToken,
+    /// Notified on SIGHUP: reload the configuration now
+    /// ([`watch_config`]).
+    pub reload: Arc<Notify>,
+}
+
+/// Installs the daemons' signal handlers: SIGINT and SIGTERM stop
+/// gracefully, SIGUSR2 calls `on_dump` (state dump to the log), SIGHUP
+/// reloads the configuration now, and SIGUSR1 is logged and ignored.
+/// SIGHUP and SIGUSR1 would otherwise kill the process (their default
+/// action): a stray `kill -HUP` (log rotation, a closed terminal) or
+/// `kill -USR1` (Python Nodepool's builder once dumped stacks on it) must
+/// not take a daemon down.
+pub fn handle_signals(on_dump: impl Fn() + Send + 'static) -> anyhow::Result<Signals> {
     use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
+    let reload = Arc::new(Notify::new());
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut usr2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let stop = token.clone();
+    let reload_now = reload.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); stop.cancel(); }
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); stop.cancel(); }
                 _ = usr2.recv() => on_dump(),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    reload_now.notify_one();
+                }
+                _ = usr1.recv() => {
+                    tracing::info!("SIGUSR1: ignored (SIGUSR2 dumps the state, SIGHUP reloads the configuration)");
+                }
             }
         }
     });
-    Ok(token)
+    Ok(Signals {
+        shutdown: token,
+        reload,
+    })
 }
 
 /// Loads the configuration as the daemons run it: the files validated,
@@ -115,31 +144,36 @@ pub fn load_config(source: &ConfigSource) -> Result<Config, String> {
 
 /// Loads the configuration ([`load_config`]) and keeps watching it: every
 /// `interval` the files are fingerprinted, and a changed configuration
-/// that loads is sent on the returned channel. One that does not (a bad
-/// file, or a provider whose cloud cannot be loaded) is logged with every
-/// error and the running configuration is kept.
+/// that loads is sent on the returned channel; when `reload` is notified
+/// (SIGHUP) it is loaded and sent at once, changed or not (clouds.yaml,
+/// which the fingerprint does not cover, is read again too). One that does
+/// not load (a bad file, or a provider whose cloud cannot be loaded) is
+/// logged with every error and the running configuration is kept.
 pub fn watch_config(
     source: ConfigSource,
     interval: Duration,
     stop: CancellationToken,
+    reload: Arc<Notify>,
 ) -> anyhow::Result<watch::Receiver<Arc<Config>>> {
     let initial = load_config(&source).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (tx, rx) = watch::channel(Arc::new(initial));
     let mut seen = source.fingerprint();
     tokio::spawn(async move {
         loop {
-            tokio::select! {
+            let forced = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
+                _ = reload.notified() => true,
+                _ = tokio::time::sleep(interval) => false,
+            };
             let now = source.fingerprint();
-            if now == seen {
+            if now == seen && !forced {
                 continue;
             }
             seen = now;
+            let trigger = if forced { "SIGHUP" } else { "file changed" };
             match load_config(&source) {
                 Ok(cfg) => {
-                    tracing::info!(file = %source.path.display(), "configuration changed; reloading");
+                    tracing::info!(file = %source.path.display(), trigger, "configuration reloaded");
                     if tx.send(Arc::new(cfg)).is_err() {
                         return;
                     }

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use nodepool_core::model::{Component, Json, Port, RequestState, format_age};
-use nodepool_core::store::{ImageState, NodeRecord, RequestRecord, Store, StoreError};
+use nodepool_core::store::{ImageState, Malformed, NodeRecord, RequestRecord, Store, StoreError};
 use serde::Serialize;
 use serde::ser::{SerializeMap, SerializeSeq, Serializer};
 
@@ -199,12 +199,19 @@ pub const INFO_IMAGE_COLUMNS: &[Column] = &[
 pub const INFO_NODE_COLUMNS: &[Column] = &[col("id", "ID"), col("server_id", "Server ID")];
 
 /// A listing: objects with the same keys, and how to title them.
+///
+/// Its JSON is the list of objects only (Python's web API returns a bare
+/// list); the records it had to leave out are in `skipped`, which the CLI
+/// prints as warnings and the web app sends in the `X-Nodepool-Skipped`
+/// header.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listing {
     /// Every column, in order.
     pub columns: &'static [Column],
     /// One value per column for each row.
     pub rows: Vec<Vec<Cell>>,
+    /// Records that could not be read and are not in `rows`.
+    pub skipped: Vec<Malformed>,
 }
 
 struct Row<'a>(&'a [Column], &'a [Cell]);
@@ -235,6 +242,7 @@ impl Listing {
         Listing {
             columns,
             rows: Vec::new(),
+            skipped: Vec::new(),
         }
     }
 
@@ -525,6 +533,7 @@ pub fn label_list(pools: &[(String, Component)]) -> Listing {
             .into_iter()
             .map(|l| vec![Cell::Text(l.to_owned())])
             .collect(),
+        skipped: Vec::new(),
     }
 }
 
@@ -561,29 +570,47 @@ impl Source {
         }
     }
 
-    /// Reads the listing from the store; ages relative to `now`.
+    /// Reads the listing from the store; ages relative to `now`. Records
+    /// that cannot be read are left out and listed in
+    /// [`Listing::skipped`] (for `/node-list?node_id=`, only the node asked
+    /// for).
     pub async fn fetch(&self, store: &Store, now: f64) -> Result<Listing, StoreError> {
+        let pools = || store.list_components(nodepool_core::model::ComponentKind::Pool);
         Ok(match self {
             Source::Nodes { node_id } => {
-                node_list(&store.list_nodes().await?.records, node_id.as_deref(), now)
+                let nodes = store.list_nodes().await?;
+                let mut l = node_list(&nodes.records, node_id.as_deref(), now);
+                l.skipped = nodes.malformed;
+                if let Some(id) = node_id {
+                    l.skipped
+                        .retain(|m| m.path.rsplit('/').next() == Some(id.as_str()));
+                }
+                l
             }
-            Source::Requests => request_list(
-                &store.list_requests().await?.records,
-                &store
-                    .list_components(nodepool_core::model::ComponentKind::Pool)
-                    .await?
-                    .records,
-                now,
-            ),
-            Source::Images => image_list(&store.image_state().await?),
-            Source::DibImages => dib_image_list(&store.image_state().await?),
-            Source::ImageStatus => image_status(&store.image_state().await?),
-            Source::Labels => label_list(
-                &store
-                    .list_components(nodepool_core::model::ComponentKind::Pool)
-                    .await?
-                    .records,
-            ),
+            Source::Requests => {
+                let requests = store.list_requests().await?;
+                let pools = pools().await?;
+                let mut l = request_list(&requests.records, &pools.records, now);
+                l.skipped = requests.malformed;
+                l.skipped.extend(pools.malformed);
+                l
+            }
+            Source::Images | Source::DibImages | Source::ImageStatus => {
+                let images = store.image_state().await?;
+                let mut l = match self {
+                    Source::Images => image_list(&images),
+                    Source::DibImages => dib_image_list(&images),
+                    _ => image_status(&images),
+                };
+                l.skipped = images.malformed;
+                l
+            }
+            Source::Labels => {
+                let pools = pools().await?;
+                let mut l = label_list(&pools.records);
+                l.skipped = pools.malformed;
+                l
+            }
         })
     }
 }
@@ -637,6 +664,7 @@ mod tests {
                     Cell::Null,
                 ],
             ],
+            skipped: Vec::new(),
         };
         let t = l.to_table(None, 1000.0 + 86_400.0 + 61.0);
         assert!(

@@ -11,7 +11,9 @@
 //! As Nodepool's, responses are cached for one second per path, query and
 //! format, carry `Access-Control-Allow-Origin: *`, `Cache-Control: public,
 //! max-age=1`, `Last-Modified` and `Expires`, and answer a matching
-//! `If-Modified-Since` with 304.
+//! `If-Modified-Since` with 304. Records a listing left out because
+//! they could not be read are named in the `X-Nodepool-Skipped` header
+//! (a JSON list of `{"path", "reason"}`); the body stays Python's bare list.
 //!
 //! `/ready` answers `OK` (200) once the launcher's first pass completed,
 //! and 503 with one line per reason while it does not work: before the
@@ -49,7 +51,56 @@ struct AppState {
     config: watch::Receiver<Arc<Config>>,
     status: Arc<LauncherStatus>,
     metrics: Arc<Metrics>,
-    cache: Arc<Mutex<HashMap<String, (SystemTime, String)>>>,
+    cache: Arc<Mutex<HashMap<String, Rendered>>>,
+}
+
+/// A rendered listing: when, the body, and the `X-Nodepool-Skipped` value.
+#[derive(Clone)]
+struct Rendered {
+    at: SystemTime,
+    body: String,
+    skipped: Option<HeaderValue>,
+}
+
+/// The header that lists the records a listing left out because they
+/// could not be read. The body stays Python's format (a bare JSON list, or
+/// the table), so its consumers are unaffected.
+pub const SKIPPED_HEADER: &str = "x-nodepool-skipped";
+
+/// Most records named in the header (a header has a size limit; the
+/// launcher's log names them all).
+const SKIPPED_IN_HEADER: usize = 20;
+
+/// `X-Nodepool-Skipped`: a JSON list of `{"path", "reason"}` for the
+/// records left out (the first [`SKIPPED_IN_HEADER`], then `{"more": n}`),
+/// ASCII only; `None` when nothing was.
+fn skipped_header(skipped: &[nodepool_core::store::Malformed]) -> Option<HeaderValue> {
+    if skipped.is_empty() {
+        return None;
+    }
+    let mut items: Vec<serde_json::Value> = skipped
+        .iter()
+        .take(SKIPPED_IN_HEADER)
+        .map(|m| serde_json::json!({"path": m.path, "reason": m.reason}))
+        .collect();
+    if skipped.len() > SKIPPED_IN_HEADER {
+        items.push(serde_json::json!({"more": skipped.len() - SKIPPED_IN_HEADER}));
+    }
+    let text = serde_json::Value::Array(items).to_string();
+    // Header values are visible ASCII: escape the rest as JSON does.
+    let mut ascii = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            ' '..='~' => ascii.push(c),
+            c => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    ascii.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
+    HeaderValue::from_str(&ascii).ok()
 }
 
 /// Binds the configured address and serves until `shutdown`. Returns the
@@ -301,10 +352,10 @@ async fn serve(
     let cached = {
         let mut cache = s.cache.lock().unwrap_or_else(|p| p.into_inner());
         let now = SystemTime::now();
-        cache.retain(|_, (t, _)| now.duration_since(*t).unwrap_or_default() <= CACHE_EXPIRY);
+        cache.retain(|_, r| now.duration_since(r.at).unwrap_or_default() <= CACHE_EXPIRY);
         cache.get(&key).cloned()
     };
-    let (modified, body) = match cached {
+    let rendered = match cached {
         Some(hit) => hit,
         None => {
             let listing = match source.fetch(&s.store, epoch_now()).await {
@@ -328,13 +379,36 @@ async fn serve(
                     listing.to_table(fields.as_deref(), epoch_now())
                 }
             };
-            let now = SystemTime::now();
+            if !listing.skipped.is_empty() {
+                tracing::debug!(
+                    path,
+                    skipped = listing.skipped.len(),
+                    "listing left out unreadable records"
+                );
+            }
+            let rendered = Rendered {
+                at: SystemTime::now(),
+                body,
+                skipped: skipped_header(&listing.skipped),
+            };
             s.cache
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(key, (now, body.clone()));
-            (now, body)
+                .insert(key, rendered.clone());
+            rendered
         }
+    };
+    let Rendered {
+        at: modified,
+        body,
+        skipped,
+    } = rendered;
+    let with_skipped = |mut resp: Response| {
+        if let Some(v) = skipped {
+            resp.headers_mut()
+                .insert(header::HeaderName::from_static(SKIPPED_HEADER), v);
+        }
+        resp
     };
     // Conditional GET: HTTP dates have whole seconds.
     let since = headers
@@ -344,10 +418,14 @@ async fn serve(
     if let Some(since) = since {
         let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         if secs(modified) <= secs(since) {
-            return with_cache_headers(StatusCode::NOT_MODIFIED.into_response(), format, modified);
+            return with_skipped(with_cache_headers(
+                StatusCode::NOT_MODIFIED.into_response(),
+                format,
+                modified,
+            ));
         }
     }
-    with_cache_headers(body.into_response(), format, modified)
+    with_skipped(with_cache_headers(body.into_response(), format, modified))
 }
 
 #[cfg(test)]

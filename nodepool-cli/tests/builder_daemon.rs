@@ -257,3 +257,58 @@ async fn the_builder_daemon_refuses_a_provider_whose_cloud_cannot_be_loaded() {
     assert!(!d.join("nodepool.db").exists(), "nothing created");
     assert!(!d.join("images").exists(), "nothing created");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_builders_configuration_and_sigusr1_is_ignored() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let dib = d.join("fake-dib");
+    std::fs::write(&dib, FAKE_DIB).expect("write fake dib");
+    std::fs::set_permissions(&dib, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cfg: PathBuf = d.join("nodepool.yaml");
+    write_config(&cfg, &config(d, &["p1"]));
+    let log = d.join("builder.log");
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["-c", &cfg.display().to_string()])
+        .args(["--log-format", "json"])
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nodepool-builder");
+    // Signal handlers are in place before the store is opened.
+    until_log(&log, "state store open").await;
+
+    signal(&child, "USR1");
+    until_log(&log, "SIGUSR1: ignored").await;
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "SIGUSR1 killed it"
+    );
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("configuration reloaded"),
+        "nothing reloaded yet"
+    );
+
+    signal(&child, "HUP");
+    until_log(&log, "\"trigger\":\"SIGHUP\"").await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("configuration reloaded") && l.contains("\"trigger\":\"SIGHUP\"")),
+        "{text}"
+    );
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "SIGHUP killed it"
+    );
+
+    signal(&child, "TERM");
+    let status = tokio::time::timeout(LIMIT, child.wait())
+        .await
+        .expect("stops within the limit")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+}

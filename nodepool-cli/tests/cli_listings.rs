@@ -392,3 +392,80 @@ async fn empty_store_lists_empty_tables(backend: Backend) {
     assert_eq!(f.run(&["--json", "image-list"]).await.ok(), "[]\n");
 }
 both_stores!(empty_store_lists_empty_tables);
+
+/// Writes a record as someone else could: raw bytes at `path`.
+async fn write_raw(f: &Fixture, path: &str, data: &[u8]) {
+    f.store
+        .backend()
+        .create(path, data, nodepool_core::store::CreateMode::Persistent)
+        .await
+        .unwrap_or_else(|e| panic!("create {path}: {e}"));
+}
+
+/// The `warning:` lines of a run's stderr.
+fn warnings(out: &common::Out) -> Vec<String> {
+    out.stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn unreadable_records_are_named_on_stderr(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    let d = populate(&f.store).await;
+    let node = nodepool_core::store::paths::node("0000009999");
+    let request = nodepool_core::store::paths::request("200-0000009999");
+    let build = nodepool_core::store::paths::build("ubuntu", "0000000000000000000000000000abcd");
+    write_raw(&f, &node, b"{\"state\": 42}").await;
+    write_raw(&f, &request, b"not json").await;
+    write_raw(&f, &build, b"[]").await;
+    for (args, path, rows) in [
+        (&["list"][..], &node, 3),
+        (&["request-list"][..], &request, 0),
+        (&["image-list"][..], &build, 0),
+    ] {
+        for json in [false, true] {
+            let mut argv: Vec<&str> = Vec::new();
+            if json {
+                argv.push("--json");
+            }
+            argv.extend_from_slice(args);
+            let out = f.run(&argv).await;
+            let stdout = out.ok().to_owned();
+            let w = warnings(&out);
+            assert_eq!(
+                w.len(),
+                1,
+                "{argv:?}: one line per unreadable record: {w:?}"
+            );
+            assert!(
+                w[0].starts_with(&format!("warning: skipped unreadable record {path}: "))
+                    && w[0].len() > format!("warning: skipped unreadable record {path}: ").len(),
+                "{argv:?}: path and reason: {w:?}"
+            );
+            if json {
+                // Still the web app's bare list, with the readable records.
+                let v: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+                let items = v
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{argv:?}: a list: {v}"));
+                if args == ["list"] {
+                    assert_eq!(items.len(), rows, "{argv:?}");
+                    assert!(items.iter().any(|n| n["id"] == d.ready.as_str()));
+                }
+            } else if args == ["list"] {
+                assert_eq!(row_count(&stdout), rows, "{stdout}");
+            }
+        }
+    }
+    // Nothing unreadable: nothing said.
+    let clean = Fixture::new(backend).await;
+    populate(&clean.store).await;
+    for cmd in ["list", "request-list", "image-list"] {
+        let out = clean.run(&[cmd]).await;
+        out.ok();
+        assert!(warnings(&out).is_empty(), "{cmd}: {}", out.stderr);
+    }
+}
+both_stores!(unreadable_records_are_named_on_stderr);

@@ -1,7 +1,7 @@
 //! The `nodepool-launcher` binary as a process, the way an operator runs
 //! it: on the embedded SQLite store with a simulated cloud it fills
 //! min-ready, serves the web app, sends statsd packets to `STATSD_HOST`,
-//! dumps its state on SIGUSR2, rejects a broken configuration on reload
+//! dumps its state on SIGUSR2, ignores SIGUSR1, reloads on SIGHUP, rejects a broken configuration on reload
 //! (a bad file, or a provider whose clouds.yaml entry cannot be loaded)
 //! while keeping the running one, applies a good one, and on SIGTERM stops
 //! cleanly: pid file removed, component registration gone.
@@ -400,6 +400,82 @@ async fn a_broken_configuration_at_start_is_an_error_naming_the_place() {
     assert!(err.contains("labels[0].min-ready"), "{err}");
     assert!(err.contains(&cfg.display().to_string()), "{err}");
     assert!(!d.join("nodepool.db").exists(), "nothing created");
+}
+
+/// The lines of the JSON log whose message is `msg`.
+fn log_lines(log: &Path, msg: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| message(v) == msg)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_configuration_and_sigusr1_is_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let cfg: PathBuf = d.join("nodepool.yaml");
+    write_config(&cfg, &config(d, 0));
+    let log = d.join("launcher.log");
+    let clouds = d.join("clouds.yaml");
+    std::fs::write(&clouds, "clouds: {}\n").expect("write clouds.yaml");
+    let mut child = launcher(d, &clouds)
+        .args(["-c", &cfg.display().to_string()])
+        .args(["--log-format", "json", "--no-webapp"])
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nodepool-launcher");
+    // Signal handlers are in place before the store is opened.
+    until_log(&mut child, &log, "the store opened", |v| {
+        message(v) == "state store open"
+    })
+    .await;
+
+    signal(&child, "USR1");
+    until_log(&mut child, &log, "SIGUSR1 to be logged", |v| {
+        message(v).starts_with("SIGUSR1: ignored")
+    })
+    .await;
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "SIGUSR1 killed it"
+    );
+    assert!(
+        log_lines(&log, "configuration reloaded").is_empty(),
+        "nothing reloaded yet"
+    );
+
+    // SIGHUP with the files unchanged: reloaded anyway, at once.
+    signal(&child, "HUP");
+    let reloaded = until_log(&mut child, &log, "a SIGHUP reload", |v| {
+        message(v) == "configuration reloaded" && v["fields"]["trigger"] == "SIGHUP"
+    })
+    .await;
+    assert_eq!(
+        reloaded["fields"]["file"].as_str(),
+        Some(cfg.display().to_string().as_str())
+    );
+    assert!(
+        child.try_wait().expect("poll").is_none(),
+        "SIGHUP killed it"
+    );
+
+    // And the reloaded configuration is the one applied: min-ready 1.
+    write_config(&cfg, &config(d, 1));
+    signal(&child, "HUP");
+    let store = open_store(&d.join("nodepool.db")).await;
+    until_ready(&store, 1, &log).await;
+
+    signal(&child, "TERM");
+    let status = tokio::time::timeout(LIMIT, child.wait())
+        .await
+        .expect("stops within the limit")
+        .expect("wait");
+    assert!(status.success(), "{status}");
+    store.backend().close().await.ok();
 }
 
 #[tokio::test]

@@ -312,6 +312,65 @@ async fn responses_are_cached_for_a_second_and_conditional(backend: Backend) {
 }
 both_stores!(responses_are_cached_for_a_second_and_conditional);
 
+async fn unreadable_records_are_named_in_a_header(backend: Backend) {
+    let f = Fixture::new(backend).await;
+    populate(&f.store).await;
+    let web = start(&f).await;
+    for path in ["/node-list", "/request-list", "/image-list"] {
+        let r = get(web.addr, path, &[JSON]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("X-Nodepool-Skipped"),
+            None,
+            "{path}: nothing skipped"
+        );
+    }
+    let node = nodepool_core::store::paths::node("0000009999");
+    f.store
+        .backend()
+        .create(
+            &node,
+            "{\"state\": \"caf\u{e9}\"}".as_bytes(),
+            nodepool_core::store::CreateMode::Persistent,
+        )
+        .await
+        .expect("create");
+    // Past the one-second cache of the earlier answer.
+    common::eventually(
+        Duration::from_secs(30),
+        "the unreadable node to be named",
+        || async {
+            get(web.addr, "/node-list", &[JSON])
+                .await
+                .header("X-Nodepool-Skipped")
+                .is_some()
+        },
+    )
+    .await;
+    for accept in [&[JSON][..], &[][..]] {
+        let r = get(web.addr, "/node-list", accept).await;
+        assert_eq!(r.status, 200);
+        let skipped: serde_json::Value =
+            serde_json::from_str(r.header("X-Nodepool-Skipped").expect("header"))
+                .expect("a JSON header");
+        assert_eq!(skipped.as_array().map(Vec::len), Some(1), "{skipped}");
+        assert_eq!(skipped[0]["path"], node.as_str());
+        assert!(
+            skipped[0]["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{skipped}"
+        );
+        if accept.is_empty() {
+            assert!(r.body.starts_with("+-"), "the table is unchanged");
+        } else {
+            // The body is still Python's bare list, of the readable nodes.
+            let v: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+            assert_eq!(v.as_array().map(Vec::len), Some(3), "{v}");
+        }
+    }
+    web.stop.cancel();
+}
+both_stores!(unreadable_records_are_named_in_a_header);
+
 async fn request_explain_answers_like_the_cli(backend: Backend) {
     let f = Fixture::new(backend).await;
     populate(&f.store).await;

@@ -2,6 +2,8 @@
 //! seeds 000 and 001): when to build, where to upload, what to keep and
 //! what to delete.
 
+use std::collections::BTreeSet;
+
 mod images_common;
 
 use images_common::*;
@@ -261,7 +263,7 @@ fn no_upload_where_the_image_is_paused_or_the_provider_is_being_removed() {
     w.add_build("deb", BuildState::Ready, t - 60.0, &["qcow2"]);
     assert!(
         uploads(&w.plan()).is_empty(),
-        "every provider is being removed"
+        "every pool of every provider is disabled"
     );
 }
 
@@ -497,7 +499,6 @@ providers:
         labels: [{name: small, diskimage: deb, flavor-name: "Fake Flavor"}]
   - name: p2
     driver: simulated
-    diskimages: [{name: cent}]
     pools:
       - name: main
         max-servers: -1
@@ -528,7 +529,10 @@ providers:
     assert_eq!(
         reasons,
         [
-            ("cent@p2".to_owned(), ImageDeleteReason::ProviderRemoved),
+            (
+                "cent@p2".to_owned(),
+                ImageDeleteReason::ImageRemovedFromProvider
+            ),
             ("deb@p2".into(), ImageDeleteReason::ImageRemovedFromProvider),
             ("deb@p2".into(), ImageDeleteReason::ImageRemovedFromProvider),
         ]
@@ -538,6 +542,68 @@ providers:
     w.settle(5);
     assert!(w.snapshot.images.uploads.iter().all(|u| u.provider == "p1"));
     assert_eq!(w.snapshot.images.uploads.len(), 3);
+}
+
+#[test]
+fn a_cloud_paused_with_max_servers_zero_keeps_its_uploads() {
+    // `max-servers: 0` on every pool pauses a cloud; its images stay for
+    // when it is enabled again. Only unlisting them removes them.
+    let yaml = TWO.replace(
+        "  - name: p2\n    driver: simulated\n    diskimages: [{name: deb}, {name: cent}]\n    pools:\n      - name: main\n        max-servers: 10",
+        "  - name: p2\n    driver: simulated\n    diskimages: [{name: deb}, {name: cent}]\n    pools:\n      - name: main\n        max-servers: 0",
+    );
+    assert_ne!(yaml, TWO, "p2 is paused");
+    let mut w = ImageWorld::new(&yaml);
+    let (b1, b2) = deb_two_builds(&mut w);
+    // A third, newest build, uploaded to p1 only (p2 takes no uploads
+    // while paused): p2's current and previous images are b2 and b1.
+    let t = w.now;
+    let b3 = w.add_build("deb", BuildState::Ready, t - 600.0, &["qcow2"]);
+    w.add_upload("deb", &b3, "p1", UploadState::Ready, t - 500.0);
+    let p = w.plan();
+    let deleted = deleted_uploads(&p);
+    for u in &w.snapshot.images.uploads {
+        if u.provider == "p2" {
+            assert!(
+                !deleted.contains(u.id.as_str()),
+                "p2's upload of {} deleted: {:?}",
+                u.build_id,
+                p.actions
+            );
+        }
+    }
+    assert!(
+        uploads(&p).iter().all(|u| u.2 != "p2"),
+        "a paused cloud gets no new uploads: {:?}",
+        p.actions
+    );
+    let gone = deleted_builds(&p);
+    assert!(
+        !gone.contains(&("deb", b1.as_str())) && !gone.contains(&("deb", b2.as_str())),
+        "builds p2 boots from are kept: {gone:?}"
+    );
+    w.settle(5);
+    let p2: BTreeSet<&str> = w
+        .snapshot
+        .images
+        .uploads
+        .iter()
+        .filter(|u| u.provider == "p2")
+        .map(|u| u.build_id.as_str())
+        .collect();
+    assert_eq!(p2, BTreeSet::from([b1.as_str(), b2.as_str()]));
+    // Unlisting the images (seed 001's removal) lets them go.
+    for pc in &mut w.config.providers {
+        if pc.name == "p2" {
+            pc.diskimages.clear();
+        }
+    }
+    w.settle(5);
+    assert!(
+        w.snapshot.images.uploads.iter().all(|u| u.provider != "p2"),
+        "{:?}",
+        w.snapshot.images.uploads
+    );
 }
 
 #[test]

@@ -287,7 +287,8 @@ fn protected_builds(w: &ImageWorld) -> BTreeSet<(String, String)> {
 
 /// The image a launcher boots (the newest usable upload) and the one it
 /// falls back to (the newest usable upload of another build), per
-/// provider that lists the image and is not being removed.
+/// provider that lists the image (a provider whose every pool is disabled
+/// keeps its images too).
 fn protected_uploads(w: &ImageWorld) -> BTreeSet<String> {
     let ready: BTreeSet<(&str, &str)> = w
         .snapshot
@@ -299,9 +300,6 @@ fn protected_uploads(w: &ImageWorld) -> BTreeSet<String> {
         .collect();
     let mut out = BTreeSet::new();
     for p in &w.config.providers {
-        if p.is_disabled() {
-            continue;
-        }
         for d in &p.diskimages {
             let mut ups: Vec<_> = w
                 .snapshot

@@ -243,6 +243,67 @@ async fn an_unknown_label_fails_at_once() {
     l.stop().await;
 }
 
+/// A request record written by someone else, as raw JSON; its id.
+async fn raw_request(store: &Store, json: &str) -> String {
+    let path = store
+        .backend()
+        .create(
+            &nodepool_core::store::paths::request_prefix("200"),
+            json.as_bytes(),
+            nodepool_core::store::CreateMode::PersistentSequential,
+        )
+        .await
+        .expect("create");
+    path.rsplit('/').next().expect("id").to_owned()
+}
+
+/// A request record as stored, as generic JSON.
+async fn raw_record(store: &Store, id: &str) -> serde_json::Value {
+    let (data, _) = store
+        .backend()
+        .get(&nodepool_core::store::paths::request(id))
+        .await
+        .expect("get")
+        .expect("exists");
+    serde_json::from_slice(&data).expect("json")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_node_types_is_not_a_list_fails_and_one_without_is_fulfilled_empty() {
+    let (_mem, store) = store();
+    let bad = raw_request(
+        &store,
+        r#"{"state": "requested", "node_types": "small", "requestor": "someone", "state_time": 1.0}"#,
+    )
+    .await;
+    let none = raw_request(
+        &store,
+        r#"{"state": "requested", "requestor": "someone", "state_time": 1.0}"#,
+    )
+    .await;
+    // Both are listed (not skipped as unreadable).
+    let listed = store.list_requests().await.expect("list");
+    assert!(listed.malformed.is_empty(), "{:?}", listed.malformed);
+    assert_eq!(listed.records.len(), 2);
+    let l = start(store.clone(), BASE, "l1");
+    until("the malformed request failed", || async {
+        raw_record(&store, &bad).await["state"] == "failed"
+    })
+    .await;
+    // Its node_types is written back as it was.
+    assert_eq!(raw_record(&store, &bad).await["node_types"], "small");
+    until("the empty request fulfilled", || async {
+        raw_record(&store, &none).await["state"] == "fulfilled"
+    })
+    .await;
+    assert_eq!(
+        raw_record(&store, &none).await["nodes"],
+        serde_json::json!([])
+    );
+    assert_eq!(l.cloud("sim").server_count(), 0, "nothing was launched");
+    l.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn launch_failures_are_retried_then_the_request_fails() {
     let (_mem, store) = store();

@@ -1,7 +1,7 @@
 //! Named planner scenarios, after the behaviours Python Nodepool's test
 //! suite checks (reference §8).
 
-use nodepool_core::model::{MIN_READY_REQUESTOR, NodeRequest, NodeState, RequestState};
+use nodepool_core::model::{MIN_READY_REQUESTOR, NodeRequest, NodeState, RequestState, WireRecord};
 use nodepool_core::planner::{Action, DeleteReason, PoolInfo, PoolKey};
 use nodepool_core::provider::Instance;
 use nodepool_core::store::RequestLockDir;
@@ -386,6 +386,7 @@ fn another_launchers_better_pool_is_yielded_to() {
         priority: 10,
         paused: false,
         unavailable: false,
+        launchable: None,
     });
     w.add_request(&["small"], "200");
     assert!(w.plan().actions.is_empty(), "{:?}", w.plan().actions);
@@ -503,6 +504,37 @@ fn unknown_labels_fail_in_one_pass() {
     assert!(
         matches!(&p.actions[..], [Action::Fail { request, reason }] if request == &r && reason.contains("gpu"))
     );
+}
+
+#[test]
+fn a_request_whose_node_types_is_not_a_list_of_strings_fails_with_the_reason() {
+    let mut w = World::new(ONE_POOL);
+    let bad = NodeRequest::from_json(br#"{"state": "requested", "node_types": "small"}"#)
+        .expect("reads with its fault noted");
+    let r = w.push_request(bad, "200", 0);
+    let p = w.plan();
+    assert!(
+        matches!(&p.actions[..], [Action::Fail { request, reason }]
+            if request == &r && reason.contains("node_types is not a list of strings")),
+        "{:?}",
+        p.actions
+    );
+    w.apply(&p);
+    assert_eq!(w.request(&r).map(|r| r.state), Some(RequestState::Failed));
+    assert!(w.plan().actions.is_empty());
+}
+
+#[test]
+fn a_request_without_node_types_is_fulfilled_empty_as_python_does() {
+    let mut w = World::new(ONE_POOL);
+    let none =
+        NodeRequest::from_json(br#"{"state": "requested", "requestor": "zuul"}"#).expect("reads");
+    let r = w.push_request(none, "200", 0);
+    w.run(5);
+    let req = w.request(&r).expect("request");
+    assert_eq!(req.state, RequestState::Fulfilled);
+    assert!(req.nodes.is_empty());
+    assert_eq!(count(&w.plan(), is_launch), 0);
 }
 
 #[test]

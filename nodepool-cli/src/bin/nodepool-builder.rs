@@ -44,7 +44,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .transpose()?;
     let status_slot: Arc<std::sync::Mutex<Option<Arc<BuilderStatus>>>> = Arc::default();
     let dump_slot = status_slot.clone();
-    let shutdown = daemon::handle_signals(move || {
+    let signals = daemon::handle_signals(move || {
         let report = dump_slot
             .lock()
             .ok()
@@ -53,10 +53,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| "builder not started yet".into());
         tracing::info!(target: "nodepool.stack_dump", "state dump (SIGUSR2):\n{report}");
     })?;
+    let shutdown = signals.shutdown.clone();
     let source = ConfigSource::new(&args.common.config, args.common.secure.clone());
     // Each OpenStack provider's upload format (clouds.yaml `image_format`)
     // is filled in by the loader, on every reload.
-    let config = daemon::watch_config(source, Duration::from_secs(1), shutdown.clone())?;
+    let config = daemon::watch_config(
+        source,
+        Duration::from_secs(1),
+        shutdown.clone(),
+        signals.reload.clone(),
+    )?;
     let initial = config.borrow().clone();
     let images_dir = initial.images_dir.clone().with_context(|| {
         format!(

@@ -38,7 +38,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let status_slot: Arc<std::sync::Mutex<Option<Arc<nodepool_core::launcher::LauncherStatus>>>> =
         Arc::default();
     let dump_slot = status_slot.clone();
-    let shutdown = daemon::handle_signals(move || {
+    let signals = daemon::handle_signals(move || {
         let report = dump_slot
             .lock()
             .ok()
@@ -47,8 +47,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|| "launcher not started yet".into());
         tracing::info!(target: "nodepool.stack_dump", "state dump (SIGUSR2):\n{report}");
     })?;
+    let shutdown = signals.shutdown.clone();
     let source = ConfigSource::new(&args.common.config, args.common.secure.clone());
-    let config = daemon::watch_config(source, Duration::from_secs(1), shutdown.clone())?;
+    let config = daemon::watch_config(
+        source,
+        Duration::from_secs(1),
+        shutdown.clone(),
+        signals.reload.clone(),
+    )?;
     let initial = config.borrow().clone();
     let store = daemon::open_store(&initial).await?;
     tracing::info!(store = %store.describe(), "state store open");

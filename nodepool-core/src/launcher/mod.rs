@@ -341,18 +341,8 @@ pub async fn read_snapshot(store: &Store) -> Result<Snapshot, StoreError> {
         requests: requests.records,
         pools: pools
             .records
-            .into_iter()
-            .filter_map(|(_, c)| {
-                Some(PoolInfo {
-                    id: c.id?,
-                    provider: c.provider_name.unwrap_or_default(),
-                    pool: c.name.unwrap_or_default(),
-                    labels: c.supported_labels.unwrap_or_default(),
-                    priority: c.priority.unwrap_or(100),
-                    paused: c.paused.unwrap_or(false),
-                    unavailable: c.provider_unavailable.is_some(),
-                })
-            })
+            .iter()
+            .filter_map(|(_, c)| PoolInfo::from_component(c))
             .collect(),
         images,
         providers: BTreeMap::new(),
@@ -768,8 +758,9 @@ impl Runtime {
     }
 
     /// Writes our pools' states to their components: `paused` (at quota,
-    /// or its provider unavailable) and why the provider is unavailable,
-    /// so other launchers and the CLI see it.
+    /// or its provider unavailable), why the provider is unavailable, and
+    /// the labels the pool can boot now, so other launchers and the CLI
+    /// see it (launchers pick min-ready owners by them).
     async fn update_pool_status(&mut self, snapshot: &Snapshot, plan: &planner::Plan) {
         let store = self.shared.store.clone();
         for st in &plan.pools {
@@ -790,10 +781,12 @@ impl Runtime {
                     (Some(a), Some(b)) => a.reason == b.reason && (a.since - b.since).abs() < 1.0,
                     _ => false,
                 };
-                if c.paused != paused || !same_outage {
+                let launchable = Some(st.launchable.clone());
+                if c.paused != paused || !same_outage || c.launchable_labels != launchable {
                     let mut next = c.clone();
                     next.paused = paused;
                     next.provider_unavailable = unavailable;
+                    next.launchable_labels = launchable;
                     next.state = if st.paused {
                         ComponentState::Paused
                     } else {

@@ -206,9 +206,14 @@ pub(crate) fn min_ready(
     }
     for label in wanted {
         let name = Key(&label.name);
-        // The registered pools serving the label (ours count before their
-        // registration is visible).
-        let serving = reg.serving(&label.name);
+        // The registered pools that can boot the label now (ours count
+        // before their registration is visible). An owner that cannot
+        // (disabled, no image, paused) would leave the label without
+        // spares; what each pool can do is read from its component, so
+        // every launcher picks the same owner.
+        let serving = reg
+            .serving(&label.name)
+            .filter(|&i| reg.can_launch(i, &label.name));
         let Some(owner) = rendezvous_owner(&label.name, serving.map(|i| reg.id(i))) else {
             continue;
         };

@@ -121,8 +121,6 @@ pub enum ImageDeleteReason {
     ImageRemoved,
     /// The provider no longer lists the diskimage.
     ImageRemovedFromProvider,
-    /// Every pool of the provider has `max-servers` ≤ 0 (seed 001).
-    ProviderRemoved,
     /// A failed build or upload, after its retry delay.
     Failed,
     /// Left `building` / `uploading` by a builder that is gone (its lock is free).
@@ -143,7 +141,6 @@ impl ImageDeleteReason {
             ImageDeleteReason::Requested => "requested",
             ImageDeleteReason::ImageRemoved => "image removed",
             ImageDeleteReason::ImageRemovedFromProvider => "image removed from provider",
-            ImageDeleteReason::ProviderRemoved => "provider removed",
             ImageDeleteReason::Failed => "failed",
             ImageDeleteReason::DeadBuilder => "dead builder",
             ImageDeleteReason::BuildDeleted => "build deleted",
@@ -336,10 +333,13 @@ fn usable_upload(u: &UploadRecord, ready_builds: &BTreeSet<&str>) -> bool {
         && ready_builds.contains(u.build_id.as_str())
 }
 
-/// Whether existing uploads of `image` to the provider are wanted (lists
-/// it, not being removed; a paused image keeps its uploads).
+/// Whether existing uploads of `image` to the provider are wanted: it
+/// lists the image. A paused image keeps its uploads, and so does a
+/// provider whose every pool has `max-servers` ≤ 0 (the usual way to
+/// pause a cloud): only unlisting the image (seed 001's removal) or the
+/// provider lets them go.
 fn keeps_uploads(p: &ProviderConfig, image: &str) -> bool {
-    p.diskimage(image).is_some() && !p.is_disabled()
+    p.diskimage(image).is_some()
 }
 
 /// The current and previous image of `image` per provider that keeps its
@@ -559,14 +559,17 @@ struct Relation<'a> {
 }
 
 impl Relation<'_> {
-    /// Takes new uploads of the image.
+    /// Takes new uploads of the image: lists it unpaused, and some pool
+    /// of the provider is enabled (a cloud paused with `max-servers: 0`
+    /// everywhere gets the newest build once it is enabled again).
     fn uploads_to(&self) -> bool {
         self.listed && !self.paused && !self.provider.is_disabled()
     }
 
-    /// Keeps existing uploads of the image.
+    /// Keeps existing uploads of the image: lists it (see
+    /// [`keeps_uploads`]).
     fn keeps(&self) -> bool {
-        self.listed && !self.provider.is_disabled()
+        self.listed
     }
 }
 
@@ -777,8 +780,6 @@ impl<'a> ImageCtx<'a> {
                     Some(ImageDeleteReason::ImageRemoved)
                 } else if !rel.listed {
                     Some(ImageDeleteReason::ImageRemovedFromProvider)
-                } else if rel.provider.is_disabled() {
-                    Some(ImageDeleteReason::ProviderRemoved)
                 } else {
                     None
                 };
@@ -963,7 +964,9 @@ fn plan_upload_requests(
                 continue;
             }
             Some(p) if p.is_disabled() => {
-                out.push(clear(format!("provider {provider} is being removed")));
+                out.push(clear(format!(
+                    "every pool of provider {provider} is disabled (max-servers <= 0)"
+                )));
                 continue;
             }
             Some(_) => {}

@@ -59,6 +59,32 @@ pub(crate) struct OurPool<'a> {
     pub labels: FastMap<Key<'a>, LabelInfo<'a>>,
 }
 
+impl OurPool<'_> {
+    /// The labels this pool can boot now, sorted: none while it is
+    /// disabled or its provider handles no requests (`max-concurrency: 0`),
+    /// else those whose image is ready.
+    pub fn launchable<'c>(&self, cfg: &'c Config) -> Vec<&'c str> {
+        let provider = &cfg.providers[self.provider];
+        let pool = &provider.pools[self.pool];
+        if pool.is_disabled() || provider.max_concurrency == Some(0) {
+            return Vec::new();
+        }
+        let mut out: Vec<&str> = pool
+            .labels
+            .iter()
+            .filter(|l| {
+                self.labels
+                    .get(&Key(&l.name))
+                    .is_some_and(|info| info.image.is_some())
+            })
+            .map(|l| l.name.as_str())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
 /// Lookups built once per pass. Pools are addressed by position in the
 /// configuration (`our_pools`), labels by `&str` into the snapshot and
 /// the configuration.

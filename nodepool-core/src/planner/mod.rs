@@ -89,6 +89,11 @@ pub struct PoolInfo {
     /// launcher stopped calling it (our own component key
     /// `provider_unavailable`).
     pub unavailable: bool,
+    /// The labels it can boot now (enabled, image ready) as its launcher
+    /// last published them (our own component key `launchable_labels`);
+    /// `None` when its launcher does not publish them (Python Nodepool),
+    /// which counts as every label it serves.
+    pub launchable: Option<Vec<String>>,
 }
 
 impl PoolInfo {
@@ -118,6 +123,7 @@ impl PoolInfo {
             priority: c.priority.unwrap_or(100),
             paused: c.paused.unwrap_or(false),
             unavailable: c.provider_unavailable.is_some(),
+            launchable: c.launchable_labels.clone(),
         })
     }
 }
@@ -420,6 +426,12 @@ pub struct PoolStatus {
     pub paused: bool,
     /// Requests it could take (Nodepool's `addressable_requests` gauge).
     pub addressable_requests: usize,
+    /// The labels it can boot now: none if it is disabled or its provider
+    /// handles no requests, else those whose image is ready; sorted. The
+    /// launcher publishes them in the pool's component
+    /// ([`PoolInfo::launchable`]) so that every launcher picks a label's
+    /// min-ready owner among the pools that can boot it.
+    pub launchable: Vec<String>,
 }
 
 /// The result of a planning pass.
@@ -535,6 +547,7 @@ mod tests {
                 priority: 100,
                 paused: false,
                 unavailable: false,
+                launchable: None,
             })
         );
         c.priority = Some(50);

@@ -118,6 +118,9 @@ pub(crate) struct Registry<'r> {
     others_unpaused: PoolSet,
     /// Other launchers' pools that are paused.
     pub(super) others_paused: PoolSet,
+    /// The labels each registered pool can boot now, as published in its
+    /// component (`None`: its launcher does not say).
+    launchable: Vec<Option<Vec<&'r str>>>,
 }
 
 impl<'r> Registry<'r> {
@@ -127,7 +130,13 @@ impl<'r> Registry<'r> {
         let mut ids = Vec::with_capacity(pools.capacity());
         let mut by_id: FastMap<&'r str, usize> = FastMap::default();
         let mut labels: Vec<Vec<&'r str>> = Vec::new();
+        let mut launchable: Vec<Option<Vec<&'r str>>> = Vec::new();
         for p in &s.pools {
+            launchable.push(
+                p.launchable
+                    .as_ref()
+                    .map(|ls| ls.iter().map(String::as_str).collect()),
+            );
             by_id.insert(p.id.as_str(), pools.len());
             ids.push(p.id.as_str());
             pools.push(RegPool {
@@ -151,6 +160,7 @@ impl<'r> Registry<'r> {
                     unavailable: false,
                 });
                 labels.push(pc.labels.iter().map(|l| l.name.as_str()).collect());
+                launchable.push(Some(ours.launchable(cfg)));
             }
         }
         let n = pools.len();
@@ -180,6 +190,10 @@ impl<'r> Registry<'r> {
             .map(|&old| std::mem::take(&mut labels[old]))
             .collect();
         let our_pos: Vec<Option<usize>> = order.iter().map(|&old| our_pos[old]).collect();
+        let launchable: Vec<Option<Vec<&'r str>>> = order
+            .iter()
+            .map(|&old| std::mem::take(&mut launchable[old]))
+            .collect();
         for i in by_id.values_mut() {
             *i = renumbered[*i];
         }
@@ -218,7 +232,19 @@ impl<'r> Registry<'r> {
             label_ids,
             by_label,
             ours,
+            launchable,
         }
+    }
+
+    /// Whether registered pool `i` can boot `label` now, by what its
+    /// component says (so every launcher reading the same snapshot gets
+    /// the same answer): it is not paused and, when its launcher publishes
+    /// them, lists the label among its launchable labels.
+    pub fn can_launch(&self, i: usize, label: &str) -> bool {
+        !self.pools[i].paused
+            && self.launchable[i]
+                .as_ref()
+                .is_none_or(|ls| ls.contains(&label))
     }
 
     /// The registered pools serving a label.

@@ -547,6 +547,13 @@ pub(crate) fn plan_requests<'a>(
     let mut decline_reasons: FastMap<(usize, u128), Option<String>> = FastMap::default();
     for req in waiting {
         let r = &req.request;
+        if let Some(reason) = r.invalid_reason() {
+            pass.plan.actions.push(Action::Fail {
+                request: req.id.clone(),
+                reason,
+            });
+            continue;
+        }
         reg.declined_into(req, &mut declined);
         if declined.is_superset(&reg.all) {
             pass.plan.actions.push(Action::Fail {
@@ -737,6 +744,11 @@ pub(crate) fn plan_requests<'a>(
             pool: ours.key.clone(),
             paused: pass.paused[pos],
             addressable_requests: pass.addressable[pos],
+            launchable: ours
+                .launchable(cfg)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
         });
     }
 }

@@ -79,6 +79,7 @@ impl World {
                     priority: pool.priority.unwrap_or(p.priority),
                     paused: false,
                     unavailable: false,
+                    launchable: None,
                 });
                 for l in &pool.labels {
                     let res = resolve_flavor(&flavors, l)
@@ -299,6 +300,7 @@ impl World {
             {
                 p.paused = st.paused;
                 p.unavailable = unavailable;
+                p.launchable = Some(st.launchable.clone());
             }
         }
         self.local.leak_suspects = plan.leak_suspects.clone();

@@ -318,8 +318,10 @@ impl ProviderConfig {
         self.pools.iter().find(|p| p.name == name)
     }
 
-    /// Whether the provider is being removed or disabled: every pool has
-    /// `max-servers <= 0` (seed 001's `max-servers: -1` recipe).
+    /// Whether every pool of the provider is disabled (`max-servers <= 0`,
+    /// the usual way to pause a cloud, and part of seed 001's removal
+    /// recipe): it takes no requests and no new image uploads. Its uploads
+    /// stay until the provider stops listing their image.
     pub fn is_disabled(&self) -> bool {
         !self.pools.is_empty() && self.pools.iter().all(Pool::is_disabled)
     }

@@ -62,6 +62,13 @@ pub struct Component {
     pub id: Option<String>,
     /// Component kind.
     pub kind: ComponentKind,
+    /// Labels the pool can boot now: it is enabled and each one's image is
+    /// ready (pool components only). Our own key, like
+    /// `provider_unavailable`; other launchers use it to agree on who
+    /// creates a label's min-ready requests. Absent (Python Nodepool's
+    /// pools): every supported label is taken to be bootable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launchable_labels: Option<Vec<String>>,
     /// Model API version.
     #[serde(default)]
     pub model_api: i64,
@@ -112,6 +119,7 @@ impl Component {
             hostname: hostname.to_owned(),
             id: None,
             kind,
+            launchable_labels: None,
             model_api: MODEL_API,
             name: None,
             paused: None,
@@ -152,6 +160,7 @@ impl WireRecord for Component {
         "hostname",
         "id",
         "kind",
+        "launchable_labels",
         "model_api",
         "name",
         "paused",

@@ -132,20 +132,7 @@ pub trait WireRecord: Serialize + DeserializeOwned {
 
     /// Decodes a record, keeping unknown keys.
     fn from_json(data: &[u8]) -> Result<Self, DecodeError> {
-        if data.is_empty() {
-            return Err(DecodeError::new("empty record"));
-        }
-        let mut record: Self =
-            serde_json::from_slice(data).map_err(|e| DecodeError::new(e.to_string()))?;
-        let all: IndexMap<String, &RawValue> =
-            serde_json::from_slice(data).map_err(|e| DecodeError::new(e.to_string()))?;
-        let extra = record.extra_mut();
-        for (key, value) in all {
-            if !Self::KNOWN_KEYS.contains(&key.as_str()) {
-                extra.insert(key, Json(value.to_owned()));
-            }
-        }
-        Ok(record)
+        decode_record(data)
     }
 
     /// Encodes a record: known keys first, then the preserved unknown ones.
@@ -154,6 +141,25 @@ pub trait WireRecord: Serialize + DeserializeOwned {
         // can fail to serialise.
         serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec())
     }
+}
+
+/// [`WireRecord::from_json`]'s decoding, for records that override it and
+/// fall back to it.
+pub(crate) fn decode_record<T: WireRecord>(data: &[u8]) -> Result<T, DecodeError> {
+    if data.is_empty() {
+        return Err(DecodeError::new("empty record"));
+    }
+    let mut record: T =
+        serde_json::from_slice(data).map_err(|e| DecodeError::new(e.to_string()))?;
+    let all: IndexMap<String, &RawValue> =
+        serde_json::from_slice(data).map_err(|e| DecodeError::new(e.to_string()))?;
+    let extra = record.extra_mut();
+    for (key, value) in all {
+        if !T::KNOWN_KEYS.contains(&key.as_str()) {
+            extra.insert(key, Json(value.to_owned()));
+        }
+    }
+    Ok(record)
 }
 
 /// Serde helpers for lenient reading of fields other writers may fill

@@ -158,6 +158,9 @@ type DecodeCache<T> = HashMap<String, (i64, Result<Arc<T>, String>)>;
 struct Caches {
     nodes: DecodeCache<Node>,
     requests: DecodeCache<NodeRequest>,
+    /// Components of every kind, by path (so a malformed registration is
+    /// warned about once per version, like nodes and requests).
+    components: DecodeCache<Component>,
 }
 
 /// Typed Nodepool operations over a [`StateStore`].
@@ -962,18 +965,28 @@ impl Store {
             records: Vec::new(),
             malformed: Vec::new(),
         };
+        let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = BTreeSet::new();
         for e in &entries {
             let Some(name) = child_name(&e.path, &dir) else {
                 continue;
             };
-            match Component::from_json(&e.data) {
-                Ok(c) => out.records.push((name.to_owned(), c)),
-                Err(err) => out.malformed.push(Malformed {
+            seen.insert(e.path.as_str());
+            // An empty registration (a component that died between
+            // creating its record and writing it, or a foreign writer) is
+            // malformed too: warned about once, by the decode cache.
+            match decode_cached(&mut caches.components, e) {
+                Ok(c) => out.records.push((name.to_owned(), Component::clone(&c))),
+                Err(reason) => out.malformed.push(Malformed {
                     path: e.path.clone(),
-                    reason: err.to_string(),
+                    reason,
                 }),
             }
         }
+        let prefix = format!("{dir}/");
+        caches
+            .components
+            .retain(|k, _| !k.starts_with(&prefix) || seen.contains(k.as_str()));
         Ok(out)
     }
 }
