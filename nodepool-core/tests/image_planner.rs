@@ -896,3 +896,50 @@ fn uploads_to_unknown_providers_are_reported_not_deleted() {
     assert!(p.notes[0].contains("old-cloud"));
     assert!(deleted_uploads(&p).is_empty());
 }
+
+#[test]
+fn seed_001s_provider_max_servers_minus_one_deletes_its_uploads_while_it_drains() {
+    // As seed 001 words it, with the images still listed: the provider-
+    // level `max-servers: -1` alone removes its uploads and uploads nothing.
+    let yaml = r#"
+labels:
+  - name: small
+diskimages:
+  - name: deb
+  - name: cent
+providers:
+  - name: p1
+    driver: simulated
+    diskimages: [{name: deb}, {name: cent}]
+    pools:
+      - name: main
+        max-servers: 10
+        labels: [{name: small, diskimage: deb, flavor-name: "Fake Flavor"}]
+  - name: p2
+    driver: simulated
+    max-servers: -1
+    diskimages: [{name: deb}, {name: cent}]
+    pools:
+      - name: main
+        max-servers: 10
+        labels: [{name: small, diskimage: deb, flavor-name: "Fake Flavor"}]
+"#;
+    let mut w = ImageWorld::new(yaml);
+    let mut before = world();
+    deb_two_builds(&mut before);
+    w.snapshot = before.snapshot.clone();
+    let p = w.plan();
+    let deleted: Vec<String> = p
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            ImageAction::DeleteUpload { provider, .. } => Some(provider.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(!deleted.is_empty(), "{:?}", p.actions);
+    assert!(deleted.iter().all(|p| p == "p2"), "{deleted:?}");
+    assert!(uploads(&p).iter().all(|u| u.2 != "p2"), "{:?}", p.actions);
+    w.settle(5);
+    assert!(w.snapshot.images.uploads.iter().all(|u| u.provider == "p1"));
+}

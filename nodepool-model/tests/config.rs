@@ -1177,3 +1177,24 @@ fn an_empty_file_loads_with_a_warning() {
         assert_eq!(cfg.warnings[0].kind, K::Empty);
     }
 }
+
+#[test]
+fn seed_001s_provider_max_servers_minus_one_means_removal() {
+    let cfg = Config::from_yaml(&base_with(
+        "cloud: mycloud",
+        "cloud: mycloud\n    max-servers: -1",
+    ))
+    .expect("loads");
+    let p = &cfg.providers[0];
+    assert!(p.removing);
+    assert!(p.is_disabled(), "its pools launch nothing");
+    assert!(p.pools.iter().all(|q| q.max_servers == Some(0)));
+    assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+    let w = &cfg.warnings[0];
+    assert_eq!(
+        (w.path.as_str(), w.kind),
+        ("providers[0].max-servers", K::Deprecated)
+    );
+    assert!(w.message.contains("`max-servers: 0` on every pool"), "{w}");
+    assert!(!Config::from_yaml(BASE).expect("loads").providers[0].removing);
+}

@@ -334,12 +334,12 @@ fn usable_upload(u: &UploadRecord, ready_builds: &BTreeSet<&str>) -> bool {
 }
 
 /// Whether existing uploads of `image` to the provider are wanted: it
-/// lists the image. A paused image keeps its uploads, and so does a
-/// provider whose every pool has `max-servers` ≤ 0 (the usual way to
-/// pause a cloud): only unlisting the image (seed 001's removal) or the
-/// provider lets them go.
+/// lists the image and is not being removed. A paused image keeps its
+/// uploads, and so does a provider whose every pool has `max-servers` ≤ 0
+/// (the usual way to pause a cloud): only unlisting the image, or seed
+/// 001's provider-level `max-servers: -1`, lets them go.
 fn keeps_uploads(p: &ProviderConfig, image: &str) -> bool {
-    p.diskimage(image).is_some()
+    p.diskimage(image).is_some() && !p.removing
 }
 
 /// The current and previous image of `image` per provider that keeps its
@@ -569,7 +569,7 @@ impl Relation<'_> {
     /// Keeps existing uploads of the image: lists it (see
     /// [`keeps_uploads`]).
     fn keeps(&self) -> bool {
-        self.listed
+        self.listed && !self.provider.removing
     }
 }
 

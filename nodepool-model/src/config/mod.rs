@@ -295,6 +295,12 @@ pub struct ProviderConfig {
     pub cloud_images: Vec<CloudImage>,
     /// Pools.
     pub pools: Vec<Pool>,
+    /// Seed 001's provider-level `max-servers: -1`: the provider is being
+    /// removed. Every pool is disabled (its nodes live out their normal
+    /// lifecycle, none is launched) and every image uploaded to it is
+    /// deleted; the provider can be deleted from the file once its nodes
+    /// are gone.
+    pub removing: bool,
 }
 
 impl ProviderConfig {
@@ -323,7 +329,7 @@ impl ProviderConfig {
     /// recipe): it takes no requests and no new image uploads. Its uploads
     /// stay until the provider stops listing their image.
     pub fn is_disabled(&self) -> bool {
-        !self.pools.is_empty() && self.pools.iter().all(Pool::is_disabled)
+        self.removing || (!self.pools.is_empty() && self.pools.iter().all(Pool::is_disabled))
     }
 }
 

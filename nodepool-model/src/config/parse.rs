@@ -489,7 +489,26 @@ fn provider(at: At<'_>, errs: &mut Errors) -> Option<ProviderConfig> {
         "provider images were replaced by `diskimages` / `cloud-images` and `pools[].labels`",
         errs,
     );
-    m.removed("max-servers", "it moved to `pools[].max-servers`", errs);
+    // Seed 001: "set that provider's max-servers to -1" to remove it.
+    let mut removing = false;
+    if let Some(f) = m.get("max-servers") {
+        match f.at().int(errs) {
+            Some(-1) => {
+                removing = true;
+                errs.warn(
+                    &m.path_of("max-servers"),
+                    Kind::Deprecated,
+                    "provider-level `max-servers: -1` (the old removal recipe) is read as: this provider is being removed; its pools launch nothing and its image uploads are deleted. Today's spelling: `max-servers: 0` on every pool, remove its `diskimages`, then the provider once its nodes are gone",
+                );
+            }
+            Some(_) => errs.push(
+                &m.path_of("max-servers"),
+                Kind::Removed,
+                "`max-servers` is no longer supported: it moved to `pools[].max-servers` (only `-1`, seed 001's removal recipe, is still read)",
+            ),
+            None => {}
+        }
+    }
     m.removed(
         "hostname-format",
         "servers are named np<node id> (removed in Nodepool in 2024)",
@@ -549,7 +568,17 @@ fn provider(at: At<'_>, errs: &mut Errors) -> Option<ProviderConfig> {
         image_format: None,
         diskimages,
         cloud_images,
-        pools,
+        pools: pools
+            .into_iter()
+            .map(|mut p| {
+                if removing {
+                    // Draining: no launches; existing nodes live on.
+                    p.max_servers = Some(0);
+                }
+                p
+            })
+            .collect(),
+        removing,
     })
 }
 
