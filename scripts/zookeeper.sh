@@ -16,11 +16,18 @@
 #
 # Ports: ZK_PORT (default 22181) and ZK_TLS_PORT (default ZK_PORT+100).
 # State: ZK_BASE (default ${TMPDIR:-/tmp}/nodepool-rs-zk-$ZK_PORT).
+#
+# Ensemble member (for `run`): ZK_ENSEMBLE lists every member as
+# `ID=QUORUM_PORT:ELECTION_PORT` separated by spaces (all on 127.0.0.1) and
+# ZK_MYID says which one this is; the server then runs as a quorum peer.
+# Members share one certificate directory when ZK_CERTS names it.
 set -euo pipefail
 ZK_PORT="${ZK_PORT:-22181}"
 ZK_TLS_PORT="${ZK_TLS_PORT:-$((ZK_PORT + 100))}"
 ZK_BASE="${ZK_BASE:-${TMPDIR:-/tmp}/nodepool-rs-zk-$ZK_PORT}"
-CERTS="$ZK_BASE/certs"
+CERTS="${ZK_CERTS:-$ZK_BASE/certs}"
+ZK_ENSEMBLE="${ZK_ENSEMBLE:-}"
+ZK_MYID="${ZK_MYID:-}"
 PIDFILE="$ZK_BASE/zk.pid"
 
 log() { echo "zookeeper.sh: $*" >&2; }
@@ -93,6 +100,17 @@ admin.enableServer=false
 autopurge.snapRetainCount=3
 autopurge.purgeInterval=1
 CFG
+  local main=org.apache.zookeeper.server.ZooKeeperServerMain
+  if [[ -n "$ZK_ENSEMBLE" ]]; then
+    [[ -n "$ZK_MYID" ]] || { log "ZK_ENSEMBLE needs ZK_MYID"; exit 2; }
+    local member id ports
+    for member in $ZK_ENSEMBLE; do
+      id=${member%%=*}; ports=${member#*=}
+      echo "server.$id=127.0.0.1:$ports" >> "$ZK_BASE/zoo.cfg"
+    done
+    echo "$ZK_MYID" > "$ZK_BASE/data/myid"
+    main=org.apache.zookeeper.server.quorum.QuorumPeerMain
+  fi
   cat > "$ZK_BASE/log4j.properties" <<L4J
 log4j.rootLogger=WARN, F
 log4j.appender.F=org.apache.log4j.FileAppender
@@ -104,7 +122,7 @@ L4J
   # the Netty server (needed for TLS) wants these beside zookeeper.jar
   for j in netty-codec netty-resolver netty-transport-native-unix-common; do cp="$cp:/usr/share/java/$j.jar"; done
   JAVA_CMD=(java -Xmx512m -Dzookeeper.log.dir="$ZK_BASE" -Dlog4j.configuration="file:$ZK_BASE/log4j.properties"
-    -Djava.net.preferIPv4Stack=true -cp "$cp" org.apache.zookeeper.server.ZooKeeperServerMain "$ZK_BASE/zoo.cfg")
+    -Djava.net.preferIPv4Stack=true -cp "$cp" "$main" "$ZK_BASE/zoo.cfg")
 }
 
 start() {

@@ -55,7 +55,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::faults::{
-    Ambiguity, AmbiguousWrites, Clouds, Monitor, MonitorReport, Tmpfs, ZooKeeperServer,
+    Ambiguity, AmbiguousWrites, Clouds, Monitor, MonitorReport, Tmpfs, ZooKeeperEnsemble,
+    ZooKeeperServer,
 };
 use crate::{Daemon, RunningLauncher};
 
@@ -86,6 +87,14 @@ pub enum DrillStore {
         /// Session timeout, seconds.
         session_timeout: f64,
     },
+    /// A private ensemble of `members` ZooKeeper servers over TLS, with
+    /// this `zookeeper-timeout` (s).
+    ZooKeeperEnsemble {
+        /// Servers in the ensemble.
+        members: usize,
+        /// Session timeout, seconds.
+        session_timeout: f64,
+    },
     /// A SQLite file with this `state-store.lease` (s), on a tmpfs of
     /// `tmpfs_bytes` when given (to fill it).
     Sqlite {
@@ -101,6 +110,7 @@ impl DrillStore {
     pub fn label(&self) -> &'static str {
         match self {
             DrillStore::ZooKeeper { .. } => "ZooKeeper",
+            DrillStore::ZooKeeperEnsemble { .. } => "ZooKeeper x3",
             DrillStore::Sqlite { .. } => "SQLite",
         }
     }
@@ -223,6 +233,7 @@ pub struct Drill {
     config_path: PathBuf,
     kind: DrillStore,
     zk: Option<ZooKeeperServer>,
+    ensemble: Option<ZooKeeperEnsemble>,
     tmpfs: Option<Tmpfs>,
     dir: tempfile::TempDir,
     started: Instant,
@@ -242,12 +253,25 @@ impl Drill {
             .tempdir()
             .expect("tempdir");
         let mut setup = Vec::new();
+        let mut ensemble = None;
         let (zk, tmpfs, store_yaml) = match kind {
             DrillStore::ZooKeeper { session_timeout } => {
                 let zk = ZooKeeperServer::start_new().await;
                 setup.push(format!("{zk:?}"));
                 let yaml = zk.store_yaml("/nodepool-drill", session_timeout);
                 (Some(zk), None, yaml)
+            }
+            DrillStore::ZooKeeperEnsemble {
+                members,
+                session_timeout,
+            } => {
+                let e = ZooKeeperEnsemble::start_new(members).await;
+                for s in &e.servers {
+                    setup.push(format!("{s:?}"));
+                }
+                let yaml = e.store_yaml("/nodepool-drill", session_timeout);
+                ensemble = Some(e);
+                (None, None, yaml)
             }
             DrillStore::Sqlite { lease, tmpfs_bytes } => {
                 let db_dir = dir.path().join("db");
@@ -298,6 +322,7 @@ impl Drill {
             config_path,
             kind,
             zk,
+            ensemble,
             tmpfs,
             dir,
             started,
@@ -338,6 +363,13 @@ impl Drill {
         self.zk
             .as_mut()
             .expect("this drill runs on a private ZooKeeper")
+    }
+
+    /// The private ensemble (ensemble drills only).
+    pub fn ensemble(&mut self) -> &mut ZooKeeperEnsemble {
+        self.ensemble
+            .as_mut()
+            .expect("this drill runs on a private ZooKeeper ensemble")
     }
 
     /// The tmpfs under the SQLite file (disk-full drills only).
@@ -659,6 +691,11 @@ impl Drill {
         let kept = keep_requested().then(|| {
             if let Some(zk) = self.zk.as_mut() {
                 zk.keep();
+            }
+            if let Some(e) = self.ensemble.as_mut() {
+                for s in &mut e.servers {
+                    s.keep();
+                }
             }
             let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
             dir.keep()
@@ -1862,5 +1899,78 @@ pub async fn cloud_fault(p: &Params, fault: ApiFault, fault_for: Duration) -> Re
     d.note(format!("{bad} available again: {back:?}"));
     let settled = d.settle(p.settle).await;
     d.note(format!("settled: {settled}"));
+    d.finish().await
+}
+
+/// Issue 16: three launchers on a three-server ZooKeeper ensemble
+/// (`zookeeper-timeout: 10`, every member in each launcher's server
+/// list), a burst, and the ensemble's leader killed (SIGKILL) while
+/// launches are in flight, then started again once the other two elected
+/// a new leader. The launchers connected to the dead server reconnect to
+/// a surviving one within their session, without a restart: every
+/// request is served, no node twice, nothing left behind.
+pub async fn ensemble_leader_killed(p: &Params) -> Report {
+    let mut d = Drill::new(
+        "ZooKeeper x3: leader killed",
+        p,
+        DrillStore::ZooKeeperEnsemble {
+            members: 3,
+            session_timeout: 10.0,
+        },
+    )
+    .await;
+    d.spawn_launcher("a").await;
+    d.spawn_launcher("b").await;
+    d.spawn_launcher("c").await;
+    d.submit(p.requests).await;
+    let n = d.until_in_flight((p.requests / 4).clamp(1, 20), None).await;
+    let Some(old) = d.ensemble().leader().await else {
+        d.precondition(false, "the ensemble had no leader before the fault");
+        return d.finish().await;
+    };
+    d.ensemble().servers[old].kill();
+    d.note(format!(
+        "leader (server {}) killed with {n} launches in flight",
+        old + 1
+    ));
+    let elected = until(Duration::from_secs(60), || async {
+        match d.ensemble.as_ref().map(|e| e.leader()) {
+            Some(f) => f.await.ok_or_else(|| "no leader yet".to_owned()),
+            None => Err("no ensemble".to_owned()),
+        }
+    })
+    .await;
+    match &elected {
+        Ok(i) => d.note(format!("server {} leads now", i + 1)),
+        Err(e) => d.precondition(false, format!("no new leader within 60 s: {e}")),
+    }
+    d.ensemble().servers[old].start().await;
+    d.note(format!("server {} back, following", old + 1));
+    let settled = d.settle(p.settle).await;
+    d.note(format!("settled: {settled}"));
+    // Followers drop their clients while they elect a new leader, so the
+    // launchers on them notice too, not only those on the dead leader.
+    let noticed: Vec<usize> = ["a", "b", "c"]
+        .iter()
+        .map(|l| d.log_count_of(l, "connection lost; session suspended"))
+        .collect();
+    d.note(format!(
+        "connection losses seen by launchers a, b, c: {noticed:?}"
+    ));
+    d.precondition(
+        noticed.iter().any(|&n| n > 0),
+        "no launcher lost its connection: the fault did not reach them",
+    );
+    let expired = d.log_count("session ended");
+    d.precondition(
+        expired == 0,
+        format!("launcher sessions expired {expired} times; a leader change must not end them"),
+    );
+    let abandoned = d.log_count("launch abandoned");
+    if expired == 0 && abandoned > 0 {
+        d.fail(format!(
+            "{abandoned} launches abandoned although every session survived the leader change"
+        ));
+    }
     d.finish().await
 }

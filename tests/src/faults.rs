@@ -5,6 +5,8 @@
 //!   `scripts/zookeeper.sh run`, with TLS) on free ports and its own data
 //!   directory, that a test stops and starts again. The shared test
 //!   ZooKeeper must never be stopped: other tests use it at the same time.
+//! - [`ZooKeeperEnsemble`]: three such servers as one ensemble on
+//!   127.0.0.1, whose leader a test kills and starts again.
 //! - [`Tmpfs`]: a small tmpfs for a SQLite file, filled by a filler file
 //!   (disk full) and freed again.
 //! - [`AmbiguousWrites`]: a [`StateStore`] decorator whose writes are
@@ -67,6 +69,9 @@ pub struct ZooKeeperServer {
     port: u16,
     tls_port: u16,
     child: Option<Child>,
+    /// As a member of an ensemble: its id, every member's quorum ports
+    /// (`ZK_ENSEMBLE`) and the certificates all members share.
+    member: Option<(u32, String, PathBuf)>,
 }
 
 impl std::fmt::Debug for ZooKeeperServer {
@@ -117,6 +122,7 @@ impl ZooKeeperServer {
             port,
             tls_port,
             child: None,
+            member: None,
         };
         zk.start().await;
         zk
@@ -134,7 +140,10 @@ impl ZooKeeperServer {
 
     /// The client's TLS files (throw-away certificates of this server).
     pub fn tls(&self) -> TlsPaths {
-        let certs = self.base.path().join("certs");
+        let certs = match &self.member {
+            Some((_, _, certs)) => certs.clone(),
+            None => self.base.path().join("certs"),
+        };
         TlsPaths {
             ca: certs.join("ca.pem"),
             cert: certs.join("client.pem"),
@@ -173,8 +182,19 @@ impl ZooKeeperServer {
     }
 
     /// Starts the server on its data directory (a no-op when it runs) and
-    /// waits until it answers `ruok` and accepts TLS connections.
+    /// waits until it answers `ruok` and accepts TLS connections (an
+    /// ensemble member: until it serves, as leader or follower).
     pub async fn start(&mut self) {
+        if self.is_running() {
+            return;
+        }
+        self.spawn();
+        self.wait_serving().await;
+    }
+
+    /// Starts the process without waiting (ensemble members must all be
+    /// started before any can serve).
+    fn spawn(&mut self) {
         if self.is_running() {
             return;
         }
@@ -185,18 +205,28 @@ impl ZooKeeperServer {
             .open(&log)
             .unwrap_or_else(|e| panic!("ZooKeeper log {}: {e}", log.display()));
         let err = out.try_clone().expect("log file handle");
-        let child = Command::new("bash")
-            .arg(zookeeper_script())
+        let mut cmd = Command::new("bash");
+        cmd.arg(zookeeper_script())
             .arg("run")
             .env("ZK_PORT", self.port.to_string())
             .env("ZK_TLS_PORT", self.tls_port.to_string())
             .env("ZK_BASE", self.base.path())
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
+            .stderr(err);
+        if let Some((id, ensemble, certs)) = &self.member {
+            cmd.env("ZK_MYID", id.to_string())
+                .env("ZK_ENSEMBLE", ensemble)
+                .env("ZK_CERTS", certs);
+        }
+        let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run scripts/zookeeper.sh run: {e}"));
         self.child = Some(child);
+    }
+
+    async fn wait_serving(&mut self) {
+        let log = self.base.path().join("zk.out");
         let deadline = tokio::time::Instant::now() + ZK_START_LIMIT;
         loop {
             if !self.is_running() {
@@ -205,7 +235,11 @@ impl ZooKeeperServer {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            if ruok(self.port).await && accepts(self.tls_port).await {
+            let serving = match self.member {
+                None => ruok(self.port).await,
+                Some(_) => self.mode().await.is_some(),
+            };
+            if serving && accepts(self.tls_port).await {
                 return;
             }
             assert!(
@@ -214,6 +248,26 @@ impl ZooKeeperServer {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `leader`, `follower` or `standalone` while the server serves
+    /// clients (the `srvr` four-letter word); `None` while it does not
+    /// (an ensemble member without a quorum) or does not answer.
+    pub async fn mode(&self) -> Option<String> {
+        let answer = four_letters(self.port, b"srvr").await?;
+        answer
+            .lines()
+            .find_map(|l| l.strip_prefix("Mode: "))
+            .map(|m| m.trim().to_owned())
+    }
+
+    /// Kills the server at once (SIGKILL: a crashed machine, no goodbye
+    /// to the ensemble or the clients) and reaps it. The data stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -251,6 +305,132 @@ impl Drop for ZooKeeperServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// ZooKeeper's answer on `port` to a four-letter word (within 2 s).
+async fn four_letters(port: u16, word: &[u8]) -> Option<String> {
+    let talk = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(word).await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), talk).await {
+        Ok(Ok(a)) => Some(String::from_utf8_lossy(&a).into_owned()),
+        _ => None,
+    }
+}
+
+/// A ZooKeeper ensemble on 127.0.0.1: [`ZooKeeperServer`]s as quorum
+/// peers, each on its own client, TLS, quorum and election ports and data
+/// directory, sharing one set of throw-away certificates. Clients are
+/// given every member ([`store_yaml`](Self::store_yaml)), as in
+/// production; a test kills a member (the leader, usually) and starts it
+/// again.
+#[derive(Debug)]
+pub struct ZooKeeperEnsemble {
+    /// The members, by id − 1.
+    pub servers: Vec<ZooKeeperServer>,
+    certs: tempfile::TempDir,
+}
+
+impl ZooKeeperEnsemble {
+    /// Starts an ensemble of `n` members and waits until every one serves
+    /// (one leader elected, the others following).
+    pub async fn start_new(n: usize) -> Self {
+        let certs = tempfile::Builder::new()
+            .prefix("nodepool-rs-drill-zk-certs-")
+            .tempdir()
+            .expect("tempdir for the ensemble's certificates");
+        let mut used = std::collections::BTreeSet::new();
+        let mut port = || loop {
+            let p = free_port();
+            if used.insert(p) {
+                return p;
+            }
+        };
+        let mut members = Vec::new();
+        let mut quorum = Vec::new();
+        for id in 1..=n {
+            let (client, tls, peer, election) = (port(), port(), port(), port());
+            quorum.push(format!("{id}={peer}:{election}"));
+            members.push((id as u32, client, tls));
+        }
+        let ensemble = quorum.join(" ");
+        let mut servers: Vec<ZooKeeperServer> = members
+            .into_iter()
+            .map(|(id, client, tls)| ZooKeeperServer {
+                base: tempfile::Builder::new()
+                    .prefix(&format!("nodepool-rs-drill-zk{id}-"))
+                    .tempdir()
+                    .expect("tempdir for an ensemble member"),
+                port: client,
+                tls_port: tls,
+                child: None,
+                member: Some((id, ensemble.clone(), certs.path().to_path_buf())),
+            })
+            .collect();
+        // The first member makes the shared certificates before it starts
+        // java; the others must not race it.
+        servers[0].spawn();
+        let keystore = certs.path().join("server-keystore.pem");
+        let deadline = tokio::time::Instant::now() + ZK_START_LIMIT;
+        while !keystore.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the ensemble's certificates were not made within {ZK_START_LIMIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for s in &mut servers[1..] {
+            s.spawn();
+        }
+        for s in &mut servers {
+            s.wait_serving().await;
+        }
+        ZooKeeperEnsemble { servers, certs }
+    }
+
+    /// The member that leads now, if the ensemble has a quorum.
+    pub async fn leader(&self) -> Option<usize> {
+        for (i, s) in self.servers.iter().enumerate() {
+            if s.mode().await.as_deref() == Some("leader") {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// The `nodepool.yaml` store section: every member over TLS, below
+    /// `chroot`, with `zookeeper-timeout: session_timeout` seconds.
+    pub fn store_yaml(&self, chroot: &str, session_timeout: f64) -> String {
+        let tls = self.servers[0].tls();
+        let hosts: Vec<String> = self
+            .servers
+            .iter()
+            .map(|s| {
+                format!(
+                    "{{host: '127.0.0.1', port: {}, chroot: '{chroot}'}}",
+                    s.tls_port
+                )
+            })
+            .collect();
+        format!(
+            "zookeeper-servers: [{}]\n\
+             zookeeper-tls: {{ca: '{}', cert: '{}', key: '{}'}}\n\
+             zookeeper-timeout: {session_timeout}\n",
+            hosts.join(", "),
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display()
+        )
+    }
+
+    /// Where the shared certificates are.
+    pub fn certs(&self) -> &Path {
+        self.certs.path()
     }
 }
 

@@ -162,6 +162,18 @@ async fn a_rate_limited_cloud_fails_over_to_the_healthy_provider() {
     check(&drill::cloud_fault(&p, fault, Duration::from_secs(20)).await);
 }
 
+/// Issue 16: three launchers on a three-server ensemble, the leader
+/// killed mid-burst and started again: the launchers reconnect to the
+/// surviving servers without a restart, and nothing is lost, doubled or
+/// left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ensemble_whose_leader_is_killed_mid_burst_loses_nothing() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut p = params(120).await;
+    p.max_servers = 20;
+    check(&drill::ensemble_leader_killed(&p).await);
+}
+
 // ---------------------------------------------------------------------------
 // The harness itself: the premises the drills stand on.
 // ---------------------------------------------------------------------------

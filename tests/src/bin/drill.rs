@@ -106,8 +106,14 @@ fn cloud_429(p: Params) -> Pin<Box<dyn Future<Output = Option<Report>> + Send>> 
     })
 }
 
+/// Issue 16: three launchers on a three-server ensemble, the leader
+/// killed (SIGKILL) mid-burst and started again.
+fn ensemble_leader(p: Params) -> Pin<Box<dyn Future<Output = Option<Report>> + Send>> {
+    Box::pin(async move { Some(drill::ensemble_leader_killed(&p).await) })
+}
+
 /// Every drill, by the name `--only` takes, in the order they run.
-const SCENARIOS: [(&str, &str, Scenario); 9] = [
+const SCENARIOS: [(&str, &str, Scenario); 10] = [
     ("zk-stop", "ZooKeeper stop 5 s", zk_stop),
     ("zk-stop-x3", "ZooKeeper stop 5 s x3", zk_stop_x3),
     (
@@ -121,6 +127,11 @@ const SCENARIOS: [(&str, &str, Scenario); 9] = [
     ("ambiguous", "ambiguous node writes (10%)", ambiguous),
     ("hung-cloud", "hung cloud (1 of 2 providers)", hung_cloud),
     ("429-cloud", "429 cloud (1 of 2 providers)", cloud_429),
+    (
+        "zk-leader",
+        "ZooKeeper x3: leader killed (3 launchers)",
+        ensemble_leader,
+    ),
 ];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
