@@ -375,6 +375,13 @@ impl Metrics {
         self.set_gauge(name, value, false);
     }
 
+    /// Sets a statsd gauge whose information a labelled family set with
+    /// [`Metrics::replace`] or [`Metrics::set`] already carries, so
+    /// `/metrics` does not repeat it flattened.
+    pub fn gauge_statsd_only(&self, name: &str, value: f64) {
+        self.set_gauge(name, value, true);
+    }
+
     /// Sets a statsd gauge and a labelled gauge family's series.
     pub fn gauge_as(
         &self,

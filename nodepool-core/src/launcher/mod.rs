@@ -946,7 +946,7 @@ impl Runtime {
             }
         }
         for (name, n) in &flat {
-            m.gauge(name, *n as f64);
+            m.gauge_statsd_only(name, *n as f64);
         }
         m.replace(
             &families::NODES,
@@ -973,7 +973,7 @@ impl Runtime {
             *requests.entry(r.request.state.as_str()).or_default() += 1;
         }
         for (st, n) in &requests {
-            m.gauge(&format!("nodepool.requests.{st}"), *n as f64);
+            m.gauge_statsd_only(&format!("nodepool.requests.{st}"), *n as f64);
         }
         m.replace(
             &families::REQUESTS,
