@@ -270,6 +270,10 @@ async fn the_builder_daemon_builds_uploads_reloads_dumps_and_stops() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
+        !sent("nodepool.dib_image_build.deb.status.duration:", "|c"),
+        "a timer only, as Python's"
+    );
+    assert!(
         statsd_lines
             .lock()
             .expect("lines")

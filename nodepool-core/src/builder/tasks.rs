@@ -481,8 +481,8 @@ impl Task {
             Err(_) => 1,
         };
         let base = format!("nodepool.dib_image_build.{image}.status");
-        m.timing_as(
-            &[format!("{base}.duration")],
+        m.timer_as(
+            &format!("{base}.duration"),
             &families::IMAGE_BUILD,
             &[
                 ("image", image),

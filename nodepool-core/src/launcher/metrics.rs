@@ -394,7 +394,7 @@ impl Metrics {
         self.set_gauge(name, value, true);
     }
 
-    fn time(&self, name: &str, d: Duration, covered: bool) {
+    fn time(&self, name: &str, d: Duration, covered: bool, count: bool) {
         let ms = d.as_secs_f64() * 1000.0;
         {
             let mut r = self.registry();
@@ -404,12 +404,14 @@ impl Metrics {
             t.2 |= covered;
         }
         self.send(format!("{name}:{ms:.3}|ms"));
-        self.count(name, covered);
+        if count {
+            self.count(name, covered);
+        }
     }
 
     /// Records a duration (a statsd timer) and counts it, as Nodepool does.
     pub fn timing(&self, name: &str, d: Duration) {
-        self.time(name, d, false);
+        self.time(name, d, false, true);
     }
 
     /// Records a duration under several statsd names (each a timer and a
@@ -423,8 +425,22 @@ impl Metrics {
     ) {
         self.observe(family, pairs, d);
         for n in names {
-            self.time(n, d, true);
+            self.time(n, d, true, true);
         }
+    }
+
+    /// Records a duration as a statsd timer only (no counter: Python
+    /// Nodepool's `dib_image_build.<image>.status.duration`) and once in a
+    /// histogram family.
+    pub fn timer_as(
+        &self,
+        name: &str,
+        family: &Family,
+        pairs: &[(&'static str, &str)],
+        d: Duration,
+    ) {
+        self.observe(family, pairs, d);
+        self.time(name, d, true, false);
     }
 
     /// Sets a labelled gauge (Prometheus only).
