@@ -724,12 +724,9 @@ impl Runtime {
                 );
             }
         }
-        m.gauge_as(
-            "nodepool.image_build_requests",
-            &families::IMAGE_BUILD_REQUESTS,
-            &[("image", "")],
-            waiting as f64,
-        );
+        // Prometheus sums the per-image series; a total series in the
+        // same family would be counted twice.
+        m.gauge_statsd_only("nodepool.image_build_requests", waiting as f64);
         let s = &self.shared.settings;
         for (what, n) in [
             ("current_builds", self.shared.count(Kind::Build)),

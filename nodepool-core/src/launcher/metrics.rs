@@ -180,7 +180,7 @@ pub mod families {
         help: "Duration of image uploads, by image, provider and status (success, failure).",
         kind: FamilyKind::Histogram(IMAGE_BUCKETS),
     };
-    /// Image build requests waiting, by `image` (empty image: all).
+    /// Image build requests waiting, by `image`.
     pub const IMAGE_BUILD_REQUESTS: Family = Family {
         name: "nodepool_image_build_requests",
         help: "Manual build requests (nodepool image-build) waiting, by image.",
