@@ -814,14 +814,16 @@ impl Runtime {
                 self.stats.told_not_leader = false;
                 true
             }
-            Err(e) => {
-                if !matches!(e, StoreError::Locked { .. }) {
-                    tracing::warn!(error = %e, "cannot take part in the stats election");
-                }
+            Err(StoreError::Locked { .. }) => {
                 if !self.stats.told_not_leader {
                     tracing::info!("another launcher reports the global gauges");
                     self.stats.told_not_leader = true;
                 }
+                false
+            }
+            Err(e) => {
+                // Tried again when the gauges are next due.
+                tracing::warn!(error = %e, "cannot take part in the stats election");
                 false
             }
         }
