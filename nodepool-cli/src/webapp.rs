@@ -23,6 +23,10 @@
 //! not even all of them: the launcher works as designed then (requests
 //! wait for the clouds), and taking it out of service or restarting it
 //! would bring no cloud back.
+//!
+//! The builder serves a smaller app ([`spawn_builder`]): `/metrics` and
+//! `/ready` only (it has no listings of its own; the launcher's web app
+//! lists images). Both are described with examples in `docs/metrics.md`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,6 +36,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use nodepool_core::builder::BuilderStatus;
 use nodepool_core::config::Config;
 use nodepool_core::launcher::{LauncherStatus, Metrics, Readiness};
 use nodepool_core::model::{epoch_now, format_age};
@@ -137,6 +142,84 @@ pub async fn spawn(
         }
     });
     Ok(bound)
+}
+
+/// Where the builder's web app listens: `--webapp-listen-address` and
+/// `--webapp-port` of `nodepool-builder` (the launcher's are the
+/// configuration's `webapp` section).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuilderWebapp {
+    /// Address to bind.
+    pub listen_address: String,
+    /// Port to bind (0: any free port).
+    pub port: u16,
+}
+
+/// The builder's `/ready`: 503 before its first pass and while its store
+/// session is not connected.
+fn builder_readiness(store: &Store, status: &BuilderStatus) -> Readiness {
+    let mut problems = Vec::new();
+    if !status.is_ready() {
+        problems.push("the first planning pass has not completed".to_owned());
+    }
+    if store.backend().session().borrow().id().is_none() {
+        problems.push("the state store session is not connected".to_owned());
+    }
+    Readiness {
+        problems,
+        unavailable: Vec::new(),
+    }
+}
+
+/// Serves the builder's `/metrics` and `/ready` on `web` until
+/// `shutdown`. Returns the bound address (useful with port 0).
+pub async fn spawn_builder(
+    web: &BuilderWebapp,
+    store: Store,
+    status: Arc<BuilderStatus>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let addr = format!("{}:{}", web.listen_address, web.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("builder web app cannot listen on {addr}: {e}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| anyhow::anyhow!("builder web app on {addr}: {e}"))?;
+    tracing::info!(addr = %bound, "builder web app listening (/metrics, /ready)");
+    let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
+        let (store, status, metrics) = (store.clone(), status.clone(), metrics.clone());
+        async move {
+            match uri.path() {
+                "/metrics" => metrics_response(&metrics),
+                "/ready" => with_cache_headers(
+                    ready(&builder_readiness(&store, &status)),
+                    negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok())),
+                    SystemTime::now(),
+                ),
+                _ => (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "builder web app stopped");
+        }
+    });
+    Ok(bound)
+}
+
+/// The Prometheus text exposition.
+fn metrics_response(metrics: &Metrics) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics.prometheus(),
+    )
+        .into_response()
 }
 
 /// The response formats.
@@ -330,11 +413,7 @@ async fn serve(
 ) -> Response {
     let path = uri.path();
     if path == "/metrics" {
-        return (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            s.metrics.prometheus(),
-        )
-            .into_response();
+        return metrics_response(&s.metrics);
     }
     let format = negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     if path == "/ready" {

@@ -3,6 +3,8 @@
 //! uploads to the simulated cloud, records everything in the SQLite file
 //! this test reads from another process, reloads its configuration when
 //! the file changes, dumps its state on SIGUSR2 and stops on SIGTERM.
+//! It sends Nodepool's builder metrics to statsd (a real UDP socket here)
+//! and serves them on `/metrics`, with `/ready`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,6 +109,64 @@ fn ready_upload_to(st: &ImageState, provider: &str) -> bool {
     })
 }
 
+/// A statsd server: a real UDP socket read by a thread of its own.
+fn statsd_sink() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a UDP socket");
+    let addr = socket.local_addr().expect("address").to_string();
+    let lines: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let keep = lines.clone();
+    // Ends with the test process; it only ever reads.
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Ok(mut l) = keep.lock() {
+                l.extend(text.lines().map(str::to_owned));
+            }
+        }
+    });
+    (addr, lines)
+}
+
+/// The address the daemon's web app bound, from its JSON log.
+async fn webapp_addr(log: &Path) -> std::net::SocketAddr {
+    until_log(log, "builder web app listening").await;
+    let text = std::fs::read_to_string(log).expect("log");
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("builder web app listening"))
+        })
+        .and_then(|v| v["fields"]["addr"].as_str().and_then(|a| a.parse().ok()))
+        .unwrap_or_else(|| panic!("no web app address in the log:\n{text}"))
+}
+
+/// One HTTP/1.1 GET: status and body.
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(LIMIT, s.read_to_end(&mut raw))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let text = String::from_utf8(raw).expect("utf-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    (status, body.to_owned())
+}
+
 fn signal(child: &tokio::process::Child, sig: &str) {
     let pid = child.id().expect("running").to_string();
     let ok = std::process::Command::new("kill")
@@ -128,10 +188,15 @@ async fn the_builder_daemon_builds_uploads_reloads_dumps_and_stops() {
     write_config(&cfg, &config(d, &["p1"]));
     let log = d.join("builder.log");
     let pidfile = d.join("builder.pid");
+    let (statsd, statsd_lines) = statsd_sink();
+    let (statsd_host, statsd_port) = statsd.rsplit_once(':').expect("host:port");
     let mut child = tokio::process::Command::new(BIN)
         .args(["-c", &cfg.display().to_string()])
         .args(["-p", &pidfile.display().to_string()])
         .args(["--upload-workers", "2", "--log-format", "json", "-d"])
+        .args(["--webapp-port", "0", "--webapp-listen-address", "127.0.0.1"])
+        .env("STATSD_HOST", statsd_host)
+        .env("STATSD_PORT", statsd_port)
         .stderr(std::fs::File::create(&log).expect("log file"))
         .kill_on_drop(true)
         .spawn()
@@ -170,6 +235,91 @@ async fn the_builder_daemon_builds_uploads_reloads_dumps_and_stops() {
         .await
         .expect("components");
     assert_eq!(comps.records.len(), 1);
+
+    // Python's builder metrics went to statsd: the build's size, duration,
+    // exit status and time; the upload's timer and counter; the gauges.
+    let web = webapp_addr(&log).await;
+    let sent = |prefix: &str, kind: &str| {
+        statsd_lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .any(|l| l.starts_with(prefix) && l.ends_with(kind))
+    };
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let expected = [
+        ("nodepool.dib_image_build.deb.qcow2.size:", "|g"),
+        ("nodepool.dib_image_build.deb.status.duration:", "|ms"),
+        ("nodepool.dib_image_build.deb.status.rc:0|g", "|g"),
+        ("nodepool.dib_image_build.deb.status.last_build:", "|g"),
+        ("nodepool.image_update.deb.p1:", "|ms"),
+        ("nodepool.image_update.deb.p1:1|c", "|c"),
+        ("nodepool.image.deb.image_build_requests:0|g", "|g"),
+        ("nodepool.image_build_requests:0|g", "|g"),
+    ];
+    while !expected.iter().all(|(p, k)| sent(p, k)) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "statsd lines missing: {:?}\nreceived: {:?}",
+            expected
+                .iter()
+                .filter(|(p, k)| !sent(p, k))
+                .collect::<Vec<_>>(),
+            statsd_lines.lock().expect("lines")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !sent("nodepool.dib_image_build.deb.status.duration:", "|c"),
+        "a timer only, as Python's"
+    );
+    assert!(
+        statsd_lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .any(|l| l.starts_with("nodepool.builder.")
+                && l.contains(".image.deb.provider.p1.upload.state:")),
+        "upload state gauge"
+    );
+    // ... and are on /metrics as labelled families.
+    let (status, body) = get(web, "/ready").await;
+    assert_eq!((status, body.as_str()), (200, "OK"));
+    let (status, body) = get(web, "/metrics").await;
+    assert_eq!(status, 200);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("not Prometheus text: {e}\n{body}"));
+    let find = |name: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("{name} {labels:?} not in /metrics:\n{body}"))
+            .value
+            .clone()
+    };
+    assert!(matches!(
+        find("nodepool_image_build_seconds", &[("image", "deb"), ("status", "success")]),
+        prometheus_parse::Value::Histogram(b) if b.last().is_some_and(|c| c.count == 1.0)
+    ));
+    assert!(matches!(
+        find("nodepool_image_upload_seconds", &[("image", "deb"), ("provider", "p1"), ("status", "success")]),
+        prometheus_parse::Value::Histogram(b) if b.last().is_some_and(|c| c.count == 1.0)
+    ));
+    assert_eq!(
+        find("nodepool_image_build_status_rc", &[("image", "deb")]),
+        prometheus_parse::Value::Gauge(0.0)
+    );
+    assert!(matches!(
+        find("nodepool_image_build_size_bytes", &[("image", "deb"), ("format", "qcow2")]),
+        prometheus_parse::Value::Gauge(v) if v >= 65536.0
+    ));
+    assert!(matches!(
+        find("nodepool_builder_tasks", &[("kind", "upload_workers")]),
+        prometheus_parse::Value::Gauge(v) if v == 2.0
+    ));
+    find("nodepool_builder_build_state", &[("image", "deb")]);
+    assert_eq!(get(web, "/nope").await.0, 404);
 
     // Hot reload: a second provider gets the image.
     write_config(&cfg, &config(d, &["p1", "p2"]));

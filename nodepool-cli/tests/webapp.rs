@@ -118,7 +118,12 @@ async fn ready_is_503_until_the_first_pass(backend: Backend) {
     .await;
     let m = get(web.addr, "/metrics", &[]).await;
     assert_eq!(m.status, 200);
-    assert!(m.body.contains("nodepool_nodes_ready "), "{}", m.body);
+    assert!(
+        m.body
+            .contains("nodepool_nodes{state=\"ready\",provider=\"sim\",label=\"small\"} 0"),
+        "{}",
+        m.body
+    );
     web.stop.cancel();
     tokio::time::timeout(Duration::from_secs(60), run)
         .await
@@ -413,3 +418,198 @@ async fn request_explain_answers_like_the_cli(backend: Backend) {
     web.stop.cancel();
 }
 both_stores!(request_explain_answers_like_the_cli);
+
+/// A provider that boots min-ready nodes from a cloud image, so launches
+/// (and their histograms) happen.
+const LAUNCHING: &str = "\
+labels:
+  - name: small
+    min-ready: 2
+providers:
+  - name: sim
+    driver: simulated
+    simulation:
+      boot-delay: 0.05
+    cloud-images:
+      - name: plain
+    pools:
+      - name: main
+        max-servers: 5
+        labels:
+          - name: small
+            cloud-image: plain
+            flavor-name: Fake Flavor
+";
+
+/// The samples of one family in a scrape, as (labels, value).
+fn samples<'a>(
+    scrape: &'a prometheus_parse::Scrape,
+    name: &str,
+) -> Vec<&'a prometheus_parse::Sample> {
+    scrape.samples.iter().filter(|s| s.metric == name).collect()
+}
+
+fn gauge_or_counter(s: &prometheus_parse::Sample) -> f64 {
+    match &s.value {
+        prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("{}: not a single value: {other:?}", s.metric),
+    }
+}
+
+/// `/metrics` scraped over HTTP and read by an independent Prometheus
+/// text-format parser: labelled families (nodes by state, provider and
+/// label; launch and boot histograms; requests; provider health; store
+/// connection), not flattened statsd names.
+async fn metrics_are_labelled_prometheus_families(backend: Backend) {
+    let f = common::Fixture::with_body(backend, LAUNCHING).await;
+    let mut cfg = (*f.config).clone();
+    cfg.webapp.port = 0;
+    cfg.webapp.listen_address = "127.0.0.1".into();
+    let config = Arc::new(cfg);
+    let sim = SimulatedProvider::new(config.provider("sim").expect("sim")).expect("cloud");
+    let factory: ProviderFactory =
+        Arc::new(move |_pc| Ok(Arc::new(sim.clone()) as Arc<dyn Provider>));
+    let metrics = Arc::new(Metrics::in_memory());
+    let launcher = Launcher::new(
+        f.store.clone(),
+        factory,
+        LauncherSettings {
+            hostname: "web-test".into(),
+            stats_interval: Duration::from_millis(100),
+            ..LauncherSettings::default()
+        },
+    )
+    .with_metrics(metrics.clone());
+    let stop = CancellationToken::new();
+    let (_tx, rx) = tokio::sync::watch::channel(config.clone());
+    let addr = nodepool_cli::webapp::spawn(
+        f.store.clone(),
+        rx.clone(),
+        launcher.status(),
+        metrics,
+        stop.clone(),
+    )
+    .await
+    .expect("web app starts");
+    let run = tokio::spawn(launcher.run(rx, stop.clone()));
+    let scrape = || async {
+        let r = get(addr, "/metrics", &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4"));
+        prometheus_parse::Scrape::parse(r.body.lines().map(|l| Ok(l.to_owned())))
+            .unwrap_or_else(|e| panic!("not Prometheus text: {e}\n{}", r.body))
+    };
+    let ready_nodes = |s: &prometheus_parse::Scrape| {
+        samples(s, "nodepool_nodes")
+            .into_iter()
+            .filter(|x| {
+                x.labels.get("state") == Some("ready")
+                    && x.labels.get("provider") == Some("sim")
+                    && x.labels.get("label") == Some("small")
+            })
+            .map(gauge_or_counter)
+            .sum::<f64>()
+    };
+    common::eventually(
+        Duration::from_secs(60),
+        "two ready nodes in /metrics",
+        || async { ready_nodes(&scrape().await) == 2.0 },
+    )
+    .await;
+    let s = scrape().await;
+
+    // Nodes: one series per state, provider and label, every state
+    // zero-filled, and nothing but those three labels.
+    let nodes = samples(&s, "nodepool_nodes");
+    assert!(nodes.len() >= 11, "every state: {nodes:?}");
+    for n in &nodes {
+        let mut keys: Vec<&String> = n.labels.keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["label", "provider", "state"], "{n:?}");
+    }
+    assert_eq!(
+        s.docs.get("nodepool_nodes").map(String::is_empty),
+        Some(false)
+    );
+
+    // Launch and boot times are histograms with provider (and result or
+    // label) labels; two launches ended ready.
+    let launches = samples(&s, "nodepool_launch_seconds");
+    let ready_launches: Vec<_> = launches
+        .iter()
+        .filter(|x| {
+            x.labels.get("provider") == Some("sim") && x.labels.get("result") == Some("ready")
+        })
+        .collect();
+    assert_eq!(ready_launches.len(), 1, "{launches:?}");
+    match &ready_launches[0].value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            let inf = buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .expect("+Inf bucket");
+            assert!(inf.count >= 2.0, "{buckets:?}");
+            assert!(
+                buckets.windows(2).all(|w| w[0].count <= w[1].count),
+                "cumulative: {buckets:?}"
+            );
+        }
+        other => panic!("nodepool_launch_seconds is not a histogram: {other:?}"),
+    }
+    let boots = samples(&s, "nodepool_boot_seconds");
+    assert!(
+        boots.iter().any(|x| x.labels.get("provider") == Some("sim")
+            && x.labels.get("label") == Some("small")
+            && matches!(&x.value, prometheus_parse::Value::Histogram(b) if !b.is_empty())),
+        "{boots:?}"
+    );
+
+    // Requests by state, this launcher's view of its provider and store.
+    let requests = samples(&s, "nodepool_requests");
+    let mut states: Vec<&str> = requests
+        .iter()
+        .filter_map(|x| x.labels.get("state"))
+        .collect();
+    states.sort();
+    assert_eq!(states, ["failed", "fulfilled", "pending", "requested"]);
+    let one = |name: &str, key: Option<(&str, &str)>| {
+        let v: Vec<f64> = samples(&s, name)
+            .into_iter()
+            .filter(|x| key.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
+            .map(gauge_or_counter)
+            .collect();
+        assert_eq!(v.len(), 1, "{name}: {v:?}");
+        v[0]
+    };
+    assert_eq!(
+        one("nodepool_provider_health", Some(("provider", "sim"))),
+        1.0
+    );
+    assert_eq!(
+        one("nodepool_provider_max_servers", Some(("provider", "sim"))),
+        5.0
+    );
+    assert_eq!(one("nodepool_zk_connected", None), 1.0);
+    assert_eq!(one("nodepool_stats_leader", None), 1.0);
+    assert!(!samples(&s, "nodepool_zk_queue").is_empty());
+
+    // Statsd names a family carries are not repeated flattened.
+    let names: std::collections::BTreeSet<&str> =
+        s.samples.iter().map(|x| x.metric.as_str()).collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("nodepool_nodes_")
+            || n.starts_with("nodepool_label_")
+            || n.starts_with("nodepool_launch_ready")),
+        "{names:?}"
+    );
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("stops")
+        .expect("join")
+        .expect("clean");
+}
+both_stores!(metrics_are_labelled_prometheus_families);

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use nodepool_model::config::{Config, StateStoreConfig};
 use nodepool_model::store::{
-    CreateMode, Entry, SessionState, Stat, StateStore, StoreError, StoreEvent, validate_path,
+    CreateMode, Entry, SessionState, Stat, StateStore, StoreError, StoreEvent, StoreHealth,
+    validate_path,
 };
 use rusqlite::Connection;
 use tokio::sync::{broadcast, watch};
@@ -414,6 +415,16 @@ impl StateStore for SqliteStore {
 
     fn session(&self) -> watch::Receiver<SessionState> {
         self.inner.shared.session_tx.subscribe()
+    }
+
+    /// Changes waiting for the slowest subscriber. Requests run on the
+    /// caller's blocking thread (no queue) and the scan cache is refreshed
+    /// under its lock, which this must not wait for.
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            playback_queue: self.inner.shared.events.len() as u64,
+            ..StoreHealth::default()
+        }
     }
 
     async fn close(&self) -> Result<(), StoreError> {

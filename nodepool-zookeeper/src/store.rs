@@ -3,6 +3,7 @@
 //! expired session.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -12,8 +13,8 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use nodepool_model::store::{
-    CreateMode, Entry, SessionState, Stat, StateStore, StoreError, StoreEvent, split_path,
-    validate_path,
+    CreateMode, Entry, SessionState, Stat, StateStore, StoreError, StoreEvent, StoreHealth,
+    split_path, validate_path,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -67,6 +68,26 @@ struct Shared {
     barriers: mpsc::UnboundedSender<oneshot::Sender<()>>,
     shutdown: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Requests sent and not answered yet (kazoo's connection queue).
+    in_flight: AtomicU64,
+    /// Watch events whose reads are not applied to the mirror yet.
+    event_queue: AtomicU64,
+}
+
+/// Counts a request as in flight while it lives.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -245,6 +266,8 @@ impl ZooKeeperStore {
             barriers,
             shutdown: shutdown.clone(),
             task: Mutex::new(None),
+            in_flight: AtomicU64::new(0),
+            event_queue: AtomicU64::new(0),
         });
         let supervisor = Supervisor {
             shared: shared.clone(),
@@ -420,6 +443,7 @@ impl StateStore for ZooKeeperStore {
         if name.is_empty() && !mode.is_sequential() {
             return Err(StoreError::Other(format!("invalid path {path:?}")));
         }
+        let _in_flight = InFlight::new(&self.shared.in_flight);
         let client = self.shared.client()?;
         let options = zk_mode(mode).with_acls(zk::Acls::anyone_all());
         let mut made_parents = false;
@@ -447,6 +471,7 @@ impl StateStore for ZooKeeperStore {
 
     async fn get(&self, path: &str) -> Result<Option<(Bytes, Stat)>, StoreError> {
         validate_path(path)?;
+        let _in_flight = InFlight::new(&self.shared.in_flight);
         let client = self.shared.client()?;
         match client.get_data(path).await {
             Ok((data, st)) => Ok(Some((Bytes::from(data), cache::stat(&st)))),
@@ -457,6 +482,7 @@ impl StateStore for ZooKeeperStore {
 
     async fn set(&self, path: &str, data: &[u8], version: Option<i32>) -> Result<Stat, StoreError> {
         validate_path(path)?;
+        let _in_flight = InFlight::new(&self.shared.in_flight);
         let client = self.shared.client()?;
         client
             .set_data(path, data, version)
@@ -467,6 +493,7 @@ impl StateStore for ZooKeeperStore {
 
     async fn delete(&self, path: &str, version: Option<i32>) -> Result<(), StoreError> {
         validate_path(path)?;
+        let _in_flight = InFlight::new(&self.shared.in_flight);
         let client = self.shared.client()?;
         client
             .delete(path, version)
@@ -476,6 +503,7 @@ impl StateStore for ZooKeeperStore {
 
     async fn children(&self, path: &str) -> Result<Vec<String>, StoreError> {
         validate_path(path)?;
+        let _in_flight = InFlight::new(&self.shared.in_flight);
         let client = self.shared.client()?;
         let mut children = client
             .list_children(path)
@@ -500,6 +528,15 @@ impl StateStore for ZooKeeperStore {
 
     fn session(&self) -> watch::Receiver<SessionState> {
         self.shared.session_tx.subscribe()
+    }
+
+    fn health(&self) -> StoreHealth {
+        StoreHealth {
+            requests_in_flight: self.shared.in_flight.load(Ordering::Relaxed),
+            event_queue: self.shared.event_queue.load(Ordering::Relaxed),
+            playback_queue: self.shared.events.len() as u64,
+            cached_records: self.shared.cache().len() as u64,
+        }
     }
 
     async fn close(&self) -> Result<(), StoreError> {
@@ -652,13 +689,23 @@ impl Supervisor {
         self.connected = false;
         self.needs_load = true;
         self.pipeline = FuturesOrdered::new();
+        self.publish_queue();
         self.applied = self.enqueued;
         self.shared.cache().loaded = false;
         self.shared.publish(SessionState::Expired);
     }
 
+    /// Publishes the pipeline's length for [`StateStore::health`].
+    fn publish_queue(&self) {
+        self.shared
+            .event_queue
+            .store(self.pipeline.len() as u64, Ordering::Relaxed);
+    }
+
     fn enqueue(&mut self, event: StoreEvent, read: bool) {
         self.enqueued += 1;
+        // Counted before the push: the pipeline holds it from here on.
+        self.shared.event_queue.fetch_add(1, Ordering::Relaxed);
         if !read {
             self.pipeline.push_back(
                 futures::future::ready(Applied {
@@ -702,6 +749,7 @@ impl Supervisor {
         }
         let _ = self.shared.events.send(applied.event);
         self.applied += 1;
+        self.publish_queue();
         self.answer_barriers();
     }
 

@@ -354,3 +354,39 @@ async fn expiry_drops_our_ephemerals_from_the_mirror() {
     let r = a.scan("/nodepool").await;
     assert!(matches!(r, Err(StoreError::SessionLost)), "{r:?}");
 }
+
+/// The client's health gauges (`nodepool.launcher.<host>.zk.*`): the
+/// mirror's size, changes a subscriber has not taken yet (the playback
+/// queue), and empty queues once everything is answered and applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_the_mirror_and_its_queues() {
+    use nodepool_core::store::StoreHealth;
+    let chroot = common::fresh_chroot();
+    let a = common::connect(common::plain(&chroot)).await;
+    let b = common::connect(common::plain(&chroot)).await;
+    let before = a.health();
+    // A subscriber that reads nothing: every change waits for it.
+    let _slow = a.subscribe();
+    for i in 0..20 {
+        b.create(&format!("/nodepool/h/{i}"), b"x", CreateMode::Persistent)
+            .await
+            .expect("create");
+    }
+    // The scan returns once every change made before it is in the mirror.
+    assert_eq!(a.scan("/nodepool/h").await.expect("scan").len(), 21);
+    let h = a.health();
+    assert!(
+        h.cached_records >= before.cached_records + 21,
+        "{before:?} then {h:?}"
+    );
+    assert!(h.playback_queue >= 21, "{h:?}");
+    assert_eq!(
+        StoreHealth {
+            requests_in_flight: h.requests_in_flight,
+            event_queue: h.event_queue,
+            ..StoreHealth::default()
+        },
+        StoreHealth::default(),
+        "nothing in flight or unapplied at rest: {h:?}"
+    );
+}

@@ -240,3 +240,39 @@ async fn mixed_queue_is_served_in_order() {
     g.release().await.expect("release");
     kazoo.quit().await;
 }
+
+/// The stats election (`/nodepool/elections/stats`) is kazoo's `Election`:
+/// Python Nodepool sees our holder's identifier (`<hostname>-<pid>`) among
+/// the contenders, and a Python holder keeps us out, so a mixed set of
+/// launchers has one statsd reporter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stats_election_is_kazoos_election() {
+    let Setup { store, hosts, .. } = setup().await;
+    let mut kazoo = Kazoo::start(&hosts).await;
+    let path = paths::STATS_ELECTION;
+    let ours = store
+        .elect(path, LockWait::NonBlocking, "rust-host-4242")
+        .await
+        .expect("we win the free election");
+    assert_eq!(
+        kazoo.ask(&format!("contenders {path}")).await,
+        r#"["rust-host-4242"]"#
+    );
+    assert_eq!(kazoo.ask(&format!("elect {path} py-host-7")).await, "busy");
+    ours.release().await.expect("resign");
+    assert_eq!(
+        kazoo.ask(&format!("elect {path} py-host-7")).await,
+        "elected"
+    );
+    let r = store
+        .elect(path, LockWait::NonBlocking, "rust-host-4242")
+        .await;
+    assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
+    assert_eq!(
+        kazoo.ask(&format!("contenders {path}")).await,
+        r#"["py-host-7"]"#,
+        "our failed attempt left no contender"
+    );
+    assert_eq!(kazoo.ask(&format!("resign {path}")).await, "resigned");
+    kazoo.quit().await;
+}

@@ -663,15 +663,15 @@ impl Drill {
         let mut metrics = BTreeMap::new();
         for (_, l) in &self.inproc {
             leak_sweep_deleted += l.metrics.counter("nodepool.provider.sim.leaked.instances");
-            for line in l.metrics.prometheus().lines() {
-                if let Some((name, value)) = line.split_once(' ')
-                    && name.starts_with("nodepool_launch_")
-                    && name.ends_with("_total")
-                    && !name.contains("_provider_")
-                    && !name.contains("_requestor_")
-                    && let Ok(v) = value.parse::<u64>()
+            // Launch results by statsd name (`nodepool.launch.<result>`),
+            // reported under their flattened names as before.
+            for (name, v) in l.metrics.counters() {
+                if let Some(result) = name.strip_prefix("nodepool.launch.")
+                    && !result.starts_with("provider.")
+                    && !result.starts_with("requestor.")
                 {
-                    *metrics.entry(name.to_owned()).or_insert(0) += v;
+                    let flat = format!("nodepool_launch_{}_total", result.replace('.', "_"));
+                    *metrics.entry(flat).or_insert(0) += v;
                 }
             }
         }

@@ -752,6 +752,10 @@ impl StateStore for AmbiguousWrites {
     async fn close(&self) -> Result<(), StoreError> {
         self.inner.close().await
     }
+
+    fn health(&self) -> nodepool_core::store::StoreHealth {
+        self.inner.health()
+    }
 }
 
 // ---------------------------------------------------------------------------

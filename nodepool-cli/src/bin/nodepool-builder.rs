@@ -12,7 +12,7 @@ use nodepool_cli::cli::DaemonArgs;
 use nodepool_cli::daemon;
 use nodepool_core::builder::{Builder, BuilderSettings, BuilderStatus};
 use nodepool_core::config::ConfigSource;
-use nodepool_core::launcher::ProviderFactory;
+use nodepool_core::launcher::{Metrics, ProviderFactory};
 use nodepool_dib::{DibBuilder, DibOptions};
 
 /// Build disk images and keep them uploaded to every provider.
@@ -27,6 +27,20 @@ struct Args {
     /// Uploads running at once.
     #[arg(long = "upload-workers", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..), display_order = 3)]
     upload_workers: u16,
+    /// Do not serve `/metrics` and `/ready`.
+    #[arg(long = "no-webapp", display_order = 4)]
+    no_webapp: bool,
+    /// Port of `/metrics` and `/ready` (the launcher's web app uses the
+    /// configuration's `webapp.port`, 8005 by default).
+    #[arg(long = "webapp-port", default_value_t = 8006, display_order = 5)]
+    webapp_port: u16,
+    /// Address `/metrics` and `/ready` listen on.
+    #[arg(
+        long = "webapp-listen-address",
+        default_value = "0.0.0.0",
+        display_order = 6
+    )]
+    webapp_listen_address: String,
 }
 
 fn main() -> ExitCode {
@@ -94,6 +108,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let store = daemon::open_store(&initial).await?;
     tracing::info!(store = %store.describe(), "state store open");
     let factory: ProviderFactory = Arc::new(daemon::make_provider);
+    let metrics = Arc::new(Metrics::from_env());
     let builder = Builder::new(
         store.clone(),
         factory,
@@ -105,9 +120,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             log_pruner: Some(Arc::new(nodepool_dib::prune_build_logs)),
             ..BuilderSettings::default()
         },
-    );
+    )
+    .with_metrics(metrics.clone());
     if let Ok(mut slot) = status_slot.lock() {
         *slot = Some(builder.status());
+    }
+    if !args.no_webapp {
+        nodepool_cli::webapp::spawn_builder(
+            &nodepool_cli::webapp::BuilderWebapp {
+                listen_address: args.webapp_listen_address.clone(),
+                port: args.webapp_port,
+            },
+            store.clone(),
+            builder.status(),
+            metrics,
+            shutdown.clone(),
+        )
+        .await?;
     }
     let result = builder.run(config, shutdown).await;
     store.backend().close().await.ok();

@@ -47,6 +47,7 @@ pub use hook::{HookError, run_post_upload_hook};
 
 use crate::config::{Config, ProviderConfig};
 use crate::image_builder::ImageBuilder;
+use crate::launcher::metrics::{Metrics, families, sanitize_component};
 use crate::model::{Component, ComponentKind, ComponentState};
 use crate::planner::images::{
     BuildKey, BuilderLocal, ImageAction, ImagePlan, ImageSnapshot, plan_images,
@@ -96,6 +97,10 @@ pub struct BuilderSettings {
     pub shutdown_grace: Duration,
     /// Prunes build logs before each build (`build-log-retention`).
     pub log_pruner: Option<LogPruner>,
+    /// How often the builder's gauges are sent (build and upload states,
+    /// build requests, workers). Build and upload results go out as they
+    /// happen.
+    pub stats_interval: Duration,
     /// Where "now" comes from.
     pub clock: Clock,
 }
@@ -117,6 +122,7 @@ impl std::fmt::Debug for BuilderSettings {
             .field("max_retry_delay", &self.max_retry_delay)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("log_pruner", &self.log_pruner.is_some())
+            .field("stats_interval", &self.stats_interval)
             .field("clock", &self.clock)
             .finish()
     }
@@ -140,6 +146,7 @@ impl Default for BuilderSettings {
             // DibBuilder's SIGTERM grace (30 s) plus the sweep.
             shutdown_grace: Duration::from_secs(60),
             log_pruner: None,
+            stats_interval: Duration::from_secs(10),
             clock: Clock::System,
         }
     }
@@ -206,6 +213,7 @@ enum Kind {
 /// What the tasks share with the loop.
 pub(crate) struct Shared {
     store: Store,
+    metrics: Arc<Metrics>,
     settings: BuilderSettings,
     image_builder: Arc<dyn ImageBuilder>,
     builder_id: String,
@@ -302,6 +310,7 @@ pub struct Builder {
     image_builder: Arc<dyn ImageBuilder>,
     settings: BuilderSettings,
     status: Arc<BuilderStatus>,
+    metrics: Arc<Metrics>,
 }
 
 impl Builder {
@@ -319,7 +328,19 @@ impl Builder {
             image_builder,
             settings,
             status: Arc::new(BuilderStatus::default()),
+            metrics: Arc::new(Metrics::in_memory()),
         }
+    }
+
+    /// Uses this metrics sink (statsd and `/metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The metrics sink.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The status, readable while it runs.
@@ -355,6 +376,7 @@ impl Builder {
         tracing::info!(builder_id = %builder_id, images_dir = %images_dir.display(), "builder starting");
         let shared = Arc::new(Shared {
             store: self.store.clone(),
+            metrics: self.metrics.clone(),
             settings: self.settings.clone(),
             image_builder: self.image_builder.clone(),
             builder_id,
@@ -375,6 +397,7 @@ impl Builder {
             status: self.status.clone(),
             pass_count: 0,
             last_notes: BTreeSet::new(),
+            stats_next: None,
         };
         rt.apply_config();
         let wakeups = Wakeups {
@@ -414,6 +437,8 @@ struct Runtime {
     pass_count: u64,
     /// Notes logged at the last pass (each is logged when it first appears).
     last_notes: BTreeSet<String>,
+    /// When the gauges are due next (`None`: at once).
+    stats_next: Option<tokio::time::Instant>,
 }
 
 impl Runtime {
@@ -533,6 +558,11 @@ impl Runtime {
         }
         self.last_notes = notes;
         self.execute(&plan).await;
+        let now = tokio::time::Instant::now();
+        if self.stats_next.is_none_or(|t| now >= t) {
+            self.stats_next = Some(now + self.shared.settings.stats_interval);
+            self.report_stats(&snapshot);
+        }
         self.pass_count += 1;
         self.status
             .ready
@@ -620,6 +650,96 @@ impl Runtime {
                 slot.shared.finished(&slot.key, ok);
                 drop(slot);
             });
+        }
+    }
+
+    /// The builder's gauges (Python's cleanup worker sends them): build
+    /// requests, and what this builder does with each image and upload
+    /// (0 idle, 1 building, 2 uploading, 3 paused), plus its tasks.
+    fn report_stats(&self, snapshot: &ImageSnapshot) {
+        let m = &self.shared.metrics;
+        let host = sanitize_component(&self.shared.settings.hostname);
+        let running: Vec<String> = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let building: BTreeSet<&str> = running
+            .iter()
+            .filter_map(|k| k.strip_prefix("build "))
+            .collect();
+        // "upload <image>/<build>/<provider>"
+        let uploading: BTreeSet<(&str, &str)> = running
+            .iter()
+            .filter_map(|k| k.strip_prefix("upload "))
+            .filter_map(|k| {
+                let mut parts = k.split('/');
+                let image = parts.next()?;
+                let provider = parts.nth(1)?;
+                Some((image, provider))
+            })
+            .collect();
+        let requests = &snapshot.images.build_requests;
+        let mut waiting = 0;
+        for di in &self.config.diskimages {
+            let name = di.name.as_str();
+            let requested = requests.contains_key(name);
+            waiting += usize::from(requested);
+            m.gauge_as(
+                &format!("nodepool.image.{name}.image_build_requests"),
+                &families::IMAGE_BUILD_REQUESTS,
+                &[("image", name)],
+                if requested { 1.0 } else { 0.0 },
+            );
+            let state = if di.pause || snapshot.images.paused.contains(name) {
+                3.0
+            } else if building.contains(name) {
+                1.0
+            } else {
+                0.0
+            };
+            m.gauge_as(
+                &format!("nodepool.builder.{host}.image.{name}.build.state"),
+                &families::BUILDER_BUILD_STATE,
+                &[("image", name)],
+                state,
+            );
+            for pc in &self.config.providers {
+                if pc.diskimage(name).is_none() {
+                    continue;
+                }
+                let p = pc.name.as_str();
+                m.gauge_as(
+                    &format!("nodepool.builder.{host}.image.{name}.provider.{p}.upload.state"),
+                    &families::BUILDER_UPLOAD_STATE,
+                    &[("image", name), ("provider", p)],
+                    if uploading.contains(&(name, p)) {
+                        2.0
+                    } else {
+                        0.0
+                    },
+                );
+            }
+        }
+        // Prometheus sums the per-image series; a total series in the
+        // same family would be counted twice.
+        m.gauge_statsd_only("nodepool.image_build_requests", waiting as f64);
+        let s = &self.shared.settings;
+        for (what, n) in [
+            ("current_builds", self.shared.count(Kind::Build)),
+            ("current_uploads", self.shared.count(Kind::Upload)),
+            ("build_workers", s.build_workers),
+            ("upload_workers", s.upload_workers),
+        ] {
+            m.gauge_as(
+                &format!("nodepool.builder.{host}.{what}"),
+                &families::BUILDER_WORKERS,
+                &[("kind", what)],
+                n as f64,
+            );
         }
     }
 

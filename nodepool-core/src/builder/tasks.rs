@@ -10,6 +10,7 @@ use indexmap::IndexMap;
 use super::{ProviderEntry, Shared, hook, local};
 use crate::config::{Config, DiskImage};
 use crate::image_builder::{BuildError, BuildSpec};
+use crate::launcher::metrics::families;
 use crate::model::{BuildState, ImageBuild, ImageUpload, Json, UploadState};
 use crate::planner::images::{BuildReason, ImageAction, ImageDeleteReason};
 use crate::provider::ProviderError;
@@ -449,6 +450,7 @@ impl Task {
             .build(&spec, self.shared.work.child_token())
             .await;
         let now = self.shared.now();
+        self.report_build(image, started.elapsed(), &result, now);
         // A suspended session is waited for: a ZooKeeper blip at the end
         // of a long build must not throw the build away.
         if !guard.wait_held().await {
@@ -533,6 +535,64 @@ impl Task {
                     .map_err(store_err("cannot record the failed build"))
             }
         }
+    }
+
+    /// Python's build metrics: `nodepool.dib_image_build.<image>.<format>.size`
+    /// (bytes allocated on disk, as images are sparse), and the
+    /// `.status.duration` timer, `.status.rc` and `.status.last_build`
+    /// gauges. A cancelled build (shutdown) reports nothing.
+    fn report_build(
+        &self,
+        image: &str,
+        elapsed: Duration,
+        result: &Result<crate::image_builder::BuildArtifacts, BuildError>,
+        now: f64,
+    ) {
+        let m = &self.shared.metrics;
+        let rc = match result {
+            Ok(artifacts) => {
+                for a in &artifacts.artifacts {
+                    use std::os::unix::fs::MetadataExt as _;
+                    let size = std::fs::metadata(&a.path).map_or(a.size, |md| md.blocks() * 512);
+                    m.gauge_as(
+                        &format!("nodepool.dib_image_build.{image}.{}.size", a.format),
+                        &families::IMAGE_SIZE,
+                        &[("image", image), ("format", &a.format)],
+                        size as f64,
+                    );
+                }
+                0
+            }
+            Err(BuildError::Cancelled) => return,
+            Err(BuildError::Failed {
+                exit_code: Some(rc),
+                ..
+            }) => *rc,
+            // Killed (timeout) or no usable output: a failure all the same.
+            Err(_) => 1,
+        };
+        let base = format!("nodepool.dib_image_build.{image}.status");
+        m.timer_as(
+            &format!("{base}.duration"),
+            &families::IMAGE_BUILD,
+            &[
+                ("image", image),
+                ("status", if rc == 0 { "success" } else { "failure" }),
+            ],
+            elapsed,
+        );
+        m.gauge_as(
+            &format!("{base}.rc"),
+            &families::IMAGE_BUILD_RC,
+            &[("image", image)],
+            f64::from(rc),
+        );
+        m.gauge_as(
+            &format!("{base}.last_build"),
+            &families::IMAGE_BUILD_LAST,
+            &[("image", image)],
+            now.trunc(),
+        );
     }
 
     async fn mark_dead_build(&self, image: &str, build: &str) -> TaskResult {
@@ -817,6 +877,17 @@ impl Task {
                         source: e,
                     });
                 }
+                // Python: a timer and a counter per successful upload.
+                self.shared.metrics.timing_as(
+                    &[format!("nodepool.image_update.{image}.{provider}")],
+                    &families::IMAGE_UPLOAD,
+                    &[
+                        ("image", image),
+                        ("provider", provider),
+                        ("status", "success"),
+                    ],
+                    started.elapsed(),
+                );
                 let secs = started.elapsed().as_secs_f64();
                 tracing::info!(
                     image = %image, build = %build, provider = %provider, upload = %upload_id,
@@ -831,6 +902,15 @@ impl Task {
                 Ok(())
             }
             Err(e) => {
+                self.shared.metrics.observe(
+                    &families::IMAGE_UPLOAD,
+                    &[
+                        ("image", image),
+                        ("provider", provider),
+                        ("status", "failure"),
+                    ],
+                    started.elapsed(),
+                );
                 rec.set_state(UploadState::Failed, now);
                 store
                     .write_locked(guard, &key, &rec, Some(version))

@@ -33,7 +33,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::metrics::Metrics;
+use super::metrics::{Metrics, families};
 use crate::config::PoolLabel;
 use crate::model::{Limits, Resources};
 use crate::provider::{
@@ -351,7 +351,12 @@ pub struct HealthMonitor {
 impl HealthMonitor {
     /// A monitor for provider `name`, reporting to `metrics`.
     pub fn new(name: &str, policy: HealthPolicy, metrics: Arc<Metrics>) -> Self {
-        metrics.gauge(&health_gauge(name), 1.0);
+        metrics.gauge_as(
+            &health_gauge(name),
+            &families::PROVIDER_HEALTH,
+            &[("provider", name)],
+            1.0,
+        );
         HealthMonitor {
             name: name.to_owned(),
             state: Mutex::new(ProviderHealth::new(policy)),
@@ -403,8 +408,17 @@ impl HealthMonitor {
             } => {
                 tracing::warn!(provider = %p, %reason, failures, probe_in_s = retry_in.as_secs_f64(),
                     "provider marked unavailable: its API keeps failing; its pools take no requests until a probe succeeds");
-                self.metrics.incr(&format!("nodepool.provider.{p}.outages"));
-                self.metrics.gauge(&health_gauge(p), 0.0);
+                self.metrics.incr_as(
+                    &format!("nodepool.provider.{p}.outages"),
+                    &families::PROVIDER_OUTAGES,
+                    &[("provider", p)],
+                );
+                self.metrics.gauge_as(
+                    &health_gauge(p),
+                    &families::PROVIDER_HEALTH,
+                    &[("provider", p)],
+                    0.0,
+                );
                 self.opened.notify_waiters();
             }
             Change::Reopened { reason, retry_in } => {
@@ -414,7 +428,12 @@ impl HealthMonitor {
             Change::Closed { unavailable_for } => {
                 tracing::info!(provider = %p, unavailable_s = unavailable_for.as_secs_f64(),
                     "provider available again: a probe succeeded");
-                self.metrics.gauge(&health_gauge(p), 1.0);
+                self.metrics.gauge_as(
+                    &health_gauge(p),
+                    &families::PROVIDER_HEALTH,
+                    &[("provider", p)],
+                    1.0,
+                );
             }
         }
     }

@@ -45,7 +45,10 @@ use crate::config::Config;
 use crate::model::{Component, ComponentKind, ComponentState, NodeState, RequestState};
 use crate::planner::{self, LocalState, PoolInfo, PoolKey, ProviderView, Snapshot};
 use crate::runtime::{PassRunner, Passed, Wakeups, run_passes};
-use crate::store::{ComponentRegistration, LockGuard, SessionState, Store, StoreError};
+use crate::store::{
+    ComponentRegistration, LockGuard, LockWait, SessionState, Store, StoreError, paths,
+};
+use metrics::{LabelSetRef, families, sanitize_component};
 use providers::ProviderHandle;
 
 /// Tunables of the launcher. `Default` gives Nodepool's values.
@@ -73,6 +76,10 @@ pub struct LauncherSettings {
     /// When a cloud whose API keeps failing is marked unavailable, and how
     /// often it is probed then.
     pub provider_health: HealthPolicy,
+    /// How often gauges are sent (Nodepool: 10 s). Passes can run every
+    /// few milliseconds under load; gauges sent on every pass would flood
+    /// statsd. Counters and timers go out as things happen.
+    pub stats_interval: Duration,
     /// Where "now" comes from.
     pub clock: Clock,
 }
@@ -90,6 +97,7 @@ impl Default for LauncherSettings {
             shutdown_grace: Duration::from_secs(30),
             registry_settle: Duration::from_secs(2),
             provider_health: HealthPolicy::default(),
+            stats_interval: Duration::from_secs(10),
             clock: Clock::System,
         }
     }
@@ -464,6 +472,7 @@ impl Launcher {
             status: self.status.clone(),
             pass_count: 0,
             registry: (Vec::new(), tokio::time::Instant::now()),
+            stats: StatsState::default(),
         };
         rt.apply_config();
         let wakeups = Wakeups {
@@ -502,6 +511,38 @@ struct Runtime {
     pass_count: u64,
     /// The registered pool ids last seen, and since when.
     registry: (Vec<String>, tokio::time::Instant),
+    stats: StatsState,
+}
+
+/// The stats election and when gauges are due.
+#[derive(Default)]
+struct StatsState {
+    /// Held while this launcher reports the global gauges.
+    election: Option<LockGuard>,
+    /// When the planning gauges are due next (`None`: at once).
+    next: Option<tokio::time::Instant>,
+    /// When the store health gauges are due next.
+    next_store: Option<tokio::time::Instant>,
+    /// Whether "another launcher reports" was logged since we lost it.
+    told_not_leader: bool,
+}
+
+/// Whether a statsd gauge is one of the stats election winner's.
+fn is_global_gauge(name: &str) -> bool {
+    name.starts_with("nodepool.nodes.")
+        || name.starts_with("nodepool.label.")
+        || name.starts_with("nodepool.requests.")
+        || (name.starts_with("nodepool.provider.") && name.contains(".nodes."))
+}
+
+/// Whether a gauge is due at `next`; if so, schedules the next one.
+fn due(next: &mut Option<tokio::time::Instant>, interval: Duration) -> bool {
+    let now = tokio::time::Instant::now();
+    if next.is_some_and(|t| now < t) {
+        return false;
+    }
+    *next = Some(now + interval);
+    true
 }
 
 impl Runtime {
@@ -718,8 +759,10 @@ impl Runtime {
         }
         executor::execute(self.exec_context(), &snapshot, &plan).await;
         self.update_pool_status(&snapshot, &plan).await;
-        self.report_stats(&snapshot, &plan);
-        self.report_health(&snapshot);
+        if due(&mut self.stats.next, self.shared.settings.stats_interval) {
+            self.report_stats(&snapshot, &plan).await;
+        }
+        self.update_unavailable(&snapshot);
         self.pass_count += 1;
         self.status.set_pass_error(None);
         self.status
@@ -803,83 +846,255 @@ impl Runtime {
         }
     }
 
-    fn report_stats(&self, snapshot: &Snapshot, plan: &planner::Plan) {
-        let m = &self.shared.metrics;
-        let mut total: BTreeMap<&str, usize> =
-            NodeState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-        let mut by_provider: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-        let mut by_label: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-        for rec in &snapshot.nodes {
-            let st = rec.node.state.as_str();
-            *total.entry(st).or_default() += 1;
-            *by_provider
-                .entry((rec.node.provider.as_str(), st))
-                .or_default() += 1;
-            for l in &rec.node.node_type {
-                *by_label.entry((l.as_str(), st)).or_default() += 1;
+    /// Takes the stats election if it is free (kazoo's `Election` at
+    /// `/nodepool/elections/stats`, identifier `<hostname>-<pid>`); true
+    /// while this launcher holds it. A suspended session keeps it.
+    async fn ensure_stats_leader(&mut self) -> bool {
+        if let Some(g) = &self.stats.election {
+            if !g.is_lost() {
+                return true;
+            }
+            tracing::warn!("lost the stats election with the store session");
+            self.stats.election = None;
+        }
+        let identifier = format!("{}-{}", self.shared.settings.hostname, std::process::id());
+        match self
+            .shared
+            .store
+            .elect(paths::STATS_ELECTION, LockWait::NonBlocking, &identifier)
+            .await
+        {
+            Ok(g) => {
+                tracing::info!(%identifier, "won the stats election; reporting the global gauges");
+                self.stats.election = Some(g);
+                self.stats.told_not_leader = false;
+                true
+            }
+            Err(StoreError::Locked { .. }) => {
+                if !self.stats.told_not_leader {
+                    tracing::info!("another launcher reports the global gauges");
+                    self.stats.told_not_leader = true;
+                }
+                false
+            }
+            Err(e) => {
+                // Tried again when the gauges are next due.
+                tracing::warn!(error = %e, "cannot take part in the stats election");
+                false
             }
         }
-        for (st, n) in &total {
-            m.gauge(&format!("nodepool.nodes.{st}"), *n as f64);
+    }
+
+    /// Sends the gauges, once per `stats_interval`: the global ones (nodes
+    /// by state, provider and label; requests by state) if this launcher
+    /// won the stats election, and its own (pools, providers, tenants).
+    async fn report_stats(&mut self, snapshot: &Snapshot, plan: &planner::Plan) {
+        let m = self.shared.metrics.clone();
+        let leader = self.ensure_stats_leader().await;
+        m.set(&families::STATS_LEADER, &[], if leader { 1.0 } else { 0.0 });
+        if leader {
+            self.report_global(snapshot);
+        } else {
+            // Another launcher reports them; stale copies here would be
+            // counted twice by Prometheus.
+            m.clear(&families::NODES);
+            m.clear(&families::REQUESTS);
+            m.clear_gauges(is_global_gauge);
         }
         for pc in &self.config.providers {
-            for st in NodeState::ALL {
-                let n = by_provider
-                    .get(&(pc.name.as_str(), st.as_str()))
-                    .copied()
-                    .unwrap_or(0);
-                m.gauge(
-                    &format!("nodepool.provider.{}.nodes.{}", pc.name, st.as_str()),
-                    n as f64,
-                );
-            }
             let max: i64 = pc
                 .pools
                 .iter()
                 .map(|p| p.max_servers.unwrap_or(0).max(0))
                 .sum();
-            m.gauge(
+            m.gauge_as(
                 &format!("nodepool.provider.{}.max_servers", pc.name),
+                &families::MAX_SERVERS,
+                &[("provider", &pc.name)],
                 max as f64,
             );
         }
-        for label in &self.config.labels {
-            for st in NodeState::ALL {
-                let n = by_label
-                    .get(&(label.name.as_str(), st.as_str()))
-                    .copied()
-                    .unwrap_or(0);
-                m.gauge(
-                    &format!("nodepool.label.{}.nodes.{}", label.name, st.as_str()),
-                    n as f64,
-                );
-            }
-        }
         for st in &plan.pools {
-            m.gauge(
+            m.gauge_as(
                 &format!(
                     "nodepool.provider.{}.pool.{}.addressable_requests",
                     st.pool.provider, st.pool.pool
                 ),
+                &families::ADDRESSABLE_REQUESTS,
+                &[("provider", &st.pool.provider), ("pool", &st.pool.pool)],
                 st.addressable_requests as f64,
             );
         }
         for (tenant, limits) in &self.config.tenant_resource_limits {
             for (name, v) in limits.iter() {
-                m.gauge(&format!("nodepool.tenant_limits.{tenant}.{name}"), v as f64);
+                m.gauge_as(
+                    &format!("nodepool.tenant_limits.{tenant}.{name}"),
+                    &families::TENANT_LIMITS,
+                    &[("tenant", tenant), ("resource", name)],
+                    v as f64,
+                );
             }
+        }
+        for (name, view) in &snapshot.providers {
+            m.gauge_as(
+                &health::health_gauge(name),
+                &families::PROVIDER_HEALTH,
+                &[("provider", name)],
+                if view.outage.is_some() { 0.0 } else { 1.0 },
+            );
         }
     }
 
-    /// Publishes the providers' availability: the `health` gauge (1
-    /// available, 0 not) and the status `/ready` lists.
-    fn report_health(&self, snapshot: &Snapshot) {
+    /// The stats election winner's gauges, as Python's `updateNodeStats`:
+    /// every state zero-filled for every provider and label a registered
+    /// pool (any launcher's) or our configuration knows.
+    fn report_global(&self, snapshot: &Snapshot) {
+        let m = &self.shared.metrics;
+        let mut providers: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+        let mut labels: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+        // (provider, label) pairs some pool serves, zero-filled in the
+        // labelled family.
+        let mut served: std::collections::BTreeSet<(&str, &str)> =
+            std::collections::BTreeSet::new();
+        for p in &snapshot.pools {
+            providers.insert(p.provider.as_str());
+            for l in &p.labels {
+                labels.insert(l.as_str());
+                served.insert((p.provider.as_str(), l.as_str()));
+            }
+        }
+        for pc in &self.config.providers {
+            providers.insert(pc.name.as_str());
+            for pool in &pc.pools {
+                for l in &pool.labels {
+                    served.insert((pc.name.as_str(), l.name.as_str()));
+                }
+            }
+        }
+        for l in &self.config.labels {
+            labels.insert(l.name.as_str());
+        }
+        let mut flat: BTreeMap<String, usize> = BTreeMap::new();
+        let mut labelled: BTreeMap<(&str, &str, &str), usize> = BTreeMap::new();
+        for st in NodeState::ALL {
+            let st = st.as_str();
+            flat.insert(format!("nodepool.nodes.{st}"), 0);
+            for p in &providers {
+                flat.insert(format!("nodepool.provider.{p}.nodes.{st}"), 0);
+            }
+            for l in &labels {
+                flat.insert(format!("nodepool.label.{l}.nodes.{st}"), 0);
+            }
+            for (p, l) in &served {
+                labelled.insert((st, p, l), 0);
+            }
+        }
+        for rec in &snapshot.nodes {
+            let st = rec.node.state.as_str();
+            let p = rec.node.provider.as_str();
+            *flat.entry(format!("nodepool.nodes.{st}")).or_default() += 1;
+            *flat
+                .entry(format!("nodepool.provider.{p}.nodes.{st}"))
+                .or_default() += 1;
+            for l in &rec.node.node_type {
+                *flat
+                    .entry(format!("nodepool.label.{l}.nodes.{st}"))
+                    .or_default() += 1;
+                *labelled.entry((st, p, l.as_str())).or_default() += 1;
+            }
+        }
+        for (name, n) in &flat {
+            m.gauge_statsd_only(name, *n as f64);
+        }
+        m.replace(
+            &families::NODES,
+            labelled
+                .into_iter()
+                .map(|((st, p, l), n)| {
+                    (
+                        LabelSetRef::new(&[("state", st), ("provider", p), ("label", l)]),
+                        n as f64,
+                    )
+                })
+                .collect(),
+        );
+        let mut requests: BTreeMap<&str, usize> = [
+            RequestState::Requested,
+            RequestState::Pending,
+            RequestState::Fulfilled,
+            RequestState::Failed,
+        ]
+        .iter()
+        .map(|s| (s.as_str(), 0))
+        .collect();
+        for r in &snapshot.requests {
+            *requests.entry(r.request.state.as_str()).or_default() += 1;
+        }
+        for (st, n) in &requests {
+            m.gauge_statsd_only(&format!("nodepool.requests.{st}"), *n as f64);
+        }
+        m.replace(
+            &families::REQUESTS,
+            requests
+                .iter()
+                .map(|(st, n)| (LabelSetRef::new(&[("state", st)]), *n as f64))
+                .collect(),
+        );
+    }
+
+    /// The store client's health gauges, `nodepool.launcher.<host>.zk.*`
+    /// as Python's (one cache serves nodes, requests and images here, so
+    /// the three caches' gauges carry the same numbers), plus whether the
+    /// session is connected. Sent even while passes are skipped.
+    fn report_store_health(&mut self) {
+        if !due(
+            &mut self.stats.next_store,
+            self.shared.settings.stats_interval,
+        ) {
+            return;
+        }
+        let m = &self.shared.metrics;
+        let backend = self.shared.store.backend();
+        let h = backend.health();
+        let connected = backend.session().borrow().id().is_some();
+        let prefix = format!(
+            "nodepool.launcher.{}.zk",
+            sanitize_component(&self.shared.settings.hostname)
+        );
+        m.gauge_as(
+            &format!("{prefix}.client.connection_queue"),
+            &families::STORE_QUEUE,
+            &[("queue", "connection")],
+            h.requests_in_flight as f64,
+        );
+        for cache in ["node_cache", "request_cache", "image_cache"] {
+            m.gauge_as(
+                &format!("{prefix}.{cache}.event_queue"),
+                &families::STORE_QUEUE,
+                &[("queue", "event")],
+                h.event_queue as f64,
+            );
+            m.gauge_as(
+                &format!("{prefix}.{cache}.playback_queue"),
+                &families::STORE_QUEUE,
+                &[("queue", "playback")],
+                h.playback_queue as f64,
+            );
+        }
+        m.gauge_as(
+            &format!("{prefix}.connected"),
+            &families::STORE_CONNECTED,
+            &[],
+            if connected { 1.0 } else { 0.0 },
+        );
+        m.set(&families::STORE_CACHED, &[], h.cached_records as f64);
+    }
+
+    /// Publishes the unavailable providers for `/ready` (every pass; the
+    /// `health` gauges go out with the other gauges).
+    fn update_unavailable(&self, snapshot: &Snapshot) {
         let mut unavailable = Vec::new();
         for (name, view) in &snapshot.providers {
-            self.shared.metrics.gauge(
-                &health::health_gauge(name),
-                if view.outage.is_some() { 0.0 } else { 1.0 },
-            );
             if let Some(o) = &view.outage {
                 unavailable.push(UnavailableProvider {
                     provider: name.clone(),
@@ -962,6 +1177,10 @@ impl Runtime {
         if let Some(reg) = self.launcher_reg.take() {
             let _ = store.unregister_component(&reg).await;
         }
+        if let Some(g) = self.stats.election.take() {
+            // Another launcher takes over the global gauges at once.
+            let _ = g.release().await;
+        }
         tracing::info!("launcher stopped");
     }
 }
@@ -973,6 +1192,7 @@ impl PassRunner for Runtime {
         if let Err(e) = self.ensure_registered().await {
             tracing::warn!(error = %e, "registration failed; retrying");
         }
+        self.report_store_health();
         match self.plan_and_execute().await {
             Err(LauncherError::Store(err)) => {
                 tracing::warn!(error = %err, "planning pass failed; retrying");

@@ -10,7 +10,7 @@ use std::time::Instant;
 use indexmap::IndexMap;
 
 use super::Shared;
-use super::metrics::sanitize_component;
+use super::metrics::{families, sanitize_component};
 use super::nodescan;
 use super::providers::ProviderHandle;
 use crate::config::Config;
@@ -251,7 +251,11 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             }
             Err(AttemptError::Retryable(msg, label)) => {
                 tracing::warn!(node = %node_id, provider = %pc.name, attempt, retries, error = %msg, "launch attempt failed");
-                shared.metrics.incr("nodepool.launch.attempt_failed");
+                shared.metrics.incr_as(
+                    "nodepool.launch.attempt_failed",
+                    &families::LAUNCH_ATTEMPTS_FAILED,
+                    &[("provider", &pc.name)],
+                );
                 // A provider marked unavailable fails every call fast: no
                 // retry, and the failure is the cloud's, not the request's
                 // (the node is aborted, so the request is not declined).
@@ -297,29 +301,27 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         Outcome::Failed { label, .. } => label,
         Outcome::LockLost | Outcome::Store(_) => "error.zksession",
     };
-    let m = &shared.metrics;
-    m.timing(&format!("nodepool.launch.{result}"), elapsed);
-    m.timing(
-        &format!("nodepool.launch.provider.{}.{result}", pc.name),
-        elapsed,
-    );
-    m.timing(
-        &format!(
+    let mut names = vec![
+        format!("nodepool.launch.{result}"),
+        format!("nodepool.launch.provider.{}.{result}", pc.name),
+        format!(
             "nodepool.launch.provider.{}.{}.{result}",
             pc.name,
             sanitize_component(&az)
         ),
+    ];
+    if let Some(r) = &requestor {
+        names.push(format!(
+            "nodepool.launch.requestor.{}.{result}",
+            sanitize_component(r)
+        ));
+    }
+    shared.metrics.timing_as(
+        &names,
+        &families::LAUNCH,
+        &[("provider", &pc.name), ("result", result)],
         elapsed,
     );
-    if let Some(r) = &requestor {
-        m.timing(
-            &format!(
-                "nodepool.launch.requestor.{}.{result}",
-                sanitize_component(r)
-            ),
-            elapsed,
-        );
-    }
     match outcome {
         Outcome::Ready => {
             tracing::info!(node = %node_id, provider = %pc.name, seconds = elapsed.as_secs_f64(), "node ready");
@@ -452,10 +454,11 @@ pub(crate) async fn settle_server(
     }
     if delete_server(shared, provider, node_id, external_id).await {
         tracing::info!(node = %node_id, server = %external_id, "deleted a server its launch could not keep");
-        shared.metrics.incr(&format!(
-            "nodepool.provider.{}.orphans_deleted",
-            provider.config.name
-        ));
+        shared.metrics.incr_as(
+            &format!("nodepool.provider.{}.orphans_deleted", provider.config.name),
+            &families::ORPHANS_DELETED,
+            &[("provider", &provider.config.name)],
+        );
         true
     } else {
         shared.add_orphan(&provider.config.name, node_id, external_id);
@@ -489,6 +492,7 @@ async fn attempt_launch(
             AttemptError::Retryable(other.to_string(), label)
         }
     };
+    let boot_started = tokio::time::Instant::now();
     let external_id =
         match tokio::time::timeout_at(deadline, provider.provider.create_instance(spec)).await {
             Ok(Ok(id)) => id,
@@ -522,6 +526,11 @@ async fn attempt_launch(
             ));
         }
     };
+    shared.metrics.observe(
+        &families::BOOT,
+        &[("provider", &pc.name), ("label", &spec.label.name)],
+        boot_started.elapsed(),
+    );
     node.cloud = instance.cloud.clone().or_else(|| pc.cloud.clone());
     node.region = instance.region.clone().or_else(|| pc.region_name.clone());
     if instance.az.is_some() {

@@ -239,6 +239,23 @@ impl StoreError {
     }
 }
 
+/// What a store client is busy with, for the `nodepool.launcher.<host>.zk.*`
+/// gauges (kazoo's connection queue and tree caches' queues in Python
+/// Nodepool). Zero where a store has no such queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Requests sent to the server and not yet answered.
+    pub requests_in_flight: u64,
+    /// Change events received whose records are still being read into
+    /// the local cache.
+    pub event_queue: u64,
+    /// Changes applied to the cache and not yet taken by the slowest
+    /// subscriber.
+    pub playback_queue: u64,
+    /// Records in the local cache.
+    pub cached_records: u64,
+}
+
 /// A hierarchical store of versioned records with ZooKeeper's semantics.
 ///
 /// Paths are absolute (`/nodepool/nodes/0000000001`), `/`-separated, with no
@@ -311,6 +328,11 @@ pub trait StateStore: Send + Sync + fmt::Debug {
 
     /// Ends the session: its ephemeral records and locks go away.
     async fn close(&self) -> Result<(), StoreError>;
+
+    /// The client's queue lengths, for health gauges. Cheap: no I/O.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
 
     /// Deletes a record and everything below it, deepest first. Records
     /// that vanish meanwhile are not an error.

@@ -364,6 +364,18 @@ impl Store {
         lock::acquire(&self.inner, dir, wait, b"").await
     }
 
+    /// Takes an election's lock, kazoo's `Election`: the lock recipe with
+    /// `identifier` as the contender's data (Nodepool's stats election
+    /// uses `<hostname>-<pid>`), so operators can see who holds it.
+    pub async fn elect(
+        &self,
+        dir: &str,
+        wait: LockWait,
+        identifier: &str,
+    ) -> Result<LockGuard, StoreError> {
+        lock::acquire(&self.inner, dir, wait, identifier.as_bytes()).await
+    }
+
     /// Locks a node.
     ///
     /// Taking a lock creates the lock directory's missing parents, so a

@@ -8,6 +8,9 @@ Commands, one per line; every command prints exactly one line:
   lock PATH SECONDS     -> locked | timeout     (acquire(timeout=SECONDS))
   release PATH          -> released
   children PATH         -> JSON list of child names
+  elect PATH IDENTIFIER -> elected | busy       (Election's lock, non-blocking)
+  resign PATH           -> resigned
+  contenders PATH       -> JSON list of Election(PATH).contenders()
   quit                  -> bye
 """
 import json
@@ -47,6 +50,18 @@ def main():
             elif cmd == "release":
                 held.pop(parts[1]).release()
                 out = "released"
+            elif cmd == "elect":
+                election = zk.Election(parts[1], parts[2])
+                if election.lock.acquire(blocking=False):
+                    held[parts[1]] = election.lock
+                    out = "elected"
+                else:
+                    out = "busy"
+            elif cmd == "resign":
+                held.pop(parts[1]).release()
+                out = "resigned"
+            elif cmd == "contenders":
+                out = json.dumps(zk.Election(parts[1]).contenders())
             elif cmd == "children":
                 out = json.dumps(sorted(zk.get_children(parts[1])))
             elif cmd == "quit":
