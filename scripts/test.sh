@@ -5,11 +5,11 @@
 #
 # It installs and starts what the tests need when it is missing (ZooKeeper
 # from Debian's packages; the Python reference peers into a local venv),
-# checks formatting and lints, runs the whole workspace's tests against those
-# real servers, then the slow real-service suites in scripts/test.d/ (each
-# starts and stops its own service), stops what it started, and prints one
-# summary. A test that needs a server fails (it never skips) when the server
-# is missing.
+# checks formatting and lints, builds and link-checks docs/, runs the whole
+# workspace's tests against those real servers, then the slow real-service
+# suites in scripts/test.d/ (each starts and stops its own service), stops
+# what it started, and prints one summary. A test that needs a server fails
+# (it never skips) when the server is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -48,6 +48,13 @@ lint() {
     && RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 }
 
+# The operator documentation: docs/*.md rendered into target/docs, every
+# relative link and #anchor resolved, docs/configuration.md equal to the
+# parser's table. Builds only nodepool-docs and nodepool-model.
+docs_site() {
+  cargo run --quiet --locked -p nodepool-docs -- build
+}
+
 count_tests() {
   local file=$1 label=$2
   local passed failed
@@ -70,6 +77,7 @@ export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 phase "start ZooKeeper" start_zookeeper
 phase "python reference peers" python_peers
 phase "fmt + clippy" lint
+phase "docs" docs_site
 phase "cargo test --workspace" workspace_tests
 for suite in scripts/test.d/*.sh; do
   [[ -e "$suite" ]] || continue

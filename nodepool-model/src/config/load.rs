@@ -241,7 +241,7 @@ impl Config {
 /// `zookeeper-tls`, and `diskimages: [{name, env-vars}]` merged into the
 /// named images' env-vars after inheritance; any other key is an error.
 /// Returns the top-level keys it put into `root`.
-fn merge_secure(
+pub(super) fn merge_secure(
     root: &mut Value,
     secure: &Value,
     label: &str,

@@ -13,6 +13,7 @@
 mod error;
 mod load;
 mod parse;
+pub mod reference;
 mod validate;
 mod yaml;
 

@@ -1046,6 +1046,19 @@ fn tenant_limits(at: At<'_>, out: &mut IndexMap<String, Limits>, errs: &mut Erro
             value: v,
             path: &path,
         };
+        // Read key by key (any other key limits the resource of that
+        // name), so the reference recorder is told about the named ones.
+        if matches!(
+            key,
+            "tenant-name"
+                | "max-servers"
+                | "max-cores"
+                | "max-ram"
+                | "max-volumes"
+                | "max-volume-gb"
+        ) {
+            super::yaml::recorder::record(at.path, key, super::yaml::recorder::Use::Read);
+        }
         match key {
             "tenant-name" => tenant = value.string(errs),
             _ => {

@@ -274,6 +274,7 @@ impl<'a> Fields<'a> {
     /// The value of a key, if present and not null. Marks the key as known.
     pub fn get(&mut self, key: &'static str) -> Option<Field<'a>> {
         self.asked.push(key);
+        recorder::record(&self.path, key, recorder::Use::Read);
         match self.map.get(key) {
             None | Some(Value::Null) => None,
             Some(v) => Some(Field {
@@ -344,6 +345,7 @@ impl<'a> Fields<'a> {
         old: &'static str,
         errs: &mut Errors,
     ) -> Option<bool> {
+        recorder::record(&self.path, old, recorder::Use::AliasOf(key));
         let modern = self.bool(key, errs);
         if !self.has(old) {
             self.asked.push(old);
@@ -405,6 +407,11 @@ impl<'a> Fields<'a> {
     /// replaced it.
     pub fn removed(&mut self, key: &'static str, replacement: &str, errs: &mut Errors) {
         self.asked.push(key);
+        recorder::record(
+            &self.path,
+            key,
+            recorder::Use::Removed(replacement.to_owned()),
+        );
         if self.has(key) {
             errs.push(
                 &self.path_of(key),
@@ -417,6 +424,9 @@ impl<'a> Fields<'a> {
     /// Marks keys as known without reading them.
     pub fn allow(&mut self, keys: &[&'static str]) {
         self.asked.extend_from_slice(keys);
+        for key in keys {
+            recorder::record(&self.path, key, recorder::Use::Read);
+        }
     }
 
     /// Reports every key nobody asked for, with a suggestion.
@@ -443,6 +453,75 @@ impl<'a> Fields<'a> {
                 message,
             );
         }
+    }
+}
+
+/// Which keys the parser asks for, by path pattern, so the configuration
+/// reference ([`super::reference`]) can be checked against the parser
+/// itself. Recording exists in test builds only; elsewhere `record` is
+/// empty and compiles away.
+pub(crate) mod recorder {
+    /// How the parser used a key.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) enum Use {
+        /// Read as a current key.
+        Read,
+        /// Read as the old spelling of the named key.
+        AliasOf(&'static str),
+        /// Rejected as removed, with this explanation.
+        Removed(String),
+    }
+
+    /// `providers[0].pools[12]` + `name` → `providers[].pools[].name`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn pattern(path: &str, key: &str) -> String {
+        let mut out = String::with_capacity(path.len() + key.len() + 1);
+        let mut in_index = false;
+        for c in path.chars() {
+            match c {
+                '[' => {
+                    in_index = true;
+                    out.push('[');
+                }
+                ']' => {
+                    in_index = false;
+                    out.push(']');
+                }
+                _ if in_index => {}
+                _ => out.push(c),
+            }
+        }
+        super::join(&out, key)
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        static SEEN: std::cell::RefCell<Option<std::collections::BTreeMap<String, Use>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// Notes that the parser asked for `key` of the mapping at `path`
+    /// (the first use seen wins: an alias is noted before it is read).
+    #[cfg(test)]
+    pub(crate) fn record(path: &str, key: &str, how: Use) {
+        SEEN.with(|s| {
+            if let Some(seen) = s.borrow_mut().as_mut() {
+                seen.entry(pattern(path, key)).or_insert(how);
+            }
+        });
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    pub(crate) fn record(_path: &str, _key: &str, _how: Use) {}
+
+    /// Records every key asked for while `f` runs on this thread.
+    #[cfg(test)]
+    pub(crate) fn keys_asked(f: impl FnOnce()) -> std::collections::BTreeMap<String, Use> {
+        SEEN.with(|s| *s.borrow_mut() = Some(Default::default()));
+        f();
+        SEEN.with(|s| s.borrow_mut().take().unwrap_or_default())
     }
 }
 
