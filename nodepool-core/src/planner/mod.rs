@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::Config;
 use crate::model::{Component, Resources, parse_request_id};
-use crate::provider::Instance;
+use crate::provider::{CloudResource, Instance, ResourceKind};
 use crate::store::{ImageState, NodeRecord, RequestLockDir, RequestRecord};
 
 pub use rendezvous::rendezvous_owner;
@@ -142,6 +142,14 @@ pub struct ProviderView {
     /// When the listing in `instances` was asked for (epoch seconds): a
     /// server that existed then is in it, if it still exists.
     pub instances_listed_at: Option<f64>,
+    /// Every floating IP of the cloud, present only on passes where a
+    /// check is due and the provider has `clean-floating-ips`.
+    pub floating_ips: Option<Vec<CloudResource>>,
+    /// The cloud's DOWN ports, present only on passes where a check is due
+    /// and the provider has a `port-cleanup-interval`.
+    pub ports: Option<Vec<CloudResource>>,
+    /// When the listing in `ports` was asked for (epoch seconds).
+    pub ports_listed_at: Option<f64>,
     /// Set while the cloud's API is failing and the launcher has stopped
     /// calling it (`launcher::health`): its pools take nothing, requests
     /// held there go back to the queue, its nodes wait for deletion.
@@ -188,6 +196,9 @@ pub struct LocalState {
     /// Cloud servers that looked leaked at the previous leak check, by
     /// (provider, external id).
     pub leak_suspects: BTreeSet<(String, String)>,
+    /// Each provider's DOWN ports at the listing the next one is compared
+    /// with (the port cleanup's first sighting).
+    pub down_ports: BTreeMap<String, leaks::DownPorts>,
     /// Whether the set of registered pools has been stable long enough for
     /// every launcher to agree on who owns each label's min-ready. While a
     /// launcher joins or leaves, views differ for a moment and two could
@@ -202,6 +213,7 @@ impl Default for LocalState {
             owned_requests: BTreeMap::new(),
             session_id: 0,
             leak_suspects: BTreeSet::new(),
+            down_ports: BTreeMap::new(),
             registry_settled: true,
         }
     }
@@ -389,6 +401,16 @@ pub enum Action {
         /// Cloud server id.
         external_id: String,
     },
+    /// Delete an unattached floating IP (`clean-floating-ips`) or a port
+    /// DOWN for `port-cleanup-interval`.
+    DeleteLeakedResource {
+        /// Provider.
+        provider: String,
+        /// Floating IP or port.
+        kind: ResourceKind,
+        /// Its cloud id.
+        id: String,
+    },
 }
 
 impl Action {
@@ -422,7 +444,7 @@ pub struct PoolStatus {
 }
 
 /// The result of a planning pass.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Default, PartialEq)]
 pub struct Plan {
     /// What to do, in order.
     pub actions: Vec<Action>,
@@ -430,6 +452,25 @@ pub struct Plan {
     pub pools: Vec<PoolStatus>,
     /// Servers that look leaked now (keep for the next leak check).
     pub leak_suspects: BTreeSet<(String, String)>,
+    /// Each provider's DOWN ports to compare the next listing with (keep
+    /// for the next pass, as [`LocalState::down_ports`]).
+    pub down_ports: BTreeMap<String, leaks::DownPorts>,
+}
+
+// By hand so that a plan without port cleanup state prints as it did
+// before the field existed: the planner benchmark's digest (the `Debug`
+// text of a plan) stays comparable across versions.
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Plan");
+        d.field("actions", &self.actions)
+            .field("pools", &self.pools)
+            .field("leak_suspects", &self.leak_suspects);
+        if !self.down_ports.is_empty() {
+            d.field("down_ports", &self.down_ports);
+        }
+        d.finish()
+    }
 }
 
 /// A ready node missing from a server listing is taken for dead only if it
