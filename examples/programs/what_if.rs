@@ -338,6 +338,7 @@ fn describe_plans(r: &Records, config: &Config, now: f64) -> Vec<String> {
         images: r.images.clone(),
         // A builder's files are on its disk, not in the store.
         local_files: BTreeMap::new(),
+        cloud_images: BTreeMap::new(),
     };
     let builder = plan_images(&images, config, now, &BuilderLocal::default());
     lines.extend(

@@ -224,6 +224,9 @@ impl Task {
                     .await
             }
             ImageAction::ClearUploadRequest { .. } => Ok(()),
+            ImageAction::DeleteLeakedImage { external_id, .. } => {
+                self.delete_leaked_image(external_id).await
+            }
         };
         match r {
             Ok(()) => true,
@@ -547,6 +550,20 @@ impl Task {
         self.provider
             .as_ref()
             .ok_or_else(|| "provider not set up".to_owned())
+    }
+
+    /// Deletes a cloud image the planner found leaked twice. No record
+    /// to lock: the store knows nothing of it, and deleting an image that
+    /// is already gone (another builder's cleanup) succeeds.
+    async fn delete_leaked_image(&self, external_id: &str) -> TaskResult {
+        let entry = self.entry()?;
+        let t = self.shared.settings.delete_timeout;
+        tokio::time::timeout(t, entry.provider.delete_image(external_id))
+            .await
+            .map_err(|_| format!("deleting leaked cloud image {external_id} timed out"))?
+            .map_err(|e| format!("cannot delete leaked cloud image {external_id}: {e}"))?;
+        tracing::info!(provider = %entry.config.name, image = %external_id, "deleted leaked cloud image (tagged as ours, unknown to the store)");
+        Ok(())
     }
 
     async fn upload(
