@@ -504,6 +504,9 @@ fn describe(a: &Action) -> String {
             provider,
             external_id,
         } => format!("delete leaked server {external_id} in {provider}"),
+        Action::DeleteLeakedResource { provider, kind, id } => {
+            format!("delete leaked {} {id} in {provider}", kind.metric_name())
+        }
     }
 }
 
@@ -553,5 +556,9 @@ fn describe_image(a: &ImageAction) -> String {
             provider,
             reason,
         } => format!("clear the upload request of {image} to {provider}: {reason}"),
+        ImageAction::DeleteLeakedImage {
+            provider,
+            external_id,
+        } => format!("delete leaked image {external_id} in {provider}"),
     }
 }

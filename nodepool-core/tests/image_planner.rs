@@ -914,7 +914,7 @@ fn cloud_images_tagged_as_ours_and_unknown_are_deleted_on_the_second_sighting() 
     // The second listing: deleted, and only that one.
     w.snapshot.cloud_images.insert("p1".into(), listing);
     let p = w.plan();
-    assert_eq!(p.actions, [leaked.clone()]);
+    assert_eq!(p.actions, std::slice::from_ref(&leaked));
     assert_eq!(leaked.key(), "delete-leaked-image p1/img-leaked");
     w.apply(&p);
     let left: Vec<&str> = w.snapshot.cloud_images["p1"]

@@ -417,10 +417,7 @@ async fn leaked_floating_ips_and_down_ports_are_deleted_and_counted() {
     })
     .await;
     assert_eq!(l.metrics.counter("nodepool.provider.sim.leaked.ports"), 4);
-    assert_eq!(
-        resource_ids(&l, ResourceKind::FloatingIp).await,
-        [attached.clone()]
-    );
+    assert_eq!(resource_ids(&l, ResourceKind::FloatingIp).await, [attached]);
     assert_eq!(
         l.metrics
             .counter("nodepool.provider.sim.leaked.floatingips"),

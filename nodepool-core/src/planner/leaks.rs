@@ -505,17 +505,17 @@ mod tests {
                 uploads_locked: false,
             }
         };
-        let mut state = ImageState::default();
-        state.uploads = vec![
-            upload("b1", "p1", "0000000001", UploadState::Ready),
-            // Any state vouches: a failed or deleting upload's image is
-            // the builder's to delete through its record.
-            upload("b1", "p1", "0000000002", UploadState::Uploading),
-            upload("b2", "p2", "0000000001", UploadState::Ready),
-        ];
-        state
-            .unreadable_builds
-            .insert(("deb".into(), "b-unreadable".into()));
+        let state = ImageState {
+            uploads: vec![
+                upload("b1", "p1", "0000000001", UploadState::Ready),
+                // Any state vouches: a failed or deleting upload's image is
+                // the builder's to delete through its record.
+                upload("b1", "p1", "0000000002", UploadState::Uploading),
+                upload("b2", "p2", "0000000001", UploadState::Ready),
+            ],
+            unreadable_builds: [("deb".into(), "b-unreadable".into())].into(),
+            ..ImageState::default()
+        };
         fn tags<'a>(b: &'a str, u: &'a str, p: &'a str) -> [(&'a str, &'a str); 3] {
             [
                 (IMAGE_BUILD_ID, b),
