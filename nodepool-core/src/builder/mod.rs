@@ -26,6 +26,12 @@
 //! at least every [`BuilderSettings::max_pass_interval`];
 //! [`BuilderStatus::passes`] counts them.
 //!
+//! Every [`BuilderSettings::leak_check_interval`] each provider's cloud
+//! images are listed in a task of their own (a hung cloud never holds up a
+//! pass); the next pass plans with the listing, read before the store, and
+//! deletes images tagged as uploads of ours that the store does not know
+//! once two listings in a row found them (`planner::leaks::leaked_images`).
+//!
 //! Layout: `local` (the images directory: id file, file scan, deletions,
 //! checksums, image names), `hook` (`post-upload-hook`), `tasks` (build,
 //! upload and delete tasks).

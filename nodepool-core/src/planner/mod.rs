@@ -18,8 +18,8 @@
 //! registered pools and the labels they serve), `queue` (waiting requests
 //! in pickup order), [`quota`] (usage accounting), `requests` (pickup and
 //! fulfilment), `cleanup` (deletions, lost requests, leaks, min-ready),
-//! [`leaks`] (the rules that find leaked servers and images, shared with
-//! the admin commands), [`images`] (the builder's plan: builds, uploads,
+//! [`leaks`] (the rules that find leaked servers, images, floating IPs and
+//! ports, shared with the admin commands), [`images`] (the builder's plan: builds, uploads,
 //! retention).
 
 mod cleanup;
