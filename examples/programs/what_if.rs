@@ -338,6 +338,7 @@ fn describe_plans(r: &Records, config: &Config, now: f64) -> Vec<String> {
         images: r.images.clone(),
         // A builder's files are on its disk, not in the store.
         local_files: BTreeMap::new(),
+        cloud_images: BTreeMap::new(),
     };
     let builder = plan_images(&images, config, now, &BuilderLocal::default());
     lines.extend(
@@ -503,6 +504,9 @@ fn describe(a: &Action) -> String {
             provider,
             external_id,
         } => format!("delete leaked server {external_id} in {provider}"),
+        Action::DeleteLeakedResource { provider, kind, id } => {
+            format!("delete leaked {} {id} in {provider}", kind.metric_name())
+        }
     }
 }
 
@@ -552,5 +556,9 @@ fn describe_image(a: &ImageAction) -> String {
             provider,
             reason,
         } => format!("clear the upload request of {image} to {provider}: {reason}"),
+        ImageAction::DeleteLeakedImage {
+            provider,
+            external_id,
+        } => format!("delete leaked image {external_id} in {provider}"),
     }
 }

@@ -98,6 +98,7 @@ fn setup(images: usize, providers: usize) -> (Config, ImageSnapshot, BuilderLoca
     let local = BuilderLocal {
         builder_id: "bench".into(),
         running_builds: BTreeSet::new(),
+        leak_suspects: BTreeSet::new(),
     };
     (config, snap, local)
 }

@@ -943,3 +943,98 @@ providers:
     w.settle(5);
     assert!(w.snapshot.images.uploads.iter().all(|u| u.provider == "p1"));
 }
+
+/// A cloud image with these properties.
+fn cloud_image(id: &str, props: &[(&str, &str)]) -> nodepool_core::provider::CloudImageInfo {
+    nodepool_core::provider::CloudImageInfo {
+        id: id.into(),
+        name: id.into(),
+        status: "active".into(),
+        properties: props
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    }
+}
+
+/// A cloud image tagged as upload `upload` of `build` to p1.
+fn p1_upload_image(id: &str, build: &str, upload: &str) -> nodepool_core::provider::CloudImageInfo {
+    use nodepool_core::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID};
+    cloud_image(
+        id,
+        &[
+            (IMAGE_BUILD_ID, build),
+            (IMAGE_UPLOAD_ID, upload),
+            (IMAGE_PROVIDER, "p1"),
+        ],
+    )
+}
+
+#[test]
+fn cloud_images_tagged_as_ours_and_unknown_are_deleted_on_the_second_sighting() {
+    let mut w = ImageWorld::new(TWO);
+    let t = w.now - 100.0;
+    for image in ["deb", "cent"] {
+        let b = w.add_build(image, BuildState::Ready, t, &["qcow2"]);
+        for p in ["p1", "p2"] {
+            w.add_upload(image, &b, p, UploadState::Ready, t);
+        }
+    }
+    // Nothing else to do: the leak check is all this test plans.
+    assert_eq!(w.settle(5), 0, "{:#?}", w.plan());
+    let build = w.snapshot.images.uploads[0].build_id.clone();
+    let known = w.snapshot.images.uploads[0].id.clone();
+    let listing = vec![
+        p1_upload_image("img-known", &build, &known),
+        p1_upload_image("img-leaked", &build, "0000000099"),
+        cloud_image(
+            "img-alien",
+            &[(nodepool_core::provider::IMAGE_BUILD_ID, "elsewhere")],
+        ),
+        cloud_image("img-plain", &[]),
+    ];
+    let leaked = ImageAction::DeleteLeakedImage {
+        provider: "p1".into(),
+        external_id: "img-leaked".into(),
+    };
+    w.snapshot.cloud_images.insert("p1".into(), listing.clone());
+    let p = w.plan();
+    assert!(p.actions.is_empty(), "first sighting: {:?}", p.actions);
+    assert_eq!(
+        p.leak_suspects.iter().cloned().collect::<Vec<_>>(),
+        [("p1".to_owned(), "img-leaked".to_owned())]
+    );
+    w.apply(&p);
+    // A pass without a fresh listing keeps the suspect and deletes nothing.
+    w.snapshot.cloud_images.clear();
+    let p = w.plan();
+    assert!(p.actions.is_empty());
+    assert_eq!(p.leak_suspects.len(), 1);
+    w.apply(&p);
+    // An upload record appearing between the sightings (a slow writer)
+    // saves it: the image is no longer unknown.
+    let mut late = w.clone();
+    let id = late.add_upload("deb", &build, "p1", UploadState::Uploading, w.now);
+    // Its uploader is at work.
+    let rec = late.upload_mut(&id);
+    rec.locked = true;
+    rec.uploads_locked = true;
+    late.snapshot.cloud_images.insert(
+        "p1".into(),
+        vec![p1_upload_image("img-leaked", &build, &id)],
+    );
+    assert!(late.plan().actions.is_empty(), "{:?}", late.plan().actions);
+    // The second listing: deleted, and only that one.
+    w.snapshot.cloud_images.insert("p1".into(), listing);
+    let p = w.plan();
+    assert_eq!(p.actions, std::slice::from_ref(&leaked));
+    assert_eq!(leaked.key(), "delete-leaked-image p1/img-leaked");
+    w.apply(&p);
+    let left: Vec<&str> = w.snapshot.cloud_images["p1"]
+        .iter()
+        .map(|i| i.id.as_str())
+        .collect();
+    assert_eq!(left, ["img-known", "img-alien", "img-plain"]);
+    // p2 was never listed: it has no suspects of its own.
+    assert!(p.leak_suspects.iter().all(|(p, _)| p == "p1"));
+}

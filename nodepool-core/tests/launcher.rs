@@ -9,7 +9,7 @@ use std::time::Duration;
 use nodepool_core::config::{ApiFault, Config};
 use nodepool_core::launcher::{Launcher, LauncherSettings, ObserverIntervals};
 use nodepool_core::model::{ComponentKind, NodeState, RequestState};
-use nodepool_core::provider::Provider;
+use nodepool_core::provider::{Provider, ResourceKind};
 use nodepool_core::runtime::ProviderFactory;
 use nodepool_core::store::Store;
 use nodepool_model::store::MemoryStore;
@@ -393,6 +393,126 @@ async fn leaked_servers_are_deleted_after_two_listings() {
     })
     .await;
     assert!(!leaked.is_empty());
+    l.stop().await;
+}
+
+/// The simulated provider of [`BASE`] with extra provider keys and
+/// simulation knobs.
+fn base_with(provider: &str, simulation: &str) -> String {
+    BASE.replace(
+        "    driver: simulated\n",
+        &format!("    driver: simulated\n{provider}"),
+    )
+    .replace(
+        "      boot-delay: 2\n",
+        &format!("      boot-delay: 2\n{simulation}"),
+    )
+}
+
+async fn resource_ids(l: &Running, kind: ResourceKind) -> Vec<String> {
+    let mut v: Vec<String> = l
+        .cloud("sim")
+        .list_resources(kind)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(start_paused = true)]
+async fn leaked_floating_ips_and_down_ports_are_deleted_and_counted() {
+    let (_mem, store) = store();
+    let cfg = base_with(
+        "    clean-floating-ips: true\n    port-cleanup-interval: 120\n",
+        "      leaked-floating-ips: 2\n      leaked-ports: 3\n",
+    );
+    let started = tokio::time::Instant::now();
+    let l = start(store.clone(), &cfg, "l1");
+    until("cloud set up", || async {
+        l.clouds.lock().expect("lock").contains_key("sim")
+    })
+    .await;
+    let cloud = l.cloud("sim");
+    let leaked_ports = resource_ids(&l, ResourceKind::Port).await;
+    assert_eq!(leaked_ports.len(), 3);
+    // Not ours to delete: an attached floating IP and a DHCP port.
+    let attached = cloud.inject_floating_ip(true);
+    let dhcp = cloud.inject_down_port("network:dhcp");
+    until("unattached floating IPs deleted", || async {
+        resource_ids(&l, ResourceKind::FloatingIp).await == [attached.clone()]
+    })
+    .await;
+    assert_eq!(
+        l.metrics
+            .counter("nodepool.provider.sim.leaked.floatingips"),
+        2
+    );
+    // A port that goes DOWN later is younger than the interval when the
+    // first ones go.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let now = resource_ids(&l, ResourceKind::Port).await;
+    assert!(
+        leaked_ports.iter().all(|p| now.contains(p)),
+        "ports DOWN for less than port-cleanup-interval stay: {now:?}"
+    );
+    let young = cloud.inject_down_port("");
+    until("ports DOWN for the interval deleted", || async {
+        let now = resource_ids(&l, ResourceKind::Port).await;
+        leaked_ports.iter().all(|p| !now.contains(p))
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(120),
+        "deleted after {:?}, before port-cleanup-interval",
+        started.elapsed()
+    );
+    let mut left = vec![dhcp.clone(), young.clone()];
+    left.sort();
+    assert_eq!(resource_ids(&l, ResourceKind::Port).await, left);
+    assert_eq!(l.metrics.counter("nodepool.provider.sim.leaked.ports"), 3);
+    until("the younger port deleted an interval later", || async {
+        resource_ids(&l, ResourceKind::Port).await == [dhcp.clone()]
+    })
+    .await;
+    assert_eq!(l.metrics.counter("nodepool.provider.sim.leaked.ports"), 4);
+    assert_eq!(resource_ids(&l, ResourceKind::FloatingIp).await, [attached]);
+    assert_eq!(
+        l.metrics
+            .counter("nodepool.provider.sim.leaked.floatingips"),
+        2
+    );
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn floating_ips_and_ports_stay_without_the_options() {
+    let (_mem, store) = store();
+    let cfg = base_with(
+        "    port-cleanup-interval: 0\n",
+        "      leaked-floating-ips: 2\n      leaked-ports: 2\n",
+    );
+    let l = start(store.clone(), &cfg, "l1");
+    until("cloud set up", || async {
+        l.clouds.lock().expect("lock").contains_key("sim")
+    })
+    .await;
+    let fips = resource_ids(&l, ResourceKind::FloatingIp).await;
+    let ports = resource_ids(&l, ResourceKind::Port).await;
+    assert_eq!((fips.len(), ports.len()), (2, 2));
+    // Many leak checks (every 5 s) and passes later.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    l.passes(5).await;
+    assert_eq!(resource_ids(&l, ResourceKind::FloatingIp).await, fips);
+    assert_eq!(resource_ids(&l, ResourceKind::Port).await, ports);
+    assert_eq!(
+        l.metrics
+            .counter("nodepool.provider.sim.leaked.floatingips"),
+        0
+    );
+    assert_eq!(l.metrics.counter("nodepool.provider.sim.leaked.ports"), 0);
     l.stop().await;
 }
 

@@ -3,7 +3,7 @@
 
 use nodepool_core::model::{MIN_READY_REQUESTOR, NodeRequest, NodeState, RequestState, WireRecord};
 use nodepool_core::planner::{Action, DeleteReason, PoolInfo, PoolKey};
-use nodepool_core::provider::Instance;
+use nodepool_core::provider::{CloudResource, Instance, ResourceKind};
 use nodepool_core::store::RequestLockDir;
 use nodepool_core::testing::World;
 
@@ -942,6 +942,163 @@ fn leaked_servers_are_deleted_on_the_second_sighting() {
     let p = w.plan();
     assert!(p.actions.is_empty());
     assert_eq!(p.leak_suspects.len(), 1);
+}
+
+fn resource(
+    kind: ResourceKind,
+    id: &str,
+    status: &str,
+    attached: bool,
+    owner: &str,
+) -> CloudResource {
+    CloudResource {
+        kind,
+        id: id.into(),
+        status: status.into(),
+        attached,
+        device_owner: Some(owner.into()),
+    }
+}
+
+fn leaked_resources(p: &nodepool_core::planner::Plan) -> Vec<(ResourceKind, String)> {
+    p.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteLeakedResource { provider, kind, id } => {
+                assert_eq!(provider, "cloud1");
+                Some((*kind, id.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn unattached_floating_ips_go_at_once_only_with_clean_floating_ips() {
+    let fips = vec![
+        resource(ResourceKind::FloatingIp, "fip-free", "DOWN", false, ""),
+        resource(ResourceKind::FloatingIp, "fip-used", "ACTIVE", true, ""),
+    ];
+    // Off (Python's default in code): listed or not, nothing is deleted.
+    let mut w = World::new(ONE_POOL);
+    w.snapshot
+        .providers
+        .get_mut("cloud1")
+        .expect("view")
+        .floating_ips = Some(fips.clone());
+    assert_eq!(leaked_resources(&w.plan()), []);
+    let mut w = World::new(&ONE_POOL.replace(
+        "    driver: simulated\n",
+        "    driver: simulated\n    clean-floating-ips: true\n",
+    ));
+    w.snapshot
+        .providers
+        .get_mut("cloud1")
+        .expect("view")
+        .floating_ips = Some(fips);
+    let p = w.plan();
+    assert_eq!(
+        leaked_resources(&p),
+        [(ResourceKind::FloatingIp, "fip-free".to_owned())]
+    );
+    // Not while the cloud's API is failing: the deletion would fail fast.
+    w.snapshot.providers.get_mut("cloud1").expect("view").outage =
+        Some(nodepool_core::planner::ProviderOutage {
+            since: w.now,
+            reason: "down".into(),
+        });
+    assert_eq!(leaked_resources(&w.plan()), []);
+}
+
+#[test]
+fn down_ports_go_when_seen_in_two_listings_an_interval_apart() {
+    let mut w = World::new(&ONE_POOL.replace(
+        "    driver: simulated\n",
+        "    driver: simulated\n    port-cleanup-interval: 600\n",
+    ));
+    let listing = |ids: &[(&str, &str, &str)]| {
+        ids.iter()
+            .map(|(id, status, owner)| resource(ResourceKind::Port, id, status, false, owner))
+            .collect::<Vec<_>>()
+    };
+    let list = |w: &mut World, ports: Vec<CloudResource>, at: f64| {
+        let v = w.snapshot.providers.get_mut("cloud1").expect("view");
+        v.ports = Some(ports);
+        v.ports_listed_at = Some(at);
+        let p = w.plan();
+        w.apply(&p);
+        // A listing is handed to one pass only.
+        let v = w.snapshot.providers.get_mut("cloud1").expect("view");
+        v.ports = None;
+        v.ports_listed_at = None;
+        p
+    };
+    let t0 = w.now;
+    let first = listing(&[
+        ("p-old", "DOWN", "compute:nova"),
+        ("p-unowned", "DOWN", ""),
+        ("p-router", "DOWN", "network:router_interface"),
+        ("p-dhcp", "DOWN", "network:dhcp"),
+        ("p-up", "ACTIVE", "compute:nova"),
+        ("p-comes-back", "DOWN", "compute:az1"),
+    ]);
+    let p = list(&mut w, first, t0);
+    assert_eq!(leaked_resources(&p), [], "the first listing only records");
+    assert_eq!(
+        p.down_ports["cloud1"]
+            .ids
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        ["p-comes-back", "p-old", "p-unowned"]
+    );
+    let second = listing(&[
+        ("p-old", "DOWN", "compute:nova"),
+        ("p-unowned", "DOWN", ""),
+        ("p-router", "DOWN", "network:router_interface"),
+        ("p-dhcp", "DOWN", "network:dhcp"),
+        ("p-up", "DOWN", "compute:nova"),
+        ("p-new", "DOWN", "compute:nova"),
+    ]);
+    // Too soon: nothing, and the first listing stays the reference.
+    let p = list(&mut w, second.clone(), t0 + 599.0);
+    assert_eq!(leaked_resources(&p), []);
+    assert_eq!(p.down_ports["cloud1"].listed_at, t0);
+    // An interval later: DOWN in both listings and not a service port.
+    let p = list(&mut w, second, t0 + 600.0);
+    assert_eq!(
+        leaked_resources(&p),
+        [
+            (ResourceKind::Port, "p-old".to_owned()),
+            (ResourceKind::Port, "p-unowned".to_owned())
+        ]
+    );
+    // The new reference is that listing: p-up and p-new go next time.
+    assert_eq!(p.down_ports["cloud1"].listed_at, t0 + 600.0);
+    let third = listing(&[
+        ("p-up", "DOWN", "compute:nova"),
+        ("p-new", "DOWN", "compute:nova"),
+    ]);
+    let p = list(&mut w, third, t0 + 1200.0);
+    assert_eq!(
+        leaked_resources(&p),
+        [
+            (ResourceKind::Port, "p-up".to_owned()),
+            (ResourceKind::Port, "p-new".to_owned())
+        ]
+    );
+    // `port-cleanup-interval: 0` disables it, and the reference is dropped.
+    let mut off = World::new(&ONE_POOL.replace(
+        "    driver: simulated\n",
+        "    driver: simulated\n    port-cleanup-interval: 0\n",
+    ));
+    off.local.down_ports = w.local.down_ports.clone();
+    let v = off.snapshot.providers.get_mut("cloud1").expect("view");
+    v.ports = Some(listing(&[("p-up", "DOWN", "compute:nova")]));
+    v.ports_listed_at = Some(t0 + 5000.0);
+    let p = off.plan();
+    assert_eq!(leaked_resources(&p), []);
+    assert!(p.down_ports.is_empty());
 }
 
 #[test]

@@ -164,6 +164,8 @@ providers:
       quota: {instances: 3, cores: 12}
       failure-rates: {create: 0.5}
       leaked-servers: 2
+      leaked-floating-ips: 3
+      leaked-ports: 4
       flavors: [{name: tiny, vcpus: 1, ram: 512}]
     cloud-images: [{name: img}]
     pools:
@@ -180,6 +182,7 @@ providers:
     assert_eq!(sim.quota.get("ram"), None);
     assert_eq!(sim.create_failure_rate, 0.5);
     assert_eq!(sim.leaked_servers, 2);
+    assert_eq!((sim.leaked_floating_ips, sim.leaked_ports), (3, 4));
     assert_eq!(sim.flavors.len(), 1);
     assert!(cfg.providers[0].cloud.is_none());
     assert_eq!(sim.api_timeout, Duration::from_secs(60), "the default");

@@ -6,7 +6,7 @@
 //! when the file cannot be used.
 
 use nodepool_model::model::{Limits, Resources};
-use nodepool_model::provider::{CloudResource, Instance, ResourceKind};
+use nodepool_model::provider::Instance;
 
 use crate::SimulatedProvider;
 
@@ -24,39 +24,13 @@ impl SimulatedProvider {
     /// Adds a floating IP (attached to a port or not) and returns its id;
     /// for `clean-floating-ips` tests.
     pub fn inject_floating_ip(&self, attached: bool) -> String {
-        self.hook("inject_floating_ip", |st, _| {
-            let id = st.ids.uuid();
-            st.floating_ips.insert(
-                id.clone(),
-                CloudResource {
-                    kind: ResourceKind::FloatingIp,
-                    id: id.clone(),
-                    status: if attached { "ACTIVE" } else { "DOWN" }.into(),
-                    attached,
-                    device_owner: None,
-                },
-            );
-            id
-        })
+        self.hook("inject_floating_ip", |st, _| st.add_floating_ip(attached))
     }
 
     /// Adds a DOWN port with this device owner (`""`, `compute:nova`, ...)
     /// and returns its id; for `port-cleanup-interval` tests.
     pub fn inject_down_port(&self, device_owner: &str) -> String {
-        self.hook("inject_down_port", |st, _| {
-            let id = st.ids.uuid();
-            st.ports.insert(
-                id.clone(),
-                CloudResource {
-                    kind: ResourceKind::Port,
-                    id: id.clone(),
-                    status: "DOWN".into(),
-                    attached: false,
-                    device_owner: Some(device_owner.to_owned()),
-                },
-            );
-            id
-        })
+        self.hook("inject_down_port", |st, _| st.add_down_port(device_owner))
     }
 
     /// Replaces the cloud quota (missing names unlimited). Existing servers

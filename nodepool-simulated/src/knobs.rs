@@ -32,6 +32,8 @@ pub(crate) struct Seed {
     pub(crate) seed: u64,
     pub(crate) cloud_images: Vec<CloudImageSeed>,
     pub(crate) leaked_servers: u32,
+    pub(crate) leaked_floating_ips: u32,
+    pub(crate) leaked_ports: u32,
     pub(crate) api_fault: Option<ApiFault>,
 }
 
@@ -81,6 +83,8 @@ impl SimulatedProvider {
                 })
                 .collect(),
             leaked_servers: knobs.leaked_servers,
+            leaked_floating_ips: knobs.leaked_floating_ips,
+            leaked_ports: knobs.leaked_ports,
             api_fault: knobs.api_fault,
         };
         let nova = Nova {

@@ -29,6 +29,12 @@
 //!   ERROR; a failed upload leaves no image.
 //! - **Leaks.** `leaked-servers: N` servers exist from the start, tagged for
 //!   this provider with node ids (`9000000000` and up) that no store issues.
+//!   `leaked-floating-ips: N` unattached floating IPs and `leaked-ports: N`
+//!   DOWN ports (device owner `compute:nova`, as a server's port that
+//!   outlived it) exist from the start too, for the launcher's
+//!   `clean-floating-ips` and `port-cleanup-interval` cleanup. Like the
+//!   leaked servers they are made once, when the cloud (or its state file)
+//!   is created.
 //! - **API faults.** With an [`ApiFault`] (`api-fault` in the
 //!   configuration, or [`set_api_fault`](SimulatedProvider::set_api_fault)
 //!   at run time, which with a state file reaches every process) every

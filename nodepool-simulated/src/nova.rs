@@ -17,7 +17,7 @@ use nodepool_model::config::{ApiFault, PoolLabel, SimulatedFlavor};
 use nodepool_model::model::{Limits, Resources, VOLUME_GB, VOLUMES};
 use nodepool_model::provider::{
     CloudImageInfo, CloudResource, ImageRef, Instance, InstanceStatus, META_GROUPS, META_NODE_ID,
-    META_POOL, META_PROVIDER, ProviderError,
+    META_POOL, META_PROVIDER, ProviderError, ResourceKind,
 };
 
 use crate::dice::{DELETE_FAULT, FailureRates, SplitMix64};
@@ -175,6 +175,38 @@ impl State {
         }
     }
 
+    /// Adds a floating IP (attached to a port or not); returns its id.
+    pub(crate) fn add_floating_ip(&mut self, attached: bool) -> String {
+        let id = self.ids.uuid();
+        self.floating_ips.insert(
+            id.clone(),
+            CloudResource {
+                kind: ResourceKind::FloatingIp,
+                id: id.clone(),
+                status: if attached { "ACTIVE" } else { "DOWN" }.into(),
+                attached,
+                device_owner: None,
+            },
+        );
+        id
+    }
+
+    /// Adds a DOWN port with this device owner; returns its id.
+    pub(crate) fn add_down_port(&mut self, device_owner: &str) -> String {
+        let id = self.ids.uuid();
+        self.ports.insert(
+            id.clone(),
+            CloudResource {
+                kind: ResourceKind::Port,
+                id: id.clone(),
+                status: "DOWN".into(),
+                attached: false,
+                device_owner: Some(device_owner.to_owned()),
+            },
+        );
+        id
+    }
+
     fn add_cloud_image(&mut self, c: &CloudImageSeed) {
         let id = match &c.id {
             Some(id) => id.clone(),
@@ -223,7 +255,7 @@ pub(crate) struct Nova {
 
 impl Nova {
     /// A new cloud as the configuration describes it: cloud images, then
-    /// the leaked servers.
+    /// the leaked servers, floating IPs and ports.
     pub(crate) fn fresh_state(&self, now: Stamp) -> State {
         let seed = self.seed.seed;
         let mut st = State {
@@ -252,6 +284,13 @@ impl Nova {
         for i in 0..u64::from(self.seed.leaked_servers) {
             let server = self.leaked_server(&format!("{:010}", LEAKED_NODE_ID_BASE + i), now);
             self.insert_server(&mut st, server);
+        }
+        for _ in 0..self.seed.leaked_floating_ips {
+            st.add_floating_ip(false);
+        }
+        for _ in 0..self.seed.leaked_ports {
+            // What Nova leaves when a server's port outlives it.
+            st.add_down_port("compute:nova");
         }
         st
     }

@@ -1555,6 +1555,72 @@ async fn delays_run_on_the_wall_clock() {
 }
 
 #[tokio::test]
+async fn leaked_floating_ips_and_ports_exist_from_the_start_and_can_be_deleted() {
+    let c = cloud("leaked-floating-ips: 2, leaked-ports: 3");
+    let fips = c
+        .provider
+        .list_resources(ResourceKind::FloatingIp)
+        .await
+        .expect("list floating IPs");
+    assert_eq!(fips.len(), 2);
+    assert!(
+        fips.iter()
+            .all(|f| !f.attached && f.kind == ResourceKind::FloatingIp)
+    );
+    let ports = c
+        .provider
+        .list_resources(ResourceKind::Port)
+        .await
+        .expect("list ports");
+    assert_eq!(ports.len(), 3);
+    for p in &ports {
+        assert_eq!((p.kind, p.status.as_str()), (ResourceKind::Port, "DOWN"));
+        assert_eq!(p.device_owner.as_deref(), Some("compute:nova"));
+    }
+    c.provider
+        .delete_resource(ResourceKind::FloatingIp, &fips[0].id)
+        .await
+        .expect("delete a floating IP");
+    c.provider
+        .delete_resource(ResourceKind::Port, &ports[1].id)
+        .await
+        .expect("delete a port");
+    // Deleting again, or with the other kind, is no error and no change.
+    c.provider
+        .delete_resource(ResourceKind::Port, &fips[1].id)
+        .await
+        .expect("a port that does not exist counts as deleted");
+    let ids = |kind| {
+        let p = c.provider.clone();
+        async move {
+            p.list_resources(kind)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ids(ResourceKind::FloatingIp).await, [fips[1].id.clone()]);
+    assert_eq!(
+        ids(ResourceKind::Port).await,
+        [ports[0].id.clone(), ports[2].id.clone()]
+    );
+    // Ids never repeat across kinds or with servers.
+    let all: HashSet<&str> = fips.iter().chain(&ports).map(|r| r.id.as_str()).collect();
+    assert_eq!(all.len(), 5);
+    // None unless asked for.
+    let c = cloud("");
+    assert!(
+        c.provider
+            .list_resources(ResourceKind::Port)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
 async fn opening_applies_the_configuration_and_keeps_the_cloud() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = cloud_on(dir.path(), "leaked-servers: 2, quota: {instances: 5}");
@@ -1562,6 +1628,15 @@ async fn opening_applies_the_configuration_and_keeps_the_cloud() {
     // The same configuration again: the leaked servers are not made twice.
     let again = cloud_on(dir.path(), "leaked-servers: 2, quota: {instances: 5}");
     assert_eq!(again.provider.server_count(), 2);
+    // Nor are leaked floating IPs and ports: the file is created once.
+    let fips = cloud_on(dir.path(), "leaked-floating-ips: 2, leaked-ports: 1");
+    assert!(
+        fips.provider
+            .list_resources(ResourceKind::FloatingIp)
+            .await
+            .expect("list")
+            .is_empty()
+    );
     assert_eq!(first.provider.server_count(), 2);
 
     // A hook changes the cloud for every provider...

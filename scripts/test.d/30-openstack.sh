@@ -13,8 +13,9 @@
 # openstack_launcher`), with their output tee'd to OUTPUT_FILE, and stops
 # and wipes the cloud again, also on failure (testbed/openstack/lib.sh). The
 # cloud tests mostly wait on the cloud, so 6 run at once (within the
-# 10-instance quota); the launcher test runs after them, as it keeps up to
-# four servers. A testbed that was already running is used and left running.
+# 10-instance quota); the launcher tests run after them, as one keeps up to
+# four servers and the other's leak cleanup deletes every unattached
+# floating IP and DOWN server port in sight. A testbed that was already running is used and left running.
 # Exits non-zero when anything failed.
 set -uo pipefail
 OUT=${1:-/dev/null}

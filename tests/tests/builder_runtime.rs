@@ -129,6 +129,7 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
     status: Arc<BuilderStatus>,
     store: Store,
+    metrics: Arc<nodepool_core::launcher::Metrics>,
 }
 
 fn factory(clouds: &Clouds) -> ProviderFactory {
@@ -157,14 +158,14 @@ fn settings(host: &str) -> BuilderSettings {
 }
 
 fn start(store: Store, cfg: Config, host: &str, clouds: &Clouds) -> Running {
+    start_with(store, cfg, settings(host), clouds)
+}
+
+fn start_with(store: Store, cfg: Config, settings: BuilderSettings, clouds: &Clouds) -> Running {
     let dib = DibBuilder::new(DibOptions::default().with_term_grace(Duration::from_secs(5)));
-    let builder = Builder::new(
-        store.clone(),
-        factory(clouds),
-        Arc::new(dib),
-        settings(host),
-    );
+    let builder = Builder::new(store.clone(), factory(clouds), Arc::new(dib), settings);
     let status = builder.status();
+    let metrics = builder.metrics();
     let (tx, rx) = watch::channel(Arc::new(cfg));
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -177,6 +178,7 @@ fn start(store: Store, cfg: Config, host: &str, clouds: &Clouds) -> Running {
         task,
         status,
         store,
+        metrics,
     }
 }
 
@@ -767,5 +769,126 @@ async fn an_upload_request_uploads_the_newest_build_again() {
     assert_eq!(images.len(), 1);
     assert_ne!(images[0].id, old);
     assert_eq!(st.uploads.len(), 2);
+    b.stop().await;
+}
+
+/// Uploads `file` to `provider`'s cloud as someone other than the builder
+/// would, with these properties; returns the cloud image id.
+async fn stray_image(
+    clouds: &Clouds,
+    provider: &str,
+    name: &str,
+    file: PathBuf,
+    props: &[(&str, &str)],
+) -> String {
+    cloud(clouds, provider)
+        .upload_image(&ImageUploadSpec {
+            name: name.into(),
+            path: file,
+            format: "qcow2".into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            md5: None,
+            sha256: None,
+            timeout: Duration::from_secs(30),
+        })
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_unknown_to_the_store_are_deleted_and_alien_images_stay() {
+    let site = Site::new().await;
+    let clouds = Clouds::default();
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let cfg = site.config("", "");
+    let b = start_with(
+        store.clone(),
+        cfg.clone(),
+        BuilderSettings {
+            leak_check_interval: Duration::from_millis(200),
+            ..settings("nb01")
+        },
+        &clouds,
+    );
+    let st = b.until("the first build", uploaded_everywhere).await;
+    let build = st.builds[0].id.clone();
+    let file = site.images().join(format!("deb-{build}.qcow2"));
+    // What a builder killed mid-upload leaves: an image tagged as an
+    // upload of p1 whose record is gone.
+    let leaked = stray_image(
+        &clouds,
+        "p1",
+        "deb-0000000099",
+        file.clone(),
+        &[
+            ("nodepool_build_id", &build),
+            ("nodepool_upload_id", "0000000099"),
+            ("nodepool_provider_name", "p1"),
+        ],
+    )
+    .await;
+    // Not ours to delete: a build id without the provider and upload tags
+    // (another installation's), and an image with no tags at all.
+    let alien = stray_image(
+        &clouds,
+        "p1",
+        "someone-elses",
+        file.clone(),
+        &[("nodepool_build_id", "feedfacefeedfacefeedfacefeedface")],
+    )
+    .await;
+    let plain = stray_image(&clouds, "p1", "plain", file, &[]).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while cloud_images(&clouds, "p1")
+        .await
+        .iter()
+        .any(|i| i.id == leaked)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leaked image is still there\n{}",
+            b.status.report()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The ready uploads and the images that are not ours are all there.
+    let st = b.images().await;
+    for p in ["p1", "p2"] {
+        let ids: Vec<String> = cloud_images(&clouds, p)
+            .await
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        for u in st.uploads.iter().filter(|u| u.provider == p) {
+            assert_eq!(u.upload.state, UploadState::Ready);
+            let ext = u.upload.external_id.clone().unwrap();
+            assert!(ids.contains(&ext), "{p}: upload {ext} kept: {ids:?}");
+        }
+        if p == "p1" {
+            assert!(ids.contains(&alien) && ids.contains(&plain), "{ids:?}");
+            assert_eq!(ids.len(), 3);
+        } else {
+            assert_eq!(ids.len(), 1);
+        }
+    }
+    // `nodepool alien-image-list` shows what is not ours, and nothing else.
+    let aliens = nodepool_core::admin::alien_images(&cfg, &store, &factory(&clouds), None)
+        .await
+        .unwrap();
+    assert!(aliens.unlisted.is_empty(), "{:?}", aliens.unlisted);
+    let found: Vec<(&str, &str)> = aliens
+        .found
+        .iter()
+        .map(|a| (a.provider.as_str(), a.id.as_str()))
+        .collect();
+    assert_eq!(found, [("p1", alien.as_str())]);
+    assert_eq!(
+        b.metrics.counter("nodepool.provider.p1.leaked.images"),
+        1,
+        "the deletion is counted"
+    );
     b.stop().await;
 }

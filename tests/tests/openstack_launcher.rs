@@ -20,6 +20,13 @@
 //! the launcher's leak cleanup and this test's own cleanup only ever touch
 //! servers of this run; the `testbed-` prefix lets the other testbed tests'
 //! sweep remove what a killed run left behind.
+//!
+//! The leaked-resource test runs a launcher with `clean-floating-ips` and a
+//! 5 s `port-cleanup-interval`, which (as in Python) delete every
+//! unattached floating IP and every DOWN server port of what the cloud
+//! user sees: the two tests of this file take turns ([`SERIAL`]), and no
+//! other testbed test may run beside this file (30-openstack.sh runs it
+//! after the others).
 #![cfg(feature = "testbed")]
 
 use std::collections::BTreeSet;
@@ -50,6 +57,10 @@ const IMAGE: &str = "np-base";
 /// Bound of each wait on the cloud: boots take 5–30 s on a loaded machine,
 /// a launch is retried after a failure, so this leaves a wide margin.
 const WAIT: Duration = Duration::from_secs(300);
+
+/// The tests of this file take turns: the leak cleanup of one would delete
+/// the other's DOWN ports and floating IPs.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn clouds_yaml() -> PathBuf {
     let p = std::env::var_os("NODEPOOL_TEST_CLOUDS_YAML")
@@ -332,11 +343,16 @@ struct Running {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), LauncherError>>,
     status: Arc<nodepool_core::launcher::LauncherStatus>,
+    metrics: Arc<nodepool_core::launcher::Metrics>,
     // Dropping it would read as "no more configuration"; keep it alive.
     _config: watch::Sender<Arc<Config>>,
 }
 
 fn start_launcher(store: Store, yaml: &str) -> Running {
+    start_launcher_with(store, yaml, LauncherSettings::default())
+}
+
+fn start_launcher_with(store: Store, yaml: &str, settings: LauncherSettings) -> Running {
     let cfg = Arc::new(Config::from_yaml(yaml).unwrap_or_else(|e| panic!("config: {e}")));
     let loader = CloudsLoader::file(clouds_yaml());
     // As the daemon builds providers (`OpenStackProvider::from_config`),
@@ -352,10 +368,11 @@ fn start_launcher(store: Store, yaml: &str) -> Running {
         LauncherSettings {
             hostname: "e2e-launcher".into(),
             delete_timeout: Duration::from_secs(180),
-            ..LauncherSettings::default()
+            ..settings
         },
     );
     let status = launcher.status();
+    let metrics = launcher.metrics();
     let (tx, rx) = watch::channel(cfg);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(launcher.run(rx, shutdown.clone()));
@@ -363,6 +380,7 @@ fn start_launcher(store: Store, yaml: &str) -> Running {
         shutdown,
         task,
         status,
+        metrics,
         _config: tx,
     }
 }
@@ -513,6 +531,7 @@ async fn scenario(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn min_ready_spares_serve_a_zuul_request_and_used_nodes_are_deleted_in_nova() {
+    let _turn = SERIAL.lock().await;
     log_to_test_output();
     let p = checker();
     // Earlier runs killed before their cleanup may have left servers (the
@@ -594,4 +613,196 @@ async fn min_ready_spares_serve_a_zuul_request_and_used_nodes_are_deleted_in_nov
         timings.replacements_ready.as_secs_f64(),
         timings.used_deleted.as_secs_f64(),
     );
+}
+
+/// `GET` a Neutron resource (`ports/<id>`, `floatingips/<id>`): its JSON,
+/// or `None` on 404.
+async fn neutron_get(p: &OpenStackProvider, path: &str) -> Result<Option<Value>, String> {
+    match p
+        .client()
+        .execute(&Raw(ApiRequest::get(Service::Network, path)))
+        .await
+    {
+        Ok(r) => Ok(Some(r.json().map_err(|e| e.to_string())?)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(format!("GET {path}: {e}")),
+    }
+}
+
+/// A Neutron call that must succeed; its JSON.
+async fn neutron(p: &OpenStackProvider, req: ApiRequest) -> Value {
+    let what = req.describe();
+    let r = p
+        .client()
+        .execute(&Raw(req))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    r.json().unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
+/// The id of the network named `name`.
+async fn network_id(p: &OpenStackProvider, name: &str) -> String {
+    let v = neutron(
+        p,
+        ApiRequest::get(Service::Network, "networks").query("name", name),
+    )
+    .await;
+    v["networks"][0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("network {name}: {v}"))
+        .to_owned()
+}
+
+/// Every port Neutron lists: (id, status, device_owner).
+async fn all_ports(p: &OpenStackProvider) -> Vec<(String, String, String)> {
+    let v = neutron(p, ApiRequest::get(Service::Network, "ports")).await;
+    v["ports"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    let s = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+                    (s("id"), s("status"), s("device_owner"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn leak_scenario(
+    p: &OpenStackProvider,
+    l: &Running,
+    port_id: &str,
+    fip_id: &str,
+    kept: &[(String, String, String)],
+    started: Instant,
+) {
+    eventually("the stray floating IP deleted", WAIT, || async {
+        match neutron_get(p, &format!("floatingips/{fip_id}")).await? {
+            None => Ok(()),
+            Some(f) => Err(format!("{f} (launcher: {})", l.status.report())),
+        }
+    })
+    .await;
+    eventually("the DOWN port deleted", WAIT, || async {
+        match neutron_get(p, &format!("ports/{port_id}")).await? {
+            None => Ok(()),
+            Some(port) => Err(format!("{port} (launcher: {})", l.status.report())),
+        }
+    })
+    .await;
+    // Seen DOWN at a first listing, deleted at one at least 5 s later.
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "the port went {:?} after the launcher started, before port-cleanup-interval",
+        started.elapsed()
+    );
+    // Counted as Python counts them (other strays, e.g. of a killed
+    // earlier run, count too).
+    for kind in ["floatingips", "ports"] {
+        let name = format!("nodepool.provider.{}.leaked.{kind}", "testbed-e2e-leaks");
+        assert!(l.metrics.counter(&name) >= 1, "{name} counted");
+    }
+    // The testbed's own DOWN ports (the router's: not a server's, and
+    // never a leak) are all still there.
+    let now = all_ports(p).await;
+    for k in kept {
+        assert!(
+            now.iter().any(|n| n.0 == k.0),
+            "port {k:?} is not a server's and was kept; ports now: {now:?}"
+        );
+    }
+}
+
+/// A stray floating IP and a DOWN port made in the testbed (as a server
+/// deletion that went wrong leaves them) are deleted by the launcher's
+/// cleanup; the router's DOWN ports stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_floating_ips_and_down_ports_are_deleted_by_the_launcher() {
+    let _turn = SERIAL.lock().await;
+    log_to_test_output();
+    let p = checker();
+    let private = network_id(&p, "private").await;
+    let public = network_id(&p, "public").await;
+    // What the cleanup must leave alone: the ports that are not a server's
+    // (the router's interface and gateway; DOWN, as no agent runs).
+    let kept: Vec<(String, String, String)> = all_ports(&p)
+        .await
+        .into_iter()
+        .filter(|(_, _, owner)| !owner.is_empty() && !owner.starts_with("compute:"))
+        .collect();
+    assert!(
+        !kept.is_empty(),
+        "the testbed has its router's ports (seed.py)"
+    );
+    let port = neutron(
+        &p,
+        ApiRequest::new(reqwest::Method::POST, Service::Network, "ports")
+            .json(serde_json::json!({"port": {"network_id": private, "name": "testbed-e2e-leaked-port"}}))
+            .expect(&[201]),
+    )
+    .await;
+    let port_id = port["port"]["id"].as_str().expect("port id").to_owned();
+    assert_eq!(port["port"]["status"], "DOWN", "{port}");
+    let fip = neutron(
+        &p,
+        ApiRequest::new(reqwest::Method::POST, Service::Network, "floatingips")
+            .json(serde_json::json!({"floatingip": {"floating_network_id": public}}))
+            .expect(&[201]),
+    )
+    .await;
+    let fip_id = fip["floatingip"]["id"].as_str().expect("fip id").to_owned();
+    let yaml = format!(
+        r#"
+labels:
+  - name: {LABEL}
+providers:
+  - name: testbed-e2e-leaks
+    driver: openstack
+    cloud: peer
+    rate: 0.1
+    clean-floating-ips: true
+    port-cleanup-interval: 5
+    cloud-images:
+      - name: {IMAGE}
+    pools:
+      - name: {POOL}
+        max-servers: 1
+        networks: [private]
+        labels:
+          - name: {LABEL}
+            cloud-image: {IMAGE}
+            flavor-name: np.tiny
+"#
+    );
+    let started = Instant::now();
+    let l = start_launcher_with(
+        Store::new(Arc::new(MemoryStore::new())),
+        &yaml,
+        LauncherSettings {
+            observer: nodepool_core::launcher::ObserverIntervals {
+                instances: Duration::from_secs(2),
+                ..Default::default()
+            },
+            ..LauncherSettings::default()
+        },
+    );
+    let outcome =
+        std::panic::AssertUnwindSafe(leak_scenario(&p, &l, &port_id, &fip_id, &kept, started))
+            .catch_unwind()
+            .await;
+    l.shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(120), l.task).await;
+    if let Err(panic) = outcome {
+        // Leave the testbed as it was.
+        let _ = p.delete_resource(ResourceKind::Port, &port_id).await;
+        let _ = p.delete_resource(ResourceKind::FloatingIp, &fip_id).await;
+        std::panic::resume_unwind(panic)
+    }
+    match stopped {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => panic!("the launcher stopped with an error: {e}"),
+        Ok(Err(e)) => panic!("the launcher task failed: {e}"),
+        Err(_) => panic!("the launcher did not stop within 120 s"),
+    }
 }

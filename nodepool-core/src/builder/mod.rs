@@ -26,6 +26,12 @@
 //! at least every [`BuilderSettings::max_pass_interval`];
 //! [`BuilderStatus::passes`] counts them.
 //!
+//! Every [`BuilderSettings::leak_check_interval`] each provider's cloud
+//! images are listed in a task of their own (a hung cloud never holds up a
+//! pass); the next pass plans with the listing, read before the store, and
+//! deletes images tagged as uploads of ours that the store does not know
+//! once two listings in a row found them (`planner::leaks::leaked_images`).
+//!
 //! Layout: `local` (the images directory: id file, file scan, deletions,
 //! checksums, image names), `hook` (`post-upload-hook`), `tasks` (build,
 //! upload and delete tasks).
@@ -52,7 +58,7 @@ use crate::model::{Component, ComponentKind, ComponentState};
 use crate::planner::images::{
     BuildKey, BuilderLocal, ImageAction, ImagePlan, ImageSnapshot, plan_images,
 };
-use crate::provider::Provider;
+use crate::provider::{CloudImageInfo, Provider};
 use crate::runtime::{
     Clock, PassCounter, PassRunner, Passed, ProviderFactory, Wakeups, run_passes,
 };
@@ -95,6 +101,10 @@ pub struct BuilderSettings {
     /// Time allowed at shutdown for cancelled builds to be killed and swept
     /// and for uploads to record their failure.
     pub shutdown_grace: Duration,
+    /// How often each provider's cloud images are listed to find leaked
+    /// uploads (Nodepool's cleanup interval, 60 s). An image is deleted
+    /// after two listings in a row find it leaked.
+    pub leak_check_interval: Duration,
     /// Prunes build logs before each build (`build-log-retention`).
     pub log_pruner: Option<LogPruner>,
     /// How often the builder's gauges are sent (build and upload states,
@@ -121,6 +131,7 @@ impl std::fmt::Debug for BuilderSettings {
             .field("retry_delay", &self.retry_delay)
             .field("max_retry_delay", &self.max_retry_delay)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("leak_check_interval", &self.leak_check_interval)
             .field("log_pruner", &self.log_pruner.is_some())
             .field("stats_interval", &self.stats_interval)
             .field("clock", &self.clock)
@@ -145,6 +156,7 @@ impl Default for BuilderSettings {
             max_retry_delay: Duration::from_secs(300),
             // DibBuilder's SIGTERM grace (30 s) plus the sweep.
             shutdown_grace: Duration::from_secs(60),
+            leak_check_interval: Duration::from_secs(60),
             log_pruner: None,
             stats_interval: Duration::from_secs(10),
             clock: Clock::System,
@@ -227,6 +239,11 @@ pub(crate) struct Shared {
     cooldown: Mutex<HashMap<String, (tokio::time::Instant, u32)>>,
     /// Cancelled at shutdown: builds stop, uploads give up.
     work: CancellationToken,
+    /// Cloud image listings made since the last pass, by provider, for
+    /// the leak check.
+    listings: Mutex<BTreeMap<String, Vec<CloudImageInfo>>>,
+    /// Providers whose listing is under way.
+    listing: Mutex<BTreeSet<String>>,
 }
 
 impl Shared {
@@ -385,6 +402,8 @@ impl Builder {
             running_builds: Mutex::default(),
             cooldown: Mutex::default(),
             work: CancellationToken::new(),
+            listings: Mutex::default(),
+            listing: Mutex::default(),
         });
         let mut rt = Runtime {
             shared: shared.clone(),
@@ -398,6 +417,8 @@ impl Builder {
             pass_count: 0,
             last_notes: BTreeSet::new(),
             stats_next: None,
+            leak_suspects: BTreeSet::new(),
+            listing_due: BTreeMap::new(),
         };
         rt.apply_config();
         let wakeups = Wakeups {
@@ -439,6 +460,10 @@ struct Runtime {
     last_notes: BTreeSet<String>,
     /// When the gauges are due next (`None`: at once).
     stats_next: Option<tokio::time::Instant>,
+    /// Cloud images found leaked by the last leak check (the planner's).
+    leak_suspects: BTreeSet<(String, String)>,
+    /// When each provider's next cloud image listing is due.
+    listing_due: BTreeMap<String, tokio::time::Instant>,
 }
 
 impl Runtime {
@@ -516,11 +541,78 @@ impl Runtime {
             }
             None => BTreeMap::new(),
         };
+        // Listings before the store too: an upload's record exists before
+        // its cloud image, so an image listed here that has no record in
+        // the store read below has leaked (or its record is being
+        // deleted, which the second sighting rules out).
+        let cloud_images = std::mem::take(
+            &mut *self
+                .shared
+                .listings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         let images = self.shared.store.image_state().await?;
         Ok(ImageSnapshot {
             images,
             local_files,
+            cloud_images,
         })
+    }
+
+    /// Starts the cloud image listings that are due, each in its own task
+    /// so a slow or hung cloud never holds up a pass; a finished listing
+    /// wakes the loop and is planned with at the next pass.
+    fn start_listings(&mut self) {
+        let now = tokio::time::Instant::now();
+        let interval = self.shared.settings.leak_check_interval;
+        self.listing_due
+            .retain(|p, _| self.providers.contains_key(p));
+        for (name, entry) in &self.providers {
+            if self.listing_due.get(name).is_some_and(|d| *d > now) {
+                continue;
+            }
+            if !self
+                .shared
+                .listing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone())
+            {
+                continue;
+            }
+            self.listing_due.insert(name.clone(), now + interval);
+            let shared = self.shared.clone();
+            let (name, provider) = (name.clone(), entry.provider.clone());
+            let limit = provider.api_timeout();
+            self.tasks.spawn(async move {
+                let listed = tokio::select! {
+                    r = tokio::time::timeout(limit, provider.list_images()) => r,
+                    _ = shared.work.cancelled() => return,
+                };
+                match listed {
+                    Ok(Ok(images)) => {
+                        shared
+                            .listings
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(name.clone(), images);
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(provider = %name, error = %e, "cannot list cloud images for the leak check")
+                    }
+                    Err(_) => {
+                        tracing::warn!(provider = %name, "listing cloud images for the leak check timed out")
+                    }
+                }
+                shared
+                    .listing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&name);
+                shared.wake.notify_one();
+            });
+        }
     }
 
     fn local(&self) -> BuilderLocal {
@@ -532,6 +624,7 @@ impl Runtime {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            leak_suspects: self.leak_suspects.clone(),
         }
     }
 
@@ -549,9 +642,11 @@ impl Runtime {
             // Suspended or expired: do nothing that needs locks.
             return Ok(Passed::Skipped);
         }
+        self.start_listings();
         let snapshot = self.snapshot().await?;
         let local = self.local();
         let plan = plan_images(&snapshot, &self.config, self.shared.now(), &local);
+        self.leak_suspects = plan.leak_suspects.clone();
         let notes: BTreeSet<String> = plan.notes.iter().cloned().collect();
         for n in notes.difference(&self.last_notes) {
             tracing::warn!("{n}");
@@ -619,7 +714,8 @@ impl Runtime {
             let provider = match action {
                 ImageAction::Upload { provider, .. }
                 | ImageAction::DeleteUpload { provider, .. }
-                | ImageAction::RemoveDeadUpload { provider, .. } => {
+                | ImageAction::RemoveDeadUpload { provider, .. }
+                | ImageAction::DeleteLeakedImage { provider, .. } => {
                     match self.providers.get(provider) {
                         Some(p) => Some(p.clone()),
                         None => {

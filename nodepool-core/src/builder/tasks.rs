@@ -306,6 +306,9 @@ impl Task {
                     .await
             }
             ImageAction::ClearUploadRequest { .. } => Ok(()),
+            ImageAction::DeleteLeakedImage { external_id, .. } => {
+                self.delete_leaked_image(external_id).await
+            }
         };
         match r {
             Ok(()) => true,
@@ -704,6 +707,27 @@ impl Task {
         self.provider
             .as_ref()
             .ok_or(TaskError::NotConfigured("provider not set up"))
+    }
+
+    /// Deletes a cloud image the planner found leaked twice. No record
+    /// to lock: the store knows nothing of it, and deleting an image that
+    /// is already gone (another builder's cleanup) succeeds.
+    async fn delete_leaked_image(&self, external_id: &str) -> TaskResult {
+        let entry = self.entry()?;
+        let t = self.shared.settings.delete_timeout;
+        tokio::time::timeout(t, entry.provider.delete_image(external_id))
+            .await
+            .map_err(|_| TaskError::Timeout(format!("deleting leaked cloud image {external_id}")))?
+            .map_err(|source| TaskError::Cloud {
+                what: format!("cannot delete leaked cloud image {external_id}"),
+                source,
+            })?;
+        tracing::info!(provider = %entry.config.name, image = %external_id, "deleted leaked cloud image (tagged as ours, unknown to the store)");
+        self.shared.metrics.incr(&format!(
+            "nodepool.provider.{}.leaked.images",
+            entry.config.name
+        ));
+        Ok(())
     }
 
     async fn upload(

@@ -157,6 +157,7 @@ fn action_name(a: &Action) -> &'static str {
         Action::DeleteRequestLockDir { .. } => "delete-request-lock-dir",
         Action::DeleteEmptyNode { .. } => "delete-empty-node",
         Action::DeleteLeakedInstance { .. } => "delete-leaked-instance",
+        Action::DeleteLeakedResource { .. } => "delete-leaked-resource",
     }
 }
 
@@ -525,6 +526,26 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                     }
                     Ok(Err(e)) => tracing::warn!(provider = %pname, server = %ext, error = %e, "could not delete a leaked server"),
                     Err(_) => tracing::warn!(provider = %pname, server = %ext, "deleting a leaked server timed out"),
+                }
+            });
+            Ok(())
+        }
+        Action::DeleteLeakedResource { provider, kind, id } => {
+            let Some(h) = rt.providers.get(provider).cloned() else {
+                return Err(ActionError::NoProvider(provider.clone()));
+            };
+            let shared = rt.shared.clone();
+            let (kind, id, pname) = (*kind, id.clone(), provider.clone());
+            let what = kind.metric_name();
+            rt.tasks.spawn(async move {
+                let _permit = shared.deletes.acquire().await;
+                match tokio::time::timeout(shared.settings.delete_timeout, h.provider.delete_resource(kind, &id)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(provider = %pname, kind = what, id = %id, "leaked resource deleted");
+                        shared.metrics.incr(&format!("nodepool.provider.{pname}.leaked.{what}"));
+                    }
+                    Ok(Err(e)) => tracing::warn!(provider = %pname, kind = what, id = %id, error = %e, "could not delete a leaked resource"),
+                    Err(_) => tracing::warn!(provider = %pname, kind = what, id = %id, "deleting a leaked resource timed out"),
                 }
             });
             Ok(())

@@ -468,6 +468,7 @@ impl Launcher {
             pool_regs: BTreeMap::new(),
             session_id: 0,
             leak_suspects: Default::default(),
+            down_ports: Default::default(),
             tasks: TaskTracker::new(),
             status: self.status.clone(),
             pass_count: 0,
@@ -506,6 +507,8 @@ struct Runtime {
     pool_regs: BTreeMap<PoolKey, (ComponentRegistration, Component)>,
     session_id: i64,
     leak_suspects: std::collections::BTreeSet<(String, String)>,
+    /// The port cleanup's first sightings, by provider (the planner's).
+    down_ports: BTreeMap<String, crate::planner::leaks::DownPorts>,
     tasks: TaskTracker,
     status: Arc<LauncherStatus>,
     pass_count: u64,
@@ -719,6 +722,7 @@ impl Runtime {
                 .collect(),
             session_id: self.session_id,
             leak_suspects: self.leak_suspects.clone(),
+            down_ports: self.down_ports.clone(),
         }
     }
 
@@ -754,6 +758,7 @@ impl Runtime {
             &local,
         );
         self.leak_suspects = plan.leak_suspects.clone();
+        self.down_ports = plan.down_ports.clone();
         if !plan.actions.is_empty() {
             tracing::debug!(actions = plan.actions.len(), "executing plan");
         }

@@ -20,7 +20,7 @@ use super::metrics::Metrics;
 use crate::config::{ImageSource, ProviderConfig};
 use crate::model::{Limits, Resources};
 use crate::planner::{ProviderOutage, ProviderView};
-use crate::provider::{Instance, Provider};
+use crate::provider::{CloudResource, Instance, Provider, ResourceKind};
 use crate::store::NodeRecord;
 
 /// How often the observer refreshes each kind of information.
@@ -28,7 +28,9 @@ use crate::store::NodeRecord;
 pub struct ObserverIntervals {
     /// Cloud limits (Nodepool caches them 5 minutes).
     pub limits: Duration,
-    /// Server listing for leak checks and unmanaged usage (Nodepool: 60 s).
+    /// Server listing for leak checks and unmanaged usage, and the
+    /// floating IP and port listings of the leaked-resource cleanup when
+    /// the provider asks for it (Nodepool's cleanup interval: 60 s).
     pub instances: Duration,
     /// Cloud image lookups (Nodepool re-checks a missing one after 300 s).
     pub cloud_images: Duration,
@@ -62,6 +64,10 @@ struct Observed {
     /// When the call that made `fresh_instances` started.
     instances_listed: Option<Instant>,
     instances_due: Option<Instant>,
+    fresh_floating_ips: Option<Vec<CloudResource>>,
+    fresh_ports: Option<Vec<CloudResource>>,
+    /// When the call that made `fresh_ports` started.
+    ports_listed: Option<Instant>,
     unmanaged: Resources,
     reported: Option<Resources>,
     last_error: Option<String>,
@@ -148,6 +154,12 @@ impl ProviderHandle {
         });
         let mut o = self.observed();
         let instances = o.fresh_instances.take();
+        let floating_ips = o.fresh_floating_ips.take();
+        let ports = o.fresh_ports.take();
+        let ports_listed_at = ports
+            .as_ref()
+            .and(o.ports_listed)
+            .map(|at| now - at.elapsed().as_secs_f64());
         let instances_listed_at = instances
             .as_ref()
             .and(o.instances_listed)
@@ -166,6 +178,9 @@ impl ProviderHandle {
             missing_cloud_images: o.missing_cloud_images.clone(),
             instances,
             instances_listed_at,
+            floating_ips,
+            ports,
+            ports_listed_at,
             outage,
         }
     }
@@ -338,6 +353,38 @@ async fn observe(
                 Err(e) => {
                     lock().instances_due = Some(Instant::now() + iv.retry);
                     error = Some(e);
+                }
+            }
+            // The leaked-resource cleanup's listings, at the same pace
+            // (Python's cleanup worker does all three every 60 s). A
+            // failed one is skipped until the next round.
+            if config.clean_floating_ips {
+                match bounded(
+                    iv.call_timeout,
+                    "floating IP list",
+                    provider.list_resources(ResourceKind::FloatingIp),
+                )
+                .await
+                {
+                    Ok(list) => lock().fresh_floating_ips = Some(list),
+                    Err(e) => error = Some(e),
+                }
+            }
+            if config.port_cleanup_interval.is_some() {
+                let started = Instant::now();
+                match bounded(
+                    iv.call_timeout,
+                    "port list",
+                    provider.list_resources(ResourceKind::Port),
+                )
+                .await
+                {
+                    Ok(list) => {
+                        let mut o = lock();
+                        o.fresh_ports = Some(list);
+                        o.ports_listed = Some(started);
+                    }
+                    Err(e) => error = Some(e),
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use super::fast::{FastMap, FastSet, Key};
 
 use super::index::Index;
-use super::leaks::{KnownNodes, leaked_servers};
+use super::leaks::{KnownNodes, leaked_ports, leaked_servers, unattached_floating_ips};
 use super::registry::Registry;
 use super::{
     Action, DeleteReason, INIT_GRACE_SECS, LocalState, Plan, REQUEST_LOCK_CLEANUP_SECS,
@@ -13,6 +13,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::model::{NodeState, RequestState, parse_request_id};
+use crate::provider::ResourceKind;
 
 /// Deletions and deallocations of nodes. Returns the indices of nodes this
 /// pass deallocates and of nodes it deletes, so the rest of the pass can
@@ -251,7 +252,57 @@ pub(crate) fn lost_requests(s: &Snapshot, idx: &Index<'_>, plan: &mut Plan) -> V
     freed
 }
 
-/// Stale lock directories, empty nodes, leaked servers.
+/// Unattached floating IPs of providers with `clean-floating-ips` (at
+/// once, as Python does: our launches create a floating IP already bound
+/// to the server's port, so an unattached one is nobody's) and ports DOWN
+/// in two listings `port-cleanup-interval` apart. Providers without a
+/// listing this pass keep their recorded DOWN ports.
+fn leaked_resources(s: &Snapshot, cfg: &Config, local: &LocalState, plan: &mut Plan) {
+    let mut down_ports = local.down_ports.clone();
+    // Ports recorded for a provider gone from the configuration (or whose
+    // cleanup was turned off) mean nothing any more.
+    down_ports.retain(|p, _| {
+        cfg.provider(p)
+            .is_some_and(|pc| pc.port_cleanup_interval.is_some())
+    });
+    for p in &cfg.providers {
+        let Some(view) = s.providers.get(&p.name) else {
+            continue;
+        };
+        if view.outage.is_some() {
+            continue;
+        }
+        if p.clean_floating_ips
+            && let Some(fips) = &view.floating_ips
+        {
+            for fip in unattached_floating_ips(fips) {
+                plan.actions.push(Action::DeleteLeakedResource {
+                    provider: p.name.clone(),
+                    kind: ResourceKind::FloatingIp,
+                    id: fip.id.clone(),
+                });
+            }
+        }
+        if let (Some(interval), Some(ports), Some(at)) =
+            (p.port_cleanup_interval, &view.ports, view.ports_listed_at)
+        {
+            let (leaked, next) =
+                leaked_ports(ports, at, down_ports.get(&p.name), interval.as_secs_f64());
+            for port in leaked {
+                plan.actions.push(Action::DeleteLeakedResource {
+                    provider: p.name.clone(),
+                    kind: ResourceKind::Port,
+                    id: port.id.clone(),
+                });
+            }
+            down_ports.insert(p.name.clone(), next);
+        }
+    }
+    plan.down_ports = down_ports;
+}
+
+/// Stale lock directories, empty nodes, leaked servers, floating IPs and
+/// ports.
 pub(crate) fn housekeeping(
     s: &Snapshot,
     cfg: &Config,
@@ -274,6 +325,7 @@ pub(crate) fn housekeeping(
         plan.actions
             .push(Action::DeleteEmptyNode { node: id.clone() });
     }
+    leaked_resources(s, cfg, local, plan);
 
     // Leaked servers (the leak rule of `leaks`), deleted when the previous
     // check found them leaked too: one listing may race a launch that has

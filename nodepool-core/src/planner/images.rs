@@ -43,8 +43,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::leaks::leaked_images;
 use crate::config::{Config, ProviderConfig};
 use crate::model::{BuildState, UploadState};
+use crate::provider::CloudImageInfo;
 use crate::store::{BuildRecord, ImageState, UploadRecord};
 
 /// A failed build blocks new builds of its image for this long, then it is
@@ -71,6 +73,10 @@ pub struct ImageSnapshot {
     /// Builds with files in this builder's images directory, and the image
     /// formats present (`qcow2`, `raw`, ...; checksum files not counted).
     pub local_files: BTreeMap<BuildKey, BTreeSet<String>>,
+    /// Every image of a provider's cloud, for the providers whose leak
+    /// check is due this pass (listed before `images` was read, so an
+    /// upload listed here has its record there unless it leaked).
+    pub cloud_images: BTreeMap<String, Vec<CloudImageInfo>>,
 }
 
 /// What only this builder process knows.
@@ -81,6 +87,9 @@ pub struct BuilderLocal {
     /// Builds this process is running now: never dead, their files never
     /// stale, whatever the store's lock view says this instant.
     pub running_builds: BTreeSet<BuildKey>,
+    /// Cloud images that looked leaked at the previous leak check, by
+    /// (provider, cloud image id).
+    pub leak_suspects: BTreeSet<(String, String)>,
 }
 
 /// Why an image is built.
@@ -266,6 +275,14 @@ pub enum ImageAction {
         /// Why, for the log.
         reason: String,
     },
+    /// Delete a cloud image tagged as an upload of ours that the store does
+    /// not know (seen leaked by two checks in a row).
+    DeleteLeakedImage {
+        /// Provider name.
+        provider: String,
+        /// Cloud image id.
+        external_id: String,
+    },
 }
 
 impl ImageAction {
@@ -308,6 +325,10 @@ impl ImageAction {
             ImageAction::ClearUploadRequest {
                 image, provider, ..
             } => format!("clear-upload-request {image}/{provider}"),
+            ImageAction::DeleteLeakedImage {
+                provider,
+                external_id,
+            } => format!("delete-leaked-image {provider}/{external_id}"),
         }
     }
 }
@@ -319,6 +340,9 @@ pub struct ImagePlan {
     pub actions: Vec<ImageAction>,
     /// What the builder cannot act on, for the log (one line each).
     pub notes: Vec<String>,
+    /// Cloud images that look leaked now (keep for the next leak check, as
+    /// [`BuilderLocal::leak_suspects`]).
+    pub leak_suspects: BTreeSet<(String, String)>,
 }
 
 /// Newest first: by `state_time`, ties by id (both descending).
@@ -542,10 +566,53 @@ pub fn plan_images(
         },
         _ => 4,
     });
+    let leak_suspects = plan_leaked_images(snapshot, config, local, &mut deletions);
     let mut actions = builds;
     actions.extend(uploads);
     actions.extend(deletions);
-    ImagePlan { actions, notes }
+    ImagePlan {
+        actions,
+        notes,
+        leak_suspects,
+    }
+}
+
+/// Cloud images tagged as uploads of ours that the store does not know
+/// ([`leaked_images`]: failed or half-finished uploads, a builder killed
+/// mid-upload), deleted when the previous check found them leaked too, as
+/// the launcher does with servers: one listing may race an upload whose
+/// record is being written, or a deletion. Returns the suspects to keep.
+fn plan_leaked_images(
+    snapshot: &ImageSnapshot,
+    config: &Config,
+    local: &BuilderLocal,
+    deletions: &mut Vec<ImageAction>,
+) -> BTreeSet<(String, String)> {
+    let mut suspects = BTreeSet::new();
+    for p in &config.providers {
+        let Some(images) = snapshot.cloud_images.get(&p.name) else {
+            // Not checked this pass: its suspects wait for the next check.
+            suspects.extend(
+                local
+                    .leak_suspects
+                    .iter()
+                    .filter(|(sp, _)| *sp == p.name)
+                    .cloned(),
+            );
+            continue;
+        };
+        for img in leaked_images(&p.name, images, &snapshot.images) {
+            let key = (p.name.clone(), img.id.clone());
+            if local.leak_suspects.contains(&key) {
+                deletions.push(ImageAction::DeleteLeakedImage {
+                    provider: key.0.clone(),
+                    external_id: key.1.clone(),
+                });
+            }
+            suspects.insert(key);
+        }
+    }
+    suspects
 }
 
 /// How a configured provider relates to one image.

@@ -1,20 +1,27 @@
-//! The leak rules: which servers and images in a cloud's listing Nodepool
-//! made but no longer accounts for, and why.
+//! The leak rules: which servers, images, floating IPs and ports in a
+//! cloud's listing Nodepool made (or left) and no longer accounts for, and
+//! why.
 //!
 //! One rule each, used everywhere it matters: the launcher's cleanup
 //! ([`plan`](super::plan) deletes a server found leaked by two leak checks
-//! in a row, since a listing may race a launch or a deletion) and the
-//! admin command's `alien-list` / `alien-image-list`, which show what one
-//! listing finds (`nodepool_core::admin`). Plain functions of a listing and
-//! the store's records: no IO, no clock.
+//! in a row, since a listing may race a launch or a deletion; unattached
+//! floating IPs at once and DOWN ports seen in two listings
+//! `port-cleanup-interval` apart, as Python does), the builder's cleanup
+//! ([`plan_images`](super::images::plan_images) deletes an image found
+//! leaked by two checks in a row) and the admin command's `alien-list` /
+//! `alien-image-list`, which show what one listing finds
+//! (`nodepool_core::admin`). Plain functions of a listing and the store's
+//! records: no IO, no clock.
 
 use std::collections::BTreeSet;
 
 use super::fast::FastMap;
 use crate::config::ProviderConfig;
 use crate::model::{Node, NodeState, UploadState};
-use crate::provider::{CloudImageInfo, IMAGE_BUILD_ID, IMAGE_PROVIDER, Instance};
-use crate::store::{NodeRecord, UploadRecord};
+use crate::provider::{
+    CloudImageInfo, CloudResource, IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID, Instance,
+};
+use crate::store::{ImageState, NodeRecord, UploadRecord};
 
 /// Why a server counts as leaked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,6 +173,125 @@ pub fn alien_images<'a>(
                 .is_none_or(|p| *p == provider.name)
         })
         .collect()
+}
+
+/// The images of `provider`'s listing that the builder uploaded and the
+/// store no longer knows, in listing order: tagged with the provider's
+/// name (`nodepool_provider_name`), a build id and an upload id, and no
+/// upload record of the provider has that build and upload id (whatever
+/// its state). Python's rule: the key is the build *and* the upload, since
+/// upload ids repeat across builds. These are failed or half-finished
+/// uploads, or a builder killed mid-upload; the builder deletes one found
+/// leaked by two checks in a row.
+///
+/// Images of a build whose records could not all be read are never leaked
+/// (their uploads are unknown, not missing). Untagged images, images tagged
+/// for another provider, or with only part of the tags are someone else's:
+/// [`alien_images`] shows them, nothing deletes them.
+pub fn leaked_images<'a>(
+    provider: &str,
+    images: &'a [CloudImageInfo],
+    state: &ImageState,
+) -> Vec<&'a CloudImageInfo> {
+    let known: BTreeSet<(&str, &str)> = state
+        .uploads
+        .iter()
+        .filter(|u| u.provider == provider)
+        .map(|u| (u.build_id.as_str(), u.id.as_str()))
+        .collect();
+    let unreadable: BTreeSet<&str> = state
+        .unreadable_builds
+        .iter()
+        .map(|(_, b)| b.as_str())
+        .collect();
+    images
+        .iter()
+        .filter(|img| {
+            let tag = |k: &str| img.properties.get(k).map(String::as_str);
+            match (
+                tag(IMAGE_PROVIDER),
+                tag(IMAGE_BUILD_ID),
+                tag(IMAGE_UPLOAD_ID),
+            ) {
+                (Some(p), Some(build), Some(upload)) if p == provider => {
+                    !known.contains(&(build, upload)) && !unreadable.contains(build)
+                }
+                _ => false,
+            }
+        })
+        .collect()
+}
+
+/// The floating IPs of a listing attached to nothing, in listing order
+/// (openstacksdk's `delete_unattached_floating_ips`, which Python's
+/// `clean-floating-ips` calls). Only for providers with
+/// `clean-floating-ips`: every unattached floating IP of the project goes,
+/// whoever allocated it.
+pub fn unattached_floating_ips(fips: &[CloudResource]) -> Vec<&CloudResource> {
+    fips.iter().filter(|f| !f.attached).collect()
+}
+
+/// Whether a port is one the DOWN-port cleanup may delete: status `DOWN`
+/// and owned by a server (`compute:*`) or by nothing. Router, DHCP and
+/// other service ports are never touched (Python's `_filterComputePorts`).
+pub fn is_cleanable_port(port: &CloudResource) -> bool {
+    port.status.eq_ignore_ascii_case("DOWN")
+        && port
+            .device_owner
+            .as_deref()
+            .is_none_or(|o| o.is_empty() || o.starts_with("compute:"))
+}
+
+/// The DOWN ports of one provider's last counted listing: the first of
+/// the two sightings the port cleanup needs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DownPorts {
+    /// When that listing was asked for (epoch seconds).
+    pub listed_at: f64,
+    /// The ids of its cleanable ports ([`is_cleanable_port`]).
+    pub ids: BTreeSet<String>,
+}
+
+impl DownPorts {
+    /// The cleanable ports of a listing.
+    pub fn of(ports: &[CloudResource], listed_at: f64) -> Self {
+        DownPorts {
+            listed_at,
+            ids: ports
+                .iter()
+                .filter(|p| is_cleanable_port(p))
+                .map(|p| p.id.clone())
+                .collect(),
+        }
+    }
+}
+
+/// Python's DOWN-port rule: the ports of a listing (asked for at
+/// `listed_at`) that were already DOWN in `previous`, a listing at least
+/// `interval` seconds older; and the listing to compare the next one with.
+///
+/// The first listing only records what is DOWN. A listing less than
+/// `interval` after the recorded one changes nothing (the recorded one
+/// stays). Otherwise the ports DOWN in both are leaked and this listing is
+/// recorded in its place, whole: a port whose deletion fails is DOWN again
+/// next time and is retried then, as Python relists after deleting.
+pub fn leaked_ports<'a>(
+    ports: &'a [CloudResource],
+    listed_at: f64,
+    previous: Option<&DownPorts>,
+    interval: f64,
+) -> (Vec<&'a CloudResource>, DownPorts) {
+    match previous {
+        Some(prev) if listed_at - prev.listed_at < interval => (Vec::new(), prev.clone()),
+        Some(prev) => (
+            ports
+                .iter()
+                .filter(|p| is_cleanable_port(p) && prev.ids.contains(&p.id))
+                .collect(),
+            DownPorts::of(ports, listed_at),
+        ),
+        None => (Vec::new(), DownPorts::of(ports, listed_at)),
+    }
 }
 
 #[cfg(test)]
@@ -352,5 +478,129 @@ mod tests {
             .map(|i| i.id.as_str())
             .collect();
         assert_eq!(got, ["img-deleting", "img-cent", "img-p2", "img-mine"]);
+    }
+
+    #[test]
+    fn leaked_images_are_tagged_for_the_provider_and_unknown_by_build_and_upload() {
+        let image = |id: &str, props: &[(&str, &str)]| CloudImageInfo {
+            id: id.into(),
+            name: format!("name-{id}"),
+            status: "active".into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        let upload = |build: &str, provider: &str, id: &str, state: UploadState| {
+            let mut u = ImageUpload::new(1.0, None);
+            u.set_state(state, 1.0);
+            UploadRecord {
+                image: "deb".into(),
+                build_id: build.into(),
+                provider: provider.into(),
+                id: id.into(),
+                upload: u,
+                version: 0,
+                locked: false,
+                uploads_locked: false,
+            }
+        };
+        let state = ImageState {
+            uploads: vec![
+                upload("b1", "p1", "0000000001", UploadState::Ready),
+                // Any state vouches: a failed or deleting upload's image is
+                // the builder's to delete through its record.
+                upload("b1", "p1", "0000000002", UploadState::Uploading),
+                upload("b2", "p2", "0000000001", UploadState::Ready),
+            ],
+            unreadable_builds: [("deb".into(), "b-unreadable".into())].into(),
+            ..ImageState::default()
+        };
+        fn tags<'a>(b: &'a str, u: &'a str, p: &'a str) -> [(&'a str, &'a str); 3] {
+            [
+                (IMAGE_BUILD_ID, b),
+                (IMAGE_UPLOAD_ID, u),
+                (IMAGE_PROVIDER, p),
+            ]
+        }
+        let listing = [
+            image("known", &tags("b1", "0000000001", "p1")),
+            image("uploading", &tags("b1", "0000000002", "p1")),
+            // Upload ids repeat across builds: the key is both.
+            image("other-build", &tags("b2", "0000000001", "p1")),
+            image("no-record", &tags("b1", "0000000003", "p1")),
+            image("p2s", &tags("b9", "0000000001", "p2")),
+            image("unreadable", &tags("b-unreadable", "0000000001", "p1")),
+            image(
+                "no-provider",
+                &[(IMAGE_BUILD_ID, "b9"), (IMAGE_UPLOAD_ID, "0000000001")],
+            ),
+            image(
+                "no-upload",
+                &[(IMAGE_BUILD_ID, "b9"), (IMAGE_PROVIDER, "p1")],
+            ),
+            image("plain", &[]),
+        ];
+        let got: Vec<&str> = leaked_images("p1", &listing, &state)
+            .into_iter()
+            .map(|i| i.id.as_str())
+            .collect();
+        assert_eq!(got, ["other-build", "no-record"]);
+        let got: Vec<&str> = leaked_images("p2", &listing, &state)
+            .into_iter()
+            .map(|i| i.id.as_str())
+            .collect();
+        assert_eq!(got, ["p2s"]);
+    }
+
+    #[test]
+    fn floating_ips_and_ports_by_pythons_rules() {
+        let r = |kind, id: &str, status: &str, attached, owner: Option<&str>| CloudResource {
+            kind,
+            id: id.into(),
+            status: status.into(),
+            attached,
+            device_owner: owner.map(str::to_owned),
+        };
+        use crate::provider::ResourceKind::{FloatingIp, Port};
+        let fips = [
+            r(FloatingIp, "a", "ACTIVE", true, None),
+            r(FloatingIp, "b", "DOWN", false, None),
+        ];
+        let got: Vec<&str> = unattached_floating_ips(&fips)
+            .into_iter()
+            .map(|f| f.id.as_str())
+            .collect();
+        assert_eq!(got, ["b"]);
+        let ports = [
+            r(Port, "nova", "DOWN", false, Some("compute:nova")),
+            r(Port, "none", "DOWN", false, None),
+            r(Port, "empty", "DOWN", false, Some("")),
+            r(Port, "lower", "down", false, Some("compute:az1")),
+            r(Port, "active", "ACTIVE", true, Some("compute:nova")),
+            r(
+                Port,
+                "router",
+                "DOWN",
+                false,
+                Some("network:router_interface"),
+            ),
+            r(Port, "dhcp", "DOWN", false, Some("network:dhcp")),
+        ];
+        let first = DownPorts::of(&ports, 100.0);
+        assert_eq!(
+            first.ids.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["empty", "lower", "none", "nova"]
+        );
+        let (leaked, next) = leaked_ports(&ports, 100.0, None, 60.0);
+        assert!(leaked.is_empty());
+        assert_eq!(next, first);
+        let (leaked, next) = leaked_ports(&ports[..2], 159.9, Some(&first), 60.0);
+        assert!(leaked.is_empty());
+        assert_eq!(next, first, "too soon: the reference stays");
+        let (leaked, next) = leaked_ports(&ports[..2], 160.0, Some(&first), 60.0);
+        let got: Vec<&str> = leaked.into_iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(got, ["nova", "none"]);
+        assert_eq!(next.listed_at, 160.0);
     }
 }

@@ -15,6 +15,7 @@ use crate::planner::{
     Action, LaunchImage, LocalState, Plan, PoolInfo, PoolKey, ProviderOutage, ProviderView,
     Snapshot, plan,
 };
+use crate::provider::ResourceKind;
 use crate::store::{BuildRecord, NodeRecord, RequestRecord, UploadRecord};
 
 /// A modelled installation.
@@ -304,6 +305,7 @@ impl World {
             }
         }
         self.local.leak_suspects = plan.leak_suspects.clone();
+        self.local.down_ports = plan.down_ports.clone();
     }
 
     fn apply_action(&mut self, a: &Action) {
@@ -448,6 +450,17 @@ impl World {
                     && let Some(insts) = v.instances.as_mut()
                 {
                     insts.retain(|i| &i.external_id != external_id);
+                }
+            }
+            Action::DeleteLeakedResource { provider, kind, id } => {
+                if let Some(v) = self.snapshot.providers.get_mut(provider) {
+                    let list = match kind {
+                        ResourceKind::FloatingIp => v.floating_ips.as_mut(),
+                        ResourceKind::Port => v.ports.as_mut(),
+                    };
+                    if let Some(list) = list {
+                        list.retain(|r| &r.id != id);
+                    }
                 }
             }
         }

@@ -228,8 +228,17 @@ impl ImageWorld {
                         .upload_requests
                         .remove(&(image.clone(), provider.clone()));
                 }
+                ImageAction::DeleteLeakedImage {
+                    provider,
+                    external_id,
+                } => {
+                    if let Some(list) = self.snapshot.cloud_images.get_mut(provider) {
+                        list.retain(|i| &i.id != external_id);
+                    }
+                }
             }
         }
+        self.local.leak_suspects = plan.leak_suspects.clone();
     }
 
     /// Plans and applies until nothing is left to do (or `max` rounds);

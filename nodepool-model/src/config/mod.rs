@@ -163,6 +163,12 @@ pub struct SimulatedCloud {
     pub upload_failure_rate: f64,
     /// Servers tagged for this provider but unknown to the store, created at start.
     pub leaked_servers: u32,
+    /// Unattached floating IPs present from the start (`leaked-floating-ips`),
+    /// for the launcher's `clean-floating-ips` cleanup.
+    pub leaked_floating_ips: u32,
+    /// DOWN ports owned by no live server (`compute:nova`) present from the
+    /// start (`leaked-ports`), for the `port-cleanup-interval` cleanup.
+    pub leaked_ports: u32,
     /// Flavors offered.
     pub flavors: Vec<SimulatedFlavor>,
     /// Whether nodes pass nodescan without a network (like Python's `fake` driver).
@@ -222,6 +228,8 @@ impl Default for SimulatedCloud {
             delete_failure_rate: 0.0,
             upload_failure_rate: 0.0,
             leaked_servers: 0,
+            leaked_floating_ips: 0,
+            leaked_ports: 0,
             flavors: vec![
                 SimulatedFlavor {
                     name: "Fake Flavor".into(),

@@ -655,8 +655,14 @@ fn simulation(at: At<'_>, errs: &mut Errors) -> Option<SimulatedCloud> {
         }
         r.finish(errs);
     }
-    if let Some(n) = m.uint("leaked-servers", errs) {
-        sim.leaked_servers = n.min(u64::from(u32::MAX)) as u32;
+    for (key, slot) in [
+        ("leaked-servers", &mut sim.leaked_servers),
+        ("leaked-floating-ips", &mut sim.leaked_floating_ips),
+        ("leaked-ports", &mut sim.leaked_ports),
+    ] {
+        if let Some(n) = m.uint(key, errs) {
+            *slot = n.min(u64::from(u32::MAX)) as u32;
+        }
     }
     if let Some(f) = m.get("flavors")
         && let Some(items) = f.at().list(errs)

@@ -321,12 +321,12 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "providers[].clean-floating-ips",
         "false",
-        "Read and validated, not acted on yet (Python Nodepool deletes unattached floating IPs).",
+        "Delete every unattached floating IP at the launcher's cloud listing (every 60 s), as Python Nodepool does; counted in `nodepool.provider.<p>.leaked.floatingips`.",
     ),
     key(
         "providers[].port-cleanup-interval",
         "600",
-        "Read and validated (0 or less: off), not acted on yet (Python Nodepool deletes DOWN ports this often).",
+        "Seconds: a DOWN port owned by a server (`compute:*`) or by nothing, seen in two cloud listings at least this far apart, is deleted (0 or less: off); counted in `nodepool.provider.<p>.leaked.ports`.",
     ),
     key(
         "providers[].image-name-format",
@@ -630,6 +630,16 @@ pub const KEYS: &[KeyDoc] = &[
         "providers[].simulation.leaked-servers",
         "0",
         "Servers tagged as Nodepool's but unknown to it, present from the start (to watch cleanup).",
+    ),
+    key(
+        "providers[].simulation.leaked-floating-ips",
+        "0",
+        "Unattached floating IPs present from the start (to watch `clean-floating-ips`).",
+    ),
+    key(
+        "providers[].simulation.leaked-ports",
+        "0",
+        "DOWN ports owned by `compute:nova` present from the start (to watch `port-cleanup-interval`).",
     ),
     key(
         "providers[].simulation.flavors",

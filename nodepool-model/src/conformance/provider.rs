@@ -113,7 +113,8 @@ macro_rules! provider_conformance_tests {
             quota_exceeded_maps_to_quota_error,
             floating_ip_attached_and_released,
             long_metadata_never_fails_a_launch,
-            leak_resources_listable
+            leak_resources_listable,
+            missing_leak_resources_count_as_deleted
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {
@@ -615,5 +616,29 @@ pub async fn leak_resources_listable(h: &dyn Harness) {
             .await
             .expect("list ports");
         assert!(ports.iter().all(|r| r.kind == ResourceKind::Port));
+    }
+}
+
+/// Deleting a floating IP or port that does not exist succeeds (the
+/// launcher's cleanup may race a server's own release of its floating IP,
+/// or another launcher's cleanup), and changes nothing.
+pub async fn missing_leak_resources_count_as_deleted(h: &dyn Harness) {
+    let p = h.provider().await;
+    let mut kinds = vec![ResourceKind::FloatingIp];
+    if h.capabilities().ports {
+        kinds.push(ResourceKind::Port);
+    }
+    for kind in kinds {
+        let before = p.list_resources(kind).await.expect("list");
+        let missing = uuid::Uuid::new_v4().to_string();
+        bounded(h, "delete_resource", p.delete_resource(kind, &missing))
+            .await
+            .unwrap_or_else(|e| panic!("deleting a missing {kind:?}: {e:?}"));
+        let after = p.list_resources(kind).await.expect("list");
+        // Resources of concurrent tests may come and go; ours never existed.
+        assert!(
+            before.iter().all(|r| r.id != missing) && after.iter().all(|r| r.id != missing),
+            "{kind:?} {missing} appeared"
+        );
     }
 }
