@@ -72,7 +72,7 @@ async fn alien_list_shows_servers_the_store_does_not_know(backend: Backend) {
     let d = populate(&f.store).await;
     let (sim, factory) = cloud_of(&f);
     // A server for a known node, recorded on it: not an alien.
-    let known = sim.inject_leaked_server(&d.ready);
+    let known = sim.inject_leaked_server(&d.ready).await;
     let mut v = f
         .store
         .get_node(&d.ready)
@@ -86,8 +86,8 @@ async fn alien_list_shows_servers_the_store_does_not_know(backend: Backend) {
         .expect("update");
     // A server whose node is gone, and a stale server of a node that has
     // since moved on to another server: aliens.
-    let gone = sim.inject_leaked_server("0000000777");
-    let stale = sim.inject_leaked_server(&d.held);
+    let gone = sim.inject_leaked_server("0000000777").await;
+    let stale = sim.inject_leaked_server(&d.held).await;
 
     let r = cli(&f, &factory, &["alien-list"]).await;
     assert!(r.ok, "{}", r.stderr);
@@ -176,7 +176,7 @@ async fn delete_now_deletes_server_and_record(backend: Backend) {
     let f = Fixture::new(backend).await;
     let d = populate(&f.store).await;
     let (sim, factory) = cloud_of(&f);
-    let server = sim.inject_leaked_server(&d.busy);
+    let server = sim.inject_leaked_server(&d.busy).await;
     let mut v = f
         .store
         .get_node(&d.busy)
@@ -188,7 +188,7 @@ async fn delete_now_deletes_server_and_record(backend: Backend) {
         .update_node(&d.busy, &v.value, v.version)
         .await
         .expect("update");
-    assert!(sim.server_for_node(&d.busy).is_some());
+    assert!(sim.server_for_node(&d.busy).await.is_some());
 
     let r = cli(&f, &factory, &["delete", "--now", "--yes", &d.busy]).await;
     assert!(r.ok, "{}", r.stderr);
@@ -199,7 +199,10 @@ async fn delete_now_deletes_server_and_record(backend: Backend) {
         r.stdout
     );
     assert!(f.store.get_node(&d.busy).await.expect("read").is_none());
-    assert!(sim.server_for_node(&d.busy).is_none(), "the server is gone");
+    assert!(
+        sim.server_for_node(&d.busy).await.is_none(),
+        "the server is gone"
+    );
 
     // A node whose provider is not configured cannot have its server deleted.
     let mut orphan = nodepool_core::model::Node::new(

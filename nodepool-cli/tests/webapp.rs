@@ -147,7 +147,8 @@ async fn ready_lists_unavailable_providers_and_fails_without_a_store(backend: Ba
     };
     knobs.api_timeout = Duration::from_millis(200);
     let sim = SimulatedProvider::new(&pc).expect("cloud");
-    sim.set_api_fault(Some(nodepool_core::config::ApiFault::Hang));
+    sim.set_api_fault(Some(nodepool_core::config::ApiFault::Hang))
+        .await;
     let config = Arc::new(cfg);
     let factory: ProviderFactory =
         Arc::new(move |_pc| Ok(Arc::new(sim.clone()) as Arc<dyn Provider>));

@@ -190,14 +190,14 @@ async fn a_request_is_fulfilled_used_and_deleted() {
         assert!(node.value.external_id.is_some());
         assert!(node.value.interface_ip.is_some());
     }
-    assert_eq!(l.cloud("sim").server_count(), 2);
+    assert_eq!(l.cloud("sim").server_count().await, 2);
     zuul.use_nodes(&mut set, "example/project")
         .await
         .expect("in-use");
     zuul.return_nodes(set).await.expect("used");
     until("used nodes deleted with their servers", || async {
         store.list_nodes().await.expect("list").records.is_empty()
-            && l.cloud("sim").server_count() == 0
+            && l.cloud("sim").server_count().await == 0
     })
     .await;
     assert!(l.status.is_ready());
@@ -217,7 +217,7 @@ async fn min_ready_nodes_appear_without_overshoot() {
     l.passes(30).await;
     assert_eq!(nodes_in(&store, NodeState::Ready).await, 3);
     assert_eq!(store.list_nodes().await.expect("list").records.len(), 3);
-    assert_eq!(l.cloud("sim").server_count(), 3);
+    assert_eq!(l.cloud("sim").server_count().await, 3);
     assert!(
         store
             .list_requests()
@@ -300,7 +300,11 @@ async fn a_request_whose_node_types_is_not_a_list_fails_and_one_without_is_fulfi
         raw_record(&store, &none).await["nodes"],
         serde_json::json!([])
     );
-    assert_eq!(l.cloud("sim").server_count(), 0, "nothing was launched");
+    assert_eq!(
+        l.cloud("sim").server_count().await,
+        0,
+        "nothing was launched"
+    );
     l.stop().await;
 }
 
@@ -328,7 +332,7 @@ async fn launch_failures_are_retried_then_the_request_fails() {
     // The failed node and its servers are cleaned up.
     until("failed node deleted", || async {
         store.list_nodes().await.expect("list").records.is_empty()
-            && l.cloud("sim").server_count() == 0
+            && l.cloud("sim").server_count().await == 0
     })
     .await;
     l.stop().await;
@@ -345,13 +349,14 @@ async fn a_quota_error_aborts_and_relaunches_once_quota_frees() {
     })
     .await;
     l.cloud("sim")
-        .set_quota(nodepool_core::model::Limits::unlimited().with("instances", 0));
+        .set_quota(nodepool_core::model::Limits::unlimited().with("instances", 0))
+        .await;
     let id = zuul
         .submit(&NewRequest::new(vec!["small".into()]))
         .await
         .expect("submit");
     until("an aborted launch", || async {
-        l.cloud("sim").server_count() == 0
+        l.cloud("sim").server_count().await == 0
             && store
                 .get_request(&id)
                 .await
@@ -370,7 +375,8 @@ async fn a_quota_error_aborts_and_relaunches_once_quota_frees() {
         "a quota error does not fail the request"
     );
     l.cloud("sim")
-        .set_quota(nodepool_core::model::Limits::unlimited());
+        .set_quota(nodepool_core::model::Limits::unlimited())
+        .await;
     let outcome = zuul
         .wait(&id, Duration::from_secs(600))
         .await
@@ -387,9 +393,9 @@ async fn leaked_servers_are_deleted_after_two_listings() {
         l.clouds.lock().expect("lock").contains_key("sim")
     })
     .await;
-    let leaked = l.cloud("sim").inject_leaked_server("0000099999");
+    let leaked = l.cloud("sim").inject_leaked_server("0000099999").await;
     until("leaked server deleted", || async {
-        l.cloud("sim").server_count() == 0
+        l.cloud("sim").server_count().await == 0
     })
     .await;
     assert!(!leaked.is_empty());
@@ -439,8 +445,8 @@ async fn leaked_floating_ips_and_down_ports_are_deleted_and_counted() {
     let leaked_ports = resource_ids(&l, ResourceKind::Port).await;
     assert_eq!(leaked_ports.len(), 3);
     // Not ours to delete: an attached floating IP and a DHCP port.
-    let attached = cloud.inject_floating_ip(true);
-    let dhcp = cloud.inject_down_port("network:dhcp");
+    let attached = cloud.inject_floating_ip(true).await;
+    let dhcp = cloud.inject_down_port("network:dhcp").await;
     until("unattached floating IPs deleted", || async {
         resource_ids(&l, ResourceKind::FloatingIp).await == [attached.clone()]
     })
@@ -458,7 +464,7 @@ async fn leaked_floating_ips_and_down_ports_are_deleted_and_counted() {
         leaked_ports.iter().all(|p| now.contains(p)),
         "ports DOWN for less than port-cleanup-interval stay: {now:?}"
     );
-    let young = cloud.inject_down_port("");
+    let young = cloud.inject_down_port("").await;
     until("ports DOWN for the interval deleted", || async {
         let now = resource_ids(&l, ResourceKind::Port).await;
         leaked_ports.iter().all(|p| !now.contains(p))
@@ -725,7 +731,7 @@ async fn a_failing_cloud_is_routed_around(fault: ApiFault) {
     until("first pass", || async { l.status.is_ready() }).await;
     let bad = l.cloud("bad");
     let good = l.cloud("good");
-    bad.set_api_fault(Some(fault));
+    bad.set_api_fault(Some(fault)).await;
     let zuul = Requestor::new(store.clone(), "zuul");
     let t0 = tokio::time::Instant::now();
     let mut small = Vec::new();
@@ -804,7 +810,7 @@ async fn a_failing_cloud_is_routed_around(fault: ApiFault) {
     }
     // The cloud recovers: a probe finds it, and the waiting requests are
     // served there.
-    bad.set_api_fault(None);
+    bad.set_api_fault(None).await;
     for id in &gpu {
         let Outcome::Fulfilled(req) = zuul.wait(id, Duration::from_secs(300)).await.expect("wait")
         else {
@@ -823,8 +829,8 @@ async fn a_failing_cloud_is_routed_around(fault: ApiFault) {
     }
     until("every node and server deleted", || async {
         store.list_nodes().await.expect("list").records.is_empty()
-            && bad.server_count() == 0
-            && good.server_count() == 0
+            && bad.server_count().await == 0
+            && good.server_count().await == 0
     })
     .await;
     l.stop().await;

@@ -92,7 +92,7 @@ fn is_unavailable<T: std::fmt::Debug>(r: &Result<T, ProviderError>) -> bool {
 async fn a_hung_api_is_marked_unavailable_after_three_timeouts_then_calls_fail_fast() {
     let g = guarded();
     assert_eq!(g.provider.api_timeout(), Duration::from_secs(5));
-    g.cloud.set_api_fault(Some(ApiFault::Hang));
+    g.cloud.set_api_fault(Some(ApiFault::Hang)).await;
     let t0 = Instant::now();
     for n in 1..=3 {
         let e = g.provider.list_instances().await.expect_err("hung");
@@ -119,7 +119,7 @@ async fn a_hung_api_is_marked_unavailable_after_three_timeouts_then_calls_fail_f
     assert!(is_unavailable(&r), "{r:?}");
     assert!(g.provider.quota_limits().await.is_err());
     assert_eq!(t1.elapsed(), Duration::ZERO);
-    assert_eq!(g.cloud.server_count(), 0);
+    assert_eq!(g.cloud.server_count().await, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -134,7 +134,7 @@ async fn a_long_wait_is_cut_short_when_the_provider_becomes_unavailable() {
         tokio::spawn(async move { p.wait_for_instance(&id, &s).await })
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    g.cloud.set_api_fault(Some(ApiFault::ServerError));
+    g.cloud.set_api_fault(Some(ApiFault::ServerError)).await;
     let t0 = Instant::now();
     for _ in 0..3 {
         let e = provider.list_instances().await.expect_err("500");
@@ -157,9 +157,11 @@ async fn a_long_wait_is_cut_short_when_the_provider_becomes_unavailable() {
 #[tokio::test(start_paused = true)]
 async fn probes_back_off_until_one_succeeds() {
     let g = guarded();
-    g.cloud.set_api_fault(Some(ApiFault::RateLimit {
-        retry_after: Some(Duration::from_secs(1)),
-    }));
+    g.cloud
+        .set_api_fault(Some(ApiFault::RateLimit {
+            retry_after: Some(Duration::from_secs(1)),
+        }))
+        .await;
     for _ in 0..3 {
         let e = g.provider.quota_limits().await.expect_err("429");
         assert_eq!(e.retry_after(), Some(Duration::from_secs(1)));
@@ -183,7 +185,7 @@ async fn probes_back_off_until_one_succeeds() {
     assert!(is_unavailable(&g.provider.list_images().await));
     tokio::time::sleep(Duration::from_millis(1)).await;
     // The cloud recovers: the next probe closes the breaker.
-    g.cloud.set_api_fault(None);
+    g.cloud.set_api_fault(None).await;
     g.provider.list_images().await.expect("the probe answers");
     assert!(g.monitor.outage().is_none());
     assert_eq!(since.elapsed(), Duration::from_secs(6));
@@ -200,7 +202,7 @@ async fn probes_back_off_until_one_succeeds() {
 #[tokio::test(start_paused = true)]
 async fn a_probe_that_hangs_counts_as_failed_and_a_cancelled_one_hands_on() {
     let g = guarded();
-    g.cloud.set_api_fault(Some(ApiFault::Hang));
+    g.cloud.set_api_fault(Some(ApiFault::Hang)).await;
     for _ in 0..3 {
         let _ = g.provider.list_instances().await;
     }
@@ -241,12 +243,12 @@ async fn answers_about_the_request_are_no_api_failures() {
     }
     assert!(g.monitor.outage().is_none());
     // And they reset the count: two timeouts, an answer, two timeouts.
-    g.cloud.set_api_fault(Some(ApiFault::Hang));
+    g.cloud.set_api_fault(Some(ApiFault::Hang)).await;
     let _ = g.provider.list_images().await;
     let _ = g.provider.list_images().await;
-    g.cloud.set_api_fault(None);
+    g.cloud.set_api_fault(None).await;
     g.provider.list_images().await.expect("answers");
-    g.cloud.set_api_fault(Some(ApiFault::Hang));
+    g.cloud.set_api_fault(Some(ApiFault::Hang)).await;
     let _ = g.provider.list_images().await;
     let _ = g.provider.list_images().await;
     assert!(g.monitor.outage().is_none());

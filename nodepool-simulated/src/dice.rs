@@ -158,25 +158,27 @@ impl SimulatedProvider {
     /// Makes every API call fail as `fault` says, or work again with
     /// `None`. With a state file, every process's provider of this cloud
     /// sees it at its next call.
-    pub fn set_api_fault(&self, fault: Option<ApiFault>) {
-        self.hook("set_api_fault", |st, _| st.api_fault = fault);
+    pub async fn set_api_fault(&self, fault: Option<ApiFault>) {
+        self.hook("set_api_fault", |st, _| st.api_fault = fault)
+            .await;
     }
 
     /// How the API fails now, if it does.
-    pub fn api_fault(&self) -> Option<ApiFault> {
-        self.hook("api_fault", |st, _| st.api_fault)
+    pub async fn api_fault(&self) -> Option<ApiFault> {
+        self.hook("api_fault", |st, _| st.api_fault).await
     }
 
     /// Replaces the failure rates (each clamped to 0..=1). The dice streams
     /// carry on where they were. With a state file, a provider that opens
     /// the file later applies its configuration's rates again.
-    pub fn set_failure_rates(&self, rates: FailureRates) {
-        self.hook("set_failure_rates", |st, _| st.rates = rates.clamped());
+    pub async fn set_failure_rates(&self, rates: FailureRates) {
+        self.hook("set_failure_rates", |st, _| st.rates = rates.clamped())
+            .await;
     }
 
     /// The current failure rates.
-    pub fn failure_rates(&self) -> FailureRates {
-        self.hook("failure_rates", |st, _| st.rates)
+    pub async fn failure_rates(&self) -> FailureRates {
+        self.hook("failure_rates", |st, _| st.rates).await
     }
 }
 

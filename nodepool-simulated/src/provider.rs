@@ -98,9 +98,16 @@ impl SimulatedProvider {
     }
 
     /// A test hook's operation: a state file that cannot be used fails the
-    /// calling test loudly (the hooks have no error to return).
-    pub(crate) fn hook<R>(&self, what: &str, f: impl FnOnce(&mut State, Stamp) -> R) -> R {
-        match self.with_state_blocking(f) {
+    /// calling test loudly (the hooks have no error to return). Async, as
+    /// API calls are: with a state file the file lock is waited for on a
+    /// blocking thread, never on the caller's runtime worker, whose peers
+    /// may be needed by whoever holds the lock.
+    pub(crate) async fn hook<R>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut State, Stamp) -> R + Send,
+    ) -> R {
+        match self.with_state(f).await {
             Ok(r) => r,
             Err(e) => panic!("simulated cloud {}: {what}: {e}", self.inner.nova.name),
         }

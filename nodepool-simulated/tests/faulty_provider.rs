@@ -7,20 +7,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use indexmap::IndexMap;
 use nodepool_model::config::{Config, PoolLabel};
-use nodepool_model::conformance::provider::{Capabilities, Harness, UploadFile};
+
 use nodepool_model::provider::{ImageRef, InstanceSpec, META_NODE_ID, Provider, ProviderError};
 use nodepool_simulated::SimulatedProvider;
 use nodepool_simulated::faults::{Fault, FaultyProvider, Operation};
 use tokio::time::Instant;
 
-/// The file the conformance uploads send, and its digests (from `md5sum`
-/// and `sha256sum`).
-const IMAGE_BYTES: &[u8] = b"nodepool simulated image\n";
-const IMAGE_MD5: &str = "76e40e14e3d189857637e8bcf0451229";
-const IMAGE_SHA256: &str = "99709199ffe835543ab605e044495f883cc51d49ce1d1bbeca0b9c519a265420";
+mod support;
 
 const CLOUD: &str = r#"
 labels: [{name: small}, {name: huge}]
@@ -54,77 +49,15 @@ fn label(c: &Config, name: &str) -> PoolLabel {
         .clone()
 }
 
-/// The conformance harness: a fresh simulated cloud per test, behind a
-/// decorator with nothing set.
-struct Decorated {
-    config: Config,
-    _dir: tempfile::TempDir,
-    file: std::path::PathBuf,
-}
-
-impl Decorated {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("image.qcow2");
-        std::fs::write(&file, IMAGE_BYTES).expect("write image");
-        // Boots at once: the suite runs on the real clock.
-        let yaml = CLOUD.replace("boot-delay: 2", "boot-delay: 0");
-        Decorated {
-            config: Config::from_yaml(&yaml).expect("valid"),
-            _dir: dir,
-            file,
-        }
-    }
-}
-
-#[async_trait]
-impl Harness for Decorated {
-    async fn provider(&self) -> Arc<dyn Provider> {
-        let cloud = SimulatedProvider::new(&self.config.providers[0]).expect("simulated");
-        Arc::new(FaultyProvider::new(Arc::new(cloud)))
-    }
-
-    fn label(&self) -> PoolLabel {
-        label(&self.config, "small")
-    }
-
-    fn image(&self) -> ImageRef {
-        ImageRef::Cloud {
-            id: None,
-            name: "Ubuntu 22.04".into(),
-        }
-    }
-
-    fn upload_file(&self) -> UploadFile {
-        UploadFile {
-            path: self.file.clone(),
-            format: "qcow2".into(),
-            md5: IMAGE_MD5.into(),
-            sha256: IMAGE_SHA256.into(),
-        }
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            floating_ips: false,
-            ports: true,
-            console_log: true,
-            quota_error: true,
-        }
-    }
-
-    fn quota_label(&self) -> Option<PoolLabel> {
-        Some(label(&self.config, "huge"))
-    }
-
-    fn timeout(&self) -> Duration {
-        Duration::from_secs(30)
-    }
-}
-
 mod conformance_with_no_fault {
-    use super::Decorated;
-    nodepool_model::provider_conformance_tests!(Decorated::new());
+    use std::sync::Arc;
+
+    use nodepool_simulated::faults::FaultyProvider;
+
+    use super::support::Sim;
+    nodepool_model::provider_conformance_tests!(Sim::wrapped(|cloud| Arc::new(
+        FaultyProvider::new(Arc::new(cloud))
+    )));
 }
 
 /// The simulated cloud (kept for its hooks) behind a decorator.
@@ -205,7 +138,11 @@ async fn each_fault_answers_as_documented_without_reaching_the_cloud() {
     let e = p.create_instance(&spec(&r, 4)).await.expect_err("given");
     assert_eq!(e, ProviderError::Unauthenticated("token expired".into()));
 
-    assert_eq!(r.cloud.server_count(), 0, "no fault reached the cloud");
+    assert_eq!(
+        r.cloud.server_count().await,
+        0,
+        "no fault reached the cloud"
+    );
     assert_eq!(p.calls(Operation::CreateInstance), 4);
     assert_eq!(p.injected(Operation::CreateInstance), 4);
     // Other operations are untouched.
@@ -216,7 +153,7 @@ async fn each_fault_answers_as_documented_without_reaching_the_cloud() {
     p.clear(Operation::CreateInstance);
     assert_eq!(p.fault(Operation::CreateInstance), None);
     let id = p.create_instance(&spec(&r, 5)).await.expect("through");
-    assert_eq!(r.cloud.server_count(), 1);
+    assert_eq!(r.cloud.server_count().await, 1);
     assert_eq!(
         p.get_instance(&id).await.expect("get").map(|i| i.name),
         Some("np0000000005".into())
@@ -395,5 +332,5 @@ async fn the_concurrency_limit_queues_single_calls_but_not_waits() {
         w.await.expect("join").expect("active");
     }
     assert_eq!(t1.elapsed(), Duration::from_secs(2), "one boot, not five");
-    assert_eq!(r.cloud.server_count(), 5);
+    assert_eq!(r.cloud.server_count().await, 5);
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use indexmap::IndexMap;
-use nodepool_model::config::{ApiFault, Config, PoolLabel, ProviderConfig, SimulatedCloud};
+use nodepool_model::config::{ApiFault, Config, PoolLabel, SimulatedCloud};
 use nodepool_model::conformance::provider::{Capabilities, Harness, UploadFile};
 use nodepool_model::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
 use nodepool_model::provider::{
@@ -21,106 +21,9 @@ use nodepool_simulated::resolve_flavor;
 use nodepool_simulated::{FailureRates, SimulatedProvider};
 use tokio::time::Instant;
 
-/// The file every upload test sends, and its digests (from `md5sum` and
-/// `sha256sum`).
-const IMAGE_BYTES: &[u8] = b"nodepool simulated image\n";
-const IMAGE_MD5: &str = "76e40e14e3d189857637e8bcf0451229";
-const IMAGE_SHA256: &str = "99709199ffe835543ab605e044495f883cc51d49ce1d1bbeca0b9c519a265420";
+mod support;
 
-const CONFORMANCE: &str = r#"
-labels: [{name: small}, {name: huge}]
-providers:
-  - name: sim
-    driver: simulated
-    cloud: simcloud
-    region-name: RegionOne
-    simulation:
-      boot-delay: 0
-      delete-delay: 0
-      quota: {instances: 100, cores: 64, ram: 1000000}
-      flavors:
-        - {name: small, vcpus: 2, ram: 2048}
-        - {name: huge, vcpus: 128, ram: 8192}
-    cloud-images: [{name: ubuntu, image-name: Ubuntu 22.04}]
-    pools:
-      - name: main
-        labels:
-          - {name: small, cloud-image: ubuntu, min-ram: 1024}
-          - {name: huge, cloud-image: ubuntu, flavor-name: huge}
-"#;
-
-fn config(yaml: &str) -> Config {
-    Config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config is invalid: {e}"))
-}
-
-fn pool_label(p: &ProviderConfig, name: &str) -> PoolLabel {
-    p.pools[0].label(name).expect("pool label").clone()
-}
-
-/// The conformance harness: a fresh cloud per test, with a quota a `huge`
-/// server cannot fit.
-struct Sim {
-    config: Config,
-    _dir: tempfile::TempDir,
-    file: PathBuf,
-}
-
-impl Sim {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = dir.path().join("image.qcow2");
-        std::fs::write(&file, IMAGE_BYTES).expect("write image");
-        Sim {
-            config: config(CONFORMANCE),
-            _dir: dir,
-            file,
-        }
-    }
-}
-
-#[async_trait]
-impl Harness for Sim {
-    async fn provider(&self) -> Arc<dyn Provider> {
-        Arc::new(SimulatedProvider::new(&self.config.providers[0]).expect("simulated"))
-    }
-
-    fn label(&self) -> PoolLabel {
-        pool_label(&self.config.providers[0], "small")
-    }
-
-    fn image(&self) -> ImageRef {
-        ImageRef::Cloud {
-            id: None,
-            name: "Ubuntu 22.04".into(),
-        }
-    }
-
-    fn upload_file(&self) -> UploadFile {
-        UploadFile {
-            path: self.file.clone(),
-            format: "qcow2".into(),
-            md5: IMAGE_MD5.into(),
-            sha256: IMAGE_SHA256.into(),
-        }
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            floating_ips: false,
-            ports: true,
-            console_log: true,
-            quota_error: true,
-        }
-    }
-
-    fn quota_label(&self) -> Option<PoolLabel> {
-        Some(pool_label(&self.config.providers[0], "huge"))
-    }
-
-    fn timeout(&self) -> Duration {
-        Duration::from_secs(30)
-    }
-}
+use support::{CONFORMANCE, IMAGE_BYTES, IMAGE_MD5, IMAGE_SHA256, Sim, config, pool_label};
 
 mod conformance {
     use super::Sim;
@@ -362,7 +265,7 @@ async fn create_over_quota_is_refused_like_nova() {
     );
     assert_eq!(e.metric_label(), "quota");
     assert_eq!(
-        c.provider.server_count(),
+        c.provider.server_count().await,
         2,
         "a refused create leaves nothing"
     );
@@ -394,10 +297,10 @@ async fn create_over_quota_is_refused_like_nova() {
     assert!(e.to_string().contains("Quota exceeded for ram"), "{e}");
 
     // the quota can change under a running cloud
-    c.provider.set_quota(Limits::unlimited());
+    c.provider.set_quota(Limits::unlimited()).await;
     launch(&c, 3).await.expect("unlimited now");
     assert_eq!(
-        c.provider.usage(),
+        c.provider.usage().await,
         Resources::server(6, 6144).with(INSTANCES, 3)
     );
 }
@@ -415,7 +318,7 @@ async fn failed_servers_use_quota_until_deleted() {
         .expect_err("the ERROR server still counts, as in Nova");
     assert!(matches!(e, ProviderError::QuotaExceeded(_)), "{e:?}");
     c.provider.delete_instance(&id).await.expect("delete");
-    assert_eq!(c.provider.usage().get(INSTANCES), 0);
+    assert_eq!(c.provider.usage().await.get(INSTANCES), 0);
 }
 
 // ----- failure dice -----
@@ -489,14 +392,16 @@ async fn a_failed_create_goes_error_with_a_fault() {
     assert_eq!(got.node_id().as_deref(), Some("0000000001"));
 
     // the rates can be changed while running
-    c.provider.set_failure_rates(FailureRates::default());
-    assert_eq!(c.provider.failure_rates(), FailureRates::default());
+    c.provider.set_failure_rates(FailureRates::default()).await;
+    assert_eq!(c.provider.failure_rates().await, FailureRates::default());
     launch(&c, 2).await.expect("no failures now");
-    c.provider.set_failure_rates(FailureRates {
-        create: 7.0,
-        ..FailureRates::default()
-    });
-    assert_eq!(c.provider.failure_rates().create, 1.0, "clamped");
+    c.provider
+        .set_failure_rates(FailureRates {
+            create: 7.0,
+            ..FailureRates::default()
+        })
+        .await;
+    assert_eq!(c.provider.failure_rates().await.create, 1.0, "clamped");
     assert!(launch(&c, 3).await.is_err());
 }
 
@@ -517,11 +422,11 @@ async fn a_failed_delete_leaves_the_server_in_error() {
         .expect("get")
         .expect("still there");
     assert!(matches!(got.status, InstanceStatus::Error(_)), "{got:?}");
-    assert_eq!(c.provider.usage().get(INSTANCES), 1);
-    c.provider.set_failure_rates(FailureRates::default());
+    assert_eq!(c.provider.usage().await.get(INSTANCES), 1);
+    c.provider.set_failure_rates(FailureRates::default()).await;
     c.provider.delete_instance(&id).await.expect("retry works");
     assert_eq!(c.provider.get_instance(&id).await.expect("get"), None);
-    assert_eq!(c.provider.server_count(), 0);
+    assert_eq!(c.provider.server_count().await, 0);
 }
 
 #[tokio::test]
@@ -536,7 +441,7 @@ async fn a_failed_upload_leaves_no_image() {
         .expect_err("upload fails");
     assert!(e.to_string().contains("simulated upload failure"), "{e}");
     assert_eq!(c.provider.list_images().await.expect("list").len(), before);
-    c.provider.set_failure_rates(FailureRates::default());
+    c.provider.set_failure_rates(FailureRates::default()).await;
     c.provider
         .upload_image(&upload_spec(path, "works"))
         .await
@@ -601,7 +506,7 @@ async fn delete_delay_is_exact_on_the_paused_clock() {
         .expect("still there");
     assert_eq!(got.status, InstanceStatus::Deleting);
     assert_eq!(
-        c.provider.usage().get(INSTANCES),
+        c.provider.usage().await.get(INSTANCES),
         1,
         "a server being deleted still uses quota"
     );
@@ -616,7 +521,7 @@ async fn delete_delay_is_exact_on_the_paused_clock() {
     assert_eq!(done2, done1);
     assert_eq!(c.provider.get_instance(&id).await.expect("get"), None);
     assert!(c.provider.list_instances().await.expect("list").is_empty());
-    assert_eq!(c.provider.usage().get(INSTANCES), 0);
+    assert_eq!(c.provider.usage().await.get(INSTANCES), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -637,12 +542,16 @@ async fn fail_server_wakes_a_waiting_launch() {
         ids.push(id);
     }
     tokio::time::advance(Duration::from_secs(10)).await;
-    assert!(c.provider.fail_server(
-        &ids[0],
-        "Quota exceeded for cores: Requested 2, but already used 20 of 20 cores"
-    ));
-    assert!(c.provider.fail_server(&ids[1], "hypervisor on fire"));
-    assert!(!c.provider.fail_server("no-such-server", "x"));
+    assert!(
+        c.provider
+            .fail_server(
+                &ids[0],
+                "Quota exceeded for cores: Requested 2, but already used 20 of 20 cores"
+            )
+            .await
+    );
+    assert!(c.provider.fail_server(&ids[1], "hypervisor on fire").await);
+    assert!(!c.provider.fail_server("no-such-server", "x").await);
     let (r0, t0) = waits.remove(0).await.expect("join");
     let (r1, t1) = waits.remove(0).await.expect("join");
     assert!(
@@ -686,7 +595,7 @@ async fn a_cancelled_delete_still_completes() {
     assert!(r.is_err(), "still deleting after 1 s");
     tokio::time::advance(Duration::from_secs(4)).await;
     assert_eq!(c.provider.get_instance(&id).await.expect("get"), None);
-    assert_eq!(c.provider.server_count(), 0);
+    assert_eq!(c.provider.server_count().await, 0);
 }
 
 // ----- leaks -----
@@ -716,17 +625,18 @@ async fn leaked_servers_exist_from_the_start() {
 
     // and more can be injected
     let c = cloud("");
-    assert_eq!(c.provider.server_count(), 0);
-    let id = c.provider.inject_leaked_server("0000000777");
+    assert_eq!(c.provider.server_count().await, 0);
+    let id = c.provider.inject_leaked_server("0000000777").await;
     let found = c
         .provider
         .server_for_node("0000000777")
+        .await
         .expect("found by node id");
     assert_eq!(found.external_id, id);
     assert_eq!(found.status, InstanceStatus::Active);
     assert_eq!(found.provider_name().as_deref(), Some("sim"));
-    assert_eq!(c.provider.server_count(), 1);
-    assert!(c.provider.server_for_node("0000000778").is_none());
+    assert_eq!(c.provider.server_count().await, 1);
+    assert!(c.provider.server_for_node("0000000778").await.is_none());
 }
 
 // ----- tagging, addresses, placement -----
@@ -1070,9 +980,9 @@ async fn floating_ips_and_ports_can_be_injected_and_deleted() {
                 .is_empty()
         );
     }
-    let free = c.provider.inject_floating_ip(false);
-    let used = c.provider.inject_floating_ip(true);
-    let port = c.provider.inject_down_port("compute:nova");
+    let free = c.provider.inject_floating_ip(false).await;
+    let used = c.provider.inject_floating_ip(true).await;
+    let port = c.provider.inject_down_port("compute:nova").await;
     let fips = c
         .provider
         .list_resources(ResourceKind::FloatingIp)
@@ -1145,8 +1055,8 @@ async fn a_thousand_launches_and_deletes() {
         Duration::from_millis(100),
         "all boot together"
     );
-    assert_eq!(c.provider.server_count(), 1000);
-    assert_eq!(c.provider.usage().get(CORES), 2000);
+    assert_eq!(c.provider.server_count().await, 1000);
+    assert_eq!(c.provider.usage().await.get(CORES), 2000);
     let deletes: Vec<_> = ids
         .into_iter()
         .map(|id| {
@@ -1157,8 +1067,8 @@ async fn a_thousand_launches_and_deletes() {
     for d in deletes {
         d.await.expect("join").expect("delete");
     }
-    assert_eq!(c.provider.server_count(), 0);
-    assert!(c.provider.usage().iter().all(|(_, v)| v == 0));
+    assert_eq!(c.provider.server_count().await, 0);
+    assert!(c.provider.usage().await.iter().all(|(_, v)| v == 0));
     eprintln!(
         "1,000 create+wait+delete cycles: {:?} real time",
         real.elapsed()
@@ -1273,7 +1183,7 @@ struct SharedSim {
 impl SharedSim {
     fn new() -> Self {
         let mut sim = Sim::new();
-        let state = sim._dir.path().join("cloud.json");
+        let state = sim.dir.path().join("cloud.json");
         sim.config = conformance_on(&state);
         SharedSim { sim, state }
     }
@@ -1346,10 +1256,10 @@ async fn the_state_file_outlives_its_providers() {
         .upload_image(&upload_spec(path, "kept"))
         .await
         .expect("upload");
-    let fip = a.provider.inject_floating_ip(false);
-    let port = a.provider.inject_down_port("compute:nova");
+    let fip = a.provider.inject_floating_ip(false).await;
+    let port = a.provider.inject_down_port("compute:nova").await;
     let before = a.provider.get_instance(&server).await.expect("get");
-    let usage = a.provider.usage();
+    let usage = a.provider.usage().await;
     drop(a);
 
     // A new provider finds everything as it was.
@@ -1360,10 +1270,11 @@ async fn the_state_file_outlives_its_providers() {
         after.as_ref().map(|i| i.status.clone()),
         Some(InstanceStatus::Active)
     );
-    assert_eq!(b.provider.usage(), usage);
+    assert_eq!(b.provider.usage().await, usage);
     assert_eq!(
         b.provider
             .server_for_node("0000000007")
+            .await
             .map(|i| i.external_id),
         Some(server.clone())
     );
@@ -1412,7 +1323,7 @@ async fn the_state_file_outlives_its_providers() {
     );
 
     b.provider.delete_instance(&server).await.expect("delete");
-    assert_eq!(reopen(&b).server_count(), 0);
+    assert_eq!(reopen(&b).server_count().await, 0);
 }
 
 #[tokio::test]
@@ -1489,7 +1400,11 @@ async fn waits_notice_what_another_provider_does() {
             .map(|i| i.status),
         Some(InstanceStatus::Building)
     );
-    assert!(a.provider.fail_server(&failing, "Quota exceeded for ram"));
+    assert!(
+        a.provider
+            .fail_server(&failing, "Quota exceeded for ram")
+            .await
+    );
     a.provider.delete_instance(&deleted).await.expect("delete");
     let (r1, r2) = tokio::time::timeout(Duration::from_secs(30), waits)
         .await
@@ -1551,7 +1466,7 @@ async fn delays_run_on_the_wall_clock() {
         "{:?}",
         deleting.elapsed()
     );
-    assert_eq!(b.server_count(), 0);
+    assert_eq!(b.server_count().await, 0);
 }
 
 #[tokio::test]
@@ -1624,10 +1539,10 @@ async fn leaked_floating_ips_and_ports_exist_from_the_start_and_can_be_deleted()
 async fn opening_applies_the_configuration_and_keeps_the_cloud() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = cloud_on(dir.path(), "leaked-servers: 2, quota: {instances: 5}");
-    assert_eq!(first.provider.server_count(), 2);
+    assert_eq!(first.provider.server_count().await, 2);
     // The same configuration again: the leaked servers are not made twice.
     let again = cloud_on(dir.path(), "leaked-servers: 2, quota: {instances: 5}");
-    assert_eq!(again.provider.server_count(), 2);
+    assert_eq!(again.provider.server_count().await, 2);
     // Nor are leaked floating IPs and ports: the file is created once.
     let fips = cloud_on(dir.path(), "leaked-floating-ips: 2, leaked-ports: 1");
     assert!(
@@ -1637,16 +1552,20 @@ async fn opening_applies_the_configuration_and_keeps_the_cloud() {
             .expect("list")
             .is_empty()
     );
-    assert_eq!(first.provider.server_count(), 2);
+    assert_eq!(first.provider.server_count().await, 2);
 
     // A hook changes the cloud for every provider...
     first
         .provider
-        .set_quota(Limits::unlimited().with(INSTANCES, 3));
-    first.provider.set_failure_rates(FailureRates {
-        create: 1.0,
-        ..FailureRates::default()
-    });
+        .set_quota(Limits::unlimited().with(INSTANCES, 3))
+        .await;
+    first
+        .provider
+        .set_failure_rates(FailureRates {
+            create: 1.0,
+            ..FailureRates::default()
+        })
+        .await;
     assert_eq!(
         again
             .provider
@@ -1656,7 +1575,7 @@ async fn opening_applies_the_configuration_and_keeps_the_cloud() {
             .get(INSTANCES),
         Some(3)
     );
-    assert_eq!(again.provider.failure_rates().create, 1.0);
+    assert_eq!(again.provider.failure_rates().await.create, 1.0);
 
     // ...until a provider opens the file with another configuration: its
     // quota, rates and cloud images apply; the servers stay.
@@ -1676,8 +1595,8 @@ async fn opening_applies_the_configuration_and_keeps_the_cloud() {
             p.quota_limits().await.expect("limits").get(INSTANCES),
             Some(9)
         );
-        assert_eq!(p.failure_rates(), FailureRates::default());
-        assert_eq!(p.server_count(), 2);
+        assert_eq!(p.failure_rates().await, FailureRates::default());
+        assert_eq!(p.server_count().await, 2);
         let names: Vec<String> = p
             .list_images()
             .await
@@ -1712,8 +1631,8 @@ providers:
     ));
     let east = SimulatedProvider::new(&cfg.providers[0]).expect("east");
     let west = SimulatedProvider::new(&cfg.providers[1]).expect("west");
-    assert_eq!(east.server_count(), 1);
-    assert_eq!(west.server_count(), 0);
+    assert_eq!(east.server_count().await, 1);
+    assert_eq!(west.server_count().await, 0);
     let leaked = east.list_instances().await.expect("list");
     assert_eq!(leaked[0].provider_name().as_deref(), Some("east"));
     let doc: serde_json::Value =
@@ -1800,7 +1719,7 @@ async fn concurrent_operations_of_two_providers_lose_nothing() {
     assert_eq!(listed.len(), 100, "no create was lost");
     let addresses: HashSet<_> = listed.iter().map(|i| i.public_ipv4.clone()).collect();
     assert_eq!(addresses.len(), 100, "every server got its own address");
-    assert_eq!(b.provider.usage().get(INSTANCES), 100);
+    assert_eq!(b.provider.usage().await.get(INSTANCES), 100);
     let deletes: Vec<_> = ids
         .into_iter()
         .enumerate()
@@ -1816,8 +1735,8 @@ async fn concurrent_operations_of_two_providers_lose_nothing() {
     for d in deletes {
         d.await.expect("join").expect("delete");
     }
-    assert_eq!(a.provider.server_count(), 0);
-    assert!(b.provider.usage().iter().all(|(_, v)| v == 0));
+    assert_eq!(a.provider.server_count().await, 0);
+    assert!(b.provider.usage().await.iter().all(|(_, v)| v == 0));
 }
 
 /// Set in the copy of this test binary that
@@ -1872,7 +1791,7 @@ async fn a_second_process_shares_the_cloud() {
     assert_eq!(inst.status, InstanceStatus::Active);
     assert_eq!(inst.node_id().as_deref(), Some("0000000002"));
     assert_eq!(c.provider.get_instance(&ours).await.expect("get"), None);
-    assert_eq!(c.provider.server_count(), 1);
+    assert_eq!(c.provider.server_count().await, 1);
 }
 
 /// The second process: sees the first's server, makes its own, deletes
@@ -1952,8 +1871,8 @@ async fn a_hung_api_times_out_after_api_timeout_and_recovers_when_cleared() {
     assert_eq!(c.provider.api_timeout(), Duration::from_secs(5));
     let s = spec(&c, 1);
     let id = c.provider.create_instance(&s).await.expect("create");
-    c.provider.set_api_fault(Some(ApiFault::Hang));
-    assert_eq!(c.provider.api_fault(), Some(ApiFault::Hang));
+    c.provider.set_api_fault(Some(ApiFault::Hang)).await;
+    assert_eq!(c.provider.api_fault().await, Some(ApiFault::Hang));
     let t0 = Instant::now();
     let e = c.provider.list_instances().await.expect_err("hung");
     assert!(matches!(e, ProviderError::Timeout(_)), "{e:?}");
@@ -1975,12 +1894,12 @@ async fn a_hung_api_times_out_after_api_timeout_and_recovers_when_cleared() {
     );
     // The cloud itself carries on (the hooks are no API calls): the server
     // booted meanwhile.
-    assert_eq!(c.provider.server_count(), 1);
+    assert_eq!(c.provider.server_count().await, 1);
     // A hung call goes through once the fault is cleared.
     let cloud = c.provider.clone();
     let hung = tokio::spawn(async move { cloud.quota_limits().await });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    c.provider.set_api_fault(None);
+    c.provider.set_api_fault(None).await;
     hung.await.expect("join").expect("answered once cleared");
     let i = c.provider.wait_for_instance(&id, &s).await.expect("active");
     assert_eq!(i.status, InstanceStatus::Active);
@@ -1989,19 +1908,21 @@ async fn a_hung_api_times_out_after_api_timeout_and_recovers_when_cleared() {
 #[tokio::test]
 async fn server_errors_and_rate_limits_answer_at_once() {
     let c = cloud("api-fault: server-error");
-    assert_eq!(c.provider.api_fault(), Some(ApiFault::ServerError));
+    assert_eq!(c.provider.api_fault().await, Some(ApiFault::ServerError));
     let e = launch(&c, 1).await.expect_err("500");
     assert!(matches!(e, ProviderError::Transient(_)), "{e:?}");
     assert!(e.to_string().contains("HTTP 500"), "{e}");
-    assert_eq!(c.provider.server_count(), 0, "nothing was created");
-    c.provider.set_api_fault(Some(ApiFault::RateLimit {
-        retry_after: Some(Duration::from_secs(30)),
-    }));
+    assert_eq!(c.provider.server_count().await, 0, "nothing was created");
+    c.provider
+        .set_api_fault(Some(ApiFault::RateLimit {
+            retry_after: Some(Duration::from_secs(30)),
+        }))
+        .await;
     let e = c.provider.quota_limits().await.expect_err("429");
     assert_eq!(e.retry_after(), Some(Duration::from_secs(30)));
     assert!(e.to_string().contains("HTTP 429"), "{e}");
     assert_eq!(e.metric_label(), "ratelimit");
-    c.provider.set_api_fault(None);
+    c.provider.set_api_fault(None).await;
     launch(&c, 2).await.expect("works again");
 }
 
@@ -2014,7 +1935,8 @@ async fn an_api_fault_set_through_the_state_file_reaches_every_process() {
     launch(&launcher, 1).await.expect("works");
     drill
         .provider
-        .set_api_fault(Some(ApiFault::RateLimit { retry_after: None }));
+        .set_api_fault(Some(ApiFault::RateLimit { retry_after: None }))
+        .await;
     let e = launcher.provider.list_instances().await.expect_err("429");
     assert!(
         matches!(
@@ -2031,7 +1953,7 @@ async fn an_api_fault_set_through_the_state_file_reaches_every_process() {
     let late = cloud(&file);
     assert!(late.provider.list_images().await.is_err());
     // ... and clearing it reaches everyone.
-    drill.provider.set_api_fault(None);
+    drill.provider.set_api_fault(None).await;
     assert_eq!(
         launcher
             .provider
@@ -2041,7 +1963,7 @@ async fn an_api_fault_set_through_the_state_file_reaches_every_process() {
             .len(),
         1
     );
-    assert_eq!(late.provider.api_fault(), None);
+    assert_eq!(late.provider.api_fault().await, None);
     // A configured fault is applied by the provider that opens the file.
     let faulty = cloud(&format!(
         "{file}, api-fault: {{mode: rate-limit, retry-after: 7}}"
@@ -2052,7 +1974,7 @@ async fn an_api_fault_set_through_the_state_file_reaches_every_process() {
         .await
         .expect_err("configured fault");
     assert_eq!(
-        launcher.provider.api_fault(),
+        launcher.provider.api_fault().await,
         Some(ApiFault::RateLimit {
             retry_after: Some(Duration::from_secs(7))
         })

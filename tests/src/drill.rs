@@ -1854,7 +1854,7 @@ pub async fn cloud_fault(p: &Params, fault: ApiFault, fault_for: Duration) -> Re
     d.submit(p.requests).await;
     // Launches of the bad provider under way, so the fault hits them.
     let n = d.until_in_flight(1, None).await;
-    d.clouds.get(&bad).set_api_fault(Some(fault));
+    d.clouds.get(&bad).set_api_fault(Some(fault)).await;
     let fault_at = Instant::now();
     d.note(format!(
         "{bad}'s API fails ({fault:?}) with {n} launches in flight"
@@ -1887,7 +1887,7 @@ pub async fn cloud_fault(p: &Params, fault: ApiFault, fault_for: Duration) -> Re
     }
     // The fault's length, not a wait for an outcome.
     tokio::time::sleep(fault_for.saturating_sub(fault_at.elapsed())).await;
-    d.clouds.get(&bad).set_api_fault(None);
+    d.clouds.get(&bad).set_api_fault(None).await;
     d.note(format!("{bad}'s API works again"));
     let back = until(Duration::from_secs(90), || async {
         match provider_marked_unavailable(&d, &bad).await? {

@@ -206,7 +206,7 @@ async fn routed_around(backend: Backend, fault: ApiFault) {
     pool_ids(&store).await;
 
     // The preferred cloud's API fails, then the burst comes.
-    bad.set_api_fault(Some(fault));
+    bad.set_api_fault(Some(fault)).await;
     let started = tokio::time::Instant::now();
     let mut small = Vec::new();
     for i in 0..BURST {
@@ -287,7 +287,7 @@ async fn routed_around(backend: Backend, fault: ApiFault) {
 
     // The fault is cleared: a probe finds the cloud again, and the waiting
     // requests are served there.
-    bad.set_api_fault(None);
+    bad.set_api_fault(None).await;
     for id in &gpu {
         let Outcome::Fulfilled(req) = zuul.wait(id, SERVED).await.unwrap_or_else(|e| {
             panic!("{fault:?}: {id} after the recovery: {e}\n{}", daemon.log())
@@ -310,7 +310,7 @@ async fn routed_around(backend: Backend, fault: ApiFault) {
     }
     until("every node and server deleted", CLEANUP, || async {
         let nodes = store.list_nodes().await.map_err(|e| e.to_string())?.records;
-        let (b, g) = (bad.server_count(), good.server_count());
+        let (b, g) = (bad.server_count().await, good.server_count().await);
         if nodes.is_empty() && b == 0 && g == 0 {
             Ok(())
         } else {

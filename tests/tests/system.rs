@@ -106,7 +106,11 @@ async fn requests_are_fulfilled_and_used_nodes_deleted(backend: Backend) {
                     .collect::<Vec<_>>()
             );
         }
-        nodes.is_empty() && cloud(&clouds, "sim").is_some_and(|c| c.server_count() == 0)
+        let servers = match cloud(&clouds, "sim") {
+            Some(c) => c.server_count().await,
+            None => 0,
+        };
+        nodes.is_empty() && servers == 0
     })
     .await;
     l.stop().await;
@@ -211,10 +215,10 @@ async fn a_leaked_server_is_deleted(backend: Backend) {
     })
     .await;
     let sim = cloud(&clouds, "sim").expect("cloud");
-    sim.inject_leaked_server("0000777777");
-    assert_eq!(sim.server_count(), 1);
+    sim.inject_leaked_server("0000777777").await;
+    assert_eq!(sim.server_count().await, 1);
     eventually("leaked server deleted after two listings", WAIT, || async {
-        sim.server_count() == 0
+        sim.server_count().await == 0
     })
     .await;
     l.stop().await;
