@@ -2,7 +2,7 @@
 //! request, pool by pool (`nodepool request-explain`, the web app's
 //! `/request-explain/<id>`).
 //!
-//! Pure, like [`plan`](super::plan): every configured pool is looked at
+//! Pure, like [`plan`]: every configured pool is looked at
 //! through the same index and quota accounting a launcher's pass builds,
 //! and whether a pool would take the request now is what a real pass
 //! plans. Only the wording is the explanation's own.
