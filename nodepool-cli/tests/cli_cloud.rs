@@ -84,10 +84,27 @@ async fn alien_list_shows_servers_the_store_does_not_know(backend: Backend) {
         .update_node(&d.ready, &v.value, v.version)
         .await
         .expect("update");
+    // Tagged the pre-2019 way (one JSON `nodepool` key, seed 001's
+    // upgrade path) for a known node, recorded on it: ours and accounted
+    // for, not an alien.
+    let legacy = sim.inject_legacy_tagged_server(&d.busy).await;
+    let mut v = f
+        .store
+        .get_node(&d.busy)
+        .await
+        .expect("read")
+        .expect("node");
+    v.value.external_id = Some(legacy.clone());
+    f.store
+        .update_node(&d.busy, &v.value, v.version)
+        .await
+        .expect("update");
     // A server whose node is gone, and a stale server of a node that has
-    // since moved on to another server: aliens.
+    // since moved on to another server: aliens; the same for a server
+    // tagged the old way whose node is gone.
     let gone = sim.inject_leaked_server("0000000777").await;
     let stale = sim.inject_leaked_server(&d.held).await;
+    let legacy_gone = sim.inject_legacy_tagged_server("0000000778").await;
 
     let r = cli(&f, &factory, &["alien-list"]).await;
     assert!(r.ok, "{}", r.stderr);
@@ -96,15 +113,20 @@ async fn alien_list_shows_servers_the_store_does_not_know(backend: Backend) {
         common::header(t),
         ["Provider", "Hostname", "Server ID", "IP"]
     );
-    assert_eq!(common::row_count(t), 2, "{t}");
+    assert_eq!(common::row_count(t), 3, "{t}");
     let cells = row(t, &gone);
     assert_eq!(cells[..3], ["sim", "np0000000777", gone.as_str()]);
     row(t, &stale);
+    row(t, &legacy_gone);
     assert!(!t.contains(&known), "{t}");
+    assert!(
+        !t.contains(&legacy),
+        "the legacy-tagged server of a node is ours: {t}"
+    );
 
     let r = cli(&f, &factory, &["--json", "alien-list", "sim"]).await;
     let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON");
-    assert_eq!(v.as_array().map(Vec::len), Some(2));
+    assert_eq!(v.as_array().map(Vec::len), Some(3));
     assert_eq!(v[0]["provider"], "sim");
 
     let r = cli(&f, &factory, &["alien-list", "elsewhere"]).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nodepool_core::config::{ApiFault, Config};
 use nodepool_core::launcher::{Launcher, LauncherSettings, ObserverIntervals};
-use nodepool_core::model::{ComponentKind, NodeState, RequestState};
+use nodepool_core::model::{ComponentKind, Node, NodeState, RequestState};
 use nodepool_core::provider::{Provider, ResourceKind};
 use nodepool_core::runtime::ProviderFactory;
 use nodepool_core::store::Store;
@@ -399,6 +399,45 @@ async fn leaked_servers_are_deleted_after_two_listings() {
     })
     .await;
     assert!(!leaked.is_empty());
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn servers_tagged_the_legacy_way_are_ours_kept_with_their_node_and_leaked_without() {
+    let (_mem, store) = store();
+    let l = start(store.clone(), BASE, "l1");
+    until("cloud set up", || async {
+        l.clouds.lock().expect("lock").contains_key("sim")
+    })
+    .await;
+    let sim = l.cloud("sim");
+    // A held node whose server carries the pre-2019 JSON `nodepool` tag.
+    let node = Node::new(NodeState::Hold, 0.0, "sim", "main", vec!["small".into()]);
+    let id = store.create_node(&node).await.expect("create node");
+    let kept = sim.inject_legacy_tagged_server(&id).await;
+    let mut v = store.get_node(&id).await.expect("read").expect("node");
+    v.value.external_id = Some(kept.clone());
+    store
+        .update_node(&id, &v.value, v.version)
+        .await
+        .expect("record the server");
+    // The same tag for a node that does not exist: leaked.
+    let leaked = sim.inject_legacy_tagged_server("0000088888").await;
+    until("the legacy-tagged leaked server deleted", || async {
+        !sim.instances()
+            .await
+            .iter()
+            .any(|i| i.external_id == leaked)
+    })
+    .await;
+    assert!(
+        sim.instances().await.iter().any(|i| i.external_id == kept),
+        "the held node's legacy-tagged server was deleted"
+    );
+    assert_eq!(
+        l.metrics.counter("nodepool.provider.sim.leaked.instances"),
+        1
+    );
     l.stop().await;
 }
 

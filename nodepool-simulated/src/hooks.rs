@@ -24,6 +24,28 @@ impl SimulatedProvider {
         .await
     }
 
+    /// Adds an ACTIVE server tagged the way Nodepool tagged servers before
+    /// the `nodepool_*` keys (seed 001's upgrade path): one `nodepool` key
+    /// holding JSON with `provider_name`, `node_id` (a number, as Python
+    /// wrote it) and `image_name`. Returns its cloud id.
+    pub async fn inject_legacy_tagged_server(&self, node_id: &str) -> String {
+        self.hook("inject_legacy_tagged_server", |st, now| {
+            let mut server = self.inner.nova.leaked_server(node_id, now);
+            let number: u64 = node_id.trim_start_matches('0').parse().unwrap_or(0);
+            server.metadata = [(
+                nodepool_model::provider::META_LEGACY_JSON.to_owned(),
+                format!(
+                    r#"{{"provider_name": "{}", "node_id": {number}, "image_name": "legacy-image"}}"#,
+                    self.inner.nova.name
+                ),
+            )]
+            .into_iter()
+            .collect();
+            self.inner.nova.insert_server(st, server)
+        })
+        .await
+    }
+
     /// Adds a floating IP (attached to a port or not) and returns its id;
     /// for `clean-floating-ips` tests.
     pub async fn inject_floating_ip(&self, attached: bool) -> String {
