@@ -67,38 +67,28 @@ async fn run(f: &Fixture, factory: &ProviderFactory, args: &[&str], terminal: Op
     }
 }
 
+/// Records `server` as node `id`'s server.
+async fn record_server(f: &Fixture, id: &str, server: &str) {
+    let mut v = f.store.get_node(id).await.expect("read").expect("node");
+    v.value.external_id = Some(server.to_owned());
+    f.store
+        .update_node(id, &v.value, v.version)
+        .await
+        .expect("update");
+}
+
 async fn alien_list_shows_servers_the_store_does_not_know(backend: Backend) {
     let f = Fixture::new(backend).await;
     let d = populate(&f.store).await;
     let (sim, factory) = cloud_of(&f);
     // A server for a known node, recorded on it: not an alien.
     let known = sim.inject_leaked_server(&d.ready).await;
-    let mut v = f
-        .store
-        .get_node(&d.ready)
-        .await
-        .expect("read")
-        .expect("node");
-    v.value.external_id = Some(known.clone());
-    f.store
-        .update_node(&d.ready, &v.value, v.version)
-        .await
-        .expect("update");
+    record_server(&f, &d.ready, &known).await;
     // Tagged the pre-2019 way (one JSON `nodepool` key, seed 001's
     // upgrade path) for a known node, recorded on it: ours and accounted
     // for, not an alien.
     let legacy = sim.inject_legacy_tagged_server(&d.busy).await;
-    let mut v = f
-        .store
-        .get_node(&d.busy)
-        .await
-        .expect("read")
-        .expect("node");
-    v.value.external_id = Some(legacy.clone());
-    f.store
-        .update_node(&d.busy, &v.value, v.version)
-        .await
-        .expect("update");
+    record_server(&f, &d.busy, &legacy).await;
     // A server whose node is gone, and a stale server of a node that has
     // since moved on to another server: aliens; the same for a server
     // tagged the old way whose node is gone.

@@ -764,25 +764,10 @@ async fn provider_view(
                 .insert(label.name.clone(), r);
         }
     }
-    let cloud_images: Vec<&crate::config::CloudImage> = pc
-        .pools
-        .iter()
-        .flat_map(|q| q.labels.iter())
-        .filter_map(|l| match &l.image {
-            crate::config::ImageSource::CloudImage(c) => pc.cloud_image(c),
-            crate::config::ImageSource::DiskImage(_) => None,
-        })
-        .collect();
-    if !cloud_images.is_empty() {
+    let wanted = crate::launcher::wanted_cloud_images(pc);
+    if !wanted.is_empty() {
         let images = cloud(format!("images of {}", pc.name), p.list_images()).await?;
-        view.missing_cloud_images = cloud_images
-            .iter()
-            .filter(|c| {
-                let key = c.external_name();
-                !images.iter().any(|i| i.id == key || i.name == key)
-            })
-            .map(|c| c.name.clone())
-            .collect();
+        view.missing_cloud_images = crate::launcher::missing_cloud_images(&wanted, &images);
     }
     let servers = cloud(format!("servers of {}", pc.name), p.list_instances()).await?;
     let (unmanaged, total) = crate::launcher::cloud_usage(&pc.name, &servers, nodes);

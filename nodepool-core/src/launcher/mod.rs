@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 pub use health::HealthPolicy;
 pub use metrics::Metrics;
 pub use providers::ObserverIntervals;
-pub(crate) use providers::cloud_usage;
+pub(crate) use providers::{cloud_usage, missing_cloud_images, wanted_cloud_images};
 // Shared by every runtime; re-exported where embedders have found them.
 pub use crate::runtime::{Clock, PassCounter, ProviderFactory};
 pub use tasks::{DeleteError, delete_locked_node};
@@ -697,9 +697,18 @@ impl Runtime {
             .providers
             .iter()
             .map(|(name, v)| {
-                let mut v = v.clone();
-                v.instances = None;
-                (name.clone(), v)
+                // Without the cloud listings: no copy of them each pass.
+                let copy = ProviderView {
+                    limits: v.limits.clone(),
+                    unmanaged: v.unmanaged.clone(),
+                    reported_usage: v.reported_usage.clone(),
+                    label_resources: v.label_resources.clone(),
+                    availability_zones: v.availability_zones.clone(),
+                    missing_cloud_images: v.missing_cloud_images.clone(),
+                    outage: v.outage.clone(),
+                    ..ProviderView::default()
+                };
+                (name.clone(), copy)
             })
             .collect();
         Ok(snap)

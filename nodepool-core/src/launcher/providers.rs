@@ -191,6 +191,39 @@ impl ProviderHandle {
     }
 }
 
+/// The cloud images the provider's pool labels boot from.
+pub(crate) fn wanted_cloud_images(config: &ProviderConfig) -> Vec<&crate::config::CloudImage> {
+    let names: BTreeSet<&str> = config
+        .pools
+        .iter()
+        .flat_map(|p| p.labels.iter())
+        .filter_map(|l| match &l.image {
+            ImageSource::CloudImage(c) => Some(c.as_str()),
+            ImageSource::DiskImage(_) => None,
+        })
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|n| config.cloud_image(n))
+        .collect()
+}
+
+/// Those of `wanted` (by config name) that the cloud's image list lacks,
+/// matched by id or name as Nodepool does.
+pub(crate) fn missing_cloud_images(
+    wanted: &[&crate::config::CloudImage],
+    images: &[crate::provider::CloudImageInfo],
+) -> BTreeSet<String> {
+    wanted
+        .iter()
+        .filter(|c| {
+            let key = c.external_name();
+            !images.iter().any(|i| i.id == key || i.name == key)
+        })
+        .map(|c| c.name.clone())
+        .collect()
+}
+
 /// Quota the servers of a cloud use: those that are not live nodes of
 /// provider `provider` (unmanaged), and all of them (what the cloud
 /// reports as in use).
@@ -304,32 +337,13 @@ async fn observe(
             o.flavors_known = ok;
         }
         if need_images {
-            let names: BTreeSet<&str> = config
-                .pools
-                .iter()
-                .flat_map(|p| p.labels.iter())
-                .filter_map(|l| match &l.image {
-                    ImageSource::CloudImage(c) => Some(c.as_str()),
-                    ImageSource::DiskImage(_) => None,
-                })
-                .collect();
-            let wanted: Vec<&crate::config::CloudImage> = names
-                .into_iter()
-                .filter_map(|n| config.cloud_image(n))
-                .collect();
+            let wanted = wanted_cloud_images(&config);
             if wanted.is_empty() {
                 lock().images_due = Some(Instant::now() + iv.cloud_images);
             } else {
                 match bounded(iv.call_timeout, "image list", provider.list_images()).await {
                     Ok(images) => {
-                        let missing = wanted
-                            .iter()
-                            .filter(|c| {
-                                let key = c.external_name();
-                                !images.iter().any(|i| i.id == key || i.name == key)
-                            })
-                            .map(|c| c.name.clone())
-                            .collect();
+                        let missing = missing_cloud_images(&wanted, &images);
                         let mut o = lock();
                         o.missing_cloud_images = missing;
                         o.images_due = Some(Instant::now() + iv.cloud_images);
