@@ -565,6 +565,15 @@ async fn a_dead_builders_build_and_upload_are_recovered_by_another() {
         .await;
     assert_eq!(st.builds.len(), 1);
     let good = st.builds[0].id.clone();
+    // Set up under the upload lock, as the uploader that died held it:
+    // B must not see the record before its half-made image exists.
+    let dying = store
+        .lock(
+            &nodepool_model::store::paths::uploads_lock("deb", &good, "p1"),
+            nodepool_model::store::LockWait::NonBlocking,
+        )
+        .await
+        .unwrap();
     let stale = store
         .create_upload(
             "deb",
@@ -596,6 +605,7 @@ async fn a_dead_builders_build_and_upload_are_recovered_by_another() {
         })
         .await
         .unwrap();
+    dying.release().await.unwrap();
     b.until("the dead upload removed", |st| {
         !st.uploads
             .iter()
