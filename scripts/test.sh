@@ -67,7 +67,26 @@ workspace_tests() {
   cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$ROOT/target/test-workspace.txt"
   local rc=${PIPESTATUS[0]}
   count_tests "$ROOT/target/test-workspace.txt" "workspace tests"
-  return "$rc"
+  [[ $rc == 0 ]] && return 0
+  # A test that failed once is run once more, alone, and named in the
+  # summary either way: a failure that does not repeat is reported as a
+  # flake to fix, one that repeats fails the run. Build errors and doctests
+  # (no "test NAME ... FAILED" line of a test binary) are not retried.
+  local failed=()
+  mapfile -t failed < <(sed -n 's/^test \([^ ]*\) \.\.\. FAILED$/\1/p' "$ROOT/target/test-workspace.txt" | sort -u)
+  if [[ ${#failed[@]} == 0 || ${#failed[@]} -gt 5 ]]; then return "$rc"; fi
+  echo "=== running once more: ${failed[*]}"
+  cargo test --workspace --locked --no-fail-fast -- --exact "${failed[@]}" 2>&1 | tee "$ROOT/target/test-workspace-again.txt"
+  local again=${PIPESTATUS[0]}
+  local t
+  for t in "${failed[@]}"; do
+    if grep -q "^test $t \.\.\. FAILED$" "$ROOT/target/test-workspace-again.txt" || [[ $again != 0 ]]; then
+      SUMMARY+=("  failed twice: $t")
+    else
+      SUMMARY+=("  FLAKY (failed once, passed when run again): $t")
+    fi
+  done
+  return "$again"
 }
 
 mkdir -p target
