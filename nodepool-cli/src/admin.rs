@@ -81,6 +81,9 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
 pub async fn run_with(cli: Cli, providers: ProviderFactory, io: &mut Io<'_>) -> ExitCode {
     let result = match &cli.command {
         Command::ConfigValidate { no_clouds } => config_validate(&cli, *no_clouds, io),
+        Command::ConfigMigrate(args) => {
+            crate::migrate::run(args, io.out, io.err).map_err(Failure::from)
+        }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "nodepool", io.out);
             Ok(())
@@ -483,7 +486,9 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
                 path.display()
             ));
         }
-        Command::ConfigValidate { .. } | Command::Completions { .. } => {}
+        Command::ConfigValidate { .. }
+        | Command::ConfigMigrate(_)
+        | Command::Completions { .. } => {}
     }
     Ok(())
 }

@@ -225,6 +225,12 @@ pub enum Command {
         #[arg(long = "no-clouds")]
         no_clouds: bool,
     },
+    /// Rewrite a legacy (pre-Zuul v3) nodepool.yaml into today's form.
+    ///
+    /// Credentials go into a generated clouds.yaml (one cloud per
+    /// provider); what cannot be carried over is reported on stderr with
+    /// the reason. Never overwrites a file unless --force is given.
+    ConfigMigrate(ConfigMigrate),
     /// Print a shell completion script.
     Completions {
         /// Shell.
@@ -240,6 +246,23 @@ pub struct JobCreate {
     /// How many failed nodes of the job to keep held at once.
     #[arg(long = "hold", visible_alias = "hold-on-failure", value_name = "N")]
     pub hold: u32,
+}
+
+/// `nodepool config-migrate` arguments.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct ConfigMigrate {
+    /// The legacy nodepool.yaml.
+    pub old: PathBuf,
+    /// Where to write the new nodepool.yaml (default: stdout).
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// Where to write the generated clouds.yaml (default: `clouds.yaml`
+    /// beside --output, or in the current directory).
+    #[arg(long = "clouds-output")]
+    pub clouds_output: Option<PathBuf>,
+    /// Overwrite existing output files.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `nodepool job-delete` arguments.

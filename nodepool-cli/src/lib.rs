@@ -12,4 +12,5 @@ pub mod cli;
 pub mod daemon;
 pub mod jobs;
 pub mod listing;
+pub mod migrate;
 pub mod webapp;

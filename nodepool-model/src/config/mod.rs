@@ -8,10 +8,11 @@
 //! Defaults are those of Python Nodepool's code (not its docs; see the
 //! reference §3.9). Layout: `yaml` (the only YAML reader), `parse` (tree to
 //! types), `validate` (cross-checks), `load` (files, environment, secure
-//! merge).
+//! merge), `migrate` (legacy files rewritten, for `nodepool config-migrate`).
 
 mod error;
 mod load;
+pub mod migrate;
 mod parse;
 pub mod reference;
 mod validate;
