@@ -133,6 +133,9 @@ pub struct LauncherStatus {
     /// What the last pass knew of each cloud (without server listings),
     /// for the web app's `/request-explain`.
     views: Mutex<BTreeMap<String, ProviderView>>,
+    /// Requests fulfilled by a launch task the moment their last node was
+    /// ready (the others were fulfilled by a planning pass).
+    fulfilled_on_ready: std::sync::atomic::AtomicU64,
 }
 
 /// A provider the launcher stopped calling because its API kept failing.
@@ -231,6 +234,13 @@ impl LauncherStatus {
         &self.passes
     }
 
+    /// How many requests were fulfilled by their last launch as it
+    /// finished, without waiting for a planning pass.
+    pub fn fulfilled_on_ready(&self) -> u64 {
+        self.fulfilled_on_ready
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// How many configurations were applied (1 after start, +1 per reload).
     pub fn config_generation(&self) -> u64 {
         self.config_generation
@@ -262,6 +272,13 @@ pub(crate) struct Shared {
     /// Servers whose launch ended without a lock or a record, and that
     /// could not be settled yet (see [`tasks::settle_server`]).
     orphans: Mutex<Vec<Orphan>>,
+    /// The requests this launcher accepted and holds, shared with launch
+    /// tasks so the last one to finish fulfils its request at once.
+    owned: Arc<Mutex<HashMap<String, Owned>>>,
+    /// Nodes whose launch task is still running: a request is not
+    /// fulfilled while one of its nodes is among them.
+    launching: Mutex<std::collections::HashSet<String>>,
+    status: Arc<LauncherStatus>,
 }
 
 /// A server this launcher made that no launch keeps any more.
@@ -362,6 +379,10 @@ pub async fn read_snapshot(store: &Store) -> Result<Snapshot, StoreError> {
 struct Owned {
     pool: PoolKey,
     guard: LockGuard,
+    /// The request's `node_types`, as accepted.
+    labels: Vec<String>,
+    /// The nodes allocated or launched for it since it was accepted.
+    nodes: Vec<String>,
 }
 
 /// A launcher. See the module documentation.
@@ -449,7 +470,11 @@ impl Launcher {
         mut config: watch::Receiver<Arc<Config>>,
         shutdown: CancellationToken,
     ) -> Result<(), LauncherError> {
+        let owned: Arc<Mutex<HashMap<String, Owned>>> = Arc::default();
         let shared = Arc::new(Shared {
+            owned: owned.clone(),
+            launching: Mutex::default(),
+            status: self.status.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             deletes: tokio::sync::Semaphore::new(self.settings.max_parallel_deletes.max(1)),
@@ -463,7 +488,7 @@ impl Launcher {
             config: config.borrow_and_update().clone(),
             providers: BTreeMap::new(),
             pool_ids: BTreeMap::new(),
-            owned: Arc::default(),
+            owned,
             launcher_reg: None,
             pool_regs: BTreeMap::new(),
             session_id: 0,
