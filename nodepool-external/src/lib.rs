@@ -97,6 +97,10 @@ impl ExternalProvider {
         running: &'a mut Option<Running>,
         op: &str,
     ) -> Result<&'a mut Running, ProviderError> {
+        if running.as_ref().is_some_and(Running::owes_an_answer) {
+            tracing::info!(provider = %self.name, "a cancelled call left the external provider program owing an answer; starting it again");
+            *running = None;
+        }
         if running.is_none() {
             let r = Running::start(&self.program, &self.name)
                 .await

@@ -33,6 +33,10 @@ pub(crate) struct Running {
     child: Child,
     stdin: ChildStdin,
     stdout: Lines<BufReader<ChildStdout>>,
+    /// A request was sent and its answer not read: the call was cancelled
+    /// by its caller (the launcher bounds calls too), so the next line out
+    /// would answer a request nobody waits for.
+    in_flight: bool,
     /// `capabilities` from the handshake.
     pub capabilities: Value,
 }
@@ -70,6 +74,7 @@ impl Running {
             child,
             stdin,
             stdout: BufReader::new(stdout).lines(),
+            in_flight: false,
             capabilities: Value::Null,
         };
         let hello = json!({"op": "hello", "version": PROTOCOL_VERSION, "provider": provider});
@@ -103,8 +108,20 @@ impl Running {
         self.child.id()
     }
 
+    /// Whether a cancelled call left an answer owed (see `in_flight`).
+    pub fn owes_an_answer(&self) -> bool {
+        self.in_flight
+    }
+
     /// Sends one line and reads one line back (no timeout: the caller's).
     pub async fn exchange(&mut self, request: &Value) -> Result<Value, Broken> {
+        self.in_flight = true;
+        let answer = self.send_and_read(request).await;
+        self.in_flight = false;
+        answer
+    }
+
+    async fn send_and_read(&mut self, request: &Value) -> Result<Value, Broken> {
         let mut line = request.to_string();
         line.push('\n');
         if let Err(e) = self.stdin.write_all(line.as_bytes()).await {

@@ -219,3 +219,19 @@ async fn dropping_the_provider_kills_the_program() {
     drop(p);
     wait_gone(pid, "the program of a dropped provider").await;
 }
+
+/// A call its caller gave up on (the launcher bounds calls too) leaves an
+/// answer owed; the next call does not read it as its own but starts the
+/// program again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cancelled_by_its_caller_does_not_confuse_the_next() {
+    let m = Misbehaving::new("time.sleep(3600)");
+    let p = m.provider(30.0);
+    let pid = started(&p).await;
+    let cancelled = tokio::time::timeout(Duration::from_millis(200), p.quota_limits()).await;
+    assert!(
+        cancelled.is_err(),
+        "the first run never answers: {cancelled:?}"
+    );
+    next_call_works(&p, pid).await;
+}
