@@ -25,8 +25,8 @@ use nodepool_model::provider::{
 };
 use serde_json::{Value, json};
 
-pub use program::PROTOCOL_VERSION;
 use program::{Broken, Running};
+pub use program::{MIN_START_ALLOWANCE, PROTOCOL_VERSION};
 
 /// A provider whose cloud is an external program.
 #[derive(Debug)]

@@ -15,6 +15,9 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 /// reported (and killed) without its exit status.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
+/// The least time a program is given to start and answer the handshake.
+pub const MIN_START_ALLOWANCE: Duration = Duration::from_secs(30);
+
 /// The protocol version this launcher speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
 
@@ -78,9 +81,12 @@ impl Running {
             capabilities: Value::Null,
         };
         let hello = json!({"op": "hello", "version": PROTOCOL_VERSION, "provider": provider});
-        let answer = tokio::time::timeout(program.timeout, running.exchange(&hello))
+        // Starting an interpreter on a busy machine may take longer than
+        // answering one request.
+        let allowance = program.timeout.max(MIN_START_ALLOWANCE);
+        let answer = tokio::time::timeout(allowance, running.exchange(&hello))
             .await
-            .map_err(|_| Broken::Hung(program.timeout))??;
+            .map_err(|_| Broken::Hung(allowance))??;
         if answer.get("ok") != Some(&Value::Bool(true)) {
             return Err(Broken::Failed(format!(
                 "refused the handshake: {}",

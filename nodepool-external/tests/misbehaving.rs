@@ -156,12 +156,12 @@ async fn a_hang_times_out_and_the_whole_group_is_killed() {
         "child = subprocess.Popen([\"sleep\", \"3600\"])\nwith open(os.path.join(os.path.dirname(marker), \"grandchild.pid\"), \"w\") as f:\n    f.write(str(child.pid))\ntime.sleep(3600)",
     );
     let grandchild_file = m.path("grandchild.pid");
-    let p = m.provider(1.0);
+    let p = m.provider(3.0);
     let pid = started(&p).await;
     let e = p.quota_limits().await.expect_err("the program hangs");
     assert!(matches!(e, ProviderError::Timeout(_)), "{e:?}");
     let msg = failure(&e, &m.script);
-    assert!(msg.contains("no answer within 1.0 s"), "{msg}");
+    assert!(msg.contains("no answer within 3.0 s"), "{msg}");
     let grandchild: u32 = std::fs::read_to_string(&grandchild_file)
         .expect("the program started its child before hanging")
         .trim()

@@ -709,7 +709,7 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "providers[].timeout",
         "60",
-        "`driver: external`: seconds one call to the program may take; a call that takes longer fails, and the program is killed and started again at the next call.",
+        "`driver: external`: seconds one call to the program may take; a call that takes longer fails, and the program is killed and started again at the next call. Its start and handshake may take at least 30 s; uploads at least `image-upload-timeout`.",
     ),
     key(
         "providers[].environment",
