@@ -235,3 +235,31 @@ async fn a_call_cancelled_by_its_caller_does_not_confuse_the_next() {
     );
     next_call_works(&p, pid).await;
 }
+
+/// A program of another protocol version is refused at the handshake,
+/// each time it is needed, and not kept running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_protocol_version_is_refused_at_the_handshake() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("cloud.py");
+    std::fs::write(
+        &script,
+        "import json, sys\nfor line in sys.stdin:\n    print(json.dumps({\"ok\": True, \"version\": 2, \"capabilities\": {}}), flush=True)\n",
+    )
+    .expect("write");
+    let config = config_for(
+        &format!("[python3, {:?}]", script.display().to_string()),
+        "",
+    );
+    let p = ExternalProvider::new(&config.providers[0]).expect("provider");
+    for _ in 0..2 {
+        let e = p.list_instances().await.expect_err("version 2");
+        let m = e.to_string();
+        assert!(m.contains("op list_servers"), "{m}");
+        assert!(
+            m.contains("speaks protocol version 2, the launcher speaks 1"),
+            "{m}"
+        );
+        assert_eq!(p.program_pid().await, None);
+    }
+}
