@@ -204,13 +204,17 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::new(backend))
 }
 
-/// Builds a provider for its configuration: OpenStack or the simulated cloud.
+/// Builds a provider for its configuration: OpenStack, the simulated
+/// cloud or an external program.
 pub fn make_provider(pc: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
     match &pc.driver {
         Driver::OpenStack => nodepool_openstack::OpenStackProvider::from_config(pc)
             .map(|p| Arc::new(p) as Arc<dyn Provider>)
             .map_err(|e| e.to_string()),
         Driver::Simulated(_) => nodepool_simulated::SimulatedProvider::new(pc)
+            .map(|p| Arc::new(p) as Arc<dyn Provider>)
+            .map_err(|e| e.to_string()),
+        Driver::External(_) => nodepool_external::ExternalProvider::new(pc)
             .map(|p| Arc::new(p) as Arc<dyn Provider>)
             .map_err(|e| e.to_string()),
     }

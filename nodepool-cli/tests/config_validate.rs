@@ -707,3 +707,69 @@ providers:
         stderr(&out)
     );
 }
+
+/// `driver: external`: a missing `command`, a program that does not exist
+/// and one that is not executable are each named at their place; a
+/// relative program path is found beside the configuration file.
+#[test]
+fn external_provider_commands_are_checked_where_they_are() {
+    let sb = Sandbox::new();
+    sb.write("not-executable.sh", "#!/bin/sh\n");
+    let runnable = sb.write("cloud.sh", "#!/bin/sh\n");
+    let mut perms = std::fs::metadata(&runnable).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&runnable, perms).expect("chmod");
+    let provider = |name: &str, command: &str| {
+        format!(
+            "  - name: {name}\n    driver: external\n{command}    cloud-images: [{{name: base}}]\n    pools: [{{name: main, labels: [{{name: small, cloud-image: base, flavor-name: small}}]}}]\n"
+        )
+    };
+    let config = sb.write(
+        "nodepool.yaml",
+        &format!(
+            "labels: [{{name: small}}]\nproviders:\n{}{}{}{}{}",
+            provider("no-command", ""),
+            provider("missing", "    command: [./no-such-cloud.sh, --flag]\n"),
+            provider("not-executable", "    command: ./not-executable.sh\n"),
+            provider("not-on-path", "    command: [no-such-program-anywhere]\n"),
+            provider("good", "    command: [./cloud.sh]\n    timeout: 5\n"),
+        ),
+    );
+    let out = sb.run(
+        &["-c", &config.display().to_string(), "config-validate"],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    assert!(err.contains("4 configuration errors"), "{err}");
+    assert!(
+        err.contains("providers[0].command: required key `command` is missing"),
+        "{err}"
+    );
+    let dir = sb.path().display().to_string();
+    assert!(
+        err.contains(&format!(
+            "providers[1].command: program \"{dir}/./no-such-cloud.sh\" does not exist"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "providers[2].command: program \"{dir}/./not-executable.sh\" is not executable"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "providers[3].command: program \"no-such-program-anywhere\" is not found on PATH"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("providers[4]"), "{err}");
+}

@@ -11,6 +11,7 @@
 //! merge).
 
 mod error;
+mod external;
 mod load;
 mod parse;
 pub mod reference;
@@ -25,6 +26,7 @@ use std::time::Duration;
 use indexmap::IndexMap;
 
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors};
+pub use external::{DEFAULT_EXTERNAL_TIMEOUT, ExternalProgram};
 pub use load::{ConfigSource, substitute_env};
 
 use crate::model::{CORES, INSTANCES, Limits, RAM, VOLUME_GB, VOLUMES};
@@ -134,6 +136,8 @@ pub enum Driver {
     OpenStack,
     /// The built-in simulated cloud (tests, benchmarks, the quick start).
     Simulated(SimulatedCloud),
+    /// A program speaking the external-provider protocol.
+    External(ExternalProgram),
 }
 
 impl Driver {
@@ -142,6 +146,7 @@ impl Driver {
         match self {
             Driver::OpenStack => "openstack",
             Driver::Simulated(_) => "simulated",
+            Driver::External(_) => "external",
         }
     }
 }

@@ -393,25 +393,28 @@ fn provider(at: At<'_>, errs: &mut Errors) -> Option<ProviderConfig> {
                 .and_then(|f| simulation(f.at(), errs))
                 .unwrap_or_default(),
         )),
+        "external" => super::external::external(&mut m, errs).map(Driver::External),
         "aws" | "azure" | "gce" | "ibmvpc" | "kubernetes" | "openshift" | "openshiftpods"
         | "static" | "metastatic" | "fake" | "test" | "example" => {
             errs.push(
                 &m.path_of("driver"),
                 Kind::InvalidValue,
                 format!(
-                    "driver `{driver_name}` is not supported by this implementation (supported: openstack, simulated)"
+                    "driver `{driver_name}` is not supported by this implementation (supported: openstack, simulated, external)"
                 ),
             );
             None
         }
         other => {
-            let hint = super::yaml::suggest(other, &["openstack", "simulated"])
+            let hint = super::yaml::suggest(other, &["openstack", "simulated", "external"])
                 .map(|s| format!("; did you mean `{s}`?"))
                 .unwrap_or_default();
             errs.push(
                 &m.path_of("driver"),
                 Kind::InvalidValue,
-                format!("unknown driver `{other}` (supported: openstack, simulated){hint}"),
+                format!(
+                    "unknown driver `{other}` (supported: openstack, simulated, external){hint}"
+                ),
             );
             None
         }

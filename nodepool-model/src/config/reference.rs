@@ -279,7 +279,7 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "providers[].driver",
         "`openstack`",
-        "`openstack` or `simulated` (an in-process simulated cloud).",
+        "`openstack`, `simulated` (an in-process simulated cloud) or `external` (a program speaking the [external provider protocol](external-provider.md)).",
     ),
     key(
         "providers[].cloud",
@@ -701,6 +701,21 @@ pub const KEYS: &[KeyDoc] = &[
         "— (in memory)",
         "JSON file holding the cloud, shared by every process that opens it; relative to the configuration file's directory.",
     ),
+    key(
+        "providers[].command",
+        "— (required for `driver: external`)",
+        "`driver: external`: the program speaking the external-provider protocol, as a list (program and arguments) or a string (the program alone). A relative path with a `/` is resolved against the configuration file's directory; it must exist and be executable (a bare name must be found on `PATH`). See [the external provider protocol](external-provider.md).",
+    ),
+    key(
+        "providers[].timeout",
+        "60",
+        "`driver: external`: seconds one call to the program may take; a call that takes longer fails, and the program is killed and started again at the next call. Its start and handshake may take at least 30 s; uploads at least `image-upload-timeout`.",
+    ),
+    key(
+        "providers[].environment",
+        "—",
+        "`driver: external`: environment variables set for the program, beside the launcher's own.",
+    ),
     removed(
         "providers[].images",
         "provider images were replaced by `diskimages` / `cloud-images` and `pools[].labels`",
@@ -946,6 +961,7 @@ providers:
     cloud-images: [{}]
     pools: [{labels: [{}]}]
   - driver: openstack
+  - driver: external
 webapp: {}
 tenant-resource-limits:
   - {tenant-name: t, max-servers: 1, max-cores: 1, max-ram: 1, max-volumes: 1, max-volume-gb: 1}
