@@ -14,6 +14,7 @@ mod error;
 mod load;
 mod parse;
 pub mod reference;
+mod static_nodes;
 mod validate;
 mod yaml;
 
@@ -26,6 +27,7 @@ use indexmap::IndexMap;
 
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors};
 pub use load::{ConfigSource, substitute_env};
+pub use static_nodes::{StaticHost, StaticHosts};
 
 use crate::model::{CORES, INSTANCES, Limits, RAM, VOLUME_GB, VOLUMES};
 
@@ -134,6 +136,9 @@ pub enum Driver {
     OpenStack,
     /// The built-in simulated cloud (tests, benchmarks, the quick start).
     Simulated(SimulatedCloud),
+    /// Existing hosts, registered as ready nodes and never launched or
+    /// deleted (`driver: static`).
+    Static(StaticHosts),
 }
 
 impl Driver {
@@ -142,6 +147,7 @@ impl Driver {
         match self {
             Driver::OpenStack => "openstack",
             Driver::Simulated(_) => "simulated",
+            Driver::Static(_) => "static",
         }
     }
 }
@@ -463,6 +469,9 @@ pub enum ImageSource {
     DiskImage(String),
     /// A provider cloud image (by name).
     CloudImage(String),
+    /// Nothing to boot: a static pool's hosts exist already, so the
+    /// label is served by their ready nodes only.
+    Static,
 }
 
 /// A label as one pool offers it.
