@@ -1436,7 +1436,7 @@ fn a_static_pool_serves_ready_nodes_and_never_launches() {
     w.run(10);
     let req = w.request(&first).expect("request");
     assert_eq!(req.state, RequestState::Fulfilled);
-    assert_eq!(req.nodes, [a.clone()]);
+    assert_eq!(req.nodes, [a]);
     // Every host is busy now: the next request waits, neither launched
     // for nor declined.
     let second = w.add_request(&["small"], "200");
