@@ -205,7 +205,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
 }
 
 /// Builds a provider for its configuration: OpenStack, the simulated
-/// cloud or an external program.
+/// cloud, an external program or a static provider's (which has no
+/// servers).
 pub fn make_provider(pc: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
     match &pc.driver {
         Driver::OpenStack => nodepool_openstack::OpenStackProvider::from_config(pc)
@@ -217,6 +218,9 @@ pub fn make_provider(pc: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
         Driver::External(_) => nodepool_external::ExternalProvider::new(pc)
             .map(|p| Arc::new(p) as Arc<dyn Provider>)
             .map_err(|e| e.to_string()),
+        Driver::Static(_) => Ok(Arc::new(
+            nodepool_core::launcher::static_hosts::StaticProvider::new(pc),
+        )),
     }
 }
 

@@ -773,3 +773,76 @@ fn external_provider_commands_are_checked_where_they_are() {
     );
     assert!(!err.contains("providers[4]"), "{err}");
 }
+
+const STATIC_PROVIDER: &str = "zookeeper-servers: [{host: zk.example.org}]
+labels: [{name: small}, {name: large}]
+providers:
+  - name: lab
+    driver: static
+    pools:
+      - name: main
+        nodes:
+          - {name: host1.example.org, labels: small large, host-key: 'ssh-ed25519 AAAA'}
+          - {name: host2.example.org, labels: [small], username: ci, connection-port: 2222, max-parallel-jobs: 2}
+";
+
+#[test]
+fn a_static_provider_validates_without_any_clouds_yaml() {
+    let sb = Sandbox::new();
+    let config = sb.write("nodepool.yaml", STATIC_PROVIDER);
+    // No clouds.yaml anywhere: a static provider needs none.
+    let out = sb.run(
+        &["-c", &config.display().to_string(), "config-validate"],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn static_hosts_errors_are_located() {
+    let sb = Sandbox::new();
+    let config = sb.write(
+        "nodepool.yaml",
+        "labels: [{name: small}]
+providers:
+  - name: lab
+    driver: static
+    pools:
+      - name: main
+        nodes:
+          - {name: a.example.org, labels: small}
+          - {labels: small}
+          - {name: a.example.org, labels: [small, gpu], max-parallel-jobs: 0}
+          - {name: b.example.org, labels: small, connection-port: 0, flavor-name: x}
+      - name: other
+        labels: [{name: small}]
+        nodes:
+          - {name: a.example.org, labels: small, username: zuul}
+",
+    );
+    let c = config.display().to_string();
+    let out = sb.run(&["-c", &c, "config-validate"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{c}: 8 configuration errors:
+  providers[0].pools[0].nodes[1].name: required key `name` is missing
+  providers[0].pools[0].nodes[2].max-parallel-jobs: must be at least 1, found 0
+  providers[0].pools[0].nodes[3].connection-port: must be a TCP port (1-65535), found 0
+  providers[0].pools[0].nodes[3].flavor-name: unknown key `flavor-name`
+  providers[0].pools[1].labels: unknown key `labels`
+  providers[0].pools[0].nodes[2].labels[1]: unknown label \"gpu\" (not in the top-level `labels`)
+  providers[0].pools[0].nodes[2].name: host \"a.example.org\" (user \"zuul\", port 22) is already listed at providers[0].pools[0].nodes[0].name
+  providers[0].pools[1].nodes[0].name: host \"a.example.org\" (user \"zuul\", port 22) is already listed at providers[0].pools[0].nodes[0].name
+"
+        )
+    );
+}

@@ -36,6 +36,8 @@ pub(crate) fn label(l: &PoolLabel) -> Value {
     let (diskimage, cloud_image) = match &l.image {
         ImageSource::DiskImage(d) => (Some(d), None),
         ImageSource::CloudImage(c) => (None, Some(c)),
+        // Only static pools have these; an external provider has none.
+        ImageSource::Static => (None, None),
     };
     json!({
         "name": l.name,

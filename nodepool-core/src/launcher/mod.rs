@@ -16,13 +16,14 @@
 //!
 //! Layout: `providers` (clouds and their observers), [`health`] (a
 //! circuit breaker per cloud), `executor` (actions), `tasks` (launch and
-//! delete), `nodescan`, [`metrics`].
+//! delete), `nodescan`, [`static_hosts`] (`driver: static`), [`metrics`].
 
 mod executor;
 pub mod health;
 pub mod metrics;
 pub mod nodescan;
 mod providers;
+pub mod static_hosts;
 mod tasks;
 
 use std::collections::{BTreeMap, HashMap};
@@ -499,6 +500,7 @@ impl Launcher {
             pass_count: 0,
             registry: (Vec::new(), tokio::time::Instant::now()),
             stats: StatsState::default(),
+            static_sync: static_hosts::Syncer::default(),
         };
         rt.apply_config();
         let wakeups = Wakeups {
@@ -540,6 +542,8 @@ struct Runtime {
     /// The registered pool ids last seen, and since when.
     registry: (Vec<String>, tokio::time::Instant),
     stats: StatsState,
+    /// Registers the hosts of static providers.
+    static_sync: static_hosts::Syncer,
 }
 
 /// The stats election and when gauges are due.
@@ -588,7 +592,14 @@ impl Runtime {
                 Some(h) if h.config == *pc => {
                     next.insert(pc.name.clone(), h);
                 }
-                _ => match (self.factory)(pc) {
+                // A static provider has no cloud behind it: the launcher
+                // serves it itself, whatever clouds the factory builds.
+                _ => match if matches!(pc.driver, crate::config::Driver::Static(_)) {
+                    Ok(Arc::new(static_hosts::StaticProvider::new(pc))
+                        as Arc<dyn crate::provider::Provider>)
+                } else {
+                    (self.factory)(pc)
+                } {
                     Ok(p) => {
                         next.insert(
                             pc.name.clone(),
@@ -1232,6 +1243,8 @@ impl PassRunner for Runtime {
             tracing::warn!(error = %e, "registration failed; retrying");
         }
         self.report_store_health();
+        self.static_sync
+            .maybe_start(&self.tasks, &self.shared, &self.config);
         match self.plan_and_execute().await {
             Err(LauncherError::Store(err)) => {
                 tracing::warn!(error = %err, "planning pass failed; retrying");

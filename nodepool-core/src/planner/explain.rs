@@ -449,7 +449,7 @@ fn pool_verdict(
                     label: label.clone(),
                     image: image.clone(),
                 },
-                None => Verdict::LabelNotServed {
+                Some(ImageSource::Static) | None => Verdict::LabelNotServed {
                     label: label.clone(),
                 },
             };

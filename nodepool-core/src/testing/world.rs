@@ -62,7 +62,7 @@ impl World {
                     view.availability_zones = sim.availability_zones.clone();
                     sim.flavors.clone()
                 }
-                Driver::OpenStack | Driver::External(_) => vec![SimulatedFlavor {
+                Driver::OpenStack | Driver::External(_) | Driver::Static(_) => vec![SimulatedFlavor {
                     name: "default".into(),
                     vcpus: 4,
                     ram: 8192,

@@ -15,6 +15,7 @@ mod external;
 mod load;
 mod parse;
 pub mod reference;
+mod static_nodes;
 mod validate;
 mod yaml;
 
@@ -28,6 +29,7 @@ use indexmap::IndexMap;
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors};
 pub use external::{DEFAULT_EXTERNAL_TIMEOUT, ExternalProgram};
 pub use load::{ConfigSource, substitute_env};
+pub use static_nodes::{StaticHost, StaticHosts};
 
 use crate::model::{CORES, INSTANCES, Limits, RAM, VOLUME_GB, VOLUMES};
 
@@ -138,6 +140,9 @@ pub enum Driver {
     Simulated(SimulatedCloud),
     /// A program speaking the external-provider protocol.
     External(ExternalProgram),
+    /// Existing hosts, registered as ready nodes and never launched or
+    /// deleted (`driver: static`).
+    Static(StaticHosts),
 }
 
 impl Driver {
@@ -147,6 +152,7 @@ impl Driver {
             Driver::OpenStack => "openstack",
             Driver::Simulated(_) => "simulated",
             Driver::External(_) => "external",
+            Driver::Static(_) => "static",
         }
     }
 }
@@ -468,6 +474,9 @@ pub enum ImageSource {
     DiskImage(String),
     /// A provider cloud image (by name).
     CloudImage(String),
+    /// Nothing to boot: a static pool's hosts exist already, so the
+    /// label is served by their ready nodes only.
+    Static,
 }
 
 /// A label as one pool offers it.

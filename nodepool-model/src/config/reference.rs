@@ -279,7 +279,7 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "providers[].driver",
         "`openstack`",
-        "`openstack`, `simulated` (an in-process simulated cloud) or `external` (a program speaking the [external provider protocol](external-provider.md)).",
+        "`openstack`, `simulated` (an in-process simulated cloud), `static` (existing hosts, see [static hosts](static-hosts.md)) or `external` (a program speaking the [external provider protocol](external-provider.md)).",
     ),
     key(
         "providers[].cloud",
@@ -505,6 +505,66 @@ pub const KEYS: &[KeyDoc] = &[
         "Mapping copied into each node's `attributes`.",
     ),
     key("providers[].pools[].labels", "—", "Labels the pool serves."),
+    key(
+        "providers[].pools[].nodes",
+        "—",
+        "`driver: static` only, instead of `labels`: the existing hosts of the pool. The pool serves the union of their labels; each host gets one ready node per `max-parallel-jobs` slot.",
+    ),
+    key(
+        "providers[].pools[].nodes[].name",
+        "required",
+        "Host name or address: the node's `hostname` and `interface_ip`.",
+    ),
+    key(
+        "providers[].pools[].nodes[].labels",
+        "required",
+        "Label or labels the host serves (a string is split on spaces).",
+    ),
+    key(
+        "providers[].pools[].nodes[].username",
+        "zuul",
+        "Login user written into the node.",
+    ),
+    key(
+        "providers[].pools[].nodes[].connection-type",
+        "ssh",
+        "`ssh`, `network_cli`, `winrm`, ...",
+    ),
+    key(
+        "providers[].pools[].nodes[].connection-port",
+        "22",
+        "Port of the connection.",
+    ),
+    key(
+        "providers[].pools[].nodes[].host-key-checking",
+        "true",
+        "Scan the host's SSH keys before registering it (the `host-key` values must be among them) and check it answers before handing it out.",
+    ),
+    key(
+        "providers[].pools[].nodes[].host-key",
+        "—",
+        "Host key or keys (`<type> <base64>`) the host must offer; with checking off, the keys written into the node.",
+    ),
+    key(
+        "providers[].pools[].nodes[].max-parallel-jobs",
+        "1",
+        "Nodes registered for the host at once.",
+    ),
+    key(
+        "providers[].pools[].nodes[].python-path",
+        "auto",
+        "Python interpreter path on the host.",
+    ),
+    key(
+        "providers[].pools[].nodes[].shell-type",
+        "—",
+        "Shell type of the host.",
+    ),
+    key(
+        "providers[].pools[].nodes[].timeout",
+        "5",
+        "Seconds the connection check of the host may take.",
+    ),
     key(
         "providers[].pools[].labels[].name",
         "required",
@@ -960,6 +1020,8 @@ providers:
     diskimages: [{}]
     cloud-images: [{}]
     pools: [{labels: [{}]}]
+  - driver: static
+    pools: [{nodes: [{}]}]
   - driver: openstack
   - driver: external
 webapp: {}
