@@ -3,7 +3,8 @@
 //!
 //! Paths: `/node-list` (`?node_id=`), `/request-list`, `/label-list`,
 //! `/image-list`, `/dib-image-list`, `/image-status`, `/ready`,
-//! `/metrics`, and `/request-explain/<id>` (why a request waits, as
+//! `/metrics`, `/dashboard` and `/dashboard.json` (the live page, see
+//! [`crate::dashboard`]), and `/request-explain/<id>` (why a request waits, as
 //! `nodepool request-explain` says it, from what the launcher's last pass
 //! knew of its clouds; not cached); anything else is 404. The format is chosen by `Accept`
 //! only: JSON when `application/json` is preferred over `text/html` and
@@ -48,6 +49,7 @@ use nodepool_core::store::Store;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::dashboard::Dashboard;
 use crate::listing::Source;
 
 /// How long a rendered listing is served from the cache (Nodepool: 1 s).
@@ -69,6 +71,7 @@ enum Role {
     Launcher {
         config: watch::Receiver<Arc<Config>>,
         status: Arc<LauncherStatus>,
+        dashboard: Arc<Dashboard>,
     },
     Builder {
         status: Arc<BuilderStatus>,
@@ -137,7 +140,11 @@ pub async fn spawn(
     let addr = format!("{}:{}", web.listen_address, web.port);
     let state = AppState {
         store,
-        role: Role::Launcher { config, status },
+        role: Role::Launcher {
+            config,
+            status,
+            dashboard: Arc::default(),
+        },
         metrics,
         cache: Arc::default(),
     };
@@ -344,7 +351,7 @@ fn ready(r: &Readiness) -> Response {
 /// and what the launcher's last pass knew of its clouds (never cached:
 /// it is asked about while watching a request move).
 async fn request_explain(s: &AppState, id: &str, format: Format) -> Response {
-    let Role::Launcher { config, status } = &s.role else {
+    let Role::Launcher { config, status, .. } = &s.role else {
         return (
             StatusCode::NOT_FOUND,
             "the builder does not plan requests: ask a launcher's web app\n",
@@ -435,6 +442,44 @@ async fn serve(
             Role::Builder { status } => builder_readiness(&s.store, status),
         };
         return with_cache_headers(ready(&readiness), format, SystemTime::now());
+    }
+    if let Role::Launcher {
+        config,
+        status,
+        dashboard,
+    } = &s.role
+    {
+        match path {
+            "/dashboard" => {
+                return (
+                    [(header::CONTENT_TYPE, "text/html; charset=UTF-8")],
+                    crate::dashboard::PAGE,
+                )
+                    .into_response();
+            }
+            "/dashboard.json" => {
+                let config = config.borrow().clone();
+                return match dashboard
+                    .document(&s.store, &config, status, epoch_now())
+                    .await
+                {
+                    Ok(doc) => (
+                        [(header::CONTENT_TYPE, Format::Json.content_type())],
+                        doc.as_str().to_owned(),
+                    )
+                        .into_response(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dashboard cannot read the state store");
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("state store unavailable: {e}\n"),
+                        )
+                            .into_response()
+                    }
+                };
+            }
+            _ => {}
+        }
     }
     if let Some(id) = path.strip_prefix("/request-explain/") {
         return request_explain(&s, id, format).await;
