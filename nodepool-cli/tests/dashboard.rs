@@ -274,6 +274,35 @@ async fn the_dashboard_renders_and_follows_a_node_in_chromium() {
         .until_text("quota", "the pool's server use", |t| t.contains("sim/main"))
         .await;
     assert!(quota.contains("/ 10"), "used of max-servers 10: {quota}");
+    // The document the page draws.
+    let doc: Value = browser
+        .http
+        .get(format!("http://{addr}/dashboard.json"))
+        .send()
+        .await
+        .expect("GET /dashboard.json")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(doc["quota"][0]["pool"], json!("main"), "{doc}");
+    assert_eq!(doc["quota"][0]["servers"]["max"], json!(10), "{doc}");
+    assert_eq!(
+        doc["quota"][0]["cores"]["max"],
+        Value::Null,
+        "unlimited: {doc}"
+    );
+    assert!(
+        doc["totals"]["ready"].as_u64().is_some_and(|n| n >= 2),
+        "{doc}"
+    );
+    assert!(
+        doc["requests"].is_array() && doc["builds"].is_array(),
+        "{doc}"
+    );
+    assert!(
+        !doc["history"].as_array().expect("history").is_empty(),
+        "{doc}"
+    );
 
     // Hold one: the table and the events strip follow.
     let id = f
