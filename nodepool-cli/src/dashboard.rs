@@ -221,3 +221,97 @@ impl Memory {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodepool_core::model::Node;
+    use nodepool_core::store::NodeRecord;
+
+    const CONFIG: &str = "
+labels: [{name: small}]
+providers:
+  - name: sim
+    driver: simulated
+    cloud-images: [{name: debian}]
+    pools:
+      - name: main
+        max-servers: 10
+        labels: [{name: small, cloud-image: debian, flavor-name: Fake Flavor}]
+";
+
+    fn node(id: &str, state: NodeState) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            node: Arc::new(Node::new(state, 0.0, "sim", "main", vec!["small".into()])),
+            version: 0,
+            locked: false,
+        }
+    }
+
+    /// Events name each change between two snapshots (none for the
+    /// first); the history takes one sample per SAMPLE_EVERY and ends
+    /// with now; both stay within their caps however long it runs.
+    #[test]
+    fn events_and_history_follow_the_snapshots_within_their_caps() {
+        let config = Config::from_yaml(CONFIG).expect("config");
+        let mut memory = Memory::default();
+        let mut s = Snapshot {
+            nodes: vec![node("1", NodeState::Ready), node("3", NodeState::Ready)],
+            ..Snapshot::default()
+        };
+        let doc = memory.observe(&s, &config, 1000.0);
+        assert_eq!(doc["events"], json!([]));
+        assert_eq!(doc["totals"], json!({"ready": 2}));
+        assert_eq!(
+            doc["quota"][0]["servers"],
+            json!({"used": 2, "max": 10}),
+            "{doc}"
+        );
+
+        s.nodes = vec![node("1", NodeState::Hold), node("2", NodeState::Building)];
+        let doc = memory.observe(&s, &config, 1005.0);
+        let changes: Vec<(&str, &str)> = doc["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| {
+                (
+                    e["node"].as_str().unwrap_or_default(),
+                    e["change"].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            changes,
+            [("3", "gone"), ("2", "new, building"), ("1", "ready → hold")],
+            "newest first"
+        );
+        let history = doc["history"].as_array().expect("history");
+        assert_eq!(history.len(), 2, "the sample at 1000 s, then now: {doc}");
+        assert_eq!(history[0]["counts"], json!({"ready": 2}));
+        assert_eq!(history[1]["counts"], json!({"building": 1, "hold": 1}));
+        assert_eq!(
+            doc["nodes"],
+            json!([
+                {"state": "building", "provider": "sim", "label": "small", "count": 1},
+                {"state": "hold", "provider": "sim", "label": "small", "count": 1},
+            ])
+        );
+
+        let mut now = 1005.0;
+        for i in 0..(2 * HISTORY) {
+            now += SAMPLE_EVERY;
+            let state = if i % 2 == 0 {
+                NodeState::Ready
+            } else {
+                NodeState::Hold
+            };
+            s.nodes = vec![node("1", state)];
+            memory.observe(&s, &config, now);
+        }
+        assert_eq!(memory.history.len(), HISTORY);
+        assert_eq!(memory.events.len(), EVENTS);
+        assert_eq!(memory.history.back().map(|(at, _)| *at), Some(now));
+    }
+}
