@@ -186,10 +186,49 @@ impl Browser {
             .await;
         decode_base64(b64.as_str().expect("base64 text"))
     }
+}
 
-    async fn quit(&self) {
-        let url = format!("{}/session/{}", self.base, self.session);
-        self.http.delete(&url).send().await.ok();
+impl Drop for Browser {
+    /// Ends the session (chromedriver then stops Chromium) before the
+    /// driver is killed, also when the test fails half-way: killing
+    /// chromedriver alone would leave Chromium running. Blocking and
+    /// plain HTTP, as `Drop` cannot await.
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        let addr = self.base.trim_start_matches("http://");
+        let Ok(mut conn) = std::net::TcpStream::connect(addr) else {
+            return;
+        };
+        conn.set_read_timeout(Some(LIMIT)).ok();
+        let request = format!(
+            "DELETE /session/{} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
+            self.session
+        );
+        if conn.write_all(request.as_bytes()).is_err() {
+            return;
+        }
+        // chromedriver keeps the connection open: read one answer (its
+        // head, then Content-Length bytes), which comes once Chromium quit.
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = conn.read(&mut chunk) {
+            if n == 0 {
+                return;
+            }
+            answer.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -352,7 +391,7 @@ async fn the_dashboard_renders_and_follows_a_node_in_chromium() {
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
     std::fs::write(artifacts.join("dashboard.png"), &png).expect("write the screenshot");
-    browser.quit().await;
+    drop(browser);
 
     launcher.start_kill().ok();
     launcher.wait().await.ok();
