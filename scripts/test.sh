@@ -4,7 +4,8 @@
 #   scripts/test.sh
 #
 # It installs and starts what the tests need when it is missing (ZooKeeper
-# and sshd from Debian's packages; the Python reference peers into a local venv),
+# and sshd from Debian's packages; the Python reference peers into a local venv;
+# Chromium and chromedriver for the dashboard test),
 # checks formatting and lints, builds and link-checks docs/, runs the whole
 # workspace's tests against those real servers, then the slow real-service
 # suites in scripts/test.d/ (each starts and stops its own service), stops
@@ -104,6 +105,7 @@ export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 phase "start ZooKeeper" start_zookeeper
 phase "python reference peers" python_peers
 phase "install sshd" install_sshd
+phase "chromium (dashboard test)" scripts/chromium.sh install
 phase "fmt + clippy" lint
 phase "docs" docs_site
 phase "cargo test --workspace" workspace_tests
