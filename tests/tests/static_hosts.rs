@@ -48,7 +48,7 @@ fn body(hosts: &[(&Sshd, &str, u32)]) -> String {
     let mut nodes = String::new();
     for (h, labels, slots) in hosts {
         nodes.push_str(&format!(
-            "          - {{name: 127.0.0.1, connection-port: {}, labels: {labels}, max-parallel-jobs: {slots}, timeout: 2}}\n",
+            "          - {{name: 127.0.0.1, connection-port: {}, labels: {labels}, max-parallel-jobs: {slots}}}\n",
             h.port()
         ));
     }
