@@ -407,9 +407,10 @@ fn provider(at: At<'_>, errs: &mut Errors) -> Option<ProviderConfig> {
             None
         }
         other => {
-            let hint = super::yaml::suggest(other, &["openstack", "simulated", "static", "external"])
-                .map(|s| format!("; did you mean `{s}`?"))
-                .unwrap_or_default();
+            let hint =
+                super::yaml::suggest(other, &["openstack", "simulated", "static", "external"])
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
             errs.push(
                 &m.path_of("driver"),
                 Kind::InvalidValue,
