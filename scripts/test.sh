@@ -4,7 +4,8 @@
 #   scripts/test.sh
 #
 # It installs and starts what the tests need when it is missing (ZooKeeper
-# from Debian's packages; the Python reference peers into a local venv),
+# and sshd from Debian's packages; the Python reference peers into a local venv;
+# Chromium and chromedriver for the dashboard test),
 # checks formatting and lints, builds and link-checks docs/, runs the whole
 # workspace's tests against those real servers, then the slow real-service
 # suites in scripts/test.d/ (each starts and stops its own service), stops
@@ -36,6 +37,14 @@ phase() {
 
 start_zookeeper() {
   scripts/zookeeper.sh start && started_zk=1 && eval "$(scripts/zookeeper.sh env)"
+}
+
+# Debian's sshd for the static driver's tests (tests/src/sshd.rs starts
+# private instances on 127.0.0.1; none runs as a service).
+install_sshd() {
+  [[ -x /usr/sbin/sshd ]] && return 0
+  apt-get install -y openssh-server >/dev/null || { apt-get update >/dev/null && apt-get install -y openssh-server >/dev/null; }
+  [[ -x /usr/sbin/sshd ]]
 }
 
 python_peers() {
@@ -95,6 +104,8 @@ export CARGO_TERM_COLOR=never
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 phase "start ZooKeeper" start_zookeeper
 phase "python reference peers" python_peers
+phase "install sshd" install_sshd
+phase "chromium (dashboard test)" scripts/chromium.sh install
 phase "fmt + clippy" lint
 phase "docs" docs_site
 phase "cargo test --workspace" workspace_tests

@@ -115,3 +115,17 @@ fn the_multi_cloud_example_resolves_inheritance_and_defaults() {
         ["qcow2"]
     );
 }
+
+#[test]
+fn the_external_example_runs_the_example_program() {
+    let cfg = Config::load(dir().join("external.yaml"), None).expect("valid");
+    let Driver::External(program) = &cfg.providers[0].driver else {
+        panic!("driver: {:?}", cfg.providers[0].driver);
+    };
+    assert_eq!(
+        Path::new(program.program()),
+        dir().join("external_provider/example_cloud.py"),
+        "the program path is resolved against the config's directory"
+    );
+    assert_eq!(program.timeout, Duration::from_secs(30));
+}

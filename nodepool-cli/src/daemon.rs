@@ -204,7 +204,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     Ok(Store::new(backend))
 }
 
-/// Builds a provider for its configuration: OpenStack or the simulated cloud.
+/// Builds a provider for its configuration: OpenStack, the simulated
+/// cloud, an external program or a static provider's (which has no
+/// servers).
 pub fn make_provider(pc: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
     match &pc.driver {
         Driver::OpenStack => nodepool_openstack::OpenStackProvider::from_config(pc)
@@ -213,6 +215,12 @@ pub fn make_provider(pc: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
         Driver::Simulated(_) => nodepool_simulated::SimulatedProvider::new(pc)
             .map(|p| Arc::new(p) as Arc<dyn Provider>)
             .map_err(|e| e.to_string()),
+        Driver::External(_) => nodepool_external::ExternalProvider::new(pc)
+            .map(|p| Arc::new(p) as Arc<dyn Provider>)
+            .map_err(|e| e.to_string()),
+        Driver::Static(_) => Ok(Arc::new(
+            nodepool_core::launcher::static_hosts::StaticProvider::new(pc),
+        )),
     }
 }
 

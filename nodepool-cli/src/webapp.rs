@@ -3,7 +3,8 @@
 //!
 //! Paths: `/node-list` (`?node_id=`), `/request-list`, `/label-list`,
 //! `/image-list`, `/dib-image-list`, `/image-status`, `/ready`,
-//! `/metrics`, and `/request-explain/<id>` (why a request waits, as
+//! `/metrics`, `/dashboard` and `/dashboard.json` (the live page, see
+//! [`crate::dashboard`]), and `/request-explain/<id>` (why a request waits, as
 //! `nodepool request-explain` says it, from what the launcher's last pass
 //! knew of its clouds; not cached); anything else is 404. The format is chosen by `Accept`
 //! only: JSON when `application/json` is preferred over `text/html` and
@@ -24,9 +25,12 @@
 //! wait for the clouds), and taking it out of service or restarting it
 //! would bring no cloud back.
 //!
-//! The builder serves a smaller app ([`spawn_builder`]): `/metrics` and
-//! `/ready` only (it has no listings of its own; the launcher's web app
-//! lists images). Both are described with examples in `docs/metrics.md`.
+//! The builder serves the same app ([`spawn_builder`]) on its own port:
+//! the same listings (they read the shared store), `/metrics` with the
+//! builder's families, and its own `/ready` (503 before its first pass and
+//! while its store session is not connected). `/request-explain/<id>` is
+//! the launcher's only: the builder does not plan requests. Both are
+//! described with examples in `docs/web-api.md` and `docs/metrics.md`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,6 +49,7 @@ use nodepool_core::store::Store;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::dashboard::Dashboard;
 use crate::listing::Source;
 
 /// How long a rendered listing is served from the cache (Nodepool: 1 s).
@@ -53,10 +58,24 @@ pub const CACHE_EXPIRY: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 struct AppState {
     store: Store,
-    config: watch::Receiver<Arc<Config>>,
-    status: Arc<LauncherStatus>,
+    role: Role,
     metrics: Arc<Metrics>,
     cache: Arc<Mutex<HashMap<String, Rendered>>>,
+}
+
+/// Which daemon serves the app: the listings are the same, `/ready` is
+/// each daemon's own, and only the launcher (which plans) explains
+/// requests.
+#[derive(Clone)]
+enum Role {
+    Launcher {
+        config: watch::Receiver<Arc<Config>>,
+        status: Arc<LauncherStatus>,
+        dashboard: Arc<Dashboard>,
+    },
+    Builder {
+        status: Arc<BuilderStatus>,
+    },
 }
 
 /// A rendered listing: when, the body, and the `X-Nodepool-Skipped` value.
@@ -119,26 +138,42 @@ pub async fn spawn(
 ) -> anyhow::Result<SocketAddr> {
     let web = config.borrow().webapp.clone();
     let addr = format!("{}:{}", web.listen_address, web.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("web app cannot listen on {addr}: {e}"))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| anyhow::anyhow!("web app on {addr}: {e}"))?;
-    tracing::info!(addr = %bound, "web app listening");
-    let app = axum::Router::new().fallback(serve).with_state(AppState {
+    let state = AppState {
         store,
-        config,
-        status,
+        role: Role::Launcher {
+            config,
+            status,
+            dashboard: Arc::default(),
+        },
         metrics,
         cache: Arc::default(),
-    });
+    };
+    listen_and_serve(&addr, "web app", state, shutdown).await
+}
+
+/// Binds `addr`, logs `"{what} listening"` with the bound address, and
+/// serves the app on it until `shutdown`.
+async fn listen_and_serve(
+    addr: &str,
+    what: &str,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("{what} cannot listen on {addr}: {e}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| anyhow::anyhow!("{what} on {addr}: {e}"))?;
+    tracing::info!(addr = %bound, "{what} listening");
+    let app = axum::Router::new().fallback(serve).with_state(state);
+    let what = what.to_owned();
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(e) = served {
-            tracing::error!(error = %e, "web app stopped");
+            tracing::error!(error = %e, "{what} stopped");
         }
     });
     Ok(bound)
@@ -171,8 +206,9 @@ fn builder_readiness(store: &Store, status: &BuilderStatus) -> Readiness {
     }
 }
 
-/// Serves the builder's `/metrics` and `/ready` on `web` until
-/// `shutdown`. Returns the bound address (useful with port 0).
+/// Serves the builder's web app on `web` until `shutdown`: the same
+/// listings as the launcher's, `/metrics` and its own `/ready`. Returns
+/// the bound address (useful with port 0).
 pub async fn spawn_builder(
     web: &BuilderWebapp,
     store: Store,
@@ -181,36 +217,13 @@ pub async fn spawn_builder(
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let addr = format!("{}:{}", web.listen_address, web.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("builder web app cannot listen on {addr}: {e}"))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| anyhow::anyhow!("builder web app on {addr}: {e}"))?;
-    tracing::info!(addr = %bound, "builder web app listening (/metrics, /ready)");
-    let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
-        let (store, status, metrics) = (store.clone(), status.clone(), metrics.clone());
-        async move {
-            match uri.path() {
-                "/metrics" => metrics_response(&metrics),
-                "/ready" => with_cache_headers(
-                    ready(&builder_readiness(&store, &status)),
-                    negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok())),
-                    SystemTime::now(),
-                ),
-                _ => (StatusCode::NOT_FOUND, "Not Found\n").into_response(),
-            }
-        }
-    });
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "builder web app stopped");
-        }
-    });
-    Ok(bound)
+    let state = AppState {
+        store,
+        role: Role::Builder { status },
+        metrics,
+        cache: Arc::default(),
+    };
+    listen_and_serve(&addr, "builder web app", state, shutdown).await
 }
 
 /// The Prometheus text exposition.
@@ -338,6 +351,13 @@ fn ready(r: &Readiness) -> Response {
 /// and what the launcher's last pass knew of its clouds (never cached:
 /// it is asked about while watching a request move).
 async fn request_explain(s: &AppState, id: &str, format: Format) -> Response {
+    let Role::Launcher { config, status, .. } = &s.role else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the builder does not plan requests: ask a launcher's web app\n",
+        )
+            .into_response();
+    };
     let mut snapshot = match nodepool_core::launcher::read_snapshot(&s.store).await {
         Ok(snap) => snap,
         Err(e) => {
@@ -349,8 +369,8 @@ async fn request_explain(s: &AppState, id: &str, format: Format) -> Response {
                 .into_response();
         }
     };
-    snapshot.providers = s.status.provider_views();
-    let config = s.config.borrow().clone();
+    snapshot.providers = status.provider_views();
+    let config = config.borrow().clone();
     let Some(x) = explain_request(&snapshot, &config, epoch_now(), id) else {
         return (StatusCode::NOT_FOUND, format!("request {id} not found\n")).into_response();
     };
@@ -417,7 +437,49 @@ async fn serve(
     }
     let format = negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     if path == "/ready" {
-        return with_cache_headers(ready(&s.status.readiness()), format, SystemTime::now());
+        let readiness = match &s.role {
+            Role::Launcher { status, .. } => status.readiness(),
+            Role::Builder { status } => builder_readiness(&s.store, status),
+        };
+        return with_cache_headers(ready(&readiness), format, SystemTime::now());
+    }
+    if let Role::Launcher {
+        config,
+        status,
+        dashboard,
+    } = &s.role
+    {
+        match path {
+            "/dashboard" => {
+                return (
+                    [(header::CONTENT_TYPE, "text/html; charset=UTF-8")],
+                    crate::dashboard::PAGE,
+                )
+                    .into_response();
+            }
+            "/dashboard.json" => {
+                let config = config.borrow().clone();
+                return match dashboard
+                    .document(&s.store, &config, status, epoch_now())
+                    .await
+                {
+                    Ok(doc) => (
+                        [(header::CONTENT_TYPE, Format::Json.content_type())],
+                        doc.as_str().to_owned(),
+                    )
+                        .into_response(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dashboard cannot read the state store");
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("state store unavailable: {e}\n"),
+                        )
+                            .into_response()
+                    }
+                };
+            }
+            _ => {}
+        }
     }
     if let Some(id) = path.strip_prefix("/request-explain/") {
         return request_explain(&s, id, format).await;

@@ -4,7 +4,7 @@
 //! this test reads from another process, reloads its configuration when
 //! the file changes, dumps its state on SIGUSR2 and stops on SIGTERM.
 //! It sends Nodepool's builder metrics to statsd (a real UDP socket here)
-//! and serves them on `/metrics`, with `/ready`.
+//! and serves them on `/metrics`, with `/ready` and the launcher's listings.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -320,6 +320,32 @@ async fn the_builder_daemon_builds_uploads_reloads_dumps_and_stops() {
     ));
     find("nodepool_builder_build_state", &[("image", "deb")]);
     assert_eq!(get(web, "/nope").await.0, 404);
+    // The launcher's listings, read from the same store.
+    let (status, body) = get(web, "/dib-image-list").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.lines()
+            .any(|l| l.contains("deb-") && l.contains("ready")),
+        "the build is listed:\n{body}"
+    );
+    let (status, body) = get(web, "/image-list").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.lines()
+            .any(|l| l.contains("| p1 ") && l.contains("deb") && l.contains("ready")),
+        "the upload to p1 is listed:\n{body}"
+    );
+    for path in [
+        "/image-status",
+        "/node-list",
+        "/request-list",
+        "/label-list",
+    ] {
+        assert_eq!(get(web, path).await.0, 200, "{path}");
+    }
+    let (status, body) = get(web, "/request-explain/100-0000000001").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("ask a launcher"), "{body}");
 
     // Hot reload: a second provider gets the image.
     write_config(&cfg, &config(d, &["p1", "p2"]));

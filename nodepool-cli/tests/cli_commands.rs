@@ -461,3 +461,39 @@ async fn help_says_what_each_command_does() {
         assert!(out.ok().starts_with(first), "{bin}:\n{}", out.stdout);
     }
 }
+
+async fn a_static_provider_has_no_aliens(backend: Backend) {
+    let f = common::Fixture::with_body(
+        backend,
+        "labels: [{name: small}]
+providers:
+  - name: lab
+    driver: static
+    pools:
+      - name: main
+        nodes: [{name: host1.example.org, labels: small}]
+",
+    )
+    .await;
+    // A registered static node, as the launcher writes it: its
+    // `external_id` is the host, which no listing shows.
+    let mut node = nodepool_core::model::Node::new(
+        NodeState::Ready,
+        1_700_000_000.0,
+        "lab",
+        "main",
+        vec!["small".into()],
+    );
+    node.external_id = Some("host1.example.org".into());
+    node.hostname = Some("host1.example.org".into());
+    node.launcher = Some("static driver".into());
+    let id = f.store.create_node(&node).await.expect("create node");
+    let out = f.run(&["alien-list"]).await;
+    let t = out.ok();
+    assert_eq!(common::row_count(t), 0, "{t}");
+    let out = f.run(&["alien-list", "lab"]).await;
+    assert_eq!(common::row_count(out.ok()), 0);
+    let out = f.run(&["list"]).await;
+    assert_eq!(row(out.ok(), &id)[1], "lab", "{}", out.ok());
+}
+both_stores!(a_static_provider_has_no_aliens);

@@ -707,3 +707,142 @@ providers:
         stderr(&out)
     );
 }
+
+/// `driver: external`: a missing `command`, a program that does not exist
+/// and one that is not executable are each named at their place; a
+/// relative program path is found beside the configuration file.
+#[test]
+fn external_provider_commands_are_checked_where_they_are() {
+    let sb = Sandbox::new();
+    sb.write("not-executable.sh", "#!/bin/sh\n");
+    let runnable = sb.write("cloud.sh", "#!/bin/sh\n");
+    let mut perms = std::fs::metadata(&runnable).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&runnable, perms).expect("chmod");
+    let provider = |name: &str, command: &str| {
+        format!(
+            "  - name: {name}\n    driver: external\n{command}    cloud-images: [{{name: base}}]\n    pools: [{{name: main, labels: [{{name: small, cloud-image: base, flavor-name: small}}]}}]\n"
+        )
+    };
+    let config = sb.write(
+        "nodepool.yaml",
+        &format!(
+            "labels: [{{name: small}}]\nproviders:\n{}{}{}{}{}",
+            provider("no-command", ""),
+            provider("missing", "    command: [./no-such-cloud.sh, --flag]\n"),
+            provider("not-executable", "    command: ./not-executable.sh\n"),
+            provider("not-on-path", "    command: [no-such-program-anywhere]\n"),
+            provider("good", "    command: [./cloud.sh]\n    timeout: 5\n"),
+        ),
+    );
+    let out = sb.run(
+        &["-c", &config.display().to_string(), "config-validate"],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    assert!(err.contains("4 configuration errors"), "{err}");
+    assert!(
+        err.contains("providers[0].command: required key `command` is missing"),
+        "{err}"
+    );
+    let dir = sb.path().display().to_string();
+    assert!(
+        err.contains(&format!(
+            "providers[1].command: program \"{dir}/./no-such-cloud.sh\" does not exist"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "providers[2].command: program \"{dir}/./not-executable.sh\" is not executable"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "providers[3].command: program \"no-such-program-anywhere\" is not found on PATH"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("providers[4]"), "{err}");
+}
+
+const STATIC_PROVIDER: &str = "zookeeper-servers: [{host: zk.example.org}]
+labels: [{name: small}, {name: large}]
+providers:
+  - name: lab
+    driver: static
+    pools:
+      - name: main
+        nodes:
+          - {name: host1.example.org, labels: small large, host-key: 'ssh-ed25519 AAAA'}
+          - {name: host2.example.org, labels: [small], username: ci, connection-port: 2222, max-parallel-jobs: 2}
+";
+
+#[test]
+fn a_static_provider_validates_without_any_clouds_yaml() {
+    let sb = Sandbox::new();
+    let config = sb.write("nodepool.yaml", STATIC_PROVIDER);
+    // No clouds.yaml anywhere: a static provider needs none.
+    let out = sb.run(
+        &["-c", &config.display().to_string(), "config-validate"],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn static_hosts_errors_are_located() {
+    let sb = Sandbox::new();
+    let config = sb.write(
+        "nodepool.yaml",
+        "labels: [{name: small}]
+providers:
+  - name: lab
+    driver: static
+    pools:
+      - name: main
+        nodes:
+          - {name: a.example.org, labels: small}
+          - {labels: small}
+          - {name: a.example.org, labels: [small, gpu], max-parallel-jobs: 0}
+          - {name: b.example.org, labels: small, connection-port: 0, flavor-name: x}
+      - name: other
+        labels: [{name: small}]
+        nodes:
+          - {name: a.example.org, labels: small, username: zuul}
+",
+    );
+    let c = config.display().to_string();
+    let out = sb.run(&["-c", &c, "config-validate"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{c}: 8 configuration errors:
+  providers[0].pools[0].nodes[1].name: required key `name` is missing
+  providers[0].pools[0].nodes[2].max-parallel-jobs: must be at least 1, found 0
+  providers[0].pools[0].nodes[3].connection-port: must be a TCP port (1-65535), found 0
+  providers[0].pools[0].nodes[3].flavor-name: unknown key `flavor-name`
+  providers[0].pools[1].labels: unknown key `labels`
+  providers[0].pools[0].nodes[2].labels[1]: unknown label \"gpu\" (not in the top-level `labels`)
+  providers[0].pools[0].nodes[2].name: host \"a.example.org\" (user \"zuul\", port 22) is already listed at providers[0].pools[0].nodes[0].name
+  providers[0].pools[1].nodes[0].name: host \"a.example.org\" (user \"zuul\", port 22) is already listed at providers[0].pools[0].nodes[0].name
+"
+        )
+    );
+}

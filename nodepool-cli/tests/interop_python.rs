@@ -307,3 +307,71 @@ async fn python_reads_pool_components_with_our_health_key() {
         ])
     );
 }
+
+const STATIC_BODY: &str = "labels: [{name: small}]
+providers:
+  - name: lab
+    driver: static
+    pools:
+      - name: main
+        nodes:
+          - {name: a.example.org, labels: small, connection-port: 2222, max-parallel-jobs: 2, host-key-checking: false, host-key: 'ssh-ed25519 AAAA'}
+          - {name: b.example.org, labels: small, username: ci, host-key-checking: false}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_static_driver_sees_our_static_nodes_fill_its_slots() {
+    let f = Fixture::with_body(Backend::ZooKeeperTls, STATIC_BODY).await;
+    let pc = f.config.provider("lab").expect("provider").clone();
+    let report = nodepool_core::launcher::static_hosts::sync(&f.store, &pc, &|| 1_700_000_000.0)
+        .await
+        .expect("sync")
+        .expect("the registration lock is free");
+    assert_eq!(report.registered.len(), 3, "{report:?}");
+    let mut by_slot = std::collections::BTreeMap::new();
+    for id in &report.registered {
+        let n = f
+            .store
+            .get_node(id)
+            .await
+            .expect("get")
+            .expect("node")
+            .value;
+        let port = match n.connection_port {
+            Some(nodepool_core::model::Port::Number(p)) => p,
+            other => panic!("port {other:?}"),
+        };
+        let key = format!(
+            "{}|{}|{port}",
+            n.hostname.expect("hostname"),
+            n.username.expect("username")
+        );
+        let slot: usize = n.slot.expect("slot").decode().expect("a number");
+        by_slot.insert((key, slot), id.clone());
+    }
+    let config = f.dir.path().join("python-static.yaml");
+    std::fs::write(&config, STATIC_BODY).expect("write config");
+    let mut cmd = tokio::process::Command::new(common::python());
+    cmd.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/py/python_static_slots.py"
+    ))
+    .arg(tls_hosts(&f))
+    .args([
+        var("NODEPOOL_TEST_ZK_CA"),
+        var("NODEPOOL_TEST_ZK_CERT"),
+        var("NODEPOOL_TEST_ZK_KEY"),
+    ])
+    .arg(&config)
+    .arg("lab");
+    let out = common::run_process(cmd, "").await;
+    let seen: serde_json::Value = serde_json::from_str(out.ok()).expect("JSON");
+    let slot = |key: &str, k: usize| by_slot[&(key.to_owned(), k)].clone();
+    assert_eq!(
+        seen,
+        serde_json::json!({
+            "a.example.org|zuul|2222": [slot("a.example.org|zuul|2222", 0), slot("a.example.org|zuul|2222", 1)],
+            "b.example.org|ci|22": [slot("b.example.org|ci|22", 0)],
+        })
+    );
+}

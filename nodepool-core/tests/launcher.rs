@@ -178,6 +178,8 @@ async fn a_request_is_fulfilled_used_and_deleted() {
         panic!("request failed")
     };
     assert_eq!(req.value.nodes.len(), 2);
+    // The second launch to finish fulfilled it, not a later pass.
+    assert_eq!(l.status.fulfilled_on_ready(), 1);
     let mut set = zuul.accept(&id, &req.value).await.expect("accept");
     assert!(
         store.get_request(&id).await.expect("get").is_none(),
@@ -201,6 +203,39 @@ async fn a_request_is_fulfilled_used_and_deleted() {
     })
     .await;
     assert!(l.status.is_ready());
+    l.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_served_by_a_spare_and_a_launch_is_fulfilled_by_the_launch() {
+    let (_mem, store) = store();
+    let cfg = BASE.replace("  - name: small\n", "  - name: small\n    min-ready: 1\n");
+    let l = start(store.clone(), &cfg, "l1");
+    until("a ready spare", || async {
+        nodes_in(&store, NodeState::Ready).await == 1
+    })
+    .await;
+    let spare = store.list_nodes().await.expect("list").records[0]
+        .id
+        .clone();
+    let zuul = Requestor::new(store.clone(), "zuul-system-id");
+    let id = zuul
+        .submit(&NewRequest::new(vec!["large".into(), "small".into()]))
+        .await
+        .expect("submit");
+    let Outcome::Fulfilled(req) = zuul
+        .wait(&id, Duration::from_secs(300))
+        .await
+        .expect("wait")
+    else {
+        panic!("request failed")
+    };
+    // In node_types order: the launched large node, then the spare.
+    assert_eq!(req.value.nodes.len(), 2);
+    assert_eq!(req.value.nodes[1], spare);
+    assert_ne!(req.value.nodes[0], spare);
+    // The spare's min-ready request, then this one: each by its launch.
+    assert_eq!(l.status.fulfilled_on_ready(), 2);
     l.stop().await;
 }
 

@@ -1411,3 +1411,55 @@ fn service_resumes_when_the_provider_recovers() {
         Some(RequestState::Fulfilled)
     );
 }
+
+const STATIC_POOL: &str = r#"
+labels:
+  - name: small
+providers:
+  - name: lab
+    driver: static
+    pools:
+      - name: main
+        nodes:
+          - {name: a.example.org, labels: small}
+          - {name: b.example.org, labels: small}
+"#;
+
+#[test]
+fn a_static_pool_serves_ready_nodes_and_never_launches() {
+    let mut w = World::new(STATIC_POOL);
+    let a = w.add_node("lab", "main", "small", NodeState::Ready);
+    let b = w.add_node("lab", "main", "small", NodeState::InUse);
+    w.edit_node(&b, |n, _| n.allocated_to = Some("someone-else".into()));
+    // One host is free: the first request gets it.
+    let first = w.add_request(&["small"], "200");
+    w.run(10);
+    let req = w.request(&first).expect("request");
+    assert_eq!(req.state, RequestState::Fulfilled);
+    assert_eq!(req.nodes, [a]);
+    // Every host is busy now: the next request waits, neither launched
+    // for nor declined.
+    let second = w.add_request(&["small"], "200");
+    for _ in 0..5 {
+        let p = w.plan();
+        assert_eq!(count(&p, is_launch), 0, "{:?}", p.actions);
+        assert!(
+            !p.actions
+                .iter()
+                .any(|x| matches!(x, Action::Decline { .. })),
+            "{:?}",
+            p.actions
+        );
+        w.apply(&p);
+    }
+    assert_ne!(
+        w.request(&second).map(|r| r.state),
+        Some(RequestState::Failed)
+    );
+    // A host registered again (as the static sync does) serves it.
+    let c = w.add_node("lab", "main", "small", NodeState::Ready);
+    w.run(10);
+    let req = w.request(&second).expect("request");
+    assert_eq!(req.state, RequestState::Fulfilled);
+    assert_eq!(req.nodes, [c]);
+}

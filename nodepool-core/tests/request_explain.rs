@@ -225,3 +225,56 @@ fn a_held_request_shows_its_nodes_and_queued_ones_their_place() {
         None
     );
 }
+
+/// The dashboard's batch: one line per waiting request, the same as the
+/// request's own explanation says, and each pool's quota use.
+#[test]
+fn waiting_requests_are_explained_in_one_batch_with_pool_usage() {
+    use nodepool_core::planner::explain::{explain_waiting, pool_usage};
+    let mut w = World::new(THREE_POOLS);
+    let first = w.add_request(&["small"], "200");
+    let second = w.add_request(&["small"], "200");
+    let third = w.add_request(&["small"], "200");
+    let arm = w.add_request(&["arm"], "200");
+    let p = w.plan();
+    w.apply(&p);
+    let lines = explain_waiting(&w.snapshot, &w.config, w.now);
+    let ids: Vec<&str> = lines.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), 4, "{lines:?}");
+    for id in [&first, &second, &third, &arm] {
+        let (_, line) = lines
+            .iter()
+            .find(|(i, _)| i == id)
+            .unwrap_or_else(|| panic!("{id} missing: {lines:?}"));
+        assert_eq!(line, &explain(&w, id).one_line(), "{id}");
+    }
+    let line = |id: &str| lines.iter().find(|(i, _)| i == id).map(|(_, l)| l.clone());
+    assert_eq!(
+        line(&first).as_deref(),
+        Some("east/main: holds it: 0 of 1 nodes ready, 1 being launched")
+    );
+    assert!(
+        line(&third).is_some_and(|l| l.starts_with("east/main: quota full: pool instances")),
+        "{lines:?}"
+    );
+
+    let usage = pool_usage(&w.snapshot, &w.config);
+    let names: Vec<String> = usage
+        .iter()
+        .map(|u| format!("{}/{}", u.pool.provider, u.pool.pool))
+        .collect();
+    assert_eq!(names, ["east/main", "east/off", "west/main"]);
+    assert_eq!(usage[0].used.get("instances"), 2);
+    assert_eq!(usage[0].limits.get("instances"), Some(2));
+    assert_eq!(usage[2].used.get("instances"), 1);
+    assert_eq!(usage[2].limits.get("instances"), Some(5));
+
+    w.finish_launches();
+    let p = w.plan();
+    w.apply(&p);
+    let lines = explain_waiting(&w.snapshot, &w.config, w.now);
+    assert!(
+        lines.iter().all(|(id, _)| id != &first),
+        "a fulfilled request does not wait: {lines:?}"
+    );
+}

@@ -1201,3 +1201,64 @@ fn seed_001s_provider_max_servers_minus_one_means_removal() {
     assert!(w.message.contains("`max-servers: 0` on every pool"), "{w}");
     assert!(!Config::from_yaml(BASE).expect("loads").providers[0].removing);
 }
+
+#[test]
+fn static_provider_hosts_defaults_and_labels() {
+    let cfg = parse(
+        r#"
+labels: [{name: small}, {name: large}]
+providers:
+  - name: lab
+    driver: static
+    pools:
+      - name: main
+        max-servers: 4
+        nodes:
+          - {name: a.example.org, labels: small large}
+          - name: b.example.org
+            labels: [large]
+            username: ci
+            connection-type: network_cli
+            connection-port: 2222
+            host-key-checking: false
+            host-key: ssh-ed25519 AAAA
+            max-parallel-jobs: 3
+            python-path: /usr/bin/python3
+            shell-type: csh
+            timeout: 9
+"#,
+    )
+    .expect("valid");
+    let p = &cfg.providers[0];
+    let Driver::Static(hosts) = &p.driver else {
+        panic!("not static")
+    };
+    assert!(p.cloud.is_none());
+    // The pool serves the union of its hosts' labels, in file order, and
+    // has nothing to boot for them.
+    let pool = &p.pools[0];
+    assert_eq!(pool.max_servers, Some(4));
+    let names: Vec<&str> = pool.labels.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["small", "large"]);
+    assert!(pool.labels.iter().all(|l| l.image == ImageSource::Static));
+    let a = &hosts.hosts("main")[0];
+    assert_eq!(a.labels, ["small", "large"], "a string is split on spaces");
+    assert_eq!(a.identity(), ("a.example.org", "zuul", 22));
+    assert_eq!(a.connection_type, "ssh");
+    assert!(a.host_key_checking);
+    assert!(a.host_keys.is_empty());
+    assert_eq!(a.max_parallel_jobs, 1);
+    assert_eq!(a.python_path, "auto");
+    assert_eq!(a.shell_type, None);
+    assert_eq!(a.timeout, Duration::from_secs(5));
+    let b = &hosts.hosts("main")[1];
+    assert_eq!(b.identity(), ("b.example.org", "ci", 2222));
+    assert_eq!(b.connection_type, "network_cli");
+    assert!(!b.host_key_checking);
+    assert_eq!(b.host_keys, ["ssh-ed25519 AAAA"]);
+    assert_eq!(b.max_parallel_jobs, 3);
+    assert_eq!(b.python_path, "/usr/bin/python3");
+    assert_eq!(b.shell_type.as_deref(), Some("csh"));
+    assert_eq!(b.timeout, Duration::from_secs(9));
+    assert_eq!(b.index, 1);
+}

@@ -20,9 +20,11 @@
 //! - [`drill`]: issue 12's fault drills as functions (a burst, a fault, a
 //!   Zuul-style client, a [`drill::Report`]), shared by
 //!   `tests/tests/faults.rs` and the `drill` benchmark.
+//! - [`sshd`]: private SSH servers for the static driver's tests.
 
 pub mod drill;
 pub mod faults;
+pub mod sshd;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

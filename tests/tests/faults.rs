@@ -75,7 +75,7 @@ fn check(report: &Report) {
 }
 
 /// (1) ZooKeeper stopped for 5 s mid-burst, three times, with
-/// `zookeeper-timeout: 10`: the session survives, so nothing may be lost.
+/// `zookeeper-timeout: 20`: the session survives, so nothing may be lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zookeeper_blips_shorter_than_the_session_timeout_lose_nothing() {
     let _one = ONE_AT_A_TIME.lock().await;

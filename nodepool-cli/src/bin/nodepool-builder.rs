@@ -27,14 +27,14 @@ struct Args {
     /// Uploads running at once.
     #[arg(long = "upload-workers", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..), display_order = 3)]
     upload_workers: u16,
-    /// Do not serve `/metrics` and `/ready`.
+    /// Do not serve the web app (the listings, `/metrics` and `/ready`).
     #[arg(long = "no-webapp", display_order = 4)]
     no_webapp: bool,
-    /// Port of `/metrics` and `/ready` (the launcher's web app uses the
+    /// Port of the web app (the launcher's uses the
     /// configuration's `webapp.port`, 8005 by default).
     #[arg(long = "webapp-port", default_value_t = 8006, display_order = 5)]
     webapp_port: u16,
-    /// Address `/metrics` and `/ready` listen on.
+    /// Address the web app listens on.
     #[arg(
         long = "webapp-listen-address",
         default_value = "0.0.0.0",

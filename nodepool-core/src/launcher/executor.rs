@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::model::{
     MIN_READY_PRIORITY, MIN_READY_REQUESTOR, Node, NodeRequest, NodeState, RequestState,
 };
-use crate::planner::PoolKey;
+use crate::planner::{self, PoolKey};
 use crate::planner::{Action, DeleteReason, LaunchImage, Plan, Snapshot};
 use crate::store::{
     Decision, LockGuard, LockOf, LockWait, RecordKey, Store, StoreError, Versioned, paths,
@@ -80,6 +80,85 @@ pub(crate) struct ExecContext {
 impl ExecContext {
     fn owned(&self) -> std::sync::MutexGuard<'_, HashMap<String, Owned>> {
         self.owned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers a node allocated or launched for a held request, for
+    /// [`fulfil_if_complete`].
+    fn note_node(&self, request: &str, node: &str) {
+        if let Some(o) = self.owned().get_mut(request) {
+            o.nodes.push(node.to_owned());
+        }
+    }
+}
+
+/// Fulfils a request this launcher holds if its nodes are all ready now.
+/// Called by a launch task once its node is ready and unlocked, so a
+/// request does not wait for the next planning pass (which, in a burst,
+/// may be accepting hundreds of other requests). The planner's `Fulfill`
+/// stays the rule for everything else (reused ready nodes, a restart);
+/// whichever takes the request out of the held map first fulfils it.
+pub(crate) async fn fulfil_if_complete(shared: &Shared, request: &str) {
+    let (labels, ids) = {
+        let owned = shared.owned.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(o) = owned.get(request) else {
+            return;
+        };
+        let launching = shared.launching.lock().unwrap_or_else(|p| p.into_inner());
+        if o.nodes.len() < o.labels.len() || o.nodes.iter().any(|n| launching.contains(n)) {
+            return;
+        }
+        (o.labels.clone(), o.nodes.clone())
+    };
+    let store = &shared.store;
+    let mut nodes = Vec::with_capacity(ids.len());
+    for id in &ids {
+        match store.get_node(id).await {
+            Ok(Some(v)) => nodes.push((id.as_str(), v.value)),
+            Ok(None) => {}
+            // The next pass decides from a fresh snapshot.
+            Err(_) => return,
+        }
+    }
+    let candidates: Vec<(&str, &Node)> = nodes.iter().map(|(id, n)| (*id, n)).collect();
+    let Some(slots) = planner::fulfilment::complete_allocation(request, &labels, &candidates)
+    else {
+        return;
+    };
+    // Taken out first: the map's lock must not be held across an await,
+    // and a pass that planned `Fulfill` meanwhile finds it gone.
+    let Some(owned) = shared
+        .owned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(request)
+    else {
+        return;
+    };
+    let clock = shared.settings.clock;
+    let fulfilled = update_request(store, &owned.guard, request, |cur| {
+        let Some(cur) = cur else {
+            return Decision::Leave(Err(ActionError::RequestVanished));
+        };
+        let mut req = cur.value;
+        if req.state != RequestState::Pending {
+            return Decision::Leave(Err(ActionError::RequestNotPending));
+        }
+        req.nodes = slots.clone();
+        req.set_state(RequestState::Fulfilled, clock.now());
+        Decision::Write(req, Ok(()))
+    })
+    .await;
+    owned.guard.release_logged().await;
+    match fulfilled {
+        Ok(()) => {
+            shared
+                .status
+                .fulfilled_on_ready
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!(request = %request, nodes = ?slots, "request fulfilled");
+        }
+        // The next pass re-plans it from the new state.
+        Err(e) => tracing::debug!(request = %request, error = %e, "request not fulfilled"),
     }
 }
 
@@ -191,11 +270,14 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                 )
                 .await?;
             tracing::info!(request = %request, pool = %pool, labels = ?labels, "request accepted");
+            let labels = labels.clone();
             rt.owned().insert(
                 request.clone(),
                 Owned {
                     pool: pool.clone(),
                     guard,
+                    labels,
+                    nodes: Vec::new(),
                 },
             );
             Ok(())
@@ -304,6 +386,7 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                 )
                 .await??;
             tracing::debug!(request = %request, node = %node, "ready node allocated");
+            rt.note_node(request, node);
             Ok(())
         }
         Action::Launch {
@@ -379,7 +462,14 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                 guard.release_logged().await;
                 return Err(ActionError::LabelGone);
             };
+            rt.note_node(request, &id);
+            rt.shared
+                .launching
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.clone());
             let job = LaunchJob {
+                request: request.clone(),
                 node_id: id,
                 node,
                 version,

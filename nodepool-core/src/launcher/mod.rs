@@ -16,13 +16,14 @@
 //!
 //! Layout: `providers` (clouds and their observers), [`health`] (a
 //! circuit breaker per cloud), `executor` (actions), `tasks` (launch and
-//! delete), `nodescan`, [`metrics`].
+//! delete), `nodescan`, [`static_hosts`] (`driver: static`), [`metrics`].
 
 mod executor;
 pub mod health;
 pub mod metrics;
 pub mod nodescan;
 mod providers;
+pub mod static_hosts;
 mod tasks;
 
 use std::collections::{BTreeMap, HashMap};
@@ -133,6 +134,9 @@ pub struct LauncherStatus {
     /// What the last pass knew of each cloud (without server listings),
     /// for the web app's `/request-explain`.
     views: Mutex<BTreeMap<String, ProviderView>>,
+    /// Requests fulfilled by a launch task the moment their last node was
+    /// ready (the others were fulfilled by a planning pass).
+    fulfilled_on_ready: std::sync::atomic::AtomicU64,
 }
 
 /// A provider the launcher stopped calling because its API kept failing.
@@ -231,6 +235,13 @@ impl LauncherStatus {
         &self.passes
     }
 
+    /// How many requests were fulfilled by their last launch as it
+    /// finished, without waiting for a planning pass.
+    pub fn fulfilled_on_ready(&self) -> u64 {
+        self.fulfilled_on_ready
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// How many configurations were applied (1 after start, +1 per reload).
     pub fn config_generation(&self) -> u64 {
         self.config_generation
@@ -262,6 +273,13 @@ pub(crate) struct Shared {
     /// Servers whose launch ended without a lock or a record, and that
     /// could not be settled yet (see [`tasks::settle_server`]).
     orphans: Mutex<Vec<Orphan>>,
+    /// The requests this launcher accepted and holds, shared with launch
+    /// tasks so the last one to finish fulfils its request at once.
+    owned: Arc<Mutex<HashMap<String, Owned>>>,
+    /// Nodes whose launch task is still running: a request is not
+    /// fulfilled while one of its nodes is among them.
+    launching: Mutex<std::collections::HashSet<String>>,
+    status: Arc<LauncherStatus>,
 }
 
 /// A server this launcher made that no launch keeps any more.
@@ -362,6 +380,10 @@ pub async fn read_snapshot(store: &Store) -> Result<Snapshot, StoreError> {
 struct Owned {
     pool: PoolKey,
     guard: LockGuard,
+    /// The request's `node_types`, as accepted.
+    labels: Vec<String>,
+    /// The nodes allocated or launched for it since it was accepted.
+    nodes: Vec<String>,
 }
 
 /// A launcher. See the module documentation.
@@ -449,7 +471,11 @@ impl Launcher {
         mut config: watch::Receiver<Arc<Config>>,
         shutdown: CancellationToken,
     ) -> Result<(), LauncherError> {
+        let owned: Arc<Mutex<HashMap<String, Owned>>> = Arc::default();
         let shared = Arc::new(Shared {
+            owned: owned.clone(),
+            launching: Mutex::default(),
+            status: self.status.clone(),
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             deletes: tokio::sync::Semaphore::new(self.settings.max_parallel_deletes.max(1)),
@@ -463,7 +489,7 @@ impl Launcher {
             config: config.borrow_and_update().clone(),
             providers: BTreeMap::new(),
             pool_ids: BTreeMap::new(),
-            owned: Arc::default(),
+            owned,
             launcher_reg: None,
             pool_regs: BTreeMap::new(),
             session_id: 0,
@@ -474,6 +500,7 @@ impl Launcher {
             pass_count: 0,
             registry: (Vec::new(), tokio::time::Instant::now()),
             stats: StatsState::default(),
+            static_sync: static_hosts::Syncer::default(),
         };
         rt.apply_config();
         let wakeups = Wakeups {
@@ -515,6 +542,8 @@ struct Runtime {
     /// The registered pool ids last seen, and since when.
     registry: (Vec<String>, tokio::time::Instant),
     stats: StatsState,
+    /// Registers the hosts of static providers.
+    static_sync: static_hosts::Syncer,
 }
 
 /// The stats election and when gauges are due.
@@ -563,7 +592,14 @@ impl Runtime {
                 Some(h) if h.config == *pc => {
                     next.insert(pc.name.clone(), h);
                 }
-                _ => match (self.factory)(pc) {
+                // A static provider has no cloud behind it: the launcher
+                // serves it itself, whatever clouds the factory builds.
+                _ => match if matches!(pc.driver, crate::config::Driver::Static(_)) {
+                    Ok(Arc::new(static_hosts::StaticProvider::new(pc))
+                        as Arc<dyn crate::provider::Provider>)
+                } else {
+                    (self.factory)(pc)
+                } {
                     Ok(p) => {
                         next.insert(
                             pc.name.clone(),
@@ -1207,6 +1243,8 @@ impl PassRunner for Runtime {
             tracing::warn!(error = %e, "registration failed; retrying");
         }
         self.report_store_health();
+        self.static_sync
+            .maybe_start(&self.tasks, &self.shared, &self.config);
         match self.plan_and_execute().await {
             Err(LauncherError::Store(err)) => {
                 tracing::warn!(error = %err, "planning pass failed; retrying");

@@ -199,7 +199,7 @@ pub(crate) fn wanted_cloud_images(config: &ProviderConfig) -> Vec<&crate::config
         .flat_map(|p| p.labels.iter())
         .filter_map(|l| match &l.image {
             ImageSource::CloudImage(c) => Some(c.as_str()),
-            ImageSource::DiskImage(_) => None,
+            ImageSource::DiskImage(_) | ImageSource::Static => None,
         })
         .collect();
     names

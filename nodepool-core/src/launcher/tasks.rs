@@ -23,6 +23,8 @@ use crate::store::{LockGuard, RecordKey, StoreError};
 
 /// Everything a launch needs, prepared by the executor.
 pub(crate) struct LaunchJob {
+    /// The request the node is for.
+    pub request: String,
     pub node_id: String,
     pub node: Node,
     pub version: i32,
@@ -197,6 +199,7 @@ enum Outcome {
 /// deleted at once unless the node record owns it (see [`settle_server`]).
 pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
     let LaunchJob {
+        request,
         node_id,
         node: base,
         mut version,
@@ -322,6 +325,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         &[("provider", &pc.name), ("result", result)],
         elapsed,
     );
+    let ready = matches!(outcome, Outcome::Ready);
     match outcome {
         Outcome::Ready => {
             tracing::info!(node = %node_id, provider = %pc.name, seconds = elapsed.as_secs_f64(), "node ready");
@@ -361,6 +365,14 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         }
     }
     guard.release_logged().await;
+    shared
+        .launching
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&node_id);
+    if ready {
+        super::executor::fulfil_if_complete(&shared, &request).await;
+    }
     shared.wake.notify_one();
 }
 

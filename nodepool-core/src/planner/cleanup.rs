@@ -372,7 +372,13 @@ pub(crate) fn housekeeping(
         else {
             continue;
         };
-        if idx.node_provider(i).is_none() || n.state_time > listed_at - SERVER_GONE_MARGIN_SECS {
+        let Some(pi) = idx.node_provider(i) else {
+            continue;
+        };
+        // A static host is no server: its provider lists none.
+        if matches!(cfg.providers[pi].driver, crate::config::Driver::Static(_))
+            || n.state_time > listed_at - SERVER_GONE_MARGIN_SECS
+        {
             continue;
         }
         if !instances.iter().any(|inst| &inst.external_id == server) {

@@ -7,6 +7,7 @@
 //! and whether a pool would take the request now is what a real pass
 //! plans. Only the wording is the explanation's own.
 
+use std::collections::HashMap;
 use std::fmt;
 
 use super::fast::Key;
@@ -50,6 +51,22 @@ impl RequestExplanation {
             ));
         }
         text
+    }
+
+    /// One line on why it waits: the pool that holds it or would take it
+    /// (the next pass, else its turn in the queue), else the first pool's
+    /// reason, else the summary.
+    pub fn one_line(&self) -> String {
+        let rank = |v: &Verdict| match v {
+            Verdict::Holds { .. } => 0,
+            Verdict::WouldTake => 1,
+            Verdict::Queued { .. } => 2,
+            _ => 3,
+        };
+        match self.pools.iter().min_by_key(|p| rank(&p.verdict)) {
+            Some(p) => format!("{}/{}: {}", p.pool.provider, p.pool.pool, p.verdict),
+            None => self.summary.clone(),
+        }
     }
 
     /// The JSON document of `--json` and the web app: `id`, `state`,
@@ -269,6 +286,141 @@ pub fn explain_request(
     id: &str,
 ) -> Option<RequestExplanation> {
     let req = snapshot.requests.iter().find(|r| r.id == id)?;
+    if matches!(
+        req.request.state,
+        RequestState::Fulfilled | RequestState::Failed
+    ) {
+        return Some(explain_with(None, snapshot, config, now, req));
+    }
+    let view = PlannerView::new(
+        snapshot,
+        config,
+        now,
+        req.request.state == RequestState::Requested,
+    );
+    Some(explain_with(Some(&view), snapshot, config, now, req))
+}
+
+/// One line per request that is neither fulfilled nor failed, in the
+/// snapshot's order: its id and why it waits (the pool that holds it or
+/// would take it, else the first pool's reason). The planner's view is
+/// built once for all of them, so a dashboard can ask this every time it
+/// looks at the store.
+pub fn explain_waiting(snapshot: &Snapshot, config: &Config, now: f64) -> Vec<(String, String)> {
+    let waiting: Vec<&RequestRecord> = snapshot
+        .requests
+        .iter()
+        .filter(|r| {
+            !matches!(
+                r.request.state,
+                RequestState::Fulfilled | RequestState::Failed
+            )
+        })
+        .collect();
+    if waiting.is_empty() {
+        return Vec::new();
+    }
+    let planning = waiting
+        .iter()
+        .any(|r| r.request.state == RequestState::Requested);
+    let view = PlannerView::new(snapshot, config, now, planning);
+    waiting
+        .into_iter()
+        .map(|req| {
+            let x = explain_with(Some(&view), snapshot, config, now, req);
+            (req.id.clone(), x.one_line())
+        })
+        .collect()
+}
+
+/// One configured pool's quota use, as a planning pass counts it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolUse {
+    /// Which pool.
+    pub pool: PoolKey,
+    /// What its nodes use (every state counts, as for quota).
+    pub used: Resources,
+    /// Its `max-*` limits.
+    pub limits: crate::model::Limits,
+}
+
+/// Every configured pool's quota use, in configuration order.
+pub fn pool_usage(snapshot: &Snapshot, config: &Config) -> Vec<PoolUse> {
+    let index = Index::build(snapshot, config, &registered_pools(snapshot));
+    let mut out = Vec::new();
+    let mut pos = 0;
+    for p in &config.providers {
+        for pool in &p.pools {
+            out.push(PoolUse {
+                pool: PoolKey::new(&p.name, &pool.name),
+                used: index.pool_used.get(pos).cloned().unwrap_or_default(),
+                limits: pool.limits(),
+            });
+            pos += 1;
+        }
+    }
+    out
+}
+
+/// Every configured pool under the id its launcher registered.
+fn registered_pools(snapshot: &Snapshot) -> LocalState {
+    let mut local = LocalState::default();
+    for info in &snapshot.pools {
+        local
+            .pool_ids
+            .insert(PoolKey::new(&info.provider, &info.pool), info.id.clone());
+    }
+    local
+}
+
+/// What the planner sees of a snapshot, built once for any number of
+/// requests: its index, quota accounting and, when asked, which pool a
+/// pass would accept each requested request in.
+struct PlannerView<'a> {
+    index: Index<'a>,
+    quota: QuotaState,
+    accepted: HashMap<String, PoolKey>,
+}
+
+impl<'a> PlannerView<'a> {
+    fn new(snapshot: &'a Snapshot, config: &'a Config, now: f64, planning: bool) -> Self {
+        let local = registered_pools(snapshot);
+        let index = Index::build(snapshot, config, &local);
+        let quota = QuotaState::new(
+            snapshot,
+            config,
+            &index.pool_used,
+            &index.unpooled_used,
+            |i| node_resources(snapshot, i),
+        );
+        let accepted = if planning {
+            plan(snapshot, config, now, &local)
+                .actions
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Accept { request, pool } => Some((request, pool)),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        PlannerView {
+            index,
+            quota,
+            accepted,
+        }
+    }
+}
+
+/// Explains `req`; `view` is needed unless it is fulfilled or failed.
+fn explain_with(
+    view: Option<&PlannerView<'_>>,
+    snapshot: &Snapshot,
+    config: &Config,
+    now: f64,
+    req: &RequestRecord,
+) -> RequestExplanation {
     let r = &req.request;
     let mut out = RequestExplanation {
         request: req.id.clone(),
@@ -284,7 +436,7 @@ pub fn explain_request(
                 "fulfilled {age:.0} s ago with nodes {}: its requestor has them",
                 r.nodes.join(", ")
             );
-            return Some(out);
+            return out;
         }
         RequestState::Failed => {
             out.summary = if r.declined_by.is_empty() {
@@ -295,46 +447,28 @@ pub fn explain_request(
                     r.declined_by.join(", ")
                 )
             };
-            return Some(out);
+            return out;
         }
         _ => {}
     }
-    // Every configured pool, under the id its launcher registered.
-    let mut local = LocalState::default();
-    for info in &snapshot.pools {
-        local
-            .pool_ids
-            .insert(PoolKey::new(&info.provider, &info.pool), info.id.clone());
-    }
-    let index = Index::build(snapshot, config, &local);
-    let quota = QuotaState::new(
-        snapshot,
-        config,
-        &index.pool_used,
-        &index.unpooled_used,
-        |i| node_resources(snapshot, i),
-    );
-    let accepted_by: Option<PoolKey> = (r.state == RequestState::Requested)
-        .then(|| plan(snapshot, config, now, &local))
-        .and_then(|p| {
-            p.actions.into_iter().find_map(|a| match a {
-                Action::Accept { request, pool } if request == req.id => Some(pool),
-                _ => None,
-            })
-        });
+    let Some(view) = view else {
+        out.summary = format!("{} for {age:.0} s", r.state.as_str());
+        return out;
+    };
+    let accepted_by = view.accepted.get(&req.id);
     let holder = holding_pool(snapshot, req);
-    for (pos, ours) in index.our_pools.iter().enumerate() {
+    for (pos, ours) in view.index.our_pools.iter().enumerate() {
         let verdict = if holder.as_ref() == Some(&ours.key) {
             holds(snapshot, req)
         } else {
             pool_verdict(
                 snapshot,
                 config,
-                &index,
-                &quota,
+                &view.index,
+                &view.quota,
                 pos,
                 req,
-                accepted_by.as_ref(),
+                accepted_by,
             )
         };
         out.pools.push(PoolVerdict {
@@ -367,7 +501,7 @@ pub fn explain_request(
             )
         }
     };
-    Some(out)
+    out
 }
 
 /// The pool of the nodes allocated to a pending request, if any.
@@ -449,7 +583,7 @@ fn pool_verdict(
                     label: label.clone(),
                     image: image.clone(),
                 },
-                None => Verdict::LabelNotServed {
+                Some(ImageSource::Static) | None => Verdict::LabelNotServed {
                     label: label.clone(),
                 },
             };

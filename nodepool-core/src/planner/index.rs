@@ -29,11 +29,18 @@ pub(crate) enum ImageRef<'a> {
     Upload(&'a crate::store::UploadRecord),
     /// A cloud image, by config name.
     Cloud(&'a str),
+    /// A static pool's label: served by its hosts' ready nodes, never
+    /// launched (the label counts as available, so the pool does not
+    /// decline requests while every host is busy; they wait).
+    Static,
 }
 
 impl ImageRef<'_> {
-    pub(super) fn to_launch_image(self) -> LaunchImage {
-        match self {
+    /// What a launch boots; `None` for a static label, where nothing is
+    /// ever launched.
+    pub(super) fn to_launch_image(self) -> Option<LaunchImage> {
+        Some(match self {
+            ImageRef::Static => return None,
             ImageRef::Upload(u) => LaunchImage::Upload {
                 image: u.image.clone(),
                 build: u.build_id.clone(),
@@ -43,7 +50,7 @@ impl ImageRef<'_> {
             ImageRef::Cloud(name) => LaunchImage::Cloud {
                 name: name.to_owned(),
             },
-        }
+        })
     }
 }
 
@@ -471,5 +478,6 @@ fn launch_image<'a>(
                 .is_some_and(|v| v.missing_cloud_images.contains(c));
             (!missing).then_some(ImageRef::Cloud(c))
         }
+        ImageSource::Static => Some(ImageRef::Static),
     }
 }

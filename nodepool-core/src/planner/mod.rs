@@ -26,6 +26,7 @@
 mod cleanup;
 pub mod explain;
 mod fast;
+pub mod fulfilment;
 pub mod images;
 mod index;
 pub mod leaks;

@@ -292,7 +292,7 @@ impl Pass<'_, '_, '_> {
             let Some(info) = ours.labels.get(&Key(label)) else {
                 return Progress::Waiting;
             };
-            let Some(image) = info.image.map(ImageRef::to_launch_image) else {
+            let Some(image) = info.image.and_then(ImageRef::to_launch_image) else {
                 return Progress::Waiting;
             };
             if !self.concurrency_ok(ours) {

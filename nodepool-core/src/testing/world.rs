@@ -62,11 +62,13 @@ impl World {
                     view.availability_zones = sim.availability_zones.clone();
                     sim.flavors.clone()
                 }
-                Driver::OpenStack => vec![SimulatedFlavor {
-                    name: "default".into(),
-                    vcpus: 4,
-                    ram: 8192,
-                }],
+                Driver::OpenStack | Driver::External(_) | Driver::Static(_) => {
+                    vec![SimulatedFlavor {
+                        name: "default".into(),
+                        vcpus: 4,
+                        ram: 8192,
+                    }]
+                }
             };
             for pool in &p.pools {
                 let key = PoolKey::new(&p.name, &pool.name);

@@ -214,6 +214,24 @@ impl Config {
         {
             *path = base.join(&*path);
         }
+        for p in &mut cfg.providers {
+            if let Driver::External(program) = &mut p.driver {
+                // Providers that failed to parse are left out of `cfg`: the
+                // place is found by name in the file.
+                let i = root
+                    .get("providers")
+                    .and_then(|v| v.as_sequence())
+                    .and_then(|list| {
+                        list.iter()
+                            .position(|v| v.get("name").and_then(|n| n.as_str()) == Some(&p.name))
+                    });
+                let path = match i {
+                    Some(i) => format!("providers[{i}].command"),
+                    None => format!("providers[name={}].command", p.name),
+                };
+                super::external::check_program(program, base_dir, &path, &mut errs);
+            }
+        }
         // The simulated cloud's state file, like the SQLite path.
         if let Some(base) = base_dir {
             for p in &mut cfg.providers {

@@ -11,10 +11,12 @@
 //! merge), `migrate` (legacy files rewritten, for `nodepool config-migrate`).
 
 mod error;
+mod external;
 mod load;
 pub mod migrate;
 mod parse;
 pub mod reference;
+mod static_nodes;
 mod validate;
 mod yaml;
 
@@ -26,7 +28,9 @@ use std::time::Duration;
 use indexmap::IndexMap;
 
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors};
+pub use external::{DEFAULT_EXTERNAL_TIMEOUT, ExternalProgram};
 pub use load::{ConfigSource, substitute_env};
+pub use static_nodes::{StaticHost, StaticHosts};
 
 use crate::model::{CORES, INSTANCES, Limits, RAM, VOLUME_GB, VOLUMES};
 
@@ -135,6 +139,11 @@ pub enum Driver {
     OpenStack,
     /// The built-in simulated cloud (tests, benchmarks, the quick start).
     Simulated(SimulatedCloud),
+    /// A program speaking the external-provider protocol.
+    External(ExternalProgram),
+    /// Existing hosts, registered as ready nodes and never launched or
+    /// deleted (`driver: static`).
+    Static(StaticHosts),
 }
 
 impl Driver {
@@ -143,6 +152,8 @@ impl Driver {
         match self {
             Driver::OpenStack => "openstack",
             Driver::Simulated(_) => "simulated",
+            Driver::External(_) => "external",
+            Driver::Static(_) => "static",
         }
     }
 }
@@ -464,6 +475,9 @@ pub enum ImageSource {
     DiskImage(String),
     /// A provider cloud image (by name).
     CloudImage(String),
+    /// Nothing to boot: a static pool's hosts exist already, so the
+    /// label is served by their ready nodes only.
+    Static,
 }
 
 /// A label as one pool offers it.

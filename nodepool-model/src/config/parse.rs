@@ -146,7 +146,7 @@ pub(crate) fn config(root: &Value, errs: &mut Errors) -> (Config, Vec<RawDiskIma
     (cfg, raw_images)
 }
 
-fn port_number(at: At<'_>, errs: &mut Errors) -> Option<u16> {
+pub(crate) fn port_number(at: At<'_>, errs: &mut Errors) -> Option<u16> {
     let n = at.int(errs)?;
     match u16::try_from(n) {
         Ok(p) if p > 0 => Some(p),
@@ -393,25 +393,30 @@ fn provider(at: At<'_>, errs: &mut Errors) -> Option<ProviderConfig> {
                 .and_then(|f| simulation(f.at(), errs))
                 .unwrap_or_default(),
         )),
+        "external" => super::external::external(&mut m, errs).map(Driver::External),
+        "static" => Some(Driver::Static(StaticHosts::default())),
         "aws" | "azure" | "gce" | "ibmvpc" | "kubernetes" | "openshift" | "openshiftpods"
-        | "static" | "metastatic" | "fake" | "test" | "example" => {
+        | "metastatic" | "fake" | "test" | "example" => {
             errs.push(
                 &m.path_of("driver"),
                 Kind::InvalidValue,
                 format!(
-                    "driver `{driver_name}` is not supported by this implementation (supported: openstack, simulated)"
+                    "driver `{driver_name}` is not supported by this implementation (supported: openstack, simulated, static, external)"
                 ),
             );
             None
         }
         other => {
-            let hint = super::yaml::suggest(other, &["openstack", "simulated"])
-                .map(|s| format!("; did you mean `{s}`?"))
-                .unwrap_or_default();
+            let hint =
+                super::yaml::suggest(other, &["openstack", "simulated", "static", "external"])
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
             errs.push(
                 &m.path_of("driver"),
                 Kind::InvalidValue,
-                format!("unknown driver `{other}` (supported: openstack, simulated){hint}"),
+                format!(
+                    "unknown driver `{other}` (supported: openstack, simulated, static, external){hint}"
+                ),
             );
             None
         }
@@ -482,7 +487,15 @@ fn provider(at: At<'_>, errs: &mut Errors) -> Option<ProviderConfig> {
     let mut cloud_images = Vec::new();
     cloud_images.extend(m.list_of("cloud-images", errs, cloud_image));
     let mut pools = Vec::new();
-    pools.extend(m.list_of("pools", errs, pool));
+    let mut driver = driver;
+    if let Some(Driver::Static(hosts)) = &mut driver {
+        for (p, h) in m.list_of("pools", errs, super::static_nodes::pool) {
+            hosts.pools.insert(p.name.clone(), h);
+            pools.push(p);
+        }
+    } else {
+        pools.extend(m.list_of("pools", errs, pool));
+    }
 
     m.removed(
         "images",

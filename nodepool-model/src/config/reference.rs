@@ -279,7 +279,7 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "providers[].driver",
         "`openstack`",
-        "`openstack` or `simulated` (an in-process simulated cloud).",
+        "`openstack`, `simulated` (an in-process simulated cloud), `static` (existing hosts, see [static hosts](static-hosts.md)) or `external` (a program speaking the [external provider protocol](external-provider.md)).",
     ),
     key(
         "providers[].cloud",
@@ -506,6 +506,66 @@ pub const KEYS: &[KeyDoc] = &[
     ),
     key("providers[].pools[].labels", "—", "Labels the pool serves."),
     key(
+        "providers[].pools[].nodes",
+        "—",
+        "`driver: static` only, instead of `labels`: the existing hosts of the pool. The pool serves the union of their labels; each host gets one ready node per `max-parallel-jobs` slot.",
+    ),
+    key(
+        "providers[].pools[].nodes[].name",
+        "required",
+        "Host name or address: the node's `hostname` and `interface_ip`.",
+    ),
+    key(
+        "providers[].pools[].nodes[].labels",
+        "required",
+        "Label or labels the host serves (a string is split on spaces).",
+    ),
+    key(
+        "providers[].pools[].nodes[].username",
+        "zuul",
+        "Login user written into the node.",
+    ),
+    key(
+        "providers[].pools[].nodes[].connection-type",
+        "ssh",
+        "`ssh`, `network_cli`, `winrm`, ...",
+    ),
+    key(
+        "providers[].pools[].nodes[].connection-port",
+        "22",
+        "Port of the connection.",
+    ),
+    key(
+        "providers[].pools[].nodes[].host-key-checking",
+        "true",
+        "Scan the host's SSH keys before registering it (the `host-key` values must be among them) and check it answers before handing it out.",
+    ),
+    key(
+        "providers[].pools[].nodes[].host-key",
+        "—",
+        "Host key or keys (`<type> <base64>`) the host must offer; with checking off, the keys written into the node.",
+    ),
+    key(
+        "providers[].pools[].nodes[].max-parallel-jobs",
+        "1",
+        "Nodes registered for the host at once.",
+    ),
+    key(
+        "providers[].pools[].nodes[].python-path",
+        "auto",
+        "Python interpreter path on the host.",
+    ),
+    key(
+        "providers[].pools[].nodes[].shell-type",
+        "—",
+        "Shell type of the host.",
+    ),
+    key(
+        "providers[].pools[].nodes[].timeout",
+        "5",
+        "Seconds the connection check of the host may take.",
+    ),
+    key(
         "providers[].pools[].labels[].name",
         "required",
         "A top-level `labels` name.",
@@ -700,6 +760,21 @@ pub const KEYS: &[KeyDoc] = &[
         "providers[].simulation.state-file",
         "— (in memory)",
         "JSON file holding the cloud, shared by every process that opens it; relative to the configuration file's directory.",
+    ),
+    key(
+        "providers[].command",
+        "— (required for `driver: external`)",
+        "`driver: external`: the program speaking the external-provider protocol, as a list (program and arguments) or a string (the program alone). A relative path with a `/` is resolved against the configuration file's directory; it must exist and be executable (a bare name must be found on `PATH`). See [the external provider protocol](external-provider.md).",
+    ),
+    key(
+        "providers[].timeout",
+        "60",
+        "`driver: external`: seconds one call to the program may take; a call that takes longer fails, and the program is killed and started again at the next call. Its start and handshake may take at least 30 s; uploads at least `image-upload-timeout`.",
+    ),
+    key(
+        "providers[].environment",
+        "—",
+        "`driver: external`: environment variables set for the program, beside the launcher's own.",
     ),
     removed(
         "providers[].images",
@@ -945,7 +1020,10 @@ providers:
     diskimages: [{}]
     cloud-images: [{}]
     pools: [{labels: [{}]}]
+  - driver: static
+    pools: [{nodes: [{}]}]
   - driver: openstack
+  - driver: external
 webapp: {}
 tenant-resource-limits:
   - {tenant-name: t, max-servers: 1, max-cores: 1, max-ram: 1, max-volumes: 1, max-volume-gb: 1}

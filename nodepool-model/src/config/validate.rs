@@ -197,6 +197,9 @@ pub(crate) fn cross_check(cfg: &Config, raw_images: &[RawDiskImage], errs: &mut 
                 );
             }
         }
+        if let Driver::Static(hosts) = &p.driver {
+            super::static_nodes::validate(p, hosts, &ppath, &label_names, errs);
+        }
         let mut pool_names = HashSet::new();
         for (qi, pool) in p.pools.iter().enumerate() {
             let qpath = index(&join(&ppath, "pools"), qi);
@@ -209,6 +212,10 @@ pub(crate) fn cross_check(cfg: &Config, raw_images: &[RawDiskImage], errs: &mut 
                         pool.name, p.name
                     ),
                 );
+            }
+            if matches!(p.driver, Driver::Static(_)) {
+                // Its labels come from its hosts, checked there.
+                continue;
             }
             let mut pool_labels = HashSet::new();
             for (li, l) in pool.labels.iter().enumerate() {
@@ -270,6 +277,7 @@ pub(crate) fn cross_check(cfg: &Config, raw_images: &[RawDiskImage], errs: &mut 
                         let groups = format!("{},{},{}", p.name, c, l.name);
                         check_groups(&groups, &lpath, errs);
                     }
+                    ImageSource::Static => {}
                 }
             }
         }

@@ -1,14 +1,22 @@
-//! Load benchmark of issue 5: a burst of single-node requests submitted at
-//! once, as Zuul submits them, to a real `nodepool-launcher` process on a
-//! real ZooKeeper with the simulated cloud (0.1 s boot, no quota). Reports
-//! wall time, requests/s, submit→fulfilled percentiles, the launcher's CPU
-//! seconds and peak RSS; then the latency of one request on an idle
-//! launcher.
+//! Load benchmark of issues 5 and 16, against a real `nodepool-launcher`
+//! process with the simulated cloud (0.1 s boot, no quota), on the real
+//! ZooKeeper of the test setup or on a SQLite file:
+//!
+//! - `--mode burst` (default): single-node requests submitted at once, as
+//!   Zuul submits them (64 in flight), to a running launcher: wall time,
+//!   requests/s, submit→fulfilled percentiles;
+//! - `--mode backlog`: the requests are written before the launcher
+//!   starts: time from its start to the first and to the last request
+//!   fulfilled.
+//!
+//! Both report the launcher's CPU seconds and peak RSS, then the latency of
+//! one request on the idle launcher.
 //!
 //! ```text
 //! cargo build --release -p nodepool-cli -p nodepool-tests
 //! eval "$(scripts/zookeeper.sh env)"
-//! target/release/burst [--requests 1000] [--launcher target/release/nodepool-launcher]
+//! target/release/burst [--requests 1000] [--mode burst|backlog] [--store zookeeper|sqlite]
+//!                      [--launcher target/release/nodepool-launcher]
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -76,15 +84,38 @@ async fn main() -> anyhow::Result<()> {
             launcher_bin.display()
         );
     }
-    let hosts = std::env::var("NODEPOOL_TEST_ZK_HOSTS")
-        .context("NODEPOOL_TEST_ZK_HOSTS: start ZooKeeper with scripts/zookeeper.sh")?;
-    let (host, port) = hosts
-        .rsplit_once(':')
-        .context("NODEPOOL_TEST_ZK_HOSTS is host:port")?;
-    let chroot = format!("/nodepool-rs-bench/{}", uuid::Uuid::new_v4().simple());
+    let backlog = match arg("--mode").as_deref() {
+        None | Some("burst") => false,
+        Some("backlog") => true,
+        Some(other) => bail!("--mode: expected burst or backlog, got {other:?}"),
+    };
     let dir = tempfile::tempdir()?;
+    let (store_yaml, store_name) = match arg("--store").as_deref() {
+        None | Some("zookeeper") => {
+            let hosts = std::env::var("NODEPOOL_TEST_ZK_HOSTS")
+                .context("NODEPOOL_TEST_ZK_HOSTS: start ZooKeeper with scripts/zookeeper.sh")?;
+            let (host, port) = hosts
+                .rsplit_once(':')
+                .context("NODEPOOL_TEST_ZK_HOSTS is host:port")?;
+            let chroot = format!("/nodepool-rs-bench/{}", uuid::Uuid::new_v4().simple());
+            (
+                format!(
+                    "zookeeper-servers: [{{host: '{host}', port: {port}, chroot: '{chroot}'}}]"
+                ),
+                "real ZooKeeper",
+            )
+        }
+        Some("sqlite") => (
+            format!(
+                "state-store: {{driver: sqlite, path: '{}'}}",
+                dir.path().join("state.db").display()
+            ),
+            "SQLite file",
+        ),
+        Some(other) => bail!("--store: expected zookeeper or sqlite, got {other:?}"),
+    };
     let yaml = format!(
-        r#"zookeeper-servers: [{{host: '{host}', port: {port}, chroot: '{chroot}'}}]
+        r#"{store_yaml}
 labels: [{{name: small}}]
 providers:
   - name: sim
@@ -109,6 +140,18 @@ providers:
         "8d0f7c1e6b2a4f3c9e5d7a1b2c3d4e5f",
     ));
 
+    // A backlog is written before the launcher starts.
+    let mut submitted: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut submit_time = Duration::ZERO;
+    if backlog {
+        let t = Instant::now();
+        for (id, at) in futures_lite_join(n, zuul.clone()).await? {
+            submitted.insert(id, at);
+        }
+        submit_time = t.elapsed();
+    }
+    let mut events = store.backend().subscribe();
+    let launched = Instant::now();
     let mut child = Command::new(&launcher_bin)
         .arg("-c")
         .arg(&cfg_path)
@@ -121,28 +164,29 @@ providers:
     let pid = child.id();
     // Wait until the launcher registered its pool.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while store
-        .list_components(nodepool_core::model::ComponentKind::Pool)
-        .await?
-        .records
-        .is_empty()
+    while !backlog
+        && store
+            .list_components(nodepool_core::model::ComponentKind::Pool)
+            .await?
+            .records
+            .is_empty()
     {
         if Instant::now() > deadline {
             bail!("the launcher did not register within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu_before = cpu_seconds(pid)?;
+    let cpu_before = if backlog { 0.0 } else { cpu_seconds(pid)? };
 
-    // The burst.
-    let mut events = store.backend().subscribe();
-    let started = Instant::now();
-    let mut submitted: BTreeMap<String, Instant> = BTreeMap::new();
-    let submits = futures_lite_join(n, zuul.clone()).await?;
-    for (id, at) in submits {
-        submitted.insert(id, at);
+    // The burst (a backlog is already there: its clock is the launcher's start).
+    let started = if backlog { launched } else { Instant::now() };
+    if !backlog {
+        for (id, at) in futures_lite_join(n, zuul.clone()).await? {
+            submitted.insert(id, at);
+        }
+        submit_time = started.elapsed();
     }
-    let submit_time = started.elapsed();
+    let mut first: Option<Duration> = None;
     let mut latencies = Vec::with_capacity(n);
     let mut done: HashSet<String> = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -150,16 +194,28 @@ providers:
     let check = |id: &str,
                  state: RequestState,
                  done: &mut HashSet<String>,
-                 latencies: &mut Vec<Duration>| {
+                 latencies: &mut Vec<Duration>,
+                 first: &mut Option<Duration>| {
         if state == RequestState::Fulfilled
             && done.insert(id.to_owned())
             && let Some(at) = submitted.get(id)
         {
-            latencies.push(at.elapsed());
+            first.get_or_insert_with(|| started.elapsed());
+            latencies.push(if backlog {
+                started.elapsed()
+            } else {
+                at.elapsed()
+            });
         }
     };
     for r in store.list_requests().await?.records {
-        check(&r.id, r.request.state, &mut done, &mut latencies);
+        check(
+            &r.id,
+            r.request.state,
+            &mut done,
+            &mut latencies,
+            &mut first,
+        );
     }
     while done.len() < n {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -172,13 +228,19 @@ providers:
                     && !done.contains(id)
                     && let Some(r) = store.get_request(id).await?
                 {
-                    check(id, r.value.state, &mut done, &mut latencies);
+                    check(id, r.value.state, &mut done, &mut latencies, &mut first);
                 }
             }
             Ok(Ok(_)) => {}
             Ok(Err(RecvError::Lagged(_))) => {
                 for r in store.list_requests().await?.records {
-                    check(&r.id, r.request.state, &mut done, &mut latencies);
+                    check(
+                        &r.id,
+                        r.request.state,
+                        &mut done,
+                        &mut latencies,
+                        &mut first,
+                    );
                 }
             }
             Ok(Err(RecvError::Closed)) => bail!("store event stream closed"),
@@ -210,15 +272,31 @@ providers:
         .status();
     let _ = child.wait();
 
-    println!("burst of {n} single-node requests (real ZooKeeper, simulated cloud, 0.1 s boot):");
-    println!("  submitted in        {:.3} s", submit_time.as_secs_f64());
+    if backlog {
+        println!(
+            "backlog of {n} single-node requests written before the launcher started ({store_name}, simulated cloud, 0.1 s boot):"
+        );
+        println!("  written in          {:.3} s", submit_time.as_secs_f64());
+        println!(
+            "  first fulfilled     {:.3} s after the launcher started",
+            first.unwrap_or_default().as_secs_f64()
+        );
+    } else {
+        println!("burst of {n} single-node requests ({store_name}, simulated cloud, 0.1 s boot):");
+        println!("  submitted in        {:.3} s", submit_time.as_secs_f64());
+    }
     println!(
         "  all fulfilled after {:.3} s  ({:.0} requests/s)",
         wall.as_secs_f64(),
         n as f64 / wall.as_secs_f64()
     );
+    let what = if backlog {
+        "start→fulfilled"
+    } else {
+        "submit→fulfilled"
+    };
     println!(
-        "  submit→fulfilled    p50 {:.3} s, p95 {:.3} s, max {:.3} s",
+        "  {what:<19} p50 {:.3} s, p95 {:.3} s, max {:.3} s",
         percentile(&latencies, 0.5).as_secs_f64(),
         percentile(&latencies, 0.95).as_secs_f64(),
         latencies.last().copied().unwrap_or_default().as_secs_f64()
