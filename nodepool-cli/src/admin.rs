@@ -329,7 +329,16 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
             let fields = (!*detail).then_some(listing::NODE_BRIEF_FIELDS);
             ctx.print_store_listing(&l, fields);
         }
-        Command::RequestList => listing_of(ctx, Source::Requests).await?,
+        Command::RequestList { detail: false } => listing_of(ctx, Source::Requests).await?,
+        Command::RequestList { detail: true } => {
+            let l = Source::Requests.fetch(&ctx.store, epoch_now()).await?;
+            let why = admin::explain_waiting(&ctx.config, &ctx.store, &ctx.providers).await?;
+            for e in &why.unlisted {
+                ctx.warn(&format!("{e}; its quota and images are taken as unknown"));
+            }
+            let reasons = why.found.into_iter().collect();
+            ctx.print_store_listing(&listing::with_waiting_reasons(l, &reasons), None);
+        }
         Command::JobCreate(args) => {
             let line = crate::jobs::create(&ctx.store, args).await?;
             ctx.say(&line);

@@ -71,7 +71,12 @@ pub enum Command {
         detail: bool,
     },
     /// List node requests.
-    RequestList,
+    RequestList {
+        /// Also say why each waiting request waits (as `request-explain`
+        /// does, one line per request; asks the clouds for their quota).
+        #[arg(long)]
+        detail: bool,
+    },
     /// List the labels that some running launcher pool can serve.
     LabelList,
     /// List image uploads in providers.

@@ -140,6 +140,47 @@ pub const REQUEST_COLUMNS: &[Column] = &[
     col("unavailable_providers", "Unavailable Providers"),
 ];
 
+/// `nodepool request-list --detail`: the request columns and why each
+/// waiting request waits.
+pub const REQUEST_DETAIL_COLUMNS: &[Column] = &[
+    col("id", "Request ID"),
+    col("relative_priority", "Priority"),
+    col("state", "State"),
+    col("requestor", "Requestor"),
+    col("node_types", "Node Types"),
+    col("nodes", "Nodes"),
+    col("declined_by", "Declined By"),
+    col("event_id", "Event ID"),
+    col("unavailable_providers", "Unavailable Providers"),
+    col("waiting_because", "Waiting Because"),
+];
+
+/// A request listing with the reason each request waits (by request id;
+/// none for requests that do not wait) as its last column.
+pub fn with_waiting_reasons(l: Listing, reasons: &BTreeMap<String, String>) -> Listing {
+    debug_assert_eq!(
+        &REQUEST_DETAIL_COLUMNS[..REQUEST_COLUMNS.len()],
+        REQUEST_COLUMNS
+    );
+    let rows = l
+        .rows
+        .into_iter()
+        .map(|mut row| {
+            let why = match row.first() {
+                Some(Cell::Text(id)) => reasons.get(id).cloned(),
+                _ => None,
+            };
+            row.push(Cell::opt(why.as_deref()));
+            row
+        })
+        .collect();
+    Listing {
+        columns: REQUEST_DETAIL_COLUMNS,
+        rows,
+        skipped: l.skipped,
+    }
+}
+
 /// `nodepool image-list` and `/image-list`.
 pub const IMAGE_COLUMNS: &[Column] = &[
     col("id", "Build ID"),

@@ -385,6 +385,34 @@ async fn request_explain_says_why_a_request_waits_pool_by_pool(backend: Backend)
         Some("  sim/main: does not serve label nonesuch")
     );
 
+    // Both at once, one line each, in the request listing.
+    let r = cli(&f, &factory, &["--json", "request-list", "--detail"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).expect("JSON");
+    let why = |id: &str| {
+        rows.iter()
+            .find(|row| row["id"] == id)
+            .map(|row| row["waiting_because"].clone())
+    };
+    assert_eq!(
+        why(&odd),
+        Some(serde_json::json!("sim/main: does not serve label nonesuch")),
+        "{rows:?}"
+    );
+    let first = why(&id).expect("listed");
+    assert!(
+        first.as_str().is_some_and(|w| w.starts_with("sim/main: ")),
+        "{first}"
+    );
+    let r = cli(&f, &factory, &["request-list", "--detail"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stdout.contains("Waiting Because"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("sim/main: does not serve label nonesuch"),
+        "{}",
+        r.stdout
+    );
+
     // Its launcher gone: nobody runs the pool.
     let pools = f
         .store

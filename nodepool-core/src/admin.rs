@@ -718,10 +718,38 @@ pub async fn explain_request(
     providers: &ProviderFactory,
     id: &str,
 ) -> Result<Aliens<crate::planner::explain::RequestExplanation>, AdminError> {
-    let mut snapshot = crate::launcher::read_snapshot(store).await?;
+    let snapshot = crate::launcher::read_snapshot(store).await?;
     if !snapshot.requests.iter().any(|r| r.id == id) {
         return Err(AdminError::RequestNotFound(id.to_owned()));
     }
+    let (snapshot, unlisted) = with_provider_views(snapshot, config, providers).await;
+    let found = crate::planner::explain::explain_request(&snapshot, config, epoch_now(), id)
+        .into_iter()
+        .collect();
+    Ok(Aliens { found, unlisted })
+}
+
+/// Why every request that is neither fulfilled nor failed waits, one line
+/// each (`nodepool request-list --detail`): the planner's view is built
+/// once for all of them, from the store and the clouds asked now.
+pub async fn explain_waiting(
+    config: &Config,
+    store: &Store,
+    providers: &ProviderFactory,
+) -> Result<Aliens<(String, String)>, AdminError> {
+    let snapshot = crate::launcher::read_snapshot(store).await?;
+    let (snapshot, unlisted) = with_provider_views(snapshot, config, providers).await;
+    let found = crate::planner::explain::explain_waiting(&snapshot, config, epoch_now());
+    Ok(Aliens { found, unlisted })
+}
+
+/// The snapshot with what a launcher's observer would know of each
+/// cloud; the clouds that could not be asked are returned as errors.
+async fn with_provider_views(
+    mut snapshot: crate::planner::Snapshot,
+    config: &Config,
+    providers: &ProviderFactory,
+) -> (crate::planner::Snapshot, Vec<String>) {
     let mut unlisted = Vec::new();
     for pc in &config.providers {
         match provider_view(pc, providers, &snapshot.nodes).await {
@@ -731,10 +759,7 @@ pub async fn explain_request(
             Err(e) => unlisted.push(e),
         }
     }
-    let found = crate::planner::explain::explain_request(&snapshot, config, epoch_now(), id)
-        .into_iter()
-        .collect();
-    Ok(Aliens { found, unlisted })
+    (snapshot, unlisted)
 }
 
 /// What a launcher's observer knows of one cloud, asked now.
