@@ -351,7 +351,14 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
             let line = crate::jobs::delete(&ctx.store, args).await?;
             ctx.say(&line);
         }
-        Command::LabelList => listing_of(ctx, Source::Labels).await?,
+        Command::LabelList { detail: false } => listing_of(ctx, Source::Labels).await?,
+        Command::LabelList { detail: true } => {
+            let r = admin::label_readiness(&ctx.config, &ctx.store, &ctx.providers).await?;
+            for e in &r.unlisted {
+                ctx.warn(&format!("{e}; its quota and images are taken as unknown"));
+            }
+            ctx.print_store_listing(&listing::label_readiness(&r.found), None);
+        }
         Command::ImageList => listing_of(ctx, Source::Images).await?,
         Command::DibImageList => listing_of(ctx, Source::DibImages).await?,
         Command::ImageStatus => listing_of(ctx, Source::ImageStatus).await?,

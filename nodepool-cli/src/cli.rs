@@ -78,7 +78,12 @@ pub enum Command {
         detail: bool,
     },
     /// List the labels that some running launcher pool can serve.
-    LabelList,
+    LabelList {
+        /// Instead, every configured label with its min-ready, its ready
+        /// nodes and why it is short of min-ready (asks the clouds).
+        #[arg(long)]
+        detail: bool,
+    },
     /// List image uploads in providers.
     ImageList,
     /// List images built with diskimage-builder.

@@ -214,6 +214,34 @@ pub const IMAGE_STATUS_COLUMNS: &[Column] = &[
 /// `nodepool label-list` and `/label-list`.
 pub const LABEL_COLUMNS: &[Column] = &[col("label", "Label")];
 
+/// `nodepool label-list --detail`.
+pub const LABEL_DETAIL_COLUMNS: &[Column] = &[
+    col("label", "Label"),
+    col("min_ready", "Min Ready"),
+    col("ready", "Ready"),
+    col("short_because", "Short Because"),
+];
+
+/// `nodepool label-list --detail`: every configured label's min-ready
+/// standing.
+pub fn label_readiness(labels: &[nodepool_core::admin::LabelReadiness]) -> Listing {
+    Listing {
+        columns: LABEL_DETAIL_COLUMNS,
+        rows: labels
+            .iter()
+            .map(|l| {
+                vec![
+                    Cell::Text(l.label.clone()),
+                    Cell::Int(i64::from(l.min_ready)),
+                    Cell::Int(i64::try_from(l.ready).unwrap_or(i64::MAX)),
+                    Cell::opt(l.short_because.as_deref()),
+                ]
+            })
+            .collect(),
+        skipped: Vec::new(),
+    }
+}
+
 /// `nodepool alien-list` (the columns of the old Nodepool's, seed 002).
 pub const ALIEN_COLUMNS: &[Column] = &[
     col("provider", "Provider"),

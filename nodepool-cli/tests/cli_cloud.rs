@@ -18,7 +18,9 @@ use clap::Parser;
 use common::{Backend, Fixture, populate, row};
 use nodepool_cli::admin::{Cli, Io, run_with};
 use nodepool_core::launcher::{Launcher, LauncherSettings, ProviderFactory};
-use nodepool_core::model::{ComponentKind, ImageUpload, NodeState, UploadState, epoch_now};
+use nodepool_core::model::{
+    ComponentKind, ImageUpload, MIN_READY_REQUESTOR, NodeState, UploadState, epoch_now,
+};
 use nodepool_core::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, ImageUploadSpec, Provider};
 use nodepool_core::store::paths;
 use nodepool_simulated::SimulatedProvider;
@@ -444,3 +446,57 @@ async fn request_explain_says_why_a_request_waits_pool_by_pool(backend: Backend)
     );
 }
 both_stores!(request_explain_says_why_a_request_waits_pool_by_pool);
+
+async fn label_list_detail_says_why_a_label_is_short_of_min_ready(backend: Backend) {
+    let body = common::BODY.replace(
+        "  - name: small\n  - name: large\n",
+        "  - name: small\n    min-ready: 2\n  - name: large\n    min-ready: 1\n  - name: spare\n    min-ready: 1\n",
+    );
+    let f = Fixture::with_body(backend, &body).await;
+    populate(&f.store).await;
+    let (_sim, factory) = cloud_of(&f);
+    // A launcher's min-ready request for `large`; none yet for `small`.
+    let zuul = nodepool_requestor::Requestor::new(f.store.clone(), MIN_READY_REQUESTOR);
+    let large = zuul
+        .submit(&nodepool_requestor::NewRequest::new(vec!["large".into()]))
+        .await
+        .expect("submit");
+
+    let r = cli(&f, &factory, &["--json", "label-list", "--detail"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).expect("JSON");
+    let row = |label: &str| {
+        rows.iter()
+            .find(|x| x["label"] == label)
+            .cloned()
+            .unwrap_or_else(|| panic!("{label} not listed: {rows:?}"))
+    };
+    let small = row("small");
+    assert_eq!((&small["min_ready"], &small["ready"]), (&2.into(), &1.into()));
+    assert!(
+        small["short_because"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("no min-ready request waits for it yet")),
+        "{small}"
+    );
+    let explained = cli(&f, &factory, &["--json", "request-explain", &large]).await;
+    let v: serde_json::Value = serde_json::from_str(&explained.stdout).expect("JSON");
+    let line = row("large")["short_because"].clone();
+    assert!(
+        line.as_str().is_some_and(|w| w.starts_with("sim/main: ")
+            && w.ends_with(v["pools"][0]["reason"].as_str().expect("reason"))),
+        "{line} vs {v}"
+    );
+    assert_eq!(
+        row("spare")["short_because"],
+        "no pool in the configuration serves it"
+    );
+
+    let r = cli(&f, &factory, &["label-list", "--detail"]).await;
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        common::header(&r.stdout),
+        ["Label", "Min Ready", "Ready", "Short Because"]
+    );
+}
+both_stores!(label_list_detail_says_why_a_label_is_short_of_min_ready);

@@ -743,6 +743,79 @@ pub async fn explain_waiting(
     Ok(Aliens { found, unlisted })
 }
 
+/// A label's min-ready standing (`nodepool label-list --detail`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelReadiness {
+    /// Label name.
+    pub label: String,
+    /// Its `min-ready`.
+    pub min_ready: u32,
+    /// Its ready nodes no request holds.
+    pub ready: usize,
+    /// Why it has fewer ready nodes than `min-ready`; `None` when it has
+    /// enough.
+    pub short_because: Option<String>,
+}
+
+/// Every configured label's min-ready standing: for a label short of its
+/// `min-ready`, the planner's one line on the min-ready request that
+/// would fill it (as `request-explain` says it), or why there is none.
+pub async fn label_readiness(
+    config: &Config,
+    store: &Store,
+    providers: &ProviderFactory,
+) -> Result<Aliens<LabelReadiness>, AdminError> {
+    use crate::model::{MIN_READY_REQUESTOR, NodeState};
+    let snapshot = crate::launcher::read_snapshot(store).await?;
+    let (snapshot, unlisted) = with_provider_views(snapshot, config, providers).await;
+    let why: BTreeMap<String, String> =
+        crate::planner::explain::explain_waiting(&snapshot, config, epoch_now())
+            .into_iter()
+            .collect();
+    let found = config
+        .labels
+        .iter()
+        .map(|l| {
+            let ready = snapshot
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.node.state == NodeState::Ready
+                        && n.node.allocated_to.is_none()
+                        && n.node.has_label(&l.name)
+                })
+                .count();
+            let served = config
+                .providers
+                .iter()
+                .any(|p| p.pools.iter().any(|pool| pool.label(&l.name).is_some()));
+            let short_because = (ready < l.min_ready as usize).then(|| {
+                if !served {
+                    return "no pool in the configuration serves it".to_owned();
+                }
+                snapshot
+                    .requests
+                    .iter()
+                    .filter(|r| {
+                        r.request.requestor.as_deref() == Some(MIN_READY_REQUESTOR)
+                            && r.request.node_types.iter().any(|t| *t == l.name)
+                    })
+                    .find_map(|r| why.get(&r.id).cloned())
+                    .unwrap_or_else(|| {
+                        "no min-ready request waits for it yet: a launcher serving it makes one on its next pass".to_owned()
+                    })
+            });
+            LabelReadiness {
+                label: l.name.clone(),
+                min_ready: l.min_ready,
+                ready,
+                short_because,
+            }
+        })
+        .collect();
+    Ok(Aliens { found, unlisted })
+}
+
 /// The snapshot with what a launcher's observer would know of each
 /// cloud; the clouds that could not be asked are returned as errors.
 async fn with_provider_views(
