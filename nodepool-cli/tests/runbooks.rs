@@ -6,7 +6,9 @@
 //! ```` ```sh ```` blocks and its inline code, in order, with their
 //! `# prints: ...` claims), and a test sets up the situation the runbook is
 //! for and runs them one by one with the real `nodepool` binary, checking
-//! what the page says they print and do. A test steps through its
+//! what the page says they print and do. Its `openstack ...` commands (what
+//! the operator does in the cloud by hand) are read too, and done through
+//! the simulated cloud's API. A test steps through its
 //! runbook's commands as the page lists them and fails on one it does not
 //! expect or one it never ran, so the page and the tests cannot drift
 //! apart; [`every_runbook_with_commands_is_run`] fails on a new runbook
@@ -49,10 +51,10 @@ const RUNBOOKS: &[&str] = &[
 // ---------------------------------------------------------------------------
 // The page
 
-/// One `nodepool` command of a runbook, as the page spells it.
+/// One command of a runbook, as the page spells it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct DocCommand {
-    /// The command line, starting with `nodepool`.
+    /// The command line, starting with its program.
     text: String,
     /// The shell comment after it, if any (`prints: ...`, column names).
     note: Option<String>,
@@ -64,7 +66,7 @@ impl DocCommand {
         self.note.as_deref()?.strip_prefix("prints: ")
     }
 
-    /// The arguments after `nodepool`, with the page's placeholders
+    /// The arguments after the program, with the page's placeholders
     /// replaced by `subs` (a placeholder replaced by "" is dropped).
     fn args(&self, subs: &[(&str, &str)]) -> Vec<String> {
         self.text
@@ -81,10 +83,18 @@ impl DocCommand {
     }
 }
 
-/// The `nodepool` commands of each `## ` section of a Markdown page, in
-/// page order: lines of ```` ```sh ```` blocks that start with `nodepool `
-/// (a `#` comment after the command is its note), and inline code spans
-/// that do (a span may run over a line break, as in Markdown).
+/// Commands a runbook has the operator run: the `nodepool` CLI, and the
+/// `openstack` CLI for what is done in the cloud by hand.
+const PROGRAMS: &[&str] = &["nodepool ", "openstack "];
+
+fn is_command(text: &str) -> bool {
+    PROGRAMS.iter().any(|p| text.starts_with(p))
+}
+
+/// The commands ([`PROGRAMS`]) of each `## ` section of a Markdown page, in
+/// page order: lines of ```` ```sh ```` blocks that start with one (a `#`
+/// comment after the command is its note), and inline code spans that do
+/// (a span may run over a line break, as in Markdown).
 fn runbooks(md: &str) -> Vec<(String, Vec<DocCommand>)> {
     let mut out: Vec<(String, Vec<DocCommand>)> = Vec::new();
     let mut fence: Option<String> = None;
@@ -95,7 +105,7 @@ fn runbooks(md: &str) -> Vec<(String, Vec<DocCommand>)> {
             commands.extend(
                 code_spans(prose)
                     .into_iter()
-                    .filter(|s| s.starts_with("nodepool "))
+                    .filter(|s| is_command(s))
                     .map(|text| DocCommand { text, note: None }),
             );
         }
@@ -122,7 +132,7 @@ fn runbooks(md: &str) -> Vec<(String, Vec<DocCommand>)> {
                     prose.push(' ');
                 }
             }
-            Some(lang) if lang == "sh" && t.starts_with("nodepool ") => {
+            Some(lang) if lang == "sh" && is_command(t) => {
                 if let Some((_, commands)) = out.last_mut() {
                     let (text, note) = match t.split_once(" #") {
                         Some((c, n)) => (c.trim(), Some(n.trim().to_owned())),
@@ -249,6 +259,7 @@ fn the_page_parser_finds_commands_of_sh_blocks_and_inline_code_in_order() {
                         "nodepool image-pause ubuntu",
                         Some("prints: image ubuntu paused")
                     ),
+                    cmd("openstack server delete ID", None),
                     cmd("nodepool alien-list", None),
                 ]
             ),
@@ -274,12 +285,12 @@ fn every_runbook_with_commands_is_run() {
             .iter()
             .find(|(t, _)| t == title)
             .unwrap_or_else(|| panic!("docs/runbooks.md has no section {title:?}"));
-        assert!(!commands.is_empty(), "{title:?} has no nodepool command");
+        assert!(!commands.is_empty(), "{title:?} has no command");
     }
     for (title, commands) in &books {
         assert!(
             commands.is_empty() || RUNBOOKS.contains(&title.as_str()),
-            "docs/runbooks.md section {title:?} has nodepool commands no test runs: {commands:?}"
+            "docs/runbooks.md section {title:?} has commands no test runs: {commands:?}"
         );
     }
 }
@@ -590,7 +601,13 @@ async fn roll_back_a_bad_image(backend: Backend) {
     assert!(age_secs(&b[5]) <= age_secs(&p[5]), "{table}");
 
     // 2. Stop new builds. In the file (the old spelling warns) ...
-    rewrite(&f, &rollback_body(f.dir.path(), "    paused: True\n"));
+    // The daemons take the change without a restart.
+    reconfigure(
+        &f,
+        &rollback_body(f.dir.path(), "    paused: True\n"),
+        &daemons,
+    )
+    .await;
     let out = f.run(&["config-validate", "--no-clouds"]).await;
     out.ok();
     assert!(
@@ -604,7 +621,7 @@ async fn roll_back_a_bad_image(backend: Backend) {
     f.run(&["image-build", IMAGE]).await.fails_with(&format!(
         "diskimage {IMAGE} is paused in the configuration; not requesting a build"
     ));
-    rewrite(&f, &rollback_body(f.dir.path(), ""));
+    reconfigure(&f, &rollback_body(f.dir.path(), ""), &daemons).await;
     // ... or with the command.
     let cmd = book.next("nodepool image-pause ubuntu-jammy");
     let out = run_doc(&f, &cmd, &[]).await;
@@ -1057,6 +1074,18 @@ fn cloud_body(dir: &Path) -> String {
     )
 }
 
+/// What an `openstack` command of a runbook does, done to the simulated
+/// cloud through its API.
+async fn in_the_cloud(sim: &SimulatedProvider, args: &[String]) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["server", "delete", id] => sim.delete_instance(id).await,
+        ["image", "delete", id] => sim.delete_image(id).await,
+        other => panic!("no simulated equivalent of `openstack {}`", other.join(" ")),
+    }
+    .unwrap_or_else(|e| panic!("openstack {}: {e}", args.join(" ")));
+}
+
 async fn clean_up_aliens(backend: Backend) {
     let f = Fixture::with_body_in(backend, cloud_body).await;
     let mut book = Runbook::open("Clean up aliens");
@@ -1109,10 +1138,8 @@ async fn clean_up_aliens(backend: Backend) {
     );
     assert_eq!(row_count(t), 1, "{t}");
 
-    // `openstack server delete SERVER_ID`, in the simulated cloud.
-    sim.delete_instance(&server)
-        .await
-        .expect("delete the server");
+    let cmd = book.next("openstack server delete SERVER_ID");
+    in_the_cloud(&sim, &cmd.args(&[("SERVER_ID", &server)])).await;
     let cmd = book.next("nodepool alien-list");
     assert_eq!(cmd.note.as_deref(), Some("empty table when done"));
     until("an empty alien list", &[], || async {
@@ -1125,8 +1152,8 @@ async fn clean_up_aliens(backend: Backend) {
         }
     })
     .await;
-    // `openstack image delete ID`.
-    sim.delete_image(&image).await.expect("delete the image");
+    let cmd = book.next("openstack image delete ID");
+    in_the_cloud(&sim, &cmd.args(&[("ID", &image)])).await;
     let out = f.run(&["alien-image-list"]).await;
     assert_eq!(row_count(out.ok()), 0, "{}", out.stdout);
 
