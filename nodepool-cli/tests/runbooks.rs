@@ -996,6 +996,27 @@ async fn remove_a_provider(backend: Backend) {
         "{}",
         out.stderr
     );
+    // Any other provider-level value is an error naming the pool's key.
+    let text = std::fs::read_to_string(&f.config_path).expect("read config");
+    let other = f.dir.path().join("provider-max-servers.yaml");
+    std::fs::write(
+        &other,
+        text.replace("    max-servers: -1\n", "    max-servers: 5\n"),
+    )
+    .expect("write config");
+    let mut validate = tokio::process::Command::new(env!("CARGO_BIN_EXE_nodepool"));
+    validate
+        .arg("-c")
+        .arg(&other)
+        .args(["config-validate", "--no-clouds"]);
+    let out = common::run_process(validate, "").await;
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("providers[1].max-servers")
+            && out.stderr.contains("pools[].max-servers"),
+        "{}",
+        out.stderr
+    );
     until("legacy's uploads deleted", &daemons, || async {
         let st = images(&f).await;
         let left = st.uploads.iter().filter(|u| u.provider == "legacy").count();
@@ -1172,6 +1193,12 @@ async fn clean_up_aliens(backend: Backend) {
             .any(|l| l.starts_with("warning: ") && l.contains("other")),
         "{}",
         out.stderr
+    );
+    let out = f.run(&["alien-image-list"]).await;
+    out.fails_with("the listing is incomplete: ");
+    assert_eq!(
+        common::header(&out.stdout),
+        ["Provider", "Name", "Image ID"]
     );
     book.done();
 }
