@@ -597,6 +597,37 @@ diskimages:
     }
 
     #[test]
+    fn ready_scripts_and_their_login_are_carried() {
+        let m = migrate(
+            "script-dir: /etc/nodepool/scripts
+providers:
+  - name: cloud-a
+    images:
+      - {name: precise, min-ram: 512, username: jenkins, private-key: /keys/id}
+      - {name: trusty-dib, min-ram: 512, private-key: /keys/id}
+labels:
+  - {name: small, image: precise, ready-script: ready.sh}
+diskimages:
+  - {name: trusty-dib, elements: [ubuntu-minimal]}
+",
+        )
+        .unwrap();
+        let doc: Value = serde_yaml::from_str(&m.config).unwrap();
+        assert_eq!(doc["script-dir"], s("/etc/nodepool/scripts"));
+        assert_eq!(doc["labels"][0]["ready-script"], s("ready.sh"));
+        let ci = &doc["providers"][0]["cloud-images"][0];
+        assert_eq!(ci["username"], s("jenkins"));
+        assert_eq!(ci["private-key"], s("/keys/id"));
+        assert!(
+            m.report.iter().any(|l| l.contains(
+                "(trusty-dib).private-key: set `private-key` on diskimage `trusty-dib` instead"
+            )),
+            "{:#?}",
+            m.report
+        );
+    }
+
+    #[test]
     fn unparsable_input_names_its_line() {
         let e = migrate("providers:\n  - name: a\n   bad: [\n").unwrap_err();
         assert!(e.line.is_some(), "{e:?}");
