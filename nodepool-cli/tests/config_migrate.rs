@@ -62,9 +62,7 @@ async fn seed_003_migrates_to_a_configuration_that_validates() {
         "cron: dropped",
         "zmq-publishers: dropped",
         "targets: dropped",
-        "script-dir: dropped",
         "setup: not carried",
-        "private-key: not carried",
         "service-type: dropped",
         "moved to clouds.yaml as cloud `tripleo-test-cloud`",
     ] {
@@ -80,6 +78,12 @@ async fn seed_003_migrates_to_a_configuration_that_validates() {
     assert!(config.contains("max-servers: 2"), "{config}");
     assert!(config.contains("min-ready: 2"), "{config}");
     assert!(config.contains("cloud-image: tripleo-precise"), "{config}");
+    // The ready scripts' directory and login are carried (seeds 002, 003).
+    assert!(config.contains("script-dir:"), "{config}");
+    assert!(
+        config.contains("private-key: $HOME/.ssh/id_rsa"),
+        "{config}"
+    );
     let cloud_text = std::fs::read_to_string(&clouds).unwrap();
     assert!(cloud_text.contains(PASSWORD), "{cloud_text}");
     use std::os::unix::fs::PermissionsExt;

@@ -846,3 +846,49 @@ providers:
         )
     );
 }
+
+#[test]
+fn ready_scripts_are_found_beside_the_file_and_mistakes_are_named() {
+    // Seeds 002 and 003: `script-dir` relative to nodepool.yaml, the
+    // label's `ready-script`, the image's `username` and `private-key`.
+    let sb = Sandbox::new();
+    let config = sb.write(
+        "nodepool.yaml",
+        "script-dir: scripts
+labels:
+  - name: small
+    ready-script: ready.sh
+providers:
+  - name: sim
+    driver: simulated
+    cloud-images:
+      - {name: cirros, username: cirros, private-key: keys/id_ed25519}
+    pools: [{name: main, labels: [{name: small, cloud-image: cirros, min-ram: 512}]}]
+",
+    );
+    let c = config.display().to_string();
+    let out = sb.run(&["-c", &c, "config-validate", "--no-clouds"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    let script = sb.path().join("scripts/ready.sh");
+    let key = sb.path().join("keys/id_ed25519");
+    for line in [
+        format!(
+            "labels[0].ready-script: ready script \"ready.sh\" not found: {} is not a file",
+            script.display()
+        ),
+        format!(
+            "providers[0].cloud-images[0].private-key: cannot read private key {} (ready script \"ready.sh\" logs in with it)",
+            key.display()
+        ),
+    ] {
+        assert!(err.contains(&line), "{line:?} not in:\n{err}");
+    }
+
+    std::fs::create_dir(sb.path().join("scripts")).expect("mkdir");
+    std::fs::create_dir(sb.path().join("keys")).expect("mkdir");
+    sb.write("scripts/ready.sh", "#!/bin/sh\ntrue\n");
+    sb.write("keys/id_ed25519", "a key\n");
+    let out = sb.run(&["-c", &c, "config-validate", "--no-clouds"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -20,6 +20,7 @@ pub fn diskimage(name: &str) -> DiskImage {
         build_timeout: Duration::from_secs(8 * 3600),
         pause: false,
         username: "zuul".into(),
+        private_key: None,
         python_path: "auto".into(),
         shell_type: None,
         dib_cmd: "disk-image-create".into(),

@@ -869,15 +869,14 @@ fn e53_legacy_dburi() {
 }
 
 #[test]
-fn e54_legacy_cron_script_dir_zmq() {
+fn e54_legacy_cron_zmq() {
     let e = invalid(
         &format!(
-            "script-dir: /x\ncron: {{cleanup: '*/5 * * * *'}}\nzmq-publishers: [tcp://localhost:8888]\n{BASE}"
+            "cron: {{cleanup: '*/5 * * * *'}}\nzmq-publishers: [tcp://localhost:8888]\n{BASE}"
         ),
         "cron",
         K::Removed,
     );
-    assert!(e.has("script-dir", K::Removed));
     assert!(e.has("zmq-publishers", K::Removed));
 }
 

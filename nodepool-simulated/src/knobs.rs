@@ -102,6 +102,7 @@ impl SimulatedProvider {
             delete_delay: knobs.delete_delay,
             flavors: knobs.flavors,
             azs: knobs.availability_zones,
+            data_plane_host: knobs.data_plane_host,
             salt: fnv1a(&provider.name),
             seed,
         };

@@ -247,6 +247,9 @@ pub(crate) struct Nova {
     pub(crate) delete_delay: Duration,
     pub(crate) flavors: Vec<SimulatedFlavor>,
     pub(crate) azs: Vec<String>,
+    /// `data-plane-host`: every server's `interface_ip`, so that a real
+    /// SSH server there stands in for the servers' network (tests).
+    pub(crate) data_plane_host: Option<String>,
     /// Per-provider salt of host ids.
     pub(crate) salt: u64,
     /// What a new cloud is made of.
@@ -358,7 +361,7 @@ impl Nova {
             public_ipv4: Some(public.clone()),
             private_ipv4: Some(private),
             public_ipv6: Some(ipv6),
-            interface_ip: Some(public),
+            interface_ip: Some(self.data_plane_host.clone().unwrap_or(public)),
             az,
             region: self.region.clone(),
             cloud: Some(self.cloud.clone()),

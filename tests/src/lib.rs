@@ -20,7 +20,8 @@
 //! - [`drill`]: issue 12's fault drills as functions (a burst, a fault, a
 //!   Zuul-style client, a [`drill::Report`]), shared by
 //!   `tests/tests/faults.rs` and the `drill` benchmark.
-//! - [`sshd`]: private SSH servers for the static driver's tests.
+//! - [`sshd`]: private SSH servers for the static driver's and the ready
+//!   scripts' tests.
 
 pub mod drill;
 pub mod faults;

@@ -1,8 +1,11 @@
-//! Real SSH servers for the static driver's tests: Debian's `sshd` on a
-//! free 127.0.0.1 port, with its own host keys made by `ssh-keygen` in a
-//! temporary directory. Nobody logs in: the launcher only needs the banner
-//! and the host key exchange. The test command installs `openssh-server`
-//! (`scripts/test.sh`); a missing `sshd` fails the test with that hint.
+//! Real SSH servers for the static driver's and the ready scripts' tests:
+//! Debian's `sshd` on a free 127.0.0.1 port, with its own host keys made
+//! by `ssh-keygen` in a temporary directory. [`Sshd::start`] lets nobody
+//! log in (nodescan only needs the banner and the host key exchange);
+//! [`Sshd::start_with_login`] also lets the current user in with a key
+//! of its own, for ready scripts. The test command installs
+//! `openssh-server` (`scripts/test.sh`); a missing `sshd` fails the test
+//! with that hint.
 //!
 //! The server can be stopped and started again on the same port with the
 //! same keys (a host going down and coming back); it is killed on drop.
@@ -28,11 +31,10 @@ fn free_port() -> u16 {
     l.local_addr().expect("local address").port()
 }
 
-fn keygen(dir: &Path, kind: &str) {
-    let file = dir.join(format!("ssh_host_{kind}_key"));
+fn keygen(file: &Path, kind: &str) {
     let out = Command::new("ssh-keygen")
         .args(["-q", "-t", kind, "-N", "", "-C", "", "-f"])
-        .arg(&file)
+        .arg(file)
         .output()
         .unwrap_or_else(|e| {
             panic!("ssh-keygen: {e} (install openssh-server; scripts/test.sh does)")
@@ -48,6 +50,16 @@ impl Sshd {
     /// Generates host keys and starts the server; returns once it sends
     /// its banner.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// Like [`start`](Self::start), and the current user (see
+    /// [`user`](Self::user)) may log in with [`private_key`](Self::private_key).
+    pub fn start_with_login() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(login: bool) -> Self {
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is missing: install openssh-server (scripts/test.sh does)"
@@ -56,15 +68,28 @@ impl Sshd {
         let _ = std::fs::create_dir_all("/run/sshd");
         let dir = tempfile::tempdir().expect("tempdir");
         for kind in ["ed25519", "ecdsa"] {
-            keygen(dir.path(), kind);
+            keygen(&dir.path().join(format!("ssh_host_{kind}_key")), kind);
         }
+        let auth = if login {
+            keygen(&dir.path().join("client_key"), "ed25519");
+            let public =
+                std::fs::read(dir.path().join("client_key.pub")).expect("read the client key");
+            std::fs::write(dir.path().join("authorized_keys"), public)
+                .expect("write authorized_keys");
+            format!(
+                "PubkeyAuthentication yes\nAuthorizedKeysFile {}/authorized_keys\n",
+                dir.path().display()
+            )
+        } else {
+            "PubkeyAuthentication no\n".to_owned()
+        };
         let port = free_port();
         let config = format!(
             "Port {port}\nListenAddress 127.0.0.1\n\
              HostKey {d}/ssh_host_ed25519_key\nHostKey {d}/ssh_host_ecdsa_key\n\
              PidFile {d}/sshd.pid\nUsePAM no\nStrictModes no\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             PubkeyAuthentication no\nLogLevel ERROR\n",
+             {auth}LogLevel ERROR\n",
             d = dir.path().display()
         );
         std::fs::write(dir.path().join("sshd_config"), config).expect("write sshd_config");
@@ -75,6 +100,19 @@ impl Sshd {
         };
         sshd.restart();
         sshd
+    }
+
+    /// The user who may log in ([`start_with_login`](Self::start_with_login)):
+    /// the one running the test, as sshd runs as it.
+    pub fn user(&self) -> String {
+        let out = Command::new("id").arg("-un").output().expect("run id -un");
+        assert!(out.status.success(), "id -un failed");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The private key [`user`](Self::user) logs in with.
+    pub fn private_key(&self) -> PathBuf {
+        self.dir.path().join("client_key")
     }
 
     /// The port it listens on (127.0.0.1).

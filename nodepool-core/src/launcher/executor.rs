@@ -478,6 +478,7 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                 spec,
                 host_key_checking,
                 console_log,
+                ready_script: super::ready_script::for_launch(&cfg, pool, label, image),
                 requestor: req.as_ref().and_then(|r| r.requestor.clone()),
             };
             rt.tasks.spawn(tasks::launch(rt.shared.clone(), job));

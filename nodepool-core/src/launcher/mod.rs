@@ -23,6 +23,7 @@ pub mod health;
 pub mod metrics;
 pub mod nodescan;
 mod providers;
+mod ready_script;
 pub mod static_hosts;
 mod tasks;
 

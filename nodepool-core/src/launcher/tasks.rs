@@ -13,6 +13,7 @@ use super::Shared;
 use super::metrics::{families, sanitize_component};
 use super::nodescan;
 use super::providers::ProviderHandle;
+use super::ready_script::{self, ReadyScriptRun};
 use crate::config::Config;
 use crate::model::{Node, NodeState};
 use crate::planner::{LaunchImage, PoolKey};
@@ -33,6 +34,8 @@ pub(crate) struct LaunchJob {
     pub spec: InstanceSpec,
     pub host_key_checking: bool,
     pub console_log: bool,
+    /// Run on the node after nodescan, before it is `ready`.
+    pub ready_script: Option<ReadyScriptRun>,
     pub requestor: Option<String>,
 }
 
@@ -208,6 +211,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         spec,
         host_key_checking,
         console_log,
+        ready_script,
         requestor,
     } = job;
     let started = Instant::now();
@@ -229,6 +233,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             &mut server,
             host_key_checking,
             console_log,
+            ready_script.as_ref(),
         )
         .await;
         match result {
@@ -490,6 +495,7 @@ async fn attempt_launch(
     server: &mut Option<String>,
     host_key_checking: bool,
     console_log: bool,
+    ready_script: Option<&ReadyScriptRun>,
 ) -> Result<(), AttemptError> {
     let pc = &provider.config;
     // Never create a server for a node that is no longer ours.
@@ -583,6 +589,26 @@ async fn attempt_launch(
                 ));
             }
         }
+    }
+    if let Some(job) = ready_script {
+        let Some(ip) = node.interface_ip.clone() else {
+            return Err(AttemptError::Retryable(
+                "server has no address to run its ready script on".into(),
+                "error.readyscript",
+            ));
+        };
+        let port = node.port().number().unwrap_or(22) as u16;
+        let target = ready_script::Target {
+            node_id,
+            label: &spec.label.name,
+            host: &ip,
+            port,
+            host_keys: &node.host_keys,
+        };
+        if let Err(e) = ready_script::run(job, target).await {
+            return Err(AttemptError::Retryable(e, "error.readyscript"));
+        }
+        tracing::info!(node = %node_id, script = %job.script.name, "ready script succeeded");
     }
     node.set_state(NodeState::Ready, shared.now());
     *version = write_node(shared, guard, node_id, node, *version).await?;

@@ -208,6 +208,7 @@ impl Config {
             }
         }
         validate::cross_check(&cfg, &raw_images, &mut errs);
+        validate::ready_scripts(&mut cfg, &raw_images, base_dir, &mut errs);
         if let (StateStoreConfig::Sqlite { path, .. }, Some(base)) =
             (&mut cfg.state_store, base_dir)
             && path.is_relative()

@@ -49,7 +49,7 @@ impl std::error::Error for MigrateError {}
 
 /// Top-level keys dropped because nothing does their job any more, each
 /// with why.
-const OBSOLETE: [(&str, &str); 6] = [
+const OBSOLETE: [(&str, &str); 5] = [
     (
         "dburi",
         "node state lives in the state store: ZooKeeper (`zookeeper-servers`) or the embedded SQLite file (`state-store`)",
@@ -69,10 +69,6 @@ const OBSOLETE: [(&str, &str); 6] = [
     (
         "targets",
         "nodes are handed to Zuul through node requests; each old target's `images` (labels and `min-ready`) were carried into `labels`",
-    ),
-    (
-        "script-dir",
-        "setup scripts are not run on nodes any more: bake them into diskimage-builder elements (`elements-dir`, `diskimages`)",
     ),
 ];
 
@@ -131,6 +127,7 @@ struct OldLabel {
     name: String,
     image: String,
     min_ready: Option<Value>,
+    ready_script: Option<Value>,
     providers: Vec<String>,
 }
 
@@ -178,6 +175,7 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
                 image: get_str(m, image_key).unwrap_or_else(|| name.clone()),
                 name,
                 min_ready: get(m, "min-ready").cloned(),
+                ready_script: get(m, "ready-script").cloned(),
                 providers: names(get(m, "providers")),
             });
         }
@@ -338,8 +336,11 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
                         "{iat}.name-filter: dropped: name the cloud image exactly with `image-name` or `image-id`"
                     ));
                 }
-                if let Some(u) = get(img, "username") {
-                    c.insert(s("username"), u.clone());
+                // The login ready scripts run as (seed 003).
+                for key in ["username", "private-key"] {
+                    if let Some(v) = get(img, key) {
+                        c.insert(s(key), v.clone());
+                    }
                 }
                 cloud_images.push(Value::Mapping(c));
             }
@@ -348,9 +349,9 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
                     "{iat}.setup: not carried: setup scripts are not run on nodes; bake it into a diskimage-builder element and build the image as a `diskimages` entry"
                 ));
             }
-            if img.contains_key("private-key") {
+            if is_dib && img.contains_key("private-key") {
                 report.push(format!(
-                    "{iat}.private-key: not carried: the launcher does not log in with a private key; give nodes a key with `key-name` on the pool label (or in the diskimage) and keep Zuul's key on the executors"
+                    "{iat}.private-key: set `private-key` on diskimage `{iname}` instead (ready scripts log in with it)"
                 ));
             }
             if is_dib && img.contains_key("username") {
@@ -422,6 +423,7 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
                 | "max-hold-age"
                 | "webapp"
                 | "tenant-resource-limits"
+                | "script-dir"
         );
         if carried {
             out.insert(k.clone(), v.clone());
@@ -444,6 +446,9 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
         m.insert(s("name"), s(&l.name));
         if let Some(r) = &l.min_ready {
             m.insert(s("min-ready"), r.clone());
+        }
+        if let Some(r) = &l.ready_script {
+            m.insert(s("ready-script"), r.clone());
         }
         new_labels.push(Value::Mapping(m));
     }
@@ -548,6 +553,17 @@ diskimages:
         assert!(m.config.contains("diskimage: trusty-dib"), "{}", m.config);
         assert!(m.config.contains("cloud-image: precise"), "{}", m.config);
         assert!(!m.config.contains("pw-legacy-1234"));
+        // Ready scripts and their login are carried (seeds 002 and 003).
+        assert_eq!(
+            cfg.script_dir.as_deref(),
+            Some(std::path::Path::new("/etc/nodepool/scripts"))
+        );
+        let precise = p.cloud_image("precise").unwrap();
+        assert_eq!(precise.username.as_deref(), Some("jenkins"));
+        assert_eq!(
+            precise.private_key.as_deref(),
+            Some(std::path::Path::new("/home/np/.ssh/id_rsa"))
+        );
     }
 
     #[test]
@@ -570,9 +586,7 @@ diskimages:
             "cron: dropped",
             "zmq-publishers: dropped",
             "gearman-servers: dropped",
-            "script-dir: dropped",
             "precise).setup: not carried",
-            "precise).private-key: not carried",
         ] {
             assert!(
                 m.report.iter().any(|l| l.contains(needle)),
@@ -580,6 +594,37 @@ diskimages:
                 m.report
             );
         }
+    }
+
+    #[test]
+    fn ready_scripts_and_their_login_are_carried() {
+        let m = migrate(
+            "script-dir: /etc/nodepool/scripts
+providers:
+  - name: cloud-a
+    images:
+      - {name: precise, min-ram: 512, username: jenkins, private-key: /keys/id}
+      - {name: trusty-dib, min-ram: 512, private-key: /keys/id}
+labels:
+  - {name: small, image: precise, ready-script: ready.sh}
+diskimages:
+  - {name: trusty-dib, elements: [ubuntu-minimal]}
+",
+        )
+        .unwrap();
+        let doc: Value = serde_yaml::from_str(&m.config).unwrap();
+        assert_eq!(doc["script-dir"], s("/etc/nodepool/scripts"));
+        assert_eq!(doc["labels"][0]["ready-script"], s("ready.sh"));
+        let ci = &doc["providers"][0]["cloud-images"][0];
+        assert_eq!(ci["username"], s("jenkins"));
+        assert_eq!(ci["private-key"], s("/keys/id"));
+        assert!(
+            m.report.iter().any(|l| l.contains(
+                "(trusty-dib).private-key: set `private-key` on diskimage `trusty-dib` instead"
+            )),
+            "{:#?}",
+            m.report
+        );
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub struct Config {
     pub tenant_resource_limits: IndexMap<String, Limits>,
     /// Jenkins targets that take nodes as agents.
     pub targets: Vec<Target>,
+    /// `script-dir`: where ready scripts (`ready-script`) are read from;
+    /// relative to the configuration file's directory when loaded from one.
+    pub script_dir: Option<PathBuf>,
     /// What loaded anyway but deserves the operator's eye, each with its
     /// place: old spellings read with their modern meaning, `%(NODEPOOL_x)`
     /// references to unset variables, an empty file. The daemons log them;
@@ -127,6 +130,30 @@ pub struct Label {
     pub min_ready: u32,
     /// Delete ready nodes older than this; `None` = never.
     pub max_ready_age: Option<Duration>,
+    /// `ready-script` (seed 002): a file in `script-dir` run on each new
+    /// node of this label, wherever it is launched, unless a pool label
+    /// names its own.
+    pub ready_script: Option<String>,
+}
+
+/// Default `ready-script-timeout`.
+pub const DEFAULT_READY_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The ready script a pool runs on each new node of one label, after
+/// nodescan and before the node is `ready` (seeds 002 and 003): the
+/// launcher logs in as the image's `username` with its `private-key` and
+/// runs the file; a non-zero exit or a timeout fails the launch attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadyScript {
+    /// The file name as configured.
+    pub name: String,
+    /// The file: `script-dir` joined with the name.
+    pub path: PathBuf,
+    /// The script must end within this (`ready-script-timeout`).
+    pub timeout: Duration,
+    /// Where the script was named, for errors: the pool label's or the
+    /// top-level label's `ready-script`.
+    pub configured_at: String,
 }
 
 /// The driver behind a provider.
@@ -185,6 +212,10 @@ pub struct SimulatedCloud {
     pub flavors: Vec<SimulatedFlavor>,
     /// Whether nodes pass nodescan without a network (like Python's `fake` driver).
     pub skip_nodescan: bool,
+    /// `data-plane-host` (a test aid): the `interface_ip` of every server,
+    /// so a real SSH server there answers nodescan and runs ready scripts.
+    /// `None`: addresses from a never-routed range.
+    pub data_plane_host: Option<String>,
     /// Availability zones.
     pub availability_zones: Vec<String>,
     /// Seed of the failure dice, for reproducible runs.
@@ -255,6 +286,7 @@ impl Default for SimulatedCloud {
                 },
             ],
             skip_nodescan: true,
+            data_plane_host: None,
             availability_zones: vec!["az1".into(), "az2".into()],
             seed: 0,
             state_file: None,
@@ -384,6 +416,9 @@ pub struct CloudImage {
     pub config_drive: Option<bool>,
     /// Login user.
     pub username: Option<String>,
+    /// `private-key`: the login user's SSH key, with which the launcher
+    /// runs ready scripts.
+    pub private_key: Option<PathBuf>,
     /// Python path on the node.
     pub python_path: String,
     /// Shell type.
@@ -437,6 +472,9 @@ pub struct Pool {
     pub node_attributes: Option<IndexMap<String, serde_json::Value>>,
     /// Labels this pool serves.
     pub labels: Vec<PoolLabel>,
+    /// The ready scripts of its labels, by label name (a label without
+    /// one is absent). Kept beside `labels`, which every driver builds.
+    pub ready_scripts: IndexMap<String, ReadyScript>,
 }
 
 impl Pool {
@@ -465,6 +503,11 @@ impl Pool {
     /// A label of this pool.
     pub fn label(&self, name: &str) -> Option<&PoolLabel> {
         self.labels.iter().find(|l| l.name == name)
+    }
+
+    /// The ready script run on new nodes of a label of this pool.
+    pub fn ready_script(&self, label: &str) -> Option<&ReadyScript> {
+        self.ready_scripts.get(label)
     }
 }
 
@@ -534,6 +577,9 @@ pub struct DiskImage {
     pub pause: bool,
     /// Login user of nodes.
     pub username: String,
+    /// `private-key`: the login user's SSH key, with which the launcher
+    /// runs ready scripts.
+    pub private_key: Option<PathBuf>,
     /// Python path on nodes.
     pub python_path: String,
     /// Shell type of nodes.

@@ -7,7 +7,7 @@ use indexmap::IndexMap;
 use serde_yaml::Value;
 
 use super::error::ConfigErrorKind as Kind;
-use super::yaml::{At, Errors, Fields, join};
+use super::yaml::{At, Errors, Fields, index, join};
 use super::*;
 
 /// Parses a document; `errs` receives every problem. The returned config
@@ -32,6 +32,7 @@ pub(crate) fn config(root: &Value, errs: &mut Errors) -> (Config, Vec<RawDiskIma
         build_log_retention: Some(7),
         tenant_resource_limits: IndexMap::new(),
         targets: Vec::new(),
+        script_dir: None,
         warnings: Vec::new(),
     };
     let mut raw_images = Vec::new();
@@ -77,8 +78,21 @@ pub(crate) fn config(root: &Value, errs: &mut Errors) -> (Config, Vec<RawDiskIma
 
     cfg.labels.extend(top.list_of("labels", errs, label));
     raw_images.extend(top.list_of("diskimages", errs, raw_diskimage));
+    // Pool labels inherit the top-level label's ready script.
+    let label_scripts: LabelScripts = cfg
+        .labels
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let script = l.ready_script.clone()?;
+            let path = join(&index("labels", i), "ready-script");
+            Some((l.name.clone(), (script, path)))
+        })
+        .collect();
     cfg.providers
-        .extend(top.list_of("providers", errs, provider));
+        .extend(top.list_of("providers", errs, |at, errs| {
+            provider(at, &label_scripts, errs)
+        }));
     if let Some(age) = top.int("max-hold-age", errs) {
         cfg.max_hold_age = (age > 0).then(|| Duration::from_secs(age as u64));
     }
@@ -122,11 +136,7 @@ pub(crate) fn config(root: &Value, errs: &mut Errors) -> (Config, Vec<RawDiskIma
         "node state lives in the state store: ZooKeeper (`zookeeper-servers`) or the embedded SQLite file (`state-store`)",
         errs,
     );
-    top.removed(
-        "script-dir",
-        "setup and ready scripts were replaced by diskimage-builder elements (`elements-dir` and `diskimages`)",
-        errs,
-    );
+    cfg.script_dir = top.string("script-dir", errs).map(PathBuf::from);
     top.removed(
         "cron",
         "image builds follow each diskimage's `rebuild-age`, and cleanup runs continuously",
@@ -304,14 +314,11 @@ fn label(at: At<'_>, errs: &mut Errors) -> Option<Label> {
         "multi-node sets are requested by listing a label several times",
         errs,
     );
-    m.removed(
-        "ready-script",
-        "ready scripts were replaced by diskimage-builder elements",
-        errs,
-    );
+    let ready_script = m.string("ready-script", errs);
     m.finish(errs);
     Some(Label {
         name: name?,
+        ready_script,
         // Nodepool treats negative min-ready like 0 (its docs say -1 disables the label).
         min_ready: min_ready.clamp(0, i64::from(u32::MAX)) as u32,
         max_ready_age: (max_ready_age > 0).then(|| Duration::from_secs(max_ready_age as u64)),
@@ -332,6 +339,7 @@ pub(crate) struct RawDiskImage {
     pub build_timeout: Option<Duration>,
     pub pause: Option<bool>,
     pub username: Option<String>,
+    pub private_key: Option<PathBuf>,
     pub python_path: Option<String>,
     pub shell_type: Option<String>,
     pub dib_cmd: Option<String>,
@@ -369,6 +377,7 @@ fn raw_diskimage(at: At<'_>, errs: &mut Errors) -> Option<RawDiskImage> {
         build_timeout: optional_secs(&mut m, "build-timeout", errs),
         pause: m.bool_or_old("pause", "paused", errs),
         username: m.string("username", errs),
+        private_key: m.string("private-key", errs).map(PathBuf::from),
         python_path: m.string("python-path", errs),
         shell_type: m.string("shell-type", errs),
         dib_cmd: m.string("dib-cmd", errs),
@@ -380,7 +389,10 @@ fn raw_diskimage(at: At<'_>, errs: &mut Errors) -> Option<RawDiskImage> {
     name.map(|_| d)
 }
 
-fn provider(at: At<'_>, errs: &mut Errors) -> Option<ProviderConfig> {
+/// The top-level labels' ready scripts: label name → (script, its path).
+type LabelScripts = IndexMap<String, (String, String)>;
+
+fn provider(at: At<'_>, label_scripts: &LabelScripts, errs: &mut Errors) -> Option<ProviderConfig> {
     let mut m = at.fields(errs)?;
     let name = m.required_string("name", errs);
     let driver_name = m
@@ -494,7 +506,7 @@ fn provider(at: At<'_>, errs: &mut Errors) -> Option<ProviderConfig> {
             pools.push(p);
         }
     } else {
-        pools.extend(m.list_of("pools", errs, pool));
+        pools.extend(m.list_of("pools", errs, |at, errs| pool(at, label_scripts, errs)));
     }
 
     m.removed(
@@ -697,6 +709,7 @@ fn simulation(at: At<'_>, errs: &mut Errors) -> Option<SimulatedCloud> {
     if let Some(b) = m.bool("skip-nodescan", errs) {
         sim.skip_nodescan = b;
     }
+    sim.data_plane_host = m.string("data-plane-host", errs);
     if let Some(azs) = m.string_list("availability-zones", errs) {
         sim.availability_zones = azs;
     }
@@ -842,6 +855,7 @@ fn cloud_image(at: At<'_>, errs: &mut Errors) -> Option<CloudImage> {
     }
     let config_drive = m.bool("config-drive", errs);
     let username = m.string("username", errs);
+    let private_key = m.string("private-key", errs).map(PathBuf::from);
     let python_path = m
         .string("python-path", errs)
         .unwrap_or_else(|| "auto".into());
@@ -860,6 +874,7 @@ fn cloud_image(at: At<'_>, errs: &mut Errors) -> Option<CloudImage> {
         image_name,
         config_drive,
         username,
+        private_key,
         python_path,
         shell_type,
         connection_type,
@@ -867,7 +882,7 @@ fn cloud_image(at: At<'_>, errs: &mut Errors) -> Option<CloudImage> {
     })
 }
 
-fn pool(at: At<'_>, errs: &mut Errors) -> Option<Pool> {
+fn pool(at: At<'_>, label_scripts: &LabelScripts, errs: &mut Errors) -> Option<Pool> {
     let mut m = at.fields(errs)?;
     let name = m.required_string("name", errs);
     let max_servers = m.int("max-servers", errs);
@@ -896,9 +911,15 @@ fn pool(at: At<'_>, errs: &mut Errors) -> Option<Pool> {
         }
     });
     let mut labels = Vec::new();
-    labels.extend(m.list_of("labels", errs, |at, errs| {
-        pool_label(at, &networks, host_key_checking, errs)
-    }));
+    let mut ready_scripts = IndexMap::new();
+    for (l, script) in m.list_of("labels", errs, |at, errs| {
+        pool_label(at, &networks, host_key_checking, label_scripts, errs)
+    }) {
+        if let Some(s) = script {
+            ready_scripts.insert(l.name.clone(), s);
+        }
+        labels.push(l);
+    }
     m.finish(errs);
     Some(Pool {
         name: name?,
@@ -916,6 +937,7 @@ fn pool(at: At<'_>, errs: &mut Errors) -> Option<Pool> {
         priority,
         node_attributes,
         labels,
+        ready_scripts,
     })
 }
 
@@ -951,8 +973,9 @@ fn pool_label(
     at: At<'_>,
     pool_networks: &[String],
     pool_host_key_checking: bool,
+    label_scripts: &LabelScripts,
     errs: &mut Errors,
-) -> Option<PoolLabel> {
+) -> Option<(PoolLabel, Option<ReadyScript>)> {
     let mut m = at.fields(errs)?;
     let name = m.required_string("name", errs);
     let diskimage = m.string("diskimage", errs);
@@ -1030,9 +1053,24 @@ fn pool_label(
     let host_key_checking = m
         .bool("host-key-checking", errs)
         .unwrap_or(pool_host_key_checking);
+    let own_script = m
+        .string("ready-script", errs)
+        .map(|s| (s, m.path_of("ready-script")));
+    let timeout = optional_secs(&mut m, "ready-script-timeout", errs);
     m.finish(errs);
-    Some(PoolLabel {
-        name: name?,
+    let name = name?;
+    // The pool label's own script, else the top-level label's.
+    let inherited = || label_scripts.get(&name).cloned();
+    let ready_script = own_script
+        .or_else(inherited)
+        .map(|(script, configured_at)| ReadyScript {
+            path: PathBuf::from(&script),
+            name: script,
+            timeout: timeout.unwrap_or(DEFAULT_READY_SCRIPT_TIMEOUT),
+            configured_at,
+        });
+    let label = PoolLabel {
+        name,
         image: image?,
         flavor_name,
         min_ram,
@@ -1045,7 +1083,8 @@ fn pool_label(
         userdata,
         networks,
         host_key_checking,
-    })
+    };
+    Some((label, ready_script))
 }
 
 fn tenant_limits(at: At<'_>, out: &mut IndexMap<String, Limits>, errs: &mut Errors) {

@@ -181,9 +181,10 @@ pub const KEYS: &[KeyDoc] = &[
         "labels[].subnodes",
         "multi-node sets are requested by listing a label several times",
     ),
-    removed(
+    key(
         "labels[].ready-script",
-        "ready scripts were replaced by diskimage-builder elements",
+        "—",
+        "A file in `script-dir` run on every new node of the label (seed 002), after nodescan and before the node is `ready`, as the image's `username` with its `private-key`. A non-zero exit or a timeout fails the launch attempt, which is retried like any launch failure; the output goes to the launcher's DEBUG log and to the failure reason. A pool label's `ready-script` overrides it.",
     ),
     // Diskimages.
     key(
@@ -242,6 +243,11 @@ pub const KEYS: &[KeyDoc] = &[
         "diskimages[].username",
         "`zuul`",
         "User on nodes booted from it.",
+    ),
+    key(
+        "diskimages[].private-key",
+        "—",
+        "SSH private key file of `username`, with which the launcher runs ready scripts on its nodes (seed 003); must be readable. Inherited from the parent.",
     ),
     key(
         "diskimages[].python-path",
@@ -408,6 +414,11 @@ pub const KEYS: &[KeyDoc] = &[
         "providers[].cloud-images[].username",
         "—",
         "User on its nodes.",
+    ),
+    key(
+        "providers[].cloud-images[].private-key",
+        "—",
+        "SSH private key file of `username`, with which the launcher runs ready scripts on its nodes (seed 003's `providers[].images[].private-key`); must be readable.",
     ),
     key(
         "providers[].cloud-images[].python-path",
@@ -636,6 +647,16 @@ pub const KEYS: &[KeyDoc] = &[
         "Overrides the pool's host key checking.",
     ),
     key(
+        "providers[].pools[].labels[].ready-script",
+        "the label's",
+        "A file in `script-dir` run on each new node of this label in this pool; overrides `labels[].ready-script` (see there). The image must have `username` and `private-key`.",
+    ),
+    key(
+        "providers[].pools[].labels[].ready-script-timeout",
+        "300",
+        "Seconds the ready script may run; past it the launch attempt fails (and is retried).",
+    ),
+    key(
         "providers[].simulation",
         "—",
         "Settings of a `driver: simulated` provider (an error on other drivers).",
@@ -725,6 +746,11 @@ pub const KEYS: &[KeyDoc] = &[
         "providers[].simulation.skip-nodescan",
         "true",
         "Do not scan host keys of simulated servers.",
+    ),
+    key(
+        "providers[].simulation.data-plane-host",
+        "— (unroutable addresses)",
+        "Test aid: every server's `interface_ip` is this host, so nodescan and ready scripts reach a real SSH server there (e.g. `127.0.0.1` with the cloud image's `connection-port` set to a local sshd's port). Use with `skip-nodescan: false`.",
     ),
     key(
         "providers[].simulation.availability-zones",
@@ -950,9 +976,10 @@ pub const KEYS: &[KeyDoc] = &[
         "dburi",
         "node state lives in the state store: ZooKeeper (`zookeeper-servers`) or the embedded SQLite file (`state-store`)",
     ),
-    removed(
+    key(
         "script-dir",
-        "setup and ready scripts were replaced by diskimage-builder elements (`elements-dir` and `diskimages`)",
+        "—",
+        "Directory of ready scripts (`ready-script`); relative to the configuration file's directory. Each named script must exist when the configuration is loaded.",
     ),
     removed(
         "cron",

@@ -132,6 +132,7 @@ pub(crate) fn pool(at: At<'_>, errs: &mut Errors) -> Option<(Pool, Vec<StaticHos
             priority,
             node_attributes,
             labels,
+            ready_scripts: IndexMap::new(),
         },
         hosts,
     ))

@@ -1,6 +1,7 @@
 //! Cross-checks over the parsed configuration, and diskimage inheritance.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::Duration;
 
 use super::error::ConfigErrorKind as Kind;
@@ -68,6 +69,7 @@ pub(crate) fn resolve_diskimages(raw: &[RawDiskImage], errs: &mut Errors) -> Vec
             build_timeout: Duration::from_secs(8 * 3600),
             pause: false,
             username: "zuul".into(),
+            private_key: None,
             python_path: "auto".into(),
             shell_type: None,
             dib_cmd: "disk-image-create".into(),
@@ -100,6 +102,9 @@ pub(crate) fn resolve_diskimages(raw: &[RawDiskImage], errs: &mut Errors) -> Vec
             }
             if let Some(u) = &layer.username {
                 img.username = u.clone();
+            }
+            if let Some(k) = &layer.private_key {
+                img.private_key = Some(k.clone());
             }
             if let Some(p) = &layer.python_path {
                 img.python_path = p.clone();
@@ -312,6 +317,143 @@ pub(crate) fn cross_check(cfg: &Config, raw_images: &[RawDiskImage], errs: &mut 
                 Kind::Duplicate,
                 format!("target {:?} is defined more than once", t.name),
             );
+        }
+    }
+}
+
+/// Ready scripts and the keys that run them (seeds 002 and 003): resolves
+/// `script-dir` and `private-key` paths against `base_dir` (the
+/// configuration file's directory), and for each pool label with a ready
+/// script checks that the file exists in `script-dir` and that its image
+/// names a login (`username`, `private-key`) whose key can be read. Keys
+/// no ready script uses are not read: a migrated file may keep a seed's
+/// `$HOME/.ssh/id_rsa` placeholder.
+pub(crate) fn ready_scripts(
+    cfg: &mut Config,
+    raw_images: &[RawDiskImage],
+    base_dir: Option<&Path>,
+    errs: &mut Errors,
+) {
+    let resolve = |p: &Path| match base_dir {
+        Some(base) if p.is_relative() => base.join(p),
+        _ => p.to_owned(),
+    };
+    if let Some(dir) = &mut cfg.script_dir {
+        *dir = resolve(dir);
+    }
+    for d in &mut cfg.diskimages {
+        if let Some(k) = &mut d.private_key {
+            *k = resolve(k);
+        }
+    }
+    for c in cfg
+        .providers
+        .iter_mut()
+        .flat_map(|p| p.cloud_images.iter_mut())
+    {
+        if let Some(k) = &mut c.private_key {
+            *k = resolve(k);
+        }
+    }
+    let mut keys_checked = HashSet::new();
+    let script_dir = cfg.script_dir.clone();
+    for (pi, p) in cfg.providers.iter_mut().enumerate() {
+        if matches!(p.driver, Driver::Static(_)) {
+            continue;
+        }
+        let ppath = index("providers", pi);
+        for (qi, pool) in p.pools.iter_mut().enumerate() {
+            let qpath = index(&join(&ppath, "pools"), qi);
+            for (li, l) in pool.labels.iter().enumerate() {
+                let Some(rs) = pool.ready_scripts.get_mut(&l.name) else {
+                    continue;
+                };
+                match &script_dir {
+                    None => errs.push(
+                        &rs.configured_at,
+                        Kind::Conflict,
+                        format!(
+                            "ready script {:?} needs `script-dir`, the directory it is read from",
+                            rs.name
+                        ),
+                    ),
+                    Some(dir) => {
+                        rs.path = dir.join(&rs.name);
+                        if !rs.path.is_file() {
+                            errs.push(
+                                &rs.configured_at,
+                                Kind::InvalidValue,
+                                format!(
+                                    "ready script {:?} not found: {} is not a file",
+                                    rs.name,
+                                    rs.path.display()
+                                ),
+                            );
+                        }
+                    }
+                }
+                // The login comes from the image the label boots.
+                let login = match &l.image {
+                    ImageSource::CloudImage(c) => p
+                        .cloud_images
+                        .iter()
+                        .position(|ci| &ci.name == c)
+                        .map(|ci| {
+                            let img = &p.cloud_images[ci];
+                            (
+                                img.username.is_some(),
+                                img.private_key.clone(),
+                                index(&join(&ppath, "cloud-images"), ci),
+                            )
+                        }),
+                    ImageSource::DiskImage(d) => {
+                        cfg.diskimages.iter().find(|img| &img.name == d).map(|img| {
+                            let at = raw_images.iter().find(|r| &r.name == d).map_or_else(
+                                || format!("diskimages[name={d}]"),
+                                |r| r.path.clone(),
+                            );
+                            (true, img.private_key.clone(), at)
+                        })
+                    }
+                    ImageSource::Static => None,
+                };
+                // An unknown image was reported by the cross-checks.
+                let Some((has_user, key, image_path)) = login else {
+                    continue;
+                };
+                let has_key = key.is_some();
+                if let Some(key) = key
+                    && keys_checked.insert(key.clone())
+                    && let Err(e) = std::fs::File::open(&key)
+                {
+                    errs.push(
+                        &join(&image_path, "private-key"),
+                        Kind::InvalidValue,
+                        format!(
+                            "cannot read private key {} (ready script {:?} logs in with it): {e}",
+                            key.display(),
+                            rs.name
+                        ),
+                    );
+                }
+                let missing: Vec<&str> = [("`username`", has_user), ("`private-key`", has_key)]
+                    .into_iter()
+                    .filter(|(_, has)| !has)
+                    .map(|(k, _)| k)
+                    .collect();
+                if !missing.is_empty() {
+                    errs.push(
+                        &index(&join(&qpath, "labels"), li),
+                        Kind::Conflict,
+                        format!(
+                            "ready script {:?} ({}) runs as the image's login: set {} on {image_path}",
+                            rs.name,
+                            rs.configured_at,
+                            missing.join(" and ")
+                        ),
+                    );
+                }
+            }
         }
     }
 }
