@@ -2,7 +2,6 @@
 //! and after kill -9 of a launcher the leak rule deletes its VMs, leaving
 //! no process and no file behind.
 
-use std::io::BufRead;
 use std::time::Duration;
 
 use nodepool_core::planner::leaks::{KnownNodes, LeakReason, leaked_servers};
@@ -11,9 +10,7 @@ use nodepool_model::provider::{InstanceStatus, Provider};
 
 mod support;
 
-use support::{Local, eventually, qemu_alive};
-
-const HELPER: &str = env!("CARGO_BIN_EXE_nodepool-qemu-test-helper");
+use support::{Local, eventually, qemu_alive, vm_of_a_killed_launcher};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_launcher_finds_its_running_vms() {
@@ -81,24 +78,8 @@ async fn a_vm_whose_process_died_is_in_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_of_a_launcher_the_leak_rule_deletes_its_vms() {
     let host = Local::new();
-    let p = host.provider();
-    let image = host.stub_image(&p).await;
     let node = random_node_id();
-    let mut child = std::process::Command::new(HELPER)
-        .arg(&host.config_path)
-        .arg(&node)
-        .arg(&image)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the helper launcher");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("the helper prints the VM id");
-    let id = line.trim().to_owned();
-    assert!(!id.is_empty(), "the helper started a VM");
-    child.kill().expect("kill -9 the helper");
-    child.wait().expect("reap the helper");
+    let id = vm_of_a_killed_launcher(&host, &node).await;
     let pids = host.vm_pids();
     assert_eq!(pids.len(), 1, "{pids:?}");
     assert!(qemu_alive(pids[0]), "the VM outlives its launcher");

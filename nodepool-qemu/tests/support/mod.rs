@@ -133,6 +133,30 @@ impl Local {
     }
 }
 
+/// A VM started by a separate "launcher" process that was then killed
+/// with SIGKILL: its id, tagged for node `node` (unknown to any store).
+pub async fn vm_of_a_killed_launcher(host: &Local, node: &str) -> String {
+    use std::io::BufRead;
+    let p = host.provider();
+    let image = host.stub_image(&p).await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nodepool-qemu-test-helper"))
+        .arg(&host.config_path)
+        .arg(node)
+        .arg(&image)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the helper launcher");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the helper prints the VM id");
+    child.kill().expect("kill -9 the helper");
+    child.wait().expect("reap the helper");
+    let id = line.trim().to_owned();
+    assert!(!id.is_empty(), "the helper started a VM");
+    id
+}
+
 /// Whether `pid` is a live (not zombie) process running QEMU.
 pub fn qemu_alive(pid: i32) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
