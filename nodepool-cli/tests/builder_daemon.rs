@@ -14,20 +14,10 @@ use nodepool_core::model::{BuildState, ComponentKind, UploadState};
 use nodepool_core::store::{ImageState, Store};
 use nodepool_sqlite::{SqliteOptions, SqliteStore};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_nodepool-builder");
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// A stand-in for `disk-image-create`: writes the qcow2 file and the
-/// checksum files diskimage-builder writes with `--checksum`.
-const FAKE_DIB: &str = r#"#!/bin/sh
-set -e
-[ "$1" = -x ] || { echo "unexpected arguments: $*" >&2; exit 2; }
-echo "building $DIB_IMAGE_NAME into $DIB_IMAGE_FILENAME"
-head -c 65536 /dev/urandom > "$DIB_IMAGE_FILENAME.qcow2"
-md5sum "$DIB_IMAGE_FILENAME.qcow2" > "$DIB_IMAGE_FILENAME.qcow2.md5"
-sha256sum "$DIB_IMAGE_FILENAME.qcow2" > "$DIB_IMAGE_FILENAME.qcow2.sha256"
-echo "Build completed successfully"
-"#;
 
 fn config(dir: &Path, providers: &[&str]) -> String {
     let mut y = format!(
@@ -178,12 +168,9 @@ fn signal(child: &tokio::process::Child, sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_builder_daemon_builds_uploads_reloads_dumps_and_stops() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let dib = d.join("fake-dib");
-    std::fs::write(&dib, FAKE_DIB).expect("write fake dib");
-    std::fs::set_permissions(&dib, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    common::install_fake_dib(d);
     let cfg: PathBuf = d.join("nodepool.yaml");
     write_config(&cfg, &config(d, &["p1"]));
     let log = d.join("builder.log");
@@ -436,12 +423,9 @@ async fn the_builder_daemon_refuses_a_provider_whose_cloud_cannot_be_loaded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_builders_configuration_and_sigusr1_is_ignored() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let dib = d.join("fake-dib");
-    std::fs::write(&dib, FAKE_DIB).expect("write fake dib");
-    std::fs::set_permissions(&dib, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    common::install_fake_dib(d);
     let cfg: PathBuf = d.join("nodepool.yaml");
     write_config(&cfg, &config(d, &["p1"]));
     let log = d.join("builder.log");

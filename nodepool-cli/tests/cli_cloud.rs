@@ -472,7 +472,10 @@ async fn label_list_detail_says_why_a_label_is_short_of_min_ready(backend: Backe
             .unwrap_or_else(|| panic!("{label} not listed: {rows:?}"))
     };
     let small = row("small");
-    assert_eq!((&small["min_ready"], &small["ready"]), (&2.into(), &1.into()));
+    assert_eq!(
+        (&small["min_ready"], &small["ready"]),
+        (&2.into(), &1.into())
+    );
     assert!(
         small["short_because"]
             .as_str()

@@ -161,7 +161,14 @@ impl Fixture {
     }
 
     pub async fn with_body(backend: Backend, body: &str) -> Self {
+        Self::with_body_in(backend, |_| body.to_owned()).await
+    }
+
+    /// A configuration whose body names paths in the fixture's temp dir
+    /// (`images-dir`, a `dib-cmd`, ...): `body` gets that dir.
+    pub async fn with_body_in(backend: Backend, body: impl FnOnce(&Path) -> String) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let body = body(dir.path());
         let (section, _) = store_section(backend, dir.path());
         let config_path = dir.path().join("nodepool.yaml");
         std::fs::write(&config_path, format!("{section}{body}")).expect("write config");
@@ -193,6 +200,31 @@ impl Fixture {
         cmd.arg("-c").arg(&self.config_path).args(args);
         run_process(cmd, input).await
     }
+}
+
+/// A stand-in for `disk-image-create`: writes the qcow2 file and the
+/// checksum files diskimage-builder writes with `--checksum`. While a file
+/// `hold-builds` exists beside it, it waits before writing anything, so a
+/// test can look at a build in progress for as long as it needs.
+pub const FAKE_DIB: &str = r#"#!/bin/sh
+set -e
+[ "$1" = -x ] || { echo "unexpected arguments: $*" >&2; exit 2; }
+echo "building $DIB_IMAGE_NAME into $DIB_IMAGE_FILENAME"
+while [ -e "$(dirname "$0")/hold-builds" ]; do sleep 0.05; done
+head -c 65536 /dev/urandom > "$DIB_IMAGE_FILENAME.qcow2"
+md5sum "$DIB_IMAGE_FILENAME.qcow2" > "$DIB_IMAGE_FILENAME.qcow2.md5"
+sha256sum "$DIB_IMAGE_FILENAME.qcow2" > "$DIB_IMAGE_FILENAME.qcow2.sha256"
+echo "Build completed successfully"
+"#;
+
+/// Writes [`FAKE_DIB`] to `dir/fake-dib` (executable) and returns its path,
+/// for a diskimage's `dib-cmd`.
+pub fn install_fake_dib(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("fake-dib");
+    std::fs::write(&path, FAKE_DIB).expect("write the fake disk-image-create");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
 }
 
 /// A finished process.
