@@ -83,3 +83,28 @@ fn wrong_qemu_keys_are_located_config_errors() {
         .to_string();
     assert!(text.contains("providers[0].image-dir"), "{text}");
 }
+
+/// A flavor asking for more memory than the host has available is refused
+/// as a quota error at launch, even with no configured RAM quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_larger_than_the_hosts_memory_is_a_quota_error() {
+    use nodepool_model::conformance::provider::{random_node_id, spec_for};
+    use nodepool_model::provider::Provider;
+    let host = support::Local::new();
+    let yaml = std::fs::read_to_string(&host.config_path)
+        .expect("config")
+        .replace(", ram: 2048}", "}")
+        .replace("ram: 4096}", "ram: 1073741824}");
+    let cfg = config(&yaml);
+    let p = QemuProvider::new(&cfg.providers[0]).expect("provider");
+    host.stub_image(&p).await;
+    let label = support::pool_label(&cfg.providers[0], "huge");
+    let spec = spec_for(&host, &p, &random_node_id(), label);
+    match p.create_instance(&spec).await {
+        Err(ProviderError::QuotaExceeded(m)) => {
+            assert!(m.contains("host memory"), "{m}");
+        }
+        other => panic!("expected a quota error, got {other:?}"),
+    }
+    assert!(p.list_instances().await.expect("list").is_empty());
+}
