@@ -134,7 +134,8 @@ async fn run_probe(qemu: &Path, dir: &Path) -> Result<(), String> {
     let serial = dir.join("serial.log");
     std::fs::write(&disk, stub_disk()).map_err(|e| format!("{}: {e}", disk.display()))?;
     let mut child = tokio::process::Command::new(qemu)
-        .args(["-accel", "kvm", "-m", "16", "-display", "none"])
+        // The CPU model VMs get under KVM (`QemuProvider::start`).
+        .args(["-accel", "kvm", "-cpu", "host", "-m", "16", "-display", "none"])
         .args(["-monitor", "none", "-nodefaults", "-serial"])
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")

@@ -130,6 +130,7 @@ async fn auto_picks_an_accelerator_whose_guests_run() {
     let p = nodepool_qemu::QemuProvider::new(&cfg.providers[0]).expect("provider");
     let accel = p.accelerator().await;
     assert!(accel == "kvm" || accel == "tcg", "{accel}");
+    eprintln!("accelerator: auto chose {accel} on this host");
     host.stub_image(&p).await;
     let spec = spec_for(&host, &p, &random_node_id(), host.label());
     let id = p.create_instance(&spec).await.expect("create");
