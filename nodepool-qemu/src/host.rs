@@ -135,7 +135,9 @@ async fn run_probe(qemu: &Path, dir: &Path) -> Result<(), String> {
     std::fs::write(&disk, stub_disk()).map_err(|e| format!("{}: {e}", disk.display()))?;
     let mut child = tokio::process::Command::new(qemu)
         // The CPU model VMs get under KVM (`QemuProvider::start`).
-        .args(["-accel", "kvm", "-cpu", "host", "-m", "16", "-display", "none"])
+        .args([
+            "-accel", "kvm", "-cpu", "host", "-m", "16", "-display", "none",
+        ])
         .args(["-monitor", "none", "-nodefaults", "-serial"])
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")
