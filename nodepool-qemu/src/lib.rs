@@ -136,6 +136,7 @@ impl QemuProvider {
             None => None,
         };
         images::sweep_partials(&host.image_dir.join("images"));
+        vm::reap_orphans(&host.image_dir.join("servers"));
         tracing::info!(provider = %pc.name, qemu = %qemu.display(), %version, image_dir = %host.image_dir.display(), "qemu provider ready");
         Ok(QemuProvider {
             name: pc.name.clone(),

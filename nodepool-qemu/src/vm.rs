@@ -132,6 +132,50 @@ fn signal_group(pgid: i32, pid: i32, signal: Signal) {
     }
 }
 
+/// Kills QEMU processes running a server of `servers` whose directory
+/// (with its record) is gone: nothing can list or delete them any more.
+/// A directory is created before its VM starts and removed after it
+/// stopped, so a VM being created or deleted is never taken for one.
+/// Returns the pids killed.
+pub(crate) fn reap_orphans(servers: &Path) -> Vec<i32> {
+    let prefix = format!("{}/", servers.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut reaped = Vec::new();
+    for entry in procs.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        // `-drive file=<servers>/<id>/disk.qcow2,...`
+        let Some(id) = cmdline.split('\0').find_map(|arg| {
+            let rest = &arg[arg.find(&prefix)? + prefix.len()..];
+            let (id, tail) = rest.split_once('/')?;
+            tail.starts_with(OVERLAY).then(|| id.to_owned())
+        }) else {
+            continue;
+        };
+        let dir = servers.join(&id);
+        if dir.join(RECORD).exists() {
+            continue;
+        }
+        if let Some(pgid) = our_qemu(pid, &dir) {
+            tracing::warn!(pid, server = %id, "killing a qemu VM whose server directory is gone");
+            signal_group(pgid, pid, Signal::SIGKILL);
+            reaped.push(pid);
+        }
+    }
+    reaped
+}
+
 /// The directory of every server under `servers`.
 pub(crate) fn server_dirs(servers: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(servers) else {

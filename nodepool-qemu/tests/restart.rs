@@ -106,3 +106,39 @@ async fn after_kill_9_of_a_launcher_the_leak_rule_deletes_its_vms() {
         .collect();
     assert!(left.is_empty(), "no server files are left: {left:?}");
 }
+
+/// A VM whose server directory was removed (by hand, or a crash between
+/// the last steps of a delete) can no longer be listed or deleted: the
+/// next provider kills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_files_are_gone_is_killed_by_the_next_provider() {
+    let host = Local::new();
+    let p = Harness::provider(&host).await;
+    let spec = spec_for(&host, p.as_ref(), &random_node_id(), host.label());
+    let id = p.create_instance(&spec).await.expect("create");
+    let pid = host.vm_pids()[0];
+    std::fs::remove_dir_all(host.image_dir.join("servers").join(&id)).expect("rm -rf");
+    assert!(qemu_alive(pid), "removing its files does not stop the VM");
+    assert_eq!(p.get_instance(&id).await.expect("get"), None);
+    let _next = host.provider();
+    eventually("the orphaned VM is killed", || !qemu_alive(pid)).await;
+}
+
+/// Uploads interrupted by the death of their process leave a partial
+/// directory: the next provider removes it, and never a live process's.
+#[test]
+fn partial_uploads_of_dead_processes_are_swept() {
+    let host = Local::new();
+    let images = host.image_dir.join("images");
+    // Beyond any pid_max: never a live process.
+    let dead = images.join(".partial-999999999-0000");
+    let live = images.join(format!(".partial-{}-0001", std::process::id()));
+    for d in [&dead, &live] {
+        std::fs::create_dir_all(d).expect("mkdir");
+        std::fs::write(d.join("disk.qcow2"), b"half").expect("write");
+    }
+    let p = host.provider();
+    assert!(!dead.exists(), "a dead process's partial upload is removed");
+    assert!(live.exists(), "a live process's upload is left alone");
+    drop(p);
+}
