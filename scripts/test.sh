@@ -105,6 +105,7 @@ export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 phase "start ZooKeeper" start_zookeeper
 phase "python reference peers" python_peers
 phase "install sshd" install_sshd
+phase "install qemu" scripts/qemu.sh install
 phase "chromium (dashboard test)" scripts/chromium.sh install
 phase "fmt + clippy" lint
 phase "docs" docs_site

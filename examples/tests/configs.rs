@@ -129,3 +129,32 @@ fn the_external_example_runs_the_example_program() {
     );
     assert_eq!(program.timeout, Duration::from_secs(30));
 }
+
+#[test]
+fn the_local_vms_example_boots_a_dib_image_in_qemu() {
+    let cfg = Config::load(dir().join("local-vms.yaml"), None).expect("valid");
+    let p = &cfg.providers[0];
+    let Driver::Qemu(host) = &p.driver else {
+        panic!("driver {}", p.driver.name());
+    };
+    assert_eq!(host.image_dir, Path::new("/var/lib/nodepool/vms"));
+    assert_eq!(host.accelerator, nodepool_core::config::Accelerator::Tcg);
+    assert_eq!(host.qemu_binary, nodepool_core::config::DEFAULT_QEMU_BINARY);
+    assert_eq!(host.flavors.len(), 2);
+    assert_eq!(host.quota.get(nodepool_core::model::RAM), Some(8192));
+    let label = p.pools[0].label("debian-bookworm").expect("label");
+    assert_eq!(
+        label.image,
+        ImageSource::DiskImage("debian-bookworm".into())
+    );
+    assert_eq!(
+        p.diskimage("debian-bookworm").expect("upload").config_drive,
+        Some(true)
+    );
+    assert!(
+        cfg.diskimage("debian-bookworm")
+            .expect("diskimage")
+            .elements
+            .contains(&"simple-init".to_string())
+    );
+}

@@ -205,7 +205,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
 }
 
 /// Builds a provider for its configuration: OpenStack, the simulated
-/// cloud, an external program or a static provider's (which has no
+/// cloud, an external program, VMs on this host (qemu) or a static provider's (which has no
 /// servers).
 pub fn make_provider(pc: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
     match &pc.driver {
@@ -216,6 +216,9 @@ pub fn make_provider(pc: &ProviderConfig) -> Result<Arc<dyn Provider>, String> {
             .map(|p| Arc::new(p) as Arc<dyn Provider>)
             .map_err(|e| e.to_string()),
         Driver::External(_) => nodepool_external::ExternalProvider::new(pc)
+            .map(|p| Arc::new(p) as Arc<dyn Provider>)
+            .map_err(|e| e.to_string()),
+        Driver::Qemu(_) => nodepool_qemu::QemuProvider::new(pc)
             .map(|p| Arc::new(p) as Arc<dyn Provider>)
             .map_err(|e| e.to_string()),
         Driver::Static(_) => Ok(Arc::new(

@@ -405,6 +405,15 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// The port that reaches the server's connection (SSH) when the
+    /// provider decides it per server, as a QEMU VM's forwarded host port
+    /// does; `None` keeps the image's `connection-port`. Called once the
+    /// server is ACTIVE, before nodescan.
+    fn connection_port(&self, instance: &Instance) -> Option<u16> {
+        let _ = instance;
+        None
+    }
+
     /// Whether nodes of this provider must skip nodescan (the simulated
     /// cloud's servers have no network).
     fn skip_nodescan(&self) -> bool {

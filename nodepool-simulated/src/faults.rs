@@ -581,6 +581,10 @@ impl Provider for FaultyProvider {
         self.inner.skip_nodescan()
     }
 
+    fn connection_port(&self, instance: &Instance) -> Option<u16> {
+        self.inner.connection_port(instance)
+    }
+
     fn api_timeout(&self) -> Duration {
         self.inner.api_timeout()
     }

@@ -633,6 +633,10 @@ impl Provider for HealthCheckedProvider {
         self.inner.skip_nodescan()
     }
 
+    fn connection_port(&self, instance: &Instance) -> Option<u16> {
+        self.inner.connection_port(instance)
+    }
+
     fn api_timeout(&self) -> Duration {
         self.timeout
     }

@@ -558,6 +558,11 @@ async fn attempt_launch(
     node.private_ipv4 = instance.private_ipv4.clone();
     node.public_ipv6 = instance.public_ipv6.clone();
     node.interface_ip = instance.interface_ip.clone();
+    if let Some(port) = provider.provider.connection_port(&instance) {
+        let port = crate::model::Port::Number(i64::from(port));
+        node.connection_port = Some(port.clone());
+        node.ssh_port = Some(port);
+    }
     node.host_id = instance.host_id.clone();
     if let Some(r) = &instance.resources {
         node.resources = Some(r.clone());

@@ -62,6 +62,10 @@ impl World {
                     view.availability_zones = sim.availability_zones.clone();
                     sim.flavors.clone()
                 }
+                Driver::Qemu(host) => {
+                    view.limits = host.quota.clone();
+                    host.flavors.clone()
+                }
                 Driver::OpenStack | Driver::External(_) | Driver::Static(_) => {
                     vec![SimulatedFlavor {
                         name: "default".into(),

@@ -242,6 +242,13 @@ impl Config {
                 {
                     *f = base.join(&*f);
                 }
+                if let Driver::Qemu(host) = &mut p.driver {
+                    for f in std::iter::once(&mut host.image_dir).chain(host.public_key.as_mut()) {
+                        if f.is_relative() {
+                            *f = base.join(&*f);
+                        }
+                    }
+                }
             }
         }
         if errs.list.is_empty() {

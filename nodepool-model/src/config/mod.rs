@@ -15,6 +15,7 @@ mod external;
 mod load;
 pub mod migrate;
 mod parse;
+mod qemu;
 pub mod reference;
 mod static_nodes;
 mod validate;
@@ -30,6 +31,7 @@ use indexmap::IndexMap;
 pub use error::{ConfigError, ConfigErrorKind, ConfigErrors};
 pub use external::{DEFAULT_EXTERNAL_TIMEOUT, ExternalProgram};
 pub use load::{ConfigSource, substitute_env};
+pub use qemu::{Accelerator, DEFAULT_QEMU_BINARY, QemuHost, default_qemu_flavors};
 pub use static_nodes::{StaticHost, StaticHosts};
 
 use crate::model::{CORES, INSTANCES, Limits, RAM, VOLUME_GB, VOLUMES};
@@ -168,6 +170,8 @@ pub enum Driver {
     Simulated(SimulatedCloud),
     /// A program speaking the external-provider protocol.
     External(ExternalProgram),
+    /// QEMU virtual machines on the launcher's host (`driver: qemu`).
+    Qemu(QemuHost),
     /// Existing hosts, registered as ready nodes and never launched or
     /// deleted (`driver: static`).
     Static(StaticHosts),
@@ -180,6 +184,7 @@ impl Driver {
             Driver::OpenStack => "openstack",
             Driver::Simulated(_) => "simulated",
             Driver::External(_) => "external",
+            Driver::Qemu(_) => "qemu",
             Driver::Static(_) => "static",
         }
     }

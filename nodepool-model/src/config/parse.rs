@@ -406,6 +406,7 @@ fn provider(at: At<'_>, label_scripts: &LabelScripts, errs: &mut Errors) -> Opti
                 .unwrap_or_default(),
         )),
         "external" => super::external::external(&mut m, errs).map(Driver::External),
+        "qemu" => super::qemu::qemu(&mut m, errs).map(Driver::Qemu),
         "static" => Some(Driver::Static(StaticHosts::default())),
         "aws" | "azure" | "gce" | "ibmvpc" | "kubernetes" | "openshift" | "openshiftpods"
         | "metastatic" | "fake" | "test" | "example" => {
@@ -413,21 +414,23 @@ fn provider(at: At<'_>, label_scripts: &LabelScripts, errs: &mut Errors) -> Opti
                 &m.path_of("driver"),
                 Kind::InvalidValue,
                 format!(
-                    "driver `{driver_name}` is not supported by this implementation (supported: openstack, simulated, static, external)"
+                    "driver `{driver_name}` is not supported by this implementation (supported: openstack, simulated, static, external, qemu)"
                 ),
             );
             None
         }
         other => {
-            let hint =
-                super::yaml::suggest(other, &["openstack", "simulated", "static", "external"])
-                    .map(|s| format!("; did you mean `{s}`?"))
-                    .unwrap_or_default();
+            let hint = super::yaml::suggest(
+                other,
+                &["openstack", "simulated", "static", "external", "qemu"],
+            )
+            .map(|s| format!("; did you mean `{s}`?"))
+            .unwrap_or_default();
             errs.push(
                 &m.path_of("driver"),
                 Kind::InvalidValue,
                 format!(
-                    "unknown driver `{other}` (supported: openstack, simulated, static, external){hint}"
+                    "unknown driver `{other}` (supported: openstack, simulated, static, external, qemu){hint}"
                 ),
             );
             None

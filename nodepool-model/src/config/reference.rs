@@ -285,7 +285,7 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "providers[].driver",
         "`openstack`",
-        "`openstack`, `simulated` (an in-process simulated cloud), `static` (existing hosts, see [static hosts](static-hosts.md)) or `external` (a program speaking the [external provider protocol](external-provider.md)).",
+        "`openstack`, `simulated` (an in-process simulated cloud), `static` (existing hosts, see [static hosts](static-hosts.md)), `external` (a program speaking the [external provider protocol](external-provider.md)) or `qemu` (virtual machines on the launcher's host, see [local VMs](local-vms.md)).",
     ),
     key(
         "providers[].cloud",
@@ -802,6 +802,66 @@ pub const KEYS: &[KeyDoc] = &[
         "—",
         "`driver: external`: environment variables set for the program, beside the launcher's own.",
     ),
+    key(
+        "providers[].image-dir",
+        "— (required for `driver: qemu`)",
+        "`driver: qemu`: directory of uploaded images (`images/`) and of each VM's files (`servers/<id>/`: overlay, serial log, config drive, pid file, metadata); relative to the configuration file's directory. It must be writable: the provider fails to start otherwise. See [local VMs](local-vms.md).",
+    ),
+    key(
+        "providers[].qemu-binary",
+        "`qemu-system-x86_64`",
+        "`driver: qemu`: the QEMU program (a bare name is looked up on `PATH`); the provider fails to start when it cannot be run.",
+    ),
+    key(
+        "providers[].accelerator",
+        "`auto`",
+        "`driver: qemu`: `auto` (KVM when `/dev/kvm` works, else TCG; the choice is logged), `kvm` or `tcg`.",
+    ),
+    key(
+        "providers[].quota",
+        "unlimited",
+        "`driver: qemu`: what the VMs may use together; launches beyond it fail with a quota error.",
+    ),
+    key(
+        "providers[].quota.instances",
+        "unlimited",
+        "`driver: qemu`: VMs.",
+    ),
+    key(
+        "providers[].quota.cores",
+        "unlimited",
+        "`driver: qemu`: vCPUs.",
+    ),
+    key(
+        "providers[].quota.ram",
+        "unlimited",
+        "`driver: qemu`: RAM in MiB. A launch also fails with a quota error when the host has less memory available than the VM's flavor.",
+    ),
+    key(
+        "providers[].flavors",
+        "`default` (1 vCPU, 1024 MiB)",
+        "`driver: qemu`: VM sizes, picked by a label's `flavor-name` or `min-ram` (a label naming neither gets the first).",
+    ),
+    key(
+        "providers[].flavors[].name",
+        "required",
+        "`driver: qemu`: flavor name.",
+    ),
+    key(
+        "providers[].flavors[].vcpus",
+        "required",
+        "`driver: qemu`: vCPUs (`-smp`).",
+    ),
+    key(
+        "providers[].flavors[].ram",
+        "required",
+        "`driver: qemu`: RAM in MiB (`-m`).",
+    ),
+    key(
+        "providers[].public-key",
+        "—",
+        "`driver: qemu`: an SSH public key file written into each VM's config drive (`public_keys` in `openstack/latest/meta_data.json`), so images with glean (`simple-init`) or cloud-init accept the launcher's key; relative to the configuration file's directory.",
+    ),
     removed(
         "providers[].images",
         "provider images were replaced by `diskimages` / `cloud-images` and `pools[].labels`",
@@ -1051,6 +1111,9 @@ providers:
     pools: [{nodes: [{}]}]
   - driver: openstack
   - driver: external
+  - driver: qemu
+    quota: {}
+    flavors: [{}]
 webapp: {}
 tenant-resource-limits:
   - {tenant-name: t, max-servers: 1, max-cores: 1, max-ram: 1, max-volumes: 1, max-volume-gb: 1}
