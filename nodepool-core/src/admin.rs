@@ -798,7 +798,7 @@ pub async fn label_readiness(
                     .iter()
                     .filter(|r| {
                         r.request.requestor.as_deref() == Some(MIN_READY_REQUESTOR)
-                            && r.request.node_types.iter().any(|t| *t == l.name)
+                            && r.request.node_types.contains(&l.name)
                     })
                     .find_map(|r| why.get(&r.id).cloned())
                     .unwrap_or_else(|| {

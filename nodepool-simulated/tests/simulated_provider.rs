@@ -116,6 +116,7 @@ fn upload_spec(path: PathBuf, name: &str) -> ImageUploadSpec {
         md5: Some(IMAGE_MD5.into()),
         sha256: Some(IMAGE_SHA256.into()),
         timeout: Duration::from_secs(60),
+        sent: Default::default(),
     }
 }
 

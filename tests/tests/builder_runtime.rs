@@ -602,6 +602,7 @@ async fn a_dead_builders_build_and_upload_are_recovered_by_another() {
             md5: None,
             sha256: None,
             timeout: Duration::from_secs(30),
+            sent: Default::default(),
         })
         .await
         .unwrap();
@@ -803,6 +804,7 @@ async fn stray_image(
             md5: None,
             sha256: None,
             timeout: Duration::from_secs(30),
+            sent: Default::default(),
         })
         .await
         .unwrap()

@@ -665,6 +665,7 @@ fn upload_spec(dir: &std::path::Path, timeout: Duration) -> ImageUploadSpec {
         md5: None,
         sha256: None,
         timeout,
+        sent: Default::default(),
     }
 }
 
