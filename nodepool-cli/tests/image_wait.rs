@@ -308,3 +308,25 @@ async fn waiting_gives_up_at_the_timeout_and_the_request_stays() {
     assert!(matches!(out.code, Some(c) if c != 0), "{}", out.stderr);
     assert!(out.stderr.contains("--wait"), "{}", out.stderr);
 }
+
+/// On a terminal (a pseudo-terminal made by util-linux `script`) the
+/// progress is one line redrawn in place, ended before the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_gets_the_progress_redrawn_in_place() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let f = Fixture::with_body(Backend::Sqlite, &body(work.path())).await;
+    let line = format!(
+        "{NODEPOOL} -c {} image-build deb --wait --timeout 1",
+        f.config_path.display()
+    );
+    let mut cmd = tokio::process::Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"]);
+    let out = common::run_process(cmd, "").await;
+    assert_eq!(out.code, Some(1), "{:?}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("\r\x1b[2Kwaiting for a builder to start deb\r\nerror: gave up waiting"),
+        "{:?}",
+        out.stdout
+    );
+}
