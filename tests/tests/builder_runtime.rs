@@ -162,8 +162,17 @@ fn start(store: Store, cfg: Config, host: &str, clouds: &Clouds) -> Running {
 }
 
 fn start_with(store: Store, cfg: Config, settings: BuilderSettings, clouds: &Clouds) -> Running {
+    start_on(store, cfg, settings, factory(clouds))
+}
+
+fn start_on(
+    store: Store,
+    cfg: Config,
+    settings: BuilderSettings,
+    providers: ProviderFactory,
+) -> Running {
     let dib = DibBuilder::new(DibOptions::default().with_term_grace(Duration::from_secs(5)));
-    let builder = Builder::new(store.clone(), factory(clouds), Arc::new(dib), settings);
+    let builder = Builder::new(store.clone(), providers, Arc::new(dib), settings);
     let status = builder.status();
     let metrics = builder.metrics();
     let (tx, rx) = watch::channel(Arc::new(cfg));
@@ -902,5 +911,57 @@ async fn uploads_unknown_to_the_store_are_deleted_and_alien_images_stay() {
         1,
         "the deletion is counted"
     );
+    b.stop().await;
+}
+
+/// A running upload's record carries its progress (the file's size, the
+/// bytes the cloud took so far), written while the cloud does not answer;
+/// the ready record has every byte counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_publishes_its_progress_in_its_record() {
+    use nodepool_simulated::faults::{Fault, FaultyProvider, Operation};
+    let site = Site::new().await;
+    let clouds: Arc<Mutex<BTreeMap<String, FaultyProvider>>> = Arc::default();
+    let registry = clouds.clone();
+    let providers: ProviderFactory = Arc::new(move |pc| {
+        let mut reg = registry.lock().unwrap();
+        if let Some(p) = reg.get(&pc.name) {
+            return Ok(Arc::new(p.clone()) as Arc<dyn Provider>);
+        }
+        let cloud = Arc::new(SimulatedProvider::new(pc).map_err(|e| e.to_string())?);
+        let faulty = FaultyProvider::new(cloud);
+        // Every upload hangs until the test lets it go.
+        faulty.set(Operation::UploadImage, Fault::Hang);
+        reg.insert(pc.name.clone(), faulty.clone());
+        Ok(Arc::new(faulty) as Arc<dyn Provider>)
+    });
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let b = start_on(store, site.config("", ""), settings("nb01"), providers);
+    let st = b
+        .until("a hung upload to p1 with its progress", |st| {
+            st.uploads.iter().any(|u| {
+                u.provider == "p1"
+                    && u.upload.state == UploadState::Uploading
+                    && u.upload.progress().is_some()
+            })
+        })
+        .await;
+    let u = st.uploads.iter().find(|u| u.provider == "p1").unwrap();
+    let build = u.build_id.clone();
+    let size = std::fs::metadata(site.images().join(format!("deb-{build}.qcow2")))
+        .unwrap()
+        .len();
+    let p = u.upload.progress().unwrap();
+    assert_eq!((p.bytes_sent, p.total_bytes), (0, size), "nothing sent yet");
+
+    for faulty in clouds.lock().unwrap().values() {
+        faulty.clear(Operation::UploadImage);
+    }
+    let st = b.until("the uploads done", uploaded_everywhere).await;
+    for u in st.uploads.iter().filter(|u| u.build_id == build) {
+        let p = u.upload.progress().unwrap();
+        assert!(p.total_bytes > 0, "{p:?}");
+        assert_eq!(p.bytes_sent, p.total_bytes, "{}: {p:?}", u.provider);
+    }
     b.stop().await;
 }
