@@ -45,6 +45,9 @@ pub struct Io<'a> {
     pub input: &'a mut dyn BufRead,
     /// Whether `input` is a terminal (which echoes the answer itself).
     pub interactive: bool,
+    /// Whether `err` is a terminal: progress (`--wait`) is redrawn in
+    /// place there, written as plain lines otherwise.
+    pub terminal: bool,
 }
 
 /// Runs the CLI as the `nodepool` binary does: real clouds, stdin for
@@ -72,6 +75,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, err: &mut dyn Write) -> ExitCode {
         err,
         input: &mut input,
         interactive,
+        terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let providers: ProviderFactory = Arc::new(crate::daemon::make_provider);
     runtime.block_on(run_with(cli, providers, &mut io))
@@ -362,16 +366,65 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
         Command::ImageList => listing_of(ctx, Source::Images).await?,
         Command::DibImageList => listing_of(ctx, Source::DibImages).await?,
         Command::ImageStatus => listing_of(ctx, Source::ImageStatus).await?,
-        Command::ImageBuild { image } => {
+        Command::ImageBuild { image, wait } => {
+            // Before the request: the build it makes is one not seen here.
+            let known = match wait.wait {
+                true => Some(crate::wait::build_ids(&ctx.store, image).await?),
+                false => None,
+            };
             admin::request_image_build(&ctx.config, &ctx.store, image).await?;
             ctx.say(&format!("build of {image} requested"));
+            if let Some(known) = known {
+                let limit = wait_limit(wait, || {
+                    ctx.config.diskimage(image).map(|d| d.build_timeout)
+                });
+                let _ = ctx.io.out.flush();
+                let mut progress = crate::wait::Progress::new(ctx.io.err, ctx.io.terminal);
+                let id = crate::wait::follow_build(&ctx.store, image, &known, limit, &mut progress)
+                    .await?;
+                ctx.say(&format!("build {id} of {image} ready"));
+            }
         }
-        Command::ImageUpload { provider, image } => {
+        Command::ImageUpload {
+            provider,
+            image,
+            wait,
+        } => {
+            let known = match wait.wait {
+                true => Some(crate::wait::upload_ids(&ctx.store, image, provider).await?),
+                false => None,
+            };
             let build =
                 admin::request_image_upload(&ctx.config, &ctx.store, provider, image).await?;
             ctx.say(&format!(
                 "upload of {image} build {build} to {provider} requested"
             ));
+            if let Some(known) = known {
+                let limit = wait_limit(wait, || {
+                    ctx.config
+                        .provider(provider)
+                        .map(|p| p.image_upload_timeout)
+                });
+                let _ = ctx.io.out.flush();
+                let mut progress = crate::wait::Progress::new(ctx.io.err, ctx.io.terminal);
+                let done = crate::wait::follow_upload(
+                    &ctx.store,
+                    image,
+                    provider,
+                    &known,
+                    limit,
+                    &mut progress,
+                )
+                .await?;
+                let size = done
+                    .bytes
+                    .map(|b| format!(" ({})", crate::wait::human_bytes(b)))
+                    .unwrap_or_default();
+                ctx.say(&format!(
+                    "upload {} of {image} build {} to {provider} ready{size}: cloud image {}",
+                    done.upload, done.build, done.external_id
+                ));
+            }
         }
         Command::ImageDelete {
             provider,
@@ -685,4 +738,17 @@ async fn request(
         );
     }
     Ok(())
+}
+
+/// `--timeout`, or the builder's own limit for the job plus a margin.
+fn wait_limit(
+    wait: &crate::cli::WaitArgs,
+    builder_limit: impl FnOnce() -> Option<Duration>,
+) -> Duration {
+    match wait.timeout {
+        Some(s) => Duration::from_secs(s),
+        None => {
+            crate::wait::default_timeout(builder_limit().unwrap_or(Duration::from_secs(8 * 3600)))
+        }
+    }
 }

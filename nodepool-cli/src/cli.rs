@@ -94,6 +94,9 @@ pub enum Command {
     ImageBuild {
         /// Diskimage name.
         image: String,
+        /// Whether and how long to follow the request.
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Ask the builder to upload the newest ready build of an image to a provider now.
     ImageUpload {
@@ -101,6 +104,9 @@ pub enum Command {
         provider: String,
         /// Diskimage name.
         image: String,
+        /// Whether and how long to follow the request.
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Delete an image upload (the builder removes it from the cloud).
     ImageDelete {
@@ -313,4 +319,19 @@ pub struct DaemonArgs {
     /// Stay in the foreground (always the case; accepted for compatibility).
     #[arg(short = 'f', long = "foreground", display_order = 13)]
     pub foreground: bool,
+}
+
+/// `--wait` and `--timeout` of `image-build` and `image-upload`.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct WaitArgs {
+    /// Follow the build (or upload) the builder makes for this request
+    /// until it is ready (exit 0) or failed (exit 1 with the reason),
+    /// showing its progress on stderr.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds (the work goes on).
+    /// Default: the diskimage's build-timeout (or the provider's
+    /// image-upload-timeout) plus 5 minutes.
+    #[arg(long, value_name = "SECONDS", requires = "wait")]
+    pub timeout: Option<u64>,
 }

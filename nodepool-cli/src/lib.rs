@@ -14,4 +14,5 @@ pub mod dashboard;
 pub mod jobs;
 pub mod listing;
 pub mod migrate;
+pub mod wait;
 pub mod webapp;

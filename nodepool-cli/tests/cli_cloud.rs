@@ -59,6 +59,7 @@ async fn run(f: &Fixture, factory: &ProviderFactory, args: &[&str], terminal: Op
             err: &mut err,
             input: &mut input,
             interactive: terminal.is_some(),
+            terminal: false,
         };
         run_with(cli, factory.clone(), &mut io).await
     };
@@ -149,6 +150,7 @@ async fn alien_image_list_shows_uploaded_images_without_a_ready_upload(backend: 
             md5: None,
             sha256: None,
             timeout: Duration::from_secs(30),
+            sent: Default::default(),
         }
     };
     let recorded = sim

@@ -375,3 +375,56 @@ async fn python_static_driver_sees_our_static_nodes_fill_its_slots() {
         })
     );
 }
+
+/// Python's CLI reads build and upload records carrying the progress our
+/// builder publishes (`progress`, and `failure` on a failed upload) like
+/// any others: it reads records with `dict.get`, so the keys change
+/// nothing it shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_reads_records_with_our_progress_keys() {
+    use nodepool_core::model::{
+        BuildProgressRecord, ImageBuild, ImageUpload, UploadProgressRecord, UploadState,
+    };
+    let f = Fixture::new(Backend::ZooKeeperTls).await;
+    let build = "22222222222222222222222222222222";
+    let mut b = ImageBuild::new(1_700_000_000.0, vec!["qcow2".into()]);
+    b.builder = Some("builder03".into());
+    b.set_progress(&BuildProgressRecord {
+        phase: "install".into(),
+        step: Some("10-apt".into()),
+        time: 1_700_000_100.0,
+    });
+    f.store
+        .create_build("ubuntu", build, &b)
+        .await
+        .expect("build");
+    let mut sending = ImageUpload::new(1_700_000_000.0, Some("qcow2".into()));
+    sending.external_name = Some("ubuntu-sending".into());
+    sending.set_progress(&UploadProgressRecord {
+        bytes_sent: 1 << 20,
+        total_bytes: 4 << 20,
+    });
+    f.store
+        .create_upload("ubuntu", build, "sim", &sending)
+        .await
+        .expect("upload");
+    let mut failed = ImageUpload::new(1_700_000_000.0, Some("qcow2".into()));
+    failed.external_name = Some("ubuntu-failed".into());
+    failed.set_state(UploadState::Failed, 1_700_000_200.0);
+    failed.set_failure("simulated upload failure");
+    f.store
+        .create_upload("ubuntu", build, "sim", &failed)
+        .await
+        .expect("upload");
+
+    let t = py_nodepool(&f, &["dib-image-list"]).await.ok().to_owned();
+    let r = row(&t, &format!("ubuntu-{build}"));
+    assert_eq!(r[1..5], ["ubuntu", "builder03", "qcow2", "building"], "{t}");
+    let t = py_nodepool(&f, &["image-list"]).await.ok().to_owned();
+    assert_eq!(row(&t, "ubuntu-sending")[6], "uploading", "{t}");
+    assert_eq!(row(&t, "ubuntu-failed")[6], "failed", "{t}");
+    // And the keys are still there for us.
+    let st = f.store.image_state().await.expect("image state");
+    assert!(st.builds[0].build.progress().is_some());
+    assert!(st.uploads.iter().any(|u| u.upload.failure().is_some()));
+}

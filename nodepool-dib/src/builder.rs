@@ -302,6 +302,11 @@ impl DibBuilder {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let label = format!("{} vhd", label(spec));
         tracing::info!(build = %label, "converting {} to vhd with qemu-img", vhd.source.display());
+        spec.progress
+            .set(nodepool_model::image_builder::BuildPhase {
+                phase: "vhd-convert".into(),
+                step: None,
+            });
         let r = run(
             &RunSpec {
                 program: "qemu-img".as_ref(),
@@ -312,6 +317,7 @@ impl DibBuilder {
                 label: &label,
                 timeout: remaining,
                 grace: self.options.term_grace,
+                progress: None,
             },
             cancel,
         )
@@ -380,6 +386,7 @@ impl ImageBuilder for DibBuilder {
                 label: &label,
                 timeout: spec.timeout,
                 grace: self.options.term_grace,
+                progress: Some(spec.progress.clone()),
             },
             &cancel,
         )

@@ -24,7 +24,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use nodepool_model::image_builder::BuildError;
+use nodepool_model::image_builder::{BuildError, BuildProgress};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +63,8 @@ pub struct RunSpec<'a> {
     pub timeout: Duration,
     /// Between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// Set from diskimage-builder's phase lines in the output, when given.
+    pub progress: Option<BuildProgress>,
 }
 
 /// How a run ended.
@@ -177,7 +179,13 @@ pub async fn run(spec: &RunSpec<'_>, cancel: &CancellationToken) -> Result<RunRe
     let guard = GroupGuard { pgid, armed: true };
 
     let stop = CancellationToken::new();
-    let pump = tokio::spawn(pump(rx, log, spec.label.to_owned(), stop.clone()));
+    let pump = tokio::spawn(pump(
+        rx,
+        log,
+        spec.label.to_owned(),
+        spec.progress.clone(),
+        stop.clone(),
+    ));
 
     let deadline = Instant::now() + spec.timeout;
     let (ending, mut status) = tokio::select! {

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 
+use nodepool_model::image_builder::{BuildPhase, BuildProgress};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::unix::pipe::Receiver;
 use tokio_util::sync::CancellationToken;
@@ -132,7 +133,8 @@ pub struct PumpEnd {
     pub eof: bool,
 }
 
-/// Copies the pipe to the log and to tracing until end of file or `stop`.
+/// Copies the pipe to the log and to tracing until end of file or `stop`,
+/// setting `progress` from diskimage-builder's phase lines.
 ///
 /// Write errors on the log are reported once through tracing and the pipe
 /// is still drained: a full disk must not block the build on a full pipe.
@@ -140,6 +142,7 @@ pub async fn pump(
     mut rx: Receiver,
     log: tokio::fs::File,
     label: String,
+    progress: Option<BuildProgress>,
     stop: CancellationToken,
 ) -> PumpEnd {
     let mut log = BufWriter::with_capacity(64 * 1024, log);
@@ -180,7 +183,13 @@ pub async fn pump(
             }
         }
         trace.push(data, |kept, dropped| {
-            tracing::debug!(target: "nodepool_dib::output", build = %label, "{}", line_text(kept, dropped, TRACE_LINE_MAX));
+            let line = line_text(kept, dropped, TRACE_LINE_MAX);
+            if let Some(p) = &progress
+                && let Some(phase) = BuildPhase::from_dib_line(&line)
+            {
+                p.set(phase);
+            }
+            tracing::debug!(target: "nodepool_dib::output", build = %label, "{line}");
         });
         tail_split.push(data, |kept, dropped| tail.push(kept, dropped));
     }

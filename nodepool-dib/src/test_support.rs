@@ -47,5 +47,6 @@ pub fn spec(image: DiskImage, formats: &[&str], base: &str) -> BuildSpec {
         log_path: base.with_extension("log"),
         elements_dir: None,
         timeout: Duration::from_secs(60),
+        progress: Default::default(),
     }
 }

@@ -174,6 +174,40 @@ pub struct ImageUploadSpec {
     pub sha256: Option<String>,
     /// Give up after this long.
     pub timeout: Duration,
+    /// Bytes of the file sent so far: the provider adds to it as it sends,
+    /// the caller reads it to report progress. A provider that cannot tell
+    /// leaves it at 0. Clones share one counter.
+    pub sent: UploadProgress,
+}
+
+/// A counter of bytes an upload has sent, shared between the provider
+/// (which adds) and the caller (which reads).
+#[derive(Clone, Debug, Default)]
+pub struct UploadProgress(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl PartialEq for UploadProgress {
+    /// The same counter (not the same count): a spec's counter is where
+    /// it reports, not what it asks for.
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl UploadProgress {
+    /// Counts `n` more bytes sent.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes sent so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts over (an upload retried from the beginning).
+    pub fn reset(&self) {
+        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// An image in the cloud.

@@ -56,6 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         md5: None,
         sha256: None,
         timeout: Duration::from_secs(3600),
+        sent: Default::default(),
     };
     // 1. The data transfer alone, measured like `curl -T`: PUT /file.
     let client = p.client();
@@ -74,6 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             path: spec.path.clone(),
             len,
             hashes: None,
+            sent: None,
             timeout: Duration::from_secs(3600),
         })
         .await?;

@@ -501,6 +501,7 @@ impl OpenStackProvider {
                 path: spec.path.clone(),
                 len,
                 hashes: hashes.clone(),
+                sent: Some(spec.sent.clone()),
                 timeout: remaining,
             })
             .await

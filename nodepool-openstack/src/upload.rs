@@ -13,6 +13,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use md5::{Digest, Md5};
+use nodepool_model::provider::UploadProgress;
 use sha2::Sha256;
 
 /// Bytes read and sent per chunk.
@@ -60,13 +61,24 @@ impl UploadHashes {
     }
 }
 
-/// A body streaming `path` (which must be `len` bytes long).
+/// A body streaming `path` (which must be `len` bytes long), counting in
+/// `sent` the bytes handed to the connection.
 pub fn file_body(
     path: PathBuf,
     len: u64,
     hashes: Option<std::sync::Arc<UploadHashes>>,
+    sent: Option<UploadProgress>,
 ) -> reqwest::Body {
-    reqwest::Body::wrap_stream(file_stream(path, len, hashes))
+    use futures::StreamExt as _;
+    // A new attempt sends the whole file again.
+    if let Some(s) = &sent {
+        s.reset();
+    }
+    reqwest::Body::wrap_stream(file_stream(path, len, hashes).inspect(move |chunk| {
+        if let (Some(s), Ok(bytes)) = (&sent, chunk) {
+            s.add(bytes.len() as u64);
+        }
+    }))
 }
 
 /// The chunks of `path`, read and hashed on a blocking thread.

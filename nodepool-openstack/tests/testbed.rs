@@ -354,6 +354,7 @@ async fn multi_megabyte_upload_checksum_and_alien_listing() {
         md5: Some(f.md5.clone()),
         sha256: Some(f.sha256.clone()),
         timeout: Duration::from_secs(120),
+        sent: Default::default(),
     };
     let id = p.upload_image(&spec).await.expect("upload");
     let shown = raw(&p, ApiRequest::get(Service::Image, format!("images/{id}"))).await;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use md5::Md5;
+use nodepool_model::provider::UploadProgress;
 use sha2::{Digest, Sha256};
 
 /// Stops the blocking file read when the upload is dropped or times out.
@@ -34,6 +35,7 @@ pub(crate) fn digest_file(
     md5: bool,
     sha256: bool,
     stop: &AtomicBool,
+    sent: &UploadProgress,
 ) -> std::io::Result<Digests> {
     let mut file = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
@@ -58,6 +60,7 @@ pub(crate) fn digest_file(
             s.update(chunk);
         }
         len += n as u64;
+        sent.add(n as u64);
     }
     Ok(Digests {
         len,
@@ -124,12 +127,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("image");
         std::fs::write(&path, &data).expect("write");
-        let d = digest_file(&path, true, true, &AtomicBool::new(false)).expect("digest");
+        let sent = UploadProgress::default();
+        let d = digest_file(&path, true, true, &AtomicBool::new(false), &sent).expect("digest");
         assert_eq!(d.len, data.len() as u64);
+        assert_eq!(sent.get(), d.len, "every byte read is counted as sent");
         assert_eq!(d.md5.as_deref(), Some(md5(&data).as_str()));
         assert_eq!(d.sha256.as_deref(), Some(sha256(&data).as_str()));
-        let only = digest_file(&path, false, true, &AtomicBool::new(false)).expect("digest");
+        let only = digest_file(&path, false, true, &AtomicBool::new(false), &sent).expect("digest");
         assert_eq!(only.md5, None);
-        assert!(digest_file(&path, true, false, &AtomicBool::new(true)).is_err());
+        assert!(digest_file(&path, true, false, &AtomicBool::new(true), &sent).is_err());
     }
 }

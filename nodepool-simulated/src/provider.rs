@@ -311,9 +311,11 @@ impl Provider for SimulatedProvider {
         let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
         let (path, stop) = (spec.path.clone(), cancel.0.clone());
         let (want_md5, want_sha256) = (spec.md5.is_some(), spec.sha256.is_some());
+        let sent = spec.sent.clone();
         // Hashing gigabytes is blocking work: keep it off the async workers.
-        let job =
-            tokio::task::spawn_blocking(move || digest_file(&path, want_md5, want_sha256, &stop));
+        let job = tokio::task::spawn_blocking(move || {
+            digest_file(&path, want_md5, want_sha256, &stop, &sent)
+        });
         let digests = match tokio::time::timeout(spec.timeout, job).await {
             Err(_) => {
                 return Err(ProviderError::Timeout(format!(

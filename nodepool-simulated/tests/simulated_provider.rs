@@ -116,6 +116,7 @@ fn upload_spec(path: PathBuf, name: &str) -> ImageUploadSpec {
         md5: Some(IMAGE_MD5.into()),
         sha256: Some(IMAGE_SHA256.into()),
         timeout: Duration::from_secs(60),
+        sent: Default::default(),
     }
 }
 
@@ -442,10 +443,10 @@ async fn a_failed_upload_leaves_no_image() {
     assert!(e.to_string().contains("simulated upload failure"), "{e}");
     assert_eq!(c.provider.list_images().await.expect("list").len(), before);
     c.provider.set_failure_rates(FailureRates::default()).await;
-    c.provider
-        .upload_image(&upload_spec(path, "works"))
-        .await
-        .expect("upload");
+    let works = upload_spec(path.clone(), "works");
+    c.provider.upload_image(&works).await.expect("upload");
+    let len = std::fs::metadata(&path).expect("image file").len();
+    assert_eq!(works.sent.get(), len, "every byte read is counted as sent");
     assert_eq!(
         c.provider.list_images().await.expect("list").len(),
         before + 1

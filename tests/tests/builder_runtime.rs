@@ -69,7 +69,15 @@ impl Site {
     /// lines in `image`), uploaded to `p1` (qcow2) and `p2` (raw), with
     /// `providers_extra` appended to each provider.
     fn config(&self, image: &str, providers_extra: &str) -> Config {
-        let yaml = format!(
+        let mut c = config(&self.yaml(image, providers_extra));
+        // Stands for clouds.yaml `image_format: raw` of p2's cloud.
+        c.providers[1].image_format = Some("raw".into());
+        c
+    }
+
+    /// The YAML text of [`Site::config`].
+    fn yaml(&self, image: &str, providers_extra: &str) -> String {
+        format!(
             r#"images-dir: {images}
 build-log-dir: {logs}
 elements-dir: {elements}
@@ -106,11 +114,7 @@ providers:
             images = self.images().display(),
             logs = self.path("logs").display(),
             elements = self.path("elements").display(),
-        );
-        let mut c = config(&yaml);
-        // Stands for clouds.yaml `image_format: raw` of p2's cloud.
-        c.providers[1].image_format = Some("raw".into());
-        c
+        )
     }
 
     /// Writes an executable script.
@@ -162,8 +166,17 @@ fn start(store: Store, cfg: Config, host: &str, clouds: &Clouds) -> Running {
 }
 
 fn start_with(store: Store, cfg: Config, settings: BuilderSettings, clouds: &Clouds) -> Running {
+    start_on(store, cfg, settings, factory(clouds))
+}
+
+fn start_on(
+    store: Store,
+    cfg: Config,
+    settings: BuilderSettings,
+    providers: ProviderFactory,
+) -> Running {
     let dib = DibBuilder::new(DibOptions::default().with_term_grace(Duration::from_secs(5)));
-    let builder = Builder::new(store.clone(), factory(clouds), Arc::new(dib), settings);
+    let builder = Builder::new(store.clone(), providers, Arc::new(dib), settings);
     let status = builder.status();
     let metrics = builder.metrics();
     let (tx, rx) = watch::channel(Arc::new(cfg));
@@ -602,6 +615,7 @@ async fn a_dead_builders_build_and_upload_are_recovered_by_another() {
             md5: None,
             sha256: None,
             timeout: Duration::from_secs(30),
+            sent: Default::default(),
         })
         .await
         .unwrap();
@@ -803,6 +817,7 @@ async fn stray_image(
             md5: None,
             sha256: None,
             timeout: Duration::from_secs(30),
+            sent: Default::default(),
         })
         .await
         .unwrap()
@@ -899,6 +914,144 @@ async fn uploads_unknown_to_the_store_are_deleted_and_alien_images_stay() {
         b.metrics.counter("nodepool.provider.p1.leaked.images"),
         1,
         "the deletion is counted"
+    );
+    b.stop().await;
+}
+
+/// A running upload's record carries its progress (the file's size, the
+/// bytes the cloud took so far), written while the cloud does not answer;
+/// the ready record has every byte counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_publishes_its_progress_in_its_record() {
+    use nodepool_simulated::faults::Operation;
+    let site = Site::new().await;
+    let (clouds, providers) = faulty_clouds(true);
+    let store = Store::new(Arc::new(MemoryStore::new()));
+    let b = start_on(store, site.config("", ""), settings("nb01"), providers);
+    let st = b
+        .until("a hung upload to p1 with its progress", |st| {
+            st.uploads.iter().any(|u| {
+                u.provider == "p1"
+                    && u.upload.state == UploadState::Uploading
+                    && u.upload.progress().is_some()
+            })
+        })
+        .await;
+    let u = st.uploads.iter().find(|u| u.provider == "p1").unwrap();
+    let build = u.build_id.clone();
+    let size = std::fs::metadata(site.images().join(format!("deb-{build}.qcow2")))
+        .unwrap()
+        .len();
+    let p = u.upload.progress().unwrap();
+    assert_eq!((p.bytes_sent, p.total_bytes), (0, size), "nothing sent yet");
+
+    for faulty in clouds.lock().unwrap().values() {
+        faulty.clear(Operation::UploadImage);
+    }
+    let st = b.until("the uploads done", uploaded_everywhere).await;
+    for u in st.uploads.iter().filter(|u| u.build_id == build) {
+        let p = u.upload.progress().unwrap();
+        assert!(p.total_bytes > 0, "{p:?}");
+        assert_eq!(p.bytes_sent, p.total_bytes, "{}: {p:?}", u.provider);
+    }
+    b.stop().await;
+}
+
+type FaultyClouds = Arc<Mutex<BTreeMap<String, nodepool_simulated::faults::FaultyProvider>>>;
+
+/// Simulated clouds behind fault injectors (kept to steer them); with
+/// `hang`, every upload hangs until the faults change.
+fn faulty_clouds(hang: bool) -> (FaultyClouds, ProviderFactory) {
+    use nodepool_simulated::faults::{Fault, FaultyProvider, Operation};
+    let clouds: FaultyClouds = Arc::default();
+    let registry = clouds.clone();
+    let providers: ProviderFactory = Arc::new(move |pc| {
+        let mut reg = registry.lock().unwrap();
+        if let Some(p) = reg.get(&pc.name) {
+            return Ok(Arc::new(p.clone()) as Arc<dyn Provider>);
+        }
+        let cloud = Arc::new(SimulatedProvider::new(pc).map_err(|e| e.to_string())?);
+        let faulty = FaultyProvider::new(cloud);
+        if hang {
+            faulty.set(Operation::UploadImage, Fault::Hang);
+        }
+        reg.insert(pc.name.clone(), faulty.clone());
+        Ok(Arc::new(faulty) as Arc<dyn Provider>)
+    });
+    (clouds, providers)
+}
+
+/// `nodepool image-upload p1 deb --wait` (the real binary, no terminal)
+/// shows the bytes of an upload the cloud holds up, from the record the
+/// builder (in this process, on the same SQLite file) publishes, and ends
+/// when the upload is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_upload_wait_shows_the_bytes_of_a_held_up_upload() {
+    use nodepool_simulated::faults::{Fault, Operation};
+    use tokio::io::AsyncReadExt;
+    let site = Site::new().await;
+    let db = site.path("nodepool.db");
+    let store = Store::new(Arc::new(
+        nodepool_sqlite::SqliteStore::open(&db, nodepool_sqlite::SqliteOptions::default())
+            .await
+            .unwrap(),
+    ));
+    let cfg_path = site.path("nodepool.yaml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "state-store:\n  driver: sqlite\n  path: {}\n{}",
+            db.display(),
+            site.yaml("", "")
+        ),
+    )
+    .unwrap();
+    let (clouds, providers) = faulty_clouds(false);
+    let b = start_on(store, site.config("", ""), settings("nb01"), providers);
+    b.until("the first build uploaded", uploaded_everywhere)
+        .await;
+    for faulty in clouds.lock().unwrap().values() {
+        faulty.set(Operation::UploadImage, Fault::Hang);
+    }
+
+    let nodepool = tokio::task::spawn_blocking(|| workspace_binary("nodepool-cli", "nodepool"))
+        .await
+        .unwrap();
+    let mut cli = tokio::process::Command::new(nodepool)
+        .arg("-c")
+        .arg(&cfg_path)
+        .args(["image-upload", "p1", "deb", "--wait"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = cli.stderr.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 1024];
+    let wanted = "of deb to p1: 0 B of 64.0 KiB (0%)\n";
+    while !seen.contains(wanted) {
+        let n = tokio::time::timeout(LIMIT, stderr.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no progress line within the limit: {seen}"))
+            .unwrap();
+        assert!(n > 0, "stderr ended without a progress line: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    for faulty in clouds.lock().unwrap().values() {
+        faulty.clear(Operation::UploadImage);
+    }
+    let out = tokio::time::timeout(LIMIT, cli.wait_with_output())
+        .await
+        .expect("the CLI ends")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{seen}");
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(" to p1 ready (64.0 KiB): cloud image "),
+        "{stdout}"
     );
     b.stop().await;
 }

@@ -9,9 +9,12 @@ use indexmap::IndexMap;
 
 use super::{ProviderEntry, Shared, hook, local};
 use crate::config::{Config, DiskImage};
-use crate::image_builder::{BuildError, BuildSpec};
+use crate::image_builder::{BuildError, BuildPhase, BuildSpec};
 use crate::launcher::metrics::families;
-use crate::model::{BuildState, ImageBuild, ImageUpload, Json, UploadState};
+use crate::model::{
+    BUILD_PROGRESS_KEY, BuildProgressRecord, BuildState, ImageBuild, ImageUpload, Json,
+    UploadProgressRecord, UploadState,
+};
 use crate::planner::images::{BuildReason, ImageAction, ImageDeleteReason};
 use crate::provider::ProviderError;
 use crate::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID, ImageUploadSpec};
@@ -26,12 +29,17 @@ const LOG_TAIL_BYTES: usize = 4096;
 
 /// Key of the failed build's log tail in its record. Python Nodepool
 /// ignores keys it does not know when reading.
-pub(crate) const LOG_TAIL_KEY: &str = "log_tail";
+pub(crate) const LOG_TAIL_KEY: &str = crate::model::BUILD_LOG_TAIL_KEY;
 
 /// Extra time given to a provider past `image-upload-timeout` before the
 /// builder gives up on it (providers enforce the timeout themselves; this
 /// bounds one that does not).
 const UPLOAD_TIMEOUT_MARGIN: Duration = Duration::from_secs(60);
+
+/// Least time between two progress writes to one build or upload record:
+/// a build prints thousands of lines and a cloud takes bytes fast, but a
+/// person watching needs a fresh view only every few seconds.
+const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
 
 type TaskResult = Result<(), TaskError>;
 
@@ -444,14 +452,21 @@ impl Task {
             log_path: local::log_path(&self.config.build_log_dir, image, &id),
             elements_dir: self.config.elements_dir.clone(),
             timeout: di.build_timeout,
+            progress: Default::default(),
         };
         tracing::info!(image = %image, build = %id, %reason, formats = %formats.join(","), log = %spec.log_path.display(), "building image");
         let started = Instant::now();
-        let result = self
-            .shared
-            .image_builder
-            .build(&spec, self.shared.work.child_token())
-            .await;
+        let result = {
+            let build = self
+                .shared
+                .image_builder
+                .build(&spec, self.shared.work.child_token());
+            let publish = self.publish_build_progress(image, &id, spec.progress.subscribe());
+            tokio::select! {
+                r = build => r,
+                never = publish => match never {},
+            }
+        };
         let now = self.shared.now();
         self.report_build(image, started.elapsed(), &result, now);
         // A suspended session is waited for: a ZooKeeper blip at the end
@@ -491,6 +506,7 @@ impl Task {
                 value.username = Some(di.username.clone());
                 value.python_path = Some(di.python_path.clone());
                 value.shell_type = di.shell_type.clone();
+                value.extra.shift_remove(BUILD_PROGRESS_KEY);
                 value.set_state(BuildState::Ready, now);
                 let key = RecordKey::build(image, &id);
                 if let Err(e) = store.write_locked(guard, &key, &value, Some(version)).await {
@@ -537,6 +553,49 @@ impl Task {
                     .map(|_| ())
                     .map_err(store_err("cannot record the failed build"))
             }
+        }
+    }
+
+    /// Writes the running build's phase into its record as it changes, at
+    /// most once per [`PROGRESS_WRITE_INTERVAL`] (changes meanwhile are
+    /// coalesced into the next write). Runs until dropped with the build.
+    async fn publish_build_progress(
+        &self,
+        image: &str,
+        id: &str,
+        mut phases: tokio::sync::watch::Receiver<BuildPhase>,
+    ) -> std::convert::Infallible {
+        let store = &self.shared.store;
+        loop {
+            if phases.changed().await.is_err() {
+                // The build dropped its progress: nothing more to say.
+                return std::future::pending().await;
+            }
+            let BuildPhase { phase, step } = phases.borrow_and_update().clone();
+            let progress = BuildProgressRecord {
+                phase,
+                step,
+                time: self.shared.now(),
+            };
+            // Versioned, so a record changed meanwhile (marked deleting by
+            // an operator) is not overwritten; progress is best effort.
+            let written = match store.get_build(image, id).await {
+                Ok(Some(Versioned { mut value, version }))
+                    if value.state == BuildState::Building =>
+                {
+                    value.set_progress(&progress);
+                    store
+                        .update_build(image, id, &value, Some(version))
+                        .await
+                        .map(|_| ())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                tracing::debug!(image = %image, build = %id, error = %e, "cannot publish build progress");
+            }
+            tokio::time::sleep(PROGRESS_WRITE_INTERVAL).await;
         }
     }
 
@@ -862,10 +921,24 @@ impl Task {
             md5,
             sha256,
             timeout: pc.image_upload_timeout,
+            sent: Default::default(),
         };
         tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload_id, file = %path.display(), bytes = size, name = %name, "uploading image");
         let started = Instant::now();
-        let mut outcome = self.timed_upload(entry, &spec, size).await;
+        let mut version = version;
+        let mut record = UploadRecord {
+            image,
+            build,
+            provider,
+            upload: &upload_id,
+            rec: &mut rec,
+            version: &mut version,
+        };
+        let mut outcome = self.timed_upload(entry, &spec, size, &mut record).await;
+        rec.set_progress(&UploadProgressRecord {
+            bytes_sent: spec.sent.get(),
+            total_bytes: size,
+        });
         if let (Ok(ext), Some(hook)) = (&outcome, &pc.post_upload_hook) {
             tracing::info!(provider = %provider, image = %name, hook = %hook, "running post-upload-hook");
             match hook::run_post_upload_hook(hook, provider, ext, &path, pc.image_upload_timeout)
@@ -936,6 +1009,7 @@ impl Task {
                     started.elapsed(),
                 );
                 rec.set_state(UploadState::Failed, now);
+                rec.set_failure(&e.to_string());
                 store
                     .write_locked(guard, &key, &rec, Some(version))
                     .await
@@ -957,6 +1031,7 @@ impl Task {
         entry: &ProviderEntry,
         spec: &ImageUploadSpec,
         size: u64,
+        record: &mut UploadRecord<'_>,
     ) -> Result<String, UploadError> {
         let upload = entry.provider.upload_image(spec);
         tokio::pin!(upload);
@@ -965,14 +1040,24 @@ impl Task {
         let every = self.shared.settings.upload_progress_interval;
         let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let started = tokio::time::Instant::now();
+        let mut publish = tokio::time::interval(PROGRESS_WRITE_INTERVAL);
+        let mut published = None;
         loop {
             tokio::select! {
                 r = &mut upload => return r.map_err(UploadError::Cloud),
+                _ = publish.tick() => {
+                    let sent = spec.sent.get();
+                    if published != Some(sent) {
+                        published = Some(sent);
+                        record.publish(&self.shared.store, sent, size).await;
+                    }
+                }
                 _ = &mut limit => return Err(UploadError::Timeout(spec.timeout.as_secs())),
                 _ = self.shared.work.cancelled() => return Err(UploadError::Stopping),
                 _ = progress.tick() => {
                     tracing::info!(
                         provider = %entry.config.name, image = %spec.name, bytes = size,
+                        bytes_sent = spec.sent.get(),
                         elapsed_s = started.elapsed().as_secs(),
                         timeout_s = spec.timeout.as_secs(),
                         "still uploading"
@@ -1156,5 +1241,43 @@ impl Drop for RunningBuild {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key);
+    }
+}
+
+/// An upload's record while the upload runs, for progress writes: the
+/// version moves with each write, so the final write still checks it.
+struct UploadRecord<'a> {
+    image: &'a str,
+    build: &'a str,
+    provider: &'a str,
+    upload: &'a str,
+    rec: &'a mut ImageUpload,
+    version: &'a mut i32,
+}
+
+impl UploadRecord<'_> {
+    /// Writes the bytes sent into the record; best effort (a failure is
+    /// logged and the upload goes on).
+    async fn publish(&mut self, store: &Store, bytes_sent: u64, total_bytes: u64) {
+        self.rec.set_progress(&UploadProgressRecord {
+            bytes_sent,
+            total_bytes,
+        });
+        match store
+            .update_upload(
+                self.image,
+                self.build,
+                self.provider,
+                self.upload,
+                self.rec,
+                Some(*self.version),
+            )
+            .await
+        {
+            Ok(v) => *self.version = v,
+            Err(e) => {
+                tracing::debug!(image = %self.image, build = %self.build, provider = %self.provider, upload = %self.upload, error = %e, "cannot publish upload progress")
+            }
+        }
     }
 }

@@ -29,6 +29,7 @@ pub fn spec_from_config(config: &Config, image: &str, build_id: &str) -> BuildSp
         log_path: config.build_log_dir.join(format!("{image}-{build_id}.log")),
         elements_dir: config.elements_dir.clone(),
         timeout: di.build_timeout,
+        progress: Default::default(),
         image: di,
     }
 }

@@ -371,6 +371,7 @@ fn upload_spec(h: &dyn Harness, p: &dyn Provider, build: &str) -> ImageUploadSpe
         md5: Some(f.md5),
         sha256: Some(f.sha256),
         timeout: h.timeout(),
+        sent: Default::default(),
     }
 }
 

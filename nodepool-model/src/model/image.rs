@@ -241,3 +241,89 @@ impl WireRecord for ImageUpload {
         &mut self.extra
     }
 }
+
+/// Key of a failed build's log tail in its record (the error, then the
+/// last lines of the build's output).
+pub const BUILD_LOG_TAIL_KEY: &str = "log_tail";
+
+/// Key of a running build's progress in its record ([`BuildProgressRecord`]).
+/// Python Nodepool reads records with `dict.get` and ignores it.
+pub const BUILD_PROGRESS_KEY: &str = "progress";
+
+/// Key of an upload's progress in its record ([`UploadProgressRecord`]).
+pub const UPLOAD_PROGRESS_KEY: &str = "progress";
+
+/// Key of a failed upload's reason in its record (one line).
+pub const UPLOAD_FAILURE_KEY: &str = "failure";
+
+/// Where a running build is, as its builder last published it: the
+/// diskimage-builder hook phase (`root`, `install`, ...) and the element
+/// script running in it. Written at most every few seconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BuildProgressRecord {
+    /// The hook phase, without `.d`.
+    pub phase: String,
+    /// The element script running in it, when known (`10-debootstrap`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// When this was written (epoch seconds).
+    #[serde(default)]
+    pub time: f64,
+}
+
+/// How much of an upload's file its builder has sent, as last published.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadProgressRecord {
+    /// Bytes sent so far (0 from a provider that cannot tell).
+    pub bytes_sent: u64,
+    /// Size of the file.
+    pub total_bytes: u64,
+}
+
+impl ImageBuild {
+    /// A failed build's log tail, when its builder recorded one.
+    pub fn log_tail(&self) -> Option<String> {
+        self.extra.get(BUILD_LOG_TAIL_KEY)?.decode().ok()
+    }
+
+    /// The published progress, when the record has one (and it parses).
+    pub fn progress(&self) -> Option<BuildProgressRecord> {
+        self.extra.get(BUILD_PROGRESS_KEY)?.decode().ok()
+    }
+
+    /// Publishes progress into the record (written with it).
+    pub fn set_progress(&mut self, progress: &BuildProgressRecord) {
+        self.extra.insert(
+            BUILD_PROGRESS_KEY.to_owned(),
+            super::json::Json::encode(progress),
+        );
+    }
+}
+
+impl ImageUpload {
+    /// The published progress, when the record has one (and it parses).
+    pub fn progress(&self) -> Option<UploadProgressRecord> {
+        self.extra.get(UPLOAD_PROGRESS_KEY)?.decode().ok()
+    }
+
+    /// Publishes progress into the record (written with it).
+    pub fn set_progress(&mut self, progress: &UploadProgressRecord) {
+        self.extra.insert(
+            UPLOAD_PROGRESS_KEY.to_owned(),
+            super::json::Json::encode(progress),
+        );
+    }
+
+    /// Why the upload failed, when the builder recorded it.
+    pub fn failure(&self) -> Option<String> {
+        self.extra.get(UPLOAD_FAILURE_KEY)?.decode().ok()
+    }
+
+    /// Records why the upload failed.
+    pub fn set_failure(&mut self, why: &str) {
+        self.extra.insert(
+            UPLOAD_FAILURE_KEY.to_owned(),
+            super::json::Json::encode(why),
+        );
+    }
+}

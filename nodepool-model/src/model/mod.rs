@@ -12,7 +12,10 @@ mod request;
 mod resources;
 
 pub use component::{Component, ComponentKind, ComponentState, MODEL_API, ProviderUnavailable};
-pub use image::{BuildState, ImageBuild, ImageUpload, UploadState};
+pub use image::{
+    BUILD_LOG_TAIL_KEY, BUILD_PROGRESS_KEY, BuildProgressRecord, BuildState, ImageBuild,
+    ImageUpload, UPLOAD_FAILURE_KEY, UPLOAD_PROGRESS_KEY, UploadProgressRecord, UploadState,
+};
 pub use json::{DecodeError, Extra, Json, WireRecord};
 pub use node::{Node, NodeState, Port};
 pub use request::{

@@ -147,6 +147,8 @@ pub struct UploadImageData {
     pub len: u64,
     /// Hashes computed on the way out.
     pub hashes: Option<Arc<UploadHashes>>,
+    /// Counts the bytes sent, for progress reports.
+    pub sent: Option<nodepool_model::provider::UploadProgress>,
     /// Time allowed for the transfer.
     pub timeout: std::time::Duration,
 }
@@ -167,6 +169,7 @@ impl Endpoint for UploadImageData {
             path: self.path.clone(),
             len: self.len,
             hashes: self.hashes.clone(),
+            sent: self.sent.clone(),
         };
         r.timeout = Some(self.timeout);
         r
@@ -291,6 +294,7 @@ mod tests {
             path: "/x/img.qcow2".into(),
             len: 42,
             hashes: None,
+            sent: None,
             timeout: std::time::Duration::from_secs(5),
         };
         let r = u.request();

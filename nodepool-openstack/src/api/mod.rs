@@ -82,6 +82,8 @@ pub enum RequestBody {
         len: u64,
         /// Hashes computed while the bytes go out, reset on every attempt.
         hashes: Option<Arc<UploadHashes>>,
+        /// Counts the bytes handed to the connection, reset on every attempt.
+        sent: Option<nodepool_model::provider::UploadProgress>,
     },
 }
 

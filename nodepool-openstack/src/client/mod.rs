@@ -593,9 +593,19 @@ impl Client {
         rb = match &req.body {
             RequestBody::Empty => rb,
             RequestBody::Json(v) => rb.json(v),
-            RequestBody::File { path, len, hashes } => rb
+            RequestBody::File {
+                path,
+                len,
+                hashes,
+                sent,
+            } => rb
                 .header("content-length", len.to_string())
-                .body(crate::upload::file_body(path.clone(), *len, hashes.clone())),
+                .body(crate::upload::file_body(
+                    path.clone(),
+                    *len,
+                    hashes.clone(),
+                    sent.clone(),
+                )),
         };
         let timeout = req.timeout.unwrap_or(self.options.timeout);
         self.requests.fetch_add(1, Ordering::Relaxed);

@@ -665,6 +665,7 @@ fn upload_spec(dir: &std::path::Path, timeout: Duration) -> ImageUploadSpec {
         md5: None,
         sha256: None,
         timeout,
+        sent: Default::default(),
     }
 }
 
@@ -768,4 +769,5 @@ async fn upload_succeeds_when_checksums_match() {
     spec.md5 = Some("5d41402abc4b2a76b9719d911017c592".into());
     spec.sha256 = Some("2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824".into());
     assert_eq!(p.upload_image(&spec).await.expect("upload"), "img-1");
+    assert_eq!(spec.sent.get(), 5, "every byte sent is counted");
 }
