@@ -1128,6 +1128,7 @@ async fn clean_up_aliens(backend: Backend) {
             md5: None,
             sha256: None,
             timeout: LIMIT,
+            sent: Default::default(),
         })
         .await
         .expect("upload");

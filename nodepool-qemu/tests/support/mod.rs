@@ -112,6 +112,7 @@ impl Local {
                     md5: None,
                     sha256: None,
                     timeout: Duration::from_secs(60),
+                    sent: Default::default(),
                 })
                 .await
                 .expect("upload the stub")
