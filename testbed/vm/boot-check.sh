@@ -6,11 +6,13 @@
 #
 #   testbed/vm/boot-check.sh IMAGE        # e.g. the path build-image.sh prints
 #
-# Exit 0 when the login worked and the hostname matched; 1 otherwise (the tail
-# of the serial console is printed). Timings go to stdout as `timing ...`
+# Exit 0 when the login worked and the hostname matched; 1 when the guest
+# answered wrongly, 2 on no banner/login in time or a setup error (the tail of
+# the serial console is printed on any failure). Timings go to stdout as `timing ...`
 # lines. Env: BOOT_CHECK_TIMEOUT (s to a login, default 300),
 # BOOT_CHECK_SERIAL_LOG (keep the serial console log at this path),
-# BOOT_CHECK_MEM (MiB, default 1024).
+# BOOT_CHECK_MEM (MiB, default 1024), BOOT_CHECK_ANALYZE=1 (also print the
+# guest's systemd-analyze, blame, disk and memory after the check).
 set -euo pipefail
 log() { echo "testbed/vm/boot-check.sh: $*" >&2; }
 die() { log "$*"; exit 2; }
@@ -144,6 +146,10 @@ got=$(head -n 1 "$WORK/out")
 [[ $got == "$HOST" ]] || { log "hostname is '$got', the config drive said '$HOST'"; exit 1; }
 grep -q '^VERSION_CODENAME=bookworm' "$WORK/out" || { log "not Debian bookworm"; exit 1; }
 log "logged in as root with the config-drive key; hostname $got from the config drive"
+
+if [[ ${BOOT_CHECK_ANALYZE:-0} == 1 ]]; then
+  "${SSH[@]}" 'systemd-analyze || true; systemd-analyze blame | head -n 15; df -h /; free -m' || true
+fi
 
 # --- shut down ------------------------------------------------------------
 "${SSH[@]}" 'systemctl poweroff' >/dev/null 2>&1 || true

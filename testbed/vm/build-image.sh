@@ -9,7 +9,8 @@
 # the elements given here, the content of testbed/dib/elements, the DIB,
 # glean and pbr versions and the DIB_* settings below; a second run with the
 # same key only prints the path. OUTDIR/debian-glean.qcow2 links to the
-# newest build. Progress goes to stderr; the DIB log to OUTDIR/<name>.log.
+# newest build; older builds there are removed. Progress goes to stderr;
+# the DIB log to OUTDIR/<name>.log.
 # BUILD_IMAGE_CACHED_ONLY=1: exit 3 instead of building when not cached.
 #
 # Needs root (loop devices, mount, chroot). Runs testbed/dib/setup.sh
@@ -31,7 +32,9 @@ ELEMENTS=(debian-minimal vm simple-init glean-ssh)
 # log, no install-time docs.
 export DIB_RELEASE=bookworm
 export DIB_GRUB_TIMEOUT=0
-export DIB_BOOTLOADER_DEFAULT_CMDLINE="nofb nomodeset gfxpayload=text"
+# `quiet`: every console line costs time on the emulated 115200-baud serial
+# port; systemd then prints only failures, glean and the login prompt.
+export DIB_BOOTLOADER_DEFAULT_CMDLINE="nofb nomodeset gfxpayload=text quiet"
 export DIB_CHECKSUM=0
 export DIB_DEBOOTSTRAP_CACHE=1 DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE=1
 export DIB_APT_MINIMAL_CREATE_INTERFACES=0
@@ -123,5 +126,9 @@ DIB_PID=
   die "disk-image-create failed (rc $rc); last lines of $OUTDIR/$NAME.log:$(echo; tail -n 20 "$OUTDIR/$NAME.log")"
 mv "$WORK/$NAME.qcow2" "$IMAGE"
 ln -sfn "$NAME.qcow2" "$OUTDIR/debian-glean.qcow2"
+# One image per OUTDIR: older keys are stale (~400 MB each).
+for old in "$OUTDIR"/debian-glean-*.qcow2; do
+  [[ $old == "$IMAGE" ]] || rm -f "$old" "${old%.qcow2}.log"
+done
 log "built: $IMAGE ($(du -m "$IMAGE" | cut -f1) MB; $(( $(date +%s) - t0 )) s)"
 echo "$IMAGE"
