@@ -28,8 +28,8 @@ OUTDIR=$(cd "$1" && pwd)
 [[ $(id -u) == 0 ]] || die "run as root: diskimage-builder needs loop devices, mount and chroot"
 
 ELEMENTS=(debian-minimal vm simple-init glean-ssh)
-# Small and quick to boot: no boot menu wait, serial console for the boot
-# log, no install-time docs.
+# Quick to boot: no boot menu wait (the serial console is the bootloader
+# element's default).
 export DIB_RELEASE=bookworm
 export DIB_GRUB_TIMEOUT=0
 # `quiet`: every console line costs time on the emulated 115200-baud serial
@@ -38,7 +38,8 @@ export DIB_BOOTLOADER_DEFAULT_CMDLINE="nofb nomodeset gfxpayload=text quiet"
 export DIB_CHECKSUM=0
 export DIB_DEBOOTSTRAP_CACHE=1 DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE=1
 export DIB_APT_MINIMAL_CREATE_INTERFACES=0
-# glean itself comes from PyPI (pip in the chroot); see glean-repo-placeholder.
+# No git clone of glean (opendev.org is unreachable and the clone unused): see
+# glean-repo-placeholder. glean itself: the wheels below.
 export DIB_REPOTYPE_glean=file
 export DIB_REPOLOCATION_glean=file://$HERE/glean-repo-placeholder
 SETTINGS="DIB_RELEASE=$DIB_RELEASE DIB_GRUB_TIMEOUT=$DIB_GRUB_TIMEOUT DIB_BOOTLOADER_DEFAULT_CMDLINE=$DIB_BOOTLOADER_DEFAULT_CMDLINE DIB_APT_MINIMAL_CREATE_INTERFACES=$DIB_APT_MINIMAL_CREATE_INTERFACES"
