@@ -892,3 +892,61 @@ providers:
     let out = sb.run(&["-c", &c, "config-validate", "--no-clouds"], None);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn a_validate_script_needs_its_file_a_login_and_a_label_that_boots_the_image() {
+    // Issue 14: `validate` on a provider diskimage boot-tests each upload
+    // with a server of a pool label that uses the image, logged in to as
+    // the diskimage's `username` with its `private-key`.
+    let sb = Sandbox::new();
+    let config = sb.write(
+        "nodepool.yaml",
+        "script-dir: scripts
+labels: [{name: small}]
+diskimages:
+  - {name: deb, username: zuul}
+providers:
+  - name: sim
+    driver: simulated
+    diskimages:
+      - {name: deb, validate: {script: check.sh, timeout: 0}}
+    pools: [{name: main, labels: []}]
+",
+    );
+    let c = config.display().to_string();
+    let out = sb.run(&["-c", &c, "config-validate", "--no-clouds"], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    let script = sb.path().join("scripts/check.sh");
+    for line in [
+        "providers[0].diskimages[0].validate.timeout: must be a positive number of seconds, found 0".to_owned(),
+        format!(
+            "providers[0].diskimages[0].validate.script: validation script \"check.sh\" not found: {} is not a file",
+            script.display()
+        ),
+        "providers[0].diskimages[0].validate: validation script \"check.sh\" runs as the image's login: set `private-key` on diskimages[0]".to_owned(),
+        "providers[0].diskimages[0].validate: the test server is booted with a pool label of this provider, but no pool label uses image \"deb\"".to_owned(),
+    ] {
+        assert!(err.contains(&line), "{line:?} not in:\n{err}");
+    }
+
+    std::fs::create_dir(sb.path().join("scripts")).expect("mkdir");
+    sb.write("scripts/check.sh", "#!/bin/sh\ntrue\n");
+    sb.write("id_ed25519", "a key\n");
+    sb.write(
+        "nodepool.yaml",
+        "script-dir: scripts
+labels: [{name: small}]
+diskimages:
+  - {name: deb, username: zuul, private-key: id_ed25519}
+providers:
+  - name: sim
+    driver: simulated
+    diskimages:
+      - {name: deb, validate: {script: check.sh, timeout: 60}}
+    pools: [{name: main, labels: [{name: small, diskimage: deb, min-ram: 512}]}]
+",
+    );
+    let out = sb.run(&["-c", &c, "config-validate", "--no-clouds"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -630,7 +630,8 @@ pub async fn alien_servers(
 ) -> Result<Aliens<AlienServer>, AdminError> {
     let wanted = providers_of(config, only)?;
     let nodes = store.list_nodes().await?.records;
-    let known = KnownNodes::new(&nodes);
+    let uploads = store.image_state().await?.uploads;
+    let known = KnownNodes::new(&nodes).with_uploads(&uploads);
     let mut out = Aliens {
         found: Vec::new(),
         unlisted: Vec::new(),

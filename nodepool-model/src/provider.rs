@@ -26,6 +26,10 @@ pub const META_POOL: &str = "nodepool_pool_name";
 pub const META_GROUPS: &str = "groups";
 /// Legacy server metadata key: one JSON object (seed 001), still read.
 pub const META_LEGACY_JSON: &str = "nodepool";
+/// Server metadata key of the builder's boot test of a new upload
+/// (`validate`): `<image>/<build>/<upload>`. Such a server has no node;
+/// it is a leak once its upload is no longer `uploading`.
+pub const META_VALIDATION: &str = "nodepool_image_validation";
 /// Image property: the build id.
 pub const IMAGE_BUILD_ID: &str = "nodepool_build_id";
 /// Image property: the upload id.

@@ -1055,3 +1055,203 @@ async fn image_upload_wait_shows_the_bytes_of_a_held_up_upload() {
     );
     b.stop().await;
 }
+
+/// A site whose `p1` boot-tests each new upload (`validate`) with
+/// `check.sh` on a server that answers at a real sshd: the script leaves
+/// a marker naming its server, fails when the file `fail` exists and
+/// hangs when `hang` does. Retries of a failed upload wait an hour, so a
+/// failure stays as it was recorded.
+struct ValidatingSite {
+    site: Site,
+    sshd: nodepool_tests::sshd::Sshd,
+}
+
+impl ValidatingSite {
+    async fn new() -> Self {
+        let site = Site::new().await;
+        std::fs::create_dir(site.path("scripts")).unwrap();
+        let d = site.dir.path().display();
+        std::fs::write(
+            site.path("scripts/check.sh"),
+            format!(
+                "#!/bin/sh\necho \"validating on $NODEPOOL_NODE_ID\"\n\
+                 if [ -e {d}/hang ]; then sleep 600; fi\n\
+                 if [ -e {d}/fail ]; then echo 'no good: the image is broken' >&2; exit 3; fi\n\
+                 echo \"$NODEPOOL_NODE_ID\" >> {d}/validated\n"
+            ),
+        )
+        .unwrap();
+        ValidatingSite {
+            site,
+            sshd: nodepool_tests::sshd::Sshd::start_with_login(),
+        }
+    }
+
+    fn config(&self) -> Config {
+        let image = format!(
+            "    username: {}\n    private-key: {}\n",
+            self.sshd.user(),
+            self.sshd.private_key().display()
+        );
+        let simulation =
+            "    simulation: {skip-nodescan: false, data-plane-host: 127.0.0.1, boot-delay: 0}";
+        let yaml = self.site.yaml(&image, simulation).replace(
+            "diskimages: [{name: deb, meta: {team: ci}}]",
+            &format!(
+                "diskimages: [{{name: deb, meta: {{team: ci}}, connection-port: {}, validate: {{script: check.sh, timeout: 3}}}}]",
+                self.sshd.port()
+            ),
+        );
+        let mut c = config(&format!(
+            "script-dir: {}\n{yaml}",
+            self.site.path("scripts").display()
+        ));
+        c.providers[1].image_format = Some("raw".into());
+        c
+    }
+
+    fn start(&self, clouds: &Clouds) -> Running {
+        let settings = BuilderSettings {
+            retry_delay: Duration::from_secs(3600),
+            max_retry_delay: Duration::from_secs(3600),
+            ..settings("nb01")
+        };
+        let store = Store::new(Arc::new(MemoryStore::new()));
+        start_with(store, self.config(), settings, clouds)
+    }
+
+    /// The servers the script ran on, in order.
+    fn validated_on(&self) -> Vec<String> {
+        std::fs::read_to_string(self.site.path("validated"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_is_ready_only_after_its_boot_test_passed_and_its_server_is_gone() {
+    let v = ValidatingSite::new().await;
+    let clouds = Clouds::default();
+    let b = v.start(&clouds);
+    let st = b
+        .until("a build uploaded to p1 and p2", uploaded_everywhere)
+        .await;
+    let p1 = st.uploads.iter().find(|u| u.provider == "p1").unwrap();
+    assert_eq!(p1.upload.state, UploadState::Ready);
+    // By the time the record is ready, the script has run on a server
+    // of this upload and that server is gone.
+    assert_eq!(v.validated_on(), [format!("np-validate-deb-{}", p1.id)]);
+    assert!(
+        cloud(&clouds, "p1")
+            .list_instances()
+            .await
+            .unwrap()
+            .is_empty(),
+        "the test server is deleted"
+    );
+    // p2 has no `validate`: no server was booted there.
+    assert!(
+        cloud(&clouds, "p2")
+            .list_instances()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        b.metrics
+            .counter("nodepool.image_update.deb.p1.validate.success"),
+        1
+    );
+    assert_eq!(
+        b.metrics.value(
+            &nodepool_core::launcher::metrics::families::IMAGE_VALIDATION,
+            &[("image", "deb"), ("provider", "p1"), ("status", "success")]
+        ),
+        Some(1.0),
+        "{}",
+        b.metrics.prometheus()
+    );
+    b.stop().await;
+}
+
+/// Makes the boot test of the second build fail (`trigger` names the
+/// file the script checks) and checks the outcome: the upload failed
+/// with `reason`, its cloud image deleted, no server left, the first
+/// build's upload still the current one.
+async fn a_failed_boot_test_keeps_the_previous_image(trigger: &str, reason: &str) {
+    let v = ValidatingSite::new().await;
+    let clouds = Clouds::default();
+    let b = v.start(&clouds);
+    let st = b
+        .until("a build uploaded to p1 and p2", uploaded_everywhere)
+        .await;
+    let first = st
+        .uploads
+        .iter()
+        .find(|u| u.provider == "p1")
+        .unwrap()
+        .clone();
+    std::fs::write(v.site.path(trigger), "").unwrap();
+    let before = ready_builds(&st, "deb")[0].id.clone();
+    b.store.request_image_build("deb").await.unwrap();
+    let st = b
+        .until("the second build's upload to p1 failed", |st| {
+            st.uploads.iter().any(|u| {
+                u.provider == "p1" && u.build_id != before && u.upload.state == UploadState::Failed
+            })
+        })
+        .await;
+    let failed = st
+        .uploads
+        .iter()
+        .find(|u| u.provider == "p1" && u.build_id != before)
+        .unwrap();
+    let why = failed.upload.failure().unwrap_or_default();
+    assert!(why.contains("validation failed"), "{why}");
+    assert!(why.contains(reason), "{why}");
+    assert!(why.contains("validating on np-validate-deb-"), "{why}");
+    // The failed upload's image is gone, the previous one stays current.
+    let images: Vec<String> = cloud_images(&clouds, "p1")
+        .await
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(images, [first.upload.external_id.clone().unwrap()]);
+    let ready: Vec<(&str, &str)> = st
+        .uploads
+        .iter()
+        .filter(|u| u.provider == "p1" && u.upload.state == UploadState::Ready)
+        .map(|u| (u.build_id.as_str(), u.id.as_str()))
+        .collect();
+    assert_eq!(ready, [(first.build_id.as_str(), first.id.as_str())]);
+    assert!(
+        cloud(&clouds, "p1")
+            .list_instances()
+            .await
+            .unwrap()
+            .is_empty(),
+        "the test server is deleted"
+    );
+    assert_eq!(
+        b.metrics
+            .counter("nodepool.image_update.deb.p1.validate.failure"),
+        1
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_boot_test_fails_the_upload_and_keeps_the_previous_image() {
+    a_failed_boot_test_keeps_the_previous_image(
+        "fail",
+        "exited with status 3; output: validating on",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_boot_test_times_out_and_keeps_the_previous_image() {
+    a_failed_boot_test_keeps_the_previous_image("hang", "did not finish within 3s").await;
+}

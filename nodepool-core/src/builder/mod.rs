@@ -34,11 +34,12 @@
 //!
 //! Layout: `local` (the images directory: id file, file scan, deletions,
 //! checksums, image names), `hook` (`post-upload-hook`), `tasks` (build,
-//! upload and delete tasks).
+//! upload and delete tasks), `validate` (boot tests of new uploads).
 
 mod hook;
 pub mod local;
 mod tasks;
+mod validate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 
-use super::{ProviderEntry, Shared, hook, local};
+use super::{ProviderEntry, Shared, hook, local, validate};
 use crate::config::{Config, DiskImage};
 use crate::image_builder::{BuildError, BuildPhase, BuildSpec};
 use crate::launcher::metrics::families;
@@ -124,6 +124,9 @@ pub(crate) enum UploadError {
     /// The post-upload hook refused the image (and it was deleted).
     #[error("{0}")]
     Hook(#[from] hook::HookError),
+    /// The boot test (`validate`) failed (and the image was deleted).
+    #[error("validation failed: {0}")]
+    Validation(String),
 }
 
 fn store_err(what: &str) -> impl Fn(StoreError) -> TaskError + '_ {
@@ -950,6 +953,39 @@ impl Task {
                 Err(e) => {
                     self.delete_cloud_image(entry, ext).await;
                     outcome = Err(e.into());
+                }
+            }
+        }
+        if let (Ok(ext), Some(script)) = (
+            &outcome,
+            pc.diskimage(image).and_then(|d| d.validate.as_ref()),
+        ) {
+            let candidate = validate::Candidate {
+                image,
+                build,
+                upload: &upload_id,
+                external_id: ext,
+            };
+            let testing = Instant::now();
+            let tested =
+                validate::validate(&self.shared, &self.config, entry, &candidate, script).await;
+            let status = if tested.is_ok() { "success" } else { "failure" };
+            self.shared.metrics.timing_as(
+                &[format!(
+                    "nodepool.image_update.{image}.{provider}.validate.{status}"
+                )],
+                &families::IMAGE_VALIDATION,
+                &[("image", image), ("provider", provider), ("status", status)],
+                testing.elapsed(),
+            );
+            match tested {
+                Ok(()) => {
+                    tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload_id, script = %script.name, "upload validated")
+                }
+                Err(why) => {
+                    tracing::warn!(image = %image, build = %build, provider = %provider, upload = %upload_id, script = %script.name, reason = %why, "upload failed validation; deleting its cloud image");
+                    self.delete_cloud_image(entry, ext).await;
+                    outcome = Err(UploadError::Validation(why));
                 }
             }
         }

@@ -180,6 +180,13 @@ pub mod families {
         help: "Duration of image uploads, by image, provider and status (success, failure).",
         kind: FamilyKind::Histogram(IMAGE_BUCKETS),
     };
+    /// Boot tests of new uploads (`validate`) by `image`, `provider` and
+    /// `status` (success, failure), with their duration (boot to deletion).
+    pub const IMAGE_VALIDATION: Family = Family {
+        name: "nodepool_image_validation_seconds",
+        help: "Duration of boot tests of new uploads (validate), by image, provider and status (success, failure).",
+        kind: FamilyKind::Histogram(LAUNCH_BUCKETS),
+    };
     /// Image build requests waiting, by `image`.
     pub const IMAGE_BUILD_REQUESTS: Family = Family {
         name: "nodepool_image_build_requests",

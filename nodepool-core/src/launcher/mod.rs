@@ -23,9 +23,9 @@ pub mod health;
 pub mod metrics;
 pub mod nodescan;
 mod providers;
-mod ready_script;
+pub(crate) mod ready_script;
 pub mod static_hosts;
-mod tasks;
+pub(crate) mod tasks;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -340,7 +340,7 @@ pub(crate) fn housekeeping(
     if checked.is_empty() && local.leak_suspects.is_empty() {
         return;
     }
-    let known = KnownNodes::new(&s.nodes);
+    let known = KnownNodes::new(&s.nodes).with_uploads(&s.images.uploads);
     for p in &cfg.providers {
         let Some(instances) = s.providers.get(&p.name).and_then(|v| v.instances.as_ref()) else {
             continue;

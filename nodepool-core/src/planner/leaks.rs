@@ -20,6 +20,7 @@ use crate::config::ProviderConfig;
 use crate::model::{Node, NodeState, UploadState};
 use crate::provider::{
     CloudImageInfo, CloudResource, IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID, Instance,
+    META_VALIDATION,
 };
 use crate::store::{ImageState, NodeRecord, UploadRecord};
 
@@ -41,6 +42,12 @@ pub enum LeakReason {
         /// The server the node has now.
         current: String,
     },
+    /// A builder's boot test of an upload that is no longer `uploading`
+    /// (the builder died during the test).
+    ValidationOver {
+        /// `<image>/<build>/<upload>`, as tagged.
+        upload: String,
+    },
 }
 
 impl std::fmt::Display for LeakReason {
@@ -50,6 +57,12 @@ impl std::fmt::Display for LeakReason {
             LeakReason::UnknownNode { node } => write!(f, "node {node} is not in the store"),
             LeakReason::Superseded { node, current } => {
                 write!(f, "node {node} has moved on to server {current}")
+            }
+            LeakReason::ValidationOver { upload } => {
+                write!(
+                    f,
+                    "boot test of upload {upload}, which is no longer uploading"
+                )
             }
         }
     }
@@ -69,6 +82,9 @@ pub struct Leak<'a> {
 #[derive(Debug)]
 pub struct KnownNodes<'a> {
     by_id: FastMap<(&'a str, &'a str), &'a Node>,
+    /// `(<provider>, <image>/<build>/<upload>)` of uploads still
+    /// `uploading`, whose boot test servers are not leaks.
+    uploading: BTreeSet<(&'a str, String)>,
 }
 
 impl<'a> KnownNodes<'a> {
@@ -79,7 +95,25 @@ impl<'a> KnownNodes<'a> {
                 .iter()
                 .map(|r| ((r.node.provider.as_str(), r.id.as_str()), &*r.node))
                 .collect(),
+            uploading: BTreeSet::new(),
         }
+    }
+
+    /// Adds the store's uploads: a builder's boot test server
+    /// (`validate`) is ours while its upload is `uploading`. Without
+    /// them, every boot test server counts as leaked.
+    pub fn with_uploads(mut self, uploads: &'a [UploadRecord]) -> Self {
+        self.uploading = uploads
+            .iter()
+            .filter(|u| u.upload.state == UploadState::Uploading)
+            .map(|u| {
+                (
+                    u.provider.as_str(),
+                    validation_tag(&u.image, &u.build_id, &u.id),
+                )
+            })
+            .collect();
+        self
     }
 
     fn get(&self, provider: &str, id: &str) -> Option<&'a Node> {
@@ -116,6 +150,18 @@ pub fn leaked_servers<'a>(
         if inst.provider_name().as_deref() != Some(provider) {
             continue;
         }
+        if let Some(upload) = inst.metadata.get(META_VALIDATION) {
+            if known.uploading.contains(&(provider, upload.clone())) {
+                continue;
+            }
+            out.push(Leak {
+                instance: inst,
+                reason: LeakReason::ValidationOver {
+                    upload: upload.clone(),
+                },
+            });
+            continue;
+        }
         let reason = match inst.node_id() {
             None => LeakReason::NoNodeId,
             Some(id) => match known.get(provider, &id) {
@@ -140,6 +186,11 @@ pub fn leaked_servers<'a>(
         });
     }
     out
+}
+
+/// The [`META_VALIDATION`] tag of the boot test server of an upload.
+pub fn validation_tag(image: &str, build: &str, upload: &str) -> String {
+    format!("{image}/{build}/{upload}")
 }
 
 /// The images of `provider`'s listing that Nodepool uploaded and no longer
@@ -418,6 +469,68 @@ mod tests {
             .collect();
         assert_eq!(got, ["srv-f"]);
         assert!(leaked_servers("p3", &listing, &known).is_empty());
+    }
+
+    #[test]
+    fn a_boot_test_server_is_a_leak_once_its_upload_is_not_uploading() {
+        let upload = |id: &str, state: UploadState| {
+            let mut u = ImageUpload::new(1.0, None);
+            u.set_state(state, 1.0);
+            UploadRecord {
+                image: "deb".into(),
+                build_id: "b1".into(),
+                provider: "p1".into(),
+                id: id.into(),
+                upload: u,
+                version: 0,
+                locked: false,
+                uploads_locked: false,
+            }
+        };
+        let uploads = [
+            upload("0000000001", UploadState::Uploading),
+            upload("0000000002", UploadState::Failed),
+        ];
+        let test_server = |id: &str, upload: &str| {
+            server(
+                id,
+                &[
+                    ("nodepool_provider_name", "p1"),
+                    (
+                        META_VALIDATION,
+                        validation_tag("deb", "b1", upload).as_str(),
+                    ),
+                ],
+            )
+        };
+        let listing = [
+            test_server("srv-testing", "0000000001"),
+            test_server("srv-failed", "0000000002"),
+            test_server("srv-gone", "0000000003"),
+        ];
+        let known = KnownNodes::new(&[]).with_uploads(&uploads);
+        let got: Vec<(&str, String)> = leaked_servers("p1", &listing, &known)
+            .into_iter()
+            .map(|l| (l.instance.external_id.as_str(), l.reason.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "srv-failed",
+                    "boot test of upload deb/b1/0000000002, which is no longer uploading".into()
+                ),
+                (
+                    "srv-gone",
+                    "boot test of upload deb/b1/0000000003, which is no longer uploading".into()
+                ),
+            ]
+        );
+        // Without the uploads (a listing alone), every one is a leak.
+        assert_eq!(
+            leaked_servers("p1", &listing, &KnownNodes::new(&[])).len(),
+            3
+        );
     }
 
     #[test]

@@ -406,6 +406,10 @@ pub struct ProviderDiskImage {
     pub connection_type: String,
     /// Port for the connection type (22, or 5986 for winrm).
     pub connection_port: u16,
+    /// `validate`: the script the builder runs on a server booted from
+    /// each new upload before the upload is `ready` (its `configured_at`
+    /// is the `validate.script` path).
+    pub validate: Option<ReadyScript>,
 }
 
 /// An image that exists in the cloud, not built by Nodepool.

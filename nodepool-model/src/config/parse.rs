@@ -833,6 +833,9 @@ fn provider_diskimage(at: At<'_>, errs: &mut Errors) -> Option<ProviderDiskImage
         .get("connection-port")
         .and_then(|f| port_number(f.at(), errs))
         .unwrap_or_else(|| default_port_for(&connection_type));
+    let validate = m
+        .get("validate")
+        .and_then(|f| image_validation(f.at(), errs));
     m.finish(errs);
     Some(ProviderDiskImage {
         name: name?,
@@ -841,6 +844,24 @@ fn provider_diskimage(at: At<'_>, errs: &mut Errors) -> Option<ProviderDiskImage
         meta,
         connection_type,
         connection_port,
+        validate,
+    })
+}
+
+/// `validate: {script, timeout}`; the script's path is resolved against
+/// `script-dir` once the whole file is read.
+fn image_validation(at: At<'_>, errs: &mut Errors) -> Option<ReadyScript> {
+    let mut m = at.fields(errs)?;
+    let script = m.required_string("script", errs);
+    let configured_at = m.path_of("script");
+    let timeout = optional_secs(&mut m, "timeout", errs);
+    m.finish(errs);
+    let script = script?;
+    Some(ReadyScript {
+        path: PathBuf::from(&script),
+        name: script,
+        timeout: timeout.unwrap_or(DEFAULT_READY_SCRIPT_TIMEOUT),
+        configured_at,
     })
 }
 

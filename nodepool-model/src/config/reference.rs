@@ -386,6 +386,21 @@ pub const KEYS: &[KeyDoc] = &[
         "Port Zuul connects to.",
     ),
     key(
+        "providers[].diskimages[].validate",
+        "—",
+        "Boot-test each new upload before it becomes `ready` (see ready-scripts.md): the builder boots one server from it with the first pool label of this provider that uses the image, waits for SSH, runs `validate.script` as the diskimage's `username` with its `private-key`, and deletes the server. A failure records the upload `failed`, deletes the cloud image and keeps the previous image current.",
+    ),
+    key(
+        "providers[].diskimages[].validate.script",
+        "required",
+        "A file in `script-dir` run on the test server; a non-zero exit fails the upload.",
+    ),
+    key(
+        "providers[].diskimages[].validate.timeout",
+        "300",
+        "Seconds the script may run; past it the upload fails.",
+    ),
+    key(
         "providers[].cloud-images",
         "—",
         "Images that exist in the cloud already (not built by Nodepool).",
@@ -1104,7 +1119,7 @@ providers:
       failure-rates: {}
       flavors: [{}]
       api-fault: {}
-    diskimages: [{}]
+    diskimages: [{validate: {}}]
     cloud-images: [{}]
     pools: [{labels: [{}]}]
   - driver: static

@@ -355,6 +355,7 @@ pub(crate) fn ready_scripts(
             *k = resolve(k);
         }
     }
+    image_validations(cfg, raw_images, errs);
     let mut keys_checked = HashSet::new();
     let script_dir = cfg.script_dir.clone();
     for (pi, p) in cfg.providers.iter_mut().enumerate() {
@@ -368,30 +369,7 @@ pub(crate) fn ready_scripts(
                 let Some(rs) = pool.ready_scripts.get_mut(&l.name) else {
                     continue;
                 };
-                match &script_dir {
-                    None => errs.push(
-                        &rs.configured_at,
-                        Kind::Conflict,
-                        format!(
-                            "ready script {:?} needs `script-dir`, the directory it is read from",
-                            rs.name
-                        ),
-                    ),
-                    Some(dir) => {
-                        rs.path = dir.join(&rs.name);
-                        if !rs.path.is_file() {
-                            errs.push(
-                                &rs.configured_at,
-                                Kind::InvalidValue,
-                                format!(
-                                    "ready script {:?} not found: {} is not a file",
-                                    rs.name,
-                                    rs.path.display()
-                                ),
-                            );
-                        }
-                    }
-                }
+                resolve_script("ready script", rs, script_dir.as_deref(), errs);
                 // The login comes from the image the label boots.
                 let login = match &l.image {
                     ImageSource::CloudImage(c) => p
@@ -453,6 +431,88 @@ pub(crate) fn ready_scripts(
                         ),
                     );
                 }
+            }
+        }
+    }
+}
+
+/// Finds a script in `script-dir`, reporting it where it was named when
+/// there is no `script-dir` or no such file.
+fn resolve_script(what: &str, rs: &mut ReadyScript, script_dir: Option<&Path>, errs: &mut Errors) {
+    match script_dir {
+        None => errs.push(
+            &rs.configured_at,
+            Kind::Conflict,
+            format!(
+                "{what} {:?} needs `script-dir`, the directory it is read from",
+                rs.name
+            ),
+        ),
+        Some(dir) => {
+            rs.path = dir.join(&rs.name);
+            if !rs.path.is_file() {
+                errs.push(
+                    &rs.configured_at,
+                    Kind::InvalidValue,
+                    format!(
+                        "{what} {:?} not found: {} is not a file",
+                        rs.name,
+                        rs.path.display()
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// A provider diskimage's `validate`: its script must exist, the diskimage
+/// must have a `private-key` to log in with, and a pool label of the
+/// provider must boot the image (the test server is one of its servers).
+fn image_validations(cfg: &mut Config, raw_images: &[RawDiskImage], errs: &mut Errors) {
+    let script_dir = cfg.script_dir.clone();
+    let diskimages = cfg.diskimages.clone();
+    for (pi, p) in cfg.providers.iter_mut().enumerate() {
+        let ppath = index("providers", pi);
+        let booted: HashSet<String> = p
+            .pools
+            .iter()
+            .flat_map(|pool| pool.labels.iter())
+            .filter_map(|l| match &l.image {
+                ImageSource::DiskImage(d) => Some(d.clone()),
+                _ => None,
+            })
+            .collect();
+        for (di, pdi) in p.diskimages.iter_mut().enumerate() {
+            let Some(v) = &mut pdi.validate else {
+                continue;
+            };
+            let vpath = join(&index(&join(&ppath, "diskimages"), di), "validate");
+            resolve_script("validation script", v, script_dir.as_deref(), errs);
+            if let Some(d) = diskimages.iter().find(|d| d.name == pdi.name)
+                && d.private_key.is_none()
+            {
+                let at = raw_images.iter().find(|r| r.name == d.name).map_or_else(
+                    || format!("diskimages[name={}]", d.name),
+                    |r| r.path.clone(),
+                );
+                errs.push(
+                    &vpath,
+                    Kind::Conflict,
+                    format!(
+                        "validation script {:?} runs as the image's login: set `private-key` on {at}",
+                        v.name
+                    ),
+                );
+            }
+            if !booted.contains(&pdi.name) {
+                errs.push(
+                    &vpath,
+                    Kind::Conflict,
+                    format!(
+                        "the test server is booted with a pool label of this provider, but no pool label uses image {:?}",
+                        pdi.name
+                    ),
+                );
             }
         }
     }
