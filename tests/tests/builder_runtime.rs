@@ -1064,6 +1064,8 @@ async fn image_upload_wait_shows_the_bytes_of_a_held_up_upload() {
 struct ValidatingSite {
     site: Site,
     sshd: nodepool_tests::sshd::Sshd,
+    /// `validate.timeout`, seconds.
+    timeout: u64,
 }
 
 impl ValidatingSite {
@@ -1084,6 +1086,7 @@ impl ValidatingSite {
         ValidatingSite {
             site,
             sshd: nodepool_tests::sshd::Sshd::start_with_login(),
+            timeout: 3,
         }
     }
 
@@ -1098,8 +1101,9 @@ impl ValidatingSite {
         let yaml = self.site.yaml(&image, simulation).replace(
             "diskimages: [{name: deb, meta: {team: ci}}]",
             &format!(
-                "diskimages: [{{name: deb, meta: {{team: ci}}, connection-port: {}, validate: {{script: check.sh, timeout: 3}}}}]",
-                self.sshd.port()
+                "diskimages: [{{name: deb, meta: {{team: ci}}, connection-port: {}, validate: {{script: check.sh, timeout: {}}}}}]",
+                self.sshd.port(),
+                self.timeout
             ),
         );
         let mut c = config(&format!(
@@ -1254,4 +1258,48 @@ async fn a_failing_boot_test_fails_the_upload_and_keeps_the_previous_image() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_boot_test_times_out_and_keeps_the_previous_image() {
     a_failed_boot_test_keeps_the_previous_image("hang", "did not finish within 3s").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_builder_during_a_boot_test_deletes_its_server_and_image() {
+    let mut v = ValidatingSite::new().await;
+    v.timeout = 600;
+    std::fs::write(v.site.path("hang"), "").unwrap();
+    let clouds = Clouds::default();
+    let b = v.start(&clouds);
+    // The boot test is under way once its server exists.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let p1 = clouds.lock().unwrap().get("p1").cloned();
+        if let Some(p1) = p1
+            && !p1.list_instances().await.unwrap().is_empty()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no test server within {LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = b.store.clone();
+    b.stop().await;
+    assert!(
+        cloud(&clouds, "p1")
+            .list_instances()
+            .await
+            .unwrap()
+            .is_empty(),
+        "the test server is deleted when the builder stops"
+    );
+    assert!(
+        cloud_images(&clouds, "p1").await.is_empty(),
+        "the untested upload's image is deleted"
+    );
+    assert!(v.validated_on().is_empty());
+    let st = store.image_state().await.unwrap();
+    let p1 = st.uploads.iter().find(|u| u.provider == "p1").unwrap();
+    assert_eq!(p1.upload.state, UploadState::Failed);
+    let why = p1.upload.failure().unwrap_or_default();
+    assert!(why.contains("the builder is stopping"), "{why}");
 }
