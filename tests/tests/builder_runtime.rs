@@ -1066,6 +1066,9 @@ struct ValidatingSite {
     sshd: nodepool_tests::sshd::Sshd,
     /// `validate.timeout`, seconds.
     timeout: u64,
+    /// Whether servers answer at the sshd (else the simulated cloud
+    /// skips nodescan: its servers have no network).
+    reachable: bool,
 }
 
 impl ValidatingSite {
@@ -1087,6 +1090,7 @@ impl ValidatingSite {
             site,
             sshd: nodepool_tests::sshd::Sshd::start_with_login(),
             timeout: 3,
+            reachable: true,
         }
     }
 
@@ -1096,8 +1100,11 @@ impl ValidatingSite {
             self.sshd.user(),
             self.sshd.private_key().display()
         );
-        let simulation =
-            "    simulation: {skip-nodescan: false, data-plane-host: 127.0.0.1, boot-delay: 0}";
+        let simulation = if self.reachable {
+            "    simulation: {skip-nodescan: false, data-plane-host: 127.0.0.1, boot-delay: 0}"
+        } else {
+            ""
+        };
         let yaml = self.site.yaml(&image, simulation).replace(
             "diskimages: [{name: deb, meta: {team: ci}}]",
             &format!(
@@ -1302,4 +1309,34 @@ async fn stopping_the_builder_during_a_boot_test_deletes_its_server_and_image() 
     assert_eq!(p1.upload.state, UploadState::Failed);
     let why = p1.upload.failure().unwrap_or_default();
     assert!(why.contains("the builder is stopping"), "{why}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_test_on_a_cloud_without_network_fails_without_a_server() {
+    let mut v = ValidatingSite::new().await;
+    v.reachable = false;
+    let clouds = Clouds::default();
+    let b = v.start(&clouds);
+    let st = b
+        .until("the upload to p1 failed", |st| {
+            st.uploads
+                .iter()
+                .any(|u| u.provider == "p1" && u.upload.state == UploadState::Failed)
+        })
+        .await;
+    let p1 = st.uploads.iter().find(|u| u.provider == "p1").unwrap();
+    let why = p1.upload.failure().unwrap_or_default();
+    assert!(
+        why.contains("the servers of p1 cannot be reached (it skips nodescan)"),
+        "{why}"
+    );
+    assert!(
+        cloud(&clouds, "p1")
+            .list_instances()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(cloud_images(&clouds, "p1").await.is_empty());
+    b.stop().await;
 }

@@ -46,6 +46,14 @@ pub(crate) async fn validate(
 ) -> Result<(), String> {
     let pc = &entry.config;
     let p = &entry.provider;
+    if p.skip_nodescan() {
+        // No network to reach a server on (the simulated cloud without
+        // `data-plane-host`): the script could never run.
+        return Err(format!(
+            "the servers of {} cannot be reached (it skips nodescan)",
+            pc.name
+        ));
+    }
     let (pool, label) = pc
         .pools
         .iter()
