@@ -15,12 +15,21 @@
 # cloud tests mostly wait on the cloud, so 6 run at once (within the
 # 10-instance quota); the launcher tests run after them, as one keeps up to
 # four servers and the other's leak cleanup deletes every unattached
-# floating IP and DOWN server port in sight. A testbed that was already running is used and left running.
+# floating IP and DOWN server port in sight. The launcher tests include
+# the mixed fleet of issue 17 (the Python Nodepool 11 launcher beside ours,
+# over the TLS ZooKeeper): it needs the Python reference venv
+# (scripts/python-env.sh, evaluated here when the test command did not) and
+# ZooKeeper's variables (scripts/zookeeper.sh env).
+# A testbed that was already running is used and left running.
 # Exits non-zero when anything failed.
 set -uo pipefail
 OUT=${1:-/dev/null}
 cd "$(dirname "$0")/../.."
 source testbed/openstack/lib.sh
+if [[ -z ${NODEPOOL_TEST_PY_NODEPOOL:-} ]]; then
+  vars=$(scripts/python-env.sh) || exit 1
+  eval "$vars"
+fi
 trap testbed_down EXIT
 
 testbed_start_bg 30-openstack || exit 1

@@ -27,6 +27,12 @@
 //! user sees: the two tests of this file take turns ([`SERIAL`]), and no
 //! other testbed test may run beside this file (30-openstack.sh runs it
 //! after the others).
+//!
+//! The mixed-fleet test (issue 17, docs/migrating.md) runs the real Python
+//! Nodepool 11 launcher (`NODEPOOL_TEST_PY_NODEPOOL`'s venv) and our
+//! `nodepool-launcher` as processes on one configuration file, on the test
+//! ZooKeeper over TLS (`NODEPOOL_TEST_ZK_TLS_HOSTS` and its certificates)
+//! and this cloud, then switches the Python launcher off.
 #![cfg(feature = "testbed")]
 
 use std::collections::BTreeSet;
@@ -805,4 +811,604 @@ providers:
         Ok(Err(e)) => panic!("the launcher task failed: {e}"),
         Err(_) => panic!("the launcher did not stop within 120 s"),
     }
+}
+
+// Issue 17: migrating from Python Nodepool step by step, as
+// docs/migrating.md describes it: the real Python Nodepool 11 launcher and
+// our `nodepool-launcher`, as processes, on one configuration file, one
+// ZooKeeper (over TLS, the only way Python connects) and this cloud; then
+// the Python launcher is switched off while it holds requests.
+
+/// Zuul's system id for the mixed-fleet requests.
+const MIXED_ZUUL: &str = "m1xedf1ee70000000000000000000017";
+
+/// Bound of the last wait: a server Python created but never recorded is
+/// found only by our leak cleanup, which needs two cloud listings 60 s
+/// apart (the daemon's interval, which no configuration key shortens).
+const LEAK_WAIT: Duration = Duration::from_secs(480);
+
+/// A variable the test command exports; missing is a failure.
+fn test_var(name: &str, how: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: {how} (scripts/test.sh does it)"))
+}
+
+/// The Python Nodepool 11 launcher of the reference venv.
+fn python_launcher() -> PathBuf {
+    let cli = test_var(
+        "NODEPOOL_TEST_PY_NODEPOOL",
+        "eval \"$(scripts/python-env.sh)\" installs Python Nodepool 11",
+    );
+    let bin = std::path::Path::new(&cli).with_file_name("nodepool-launcher");
+    assert!(
+        bin.is_file(),
+        "{} is missing beside NODEPOOL_TEST_PY_NODEPOOL",
+        bin.display()
+    );
+    bin
+}
+
+/// The one `nodepool.yaml` both launchers read. `zookeeper-timeout: 30`:
+/// the test pauses our launcher for a few seconds (see
+/// [`python_holds_requests`]) and its session must outlive that.
+/// `max-servers` is shared: both launchers count the pool's nodes in the
+/// store, so at most five servers exist at once, within Nova's quota.
+/// `ignore-provider-quota`: Python Nodepool 11's quota check asks for the
+/// block-storage limits, and with openstacksdk 4 a cloud without Cinder
+/// (this one) makes that an error (`ServiceDisabledException`, where
+/// Nodepool expects `EndpointNotFound`), so the Python launcher would
+/// take no request at all. `auto-floating-ip: false`: openstacksdk waits
+/// for a new floating IP to go ACTIVE, which never happens on this cloud
+/// (no L3 agent), so every Python launch would time out.
+fn mixed_config_yaml(provider: &str, chroot: &str) -> String {
+    let how = "eval \"$(scripts/zookeeper.sh env)\"";
+    let hosts = test_var("NODEPOOL_TEST_ZK_TLS_HOSTS", how);
+    let (host, port) = hosts.rsplit_once(':').expect("host:port");
+    let cert = test_var("NODEPOOL_TEST_ZK_CERT", how);
+    let key = test_var("NODEPOOL_TEST_ZK_KEY", how);
+    let ca = test_var("NODEPOOL_TEST_ZK_CA", how);
+    format!(
+        r#"zookeeper-servers:
+  - host: {host}
+    port: {port}
+    chroot: {chroot}
+zookeeper-tls:
+  cert: {cert}
+  key: {key}
+  ca: {ca}
+zookeeper-timeout: 30.0
+labels:
+  - name: {LABEL}
+    min-ready: 0
+providers:
+  - name: {provider}
+    driver: openstack
+    cloud: peer
+    rate: 0.1
+    boot-timeout: 120
+    launch-retries: 3
+    cloud-images:
+      - name: {IMAGE}
+    pools:
+      - name: {POOL}
+        max-servers: 5
+        ignore-provider-quota: true
+        networks: [private]
+        auto-floating-ip: false
+        host-key-checking: false
+        labels:
+          - name: {LABEL}
+            cloud-image: {IMAGE}
+            flavor-name: np.tiny
+"#
+    )
+}
+
+/// The testbed's clouds.yaml with openstacksdk's `private: true` on the
+/// `peer` cloud, for the Python launcher: without a floating IP the server
+/// has no public address, and Python Nodepool 11 then resolves an empty
+/// `interface_ip` and fails the launch (even with `host-key-checking:
+/// false`). `private` makes openstacksdk give the private address instead.
+fn python_clouds(clouds: &std::path::Path, dir: &std::path::Path) -> PathBuf {
+    let text = std::fs::read_to_string(clouds)
+        .unwrap_or_else(|e| panic!("read {}: {e}", clouds.display()));
+    assert!(
+        text.contains("\n  peer:\n"),
+        "{}: no cloud `peer`",
+        clouds.display()
+    );
+    let path = dir.join("python-clouds.yaml");
+    std::fs::write(
+        &path,
+        text.replacen("\n  peer:\n", "\n  peer:\n    private: true\n", 1),
+    )
+    .expect("write python-clouds.yaml");
+    path
+}
+
+/// The two launcher processes (dropping a [`nodepool_tests::Daemon`] kills it).
+#[derive(Default)]
+struct Fleet {
+    python: Option<nodepool_tests::Daemon>,
+    ours: Option<nodepool_tests::Daemon>,
+}
+
+/// Pool worker ids registered in the store.
+async fn pool_ids(store: &Store) -> Result<BTreeSet<String>, String> {
+    Ok(store
+        .list_components(nodepool_core::model::ComponentKind::Pool)
+        .await
+        .map_err(|e| format!("list pool components: {e}"))?
+        .records
+        .into_iter()
+        .map(|(name, c)| c.id.unwrap_or(name))
+        .collect())
+}
+
+/// Waits until exactly `n` pool workers are registered; the ids.
+async fn registered_pools(store: &Store, n: usize) -> BTreeSet<String> {
+    eventually("pool workers registered", WAIT, || async {
+        let ids = pool_ids(store).await?;
+        if ids.len() == n {
+            Ok(ids)
+        } else {
+            Err(format!("{ids:?}"))
+        }
+    })
+    .await
+}
+
+/// A node request Zuul got, with who launched each node.
+struct Served {
+    request: String,
+    set: nodepool_requestor::NodeSet,
+}
+
+impl Served {
+    fn launchers(&self) -> BTreeSet<String> {
+        self.set
+            .nodes
+            .iter()
+            .filter_map(|n| n.node.launcher.clone())
+            .collect()
+    }
+}
+
+/// Waits for each request, accepts its nodes and marks them in use, as
+/// Zuul does; checks each node's server is ACTIVE in Nova and tagged with
+/// the node.
+async fn fulfil_and_use(
+    p: &OpenStackProvider,
+    provider: &str,
+    zuul: &Requestor,
+    requests: &[String],
+    addresses: &std::sync::Mutex<BTreeSet<String>>,
+) -> Vec<Served> {
+    let mut out = Vec::new();
+    for rid in requests {
+        let req = match zuul.wait(rid, WAIT).await.expect("wait") {
+            Outcome::Fulfilled(r) => r,
+            Outcome::Failed(r) => panic!("request {rid} failed: {:?}", r.value),
+        };
+        let mut set = zuul.accept(rid, &req.value).await.expect("accept");
+        for n in &set.nodes {
+            if let (Ok(mut a), Some(ip)) = (addresses.lock(), n.node.public_ipv4.clone()) {
+                a.insert(ip);
+            }
+            assert_eq!(n.node.state, NodeState::Ready, "{}: {:?}", n.id, n.node);
+            assert_eq!(n.node.provider, provider);
+            let server_id = n
+                .node
+                .external_id
+                .as_deref()
+                .unwrap_or_else(|| panic!("ready node {} has no server: {:?}", n.id, n.node));
+            let s = nova_server(p, server_id)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("node {}: server {server_id} is not in Nova", n.id));
+            assert_eq!(s["status"], "ACTIVE", "node {}: {s}", n.id);
+            assert_eq!(s["metadata"]["nodepool_node_id"], n.id.as_str(), "{s}");
+            assert_eq!(s["metadata"]["nodepool_provider_name"], provider, "{s}");
+        }
+        zuul.use_nodes(&mut set, "org/mixed-fleet")
+            .await
+            .expect("in-use");
+        out.push(Served {
+            request: rid.clone(),
+            set,
+        });
+    }
+    out
+}
+
+/// Submits `n` one-node requests.
+async fn submit(zuul: &Requestor, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        ids.push(
+            zuul.submit(&NewRequest::new(vec![LABEL.into()]))
+                .await
+                .expect("submit"),
+        );
+    }
+    ids
+}
+
+/// Whether each request is taken (pending or further) and, when
+/// `launcher` is given, has a node record of that launcher allocated to it.
+async fn taken(store: &Store, requests: &[String], launcher: Option<&str>) -> Result<(), String> {
+    let nodes = all_nodes(store).await;
+    for rid in requests {
+        let r = store
+            .get_request(rid)
+            .await
+            .map_err(|e| format!("read {rid}: {e}"))?
+            .ok_or_else(|| format!("request {rid} is gone"))?;
+        if r.value.state == nodepool_core::model::RequestState::Requested {
+            return Err(format!("{rid} is still requested"));
+        }
+        if let Some(l) = launcher
+            && !nodes.iter().any(|(_, n)| {
+                n.allocated_to.as_deref() == Some(rid.as_str()) && n.launcher.as_deref() == Some(l)
+            })
+        {
+            return Err(format!("{rid} has no node of {l} yet: {}", summary(&nodes)));
+        }
+    }
+    Ok(())
+}
+
+/// Returns the nodes and waits until they are deleted: records gone and
+/// servers 404 in Nova.
+async fn return_and_wait_deleted(
+    p: &OpenStackProvider,
+    store: &Store,
+    zuul: &Requestor,
+    served: Vec<Served>,
+) {
+    let mut ids = BTreeSet::new();
+    let mut servers = BTreeSet::new();
+    for s in served {
+        for n in &s.set.nodes {
+            ids.insert(n.id.clone());
+            servers.extend(n.node.external_id.clone());
+        }
+        zuul.return_nodes(s.set).await.expect("return");
+    }
+    eventually(
+        "returned nodes deleted in Nova and the store",
+        WAIT,
+        || async {
+            for s in &servers {
+                if let Some(server) = nova_server(p, s).await? {
+                    return Err(format!("server {s} is still {}", server["status"]));
+                }
+            }
+            let nodes = all_nodes(store).await;
+            if nodes.iter().any(|(id, _)| ids.contains(id)) {
+                return Err(summary(&nodes));
+            }
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// Our launcher is paused (SIGSTOP) while the requests are submitted, so
+/// that the Python launcher, the only one left looking, takes them all and
+/// starts their nodes: switching it off then leaves requests pending and
+/// nodes building for ours to take over. Bounded well inside our
+/// launcher's 30 s ZooKeeper session; ours is resumed whatever happens.
+async fn python_holds_requests(
+    store: &Store,
+    zuul: &Requestor,
+    ours: &nodepool_tests::Daemon,
+    python_id: &str,
+    n: usize,
+) -> Vec<String> {
+    ours.pause();
+    let requests = submit(zuul, n).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let held = loop {
+        match taken(store, &requests, Some(python_id)).await {
+            Ok(()) => break Ok(()),
+            Err(seen) if tokio::time::Instant::now() >= deadline => break Err(seen),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    if let Err(seen) = held {
+        ours.resume();
+        panic!("the Python launcher did not take the requests within 15 s: {seen}");
+    }
+    requests
+}
+
+/// What the mixed-fleet run saw, printed at the end.
+#[derive(Debug, Default)]
+struct MixedReport {
+    by_python: usize,
+    by_ours: usize,
+    python_nodes_at_stop: String,
+    python_exit: String,
+    takeover: Duration,
+    clean: Duration,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn mixed_scenario(
+    p: &OpenStackProvider,
+    provider: &str,
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    ours_bin: &std::path::Path,
+    zuul_store: Store,
+    fleet: &mut Fleet,
+    addresses: &std::sync::Mutex<BTreeSet<String>>,
+) -> MixedReport {
+    let mut report = MixedReport::default();
+    let zuul = Requestor::new(zuul_store.clone(), MIXED_ZUUL);
+    let clouds = clouds_yaml();
+
+    // The Python launcher first, alone: it registers its pool and takes
+    // the first requests.
+    let mut cmd = std::process::Command::new(python_launcher());
+    cmd.arg("-d")
+        .arg("-c")
+        .arg(config)
+        .arg("--no-webapp")
+        .arg("-p")
+        .arg(dir.join("python-launcher.pid"))
+        .env("OS_CLIENT_CONFIG_FILE", python_clouds(&clouds, dir))
+        .current_dir(dir);
+    fleet.python = Some(nodepool_tests::Daemon::spawn(
+        "python-launcher",
+        cmd,
+        &dir.join("python-launcher.log"),
+    ));
+    let python_id = registered_pools(&zuul_store, 1)
+        .await
+        .pop_first()
+        .expect("one pool");
+    let first = submit(&zuul, 2).await;
+    eventually("the Python launcher takes the first requests", WAIT, || {
+        taken(&zuul_store, &first, None)
+    })
+    .await;
+
+    // Step 2 of docs/migrating.md: ours beside it, same file.
+    let mut cmd = std::process::Command::new(ours_bin);
+    cmd.arg("-c")
+        .arg(config)
+        .arg("--no-webapp")
+        .env("OS_CLIENT_CONFIG_FILE", &clouds)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .current_dir(dir);
+    fleet.ours = Some(nodepool_tests::Daemon::spawn(
+        "nodepool-launcher",
+        cmd,
+        &dir.join("nodepool-launcher.log"),
+    ));
+    let mut both = registered_pools(&zuul_store, 2).await;
+    both.remove(&python_id);
+    let ours_id = both.pop_first().expect("our pool");
+
+    // Phase 1, the mixed fleet: more requests while both serve.
+    // Three more: five in all, `max-servers`. Zuul here holds every node
+    // until all requests are served, so a sixth would wait for quota
+    // forever (a launcher pauses on it, as Python's does).
+    let second = submit(&zuul, 3).await;
+    let requests: Vec<String> = first.iter().chain(&second).cloned().collect();
+    let served = fulfil_and_use(p, provider, &zuul, &requests, addresses).await;
+    let mut handed_out = BTreeSet::new();
+    let mut server_ids = BTreeSet::new();
+    for s in &served {
+        let l = s.launchers();
+        assert_eq!(l.len(), 1, "{}: one launcher per request: {l:?}", s.request);
+        if l.contains(&python_id) {
+            report.by_python += 1;
+        } else {
+            assert!(l.contains(&ours_id), "{}: launched by {l:?}", s.request);
+            report.by_ours += 1;
+        }
+        for n in &s.set.nodes {
+            assert!(
+                handed_out.insert(n.id.clone()),
+                "node {} handed out twice",
+                n.id
+            );
+            assert!(
+                server_ids.insert(n.node.external_id.clone()),
+                "server {:?} in two nodes",
+                n.node.external_id
+            );
+        }
+    }
+    assert!(
+        first.iter().all(|r| served
+            .iter()
+            .any(|s| &s.request == r && s.launchers().contains(&python_id))),
+        "the Python launcher fulfilled the requests it took alone"
+    );
+    // Ours usually serves some of these too, but which launcher locks a
+    // request first is a race; phase 2 below has ours serve every request.
+    return_and_wait_deleted(p, &zuul_store, &zuul, served).await;
+
+    // Phase 2, step 4 of docs/migrating.md: the Python launcher is switched
+    // off while it holds requests and builds their nodes.
+    let ours = fleet.ours.as_ref().expect("ours runs");
+    let held = python_holds_requests(&zuul_store, &zuul, ours, &python_id, 3).await;
+    let python = fleet.python.as_mut().expect("Python runs");
+    // SIGTERM, as its service stops it: Nodepool 11's handler is
+    // `os._exit(0)`, so nothing is released; its locks go with its
+    // ZooKeeper session, `zookeeper-timeout` later.
+    let status = python.terminate(Duration::from_secs(60)).await;
+    report.python_exit = format!("{status}");
+    assert!(status.success(), "the Python launcher exited with {status}");
+    let stopped = Instant::now();
+    report.python_nodes_at_stop = summary(
+        &all_nodes(&zuul_store)
+            .await
+            .into_iter()
+            .filter(|(_, n)| n.launcher.as_deref() == Some(python_id.as_str()))
+            .collect::<Vec<_>>(),
+    );
+    ours.resume();
+
+    let served = fulfil_and_use(p, provider, &zuul, &held, addresses).await;
+    report.takeover = stopped.elapsed();
+    report.by_ours += served.len();
+    for s in &served {
+        assert_eq!(
+            s.launchers(),
+            BTreeSet::from([ours_id.clone()]),
+            "{}: fulfilled by ours after Python stopped",
+            s.request
+        );
+        for n in &s.set.nodes {
+            assert!(
+                handed_out.insert(n.id.clone()),
+                "node {} handed out twice",
+                n.id
+            );
+            assert!(
+                server_ids.insert(n.node.external_id.clone()),
+                "server {:?} in two nodes",
+                n.node.external_id
+            );
+        }
+    }
+    // What Python left building is deleted (its records were unlocked when
+    // its session ended).
+    eventually("the Python launcher's nodes deleted", WAIT, || async {
+        let left: Vec<_> = all_nodes(&zuul_store)
+            .await
+            .into_iter()
+            .filter(|(_, n)| n.launcher.as_deref() == Some(python_id.as_str()))
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(summary(&left))
+        }
+    })
+    .await;
+    return_and_wait_deleted(p, &zuul_store, &zuul, served).await;
+
+    // In the end the cloud has no server the store does not know: a server
+    // Python created but had not recorded yet is our leak cleanup's.
+    eventually("no server of this run left in Nova", LEAK_WAIT, || async {
+        let servers = servers_of(p, provider).await?;
+        let nodes = all_nodes(&zuul_store).await;
+        if servers.is_empty() && nodes.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("servers {servers:?}; nodes {}", summary(&nodes)))
+        }
+    })
+    .await;
+    report.clean = stopped.elapsed();
+    report
+}
+
+/// Issue 17: the Python launcher and ours serve one store and one cloud
+/// side by side; then the Python launcher is switched off while it holds
+/// requests, and ours finishes its work and cleans up after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_python_and_rust_fleet_then_python_switched_off() {
+    let _turn = SERIAL.lock().await;
+    log_to_test_output();
+    let p = checker();
+    delete_servers(&p, |n| n.starts_with(PREFIX), &BTreeSet::new())
+        .await
+        .unwrap_or_else(|e| panic!("sweeping earlier runs' servers: {e}"));
+    let ours_bin = tokio::task::spawn_blocking(|| {
+        nodepool_tests::workspace_binary("nodepool-cli", "nodepool-launcher")
+    })
+    .await
+    .expect("build nodepool-launcher");
+    let provider = format!(
+        "{PREFIX}mixed-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let chroot = format!("/nodepool-rs-mixed/{}", uuid::Uuid::new_v4().simple());
+    let yaml = mixed_config_yaml(&provider, &chroot);
+    let config = dir.path().join("nodepool.yaml");
+    std::fs::write(&config, &yaml).expect("write nodepool.yaml");
+    let cfg = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("config: {e}"));
+    // Zuul's own session; opening it also creates the chroot Python needs.
+    let zuul_store = nodepool_cli::daemon::open_store(&cfg)
+        .await
+        .unwrap_or_else(|e| panic!("open the store over TLS: {e:#}"));
+    let addresses = std::sync::Mutex::new(BTreeSet::new());
+    let mut fleet = Fleet::default();
+
+    let outcome = std::panic::AssertUnwindSafe(mixed_scenario(
+        &p,
+        &provider,
+        dir.path(),
+        &config,
+        &ours_bin,
+        zuul_store,
+        &mut fleet,
+        &addresses,
+    ))
+    .catch_unwind()
+    .await;
+
+    // Whatever happened: stop both launchers, then delete every server of
+    // this run (a leftover would eat the quota of later tests).
+    if let Some(ours) = fleet.ours.as_mut() {
+        ours.resume();
+    }
+    let mut ours_stop = None;
+    if let Some(d) = fleet.ours.as_mut()
+        && d.running()
+    {
+        ours_stop = Some(d.terminate(Duration::from_secs(120)).await);
+    }
+    if let Some(py) = fleet.python.as_mut()
+        && py.running()
+    {
+        py.kill();
+    }
+    let addresses = addresses.into_inner().unwrap_or_else(|p| p.into_inner());
+    let cleaned = delete_servers(&p, |n| n == provider, &addresses).await;
+    let left = servers_of(&p, &provider).await;
+    let report = match outcome {
+        Ok(r) => r,
+        Err(panic) => {
+            if let Err(e) = &cleaned {
+                eprintln!("cleanup after the failure: {e}");
+            }
+            for d in [&fleet.python, &fleet.ours].into_iter().flatten() {
+                let log = d.log();
+                // Python's debug log is mostly registry and ZooKeeper noise.
+                let tail: Vec<&str> = log
+                    .lines()
+                    .filter(|l| !l.contains("ComponentRegistry") && !l.contains("kazoo"))
+                    .rev()
+                    .take(60)
+                    .collect();
+                eprintln!("--- end of {} ---", d.name());
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+            std::panic::resume_unwind(panic)
+        }
+    };
+    if let Some(status) = ours_stop {
+        assert!(status.success(), "our launcher exited with {status}");
+    }
+    cleaned.unwrap_or_else(|e| panic!("cleanup: {e}"));
+    assert_eq!(
+        left,
+        Ok(BTreeSet::new()),
+        "nothing of this run is left in Nova"
+    );
+    eprintln!("mixed fleet: {report:?}");
 }
