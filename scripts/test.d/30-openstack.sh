@@ -45,5 +45,21 @@ cargo test -p nodepool-openstack --features testbed --locked --no-fail-fast -- -
 rc=${PIPESTATUS[0]}
 cargo test -p nodepool-tests --features testbed --locked --test openstack_launcher 2>&1 | tee -a "$OUT"
 system_rc=${PIPESTATUS[0]}
+# As for the workspace tests (scripts/test.sh): a launcher test that fails
+# once is run once more alone and named either way, so one intermittent
+# failure of a whole-system test is reported as a flake to fix rather than
+# failing the run; one that fails again fails the phase.
+if [[ $system_rc != 0 ]]; then
+  mapfile -t failed < <(sed -n 's/^test \([^ ]*\) \.\.\. FAILED$/\1/p' "$OUT" | sort -u)
+  if (( ${#failed[@]} > 0 && ${#failed[@]} <= 2 )); then
+    tb_log "running once more: ${failed[*]}"
+    if cargo test -p nodepool-tests --features testbed --locked --test openstack_launcher -- --exact "${failed[@]}" 2>&1 | tee "$OUT.again"; then
+      system_rc=0
+      tb_log "FLAKY (failed once, passed when run again): ${failed[*]}"
+    else
+      tb_log "failed twice: ${failed[*]}"
+    fi
+  fi
+fi
 tb_log "tests done (exit $rc, launcher end to end: exit $system_rc)"
 [[ $rc == 0 && $system_rc == 0 ]]
