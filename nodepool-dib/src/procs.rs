@@ -91,7 +91,16 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         assert_eq!(group_members(pid), [pid]);
-        assert_eq!(tied_to_dir(dir.path()), [pid]);
+        // spawn returns once the child's exec has replaced its memory, but
+        // the kernel fills in the new environment's bounds a moment later:
+        // until then /proc/PID/environ reads empty. Poll for it (bounded).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut tied = tied_to_dir(dir.path());
+        while tied.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            tied = tied_to_dir(dir.path());
+        }
+        assert_eq!(tied, [pid]);
         assert!(tied_to_dir(&dir.path().join("other")).is_empty());
         child.kill().unwrap();
         child.wait().unwrap();
