@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use nodepool_model::config::{Driver, ExternalProgram, PoolLabel, ProviderConfig};
 use nodepool_model::model::{Limits, Resources};
 use nodepool_model::provider::{
-    CloudImageInfo, CloudResource, ImageUploadSpec, Instance, InstanceSpec, InstanceStatus,
-    Provider, ProviderError, ResourceKind,
+    CloudImageInfo, CloudResource, ImageUploadSpec, Instance, InstanceSpec, Provider,
+    ProviderError, ResourceKind, poll_until_active,
 };
 use serde_json::{Value, json};
 
@@ -227,27 +227,9 @@ impl Provider for ExternalProvider {
     async fn wait_for_instance(
         &self,
         external_id: &str,
-        spec: &InstanceSpec,
+        _spec: &InstanceSpec,
     ) -> Result<Instance, ProviderError> {
-        let _ = spec;
-        loop {
-            match self.get_instance(external_id).await? {
-                None => {
-                    return Err(ProviderError::NotFound(format!(
-                        "server {external_id} vanished while booting"
-                    )));
-                }
-                Some(i) => match &i.status {
-                    InstanceStatus::Active => return Ok(i),
-                    InstanceStatus::Error(fault) => {
-                        return Err(ProviderError::ServerFailed(format!(
-                            "server {external_id}: {fault}"
-                        )));
-                    }
-                    _ => tokio::time::sleep(POLL).await,
-                },
-            }
-        }
+        poll_until_active(self, external_id, POLL).await
     }
 
     async fn get_instance(&self, external_id: &str) -> Result<Option<Instance>, ProviderError> {

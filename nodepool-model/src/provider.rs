@@ -468,3 +468,33 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
         DEFAULT_API_TIMEOUT
     }
 }
+
+/// The `wait_for_instance` of a provider that can only poll: asks
+/// `get_instance` every `interval` until the server is ACTIVE. A server that
+/// disappears is [`ProviderError::NotFound`], one in ERROR is
+/// [`ProviderError::ServerFailed`] with its fault. The caller bounds the
+/// whole wait (the launcher's boot timeout).
+pub async fn poll_until_active<P: Provider + ?Sized>(
+    provider: &P,
+    external_id: &str,
+    interval: Duration,
+) -> Result<Instance, ProviderError> {
+    loop {
+        match provider.get_instance(external_id).await? {
+            None => {
+                return Err(ProviderError::NotFound(format!(
+                    "server {external_id} vanished while booting"
+                )));
+            }
+            Some(i) => match &i.status {
+                InstanceStatus::Active => return Ok(i),
+                InstanceStatus::Error(fault) => {
+                    return Err(ProviderError::ServerFailed(format!(
+                        "server {external_id}: {fault}"
+                    )));
+                }
+                _ => tokio::time::sleep(interval).await,
+            },
+        }
+    }
+}

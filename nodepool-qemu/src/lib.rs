@@ -32,7 +32,7 @@ use nodepool_model::config::{Driver, PoolLabel, ProviderConfig, QemuHost, Simula
 use nodepool_model::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
 use nodepool_model::provider::{
     CloudImageInfo, ImageRef, ImageUploadSpec, Instance, InstanceSpec, InstanceStatus, Provider,
-    ProviderError,
+    ProviderError, poll_until_active,
 };
 
 pub use host::{STUB_BANNER, stub_disk};
@@ -509,29 +509,19 @@ impl Provider for QemuProvider {
     async fn wait_for_instance(
         &self,
         external_id: &str,
-        spec: &InstanceSpec,
+        _spec: &InstanceSpec,
     ) -> Result<Instance, ProviderError> {
-        let _ = spec;
-        loop {
-            match self.get_instance(external_id).await? {
-                None => {
-                    return Err(ProviderError::NotFound(format!(
-                        "server {external_id} vanished while starting"
-                    )));
+        // A VM that failed says why on its serial console.
+        poll_until_active(self, external_id, Duration::from_millis(200))
+            .await
+            .map_err(|e| match e {
+                ProviderError::ServerFailed(m) => {
+                    let console =
+                        vm::console_tail(&self.server_dir(external_id), 2048).unwrap_or_default();
+                    ProviderError::ServerFailed(format!("{m}; console: {console}"))
                 }
-                Some(i) => match &i.status {
-                    InstanceStatus::Active => return Ok(i),
-                    InstanceStatus::Error(fault) => {
-                        let console = vm::console_tail(&self.server_dir(external_id), 2048)
-                            .unwrap_or_default();
-                        return Err(ProviderError::ServerFailed(format!(
-                            "server {external_id}: {fault}; console: {console}"
-                        )));
-                    }
-                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
-                },
-            }
-        }
+                e => e,
+            })
     }
 
     async fn get_instance(&self, external_id: &str) -> Result<Option<Instance>, ProviderError> {
