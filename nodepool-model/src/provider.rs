@@ -161,6 +161,20 @@ impl Instance {
     }
 }
 
+/// What a snapshot of a server becomes (seed 002's setup-script images:
+/// boot a base image, run the setup script, snapshot the server).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotSpec {
+    /// Cloud image name.
+    pub name: String,
+    /// Image properties (`nodepool_build_id`, `nodepool_upload_id`, ...),
+    /// as an upload's: `list_images` shows them, so leak cleanup and
+    /// `alien-image-list` treat snapshots like uploaded images.
+    pub properties: IndexMap<String, String>,
+    /// Give up after this long (the image must be active by then).
+    pub timeout: Duration,
+}
+
 /// What to upload.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageUploadSpec {
@@ -427,6 +441,20 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 
     /// Deletes an image. An image that does not exist counts as deleted.
     async fn delete_image(&self, external_id: &str) -> Result<(), ProviderError>;
+
+    /// Snapshots the disk of a server (stopped or running) into a new
+    /// image and returns the image's cloud id once it is active; the
+    /// server is left as it was (the caller deletes it). OpenStack: Nova's
+    /// `createImage` server action; a provider without snapshots answers
+    /// [`ProviderError::Unsupported`].
+    async fn snapshot_instance(
+        &self,
+        external_id: &str,
+        spec: &SnapshotSpec,
+    ) -> Result<String, ProviderError> {
+        let _ = (external_id, spec);
+        Err(ProviderError::Unsupported("snapshots".into()))
+    }
 
     /// Floating IPs or ports, for leak cleanup.
     async fn list_resources(
