@@ -509,14 +509,13 @@ impl OpenStackProvider {
     /// instance actions tell ([`snapshot_action_outcome`]). Nova deletes the
     /// image before it records the failure, so this waits (within `limit`)
     /// while the action's events are unfinished. Best effort: when Nova
-    /// does not say (Nova 2025.2 and later run the snapshot as a task of
-    /// its own, so the action's event succeeds and the reason is only in
+    /// does not say (Nova 34, at least, runs the snapshot as a task of its
+    /// own, so the action's event succeeds and the reason is only in
     /// nova-compute's log), the answer says so.
     async fn snapshot_failure_reason(&self, server_id: &str, limit: Duration) -> String {
-        let unknown =
-            "the compute host's snapshot failed and Nova deleted the image (its instance \
-             actions give no reason; see nova-compute's log)"
-                .to_owned();
+        let unknown = "the compute host's snapshot failed (Nova's instance actions give \
+                       no reason; see nova-compute's log)"
+            .to_owned();
         let give_up = Instant::now() + limit;
         let actions = ApiRequest::get(
             Service::Compute,
