@@ -16,7 +16,7 @@
 //!
 //! - [`provider`]: [`OpenStackProvider`], the `Provider` implementation
 //!   (flavor choice, server create/wait/delete, floating IPs, uploads,
-//!   leak listings).
+//!   snapshots, leak listings).
 //! - [`client`]: [`Client`], the executor (auth, catalog, discovery, rate
 //!   limit, retries, timeouts).
 //! - [`api`]: the endpoints as values: [`api::identity`],
@@ -55,6 +55,11 @@
 //!   Glance's algorithm; only a lone SHA-256 is hashed locally (hashing
 //!   costs a core that the cloud side may need). A failed or timed-out
 //!   upload deletes its image.
+//! - **Snapshots are Nova's `createImage`**, with the image properties as
+//!   the action's metadata (so they list like an upload's), then the same
+//!   wait for Glance's `active`. A vanished or `killed` image is a failed
+//!   snapshot (Nova deletes the image when the compute host fails), not a
+//!   missing server; a snapshot not active in time deletes its image.
 //! - **Floating IPs are released before their server**, since Neutron keeps
 //!   them (unattached) after the port goes; whether to look is decided from
 //!   the server's addresses and the IPs this process attached, to spare two

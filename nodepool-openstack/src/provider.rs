@@ -10,22 +10,22 @@ use nodepool_model::config::{PoolLabel, ProviderConfig};
 use nodepool_model::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
 use nodepool_model::provider::{
     CloudImageInfo, CloudResource, ImageRef, ImageUploadSpec, Instance, InstanceSpec,
-    InstanceStatus, Provider, ProviderError, ResourceKind,
+    InstanceStatus, Provider, ProviderError, ResourceKind, SnapshotSpec,
 };
 use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::api::compute::{
-    BootVolume, ConsoleOutput, CreateServer, DeleteServer, Flavor, GetLimits, GetServer,
-    ListFlavors, ListServers, Networks, Server,
+    BootVolume, ConsoleOutput, CreateServer, CreateServerImage, DeleteServer, Flavor, GetLimits,
+    GetServer, ListFlavors, ListServers, Networks, Server,
 };
 use crate::api::image::{CreateImage, DeleteImage, GetImage, ListImages, UploadImageData};
 use crate::api::network::{
     CreateFloatingIp, DeleteFloatingIp, DeletePort, ListFloatingIps, ListNetworks, ListPorts,
     Network,
 };
-use crate::api::{ApiRequest, Raw, Service};
+use crate::api::{ApiRequest, Raw, Service, segment};
 use crate::client::{Client, ClientOptions};
 use crate::clouds::{CloudConfig, CloudConfigError, CloudsLoader};
 use crate::error::{ApiError, is_quota_message};
@@ -60,6 +60,11 @@ impl Default for ProviderOptions {
 }
 
 type Cached<T> = Option<(Instant, Arc<T>)>;
+
+/// How long a failed snapshot's reason is waited for at most in Nova's
+/// instance actions (Nova records it just after it deleted the image),
+/// within the snapshot's own timeout.
+const SNAPSHOT_REASON_WAIT: Duration = Duration::from_secs(60);
 
 /// The shared server list, and the last failure to get one: callers that
 /// waited for a fetch that failed get its error instead of fetching again
@@ -471,12 +476,78 @@ impl OpenStackProvider {
         Ok(())
     }
 
-    /// Deletes an image left behind by a failed upload, logging failures.
+    /// Deletes an image left behind by a failed upload or snapshot, logging
+    /// failures.
     async fn discard_image(&self, id: &str) {
         if let Err(e) = self.client.execute(&DeleteImage(id)).await
             && !e.is_not_found()
         {
-            warn!(provider = %self.name, image = id, error = %e, "could not delete a failed upload");
+            warn!(provider = %self.name, image = id, error = %e, "could not delete a failed upload or snapshot");
+        }
+    }
+
+    /// Polls a snapshot's image until Glance says `active` (`Ok(None)`) or
+    /// that it failed (`Ok(Some(status))`). Nova deletes the image when
+    /// the compute host's snapshot fails, so a vanished image is a failed
+    /// snapshot, not a missing server.
+    async fn wait_for_snapshot(&self, id: &str) -> Result<Option<String>, ProviderError> {
+        loop {
+            let status = match self.client.execute(&GetImage(id)).await {
+                Ok(image) => image.status,
+                Err(e) if e.is_not_found() => "deleted".to_owned(),
+                Err(e) => return Err(e.into()),
+            };
+            match status.as_str() {
+                "active" => return Ok(None),
+                "killed" | "deleted" | "pending_delete" => return Ok(Some(status)),
+                _ => tokio::time::sleep(self.options.poll_interval).await,
+            }
+        }
+    }
+
+    /// Why the newest `createImage` of a server failed, as far as Nova's
+    /// instance actions tell ([`snapshot_action_outcome`]). Nova deletes the
+    /// image before it records the failure, so this waits (within `limit`)
+    /// while the action's events are unfinished. Best effort: when Nova
+    /// does not say (Nova 34, at least, runs the snapshot as a task of its
+    /// own, so the action's event succeeds and the reason is only in
+    /// nova-compute's log), the answer says so.
+    async fn snapshot_failure_reason(&self, server_id: &str, limit: Duration) -> String {
+        let unknown = "the compute host's snapshot failed (Nova's instance actions give \
+                       no reason; see nova-compute's log)"
+            .to_owned();
+        let give_up = Instant::now() + limit;
+        let actions = ApiRequest::get(
+            Service::Compute,
+            format!("servers/{}/os-instance-actions", segment(server_id)),
+        );
+        let Ok(Ok(list)) = self.client.execute(&Raw(actions)).await.map(|r| r.json()) else {
+            return unknown;
+        };
+        // Newest first.
+        let Some(request_id) = list["instanceActions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["action"] == "createImage"))
+            .and_then(|a| a["request_id"].as_str())
+        else {
+            return unknown;
+        };
+        let path = format!(
+            "servers/{}/os-instance-actions/{}",
+            segment(server_id),
+            segment(request_id)
+        );
+        loop {
+            let detail = ApiRequest::get(Service::Compute, path.clone());
+            let Ok(Ok(action)) = self.client.execute(&Raw(detail)).await.map(|r| r.json()) else {
+                return unknown;
+            };
+            match snapshot_action_outcome(&action) {
+                ActionOutcome::Failed(reason) => return reason,
+                ActionOutcome::Succeeded => return unknown,
+                ActionOutcome::Running if Instant::now() >= give_up => return unknown,
+                ActionOutcome::Running => tokio::time::sleep(self.options.poll_interval).await,
+            }
         }
     }
 
@@ -524,6 +595,61 @@ impl OpenStackProvider {
             }
         };
         verify_upload(&self.name, id, spec, len, &image, hashes.as_deref())
+    }
+}
+
+/// What an instance action's events say.
+#[derive(Debug, PartialEq, Eq)]
+enum ActionOutcome {
+    /// An event is not finished yet.
+    Running,
+    /// Every event finished, none failed.
+    Succeeded,
+    /// Every event finished; the failed ones, with their details (shown
+    /// from microversion 2.84 on, to admins).
+    Failed(String),
+}
+
+/// Reads `GET /servers/{id}/os-instance-actions/{request_id}`.
+fn snapshot_action_outcome(action: &Value) -> ActionOutcome {
+    let events = action["instanceAction"]["events"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if events.iter().any(|e| e["finish_time"].is_null()) {
+        return ActionOutcome::Running;
+    }
+    let failed: Vec<String> = events
+        .iter()
+        .filter(|e| e["result"] == "Error")
+        .map(|e| {
+            let what = e["event"].as_str().unwrap_or("event");
+            match e["details"].as_str().filter(|d| !d.is_empty()) {
+                Some(d) => format!("{what}: {d}"),
+                None => format!("{what}: Error"),
+            }
+        })
+        .collect();
+    if failed.is_empty() {
+        ActionOutcome::Succeeded
+    } else {
+        ActionOutcome::Failed(failed.join("; "))
+    }
+}
+
+/// How a refused `createImage` maps: as any call (404: no such server;
+/// 403/413 naming a quota: quota exceeded), except that a 409 because the
+/// server is busy with another task (`while it is in task_state ...`) is
+/// transient: it can be snapshotted once that task is done. A 409 for its
+/// state (`vm_state error`) stays an invalid request.
+fn snapshot_error(e: ApiError) -> ProviderError {
+    match &e {
+        ApiError::Status {
+            status: 409,
+            message,
+            ..
+        } if message.contains("task_state") => ProviderError::Transient(e.to_string()),
+        _ => e.into(),
     }
 }
 
@@ -980,6 +1106,75 @@ impl Provider for OpenStackProvider {
         }
     }
 
+    /// Nova's `createImage` action with the spec's properties as the
+    /// image's (so `list_images` shows them as an upload's), then polls
+    /// Glance until the image is `active`, within `spec.timeout` (each call
+    /// also within the API timeout). An image that is not active in time,
+    /// or that Glance shows `killed` or deleted (the compute host's
+    /// snapshot failed; the reason comes from the server's instance
+    /// actions), is deleted before the error is returned. Only when the
+    /// `createImage` call itself gets no answer is the image's id unknown:
+    /// an image made anyway carries the properties, so leak cleanup finds
+    /// it.
+    async fn snapshot_instance(
+        &self,
+        external_id: &str,
+        spec: &SnapshotSpec,
+    ) -> Result<String, ProviderError> {
+        let started = Instant::now();
+        let deadline = started + spec.timeout;
+        let microversion = self
+            .client
+            .endpoint(Service::Compute)
+            .await
+            .map_err(provider_err)?
+            .microversion
+            .unwrap_or((2, 1));
+        let create = CreateServerImage {
+            server_id: external_id,
+            name: spec.name.clone(),
+            metadata: spec.properties.clone(),
+            microversion,
+        };
+        let id = self.client.execute(&create).await.map_err(snapshot_error)?;
+        info!(provider = %self.name, server = external_id, image = %spec.name, id = %id,
+            "snapshot accepted");
+        let result = match tokio::time::timeout_at(deadline, self.wait_for_snapshot(&id)).await {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(status))) => {
+                let reason = self
+                    .snapshot_failure_reason(
+                        external_id,
+                        SNAPSHOT_REASON_WAIT
+                            .min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                Err(ProviderError::ServerFailed(format!(
+                    "provider {}: snapshot {} ({id}) of server {external_id} went {status}: {reason}",
+                    self.name, spec.name
+                )))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ProviderError::Timeout(format!(
+                "provider {}: snapshot {} ({id}) of server {external_id}: not active within {} s",
+                self.name,
+                spec.name,
+                spec.timeout.as_secs()
+            ))),
+        };
+        match result {
+            Ok(()) => {
+                info!(provider = %self.name, server = external_id, image = %spec.name, id = %id,
+                    seconds = started.elapsed().as_secs_f64(), "snapshot active");
+                Ok(id)
+            }
+            Err(e) => {
+                self.discard_image(&id).await;
+                Err(e)
+            }
+        }
+    }
+
     async fn list_images(&self) -> Result<Vec<CloudImageInfo>, ProviderError> {
         let mut out = Vec::new();
         let mut marker = None;
@@ -1281,6 +1476,72 @@ providers:
         config.providers.truncate(1);
         crate::clouds::fill_image_formats(&loader, &mut config).unwrap();
         assert_eq!(config.providers[0].upload_format(), "vhd");
+    }
+
+    #[test]
+    fn snapshot_action_outcomes() {
+        let action = |events: Value| serde_json::json!({"instanceAction": {"events": events}});
+        assert_eq!(
+            snapshot_action_outcome(&action(serde_json::json!([
+                {"event": "compute_snapshot_instance", "finish_time": null, "result": null}
+            ]))),
+            ActionOutcome::Running
+        );
+        assert_eq!(
+            snapshot_action_outcome(&action(serde_json::json!([
+                {"event": "compute_snapshot_instance", "finish_time": "t", "result": "Success"}
+            ]))),
+            ActionOutcome::Succeeded
+        );
+        assert_eq!(
+            snapshot_action_outcome(&action(serde_json::json!([
+                {"event": "compute_snapshot_instance", "finish_time": "t", "result": "Error",
+                 "details": "Disk full"},
+                {"event": "other", "finish_time": "t", "result": "Error"}
+            ]))),
+            ActionOutcome::Failed("compute_snapshot_instance: Disk full; other: Error".into())
+        );
+        assert_eq!(
+            snapshot_action_outcome(&serde_json::json!({})),
+            ActionOutcome::Succeeded
+        );
+    }
+
+    #[test]
+    fn snapshot_refusals_map_by_meaning() {
+        let refused = |status: u16, message: &str| {
+            snapshot_error(ApiError::Status {
+                call: "compute POST servers/s/action".into(),
+                status,
+                message: message.into(),
+            })
+        };
+        assert!(matches!(
+            refused(
+                409,
+                "Cannot 'createImage' instance s while it is in task_state image_uploading"
+            ),
+            ProviderError::Transient(_)
+        ));
+        assert!(matches!(
+            refused(
+                409,
+                "Cannot 'createImage' instance s while it is in vm_state error"
+            ),
+            ProviderError::InvalidRequest(_)
+        ));
+        assert!(matches!(
+            refused(404, "Instance s could not be found."),
+            ProviderError::NotFound(_)
+        ));
+        assert!(matches!(
+            refused(403, "Quota exceeded for images"),
+            ProviderError::QuotaExceeded(_)
+        ));
+        assert!(matches!(
+            refused(413, "Maximum number of images exceeded: quota exceeded"),
+            ProviderError::QuotaExceeded(_)
+        ));
     }
 
     #[test]

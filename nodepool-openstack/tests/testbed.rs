@@ -24,7 +24,8 @@ use nodepool_model::conformance::provider::{
 };
 use nodepool_model::model::{CORES, INSTANCES};
 use nodepool_model::provider::{
-    IMAGE_BUILD_ID, ImageRef, ImageUploadSpec, Provider, ProviderError, ResourceKind,
+    IMAGE_BUILD_ID, ImageRef, ImageUploadSpec, InstanceStatus, Provider, ProviderError,
+    ResourceKind, SnapshotSpec,
 };
 use nodepool_openstack::api::{ApiRequest, Raw, Service};
 use nodepool_openstack::{ClientOptions, CloudsLoader, OpenStackProvider, ProviderOptions};
@@ -501,6 +502,205 @@ async fn floating_ip_shows_in_nova_addresses() {
     if let Err(e) = checked {
         std::panic::resume_unwind(e);
     }
+}
+
+// ------------------------------------------------------------------------
+// Snapshots (Nova's createImage). The testbed's compute driver
+// (testbed/openstack/nova-peer-virt) uploads the booted image's bytes as
+// the snapshot, as a real driver uploads the disk; server metadata
+// `testbed_snapshot` = `hold` / `fail` makes it upload nothing / fail.
+
+/// A snapshot spec with nodepool's image properties; `testbed-` names are
+/// swept by later runs.
+fn snapshot_spec(provider: &str, timeout: Duration) -> SnapshotSpec {
+    let build = uuid::Uuid::new_v4().simple().to_string();
+    let mut properties = IndexMap::new();
+    properties.insert(IMAGE_BUILD_ID.to_owned(), build.clone());
+    properties.insert("nodepool_upload_id".to_owned(), "0000000007".to_owned());
+    properties.insert("nodepool_provider_name".to_owned(), provider.to_owned());
+    SnapshotSpec {
+        name: format!("testbed-snap-{build}"),
+        properties,
+        timeout,
+    }
+}
+
+/// Boots a server from np-base, with `testbed_snapshot` set when given.
+async fn booted(p: &OpenStackProvider, snapshot_mode: Option<&str>) -> String {
+    let mut l = label();
+    if let Some(m) = snapshot_mode {
+        l.instance_properties
+            .insert("testbed_snapshot".into(), m.into());
+    }
+    let spec = spec_for(&Testbed, p, &random_node_id(), l);
+    let id = p.create_instance(&spec).await.expect("create");
+    if let Err(e) = p.wait_for_instance(&id, &spec).await {
+        let _ = p.delete_instance(&id).await;
+        panic!("the server did not boot: {e}");
+    }
+    id
+}
+
+/// The images named `name` Glance lists (any status).
+async fn images_named(p: &OpenStackProvider, name: &str) -> Vec<String> {
+    p.list_images()
+        .await
+        .expect("list images")
+        .into_iter()
+        .filter(|i| i.name == name)
+        .map(|i| i.id)
+        .collect()
+}
+
+/// Runs `check`, then deletes the servers and the images named `image`
+/// whatever happened, then re-raises a failed check.
+async fn with_cleanup(
+    p: &OpenStackProvider,
+    servers: &Mutex<Vec<String>>,
+    image: &str,
+    check: impl std::future::Future<Output = ()>,
+) {
+    let checked = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(check)).await;
+    let ids = servers.lock().expect("servers").clone();
+    for id in ids {
+        p.delete_instance(&id).await.expect("delete server");
+    }
+    for id in images_named(p, image).await {
+        p.delete_image(&id).await.expect("delete image");
+    }
+    if let Err(e) = checked {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// A server booted from np-base is snapshotted: the image is active with
+/// the base's bytes and nodepool's properties (listed as an upload's), the
+/// server is still ACTIVE, a server boots from the snapshot, and the
+/// image is deleted.
+#[tokio::test]
+async fn snapshot_is_active_with_properties_and_boots_a_server() {
+    sweep_leftovers();
+    let p = provider_on("peer", "testbed-snapshot");
+    // generous: on a busy machine the compute host's upload through
+    // Glance took 86 s
+    let spec = snapshot_spec("testbed-snapshot", Duration::from_secs(600));
+    let servers = Mutex::new(Vec::new());
+    with_cleanup(&p, &servers, &spec.name, async {
+        let server = booted(&p, None).await;
+        servers.lock().expect("servers").push(server.clone());
+        let id = p.snapshot_instance(&server, &spec).await.expect("snapshot");
+        let shown = raw(&p, ApiRequest::get(Service::Image, format!("images/{id}"))).await;
+        assert_eq!(shown["status"], json!("active"), "{shown}");
+        assert_eq!(shown["name"], json!(spec.name));
+        assert_eq!(shown["size"], json!(65536), "np-base's 64 KiB: {shown}");
+        let listed = p
+            .list_images()
+            .await
+            .expect("list images")
+            .into_iter()
+            .find(|i| i.id == id)
+            .expect("the snapshot is listed");
+        assert_eq!(listed.status, "active");
+        for (k, v) in &spec.properties {
+            assert_eq!(
+                listed.properties.get(k),
+                Some(v),
+                "property {k}: {listed:?}"
+            );
+        }
+        let after = p.get_instance(&server).await.expect("get").expect("exists");
+        assert_eq!(after.status, InstanceStatus::Active, "left as it was");
+
+        let mut from_snapshot = spec_for(&Testbed, &p, &random_node_id(), label());
+        from_snapshot.image = ImageRef::Uploaded {
+            external_id: id.clone(),
+        };
+        let second = p.create_instance(&from_snapshot).await.expect("create");
+        servers.lock().expect("servers").push(second.clone());
+        let inst = p
+            .wait_for_instance(&second, &from_snapshot)
+            .await
+            .expect("a server boots from the snapshot");
+        assert_eq!(inst.status, InstanceStatus::Active);
+        let nova = raw(
+            &p,
+            ApiRequest::get(Service::Compute, format!("servers/{second}")),
+        )
+        .await;
+        assert_eq!(nova["server"]["image"]["id"], json!(id), "{nova}");
+
+        p.delete_image(&id).await.expect("delete the snapshot");
+        assert!(
+            images_named(&p, &spec.name).await.is_empty(),
+            "the snapshot is gone"
+        );
+    })
+    .await;
+}
+
+/// A snapshot of a server that does not exist is NotFound, and makes no
+/// image.
+#[tokio::test]
+async fn snapshot_of_a_missing_server_is_not_found() {
+    sweep_leftovers();
+    let p = provider_on("peer", "testbed-snapshot-missing");
+    let spec = snapshot_spec("testbed-snapshot-missing", Duration::from_secs(60));
+    let missing = uuid::Uuid::new_v4().to_string();
+    let r = p.snapshot_instance(&missing, &spec).await;
+    assert!(matches!(r, Err(ProviderError::NotFound(_))), "{r:?}");
+    assert!(images_named(&p, &spec.name).await.is_empty());
+}
+
+/// A snapshot that never becomes active (the compute host uploads
+/// nothing: `testbed_snapshot: hold`) times out, and its queued image is
+/// deleted.
+#[tokio::test]
+async fn snapshot_never_active_times_out_and_is_deleted() {
+    sweep_leftovers();
+    let p = provider_on("peer", "testbed-snapshot-hold");
+    let spec = snapshot_spec("testbed-snapshot-hold", Duration::from_secs(5));
+    let servers = Mutex::new(Vec::new());
+    with_cleanup(&p, &servers, &spec.name, async {
+        let server = booted(&p, Some("hold")).await;
+        servers.lock().expect("servers").push(server.clone());
+        let r = p.snapshot_instance(&server, &spec).await;
+        match r {
+            Err(ProviderError::Timeout(m)) => {
+                assert!(m.contains("not active within 5 s"), "{m}")
+            }
+            other => panic!("expected Timeout, got {other:?}"),
+        }
+        assert!(
+            images_named(&p, &spec.name).await.is_empty(),
+            "the queued image was deleted"
+        );
+    })
+    .await;
+}
+
+/// A snapshot the compute host fails (`testbed_snapshot: fail`; Nova then
+/// deletes the image) is ServerFailed, and says so.
+#[tokio::test]
+async fn failed_snapshot_is_server_failed() {
+    sweep_leftovers();
+    let p = provider_on("peer", "testbed-snapshot-fail");
+    let spec = snapshot_spec("testbed-snapshot-fail", Duration::from_secs(300));
+    let servers = Mutex::new(Vec::new());
+    with_cleanup(&p, &servers, &spec.name, async {
+        let server = booted(&p, Some("fail")).await;
+        servers.lock().expect("servers").push(server.clone());
+        let r = p.snapshot_instance(&server, &spec).await;
+        match r {
+            Err(ProviderError::ServerFailed(m)) => {
+                // Nova 34 records the reason only in nova-compute's log.
+                assert!(m.contains("went deleted"), "{m}");
+                assert!(m.contains("the compute host's snapshot failed"), "{m}");
+            }
+            other => panic!("expected ServerFailed, got {other:?}"),
+        }
+        assert!(images_named(&p, &spec.name).await.is_empty());
+    })
+    .await;
 }
 
 /// Every test of this file logs, at TRACE for this crate and reqwest, into

@@ -14,6 +14,9 @@ pub const MAX_MICROVERSION: (u32, u32) = (2, 96);
 pub const FLAVOR_EMBEDDED: (u32, u32) = (2, 47);
 /// From this microversion on, `networks` is required (`auto`, `none` or a list).
 pub const NETWORKS_REQUIRED: (u32, u32) = (2, 37);
+/// From this microversion on, `createImage` answers with the image id in
+/// its body; before, only its `Location` header (an image URL) names it.
+pub const IMAGE_ID_IN_BODY: (u32, u32) = (2, 45);
 
 /// A flavor.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -386,6 +389,55 @@ impl Endpoint for CreateServer {
     }
 }
 
+/// `POST /servers/{id}/action` `createImage`: snapshots the server into a
+/// new Glance image (created `queued` at once; the compute host uploads the
+/// data and Glance makes it `active` later). Answers the image id.
+#[derive(Clone, Debug)]
+pub struct CreateServerImage<'a> {
+    /// The server.
+    pub server_id: &'a str,
+    /// Image name.
+    pub name: String,
+    /// Image properties (Nova's "metadata" of the action).
+    pub metadata: IndexMap<String, String>,
+    /// The microversion the call is made with.
+    pub microversion: (u32, u32),
+}
+
+impl Endpoint for CreateServerImage<'_> {
+    type Output = String;
+
+    fn request(&self) -> ApiRequest {
+        ApiRequest::new(
+            Method::POST,
+            Service::Compute,
+            format!("servers/{}/action", segment(self.server_id)),
+        )
+        .json(json!({ "createImage": { "name": self.name, "metadata": self.metadata } }))
+        .expect(&[202, 200])
+    }
+
+    fn parse(&self, response: ApiResponse) -> Result<String, ApiError> {
+        if self.microversion >= IMAGE_ID_IN_BODY
+            && let Some(id) = response.json()?.get("image_id").and_then(Value::as_str)
+        {
+            return Ok(id.to_owned());
+        }
+        // Before 2.45: `Location: http://glance/v2/images/{id}`.
+        response
+            .header("location")
+            .and_then(|l| l.trim_end_matches('/').rsplit('/').next())
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                ApiError::Decode(format!(
+                    "createImage of server {}: no image id in the answer (microversion {}.{})",
+                    self.server_id, self.microversion.0, self.microversion.1
+                ))
+            })
+    }
+}
+
 /// `POST /servers/{id}/action` `os-getConsoleOutput`.
 #[derive(Clone, Debug)]
 pub struct ConsoleOutput<'a>(pub &'a str);
@@ -599,6 +651,60 @@ mod tests {
         assert_eq!(l.cores, None);
         assert_eq!(l.ram, Some(51200));
         assert_eq!(l.instances_used, Some(2));
+    }
+
+    fn answer(body: Value, location: Option<&str>) -> ApiResponse {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(l) = location {
+            headers.insert("location", l.parse().unwrap());
+        }
+        ApiResponse {
+            status: 202,
+            headers,
+            body: if body.is_null() {
+                Default::default()
+            } else {
+                serde_json::to_vec(&body).unwrap().into()
+            },
+        }
+    }
+
+    #[test]
+    fn create_server_image_shape_and_answers() {
+        let c = CreateServerImage {
+            server_id: "s 1",
+            name: "snap".into(),
+            metadata: [("nodepool_build_id".to_owned(), "b1".to_owned())]
+                .into_iter()
+                .collect(),
+            microversion: (2, 96),
+        };
+        let r = c.request();
+        assert_eq!(r.describe(), "compute POST servers/s%201/action");
+        assert_eq!(
+            body(r),
+            json!({"createImage": {"name": "snap", "metadata": {"nodepool_build_id": "b1"}}})
+        );
+        // 2.45 and later: the id is in the body
+        assert_eq!(
+            c.parse(answer(json!({"image_id": "i1"}), None)).unwrap(),
+            "i1"
+        );
+        // before: only the Location header names it (and the body is empty)
+        let old = CreateServerImage {
+            microversion: (2, 1),
+            ..c.clone()
+        };
+        assert_eq!(
+            old.parse(answer(Value::Null, Some("http://g:9292/v2/images/i2")))
+                .unwrap(),
+            "i2"
+        );
+        let e = old
+            .parse(answer(Value::Null, None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no image id") && e.contains("2.1"), "{e}");
     }
 
     #[test]
