@@ -49,19 +49,13 @@ eval "$("$DIB_DIR/setup.sh")"
 
 # glean and pbr are downloaded here, on the host, whose pip is configured for
 # this network; pip in the chroot installs them offline (element glean-ssh).
-GLEAN_VERSION=1.25.1 PBR_VERSION=7.1.3
 export GLEAN_SSH_WHEELS=$OUTDIR/wheels
-if ! ls "$GLEAN_SSH_WHEELS/glean-$GLEAN_VERSION-"*.whl "$GLEAN_SSH_WHEELS/pbr-$PBR_VERSION-"*.whl >/dev/null 2>&1; then
-  log "downloading glean $GLEAN_VERSION and pbr $PBR_VERSION wheels into $GLEAN_SSH_WHEELS"
-  rm -rf "$GLEAN_SSH_WHEELS"
-  "${NODEPOOL_TEST_DIB_CMD%/*}/pip" download -q --no-deps --only-binary=:all: -d "$GLEAN_SSH_WHEELS" \
-    "glean==$GLEAN_VERSION" "pbr==$PBR_VERSION" >&2 || die "pip download glean/pbr failed"
-fi
+WHEELS=$("$HERE/glean-wheels.sh" "$GLEAN_SSH_WHEELS") || die "glean/pbr wheels missing"
 DIB_VERSION=$(PATH=$NODEPOOL_TEST_DIB_PATH "$NODEPOOL_TEST_DIB_CMD" --version 2>/dev/null || echo unknown)
 
 # --- cache key ----------------------------------------------------------
 key=$( {
-  echo "dib $DIB_VERSION glean $GLEAN_VERSION pbr $PBR_VERSION"
+  echo "dib $DIB_VERSION $WHEELS"
   echo "elements ${ELEMENTS[*]}"
   echo "settings $SETTINGS"
   (cd "$DIB_DIR/elements" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
