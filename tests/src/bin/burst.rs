@@ -15,7 +15,7 @@
 //! `--floor` (ZooKeeper only) then measures, in the same invocation, what
 //! the same ZooKeeper writes cost without the launcher: a raw
 //! `zookeeper-client` session makes, for each request, the writes the
-//! launcher makes for it (see [`floor`]), one after another within a
+//! launcher makes for it (see `floor` below), one after another within a
 //! request and [`REQUESTS_IN_FLIGHT`] requests at once, as the launcher
 //! pipelines them; and prints the ratio floor/launcher (1 = the launcher
 //! is as fast as its writes allow).
