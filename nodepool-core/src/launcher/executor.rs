@@ -163,7 +163,7 @@ pub(crate) async fn fulfil_if_complete(shared: &Shared, request: &str) {
 }
 
 /// Requests handled at once: each costs a few sequential store round trips.
-const CONCURRENT_GROUPS: usize = 64;
+const CONCURRENT_GROUPS: usize = super::REQUESTS_IN_FLIGHT;
 
 /// Runs a plan: first what frees nodes (so requests can reuse them), then
 /// every request's actions (concurrently across requests, in order within

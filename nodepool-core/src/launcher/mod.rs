@@ -43,6 +43,12 @@ pub(crate) use providers::{cloud_usage, missing_cloud_images, wanted_cloud_image
 pub use crate::runtime::{Clock, PassCounter, ProviderFactory};
 pub use tasks::{DeleteError, delete_locked_node};
 
+/// Requests a launcher works on at once within a pass (accept, allocate,
+/// launch): each costs a few sequential store round trips, so this is how
+/// many of them are in flight. The load benchmark's ZooKeeper floor
+/// (`burst --floor`) pipelines the same number.
+pub const REQUESTS_IN_FLIGHT: usize = 64;
+
 use crate::config::Config;
 use crate::model::{Component, ComponentKind, ComponentState, NodeState, RequestState};
 use crate::planner::{self, LocalState, PoolInfo, PoolKey, ProviderView, Snapshot};

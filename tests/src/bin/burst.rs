@@ -12,11 +12,19 @@
 //! Both report the launcher's CPU seconds and peak RSS, then the latency of
 //! one request on the idle launcher.
 //!
+//! `--floor` (ZooKeeper only) then measures, in the same invocation, what
+//! the same ZooKeeper writes cost without the launcher: a raw
+//! `zookeeper-client` session makes, for each request, the writes the
+//! launcher makes for it (see `floor` below), one after another within a
+//! request and [`REQUESTS_IN_FLIGHT`] requests at once, as the launcher
+//! pipelines them; and prints the ratio floor/launcher (1 = the launcher
+//! is as fast as its writes allow).
+//!
 //! ```text
 //! cargo build --release -p nodepool-cli -p nodepool-tests
 //! eval "$(scripts/zookeeper.sh env)"
 //! target/release/burst [--requests 1000] [--mode burst|backlog] [--store zookeeper|sqlite]
-//!                      [--launcher target/release/nodepool-launcher]
+//!                      [--floor] [--launcher target/release/nodepool-launcher]
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -26,7 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures::{StreamExt, TryStreamExt};
 use nodepool_core::config::Config;
+use nodepool_core::launcher::REQUESTS_IN_FLIGHT;
 use nodepool_core::model::RequestState;
 use nodepool_core::store::StoreEvent;
 use nodepool_requestor::{NewRequest, Requestor};
@@ -37,6 +47,10 @@ fn arg(name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
 }
 
 /// utime + stime of a process, in seconds.
@@ -90,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         Some(other) => bail!("--mode: expected burst or backlog, got {other:?}"),
     };
     let dir = tempfile::tempdir()?;
+    let mut zk_server: Option<String> = None;
     let (store_yaml, store_name) = match arg("--store").as_deref() {
         None | Some("zookeeper") => {
             let hosts = std::env::var("NODEPOOL_TEST_ZK_HOSTS")
@@ -98,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
                 .rsplit_once(':')
                 .context("NODEPOOL_TEST_ZK_HOSTS is host:port")?;
             let chroot = format!("/nodepool-rs-bench/{}", uuid::Uuid::new_v4().simple());
+            zk_server = Some(hosts.clone());
             (
                 format!(
                     "zookeeper-servers: [{{host: '{host}', port: {port}, chroot: '{chroot}'}}]"
@@ -113,6 +129,11 @@ async fn main() -> anyhow::Result<()> {
             "SQLite file",
         ),
         Some(other) => bail!("--store: expected zookeeper or sqlite, got {other:?}"),
+    };
+    let floor_server = match (flag("--floor"), &zk_server) {
+        (false, _) => None,
+        (true, Some(s)) => Some(s.clone()),
+        (true, None) => bail!("--floor: the floor is ZooKeeper's, use --store zookeeper"),
     };
     let yaml = format!(
         r#"{store_yaml}
@@ -307,7 +328,132 @@ providers:
         "one request on an idle launcher: {:.1} ms",
         idle.as_secs_f64() * 1000.0
     );
+    if let Some(server) = floor_server {
+        let floor = floor(&server, n).await?;
+        println!(
+            "ZooKeeper floor: the same {} writes per request, {REQUESTS_IN_FLIGHT} requests in flight, raw client:",
+            FLOOR_WRITES.len()
+        );
+        println!(
+            "  {n} requests in    {:.3} s  ({:.0} requests/s, {:.0} writes/s)",
+            floor.as_secs_f64(),
+            n as f64 / floor.as_secs_f64(),
+            (n * FLOOR_WRITES.len()) as f64 / floor.as_secs_f64()
+        );
+        println!(
+            "  floor/launcher      {:.2}  (launcher all fulfilled {:.3} s)",
+            floor.as_secs_f64() / wall.as_secs_f64(),
+            wall.as_secs_f64()
+        );
+    }
     Ok(())
+}
+
+/// The writes the launcher makes for one single-node request of the
+/// backlog, in its order (`launcher::executor`: accept, launch; then the
+/// launch task: ready, fulfil). Reads (lock queue listings, the records
+/// read before a version-checked write) are not in the floor.
+const FLOOR_WRITES: [&str; 11] = [
+    "create the request's lock directory (kazoo's makepath)",
+    "create the request lock contender",
+    "set the request pending",
+    "create the node (init)",
+    "create the node's lock directory",
+    "create the node lock contender",
+    "set the node building",
+    "set the node ready",
+    "delete the node lock contender",
+    "set the request fulfilled",
+    "delete the request lock contender",
+];
+
+/// Time for a raw `zookeeper-client` session to make [`FLOOR_WRITES`] for
+/// `n` requests, in a fresh chroot holding `n` request records (written
+/// before the clock starts, as the backlog is).
+async fn floor(server: &str, n: usize) -> anyhow::Result<Duration> {
+    use zookeeper_client as zk;
+    let root = format!("/nodepool-rs-bench/floor-{}", uuid::Uuid::new_v4().simple());
+    let dir = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    let plain = zk::Client::connect(server)
+        .await
+        .with_context(|| format!("connecting to ZooKeeper at {server}"))?;
+    plain
+        .mkdir(&format!("{root}/nodepool/requests"), &dir)
+        .await?;
+    plain
+        .mkdir(&format!("{root}/nodepool/requests-lock"), &dir)
+        .await?;
+    plain.mkdir(&format!("{root}/nodepool/nodes"), &dir).await?;
+    let client = plain
+        .clone()
+        .chroot(root.as_str())
+        .map_err(|_| anyhow::anyhow!("invalid chroot {root}"))?;
+    // Records of the sizes the launcher writes.
+    let request = format!(
+        r#"{{"state": "requested", "node_types": ["small"], "pad": "{}"}}"#,
+        "r".repeat(300)
+    );
+    let node = format!(r#"{{"state": "building", "pad": "{}"}}"#, "n".repeat(800));
+    let seq = zk::CreateMode::PersistentSequential.with_acls(zk::Acls::anyone_all());
+    let contender = zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (_, s) = client
+            .create("/nodepool/requests/100-", request.as_bytes(), &seq)
+            .await?;
+        ids.push(format!("100-{s}"));
+    }
+    let one = async |id: String| -> anyhow::Result<()> {
+        let c = &client;
+        let lock_dir = format!("/nodepool/requests-lock/{id}");
+        c.create(&lock_dir, b"", &dir).await?;
+        let lock = format!("{lock_dir}/{}__lock__", uuid::Uuid::new_v4().simple());
+        let (_, s) = c.create(&lock, b"", &contender).await?;
+        let request_lock = format!("{lock}{s}");
+        let path = format!("/nodepool/requests/{id}");
+        let st = c.set_data(&path, request.as_bytes(), Some(0)).await?;
+        let (_, s) = c.create("/nodepool/nodes/", node.as_bytes(), &seq).await?;
+        let node_path = format!("/nodepool/nodes/{s}");
+        c.create(&format!("{node_path}/lock"), b"", &dir).await?;
+        let lock = format!("{node_path}/lock/{}__lock__", uuid::Uuid::new_v4().simple());
+        let (_, s) = c.create(&lock, b"", &contender).await?;
+        let node_lock = format!("{lock}{s}");
+        let ns = c.set_data(&node_path, node.as_bytes(), Some(0)).await?;
+        c.set_data(&node_path, node.as_bytes(), Some(ns.version))
+            .await?;
+        c.delete(&node_lock, None).await?;
+        c.set_data(&path, request.as_bytes(), Some(st.version))
+            .await?;
+        c.delete(&request_lock, None).await?;
+        Ok(())
+    };
+    let t = Instant::now();
+    futures::stream::iter(ids)
+        .map(one)
+        .buffer_unordered(REQUESTS_IN_FLIGHT)
+        .try_collect::<()>()
+        .await?;
+    let took = t.elapsed();
+    // Leave nothing behind on the shared server.
+    delete_tree(&plain, &root).await?;
+    Ok(took)
+}
+
+/// Deletes `path` and everything under it, siblings concurrently.
+async fn delete_tree(client: &zookeeper_client::Client, path: &str) -> anyhow::Result<()> {
+    let children = client.list_children(path).await?;
+    futures::stream::iter(children)
+        .map(|c| {
+            let child = format!("{path}/{c}");
+            async move { Box::pin(delete_tree(client, &child)).await }
+        })
+        .buffer_unordered(REQUESTS_IN_FLIGHT)
+        .try_collect::<()>()
+        .await?;
+    match client.delete(path, None).await {
+        Ok(()) | Err(zookeeper_client::Error::NoNode) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Submits `n` requests with up to 64 in flight, as a busy Zuul does.
