@@ -62,7 +62,7 @@ async fn seed_003_migrates_to_a_configuration_that_validates() {
         "cron: dropped",
         "zmq-publishers: dropped",
         "targets: dropped",
-        "setup: not carried",
+        "became snapshot image `tripleo-precise`",
         "service-type: dropped",
         "moved to clouds.yaml as cloud `tripleo-test-cloud`",
     ] {
@@ -77,7 +77,14 @@ async fn seed_003_migrates_to_a_configuration_that_validates() {
     assert!(!config.contains(PASSWORD), "{config}");
     assert!(config.contains("max-servers: 2"), "{config}");
     assert!(config.contains("min-ready: 2"), "{config}");
-    assert!(config.contains("cloud-image: tripleo-precise"), "{config}");
+    // Seed 002's snapshot image: provider `images` over a cloud image of
+    // its base, booted by its labels by name.
+    assert!(config.contains("diskimage: tripleo-precise"), "{config}");
+    assert!(
+        config.contains("setup: prepare_node_tripleo.sh"),
+        "{config}"
+    );
+    assert!(config.contains("name: tripleo-precise-base"), "{config}");
     // The ready scripts' directory and login are carried (seeds 002, 003).
     assert!(config.contains("script-dir:"), "{config}");
     assert!(
@@ -96,6 +103,17 @@ async fn seed_003_migrates_to_a_configuration_that_validates() {
         out.stderr
     );
 
+    // The seed's `$HOME` placeholders become this test's files: the
+    // setup script and the key it logs in with must exist.
+    let home = dir.path().display().to_string();
+    let scripts = dir
+        .path()
+        .join("src/config/modules/openstack_project/files/nodepool/scripts");
+    std::fs::create_dir_all(&scripts).unwrap();
+    std::fs::write(scripts.join("prepare_node_tripleo.sh"), "#!/bin/sh\n").unwrap();
+    std::fs::create_dir_all(dir.path().join(".ssh")).unwrap();
+    std::fs::write(dir.path().join(".ssh/id_rsa"), "key\n").unwrap();
+    std::fs::write(&new, config.replace("$HOME", &home)).unwrap();
     nodepool(
         dir.path(),
         &["-c", &s(&new), "config-validate", "--no-clouds"],

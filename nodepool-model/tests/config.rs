@@ -885,10 +885,12 @@ fn e55_legacy_provider_images_and_max_servers() {
     let e = invalid(
         &base_with(
             "cloud: mycloud",
-            "cloud: mycloud\n    max-servers: 2\n    images: []",
+            "cloud: mycloud\n    max-servers: 2\n    images: [{name: precise, min-ram: 1}]",
         ),
-        "providers[0].images",
-        K::Removed,
+        // Provider `images` are snapshot images again: one without a
+        // setup script is not one.
+        "providers[0].images[0].setup",
+        K::MissingKey,
     );
     assert!(e.has("providers[0].max-servers", K::Removed));
 }

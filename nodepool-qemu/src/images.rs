@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
 use md5::Digest as _;
-use nodepool_model::provider::{CloudImageInfo, ImageUploadSpec, ProviderError};
+use nodepool_model::provider::{CloudImageInfo, ImageUploadSpec, ProviderError, SnapshotSpec};
 use serde::{Deserialize, Serialize};
 
 /// `image.json`.
@@ -135,28 +135,81 @@ pub(crate) async fn upload(
             }
         }
     }
+    let source = Source {
+        path: &spec.path,
+        format,
+        in_use: false,
+    };
+    store(qemu_img, images, &source, &spec.name, &spec.properties)
+        .await
+        .map_err(fail)
+}
+
+/// Stores a server's disk (its overlay, flattened with its backing image)
+/// as a new image: returns the image id. The caller keeps the disk still
+/// while this runs (see `QemuProvider::snapshot_instance`).
+pub(crate) async fn snapshot(
+    qemu_img: &Path,
+    images: &Path,
+    overlay: &Path,
+    spec: &SnapshotSpec,
+) -> Result<String, String> {
+    let source = Source {
+        path: overlay,
+        format: "qcow2",
+        // The VM holds QEMU's write lock on its overlay.
+        in_use: true,
+    };
+    store(qemu_img, images, &source, &spec.name, &spec.properties).await
+}
+
+/// What an image is made from.
+struct Source<'a> {
+    path: &'a Path,
+    format: &'a str,
+    /// Open (and locked) by a running VM: read it with `-U` (force share).
+    in_use: bool,
+}
+
+/// Converts `source` to qcow2 in a partial directory and renames that
+/// into place, so a listing never sees half an image: returns the id.
+async fn store(
+    qemu_img: &Path,
+    images: &Path,
+    source: &Source<'_>,
+    name: &str,
+    properties: &IndexMap<String, String>,
+) -> Result<String, String> {
     let id = uuid::Uuid::new_v4().to_string();
     let partial = images.join(format!("{PARTIAL}{}-{id}", std::process::id()));
-    std::fs::create_dir_all(&partial).map_err(|e| fail(format!("{}: {e}", partial.display())))?;
-    let result = convert_into(qemu_img, format, spec, &id, &partial, &images.join(&id)).await;
+    std::fs::create_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+    let record = ImageRecord {
+        id: id.clone(),
+        name: name.to_owned(),
+        properties: properties.clone(),
+    };
+    let result = convert_into(qemu_img, source, &record, &partial, &images.join(&id)).await;
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&partial);
     }
-    result.map_err(fail)?;
-    Ok(id)
+    result.map(|()| id)
 }
 
 async fn convert_into(
     qemu_img: &Path,
-    format: &str,
-    spec: &ImageUploadSpec,
-    id: &str,
+    source: &Source<'_>,
+    record: &ImageRecord,
     partial: &Path,
     target: &PathBuf,
 ) -> Result<(), String> {
-    let out = tokio::process::Command::new(qemu_img)
-        .args(["convert", "-q", "-f", format, "-O", "qcow2"])
-        .arg(&spec.path)
+    let mut cmd = tokio::process::Command::new(qemu_img);
+    cmd.args(["convert", "-q"]);
+    if source.in_use {
+        cmd.arg("-U");
+    }
+    let out = cmd
+        .args(["-f", source.format, "-O", "qcow2"])
+        .arg(source.path)
         .arg(partial.join(DISK))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -170,12 +223,7 @@ async fn convert_into(
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    let record = ImageRecord {
-        id: id.to_owned(),
-        name: spec.name.clone(),
-        properties: spec.properties.clone(),
-    };
-    let json = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
+    let json = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
     std::fs::write(partial.join(RECORD), json).map_err(|e| e.to_string())?;
     std::fs::rename(partial, target)
         .map_err(|e| format!("{} → {}: {e}", partial.display(), target.display()))

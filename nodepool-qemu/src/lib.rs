@@ -32,7 +32,7 @@ use nodepool_model::config::{Driver, PoolLabel, ProviderConfig, QemuHost, Simula
 use nodepool_model::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
 use nodepool_model::provider::{
     CloudImageInfo, ImageRef, ImageUploadSpec, Instance, InstanceSpec, InstanceStatus, Provider,
-    ProviderError, poll_until_active,
+    ProviderError, SnapshotSpec, poll_until_active,
 };
 
 pub use host::{STUB_BANNER, stub_disk};
@@ -567,6 +567,61 @@ impl Provider for QemuProvider {
     async fn upload_image(&self, spec: &ImageUploadSpec) -> Result<String, ProviderError> {
         let id = images::upload(&self.name, &self.qemu_img, &self.images(), spec).await?;
         tracing::info!(provider = %self.name, image = %id, name = %spec.name, "image stored");
+        Ok(id)
+    }
+
+    async fn snapshot_instance(
+        &self,
+        external_id: &str,
+        spec: &SnapshotSpec,
+    ) -> Result<String, ProviderError> {
+        let dir = self.server_dir(external_id);
+        if !plain_id(external_id) || vm::read_record(&dir).is_none() {
+            return Err(ProviderError::NotFound(format!(
+                "provider {}: server {external_id}",
+                self.name
+            )));
+        }
+        let fail = |why: String| {
+            ProviderError::Other(format!(
+                "provider {}: snapshot {} of server {external_id}: {why}",
+                self.name, spec.name
+            ))
+        };
+        // A running guest writes its overlay while `qemu-img` reads it, so
+        // a plain copy could mix blocks from before and after a write (a
+        // torn filesystem). SIGSTOP freezes every QEMU thread (vCPUs and
+        // I/O): the overlay does not change until SIGCONT, so the copy is
+        // the disk at one instant, as a power cut would leave it (what the
+        // guest had not yet written stays in its page cache: setup scripts
+        // end with `sync`). `-U` reads past the write lock QEMU holds. The
+        // guard resumes the VM however this ends (error, timeout, a
+        // dropped future); a stopped guest's clock jumps, which a server
+        // about to be deleted does not mind.
+        let paused = match vm::liveness(&dir) {
+            vm::Liveness::Running { pid, .. } => {
+                Some(vm::Paused::new(pid, STOP_LIMIT).await.map_err(fail)?)
+            }
+            vm::Liveness::NotStarted | vm::Liveness::Gone => None,
+        };
+        let made = tokio::time::timeout(
+            spec.timeout,
+            images::snapshot(&self.qemu_img, &self.images(), &dir.join(vm::OVERLAY), spec),
+        )
+        .await;
+        drop(paused);
+        let id = match made {
+            Err(_) => {
+                return Err(ProviderError::Timeout(format!(
+                    "provider {}: snapshot {} of server {external_id}: not done within {} s",
+                    self.name,
+                    spec.name,
+                    spec.timeout.as_secs()
+                )));
+            }
+            Ok(r) => r.map_err(fail)?,
+        };
+        tracing::info!(provider = %self.name, server = %external_id, image = %id, name = %spec.name, "server snapshot stored");
         Ok(id)
     }
 

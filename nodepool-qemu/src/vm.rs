@@ -123,6 +123,54 @@ pub(crate) async fn stop(dir: &Path, grace: Duration, limit: Duration) -> Result
     }
 }
 
+/// A VM frozen with SIGSTOP (every thread of the process) until dropped,
+/// which sends SIGCONT.
+pub(crate) struct Paused(Pid);
+
+impl Paused {
+    /// Stops process `pid` and returns once every one of its threads is
+    /// stopped (a thread in the middle of a write finishes it first).
+    pub(crate) async fn new(pid: i32, limit: Duration) -> Result<Self, String> {
+        let raw = pid;
+        let pid = Pid::from_raw(pid);
+        nix::sys::signal::kill(pid, Signal::SIGSTOP)
+            .map_err(|e| format!("cannot pause qemu process {pid}: {e}"))?;
+        let paused = Paused(pid);
+        let start = tokio::time::Instant::now();
+        while !all_threads_stopped(raw) {
+            if start.elapsed() >= limit {
+                return Err(format!(
+                    "qemu process {pid} did not stop within {} s",
+                    limit.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(paused)
+    }
+}
+
+/// Whether every thread of `pid` is in state `T` (stopped); a process
+/// that is gone counts as stopped (nothing writes its disk).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.filter_map(Result::ok).all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).map_or(true, |stat| {
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next())
+                .is_none_or(|state| state == "T" || state == "t")
+        })
+    })
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, Signal::SIGCONT);
+    }
+}
+
 fn signal_group(pgid: i32, pid: i32, signal: Signal) {
     // The group is QEMU's own session (it daemonized); never ours.
     if pgid > 1 && pgid != nix::unistd::getpgrp().as_raw() {

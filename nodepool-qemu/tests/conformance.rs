@@ -3,7 +3,7 @@
 //! serial output, the config drive and the forwarded port are checked.
 
 use nodepool_model::conformance::provider::{Harness, random_node_id, spec_for};
-use nodepool_model::provider::{InstanceStatus, Provider};
+use nodepool_model::provider::{ImageRef, InstanceStatus, Provider, ProviderError, SnapshotSpec};
 
 mod support;
 
@@ -155,4 +155,73 @@ async fn auto_picks_an_accelerator_whose_guests_run() {
         console.contains(nodepool_qemu::STUB_BANNER),
         "the guest ran under {accel}: {console:?}"
     );
+}
+
+/// A snapshot of a running VM (its overlay, copied while the VM is
+/// paused) is an image a new VM boots: the stub's banner reaches the new
+/// VM's console; the snapshotted VM runs on; deleting the image removes
+/// its directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_running_vm_boots_and_deleting_it_removes_its_file() {
+    let host = Local::new();
+    let p = Harness::provider(&host).await;
+    let spec = spec_for(&host, p.as_ref(), &random_node_id(), host.label());
+    let id = p.create_instance(&spec).await.expect("create");
+    p.wait_for_instance(&id, &spec).await.expect("wait");
+    let mut properties = indexmap::IndexMap::new();
+    properties.insert("nodepool_provider_name".to_owned(), "local".to_owned());
+    let snap = SnapshotSpec {
+        name: "snapped".into(),
+        properties: properties.clone(),
+        timeout: std::time::Duration::from_secs(60),
+    };
+    let image = p.snapshot_instance(&id, &snap).await.expect("snapshot");
+    let disk = host
+        .image_dir
+        .join("images")
+        .join(&image)
+        .join("disk.qcow2");
+    assert!(disk.is_file(), "{} is written", disk.display());
+    let info = p
+        .list_images()
+        .await
+        .expect("list_images")
+        .into_iter()
+        .find(|i| i.id == image)
+        .expect("the snapshot is listed");
+    assert_eq!(info.name, "snapped");
+    assert_eq!(info.properties, properties);
+    let still = p.get_instance(&id).await.expect("get").expect("exists");
+    assert_eq!(still.status, InstanceStatus::Active, "the VM runs on");
+    p.delete_instance(&id)
+        .await
+        .expect("delete the snapshotted VM");
+
+    let mut from = spec_for(&host, p.as_ref(), &random_node_id(), host.label());
+    from.image = ImageRef::Uploaded {
+        external_id: image.clone(),
+    };
+    let id2 = p.create_instance(&from).await.expect("boot the snapshot");
+    p.wait_for_instance(&id2, &from).await.expect("wait");
+    let mut console = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !console.contains(nodepool_qemu::STUB_BANNER) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        console = p.console_log(&id2).await.expect("console_log");
+    }
+    p.delete_instance(&id2).await.expect("delete");
+    assert!(
+        console.contains(nodepool_qemu::STUB_BANNER),
+        "the VM booted from the snapshot runs the stub: {console:?}"
+    );
+    p.delete_image(&image).await.expect("delete_image");
+    assert!(
+        !host.image_dir.join("images").join(&image).exists(),
+        "deleting the image removes its directory"
+    );
+    let missing = p
+        .snapshot_instance(&id, &snap)
+        .await
+        .expect_err("a deleted server cannot be snapshotted");
+    assert!(matches!(missing, ProviderError::NotFound(_)), "{missing:?}");
 }

@@ -51,7 +51,7 @@ use nodepool_model::config::PoolLabel;
 use nodepool_model::model::{Limits, Resources};
 use nodepool_model::provider::{
     CloudImageInfo, CloudResource, ImageUploadSpec, Instance, InstanceSpec, Provider,
-    ProviderError, ResourceKind,
+    ProviderError, ResourceKind, SnapshotSpec,
 };
 
 /// One method of the [`Provider`] trait that makes a call to the cloud.
@@ -79,6 +79,8 @@ pub enum Operation {
     ListImages,
     /// [`Provider::delete_image`].
     DeleteImage,
+    /// [`Provider::snapshot_instance`].
+    SnapshotInstance,
     /// [`Provider::list_resources`].
     ListResources,
     /// [`Provider::delete_resource`].
@@ -87,7 +89,7 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Operation; 13] = [
+    pub const ALL: [Operation; 14] = [
         Operation::QuotaLimits,
         Operation::LabelResources,
         Operation::CreateInstance,
@@ -99,6 +101,7 @@ impl Operation {
         Operation::UploadImage,
         Operation::ListImages,
         Operation::DeleteImage,
+        Operation::SnapshotInstance,
         Operation::ListResources,
         Operation::DeleteResource,
     ];
@@ -117,6 +120,7 @@ impl Operation {
             Operation::UploadImage => "upload_image",
             Operation::ListImages => "list_images",
             Operation::DeleteImage => "delete_image",
+            Operation::SnapshotInstance => "snapshot_instance",
             Operation::ListResources => "list_resources",
             Operation::DeleteResource => "delete_resource",
         }
@@ -558,6 +562,17 @@ impl Provider for FaultyProvider {
     async fn delete_image(&self, external_id: &str) -> Result<(), ProviderError> {
         self.call(Operation::DeleteImage, || {
             self.inner.delete_image(external_id)
+        })
+        .await
+    }
+
+    async fn snapshot_instance(
+        &self,
+        external_id: &str,
+        spec: &SnapshotSpec,
+    ) -> Result<String, ProviderError> {
+        self.call(Operation::SnapshotInstance, || {
+            self.inner.snapshot_instance(external_id, spec)
         })
         .await
     }

@@ -19,7 +19,7 @@ use nodepool_model::config::PoolLabel;
 use nodepool_model::model::{Limits, Resources};
 use nodepool_model::provider::{
     CloudImageInfo, CloudResource, ImageUploadSpec, Instance, InstanceSpec, InstanceStatus,
-    Provider, ProviderError, ResourceKind,
+    Provider, ProviderError, ResourceKind, SnapshotSpec,
 };
 
 use crate::dice::{CREATE_FAULT, DELETE_FAULT};
@@ -398,6 +398,63 @@ impl Provider for SimulatedProvider {
             st.images.shift_remove(external_id);
         })
         .await
+    }
+
+    async fn snapshot_instance(
+        &self,
+        external_id: &str,
+        spec: &SnapshotSpec,
+    ) -> Result<String, ProviderError> {
+        let nova = &self.inner.nova;
+        // Nova's `createImage`: the server must exist and not be going away;
+        // the image is made at once (the simulated disk has no bytes to
+        // copy). It fails as an upload does (`upload-failure-rate`): both
+        // are Glance making an image, and a failure leaves none.
+        let made = self
+            .api("server createImage", |st, now| {
+                st.settle(now);
+                match st.servers.get(external_id) {
+                    None => {
+                        return Err(ProviderError::NotFound(format!(
+                            "provider {}: server {external_id}",
+                            nova.name
+                        )));
+                    }
+                    Some(s) if s.deleting.is_some() => {
+                        return Err(ProviderError::InvalidRequest(format!(
+                            "provider {}: server {external_id} is being deleted: it cannot be snapshotted",
+                            nova.name
+                        )));
+                    }
+                    Some(_) => {}
+                }
+                let rate = st.rates.upload;
+                if st.upload_dice.roll(rate) {
+                    return Ok(None);
+                }
+                let id = st.ids.uuid();
+                st.images.insert(
+                    id.clone(),
+                    CloudImageInfo {
+                        id: id.clone(),
+                        name: spec.name.clone(),
+                        status: "active".into(),
+                        properties: spec.properties.clone(),
+                    },
+                );
+                Ok(Some(id))
+            })
+            .await??;
+        match made {
+            Some(id) => {
+                debug!(provider = %nova.name, server = external_id, image = %spec.name, id = %id, "snapshot active");
+                Ok(id)
+            }
+            None => Err(ProviderError::Other(format!(
+                "provider {}: snapshot {} of server {external_id}: simulated failure: the image went killed",
+                nova.name, spec.name
+            ))),
+        }
     }
 
     async fn list_resources(

@@ -15,7 +15,7 @@ use nodepool_model::conformance::provider::{Capabilities, Harness, UploadFile};
 use nodepool_model::model::{CORES, INSTANCES, Limits, RAM, Resources, VOLUME_GB, VOLUMES};
 use nodepool_model::provider::{
     IMAGE_BUILD_ID, ImageRef, ImageUploadSpec, InstanceSpec, InstanceStatus, META_GROUPS,
-    META_NODE_ID, META_POOL, META_PROVIDER, Provider, ProviderError, ResourceKind,
+    META_NODE_ID, META_POOL, META_PROVIDER, Provider, ProviderError, ResourceKind, SnapshotSpec,
 };
 use nodepool_simulated::resolve_flavor;
 use nodepool_simulated::{FailureRates, SimulatedProvider};
@@ -451,6 +451,44 @@ async fn a_failed_upload_leaves_no_image() {
         c.provider.list_images().await.expect("list").len(),
         before + 1
     );
+}
+
+/// A snapshot (Nova's `createImage`) is made by Glance like an upload, so
+/// the upload failure die decides it: a failed one leaves no image; a
+/// server being deleted cannot be snapshotted.
+#[tokio::test]
+async fn a_failed_snapshot_leaves_no_image() {
+    let c = cloud("failure-rates: {upload: 1}");
+    let id = launch(&c, 1).await.expect("launch");
+    let snap = SnapshotSpec {
+        name: "snap".into(),
+        properties: IndexMap::new(),
+        timeout: Duration::from_secs(60),
+    };
+    let before = c.provider.list_images().await.expect("list").len();
+    let e = c
+        .provider
+        .snapshot_instance(&id, &snap)
+        .await
+        .expect_err("snapshot fails");
+    assert!(e.to_string().contains("simulated failure"), "{e}");
+    assert_eq!(c.provider.list_images().await.expect("list").len(), before);
+    c.provider.set_failure_rates(FailureRates::default()).await;
+    let image = c
+        .provider
+        .snapshot_instance(&id, &snap)
+        .await
+        .expect("snapshot");
+    let images = c.provider.list_images().await.expect("list");
+    assert_eq!(images.len(), before + 1);
+    assert!(images.iter().any(|i| i.id == image && i.name == "snap"));
+    c.provider.delete_instance(&id).await.expect("delete");
+    let e = c
+        .provider
+        .snapshot_instance(&id, &snap)
+        .await
+        .expect_err("a deleted server cannot be snapshotted");
+    assert!(matches!(e, ProviderError::NotFound(_)), "{e:?}");
 }
 
 // ----- delays on the paused clock -----

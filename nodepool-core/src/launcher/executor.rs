@@ -666,6 +666,8 @@ fn fill_image_fields(
                 node.username = Some(d.username.clone());
                 node.python_path = Some(d.python_path.clone());
                 node.shell_type = d.shell_type.clone();
+            } else if let Some(si) = pc.snapshot_image(image) {
+                node.username = Some(si.username.clone());
             }
             if let Some(pd) = pc.diskimage(image) {
                 node.connection_type = Some(pd.connection_type.clone());

@@ -64,10 +64,14 @@ pub(crate) fn for_launch(
             let ci = pc.cloud_image(name)?;
             (ci.username.clone()?, ci.private_key.clone()?)
         }
-        LaunchImage::Upload { image, .. } => {
-            let d = config.diskimage(image)?;
-            (d.username.clone(), d.private_key.clone()?)
-        }
+        // A snapshot image's uploads are recorded like a diskimage's.
+        LaunchImage::Upload { image, .. } => match config.diskimage(image) {
+            Some(d) => (d.username.clone(), d.private_key.clone()?),
+            None => {
+                let si = pc.snapshot_image(image)?;
+                (si.username.clone(), si.private_key.clone())
+            }
+        },
     };
     Some(ReadyScriptRun {
         script,
@@ -287,6 +291,47 @@ mod tests {
     fn values_are_quoted_for_the_shell() {
         assert_eq!(quoted("0000000001"), "'0000000001'");
         assert_eq!(quoted("it's"), r"'it'\''s'");
+    }
+
+    /// A label booting a snapshot image (`diskimage: NAME` naming a
+    /// provider `images` entry) runs its ready script as that image's login.
+    #[test]
+    fn a_snapshot_images_login_runs_its_labels_ready_script() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::write(d.path().join("ready.sh"), "true\n").expect("script");
+        std::fs::write(d.path().join("setup.sh"), "true\n").expect("script");
+        std::fs::write(d.path().join("id_test"), "key\n").expect("key");
+        let yaml = format!(
+            "script-dir: {dir:?}
+labels: [{{name: small}}]
+providers:
+  - name: sim
+    driver: simulated
+    cloud-images: [{{name: base}}]
+    images:
+      - {{name: prepared, base-image: base, setup: setup.sh, username: jenkins, private-key: id_test, min-ram: 1}}
+    pools:
+      - name: main
+        labels: [{{name: small, diskimage: prepared, min-ram: 1, ready-script: ready.sh}}]
+",
+            dir = d.path().display().to_string()
+        );
+        let config = Config::from_yaml_with_secure(&yaml, None, Some(d.path()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let target = PoolKey {
+            provider: "sim".into(),
+            pool: "main".into(),
+        };
+        let image = LaunchImage::Upload {
+            image: "prepared".into(),
+            build: "0000000001".into(),
+            upload: "0000000001".into(),
+            external_id: "img".into(),
+        };
+        let run = for_launch(&config, &target, "small", &image).expect("a ready script runs");
+        assert_eq!(run.username, "jenkins");
+        assert_eq!(run.private_key, d.path().join("id_test"));
+        assert_eq!(run.script.path, d.path().join("ready.sh"));
     }
 
     #[test]

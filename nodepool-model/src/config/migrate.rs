@@ -4,7 +4,9 @@
 //! A pure function of the old text: credentials move into a generated
 //! `clouds.yaml` (one cloud per provider, named after it), provider
 //! `images:` become `cloud-images` (or `diskimages` when a top-level
-//! diskimage of that name exists) and pool labels, provider `max-servers`
+//! diskimage of that name exists, or snapshot `images` over a cloud image
+//! of their base when they have a `setup` script) and pool labels,
+//! provider `max-servers`
 //! becomes the pool's. Whatever cannot be carried over is named in the
 //! report with the reason or the modern alternative; the report never
 //! shows a credential.
@@ -303,7 +305,7 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
             ("image-type", "set `image_format` in clouds.yaml"),
             (
                 "template-hostname",
-                "snapshot images were replaced by diskimages",
+                "Nodepool names its servers, snapshot images' setup servers too",
             ),
             ("hostname-format", "servers are named np<node id>"),
         ] {
@@ -314,6 +316,7 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
 
         let mut diskimages = Vec::new();
         let mut cloud_images = Vec::new();
+        let mut snapshot_images = Vec::new();
         let mut pool_labels = Vec::new();
         for (ii, img) in list(get(p, "images")).into_iter().enumerate() {
             let Some(iname) = get_str(img, "name") else {
@@ -322,7 +325,36 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
             };
             let iat = format!("{at}.images[{ii}] ({iname})");
             let is_dib = diskimage_names.contains(&iname);
-            if is_dib {
+            // Seed 002's snapshot images: a base cloud image, a setup
+            // script and the login it runs as. They stay provider
+            // `images`, over a cloud image of their base.
+            let is_snapshot = !is_dib && img.contains_key("setup");
+            if is_snapshot {
+                let base = format!("{iname}-base");
+                let mut c = Mapping::new();
+                c.insert(s("name"), s(&base));
+                match get(img, "base-image") {
+                    Some(b) => {
+                        c.insert(s("image-name"), b.clone());
+                    }
+                    None => report.push(format!(
+                        "{iat}: no `base-image`; set `image-name` on cloud image `{base}`"
+                    )),
+                }
+                cloud_images.push(Value::Mapping(c));
+                let mut si = Mapping::new();
+                si.insert(s("name"), s(&iname));
+                si.insert(s("base-image"), s(&base));
+                for key in ["setup", "username", "private-key", "min-ram"] {
+                    if let Some(v) = get(img, key) {
+                        si.insert(s(key), v.clone());
+                    }
+                }
+                report.push(format!(
+                    "{iat}: became snapshot image `{iname}` (provider `images`) over cloud image `{base}`; its labels boot it with `diskimage: {iname}`"
+                ));
+                snapshot_images.push(Value::Mapping(si));
+            } else if is_dib {
                 let mut d = Mapping::new();
                 d.insert(s("name"), s(&iname));
                 diskimages.push(Value::Mapping(d));
@@ -344,9 +376,9 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
                 }
                 cloud_images.push(Value::Mapping(c));
             }
-            if img.contains_key("setup") {
+            if is_dib && img.contains_key("setup") {
                 report.push(format!(
-                    "{iat}.setup: not carried: setup scripts are not run on nodes; bake it into a diskimage-builder element and build the image as a `diskimages` entry"
+                    "{iat}.setup: not carried: diskimage `{iname}` is built by diskimage-builder; bake the script into an element"
                 ));
             }
             if is_dib && img.contains_key("private-key") {
@@ -377,7 +409,11 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
                 let mut pl = Mapping::new();
                 pl.insert(s("name"), s(&lname));
                 pl.insert(
-                    s(if is_dib { "diskimage" } else { "cloud-image" }),
+                    s(if is_dib || is_snapshot {
+                        "diskimage"
+                    } else {
+                        "cloud-image"
+                    }),
                     s(&iname),
                 );
                 match get(img, "min-ram") {
@@ -401,6 +437,9 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
         }
         if !cloud_images.is_empty() {
             np.insert(s("cloud-images"), Value::Sequence(cloud_images));
+        }
+        if !snapshot_images.is_empty() {
+            np.insert(s("images"), Value::Sequence(snapshot_images));
         }
         pool.insert(s("labels"), Value::Sequence(pool_labels));
         np.insert(s("pools"), Value::Sequence(vec![Value::Mapping(pool)]));
@@ -498,7 +537,7 @@ pub fn migrate(text: &str) -> Result<Migration, MigrateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, ImageSource};
 
     const LEGACY: &str = "\
 script-dir: /etc/nodepool/scripts
@@ -542,7 +581,18 @@ diskimages:
     #[test]
     fn legacy_file_becomes_a_valid_modern_one() {
         let m = migrate(LEGACY).unwrap();
-        let cfg = Config::from_yaml(&m.config).unwrap_or_else(|e| panic!("{e}\n{}", m.config));
+        // The setup script and key the snapshot image names must exist.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("prepare_node.sh"), "true\n").unwrap();
+        std::fs::write(dir.path().join("id_rsa"), "key\n").unwrap();
+        let text = m
+            .config
+            .replace("/etc/nodepool/scripts", &dir.path().display().to_string())
+            .replace(
+                "/home/np/.ssh/id_rsa",
+                &dir.path().join("id_rsa").display().to_string(),
+            );
+        let cfg = Config::from_yaml(&text).unwrap_or_else(|e| panic!("{e}\n{}", m.config));
         let p = &cfg.providers[0];
         assert_eq!(p.name, "cloud-a");
         assert_eq!(cfg.labels[0].name, "small");
@@ -551,18 +601,30 @@ diskimages:
         assert!(m.config.contains("instance-properties"), "{}", m.config);
         // The image with a top-level diskimage is a provider diskimage.
         assert!(m.config.contains("diskimage: trusty-dib"), "{}", m.config);
-        assert!(m.config.contains("cloud-image: precise"), "{}", m.config);
         assert!(!m.config.contains("pw-legacy-1234"));
-        // Ready scripts and their login are carried (seeds 002 and 003).
+        // Seed 002's snapshot image (it has a `setup` script) stays a
+        // provider image, over a cloud image of its base; labels boot it
+        // by name.
+        assert!(m.config.contains("diskimage: precise"), "{}", m.config);
+        let base = p.cloud_image("precise-base").unwrap();
+        assert_eq!(base.image_name.as_deref(), Some("Ubuntu Precise"));
+        let precise = p.snapshot_image("precise").unwrap();
+        assert_eq!(precise.base_image, "precise-base");
+        assert_eq!(precise.setup.name, "prepare_node.sh");
+        assert_eq!(precise.setup.path, dir.path().join("prepare_node.sh"));
+        assert_eq!(precise.username, "jenkins");
+        assert_eq!(precise.private_key, dir.path().join("id_rsa"));
+        assert_eq!(precise.min_ram, Some(8192));
         assert_eq!(
-            cfg.script_dir.as_deref(),
-            Some(std::path::Path::new("/etc/nodepool/scripts"))
+            p.snapshot_base(precise),
+            Some(ImageSource::CloudImage("precise-base".into()))
         );
-        let precise = p.cloud_image("precise").unwrap();
-        assert_eq!(precise.username.as_deref(), Some("jenkins"));
-        assert_eq!(
-            precise.private_key.as_deref(),
-            Some(std::path::Path::new("/home/np/.ssh/id_rsa"))
+        assert!(
+            m.report
+                .iter()
+                .any(|l| l.contains("(precise): became snapshot image `precise`")),
+            "{:#?}",
+            m.report
         );
     }
 
@@ -586,7 +648,6 @@ diskimages:
             "cron: dropped",
             "zmq-publishers: dropped",
             "gearman-servers: dropped",
-            "precise).setup: not carried",
         ] {
             assert!(
                 m.report.iter().any(|l| l.contains(needle)),

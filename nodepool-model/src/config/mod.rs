@@ -351,6 +351,9 @@ pub struct ProviderConfig {
     pub diskimages: Vec<ProviderDiskImage>,
     /// Images the cloud already has.
     pub cloud_images: Vec<CloudImage>,
+    /// `images`: images the builder makes by snapshotting a server of a
+    /// base image after a setup script ran on it (seed 002).
+    pub snapshot_images: Vec<SnapshotImage>,
     /// Pools.
     pub pools: Vec<Pool>,
     /// Seed 001's provider-level `max-servers: -1`: the provider is being
@@ -375,6 +378,24 @@ impl ProviderConfig {
     /// A cloud image by name.
     pub fn cloud_image(&self, name: &str) -> Option<&CloudImage> {
         self.cloud_images.iter().find(|c| c.name == name)
+    }
+
+    /// A snapshot image (`images`) by name.
+    pub fn snapshot_image(&self, name: &str) -> Option<&SnapshotImage> {
+        self.snapshot_images.iter().find(|i| i.name == name)
+    }
+
+    /// What a snapshot image's setup server boots: a cloud image of this
+    /// provider, else one of its diskimages (the configuration check
+    /// refuses a name that is both or neither).
+    pub fn snapshot_base(&self, image: &SnapshotImage) -> Option<ImageSource> {
+        if self.cloud_image(&image.base_image).is_some() {
+            Some(ImageSource::CloudImage(image.base_image.clone()))
+        } else if self.diskimage(&image.base_image).is_some() {
+            Some(ImageSource::DiskImage(image.base_image.clone()))
+        } else {
+            None
+        }
     }
 
     /// A pool by name.
@@ -410,6 +431,41 @@ pub struct ProviderDiskImage {
     /// each new upload before the upload is `ready` (its `configured_at`
     /// is the `validate.script` path).
     pub validate: Option<ReadyScript>,
+}
+
+/// Default `setup-timeout` of a snapshot image.
+pub const DEFAULT_SETUP_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A provider image made by the builder (seed 002's "snapshot"): it boots
+/// a server of `base_image`, runs `setup` on it over SSH, snapshots the
+/// server into a cloud image and deletes the server. Its builds and
+/// uploads are recorded under its name like a diskimage's, so pool labels
+/// boot it with `diskimage: NAME` and retention, `image-list` and
+/// `image-delete` treat it alike.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotImage {
+    /// Image name (unique among diskimages and every provider's images).
+    pub name: String,
+    /// A cloud image or diskimage of this provider the setup server boots.
+    pub base_image: String,
+    /// The setup script (`setup` in `script-dir`, `setup-timeout`).
+    pub setup: ReadyScript,
+    /// Login the setup and validation scripts run as, and of the nodes.
+    pub username: String,
+    /// That login's SSH private key.
+    pub private_key: PathBuf,
+    /// The setup server's flavor (as pool labels choose one).
+    pub flavor_name: Option<String>,
+    /// The setup server's smallest RAM (MiB), as pool labels choose one.
+    pub min_ram: Option<i64>,
+    /// Make a new snapshot when the current one is older than this.
+    pub rebuild_age: Duration,
+    /// Make no new snapshots (the current one stays in use).
+    pub pause: bool,
+    /// Boot-test each new snapshot before it is `ready`.
+    pub validate: Option<ReadyScript>,
+    /// Where it is in the file (`providers[0].images[1]`), for errors.
+    pub configured_at: String,
 }
 
 /// An image that exists in the cloud, not built by Nodepool.

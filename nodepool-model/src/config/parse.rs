@@ -501,6 +501,8 @@ fn provider(at: At<'_>, label_scripts: &LabelScripts, errs: &mut Errors) -> Opti
     diskimages.extend(m.list_of("diskimages", errs, provider_diskimage));
     let mut cloud_images = Vec::new();
     cloud_images.extend(m.list_of("cloud-images", errs, cloud_image));
+    let mut snapshot_images = Vec::new();
+    snapshot_images.extend(m.list_of("images", errs, snapshot_image));
     let mut pools = Vec::new();
     let mut driver = driver;
     if let Some(Driver::Static(hosts)) = &mut driver {
@@ -512,11 +514,6 @@ fn provider(at: At<'_>, label_scripts: &LabelScripts, errs: &mut Errors) -> Opti
         pools.extend(m.list_of("pools", errs, |at, errs| pool(at, label_scripts, errs)));
     }
 
-    m.removed(
-        "images",
-        "provider images were replaced by `diskimages` / `cloud-images` and `pools[].labels`",
-        errs,
-    );
     // Seed 001: "set that provider's max-servers to -1" to remove it.
     let mut removing = false;
     if let Some(f) = m.get("max-servers") {
@@ -544,7 +541,7 @@ fn provider(at: At<'_>, label_scripts: &LabelScripts, errs: &mut Errors) -> Opti
     );
     m.removed(
         "template-hostname",
-        "snapshot images were replaced by diskimages",
+        "Nodepool names its servers, snapshot images' setup servers too",
         errs,
     );
     m.removed(
@@ -596,6 +593,7 @@ fn provider(at: At<'_>, label_scripts: &LabelScripts, errs: &mut Errors) -> Opti
         image_format: None,
         diskimages,
         cloud_images,
+        snapshot_images,
         pools: pools
             .into_iter()
             .map(|mut p| {
@@ -862,6 +860,53 @@ fn image_validation(at: At<'_>, errs: &mut Errors) -> Option<ReadyScript> {
         name: script,
         timeout: timeout.unwrap_or(DEFAULT_READY_SCRIPT_TIMEOUT),
         configured_at,
+    })
+}
+
+/// A provider `images` entry: a snapshot image (seed 002). Its scripts'
+/// paths are resolved against `script-dir` once the whole file is read.
+fn snapshot_image(at: At<'_>, errs: &mut Errors) -> Option<SnapshotImage> {
+    let mut m = at.fields(errs)?;
+    let name = m.required_string("name", errs);
+    let base_image = m.required_string("base-image", errs);
+    let setup = m.required_string("setup", errs);
+    let setup_at = m.path_of("setup");
+    let setup_timeout = optional_secs(&mut m, "setup-timeout", errs);
+    let username = m.required_string("username", errs);
+    let private_key = m.required_string("private-key", errs).map(PathBuf::from);
+    let flavor_name = m.string("flavor-name", errs);
+    let min_ram = m.int("min-ram", errs);
+    if flavor_name.is_none() && min_ram.is_none() && !m.has("flavor-name") && !m.has("min-ram") {
+        errs.push(
+            at.path,
+            Kind::Conflict,
+            "at least one of `min-ram` or `flavor-name` is required (the setup server's size)",
+        );
+    }
+    let rebuild_age = optional_secs(&mut m, "rebuild-age", errs);
+    let pause = m.bool_or_old("pause", "paused", errs).unwrap_or(false);
+    let validate = m
+        .get("validate")
+        .and_then(|f| image_validation(f.at(), errs));
+    m.finish(errs);
+    let setup = setup?;
+    Some(SnapshotImage {
+        name: name?,
+        base_image: base_image?,
+        setup: ReadyScript {
+            path: PathBuf::from(&setup),
+            name: setup,
+            timeout: setup_timeout.unwrap_or(DEFAULT_SETUP_TIMEOUT),
+            configured_at: setup_at,
+        },
+        username: username?,
+        private_key: private_key?,
+        flavor_name,
+        min_ram,
+        rebuild_age: rebuild_age.unwrap_or(Duration::from_secs(86_400)),
+        pause,
+        validate,
+        configured_at: at.path.to_owned(),
     })
 }
 

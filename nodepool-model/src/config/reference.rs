@@ -877,9 +877,76 @@ pub const KEYS: &[KeyDoc] = &[
         "—",
         "`driver: qemu`: an SSH public key file written into each VM's config drive (`public_keys` in `openstack/latest/meta_data.json`), so images with glean (`simple-init`) or cloud-init accept the launcher's key; relative to the configuration file's directory.",
     ),
-    removed(
+    key(
         "providers[].images",
-        "provider images were replaced by `diskimages` / `cloud-images` and `pools[].labels`",
+        "—",
+        "Snapshot images (seed 002; see snapshot-images.md): an image made by booting a server of `base-image`, running `setup` on it over SSH, snapshotting the server into an image of this provider and deleting the server. Pool labels boot one with `diskimage: NAME`. The configuration is checked; the builder does not make them yet (issue 14 part 3), so their labels are not served until it does.",
+    ),
+    key(
+        "providers[].images[].name",
+        "required",
+        "Image name; unique among top-level `diskimages` and every provider's `images` (its builds are recorded under it).",
+    ),
+    key(
+        "providers[].images[].base-image",
+        "required",
+        "What the setup server boots: the `name` of one of this provider's `cloud-images`, or of one of its `diskimages`.",
+    ),
+    key(
+        "providers[].images[].setup",
+        "required",
+        "A file in `script-dir` run on the setup server as `username`; a non-zero exit fails the snapshot (end it with `sync`: the snapshot is taken from the running server's disk).",
+    ),
+    key(
+        "providers[].images[].setup-timeout",
+        "3600",
+        "Seconds the setup script may run; past it the snapshot fails.",
+    ),
+    key(
+        "providers[].images[].username",
+        "required",
+        "Login of the setup and validation scripts, and of the nodes booted from the snapshot.",
+    ),
+    key(
+        "providers[].images[].private-key",
+        "required",
+        "SSH private key file of `username` (relative to the configuration file's directory); must be readable.",
+    ),
+    key(
+        "providers[].images[].flavor-name",
+        "—",
+        "The setup server's flavor, chosen as pool labels' `flavor-name` is; one of this or `min-ram` is required.",
+    ),
+    key(
+        "providers[].images[].min-ram",
+        "—",
+        "The setup server's smallest RAM in MiB, chosen as pool labels' `min-ram` is.",
+    ),
+    key(
+        "providers[].images[].rebuild-age",
+        "86400",
+        "Seconds after which a new snapshot is made.",
+    ),
+    key(
+        "providers[].images[].pause",
+        "false",
+        "Make no new snapshots (the current one stays in use).",
+    ),
+    alias("providers[].images[].paused", "pause"),
+    key(
+        "providers[].images[].validate",
+        "—",
+        "Boot-test each new snapshot before it becomes `ready`, as `diskimages[].validate` does.",
+    ),
+    key(
+        "providers[].images[].validate.script",
+        "required",
+        "A file in `script-dir` run on the test server; a non-zero exit fails the snapshot.",
+    ),
+    key(
+        "providers[].images[].validate.timeout",
+        "300",
+        "Seconds the script may run; past it the snapshot fails.",
     ),
     key(
         "providers[].max-servers",
@@ -892,7 +959,7 @@ pub const KEYS: &[KeyDoc] = &[
     ),
     removed(
         "providers[].template-hostname",
-        "snapshot images were replaced by diskimages",
+        "Nodepool names its servers, snapshot images' setup servers too",
     ),
     removed(
         "providers[].image-type",
@@ -1121,6 +1188,7 @@ providers:
       api-fault: {}
     diskimages: [{validate: {}}]
     cloud-images: [{}]
+    images: [{validate: {}}]
     pools: [{labels: [{}]}]
   - driver: static
     pools: [{nodes: [{}]}]

@@ -158,6 +158,64 @@ pub(crate) fn cross_check(cfg: &Config, raw_images: &[RawDiskImage], errs: &mut 
         }
     }
 
+    // Snapshot images' builds are recorded under their name, as
+    // diskimages' are: one name, one image, in the whole file.
+    let mut snapshot_names: HashMap<&str, String> = HashMap::new();
+    for (pi, p) in cfg.providers.iter().enumerate() {
+        for (si, img) in p.snapshot_images.iter().enumerate() {
+            let ipath = index(&join(&index("providers", pi), "images"), si);
+            let npath = join(&ipath, "name");
+            if diskimage_names.contains(img.name.as_str())
+                || abstract_images.contains(img.name.as_str())
+            {
+                errs.push(
+                    &npath,
+                    Kind::Duplicate,
+                    format!(
+                        "image {:?} is also a diskimage: snapshot images and diskimages share their names (their builds are recorded under it)",
+                        img.name
+                    ),
+                );
+            } else if let Some(first) = snapshot_names.get(img.name.as_str()) {
+                errs.push(
+                    &npath,
+                    Kind::Duplicate,
+                    format!(
+                        "image {:?} is already defined at {first}: a snapshot image belongs to one provider (its builds are recorded under its name)",
+                        img.name
+                    ),
+                );
+            } else {
+                snapshot_names.insert(img.name.as_str(), ipath.clone());
+            }
+            let bpath = join(&ipath, "base-image");
+            match (
+                p.cloud_image(&img.base_image).is_some(),
+                p.diskimage(&img.base_image).is_some(),
+            ) {
+                (true, true) => errs.push(
+                    &bpath,
+                    Kind::Conflict,
+                    format!(
+                        "{:?} is both a cloud image and a diskimage of this provider: rename one",
+                        img.base_image
+                    ),
+                ),
+                (false, false) => errs.push(
+                    &bpath,
+                    Kind::UnknownReference,
+                    format!(
+                        "unknown base image {:?}: name one of {} or {}",
+                        img.base_image,
+                        join(&index("providers", pi), "cloud-images"),
+                        join(&index("providers", pi), "diskimages")
+                    ),
+                ),
+                _ => {}
+            }
+        }
+    }
+
     let mut provider_names = HashSet::new();
     for (pi, p) in cfg.providers.iter().enumerate() {
         let ppath = index("providers", pi);
@@ -240,6 +298,20 @@ pub(crate) fn cross_check(cfg: &Config, raw_images: &[RawDiskImage], errs: &mut 
                     );
                 }
                 match &l.image {
+                    ImageSource::DiskImage(d) if p.snapshot_image(d).is_some() => {
+                        let groups = format!("{},{},{}", p.name, d, l.name);
+                        check_groups(&groups, &lpath, errs);
+                    }
+                    ImageSource::DiskImage(d) if snapshot_names.contains_key(d.as_str()) => {
+                        errs.push(
+                            &join(&lpath, "diskimage"),
+                            Kind::UnknownReference,
+                            format!(
+                                "image {d:?} is a snapshot image of another provider ({}); a pool label boots its own provider's images",
+                                snapshot_names[d.as_str()]
+                            ),
+                        );
+                    }
                     ImageSource::DiskImage(d) => {
                         let path = join(&lpath, "diskimage");
                         if abstract_images.contains(d.as_str()) {
@@ -355,7 +427,15 @@ pub(crate) fn ready_scripts(
             *k = resolve(k);
         }
     }
+    for img in cfg
+        .providers
+        .iter_mut()
+        .flat_map(|p| p.snapshot_images.iter_mut())
+    {
+        img.private_key = resolve(&img.private_key);
+    }
     image_validations(cfg, raw_images, errs);
+    snapshot_scripts(cfg, errs);
     let mut keys_checked = HashSet::new();
     let script_dir = cfg.script_dir.clone();
     for (pi, p) in cfg.providers.iter_mut().enumerate() {
@@ -384,6 +464,18 @@ pub(crate) fn ready_scripts(
                                 index(&join(&ppath, "cloud-images"), ci),
                             )
                         }),
+                    ImageSource::DiskImage(d) if p.snapshot_images.iter().any(|i| &i.name == d) => {
+                        p.snapshot_images
+                            .iter()
+                            .find(|img| &img.name == d)
+                            .map(|img| {
+                                (
+                                    true,
+                                    Some(img.private_key.clone()),
+                                    img.configured_at.clone(),
+                                )
+                            })
+                    }
                     ImageSource::DiskImage(d) => {
                         cfg.diskimages.iter().find(|img| &img.name == d).map(|img| {
                             let at = raw_images.iter().find(|r| &r.name == d).map_or_else(
@@ -511,6 +603,34 @@ fn image_validations(cfg: &mut Config, raw_images: &[RawDiskImage], errs: &mut E
                     format!(
                         "the test server is booted with a pool label of this provider, but no pool label uses image {:?}",
                         pdi.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// A snapshot image's scripts must be in `script-dir` and its key
+/// readable: the builder runs `setup` (and `validate`) with them.
+fn snapshot_scripts(cfg: &mut Config, errs: &mut Errors) {
+    let script_dir = cfg.script_dir.clone();
+    let mut keys_checked = HashSet::new();
+    for p in &mut cfg.providers {
+        for img in &mut p.snapshot_images {
+            resolve_script("setup script", &mut img.setup, script_dir.as_deref(), errs);
+            if let Some(v) = &mut img.validate {
+                resolve_script("validation script", v, script_dir.as_deref(), errs);
+            }
+            if keys_checked.insert(img.private_key.clone())
+                && let Err(e) = std::fs::File::open(&img.private_key)
+            {
+                errs.push(
+                    &join(&img.configured_at, "private-key"),
+                    Kind::InvalidValue,
+                    format!(
+                        "cannot read private key {} (setup script {:?} logs in with it): {e}",
+                        img.private_key.display(),
+                        img.setup.name
                     ),
                 );
             }

@@ -26,7 +26,7 @@ use crate::model::{CORES, INSTANCES, RAM, VOLUME_GB, VOLUMES};
 use crate::provider::{
     IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID, ImageRef, ImageUploadSpec, Instance,
     InstanceSpec, InstanceStatus, META_GROUPS, META_LEGACY_JSON, META_NODE_ID, META_POOL,
-    META_PROVIDER, Provider, ProviderError, ResourceKind,
+    META_PROVIDER, Provider, ProviderError, ResourceKind, SnapshotSpec,
 };
 
 /// What a provider can do beyond the required surface.
@@ -89,6 +89,15 @@ pub trait Harness: Send + Sync {
         None
     }
 
+    /// Whether the provider snapshots servers into images
+    /// ([`Provider::snapshot_instance`]). A capability, asked of the
+    /// harness rather than a [`Capabilities`] field so that harnesses
+    /// outside this crate, which build [`Capabilities`] literally, keep
+    /// compiling (and keep saying "no" until they opt in).
+    fn snapshots(&self) -> bool {
+        false
+    }
+
     /// Longest time a server may take to boot, be deleted, or an image to
     /// upload.
     fn timeout(&self) -> Duration {
@@ -114,7 +123,8 @@ macro_rules! provider_conformance_tests {
             floating_ip_attached_and_released,
             long_metadata_never_fails_a_launch,
             leak_resources_listable,
-            missing_leak_resources_count_as_deleted
+            missing_leak_resources_count_as_deleted,
+            snapshot_is_an_image_servers_boot
         );
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {
@@ -642,4 +652,95 @@ pub async fn missing_leak_resources_count_as_deleted(h: &dyn Harness) {
             "{kind:?} {missing} appeared"
         );
     }
+}
+
+/// A server's snapshot (seed 002's setup-script images) is an active
+/// image listed with the spec's name and properties, a new server boots
+/// from it, the snapshotted server is left running, and the image can be
+/// deleted; snapshotting a server that does not exist is an error.
+pub async fn snapshot_is_an_image_servers_boot(h: &dyn Harness) {
+    if !h.snapshots() {
+        return;
+    }
+    let p = h.provider().await;
+    let node = random_node_id();
+    let spec = spec_for(h, p.as_ref(), &node, h.label());
+    let mut properties = IndexMap::new();
+    properties.insert(IMAGE_PROVIDER.to_owned(), p.name().to_owned());
+    properties.insert(IMAGE_BUILD_ID.to_owned(), node.clone());
+    properties.insert(IMAGE_UPLOAD_ID.to_owned(), "0000000001".to_owned());
+    let snap = SnapshotSpec {
+        name: format!("conformance-snapshot-{node}"),
+        properties: properties.clone(),
+        timeout: h.timeout(),
+    };
+    let missing = uuid::Uuid::new_v4().to_string();
+    assert!(
+        bounded(h, "snapshot_instance", p.snapshot_instance(&missing, &snap))
+            .await
+            .is_err(),
+        "a server that does not exist cannot be snapshotted"
+    );
+    let image = Arc::new(std::sync::Mutex::new(None::<String>));
+    let made = image.clone();
+    let pc = p.clone();
+    let (spec_ref, snap) = (&spec, &snap);
+    let outcome = AssertUnwindSafe(with_server(h, &p, &spec, |id| async move {
+        wait(h, &pc, &id, spec_ref).await;
+        let image_id = bounded(h, "snapshot_instance", pc.snapshot_instance(&id, snap))
+            .await
+            .unwrap_or_else(|e| panic!("snapshot_instance({id}): {e}"));
+        *made.lock().expect("lock") = Some(image_id.clone());
+        let listed = pc.list_images().await.expect("list_images");
+        let info = listed
+            .iter()
+            .find(|i| i.id == image_id)
+            .unwrap_or_else(|| panic!("snapshot {image_id} is listed: {listed:?}"));
+        assert_eq!(info.name, snap.name);
+        assert_eq!(info.status, "active");
+        for (k, v) in &snap.properties {
+            assert_eq!(info.properties.get(k), Some(v), "property {k} read back");
+        }
+        let still = pc
+            .get_instance(&id)
+            .await
+            .expect("get_instance")
+            .expect("the snapshotted server is left as it was");
+        assert_eq!(still.status, InstanceStatus::Active);
+        let mut from_snapshot = spec_for(h, pc.as_ref(), &random_node_id(), h.label());
+        from_snapshot.image = ImageRef::Uploaded {
+            external_id: image_id.clone(),
+        };
+        with_server(h, &pc, &from_snapshot, |id2| {
+            let pc = pc.clone();
+            let from_snapshot = from_snapshot.clone();
+            async move {
+                let inst = wait(h, &pc, &id2, &from_snapshot).await;
+                assert_eq!(
+                    inst.status,
+                    InstanceStatus::Active,
+                    "a server boots the snapshot"
+                );
+            }
+        })
+        .await;
+    }))
+    .catch_unwind()
+    .await;
+    let image_id = image.lock().expect("lock").clone();
+    if let Some(image_id) = &image_id {
+        p.delete_image(image_id).await.expect("delete_image");
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+    let image_id = image_id.expect("a snapshot was made");
+    eventually(h, "the deleted snapshot is no longer listed", || async {
+        !p.list_images()
+            .await
+            .expect("list_images")
+            .iter()
+            .any(|i| i.id == image_id)
+    })
+    .await;
 }

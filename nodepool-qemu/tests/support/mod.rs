@@ -223,6 +223,10 @@ impl Harness for Local {
         QEMU_CAPABILITIES
     }
 
+    fn snapshots(&self) -> bool {
+        true
+    }
+
     fn quota_label(&self) -> Option<PoolLabel> {
         Some(pool_label(&self.config.providers[0], "huge"))
     }

@@ -119,6 +119,10 @@ impl Harness for Sim {
         }
     }
 
+    fn snapshots(&self) -> bool {
+        true
+    }
+
     fn quota_label(&self) -> Option<PoolLabel> {
         Some(pool_label(&self.config.providers[0], "huge"))
     }
