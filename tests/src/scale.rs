@@ -544,8 +544,8 @@ impl Member {
     }
 }
 
-/// The installation as the quiet fleet should leave it: `ready` unallocated
-/// spares of each label, no request, no node in any other state.
+/// The installation as the quiet fleet should leave it: at least `ready`
+/// unallocated spares, no request, no node in any other state.
 async fn quiet(store: &Store, p: &Params) -> Result<(), String> {
     let nodes = store.list_nodes().await.map_err(|e| e.to_string())?;
     let requests = store.list_requests().await.map_err(|e| e.to_string())?;
@@ -559,7 +559,9 @@ async fn quiet(store: &Store, p: &Params) -> Result<(), String> {
         }
     }
     let mut problems: Vec<String> = other.into_iter().take(10).collect();
-    if ready != p.ready {
+    // More is not wrong: while launchers register one after another a
+    // label's min-ready owner moves, and two owners may top it up.
+    if ready < p.ready {
         problems.push(format!("{ready} ready spares, {} wanted", p.ready));
     }
     problems.extend(
