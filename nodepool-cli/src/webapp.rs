@@ -433,6 +433,8 @@ async fn serve(
 ) -> Response {
     let path = uri.path();
     if path == "/metrics" {
+        // The store client's traffic counters as of this scrape.
+        s.metrics.record_store_traffic(&s.store.backend().health());
         return metrics_response(&s.metrics);
     }
     let format = negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));

@@ -12,6 +12,8 @@ use futures::StreamExt;
 use nodepool_model::store::{Entry, Stat, StoreEvent};
 use zookeeper_client as zk;
 
+use crate::store::Traffic;
+
 /// How many reads the full load keeps in flight. ZooKeeper answers a
 /// session's requests in order, so pipelining is what makes loading 10,000
 /// nodes take milliseconds per thousand instead of a round trip each.
@@ -148,12 +150,14 @@ type DataRead = Result<(Vec<u8>, zk::Stat), zk::Error>;
 pub(crate) async fn load(
     client: &zk::Client,
     root: &str,
+    traffic: &Traffic,
 ) -> Result<BTreeMap<String, Cached>, zk::Error> {
     let mut out = BTreeMap::new();
     let mut level = vec![root.to_owned()];
     while !level.is_empty() {
         let reads: Vec<(String, DataRead)> = futures::stream::iter(level)
             .map(|path| {
+                traffic.read(path.len());
                 let fut = client.get_data(&path);
                 async move { (path, fut.await) }
             })
@@ -164,6 +168,7 @@ pub(crate) async fn load(
         for (path, r) in reads {
             match r {
                 Ok((data, st)) => {
+                    traffic.received(data.len());
                     if st.num_children > 0 {
                         parents.push(path.clone());
                     }
@@ -184,6 +189,7 @@ pub(crate) async fn load(
         }
         let lists: Vec<(String, Result<Vec<String>, zk::Error>)> = futures::stream::iter(parents)
             .map(|path| {
+                traffic.read(path.len());
                 let fut = client.list_children(&path);
                 async move { (path, fut.await) }
             })
@@ -194,6 +200,7 @@ pub(crate) async fn load(
         for (path, r) in lists {
             match r {
                 Ok(children) => {
+                    traffic.received(children.iter().map(String::len).sum());
                     let base = if path == "/" { "" } else { path.as_str() };
                     level.extend(children.into_iter().map(|c| format!("{base}/{c}")));
                 }

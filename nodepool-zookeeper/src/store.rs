@@ -72,6 +72,44 @@ struct Shared {
     in_flight: AtomicU64,
     /// Watch events whose reads are not applied to the mirror yet.
     event_queue: AtomicU64,
+    /// What this client sent and received, for [`StateStore::health`].
+    traffic: Traffic,
+}
+
+/// Requests and payload bytes a client sent and received, counted where
+/// each request is made: cheap (relaxed atomics), and what the
+/// `nodepool_zk_operations` / `nodepool_zk_bytes` counters report, so a
+/// fleet's cost per request can be read from each launcher's `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    writes: AtomicU64,
+    reads: AtomicU64,
+    watch_events: AtomicU64,
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+impl Traffic {
+    /// A write request (create, set, delete) carrying `sent` payload bytes.
+    pub(crate) fn write(&self, sent: usize) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+    }
+
+    /// A read request of `sent` payload bytes (its path).
+    pub(crate) fn read(&self, sent: usize) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+    }
+
+    /// `n` payload bytes received (record data, child names).
+    pub(crate) fn received(&self, n: usize) {
+        self.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn watch_event(&self) {
+        self.watch_events.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts a request as in flight while it lives.
@@ -238,13 +276,15 @@ impl ZooKeeperStore {
             }
         };
         let root = options.cache_root.clone();
+        let traffic = Traffic::default();
         // Watch first, then load: every change after the load's reads is
         // reported by the watch, so nothing falls between the two.
+        traffic.read(root.len());
         let watcher = client
             .watch(&root, zk::AddWatchMode::PersistentRecursive)
             .await
             .map_err(|e| error::map(e, &root, &describe))?;
-        let tree = cache::load(&client, &root)
+        let tree = cache::load(&client, &root, &traffic)
             .await
             .map_err(|e| error::map(e, &root, &describe))?;
         let mut mirror = TreeCache::default();
@@ -268,6 +308,7 @@ impl ZooKeeperStore {
             task: Mutex::new(None),
             in_flight: AtomicU64::new(0),
             event_queue: AtomicU64::new(0),
+            traffic,
         });
         let supervisor = Supervisor {
             shared: shared.clone(),
@@ -373,7 +414,7 @@ impl ZooKeeperStore {
 
     async fn scan_direct(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
         let client = self.shared.client()?;
-        let tree = cache::load(&client, prefix)
+        let tree = cache::load(&client, prefix, &self.shared.traffic)
             .await
             .map_err(|e| self.shared.map(e, prefix))?;
         Ok(tree
@@ -409,6 +450,7 @@ impl ZooKeeperStore {
         }
         let timeout = self.shared.options.session_timeout;
         let client = self.shared.client()?;
+        self.shared.traffic.read(1);
         match tokio::time::timeout(timeout, client.sync("/")).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) if is_terminal(&e) || is_connection(&e) => return Ok(()),
@@ -448,6 +490,7 @@ impl StateStore for ZooKeeperStore {
         let options = zk_mode(mode).with_acls(zk::Acls::anyone_all());
         let mut made_parents = false;
         loop {
+            self.shared.traffic.write(path.len() + data.len());
             match client.create(path, data, &options).await {
                 Ok((_, seq)) => {
                     return Ok(if mode.is_sequential() {
@@ -459,6 +502,7 @@ impl StateStore for ZooKeeperStore {
                 // kazoo's makepath: missing parents become empty persistent znodes.
                 Err(zk::Error::NoNode) if !made_parents && parent != "/" => {
                     made_parents = true;
+                    self.shared.traffic.write(parent.len());
                     client
                         .mkdir(parent, &persistent_dir_options())
                         .await
@@ -473,8 +517,12 @@ impl StateStore for ZooKeeperStore {
         validate_path(path)?;
         let _in_flight = InFlight::new(&self.shared.in_flight);
         let client = self.shared.client()?;
+        self.shared.traffic.read(path.len());
         match client.get_data(path).await {
-            Ok((data, st)) => Ok(Some((Bytes::from(data), cache::stat(&st)))),
+            Ok((data, st)) => {
+                self.shared.traffic.received(data.len());
+                Ok(Some((Bytes::from(data), cache::stat(&st))))
+            }
             Err(zk::Error::NoNode) => Ok(None),
             Err(e) => Err(self.shared.map(e, path)),
         }
@@ -484,6 +532,7 @@ impl StateStore for ZooKeeperStore {
         validate_path(path)?;
         let _in_flight = InFlight::new(&self.shared.in_flight);
         let client = self.shared.client()?;
+        self.shared.traffic.write(path.len() + data.len());
         client
             .set_data(path, data, version)
             .await
@@ -495,6 +544,7 @@ impl StateStore for ZooKeeperStore {
         validate_path(path)?;
         let _in_flight = InFlight::new(&self.shared.in_flight);
         let client = self.shared.client()?;
+        self.shared.traffic.write(path.len());
         client
             .delete(path, version)
             .await
@@ -505,10 +555,14 @@ impl StateStore for ZooKeeperStore {
         validate_path(path)?;
         let _in_flight = InFlight::new(&self.shared.in_flight);
         let client = self.shared.client()?;
+        self.shared.traffic.read(path.len());
         let mut children = client
             .list_children(path)
             .await
             .map_err(|e| self.shared.map(e, path))?;
+        self.shared
+            .traffic
+            .received(children.iter().map(String::len).sum());
         children.sort();
         Ok(children)
     }
@@ -531,11 +585,17 @@ impl StateStore for ZooKeeperStore {
     }
 
     fn health(&self) -> StoreHealth {
+        let t = &self.shared.traffic;
         StoreHealth {
             requests_in_flight: self.shared.in_flight.load(Ordering::Relaxed),
             event_queue: self.shared.event_queue.load(Ordering::Relaxed),
             playback_queue: self.shared.events.len() as u64,
             cached_records: self.shared.cache().len() as u64,
+            writes: t.writes.load(Ordering::Relaxed),
+            reads: t.reads.load(Ordering::Relaxed),
+            watch_events: t.watch_events.load(Ordering::Relaxed),
+            bytes_sent: t.bytes_sent.load(Ordering::Relaxed),
+            bytes_received: t.bytes_received.load(Ordering::Relaxed),
         }
     }
 
@@ -704,6 +764,8 @@ impl Supervisor {
 
     fn enqueue(&mut self, event: StoreEvent, read: bool) {
         self.enqueued += 1;
+        let traffic = &self.shared.traffic;
+        traffic.watch_event();
         // Counted before the push: the pipeline holds it from here on.
         self.shared.event_queue.fetch_add(1, Ordering::Relaxed);
         if !read {
@@ -718,14 +780,19 @@ impl Supervisor {
         }
         // The read is sent now (the client sends on call), so it is
         // answered after the change that triggered the event.
+        traffic.read(event.path().len());
         let fut = self.client.get_data(event.path());
+        let shared = self.shared.clone();
         self.pipeline.push_back(
             async move {
                 let update = match fut.await {
-                    Ok((data, st)) => Update::Upsert(Cached {
-                        data: Bytes::from(data),
-                        stat: cache::stat(&st),
-                    }),
+                    Ok((data, st)) => {
+                        shared.traffic.received(data.len());
+                        Update::Upsert(Cached {
+                            data: Bytes::from(data),
+                            stat: cache::stat(&st),
+                        })
+                    }
                     Err(zk::Error::NoNode) => Update::Remove,
                     // A znode we may not read is left out of the mirror
                     // rather than making it reload for ever.
@@ -795,6 +862,7 @@ impl Supervisor {
             // Adding the new watcher before dropping the old one keeps the
             // server-side registration (the client only asks the server to
             // remove a path's watch when its last local watcher goes).
+            self.shared.traffic.read(root.len());
             match self
                 .client
                 .watch(&root, zk::AddWatchMode::PersistentRecursive)
@@ -807,7 +875,7 @@ impl Supervisor {
                 Err(e) => return self.load_failed(e).await,
             }
         }
-        match cache::load(&self.client, &root).await {
+        match cache::load(&self.client, &root, &self.shared.traffic).await {
             Ok(tree) => {
                 let events = self.shared.cache().replace(tree);
                 tracing::info!(store = %self.shared.describe, changed = events.len(), "cache reloaded");
@@ -845,10 +913,13 @@ impl Supervisor {
             };
             let root = self.shared.options.cache_root.clone();
             let result = match opened {
-                Ok(client) => client
-                    .watch(&root, zk::AddWatchMode::PersistentRecursive)
-                    .await
-                    .map(|w| (client, w)),
+                Ok(client) => {
+                    self.shared.traffic.read(root.len());
+                    client
+                        .watch(&root, zk::AddWatchMode::PersistentRecursive)
+                        .await
+                        .map(|w| (client, w))
+                }
                 Err(e) => Err(e),
             };
             match result {

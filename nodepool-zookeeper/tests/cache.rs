@@ -380,6 +380,28 @@ async fn health_reports_the_mirror_and_its_queues() {
         "{before:?} then {h:?}"
     );
     assert!(h.playback_queue >= 21, "{h:?}");
+    // The traffic counters: b sent the 20 creates (and their parent),
+    // each path and byte of data; a heard of each and read it into its
+    // mirror (one read per created record).
+    let w = b.health();
+    assert!(w.writes >= 20, "{w:?}");
+    assert!(
+        w.bytes_sent >= 20 * ("/nodepool/h/0".len() as u64 + 1),
+        "{w:?}"
+    );
+    assert!(
+        h.watch_events >= before.watch_events + 21,
+        "{before:?} then {h:?}"
+    );
+    assert!(h.reads >= before.reads + 21, "{before:?} then {h:?}");
+    assert!(
+        h.bytes_received >= before.bytes_received + 20,
+        "{before:?} then {h:?}"
+    );
+    assert_eq!(
+        h.writes, before.writes,
+        "a only read: {before:?} then {h:?}"
+    );
     assert_eq!(
         StoreHealth {
             requests_in_flight: h.requests_in_flight,

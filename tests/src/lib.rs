@@ -20,11 +20,15 @@
 //! - [`drill`]: issue 12's fault drills as functions (a burst, a fault, a
 //!   Zuul-style client, a [`drill::Report`]), shared by
 //!   `tests/tests/faults.rs` and the `drill` benchmark.
+//! - [`scale`]: issue 16's scale simulation (a fleet of launcher
+//!   processes on one ZooKeeper, the cost per request), shared by
+//!   `tests/tests/scale.rs` and the `scale` benchmark.
 //! - [`sshd`]: private SSH servers for the static driver's and the ready
 //!   scripts' tests.
 
 pub mod drill;
 pub mod faults;
+pub mod scale;
 pub mod sshd;
 
 use std::collections::BTreeMap;

@@ -150,6 +150,19 @@ pub mod families {
         help: "Records in the state store client's local cache.",
         kind: FamilyKind::Gauge,
     };
+    /// Requests the state store client sent, by `op` (write, read), and
+    /// watch notifications it received (`op="watch_event"`).
+    pub const STORE_OPERATIONS: Family = Family {
+        name: "nodepool_zk_operations",
+        help: "State store client traffic since it opened: write and read requests sent, watch events received (ZooKeeper; 0 on SQLite).",
+        kind: FamilyKind::Counter,
+    };
+    /// Payload bytes of the state store client, by `direction`.
+    pub const STORE_BYTES: Family = Family {
+        name: "nodepool_zk_bytes",
+        help: "State store client payload bytes (paths and record data, not framing) sent and received since it opened (ZooKeeper; 0 on SQLite).",
+        kind: FamilyKind::Counter,
+    };
     /// Image builds by `image` and `status`, with their duration.
     pub const IMAGE_BUILD: Family = Family {
         name: "nodepool_image_build_seconds",
@@ -448,6 +461,30 @@ impl Metrics {
     ) {
         self.observe(family, pairs, d);
         self.time(name, d, true, false);
+    }
+
+    /// Records the state store client's traffic counters
+    /// ([`families::STORE_OPERATIONS`], [`families::STORE_BYTES`]) and
+    /// the size of its cache ([`families::STORE_CACHED`]) from its health
+    /// snapshot: set, not added, as the client counts them itself. Called
+    /// on every pass and by `/metrics` before it renders, so a scrape is
+    /// current even on an idle launcher.
+    pub fn record_store_traffic(&self, h: &crate::store::StoreHealth) {
+        use families::{STORE_BYTES, STORE_CACHED, STORE_OPERATIONS};
+        self.set(&STORE_CACHED, &[], h.cached_records as f64);
+        self.set(&STORE_OPERATIONS, &[("op", "write")], h.writes as f64);
+        self.set(&STORE_OPERATIONS, &[("op", "read")], h.reads as f64);
+        self.set(
+            &STORE_OPERATIONS,
+            &[("op", "watch_event")],
+            h.watch_events as f64,
+        );
+        self.set(&STORE_BYTES, &[("direction", "sent")], h.bytes_sent as f64);
+        self.set(
+            &STORE_BYTES,
+            &[("direction", "received")],
+            h.bytes_received as f64,
+        );
     }
 
     /// Sets a labelled gauge (Prometheus only).

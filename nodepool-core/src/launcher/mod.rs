@@ -1102,8 +1102,12 @@ impl Runtime {
     /// The store client's health gauges, `nodepool.launcher.<host>.zk.*`
     /// as Python's (one cache serves nodes, requests and images here, so
     /// the three caches' gauges carry the same numbers), plus whether the
-    /// session is connected. Sent even while passes are skipped.
+    /// session is connected. Sent even while passes are skipped. The
+    /// traffic counters (Prometheus only) are updated on every pass.
     fn report_store_health(&mut self) {
+        self.shared
+            .metrics
+            .record_store_traffic(&self.shared.store.backend().health());
         if !due(
             &mut self.stats.next_store,
             self.shared.settings.stats_interval,
@@ -1144,7 +1148,6 @@ impl Runtime {
             &[],
             if connected { 1.0 } else { 0.0 },
         );
-        m.set(&families::STORE_CACHED, &[], h.cached_records as f64);
     }
 
     /// Publishes the unavailable providers for `/ready` (every pass; the

@@ -241,7 +241,9 @@ impl StoreError {
 
 /// What a store client is busy with, for the `nodepool.launcher.<host>.zk.*`
 /// gauges (kazoo's connection queue and tree caches' queues in Python
-/// Nodepool). Zero where a store has no such queue.
+/// Nodepool), and the traffic it sent and received so far (counters, for
+/// `nodepool_zk_operations` / `nodepool_zk_bytes`). Zero where a store has
+/// no such queue or does not count.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreHealth {
     /// Requests sent to the server and not yet answered.
@@ -254,6 +256,20 @@ pub struct StoreHealth {
     pub playback_queue: u64,
     /// Records in the local cache.
     pub cached_records: u64,
+    /// Write requests sent since the client was opened (creates, data
+    /// sets, deletes; the lock recipe's contender nodes included).
+    pub writes: u64,
+    /// Read requests sent since the client was opened (data reads, child
+    /// listings, `sync` barriers, and the reads that keep a watch-fed
+    /// cache fresh: one per change event, and full loads).
+    pub reads: u64,
+    /// Change notifications received from the server's watches.
+    pub watch_events: u64,
+    /// Payload bytes sent: the paths and record data of requests (not the
+    /// protocol's framing).
+    pub bytes_sent: u64,
+    /// Payload bytes received: record data and child names read.
+    pub bytes_received: u64,
 }
 
 /// A hierarchical store of versioned records with ZooKeeper's semantics.
