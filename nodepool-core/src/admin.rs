@@ -309,16 +309,21 @@ impl std::fmt::Display for BuildRef {
 // ----- images ----------------------------------------------------------
 
 /// `image-build IMAGE`: asks the builder to build a configured, unpaused
-/// diskimage now.
+/// diskimage now, or to make a new snapshot of a snapshot image.
 pub async fn request_image_build(
     config: &Config,
     store: &Store,
     image: &str,
 ) -> Result<(), AdminError> {
-    let Some(d) = config.diskimage(image) else {
-        return Err(AdminError::UnknownDiskimage(image.to_owned()));
+    // A snapshot image's new snapshot is asked for the same way.
+    let paused = match config.diskimage(image) {
+        Some(d) => d.pause,
+        None => match crate::planner::images::snapshot_image(config, image) {
+            Some((_, si)) => si.pause,
+            None => return Err(AdminError::UnknownDiskimage(image.to_owned())),
+        },
     };
-    if d.pause {
+    if paused {
         return Err(AdminError::DiskimagePaused(image.to_owned()));
     }
     store.request_image_build(image).await?;
