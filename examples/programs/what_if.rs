@@ -513,6 +513,12 @@ fn describe(a: &Action) -> String {
 fn describe_image(a: &ImageAction) -> String {
     match a {
         ImageAction::Build { image, reason, .. } => format!("build {image} ({reason})"),
+        ImageAction::Snapshot {
+            image,
+            provider,
+            reason,
+            ..
+        } => format!("snapshot {image} in {provider} ({reason})"),
         ImageAction::Upload {
             image,
             build,

@@ -385,6 +385,32 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
                 ctx.say(&format!("build {id} of {image} ready"));
             }
         }
+        Command::ImageUpdate {
+            provider,
+            image,
+            wait,
+        } => {
+            // Before the request: the snapshot it makes is one not seen here.
+            let known = match wait.wait {
+                true => Some(crate::wait::build_ids(&ctx.store, image).await?),
+                false => None,
+            };
+            admin::request_snapshot(&ctx.config, &ctx.store, provider, image).await?;
+            ctx.say(&format!("snapshot of {image} in {provider} requested"));
+            if let Some(known) = known {
+                let limit = wait_limit(wait, || {
+                    ctx.config
+                        .provider(provider)
+                        .and_then(|p| p.snapshot_image(image))
+                        .map(|s| s.setup.timeout)
+                });
+                let _ = ctx.io.out.flush();
+                let mut progress = crate::wait::Progress::new(ctx.io.err, ctx.io.terminal);
+                let id = crate::wait::follow_build(&ctx.store, image, &known, limit, &mut progress)
+                    .await?;
+                ctx.say(&format!("snapshot {id} of {image} ready"));
+            }
+        }
         Command::ImageUpload {
             provider,
             image,

@@ -98,6 +98,16 @@ pub enum Command {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Ask the builder for a new snapshot of a provider's snapshot image now.
+    ImageUpdate {
+        /// Provider name.
+        provider: String,
+        /// Snapshot image name (one of the provider's `images`).
+        image: String,
+        /// Whether and how long to follow the request.
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Ask the builder to upload the newest ready build of an image to a provider now.
     ImageUpload {
         /// Provider name.

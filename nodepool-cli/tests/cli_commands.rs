@@ -35,6 +35,43 @@ async fn image_build_requests_a_build(backend: Backend) {
 }
 both_stores!(image_build_requests_a_build);
 
+/// Seed 002's "Manually generate a new snapshot": `image-update PROVIDER
+/// IMAGE` records the build request the builder serves for snapshot
+/// images; other images and providers are refused by name.
+async fn image_update_requests_a_new_snapshot(backend: Backend) {
+    let f = Fixture::with_body_in(backend, |dir| {
+        std::fs::write(dir.join("setup.sh"), "true\n").expect("script");
+        std::fs::write(dir.join("id_test"), "key\n").expect("key");
+        let images = format!(
+            "    images:\n      - {{name: prepared, base-image: plain, setup: setup.sh, username: jenkins, private-key: {}, min-ram: 1}}\n      - {{name: held, base-image: plain, setup: setup.sh, username: jenkins, private-key: {}, min-ram: 1, pause: true}}\n    cloud-images:",
+            dir.join("id_test").display(),
+            dir.join("id_test").display()
+        );
+        format!(
+            "script-dir: {}\n{}",
+            dir.display(),
+            common::BODY.replacen("    cloud-images:", &images, 1)
+        )
+    })
+    .await;
+    let out = f.run(&["image-update", "sim", "prepared"]).await;
+    assert_eq!(out.ok(), "snapshot of prepared in sim requested\n");
+    let st = f.store.image_state().await.expect("images");
+    assert!(st.build_requests.contains_key("prepared"));
+    f.run(&["image-update", "nowhere", "prepared"])
+        .await
+        .fails_with("unknown provider \"nowhere\"");
+    f.run(&["image-update", "sim", "ubuntu"])
+        .await
+        .fails_with("provider sim has no snapshot image \"ubuntu\"");
+    f.run(&["image-update", "sim", "held"])
+        .await
+        .fails_with("snapshot image held is paused");
+    let st = f.store.image_state().await.expect("images");
+    assert!(!st.build_requests.contains_key("held"));
+}
+both_stores!(image_update_requests_a_new_snapshot);
+
 async fn image_upload_records_an_upload_request(backend: Backend) {
     let f = Fixture::new(backend).await;
     f.run(&["image-upload", "sim", "ubuntu"])

@@ -60,6 +60,18 @@ pub enum AdminError {
     /// A build was asked for a diskimage paused in the configuration.
     #[error("diskimage {0} is paused in the configuration; not requesting a build")]
     DiskimagePaused(String),
+    /// `image-update` named an image that is not one of the provider's
+    /// snapshot images.
+    #[error("provider {provider} has no snapshot image {image:?} (not in its images)")]
+    NotProvidersSnapshotImage {
+        /// Provider name.
+        provider: String,
+        /// Image name.
+        image: String,
+    },
+    /// `image-update` of a snapshot image paused in the configuration.
+    #[error("snapshot image {0} is paused in the configuration; not requesting a snapshot")]
+    SnapshotImagePaused(String),
     /// Neither a configured diskimage nor an image with records.
     #[error("unknown image {0:?}: not a configured diskimage and not in the state store")]
     UnknownImage(String),
@@ -309,17 +321,47 @@ impl std::fmt::Display for BuildRef {
 // ----- images ----------------------------------------------------------
 
 /// `image-build IMAGE`: asks the builder to build a configured, unpaused
-/// diskimage now.
+/// diskimage now, or to make a new snapshot of a snapshot image.
 pub async fn request_image_build(
     config: &Config,
     store: &Store,
     image: &str,
 ) -> Result<(), AdminError> {
-    let Some(d) = config.diskimage(image) else {
-        return Err(AdminError::UnknownDiskimage(image.to_owned()));
+    // A snapshot image's new snapshot is asked for the same way.
+    let paused = match config.diskimage(image) {
+        Some(d) => d.pause,
+        None => match crate::planner::images::snapshot_image(config, image) {
+            Some((_, si)) => si.pause,
+            None => return Err(AdminError::UnknownDiskimage(image.to_owned())),
+        },
     };
-    if d.pause {
+    if paused {
         return Err(AdminError::DiskimagePaused(image.to_owned()));
+    }
+    store.request_image_build(image).await?;
+    Ok(())
+}
+
+/// `image-update PROVIDER IMAGE` (seed 002): asks the builder for a new
+/// snapshot of one of the provider's snapshot images now (the build
+/// request `image-build` makes; a snapshot is recorded as a build).
+pub async fn request_snapshot(
+    config: &Config,
+    store: &Store,
+    provider: &str,
+    image: &str,
+) -> Result<(), AdminError> {
+    let Some(pc) = config.provider(provider) else {
+        return Err(AdminError::UnknownProvider(provider.to_owned()));
+    };
+    let Some(si) = pc.snapshot_image(image) else {
+        return Err(AdminError::NotProvidersSnapshotImage {
+            provider: provider.to_owned(),
+            image: image.to_owned(),
+        });
+    };
+    if si.pause {
+        return Err(AdminError::SnapshotImagePaused(image.to_owned()));
     }
     store.request_image_build(image).await?;
     Ok(())

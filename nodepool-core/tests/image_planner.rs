@@ -1038,3 +1038,76 @@ fn cloud_images_tagged_as_ours_and_unknown_are_deleted_on_the_second_sighting() 
     // p2 was never listed: it has no suspects of its own.
     assert!(p.leak_suspects.iter().all(|(p, _)| p == "p1"));
 }
+
+/// Snapshot images (seed 002): one is made when there is none, booting
+/// the base cloud image; the upload of a snapshot being made is its
+/// task's; a snapshot's build is kept with its upload only, so deleting
+/// the newest upload (`image-delete`) takes its build too.
+#[test]
+fn snapshot_images_are_made_and_kept_with_their_upload_only() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("setup.sh"), "true\n").unwrap();
+    std::fs::write(d.path().join("id_test"), "key\n").unwrap();
+    let yaml = format!(
+        "script-dir: {dir:?}
+labels: [{{name: small}}]
+providers:
+  - name: sim
+    driver: simulated
+    cloud-images: [{{name: base}}]
+    images:
+      - {{name: prepared, base-image: base, setup: setup.sh, username: jenkins, private-key: id_test, min-ram: 1}}
+    pools:
+      - name: main
+        labels: [{{name: small, diskimage: prepared, min-ram: 1}}]
+",
+        dir = d.path().display().to_string()
+    );
+    let mut w = world();
+    w.config = nodepool_core::config::Config::from_yaml_with_secure(&yaml, None, Some(d.path()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let p = w.plan();
+    assert!(
+        matches!(
+            &p.actions[..],
+            [ImageAction::Snapshot {
+                image,
+                provider,
+                base: LaunchImage::Cloud { name },
+                reason: BuildReason::NoReadyBuild,
+                newest_ready: None,
+                requested: false,
+            }] if image == "prepared" && provider == "sim" && name == "base"
+        ),
+        "{p:?}"
+    );
+    // Being made: its upload is ready just before its build.
+    let t = w.now;
+    let b = w.add_build("prepared", BuildState::Building, t - 5.0, &[]);
+    let u = w.add_upload("prepared", &b, "sim", UploadState::Ready, t - 1.0);
+    w.snapshot.images.build_locked.insert("prepared".into());
+    assert_eq!(w.plan().actions, [], "the snapshot's task records it");
+    // Made: kept, nothing to do while it is young.
+    w.snapshot.images.build_locked.clear();
+    w.snapshot.images.builds[0]
+        .build
+        .set_state(BuildState::Ready, t);
+    assert_eq!(w.plan().actions, []);
+    // `image-delete` of its upload: the build goes with it.
+    w.snapshot.images.uploads[0]
+        .upload
+        .set_state(UploadState::Deleting, t);
+    let p = w.plan();
+    assert!(p.actions.contains(&ImageAction::DeleteUpload {
+        image: "prepared".into(),
+        build: b.clone(),
+        provider: "sim".into(),
+        upload: u,
+        reason: ImageDeleteReason::Requested,
+    }));
+    assert!(
+        p.actions.iter().any(|a| matches!(a,
+            ImageAction::MarkBuildDeleting { build, .. } if *build == b)),
+        "{p:?}"
+    );
+}

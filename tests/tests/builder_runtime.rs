@@ -1340,3 +1340,268 @@ async fn a_boot_test_on_a_cloud_without_network_fails_without_a_server() {
     assert!(cloud_images(&clouds, "p1").await.is_empty());
     b.stop().await;
 }
+
+/// A site with a snapshot image (seed 002): `prepared`, made on `sim` by
+/// booting the cloud image `base` (its servers answer at a real sshd) and
+/// running `setup.sh`, which leaves a marker naming its server and fails
+/// when the file `fail` exists. Label `prepared` boots it.
+struct SnapshotSite {
+    dir: tempfile::TempDir,
+    sshd: nodepool_tests::sshd::Sshd,
+    env: nodepool_tests::TestEnv,
+}
+
+impl SnapshotSite {
+    fn new(backend: nodepool_tests::Backend) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("scripts")).unwrap();
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("scripts/setup.sh"),
+            format!(
+                "#!/bin/sh\necho \"setting up $NODEPOOL_NODE_ID\"\n\
+                 if [ -e {d}/fail ]; then echo 'setup: no good' >&2; exit 4; fi\n\
+                 echo \"$NODEPOOL_NODE_ID\" >> {d}/setup-ran\n"
+            ),
+        )
+        .unwrap();
+        SnapshotSite {
+            dir,
+            sshd: nodepool_tests::sshd::Sshd::start_with_login(),
+            env: nodepool_tests::TestEnv::new(backend),
+        }
+    }
+
+    fn config(&self) -> Config {
+        let d = self.dir.path().display();
+        self.env.config(&format!(
+            r#"images-dir: {d}/images
+build-log-dir: {d}/logs
+script-dir: {d}/scripts
+labels:
+  - name: prepared
+    min-ready: 1
+providers:
+  - name: sim
+    driver: simulated
+    simulation: {{skip-nodescan: false, data-plane-host: 127.0.0.1, boot-delay: 0}}
+    cloud-images:
+      - {{name: base, connection-port: {port}}}
+    images:
+      - {{name: prepared, base-image: base, setup: setup.sh, username: {user}, private-key: {key}, min-ram: 1024}}
+    pools:
+      - name: main
+        max-servers: 5
+        labels: [{{name: prepared, diskimage: prepared, min-ram: 1024}}]
+"#,
+            port = self.sshd.port(),
+            user = self.sshd.user(),
+            key = self.sshd.private_key().display(),
+        ))
+    }
+
+    /// The servers the setup script ran on, in order.
+    fn set_up_on(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("setup-ran"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The ready snapshot builds of `prepared` (oldest first) with their
+/// ready upload to `sim`.
+fn snapshots(st: &ImageState) -> Vec<(String, UploadRecord)> {
+    ready_builds(st, "prepared")
+        .iter()
+        .filter_map(|b| {
+            let u = ready_uploads(st, &b.id)
+                .into_iter()
+                .find(|u| u.provider == "sim")?;
+            Some((b.id.clone(), u.clone()))
+        })
+        .collect()
+}
+
+async fn setup_servers(clouds: &Clouds) -> Vec<String> {
+    cloud(clouds, "sim")
+        .list_instances()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .filter(|n| n.starts_with("np-setup-"))
+        .collect()
+}
+
+/// Makes the newest snapshot look `rebuild-age` old (a day): its record
+/// and the older ones' are backdated, as time would.
+async fn age_snapshots(store: &Store, st: &ImageState) {
+    let day = 86_400.0;
+    for (n, (build, _)) in snapshots(st).iter().rev().enumerate() {
+        let v = store.get_build("prepared", build).await.unwrap().unwrap();
+        let mut rec = v.value;
+        rec.state_time -= day * (n as f64 + 1.0) + 1.0;
+        store
+            .update_build("prepared", build, &rec, Some(v.version))
+            .await
+            .unwrap();
+    }
+}
+
+/// The whole life of a snapshot image on a store: made by the builder
+/// (setup ran on its server, which is gone), booted by a label, a second
+/// kept with the first as previous, a third (rebuild-age) deleting the
+/// oldest, `image-delete` of the newest rolling back, a failing setup
+/// failing its build and deleting its server.
+async fn snapshot_image_life(backend: nodepool_tests::Backend) {
+    let site = SnapshotSite::new(backend);
+    let cfg = site.config();
+    let clouds = Clouds::default();
+    let settings = BuilderSettings {
+        retry_delay: Duration::from_secs(3600),
+        max_retry_delay: Duration::from_secs(3600),
+        ..settings("nb01")
+    };
+    let b = start_with(site.env.store(&cfg).await, cfg.clone(), settings, &clouds);
+
+    // 1. The first snapshot: setup ran on its server, which is gone.
+    let st = b.until("a snapshot", |st| snapshots(st).len() == 1).await;
+    let (first, up1) = snapshots(&st).remove(0);
+    assert_eq!(site.set_up_on(), [format!("np-setup-prepared-{}", up1.id)]);
+    assert!(
+        setup_servers(&clouds).await.is_empty(),
+        "the setup server is deleted"
+    );
+    let ext1 = up1.upload.external_id.clone().unwrap();
+    let images = cloud_images(&clouds, "sim").await;
+    let img = images
+        .iter()
+        .find(|i| i.id == ext1)
+        .expect("the snapshot is an image");
+    assert_eq!(img.properties["nodepool_build_id"], first);
+    assert_eq!(img.properties["nodepool_upload_id"], up1.id);
+    assert_eq!(img.properties["nodepool_provider_name"], "sim");
+
+    // 2. The label boots it (min-ready).
+    let launcher = nodepool_tests::RunningLauncher::start(&site.env, &cfg, "nl01", &clouds).await;
+    let image_id = nodepool_core::store::paths::upload("prepared", &first, "sim", &up1.id);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let nodes = b.store.list_nodes().await.unwrap().records;
+        if nodes.iter().any(|n| {
+            n.node.state == nodepool_core::model::NodeState::Ready
+                && n.node.image_id.as_deref() == Some(image_id.as_str())
+        }) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ready node booted from {image_id}: {nodes:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    launcher.stop().await;
+
+    // 3. A requested snapshot becomes current; the first is kept.
+    b.store.request_image_build("prepared").await.unwrap();
+    let st = b
+        .until("a second snapshot", |st| {
+            snapshots(st).len() == 2 && !st.build_requests.contains_key("prepared")
+        })
+        .await;
+    let second = snapshots(&st)[1].0.clone();
+    assert_eq!(snapshots(&st)[0].0, first);
+
+    // 4. At rebuild-age a third is made and the oldest goes, cloud image too.
+    age_snapshots(&b.store, &st).await;
+    let st = b
+        .until("a third snapshot and the first gone", |st| {
+            let s = snapshots(st);
+            s.len() == 2 && s[0].0 == second && !st.builds.iter().any(|x| x.id == first)
+        })
+        .await;
+    let (third, up3) = snapshots(&st)[1].clone();
+    assert_eq!(site.set_up_on().len(), 3);
+    let ids: Vec<String> = cloud_images(&clouds, "sim")
+        .await
+        .into_iter()
+        .filter(|i| i.properties.contains_key("nodepool_build_id"))
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(!ids.contains(&ext1));
+
+    // 5. `image-delete` of the newest rolls back to the second. Paused
+    // first (seed 000's recipe): the second is past rebuild-age.
+    b.store.set_image_paused("prepared", true).await.unwrap();
+    let upload = nodepool_core::admin::UploadRef {
+        image: "prepared".into(),
+        build: third.clone(),
+        provider: "sim".into(),
+        upload: up3.id.clone(),
+    };
+    let read = nodepool_core::admin::upload_to_delete(&b.store, &upload)
+        .await
+        .unwrap();
+    nodepool_core::admin::mark_upload_deleting(&b.store, &upload, read)
+        .await
+        .unwrap();
+    let st = b
+        .until("the newest snapshot gone", |st| {
+            !st.builds.iter().any(|x| x.id == third)
+        })
+        .await;
+    assert_eq!(
+        snapshots(&st)
+            .iter()
+            .map(|s| s.0.as_str())
+            .collect::<Vec<_>>(),
+        [second.as_str()]
+    );
+    b.passes(4).await;
+    assert_eq!(snapshots(&b.images().await).len(), 1, "not remade: paused");
+
+    // 6. Unpaused, the second is remade (rebuild-age); a failing setup
+    // fails its build and deletes its server.
+    std::fs::write(site.dir.path().join("fail"), "").unwrap();
+    b.store.set_image_paused("prepared", false).await.unwrap();
+    let st = b
+        .until("a failed snapshot", |st| {
+            st.builds
+                .iter()
+                .any(|x| x.image == "prepared" && x.build.state == BuildState::Failed)
+        })
+        .await;
+    let failed = st
+        .builds
+        .iter()
+        .find(|x| x.build.state == BuildState::Failed)
+        .unwrap();
+    let why = failed.build.log_tail().unwrap_or_default();
+    assert!(why.contains("exited with status 4"), "{why}");
+    assert!(
+        setup_servers(&clouds).await.is_empty(),
+        "the setup server is deleted"
+    );
+    assert_eq!(
+        snapshots(&st)
+            .iter()
+            .map(|s| s.0.clone())
+            .collect::<Vec<_>>(),
+        [second],
+        "the previous snapshot stays current"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_image_is_made_booted_kept_rolled_back_on_zookeeper() {
+    snapshot_image_life(nodepool_tests::Backend::ZooKeeper).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_image_is_made_booted_kept_rolled_back_on_sqlite() {
+    snapshot_image_life(nodepool_tests::Backend::Sqlite).await;
+}

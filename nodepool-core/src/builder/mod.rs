@@ -34,7 +34,8 @@
 //!
 //! Layout: `local` (the images directory: id file, file scan, deletions,
 //! checksums, image names), `hook` (`post-upload-hook`), `tasks` (build,
-//! upload and delete tasks), `validate` (boot tests of new uploads).
+//! upload and delete tasks, snapshot images), `validate` (boot a server
+//! and run a script on it: boot tests of new uploads, snapshot setup).
 
 mod hook;
 pub mod local;
@@ -684,7 +685,7 @@ impl Runtime {
                 continue;
             }
             let kind = match action {
-                ImageAction::Build { .. } => Kind::Build,
+                ImageAction::Build { .. } | ImageAction::Snapshot { .. } => Kind::Build,
                 ImageAction::Upload { .. } => Kind::Upload,
                 ImageAction::ClearUploadRequest {
                     image,
@@ -714,6 +715,7 @@ impl Runtime {
             }
             let provider = match action {
                 ImageAction::Upload { provider, .. }
+                | ImageAction::Snapshot { provider, .. }
                 | ImageAction::DeleteUpload { provider, .. }
                 | ImageAction::RemoveDeadUpload { provider, .. }
                 | ImageAction::DeleteLeakedImage { provider, .. } => {

@@ -8,16 +8,20 @@ use std::time::{Duration, Instant};
 use indexmap::IndexMap;
 
 use super::{ProviderEntry, Shared, hook, local, validate};
-use crate::config::{Config, DiskImage};
+use crate::config::{Config, DiskImage, SnapshotImage};
 use crate::image_builder::{BuildError, BuildPhase, BuildSpec};
 use crate::launcher::metrics::families;
 use crate::model::{
     BUILD_PROGRESS_KEY, BuildProgressRecord, BuildState, ImageBuild, ImageUpload, Json,
     UploadProgressRecord, UploadState,
 };
+use crate::planner::LaunchImage;
 use crate::planner::images::{BuildReason, ImageAction, ImageDeleteReason};
+use crate::planner::leaks::validation_tag;
 use crate::provider::ProviderError;
-use crate::provider::{IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID, ImageUploadSpec};
+use crate::provider::{
+    IMAGE_BUILD_ID, IMAGE_PROVIDER, IMAGE_UPLOAD_ID, ImageUploadSpec, SnapshotSpec,
+};
 use crate::store::paths::{self, ImagePath, classify_image_path};
 use crate::store::{
     Decision, Held, LockGuard, LockOf, LockWait, RecordKey, Store, StoreError, Versioned,
@@ -205,6 +209,20 @@ async fn read_builds(
     Ok(out)
 }
 
+/// The id of the newest ready build among `builds`.
+fn newest_ready_id(builds: &[(String, Versioned<ImageBuild>)]) -> Option<&str> {
+    builds
+        .iter()
+        .filter(|(_, b)| b.value.state == BuildState::Ready)
+        .max_by(|a, b| {
+            a.1.value
+                .state_time
+                .total_cmp(&b.1.value.state_time)
+                .then_with(|| a.0.cmp(&b.0))
+        })
+        .map(|(id, _)| id.as_str())
+}
+
 /// Every upload of a build to a provider, read from the store.
 async fn read_uploads(
     store: &Store,
@@ -265,6 +283,17 @@ impl Task {
                 requested,
             } => {
                 self.build(image, formats, reason, newest_ready.as_deref(), *requested)
+                    .await
+            }
+            ImageAction::Snapshot {
+                image,
+                base,
+                reason,
+                newest_ready,
+                requested,
+                ..
+            } => {
+                self.snapshot(image, base, reason, newest_ready.as_deref(), *requested)
                     .await
             }
             ImageAction::Upload {
@@ -405,17 +434,7 @@ impl Task {
         let builds = read_builds(store, image)
             .await
             .map_err(store_err("cannot read builds"))?;
-        let newest = builds
-            .iter()
-            .filter(|(_, b)| b.value.state == BuildState::Ready)
-            .max_by(|a, b| {
-                a.1.value
-                    .state_time
-                    .total_cmp(&b.1.value.state_time)
-                    .then_with(|| a.0.cmp(&b.0))
-            })
-            .map(|(id, _)| id.as_str());
-        if newest != newest_ready {
+        if newest_ready_id(&builds) != newest_ready {
             tracing::info!(image = %image, "its newest ready build changed meanwhile; not building");
             return Ok(());
         }
@@ -555,6 +574,272 @@ impl Task {
                 written
                     .map(|_| ())
                     .map_err(store_err("cannot record the failed build"))
+            }
+        }
+    }
+
+    // ----- snapshot images ---------------------------------------------
+
+    /// Makes a snapshot image (see [`ImageAction::Snapshot`]) under the
+    /// image's build lock, as a build of it with one upload.
+    async fn snapshot(
+        &self,
+        image: &str,
+        base: &LaunchImage,
+        reason: &BuildReason,
+        newest_ready: Option<&str>,
+        requested: bool,
+    ) -> TaskResult {
+        let entry = self.entry()?;
+        let Some(si) = entry.config.snapshot_image(image).cloned() else {
+            return Ok(());
+        };
+        let lock = paths::builds_lock(image);
+        let made = self
+            .shared
+            .store
+            .try_holding(
+                LockOf::Dir(&lock),
+                async |guard: &LockGuard| -> Result<Held<()>, TaskError> {
+                    self.snapshot_locked(guard, entry, &si, base, reason, newest_ready, requested)
+                        .await
+                        .map(Held::Kept)
+                },
+            )
+            .await?;
+        if made.is_none() {
+            tracing::debug!(image = %image, "another builder is making it");
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn snapshot_locked(
+        &self,
+        guard: &LockGuard,
+        entry: &ProviderEntry,
+        si: &SnapshotImage,
+        base: &LaunchImage,
+        reason: &BuildReason,
+        newest_ready: Option<&str>,
+        requested: bool,
+    ) -> TaskResult {
+        let image = si.name.as_str();
+        let provider = entry.config.name.as_str();
+        let store = &self.shared.store;
+        // Re-check under the lock: another builder may have just made one.
+        let builds = read_builds(store, image)
+            .await
+            .map_err(store_err("cannot read builds"))?;
+        if newest_ready_id(&builds) != newest_ready {
+            tracing::info!(image = %image, "its newest ready snapshot changed meanwhile; not making one");
+            return Ok(());
+        }
+        // A pass that read the state between the last snapshot becoming
+        // ready and its request being removed (both under this lock)
+        // plans the request again: it is gone now.
+        if requested
+            && store
+                .backend()
+                .get(&paths::image_build_request(image))
+                .await
+                .map_err(store_err("cannot read the build request"))?
+                .is_none()
+        {
+            return Ok(());
+        }
+        if self.shared.work.is_cancelled() {
+            return Ok(());
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let _running = RunningBuild::new(&self.shared, (image.to_owned(), id.clone()));
+        // No formats: a snapshot has no local files to upload.
+        let mut rec = ImageBuild::new(self.shared.now(), Vec::new());
+        rec.builder = Some(self.shared.settings.hostname.clone());
+        rec.builder_id = Some(self.shared.builder_id.clone());
+        rec.username = Some(si.username.clone());
+        store
+            .create_build(image, &id, &rec)
+            .await
+            .map_err(store_err("cannot create the build record"))?;
+        tracing::info!(image = %image, build = %id, provider = %provider, %reason, "making a snapshot image");
+        let started = Instant::now();
+        let lock = paths::uploads_lock(image, &id, provider);
+        let outcome = store
+            .try_holding(
+                LockOf::Dir(&lock),
+                async |up: &LockGuard| -> Result<Held<Result<(), String>>, TaskError> {
+                    self.snapshot_upload(up, entry, si, &id, base)
+                        .await
+                        .map(Held::Kept)
+                },
+            )
+            .await;
+        let outcome = match outcome {
+            Ok(Some(r)) => r,
+            Ok(None) => Err("its upload lock was taken".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        let now = self.shared.now();
+        if !guard.wait_held().await {
+            return Err(TaskError::SessionLost(format!("snapshot {id} of {image}")));
+        }
+        let Some(Versioned { mut value, version }) = store
+            .get_build(image, &id)
+            .await
+            .map_err(store_err("cannot read the build record"))?
+        else {
+            tracing::error!(image = %image, build = %id, "the build record vanished during the snapshot");
+            return Ok(());
+        };
+        let key = RecordKey::build(image, &id);
+        match outcome {
+            Ok(()) => {
+                value.set_state(BuildState::Ready, now);
+                store
+                    .write_locked(guard, &key, &value, Some(version))
+                    .await
+                    .map_err(store_err(&format!("cannot record build {id} ready")))?;
+                tracing::info!(image = %image, build = %id, provider = %provider, elapsed_s = started.elapsed().as_secs(), "snapshot image ready");
+                if requested && let Err(e) = store.clear_image_build_request(image).await {
+                    tracing::warn!(image = %image, error = %e, "cannot remove the build request");
+                }
+                Ok(())
+            }
+            Err(why) => {
+                tracing::warn!(image = %image, build = %id, provider = %provider, "snapshot failed: {why}");
+                value.set_state(BuildState::Failed, now);
+                value
+                    .extra
+                    .insert(LOG_TAIL_KEY.to_owned(), Json::encode(&tail(&why)));
+                store
+                    .write_locked(guard, &key, &value, Some(version))
+                    .await
+                    .map_err(store_err("cannot record the failed snapshot"))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The upload of a snapshot build, under its upload lock: boots the
+    /// setup server, runs `setup`, snapshots it and deletes it, validates
+    /// the snapshot, and records the upload ready or failed. `Ok(Err)` is
+    /// a snapshot that failed (recorded so); `Err` a store failure.
+    async fn snapshot_upload(
+        &self,
+        guard: &LockGuard,
+        entry: &ProviderEntry,
+        si: &SnapshotImage,
+        build: &str,
+        base: &LaunchImage,
+    ) -> Result<Result<(), String>, TaskError> {
+        let image = si.name.as_str();
+        let pc = &entry.config;
+        let provider = pc.name.as_str();
+        let store = &self.shared.store;
+        let now = self.shared.now();
+        let mut rec = ImageUpload::new(now, None);
+        rec.username = Some(si.username.clone());
+        let upload_id = store
+            .create_upload(image, build, provider, &rec)
+            .await
+            .map_err(store_err("cannot create the upload record"))?;
+        let name = local::format_image_name(&pc.image_name_format, image, &upload_id, now as i64);
+        rec.external_name = Some(name.clone());
+        let version = store
+            .update_upload(image, build, provider, &upload_id, &rec, Some(0))
+            .await
+            .map_err(store_err("cannot update the upload record"))?;
+        let mut properties = IndexMap::new();
+        properties.insert(IMAGE_BUILD_ID.to_owned(), build.to_owned());
+        properties.insert(IMAGE_UPLOAD_ID.to_owned(), upload_id.clone());
+        properties.insert(IMAGE_PROVIDER.to_owned(), provider.to_owned());
+        let spec = SnapshotSpec {
+            name,
+            properties,
+            timeout: pc.image_upload_timeout,
+        };
+        let job = validate::Job {
+            purpose: "setup",
+            image,
+            name: format!("np-setup-{image}-{upload_id}"),
+            boot: base.clone(),
+            // The setup server works for this upload: the leak rule leaves
+            // it while the upload is `uploading`, as a boot test's.
+            tag: validation_tag(image, build, &upload_id),
+            script: &si.setup,
+            size: Some((si.flavor_name.clone(), si.min_ram)),
+        };
+        let mut made: Option<String> = None;
+        let mut outcome = validate::boot_and_run(
+            &self.shared,
+            &self.config,
+            entry,
+            &job,
+            async |server: &str| -> Result<String, String> {
+                let limit = spec.timeout + UPLOAD_TIMEOUT_MARGIN;
+                let ext =
+                    tokio::time::timeout(limit, entry.provider.snapshot_instance(server, &spec))
+                        .await
+                        .map_err(|_| format!("the snapshot took longer than {limit:?}"))?
+                        .map_err(|e| format!("cannot snapshot the setup server: {e}"))?;
+                made = Some(ext.clone());
+                Ok(ext)
+            },
+        )
+        .await;
+        if outcome.is_err()
+            && let Some(ext) = &made
+        {
+            // Its server could not be deleted: the snapshot is not used.
+            self.delete_cloud_image(entry, ext).await;
+        }
+        if let (Ok(ext), Some(script)) = (&outcome, &si.validate) {
+            let candidate = validate::Candidate {
+                image,
+                build,
+                upload: &upload_id,
+                external_id: ext,
+            };
+            if let Err(why) =
+                validate::validate(&self.shared, &self.config, entry, &candidate, script).await
+            {
+                self.delete_cloud_image(entry, ext).await;
+                outcome = Err(format!("validation failed: {why}"));
+            }
+        }
+        let key = RecordKey::upload(image, build, provider, &upload_id);
+        if !guard.wait_held().await {
+            if let Ok(ext) = &outcome {
+                self.delete_cloud_image(entry, ext).await;
+            }
+            return Err(TaskError::SessionLost(format!(
+                "snapshot upload {upload_id} of {image}"
+            )));
+        }
+        let now = self.shared.now();
+        match outcome {
+            Ok(ext) => {
+                rec.external_id = Some(ext.clone());
+                rec.set_state(UploadState::Ready, now);
+                if let Err(e) = store.write_locked(guard, &key, &rec, Some(version)).await {
+                    self.delete_cloud_image(entry, &ext).await;
+                    return Err(TaskError::Store {
+                        what: format!("cannot record upload {upload_id} ready"),
+                        source: e,
+                    });
+                }
+                tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload_id, external_id = %ext, "snapshot ready");
+                Ok(Ok(()))
+            }
+            Err(why) => {
+                rec.set_state(UploadState::Failed, now);
+                rec.set_failure(&why);
+                store
+                    .write_locked(guard, &key, &rec, Some(version))
+                    .await
+                    .map_err(store_err("cannot record the failed snapshot"))?;
+                Ok(Err(why))
             }
         }
     }

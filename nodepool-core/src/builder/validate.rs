@@ -1,21 +1,22 @@
-//! Boot tests of new uploads (a provider diskimage's `validate`): after an
-//! upload finishes and before its record becomes `ready`, the builder
-//! boots one server from the new cloud image with the first pool label of
-//! the provider that uses the image, waits for it to be ACTIVE and for its
-//! SSH server (nodescan), runs the validation script on it as the
-//! diskimage's `username` with its `private-key` (the launcher's ready
-//! script runner), and deletes the server, whatever happened.
+//! Servers the builder boots to run a script on: the boot test of a new
+//! upload (a provider diskimage's or snapshot image's `validate`), and the
+//! setup server of a snapshot image (its `setup`). Either way the server
+//! is booted with the first pool label of the provider that uses the
+//! image, waited for until ACTIVE and for its SSH server (nodescan), the
+//! script runs on it as the image's `username` with its `private-key` (the
+//! launcher's ready script runner), and the server is deleted, whatever
+//! happened.
 //!
 //! The server is tagged with the provider's name and
-//! [`META_VALIDATION`](crate::provider::META_VALIDATION) (no node id): a
-//! launcher's leak cleanup leaves it alone while its upload is
-//! `uploading` and deletes it once it is not (a builder that died during
-//! the test).
+//! [`META_VALIDATION`](crate::provider::META_VALIDATION) naming the upload
+//! it works for (no node id): a launcher's leak cleanup leaves it alone
+//! while that upload is `uploading` and deletes it once it is not (a
+//! builder that died meanwhile).
 
 use std::time::Duration;
 
 use super::{ProviderEntry, Shared};
-use crate::config::{Config, ImageSource, ReadyScript};
+use crate::config::{Config, ImageSource, ProviderConfig, ReadyScript};
 use crate::launcher::nodescan;
 use crate::launcher::ready_script::{self, ReadyScriptRun};
 use crate::planner::leaks::validation_tag;
@@ -44,8 +45,75 @@ pub(crate) async fn validate(
     candidate: &Candidate<'_>,
     script: &ReadyScript,
 ) -> Result<(), String> {
+    let job = Job {
+        purpose: "test",
+        image: candidate.image,
+        name: format!("np-validate-{}-{}", candidate.image, candidate.upload),
+        boot: LaunchImage::Upload {
+            image: candidate.image.to_owned(),
+            build: candidate.build.to_owned(),
+            upload: candidate.upload.to_owned(),
+            external_id: candidate.external_id.to_owned(),
+        },
+        tag: validation_tag(candidate.image, candidate.build, candidate.upload),
+        script,
+        size: None,
+    };
+    boot_and_run(shared, config, entry, &job, async |_: &str| Ok(())).await
+}
+
+/// A server to boot for `image` and the script to run on it.
+pub(crate) struct Job<'a> {
+    /// What the server is, in messages: "test", "setup".
+    pub purpose: &'static str,
+    /// The image the server is for: its pool label, login and connection
+    /// are used.
+    pub image: &'a str,
+    /// Server name.
+    pub name: String,
+    /// What the server boots.
+    pub boot: LaunchImage,
+    /// Its [`META_VALIDATION`] tag ([`validation_tag`] of the upload).
+    pub tag: String,
+    /// The script run on it.
+    pub script: &'a ReadyScript,
+    /// `(flavor-name, min-ram)` instead of the pool label's.
+    pub size: Option<(Option<String>, Option<i64>)>,
+}
+
+/// The login of `image`: a diskimage's or a snapshot image's.
+fn login(
+    config: &Config,
+    pc: &ProviderConfig,
+    image: &str,
+) -> Result<(String, std::path::PathBuf), String> {
+    if let Some(di) = config.diskimage(image) {
+        let key = di
+            .private_key
+            .clone()
+            .ok_or_else(|| format!("diskimage {image} has no private-key"))?;
+        return Ok((di.username.clone(), key));
+    }
+    let si = pc
+        .snapshot_image(image)
+        .ok_or_else(|| format!("image {image} is not configured"))?;
+    Ok((si.username.clone(), si.private_key.clone()))
+}
+
+/// Boots `job`'s server, runs its script, then `then` with the server id
+/// (the script succeeded), and deletes the server whatever happened; `Err`
+/// is why it failed (a deletion that fails is a failure too: the result
+/// must not be used while the server may live).
+pub(crate) async fn boot_and_run<T>(
+    shared: &Shared,
+    config: &Config,
+    entry: &ProviderEntry,
+    job: &Job<'_>,
+    then: impl AsyncFnOnce(&str) -> Result<T, String>,
+) -> Result<T, String> {
     let pc = &entry.config;
     let p = &entry.provider;
+    let purpose = job.purpose;
     if p.skip_nodescan() {
         // No network to reach a server on (the simulated cloud without
         // `data-plane-host`): the script could never run.
@@ -60,37 +128,24 @@ pub(crate) async fn validate(
         .find_map(|pool| {
             pool.labels
                 .iter()
-                .find(|l| matches!(&l.image, ImageSource::DiskImage(d) if d == candidate.image))
+                .find(|l| matches!(&l.image, ImageSource::DiskImage(d) if d == job.image))
                 .map(|l| (pool.name.clone(), l.name.clone()))
         })
-        .ok_or_else(|| format!("no pool label of {} boots {}", pc.name, candidate.image))?;
-    let di = config
-        .diskimage(candidate.image)
-        .ok_or_else(|| format!("diskimage {} is not configured", candidate.image))?;
-    let private_key = di
-        .private_key
-        .clone()
-        .ok_or_else(|| format!("diskimage {} has no private-key", candidate.image))?;
-    let connection = pc.diskimage(candidate.image).map_or_else(
-        || ("ssh".to_owned(), 22),
-        |d| (d.connection_type.clone(), d.connection_port),
-    );
+        .ok_or_else(|| format!("no pool label of {} boots {}", pc.name, job.image))?;
+    let (username, private_key) = login(config, pc, job.image)?;
+    let connection = pc
+        .connection_of(job.image)
+        .map_or(("ssh".to_owned(), 22), |(t, port)| (t.to_owned(), port));
     let target = PoolKey {
         provider: pc.name.clone(),
         pool,
     };
-    let image = LaunchImage::Upload {
-        image: candidate.image.to_owned(),
-        build: candidate.build.to_owned(),
-        upload: candidate.upload.to_owned(),
-        external_id: candidate.external_id.to_owned(),
-    };
-    let name = format!("np-validate-{}-{}", candidate.image, candidate.upload);
+    let name = job.name.clone();
     let (mut spec, _, _) = crate::launcher::tasks::instance_spec(
         config,
         &target,
         &label,
-        &image,
+        &job.boot,
         None,
         &name,
         ("", None),
@@ -98,34 +153,36 @@ pub(crate) async fn validate(
     .ok_or_else(|| format!("cannot describe a server of label {label}"))?;
     spec.name = name.clone();
     spec.metadata.shift_remove(META_NODE_ID);
-    spec.metadata.insert(
-        META_VALIDATION.to_owned(),
-        validation_tag(candidate.image, candidate.build, candidate.upload),
-    );
+    spec.metadata
+        .insert(META_VALIDATION.to_owned(), job.tag.clone());
+    if let Some((flavor_name, min_ram)) = &job.size {
+        spec.label.flavor_name = flavor_name.clone();
+        spec.label.min_ram = *min_ram;
+    }
     let run = ReadyScriptRun {
-        script: script.clone(),
-        username: di.username.clone(),
+        script: job.script.clone(),
+        username,
         private_key,
     };
-    tracing::info!(image = %candidate.image, provider = %pc.name, upload = %candidate.upload, label = %label, server = %name, "booting a server to validate the upload");
+    tracing::info!(image = %job.image, provider = %pc.name, label = %label, server = %name, "booting a {purpose} server");
     let id = tokio::time::timeout(p.api_timeout(), p.create_instance(&spec))
         .await
-        .map_err(|_| "creating the test server timed out".to_owned())?
-        .map_err(|e| format!("cannot create the test server: {e}"))?;
-    let tested = async {
+        .map_err(|_| format!("creating the {purpose} server timed out"))?
+        .map_err(|e| format!("cannot create the {purpose} server: {e}"))?;
+    let worked = async {
         let server = tokio::time::timeout(pc.launch_timeout, p.wait_for_instance(&id, &spec))
             .await
             .map_err(|_| {
                 format!(
-                    "the test server was not active within {:?}",
+                    "the {purpose} server was not active within {:?}",
                     pc.launch_timeout
                 )
             })?
-            .map_err(|e| format!("the test server failed: {e}"))?;
+            .map_err(|e| format!("the {purpose} server failed: {e}"))?;
         let host = server
             .interface_ip
             .clone()
-            .ok_or("the test server has no address")?;
+            .ok_or(format!("the {purpose} server has no address"))?;
         let port = p.connection_port(&server).unwrap_or(connection.1);
         let host_keys = nodescan::scan(&host, port, &connection.0, pc.boot_timeout)
             .await
@@ -140,31 +197,37 @@ pub(crate) async fn validate(
                 host_keys: &host_keys,
             },
         )
-        .await
+        .await?;
+        then(&id).await
     };
     let outcome = tokio::select! {
-        r = tested => r,
+        r = worked => r,
         _ = shared.work.cancelled() => Err("the builder is stopping".to_owned()),
     };
-    let deleted = delete_server(shared, entry, &id).await;
+    let deleted = delete_server(shared, entry, purpose, &id).await;
     match (outcome, deleted) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(why), Ok(())) | (Ok(()), Err(why)) => Err(why),
+        (Ok(t), Ok(())) => Ok(t),
+        (Err(why), Ok(())) | (Ok(_), Err(why)) => Err(why),
         (Err(why), Err(also)) => Err(format!("{why}; {also}")),
     }
 }
 
-/// Deletes the test server, bounded by the builder's delete timeout.
-async fn delete_server(shared: &Shared, entry: &ProviderEntry, id: &str) -> Result<(), String> {
+/// Deletes a server of ours, bounded by the builder's delete timeout.
+async fn delete_server(
+    shared: &Shared,
+    entry: &ProviderEntry,
+    purpose: &str,
+    id: &str,
+) -> Result<(), String> {
     let limit: Duration = shared.settings.delete_timeout;
     match tokio::time::timeout(limit, entry.provider.delete_instance(id)).await {
         Ok(Ok(())) => {
-            tracing::info!(provider = %entry.config.name, server = %id, "deleted the test server");
+            tracing::info!(provider = %entry.config.name, server = %id, "deleted the {purpose} server");
             Ok(())
         }
-        Ok(Err(e)) => Err(format!("cannot delete the test server {id}: {e}")),
+        Ok(Err(e)) => Err(format!("cannot delete the {purpose} server {id}: {e}")),
         Err(_) => Err(format!(
-            "deleting the test server {id} took longer than {limit:?}"
+            "deleting the {purpose} server {id} took longer than {limit:?}"
         )),
     }
 }

@@ -669,9 +669,10 @@ fn fill_image_fields(
             } else if let Some(si) = pc.snapshot_image(image) {
                 node.username = Some(si.username.clone());
             }
-            if let Some(pd) = pc.diskimage(image) {
-                node.connection_type = Some(pd.connection_type.clone());
-                let port = crate::model::Port::Number(i64::from(pd.connection_port));
+            // A snapshot image answers as its base image.
+            if let Some((kind, port)) = pc.connection_of(image) {
+                node.connection_type = Some(kind.to_owned());
+                let port = crate::model::Port::Number(i64::from(port));
                 node.connection_port = Some(port.clone());
                 node.ssh_port = Some(port);
             }

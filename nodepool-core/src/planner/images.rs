@@ -40,11 +40,18 @@
 //!   are reported in [`ImagePlan::notes`] and left for `nodepool erase`, as
 //!   in Python. Seed 001's way to remove a provider (every pool at
 //!   `max-servers` ≤ 0) deletes them properly.
+//! - **Snapshot images** (a provider's `images`, seed 002) are recorded as
+//!   builds of their name with one upload each, to their provider: a
+//!   [`ImageAction::Snapshot`] makes both at once. Retention keeps the
+//!   builds of the kept uploads only (a build is nothing without its
+//!   snapshot), so deleting the newest upload (`image-delete`) deletes its
+//!   build too and the previous snapshot is current again.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::LaunchImage;
 use super::leaks::leaked_images;
-use crate::config::{Config, ProviderConfig};
+use crate::config::{Config, ImageSource, ProviderConfig, SnapshotImage};
 use crate::model::{BuildState, UploadState};
 use crate::provider::CloudImageInfo;
 use crate::store::{BuildRecord, ImageState, UploadRecord};
@@ -165,6 +172,24 @@ impl std::fmt::Display for ImageDeleteReason {
     }
 }
 
+/// The provider and configuration of a snapshot image (a provider's
+/// `images` entry; a name belongs to one provider).
+pub fn snapshot_image<'a>(
+    config: &'a Config,
+    image: &str,
+) -> Option<(&'a ProviderConfig, &'a SnapshotImage)> {
+    config
+        .providers
+        .iter()
+        .find_map(|p| p.snapshot_image(image).map(|si| (p, si)))
+}
+
+/// Whether the builder makes `image`: a top-level diskimage or a snapshot
+/// image.
+fn configured(config: &Config, image: &str) -> bool {
+    config.diskimage(image).is_some() || snapshot_image(config, image).is_some()
+}
+
 /// One thing for the builder to do. Each is independent of the others in
 /// the same plan; the executor takes the named lock non-blocking and skips
 /// the action if someone else holds it.
@@ -182,6 +207,25 @@ pub enum ImageAction {
         /// The newest ready build the decision was made on.
         newest_ready: Option<String>,
         /// A `request-build` was pending: remove it once the build is ready.
+        requested: bool,
+    },
+    /// Make a snapshot image: take the image's build lock, re-check that
+    /// its newest ready build is still `newest_ready`, create a `building`
+    /// record and an `uploading` upload to `provider` under it (upload
+    /// lock held), boot a server of `base`, run `setup` on it, snapshot it,
+    /// delete it, validate the snapshot if configured, and mark both ready.
+    Snapshot {
+        /// Snapshot image name.
+        image: String,
+        /// Its provider.
+        provider: String,
+        /// What the setup server boots.
+        base: LaunchImage,
+        /// Why.
+        reason: BuildReason,
+        /// The newest ready build the decision was made on.
+        newest_ready: Option<String>,
+        /// A build request was pending: remove it once the snapshot is ready.
         requested: bool,
     },
     /// Take the upload lock of (build, provider), re-check, create an
@@ -292,7 +336,9 @@ impl ImageAction {
     /// at once; their locks keep them apart.
     pub fn key(&self) -> String {
         match self {
-            ImageAction::Build { image, .. } => format!("build {image}"),
+            ImageAction::Build { image, .. } | ImageAction::Snapshot { image, .. } => {
+                format!("build {image}")
+            }
             ImageAction::Upload {
                 image,
                 build,
@@ -363,7 +409,7 @@ fn usable_upload(u: &UploadRecord, ready_builds: &BTreeSet<&str>) -> bool {
 /// (the usual way to pause a cloud): only unlisting the image, or seed
 /// 001's provider-level `max-servers: -1`, lets them go.
 fn keeps_uploads(p: &ProviderConfig, image: &str) -> bool {
-    p.diskimage(image).is_some() && !p.removing
+    (p.diskimage(image).is_some() || p.snapshot_image(image).is_some()) && !p.removing
 }
 
 /// The current and previous image of `image` per provider that keeps its
@@ -375,7 +421,7 @@ pub fn kept_uploads<'a>(
     config: &Config,
     image: &str,
 ) -> BTreeMap<String, Vec<&'a UploadRecord>> {
-    if config.diskimage(image).is_none() {
+    if !configured(config, image) {
         return BTreeMap::new();
     }
     let ready: BTreeSet<&str> = state
@@ -438,7 +484,7 @@ pub fn newest_ready_builds<'a>(
     config: &Config,
     image: &str,
 ) -> Vec<&'a BuildRecord> {
-    if config.diskimage(image).is_none() {
+    if !configured(config, image) {
         return Vec::new();
     }
     let mut ready: Vec<&BuildRecord> = state
@@ -508,6 +554,9 @@ pub fn plan_images(
 
     // The images this builder is responsible for.
     let mut images: BTreeSet<&str> = config.diskimages.iter().map(|d| d.name.as_str()).collect();
+    for p in &config.providers {
+        images.extend(p.snapshot_images.iter().map(|i| i.name.as_str()));
+    }
     for b in &st.builds {
         if b.build.builder_id.as_deref() == Some(local.builder_id.as_str()) {
             images.insert(&b.image);
@@ -529,12 +578,13 @@ pub fn plan_images(
             .iter()
             .map(|p| {
                 let d = p.diskimage(image);
+                let si = p.snapshot_image(image);
                 (
                     p.name.as_str(),
                     Relation {
                         provider: p,
-                        listed: d.is_some(),
-                        paused: d.is_some_and(|d| d.pause),
+                        listed: d.is_some() || si.is_some(),
+                        paused: d.is_some_and(|d| d.pause) || si.is_some_and(|s| s.pause),
                     },
                 )
             })
@@ -558,7 +608,7 @@ pub fn plan_images(
     plan_upload_requests(snapshot, config, &builds_by_image, &mut deletions);
     // Manual requests first, then images with nothing to boot, then the rest.
     builds.sort_by_key(|a: &ImageAction| match a {
-        ImageAction::Build { reason, .. } => match reason {
+        ImageAction::Build { reason, .. } | ImageAction::Snapshot { reason, .. } => match reason {
             BuildReason::Requested => 0,
             BuildReason::NoReadyBuild => 1,
             BuildReason::MissingFormats(_) => 2,
@@ -683,11 +733,25 @@ impl<'a> ImageCtx<'a> {
 
     fn plan_build(&self, out: &mut Vec<ImageAction>) {
         let st = &self.snapshot.images;
-        let Some(di) = self.config.diskimage(self.image) else {
+        let (formats, rebuild_age, snapshot) = if let Some(di) = self.config.diskimage(self.image) {
+            let formats = self.config.diskimage_formats(self.image);
+            if formats.is_empty() || di.pause {
+                return;
+            }
+            (formats, di.rebuild_age, None)
+        } else if let Some((p, si)) = snapshot_image(self.config, self.image) {
+            if si.pause || p.is_disabled() {
+                return;
+            }
+            // A diskimage base with no ready upload here yet: later.
+            let Some(base) = self.snapshot_base(p, si) else {
+                return;
+            };
+            (BTreeSet::new(), si.rebuild_age, Some((p, base)))
+        } else {
             return;
         };
-        let formats = self.config.diskimage_formats(self.image);
-        if formats.is_empty() || di.pause || st.paused.contains(self.image) {
+        if st.paused.contains(self.image) {
             return;
         }
         // One build of an image at a time, across builders.
@@ -718,7 +782,7 @@ impl<'a> ImageCtx<'a> {
                     let age = self.now - b.build.state_time;
                     if !missing.is_empty() {
                         BuildReason::MissingFormats(missing)
-                    } else if age >= di.rebuild_age.as_secs_f64() {
+                    } else if age >= rebuild_age.as_secs_f64() {
                         BuildReason::Stale { age }
                     } else {
                         return;
@@ -726,13 +790,44 @@ impl<'a> ImageCtx<'a> {
                 }
             }
         };
-        out.push(ImageAction::Build {
-            image: self.image.to_owned(),
-            formats: formats.into_iter().collect(),
-            reason,
-            newest_ready: newest.map(|b| b.id.clone()),
-            requested,
+        let newest_ready = newest.map(|b| b.id.clone());
+        out.push(match snapshot {
+            Some((p, base)) => ImageAction::Snapshot {
+                image: self.image.to_owned(),
+                provider: p.name.clone(),
+                base,
+                reason,
+                newest_ready,
+                requested,
+            },
+            None => ImageAction::Build {
+                image: self.image.to_owned(),
+                formats: formats.into_iter().collect(),
+                reason,
+                newest_ready,
+                requested,
+            },
         });
+    }
+
+    /// What a snapshot image's setup server boots: its cloud image, or the
+    /// newest usable upload of its diskimage to its provider.
+    fn snapshot_base(&self, p: &ProviderConfig, si: &SnapshotImage) -> Option<LaunchImage> {
+        match p.snapshot_base(si)? {
+            ImageSource::CloudImage(name) => Some(LaunchImage::Cloud { name }),
+            ImageSource::DiskImage(d) => {
+                let kept = kept_uploads(&self.snapshot.images, self.config, &d);
+                let u = kept.get(&p.name)?.first()?;
+                Some(LaunchImage::Upload {
+                    image: d.clone(),
+                    build: u.build_id.clone(),
+                    upload: u.id.clone(),
+                    external_id: u.upload.external_id.clone()?,
+                })
+            }
+            // Never a snapshot base (`snapshot_base` gives neither).
+            ImageSource::Static => None,
+        }
     }
 
     fn plan_uploads(&self, out: &mut Vec<ImageAction>) {
@@ -799,11 +894,15 @@ impl<'a> ImageCtx<'a> {
     }
 
     fn plan_retention(&self, out: &mut Vec<ImageAction>, notes: &mut Vec<String>) {
-        let configured = self.config.diskimage(self.image).is_some();
+        let configured = configured(self.config, self.image);
         let mut keep_builds: BTreeSet<&str> = BTreeSet::new();
         let mut keep_uploads: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
         if configured {
-            keep_builds.extend(self.ready().take(KEEP).map(|b| b.id.as_str()));
+            // A snapshot build is kept for its upload only: one whose
+            // snapshot was deleted (`image-delete`, a rollback) goes too.
+            if self.config.diskimage(self.image).is_some() {
+                keep_builds.extend(self.ready().take(KEEP).map(|b| b.id.as_str()));
+            }
             let ready: BTreeSet<&str> = self.ready().map(|b| b.id.as_str()).collect();
             let keepers: BTreeSet<&str> = self
                 .providers
@@ -868,6 +967,9 @@ impl<'a> ImageCtx<'a> {
                             });
                         }
                     }
+                    // A snapshot being made: its upload is ready (or failed)
+                    // just before its build; the snapshot task records both.
+                    _ if b.build.state == BuildState::Building => {}
                     // Locked: someone is deleting it already.
                     _ if u.locked => {}
                     UploadState::Deleting => out.push(delete(ImageDeleteReason::Requested)),

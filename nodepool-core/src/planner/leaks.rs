@@ -210,7 +210,8 @@ pub fn alien_images<'a>(
         .filter(|u| {
             u.provider == provider.name
                 && u.upload.state == UploadState::Ready
-                && provider.diskimage(&u.image).is_some()
+                && (provider.diskimage(&u.image).is_some()
+                    || provider.snapshot_image(&u.image).is_some())
         })
         .filter_map(|u| u.upload.external_id.as_deref())
         .collect();

@@ -163,6 +163,18 @@ impl ImageWorld {
                         self.snapshot.images.build_requests.remove(image);
                     }
                 }
+                ImageAction::Snapshot {
+                    image,
+                    provider,
+                    requested,
+                    ..
+                } => {
+                    let b = self.add_build(image, BuildState::Ready, now, &[]);
+                    self.add_upload(image, &b, provider, UploadState::Ready, now);
+                    if *requested {
+                        self.snapshot.images.build_requests.remove(image);
+                    }
+                }
                 ImageAction::Upload {
                     image,
                     build,

@@ -398,6 +398,24 @@ impl ProviderConfig {
         }
     }
 
+    /// The connection type and port of servers booting `image` (a
+    /// diskimage, cloud image or snapshot image of this provider). A
+    /// snapshot is a copy of its base's disk, so it answers as its base.
+    pub fn connection_of(&self, image: &str) -> Option<(&str, u16)> {
+        if let Some(d) = self.diskimage(image) {
+            Some((&d.connection_type, d.connection_port))
+        } else if let Some(c) = self.cloud_image(image) {
+            Some((&c.connection_type, c.connection_port))
+        } else {
+            let si = self.snapshot_image(image)?;
+            // Never a snapshot image (the configuration check): no loop.
+            if si.base_image == image {
+                return None;
+            }
+            self.connection_of(&si.base_image)
+        }
+    }
+
     /// A pool by name.
     pub fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| p.name == name)
