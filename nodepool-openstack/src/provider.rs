@@ -269,6 +269,18 @@ impl OpenStackProvider {
         )))
     }
 
+    /// The compute API microversion the catalog negotiated (2.1 when it
+    /// said none).
+    async fn compute_microversion(&self) -> Result<(u32, u32), ProviderError> {
+        Ok(self
+            .client
+            .endpoint(Service::Compute)
+            .await
+            .map_err(provider_err)?
+            .microversion
+            .unwrap_or((2, 1)))
+    }
+
     async fn network_id(&self, name: &str) -> Result<String, ProviderError> {
         if let Ok(cache) = self.networks.lock()
             && let Some((at, id)) = cache.get(name)
@@ -867,13 +879,7 @@ impl Provider for OpenStackProvider {
         for n in &spec.label.networks {
             network_ids.push(self.network_id(n).await?);
         }
-        let microversion = self
-            .client
-            .endpoint(Service::Compute)
-            .await
-            .map_err(provider_err)?
-            .microversion
-            .unwrap_or((2, 1));
+        let microversion = self.compute_microversion().await?;
         let create = CreateServer {
             name: spec.name.clone(),
             flavor_id: flavor.id,
@@ -1123,13 +1129,7 @@ impl Provider for OpenStackProvider {
     ) -> Result<String, ProviderError> {
         let started = Instant::now();
         let deadline = started + spec.timeout;
-        let microversion = self
-            .client
-            .endpoint(Service::Compute)
-            .await
-            .map_err(provider_err)?
-            .microversion
-            .unwrap_or((2, 1));
+        let microversion = self.compute_microversion().await?;
         let create = CreateServerImage {
             server_id: external_id,
             name: spec.name.clone(),
