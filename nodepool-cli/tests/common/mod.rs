@@ -492,7 +492,8 @@ pub mod sshd;
 /// `provider` (a simulated cloud whose servers answer at `sshd`) makes
 /// `image` by booting its cloud image `base` and running `setup.sh` on it,
 /// which prints the server's name and fails (`setup: no good`, exit 4)
-/// while the file `fail` exists in `dir`. Label `image` boots it. Returns
+/// while the file `fail` exists in `dir`. Label `image` boots it. The
+/// cloud is kept in `dir/cloud.json`, for every process to see. Returns
 /// the configuration's body, for [`Fixture::with_body_in`].
 pub fn snapshot_body(dir: &Path, sshd: &sshd::Sshd, provider: &str, image: &str) -> String {
     let d = dir.display();
@@ -514,7 +515,7 @@ labels:
 providers:
   - name: {provider}
     driver: simulated
-    simulation: {{skip-nodescan: false, data-plane-host: 127.0.0.1, boot-delay: 0}}
+    simulation: {{skip-nodescan: false, data-plane-host: 127.0.0.1, boot-delay: 0, state-file: cloud.json}}
     cloud-images:
       - {{name: base, connection-port: {port}}}
     images:
