@@ -801,11 +801,8 @@ impl Task {
                 upload: &upload_id,
                 external_id: ext,
             };
-            if let Err(why) =
-                validate::validate(&self.shared, &self.config, entry, &candidate, script).await
-            {
-                self.delete_cloud_image(entry, ext).await;
-                outcome = Err(format!("validation failed: {why}"));
+            if let Err(why) = self.boot_test(entry, &candidate, script).await {
+                outcome = Err(UploadError::Validation(why).to_string());
             }
         }
         let key = RecordKey::upload(image, build, provider, &upload_id);
@@ -1251,27 +1248,8 @@ impl Task {
                 upload: &upload_id,
                 external_id: ext,
             };
-            let testing = Instant::now();
-            let tested =
-                validate::validate(&self.shared, &self.config, entry, &candidate, script).await;
-            let status = if tested.is_ok() { "success" } else { "failure" };
-            self.shared.metrics.timing_as(
-                &[format!(
-                    "nodepool.image_update.{image}.{provider}.validate.{status}"
-                )],
-                &families::IMAGE_VALIDATION,
-                &[("image", image), ("provider", provider), ("status", status)],
-                testing.elapsed(),
-            );
-            match tested {
-                Ok(()) => {
-                    tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload_id, script = %script.name, "upload validated")
-                }
-                Err(why) => {
-                    tracing::warn!(image = %image, build = %build, provider = %provider, upload = %upload_id, script = %script.name, reason = %why, "upload failed validation; deleting its cloud image");
-                    self.delete_cloud_image(entry, ext).await;
-                    outcome = Err(UploadError::Validation(why));
-                }
+            if let Err(why) = self.boot_test(entry, &candidate, script).await {
+                outcome = Err(UploadError::Validation(why));
             }
         }
         let now = self.shared.now();
@@ -1343,6 +1321,41 @@ impl Task {
                 })
             }
         }
+    }
+
+    /// Boot-tests a new upload (a diskimage's or a snapshot's) with its
+    /// `validate` script; one that fails has its cloud image deleted.
+    /// Python's timer `nodepool.image_update.<image>.<provider>.validate.<status>`
+    /// and the log say how it went; `Err` is why it failed.
+    async fn boot_test(
+        &self,
+        entry: &ProviderEntry,
+        candidate: &validate::Candidate<'_>,
+        script: &crate::config::ReadyScript,
+    ) -> Result<(), String> {
+        let (image, build, upload) = (candidate.image, candidate.build, candidate.upload);
+        let provider = entry.config.name.as_str();
+        let testing = Instant::now();
+        let tested = validate::validate(&self.shared, &self.config, entry, candidate, script).await;
+        let status = if tested.is_ok() { "success" } else { "failure" };
+        self.shared.metrics.timing_as(
+            &[format!(
+                "nodepool.image_update.{image}.{provider}.validate.{status}"
+            )],
+            &families::IMAGE_VALIDATION,
+            &[("image", image), ("provider", provider), ("status", status)],
+            testing.elapsed(),
+        );
+        match &tested {
+            Ok(()) => {
+                tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload, script = %script.name, "upload validated")
+            }
+            Err(why) => {
+                tracing::warn!(image = %image, build = %build, provider = %provider, upload = %upload, script = %script.name, reason = %why, "upload failed validation; deleting its cloud image");
+                self.delete_cloud_image(entry, candidate.external_id).await;
+            }
+        }
+        tested
     }
 
     /// Runs the provider's upload, logging progress, bounded by the upload
