@@ -12,13 +12,17 @@
 
 use std::time::Duration;
 
+use nodepool_core::launcher::LauncherSettings;
 use nodepool_core::model::{ComponentKind, NodeState};
 use nodepool_core::store::Store;
-use nodepool_tests::{Backend, Clouds, RunningLauncher, TestEnv, eventually};
+use nodepool_tests::{Backend, Clouds, RunningLauncher, TestEnv, eventually, shared_factory};
 
 const LABELS: usize = 6;
 const MIN_READY: usize = 4;
 const WAIT: Duration = Duration::from_secs(60);
+/// The shortest time between two planning passes of a launcher, so that
+/// counting passes measures time.
+const PASS_SPACING: Duration = Duration::from_millis(500);
 
 /// The labels (each with its `min-ready`) and launcher `l`'s one cloud.
 fn body(l: usize) -> String {
@@ -96,7 +100,18 @@ async fn launchers_registering_one_after_another_keep_exactly_min_ready() {
     let mut launchers = Vec::new();
     for l in 0..3 {
         let cfg = env.config(&body(l));
-        launchers.push(RunningLauncher::start(&env, &cfg, &format!("host{l}"), &clouds).await);
+        let settings = LauncherSettings {
+            hostname: format!("host{l}"),
+            min_pass_interval: PASS_SPACING,
+            shutdown_grace: Duration::from_secs(10),
+            ..LauncherSettings::default()
+        };
+        launchers.push(RunningLauncher::start_on(
+            env.store(&cfg).await,
+            &cfg,
+            settings,
+            shared_factory(&clouds),
+        ));
         eventually("the launcher's pool registered", WAIT, || async {
             registered_pools(&observer).await == l + 1
         })
@@ -116,10 +131,14 @@ async fn launchers_registering_one_after_another_keep_exactly_min_ready() {
         spares >= want && open == 0 && other.is_empty()
     })
     .await;
-    // Long enough for every launcher's registry to settle (2 s) and a late
-    // top-up to show: passes run at least every second.
+    // Every launcher plans min-ready from the last registration: the
+    // second pass from now starts after it was visible, and passes are
+    // at least PASS_SPACING apart, so the sixth after that one comes once
+    // the registry settled (2 s). A top-up it made would show now.
+    let settle = LauncherSettings::default().registry_settle;
+    let after = 2 + settle.as_millis().div_ceil(PASS_SPACING.as_millis()) as u64 + 1;
     for l in &launchers {
-        l.passes(5, WAIT).await;
+        l.passes(after, WAIT).await;
     }
     let (spares, open, other) = census(&observer).await;
     assert_eq!(
