@@ -215,11 +215,11 @@ pub(crate) fn min_ready(
         count_spare(i);
     }
     // Ready nodes still allocated to a request that is gone (a completed
-    // min-ready request whose deallocation this snapshot does not show
-    // yet, or did not happen: another launcher's executor, a Python
-    // launcher) are spares as soon as their launcher deallocates them.
-    // Counted by nobody, they would be topped up twice. A locked one is
-    // not: Zuul locks a node before it deletes the request it accepted.
+    // min-ready request whose node could not be deallocated first, by
+    // whichever launcher, Python or ours, completed it) are spares as
+    // soon as their launcher deallocates them. Counted by nobody, they
+    // would be topped up twice. A locked one is not: Zuul locks a node
+    // before it deletes the request it accepted.
     for (r, nodes) in &idx.allocations {
         let mut lapsed = None;
         for &i in nodes {
