@@ -2,7 +2,7 @@
 //! suite checks (reference §8).
 
 use nodepool_core::model::{MIN_READY_REQUESTOR, NodeRequest, NodeState, RequestState, WireRecord};
-use nodepool_core::planner::{Action, DeleteReason, PoolInfo, PoolKey};
+use nodepool_core::planner::{Action, DeleteReason, PoolInfo, PoolKey, rendezvous_owner};
 use nodepool_core::provider::{CloudResource, Instance, ResourceKind};
 use nodepool_core::store::RequestLockDir;
 use nodepool_core::testing::World;
@@ -829,6 +829,64 @@ fn min_ready_has_one_owner_among_launchers() {
         2,
         "exactly one launcher creates the two requests"
     );
+}
+
+#[test]
+fn a_new_min_ready_owner_does_not_top_up_what_the_old_owner_covers() {
+    let cfg = ONE_POOL.replace("  - name: small\n", "  - name: small\n    min-ready: 3\n");
+    let mut old = World::new(&cfg);
+    let created = |w: &World| count(&w.plan(), |a| matches!(a, Action::CreateMinReady { .. }));
+    // The old owner, alone, tops the label up and serves its requests.
+    let p = old.plan();
+    assert_eq!(count(&p, |a| matches!(a, Action::CreateMinReady { .. })), 3);
+    old.apply(&p);
+    let p = old.plan();
+    old.apply(&p);
+    old.finish_launches();
+    let p = old.plan();
+    old.apply(&p);
+    let fulfilled = old.requests_in(RequestState::Fulfilled);
+    assert_eq!(fulfilled.len(), 3, "{:?}", old.snapshot.requests);
+    // One request completed; one deleted while its node still shows the
+    // allocation (the launcher completing it deallocates, then deletes,
+    // and another launcher's deallocation may fail or not be seen yet);
+    // one fulfilled, not completed yet.
+    old.apply(&nodepool_core::planner::Plan {
+        actions: vec![Action::CompleteMinReady {
+            request: fulfilled[0].clone(),
+        }],
+        ..Default::default()
+    });
+    old.snapshot.requests.retain(|r| r.id != fulfilled[1]);
+    // A second launcher with a pool for the same cloud registers, and the
+    // label moves to it.
+    let first = old.snapshot.pools[0].id.clone();
+    let second = (0..)
+        .map(|i| format!("second{i}-PoolWorker.cloud1-main-1"))
+        .find(|id| rendezvous_owner("small", [first.as_str(), id.as_str()]) == Some(id.as_str()))
+        .expect("some pool id takes the label");
+    old.snapshot.pools.push(PoolInfo {
+        id: second.clone(),
+        ..old.snapshot.pools[0].clone()
+    });
+    let mut new = World::new(&cfg);
+    new.snapshot = old.snapshot.clone();
+    new.now = old.now;
+    new.local
+        .pool_ids
+        .insert(PoolKey::new("cloud1", "main"), second);
+    new.local.session_id = old.local.session_id + 1;
+    assert_eq!(created(&old), 0, "the old owner no longer owns the label");
+    assert_eq!(
+        created(&new),
+        0,
+        "a spare, a node about to be one and a fulfilled request cover min-ready"
+    );
+    // Without the old owner's work the new owner does top the label up.
+    let mut bare = World::new(&cfg);
+    bare.snapshot.pools = new.snapshot.pools.clone();
+    bare.local = new.local.clone();
+    assert_eq!(created(&bare), 3);
 }
 
 #[test]

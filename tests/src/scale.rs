@@ -207,6 +207,11 @@ pub struct Report {
     /// What was left once the fleet should have been quiet (empty when
     /// nothing): requests, nodes not `ready`, ready nodes beyond the spares.
     pub left: Vec<String>,
+    /// Ready spares once the filled fleet was quiet (`min-ready` wants
+    /// `ready`; more is an overshoot while launchers registered).
+    pub spares_filled: usize,
+    /// Ready spares once the fleet was quiet after the workload.
+    pub spares_after: usize,
     /// Seconds from the first launcher's start to `ready` spares.
     pub fill_seconds: f64,
     /// Seconds of the workload, until every request was handled.
@@ -311,6 +316,11 @@ impl fmt::Display for Report {
             self.settle_seconds,
             self.load_average.0,
             self.load_average.1
+        )?;
+        writeln!(
+            f,
+            "  spares: {} once filled, {} after the workload ({} wanted)",
+            self.spares_filled, self.spares_after, self.ready
         )?;
         let n = self.fulfilled.max(1);
         for l in &self.per_launcher {
@@ -741,6 +751,10 @@ pub async fn run(p: &Params, dir: &Path) -> anyhow::Result<Report> {
     poll(p.workload_limit, || quiet(&store, p))
         .await
         .map_err(|e| anyhow::anyhow!("the filled installation did not settle: {e}"))?;
+    let spares_filled = fill_level(&store)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .0;
 
     // The server's window encloses the clients' (mntr first, last), so
     // the server counts at least every packet the clients counted.
@@ -772,6 +786,10 @@ pub async fn run(p: &Params, dir: &Path) -> anyhow::Result<Report> {
     let settled = poll(p.workload_limit, || quiet(&store, p)).await;
     let settle_seconds = t.elapsed().as_secs_f64();
     let load_end = load_average();
+    let spares_after = fill_level(&store)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .0;
 
     let client = Traffic::from_health(&store.backend().health()).minus(&client_before);
     let mut per_launcher = Vec::new();
@@ -806,6 +824,8 @@ pub async fn run(p: &Params, dir: &Path) -> anyhow::Result<Report> {
         failures: tally.failures,
         double_allocations: tally.double,
         left: settled.err().into_iter().collect(),
+        spares_filled,
+        spares_after,
         fill_seconds,
         workload_seconds,
         settle_seconds,

@@ -19,7 +19,8 @@ use super::providers::ProviderHandle;
 use super::{Clock, Owned, Shared};
 use crate::config::Config;
 use crate::model::{
-    MIN_READY_PRIORITY, MIN_READY_REQUESTOR, Node, NodeRequest, NodeState, RequestState,
+    ComponentKind, MIN_READY_PRIORITY, MIN_READY_REQUESTOR, Node, NodeRequest, NodeState,
+    RequestState,
 };
 use crate::planner::{self, PoolKey};
 use crate::planner::{Action, DeleteReason, LaunchImage, Plan, Snapshot};
@@ -172,12 +173,14 @@ pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) 
     let mut first = Vec::new();
     let mut groups: Vec<(String, Vec<&Action>)> = Vec::new();
     let mut group_of: HashMap<&str, usize> = HashMap::new();
+    let mut min_ready = Vec::new();
     let mut last = Vec::new();
     for a in &plan.actions {
         match a {
             Action::ResetLost { .. }
             | Action::Deallocate { .. }
             | Action::CompleteMinReady { .. } => first.push(a),
+            Action::CreateMinReady { .. } => min_ready.push(a),
             _ => match a.request() {
                 Some(r) => {
                     let i = *group_of.entry(r).or_insert_with(|| {
@@ -198,6 +201,7 @@ pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) 
             }
         })
         .await;
+    create_min_ready(ctx, snapshot, &min_ready).await;
     stream::iter(groups)
         .for_each_concurrent(CONCURRENT_GROUPS, |(request, actions)| async move {
             for a in actions {
@@ -216,6 +220,55 @@ pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) 
             }
         })
         .await;
+}
+
+/// Creates the plan's min-ready requests, a batch at a time, while the
+/// registered pools are the ones the plan chose each label's owner from.
+/// Once another launcher's pool registers, the label may be its now, and
+/// it tops the label up from the requests it can see (after the registry
+/// settles): requests of ours still unwritten would come on top of its
+/// own (issue 16). So they are written before the pass's request work,
+/// which can take seconds in a burst, and not at all after a change; the
+/// next pass plans again.
+async fn create_min_ready(ctx: &ExecContext, snapshot: &Snapshot, actions: &[&Action]) {
+    let mut planned: Vec<&str> = snapshot.pools.iter().map(|p| p.id.as_str()).collect();
+    planned.sort_unstable();
+    for (done, batch) in actions.chunks(CONCURRENT_GROUPS).enumerate() {
+        match registered_pools(&ctx.shared.store).await {
+            Ok(now) if now.iter().map(String::as_str).eq(planned.iter().copied()) => {}
+            Ok(_) => {
+                tracing::info!(
+                    skipped = actions.len() - done * CONCURRENT_GROUPS,
+                    "min-ready requests not created: the registered pools changed since the pass"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "min-ready requests not created");
+                return;
+            }
+        }
+        stream::iter(batch)
+            .for_each_concurrent(CONCURRENT_GROUPS, |a| async move {
+                if let Err(e) = run(ctx, snapshot, a).await {
+                    tracing::debug!(action = action_name(a), error = %e, "action skipped");
+                }
+            })
+            .await;
+    }
+}
+
+/// The ids of the registered pools, sorted.
+async fn registered_pools(store: &Store) -> Result<Vec<String>, StoreError> {
+    let mut ids: Vec<String> = store
+        .list_components(ComponentKind::Pool)
+        .await?
+        .records
+        .into_iter()
+        .filter_map(|(_, c)| c.id)
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 fn action_name(a: &Action) -> &'static str {
@@ -532,10 +585,17 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             Ok(())
         }
         Action::CompleteMinReady { request } => {
+            // Nodes first, then the request: other launchers count the
+            // request or its nodes as spares, never neither. A ready node
+            // not given back (locked) keeps the request for the next pass.
             for rec in &snapshot.nodes {
-                if rec.node.allocated_to.as_deref() == Some(request.as_str())
-                    && let Err(e) = deallocate_node(&store, &rec.id, Some(request), clock).await
-                {
+                if rec.node.allocated_to.as_deref() != Some(request.as_str()) {
+                    continue;
+                }
+                if let Err(e) = deallocate_node(&store, &rec.id, Some(request), clock).await {
+                    if rec.node.state == NodeState::Ready {
+                        return Err(e);
+                    }
                     tracing::debug!(node = %rec.id, error = %e, "could not give a node back");
                 }
             }

@@ -50,14 +50,7 @@ pub(crate) fn nodes(
                 // Only request allocations are ours to undo; a consumer's
                 // (e.g. a Jenkins target's) are not request ids.
                 Some(r) if parse_request_id(r).is_some() => {
-                    let gone = match idx.request(r) {
-                        None => true,
-                        Some(i) => matches!(
-                            s.requests[i].request.state,
-                            RequestState::Requested | RequestState::Failed
-                        ),
-                    };
-                    if gone {
+                    if allocation_lapsed(s, idx, r) {
                         plan.actions.push(Action::Deallocate {
                             node: rec.id.clone(),
                         });
@@ -142,6 +135,19 @@ pub(crate) fn nodes(
     (freed, deleted)
 }
 
+/// Whether a ready node's allocation to request `r` no longer holds (the
+/// request is gone, failed, or waiting again): the node is a spare once
+/// its launcher deallocates it.
+fn allocation_lapsed(s: &Snapshot, idx: &Index<'_>, r: &str) -> bool {
+    match idx.request(r) {
+        None => true,
+        Some(i) => matches!(
+            s.requests[i].request.state,
+            RequestState::Requested | RequestState::Failed
+        ),
+    }
+}
+
 /// Min-ready requests for the labels this launcher owns, and completion of
 /// the finished ones it created.
 pub(crate) fn min_ready(
@@ -197,11 +203,34 @@ pub(crate) fn min_ready(
         })
         .collect();
     let mut ready_free: FastMap<Key<'_>, usize> = FastMap::default();
-    for &i in &idx.ready_unallocated {
+    let mut count_spare = |i: usize| {
         let rec = &s.nodes[i];
         if !spoken_for.contains(&Key(&rec.id)) {
             for l in &rec.node.node_type {
                 *ready_free.entry(Key(l)).or_default() += 1;
+            }
+        }
+    };
+    for &i in &idx.ready_unallocated {
+        count_spare(i);
+    }
+    // Ready nodes still allocated to a request that is gone (a completed
+    // min-ready request whose node could not be deallocated first, by
+    // whichever launcher, Python or ours, completed it) are spares as
+    // soon as their launcher deallocates them. Counted by nobody, they
+    // would be topped up twice. A locked one is not: Zuul locks a node
+    // before it deletes the request it accepted.
+    for (r, nodes) in &idx.allocations {
+        let mut lapsed = None;
+        for &i in nodes {
+            let rec = &s.nodes[i];
+            if rec.locked || rec.node.state != NodeState::Ready {
+                continue;
+            }
+            if *lapsed.get_or_insert_with(|| {
+                parse_request_id(r).is_some() && allocation_lapsed(s, idx, r)
+            }) {
+                count_spare(i);
             }
         }
     }
