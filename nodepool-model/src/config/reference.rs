@@ -880,7 +880,7 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "providers[].images",
         "—",
-        "Snapshot images (seed 002; see snapshot-images.md): an image made by booting a server of `base-image`, running `setup` on it over SSH, snapshotting the server into an image of this provider and deleting the server. Pool labels boot one with `diskimage: NAME`. The configuration is checked; the builder does not make them yet (issue 14 part 3), so their labels are not served until it does.",
+        "Snapshot images (seed 002; see snapshot-images.md): an image made by booting a server of `base-image`, running `setup` on it over SSH, snapshotting the server into an image of this provider and deleting the server. Pool labels boot one with `diskimage: NAME`; `nodepool image-update PROVIDER IMAGE` asks for a new one now.",
     ),
     key(
         "providers[].images[].name",
