@@ -587,14 +587,13 @@ async fn an_image_goes_from_diskimage_builder_to_nodes_on_real_vms_and_nothing_i
     let mut launcher = site.daemon(&launcher_bin, "launcher");
     // Step 3's snapshot starts now, so that its setup server boots
     // alongside the launcher's two VMs rather than after them. Measured
-    // once at a load of 5–9 (BENCHMARKS.md, "Real VMs"): the three TCG
-    // VMs together were ready in ~215 s, and one VM booting alone (the
-    // snapshot's node) took 132 s, so the setup server after the other
-    // two would have cost ~130 s more unless those two alone were ready
-    // within ~85 s, faster than one VM alone was. `image-update --wait`
-    // follows the build the request makes; the request is made while the
-    // image is paused, so the builder's first snapshot is the requested
-    // one.
+    // at a load of 5–9 (BENCHMARKS.md, "Real VMs"): the three TCG VMs
+    // together were ready in 217 s and the snapshot's node then booted
+    // alone in 132 s; in sequence, two VMs, the setup server, then the
+    // node would take at least three single boots, 396 s.
+    // `image-update --wait` follows the build the request makes; the
+    // request is made while the image is paused, so the builder's first
+    // snapshot is the requested one.
     let timeout = BOOT_LIMIT.as_secs().to_string();
     let mut update = Command::new(&cli_bin)
         .arg("-c")
