@@ -408,7 +408,15 @@ async fn execute(ctx: &mut Ctx<'_, '_>, command: &Command) -> Result<(), Failure
                 let mut progress = crate::wait::Progress::new(ctx.io.err, ctx.io.terminal);
                 let id = crate::wait::follow_build(&ctx.store, image, &known, limit, &mut progress)
                     .await?;
-                ctx.say(&format!("snapshot {id} of {image} ready"));
+                // The build is marked ready after its one upload, so the
+                // snapshot's cloud image is known by now.
+                let made = crate::wait::ready_upload(&ctx.store, image, &id, provider).await?;
+                ctx.say(&match made {
+                    Some((upload, ext)) => format!(
+                        "snapshot {id} of {image} in {provider} ready: upload {upload}, cloud image {ext}"
+                    ),
+                    None => format!("snapshot {id} of {image} in {provider} ready"),
+                });
             }
         }
         Command::ImageUpload {

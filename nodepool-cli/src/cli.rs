@@ -340,8 +340,9 @@ pub struct WaitArgs {
     #[arg(long)]
     pub wait: bool,
     /// With --wait: give up after this many seconds (the work goes on).
-    /// Default: the diskimage's build-timeout (or the provider's
-    /// image-upload-timeout) plus 5 minutes.
+    /// Default: the diskimage's build-timeout (the provider's
+    /// image-upload-timeout for an upload, the snapshot image's
+    /// setup-timeout for image-update) plus 5 minutes.
     #[arg(long, value_name = "SECONDS", requires = "wait")]
     pub timeout: Option<u64>,
 }

@@ -1,4 +1,5 @@
-//! `image-build --wait` and `image-upload --wait`: following the record the
+//! `image-build --wait`, `image-update --wait` (a snapshot is recorded as a
+//! build) and `image-upload --wait`: following the record the
 //! builder (another process) makes for a request until it is ready or
 //! failed, showing its progress as the builder publishes it in the record
 //! (see [`nodepool_core::model::BuildProgressRecord`] and
@@ -178,6 +179,22 @@ pub async fn upload_ids(
         .filter(|u| u.image == image && u.provider == provider)
         .map(|u| (u.build_id, u.id))
         .collect())
+}
+
+/// The ready upload of a build to a provider: its id and cloud image id.
+pub async fn ready_upload(
+    store: &Store,
+    image: &str,
+    build: &str,
+    provider: &str,
+) -> anyhow::Result<Option<(String, String)>> {
+    Ok(image_state(store).await?.uploads.into_iter().find_map(|u| {
+        let mine = u.image == image && u.build_id == build && u.provider == provider;
+        match (mine, u.upload.state, u.upload.external_id) {
+            (true, UploadState::Ready, Some(ext)) => Some((u.id, ext)),
+            _ => None,
+        }
+    }))
 }
 
 fn gave_up(what: &str, limit: Duration, then: &str) -> anyhow::Error {

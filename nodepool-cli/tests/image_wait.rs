@@ -4,7 +4,9 @@
 //! `disk-image-create` that prints DIB's phase lines and waits at each
 //! phase for the test to let it go on, so the CLI sees every phase), the
 //! upload's bytes (the simulated cloud counts what it reads), a failing
-//! build named with its phase and output, and `--timeout`.
+//! build named with its phase and output, and `--timeout`; and
+//! `image-update --wait`, following a snapshot image's setup (over SSH, at
+//! a real sshd) to its cloud image or its failure.
 
 mod common;
 
@@ -329,4 +331,119 @@ async fn a_terminal_gets_the_progress_redrawn_in_place() {
         "{:?}",
         out.stdout
     );
+}
+
+/// Seed 002's "Manually generate a new snapshot": `image-update PROVIDER
+/// IMAGE --wait` follows the snapshot the real `nodepool-builder` process
+/// makes (its setup script run over SSH on a simulated server answering at
+/// a real sshd) to its cloud image, and a failing setup script to its
+/// reason.
+async fn image_update_wait_follows_the_snapshot(backend: Backend) {
+    let sshd = common::sshd::Sshd::start_with_login();
+    let f = Fixture::with_body_in(backend, |d| {
+        common::snapshot_body(d, &sshd, "sim", "prepared")
+    })
+    .await;
+    let mut made = Watched::start(&f, &["image-update", "sim", "prepared", "--wait"]);
+    common::eventually(LIMIT, "the request recorded", || {
+        let out = made.out();
+        async move { out.contains("snapshot of prepared in sim requested\n") }
+    })
+    .await;
+    let log = f.dir.path().join("builder.log");
+    let mut builder = tokio::process::Command::new(BUILDER)
+        .arg("-c")
+        .arg(&f.config_path)
+        .arg("--no-webapp")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nodepool-builder");
+    let builder_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // Ready: the last line names the build, its upload and cloud image,
+    // as the store has them.
+    let code = made.finish().await;
+    let (out, err) = (made.out(), made.err());
+    assert_eq!(code, 0, "{out}\n{err}\nbuilder log:\n{}", builder_log());
+    let last = out.lines().last().expect("a last line");
+    let (build, upload, ext) = last
+        .strip_prefix("snapshot ")
+        .and_then(|r| r.split_once(" of prepared in sim ready: upload "))
+        .and_then(|(b, r)| r.split_once(", cloud image ").map(|(u, e)| (b, u, e)))
+        .unwrap_or_else(|| panic!("the snapshot named: {out}"));
+    let st = f.store.image_state().await.expect("image state");
+    let rec = st
+        .builds
+        .iter()
+        .find(|b| b.image == "prepared" && b.id == build)
+        .unwrap_or_else(|| panic!("build {build} in {st:#?}"));
+    assert_eq!(rec.build.state, nodepool_core::model::BuildState::Ready);
+    assert!(
+        st.uploads.iter().any(|u| u.build_id == build
+            && u.id == upload
+            && u.provider == "sim"
+            && u.upload.state == UploadState::Ready
+            && u.upload.external_id.as_deref() == Some(ext)),
+        "{last}\n{st:#?}"
+    );
+
+    // The builder removes the served request just after the build is
+    // ready: a new one is recorded only once it is gone.
+    let store = f.store.clone();
+    common::eventually(LIMIT, "the served request removed", || {
+        let store = store.clone();
+        async move {
+            let st = store.image_state().await.expect("image state");
+            !st.build_requests.contains_key("prepared")
+        }
+    })
+    .await;
+
+    // A failing setup script: exit 1, one error with its status and output.
+    std::fs::write(f.dir.path().join("fail"), "").expect("make setup fail");
+    let mut failed = Watched::start(&f, &["image-update", "sim", "prepared", "--wait"]);
+    let code = failed.finish().await;
+    let err = failed.err();
+    assert_eq!(
+        code,
+        1,
+        "{}\n{err}\nbuilder log:\n{}",
+        failed.out(),
+        builder_log()
+    );
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("an error line: {err}"));
+    assert!(line.contains(" of prepared failed: "), "{line}");
+    assert!(line.contains("exited with status 4"), "{line}");
+    assert!(line.contains("setup: no good"), "{line}");
+
+    builder.start_kill().expect("stop the builder");
+    let _ = builder.wait().await;
+}
+both_stores!(image_update_wait_follows_the_snapshot);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_snapshot_gives_up_at_the_timeout() {
+    let sshd = common::sshd::Sshd::start_with_login();
+    let f = Fixture::with_body_in(Backend::Sqlite, |d| {
+        common::snapshot_body(d, &sshd, "sim", "prepared")
+    })
+    .await;
+    let mut cmd = tokio::process::Command::new(NODEPOOL);
+    cmd.arg("-c").arg(&f.config_path).args([
+        "image-update",
+        "sim",
+        "prepared",
+        "--wait",
+        "--timeout",
+        "1",
+    ]);
+    let out = common::run_process(cmd, "").await;
+    assert_eq!(out.stdout, "snapshot of prepared in sim requested\n");
+    out.fails_with("gave up waiting for the build of prepared after 1 s (--timeout)");
+    let st = f.store.image_state().await.expect("image state");
+    assert!(st.build_requests.contains_key("prepared"), "{st:#?}");
 }

@@ -8,7 +8,9 @@
 //! * the Python `nodepool` CLI reads what our CLI changed, and the two
 //!   `export-image-data` files agree and import into each other;
 //! * Python's component registry reads our pool components, health key
-//!   included (`py/python_component_reader.py`).
+//!   included (`py/python_component_reader.py`);
+//! * the Python CLI lists the snapshot images our builder made (builds
+//!   without formats, uploads without a format, a failed one).
 
 mod common;
 
@@ -38,9 +40,13 @@ fn tls_hosts(f: &Fixture) -> String {
 /// driver.
 async fn py_nodepool(f: &Fixture, args: &[&str]) -> Out {
     let ours = std::fs::read_to_string(&f.config_path).expect("read config");
-    let (zk, _) = ours
-        .split_once("labels:")
+    // The store section comes first; what follows it is ours only.
+    let end = ["images-dir:", "labels:"]
+        .iter()
+        .filter_map(|k| ours.find(k))
+        .min()
         .expect("a ZooKeeper section first");
+    let zk = &ours[..end];
     let config = f.dir.path().join("python-nodepool.yaml");
     std::fs::write(
         &config,
@@ -427,4 +433,103 @@ async fn python_reads_records_with_our_progress_keys() {
     let st = f.store.image_state().await.expect("image state");
     assert!(st.builds[0].build.progress().is_some());
     assert!(st.uploads.iter().any(|u| u.upload.failure().is_some()));
+}
+
+/// Snapshot images (seed 002) are builds without formats and uploads
+/// without a format: the records the real `nodepool-builder` process
+/// writes for a snapshot, ready and failed, are listed by Python's
+/// `image-list` and `dib-image-list` like any others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_lists_the_snapshots_our_builder_made() {
+    use nodepool_core::model::{BuildState, UploadState};
+    let sshd = common::sshd::Sshd::start_with_login();
+    let f = Fixture::with_body_in(Backend::ZooKeeperTls, |d| {
+        common::snapshot_body(d, &sshd, "sim", "prepared")
+    })
+    .await;
+    let log = f.dir.path().join("builder.log");
+    let mut builder = tokio::process::Command::new(env!("CARGO_BIN_EXE_nodepool-builder"))
+        .arg("-c")
+        .arg(&f.config_path)
+        .arg("--no-webapp")
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nodepool-builder");
+    let limit = std::time::Duration::from_secs(60);
+    let ready = |st: &nodepool_core::store::ImageState| {
+        st.uploads
+            .iter()
+            .find(|u| u.image == "prepared" && u.upload.state == UploadState::Ready)
+            .cloned()
+    };
+    let store = f.store.clone();
+    common::eventually(limit, "a snapshot made", || {
+        let store = store.clone();
+        async move { ready(&store.image_state().await.expect("image state")).is_some() }
+    })
+    .await;
+    // A second one, whose setup script fails.
+    std::fs::write(f.dir.path().join("fail"), "").expect("make setup fail");
+    f.run(&["image-update", "sim", "prepared"]).await.ok();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let st = f.store.image_state().await.expect("image state");
+        // Its upload is failed, then deleted at once: only the build stays.
+        if st
+            .builds
+            .iter()
+            .any(|b| b.build.state == BuildState::Failed)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for a failed snapshot: {st:#?}\nbuilder log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    builder.start_kill().expect("stop the builder");
+    let _ = builder.wait().await;
+
+    let st = f.store.image_state().await.expect("image state");
+    let made = ready(&st).expect("the ready snapshot");
+    let failed = st
+        .builds
+        .iter()
+        .find(|b| b.build.state == BuildState::Failed)
+        .expect("the failed build");
+    assert!(made.upload.format.is_none() && failed.build.formats.is_empty());
+
+    let t = py_nodepool(&f, &["dib-image-list"]).await.ok().to_owned();
+    let host = nodepool_cli::daemon::hostname();
+    let r = row(&t, &format!("prepared-{}", made.build_id));
+    assert_eq!(r[1..5], ["prepared", host.as_str(), "", "ready"], "{t}");
+    let r = row(&t, &format!("prepared-{}", failed.id));
+    assert_eq!(r[4], "failed", "{t}");
+    let t = py_nodepool(&f, &["image-list"]).await.ok().to_owned();
+    let ext = made.upload.external_id.clone().expect("its cloud image");
+    let r = row(&t, &ext);
+    assert_eq!(
+        [&r[..4], &r[5..7]].concat(),
+        [
+            made.build_id.as_str(),
+            made.id.as_str(),
+            "sim",
+            "prepared",
+            ext.as_str(),
+            "ready"
+        ],
+        "{t}"
+    );
+    assert!(
+        r[4].contains("prepared"),
+        "the snapshot's cloud image name: {t}"
+    );
+    // The builder stopped: what the store has is what Python lists.
+    for u in st.uploads.iter().filter(|u| u.build_id == failed.id) {
+        let state = format!("{:?}", u.upload.state).to_lowercase();
+        assert_eq!(row(&t, &failed.id)[6], state, "{t}");
+    }
 }

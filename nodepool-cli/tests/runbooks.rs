@@ -1,6 +1,7 @@
 //! Issue 17: the runbooks of `docs/runbooks.md` (the seeds' procedures:
 //! bad-image rollback from seed 000, provider removal from seed 001, alien
-//! cleanup from seed 002, leftover cleanup from seed 004) are run.
+//! cleanup and a manual snapshot from seed 002, leftover cleanup from seed
+//! 004) are run.
 //!
 //! Each runbook's `nodepool ...` commands are read from the page (its
 //! ```` ```sh ```` blocks and its inline code, in order, with their
@@ -46,6 +47,7 @@ const RUNBOOKS: &[&str] = &[
     "Remove a provider",
     "Clean up aliens",
     "Clean up leftovers",
+    "Manually generate a new snapshot",
 ];
 
 // ---------------------------------------------------------------------------
@@ -1285,3 +1287,175 @@ async fn clean_up_leftovers(backend: Backend) {
     book.done();
 }
 both_stores!(clean_up_leftovers);
+
+// ---------------------------------------------------------------------------
+// Manually generate a new snapshot (seed 002)
+
+const SNAPSHOT: &str = "tripleo-precise";
+const SNAPSHOT_CLOUD: &str = "tripleo-test-cloud";
+
+/// A snapshot as the store has it: build, upload, cloud image.
+type Snapshot = (String, String, String);
+
+/// The snapshot image's ready snapshots (ready build, ready upload),
+/// oldest first.
+fn ready_snapshots(st: &ImageState) -> Vec<Snapshot> {
+    let mut builds: Vec<_> = st
+        .builds
+        .iter()
+        .filter(|b| b.image == SNAPSHOT && b.build.state == BuildState::Ready)
+        .collect();
+    builds.sort_by(|a, b| a.build.state_time.total_cmp(&b.build.state_time));
+    builds
+        .iter()
+        .filter_map(|b| {
+            st.uploads.iter().find_map(|u| {
+                let ready = u.build_id == b.id
+                    && u.provider == SNAPSHOT_CLOUD
+                    && u.upload.state == UploadState::Ready;
+                let ext = u.upload.external_id.clone().filter(|_| ready)?;
+                Some((b.id.clone(), u.id.clone(), ext))
+            })
+        })
+        .collect()
+}
+
+/// The cloud image ids of the snapshot cloud, as the builder left them.
+async fn snapshot_cloud_images(f: &Fixture) -> Vec<String> {
+    cloud(f, SNAPSHOT_CLOUD)
+        .list_images()
+        .await
+        .expect("list the cloud's images")
+        .into_iter()
+        .map(|i| i.id)
+        .collect()
+}
+
+async fn manually_generate_a_new_snapshot(backend: Backend) {
+    let sshd = common::sshd::Sshd::start_with_login();
+    let f = Fixture::with_body_in(backend, |d| {
+        common::snapshot_body(d, &sshd, SNAPSHOT_CLOUD, SNAPSHOT)
+    })
+    .await;
+    let mut book = Runbook::open("Manually generate a new snapshot");
+    let builder = Daemon::start(&f, BUILDER, "builder");
+    let daemons = [&builder];
+
+    // The situation: the builder made the image's first snapshot.
+    let first = until("a first snapshot", &daemons, || async {
+        match ready_snapshots(&images(&f).await).as_slice() {
+            [one] => Ok(one.clone()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // 1. The snapshot is listed, one upload of its build.
+    let cmd = book.next("nodepool image-list");
+    let out = run_doc(&f, &cmd, &[]).await;
+    let r = row(out.ok(), &first.2);
+    assert_eq!(
+        r[..7],
+        [
+            first.0.as_str(),
+            first.1.as_str(),
+            SNAPSHOT_CLOUD,
+            SNAPSHOT,
+            r[4].as_str(),
+            first.2.as_str(),
+            "ready"
+        ],
+        "{}",
+        out.stdout
+    );
+    assert_eq!(row_count(&out.stdout), 1, "{}", out.stdout);
+
+    // 2. A new one, followed until ready; the last line names it.
+    let cmd =
+        book.next("nodepool image-update tripleo-test-cloud tripleo-precise --wait --timeout 7200");
+    let out = run_doc(&f, &cmd, &[]).await;
+    let text = out.ok();
+    assert!(
+        text.starts_with(&format!(
+            "snapshot of {SNAPSHOT} in {SNAPSHOT_CLOUD} requested\n"
+        )),
+        "{text}"
+    );
+    let last = text.lines().last().expect("a last line");
+    let made: Snapshot = last
+        .strip_prefix("snapshot ")
+        .and_then(|r| {
+            r.split_once(&format!(
+                " of {SNAPSHOT} in {SNAPSHOT_CLOUD} ready: upload "
+            ))
+        })
+        .and_then(|(b, r)| r.split_once(", cloud image ").map(|(u, e)| (b, u, e)))
+        .map(|(b, u, e)| (b.to_owned(), u.to_owned(), e.to_owned()))
+        .unwrap_or_else(|| panic!("the new snapshot named: {text}"));
+    assert_eq!(
+        ready_snapshots(&images(&f).await),
+        [first.clone(), made.clone()]
+    );
+
+    // 3. Both listed ready; the new one is current (the shorter age).
+    let cmd = book.next("nodepool image-list");
+    let out = run_doc(&f, &cmd, &[]).await;
+    let table = out.ok();
+    let (new, old) = (row(table, &made.2), row(table, &first.2));
+    assert_eq!(
+        (new[0].as_str(), new[6].as_str(), old[6].as_str()),
+        (made.0.as_str(), "ready", "ready"),
+        "{table}"
+    );
+    assert!(age_secs(&new[7]) <= age_secs(&old[7]), "{table}");
+    assert_eq!(row_count(table), 2, "{table}");
+
+    // 4. Roll back: paused, the newest deleted from the cloud and the
+    // store (build included); the first one is current again.
+    let cmd = book.next("nodepool image-pause tripleo-precise");
+    let out = run_doc(&f, &cmd, &[]).await;
+    prints_as_documented(&cmd, &out, &[]);
+    assert!(snapshot_cloud_images(&f).await.contains(&made.2));
+    let cmd = book.next(
+        "nodepool image-delete --provider tripleo-test-cloud --image tripleo-precise --build-id BUILD_ID --upload-id UPLOAD_ID",
+    );
+    let subs = [
+        ("BUILD_ID", made.0.as_str()),
+        ("UPLOAD_ID", made.1.as_str()),
+    ];
+    let out = run_doc(&f, &cmd, &subs).await;
+    assert_eq!(
+        out.ok(),
+        format!(
+            "image upload {} of {SNAPSHOT} build {} to {SNAPSHOT_CLOUD} marked for deletion\n",
+            made.1, made.0
+        )
+    );
+    until("the newest snapshot deleted", &daemons, || async {
+        let st = images(&f).await;
+        let left = st.builds.iter().any(|b| b.id == made.0)
+            || st.uploads.iter().any(|u| u.build_id == made.0);
+        let in_cloud = snapshot_cloud_images(&f).await.contains(&made.2);
+        if !left && !in_cloud {
+            Ok(())
+        } else {
+            Err(format!("records left: {left}, in the cloud: {in_cloud}"))
+        }
+    })
+    .await;
+    let cmd = book.next("nodepool image-list");
+    let out = run_doc(&f, &cmd, &[]).await;
+    let table = out.ok();
+    assert_eq!(row(table, &first.2)[6], "ready", "{table}");
+    assert_eq!(row_count(table), 1, "{table}");
+    assert_eq!(
+        ready_snapshots(&images(&f).await),
+        std::slice::from_ref(&first)
+    );
+    let cmd = book.next("nodepool image-unpause tripleo-precise");
+    let out = run_doc(&f, &cmd, &[]).await;
+    assert_eq!(out.ok(), format!("image {SNAPSHOT} unpaused\n"));
+    book.done();
+    builder.stop().await;
+}
+both_stores!(manually_generate_a_new_snapshot);

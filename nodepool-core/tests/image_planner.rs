@@ -1039,12 +1039,11 @@ fn cloud_images_tagged_as_ours_and_unknown_are_deleted_on_the_second_sighting() 
     assert!(p.leak_suspects.iter().all(|(p, _)| p == "p1"));
 }
 
-/// Snapshot images (seed 002): one is made when there is none, booting
-/// the base cloud image; the upload of a snapshot being made is its
-/// task's; a snapshot's build is kept with its upload only, so deleting
-/// the newest upload (`image-delete`) takes its build too.
-#[test]
-fn snapshot_images_are_made_and_kept_with_their_upload_only() {
+/// A world whose provider `sim` makes snapshot image `prepared` of cloud
+/// image `base` (its scripts in the returned directory).
+// A helper outside #[test] fns that panics on purpose, like the tests.
+#[allow(clippy::unwrap_used)]
+fn snapshot_world() -> (tempfile::TempDir, ImageWorld) {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("setup.sh"), "true\n").unwrap();
     std::fs::write(d.path().join("id_test"), "key\n").unwrap();
@@ -1066,6 +1065,16 @@ providers:
     let mut w = world();
     w.config = nodepool_core::config::Config::from_yaml_with_secure(&yaml, None, Some(d.path()))
         .unwrap_or_else(|e| panic!("{e}"));
+    (d, w)
+}
+
+/// Snapshot images (seed 002): one is made when there is none, booting
+/// the base cloud image; the upload of a snapshot being made is its
+/// task's; a snapshot's build is kept with its upload only, so deleting
+/// the newest upload (`image-delete`) takes its build too.
+#[test]
+fn snapshot_images_are_made_and_kept_with_their_upload_only() {
+    let (_d, mut w) = snapshot_world();
     let p = w.plan();
     assert!(
         matches!(
@@ -1108,6 +1117,46 @@ providers:
     assert!(
         p.actions.iter().any(|a| matches!(a,
             ImageAction::MarkBuildDeleting { build, .. } if *build == b)),
+        "{p:?}"
+    );
+}
+
+/// A failed snapshot (its build and upload both failed, as its task
+/// records them) stays whole, saying why, while it blocks a new attempt;
+/// then its upload and build go and a new one is made.
+#[test]
+fn a_failed_snapshot_keeps_its_failed_upload_until_its_retry() {
+    let (_d, mut w) = snapshot_world();
+    let t = w.now;
+    let b = w.add_build("prepared", BuildState::Failed, t - 10.0, &[]);
+    let u = w.add_upload("prepared", &b, "sim", UploadState::Failed, t - 10.0);
+    assert_eq!(w.plan().actions, [], "kept while it blocks a new attempt");
+    w.now = t + BUILD_RETRY_SECS;
+    let p = w.plan();
+    assert!(
+        p.actions.contains(&ImageAction::DeleteUpload {
+            image: "prepared".into(),
+            build: b.clone(),
+            provider: "sim".into(),
+            upload: u,
+            reason: ImageDeleteReason::Failed,
+        }),
+        "{p:?}"
+    );
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, ImageAction::Snapshot { .. })),
+        "made again: {p:?}"
+    );
+    w.snapshot.images.uploads.clear();
+    let p = w.plan();
+    assert!(
+        p.actions.contains(&ImageAction::RemoveBuild {
+            image: "prepared".into(),
+            build: b,
+            reason: ImageDeleteReason::Failed,
+        }),
         "{p:?}"
     );
 }

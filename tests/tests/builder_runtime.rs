@@ -1343,8 +1343,12 @@ async fn a_boot_test_on_a_cloud_without_network_fails_without_a_server() {
 
 /// A site with a snapshot image (seed 002): `prepared`, made on `sim` by
 /// booting the cloud image `base` (its servers answer at a real sshd) and
-/// running `setup.sh`, which leaves a marker naming its server and fails
-/// when the file `fail` exists. Label `prepared` boots it.
+/// running `setup.sh`, which leaves a marker naming its server when it
+/// starts (`setup-started`, with its pid) and when it succeeds
+/// (`setup-ran`), waits
+/// while the file `hold` exists, and fails when the file `fail` exists.
+/// `check.sh`, its boot test when configured, fails when the file
+/// `fail-validate` exists. Label `prepared` boots it.
 struct SnapshotSite {
     dir: tempfile::TempDir,
     sshd: nodepool_tests::sshd::Sshd,
@@ -1360,8 +1364,18 @@ impl SnapshotSite {
             dir.path().join("scripts/setup.sh"),
             format!(
                 "#!/bin/sh\necho \"setting up $NODEPOOL_NODE_ID\"\n\
+                 echo \"$NODEPOOL_NODE_ID $$\" >> {d}/setup-started\n\
+                 while [ -e {d}/hold ]; do sleep 0.1; done\n\
                  if [ -e {d}/fail ]; then echo 'setup: no good' >&2; exit 4; fi\n\
                  echo \"$NODEPOOL_NODE_ID\" >> {d}/setup-ran\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("scripts/check.sh"),
+            format!(
+                "#!/bin/sh\necho \"validating on $NODEPOOL_NODE_ID\"\n\
+                 if [ -e {d}/fail-validate ]; then echo 'no good: the snapshot is broken' >&2; exit 3; fi\n"
             ),
         )
         .unwrap();
@@ -1373,12 +1387,31 @@ impl SnapshotSite {
     }
 
     fn config(&self) -> Config {
+        self.config_with("", None)
+    }
+
+    /// The configuration with `image_extra` (`, key: value` pairs) added
+    /// to the snapshot image, and with `dib` (the fake diskimage-builder)
+    /// a diskimage `deb` uploaded to `sim` as its base instead of `base`.
+    fn config_with(&self, image_extra: &str, dib: Option<&std::path::Path>) -> Config {
         let d = self.dir.path().display();
+        let port = self.sshd.port();
+        let (base, diskimages, provider_diskimages) = match dib {
+            None => ("base".to_owned(), String::new(), String::new()),
+            Some(fake) => (
+                "deb".to_owned(),
+                format!(
+                    "elements-dir: {d}/elements\ndiskimages:\n  - {{name: deb, dib-cmd: {}, elements: [debian-minimal, vm], release: bookworm}}\n",
+                    fake.display()
+                ),
+                format!("    diskimages: [{{name: deb, connection-port: {port}}}]\n"),
+            ),
+        };
         self.env.config(&format!(
             r#"images-dir: {d}/images
 build-log-dir: {d}/logs
 script-dir: {d}/scripts
-labels:
+{diskimages}labels:
   - name: prepared
     min-ready: 1
 providers:
@@ -1387,26 +1420,47 @@ providers:
     simulation: {{skip-nodescan: false, data-plane-host: 127.0.0.1, boot-delay: 0}}
     cloud-images:
       - {{name: base, connection-port: {port}}}
-    images:
-      - {{name: prepared, base-image: base, setup: setup.sh, username: {user}, private-key: {key}, min-ram: 1024}}
+{provider_diskimages}    images:
+      - {{name: prepared, base-image: {base}, setup: setup.sh, username: {user}, private-key: {key}, min-ram: 1024{image_extra}}}
     pools:
       - name: main
         max-servers: 5
         labels: [{{name: prepared, diskimage: prepared, min-ram: 1024}}]
 "#,
-            port = self.sshd.port(),
             user = self.sshd.user(),
             key = self.sshd.private_key().display(),
         ))
     }
 
-    /// The servers the setup script ran on, in order.
-    fn set_up_on(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("setup-ran"))
+    fn start(&self, store: Store, cfg: Config, host: &str, clouds: &Clouds) -> Running {
+        // A failed snapshot stays as it was recorded (no retry).
+        let settings = BuilderSettings {
+            retry_delay: Duration::from_secs(3600),
+            max_retry_delay: Duration::from_secs(3600),
+            ..settings(host)
+        };
+        start_with(store, cfg, settings, clouds)
+    }
+
+    fn lines(&self, file: &str) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join(file))
             .unwrap_or_default()
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    fn touch(&self, file: &str) {
+        std::fs::write(self.dir.path().join(file), "").unwrap();
+    }
+
+    fn remove(&self, file: &str) {
+        std::fs::remove_file(self.dir.path().join(file)).unwrap();
+    }
+
+    /// The servers the setup script ran on, in order.
+    fn set_up_on(&self) -> Vec<String> {
+        self.lines("setup-ran")
     }
 }
 
@@ -1435,6 +1489,27 @@ async fn setup_servers(clouds: &Clouds) -> Vec<String> {
         .collect()
 }
 
+/// Waits until a ready node of label `prepared` runs on snapshot
+/// `build`'s upload `upload` to `sim`.
+async fn until_node_booted_from(store: &Store, build: &str, upload: &str) {
+    let image_id = nodepool_core::store::paths::upload("prepared", build, "sim", upload);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let nodes = store.list_nodes().await.unwrap().records;
+        if nodes.iter().any(|n| {
+            n.node.state == nodepool_core::model::NodeState::Ready
+                && n.node.image_id.as_deref() == Some(image_id.as_str())
+        }) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ready node booted from {image_id}: {nodes:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Makes the newest snapshot look `rebuild-age` old (a day): its record
 /// and the older ones' are backdated, as time would.
 async fn age_snapshots(store: &Store, st: &ImageState) {
@@ -1459,12 +1534,7 @@ async fn snapshot_image_life(backend: nodepool_tests::Backend) {
     let site = SnapshotSite::new(backend);
     let cfg = site.config();
     let clouds = Clouds::default();
-    let settings = BuilderSettings {
-        retry_delay: Duration::from_secs(3600),
-        max_retry_delay: Duration::from_secs(3600),
-        ..settings("nb01")
-    };
-    let b = start_with(site.env.store(&cfg).await, cfg.clone(), settings, &clouds);
+    let b = site.start(site.env.store(&cfg).await, cfg.clone(), "nb01", &clouds);
 
     // 1. The first snapshot: setup ran on its server, which is gone.
     let st = b.until("a snapshot", |st| snapshots(st).len() == 1).await;
@@ -1486,22 +1556,7 @@ async fn snapshot_image_life(backend: nodepool_tests::Backend) {
 
     // 2. The label boots it (min-ready).
     let launcher = nodepool_tests::RunningLauncher::start(&site.env, &cfg, "nl01", &clouds).await;
-    let image_id = nodepool_core::store::paths::upload("prepared", &first, "sim", &up1.id);
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
-        let nodes = b.store.list_nodes().await.unwrap().records;
-        if nodes.iter().any(|n| {
-            n.node.state == nodepool_core::model::NodeState::Ready
-                && n.node.image_id.as_deref() == Some(image_id.as_str())
-        }) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no ready node booted from {image_id}: {nodes:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_node_booted_from(&b.store, &first, &up1.id).await;
     launcher.stop().await;
 
     // 3. A requested snapshot becomes current; the first is kept.
@@ -1604,4 +1659,287 @@ async fn a_snapshot_image_is_made_booted_kept_rolled_back_on_zookeeper() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_image_is_made_booted_kept_rolled_back_on_sqlite() {
     snapshot_image_life(nodepool_tests::Backend::Sqlite).await;
+}
+
+/// The cloud images of `sim` that Nodepool made (tagged with a build).
+async fn nodepool_images(clouds: &Clouds) -> Vec<String> {
+    cloud_images(clouds, "sim")
+        .await
+        .into_iter()
+        .filter(|i| i.properties.contains_key("nodepool_build_id"))
+        .map(|i| i.id)
+        .collect()
+}
+
+/// The servers on `sim` that the builder booted (setup and boot test).
+async fn builder_servers(clouds: &Clouds) -> Vec<String> {
+    cloud(clouds, "sim")
+        .list_instances()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .filter(|n| n.starts_with("np-setup-") || n.starts_with("np-validate-"))
+        .collect()
+}
+
+/// A snapshot failing its boot test (`validate`): its upload and build
+/// are recorded failed saying why, its image is deleted and its test
+/// server gone, the metric counts it, and the previous snapshot stays
+/// the one labels boot.
+async fn a_failing_validate_keeps_the_previous_snapshot(backend: nodepool_tests::Backend) {
+    let site = SnapshotSite::new(backend);
+    let cfg = site.config_with(", validate: {script: check.sh, timeout: 60}", None);
+    let clouds = Clouds::default();
+    let b = site.start(site.env.store(&cfg).await, cfg.clone(), "nb01", &clouds);
+    let metric = |status: &str| {
+        b.metrics.counter(&format!(
+            "nodepool.image_update.prepared.sim.validate.{status}"
+        ))
+    };
+
+    let st = b.until("a snapshot", |st| snapshots(st).len() == 1).await;
+    let (first, up1) = snapshots(&st).remove(0);
+    assert_eq!(metric("success"), 1, "{}", b.metrics.prometheus());
+    assert!(builder_servers(&clouds).await.is_empty());
+
+    site.touch("fail-validate");
+    b.store.request_image_build("prepared").await.unwrap();
+    let st = b
+        .until("the second snapshot's upload failed", |st| {
+            st.uploads
+                .iter()
+                .any(|u| u.build_id != first && u.upload.state == UploadState::Failed)
+                && st
+                    .builds
+                    .iter()
+                    .any(|x| x.id != first && x.build.state == BuildState::Failed)
+        })
+        .await;
+    let failed = st.uploads.iter().find(|u| u.build_id != first).unwrap();
+    let why = failed.upload.failure().unwrap_or_default();
+    assert!(why.contains("validation failed"), "{why}");
+    assert!(why.contains("exited with status 3"), "{why}");
+    assert!(
+        why.contains(&format!("validating on np-validate-prepared-{}", failed.id)),
+        "{why}"
+    );
+    let build = st.builds.iter().find(|x| x.id != first).unwrap();
+    let tail = build.build.log_tail().unwrap_or_default();
+    assert!(tail.contains("no good: the snapshot is broken"), "{tail}");
+    assert_eq!(metric("failure"), 1, "{}", b.metrics.prometheus());
+    // Its setup ran; its image and both its servers are gone.
+    assert_eq!(
+        site.set_up_on(),
+        [
+            format!("np-setup-prepared-{}", up1.id),
+            format!("np-setup-prepared-{}", failed.id)
+        ]
+    );
+    assert_eq!(
+        nodepool_images(&clouds).await,
+        [up1.upload.external_id.clone().unwrap()]
+    );
+    assert!(builder_servers(&clouds).await.is_empty());
+    assert_eq!(
+        snapshots(&st).into_iter().map(|s| s.0).collect::<Vec<_>>(),
+        [first.as_str()]
+    );
+
+    // The label boots the previous snapshot.
+    let launcher = nodepool_tests::RunningLauncher::start(&site.env, &cfg, "nl01", &clouds).await;
+    until_node_booted_from(&b.store, &first, &up1.id).await;
+    launcher.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_failing_validate_keeps_the_previous_one_on_zookeeper() {
+    a_failing_validate_keeps_the_previous_snapshot(nodepool_tests::Backend::ZooKeeper).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_failing_validate_keeps_the_previous_one_on_sqlite() {
+    a_failing_validate_keeps_the_previous_snapshot(nodepool_tests::Backend::Sqlite).await;
+}
+
+/// Waits until the builder's setup server runs its script (held by the
+/// file `hold`); returns its name and `groups` tag.
+async fn until_setup_held(
+    site: &SnapshotSite,
+    clouds: &Clouds,
+    started: usize,
+) -> (String, String) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let sim = clouds.lock().unwrap().get("sim").cloned();
+        let servers = match sim {
+            Some(c) => c.list_instances().await.unwrap(),
+            None => Vec::new(),
+        };
+        if site.lines("setup-started").len() == started
+            && let Some(s) = servers.iter().find(|s| s.name.starts_with("np-setup-"))
+        {
+            let groups = s.metadata[nodepool_core::provider::META_GROUPS].clone();
+            return (s.name.clone(), groups);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no setup script running within {LIMIT:?}: {servers:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A snapshot image over a diskimage of its provider: not made while the
+/// diskimage has no ready upload there (paused), then made on a setup
+/// server booted from that upload.
+async fn a_snapshot_of_a_diskimage_waits_for_its_upload(backend: nodepool_tests::Backend) {
+    let site = SnapshotSite::new(backend);
+    let fake =
+        tokio::task::spawn_blocking(|| workspace_binary("nodepool-dib", "fake-disk-image-create"))
+            .await
+            .unwrap();
+    let cfg = site.config_with("", Some(&fake));
+    let store = site.env.store(&cfg).await;
+    store.set_image_paused("deb", true).await.unwrap();
+    let clouds = Clouds::default();
+    let b = site.start(store, cfg, "nb01", &clouds);
+
+    b.passes(4).await;
+    let st = b.images().await;
+    assert!(st.builds.is_empty(), "{st:#?}");
+    assert!(site.lines("setup-started").is_empty());
+    assert!(builder_servers(&clouds).await.is_empty());
+
+    site.touch("hold");
+    b.store.set_image_paused("deb", false).await.unwrap();
+    let (server, groups) = until_setup_held(&site, &clouds, 1).await;
+    // Booted from the diskimage (`provider,image,label`), whose upload
+    // was ready first.
+    assert_eq!(groups, "sim,deb,prepared");
+    let st = b.images().await;
+    let deb = ready_builds(&st, "deb");
+    assert_eq!(deb.len(), 1, "{st:#?}");
+    assert_eq!(ready_uploads(&st, &deb[0].id).len(), 1, "{st:#?}");
+
+    site.remove("hold");
+    let st = b.until("a snapshot", |st| snapshots(st).len() == 1).await;
+    let (_, up) = snapshots(&st).remove(0);
+    assert_eq!(server, format!("np-setup-prepared-{}", up.id));
+    assert_eq!(site.set_up_on(), [server]);
+    assert!(builder_servers(&clouds).await.is_empty());
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_diskimage_waits_for_its_upload_on_zookeeper() {
+    a_snapshot_of_a_diskimage_waits_for_its_upload(nodepool_tests::Backend::ZooKeeper).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_a_diskimage_waits_for_its_upload_on_sqlite() {
+    a_snapshot_of_a_diskimage_waits_for_its_upload(nodepool_tests::Backend::Sqlite).await;
+}
+
+/// A builder dies (its runtime, the stand-in for its process, goes away
+/// with every task, and its store session lapses) while its setup script
+/// runs. Another builder and a launcher clean up after it: its `building`
+/// build and `uploading` upload are removed, its setup server deleted (the
+/// leak rule), and a new snapshot is made; the cloud holds nothing else
+/// of the builders'.
+async fn a_dead_builders_snapshot_is_cleaned_up(backend: nodepool_tests::Backend) {
+    let site = SnapshotSite::new(backend);
+    let cfg = site.config();
+    let clouds = Clouds::default();
+    // The cloud outlives the builder: made outside its runtime.
+    factory(&clouds)(&cfg.providers[0]).unwrap();
+    site.touch("hold");
+    let rt_a = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg_a = cfg.clone();
+    let store_a = rt_a
+        .spawn(async move { nodepool_cli::daemon::open_store(&cfg_a).await.unwrap() })
+        .await
+        .unwrap();
+    let a = {
+        let _in_a = rt_a.enter();
+        site.start(store_a, cfg.clone(), "nb-a", &clouds)
+    };
+    let (dead_server, _) = until_setup_held(&site, &clouds, 1).await;
+    // Read on a session of this runtime: A's goes with A.
+    let store_b = site.env.store(&cfg).await;
+    let st = store_b.image_state().await.unwrap();
+    let dead = st.builds[0].id.clone();
+    assert_eq!(st.builds[0].build.state, BuildState::Building);
+    rt_a.shutdown_background();
+    drop(a);
+    // Its connection gone, the script is ended on the server, before it
+    // could finish.
+    let started = site.lines("setup-started");
+    let pid: i32 = started[0]
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    wait_for("the dead builder's setup script ended", LIMIT, || {
+        !alive(pid)
+    })
+    .await;
+    site.remove("hold");
+
+    let b = site.start(store_b, cfg.clone(), "nb-b", &clouds);
+    let launcher = nodepool_tests::RunningLauncher::start(&site.env, &cfg, "nl01", &clouds).await;
+    let st = b
+        .until("a new snapshot and the dead one's records gone", |st| {
+            snapshots(st).len() == 1
+                && !st.builds.iter().any(|x| x.id == dead)
+                && st.builds.len() == 1
+                && st.uploads.len() == 1
+        })
+        .await;
+    let (_, up) = snapshots(&st).remove(0);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !builder_servers(&clouds).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the dead builder's setup server {dead_server} is not deleted: {:?}",
+            builder_servers(&clouds).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        nodepool_images(&clouds).await,
+        [up.upload.external_id.clone().unwrap()]
+    );
+    assert_eq!(
+        site.set_up_on(),
+        [format!("np-setup-prepared-{}", up.id)],
+        "the dead builder's setup never finished"
+    );
+    assert_eq!(site.lines("setup-started").len(), 2);
+    assert!(
+        launcher
+            .metrics
+            .counter("nodepool.provider.sim.leaked.instances")
+            >= 1,
+        "{}",
+        launcher.metrics.prometheus()
+    );
+    launcher.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_builders_snapshot_is_cleaned_up_and_made_again_on_zookeeper() {
+    a_dead_builders_snapshot_is_cleaned_up(nodepool_tests::Backend::ZooKeeper).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_builders_snapshot_is_cleaned_up_and_made_again_on_sqlite() {
+    a_dead_builders_snapshot_is_cleaned_up(nodepool_tests::Backend::Sqlite).await;
 }

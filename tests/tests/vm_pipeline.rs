@@ -656,18 +656,19 @@ async fn an_image_goes_from_diskimage_builder_to_nodes_on_real_vms_and_nothing_i
     };
     assert_eq!(snap.upload.state, UploadState::Ready, "{snap:#?}");
     assert_eq!(snap.provider, "local");
+    let snap_image = snap.upload.external_id.clone().unwrap();
     assert_eq!(
         said,
         format!(
-            "snapshot of {SNAPSHOT} in local requested\nsnapshot {} of {SNAPSHOT} ready\n",
-            snap.build_id
+            "snapshot of {SNAPSHOT} in local requested\n\
+             snapshot {} of {SNAPSHOT} in local ready: upload {}, cloud image {snap_image}\n",
+            snap.build_id, snap.id
         )
     );
     assert!(
         !st.build_requests.contains_key(SNAPSHOT),
         "the served request is left"
     );
-    let snap_image = snap.upload.external_id.clone().unwrap();
     assert!(
         site.images().contains(&snap_image),
         "the snapshot {snap_image} is not in the image directory: {:?}",

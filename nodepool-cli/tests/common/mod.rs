@@ -482,3 +482,51 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Real SSH servers (the whole-system tests' helper, shared by path): the
+/// setup servers of snapshot images answer at one.
+#[path = "../../../tests/src/sshd.rs"]
+pub mod sshd;
+
+/// A site with a snapshot image (seed 002) for the real builder process:
+/// `provider` (a simulated cloud whose servers answer at `sshd`) makes
+/// `image` by booting its cloud image `base` and running `setup.sh` on it,
+/// which prints the server's name and fails (`setup: no good`, exit 4)
+/// while the file `fail` exists in `dir`. Label `image` boots it. The
+/// cloud is kept in `dir/cloud.json`, for every process to see. Returns
+/// the configuration's body, for [`Fixture::with_body_in`].
+pub fn snapshot_body(dir: &Path, sshd: &sshd::Sshd, provider: &str, image: &str) -> String {
+    let d = dir.display();
+    std::fs::create_dir_all(dir.join("scripts")).expect("scripts dir");
+    std::fs::write(
+        dir.join("scripts/setup.sh"),
+        format!(
+            "#!/bin/sh\necho \"setting up $NODEPOOL_NODE_ID\"\n\
+             if [ -e {d}/fail ]; then echo 'setup: no good' >&2; exit 4; fi\n"
+        ),
+    )
+    .expect("write the setup script");
+    format!(
+        r#"images-dir: {d}/images
+build-log-dir: {d}/logs
+script-dir: {d}/scripts
+labels:
+  - name: {image}
+providers:
+  - name: {provider}
+    driver: simulated
+    simulation: {{skip-nodescan: false, data-plane-host: 127.0.0.1, boot-delay: 0, state-file: cloud.json}}
+    cloud-images:
+      - {{name: base, connection-port: {port}}}
+    images:
+      - {{name: {image}, base-image: base, setup: setup.sh, username: {user}, private-key: {key}, min-ram: 1024}}
+    pools:
+      - name: main
+        max-servers: 5
+        labels: [{{name: {image}, diskimage: {image}, min-ram: 1024}}]
+"#,
+        port = sshd.port(),
+        user = sshd.user(),
+        key = sshd.private_key().display(),
+    )
+}

@@ -430,29 +430,13 @@ impl Task {
         let image = di.name.as_str();
         let store = &self.shared.store;
         let images_dir = self.images_dir()?.to_path_buf();
-        // Re-check under the lock: another builder may have just built it.
-        let builds = read_builds(store, image)
-            .await
-            .map_err(store_err("cannot read builds"))?;
-        if newest_ready_id(&builds) != newest_ready {
-            tracing::info!(image = %image, "its newest ready build changed meanwhile; not building");
+        let rec = ImageBuild::new(self.shared.now(), formats.to_vec());
+        let Some((id, _running)) = self
+            .begin_build(image, newest_ready, requested, rec)
+            .await?
+        else {
             return Ok(());
-        }
-        if self.shared.work.is_cancelled() {
-            return Ok(());
-        }
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let key = (image.to_owned(), id.clone());
-        // Ours before the record exists: no pass may take the record or
-        // its files for a dead builder's.
-        let _running = RunningBuild::new(&self.shared, key);
-        let mut rec = ImageBuild::new(self.shared.now(), formats.to_vec());
-        rec.builder = Some(self.shared.settings.hostname.clone());
-        rec.builder_id = Some(self.shared.builder_id.clone());
-        store
-            .create_build(image, &id, &rec)
-            .await
-            .map_err(store_err("cannot create the build record"))?;
+        };
         if let Some(prune) = &self.shared.settings.log_pruner {
             let (prune, dir, img, keep) = (
                 prune.clone(),
@@ -578,6 +562,55 @@ impl Task {
         }
     }
 
+    /// Under `image`'s build lock, re-checks that the planned build is
+    /// still wanted and records `rec` as this builder's new `building`
+    /// build; returns its id and the mark that it runs here, or `None`
+    /// when it is not wanted any more (or the builder is stopping).
+    async fn begin_build(
+        &self,
+        image: &str,
+        newest_ready: Option<&str>,
+        requested: bool,
+        mut rec: ImageBuild,
+    ) -> Result<Option<(String, RunningBuild)>, TaskError> {
+        let store = &self.shared.store;
+        // Another builder may have just built it.
+        let builds = read_builds(store, image)
+            .await
+            .map_err(store_err("cannot read builds"))?;
+        if newest_ready_id(&builds) != newest_ready {
+            tracing::info!(image = %image, "its newest ready build changed meanwhile; not building");
+            return Ok(None);
+        }
+        // A pass that read the state between the last build becoming ready
+        // and its request being removed (both under this lock) plans the
+        // request again: it is gone now.
+        if requested
+            && store
+                .backend()
+                .get(&paths::image_build_request(image))
+                .await
+                .map_err(store_err("cannot read the build request"))?
+                .is_none()
+        {
+            return Ok(None);
+        }
+        if self.shared.work.is_cancelled() {
+            return Ok(None);
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        // Ours before the record exists: no pass may take the record or
+        // its files for a dead builder's.
+        let running = RunningBuild::new(&self.shared, (image.to_owned(), id.clone()));
+        rec.builder = Some(self.shared.settings.hostname.clone());
+        rec.builder_id = Some(self.shared.builder_id.clone());
+        store
+            .create_build(image, &id, &rec)
+            .await
+            .map_err(store_err("cannot create the build record"))?;
+        Ok(Some((id, running)))
+    }
+
     // ----- snapshot images ---------------------------------------------
 
     /// Makes a snapshot image (see [`ImageAction::Snapshot`]) under the
@@ -627,41 +660,15 @@ impl Task {
         let image = si.name.as_str();
         let provider = entry.config.name.as_str();
         let store = &self.shared.store;
-        // Re-check under the lock: another builder may have just made one.
-        let builds = read_builds(store, image)
-            .await
-            .map_err(store_err("cannot read builds"))?;
-        if newest_ready_id(&builds) != newest_ready {
-            tracing::info!(image = %image, "its newest ready snapshot changed meanwhile; not making one");
-            return Ok(());
-        }
-        // A pass that read the state between the last snapshot becoming
-        // ready and its request being removed (both under this lock)
-        // plans the request again: it is gone now.
-        if requested
-            && store
-                .backend()
-                .get(&paths::image_build_request(image))
-                .await
-                .map_err(store_err("cannot read the build request"))?
-                .is_none()
-        {
-            return Ok(());
-        }
-        if self.shared.work.is_cancelled() {
-            return Ok(());
-        }
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let _running = RunningBuild::new(&self.shared, (image.to_owned(), id.clone()));
         // No formats: a snapshot has no local files to upload.
         let mut rec = ImageBuild::new(self.shared.now(), Vec::new());
-        rec.builder = Some(self.shared.settings.hostname.clone());
-        rec.builder_id = Some(self.shared.builder_id.clone());
         rec.username = Some(si.username.clone());
-        store
-            .create_build(image, &id, &rec)
-            .await
-            .map_err(store_err("cannot create the build record"))?;
+        let Some((id, _running)) = self
+            .begin_build(image, newest_ready, requested, rec)
+            .await?
+        else {
+            return Ok(());
+        };
         tracing::info!(image = %image, build = %id, provider = %provider, %reason, "making a snapshot image");
         let started = Instant::now();
         let lock = paths::uploads_lock(image, &id, provider);
@@ -801,11 +808,8 @@ impl Task {
                 upload: &upload_id,
                 external_id: ext,
             };
-            if let Err(why) =
-                validate::validate(&self.shared, &self.config, entry, &candidate, script).await
-            {
-                self.delete_cloud_image(entry, ext).await;
-                outcome = Err(format!("validation failed: {why}"));
+            if let Err(why) = self.boot_test(entry, &candidate, script).await {
+                outcome = Err(UploadError::Validation(why).to_string());
             }
         }
         let key = RecordKey::upload(image, build, provider, &upload_id);
@@ -1251,27 +1255,8 @@ impl Task {
                 upload: &upload_id,
                 external_id: ext,
             };
-            let testing = Instant::now();
-            let tested =
-                validate::validate(&self.shared, &self.config, entry, &candidate, script).await;
-            let status = if tested.is_ok() { "success" } else { "failure" };
-            self.shared.metrics.timing_as(
-                &[format!(
-                    "nodepool.image_update.{image}.{provider}.validate.{status}"
-                )],
-                &families::IMAGE_VALIDATION,
-                &[("image", image), ("provider", provider), ("status", status)],
-                testing.elapsed(),
-            );
-            match tested {
-                Ok(()) => {
-                    tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload_id, script = %script.name, "upload validated")
-                }
-                Err(why) => {
-                    tracing::warn!(image = %image, build = %build, provider = %provider, upload = %upload_id, script = %script.name, reason = %why, "upload failed validation; deleting its cloud image");
-                    self.delete_cloud_image(entry, ext).await;
-                    outcome = Err(UploadError::Validation(why));
-                }
+            if let Err(why) = self.boot_test(entry, &candidate, script).await {
+                outcome = Err(UploadError::Validation(why));
             }
         }
         let now = self.shared.now();
@@ -1343,6 +1328,41 @@ impl Task {
                 })
             }
         }
+    }
+
+    /// Boot-tests a new upload (a diskimage's or a snapshot's) with its
+    /// `validate` script; one that fails has its cloud image deleted.
+    /// Python's timer `nodepool.image_update.<image>.<provider>.validate.<status>`
+    /// and the log say how it went; `Err` is why it failed.
+    async fn boot_test(
+        &self,
+        entry: &ProviderEntry,
+        candidate: &validate::Candidate<'_>,
+        script: &crate::config::ReadyScript,
+    ) -> Result<(), String> {
+        let (image, build, upload) = (candidate.image, candidate.build, candidate.upload);
+        let provider = entry.config.name.as_str();
+        let testing = Instant::now();
+        let tested = validate::validate(&self.shared, &self.config, entry, candidate, script).await;
+        let status = if tested.is_ok() { "success" } else { "failure" };
+        self.shared.metrics.timing_as(
+            &[format!(
+                "nodepool.image_update.{image}.{provider}.validate.{status}"
+            )],
+            &families::IMAGE_VALIDATION,
+            &[("image", image), ("provider", provider), ("status", status)],
+            testing.elapsed(),
+        );
+        match &tested {
+            Ok(()) => {
+                tracing::info!(image = %image, build = %build, provider = %provider, upload = %upload, script = %script.name, "upload validated")
+            }
+            Err(why) => {
+                tracing::warn!(image = %image, build = %build, provider = %provider, upload = %upload, script = %script.name, reason = %why, "upload failed validation; deleting its cloud image");
+                self.delete_cloud_image(entry, candidate.external_id).await;
+            }
+        }
+        tested
     }
 
     /// Runs the provider's upload, logging progress, bounded by the upload

@@ -976,6 +976,13 @@ impl<'a> ImageCtx<'a> {
                     UploadState::Failed => {
                         if let Some(r) = obsolete {
                             out.push(delete(r));
+                        } else if b.build.state == BuildState::Failed {
+                            // A failed snapshot: its upload says why for as
+                            // long as its build blocks a new attempt, and
+                            // goes with it.
+                            if self.now - b.build.state_time >= BUILD_RETRY_SECS {
+                                out.push(delete(ImageDeleteReason::Failed));
+                            }
                         } else if !kept {
                             out.push(delete(ImageDeleteReason::BuildDeleted));
                         } else if self.now - u.upload.state_time >= UPLOAD_RETRY_SECS {

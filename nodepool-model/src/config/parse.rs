@@ -348,6 +348,26 @@ pub(crate) struct RawDiskImage {
     pub metadata: IndexMap<String, String>,
 }
 
+/// A server's size, by `flavor-name` and/or `min-ram` (one is required);
+/// `what` says whose size it is in the error.
+fn server_size(
+    at: At<'_>,
+    m: &mut Fields<'_>,
+    what: &str,
+    errs: &mut Errors,
+) -> (Option<String>, Option<i64>) {
+    let flavor_name = m.string("flavor-name", errs);
+    let min_ram = m.int("min-ram", errs);
+    if flavor_name.is_none() && min_ram.is_none() && !m.has("flavor-name") && !m.has("min-ram") {
+        errs.push(
+            at.path,
+            Kind::Conflict,
+            format!("at least one of `min-ram` or `flavor-name` is required{what}"),
+        );
+    }
+    (flavor_name, min_ram)
+}
+
 fn optional_secs(m: &mut Fields<'_>, key: &'static str, errs: &mut Errors) -> Option<Duration> {
     let n = m.int(key, errs)?;
     if n <= 0 {
@@ -874,15 +894,7 @@ fn snapshot_image(at: At<'_>, errs: &mut Errors) -> Option<SnapshotImage> {
     let setup_timeout = optional_secs(&mut m, "setup-timeout", errs);
     let username = m.required_string("username", errs);
     let private_key = m.required_string("private-key", errs).map(PathBuf::from);
-    let flavor_name = m.string("flavor-name", errs);
-    let min_ram = m.int("min-ram", errs);
-    if flavor_name.is_none() && min_ram.is_none() && !m.has("flavor-name") && !m.has("min-ram") {
-        errs.push(
-            at.path,
-            Kind::Conflict,
-            "at least one of `min-ram` or `flavor-name` is required (the setup server's size)",
-        );
-    }
+    let (flavor_name, min_ram) = server_size(at, &mut m, " (the setup server's size)", errs);
     let rebuild_age = optional_secs(&mut m, "rebuild-age", errs);
     let pause = m.bool_or_old("pause", "paused", errs).unwrap_or(false);
     let validate = m
@@ -1069,15 +1081,7 @@ fn pool_label(
             None
         }
     };
-    let flavor_name = m.string("flavor-name", errs);
-    let min_ram = m.int("min-ram", errs);
-    if flavor_name.is_none() && min_ram.is_none() && !m.has("flavor-name") && !m.has("min-ram") {
-        errs.push(
-            at.path,
-            Kind::Conflict,
-            "at least one of `min-ram` or `flavor-name` is required",
-        );
-    }
+    let (flavor_name, min_ram) = server_size(at, &mut m, "", errs);
     let key_name = m.string("key-name", errs);
     let console_log = m.bool("console-log", errs).unwrap_or(false);
     let boot_from_volume = m.bool("boot-from-volume", errs).unwrap_or(false);

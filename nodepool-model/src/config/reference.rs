@@ -880,7 +880,7 @@ pub const KEYS: &[KeyDoc] = &[
     key(
         "providers[].images",
         "—",
-        "Snapshot images (seed 002; see snapshot-images.md): an image made by booting a server of `base-image`, running `setup` on it over SSH, snapshotting the server into an image of this provider and deleting the server. Pool labels boot one with `diskimage: NAME`; `nodepool image-update PROVIDER IMAGE` asks for a new one now.",
+        "Snapshot images (seed 002; see snapshot-images.md): an image made by booting a server of `base-image`, running `setup` on it over SSH, snapshotting the server into an image of this provider and deleting the server. Pool labels boot one with `diskimage: NAME`. The builder makes one when none is ready, at `rebuild-age`, and on `nodepool image-update PROVIDER IMAGE`; the current and previous ones are kept like diskimage uploads.",
     ),
     key(
         "providers[].images[].name",
