@@ -58,6 +58,16 @@ async fn image_update_requests_a_new_snapshot(backend: Backend) {
     assert_eq!(out.ok(), "snapshot of prepared in sim requested\n");
     let st = f.store.image_state().await.expect("images");
     assert!(st.build_requests.contains_key("prepared"));
+    // Paused in the store before its first snapshot (it has no record
+    // yet): the builder makes none until it is unpaused, and a request
+    // made meanwhile is kept for then.
+    assert_eq!(
+        f.run(&["image-pause", "prepared"]).await.ok(),
+        "image prepared paused\n"
+    );
+    let st = f.store.image_state().await.expect("images");
+    assert!(st.paused.contains("prepared"));
+    f.run(&["image-update", "sim", "prepared"]).await.ok();
     f.run(&["image-update", "nowhere", "prepared"])
         .await
         .fails_with("unknown provider \"nowhere\"");

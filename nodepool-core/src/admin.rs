@@ -415,8 +415,11 @@ pub async fn set_image_paused(
     image: &str,
     paused: bool,
 ) -> Result<(), AdminError> {
-    let known =
-        config.diskimage(image).is_some() || store.image_state().await?.images.contains(image);
+    // A snapshot image has no record before its first snapshot, and may be
+    // paused before it (so that the builder makes it only when asked).
+    let known = config.diskimage(image).is_some()
+        || crate::planner::images::snapshot_image(config, image).is_some()
+        || store.image_state().await?.images.contains(image);
     if !known {
         return Err(AdminError::UnknownImage(image.to_owned()));
     }

@@ -4,10 +4,12 @@
 # nodepool-builder daemon builds a Debian image with diskimage-builder
 # (debian-minimal vm simple-init glean-ssh), uploads it to a `driver: qemu`
 # provider and boot-tests it; the nodepool-launcher daemon boots nodes from
-# it under TCG with host-key checking and a ready script; a Zuul-style
-# requestor and a Jenkins target each get a node, use it and give it back;
-# nothing is left (no qemu process, overlay, loop device or mount). ~10 min
-# on a quiet 2-core machine, most of it the image build. Needs root.
+# it under TCG with host-key checking and a ready script; `nodepool
+# image-update` makes a setup-script snapshot of the image, and a node
+# booted from it shows the setup's marker; a Zuul-style requestor and a
+# Jenkins target each get a node, use it and give it back; nothing is left
+# (no qemu process, overlay, snapshot, loop device or mount). ~8–10 min on
+# a quiet 2-core machine, most of it the image build. Needs root.
 #
 #   bash scripts/test.d/50-vms.sh OUTPUT_FILE
 #

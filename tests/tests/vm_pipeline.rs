@@ -10,13 +10,27 @@
 //!    with `host-key-checking: true` (the ed25519 host key it recorded is
 //!    the one `ssh-keyscan` gets) and a ready script whose marker the test
 //!    reads back over SSH, checking the host key against the recorded one;
-//! 3. (slot: the setup-script snapshot of issue 14 part 3 goes here);
-//! 4. a request of the Zuul-side requestor (`nodepool-requestor`) gets that
-//!    node, runs a command on it over SSH and returns it: it is deleted;
-//! 5. a Jenkins target (the fake master of `nodepool-jenkins`' tests) gets
-//!    a node as agent; its job ends and the node is deleted;
-//! 6. nothing is left: no qemu process, no server directory (overlay), no
-//!    loop device, no mount under the test's directory.
+//! 3. a setup-script snapshot (issue 14 part 3): the snapshot image, paused
+//!    in the store until then, is asked for with the real `nodepool
+//!    image-update local debian-snap --wait` as the launcher starts, so the
+//!    builder's setup server (`np-setup-…`, booted from the DIB upload)
+//!    boots alongside step 2's VMs; the builder runs `setup` on it, which
+//!    writes a marker and syncs, snapshots its disk into the provider's
+//!    image directory and deletes it. A request of the snapshot's label
+//!    gets a node booted from it, on which the test reads the marker (the
+//!    setup server's name) over SSH; the node is returned and deleted;
+//! 4. a Jenkins target (the fake master of `nodepool-jenkins`' tests) gets
+//!    a node as agent;
+//! 5. a request of the Zuul-side requestor (`nodepool-requestor`) gets the
+//!    min-ready node, runs a command on it over SSH and returns it: it is
+//!    deleted;
+//! 6. the agent's job ends and its node is deleted;
+//! 7. the snapshot is deleted with `nodepool image-delete` (paused first,
+//!    or the builder would make another): its image file and records go;
+//!    then nothing is left: no qemu process, no server directory (overlay,
+//!    setup server's included), no image but the DIB upload (the
+//!    provider's current image), no loop device, no mount under the
+//!    test's directory.
 //!
 //! Both daemons are the real binaries on the real ZooKeeper. Each step's
 //! time is printed (`--nocapture`) for BENCHMARKS.md ("Real VMs"). Waits
@@ -62,6 +76,12 @@ const DAEMON_LIMIT: Duration = Duration::from_secs(120);
 
 /// Where the ready script leaves its marker on the node.
 const MARKER: &str = "/var/tmp/nodepool-ready-marker";
+/// Where the snapshot image's setup script leaves its marker (on the setup
+/// server, so on every node booted from the snapshot).
+const SETUP_MARKER: &str = "/var/tmp/nodepool-setup-marker";
+/// The snapshot image (provider `local`'s `images`, base `debian-glean`)
+/// and the label booting it.
+const SNAPSHOT: &str = "debian-snap";
 
 /// Step timings, printed as they come and as a table at the end.
 struct Clock {
@@ -149,7 +169,9 @@ impl Site {
 
     /// The configuration: the label `debian` (min-ready, ready script) and
     /// `debian-agent` (the Jenkins target's), both booting the DIB image
-    /// on the qemu provider. `min_ready` is the label's and the target's.
+    /// on the qemu provider, and [`SNAPSHOT`], booting the snapshot image
+    /// of that name (base: the DIB image, `setup.sh`). `min_ready` is
+    /// `debian`'s and the target's.
     fn body(&self, min_ready: u32) -> String {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let repo = repo.canonicalize().unwrap();
@@ -163,6 +185,7 @@ labels:
     min-ready: {min_ready}
     ready-script: ready.sh
   - name: debian-agent
+  - name: {SNAPSHOT}
 diskimages:
   - name: debian-glean
     dib-cmd: {cmd}
@@ -201,6 +224,14 @@ providers:
       - name: debian-glean
         config-drive: true
         validate: {{script: validate.sh, timeout: 120}}
+    images:
+      - name: {SNAPSHOT}
+        base-image: debian-glean
+        setup: setup.sh
+        setup-timeout: {boot}
+        username: root
+        private-key: {site}/id_ed25519
+        flavor-name: small
     pools:
       - name: main
         max-servers: 3
@@ -208,6 +239,7 @@ providers:
         labels:
           - {{name: debian, diskimage: debian-glean, flavor-name: small}}
           - {{name: debian-agent, diskimage: debian-glean, flavor-name: small}}
+          - {{name: {SNAPSHOT}, diskimage: {SNAPSHOT}, flavor-name: small}}
 targets:
   - name: ci
     jenkins:
@@ -252,6 +284,38 @@ targets:
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             );
         Daemon::spawn(name, cmd, &self.path(&format!("{name}.log")))
+    }
+
+    /// Runs the `nodepool` CLI on the site's configuration; its output.
+    fn nodepool(&self, bin: &Path, args: &[&str]) -> String {
+        let out = Command::new(bin)
+            .arg("-c")
+            .arg(self.config_path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nodepool {args:?}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The ids of the images the provider holds (`images/<id>/`), sorted:
+    /// uploads and snapshots, and any partial upload (`.partial-…`).
+    fn images(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.path("vms/images")) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = dir
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Names of the VMs the provider has now (`servers/<id>/server.json`).
@@ -443,24 +507,36 @@ async fn an_image_goes_from_diskimage_builder_to_nodes_on_real_vms_and_nothing_i
         format!("#!/bin/sh\necho \"$NODEPOOL_NODE_ID $NODEPOOL_LABEL\" > {MARKER}\n"),
     )
     .unwrap();
+    // The snapshot's setup: its marker names the server it ran on. The
+    // snapshot is the disk as a power cut would leave it: sync.
+    std::fs::write(
+        site.path("scripts/setup.sh"),
+        format!("#!/bin/sh\nset -e\necho \"$NODEPOOL_NODE_ID\" > {SETUP_MARKER}\nsync\n"),
+    )
+    .unwrap();
     site.write_config(1);
 
-    let (builder_bin, launcher_bin) = tokio::task::spawn_blocking(|| {
+    let (builder_bin, launcher_bin, cli_bin) = tokio::task::spawn_blocking(|| {
         (
             workspace_binary("nodepool-cli", "nodepool-builder"),
             workspace_binary("nodepool-cli", "nodepool-launcher"),
+            workspace_binary("nodepool-cli", "nodepool"),
         )
     })
     .await
     .unwrap();
     let store = site.env.store(&site.env.config(&site.body(1))).await;
+    // The builder makes a snapshot image as soon as its base has a ready
+    // upload and none of it is ready. Paused in the store, it waits for
+    // the test's `nodepool image-update` (step 3) instead.
+    site.nodepool(&cli_bin, &["image-pause", SNAPSHOT]);
     clock.lap("set up (key, config, daemons' binaries)");
 
     // --- 1. build, upload, boot test --------------------------------------
     let mut builder = site.daemon(&builder_bin, "builder");
     until("the image is built", BUILD_LIMIT, || async {
         let st = store.image_state().await.map_err(|e| e.to_string())?;
-        match st.builds.first() {
+        match st.builds.iter().find(|b| b.image == "debian-glean") {
             Some(b) if b.build.state == BuildState::Ready => Ok(()),
             Some(b) if b.build.state == BuildState::Failed => {
                 panic!(
@@ -485,7 +561,7 @@ async fn an_image_goes_from_diskimage_builder_to_nodes_on_real_vms_and_nothing_i
         let store = &store;
         async move {
             let st = store.image_state().await.map_err(|e| e.to_string())?;
-            match st.uploads.first() {
+            match st.uploads.iter().find(|u| u.image == "debian-glean") {
                 Some(u) if u.upload.state == UploadState::Ready => Ok(u.clone()),
                 Some(u) if u.upload.state == UploadState::Failed => {
                     panic!("the upload failed: {u:#?}")
@@ -509,7 +585,39 @@ async fn an_image_goes_from_diskimage_builder_to_nodes_on_real_vms_and_nothing_i
 
     // --- 2. min-ready node: host keys, ready script ---------------------------
     let mut launcher = site.daemon(&launcher_bin, "launcher");
+    // Step 3's snapshot starts now, so that its setup server boots
+    // alongside the launcher's two VMs rather than after them. Measured
+    // at a load of 5–9 (BENCHMARKS.md, "Real VMs"): the three TCG VMs
+    // together were ready in 217 s and the snapshot's node then booted
+    // alone in 132 s; in sequence, two VMs, the setup server, then the
+    // node would take at least three single boots, 396 s.
+    // `image-update --wait` follows the build the request makes; the
+    // request is made while the image is paused, so the builder's first
+    // snapshot is the requested one.
+    let timeout = BOOT_LIMIT.as_secs().to_string();
+    let mut update = Command::new(&cli_bin)
+        .arg("-c")
+        .arg(site.config_path())
+        .args(["image-update", "local", SNAPSHOT, "--wait", "--timeout"])
+        .arg(&timeout)
+        .stdout(std::fs::File::create(site.path("image-update.out")).unwrap())
+        .stderr(std::fs::File::create(site.path("image-update.err")).unwrap())
+        .spawn()
+        .unwrap();
+    until("the snapshot is requested", DAEMON_LIMIT, || async {
+        let st = store.image_state().await.map_err(|e| e.to_string())?;
+        match st.build_requests.contains_key(SNAPSHOT) {
+            true => Ok(()),
+            false => Err("no build request yet".to_string()),
+        }
+    })
+    .await;
+    site.nodepool(&cli_bin, &["image-unpause", SNAPSHOT]);
+    let snapshot_asked = Instant::now();
+    let mut saw_setup_vm = false;
+    let setup_prefix = format!("np-setup-{SNAPSHOT}-");
     let node = until("the min-ready node is ready", BOOT_LIMIT, || {
+        saw_setup_vm |= site.servers().iter().any(|s| s.starts_with(&setup_prefix));
         ready_node(&store, "debian")
     })
     .await;
@@ -529,13 +637,81 @@ async fn an_image_goes_from_diskimage_builder_to_nodes_on_real_vms_and_nothing_i
     clock.lap("host key checked with ssh-keyscan, marker read over SSH");
 
     // --- 3. setup-script snapshot (issue 14 part 3) ---------------------------
-    // SNAPSHOT STEP SLOTS IN HERE (it is not built yet): an `images:`
-    // entry with a `setup` script on provider `local` (in `Site::body`),
-    // `nodepool image-update` (the CLI binary, as the daemons are found
-    // with `workspace_binary`), wait for the snapshot's upload to be ready,
-    // boot a node of a label using it, read the setup script's marker over
-    // SSH with `ssh(...)`, delete it, and
-    // `clock.lap("setup-script snapshot: made, booted, marker read")`.
+    let status = until("nodepool image-update --wait returns", BOOT_LIMIT, || {
+        saw_setup_vm |= site.servers().iter().any(|s| s.starts_with(&setup_prefix));
+        let done = update.try_wait().unwrap();
+        async move { done.ok_or_else(|| "still waiting".to_string()) }
+    })
+    .await;
+    let said = std::fs::read_to_string(site.path("image-update.out")).unwrap();
+    assert!(
+        status.success(),
+        "nodepool image-update --wait: {status}\n{said}{}",
+        std::fs::read_to_string(site.path("image-update.err")).unwrap()
+    );
+    let st = store.image_state().await.unwrap();
+    let snaps: Vec<_> = st.uploads.iter().filter(|u| u.image == SNAPSHOT).collect();
+    let [snap] = snaps.as_slice() else {
+        panic!("one snapshot upload expected: {snaps:#?}");
+    };
+    assert_eq!(snap.upload.state, UploadState::Ready, "{snap:#?}");
+    assert_eq!(snap.provider, "local");
+    let snap_image = snap.upload.external_id.clone().unwrap();
+    assert_eq!(
+        said,
+        format!(
+            "snapshot of {SNAPSHOT} in local requested\n\
+             snapshot {} of {SNAPSHOT} in local ready: upload {}, cloud image {snap_image}\n",
+            snap.build_id, snap.id
+        )
+    );
+    assert!(
+        !st.build_requests.contains_key(SNAPSHOT),
+        "the served request is left"
+    );
+    assert!(
+        site.images().contains(&snap_image),
+        "the snapshot {snap_image} is not in the image directory: {:?}",
+        site.images()
+    );
+    assert!(saw_setup_vm, "no setup server was seen");
+    let servers = site.servers();
+    assert!(
+        !servers.iter().any(|s| s.starts_with(&setup_prefix)),
+        "the setup server is left: {servers:?}"
+    );
+    println!(
+        "vm-pipeline: snapshot made {:.1} s after image-update (setup server boot, setup, qemu-img convert, deletion)",
+        snapshot_asked.elapsed().as_secs_f64()
+    );
+    clock.lap("setup-script snapshot made (image-update --wait; began with step 2)");
+
+    let zuul = Requestor::new(store.clone(), "5eed000000000000000000000000beef");
+    let rid = zuul
+        .submit(&NewRequest::new(vec![SNAPSHOT.into()]))
+        .await
+        .unwrap();
+    let request = match zuul.wait(&rid, BOOT_LIMIT).await.unwrap() {
+        Outcome::Fulfilled(r) => r,
+        Outcome::Failed(r) => panic!("the snapshot's request failed: {r:?}"),
+    };
+    let mut set = zuul.accept(&rid, &request.value).await.unwrap();
+    assert_eq!(set.nodes.len(), 1);
+    zuul.use_nodes(&mut set, "example.org/vm-pipeline-snapshot")
+        .await
+        .unwrap();
+    clock.lap("node from the snapshot ready (request to fulfilled)");
+    let (snap_node, snap_n) = (set.nodes[0].id.clone(), set.nodes[0].node.clone());
+    assert_eq!(snap_n.username.as_deref(), Some("root"));
+    // The setup script ran on the setup server of this very snapshot.
+    let marker = ssh(&site, &snap_n, &format!("cat {SETUP_MARKER}"));
+    assert_eq!(marker.trim(), format!("{setup_prefix}{}", snap.id));
+    zuul.return_nodes(set).await.unwrap();
+    until("the snapshot's node is deleted", DELETE_LIMIT, || {
+        gone(&store, &snap_node)
+    })
+    .await;
+    clock.lap("node from the snapshot: setup marker read over SSH, returned, deleted");
 
     // --- 4. the Jenkins target's agent, then no more min-ready ----------------
     let agent_node = until("the Jenkins agent's node", BOOT_LIMIT, || async {
@@ -585,7 +761,6 @@ async fn an_image_goes_from_diskimage_builder_to_nodes_on_real_vms_and_nothing_i
     clock.lap("agent checked over SSH, min-ready 0 reloaded");
 
     // --- 5. a Zuul-style request gets the min-ready node ----------------------
-    let zuul = Requestor::new(store.clone(), "5eed000000000000000000000000beef");
     let rid = zuul
         .submit(&NewRequest::new(vec!["debian".into()]))
         .await
@@ -631,7 +806,39 @@ async fn an_image_goes_from_diskimage_builder_to_nodes_on_real_vms_and_nothing_i
     .await;
     clock.lap("Jenkins: job done, node deleted, agent removed");
 
-    // --- 7. nothing is left ---------------------------------------------------
+    // --- 7. the snapshot is deleted, then nothing is left ----------------------
+    // Paused first: with no ready snapshot the builder would make one at
+    // once. The builder deletes its image (and its build, kept only with
+    // it); the DIB image's upload stays, the provider's current image.
+    site.nodepool(&cli_bin, &["image-pause", SNAPSHOT]);
+    site.nodepool(
+        &cli_bin,
+        &[
+            "image-delete",
+            "--provider",
+            "local",
+            "--image",
+            SNAPSHOT,
+            "--build-id",
+            &snap.build_id,
+            "--upload-id",
+            &snap.id,
+        ],
+    );
+    until("the snapshot is deleted", DELETE_LIMIT, || async {
+        let st = store.image_state().await.map_err(|e| e.to_string())?;
+        let builds = st.builds.iter().filter(|b| b.image == SNAPSHOT).count();
+        let uploads = st.uploads.iter().filter(|u| u.image == SNAPSHOT).count();
+        let images = site.images();
+        if builds == 0 && uploads == 0 && !images.contains(&snap_image) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{builds} builds, {uploads} uploads of {SNAPSHOT}; images {images:?}"
+            ))
+        }
+    })
+    .await;
     let left = nodes(&store).await;
     assert!(left.is_empty(), "nodes left: {left:?}");
     until("no VM is left", DELETE_LIMIT, || async {
@@ -649,6 +856,11 @@ async fn an_image_goes_from_diskimage_builder_to_nodes_on_real_vms_and_nothing_i
     assert!(status.success(), "builder exited {status}");
     assert_eq!(site.qemu_processes(), Vec::<String>::new());
     assert_eq!(site.servers(), Vec::<String>::new());
+    assert_eq!(
+        site.images(),
+        [upload.upload.external_id.clone().unwrap()],
+        "the provider holds an image besides the DIB upload"
+    );
     assert_eq!(mounts_under(site.dir.path()), Vec::<PathBuf>::new());
     assert_eq!(loops_under(site.dir.path()), Vec::<String>::new());
     let dib_left: Vec<_> = std::fs::read_dir(site.path("dib-tmp"))
