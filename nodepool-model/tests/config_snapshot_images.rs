@@ -223,3 +223,29 @@ fn ready_scripts_on_snapshot_labels_use_the_images_login() {
         .expect("ready script");
     assert_eq!(rs.path, d.path().join("scripts/check.sh"));
 }
+
+#[test]
+fn a_snapshot_boots_with_its_bases_config_drive() {
+    let d = dir();
+    let extra = "      - {name: from-dib, base-image: jammy, setup: setup.sh, username: root, private-key: id_test, min-ram: 1}";
+    let text = yaml(&format!("{PREPARED}\n{extra}"), "prepared")
+        .replacen(
+            "      - name: jammy\n    cloud-images",
+            "      - name: jammy\n        config-drive: true\n    cloud-images",
+            1,
+        )
+        .replacen(
+            "image-name: cirros-0.6",
+            "image-name: cirros-0.6\n        config-drive: false",
+            1,
+        );
+    let cfg = load(d.path(), &text).unwrap_or_else(|e| panic!("{e}"));
+    let p = &cfg.providers[0];
+    assert_eq!(p.config_drive_of("jammy"), Some(true));
+    assert_eq!(p.config_drive_of("from-dib"), Some(true));
+    assert_eq!(p.config_drive_of("cirros"), Some(false));
+    assert_eq!(p.config_drive_of("prepared"), Some(false));
+    assert_eq!(p.config_drive_of("unknown"), None);
+    // Unset on the base: the cloud's default, for the snapshot too.
+    assert_eq!(cfg.providers[1].config_drive_of("other"), None);
+}

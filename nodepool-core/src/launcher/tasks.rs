@@ -63,7 +63,7 @@ pub(crate) fn instance_spec(
                 external_id: external_id.clone(),
             },
             image.clone(),
-            pc.diskimage(image).and_then(|d| d.config_drive),
+            pc.config_drive_of(image),
         ),
         LaunchImage::Cloud { name } => {
             let ci = pc.cloud_image(name)?;

@@ -398,6 +398,25 @@ impl ProviderConfig {
         }
     }
 
+    /// Whether servers booting `image` (a diskimage, cloud image or
+    /// snapshot image of this provider) get a config drive. A snapshot
+    /// keeps its base's boot-time configuration (glean, cloud-init), so it
+    /// needs what its base needed.
+    pub fn config_drive_of(&self, image: &str) -> Option<bool> {
+        if let Some(d) = self.diskimage(image) {
+            d.config_drive
+        } else if let Some(c) = self.cloud_image(image) {
+            c.config_drive
+        } else {
+            let si = self.snapshot_image(image)?;
+            // Never a snapshot image (the configuration check): no loop.
+            if si.base_image == image {
+                return None;
+            }
+            self.config_drive_of(&si.base_image)
+        }
+    }
+
     /// The connection type and port of servers booting `image` (a
     /// diskimage, cloud image or snapshot image of this provider). A
     /// snapshot is a copy of its base's disk, so it answers as its base.
