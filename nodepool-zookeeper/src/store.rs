@@ -513,6 +513,52 @@ impl StateStore for ZooKeeperStore {
         }
     }
 
+    async fn create_dir_with_child(
+        &self,
+        dir: &str,
+        child_prefix: &str,
+        data: &[u8],
+        child_mode: CreateMode,
+    ) -> Result<Option<String>, StoreError> {
+        validate_path(dir)?;
+        let below = child_prefix.strip_prefix(dir).is_some_and(|rest| {
+            rest.len() > 1 && rest.starts_with('/') && !rest[1..].contains('/')
+        });
+        if !below || !child_mode.is_sequential() {
+            return Err(StoreError::Other(format!(
+                "create_dir_with_child: {child_prefix:?} must be a sequential child of {dir:?}"
+            )));
+        }
+        let _in_flight = InFlight::new(&self.shared.in_flight);
+        let client = self.shared.client()?;
+        let child_options = zk_mode(child_mode).with_acls(zk::Acls::anyone_all());
+        let mut multi = client.new_multi_writer();
+        multi
+            .add_create(dir, &[], &persistent_dir_options())
+            .map_err(|e| self.shared.map(e, dir))?;
+        multi
+            .add_create(child_prefix, data, &child_options)
+            .map_err(|e| self.shared.map(e, child_prefix))?;
+        // One round trip, as the server applies a multi as one transaction.
+        self.shared
+            .traffic
+            .write(dir.len() + child_prefix.len() + data.len());
+        match multi.commit().await {
+            Ok(results) => match results.into_iter().nth(1) {
+                Some(zk::MultiWriteResult::Create { path, .. }) => Ok(Some(path)),
+                other => Err(StoreError::Other(format!(
+                    "{child_prefix}: unexpected multi result {other:?}"
+                ))),
+            },
+            // Nothing was created: the caller takes its ordinary path.
+            Err(zk::MultiWriteError::OperationFailed {
+                index: 0,
+                source: zk::Error::NodeExists | zk::Error::NoNode,
+            }) => Ok(None),
+            Err(e) => Err(self.shared.map(e.into(), child_prefix)),
+        }
+    }
+
     async fn get(&self, path: &str) -> Result<Option<(Bytes, Stat)>, StoreError> {
         validate_path(path)?;
         let _in_flight = InFlight::new(&self.shared.in_flight);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nodepool_core::model::{Node, NodeState};
-use nodepool_core::store::{LockWait, Store, StoreError, paths};
+use nodepool_core::store::{CreateMode, LockWait, Store, StoreError, paths};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
@@ -274,5 +274,63 @@ async fn the_stats_election_is_kazoos_election() {
         "our failed attempt left no contender"
     );
     assert_eq!(kazoo.ask(&format!("resign {path}")).await, "resigned");
+    kazoo.quit().await;
+}
+
+/// A new node's and a new request's lock are taken in one write (the lock
+/// directory and our contender in one multi) with kazoo's layout, and
+/// exclude kazoo; where kazoo took the lock first, the one-write path
+/// finds the directory and falls back to the ordinary, queue-listing one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_made_with_its_directory_is_kazoos_lock() {
+    let Setup {
+        store,
+        hosts,
+        id,
+        dir,
+        ..
+    } = setup().await;
+    let mut kazoo = Kazoo::start(&hosts).await;
+    let writes = || store.backend().health().writes;
+    let before = writes();
+    let guard = store
+        .lock_new_node(&id, LockWait::NonBlocking)
+        .await
+        .expect("we lock the new node");
+    assert_eq!(writes() - before, 1, "directory and contender in one write");
+    let names = lock_children(&store, &dir).await;
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(
+        names[0].find("__lock__"),
+        Some(32),
+        "kazoo's name: {names:?}"
+    );
+    assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "busy");
+    guard.release().await.expect("release");
+    assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "locked");
+    // The directory exists now: the fallback finds kazoo's contender.
+    let r = store.lock_new_node(&id, LockWait::NonBlocking).await;
+    assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
+    assert_eq!(kazoo.ask(&format!("release {dir}")).await, "released");
+
+    let request = "100-0000000001";
+    let request_dir = paths::request_lock(request);
+    // Their parent is there once any request was locked.
+    store
+        .backend()
+        .create(paths::REQUESTS_LOCK, b"", CreateMode::Persistent)
+        .await
+        .expect("requests-lock");
+    let before = writes();
+    let guard = store
+        .lock_new_request(request, LockWait::NonBlocking)
+        .await
+        .expect("we lock the request");
+    assert_eq!(writes() - before, 1, "directory and contender in one write");
+    assert_eq!(kazoo.ask(&format!("trylock {request_dir}")).await, "busy");
+    let r = store.lock_new_request(request, LockWait::NonBlocking).await;
+    assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
+    guard.release().await.expect("release");
+    assert_eq!(kazoo.ask(&format!("trylock {request_dir}")).await, "locked");
     kazoo.quit().await;
 }

@@ -98,7 +98,7 @@ impl Traffic {
     }
 
     /// Reads the counters from a Prometheus exposition.
-    fn from_prometheus(text: &str) -> Self {
+    pub fn from_prometheus(text: &str) -> Self {
         let mut t = Traffic::default();
         for line in text.lines() {
             let Some((name, value)) = line.rsplit_once(' ') else {
@@ -503,7 +503,7 @@ pub async fn mntr(hosts: &str) -> anyhow::Result<ServerFigures> {
 
 /// `GET /metrics` from a launcher's web app (HTTP/1.0, so the server
 /// closes the connection after the body).
-async fn scrape(addr: &str) -> anyhow::Result<String> {
+pub async fn scrape(addr: &str) -> anyhow::Result<String> {
     let mut conn = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect to the web app at {addr}"))?;

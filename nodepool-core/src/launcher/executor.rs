@@ -9,7 +9,7 @@
 //! tasks holding the node lock.
 
 use super::tasks::{self, LaunchJob};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::stream::{self, StreamExt};
@@ -25,7 +25,8 @@ use crate::model::{
 use crate::planner::{self, PoolKey};
 use crate::planner::{Action, DeleteReason, LaunchImage, Plan, Snapshot};
 use crate::store::{
-    Decision, LockGuard, LockOf, LockWait, RecordKey, Store, StoreError, Versioned, paths,
+    Decision, LockGuard, LockOf, LockWait, RecordKey, RequestRecord, Store, StoreError, Versioned,
+    paths,
 };
 
 /// Why an action was not carried out: mostly, the state moved on since
@@ -98,7 +99,10 @@ impl ExecContext {
 /// may be accepting hundreds of other requests). The planner's `Fulfill`
 /// stays the rule for everything else (reused ready nodes, a restart);
 /// whichever takes the request out of the held map first fulfils it.
-pub(crate) async fn fulfil_if_complete(shared: &Shared, request: &str) {
+///
+/// `launched` is the caller's node as it wrote it `ready`: it is not read
+/// back (one round trip fewer per request); the request's other nodes are.
+pub(crate) async fn fulfil_if_complete(shared: &Shared, request: &str, launched: (&str, &Node)) {
     let (labels, ids) = {
         let owned = shared.owned.lock().unwrap_or_else(|p| p.into_inner());
         let Some(o) = owned.get(request) else {
@@ -113,6 +117,10 @@ pub(crate) async fn fulfil_if_complete(shared: &Shared, request: &str) {
     let store = &shared.store;
     let mut nodes = Vec::with_capacity(ids.len());
     for id in &ids {
+        if id == launched.0 {
+            nodes.push((id.as_str(), launched.1.clone()));
+            continue;
+        }
         match store.get_node(id).await {
             Ok(Some(v)) => nodes.push((id.as_str(), v.value)),
             Ok(None) => {}
@@ -135,20 +143,7 @@ pub(crate) async fn fulfil_if_complete(shared: &Shared, request: &str) {
     else {
         return;
     };
-    let clock = shared.settings.clock;
-    let fulfilled = update_request(store, &owned.guard, request, |cur| {
-        let Some(cur) = cur else {
-            return Decision::Leave(Err(ActionError::RequestVanished));
-        };
-        let mut req = cur.value;
-        if req.state != RequestState::Pending {
-            return Decision::Leave(Err(ActionError::RequestNotPending));
-        }
-        req.nodes = slots.clone();
-        req.set_state(RequestState::Fulfilled, clock.now());
-        Decision::Write(req, Ok(()))
-    })
-    .await;
+    let fulfilled = fulfil(store, &owned, request, &slots, shared.settings.clock).await;
     owned.guard.release_logged().await;
     match fulfilled {
         Ok(()) => {
@@ -193,10 +188,23 @@ pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) 
             },
         }
     }
-    let ctx = &ctx;
+    // Looked up by every request's actions: a backlog's plan has thousands.
+    let requests = RequestIndex {
+        by_id: snapshot
+            .requests
+            .iter()
+            .map(|r| (r.id.as_str(), r))
+            .collect(),
+        lock_dirs: snapshot
+            .request_lock_dirs
+            .iter()
+            .map(|d| d.id.as_str())
+            .collect(),
+    };
+    let (ctx, requests) = (&ctx, &requests);
     stream::iter(first)
         .for_each_concurrent(CONCURRENT_GROUPS, |a| async move {
-            if let Err(e) = run(ctx, snapshot, a).await {
+            if let Err(e) = run(ctx, snapshot, requests, a).await {
                 tracing::debug!(action = action_name(a), error = %e, "action skipped");
             }
         })
@@ -205,7 +213,7 @@ pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) 
     stream::iter(groups)
         .for_each_concurrent(CONCURRENT_GROUPS, |(request, actions)| async move {
             for a in actions {
-                if let Err(e) = run(ctx, snapshot, a).await {
+                if let Err(e) = run(ctx, snapshot, requests, a).await {
                     // The next pass re-plans this request from the new state.
                     tracing::debug!(request = %request, action = action_name(a), error = %e, "request action skipped");
                     break;
@@ -215,7 +223,7 @@ pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) 
         .await;
     stream::iter(last)
         .for_each_concurrent(CONCURRENT_GROUPS, |a| async move {
-            if let Err(e) = run(ctx, snapshot, a).await {
+            if let Err(e) = run(ctx, snapshot, requests, a).await {
                 tracing::debug!(action = action_name(a), error = %e, "action skipped");
             }
         })
@@ -293,7 +301,24 @@ fn action_name(a: &Action) -> &'static str {
     }
 }
 
-async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(), ActionError> {
+/// The snapshot's requests by id, and which have a lock directory.
+struct RequestIndex<'a> {
+    by_id: HashMap<&'a str, &'a RequestRecord>,
+    lock_dirs: HashSet<&'a str>,
+}
+
+impl<'a> RequestIndex<'a> {
+    fn get(&self, id: &str) -> Option<&'a RequestRecord> {
+        self.by_id.get(id).copied()
+    }
+}
+
+async fn run(
+    rt: &ExecContext,
+    snapshot: &Snapshot,
+    requests: &RequestIndex<'_>,
+    action: &Action,
+) -> Result<(), ActionError> {
     let store = rt.shared.store.clone();
     let clock = rt.shared.settings.clock;
     let now = || clock.now();
@@ -302,28 +327,49 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             let Some(our_id) = rt.pool_ids.get(pool).cloned() else {
                 return Err(ActionError::UnknownPool(pool.clone()));
             };
-            let (guard, labels) = store
-                .update_keeping(
-                    LockOf::Request(request),
-                    LockWait::NonBlocking,
+            // Decided on the snapshot and written at its version, without
+            // reading the request again under the lock: a request changed
+            // since (taken by another launcher, withdrawn) fails the
+            // version check and the next pass re-plans it. One round trip
+            // fewer per request, which in a backlog bounds accepting.
+            let Some(rec) = requests.get(request.as_str()) else {
+                return Err(ActionError::RequestVanished);
+            };
+            let mut req = (*rec.request).clone();
+            if req.state != RequestState::Requested || req.declined_by.contains(&our_id) {
+                return Err(ActionError::RequestNotWaiting);
+            }
+            // A request nobody has tried to lock has no lock directory yet:
+            // it is created with our contender, in one round trip.
+            let guard = if requests.lock_dirs.contains(request.as_str()) {
+                store.lock_request(request, LockWait::NonBlocking).await?
+            } else {
+                store
+                    .lock_new_request(request, LockWait::NonBlocking)
+                    .await?
+            };
+            req.set_state(RequestState::Pending, now());
+            let written = store
+                .write_locked(
+                    &guard,
                     &RecordKey::request(request),
-                    |cur| {
-                        let Some(cur) = cur else {
-                            return Decision::Leave(Err(ActionError::RequestVanished));
-                        };
-                        let mut req = cur.value;
-                        if req.state != RequestState::Requested || req.declined_by.contains(&our_id)
-                        {
-                            return Decision::Leave(Err(ActionError::RequestNotWaiting));
-                        }
-                        req.set_state(RequestState::Pending, now());
-                        let labels = req.node_types.clone();
-                        Decision::Write(req, Ok(labels))
-                    },
+                    &req,
+                    Some(rec.version),
                 )
-                .await?;
+                .await;
+            let version = match written {
+                Ok(v) => v,
+                Err(e) => {
+                    guard.release_logged().await;
+                    return Err(match e {
+                        StoreError::NotFound { .. } => ActionError::RequestVanished,
+                        StoreError::Conflict { .. } => ActionError::RequestNotWaiting,
+                        e => e.into(),
+                    });
+                }
+            };
+            let labels = req.node_types.clone();
             tracing::info!(request = %request, pool = %pool, labels = ?labels, "request accepted");
-            let labels = labels.clone();
             rt.owned().insert(
                 request.clone(),
                 Owned {
@@ -331,6 +377,10 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
                     guard,
                     labels,
                     nodes: Vec::new(),
+                    accepted: Versioned {
+                        value: req,
+                        version,
+                    },
                 },
             );
             Ok(())
@@ -411,11 +461,7 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             if !rt.owned().contains_key(request) {
                 return Err(ActionError::NotHeld);
             }
-            let req = snapshot
-                .requests
-                .iter()
-                .find(|r| &r.id == request)
-                .map(|r| r.request.clone());
+            let req = requests.get(request.as_str()).map(|r| r.request.clone());
             store
                 .with_locked(
                     LockOf::Node(node),
@@ -456,11 +502,7 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             let Some(handle) = rt.providers.get(&pool.provider).cloned() else {
                 return Err(ActionError::NoProvider(pool.provider.clone()));
             };
-            let req = snapshot
-                .requests
-                .iter()
-                .find(|r| &r.id == request)
-                .map(|r| r.request.clone());
+            let req = requests.get(request.as_str()).map(|r| r.request.clone());
             let t = now();
             let mut node = Node::new(
                 NodeState::Init,
@@ -491,7 +533,7 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             let id = store.create_node(&node).await?;
             // Create, then lock, then `building`: an unlocked `init` node is
             // left alone by cleanup, an unlocked `building` one is deleted.
-            let guard = store.lock_node(&id, LockWait::NonBlocking).await?;
+            let guard = store.lock_new_node(&id, LockWait::NonBlocking).await?;
             node.set_state(NodeState::Building, now());
             let written = store
                 .write_locked(&guard, &RecordKey::node(&id), &node, Some(0))
@@ -541,19 +583,7 @@ async fn run(rt: &ExecContext, snapshot: &Snapshot, action: &Action) -> Result<(
             let Some(owned) = rt.owned().remove(request) else {
                 return Err(ActionError::NotHeld);
             };
-            let fulfilled = update_request(&store, &owned.guard, request, |cur| {
-                let Some(cur) = cur else {
-                    return Decision::Leave(Err(ActionError::RequestVanished));
-                };
-                let mut req = cur.value;
-                if req.state != RequestState::Pending {
-                    return Decision::Leave(Err(ActionError::RequestNotPending));
-                }
-                req.nodes = nodes.clone();
-                req.set_state(RequestState::Fulfilled, now());
-                Decision::Write(req, Ok(()))
-            })
-            .await;
+            let fulfilled = fulfil(&store, &owned, request, nodes, clock).await;
             owned.guard.release_logged().await;
             fulfilled?;
             tracing::info!(request = %request, nodes = ?nodes, "request fulfilled");
@@ -794,6 +824,44 @@ async fn deallocate_node(
 
 /// Reads a request under a lock this launcher holds, lets `decide` check
 /// it, and writes what it decided.
+/// Sets a held request `fulfilled` with `nodes`. Written at the version
+/// our `pending` write made, without reading it first; if it changed since
+/// (Zuul touched it), it is read and checked like any other update.
+async fn fulfil(
+    store: &Store,
+    owned: &Owned,
+    request: &str,
+    nodes: &[String],
+    clock: Clock,
+) -> Result<(), ActionError> {
+    let key = RecordKey::request(request);
+    let mut req = owned.accepted.value.clone();
+    req.nodes = nodes.to_vec();
+    req.set_state(RequestState::Fulfilled, clock.now());
+    match store
+        .write_locked(&owned.guard, &key, &req, Some(owned.accepted.version))
+        .await
+    {
+        Ok(_) => return Ok(()),
+        Err(StoreError::Conflict { .. }) => {}
+        Err(StoreError::NotFound { .. }) => return Err(ActionError::RequestVanished),
+        Err(e) => return Err(e.into()),
+    }
+    update_request(store, &owned.guard, request, |cur| {
+        let Some(cur) = cur else {
+            return Decision::Leave(Err(ActionError::RequestVanished));
+        };
+        let mut req = cur.value;
+        if req.state != RequestState::Pending {
+            return Decision::Leave(Err(ActionError::RequestNotPending));
+        }
+        req.nodes = nodes.to_vec();
+        req.set_state(RequestState::Fulfilled, clock.now());
+        Decision::Write(req, Ok(()))
+    })
+    .await
+}
+
 async fn update_request<T>(
     store: &Store,
     guard: &LockGuard,

@@ -50,11 +50,13 @@ pub use tasks::{DeleteError, delete_locked_node};
 pub const REQUESTS_IN_FLIGHT: usize = 64;
 
 use crate::config::Config;
-use crate::model::{Component, ComponentKind, ComponentState, NodeState, RequestState};
+use crate::model::{
+    Component, ComponentKind, ComponentState, NodeRequest, NodeState, RequestState,
+};
 use crate::planner::{self, LocalState, PoolInfo, PoolKey, ProviderView, Snapshot};
 use crate::runtime::{PassRunner, Passed, Wakeups, run_passes};
 use crate::store::{
-    ComponentRegistration, LockGuard, LockWait, SessionState, Store, StoreError, paths,
+    ComponentRegistration, LockGuard, LockWait, SessionState, Store, StoreError, Versioned, paths,
 };
 use metrics::{LabelSetRef, families, sanitize_component};
 use providers::ProviderHandle;
@@ -391,6 +393,10 @@ struct Owned {
     labels: Vec<String>,
     /// The nodes allocated or launched for it since it was accepted.
     nodes: Vec<String>,
+    /// The request as we wrote it `pending`, and the version that write
+    /// made: fulfilling writes at that version without reading it again
+    /// (a change meanwhile fails the version check and is read then).
+    accepted: Versioned<NodeRequest>,
 }
 
 /// A launcher. See the module documentation.

@@ -376,7 +376,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         .unwrap_or_else(|p| p.into_inner())
         .remove(&node_id);
     if ready {
-        super::executor::fulfil_if_complete(&shared, &request).await;
+        super::executor::fulfil_if_complete(&shared, &request, (&node_id, &node)).await;
     }
     shared.wake.notify_one();
 }

@@ -172,6 +172,43 @@ fn contenders(children: &[String]) -> Vec<(i64, &str)> {
     v
 }
 
+/// Takes the lock at `dir` in one round trip when `dir` does not exist
+/// yet: the directory and our contender are created together, so ours is
+/// its only (lowest) contender and the queue need not be listed. The
+/// layout is kazoo's, as [`acquire`] makes it. `Ok(None)` when `dir`
+/// exists (or its parent is missing, or the store cannot do this): take
+/// the lock with [`acquire`] then.
+pub async fn acquire_new(
+    store: &Arc<dyn StateStore>,
+    dir: &str,
+    data: &[u8],
+) -> Result<Option<LockGuard>, StoreError> {
+    let Some(session_id) = store.session().borrow().id() else {
+        return Err(StoreError::SessionLost);
+    };
+    let prefix = format!("{dir}/{}__lock__", uuid::Uuid::new_v4().simple());
+    match store
+        .create_dir_with_child(dir, &prefix, data, CreateMode::EphemeralSequential)
+        .await
+    {
+        Ok(Some(contender)) => Ok(Some(LockGuard {
+            store: store.clone(),
+            dir: dir.to_owned(),
+            contender,
+            session_id,
+            released: false,
+        })),
+        Ok(None) => Ok(None),
+        Err(e @ (StoreError::Unavailable { .. } | StoreError::Timeout { .. })) => {
+            // As in `acquire`: the multi may have been applied, leaving a
+            // contender of our live session that would hold the lock.
+            remove_lost_contender(store.as_ref(), dir, &prefix, session_id).await;
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Takes the lock at `dir` (created if missing). `data` is the contender's
 /// data: empty for Nodepool's locks, `<hostname>-<pid>` for elections.
 pub async fn acquire(

@@ -317,6 +317,28 @@ pub trait StateStore: Send + Sync + fmt::Debug {
     async fn create(&self, path: &str, data: &[u8], mode: CreateMode)
     -> Result<String, StoreError>;
 
+    /// Creates the empty persistent record `dir` and, in the same atomic
+    /// step, a child of it: `child_prefix` (a path below `dir`) with the
+    /// 10-digit sequence appended, in `child_mode` (sequential). Returns the
+    /// child's path, or `Ok(None)` when nothing was created: `dir` exists
+    /// already, its parent is missing, or the store cannot create both at
+    /// once. Being the first child of a directory nobody could see before
+    /// is what lets a lock contender skip listing its queue.
+    ///
+    /// The default creates nothing: two separate creates would let another
+    /// child in between, so there is no composition of the other
+    /// operations with this meaning; callers take their ordinary path.
+    async fn create_dir_with_child(
+        &self,
+        dir: &str,
+        child_prefix: &str,
+        data: &[u8],
+        child_mode: CreateMode,
+    ) -> Result<Option<String>, StoreError> {
+        let _ = (dir, child_prefix, data, child_mode);
+        Ok(None)
+    }
+
     /// Reads a record; `Ok(None)` when it does not exist.
     async fn get(&self, path: &str) -> Result<Option<(Bytes, Stat)>, StoreError>;
 

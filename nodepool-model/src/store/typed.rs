@@ -406,6 +406,33 @@ impl Store {
         }
     }
 
+    /// Locks a node this process has just created, in one round trip: its
+    /// lock directory and our contender are created together (see
+    /// [`lock::acquire_new`]). The record needs no check under the lock:
+    /// the directory's creation needed it to exist. If someone took the
+    /// lock already (the directory exists), this is [`lock_node`](Self::lock_node).
+    pub async fn lock_new_node(&self, id: &str, wait: LockWait) -> Result<LockGuard, StoreError> {
+        match lock::acquire_new(&self.inner, &paths::node_lock(id), b"").await? {
+            Some(guard) => Ok(guard),
+            None => self.lock_node(id, wait).await,
+        }
+    }
+
+    /// Locks a request whose lock directory was missing at the last look
+    /// (one nobody has tried to lock yet), in one round trip where the
+    /// store can; otherwise, or if the directory exists by now, this is
+    /// [`lock_request`](Self::lock_request).
+    pub async fn lock_new_request(
+        &self,
+        id: &str,
+        wait: LockWait,
+    ) -> Result<LockGuard, StoreError> {
+        match lock::acquire_new(&self.inner, &paths::request_lock(id), b"").await? {
+            Some(guard) => Ok(guard),
+            None => self.lock_request(id, wait).await,
+        }
+    }
+
     /// Locks a request (its lock lives under `/nodepool/requests-lock`).
     pub async fn lock_request(&self, id: &str, wait: LockWait) -> Result<LockGuard, StoreError> {
         self.lock(&paths::request_lock(id), wait).await

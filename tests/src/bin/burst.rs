@@ -40,6 +40,7 @@ use nodepool_core::launcher::REQUESTS_IN_FLIGHT;
 use nodepool_core::model::RequestState;
 use nodepool_core::store::StoreEvent;
 use nodepool_requestor::{NewRequest, Requestor};
+use nodepool_tests::scale::{Traffic, scrape};
 use tokio::sync::broadcast::error::RecvError;
 
 fn arg(name: &str) -> Option<String> {
@@ -135,8 +136,15 @@ async fn main() -> anyhow::Result<()> {
         (true, Some(s)) => Some(s.clone()),
         (true, None) => bail!("--floor: the floor is ZooKeeper's, use --store zookeeper"),
     };
+    // The web app on a free port, for the launcher's own ZooKeeper counters.
+    let webapp = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?
+    };
+    let webapp_port = webapp.port();
     let yaml = format!(
         r#"{store_yaml}
+webapp: {{port: {webapp_port}, listen_address: 127.0.0.1}}
 labels: [{{name: small}}]
 providers:
   - name: sim
@@ -176,7 +184,6 @@ providers:
     let mut child = Command::new(&launcher_bin)
         .arg("-c")
         .arg(&cfg_path)
-        .arg("--no-webapp")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -270,6 +277,9 @@ providers:
     }
     let wall = started.elapsed();
     let cpu = cpu_seconds(pid)? - cpu_before;
+    // Cumulative since the launcher started (its start-up costs a few
+    // dozen, noise next to a burst's).
+    let traffic = Traffic::from_prometheus(&scrape(&webapp.to_string()).await?);
     let rss = peak_rss_mib(pid)?;
     latencies.sort();
 
@@ -323,6 +333,11 @@ providers:
         latencies.last().copied().unwrap_or_default().as_secs_f64()
     );
     println!("  launcher CPU        {cpu:.2} s");
+    println!(
+        "  launcher ZooKeeper  {:.1} writes + {:.1} reads per request",
+        traffic.writes / n as f64,
+        traffic.reads / n as f64
+    );
     println!("  launcher peak RSS   {rss:.1} MiB");
     println!(
         "one request on an idle launcher: {:.1} ms",
