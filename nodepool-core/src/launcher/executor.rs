@@ -209,7 +209,7 @@ pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) 
             }
         })
         .await;
-    create_min_ready(ctx, snapshot, &min_ready).await;
+    create_min_ready(ctx, snapshot, requests, &min_ready).await;
     stream::iter(groups)
         .for_each_concurrent(CONCURRENT_GROUPS, |(request, actions)| async move {
             for a in actions {
@@ -238,7 +238,12 @@ pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) 
 /// own (issue 16). So they are written before the pass's request work,
 /// which can take seconds in a burst, and not at all after a change; the
 /// next pass plans again.
-async fn create_min_ready(ctx: &ExecContext, snapshot: &Snapshot, actions: &[&Action]) {
+async fn create_min_ready(
+    ctx: &ExecContext,
+    snapshot: &Snapshot,
+    requests: &RequestIndex<'_>,
+    actions: &[&Action],
+) {
     let mut planned: Vec<&str> = snapshot.pools.iter().map(|p| p.id.as_str()).collect();
     planned.sort_unstable();
     for (done, batch) in actions.chunks(CONCURRENT_GROUPS).enumerate() {
@@ -258,7 +263,7 @@ async fn create_min_ready(ctx: &ExecContext, snapshot: &Snapshot, actions: &[&Ac
         }
         stream::iter(batch)
             .for_each_concurrent(CONCURRENT_GROUPS, |a| async move {
-                if let Err(e) = run(ctx, snapshot, a).await {
+                if let Err(e) = run(ctx, snapshot, requests, a).await {
                     tracing::debug!(action = action_name(a), error = %e, "action skipped");
                 }
             })
