@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use nodepool_core::model::{NodeRequest, NodeState, RequestState, Resources};
-use nodepool_core::planner::{Action, DeleteReason, PoolKey, request_order_key};
+use nodepool_core::planner::{
+    Action, DeleteReason, NodeSummaryCache, PoolKey, plan, request_order_key,
+};
 use nodepool_core::testing::World;
 use proptest::prelude::*;
 
@@ -281,6 +283,31 @@ proptest! {
         ))),
         ..ProptestConfig::default()
     })]
+
+    /// The per-node summaries a launcher keeps from pass to pass change
+    /// no decision: over passes that add, edit (in place) and remove
+    /// nodes, each plan equals the one made with an empty cache.
+    #[test]
+    fn kept_node_summaries_plan_as_fresh_ones(s in spec(true)) {
+        let mut w = world(&s);
+        for pass in 0..4 {
+            let kept = w.plan();
+            let mut fresh_local = w.local.clone();
+            fresh_local.node_summaries = NodeSummaryCache::default();
+            let fresh = plan(&w.snapshot, &w.config, w.now, &fresh_local);
+            prop_assert_eq!(&kept, &fresh, "pass {}", pass);
+            w.apply(&kept);
+            if pass % 2 == 1 {
+                w.finish_launches();
+            }
+            // A node changed in place (no new record): its summary must
+            // follow.
+            if let Some(id) = w.snapshot.nodes.first().map(|r| r.id.clone()) {
+                w.edit_node(&id, |n, _| n.state = NodeState::Used);
+            }
+            w.now += 30.0;
+        }
+    }
 
     /// Launches never push a pool, a cloud or a tenant past its limit.
     #[test]

@@ -508,6 +508,7 @@ impl Launcher {
             session_id: 0,
             leak_suspects: Default::default(),
             down_ports: Default::default(),
+            node_summaries: Default::default(),
             tasks: TaskTracker::new(),
             status: self.status.clone(),
             pass_count: 0,
@@ -549,6 +550,8 @@ struct Runtime {
     leak_suspects: std::collections::BTreeSet<(String, String)>,
     /// The port cleanup's first sightings, by provider (the planner's).
     down_ports: BTreeMap<String, crate::planner::leaks::DownPorts>,
+    /// The planner's per-node summaries, kept from pass to pass.
+    node_summaries: crate::planner::NodeSummaryCache,
     tasks: TaskTracker,
     status: Arc<LauncherStatus>,
     pass_count: u64,
@@ -781,6 +784,7 @@ impl Runtime {
             session_id: self.session_id,
             leak_suspects: self.leak_suspects.clone(),
             down_ports: self.down_ports.clone(),
+            node_summaries: self.node_summaries.clone(),
         }
     }
 

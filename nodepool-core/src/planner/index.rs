@@ -7,6 +7,7 @@ use std::borrow::Cow;
 
 use super::fast::{FastMap, FastSet, Key, bytes_eq};
 use super::quota::one_instance;
+use super::summary::Positions;
 use super::{LaunchImage, LocalState, PoolKey, Snapshot};
 use crate::config::{Config, ImageSource};
 use crate::model::{BuildState, NodeState, RequestState, Resources, UploadState};
@@ -173,19 +174,10 @@ struct Place {
 
 impl Place {
     const NONE: u32 = u32::MAX;
-
-    fn new(pool: Option<usize>, provider: Option<usize>) -> Self {
-        let pack = |p: Option<usize>| p.and_then(|p| u32::try_from(p).ok()).unwrap_or(Self::NONE);
-        Place {
-            pool: pack(pool),
-            provider: pack(provider),
-        }
-    }
 }
 
 impl<'a> Index<'a> {
     pub fn build(s: &'a Snapshot, cfg: &'a Config, local: &LocalState) -> Self {
-        let our_ids: FastSet<Key<'_>> = local.pool_ids.values().map(|id| Key(id)).collect();
         let mut idx = Index {
             places: Vec::with_capacity(s.nodes.len()),
             pool_used: Vec::new(),
@@ -210,18 +202,7 @@ impl<'a> Index<'a> {
             all_requests: &s.requests,
             freed: FastSet::default(),
         };
-        // Provider names are unique in a (validated) configuration, and
-        // pool names within a provider: a node's pool is found by hashing
-        // its provider name only.
-        let provider_pos: FastMap<Key<'_>, usize> = cfg
-            .providers
-            .iter()
-            .enumerate()
-            .map(|(pi, p)| (Key(&p.name), pi))
-            .collect();
-        let mut first_pool = Vec::with_capacity(cfg.providers.len());
         for (pi, p) in cfg.providers.iter().enumerate() {
-            first_pool.push(idx.our_pools.len());
             for (qi, pool) in p.pools.iter().enumerate() {
                 let key = PoolKey::new(&p.name, &pool.name);
                 let id = local
@@ -259,24 +240,31 @@ impl<'a> Index<'a> {
         idx.pool_used = vec![Resources::new(); idx.our_pools.len()];
         // Ready, free nodes of each of our pools: (age key, node).
         let mut ready: Vec<Vec<(f64, usize)>> = vec![Vec::new(); idx.our_pools.len()];
+        // The few fields read of every node come from the compact
+        // summaries (`summary`), not from the records.
+        let positions = Positions::new(cfg, local);
+        let summaries = local.node_summaries.summaries(s, &positions, local);
         for (i, rec) in s.nodes.iter().enumerate() {
-            let n = &rec.node;
-            let res = match &n.resources {
+            let sum = summaries.get(i);
+            let res = match &sum.resources {
                 Some(r) => Cow::Borrowed(r),
                 None => node_resources(s, i),
             };
-            if let Some(r) = &n.allocated_to {
+            // Only an allocated node's record is read for its request id.
+            if sum.allocated
+                && let Some(r) = &rec.node.allocated_to
+            {
                 idx.allocations.entry(r.as_str()).or_default().push(i);
             }
-            let provider = provider_pos.get(&Key(&n.provider)).copied();
-            let pos = provider.and_then(|pi| {
-                let qi = cfg.providers[pi]
-                    .pools
-                    .iter()
-                    .position(|q| bytes_eq(q.name.as_bytes(), n.pool.as_bytes()))?;
-                Some(first_pool[pi] + qi)
-            });
-            idx.places.push(Place::new(pos, provider));
+            let place = Place {
+                pool: sum.pool,
+                provider: sum.provider,
+            };
+            idx.places.push(place);
+            let (pos, provider) = (
+                (place.pool != Place::NONE).then_some(place.pool as usize),
+                (place.provider != Place::NONE).then_some(place.provider as usize),
+            );
             // Usage is summed here, while the node is at hand; the cloud's
             // share of it is the sum over its pools (QuotaState).
             match (pos, provider) {
@@ -284,22 +272,15 @@ impl<'a> Index<'a> {
                 (None, Some(pi)) => idx.unpooled_used[pi].add(&res),
                 (None, None) => {}
             }
-            if n.state == NodeState::Ready && n.allocated_to.is_none() {
+            if sum.state == NodeState::Ready && !sum.allocated {
                 idx.ready_unallocated.push(i);
             }
-            match (n.state, pos) {
-                (NodeState::Ready, Some(pos)) if n.allocated_to.is_none() && !rec.locked => {
-                    ready[pos].push((n.state_time, i));
+            match (sum.state, pos) {
+                (NodeState::Ready, Some(pos)) if !sum.allocated && !rec.locked => {
+                    ready[pos].push((sum.state_time, i));
                 }
                 (NodeState::Deleting, Some(pos)) => idx.deleting_in_pool[pos] += 1,
-                // Only counts of our providers with a concurrency limit are
-                // ever asked for (matching launcher ids is not free).
-                (NodeState::Init | NodeState::Building, _)
-                    if provider.is_some_and(|pi| cfg.providers[pi].max_concurrency.is_some())
-                        && n.launcher
-                            .as_deref()
-                            .is_some_and(|l| our_ids.contains(&Key(l))) =>
-                {
+                _ if sum.in_flight => {
                     if let Some(pi) = provider {
                         idx.in_flight[pi] += 1;
                     }
@@ -307,6 +288,7 @@ impl<'a> Index<'a> {
                 _ => {}
             }
         }
+        drop(summaries);
         // Oldest first; listings come sorted by id, so the index breaks
         // ties by id. Per-label lists filled from the sorted pool lists are
         // sorted too.

@@ -14,7 +14,9 @@
 //! (rendezvous hashing), a request no registered pool can serve fails in one
 //! pass, and quota counts both the store's nodes and what the cloud reports.
 //!
-//! Layout: `index` (the per-pass index of the snapshot), `registry` (the
+//! Layout: `index` (the per-pass index of the snapshot), `summary` (the
+//! compact per-node summaries it reads, kept from pass to pass in
+//! [`LocalState::node_summaries`]), `registry` (the
 //! registered pools and the labels they serve), `queue` (waiting requests
 //! in pickup order), [`quota`] (usage accounting), `requests` (pickup and
 //! fulfilment), `cleanup` (deletions, lost requests, leaks, min-ready),
@@ -35,6 +37,7 @@ pub mod quota;
 mod registry;
 mod rendezvous;
 mod requests;
+mod summary;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -45,6 +48,7 @@ use crate::store::{ImageState, NodeRecord, RequestLockDir, RequestRecord};
 
 pub use rendezvous::rendezvous_owner;
 pub use requests::HANDOFF_SECS;
+pub use summary::NodeSummaryCache;
 
 /// A provider pool, by provider and pool name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -213,6 +217,10 @@ pub struct LocalState {
     /// launcher joins or leaves, views differ for a moment and two could
     /// each believe they own a label; no min-ready request is created then.
     pub registry_settled: bool,
+    /// The per-node summaries of the previous pass (`planner::summary`):
+    /// keep one cache from pass to pass so a pass reads only the nodes that
+    /// changed. It changes no decision; an empty one costs one full read.
+    pub node_summaries: NodeSummaryCache,
 }
 
 impl Default for LocalState {
@@ -224,6 +232,7 @@ impl Default for LocalState {
             leak_suspects: BTreeSet::new(),
             down_ports: BTreeMap::new(),
             registry_settled: true,
+            node_summaries: NodeSummaryCache::default(),
         }
     }
 }
