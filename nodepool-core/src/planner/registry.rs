@@ -284,6 +284,11 @@ impl<'r> Registry<'r> {
         }
     }
 
+    /// The number of a label, if some registered pool serves it.
+    pub(super) fn label_id(&self, label: &str) -> Option<usize> {
+        self.label_ids.get(&Key(label)).copied()
+    }
+
     /// The numbers of the labels, into `ids`; false if a label is served
     /// by no registered pool.
     pub(super) fn label_ids_into(&self, labels: &[String], ids: &mut Vec<usize>) -> bool {
