@@ -34,12 +34,14 @@ pub(crate) fn nodes(
         .iter()
         .filter_map(|l| Some((l.name.as_str(), l.max_ready_age?.as_secs_f64())))
         .collect();
+    // The index's copy of lock, provider and state first: the records are
+    // read only for nodes that may need something.
     for (i, rec) in s.nodes.iter().enumerate() {
-        if rec.locked || idx.node_provider(i).is_none() {
+        if idx.node_locked(i) || idx.node_provider(i).is_none() {
             continue;
         }
-        // A free spare without a max-ready-age needs nothing: its record
-        // is not read (most unlocked nodes are spares).
+        // A free spare without a max-ready-age needs nothing (most
+        // unlocked nodes are spares).
         if idx.node_state(i) == (NodeState::Ready, false) && max_ready_age.is_empty() {
             continue;
         }
@@ -393,10 +395,10 @@ pub(crate) fn housekeeping(
     // Spares whose server is gone from the cloud (deleted out of band, or
     // by a launcher that lost track of it): handing one out would give
     // Zuul a dead node.
-    // The index's copy of state and provider first: most nodes are not
-    // free spares, and most passes have no listing to compare with.
+    // The index's copy of lock, state and provider first: most nodes are
+    // not free spares, and most passes have no listing to compare with.
     for (i, rec) in s.nodes.iter().enumerate() {
-        if rec.locked || idx.node_state(i) != (NodeState::Ready, false) {
+        if idx.node_locked(i) || idx.node_state(i) != (NodeState::Ready, false) {
             continue;
         }
         // A node of a provider we have (by name) is one of ours.

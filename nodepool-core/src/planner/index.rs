@@ -65,13 +65,17 @@ pub(crate) struct OurPool<'a> {
     pub priority: i64,
     /// The labels it serves.
     pub labels: FastMap<Key<'a>, LabelInfo<'a>>,
+    /// The labels it can boot now, sorted ([`OurPool::launchable_now`]),
+    /// computed once per pass (the registry and the pool's status both
+    /// need them).
+    pub launchable: Vec<&'a str>,
 }
 
 impl OurPool<'_> {
     /// The labels this pool can boot now, sorted: none while it is
     /// disabled or its provider handles no requests (`max-concurrency: 0`),
     /// else those whose image is ready.
-    pub fn launchable<'c>(&self, cfg: &'c Config) -> Vec<&'c str> {
+    fn launchable_now<'c>(&self, cfg: &'c Config) -> Vec<&'c str> {
         let provider = &cfg.providers[self.provider];
         let pool = &provider.pools[self.pool];
         if pool.is_disabled() || provider.max_concurrency == Some(0) {
@@ -170,14 +174,16 @@ pub(crate) fn node_resources(s: &Snapshot, i: usize) -> Cow<'_, Resources> {
 }
 
 /// Where a node is: our pool position and provider position, if ours, and
-/// its state (packed: there is one per node, and the index is walked every
-/// pass; cleanup reads the record only of nodes whose state asks for it).
+/// its state and lock (packed: there is one per node, and the index is
+/// walked every pass; cleanup walks these instead of the records, and
+/// reads the record only of a node whose state asks for it).
 #[derive(Clone, Copy, Debug)]
 struct Place {
     pool: u32,
     provider: u32,
     state: NodeState,
     allocated: bool,
+    locked: bool,
 }
 
 impl Place {
@@ -227,6 +233,7 @@ impl<'a> Index<'a> {
                     pool: qi,
                     priority: pool.priority.unwrap_or(p.priority),
                     labels: FastMap::default(),
+                    launchable: Vec::new(),
                 });
             }
         }
@@ -274,6 +281,7 @@ impl<'a> Index<'a> {
                 provider: sum.provider,
                 state: sum.state,
                 allocated: sum.allocated,
+                locked: rec.locked,
             };
             idx.places.push(place);
             let (pos, provider) = (
@@ -380,6 +388,7 @@ impl<'a> Index<'a> {
                 })
                 .collect();
             idx.our_pools[pos].labels = labels;
+            idx.our_pools[pos].launchable = idx.our_pools[pos].launchable_now(cfg);
         }
         idx
     }
@@ -394,6 +403,11 @@ impl<'a> Index<'a> {
     pub fn node_provider(&self, i: usize) -> Option<usize> {
         let p = self.places[i].provider;
         (p != Place::NONE).then_some(p as usize)
+    }
+
+    /// Whether node `i`'s lock has a contender.
+    pub fn node_locked(&self, i: usize) -> bool {
+        self.places[i].locked
     }
 
     /// Node `i`'s state, and whether it is allocated to anything.

@@ -160,7 +160,7 @@ impl<'r> Registry<'r> {
                     unavailable: false,
                 });
                 labels.push(pc.labels.iter().map(|l| l.name.as_str()).collect());
-                launchable.push(Some(ours.launchable(cfg)));
+                launchable.push(Some(ours.launchable.clone()));
             }
         }
         let n = pools.len();

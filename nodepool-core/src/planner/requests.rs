@@ -776,11 +776,7 @@ pub(crate) fn plan_requests<'a>(
             pool: ours.key.clone(),
             paused: pass.paused[pos],
             addressable_requests: pass.addressable[pos],
-            launchable: ours
-                .launchable(cfg)
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
+            launchable: ours.launchable.iter().map(|l| (*l).to_owned()).collect(),
         });
     }
 }

@@ -340,7 +340,7 @@ impl NodeSummaryCache {
         local: &LocalState,
     ) -> Summaries<'_> {
         let Ok(mut entries) = self.entries.try_lock() else {
-            let mut own = Entries::default();
+            let mut own = Box::<Entries>::default();
             refresh(&mut own, &s.nodes, pos);
             refresh_requests(&mut own, &s.requests);
             return Summaries::Own(own);
@@ -369,7 +369,7 @@ pub(crate) enum Summaries<'c> {
     /// Read from (and kept in) the cache, locked while in use.
     Cached(MutexGuard<'c, Entries>),
     /// Computed for this pass only.
-    Own(Entries),
+    Own(Box<Entries>),
 }
 
 impl Summaries<'_> {
