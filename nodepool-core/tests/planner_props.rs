@@ -284,9 +284,10 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
-    /// The per-node summaries a launcher keeps from pass to pass change
-    /// no decision: over passes that add, edit (in place) and remove
-    /// nodes, each plan equals the one made with an empty cache.
+    /// The node and request summaries a launcher keeps from pass to pass
+    /// change no decision: over passes that add, edit (in place) and
+    /// remove nodes and requests, each plan equals the one made with an
+    /// empty cache.
     #[test]
     fn kept_node_summaries_plan_as_fresh_ones(s in spec(true)) {
         let mut w = world(&s);
@@ -304,6 +305,15 @@ proptest! {
             // follow.
             if let Some(id) = w.snapshot.nodes.first().map(|r| r.id.clone()) {
                 w.edit_node(&id, |n, _| n.state = NodeState::Used);
+            }
+            // So must a request's: its labels reordered, then a decline.
+            if let Some(r) = w.snapshot.requests.first_mut() {
+                let req = std::sync::Arc::make_mut(&mut r.request);
+                if pass % 2 == 0 {
+                    req.node_types.reverse();
+                } else {
+                    req.declined_by.push("nobody-PoolWorker.x-y".into());
+                }
             }
             w.now += 30.0;
         }
@@ -652,4 +662,43 @@ proptest! {
             }
         }
     }
+}
+
+/// Plans of 3,000 generated installations (deterministic seed) over five
+/// passes each, applying each plan and keeping the summary cache, hashed:
+/// a change meant to decide the same leaves the digest as it was (the one
+/// below is that of the planner before the request summaries and after).
+/// Ignored by default: `DefaultHasher` may hash differently under another
+/// toolchain, so the digest is compared before and after a change with
+/// `--ignored --nocapture`, on one toolchain.
+#[test]
+#[ignore = "a digest to compare before and after a change, on one toolchain"]
+fn generated_installations_digest() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut runner = TestRunner::deterministic();
+    let strategy = spec(true);
+    let mut h = DefaultHasher::new();
+    let mut actions = 0;
+    for _ in 0..3_000 {
+        let s = strategy
+            .new_tree(&mut runner)
+            .expect("a generated installation")
+            .current();
+        let mut w = world(&s);
+        for pass in 0..5 {
+            let p = w.plan();
+            actions += p.actions.len();
+            format!("{p:?}").hash(&mut h);
+            w.apply(&p);
+            if pass % 2 == 1 {
+                w.finish_launches();
+            }
+            w.now += 30.0;
+        }
+    }
+    let got = format!("{actions} actions, digest {:016x}", h.finish());
+    println!("{got}");
+    assert_eq!(got, "53359 actions, digest cc21a854b2aa0aa4");
 }

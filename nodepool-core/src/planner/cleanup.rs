@@ -34,11 +34,18 @@ pub(crate) fn nodes(
         .iter()
         .filter_map(|l| Some((l.name.as_str(), l.max_ready_age?.as_secs_f64())))
         .collect();
+    // The index's copy of lock, provider and state first: the records are
+    // read only for nodes that may need something.
     for (i, rec) in s.nodes.iter().enumerate() {
-        let n = &rec.node;
-        if rec.locked || idx.node_provider(i).is_none() {
+        if idx.node_locked(i) || idx.node_provider(i).is_none() {
             continue;
         }
+        // A free spare without a max-ready-age needs nothing (most
+        // unlocked nodes are spares).
+        if idx.node_state(i) == (NodeState::Ready, false) && max_ready_age.is_empty() {
+            continue;
+        }
+        let n = &rec.node;
         let before = plan.actions.len();
         let age = now - n.state_time;
         match n.state {
@@ -388,20 +395,23 @@ pub(crate) fn housekeeping(
     // Spares whose server is gone from the cloud (deleted out of band, or
     // by a launcher that lost track of it): handing one out would give
     // Zuul a dead node.
+    // The index's copy of lock, state and provider first: most nodes are
+    // not free spares, and most passes have no listing to compare with.
     for (i, rec) in s.nodes.iter().enumerate() {
-        let n = &rec.node;
-        if rec.locked || n.state != NodeState::Ready || n.allocated_to.is_some() {
+        if idx.node_locked(i) || idx.node_state(i) != (NodeState::Ready, false) {
             continue;
         }
-        let Some(view) = s.providers.get(&n.provider) else {
+        // A node of a provider we have (by name) is one of ours.
+        let Some(pi) = idx.node_provider(i) else {
             continue;
         };
+        let Some(view) = s.providers.get(&cfg.providers[pi].name) else {
+            continue;
+        };
+        let n = &rec.node;
         let (Some(instances), Some(listed_at), Some(server)) =
             (&view.instances, view.instances_listed_at, &n.external_id)
         else {
-            continue;
-        };
-        let Some(pi) = idx.node_provider(i) else {
             continue;
         };
         // A static host is no server: its provider lists none.

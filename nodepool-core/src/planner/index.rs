@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use super::fast::{FastMap, FastSet, Key, bytes_eq};
 use super::quota::one_instance;
-use super::summary::Positions;
+use super::summary::{Positions, RequestSummary};
 use super::{LaunchImage, LocalState, PoolKey, Snapshot};
 use crate::config::{Config, ImageSource};
 use crate::model::{BuildState, NodeState, RequestState, Resources, UploadState};
@@ -65,13 +65,17 @@ pub(crate) struct OurPool<'a> {
     pub priority: i64,
     /// The labels it serves.
     pub labels: FastMap<Key<'a>, LabelInfo<'a>>,
+    /// The labels it can boot now, sorted ([`OurPool::launchable_now`]),
+    /// computed once per pass (the registry and the pool's status both
+    /// need them).
+    pub launchable: Vec<&'a str>,
 }
 
 impl OurPool<'_> {
     /// The labels this pool can boot now, sorted: none while it is
     /// disabled or its provider handles no requests (`max-concurrency: 0`),
     /// else those whose image is ready.
-    pub fn launchable<'c>(&self, cfg: &'c Config) -> Vec<&'c str> {
+    fn launchable_now<'c>(&self, cfg: &'c Config) -> Vec<&'c str> {
         let provider = &cfg.providers[self.provider];
         let pool = &provider.pools[self.pool];
         if pool.is_disabled() || provider.max_concurrency == Some(0) {
@@ -109,6 +113,11 @@ pub(crate) struct Index<'a> {
     pub ready_unallocated: Vec<usize>,
     /// Requests waiting for a launcher (`requested`, unlocked, not ours).
     pub waiting: Vec<usize>,
+    /// Their summaries, aligned with `waiting`: pickup reads a waiting
+    /// request's record only when its summary is not enough.
+    pub waiting_summaries: Vec<RequestSummary>,
+    /// The label names [`RequestSummary::labels`] refers to, by number.
+    pub request_labels: Vec<std::sync::Arc<str>>,
     /// Pending requests nobody holds (unlocked, not ours).
     pub lost: Vec<usize>,
     /// Requests Nodepool made for min-ready.
@@ -164,12 +173,17 @@ pub(crate) fn node_resources(s: &Snapshot, i: usize) -> Cow<'_, Resources> {
     }
 }
 
-/// Where a node is: our pool position and provider position, if ours
-/// (packed: there is one per node, and the index is walked every pass).
+/// Where a node is: our pool position and provider position, if ours, and
+/// its state and lock (packed: there is one per node, and the index is
+/// walked every pass; cleanup walks these instead of the records, and
+/// reads the record only of a node whose state asks for it).
 #[derive(Clone, Copy, Debug)]
 struct Place {
     pool: u32,
     provider: u32,
+    state: NodeState,
+    allocated: bool,
+    locked: bool,
 }
 
 impl Place {
@@ -184,6 +198,8 @@ impl<'a> Index<'a> {
             unpooled_used: vec![Resources::new(); cfg.providers.len()],
             ready_unallocated: Vec::new(),
             waiting: Vec::new(),
+            waiting_summaries: Vec::new(),
+            request_labels: Vec::new(),
             lost: Vec::new(),
             min_ready_requests: Vec::new(),
             allocations: FastMap::default(),
@@ -217,36 +233,40 @@ impl<'a> Index<'a> {
                     pool: qi,
                     priority: pool.priority.unwrap_or(p.priority),
                     labels: FastMap::default(),
+                    launchable: Vec::new(),
                 });
             }
         }
+        // The few fields read of every node and request come from the
+        // compact summaries (`summary`), not from the records.
+        let positions = Positions::new(cfg, local);
+        let summaries = local.node_summaries.summaries(s, &positions, local);
         // One look at every request.
-        for (i, r) in s.requests.iter().enumerate() {
-            let req = &r.request;
-            if req.is_min_ready() {
+        for (i, (r, sum)) in s.requests.iter().zip(summaries.requests()).enumerate() {
+            if sum.min_ready {
                 idx.min_ready_requests.push(i);
             }
-            let queue = match req.state {
-                RequestState::Requested => &mut idx.waiting,
-                RequestState::Pending => &mut idx.lost,
-                _ => continue,
-            };
-            if !r.locked && !local.owned_requests.contains_key(&r.id) {
-                queue.push(i);
+            if !matches!(sum.state, RequestState::Requested | RequestState::Pending)
+                || r.locked
+                || local.owned_requests.contains_key(&r.id)
+            {
+                continue;
+            }
+            if sum.state == RequestState::Requested {
+                idx.waiting.push(i);
+                idx.waiting_summaries.push(*sum);
+            } else {
+                idx.lost.push(i);
             }
         }
+        idx.request_labels = summaries.label_names().to_vec();
         idx.ready_free_in_pool = vec![Vec::new(); idx.our_pools.len()];
         idx.deleting_in_pool = vec![0; idx.our_pools.len()];
         idx.pool_used = vec![Resources::new(); idx.our_pools.len()];
         // Ready, free nodes of each of our pools: (age key, node).
         let mut ready: Vec<Vec<(f64, usize)>> = vec![Vec::new(); idx.our_pools.len()];
-        // The few fields read of every node come from the compact
-        // summaries (`summary`), not from the records.
-        let positions = Positions::new(cfg, local);
-        let summaries = local.node_summaries.summaries(s, &positions, local);
-        for (i, rec) in s.nodes.iter().enumerate() {
-            let sum = summaries.get(i);
-            let res = match &sum.resources {
+        for (i, (rec, sum)) in s.nodes.iter().zip(summaries.all()).enumerate() {
+            let res = match summaries.quota(sum.quota) {
                 Some(r) => Cow::Borrowed(r),
                 None => node_resources(s, i),
             };
@@ -259,6 +279,9 @@ impl<'a> Index<'a> {
             let place = Place {
                 pool: sum.pool,
                 provider: sum.provider,
+                state: sum.state,
+                allocated: sum.allocated,
+                locked: rec.locked,
             };
             idx.places.push(place);
             let (pos, provider) = (
@@ -365,6 +388,7 @@ impl<'a> Index<'a> {
                 })
                 .collect();
             idx.our_pools[pos].labels = labels;
+            idx.our_pools[pos].launchable = idx.our_pools[pos].launchable_now(cfg);
         }
         idx
     }
@@ -379,6 +403,17 @@ impl<'a> Index<'a> {
     pub fn node_provider(&self, i: usize) -> Option<usize> {
         let p = self.places[i].provider;
         (p != Place::NONE).then_some(p as usize)
+    }
+
+    /// Whether node `i`'s lock has a contender.
+    pub fn node_locked(&self, i: usize) -> bool {
+        self.places[i].locked
+    }
+
+    /// Node `i`'s state, and whether it is allocated to anything.
+    pub fn node_state(&self, i: usize) -> (NodeState, bool) {
+        let p = &self.places[i];
+        (p.state, p.allocated)
     }
 
     /// The position of a request in the snapshot, by id.

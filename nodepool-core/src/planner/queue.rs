@@ -3,7 +3,6 @@
 //! keys instead of id strings.
 
 use super::request_order;
-use crate::store::RequestRecord;
 
 /// A string of fewer than `width` (at most 16) bytes as an integer of
 /// `width` bytes that compares like the string: its bytes from the top,
@@ -32,25 +31,21 @@ fn be_prefix(b: &[u8]) -> u64 {
     }
 }
 
-/// Sorts requests into queue order ([`request_order`]), stably.
+/// Sorts requests into queue order ([`request_order`] of the id and
+/// relative priority `order` gives for each), stably.
 ///
 /// Request ids are short, so the order is usually a tuple of integers
 /// (comparing thousands of ids as strings was a tenth of a pass). There are
 /// few (priority, relative priority) groups, and listings come in sequence
 /// order, so requests are bucketed by group and each bucket is usually
 /// sorted already.
-pub(super) fn sort_queue(reqs: &mut Vec<&RequestRecord>) {
+pub(super) fn sort_queue<T: Copy>(reqs: &mut Vec<T>, order: impl Fn(&T) -> (&str, i64)) {
     /// Beyond this many groups a plain sort is as good.
     const MAX_GROUPS: usize = 16;
-    let by_string = |reqs: &mut Vec<&RequestRecord>| {
-        reqs.sort_by(|a, b| {
-            request_order(&a.id, a.request.relative_priority)
-                .cmp(&request_order(&b.id, b.request.relative_priority))
-        })
-    };
+    let by_string = |reqs: &mut Vec<T>| reqs.sort_by(|a, b| full(&order, a).cmp(&full(&order, b)));
     let mut keys: Vec<(u64, i64, u128)> = Vec::with_capacity(reqs.len());
     for r in reqs.iter() {
-        let (prio, rp, seq) = request_order(&r.id, r.request.relative_priority);
+        let (prio, rp, seq) = full(&order, r);
         let prio = packed(prio, 8).and_then(|p| u64::try_from(p).ok());
         let (Some(prio), Some(seq)) = (prio, packed(seq, 16)) else {
             return by_string(reqs);
@@ -106,6 +101,12 @@ pub(super) fn sort_queue(reqs: &mut Vec<&RequestRecord>) {
         }
     }
     *reqs = queue.iter().map(|&(_, i)| reqs[i]).collect();
+}
+
+/// The [`request_order`] of a request.
+fn full<'t, T>(order: &impl Fn(&T) -> (&str, i64), r: &'t T) -> (&'t str, i64, &'t str) {
+    let (id, rp) = order(r);
+    request_order(id, rp)
 }
 
 #[cfg(test)]
@@ -191,7 +192,7 @@ mod tests {
         }
         for records in [&short[..], &long[..], &many[..], &few[..]] {
             let mut got: Vec<&RequestRecord> = records.iter().collect();
-            sort_queue(&mut got);
+            sort_queue(&mut got, |r| (r.id.as_str(), r.request.relative_priority));
             let mut want: Vec<&RequestRecord> = records.iter().collect();
             want.sort_by_key(|r| request_order(&r.id, r.request.relative_priority));
             assert!(got.iter().zip(&want).all(|(a, b)| std::ptr::eq(*a, *b)));

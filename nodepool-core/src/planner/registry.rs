@@ -160,7 +160,7 @@ impl<'r> Registry<'r> {
                     unavailable: false,
                 });
                 labels.push(pc.labels.iter().map(|l| l.name.as_str()).collect());
-                launchable.push(Some(ours.launchable(cfg)));
+                launchable.push(Some(ours.launchable.clone()));
             }
         }
         let n = pools.len();
@@ -282,6 +282,11 @@ impl<'r> Registry<'r> {
                 d.insert(i);
             }
         }
+    }
+
+    /// The number of a label, if some registered pool serves it.
+    pub(super) fn label_id(&self, label: &str) -> Option<usize> {
+        self.label_ids.get(&Key(label)).copied()
     }
 
     /// The numbers of the labels, into `ids`; false if a label is served

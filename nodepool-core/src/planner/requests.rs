@@ -6,6 +6,7 @@ use super::queue::sort_queue;
 use super::quota::{QuotaBlock, QuotaState};
 use super::registry::{PoolSet, Registry, sequence_key, set_key};
 use super::rendezvous_owner;
+use super::summary::RequestSummary;
 use super::{
     Action, DeleteReason, LocalState, Plan, PoolKey, PoolStatus, Snapshot, request_order_key,
 };
@@ -526,8 +527,18 @@ pub(crate) fn plan_requests<'a>(
     if idx.our_pools.is_empty() {
         return;
     }
-    let mut waiting: Vec<&RequestRecord> = idx.waiting.iter().map(|&i| &s.requests[i]).collect();
-    sort_queue(&mut waiting);
+    let mut waiting: Vec<(&RequestRecord, &RequestSummary)> = idx
+        .waiting
+        .iter()
+        .zip(&idx.waiting_summaries)
+        .map(|(&i, sum)| (&s.requests[i], sum))
+        .collect();
+    sort_queue(&mut waiting, |(r, sum)| {
+        (r.id.as_str(), sum.relative_priority)
+    });
+    // The registry's number of each label the summaries number.
+    let label_numbers: Vec<Option<usize>> =
+        idx.request_labels.iter().map(|l| reg.label_id(l)).collect();
 
     // Scratch space reused for every request: a backlog runs this loop
     // thousands of times per pass.
@@ -545,16 +556,23 @@ pub(crate) fn plan_requests<'a>(
     let mut ids: Vec<usize> = Vec::new();
     let mut fail_reasons: FastMap<u128, String> = FastMap::default();
     let mut decline_reasons: FastMap<(usize, u128), Option<String>> = FastMap::default();
-    for req in waiting {
+    for (req, sum) in waiting {
+        // The record is read only where the summary says it matters.
         let r = &req.request;
-        if let Some(reason) = r.invalid_reason() {
+        if !sum.plain
+            && let Some(reason) = r.invalid_reason()
+        {
             pass.plan.actions.push(Action::Fail {
                 request: req.id.clone(),
                 reason,
             });
             continue;
         }
-        reg.declined_into(req, &mut declined);
+        if sum.plain {
+            declined.clear();
+        } else {
+            reg.declined_into(req, &mut declined);
+        }
         if declined.is_superset(&reg.all) {
             pass.plan.actions.push(Action::Fail {
                 request: req.id.clone(),
@@ -562,7 +580,19 @@ pub(crate) fn plan_requests<'a>(
             });
             continue;
         }
-        let known = reg.label_ids_into(&r.node_types, &mut ids);
+        let known = match sum.labels() {
+            Some(labels) => {
+                ids.clear();
+                labels.iter().all(|&k| match label_numbers[k as usize] {
+                    Some(id) => {
+                        ids.push(id);
+                        true
+                    }
+                    None => false,
+                })
+            }
+            None => reg.label_ids_into(&r.node_types, &mut ids),
+        };
         if known {
             reg.candidates_into(&ids, &declined, &mut cand);
         } else {
@@ -588,7 +618,9 @@ pub(crate) fn plan_requests<'a>(
         // in order (not on usage), so it is the same for the whole pass.
         let labels_key = sequence_key(&ids);
         let mut cand = &cand;
-        if let Some(p) = &r.provider {
+        if !sum.plain
+            && let Some(p) = &r.provider
+        {
             of_provider.clear();
             let mut usable = false;
             for i in cand.iter() {
@@ -643,7 +675,7 @@ pub(crate) fn plan_requests<'a>(
         });
         if let Some(p) = preferred
             && reg.our_pos[p].is_none()
-            && now - r.state_time < HANDOFF_SECS
+            && now - sum.state_time < HANDOFF_SECS
         {
             continue;
         }
@@ -691,7 +723,7 @@ pub(crate) fn plan_requests<'a>(
                 deferred = true;
                 continue;
             }
-            let tenant_blocked = r.tenant_name.is_some() && {
+            let tenant_blocked = !sum.plain && r.tenant_name.is_some() && {
                 let mut total = Resources::new();
                 for l in &r.node_types {
                     if let Some(info) = idx.our_pools[pos].labels.get(&Key(l)) {
@@ -744,11 +776,7 @@ pub(crate) fn plan_requests<'a>(
             pool: ours.key.clone(),
             paused: pass.paused[pos],
             addressable_requests: pass.addressable[pos],
-            launchable: ours
-                .launchable(cfg)
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
+            launchable: ours.launchable.iter().map(|l| (*l).to_owned()).collect(),
         });
     }
 }

@@ -37,7 +37,7 @@ fn common(name: &str) -> Option<usize> {
 /// The common names are kept inline, so most maps need no allocation and
 /// reading a node's quota (every node, every planning pass) touches no
 /// memory beyond the node itself.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 struct Amounts {
     /// Amounts of the common names, zero where absent.
     common: [i64; COMMON.len()],
@@ -135,7 +135,7 @@ impl Serialize for Amounts {
 ///
 /// Missing names count as zero. This is the node's `resources` field on the
 /// wire and the unit of every quota computation.
-#[derive(Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Resources(Amounts);
 
 impl Resources {
