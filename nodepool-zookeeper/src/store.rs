@@ -13,8 +13,8 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use nodepool_model::store::{
-    CreateMode, Entry, SessionState, Stat, StateStore, StoreError, StoreEvent, StoreHealth,
-    split_path, validate_path,
+    CreateMode, Entry, MultiOp, MultiResult, SessionState, Stat, StateStore, StoreError,
+    StoreEvent, StoreHealth, split_path, validate_path,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -556,6 +556,65 @@ impl StateStore for ZooKeeperStore {
                 source: zk::Error::NodeExists | zk::Error::NoNode,
             }) => Ok(None),
             Err(e) => Err(self.shared.map(e.into(), child_prefix)),
+        }
+    }
+
+    async fn multi(&self, ops: &[MultiOp<'_>]) -> Result<Option<Vec<MultiResult>>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        for op in ops {
+            validate_path(op.path().trim_end_matches('/'))?;
+        }
+        let _in_flight = InFlight::new(&self.shared.in_flight);
+        let client = self.shared.client()?;
+        let mut multi = client.new_multi_writer();
+        let mut sent = 0;
+        for op in ops {
+            let added = match *op {
+                MultiOp::Create { path, data, mode } => {
+                    sent += path.len() + data.len();
+                    multi.add_create(path, data, &zk_mode(mode).with_acls(zk::Acls::anyone_all()))
+                }
+                MultiOp::Set {
+                    path,
+                    data,
+                    version,
+                } => {
+                    sent += path.len() + data.len();
+                    multi.add_set_data(path, data, version)
+                }
+                MultiOp::Delete { path, version } => {
+                    sent += path.len();
+                    multi.add_delete(path, version)
+                }
+            };
+            added.map_err(|e| self.shared.map(e, op.path()))?;
+        }
+        // One request, one round trip: counted as one write.
+        self.shared.traffic.write(sent);
+        match multi.commit().await {
+            Ok(results) => Ok(Some(
+                results
+                    .into_iter()
+                    .map(|r| match r {
+                        zk::MultiWriteResult::Create { path, .. } => MultiResult::Created(path),
+                        zk::MultiWriteResult::SetData { stat } => {
+                            MultiResult::Set(cache::stat(&stat))
+                        }
+                        // No checks are sent: anything else is a delete.
+                        _ => MultiResult::Deleted,
+                    })
+                    .collect(),
+            )),
+            Err(zk::MultiWriteError::OperationFailed { index, source }) => {
+                let path = ops.get(index).map(MultiOp::path).unwrap_or_default();
+                Err(self.shared.map(source, path))
+            }
+            Err(e) => {
+                let path = ops.first().map(MultiOp::path).unwrap_or_default();
+                Err(self.shared.map(e.into(), path))
+            }
         }
     }
 

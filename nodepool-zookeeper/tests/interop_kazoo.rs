@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nodepool_core::model::{Node, NodeState};
-use nodepool_core::store::{CreateMode, LockWait, Store, StoreError, paths};
+use nodepool_core::store::{CreateMode, LockWait, RecordKey, Store, StoreError, paths};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
@@ -332,5 +332,102 @@ async fn lock_made_with_its_directory_is_kazoos_lock() {
     assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
     guard.release().await.expect("release");
     assert_eq!(kazoo.ask(&format!("trylock {request_dir}")).await, "locked");
+    kazoo.quit().await;
+}
+
+/// A lock taken with its directory and a write in one transaction
+/// (`Store::lock_new_and_write`, how the launcher accepts a request and
+/// starts a node) is kazoo's lock; records written and locks released in
+/// one transaction (`Store::write_and_release`, how it fulfils) leave
+/// kazoo free to lock. A failed version check applies nothing: no lock
+/// directory, no contender, the record unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_taken_and_released_with_writes_in_one_transaction_is_kazoos_lock() {
+    let Setup {
+        store,
+        hosts,
+        id,
+        dir,
+        ..
+    } = setup().await;
+    let mut kazoo = Kazoo::start(&hosts).await;
+    let writes = || store.backend().health().writes;
+    let key = RecordKey::node(&id);
+    let mut node = store.get_node(&id).await.expect("read").expect("node");
+    node.value.set_state(NodeState::Building, 2.0);
+
+    // A stale version: nothing happens.
+    let r = store
+        .lock_new_and_write(&dir, &key, &node.value, Some(node.version + 1))
+        .await;
+    assert!(
+        matches!(&r, Err(StoreError::Conflict { path, .. }) if *path == paths::node(&id)),
+        "{r:?}"
+    );
+    let r = store.backend().children(&dir).await;
+    assert!(matches!(r, Err(StoreError::NotFound { .. })), "{r:?}");
+    assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "locked");
+    assert_eq!(kazoo.ask(&format!("release {dir}")).await, "released");
+    // The directory exists now (kazoo made it): nothing done, fall back.
+    let r = store
+        .lock_new_and_write(&dir, &key, &node.value, Some(node.version))
+        .await
+        .expect("no error");
+    assert!(r.is_none(), "{r:?}");
+
+    // A fresh node: lock and write in one request.
+    let id = store
+        .create_node(&Node::new(
+            NodeState::Init,
+            1.0,
+            "p",
+            "main",
+            vec!["x".into()],
+        ))
+        .await
+        .expect("create node");
+    let (dir, key) = (paths::node_lock(&id), RecordKey::node(&id));
+    let before = writes();
+    let (guard, version) = store
+        .lock_new_and_write(&dir, &key, &node.value, Some(0))
+        .await
+        .expect("no error")
+        .expect("locked and written");
+    assert_eq!(writes() - before, 1, "lock and write in one request");
+    assert_eq!(version, 1);
+    let names = lock_children(&store, &dir).await;
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(
+        names[0].find("__lock__"),
+        Some(32),
+        "kazoo's name: {names:?}"
+    );
+    assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "busy");
+    let read = store.get_node(&id).await.expect("read").expect("node");
+    assert_eq!((read.value.state, read.version), (NodeState::Building, 1));
+
+    // Written and released together; a stale version changes nothing.
+    node.value.set_state(NodeState::Ready, 3.0);
+    let json = nodepool_core::model::WireRecord::to_json(&node.value);
+    let path = paths::node(&id);
+    let r = store
+        .write_and_release(&[(&path, &json, 0)], &[&guard])
+        .await;
+    assert!(matches!(r, Err(StoreError::Conflict { .. })), "{r:?}");
+    assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "busy");
+    let before = writes();
+    let versions = store
+        .write_and_release(&[(&path, &json, version)], &[&guard])
+        .await
+        .expect("no error")
+        .expect("applied");
+    guard.forget();
+    assert_eq!(writes() - before, 1, "write and release in one request");
+    assert_eq!(versions, [2]);
+    let read = store.get_node(&id).await.expect("read").expect("node");
+    assert_eq!((read.value.state, read.version), (NodeState::Ready, 2));
+    assert!(lock_children(&store, &dir).await.is_empty());
+    assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "locked");
+    assert_eq!(kazoo.ask(&format!("release {dir}")).await, "released");
     kazoo.quit().await;
 }

@@ -20,7 +20,7 @@ use super::{Clock, Owned, Shared};
 use crate::config::Config;
 use crate::model::{
     ComponentKind, MIN_READY_PRIORITY, MIN_READY_REQUESTOR, Node, NodeRequest, NodeState,
-    RequestState,
+    RequestState, WireRecord,
 };
 use crate::planner::{self, PoolKey};
 use crate::planner::{Action, DeleteReason, LaunchImage, Plan, Snapshot};
@@ -155,6 +155,100 @@ pub(crate) async fn fulfil_if_complete(shared: &Shared, request: &str, launched:
         }
         // The next pass re-plans it from the new state.
         Err(e) => tracing::debug!(request = %request, error = %e, "request not fulfilled"),
+    }
+}
+
+/// Writes a launched node `ready` and, when it is the last node its
+/// request waits for, fulfils the request in the same transaction: the
+/// node's `ready`, the release of its lock, the request's `fulfilled` (at
+/// the version our `pending` write made) and the release of the request's
+/// lock, one round trip where there were four. Zuul sees the request
+/// fulfilled and its nodes ready and unlocked at once, as Python
+/// Nodepool's order (nodes first, then the request) would leave them.
+///
+/// Returns the node's new version when that was done (both locks are
+/// released: the caller forgets its node guard). `None` when the caller is
+/// to write `ready` and release as usual, [`fulfil_if_complete`] then
+/// deciding about the request: the request is not complete or not ours,
+/// the store has no transactions, or the transaction failed (the request
+/// changed since we accepted it, the node under us) and nothing was
+/// written.
+pub(crate) async fn fulfil_with_ready(
+    shared: &Shared,
+    request: &str,
+    launched: (&str, &Node, i32),
+    node_guard: &LockGuard,
+) -> Option<i32> {
+    let (node_id, node, version) = launched;
+    let (labels, ids) = {
+        let owned = shared.owned.lock().unwrap_or_else(|p| p.into_inner());
+        let o = owned.get(request)?;
+        let launching = shared.launching.lock().unwrap_or_else(|p| p.into_inner());
+        if o.nodes.len() < o.labels.len()
+            || o.nodes
+                .iter()
+                .any(|n| n != node_id && launching.contains(n))
+        {
+            return None;
+        }
+        (o.labels.clone(), o.nodes.clone())
+    };
+    let store = &shared.store;
+    let mut nodes = Vec::with_capacity(ids.len());
+    for id in &ids {
+        if id == node_id {
+            nodes.push((id.as_str(), node.clone()));
+            continue;
+        }
+        match store.get_node(id).await {
+            Ok(Some(v)) => nodes.push((id.as_str(), v.value)),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+    }
+    let candidates: Vec<(&str, &Node)> = nodes.iter().map(|(id, n)| (*id, n)).collect();
+    let slots = planner::fulfilment::complete_allocation(request, &labels, &candidates)?;
+    // Taken out first, as in `fulfil_if_complete`: whoever takes it fulfils.
+    let owned = shared
+        .owned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(request)?;
+    let mut req = owned.accepted.value.clone();
+    req.nodes = slots.clone();
+    req.set_state(RequestState::Fulfilled, shared.now());
+    let (node_path, request_path) = (paths::node(node_id), paths::request(request));
+    let (node_json, request_json) = (node.to_json(), req.to_json());
+    let written = store
+        .write_and_release(
+            &[
+                (&node_path, &node_json, version),
+                (&request_path, &request_json, owned.accepted.version),
+            ],
+            &[node_guard, &owned.guard],
+        )
+        .await;
+    match written {
+        Ok(Some(versions)) => {
+            owned.guard.forget();
+            shared
+                .status
+                .fulfilled_on_ready
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!(request = %request, nodes = ?slots, "request fulfilled");
+            versions.first().copied()
+        }
+        other => {
+            if let Err(e) = other {
+                tracing::debug!(request = %request, node = %node_id, error = %e, "ready and fulfilled not written together; one at a time");
+            }
+            shared
+                .owned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(request.to_owned(), owned);
+            None
+        }
     }
 }
 
@@ -344,33 +438,51 @@ async fn run(
             if req.state != RequestState::Requested || req.declined_by.contains(&our_id) {
                 return Err(ActionError::RequestNotWaiting);
             }
+            req.set_state(RequestState::Pending, now());
+            let key = RecordKey::request(request);
+            let refused = |e: StoreError| match e {
+                StoreError::NotFound { .. } => ActionError::RequestVanished,
+                StoreError::Conflict { .. } => ActionError::RequestNotWaiting,
+                e => e.into(),
+            };
             // A request nobody has tried to lock has no lock directory yet:
-            // it is created with our contender, in one round trip.
-            let guard = if requests.lock_dirs.contains(request.as_str()) {
-                store.lock_request(request, LockWait::NonBlocking).await?
+            // the directory, our contender and `pending` are written in one
+            // transaction, one round trip (kazoo's layout: ours is the only
+            // contender). Otherwise, or where the store has no
+            // transactions, lock and write one after the other.
+            let new = if requests.lock_dirs.contains(request.as_str()) {
+                None
             } else {
                 store
-                    .lock_new_request(request, LockWait::NonBlocking)
-                    .await?
+                    .lock_new_and_write(
+                        &paths::request_lock(request),
+                        &key,
+                        &req,
+                        Some(rec.version),
+                    )
+                    .await
+                    .map_err(refused)?
             };
-            req.set_state(RequestState::Pending, now());
-            let written = store
-                .write_locked(
-                    &guard,
-                    &RecordKey::request(request),
-                    &req,
-                    Some(rec.version),
-                )
-                .await;
-            let version = match written {
-                Ok(v) => v,
-                Err(e) => {
-                    guard.release_logged().await;
-                    return Err(match e {
-                        StoreError::NotFound { .. } => ActionError::RequestVanished,
-                        StoreError::Conflict { .. } => ActionError::RequestNotWaiting,
-                        e => e.into(),
-                    });
+            let (guard, version) = match new {
+                Some(done) => done,
+                None => {
+                    let guard = if requests.lock_dirs.contains(request.as_str()) {
+                        store.lock_request(request, LockWait::NonBlocking).await?
+                    } else {
+                        store
+                            .lock_new_request(request, LockWait::NonBlocking)
+                            .await?
+                    };
+                    match store
+                        .write_locked(&guard, &key, &req, Some(rec.version))
+                        .await
+                    {
+                        Ok(v) => (guard, v),
+                        Err(e) => {
+                            guard.release_logged().await;
+                            return Err(refused(e));
+                        }
+                    }
                 }
             };
             let labels = req.node_types.clone();
@@ -538,16 +650,24 @@ async fn run(
             let id = store.create_node(&node).await?;
             // Create, then lock, then `building`: an unlocked `init` node is
             // left alone by cleanup, an unlocked `building` one is deleted.
-            let guard = store.lock_new_node(&id, LockWait::NonBlocking).await?;
+            // The lock and `building` go in one transaction where the store
+            // has them (the node's lock directory cannot exist yet).
             node.set_state(NodeState::Building, now());
-            let written = store
-                .write_locked(&guard, &RecordKey::node(&id), &node, Some(0))
-                .await;
-            let version = match written {
-                Ok(v) => v,
-                Err(e) => {
-                    guard.release_logged().await;
-                    return Err(e.into());
+            let key = RecordKey::node(&id);
+            let (guard, version) = match store
+                .lock_new_and_write(&paths::node_lock(&id), &key, &node, Some(0))
+                .await?
+            {
+                Some(done) => done,
+                None => {
+                    let guard = store.lock_new_node(&id, LockWait::NonBlocking).await?;
+                    match store.write_locked(&guard, &key, &node, Some(0)).await {
+                        Ok(v) => (guard, v),
+                        Err(e) => {
+                            guard.release_logged().await;
+                            return Err(e.into());
+                        }
+                    }
                 }
             };
             let Some((spec, host_key_checking, console_log)) = tasks::instance_spec(

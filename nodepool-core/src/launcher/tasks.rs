@@ -180,7 +180,7 @@ enum AttemptError {
 
 /// How a launch ended.
 enum Outcome {
-    Ready,
+    Ready(Finished),
     /// The cloud failed it: `aborted` (quota, or the provider is
     /// unavailable: not the request's fault) or `failed`.
     Failed {
@@ -224,6 +224,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         let mut server = None;
         let result = attempt_launch(
             &shared,
+            &request,
             &provider,
             &spec,
             &node_id,
@@ -237,7 +238,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         )
         .await;
         match result {
-            Ok(()) => break Outcome::Ready,
+            Ok(finished) => break Outcome::Ready(finished),
             Err(AttemptError::Quota(e)) => {
                 break Outcome::Failed {
                     label: "error.quota",
@@ -305,7 +306,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
     let elapsed = started.elapsed();
     let az = node.az.clone().unwrap_or_else(|| "unknown".into());
     let result = match &outcome {
-        Outcome::Ready => "ready",
+        Outcome::Ready(_) => "ready",
         Outcome::Failed { label, .. } => label,
         Outcome::LockLost | Outcome::Store(_) => "error.zksession",
     };
@@ -330,9 +331,12 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         &[("provider", &pc.name), ("result", result)],
         elapsed,
     );
-    let ready = matches!(outcome, Outcome::Ready);
+    let finished = match outcome {
+        Outcome::Ready(f) => Some(f),
+        _ => None,
+    };
     match outcome {
-        Outcome::Ready => {
+        Outcome::Ready(_) => {
             tracing::info!(node = %node_id, provider = %pc.name, seconds = elapsed.as_secs_f64(), "node ready");
         }
         Outcome::LockLost => {
@@ -369,13 +373,18 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             }
         }
     }
-    guard.release_logged().await;
+    if finished == Some(Finished::Fulfilled) {
+        // Released in the transaction that fulfilled the request.
+        guard.forget();
+    } else {
+        guard.release_logged().await;
+    }
     shared
         .launching
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&node_id);
-    if ready {
+    if finished == Some(Finished::Ready) {
         super::executor::fulfil_if_complete(&shared, &request, (&node_id, &node)).await;
     }
     shared.wake.notify_one();
@@ -486,6 +495,7 @@ pub(crate) async fn settle_server(
 #[allow(clippy::too_many_arguments)]
 async fn attempt_launch(
     shared: &Shared,
+    request: &str,
     provider: &ProviderHandle,
     spec: &InstanceSpec,
     node_id: &str,
@@ -496,7 +506,7 @@ async fn attempt_launch(
     host_key_checking: bool,
     console_log: bool,
     ready_script: Option<&ReadyScriptRun>,
-) -> Result<(), AttemptError> {
+) -> Result<Finished, AttemptError> {
     let pc = &provider.config;
     // Never create a server for a node that is no longer ours.
     if !guard.wait_held().await {
@@ -616,8 +626,26 @@ async fn attempt_launch(
         tracing::info!(node = %node_id, script = %job.script.name, "ready script succeeded");
     }
     node.set_state(NodeState::Ready, shared.now());
+    // The last node of its request: `ready`, `fulfilled` and both locks'
+    // release in one transaction.
+    if let Some(v) =
+        super::executor::fulfil_with_ready(shared, request, (node_id, node, *version), guard).await
+    {
+        *version = v;
+        return Ok(Finished::Fulfilled);
+    }
     *version = write_node(shared, guard, node_id, node, *version).await?;
-    Ok(())
+    Ok(Finished::Ready)
+}
+
+/// How a launch attempt that worked left the node's lock and request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Finished {
+    /// The node is `ready` and still locked.
+    Ready,
+    /// The node is `ready` and unlocked, and its request fulfilled and
+    /// unlocked (see [`super::executor::fulfil_with_ready`]).
+    Fulfilled,
 }
 
 /// Deletes a node's server and record. Holds the node lock; on failure

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::paths::lock_contender_sequence;
-use super::{CreateMode, SessionState, StateStore, StoreError, StoreEvent};
+use super::{CreateMode, MultiOp, MultiResult, SessionState, StateStore, StoreError, StoreEvent};
 
 /// How long to wait for a lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,6 +202,74 @@ pub async fn acquire_new(
         Err(e @ (StoreError::Unavailable { .. } | StoreError::Timeout { .. })) => {
             // As in `acquire`: the multi may have been applied, leaving a
             // contender of our live session that would hold the lock.
+            remove_lost_contender(store.as_ref(), dir, &prefix, session_id).await;
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`acquire_new`], with `then` applied in the same transaction: the lock
+/// directory, our contender and `then` are all made, or none of them. So
+/// a record written by `then` is never seen changed without its lock
+/// held (one round trip for lock and write). The layout is kazoo's, as
+/// with [`acquire_new`]. `Ok(None)` when nothing was done because `dir`
+/// exists (or its parent is missing, or the store cannot apply a
+/// transaction): take the lock with [`acquire`] then. An error of an
+/// operation of `then` is returned as it is (nothing was applied). Returns
+/// the results of `then`'s operations.
+pub async fn acquire_new_with(
+    store: &Arc<dyn StateStore>,
+    dir: &str,
+    data: &[u8],
+    then: &[MultiOp<'_>],
+) -> Result<Option<(LockGuard, Vec<MultiResult>)>, StoreError> {
+    let Some(session_id) = store.session().borrow().id() else {
+        return Err(StoreError::SessionLost);
+    };
+    let prefix = format!("{dir}/{}__lock__", uuid::Uuid::new_v4().simple());
+    let mut ops = Vec::with_capacity(2 + then.len());
+    ops.push(MultiOp::Create {
+        path: dir,
+        data: b"",
+        mode: CreateMode::Persistent,
+    });
+    ops.push(MultiOp::Create {
+        path: &prefix,
+        data,
+        mode: CreateMode::EphemeralSequential,
+    });
+    ops.extend_from_slice(then);
+    match store.multi(&ops).await {
+        Ok(Some(mut results)) => {
+            let contender = match results.get(1) {
+                Some(MultiResult::Created(path)) => path.clone(),
+                other => {
+                    return Err(StoreError::Other(format!(
+                        "{prefix}: unexpected transaction result {other:?}"
+                    )));
+                }
+            };
+            let rest = results.split_off(2);
+            Ok(Some((
+                LockGuard {
+                    store: store.clone(),
+                    dir: dir.to_owned(),
+                    contender,
+                    session_id,
+                    released: false,
+                },
+                rest,
+            )))
+        }
+        Ok(None) => Ok(None),
+        Err(StoreError::Conflict { path, .. } | StoreError::NotFound { path }) if path == dir => {
+            Ok(None)
+        }
+        Err(e @ (StoreError::Unavailable { .. } | StoreError::Timeout { .. })) => {
+            // As in `acquire`: the transaction may have been applied,
+            // leaving a contender of our live session that would hold the
+            // lock. What `then` wrote stays, unlocked, as after a crash.
             remove_lost_contender(store.as_ref(), dir, &prefix, session_id).await;
             Err(e)
         }

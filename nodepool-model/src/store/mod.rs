@@ -70,6 +70,59 @@ impl CreateMode {
     }
 }
 
+/// One operation of a [`StateStore::multi`] transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MultiOp<'a> {
+    /// Creates a record. Unlike [`StateStore::create`], missing parents are
+    /// not made: the transaction fails.
+    Create {
+        /// The path (a prefix for sequential modes).
+        path: &'a str,
+        /// Its data.
+        data: &'a [u8],
+        /// How it is created.
+        mode: CreateMode,
+    },
+    /// Replaces a record's data, at `version` when given.
+    Set {
+        /// The record's path.
+        path: &'a str,
+        /// The new data.
+        data: &'a [u8],
+        /// The version it must be at.
+        version: Option<i32>,
+    },
+    /// Deletes a record without children, at `version` when given.
+    Delete {
+        /// The record's path.
+        path: &'a str,
+        /// The version it must be at.
+        version: Option<i32>,
+    },
+}
+
+impl MultiOp<'_> {
+    /// The path the operation acts on.
+    pub fn path(&self) -> &str {
+        match self {
+            MultiOp::Create { path, .. }
+            | MultiOp::Set { path, .. }
+            | MultiOp::Delete { path, .. } => path,
+        }
+    }
+}
+
+/// What one operation of an applied [`StateStore::multi`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MultiResult {
+    /// The path created (with its sequence number, for sequential modes).
+    Created(String),
+    /// The record's stat after the write.
+    Set(Stat),
+    /// The record was deleted.
+    Deleted,
+}
+
 /// Metadata of a record, as ZooKeeper's `Stat`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stat {
@@ -336,6 +389,22 @@ pub trait StateStore: Send + Sync + fmt::Debug {
         child_mode: CreateMode,
     ) -> Result<Option<String>, StoreError> {
         let _ = (dir, child_prefix, data, child_mode);
+        Ok(None)
+    }
+
+    /// Applies `ops` as one atomic transaction (ZooKeeper's `multi`): all
+    /// of them or none, in one round trip. `Ok(None)` when the store cannot
+    /// (nothing was done: the caller takes its ordinary path, one
+    /// operation at a time). When an operation fails nothing is applied,
+    /// and the error names that operation's path (a failed version check
+    /// is a [`StoreError::Conflict`] on it, an existing path a `Conflict`,
+    /// a missing one [`StoreError::NotFound`]). As with single writes, a
+    /// connection error leaves the outcome unknown.
+    ///
+    /// The default does nothing, for the reason given at
+    /// [`create_dir_with_child`](Self::create_dir_with_child).
+    async fn multi(&self, ops: &[MultiOp<'_>]) -> Result<Option<Vec<MultiResult>>, StoreError> {
+        let _ = ops;
         Ok(None)
     }
 

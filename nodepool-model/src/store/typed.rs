@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use super::lock::{self, LockGuard, LockWait};
 use super::locked::RecordKey;
 use super::paths::{self, ImagePath, classify_image_path, lock_contender_sequence};
-use super::{CreateMode, Entry, SessionState, StateStore, StoreError};
+use super::{CreateMode, Entry, MultiOp, MultiResult, SessionState, StateStore, StoreError};
 use crate::model::{
     Component, ComponentKind, ImageBuild, ImageUpload, Node, NodeRequest, WireRecord,
 };
@@ -430,6 +430,103 @@ impl Store {
         match lock::acquire_new(&self.inner, &paths::request_lock(id), b"").await? {
             Some(guard) => Ok(guard),
             None => self.lock_request(id, wait).await,
+        }
+    }
+
+    /// Takes the lock at `dir`, which must not exist yet, and writes `key`
+    /// (at `version`, when given) in the same transaction, one round trip
+    /// for both: a record nobody has locked yet becomes ours and changes
+    /// at once (see [`lock::acquire_new_with`]). Returns the lock and the
+    /// record's new version; `Ok(None)` when nothing was done (`dir`
+    /// exists, or the store has no transactions): lock and write one
+    /// after the other then. A failed version check is a
+    /// [`StoreError::Conflict`] on the record, and nothing is locked.
+    pub async fn lock_new_and_write<T: WireRecord>(
+        &self,
+        dir: &str,
+        key: &RecordKey<T>,
+        value: &T,
+        version: Option<i32>,
+    ) -> Result<Option<(LockGuard, i32)>, StoreError> {
+        let data = value.to_json();
+        let write = [MultiOp::Set {
+            path: key.path(),
+            data: &data,
+            version,
+        }];
+        let Some((guard, results)) = lock::acquire_new_with(&self.inner, dir, b"", &write).await?
+        else {
+            return Ok(None);
+        };
+        match results.first() {
+            Some(MultiResult::Set(stat)) => Ok(Some((guard, stat.version))),
+            other => {
+                let e = StoreError::Other(format!(
+                    "{}: unexpected transaction result {other:?}",
+                    key.path()
+                ));
+                let _ = guard.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes records under locks the caller holds, each at its version,
+    /// and releases those locks, all in one transaction (one round trip:
+    /// everything or nothing). Returns the records' new versions, or
+    /// `Ok(None)` when nothing was written (the store has no
+    /// transactions, or a connection loss left the outcome unknown and
+    /// the record read back says it was not applied): write and release
+    /// one at a time then. On success the guards are spent: `forget` them.
+    /// A failed version check is a [`StoreError::Conflict`] on that record,
+    /// and nothing is written.
+    pub async fn write_and_release(
+        &self,
+        writes: &[(&str, &[u8], i32)],
+        guards: &[&LockGuard],
+    ) -> Result<Option<Vec<i32>>, StoreError> {
+        for g in guards {
+            if !g.wait_held().await {
+                return Err(StoreError::SessionLost);
+            }
+        }
+        let mut ops: Vec<MultiOp<'_>> = writes
+            .iter()
+            .map(|(path, data, version)| MultiOp::Set {
+                path,
+                data,
+                version: Some(*version),
+            })
+            .collect();
+        ops.extend(guards.iter().map(|g| MultiOp::Delete {
+            path: g.contender(),
+            version: None,
+        }));
+        let err = match self.inner.multi(&ops).await {
+            Ok(None) => return Ok(None),
+            Ok(Some(_)) => return Ok(Some(writes.iter().map(|(_, _, v)| v + 1).collect())),
+            Err(e) if outcome_unknown(&e) => e,
+            Err(e) => return Err(e),
+        };
+        // All or nothing: the first record tells whether it was applied.
+        let Some((path, data, version)) = writes.first() else {
+            return Err(err);
+        };
+        if !await_connected(self.inner.as_ref()).await {
+            return Err(err);
+        }
+        match self.inner.get(path).await? {
+            Some((current, stat)) if stat.version == version + 1 && current.as_ref() == *data => {
+                Ok(Some(writes.iter().map(|(_, _, v)| v + 1).collect()))
+            }
+            Some((_, stat)) if stat.version == *version => Ok(None),
+            Some(_) => Err(StoreError::Conflict {
+                path: (*path).to_owned(),
+                reason: "version changed".into(),
+            }),
+            None => Err(StoreError::NotFound {
+                path: (*path).to_owned(),
+            }),
         }
     }
 

@@ -15,10 +15,12 @@
 //! `--floor` (ZooKeeper only) then measures, in the same invocation, what
 //! the same ZooKeeper writes cost without the launcher: a raw
 //! `zookeeper-client` session makes, for each request, the writes the
-//! launcher makes for it (see `floor` below), one after another within a
-//! request and [`REQUESTS_IN_FLIGHT`] requests at once, as the launcher
-//! pipelines them; and prints the ratio floor/launcher (1 = the launcher
-//! is as fast as its writes allow).
+//! launcher makes for it, in the ZooKeeper requests the launcher sends
+//! them in (transactions included; see `floor` below), one after another
+//! within a request and [`REQUESTS_IN_FLIGHT`] requests at once, as the
+//! launcher pipelines them; and prints the ratio floor/launcher (1 = the
+//! launcher is as fast as its writes allow). For comparison it also
+//! times the same writes sent one request each.
 //!
 //! ```text
 //! cargo build --release -p nodepool-cli -p nodepool-tests
@@ -344,21 +346,33 @@ providers:
         idle.as_secs_f64() * 1000.0
     );
     if let Some(server) = floor_server {
-        let floor = floor(&server, n).await?;
+        let single = floor(&server, n, true).await?;
+        let floor = floor(&server, n, false).await?;
         println!(
-            "ZooKeeper floor: the same {} writes per request, {REQUESTS_IN_FLIGHT} requests in flight, raw client:",
+            "ZooKeeper floor: the launcher's {} requests per request ({} writes), {REQUESTS_IN_FLIGHT} requests in flight, raw client:",
+            FLOOR_REQUESTS.len(),
             FLOOR_WRITES.len()
         );
         println!(
-            "  {n} requests in    {:.3} s  ({:.0} requests/s, {:.0} writes/s)",
+            "  {n} requests in    {:.3} s  ({:.0} requests/s, {:.0} ZooKeeper requests/s)",
             floor.as_secs_f64(),
             n as f64 / floor.as_secs_f64(),
-            (n * FLOOR_WRITES.len()) as f64 / floor.as_secs_f64()
+            (n * FLOOR_REQUESTS.len()) as f64 / floor.as_secs_f64()
         );
         println!(
             "  floor/launcher      {:.2}  (launcher all fulfilled {:.3} s)",
             floor.as_secs_f64() / wall.as_secs_f64(),
             wall.as_secs_f64()
+        );
+        println!(
+            "The same {} writes one request each (the floor before transactions):",
+            FLOOR_WRITES.len()
+        );
+        println!(
+            "  {n} requests in    {:.3} s  ({:.0} writes/s); floor/launcher {:.2}",
+            single.as_secs_f64(),
+            (n * FLOOR_WRITES.len()) as f64 / single.as_secs_f64(),
+            single.as_secs_f64() / wall.as_secs_f64()
         );
     }
     Ok(())
@@ -366,9 +380,9 @@ providers:
 
 /// The writes the launcher makes for one single-node request of the
 /// backlog, in its order (`launcher::executor`: accept, launch; then the
-/// launch task: ready, fulfil). Reads (lock queue listings, the records
-/// read before a version-checked write) are not in the floor.
-const FLOOR_WRITES: [&str; 11] = [
+/// launch task: the server id, ready, fulfil). Reads (the records read
+/// before a version-checked write where it must) are not in the floor.
+const FLOOR_WRITES: [&str; 12] = [
     "create the request's lock directory (kazoo's makepath)",
     "create the request lock contender",
     "set the request pending",
@@ -376,16 +390,28 @@ const FLOOR_WRITES: [&str; 11] = [
     "create the node's lock directory",
     "create the node lock contender",
     "set the node building",
+    "set the node's server id",
     "set the node ready",
     "delete the node lock contender",
     "set the request fulfilled",
     "delete the request lock contender",
 ];
 
+/// How the launcher sends [`FLOOR_WRITES`] on ZooKeeper: five requests,
+/// three of them transactions (`multi`), one after another per request.
+const FLOOR_REQUESTS: [&str; 5] = [
+    "multi: request lock directory, contender, request pending",
+    "create the node",
+    "multi: node lock directory, contender, node building",
+    "set the node's server id",
+    "multi: node ready, node unlocked, request fulfilled, request unlocked",
+];
+
 /// Time for a raw `zookeeper-client` session to make [`FLOOR_WRITES`] for
 /// `n` requests, in a fresh chroot holding `n` request records (written
-/// before the clock starts, as the backlog is).
-async fn floor(server: &str, n: usize) -> anyhow::Result<Duration> {
+/// before the clock starts, as the backlog is): as the launcher sends them
+/// ([`FLOOR_REQUESTS`]), or with `one_by_one` each write its own request.
+async fn floor(server: &str, n: usize, one_by_one: bool) -> anyhow::Result<Duration> {
     use zookeeper_client as zk;
     let root = format!("/nodepool-rs-bench/floor-{}", uuid::Uuid::new_v4().simple());
     let dir = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
@@ -418,7 +444,7 @@ async fn floor(server: &str, n: usize) -> anyhow::Result<Duration> {
             .await?;
         ids.push(format!("100-{s}"));
     }
-    let one = async |id: String| -> anyhow::Result<()> {
+    let single = async |id: String| -> anyhow::Result<()> {
         let c = &client;
         let lock_dir = format!("/nodepool/requests-lock/{id}");
         c.create(&lock_dir, b"", &dir).await?;
@@ -434,6 +460,9 @@ async fn floor(server: &str, n: usize) -> anyhow::Result<Duration> {
         let (_, s) = c.create(&lock, b"", &contender).await?;
         let node_lock = format!("{lock}{s}");
         let ns = c.set_data(&node_path, node.as_bytes(), Some(0)).await?;
+        let ns = c
+            .set_data(&node_path, node.as_bytes(), Some(ns.version))
+            .await?;
         c.set_data(&node_path, node.as_bytes(), Some(ns.version))
             .await?;
         c.delete(&node_lock, None).await?;
@@ -442,12 +471,52 @@ async fn floor(server: &str, n: usize) -> anyhow::Result<Duration> {
         c.delete(&request_lock, None).await?;
         Ok(())
     };
+    let created = |r: Option<zk::MultiWriteResult>| match r {
+        Some(zk::MultiWriteResult::Create { path, .. }) => Ok(path),
+        other => Err(anyhow::anyhow!("unexpected multi result {other:?}")),
+    };
+    let multi = async |id: String| -> anyhow::Result<()> {
+        let c = &client;
+        let lock_dir = format!("/nodepool/requests-lock/{id}");
+        let lock = format!("{lock_dir}/{}__lock__", uuid::Uuid::new_v4().simple());
+        let path = format!("/nodepool/requests/{id}");
+        let mut m = c.new_multi_writer();
+        m.add_create(&lock_dir, b"", &dir)?;
+        m.add_create(&lock, b"", &contender)?;
+        m.add_set_data(&path, request.as_bytes(), Some(0))?;
+        let request_lock = created(m.commit().await?.into_iter().nth(1))?;
+        let (_, s) = c.create("/nodepool/nodes/", node.as_bytes(), &seq).await?;
+        let node_path = format!("/nodepool/nodes/{s}");
+        let node_lock_dir = format!("{node_path}/lock");
+        let lock = format!("{node_lock_dir}/{}__lock__", uuid::Uuid::new_v4().simple());
+        let mut m = c.new_multi_writer();
+        m.add_create(&node_lock_dir, b"", &dir)?;
+        m.add_create(&lock, b"", &contender)?;
+        m.add_set_data(&node_path, node.as_bytes(), Some(0))?;
+        let node_lock = created(m.commit().await?.into_iter().nth(1))?;
+        c.set_data(&node_path, node.as_bytes(), Some(1)).await?;
+        let mut m = c.new_multi_writer();
+        m.add_set_data(&node_path, node.as_bytes(), Some(2))?;
+        m.add_delete(&node_lock, None)?;
+        m.add_set_data(&path, request.as_bytes(), Some(1))?;
+        m.add_delete(&request_lock, None)?;
+        m.commit().await?;
+        Ok(())
+    };
     let t = Instant::now();
-    futures::stream::iter(ids)
-        .map(one)
-        .buffer_unordered(REQUESTS_IN_FLIGHT)
-        .try_collect::<()>()
-        .await?;
+    if one_by_one {
+        futures::stream::iter(ids)
+            .map(single)
+            .buffer_unordered(REQUESTS_IN_FLIGHT)
+            .try_collect::<()>()
+            .await?;
+    } else {
+        futures::stream::iter(ids)
+            .map(multi)
+            .buffer_unordered(REQUESTS_IN_FLIGHT)
+            .try_collect::<()>()
+            .await?;
+    }
     let took = t.elapsed();
     // Leave nothing behind on the shared server.
     delete_tree(&plain, &root).await?;
