@@ -1,6 +1,7 @@
 //! The SQL layer: schema, connection setup, and the statements of one
 //! transaction. Everything here is synchronous and knows nothing of tokio;
-//! `store.rs` runs it on blocking threads, `worker.rs` on its own thread.
+//! `queue.rs` runs it on the handle's writer and reader threads (`store.rs`
+//! runs scans on blocking threads), `worker.rs` on its own thread.
 //!
 //! # Schema
 //!

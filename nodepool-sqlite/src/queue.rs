@@ -98,6 +98,7 @@ where
 /// One queued read: it answers its caller from the batch's snapshot, or
 /// with the error that kept the batch from starting.
 pub(crate) trait ReadJob: Send {
+    /// Runs the read on the batch's snapshot and answers the caller.
     fn run(self: Box<Self>, conn: Result<&Connection, StoreError>, label: &str);
 }
 
