@@ -1,6 +1,7 @@
 //! The SQL layer: schema, connection setup, and the statements of one
 //! transaction. Everything here is synchronous and knows nothing of tokio;
-//! `store.rs` runs it on blocking threads, `worker.rs` on its own thread.
+//! `queue.rs` runs it on the handle's writer and reader threads (`store.rs`
+//! runs scans on blocking threads), `worker.rs` on its own thread.
 //!
 //! # Schema
 //!
@@ -550,6 +551,32 @@ impl<'c> Txn<'c> {
         Ok(changed)
     }
 
+    /// Runs one operation of a batch inside a savepoint: when it fails,
+    /// what it wrote is undone (rows and change ids alike) and the other
+    /// operations of the transaction stand. The outer error means the
+    /// transaction itself is broken (SQLite rolled it back, e.g. after an
+    /// I/O error): nothing of it may be committed.
+    pub(crate) fn attempt<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, DbError>,
+    ) -> Result<Result<T, DbError>, rusqlite::Error> {
+        let zxid = self.zxid;
+        self.tx.execute_batch("SAVEPOINT op")?;
+        match f(self) {
+            Ok(v) => {
+                self.tx.execute_batch("RELEASE op")?;
+                Ok(Ok(v))
+            }
+            Err(e) => {
+                // Fails when SQLite already rolled the whole transaction
+                // back: the savepoint is gone with it.
+                self.tx.execute_batch("ROLLBACK TO op; RELEASE op")?;
+                self.zxid = zxid;
+                Ok(Err(e))
+            }
+        }
+    }
+
     fn log(&mut self, kind: ChangeKind, path: &str) -> Result<i64, rusqlite::Error> {
         self.zxid += 1;
         self.tx
@@ -657,6 +684,34 @@ impl<'c> Txn<'c> {
         let owner = if mode.is_ephemeral() { session } else { 0 };
         self.insert(&full, data, owner)?;
         Ok(full)
+    }
+
+    /// ZooKeeper's multi of a persistent `dir` and a sequential child of
+    /// it (`child_prefix`, directly below `dir`). `Ok(None)`, writing
+    /// nothing, when `dir` exists or its parent does not.
+    pub(crate) fn create_dir_with_child(
+        &mut self,
+        session: i64,
+        dir: &str,
+        child_prefix: &str,
+        data: &[u8],
+        mode: CreateMode,
+    ) -> Result<Option<String>, DbError> {
+        validate_path(dir)?;
+        let below = child_prefix.strip_prefix(dir).is_some_and(|rest| {
+            rest.len() > 1 && rest.starts_with('/') && !rest[1..].contains('/')
+        });
+        if !below || !mode.is_sequential() || dir == "/" {
+            return Err(StoreError::Other(format!(
+                "create_dir_with_child: {child_prefix:?} must be a sequential child of {dir:?}"
+            ))
+            .into());
+        }
+        if self.meta(dir)?.is_some() || self.meta(split_path(dir).0)?.is_none() {
+            return Ok(None);
+        }
+        self.create(session, dir, b"", CreateMode::Persistent)?;
+        self.create(session, child_prefix, data, mode).map(Some)
     }
 
     /// Replaces a record's data, optionally only at `version`.
@@ -932,6 +987,53 @@ mod tests {
         drop(t);
         assert_eq!(get(&conn, "/x/y").expect("get"), None);
         assert_eq!(current_zxid(&conn).expect("zxid"), 1);
+    }
+
+    #[test]
+    fn a_failed_attempt_is_undone_alone() {
+        let (_dir, mut conn) = fresh();
+        let mut t = Txn::begin(&mut conn).expect("begin");
+        let ok = t
+            .attempt(|t| t.create(0, "/a/x", b"", CreateMode::Persistent))
+            .expect("transaction intact");
+        assert_eq!(ok.expect("created"), "/a/x");
+        let failed = t
+            .attempt(|t| {
+                // Writes (a missing parent, the record, two change ids),
+                // then fails.
+                t.create(0, "/b/y", b"", CreateMode::Persistent)?;
+                t.set("/a/x", b"v", Some(7))
+            })
+            .expect("transaction intact");
+        assert!(
+            matches!(failed, Err(DbError::Store(StoreError::Conflict { .. }))),
+            "{failed:?}"
+        );
+        let seq = t
+            .attempt(|t| t.create(0, "/a/s-", b"", CreateMode::PersistentSequential))
+            .expect("transaction intact");
+        assert_eq!(seq.expect("created"), "/a/s-0000000001");
+        assert!(t.commit().expect("commit"));
+        assert_eq!(
+            get(&conn, "/b").expect("get"),
+            None,
+            "the failed write is gone"
+        );
+        let feed: Vec<(i64, String)> = changes_since(&conn, 0)
+            .expect("feed")
+            .into_iter()
+            .map(|c| (c.zxid, c.path))
+            .collect();
+        assert_eq!(
+            feed,
+            [
+                (1, "/a".to_owned()),
+                (2, "/a/x".to_owned()),
+                (3, "/a/s-0000000001".to_owned())
+            ],
+            "the failed write's change ids were reused"
+        );
+        assert_eq!(current_zxid(&conn).expect("zxid"), 3);
     }
 
     #[test]

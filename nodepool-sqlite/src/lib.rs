@@ -11,8 +11,10 @@
 //!
 //! # Layout
 //!
-//! * `store.rs`: the handle; each operation is one short SQLite transaction
-//!   run on a blocking thread.
+//! * `store.rs`: the handle; writes go to its writer thread, reads to its
+//!   reader thread.
+//! * `queue.rs`: those two threads; writes queued together share one
+//!   transaction and one commit (group commit), each in its own savepoint.
 //! * `db.rs`: the schema and every SQL statement; read its header for the
 //!   tables and why they look as they do.
 //! * `session.rs`: sessions as leased rows; how a dead process's session
@@ -47,6 +49,7 @@
 mod cache;
 mod db;
 mod options;
+mod queue;
 mod session;
 mod store;
 mod worker;

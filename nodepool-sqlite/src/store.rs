@@ -1,7 +1,8 @@
 //! [`SqliteStore`]: the [`StateStore`] handle.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use tokio::sync::{broadcast, watch};
 use crate::cache::Cache;
 use crate::db::{self, DbError, Txn, sql_error};
 use crate::options::SqliteOptions;
+use crate::queue::{self, Read, ReadJob, Write, WriteJob};
 use crate::session::{Due, SessionInfo};
 use crate::worker::{self, Signal};
 
@@ -83,12 +85,19 @@ impl Shared {
         e.into_store(&self.label)
     }
 
-    /// Runs `f` in one write transaction under the live session, after
-    /// expiring other processes' lapsed sessions.
-    fn write<T>(
-        &self,
-        f: impl FnOnce(&mut Txn<'_>, i64) -> Result<T, DbError>,
-    ) -> Result<T, StoreError> {
+    /// Runs a batch of queued writes in one write transaction under the
+    /// live session (the writer thread calls this; see `queue.rs`), then
+    /// answers each caller.
+    pub(crate) fn write_batch(&self, mut batch: Vec<Box<dyn WriteJob>>) {
+        let committed = self.commit_batch(&mut batch);
+        for job in batch {
+            job.finish(committed.clone());
+        }
+    }
+
+    /// The transaction of [`Self::write_batch`], after expiring other
+    /// processes' lapsed sessions.
+    fn commit_batch(&self, batch: &mut [Box<dyn WriteJob>]) -> Result<(), StoreError> {
         let id = self.session_for_op()?;
         let mut conn = lock(&self.writer);
         let mut t = Txn::begin(&mut conn).map_err(|e| sql_error(&self.label, &e))?;
@@ -116,7 +125,10 @@ impl Shared {
             None
         };
         // On error the transaction rolls back as it drops.
-        let v = f(&mut t, id).map_err(|e| self.err(e))?;
+        for job in batch.iter_mut() {
+            job.run(&mut t, id, &self.label)
+                .map_err(|e| sql_error(&self.label, &e))?;
+        }
         let logged = t.commit().map_err(|e| sql_error(&self.label, &e))?;
         drop(conn);
         if let Some(expires) = renewed {
@@ -129,7 +141,28 @@ impl Shared {
         if logged {
             self.nudge();
         }
-        Ok(v)
+        Ok(())
+    }
+
+    /// Answers a batch of queued reads from one read transaction (one
+    /// snapshot) under the live session (the reader thread calls this).
+    pub(crate) fn read_batch(&self, batch: Vec<Box<dyn ReadJob>>) {
+        let mut conn = lock(&self.reader);
+        let tx = self
+            .session_for_op()
+            .and_then(|_| conn.transaction().map_err(|e| sql_error(&self.label, &e)));
+        match &tx {
+            Ok(tx) => {
+                for job in batch {
+                    job.run(Ok(tx), &self.label);
+                }
+            }
+            Err(e) => {
+                for job in batch {
+                    job.run(Err(e.clone()), &self.label);
+                }
+            }
+        }
     }
 
     /// Runs `f` in one read transaction (one snapshot) under the live session.
@@ -171,6 +204,30 @@ impl Shared {
 struct Inner {
     shared: Arc<Shared>,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The writer and reader threads' queues; dropping them ends the threads.
+    writes: mpsc::Sender<Box<dyn WriteJob>>,
+    reads: mpsc::Sender<Box<dyn ReadJob>>,
+    /// Operations queued or running, and totals since opening, for
+    /// [`StateStore::health`].
+    in_flight: AtomicU64,
+    writes_sent: AtomicU64,
+    reads_sent: AtomicU64,
+}
+
+/// Counts an operation in flight while it lives.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        InFlight(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Inner {
@@ -232,16 +289,26 @@ impl SqliteStore {
                     store: label,
                     reason: format!("the opening task failed: {e}"),
                 })??;
-        let handle = worker::spawn(shared.clone(), worker_conn, feed_zxid).map_err(|e| {
-            StoreError::Unavailable {
-                store: shared.label.clone(),
-                reason: format!("cannot start the session thread: {e}"),
-            }
-        })?;
+        let thread_err = |e: std::io::Error| StoreError::Unavailable {
+            store: shared.label.clone(),
+            reason: format!("cannot start the store's threads: {e}"),
+        };
+        let (writes, write_jobs) = mpsc::channel();
+        let (reads, read_jobs) = mpsc::channel();
+        // Writer and reader first: they end with the handle's senders,
+        // whereas the worker would need to be stopped if they failed.
+        queue::spawn_writer(shared.clone(), write_jobs).map_err(thread_err)?;
+        queue::spawn_reader(shared.clone(), read_jobs).map_err(thread_err)?;
+        let handle = worker::spawn(shared.clone(), worker_conn, feed_zxid).map_err(thread_err)?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 shared,
                 worker: Mutex::new(Some(handle)),
+                writes,
+                reads,
+                in_flight: AtomicU64::new(0),
+                writes_sent: AtomicU64::new(0),
+                reads_sent: AtomicU64::new(0),
             }),
         })
     }
@@ -283,6 +350,44 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || f(&shared))
             .await
             .map_err(|e| StoreError::Other(format!("sqlite task failed: {e}")))?
+    }
+
+    /// Queues a write for the writer thread and waits until its batch
+    /// committed.
+    async fn write<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut Txn<'_>, i64) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (job, rx) = Write::new(op);
+        let _in_flight = InFlight::new(&self.inner.in_flight);
+        self.inner.writes_sent.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .writes
+            .send(Box::new(job))
+            .map_err(|_| self.stopped())?;
+        rx.await.map_err(|_| self.stopped())?
+    }
+
+    /// Queues a read for the reader thread.
+    async fn read<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (job, rx) = Read::new(op);
+        let _in_flight = InFlight::new(&self.inner.in_flight);
+        self.inner.reads_sent.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .reads
+            .send(Box::new(job))
+            .map_err(|_| self.stopped())?;
+        rx.await.map_err(|_| self.stopped())?
+    }
+
+    fn stopped(&self) -> StoreError {
+        StoreError::Other(format!(
+            "{}: the store's thread stopped",
+            self.inner.shared.label
+        ))
     }
 }
 
@@ -365,17 +470,33 @@ impl StateStore for SqliteStore {
     ) -> Result<String, StoreError> {
         let path = path.to_owned();
         let data = data.to_vec();
-        self.blocking(move |s| s.write(|t, session| t.create(session, &path, &data, mode)))
+        self.write(move |t, session| t.create(session, &path, &data, mode))
             .await
+    }
+
+    async fn create_dir_with_child(
+        &self,
+        dir: &str,
+        child_prefix: &str,
+        data: &[u8],
+        child_mode: CreateMode,
+    ) -> Result<Option<String>, StoreError> {
+        let dir = dir.to_owned();
+        let child_prefix = child_prefix.to_owned();
+        let data = data.to_vec();
+        self.write(move |t, session| {
+            t.create_dir_with_child(session, &dir, &child_prefix, &data, child_mode)
+        })
+        .await
     }
 
     async fn get(&self, path: &str) -> Result<Option<(Bytes, Stat)>, StoreError> {
         validate_path(path)?;
         let path = path.to_owned();
-        self.blocking(move |s| match s.read(|c| Ok(db::get(c, &path)?))? {
+        self.read(move |c| match db::get(c, &path)? {
             None => Ok(None),
             Some(Ok(r)) => Ok(Some((r.data, r.stat))),
-            Some(Err(m)) => Err(m.into_store()),
+            Some(Err(m)) => Err(m.into_store().into()),
         })
         .await
     }
@@ -384,22 +505,19 @@ impl StateStore for SqliteStore {
         validate_path(path)?;
         let path = path.to_owned();
         let data = data.to_vec();
-        self.blocking(move |s| s.write(|t, _| t.set(&path, &data, version)))
-            .await
+        self.write(move |t, _| t.set(&path, &data, version)).await
     }
 
     async fn delete(&self, path: &str, version: Option<i32>) -> Result<(), StoreError> {
         let path = path.to_owned();
-        self.blocking(move |s| s.write(|t, _| t.delete(&path, version)))
-            .await
+        self.write(move |t, _| t.delete(&path, version)).await
     }
 
     async fn children(&self, path: &str) -> Result<Vec<String>, StoreError> {
         validate_path(path)?;
         let path = path.to_owned();
-        self.blocking(move |s| {
-            s.read(|c| Ok(db::children(c, &path)?))?
-                .ok_or(StoreError::NotFound { path })
+        self.read(move |c| {
+            db::children(c, &path)?.ok_or_else(|| StoreError::NotFound { path }.into())
         })
         .await
     }
@@ -417,12 +535,18 @@ impl StateStore for SqliteStore {
         self.inner.shared.session_tx.subscribe()
     }
 
-    /// Changes waiting for the slowest subscriber. Requests run on the
-    /// caller's blocking thread (no queue) and the scan cache is refreshed
-    /// under its lock, which this must not wait for.
+    /// Writes and reads queued for (or running on) the writer and reader
+    /// threads, their totals, and changes waiting for the slowest
+    /// subscriber. Scans are not counted (they run on a blocking thread)
+    /// and the scan cache is refreshed under its lock, which this must not
+    /// wait for.
     fn health(&self) -> StoreHealth {
+        let i = &self.inner;
         StoreHealth {
-            playback_queue: self.inner.shared.events.len() as u64,
+            requests_in_flight: i.in_flight.load(Ordering::Relaxed),
+            playback_queue: i.shared.events.len() as u64,
+            writes: i.writes_sent.load(Ordering::Relaxed),
+            reads: i.reads_sent.load(Ordering::Relaxed),
             ..StoreHealth::default()
         }
     }

@@ -366,3 +366,106 @@ async fn cached_and_direct_scans_agree_under_writes_from_another_handle() {
     let nodes = cached.scan("/nodepool/nodes").await.expect("scan");
     assert_eq!(nodes[0].stat.num_children as usize, made.len());
 }
+
+/// Polls `f` once, so that every write it starts is queued, and hands it back.
+async fn queue_all<F: std::future::Future>(f: F) -> std::pin::Pin<Box<F>> {
+    let mut f = Box::pin(f);
+    std::future::poll_fn(|cx| {
+        assert!(
+            f.as_mut().poll(cx).is_pending(),
+            "the writes wait for the lock"
+        );
+        std::task::Poll::Ready(())
+    })
+    .await;
+    f
+}
+
+#[tokio::test]
+async fn writes_queued_together_commit_together_each_with_its_own_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("nodepool.db");
+    let store = open(&db).await;
+    let watcher = open(&db).await;
+    let mut events = watcher.subscribe();
+    store
+        .create("/b/x", b"0", CreateMode::Persistent)
+        .await
+        .expect("create");
+    // Another process holds the write lock: every write below is queued
+    // before the writer can start a transaction, so they form batches.
+    let mut other = raw(&db);
+    let lock = other
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .expect("take the write lock");
+    let all = queue_all(async {
+        tokio::join!(
+            store.set("/b/x", b"1", Some(0)),
+            store.set("/b/x", b"stale", Some(0)),
+            store.create("/b/q-", b"", CreateMode::PersistentSequential),
+            store.create("/b/y/z", b"", CreateMode::Persistent),
+            store.create("/b/y/z", b"again", CreateMode::Persistent),
+            store.delete("/b/missing", None),
+            store.create("/b/q-", b"", CreateMode::PersistentSequential),
+            store.create_dir_with_child("/b/d", "/b/d/c-", b"", CreateMode::EphemeralSequential),
+            store.create_dir_with_child("/b/d", "/b/d/c-", b"", CreateMode::EphemeralSequential),
+        )
+    })
+    .await;
+    lock.commit().expect("release the write lock");
+    let (set, stale, q1, z, z_again, missing, q2, d1, d2) = all.await;
+    assert_eq!(set.expect("set").version, 1);
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "{stale:?}"
+    );
+    assert_eq!(q1.expect("sequential"), "/b/q-0000000001");
+    assert_eq!(z.expect("create"), "/b/y/z");
+    assert!(
+        matches!(z_again, Err(StoreError::Conflict { .. })),
+        "{z_again:?}"
+    );
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "{missing:?}"
+    );
+    // The failed create of /b/y/z made no parent and took no number.
+    assert_eq!(q2.expect("sequential"), "/b/q-0000000003");
+    assert_eq!(d1.expect("dir and child"), Some("/b/d/c-0000000000".into()));
+    assert_eq!(d2.expect("dir exists"), None);
+
+    let (data, stat) = store.get("/b/x").await.expect("get").expect("exists");
+    assert_eq!((&data[..], stat.version), (&b"1"[..], 1));
+    assert_eq!(store.children("/b/y").await.expect("children"), ["z"]);
+    let (data, _) = store.get("/b/y/z").await.expect("get").expect("exists");
+    assert!(data.is_empty(), "the failed create wrote nothing");
+    // Another handle sees the changes in the order they were made, with
+    // dense change ids.
+    let want = [
+        StoreEvent::Created("/b".into()),
+        StoreEvent::Created("/b/x".into()),
+        StoreEvent::Changed("/b/x".into()),
+        StoreEvent::Created("/b/q-0000000001".into()),
+        StoreEvent::Created("/b/y".into()),
+        StoreEvent::Created("/b/y/z".into()),
+        StoreEvent::Created("/b/q-0000000003".into()),
+        StoreEvent::Created("/b/d".into()),
+        StoreEvent::Created("/b/d/c-0000000000".into()),
+    ];
+    for w in &want {
+        let got = tokio::time::timeout(DEADLINE, events.recv())
+            .await
+            .expect("event in time")
+            .expect("event");
+        assert_eq!(&got, w);
+    }
+    let (n, hi): (i64, i64) = raw(&db)
+        .query_row("SELECT count(*), max(zxid) FROM changes", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .expect("feed");
+    assert_eq!((n, hi), (want.len() as i64, want.len() as i64));
+    // The ephemeral child belongs to the writer's session.
+    store.close().await.expect("close");
+    assert_eq!(watcher.get("/b/d/c-0000000000").await.expect("get"), None);
+}

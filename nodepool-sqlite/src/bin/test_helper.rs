@@ -14,6 +14,8 @@
 //!   count <lock-dir> <counter> <n>     n times: lock, read the counter, write it + 1, unlock
 //!   write-stream <prefix>              create sequential records forever, printing
 //!                                      COMMITTED <path> after each
+//!   write-batches <prefix> <n>        the same from n concurrent writers (their writes
+//!                                      share transactions: group commit)
 //!   session-watch <ephemeral>          print every session state change; recreate the
 //!                                      ephemeral after each new session; until stdin closes
 //!   write-events <path>                create, change and delete a record, print DONE
@@ -132,6 +134,34 @@ async fn main() -> Result<()> {
                     .await?;
                 say(&format!("COMMITTED {path} {i}"));
                 i += 1;
+            }
+        }
+        "write-batches" => {
+            let prefix = arg(&args, 2, "prefix")?;
+            let writers: usize = arg(&args, 3, "writers")?.parse()?;
+            let mut tasks = tokio::task::JoinSet::new();
+            for w in 0..writers {
+                let backend = backend.clone();
+                let prefix = format!("{prefix}/{w}");
+                tasks.spawn(async move {
+                    let mut i: u64 = 0;
+                    loop {
+                        let path = backend
+                            .create(
+                                &format!("{prefix}-"),
+                                i.to_string().as_bytes(),
+                                CreateMode::PersistentSequential,
+                            )
+                            .await?;
+                        say(&format!("COMMITTED {path} {i}"));
+                        i += 1;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<(), StoreError>(())
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done??;
             }
         }
         "session-watch" => {
