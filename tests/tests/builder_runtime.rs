@@ -1922,14 +1922,21 @@ async fn a_dead_builders_snapshot_is_cleaned_up(backend: nodepool_tests::Backend
         "the dead builder's setup never finished"
     );
     assert_eq!(site.lines("setup-started").len(), 2);
-    assert!(
-        launcher
-            .metrics
-            .counter("nodepool.provider.sim.leaked.instances")
-            >= 1,
-        "{}",
-        launcher.metrics.prometheus()
-    );
+    // The server leaves the listing while the delete call runs; the
+    // launcher counts the leak when the call returns.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while launcher
+        .metrics
+        .counter("nodepool.provider.sim.leaked.instances")
+        < 1
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the setup server was not deleted as leaked: {}",
+            launcher.metrics.prometheus()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     launcher.stop().await;
     b.stop().await;
 }
