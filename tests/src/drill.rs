@@ -1794,9 +1794,12 @@ pub async fn ambiguous_writes(p: &Params, plan: Ambiguity) -> Report {
     let injected = faulty.injected();
     let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
     for f in &injected {
-        *by_state
-            .entry(f.state.clone().unwrap_or_else(|| f.op.to_owned()))
-            .or_default() += 1;
+        let key = match (&f.state, f.op) {
+            (Some(state), "multi") => format!("{state} (in a transaction)"),
+            (Some(state), _) => state.clone(),
+            (None, op) => op.to_owned(),
+        };
+        *by_state.entry(key).or_default() += 1;
     }
     d.note(format!(
         "settled: {settled}; {} node writes applied but reported failed, by state written: {by_state:?}",

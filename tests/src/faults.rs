@@ -10,7 +10,8 @@
 //! - [`Tmpfs`]: a small tmpfs for a SQLite file, filled by a filler file
 //!   (disk full) and freed again.
 //! - [`AmbiguousWrites`]: a [`StateStore`] decorator whose writes are
-//!   applied and then reported as failed ("connection reset"), for an
+//!   applied (single writes and transactions alike) and then reported as
+//!   failed ("connection reset"), for an
 //!   in-process launcher (a release binary has no fault hooks).
 //! - [`Monitor`]: samples the store and the cloud during a whole scenario
 //!   and records what must never be seen (a `ready` node whose server is
@@ -36,7 +37,8 @@ use bytes::Bytes;
 use nodepool_core::model::{NodeState, RequestState};
 use nodepool_core::provider::{Instance, InstanceStatus, Provider};
 use nodepool_core::store::{
-    CreateMode, Entry, SessionState, Stat, StateStore, Store, StoreError, StoreEvent, split_path,
+    CreateMode, Entry, MultiOp, MultiResult, SessionState, Stat, StateStore, Store, StoreError,
+    StoreEvent, split_path,
 };
 use nodepool_simulated::SimulatedProvider;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -739,6 +741,46 @@ impl StateStore for AmbiguousWrites {
 
     async fn scan(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
         self.inner.scan(prefix).await
+    }
+
+    async fn create_dir_with_child(
+        &self,
+        dir: &str,
+        child_prefix: &str,
+        data: &[u8],
+        child_mode: CreateMode,
+    ) -> Result<Option<String>, StoreError> {
+        self.inner
+            .create_dir_with_child(dir, child_prefix, data, child_mode)
+            .await
+    }
+
+    /// The launcher's transactions (accept, lock + `building`, `ready` +
+    /// `fulfilled` + unlocks) are applied whole and, when they write a
+    /// matching record, reported failed like a single write: the
+    /// launcher must resolve them as it resolves single writes.
+    async fn multi(&self, ops: &[MultiOp<'_>]) -> Result<Option<Vec<MultiResult>>, StoreError> {
+        let Some(results) = self.inner.multi(ops).await? else {
+            return Ok(None);
+        };
+        for op in ops {
+            let hit = match op {
+                MultiOp::Set { path, data, .. } if self.plan.sets && self.matches(path) => {
+                    self.roll("multi", path, Some(data))
+                }
+                MultiOp::Create { path, data, .. } if self.plan.creates && self.matches(path) => {
+                    self.roll("multi", path, Some(data))
+                }
+                MultiOp::Delete { path, .. } if self.plan.deletes && self.matches(path) => {
+                    self.roll("multi", path, None)
+                }
+                _ => None,
+            };
+            if let Some(e) = hit {
+                return Err(e);
+            }
+        }
+        Ok(Some(results))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
