@@ -21,6 +21,24 @@ pub enum LogFormat {
     Json,
 }
 
+/// The malloc arenas glibc may make, unless the operator set
+/// `MALLOC_ARENA_MAX`. glibc gives each thread that allocates under
+/// contention its own arena (up to 8 per core), and each keeps freed
+/// memory; the daemons' threads (runtime workers, a store's writer,
+/// reader and poller) then hold several MiB each for no speed: with the
+/// SQLite store a 1,000-request backlog peaked at 41-43 MiB with the
+/// default and 38.8 MiB with two arenas, at the same time and CPU
+/// (BENCHMARKS.md). Called before the runtime starts its threads.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes a malloc tunable; it is called
+        // before this process starts any other thread.
+        #[allow(unsafe_code)]
+        let _ = unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    }
+}
+
 /// A daemon's `main`: logging as asked, a multi-threaded runtime, and the
 /// exit status of `body` (its error printed as `NAME: error`).
 pub fn run_main(
@@ -29,6 +47,7 @@ pub fn run_main(
     debug: bool,
     body: impl std::future::Future<Output = anyhow::Result<()>>,
 ) -> std::process::ExitCode {
+    limit_malloc_arenas();
     init_logging(log_format, debug);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
