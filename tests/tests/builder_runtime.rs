@@ -1924,19 +1924,13 @@ async fn a_dead_builders_snapshot_is_cleaned_up(backend: nodepool_tests::Backend
     assert_eq!(site.lines("setup-started").len(), 2);
     // The server leaves the listing while the delete call runs; the
     // launcher counts the leak when the call returns.
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while launcher
-        .metrics
-        .counter("nodepool.provider.sim.leaked.instances")
-        < 1
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the setup server was not deleted as leaked: {}",
-            launcher.metrics.prometheus()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("the setup server counted as a deleted leak", LIMIT, || {
+        launcher
+            .metrics
+            .counter("nodepool.provider.sim.leaked.instances")
+            >= 1
+    })
+    .await;
     launcher.stop().await;
     b.stop().await;
 }
