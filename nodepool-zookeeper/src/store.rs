@@ -746,6 +746,9 @@ struct Applied {
 
 enum Update {
     Upsert(Cached),
+    /// A lock znode that is not read (`cache::is_unread_lock`): recorded
+    /// if the mirror does not have it yet.
+    Unread(Cached),
     Remove,
     /// The read failed for connection reasons: the mirror must be reloaded.
     Unknown,
@@ -883,6 +886,19 @@ impl Supervisor {
             );
             return;
         }
+        if cache::is_unread_lock(event.path()) {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            self.pipeline.push_back(
+                futures::future::ready(Applied {
+                    event,
+                    update: Update::Unread(Cached::unread(now_ms)),
+                })
+                .boxed(),
+            );
+            return;
+        }
         // The read is sent now (the client sends on call), so it is
         // answered after the change that triggered the event.
         traffic.read(event.path().len());
@@ -915,6 +931,7 @@ impl Supervisor {
             let mut cache = self.shared.cache();
             match applied.update {
                 Update::Upsert(c) => cache.upsert(applied.event.path(), c),
+                Update::Unread(c) => cache.insert_if_absent(applied.event.path(), c),
                 Update::Remove => cache.remove(applied.event.path()),
                 Update::Unknown => self.needs_load = true,
             }

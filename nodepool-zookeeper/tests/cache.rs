@@ -412,3 +412,67 @@ async fn health_reports_the_mirror_and_its_queues() {
         "nothing in flight or unapplied at rest: {h:?}"
     );
 }
+
+/// Request and node locks are mirrored from their watch events alone: a
+/// scan shows them (a record is locked while its contender exists) but
+/// the mirror sends no read for them, as Python Nodepool's and Zuul's
+/// caches do not. Other records are still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_znodes_are_mirrored_without_being_read() {
+    let chroot = common::fresh_chroot();
+    let cached = common::connect(common::plain(&chroot)).await;
+    let other = common::connect(common::plain(&chroot)).await;
+    for dir in ["/nodepool/nodes/0000000001", "/nodepool/requests-lock"] {
+        other
+            .create(dir, b"{}", CreateMode::Persistent)
+            .await
+            .expect("create");
+    }
+    assert_eq!(cached.scan("/nodepool").await.expect("scan").len(), 4);
+    let before = cached.health();
+    let locks = [
+        "/nodepool/nodes/0000000001/lock",
+        "/nodepool/requests-lock/200-0000000001",
+    ];
+    let mut contenders = Vec::new();
+    for dir in locks {
+        other
+            .create(dir, b"", CreateMode::Persistent)
+            .await
+            .expect("create lock dir");
+        let c = other
+            .create(
+                &format!("{dir}/0b1f__lock__"),
+                b"zuul",
+                CreateMode::EphemeralSequential,
+            )
+            .await
+            .expect("create contender");
+        contenders.push(c);
+    }
+    let seen: Vec<String> = cached
+        .scan("/nodepool")
+        .await
+        .expect("scan")
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    for p in locks.iter().map(|p| p.to_string()).chain(contenders.clone()) {
+        assert!(seen.contains(&p), "{p} missing from {seen:?}");
+    }
+    let after = cached.health();
+    assert_eq!(after.watch_events, before.watch_events + 4, "{after:?}");
+    // The scan's sync is its only read.
+    assert_eq!(after.reads, before.reads + 1, "{before:?} then {after:?}");
+    // A released lock is gone from the mirror; a record is read as before.
+    other.delete(&contenders[0], None).await.expect("release");
+    other
+        .set("/nodepool/nodes/0000000001", b"{\"state\": \"ready\"}", None)
+        .await
+        .expect("set");
+    let seen = cached.scan("/nodepool/nodes").await.expect("scan");
+    assert!(seen.iter().all(|e| e.path != contenders[0]), "{seen:?}");
+    assert_eq!(&seen[1].data[..], b"{\"state\": \"ready\"}");
+    let last = cached.health();
+    assert_eq!(last.reads, after.reads + 2, "{after:?} then {last:?}");
+}
