@@ -174,18 +174,37 @@ impl Shared {
     }
 
     fn scan(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
-        validate_path(prefix)?;
+        let mut scans = self.scan_together(&[prefix])?;
+        Ok(scans.pop().unwrap_or_default())
+    }
+
+    /// Each prefix's scan, from one read transaction (or one refresh of
+    /// the scan cache): one state of the file for all of them.
+    fn scan_together(&self, prefixes: &[&str]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        for prefix in prefixes {
+            validate_path(prefix)?;
+        }
         if !self.options.scan_cache {
-            let (rows, bad) = self.read(|c| Ok(db::scan(c, prefix)?))?;
-            for m in bad {
-                tracing::warn!(store = %self.label, path = %m.path, reason = %m.reason, "skipping malformed record row");
-            }
-            return Ok(rows
+            let scans = self.read(|c| {
+                prefixes
+                    .iter()
+                    .map(|p| db::scan(c, p))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(DbError::from)
+            })?;
+            return Ok(scans
                 .into_iter()
-                .map(|r| Entry {
-                    path: r.path,
-                    data: r.data,
-                    stat: r.stat,
+                .map(|(rows, bad)| {
+                    for m in bad {
+                        tracing::warn!(store = %self.label, path = %m.path, reason = %m.reason, "skipping malformed record row");
+                    }
+                    rows.into_iter()
+                        .map(|r| Entry {
+                            path: r.path,
+                            data: r.data,
+                            stat: r.stat,
+                        })
+                        .collect()
                 })
                 .collect());
         }
@@ -195,7 +214,7 @@ impl Shared {
             let mut conn = lock(&self.reader);
             cache.refresh(&mut conn).map_err(|e| self.err(e))?;
         }
-        Ok(cache.scan(prefix))
+        Ok(prefixes.iter().map(|p| cache.scan(p)).collect())
     }
 }
 
@@ -525,6 +544,15 @@ impl StateStore for SqliteStore {
     async fn scan(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
         let prefix = prefix.to_owned();
         self.blocking(move |s| s.scan(&prefix)).await
+    }
+
+    async fn scan_together(&self, prefixes: &[&str]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        let prefixes: Vec<String> = prefixes.iter().map(|p| (*p).to_owned()).collect();
+        self.blocking(move |s| {
+            let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+            s.scan_together(&prefixes)
+        })
+        .await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {

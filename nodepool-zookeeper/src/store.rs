@@ -681,6 +681,23 @@ impl StateStore for ZooKeeperStore {
         Ok(self.shared.cache().scan(prefix))
     }
 
+    async fn scan_together(&self, prefixes: &[&str]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        for prefix in prefixes {
+            validate_path(prefix)?;
+        }
+        if !prefixes.iter().all(|p| self.shared.in_cache(p)) {
+            let mut scans = Vec::with_capacity(prefixes.len());
+            for prefix in prefixes {
+                scans.push(self.scan(prefix).await?);
+            }
+            return Ok(scans);
+        }
+        // One sync, and every prefix from the same state of the mirror.
+        self.freshen().await?;
+        let cache = self.shared.cache();
+        Ok(prefixes.iter().map(|p| cache.scan(p)).collect())
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.shared.events.subscribe()
     }

@@ -457,7 +457,11 @@ async fn lock_znodes_are_mirrored_without_being_read() {
         .into_iter()
         .map(|e| e.path)
         .collect();
-    for p in locks.iter().map(|p| p.to_string()).chain(contenders.clone()) {
+    for p in locks
+        .iter()
+        .map(|p| p.to_string())
+        .chain(contenders.clone())
+    {
         assert!(seen.contains(&p), "{p} missing from {seen:?}");
     }
     let after = cached.health();
@@ -467,7 +471,11 @@ async fn lock_znodes_are_mirrored_without_being_read() {
     // A released lock is gone from the mirror; a record is read as before.
     other.delete(&contenders[0], None).await.expect("release");
     other
-        .set("/nodepool/nodes/0000000001", b"{\"state\": \"ready\"}", None)
+        .set(
+            "/nodepool/nodes/0000000001",
+            b"{\"state\": \"ready\"}",
+            None,
+        )
         .await
         .expect("set");
     let seen = cached.scan("/nodepool/nodes").await.expect("scan");
@@ -475,4 +483,87 @@ async fn lock_znodes_are_mirrored_without_being_read() {
     assert_eq!(&seen[1].data[..], b"{\"state\": \"ready\"}");
     let last = cached.health();
     assert_eq!(last.reads, after.reads + 2, "{after:?} then {last:?}");
+}
+
+/// A planning pass reads requests and their locks as one view: while
+/// another client fulfils requests and releases their locks in one
+/// transaction each, no listing shows a request still `pending` whose lock
+/// is already gone (which a pass would take for a request whose launcher
+/// died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_never_show_a_request_pending_after_its_lock_went() {
+    use nodepool_core::model::{NodeRequest, RequestState, WireRecord};
+    use nodepool_core::store::{LockWait, MultiOp, Store, paths};
+    let chroot = common::fresh_chroot();
+    let reader = Store::new(Arc::new(common::connect(common::plain(&chroot)).await));
+    let raw = common::connect(common::plain(&chroot)).await;
+    let writer = Store::new(Arc::new(raw.clone()));
+    const REQUESTS: usize = 150;
+    let mut held = Vec::new();
+    let mut guards = Vec::new();
+    for _ in 0..REQUESTS {
+        let mut request = NodeRequest::new(vec!["x".into()], "zuul", 1_700_000_000.0);
+        request.state = RequestState::Pending;
+        let id = writer
+            .submit_request(&request, "200", false)
+            .await
+            .expect("submit");
+        let guard = writer
+            .lock_request(&id, LockWait::NonBlocking)
+            .await
+            .expect("lock");
+        let lock = guard.contender().to_owned();
+        // Kept until the end: the transaction below deletes the contender.
+        guards.push(guard);
+        request.state = RequestState::Fulfilled;
+        held.push((id, lock, request.to_json()));
+    }
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fulfil = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            for (id, lock, fulfilled) in &held {
+                let path = paths::request(id);
+                let ops = [
+                    MultiOp::Set {
+                        path: &path,
+                        data: fulfilled,
+                        version: None,
+                    },
+                    MultiOp::Delete {
+                        path: lock,
+                        version: None,
+                    },
+                ];
+                raw.multi(&ops).await.expect("multi").expect("applied");
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let mut listings = 0;
+    let mut seen_mixed = false;
+    while !done.load(std::sync::atomic::Ordering::SeqCst) || listings == 0 {
+        let all = reader.listings().await.expect("listings");
+        listings += 1;
+        let states: Vec<RequestState> = all
+            .requests
+            .records
+            .iter()
+            .map(|r| r.request.state)
+            .collect();
+        seen_mixed |=
+            states.contains(&RequestState::Pending) && states.contains(&RequestState::Fulfilled);
+        for r in &all.requests.records {
+            assert!(
+                r.request.state != RequestState::Pending || r.locked,
+                "listing {listings}: {} pending without its lock",
+                r.id
+            );
+        }
+    }
+    fulfil.await.expect("fulfil task");
+    assert!(
+        seen_mixed,
+        "no listing was taken while requests were being fulfilled ({listings} listings)"
+    );
 }

@@ -378,7 +378,7 @@ async fn registered_pools(store: &Store) -> Result<Vec<String>, StoreError> {
     Ok(ids)
 }
 
-fn action_name(a: &Action) -> &'static str {
+pub(crate) fn action_name(a: &Action) -> &'static str {
     match a {
         Action::Accept { .. } => "accept",
         Action::Decline { .. } => "decline",

@@ -348,11 +348,13 @@ impl Shared {
 /// pools, images and request lock directories (the provider views come
 /// from the clouds; they are left empty).
 pub async fn read_snapshot(store: &Store) -> Result<Snapshot, StoreError> {
-    let nodes = store.list_nodes().await?;
-    let requests = store.list_requests().await?;
-    let pools = store.list_components(ComponentKind::Pool).await?;
-    let images = store.image_state().await?;
-    let lock_dirs = store.list_request_lock_dirs().await?;
+    let crate::store::Listings {
+        nodes,
+        requests,
+        request_lock_dirs: lock_dirs,
+        pools,
+        images,
+    } = store.listings().await?;
     let mut model_api = None;
     for (_, c) in &pools.records {
         if c.model_api > crate::model::MODEL_API {
@@ -821,8 +823,12 @@ impl Runtime {
         );
         self.leak_suspects = plan.leak_suspects.clone();
         self.down_ports = plan.down_ports.clone();
-        if !plan.actions.is_empty() {
-            tracing::debug!(actions = plan.actions.len(), "executing plan");
+        if !plan.actions.is_empty() && tracing::enabled!(tracing::Level::DEBUG) {
+            let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+            for a in &plan.actions {
+                *kinds.entry(executor::action_name(a)).or_default() += 1;
+            }
+            tracing::debug!(actions = plan.actions.len(), ?kinds, "executing plan");
         }
         executor::execute(self.exec_context(), &snapshot, &plan).await;
         self.update_pool_status(&snapshot, &plan).await;

@@ -42,6 +42,7 @@ macro_rules! store_conformance_tests {
             stale_typed_writes_conflict,
             malformed_records_are_skipped,
             listing_shows_node_locks,
+            listings_together_match_each_listing,
             lock_excludes_other_clients,
             lock_nonblocking_and_timeout,
             lock_waiter_gets_it_after_release,
@@ -545,6 +546,97 @@ pub async fn listing_shows_node_locks(h: &dyn Harness) {
     assert!(store.is_node_locked(&id).await.expect("is locked"));
     guard.release().await.expect("release");
     assert!(!store.list_nodes().await.expect("list").records[0].locked);
+}
+
+/// `scan_together` gives each prefix's scan, in order, and the planning
+/// pass's `listings` (read through it) match the listings read one by one:
+/// lock states, pools and images included.
+pub async fn listings_together_match_each_listing(h: &dyn Harness) {
+    let client = h.client().await;
+    let store = Store::new(client.clone());
+    let locked_node = store
+        .create_node(&node(NodeState::Ready, "x"))
+        .await
+        .expect("create");
+    store
+        .create_node(&node(NodeState::Building, "y"))
+        .await
+        .expect("create");
+    let request = NodeRequest::new(vec!["x".into()], "zuul", 1_700_000_000.0);
+    let locked_request = store
+        .submit_request(&request, "200", false)
+        .await
+        .expect("submit");
+    store
+        .submit_request(&request, "100", false)
+        .await
+        .expect("submit");
+    let _node_lock = store
+        .lock_node(&locked_node, LockWait::NonBlocking)
+        .await
+        .expect("lock node");
+    let _request_lock = store
+        .lock_request(&locked_request, LockWait::NonBlocking)
+        .await
+        .expect("lock request");
+    let pool = Component::pool(
+        "host",
+        "1.0",
+        "host-p-main",
+        "p",
+        "main",
+        vec!["x".into()],
+        9,
+    );
+    store.register_component(&pool).await.expect("register");
+    store.set_image_paused("jammy", true).await.expect("pause");
+
+    let prefixes = [paths::NODES, paths::REQUESTS, "/nodepool/absent"];
+    let together = client.scan_together(&prefixes).await.expect("together");
+    assert_eq!(together.len(), 3);
+    for (prefix, scan) in prefixes.iter().zip(&together) {
+        let alone = client.scan(prefix).await.expect("scan");
+        let paths =
+            |s: &[crate::store::Entry]| s.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(scan), paths(&alone), "{prefix}");
+    }
+    assert!(together[2].is_empty());
+
+    let all = store.listings().await.expect("listings");
+    let nodes: Vec<(String, bool)> = all
+        .nodes
+        .records
+        .iter()
+        .map(|r| (r.id.clone(), r.locked))
+        .collect();
+    let one: Vec<(String, bool)> = store
+        .list_nodes()
+        .await
+        .expect("nodes")
+        .records
+        .iter()
+        .map(|r| (r.id.clone(), r.locked))
+        .collect();
+    assert_eq!(nodes, one);
+    assert_eq!(nodes.iter().filter(|(_, l)| *l).count(), 1, "{nodes:?}");
+    let requests: Vec<(String, bool)> = all
+        .requests
+        .records
+        .iter()
+        .map(|r| (r.id.clone(), r.locked))
+        .collect();
+    assert_eq!(
+        requests,
+        [
+            ("100-0000000001".to_owned(), false),
+            (locked_request.clone(), true)
+        ]
+    );
+    assert_eq!(all.request_lock_dirs.len(), 1);
+    assert_eq!(all.request_lock_dirs[0].id, locked_request);
+    assert!(all.request_lock_dirs[0].locked);
+    assert_eq!(all.pools.records.len(), 1);
+    assert!(all.images.paused.contains("jammy"));
 }
 
 /// A lock held by one client cannot be taken by another.

@@ -35,8 +35,8 @@ pub use lock::{LockGuard, LockWait, await_session};
 pub use locked::{Decision, Held, LockOf, RecordKey};
 pub use memory::MemoryStore;
 pub use typed::{
-    BuildRecord, ComponentRegistration, ImageState, Listing, Malformed, NodeRecord, RequestLockDir,
-    RequestRecord, Store, UploadRecord, Versioned,
+    BuildRecord, ComponentRegistration, ImageState, Listing, Listings, Malformed, NodeRecord,
+    RequestLockDir, RequestRecord, Store, UploadRecord, Versioned,
 };
 
 /// How a record is created.
@@ -425,6 +425,20 @@ pub trait StateStore: Send + Sync + fmt::Debug {
     /// May be served from a local cache kept fresh by watches; a planning
     /// pass reads through this.
     async fn scan(&self, prefix: &str) -> Result<Vec<Entry>, StoreError>;
+
+    /// [`scan`](Self::scan) of each prefix, in order, as one view where
+    /// the store can give one: a ZooKeeper mirror answers them all after
+    /// one sync from one state, so that two records written together (a
+    /// request and its lock released in one transaction) are never seen
+    /// one before and one after the write. The default scans one prefix
+    /// after the other.
+    async fn scan_together(&self, prefixes: &[&str]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        let mut scans = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            scans.push(self.scan(prefix).await?);
+        }
+        Ok(scans)
+    }
 
     /// A stream of changes anywhere in the store. Receivers that lag get
     /// `RecvError::Lagged` and should rescan.

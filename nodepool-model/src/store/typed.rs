@@ -29,6 +29,21 @@ pub struct Malformed {
     pub reason: String,
 }
 
+/// Everything a planning pass reads, from [`Store::listings`].
+#[derive(Debug)]
+pub struct Listings {
+    /// Every node, with its lock state.
+    pub nodes: Listing<NodeRecord>,
+    /// Every request, with its lock state.
+    pub requests: Listing<RequestRecord>,
+    /// The request lock directories.
+    pub request_lock_dirs: Vec<RequestLockDir>,
+    /// The registered pools.
+    pub pools: Listing<(String, Component)>,
+    /// Everything under `/nodepool/images`.
+    pub images: ImageState,
+}
+
 /// The decodable records of a listing and the ones that were skipped.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listing<T> {
@@ -588,11 +603,57 @@ impl Store {
         self.retry_unknown(|| self.inner.delete_tree(&path)).await
     }
 
+    /// Scans several prefixes as one view where the store gives one
+    /// ([`StateStore::scan_together`]).
+    async fn scan_together<const N: usize>(
+        &self,
+        prefixes: [&str; N],
+    ) -> Result<[Vec<Entry>; N], StoreError> {
+        let scans = self.inner.scan_together(&prefixes).await?;
+        scans.try_into().map_err(|got: Vec<Vec<Entry>>| {
+            StoreError::Other(format!(
+                "{}: {} scans for {N} prefixes",
+                self.inner.describe(),
+                got.len()
+            ))
+        })
+    }
+
+    /// What a planning pass reads, as one view where the store gives one
+    /// (a ZooKeeper mirror: after one sync, from one state of the mirror),
+    /// so that a request's state and its lock, or a node and the request
+    /// it is allocated to, are never read at different times.
+    pub async fn listings(&self) -> Result<Listings, StoreError> {
+        let pools = paths::components(ComponentKind::Pool.as_str());
+        let [nodes, requests, locks, pool_entries, images] = self
+            .scan_together([
+                paths::NODES,
+                paths::REQUESTS,
+                paths::REQUESTS_LOCK,
+                pools.as_str(),
+                paths::IMAGES,
+            ])
+            .await?;
+        let lock_dirs = Self::lock_dirs_from(&locks);
+        Ok(Listings {
+            nodes: self.nodes_from(&nodes),
+            requests: self.requests_from(&requests, &lock_dirs),
+            request_lock_dirs: lock_dirs,
+            pools: self.components_from(&pools, &pool_entries),
+            images: Self::images_from(&images),
+        })
+    }
+
     /// Every node, with its lock state.
     pub async fn list_nodes(&self) -> Result<Listing<NodeRecord>, StoreError> {
         let entries = self.inner.scan(paths::NODES).await?;
+        Ok(self.nodes_from(&entries))
+    }
+
+    /// The nodes of a scan of [`paths::NODES`].
+    fn nodes_from(&self, entries: &[Entry]) -> Listing<NodeRecord> {
         let mut locked: BTreeSet<&str> = BTreeSet::new();
-        for e in &entries {
+        for e in entries {
             if let Some(record) = contender_of(&e.path) {
                 locked.insert(record);
             }
@@ -603,7 +664,7 @@ impl Store {
         };
         let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = BTreeSet::new();
-        for e in &entries {
+        for e in entries {
             let Some(id) = child_name(&e.path, paths::NODES) else {
                 continue;
             };
@@ -630,7 +691,7 @@ impl Store {
             }
         }
         caches.nodes.retain(|k, _| seen.contains(k.as_str()));
-        Ok(out)
+        out
     }
 
     // ----- requests ----------------------------------------------------
@@ -687,15 +748,25 @@ impl Store {
         .await
     }
 
-    /// Every request, with its lock state.
+    /// Every request, with its lock state (requests and their locks as one
+    /// view where the store gives one: see [`StateStore::scan_together`]).
     pub async fn list_requests(&self) -> Result<Listing<RequestRecord>, StoreError> {
-        let entries = self.inner.scan(paths::REQUESTS).await?;
-        let locked: BTreeSet<String> = self
-            .list_request_lock_dirs()
-            .await?
-            .into_iter()
+        let [requests, locks] = self
+            .scan_together([paths::REQUESTS, paths::REQUESTS_LOCK])
+            .await?;
+        Ok(self.requests_from(&requests, &Self::lock_dirs_from(&locks)))
+    }
+
+    /// The requests of a scan of [`paths::REQUESTS`], locked as `lock_dirs` say.
+    fn requests_from(
+        &self,
+        entries: &[Entry],
+        lock_dirs: &[RequestLockDir],
+    ) -> Listing<RequestRecord> {
+        let locked: BTreeSet<&str> = lock_dirs
+            .iter()
             .filter(|d| d.locked)
-            .map(|d| d.id)
+            .map(|d| d.id.as_str())
             .collect();
         let mut out = Listing {
             records: Vec::new(),
@@ -703,7 +774,7 @@ impl Store {
         };
         let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = BTreeSet::new();
-        for e in &entries {
+        for e in entries {
             let Some(id) = child_name(&e.path, paths::REQUESTS) else {
                 continue;
             };
@@ -724,14 +795,19 @@ impl Store {
             }
         }
         caches.requests.retain(|k, _| seen.contains(k.as_str()));
-        Ok(out)
+        out
     }
 
     /// Request lock directories, for stale-lock cleanup.
     pub async fn list_request_lock_dirs(&self) -> Result<Vec<RequestLockDir>, StoreError> {
         let entries = self.inner.scan(paths::REQUESTS_LOCK).await?;
+        Ok(Self::lock_dirs_from(&entries))
+    }
+
+    /// The lock directories of a scan of [`paths::REQUESTS_LOCK`].
+    fn lock_dirs_from(entries: &[Entry]) -> Vec<RequestLockDir> {
         let mut dirs: BTreeMap<&str, RequestLockDir> = BTreeMap::new();
-        for e in &entries {
+        for e in entries {
             if let Some(id) = child_name(&e.path, paths::REQUESTS_LOCK) {
                 dirs.insert(
                     id,
@@ -743,7 +819,7 @@ impl Store {
                 );
             }
         }
-        for e in &entries {
+        for e in entries {
             let (dir, name) = super::split_path(&e.path);
             if lock_contender_sequence(name).is_some()
                 && let Some(id) = child_name(dir, paths::REQUESTS_LOCK)
@@ -752,7 +828,7 @@ impl Store {
                 d.locked = true;
             }
         }
-        Ok(dirs.into_values().collect())
+        dirs.into_values().collect()
     }
 
     /// Deletes a request lock directory (only if nobody holds it).
@@ -768,8 +844,13 @@ impl Store {
     /// Everything under `/nodepool/images`.
     pub async fn image_state(&self) -> Result<ImageState, StoreError> {
         let entries = self.inner.scan(paths::IMAGES).await?;
+        Ok(Self::images_from(&entries))
+    }
+
+    /// The image state of a scan of [`paths::IMAGES`].
+    fn images_from(entries: &[Entry]) -> ImageState {
         let mut locked: BTreeSet<&str> = BTreeSet::new();
-        for e in &entries {
+        for e in entries {
             if let Some(record) = contender_of(&e.path) {
                 locked.insert(record);
             }
@@ -785,7 +866,7 @@ impl Store {
                 st.build_locked.insert(image.to_owned());
             }
         }
-        for e in &entries {
+        for e in entries {
             match classify_image_path(&e.path) {
                 ImagePath::Image(image) => {
                     st.images.insert(image.to_owned());
@@ -851,7 +932,7 @@ impl Store {
         for m in &st.malformed {
             tracing::warn!(path = %m.path, reason = %m.reason, "skipping malformed image record");
         }
-        Ok(st)
+        st
     }
 
     /// Creates a build record at `/nodepool/images/<image>/builds/<id>`.
@@ -1097,14 +1178,19 @@ impl Store {
     ) -> Result<Listing<(String, Component)>, StoreError> {
         let dir = paths::components(kind.as_str());
         let entries = self.inner.scan(&dir).await?;
+        Ok(self.components_from(&dir, &entries))
+    }
+
+    /// The components of a scan of their directory `dir`.
+    fn components_from(&self, dir: &str, entries: &[Entry]) -> Listing<(String, Component)> {
         let mut out = Listing {
             records: Vec::new(),
             malformed: Vec::new(),
         };
         let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = BTreeSet::new();
-        for e in &entries {
-            let Some(name) = child_name(&e.path, &dir) else {
+        for e in entries {
+            let Some(name) = child_name(&e.path, dir) else {
                 continue;
             };
             seen.insert(e.path.as_str());
@@ -1123,6 +1209,6 @@ impl Store {
         caches
             .components
             .retain(|k, _| !k.starts_with(&prefix) || seen.contains(k.as_str()));
-        Ok(out)
+        out
     }
 }

@@ -43,7 +43,7 @@ use nodepool_core::model::RequestState;
 use nodepool_core::store::StoreEvent;
 use nodepool_requestor::{NewRequest, Requestor};
 use nodepool_tests::scale::{Traffic, scrape};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -252,29 +252,36 @@ providers:
         if remaining.is_zero() {
             bail!("only {} of {n} requests fulfilled within 300 s", done.len());
         }
-        match tokio::time::timeout(remaining, events.recv()).await {
-            Ok(Ok(StoreEvent::Changed(path))) => {
-                if let Some(id) = path.strip_prefix("/nodepool/requests/")
-                    && !done.contains(id)
-                    && let Some(r) = store.get_request(id).await?
-                {
-                    check(id, r.value.state, &mut done, &mut latencies, &mut first);
-                }
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(RecvError::Lagged(_))) => {
-                for r in store.list_requests().await?.records {
-                    check(
-                        &r.id,
-                        r.request.state,
-                        &mut done,
-                        &mut latencies,
-                        &mut first,
-                    );
-                }
-            }
+        // Like Zuul's scheduler, which answers from its cache of
+        // `/nodepool/requests`: the changes that arrived together are
+        // looked up in one listing of the mirror, not read one by one (a
+        // read per change cost this process and ZooKeeper CPU the
+        // launcher shares on a small machine).
+        let mut look = match tokio::time::timeout(remaining, events.recv()).await {
+            Ok(Ok(StoreEvent::Changed(path))) => changed_request(&path, &done),
+            Ok(Ok(_)) => false,
+            Ok(Err(RecvError::Lagged(_))) => true,
             Ok(Err(RecvError::Closed)) => bail!("store event stream closed"),
-            Err(_) => {}
+            Err(_) => false,
+        };
+        loop {
+            match events.try_recv() {
+                Ok(StoreEvent::Changed(path)) => look |= changed_request(&path, &done),
+                Ok(_) => {}
+                Err(TryRecvError::Lagged(_)) => look = true,
+                Err(_) => break,
+            }
+        }
+        if look {
+            for r in store.list_requests().await?.records {
+                check(
+                    &r.id,
+                    r.request.state,
+                    &mut done,
+                    &mut latencies,
+                    &mut first,
+                );
+            }
         }
     }
     let wall = started.elapsed();
@@ -564,4 +571,10 @@ async fn futures_lite_join(
         }
     }
     Ok(out)
+}
+
+/// Whether a changed path is a request still waiting to be seen fulfilled.
+fn changed_request(path: &str, done: &HashSet<String>) -> bool {
+    path.strip_prefix("/nodepool/requests/")
+        .is_some_and(|id| !id.contains('/') && !done.contains(id))
 }
