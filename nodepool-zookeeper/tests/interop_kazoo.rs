@@ -83,16 +83,7 @@ struct Setup {
 async fn setup() -> Setup {
     let chroot = common::fresh_chroot();
     let store = Store::new(Arc::new(common::connect(common::plain(&chroot)).await));
-    let id = store
-        .create_node(&Node::new(
-            NodeState::Ready,
-            1.0,
-            "p",
-            "main",
-            vec!["x".into()],
-        ))
-        .await
-        .expect("create node");
+    let id = create_node(&store, NodeState::Ready).await;
     let hosts = format!("{}{chroot}", common::plain_hosts());
     let dir = paths::node_lock(&id);
     Setup {
@@ -104,8 +95,29 @@ async fn setup() -> Setup {
     }
 }
 
+/// A node in `state`; returns its id.
+async fn create_node(store: &Store, state: NodeState) -> String {
+    store
+        .create_node(&Node::new(state, 1.0, "p", "main", vec!["x".into()]))
+        .await
+        .expect("create node")
+}
+
 async fn lock_children(store: &Store, dir: &str) -> Vec<String> {
     store.backend().children(dir).await.expect("children")
+}
+
+/// The lock's contenders, which must be exactly one named as kazoo names
+/// them (`<32 hex uuid>__lock__<seq>`), so that Python sees a holder.
+async fn sole_kazoo_named_contender(store: &Store, dir: &str) -> Vec<String> {
+    let names = lock_children(store, dir).await;
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(
+        names[0].find("__lock__"),
+        Some(32),
+        "kazoo's name: {names:?}"
+    );
+    names
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,13 +164,7 @@ async fn kazoo_holder_excludes_rust() {
     } = setup().await;
     let mut kazoo = Kazoo::start(&hosts).await;
     assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "locked");
-    let names = lock_children(&store, &dir).await;
-    assert_eq!(names.len(), 1);
-    assert_eq!(
-        names[0].find("__lock__"),
-        Some(32),
-        "kazoo's name: {names:?}"
-    );
+    let names = sole_kazoo_named_contender(&store, &dir).await;
     let r = store.lock_node(&id, LockWait::NonBlocking).await;
     assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
     let r = store
@@ -298,13 +304,7 @@ async fn lock_made_with_its_directory_is_kazoos_lock() {
         .await
         .expect("we lock the new node");
     assert_eq!(writes() - before, 1, "directory and contender in one write");
-    let names = lock_children(&store, &dir).await;
-    assert_eq!(names.len(), 1, "{names:?}");
-    assert_eq!(
-        names[0].find("__lock__"),
-        Some(32),
-        "kazoo's name: {names:?}"
-    );
+    sole_kazoo_named_contender(&store, &dir).await;
     assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "busy");
     guard.release().await.expect("release");
     assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "locked");
@@ -376,16 +376,7 @@ async fn lock_taken_and_released_with_writes_in_one_transaction_is_kazoos_lock()
     assert!(r.is_none(), "{r:?}");
 
     // A fresh node: lock and write in one request.
-    let id = store
-        .create_node(&Node::new(
-            NodeState::Init,
-            1.0,
-            "p",
-            "main",
-            vec!["x".into()],
-        ))
-        .await
-        .expect("create node");
+    let id = create_node(&store, NodeState::Init).await;
     let (dir, key) = (paths::node_lock(&id), RecordKey::node(&id));
     let before = writes();
     let (guard, version) = store
@@ -395,13 +386,7 @@ async fn lock_taken_and_released_with_writes_in_one_transaction_is_kazoos_lock()
         .expect("locked and written");
     assert_eq!(writes() - before, 1, "lock and write in one request");
     assert_eq!(version, 1);
-    let names = lock_children(&store, &dir).await;
-    assert_eq!(names.len(), 1, "{names:?}");
-    assert_eq!(
-        names[0].find("__lock__"),
-        Some(32),
-        "kazoo's name: {names:?}"
-    );
+    sole_kazoo_named_contender(&store, &dir).await;
     assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "busy");
     let read = store.get_node(&id).await.expect("read").expect("node");
     assert_eq!((read.value.state, read.version), (NodeState::Building, 1));
