@@ -72,10 +72,13 @@ impl Kazoo {
     }
 }
 
+/// What every test starts from: a fresh chroot holding one ready node,
+/// our store on it, and a kazoo peer on the same chroot.
 struct Setup {
     store: Store,
     chroot: String,
-    hosts: String,
+    kazoo: Kazoo,
+    /// The node's id and its lock directory.
     id: String,
     dir: String,
 }
@@ -84,12 +87,12 @@ async fn setup() -> Setup {
     let chroot = common::fresh_chroot();
     let store = Store::new(Arc::new(common::connect(common::plain(&chroot)).await));
     let id = create_node(&store, NodeState::Ready).await;
-    let hosts = format!("{}{chroot}", common::plain_hosts());
+    let kazoo = Kazoo::start(&format!("{}{chroot}", common::plain_hosts())).await;
     let dir = paths::node_lock(&id);
     Setup {
         store,
         chroot,
-        hosts,
+        kazoo,
         id,
         dir,
     }
@@ -124,12 +127,11 @@ async fn sole_kazoo_named_contender(store: &Store, dir: &str) -> Vec<String> {
 async fn rust_holder_excludes_kazoo() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         ..
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     let guard = store
         .lock_node(&id, LockWait::NonBlocking)
         .await
@@ -157,12 +159,11 @@ async fn rust_holder_excludes_kazoo() {
 async fn kazoo_holder_excludes_rust() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         ..
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "locked");
     let names = sole_kazoo_named_contender(&store, &dir).await;
     let r = store.lock_node(&id, LockWait::NonBlocking).await;
@@ -204,12 +205,11 @@ async fn kazoo_holder_excludes_rust() {
 async fn mixed_queue_is_served_in_order() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         chroot,
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     let other = Store::new(Arc::new(common::connect(common::plain(&chroot)).await));
     // rust A holds, kazoo waits, rust B waits: A → kazoo → B
     let a = store
@@ -253,8 +253,9 @@ async fn mixed_queue_is_served_in_order() {
 /// launchers has one statsd reporter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stats_election_is_kazoos_election() {
-    let Setup { store, hosts, .. } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
+    let Setup {
+        store, mut kazoo, ..
+    } = setup().await;
     let path = paths::STATS_ELECTION;
     let ours = store
         .elect(path, LockWait::NonBlocking, "rust-host-4242")
@@ -291,12 +292,11 @@ async fn the_stats_election_is_kazoos_election() {
 async fn lock_made_with_its_directory_is_kazoos_lock() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         ..
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     let writes = || store.backend().health().writes;
     let before = writes();
     let guard = store
@@ -345,12 +345,11 @@ async fn lock_made_with_its_directory_is_kazoos_lock() {
 async fn lock_taken_and_released_with_writes_in_one_transaction_is_kazoos_lock() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         ..
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     let writes = || store.backend().health().writes;
     let key = RecordKey::node(&id);
     let mut node = store.get_node(&id).await.expect("read").expect("node");
