@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use nodepool_model::config::{Config, StateStoreConfig};
 use nodepool_model::store::{
-    CreateMode, Entry, SessionState, Stat, StateStore, StoreError, StoreEvent, StoreHealth,
-    validate_path,
+    CreateMode, Entry, InFlight, SessionState, Stat, StateStore, StoreError, StoreEvent,
+    StoreHealth, validate_path,
 };
 use rusqlite::Connection;
 use tokio::sync::{broadcast, watch};
@@ -231,22 +231,6 @@ struct Inner {
     in_flight: AtomicU64,
     writes_sent: AtomicU64,
     reads_sent: AtomicU64,
-}
-
-/// Counts an operation in flight while it lives.
-struct InFlight<'a>(&'a AtomicU64);
-
-impl<'a> InFlight<'a> {
-    fn new(n: &'a AtomicU64) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        InFlight(n)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Drop for Inner {

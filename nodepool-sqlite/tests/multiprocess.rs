@@ -122,10 +122,51 @@ impl Helper {
             .expect("the helper dies")
             .expect("wait");
     }
+
+    /// SIGKILL a writer, then the `path value` of the `COMMITTED` lines
+    /// still in its pipe: what it printed before dying was committed too.
+    async fn kill9_and_drain_committed(&mut self) -> Vec<String> {
+        self.kill9().await;
+        let mut committed = Vec::new();
+        while let Some(line) = self.next_line().await {
+            committed.push(
+                line.strip_prefix("COMMITTED ")
+                    .expect("only COMMITTED lines")
+                    .to_owned(),
+            );
+        }
+        committed
+    }
 }
 
 fn db_in(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("nodepool.db")
+}
+
+/// After writers were killed: opens the file with plain SQLite (for the
+/// caller's further reads) once it passes SQLite's own integrity check.
+fn integrity_checked(db: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity check");
+    assert_eq!(check, "ok");
+    conn
+}
+
+/// Every `path value` a killed writer reported committed reads back, with
+/// its value, through a new client.
+async fn assert_committed(db: &Path, committed: &[String]) {
+    let me = open(db).await;
+    for c in committed {
+        let (path, value) = c.split_once(' ').expect("path and value");
+        let (data, _) = me
+            .get(path)
+            .await
+            .expect("get")
+            .unwrap_or_else(|| panic!("{path} was reported committed but is missing"));
+        assert_eq!(std::str::from_utf8(&data).expect("utf-8"), value, "{path}");
+    }
 }
 
 /// The test process's own client: a long lease, so that it never lapses
@@ -268,33 +309,11 @@ async fn kill_9_during_writes_loses_no_committed_record() {
             committed.push(rest);
             seen += 1;
         }
-        writer.kill9().await;
-        // What it printed before dying was committed too.
-        while let Some(line) = writer.next_line().await {
-            committed.push(
-                line.strip_prefix("COMMITTED ")
-                    .expect("only COMMITTED lines")
-                    .to_owned(),
-            );
-        }
+        committed.extend(writer.kill9_and_drain_committed().await);
     }
 
-    let conn = rusqlite::Connection::open(&db).expect("open");
-    let check: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .expect("integrity check");
-    assert_eq!(check, "ok");
-    drop(conn);
-    let me = open(&db).await;
-    for c in &committed {
-        let (path, value) = c.split_once(' ').expect("path and value");
-        let (data, _) = me
-            .get(path)
-            .await
-            .expect("get")
-            .unwrap_or_else(|| panic!("{path} was reported committed but is missing"));
-        assert_eq!(std::str::from_utf8(&data).expect("utf-8"), value, "{path}");
-    }
+    drop(integrity_checked(&db));
+    assert_committed(&db, &committed).await;
     assert!(committed.len() >= 130, "{} writes", committed.len());
 }
 
@@ -309,20 +328,9 @@ async fn kill_9_during_group_commits_loses_no_acknowledged_write() {
     while acknowledged.len() < 500 {
         acknowledged.push(w.expect("COMMITTED").await);
     }
-    w.kill9().await;
-    while let Some(line) = w.next_line().await {
-        acknowledged.push(
-            line.strip_prefix("COMMITTED ")
-                .expect("only COMMITTED lines")
-                .to_owned(),
-        );
-    }
+    acknowledged.extend(w.kill9_and_drain_committed().await);
 
-    let conn = rusqlite::Connection::open(&db).expect("open");
-    let check: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .expect("integrity check");
-    assert_eq!(check, "ok");
+    let conn = integrity_checked(&db);
     // Change ids stay dense across the batches (a gap would read as
     // pruned changes to every watcher).
     let (n, lo, hi): (i64, i64, i64) = conn
@@ -334,16 +342,7 @@ async fn kill_9_during_group_commits_loses_no_acknowledged_write() {
         .expect("feed");
     assert_eq!(n, hi - lo + 1, "change ids {lo}..{hi} are dense");
     drop(conn);
-    let me = open(&db).await;
-    for a in &acknowledged {
-        let (path, value) = a.split_once(' ').expect("path and value");
-        let (data, _) = me
-            .get(path)
-            .await
-            .expect("get")
-            .unwrap_or_else(|| panic!("{path} was acknowledged but is missing"));
-        assert_eq!(std::str::from_utf8(&data).expect("utf-8"), value, "{path}");
-    }
+    assert_committed(&db, &acknowledged).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

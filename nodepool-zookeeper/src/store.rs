@@ -13,7 +13,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use nodepool_model::store::{
-    CreateMode, Entry, MultiOp, MultiResult, SessionState, Stat, StateStore, StoreError,
+    CreateMode, Entry, InFlight, MultiOp, MultiResult, SessionState, Stat, StateStore, StoreError,
     StoreEvent, StoreHealth, split_path, validate_path,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -109,22 +109,6 @@ impl Traffic {
 
     fn watch_event(&self) {
         self.watch_events.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Counts a request as in flight while it lives.
-struct InFlight<'a>(&'a AtomicU64);
-
-impl<'a> InFlight<'a> {
-    fn new(counter: &'a AtomicU64) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        InFlight(counter)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -72,10 +72,13 @@ impl Kazoo {
     }
 }
 
+/// What every test starts from: a fresh chroot holding one ready node,
+/// our store on it, and a kazoo peer on the same chroot.
 struct Setup {
     store: Store,
     chroot: String,
-    hosts: String,
+    kazoo: Kazoo,
+    /// The node's id and its lock directory.
     id: String,
     dir: String,
 }
@@ -83,41 +86,52 @@ struct Setup {
 async fn setup() -> Setup {
     let chroot = common::fresh_chroot();
     let store = Store::new(Arc::new(common::connect(common::plain(&chroot)).await));
-    let id = store
-        .create_node(&Node::new(
-            NodeState::Ready,
-            1.0,
-            "p",
-            "main",
-            vec!["x".into()],
-        ))
-        .await
-        .expect("create node");
-    let hosts = format!("{}{chroot}", common::plain_hosts());
+    let id = create_node(&store, NodeState::Ready).await;
+    let kazoo = Kazoo::start(&format!("{}{chroot}", common::plain_hosts())).await;
     let dir = paths::node_lock(&id);
     Setup {
         store,
         chroot,
-        hosts,
+        kazoo,
         id,
         dir,
     }
+}
+
+/// A node in `state`; returns its id.
+async fn create_node(store: &Store, state: NodeState) -> String {
+    store
+        .create_node(&Node::new(state, 1.0, "p", "main", vec!["x".into()]))
+        .await
+        .expect("create node")
 }
 
 async fn lock_children(store: &Store, dir: &str) -> Vec<String> {
     store.backend().children(dir).await.expect("children")
 }
 
+/// The lock's contenders, which must be exactly one named as kazoo names
+/// them (`<32 hex uuid>__lock__<seq>`), so that Python sees a holder.
+async fn sole_kazoo_named_contender(store: &Store, dir: &str) -> Vec<String> {
+    let names = lock_children(store, dir).await;
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(
+        names[0].find("__lock__"),
+        Some(32),
+        "kazoo's name: {names:?}"
+    );
+    names
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_holder_excludes_kazoo() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         ..
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     let guard = store
         .lock_node(&id, LockWait::NonBlocking)
         .await
@@ -145,20 +159,13 @@ async fn rust_holder_excludes_kazoo() {
 async fn kazoo_holder_excludes_rust() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         ..
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "locked");
-    let names = lock_children(&store, &dir).await;
-    assert_eq!(names.len(), 1);
-    assert_eq!(
-        names[0].find("__lock__"),
-        Some(32),
-        "kazoo's name: {names:?}"
-    );
+    let names = sole_kazoo_named_contender(&store, &dir).await;
     let r = store.lock_node(&id, LockWait::NonBlocking).await;
     assert!(matches!(r, Err(StoreError::Locked { .. })), "{r:?}");
     let r = store
@@ -198,12 +205,11 @@ async fn kazoo_holder_excludes_rust() {
 async fn mixed_queue_is_served_in_order() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         chroot,
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     let other = Store::new(Arc::new(common::connect(common::plain(&chroot)).await));
     // rust A holds, kazoo waits, rust B waits: A → kazoo → B
     let a = store
@@ -247,8 +253,9 @@ async fn mixed_queue_is_served_in_order() {
 /// launchers has one statsd reporter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stats_election_is_kazoos_election() {
-    let Setup { store, hosts, .. } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
+    let Setup {
+        store, mut kazoo, ..
+    } = setup().await;
     let path = paths::STATS_ELECTION;
     let ours = store
         .elect(path, LockWait::NonBlocking, "rust-host-4242")
@@ -285,12 +292,11 @@ async fn the_stats_election_is_kazoos_election() {
 async fn lock_made_with_its_directory_is_kazoos_lock() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         ..
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     let writes = || store.backend().health().writes;
     let before = writes();
     let guard = store
@@ -298,13 +304,7 @@ async fn lock_made_with_its_directory_is_kazoos_lock() {
         .await
         .expect("we lock the new node");
     assert_eq!(writes() - before, 1, "directory and contender in one write");
-    let names = lock_children(&store, &dir).await;
-    assert_eq!(names.len(), 1, "{names:?}");
-    assert_eq!(
-        names[0].find("__lock__"),
-        Some(32),
-        "kazoo's name: {names:?}"
-    );
+    sole_kazoo_named_contender(&store, &dir).await;
     assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "busy");
     guard.release().await.expect("release");
     assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "locked");
@@ -345,12 +345,11 @@ async fn lock_made_with_its_directory_is_kazoos_lock() {
 async fn lock_taken_and_released_with_writes_in_one_transaction_is_kazoos_lock() {
     let Setup {
         store,
-        hosts,
+        mut kazoo,
         id,
         dir,
         ..
     } = setup().await;
-    let mut kazoo = Kazoo::start(&hosts).await;
     let writes = || store.backend().health().writes;
     let key = RecordKey::node(&id);
     let mut node = store.get_node(&id).await.expect("read").expect("node");
@@ -376,16 +375,7 @@ async fn lock_taken_and_released_with_writes_in_one_transaction_is_kazoos_lock()
     assert!(r.is_none(), "{r:?}");
 
     // A fresh node: lock and write in one request.
-    let id = store
-        .create_node(&Node::new(
-            NodeState::Init,
-            1.0,
-            "p",
-            "main",
-            vec!["x".into()],
-        ))
-        .await
-        .expect("create node");
+    let id = create_node(&store, NodeState::Init).await;
     let (dir, key) = (paths::node_lock(&id), RecordKey::node(&id));
     let before = writes();
     let (guard, version) = store
@@ -395,13 +385,7 @@ async fn lock_taken_and_released_with_writes_in_one_transaction_is_kazoos_lock()
         .expect("locked and written");
     assert_eq!(writes() - before, 1, "lock and write in one request");
     assert_eq!(version, 1);
-    let names = lock_children(&store, &dir).await;
-    assert_eq!(names.len(), 1, "{names:?}");
-    assert_eq!(
-        names[0].find("__lock__"),
-        Some(32),
-        "kazoo's name: {names:?}"
-    );
+    sole_kazoo_named_contender(&store, &dir).await;
     assert_eq!(kazoo.ask(&format!("trylock {dir}")).await, "busy");
     let read = store.get_node(&id).await.expect("read").expect("node");
     assert_eq!((read.value.state, read.version), (NodeState::Building, 1));

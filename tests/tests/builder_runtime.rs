@@ -1275,20 +1275,14 @@ async fn stopping_the_builder_during_a_boot_test_deletes_its_server_and_image() 
     let clouds = Clouds::default();
     let b = v.start(&clouds);
     // The boot test is under way once its server exists.
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    loop {
+    nodepool_tests::eventually("a test server", LIMIT, || async {
         let p1 = clouds.lock().unwrap().get("p1").cloned();
-        if let Some(p1) = p1
-            && !p1.list_instances().await.unwrap().is_empty()
-        {
-            break;
+        match p1 {
+            Some(p1) => !p1.list_instances().await.unwrap().is_empty(),
+            None => false,
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no test server within {LIMIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let store = b.store.clone();
     b.stop().await;
     assert!(
@@ -1903,15 +1897,12 @@ async fn a_dead_builders_snapshot_is_cleaned_up(backend: nodepool_tests::Backend
         })
         .await;
     let (_, up) = snapshots(&st).remove(0);
-    let deadline = tokio::time::Instant::now() + LIMIT;
-    while !builder_servers(&clouds).await.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the dead builder's setup server {dead_server} is not deleted: {:?}",
-            builder_servers(&clouds).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    nodepool_tests::eventually(
+        &format!("the dead builder's setup server {dead_server} deleted"),
+        LIMIT,
+        || async { builder_servers(&clouds).await.is_empty() },
+    )
+    .await;
     assert_eq!(
         nodepool_images(&clouds).await,
         [up.upload.external_id.clone().unwrap()]

@@ -26,6 +26,7 @@ pub mod paths;
 mod typed;
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -325,6 +326,28 @@ pub struct StoreHealth {
     pub bytes_received: u64,
 }
 
+/// Counts one operation as in flight while it lives: +1 when made, -1 when
+/// dropped, so every return path (errors and cancelled futures included)
+/// gives the count back. Stores keep the counter for
+/// [`StoreHealth::requests_in_flight`] in [`StateStore::health`].
+#[derive(Debug)]
+#[must_use = "the operation counts as in flight only while the guard lives"]
+pub struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    /// Adds one to `counter` until the guard is dropped.
+    pub fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A hierarchical store of versioned records with ZooKeeper's semantics.
 ///
 /// Paths are absolute (`/nodepool/nodes/0000000001`), `/`-separated, with no
@@ -506,5 +529,23 @@ pub fn validate_path(path: &str) -> Result<(), StoreError> {
         Ok(())
     } else {
         Err(StoreError::Other(format!("invalid path {path:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_flight_counts_while_guards_live() {
+        let counter = AtomicU64::new(0);
+        let first = InFlight::new(&counter);
+        {
+            let _second = InFlight::new(&counter);
+            assert_eq!(counter.load(Ordering::Relaxed), 2);
+        }
+        assert_eq!(counter.load(Ordering::Relaxed), 1);
+        drop(first);
+        assert_eq!(counter.load(Ordering::Relaxed), 0);
     }
 }
