@@ -110,6 +110,19 @@ impl TreeCache {
         }
     }
 
+    /// Records a znode unless the mirror holds a newer (or the same)
+    /// change of it: after a reload, what one of our writes wrote may be
+    /// older than what the load read.
+    pub fn upsert_if_newer(&mut self, path: &str, cached: Cached) {
+        match self.entries.get_mut(path) {
+            Some(c) if c.stat.mzxid >= cached.stat.mzxid => {}
+            Some(c) => *c = cached,
+            None => {
+                self.entries.insert(path.to_owned(), cached);
+            }
+        }
+    }
+
     /// Records a znode unless the mirror has it already (with better data).
     pub fn insert_if_absent(&mut self, path: &str, cached: Cached) {
         if !self.entries.contains_key(path) {

@@ -567,3 +567,106 @@ async fn listings_never_show_a_request_pending_after_its_lock_went() {
         "no listing was taken while requests were being fulfilled ({listings} listings)"
     );
 }
+
+/// The mirror takes our own writes' data from their answers instead of
+/// reading each changed znode, and still matches ZooKeeper: concurrent
+/// sets of one znode from this client (versioned ones failing), sets in
+/// transactions, and another client's sets of the same znodes in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_writes_reach_the_mirror_without_reads_and_it_matches_zookeeper() {
+    use nodepool_core::store::MultiOp;
+    let chroot = common::fresh_chroot();
+    let cached = common::connect(common::plain(&chroot)).await;
+    let other = common::connect(common::plain(&chroot)).await;
+    const KEYS: usize = 8;
+    for k in 0..KEYS {
+        cached
+            .create(&format!("/nodepool/own/k{k}"), b"0", CreateMode::Persistent)
+            .await
+            .expect("create");
+    }
+    assert_eq!(
+        cached.scan("/nodepool/own").await.expect("scan").len(),
+        KEYS + 1
+    );
+    // Our writes alone: no read for any of them.
+    let before = cached.health();
+    for i in 0..40usize {
+        let p = format!("/nodepool/own/k{}", i % KEYS);
+        cached
+            .set(&p, format!("alone{i}").as_bytes(), None)
+            .await
+            .expect("set");
+    }
+    let seen = cached.scan("/nodepool/own").await.expect("scan");
+    assert_eq!(&seen[1].data[..], b"alone32");
+    let after = cached.health();
+    assert_eq!(
+        after.reads,
+        before.reads + 1,
+        "only the scan's sync: {before:?} then {after:?}"
+    );
+
+    // Now everything at once.
+    futures::stream::iter(0..1_200usize)
+        .map(|i| {
+            let (cached, other) = (cached.clone(), other.clone());
+            async move {
+                let k = i % KEYS;
+                let p = format!("/nodepool/own/k{k}");
+                let q = format!("/nodepool/own/k{}", (k + 1) % KEYS);
+                let data = format!("d{i}");
+                let _ = match i % 5 {
+                    0 => cached.set(&p, data.as_bytes(), None).await.map(|_| ()),
+                    // A versioned set that often fails: another write won.
+                    1 => match cached.get(&p).await {
+                        Ok(Some((_, st))) => cached
+                            .set(&p, data.as_bytes(), Some(st.version))
+                            .await
+                            .map(|_| ()),
+                        _ => Ok(()),
+                    },
+                    2 => cached
+                        .multi(&[
+                            MultiOp::Set {
+                                path: &p,
+                                data: data.as_bytes(),
+                                version: None,
+                            },
+                            MultiOp::Set {
+                                path: &q,
+                                data: data.as_bytes(),
+                                version: None,
+                            },
+                        ])
+                        .await
+                        .map(|_| ()),
+                    // A transaction that fails as a whole: nothing of it applies.
+                    3 => cached
+                        .multi(&[
+                            MultiOp::Set {
+                                path: &p,
+                                data: b"never",
+                                version: None,
+                            },
+                            MultiOp::Set {
+                                path: &q,
+                                data: b"never",
+                                version: Some(-5),
+                            },
+                        ])
+                        .await
+                        .map(|_| ()),
+                    _ => other.set(&p, data.as_bytes(), None).await.map(|_| ()),
+                };
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    let reference = direct(&chroot).await;
+    let want = comparable(reference.scan("/nodepool/own").await.expect("direct scan"));
+    let got = comparable(cached.scan("/nodepool/own").await.expect("mirror scan"));
+    assert_eq!(got, want);
+    assert!(got.iter().all(|(_, data, ..)| data != b"never"));
+}
