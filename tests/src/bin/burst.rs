@@ -39,7 +39,7 @@ use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use nodepool_core::config::Config;
 use nodepool_core::launcher::REQUESTS_IN_FLIGHT;
-use nodepool_core::model::RequestState;
+use nodepool_core::model::{NodeRequest, RequestState, WireRecord};
 use nodepool_core::store::StoreEvent;
 use nodepool_requestor::{NewRequest, Requestor};
 use nodepool_tests::scale::{Traffic, scrape};
@@ -253,26 +253,34 @@ providers:
             bail!("only {} of {n} requests fulfilled within 300 s", done.len());
         }
         // Like Zuul's scheduler, which answers from its cache of
-        // `/nodepool/requests`: the changes that arrived together are
-        // looked up in one listing of the mirror, not read one by one (a
+        // `/nodepool/requests`: the requests that changed together are
+        // looked up in the mirror after one sync, not read one by one (a
         // read per change cost this process and ZooKeeper CPU the
-        // launcher shares on a small machine).
-        let mut look = match tokio::time::timeout(remaining, events.recv()).await {
-            Ok(Ok(StoreEvent::Changed(path))) => changed_request(&path, &done),
-            Ok(Ok(_)) => false,
-            Ok(Err(RecvError::Lagged(_))) => true,
-            Ok(Err(RecvError::Closed)) => bail!("store event stream closed"),
-            Err(_) => false,
+        // launcher shares on a small machine), nor listed whole (a
+        // listing per change is quadratic in a 5,000 backlog).
+        let mut changed: Vec<String> = Vec::new();
+        let mut relist = false;
+        let take = |ev: StoreEvent, changed: &mut Vec<String>| {
+            if let StoreEvent::Changed(path) = ev
+                && changed_request(&path, &done)
+            {
+                changed.push(path);
+            }
         };
+        match tokio::time::timeout(remaining, events.recv()).await {
+            Ok(Ok(ev)) => take(ev, &mut changed),
+            Ok(Err(RecvError::Lagged(_))) => relist = true,
+            Ok(Err(RecvError::Closed)) => bail!("store event stream closed"),
+            Err(_) => {}
+        }
         loop {
             match events.try_recv() {
-                Ok(StoreEvent::Changed(path)) => look |= changed_request(&path, &done),
-                Ok(_) => {}
-                Err(TryRecvError::Lagged(_)) => look = true,
+                Ok(ev) => take(ev, &mut changed),
+                Err(TryRecvError::Lagged(_)) => relist = true,
                 Err(_) => break,
             }
         }
-        if look {
+        if relist {
             for r in store.list_requests().await?.records {
                 check(
                     &r.id,
@@ -281,6 +289,19 @@ providers:
                     &mut latencies,
                     &mut first,
                 );
+            }
+        } else if !changed.is_empty() {
+            let paths: Vec<&str> = changed.iter().map(String::as_str).collect();
+            let scans = store.backend().scan_together(&paths).await?;
+            for (path, scan) in paths.iter().zip(scans) {
+                let Some(entry) = scan.first().filter(|e| e.path == *path) else {
+                    continue;
+                };
+                let Ok(request) = NodeRequest::from_json(&entry.data) else {
+                    continue;
+                };
+                let id = path.trim_start_matches("/nodepool/requests/");
+                check(id, request.state, &mut done, &mut latencies, &mut first);
             }
         }
     }
