@@ -105,27 +105,42 @@ type WriteAnswer = watch::Receiver<Option<Option<Cached>>>;
 /// by a later, newer change, unless events were lost: a reload (after a
 /// reconnection or expiry) forgets every registration, and data older
 /// than what the mirror holds is never applied.
+/// A failed write has no event of its own: it takes itself out again, so
+/// that writes to znodes that are gone for good do not pile up.
 #[derive(Default)]
 struct OwnWrites {
-    by_path: std::collections::HashMap<String, Vec<WriteAnswer>>,
+    by_path: std::collections::HashMap<String, Vec<(u64, WriteAnswer)>>,
+    next_id: u64,
+}
+
+/// A registered write of ours: its answer for the mirror, and where to
+/// take it out of [`OwnWrites`] if it failed.
+struct OwnWrite {
+    answer: watch::Sender<Option<Option<Cached>>>,
+    path: String,
+    id: u64,
 }
 
 impl Shared {
     /// Registers a write of ours to `path` about to be sent, when its
     /// event will reach the mirror.
-    fn own_write(&self, path: &str) -> Option<watch::Sender<Option<Option<Cached>>>> {
+    fn own_write(&self, path: &str) -> Option<OwnWrite> {
         if !self.in_cache(path) {
             return None;
         }
         let (tx, rx) = watch::channel(None);
-        self.own_writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_path
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        own.next_id += 1;
+        let id = own.next_id;
+        own.by_path
             .entry(path.to_owned())
             .or_default()
-            .push(rx);
-        Some(tx)
+            .push((id, rx));
+        Some(OwnWrite {
+            answer: tx,
+            path: path.to_owned(),
+            id,
+        })
     }
 
     /// Takes the writes of ours registered for `path`.
@@ -135,7 +150,19 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .by_path
             .remove(path)
+            .map(|writes| writes.into_iter().map(|(_, answer)| answer).collect())
             .unwrap_or_default()
+    }
+
+    /// Takes a failed write out, unless an event took it already.
+    fn drop_own_write(&self, path: &str, id: u64) {
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(writes) = own.by_path.get_mut(path) {
+            writes.retain(|(i, _)| *i != id);
+            if writes.is_empty() {
+                own.by_path.remove(path);
+            }
+        }
     }
 
     /// Forgets every registration: their events may be lost.
@@ -148,11 +175,16 @@ impl Shared {
     }
 }
 
-/// Records a write's answer for the mirror.
-fn answer_write(tx: Option<watch::Sender<Option<Option<Cached>>>>, written: Option<Cached>) {
-    if let Some(tx) = tx {
-        tx.send_replace(Some(written));
+/// Records a write's answer for the mirror; a failed write is taken out
+/// of the registry (an event that took it meanwhile reads instead).
+fn answer_write(shared: &Shared, write: Option<OwnWrite>, written: Option<Cached>) {
+    let Some(w) = write else {
+        return;
+    };
+    if written.is_none() {
+        shared.drop_own_write(&w.path, w.id);
     }
+    w.answer.send_replace(Some(written));
 }
 
 /// Requests and payload bytes a client sent and received, counted where
@@ -476,6 +508,22 @@ impl ZooKeeperStore {
         }
     }
 
+    /// Writes of this client whose watch events have not reached the
+    /// mirror yet (each is applied from its answer instead of a read, see
+    /// the crate documentation): a handful at most while writes are in
+    /// flight, none once they are answered and applied. For tests and
+    /// debugging.
+    pub fn own_writes_pending(&self) -> usize {
+        self.shared
+            .own_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_path
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
     async fn scan_direct(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
         let client = self.shared.client()?;
         let tree = cache::load(&client, prefix, &self.shared.traffic)
@@ -676,7 +724,7 @@ impl StateStore for ZooKeeperStore {
                 },
                 _ => None,
             };
-            answer_write(answer, written);
+            answer_write(&self.shared, answer, written);
         }
         match committed {
             Ok(results) => Ok(Some(
@@ -727,6 +775,7 @@ impl StateStore for ZooKeeperStore {
         let result = client.set_data(path, data, version).await;
         let stat = result.as_ref().ok().map(cache::stat);
         answer_write(
+            &self.shared,
             answer,
             stat.map(|stat| Cached {
                 data: Bytes::copy_from_slice(data),

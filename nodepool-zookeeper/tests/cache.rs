@@ -669,4 +669,15 @@ async fn own_writes_reach_the_mirror_without_reads_and_it_matches_zookeeper() {
     let got = comparable(cached.scan("/nodepool/own").await.expect("mirror scan"));
     assert_eq!(got, want);
     assert!(got.iter().all(|(_, data, ..)| data != b"never"));
+    // Every write is answered and every event applied: none is left
+    // registered, the failed ones included.
+    assert_eq!(cached.own_writes_pending(), 0);
+    // Failed writes to a znode that is gone have no event to take them.
+    for i in 0..10 {
+        let r = cached
+            .set("/nodepool/own/gone", format!("{i}").as_bytes(), None)
+            .await;
+        assert!(matches!(r, Err(StoreError::NotFound { .. })), "{r:?}");
+    }
+    assert_eq!(cached.own_writes_pending(), 0);
 }
