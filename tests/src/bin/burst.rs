@@ -220,7 +220,6 @@ providers:
     let mut latencies = Vec::with_capacity(n);
     let mut done: HashSet<String> = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(300);
-    // Catch the ones fulfilled before we looked, then follow events.
     let check = |id: &str,
                  state: RequestState,
                  done: &mut HashSet<String>,
@@ -238,15 +237,8 @@ providers:
             });
         }
     };
-    for r in store.list_requests().await?.records {
-        check(
-            &r.id,
-            r.request.state,
-            &mut done,
-            &mut latencies,
-            &mut first,
-        );
-    }
+    // The first look lists them all: some may be fulfilled already.
+    let mut relist = true;
     while done.len() < n {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -259,28 +251,30 @@ providers:
         // launcher shares on a small machine), nor listed whole (a
         // listing per change is quadratic in a 5,000 backlog).
         let mut changed: Vec<String> = Vec::new();
-        let mut relist = false;
-        let take = |ev: StoreEvent, changed: &mut Vec<String>| {
-            if let StoreEvent::Changed(path) = ev
-                && changed_request(&path, &done)
-            {
-                changed.push(path);
+        if !relist {
+            let take = |ev: StoreEvent, changed: &mut Vec<String>| {
+                if let StoreEvent::Changed(path) = ev
+                    && changed_request(&path, &done)
+                {
+                    changed.push(path);
+                }
+            };
+            match tokio::time::timeout(remaining, events.recv()).await {
+                Ok(Ok(ev)) => take(ev, &mut changed),
+                Ok(Err(RecvError::Lagged(_))) => relist = true,
+                Ok(Err(RecvError::Closed)) => bail!("store event stream closed"),
+                Err(_) => {}
             }
-        };
-        match tokio::time::timeout(remaining, events.recv()).await {
-            Ok(Ok(ev)) => take(ev, &mut changed),
-            Ok(Err(RecvError::Lagged(_))) => relist = true,
-            Ok(Err(RecvError::Closed)) => bail!("store event stream closed"),
-            Err(_) => {}
-        }
-        loop {
-            match events.try_recv() {
-                Ok(ev) => take(ev, &mut changed),
-                Err(TryRecvError::Lagged(_)) => relist = true,
-                Err(_) => break,
+            loop {
+                match events.try_recv() {
+                    Ok(ev) => take(ev, &mut changed),
+                    Err(TryRecvError::Lagged(_)) => relist = true,
+                    Err(_) => break,
+                }
             }
         }
         if relist {
+            relist = false;
             for r in store.list_requests().await?.records {
                 check(
                     &r.id,
