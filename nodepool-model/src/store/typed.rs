@@ -1,6 +1,6 @@
 //! Typed operations on top of any [`StateStore`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use super::lock::{self, LockGuard, LockWait};
@@ -652,7 +652,7 @@ impl Store {
 
     /// The nodes of a scan of [`paths::NODES`].
     fn nodes_from(&self, entries: &[Entry]) -> Listing<NodeRecord> {
-        let mut locked: BTreeSet<&str> = BTreeSet::new();
+        let mut locked: HashSet<&str> = HashSet::new();
         for e in entries {
             if let Some(record) = contender_of(&e.path) {
                 locked.insert(record);
@@ -663,7 +663,7 @@ impl Store {
             malformed: Vec::new(),
         };
         let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-        let mut seen = BTreeSet::new();
+        let mut seen = HashSet::with_capacity(entries.len());
         for e in entries {
             let Some(id) = child_name(&e.path, paths::NODES) else {
                 continue;
@@ -763,7 +763,7 @@ impl Store {
         entries: &[Entry],
         lock_dirs: &[RequestLockDir],
     ) -> Listing<RequestRecord> {
-        let locked: BTreeSet<&str> = lock_dirs
+        let locked: HashSet<&str> = lock_dirs
             .iter()
             .filter(|d| d.locked)
             .map(|d| d.id.as_str())
@@ -773,7 +773,7 @@ impl Store {
             malformed: Vec::new(),
         };
         let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-        let mut seen = BTreeSet::new();
+        let mut seen = HashSet::with_capacity(entries.len());
         for e in entries {
             let Some(id) = child_name(&e.path, paths::REQUESTS) else {
                 continue;
@@ -1188,7 +1188,7 @@ impl Store {
             malformed: Vec::new(),
         };
         let mut caches = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-        let mut seen = BTreeSet::new();
+        let mut seen = HashSet::with_capacity(entries.len());
         for e in entries {
             let Some(name) = child_name(&e.path, dir) else {
                 continue;
