@@ -32,21 +32,12 @@ pub(crate) struct Cached {
 /// directory's age, which the event's arrival time gives closely enough
 /// for stale-lock cleanup (hours). Reading them was 4 of the ~11 reads a
 /// request cost every mirror; Python Nodepool's and Zuul's tree caches do
-/// not fetch lock contenders either (their `preCacheHook` stops them).
+/// not fetch them either (only paths that map to a cached record are
+/// fetched; `preCacheHook` tracks contenders by path).
 pub(crate) fn is_unread_lock(path: &str) -> bool {
     use nodepool_model::store::paths::{LOCK, NODES, REQUESTS_LOCK, lock_contender_sequence};
-    let lock_parts = |rest: &str| -> bool {
-        let mut parts = rest.split('/');
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(_), Some(LOCK), None, None) => true,
-            (Some(_), Some(LOCK), Some(c), None) => lock_contender_sequence(c).is_some(),
-            _ => false,
-        }
-    };
-    if let Some(rest) = path
-        .strip_prefix(REQUESTS_LOCK)
-        .and_then(|r| r.strip_prefix('/'))
-    {
+    let below = |root: &str| path.strip_prefix(root).and_then(|r| r.strip_prefix('/'));
+    if let Some(rest) = below(REQUESTS_LOCK) {
         let mut parts = rest.split('/');
         return match (parts.next(), parts.next(), parts.next()) {
             (Some(id), None, None) => !id.is_empty(),
@@ -54,9 +45,14 @@ pub(crate) fn is_unread_lock(path: &str) -> bool {
             _ => false,
         };
     }
-    match path.strip_prefix(NODES).and_then(|r| r.strip_prefix('/')) {
-        Some(rest) => lock_parts(rest),
-        None => false,
+    let Some(rest) = below(NODES) else {
+        return false;
+    };
+    let mut parts = rest.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(LOCK), None, None) => true,
+        (Some(_), Some(LOCK), Some(c), None) => lock_contender_sequence(c).is_some(),
+        _ => false,
     }
 }
 

@@ -772,19 +772,16 @@ impl StateStore for ZooKeeperStore {
         let client = self.shared.client()?;
         self.shared.traffic.write(path.len() + data.len());
         let answer = self.shared.own_write(path);
-        let result = client.set_data(path, data, version).await;
-        let stat = result.as_ref().ok().map(cache::stat);
-        answer_write(
-            &self.shared,
-            answer,
-            stat.map(|stat| Cached {
-                data: Bytes::copy_from_slice(data),
-                stat,
-            }),
-        );
-        result
-            .map(|s| cache::stat(&s))
-            .map_err(|e| self.shared.map(e, path))
+        let result = client
+            .set_data(path, data, version)
+            .await
+            .map(|s| cache::stat(&s));
+        let written = result.as_ref().ok().map(|&stat| Cached {
+            data: Bytes::copy_from_slice(data),
+            stat,
+        });
+        answer_write(&self.shared, answer, written);
+        result.map_err(|e| self.shared.map(e, path))
     }
 
     async fn delete(&self, path: &str, version: Option<i32>) -> Result<(), StoreError> {
@@ -1088,9 +1085,7 @@ impl Supervisor {
             return;
         }
         if cache::is_unread_lock(event.path()) {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let now_ms = (nodepool_model::model::epoch_now() * 1000.0) as i64;
             self.pipeline.push_back(
                 futures::future::ready(Applied {
                     event,

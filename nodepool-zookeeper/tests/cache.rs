@@ -23,6 +23,15 @@ async fn direct(chroot: &str) -> ZooKeeperStore {
     common::connect(options).await
 }
 
+/// A fresh chroot and two clients of it: the one whose mirror a test
+/// looks at, and another.
+async fn two_clients() -> (String, ZooKeeperStore, ZooKeeperStore) {
+    let chroot = common::fresh_chroot();
+    let first = common::connect(common::plain(&chroot)).await;
+    let second = common::connect(common::plain(&chroot)).await;
+    (chroot, first, second)
+}
+
 /// Path, data, version, czxid, mzxid, ephemeral owner, children.
 type Comparable = (String, Vec<u8>, i32, i64, i64, i64, i32);
 
@@ -100,9 +109,7 @@ async fn mirror_matches_zookeeper_after_concurrent_churn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_shows_every_write_completed_before_it() {
-    let chroot = common::fresh_chroot();
-    let reader = common::connect(common::plain(&chroot)).await;
-    let writer = common::connect(common::plain(&chroot)).await;
+    let (_, reader, writer) = two_clients().await;
     writer
         .create("/nodepool/x", b"0", CreateMode::Persistent)
         .await
@@ -361,9 +368,7 @@ async fn expiry_drops_our_ephemerals_from_the_mirror() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_the_mirror_and_its_queues() {
     use nodepool_core::store::StoreHealth;
-    let chroot = common::fresh_chroot();
-    let a = common::connect(common::plain(&chroot)).await;
-    let b = common::connect(common::plain(&chroot)).await;
+    let (_, a, b) = two_clients().await;
     let before = a.health();
     // A subscriber that reads nothing: every change waits for it.
     let _slow = a.subscribe();
@@ -419,9 +424,7 @@ async fn health_reports_the_mirror_and_its_queues() {
 /// caches do not. Other records are still read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_znodes_are_mirrored_without_being_read() {
-    let chroot = common::fresh_chroot();
-    let cached = common::connect(common::plain(&chroot)).await;
-    let other = common::connect(common::plain(&chroot)).await;
+    let (_, cached, other) = two_clients().await;
     for dir in ["/nodepool/nodes/0000000001", "/nodepool/requests-lock"] {
         other
             .create(dir, b"{}", CreateMode::Persistent)
@@ -575,9 +578,7 @@ async fn listings_never_show_a_request_pending_after_its_lock_went() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_writes_reach_the_mirror_without_reads_and_it_matches_zookeeper() {
     use nodepool_core::store::MultiOp;
-    let chroot = common::fresh_chroot();
-    let cached = common::connect(common::plain(&chroot)).await;
-    let other = common::connect(common::plain(&chroot)).await;
+    let (chroot, cached, other) = two_clients().await;
     const KEYS: usize = 8;
     for k in 0..KEYS {
         cached

@@ -743,6 +743,12 @@ impl StateStore for AmbiguousWrites {
         self.inner.scan(prefix).await
     }
 
+    /// Forwarded whole: the launcher's snapshot is one view of the store
+    /// here as without the decorator.
+    async fn scan_together(&self, prefixes: &[&str]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        self.inner.scan_together(prefixes).await
+    }
+
     async fn create_dir_with_child(
         &self,
         dir: &str,
