@@ -107,10 +107,31 @@ type WriteAnswer = watch::Receiver<Option<Option<Cached>>>;
 /// than what the mirror holds is never applied.
 /// A failed write has no event of its own: it takes itself out again, so
 /// that writes to znodes that are gone for good do not pile up.
+///
+/// Creates are registered likewise, under the parent they create in: a
+/// sequential create's name is only known from its answer. A creation
+/// event under a parent with creates of ours registered waits for their
+/// answers, oldest first (the server answers one session's requests in
+/// order, and the event comes before its create's answer), and applies
+/// the one that made the event's path; if none did (another client's
+/// create), it reads.
 #[derive(Default)]
 struct OwnWrites {
     by_path: std::collections::HashMap<String, Vec<(u64, WriteAnswer)>>,
+    creates_by_parent: std::collections::HashMap<String, Vec<(u64, CreateAnswer)>>,
     next_id: u64,
+}
+
+/// The answer to one of our own creates, as [`WriteAnswer`] with the path
+/// made (a sequential name is known only from it).
+type CreateAnswer = watch::Receiver<Option<Option<(String, Cached)>>>;
+
+/// A registered create of ours: its answer for the mirror, and where to
+/// take it out of [`OwnWrites`] once answered.
+struct OwnCreate {
+    answer: watch::Sender<Option<Option<(String, Cached)>>>,
+    parent: String,
+    id: u64,
 }
 
 /// A registered write of ours: its answer for the mirror, and where to
@@ -167,12 +188,84 @@ impl Shared {
 
     /// Forgets every registration: their events may be lost.
     fn forget_own_writes(&self) {
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        own.by_path.clear();
+        own.creates_by_parent.clear();
+    }
+
+    /// Registers a create of ours at `path` (a prefix for sequential
+    /// modes) about to be sent, when its event will reach the mirror and
+    /// be read. Lock znodes are not read anyway.
+    fn own_create(&self, path: &str) -> Option<OwnCreate> {
+        if !self.in_cache(path) || cache::is_unread_lock(path) {
+            return None;
+        }
+        let parent = nodepool_model::store::split_path(path).0.to_owned();
+        let (tx, rx) = watch::channel(None);
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        own.next_id += 1;
+        let id = own.next_id;
+        own.creates_by_parent
+            .entry(parent.clone())
+            .or_default()
+            .push((id, rx));
+        Some(OwnCreate {
+            answer: tx,
+            parent,
+            id,
+        })
+    }
+
+    /// The creates of ours registered under `parent`, oldest first; they
+    /// stay registered (each event takes only its own, see
+    /// [`drop_own_create`](Self::drop_own_create)).
+    fn own_creates_under(&self, parent: &str) -> Vec<(u64, CreateAnswer)> {
         self.own_writes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .by_path
-            .clear();
+            .creates_by_parent
+            .get(parent)
+            .cloned()
+            .unwrap_or_default()
     }
+
+    /// Takes a create out: its event applied it, or it failed.
+    fn drop_own_create(&self, parent: &str, id: u64) {
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(creates) = own.creates_by_parent.get_mut(parent) {
+            creates.retain(|(i, _)| *i != id);
+            if creates.is_empty() {
+                own.creates_by_parent.remove(parent);
+            }
+        }
+    }
+}
+
+/// The stat of a znode created by the transaction whose change id and
+/// time `txn` (another of its operations' stat) carries.
+fn created_in(txn: &zk::Stat, mode: CreateMode, session: i64) -> Stat {
+    Stat {
+        version: 0,
+        czxid: txn.mzxid,
+        mzxid: txn.mzxid,
+        ctime: txn.mtime,
+        mtime: txn.mtime,
+        ephemeral_owner: if mode.is_ephemeral() { session } else { 0 },
+        num_children: 0,
+    }
+}
+
+/// Records a create's answer for the mirror; a failed one is taken out of
+/// the registry (it has no event), as is one whose stat the server did not
+/// send (its event reads instead).
+fn answer_create(shared: &Shared, create: Option<OwnCreate>, made: Option<(String, Cached)>) {
+    let Some(c) = create else {
+        return;
+    };
+    if made.is_none() {
+        shared.drop_own_create(&c.parent, c.id);
+    }
+    c.answer.send_replace(Some(made));
 }
 
 /// Records a write's answer for the mirror; a failed write is taken out
@@ -508,20 +601,19 @@ impl ZooKeeperStore {
         }
     }
 
-    /// Writes of this client whose watch events have not reached the
+    /// Writes and creates of this client whose watch events have not reached the
     /// mirror yet (each is applied from its answer instead of a read, see
     /// the crate documentation): a handful at most while writes are in
     /// flight, none once they are answered and applied. For tests and
     /// debugging.
     pub fn own_writes_pending(&self) -> usize {
-        self.shared
+        let own = self
+            .shared
             .own_writes
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_path
-            .values()
-            .map(Vec::len)
-            .sum()
+            .unwrap_or_else(|p| p.into_inner());
+        own.by_path.values().map(Vec::len).sum::<usize>()
+            + own.creates_by_parent.values().map(Vec::len).sum::<usize>()
     }
 
     async fn scan_direct(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
@@ -601,26 +693,44 @@ impl StateStore for ZooKeeperStore {
         let client = self.shared.client()?;
         let options = zk_mode(mode).with_acls(zk::Acls::anyone_all());
         let mut made_parents = false;
+        let mut own = self.shared.own_create(path);
         loop {
             self.shared.traffic.write(path.len() + data.len());
             match client.create(path, data, &options).await {
-                Ok((_, seq)) => {
-                    return Ok(if mode.is_sequential() {
+                Ok((stat, seq)) => {
+                    let made = if mode.is_sequential() {
                         format!("{path}{seq}")
                     } else {
                         path.to_owned()
+                    };
+                    let cached = (!stat.is_invalid()).then(|| {
+                        (
+                            made.clone(),
+                            Cached {
+                                data: Bytes::copy_from_slice(data),
+                                stat: cache::stat(&stat),
+                            },
+                        )
                     });
+                    answer_create(&self.shared, own.take(), cached);
+                    return Ok(made);
                 }
                 // kazoo's makepath: missing parents become empty persistent znodes.
                 Err(zk::Error::NoNode) if !made_parents && parent != "/" => {
                     made_parents = true;
+                    // Registered again below, after the parents' creates.
+                    answer_create(&self.shared, own.take(), None);
                     self.shared.traffic.write(parent.len());
                     client
                         .mkdir(parent, &persistent_dir_options())
                         .await
                         .map_err(|e| self.shared.map(e, parent))?;
+                    own = self.shared.own_create(path);
                 }
-                Err(e) => return Err(self.shared.map(e, path)),
+                Err(e) => {
+                    answer_create(&self.shared, own.take(), None);
+                    return Err(self.shared.map(e, path));
+                }
             }
         }
     }
@@ -712,7 +822,51 @@ impl StateStore for ZooKeeperStore {
                 _ => None,
             })
             .collect();
+        let creates: Vec<_> = ops
+            .iter()
+            .map(|op| match op {
+                MultiOp::Create { path, .. } => self.shared.own_create(path),
+                _ => None,
+            })
+            .collect();
         let committed = multi.commit().await;
+        // ZooKeeper before 3.9 answers a create inside a transaction
+        // without its stat (ZOOKEEPER-4026); every operation of a
+        // transaction has its change id and time, so a set's stat in the
+        // same answer gives them.
+        let txn_stat = committed.as_ref().ok().and_then(|results| {
+            results.iter().find_map(|r| match r {
+                zk::MultiWriteResult::SetData { stat } if !stat.is_invalid() => Some(*stat),
+                _ => None,
+            })
+        });
+        let session = client.session_id().0;
+        for (i, (op, create)) in ops.iter().zip(creates).enumerate() {
+            let made = match (op, &committed) {
+                (MultiOp::Create { data, mode, .. }, Ok(results)) => {
+                    let stat = match results.get(i) {
+                        Some(zk::MultiWriteResult::Create { path, stat }) if !stat.is_invalid() => {
+                            Some((path, cache::stat(stat)))
+                        }
+                        Some(zk::MultiWriteResult::Create { path, .. }) => {
+                            txn_stat.map(|t| (path, created_in(&t, *mode, session)))
+                        }
+                        _ => None,
+                    };
+                    stat.map(|(path, stat)| {
+                        (
+                            path.clone(),
+                            Cached {
+                                data: Bytes::copy_from_slice(data),
+                                stat,
+                            },
+                        )
+                    })
+                }
+                _ => None,
+            };
+            answer_create(&self.shared, create, made);
+        }
         for (i, (op, answer)) in ops.iter().zip(answers).enumerate() {
             let written = match (op, &committed) {
                 (MultiOp::Set { data, .. }, Ok(results)) => match results.get(i) {
@@ -951,6 +1105,32 @@ async fn newest_written(answers: Vec<WriteAnswer>) -> Option<Cached> {
     newest
 }
 
+/// What our create of `path` made, if one of `creates` (registered under
+/// its parent, oldest first) did: answers are awaited in that order and
+/// the search stops at the match, so a create of ours costs the wait for
+/// its own answer, which follows its event on the connection. The match
+/// is taken out of the registry.
+async fn our_create(
+    shared: &Shared,
+    parent: &str,
+    path: &str,
+    creates: Vec<(u64, CreateAnswer)>,
+) -> Option<Cached> {
+    for (id, mut answer) in creates {
+        let made = match answer.wait_for(Option::is_some).await {
+            Ok(a) => a.clone().flatten(),
+            Err(_) => None,
+        };
+        if let Some((made_path, cached)) = made
+            && made_path == path
+        {
+            shared.drop_own_create(parent, id);
+            return Some(cached);
+        }
+    }
+    None
+}
+
 /// The background task: turns watch events into mirror updates and change
 /// events, reloads after reconnection, replaces expired sessions.
 struct Supervisor {
@@ -1094,6 +1274,31 @@ impl Supervisor {
                 .boxed(),
             );
             return;
+        }
+        if matches!(event, StoreEvent::Created(_)) {
+            let parent = nodepool_model::store::split_path(event.path()).0;
+            let creates = self.shared.own_creates_under(parent);
+            if !creates.is_empty() {
+                let client = self.client.clone();
+                let shared = self.shared.clone();
+                let parent = parent.to_owned();
+                self.pipeline.push_back(
+                    async move {
+                        let update = match our_create(&shared, &parent, event.path(), creates).await
+                        {
+                            Some(c) => Update::Written(c),
+                            // Another client's: read as usual.
+                            None => {
+                                shared.traffic.read(event.path().len());
+                                read_update(&shared, client.get_data(event.path())).await
+                            }
+                        };
+                        Applied { event, update }
+                    }
+                    .boxed(),
+                );
+                return;
+            }
         }
         if matches!(event, StoreEvent::Changed(_)) {
             let written = self.shared.take_own_writes(event.path());

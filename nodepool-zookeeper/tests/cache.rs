@@ -682,3 +682,144 @@ async fn own_writes_reach_the_mirror_without_reads_and_it_matches_zookeeper() {
     }
     assert_eq!(cached.own_writes_pending(), 0);
 }
+
+/// As [`comparable`], with the creation and change times: a create's stat
+/// inside a transaction is made from the transaction's other stat.
+fn with_times(entries: Vec<Entry>) -> Vec<(Comparable, i64, i64)> {
+    entries
+        .into_iter()
+        .map(|e| {
+            let times = (e.stat.ctime, e.stat.mtime);
+            (comparable(vec![e]).remove(0), times.0, times.1)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_creates_reach_the_mirror_without_reads_and_it_matches_zookeeper() {
+    use nodepool_core::store::MultiOp;
+    let (chroot, cached, other) = two_clients().await;
+    cached
+        .create("/nodepool/made/key", b"0", CreateMode::Persistent)
+        .await
+        .expect("create");
+    assert_eq!(cached.scan("/nodepool/made").await.expect("scan").len(), 2);
+    // Our creates alone, plain and in transactions (sequential names, as
+    // nodes get): no read for any of them.
+    let before = cached.health();
+    for i in 0..20usize {
+        cached
+            .create(
+                "/nodepool/made/n-",
+                format!("alone{i}").as_bytes(),
+                CreateMode::PersistentSequential,
+            )
+            .await
+            .expect("create");
+        let data = format!("txn{i}");
+        cached
+            .multi(&[
+                MultiOp::Set {
+                    path: "/nodepool/made/key",
+                    data: data.as_bytes(),
+                    version: None,
+                },
+                MultiOp::Create {
+                    path: "/nodepool/made/n-",
+                    data: data.as_bytes(),
+                    mode: CreateMode::PersistentSequential,
+                },
+            ])
+            .await
+            .expect("multi");
+    }
+    let seen = cached.scan("/nodepool/made").await.expect("scan");
+    assert_eq!(seen.len(), 2 + 40);
+    let after = cached.health();
+    assert_eq!(
+        after.reads,
+        before.reads + 1,
+        "only the scan's sync: {before:?} then {after:?}"
+    );
+    let reference = direct(&chroot).await;
+    assert_eq!(
+        with_times(seen),
+        with_times(reference.scan("/nodepool/made").await.expect("direct scan"))
+    );
+
+    // Now everything at once, with another client creating beside us.
+    futures::stream::iter(0..900usize)
+        .map(|i| {
+            let (cached, other) = (cached.clone(), other.clone());
+            async move {
+                let data = format!("d{i}");
+                let seq = CreateMode::PersistentSequential;
+                let _ = match i % 6 {
+                    0 => cached
+                        .create("/nodepool/made/n-", data.as_bytes(), seq)
+                        .await
+                        .map(drop),
+                    1 => cached
+                        .multi(&[
+                            MultiOp::Set {
+                                path: "/nodepool/made/key",
+                                data: data.as_bytes(),
+                                version: None,
+                            },
+                            MultiOp::Create {
+                                path: "/nodepool/made/n-",
+                                data: data.as_bytes(),
+                                mode: seq,
+                            },
+                        ])
+                        .await
+                        .map(drop),
+                    // A transaction that fails as a whole: nothing is made.
+                    2 => cached
+                        .multi(&[
+                            MultiOp::Create {
+                                path: "/nodepool/made/n-",
+                                data: b"never",
+                                mode: seq,
+                            },
+                            MultiOp::Set {
+                                path: "/nodepool/made/key",
+                                data: b"never",
+                                version: Some(-5),
+                            },
+                        ])
+                        .await
+                        .map(drop),
+                    // A create that fails: the path exists.
+                    3 => cached
+                        .create("/nodepool/made/key", b"never", CreateMode::Persistent)
+                        .await
+                        .map(drop),
+                    // Missing parents are made first (the create is sent twice).
+                    4 => cached
+                        .create(
+                            &format!("/nodepool/made/dir{i}/n"),
+                            data.as_bytes(),
+                            CreateMode::Persistent,
+                        )
+                        .await
+                        .map(drop),
+                    _ => other
+                        .create("/nodepool/made/n-", data.as_bytes(), seq)
+                        .await
+                        .map(drop),
+                };
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    let want = with_times(reference.scan("/nodepool/made").await.expect("direct scan"));
+    let got = with_times(cached.scan("/nodepool/made").await.expect("mirror scan"));
+    assert_eq!(got.len(), 2 + 40 + 3 * 150 + 2 * 150, "{got:?}");
+    assert_eq!(got, want);
+    assert!(got.iter().all(|((_, data, ..), ..)| data != b"never"));
+    // Every create is answered and every event applied: none is left
+    // registered, the failed ones included.
+    assert_eq!(cached.own_writes_pending(), 0);
+}

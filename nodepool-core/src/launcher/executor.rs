@@ -9,7 +9,7 @@
 //! tasks holding the node lock.
 
 use super::tasks::{self, LaunchJob};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use futures::stream::{self, StreamExt};
@@ -306,8 +306,18 @@ pub(crate) async fn execute(ctx: ExecContext, snapshot: &Snapshot, plan: &Plan) 
     create_min_ready(ctx, snapshot, requests, &min_ready).await;
     stream::iter(groups)
         .for_each_concurrent(CONCURRENT_GROUPS, |(request, actions)| async move {
-            for a in actions {
-                if let Err(e) = run(ctx, snapshot, requests, a).await {
+            // Nodes the accept created for the launches after it.
+            let mut created = VecDeque::new();
+            for (i, a) in actions.iter().enumerate() {
+                let done = match a {
+                    Action::Accept { .. } => {
+                        let then = actions.get(i + 1..).unwrap_or_default();
+                        accept(ctx, requests, a, then).await.map(|c| created = c)
+                    }
+                    Action::Launch { .. } => launch(ctx, requests, a, created.pop_front()).await,
+                    _ => run(ctx, snapshot, requests, a).await,
+                };
+                if let Err(e) = done {
                     // The next pass re-plans this request from the new state.
                     tracing::debug!(request = %request, action = action_name(a), error = %e, "request action skipped");
                     break;
@@ -422,86 +432,7 @@ async fn run(
     let clock = rt.shared.settings.clock;
     let now = || clock.now();
     match action {
-        Action::Accept { request, pool } => {
-            let Some(our_id) = rt.pool_ids.get(pool).cloned() else {
-                return Err(ActionError::UnknownPool(pool.clone()));
-            };
-            // Decided on the snapshot and written at its version, without
-            // reading the request again under the lock: a request changed
-            // since (taken by another launcher, withdrawn) fails the
-            // version check and the next pass re-plans it. One round trip
-            // fewer per request, which in a backlog bounds accepting.
-            let Some(rec) = requests.get(request.as_str()) else {
-                return Err(ActionError::RequestVanished);
-            };
-            let mut req = (*rec.request).clone();
-            if req.state != RequestState::Requested || req.declined_by.contains(&our_id) {
-                return Err(ActionError::RequestNotWaiting);
-            }
-            req.set_state(RequestState::Pending, now());
-            let key = RecordKey::request(request);
-            let refused = |e: StoreError| match e {
-                StoreError::NotFound { .. } => ActionError::RequestVanished,
-                StoreError::Conflict { .. } => ActionError::RequestNotWaiting,
-                e => e.into(),
-            };
-            // A request nobody has tried to lock has no lock directory yet:
-            // the directory, our contender and `pending` are written in one
-            // transaction, one round trip (kazoo's layout: ours is the only
-            // contender). Otherwise, or where the store has no
-            // transactions, lock and write one after the other.
-            let new = if requests.lock_dirs.contains(request.as_str()) {
-                None
-            } else {
-                store
-                    .lock_new_and_write(
-                        &paths::request_lock(request),
-                        &key,
-                        &req,
-                        Some(rec.version),
-                    )
-                    .await
-                    .map_err(refused)?
-            };
-            let (guard, version) = match new {
-                Some(done) => done,
-                None => {
-                    let guard = if requests.lock_dirs.contains(request.as_str()) {
-                        store.lock_request(request, LockWait::NonBlocking).await?
-                    } else {
-                        store
-                            .lock_new_request(request, LockWait::NonBlocking)
-                            .await?
-                    };
-                    match store
-                        .write_locked(&guard, &key, &req, Some(rec.version))
-                        .await
-                    {
-                        Ok(v) => (guard, v),
-                        Err(e) => {
-                            guard.release_logged().await;
-                            return Err(refused(e));
-                        }
-                    }
-                }
-            };
-            let labels = req.node_types.clone();
-            tracing::info!(request = %request, pool = %pool, labels = ?labels, "request accepted");
-            rt.owned().insert(
-                request.clone(),
-                Owned {
-                    pool: pool.clone(),
-                    guard,
-                    labels,
-                    nodes: Vec::new(),
-                    accepted: Versioned {
-                        value: req,
-                        version,
-                    },
-                },
-            );
-            Ok(())
-        }
+        Action::Accept { .. } => accept(rt, requests, action, &[]).await.map(drop),
         Action::Decline {
             request,
             by,
@@ -605,105 +536,7 @@ async fn run(
             rt.note_node(request, node);
             Ok(())
         }
-        Action::Launch {
-            request,
-            pool,
-            label,
-            image,
-            az,
-            resources,
-        } => {
-            if !rt.owned().contains_key(request) {
-                return Err(ActionError::NotHeld);
-            }
-            let Some(handle) = rt.providers.get(&pool.provider).cloned() else {
-                return Err(ActionError::NoProvider(pool.provider.clone()));
-            };
-            let req = requests.get(request.as_str()).map(|r| r.request.clone());
-            let t = now();
-            let mut node = Node::new(
-                NodeState::Init,
-                t,
-                &pool.provider,
-                &pool.pool,
-                vec![label.clone()],
-            );
-            node.allocated_to = Some(request.clone());
-            node.launcher = rt.pool_ids.get(pool).cloned();
-            node.az = az.clone();
-            node.resources = Some(resources.clone());
-            node.cloud = handle.config.cloud.clone();
-            node.region = handle.config.region_name.clone();
-            if let Some(r) = &req {
-                node.tenant_name = r.tenant_name.clone();
-                node.requestor = r.requestor.clone();
-            }
-            let cfg = rt.config.clone();
-            if let Some(attrs) = cfg
-                .provider(&pool.provider)
-                .and_then(|p| p.pool(&pool.pool))
-                .and_then(|p| p.node_attributes.as_ref())
-            {
-                node.attributes = Some(crate::model::Json::encode(attrs));
-            }
-            fill_image_fields(&cfg, &pool.provider, image, &mut node);
-            let id = store.create_node(&node).await?;
-            // Create, then lock, then `building`: an unlocked `init` node is
-            // left alone by cleanup, an unlocked `building` one is deleted.
-            // The lock and `building` go in one transaction where the store
-            // has them (the node's lock directory cannot exist yet).
-            node.set_state(NodeState::Building, now());
-            let key = RecordKey::node(&id);
-            let (guard, version) = match store
-                .lock_new_and_write(&paths::node_lock(&id), &key, &node, Some(0))
-                .await?
-            {
-                Some(done) => done,
-                None => {
-                    let guard = store.lock_new_node(&id, LockWait::NonBlocking).await?;
-                    match store.write_locked(&guard, &key, &node, Some(0)).await {
-                        Ok(v) => (guard, v),
-                        Err(e) => {
-                            guard.release_logged().await;
-                            return Err(e.into());
-                        }
-                    }
-                }
-            };
-            let Some((spec, host_key_checking, console_log)) = tasks::instance_spec(
-                &cfg,
-                pool,
-                label,
-                image,
-                az.clone(),
-                &id,
-                (request, req.as_deref()),
-            ) else {
-                guard.release_logged().await;
-                return Err(ActionError::LabelGone);
-            };
-            rt.note_node(request, &id);
-            rt.shared
-                .launching
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone());
-            let job = LaunchJob {
-                request: request.clone(),
-                node_id: id,
-                node,
-                version,
-                guard,
-                provider: handle,
-                spec,
-                host_key_checking,
-                console_log,
-                ready_script: super::ready_script::for_launch(&cfg, pool, label, image),
-                requestor: req.as_ref().and_then(|r| r.requestor.clone()),
-            };
-            rt.tasks.spawn(tasks::launch(rt.shared.clone(), job));
-            Ok(())
-        }
+        Action::Launch { .. } => launch(rt, requests, action, None).await,
         Action::Fulfill { request, nodes } => {
             let Some(owned) = rt.owned().remove(request) else {
                 return Err(ActionError::NotHeld);
@@ -857,6 +690,257 @@ async fn run(
             Ok(())
         }
     }
+}
+
+/// Accepts a request: locks it and writes it `pending` at the snapshot's
+/// version. `then` are the request's actions after this one in the plan:
+/// the nodes its `Launch`es will create are created in the accepting
+/// transaction where it is one (see
+/// [`Store::lock_new_write_and_create_nodes`]), and returned with their
+/// ids, in `then`'s order, for [`launch`] to use instead of creating them.
+async fn accept(
+    rt: &ExecContext,
+    requests: &RequestIndex<'_>,
+    action: &Action,
+    then: &[&Action],
+) -> Result<VecDeque<(String, Node)>, ActionError> {
+    let Action::Accept { request, pool } = action else {
+        return Ok(VecDeque::new());
+    };
+    let store = &rt.shared.store;
+    let Some(our_id) = rt.pool_ids.get(pool).cloned() else {
+        return Err(ActionError::UnknownPool(pool.clone()));
+    };
+    // Decided on the snapshot and written at its version, without reading
+    // the request again under the lock: a request changed since (taken by
+    // another launcher, withdrawn) fails the version check and the next
+    // pass re-plans it. One round trip fewer per request, which in a
+    // backlog bounds accepting.
+    let Some(rec) = requests.get(request.as_str()) else {
+        return Err(ActionError::RequestVanished);
+    };
+    let mut req = (*rec.request).clone();
+    if req.state != RequestState::Requested || req.declined_by.contains(&our_id) {
+        return Err(ActionError::RequestNotWaiting);
+    }
+    req.set_state(RequestState::Pending, rt.shared.settings.clock.now());
+    let key = RecordKey::request(request);
+    let refused = |e: StoreError| match e {
+        StoreError::NotFound { .. } => ActionError::RequestVanished,
+        StoreError::Conflict { .. } => ActionError::RequestNotWaiting,
+        e => e.into(),
+    };
+    // A request nobody has tried to lock has no lock directory yet: the
+    // directory, our contender, `pending` and the request's new nodes are
+    // written in one transaction, one round trip (kazoo's layout: ours is
+    // the only contender). Otherwise, or where the store has no
+    // transactions, lock and write one after the other, and each launch
+    // creates its node.
+    let new = if requests.lock_dirs.contains(request.as_str()) {
+        None
+    } else {
+        // Only the launches right after the accept, as the group runs
+        // them: a node is created only where its launch will follow.
+        let nodes: Vec<Node> = then
+            .iter()
+            .map_while(|a| match a {
+                Action::Launch { request: r, .. } if r == request => new_node(rt, requests, a).ok(),
+                _ => None,
+            })
+            .collect();
+        store
+            .lock_new_write_and_create_nodes(
+                &paths::request_lock(request),
+                &key,
+                &req,
+                Some(rec.version),
+                &nodes,
+            )
+            .await
+            .map_err(refused)?
+            .map(|(guard, version, ids)| (guard, version, ids.into_iter().zip(nodes).collect()))
+    };
+    let (guard, version, created) = match new {
+        Some(done) => done,
+        None => {
+            let guard = if requests.lock_dirs.contains(request.as_str()) {
+                store.lock_request(request, LockWait::NonBlocking).await?
+            } else {
+                store
+                    .lock_new_request(request, LockWait::NonBlocking)
+                    .await?
+            };
+            match store
+                .write_locked(&guard, &key, &req, Some(rec.version))
+                .await
+            {
+                Ok(v) => (guard, v, VecDeque::new()),
+                Err(e) => {
+                    guard.release_logged().await;
+                    return Err(refused(e));
+                }
+            }
+        }
+    };
+    let labels = req.node_types.clone();
+    tracing::info!(request = %request, pool = %pool, labels = ?labels, "request accepted");
+    rt.owned().insert(
+        request.clone(),
+        Owned {
+            pool: pool.clone(),
+            guard,
+            labels,
+            nodes: Vec::new(),
+            accepted: Versioned {
+                value: req,
+                version,
+            },
+        },
+    );
+    Ok(created)
+}
+
+/// The `init` node a `Launch` creates.
+fn new_node(
+    rt: &ExecContext,
+    requests: &RequestIndex<'_>,
+    action: &Action,
+) -> Result<Node, ActionError> {
+    let Action::Launch {
+        request,
+        pool,
+        label,
+        image,
+        az,
+        resources,
+    } = action
+    else {
+        return Err(ActionError::LabelGone);
+    };
+    let Some(handle) = rt.providers.get(&pool.provider) else {
+        return Err(ActionError::NoProvider(pool.provider.clone()));
+    };
+    let req = requests.get(request.as_str()).map(|r| &r.request);
+    let mut node = Node::new(
+        NodeState::Init,
+        rt.shared.settings.clock.now(),
+        &pool.provider,
+        &pool.pool,
+        vec![label.clone()],
+    );
+    node.allocated_to = Some(request.clone());
+    node.launcher = rt.pool_ids.get(pool).cloned();
+    node.az = az.clone();
+    node.resources = Some(resources.clone());
+    node.cloud = handle.config.cloud.clone();
+    node.region = handle.config.region_name.clone();
+    if let Some(r) = req {
+        node.tenant_name = r.tenant_name.clone();
+        node.requestor = r.requestor.clone();
+    }
+    if let Some(attrs) = rt
+        .config
+        .provider(&pool.provider)
+        .and_then(|p| p.pool(&pool.pool))
+        .and_then(|p| p.node_attributes.as_ref())
+    {
+        node.attributes = Some(crate::model::Json::encode(attrs));
+    }
+    fill_image_fields(&rt.config, &pool.provider, image, &mut node);
+    Ok(node)
+}
+
+/// Launches a node for a held request: creates it (unless `created`, the
+/// one its accepting transaction made), locks it, writes it `building` and
+/// hands it to a launch task.
+async fn launch(
+    rt: &ExecContext,
+    requests: &RequestIndex<'_>,
+    action: &Action,
+    created: Option<(String, Node)>,
+) -> Result<(), ActionError> {
+    let Action::Launch {
+        request,
+        pool,
+        label,
+        image,
+        az,
+        ..
+    } = action
+    else {
+        return Ok(());
+    };
+    if !rt.owned().contains_key(request) {
+        return Err(ActionError::NotHeld);
+    }
+    let Some(handle) = rt.providers.get(&pool.provider).cloned() else {
+        return Err(ActionError::NoProvider(pool.provider.clone()));
+    };
+    let store = &rt.shared.store;
+    let req = requests.get(request.as_str()).map(|r| r.request.clone());
+    let (id, mut node) = match created {
+        Some(done) => done,
+        None => {
+            let node = new_node(rt, requests, action)?;
+            (store.create_node(&node).await?, node)
+        }
+    };
+    // Create, then lock, then `building`: an unlocked `init` node is left
+    // alone by cleanup, an unlocked `building` one is deleted. The lock and
+    // `building` go in one transaction where the store has them (the node's
+    // lock directory cannot exist yet).
+    node.set_state(NodeState::Building, rt.shared.settings.clock.now());
+    let key = RecordKey::node(&id);
+    let (guard, version) = match store
+        .lock_new_and_write(&paths::node_lock(&id), &key, &node, Some(0))
+        .await?
+    {
+        Some(done) => done,
+        None => {
+            let guard = store.lock_new_node(&id, LockWait::NonBlocking).await?;
+            match store.write_locked(&guard, &key, &node, Some(0)).await {
+                Ok(v) => (guard, v),
+                Err(e) => {
+                    guard.release_logged().await;
+                    return Err(e.into());
+                }
+            }
+        }
+    };
+    let cfg = rt.config.clone();
+    let Some((spec, host_key_checking, console_log)) = tasks::instance_spec(
+        &cfg,
+        pool,
+        label,
+        image,
+        az.clone(),
+        &id,
+        (request, req.as_deref()),
+    ) else {
+        guard.release_logged().await;
+        return Err(ActionError::LabelGone);
+    };
+    rt.note_node(request, &id);
+    rt.shared
+        .launching
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone());
+    let job = LaunchJob {
+        request: request.clone(),
+        node_id: id,
+        node,
+        version,
+        guard,
+        provider: handle,
+        spec,
+        host_key_checking,
+        console_log,
+        ready_script: super::ready_script::for_launch(&cfg, pool, label, image),
+        requestor: req.as_ref().and_then(|r| r.requestor.clone()),
+    };
+    rt.tasks.spawn(tasks::launch(rt.shared.clone(), job));
+    Ok(())
 }
 
 /// Copies the login and connection details of the image into the node.

@@ -248,13 +248,13 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
             }
             Err(AttemptError::LockLost) => {
                 if let Some(ext) = server {
-                    settle_server(&shared, &provider, &node_id, &ext).await;
+                    Box::pin(settle_server(&shared, &provider, &node_id, &ext)).await;
                 }
                 break Outcome::LockLost;
             }
             Err(AttemptError::Store(msg)) => {
                 if let Some(ext) = server {
-                    settle_server(&shared, &provider, &node_id, &ext).await;
+                    Box::pin(settle_server(&shared, &provider, &node_id, &ext)).await;
                 }
                 break Outcome::Store(msg);
             }
@@ -271,9 +271,9 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
                 let unavailable = provider.unavailable();
                 // The failed server goes before anything else is tried.
                 let undeleted = match server {
-                    Some(ext) => {
-                        (!delete_server(&shared, &provider, &node_id, &ext).await).then_some(ext)
-                    }
+                    Some(ext) => (!Box::pin(delete_server(&shared, &provider, &node_id, &ext))
+                        .await)
+                        .then_some(ext),
                     None => None,
                 };
                 if attempt >= retries || unavailable {
@@ -289,7 +289,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
                 // Start again from `building` with no server.
                 node = base.clone();
                 node.set_state(NodeState::Building, shared.now());
-                let written = write_node(&shared, &guard, &node_id, &node, version).await;
+                let written = Box::pin(write_node(&shared, &guard, &node_id, &node, version)).await;
                 if let Some(ext) = undeleted {
                     // The record no longer points to it (or never will):
                     // keep trying to delete it.
@@ -368,7 +368,7 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
                 tracing::error!(node = %node_id, provider = %pc.name, error = %message, "launch failed");
             }
             node.set_state(state, shared.now());
-            if let Err(e) = write_node(&shared, &guard, &node_id, &node, version).await {
+            if let Err(e) = Box::pin(write_node(&shared, &guard, &node_id, &node, version)).await {
                 tracing::warn!(node = %node_id, error = %e.message(), "could not record the failed launch; cleanup deletes the node");
             }
         }
@@ -385,7 +385,12 @@ pub(crate) async fn launch(shared: Arc<Shared>, job: LaunchJob) {
         .unwrap_or_else(|p| p.into_inner())
         .remove(&node_id);
     if finished == Some(Finished::Ready) {
-        super::executor::fulfil_if_complete(&shared, &request, (&node_id, &node)).await;
+        Box::pin(super::executor::fulfil_if_complete(
+            &shared,
+            &request,
+            (&node_id, &node),
+        ))
+        .await;
     }
     shared.wake.notify_one();
 }
@@ -535,7 +540,7 @@ async fn attempt_launch(
     *server = Some(external_id.clone());
     // Record the server id at once, so a crash from here on cannot leak it.
     node.external_id = Some(external_id.clone());
-    *version = write_node(shared, guard, node_id, node, *version).await?;
+    *version = Box::pin(write_node(shared, guard, node_id, node, *version)).await?;
     let instance = match tokio::time::timeout_at(
         deadline,
         provider.provider.wait_for_instance(&external_id, spec),
@@ -587,7 +592,11 @@ async fn attempt_launch(
         };
         let port = node.port().number().unwrap_or(22);
         let conn = node.connection_type.clone().unwrap_or_else(|| "ssh".into());
-        match nodescan::scan(&ip, port as u16, &conn, pc.boot_timeout).await {
+        // Boxed, as the ready script below: a launch task's future is
+        // allocated whole when it is spawned, and these SSH exchanges are
+        // most of its size while most launches never run them (a backlog
+        // of 1,000 held ~11 MiB of launch futures).
+        match Box::pin(nodescan::scan(&ip, port as u16, &conn, pc.boot_timeout)).await {
             Ok(keys) => node.host_keys = keys,
             Err(e) => {
                 if console_log {
@@ -620,7 +629,7 @@ async fn attempt_launch(
             port,
             host_keys: &node.host_keys,
         };
-        if let Err(e) = ready_script::run(job, target).await {
+        if let Err(e) = Box::pin(ready_script::run(job, target)).await {
             return Err(AttemptError::Retryable(e, "error.readyscript"));
         }
         tracing::info!(node = %node_id, script = %job.script.name, "ready script succeeded");
@@ -628,13 +637,18 @@ async fn attempt_launch(
     node.set_state(NodeState::Ready, shared.now());
     // The last node of its request: `ready`, `fulfilled` and both locks'
     // release in one transaction.
-    if let Some(v) =
-        super::executor::fulfil_with_ready(shared, request, (node_id, node, *version), guard).await
+    if let Some(v) = Box::pin(super::executor::fulfil_with_ready(
+        shared,
+        request,
+        (node_id, node, *version),
+        guard,
+    ))
+    .await
     {
         *version = v;
         return Ok(Finished::Fulfilled);
     }
-    *version = write_node(shared, guard, node_id, node, *version).await?;
+    *version = Box::pin(write_node(shared, guard, node_id, node, *version)).await?;
     Ok(Finished::Ready)
 }
 

@@ -43,6 +43,7 @@ macro_rules! store_conformance_tests {
             malformed_records_are_skipped,
             listing_shows_node_locks,
             listings_together_match_each_listing,
+            accepting_creates_nodes_in_the_same_transaction,
             lock_excludes_other_clients,
             lock_nonblocking_and_timeout,
             lock_waiter_gets_it_after_release,
@@ -637,6 +638,85 @@ pub async fn listings_together_match_each_listing(h: &dyn Harness) {
     assert!(all.request_lock_dirs[0].locked);
     assert_eq!(all.pools.records.len(), 1);
     assert!(all.images.paused.contains("jammy"));
+}
+
+/// A request is locked, written `pending` and given new `init` nodes in one
+/// transaction (`Store::lock_new_write_and_create_nodes`), all or nothing:
+/// at a stale version nothing is locked or created. A store without
+/// transactions does nothing and says so (`Ok(None)`).
+pub async fn accepting_creates_nodes_in_the_same_transaction(h: &dyn Harness) {
+    use crate::store::RecordKey;
+    let client = h.client().await;
+    let other = Store::new(h.client().await);
+    let store = Store::new(client.clone());
+    let request = NodeRequest::new(vec!["x".into(), "y".into()], "zuul", 1_700_000_000.0);
+    let id = store
+        .submit_request(&request, "200", false)
+        .await
+        .expect("submit");
+    let at = store
+        .get_request(&id)
+        .await
+        .expect("get")
+        .expect("exists")
+        .version;
+    let mut pending = request.clone();
+    pending.set_state(RequestState::Pending, 1_700_000_001.0);
+    let new_nodes = [node(NodeState::Init, "x"), node(NodeState::Init, "y")];
+    let key = RecordKey::request(&id);
+    let dir = paths::request_lock(&id);
+    let stale = store
+        .lock_new_write_and_create_nodes(&dir, &key, &pending, Some(at + 7), &new_nodes)
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. }) | Ok(None)),
+        "{stale:?}"
+    );
+    assert!(store.list_nodes().await.expect("list").records.is_empty());
+    let guard = other
+        .lock_request(&id, LockWait::NonBlocking)
+        .await
+        .expect("nothing holds the request after a refused transaction");
+    guard.release().await.expect("release");
+    // The lock directory exists now (the other client's lock made it), so
+    // a second request is accepted on a fresh one.
+    let id = store
+        .submit_request(&request, "200", false)
+        .await
+        .expect("submit");
+    let key = RecordKey::request(&id);
+    let dir = paths::request_lock(&id);
+    let Some((guard, version, ids)) = store
+        .lock_new_write_and_create_nodes(&dir, &key, &pending, Some(at), &new_nodes)
+        .await
+        .expect("accept")
+    else {
+        // No transactions: nothing was done.
+        assert!(store.list_nodes().await.expect("list").records.is_empty());
+        assert_eq!(
+            store
+                .get_request(&id)
+                .await
+                .expect("get")
+                .map(|r| r.value.state),
+            Some(RequestState::Requested)
+        );
+        return;
+    };
+    assert_eq!(version, at + 1);
+    let read = store.get_request(&id).await.expect("get").expect("exists");
+    assert_eq!(read.value.state, RequestState::Pending);
+    assert_eq!(read.version, version);
+    assert_eq!(ids.len(), 2);
+    for (made, want) in ids.iter().zip(&new_nodes) {
+        let got = store.get_node(made).await.expect("get").expect("created");
+        assert_eq!(&got.value, want);
+        assert_eq!(got.version, 0);
+    }
+    assert!(ids[0] < ids[1], "sequential ids in order: {ids:?}");
+    let r = other.lock_request(&id, LockWait::NonBlocking).await;
+    assert!(r.is_err(), "the accepting client holds the request");
+    guard.release().await.expect("release");
 }
 
 /// A lock held by one client cannot be taken by another.

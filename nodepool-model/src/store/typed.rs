@@ -463,27 +463,96 @@ impl Store {
         value: &T,
         version: Option<i32>,
     ) -> Result<Option<(LockGuard, i32)>, StoreError> {
+        Ok(self
+            .lock_new_write_and_create_nodes(dir, key, value, version, &[])
+            .await?
+            .map(|(guard, version, _)| (guard, version)))
+    }
+
+    /// [`lock_new_and_write`](Self::lock_new_and_write), and in the same
+    /// transaction creates `nodes` (sequential ids, as
+    /// [`create_node`](Self::create_node)): a request accepted together
+    /// with the `init` nodes it is to get, one round trip where three
+    /// were. Returns the lock, the record's new version and the created
+    /// nodes' ids in `nodes`' order; `Ok(None)` when nothing was done, as
+    /// there. If the outcome is unknown (connection loss), what the
+    /// transaction wrote may stay unlocked, as after a crash: a `pending`
+    /// request nobody holds and `init` nodes allocated to it, which lost
+    /// request clean-up resets and deletes (Python Nodepool's
+    /// `_cleanupLostRequests` does the same).
+    pub async fn lock_new_write_and_create_nodes<T: WireRecord>(
+        &self,
+        dir: &str,
+        key: &RecordKey<T>,
+        value: &T,
+        version: Option<i32>,
+        nodes: &[Node],
+    ) -> Result<Option<(LockGuard, i32, Vec<String>)>, StoreError> {
         let data = value.to_json();
-        let write = [MultiOp::Set {
+        let node_data: Vec<Vec<u8>> = nodes.iter().map(WireRecord::to_json).collect();
+        let node_prefix = format!("{}/", paths::NODES);
+        let mut ops = Vec::with_capacity(1 + nodes.len());
+        ops.push(MultiOp::Set {
             path: key.path(),
             data: &data,
             version,
-        }];
-        let Some((guard, results)) = lock::acquire_new_with(&self.inner, dir, b"", &write).await?
-        else {
+        });
+        ops.extend(node_data.iter().map(|d| MultiOp::Create {
+            path: &node_prefix,
+            data: d,
+            mode: CreateMode::PersistentSequential,
+        }));
+        let attempt = match lock::acquire_new_with(&self.inner, dir, b"", &ops).await {
+            // A transaction makes no parents: on a store where no node was
+            // ever created the nodes' parent is missing. Made (as a
+            // create's makepath would) and tried once more.
+            Err(StoreError::NotFound { path })
+                if !nodes.is_empty() && path.trim_end_matches('/') == paths::NODES =>
+            {
+                match self
+                    .inner
+                    .create(paths::NODES, b"", CreateMode::Persistent)
+                    .await
+                {
+                    Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                lock::acquire_new_with(&self.inner, dir, b"", &ops).await
+            }
+            other => other,
+        };
+        let Some((guard, results)) = attempt? else {
             return Ok(None);
         };
-        match results.first() {
-            Some(MultiResult::Set(stat)) => Ok(Some((guard, stat.version))),
+        let unexpected = |other: &dyn std::fmt::Debug| {
+            StoreError::Other(format!(
+                "{}: unexpected transaction result {other:?}",
+                key.path()
+            ))
+        };
+        let mut results = results.into_iter();
+        let written = match results.next() {
+            Some(MultiResult::Set(stat)) => stat.version,
             other => {
-                let e = StoreError::Other(format!(
-                    "{}: unexpected transaction result {other:?}",
-                    key.path()
-                ));
                 let _ = guard.release().await;
-                Err(e)
+                return Err(unexpected(&other));
+            }
+        };
+        let mut ids = Vec::with_capacity(nodes.len());
+        for r in results {
+            match r {
+                MultiResult::Created(path) => ids.push(super::split_path(&path).1.to_owned()),
+                other => {
+                    let _ = guard.release().await;
+                    return Err(unexpected(&other));
+                }
             }
         }
+        if ids.len() != nodes.len() {
+            let _ = guard.release().await;
+            return Err(unexpected(&ids));
+        }
+        Ok(Some((guard, written, ids)))
     }
 
     /// Writes records under locks the caller holds, each at its version,
