@@ -220,13 +220,19 @@ impl Shared {
     /// stay registered (each event takes only its own, see
     /// [`drop_own_create`](Self::drop_own_create)).
     fn own_creates_under(&self, parent: &str) -> Vec<(u64, CreateAnswer)> {
-        self.own_writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .creates_by_parent
-            .get(parent)
-            .cloned()
-            .unwrap_or_default()
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(creates) = own.creates_by_parent.get_mut(parent) else {
+            return Vec::new();
+        };
+        // A create whose future was dropped before its answer (a cancelled
+        // caller) never takes itself out: no event will match it, so it
+        // goes here. One answered stays until its event takes it.
+        creates.retain(|(_, answer)| answer.borrow().is_some() || answer.has_changed().is_ok());
+        let found = creates.clone();
+        if creates.is_empty() {
+            own.creates_by_parent.remove(parent);
+        }
+        found
     }
 
     /// Takes a create out: its event applied it, or it failed.

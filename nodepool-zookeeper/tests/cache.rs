@@ -822,4 +822,20 @@ async fn own_creates_reach_the_mirror_without_reads_and_it_matches_zookeeper() {
     // Every create is answered and every event applied: none is left
     // registered, the failed ones included.
     assert_eq!(cached.own_writes_pending(), 0);
+    // Creates whose callers gave up before the answer (sent, then the
+    // future dropped): their events read, and they do not stay registered.
+    for i in 0..10 {
+        // Polled once (sent), then dropped.
+        let gave_up = futures::FutureExt::now_or_never(cached.create(
+            "/nodepool/made/n-",
+            format!("cancelled{i}").as_bytes(),
+            CreateMode::PersistentSequential,
+        ));
+        assert!(gave_up.is_none(), "{gave_up:?}");
+    }
+    let got = with_times(cached.scan("/nodepool/made").await.expect("mirror scan"));
+    let want = with_times(reference.scan("/nodepool/made").await.expect("direct scan"));
+    assert_eq!(got.len(), 2 + 40 + 3 * 150 + 2 * 150 + 10);
+    assert_eq!(got, want);
+    assert_eq!(cached.own_writes_pending(), 0);
 }
