@@ -32,9 +32,9 @@
 //! published as change events. Two kinds of events need no read: request
 //! and node locks (directories and contenders), whose existence is all
 //! anyone uses, as Python Nodepool's and Zuul's caches do; and a change
-//! this client just made with `set` or `multi`, whose data and stat the
-//! write's answer carries (`OwnWrites` in `store` says why that equals a
-//! read). `scan()` first does a `sync` round trip and
+//! this client just made with `set`, `create` or `multi`, whose data and
+//! stat the write's answer carries (`OwnWrites` in `store` says why that
+//! equals a read). `scan()` first does a `sync` round trip and
 //! waits until every event received before its answer is applied, so it
 //! sees every write that completed before it was called, ours or another
 //! client's.
