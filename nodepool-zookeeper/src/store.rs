@@ -216,19 +216,54 @@ impl Shared {
         })
     }
 
-    /// The creates of ours registered under `parent`, oldest first; they
-    /// stay registered (each event takes only its own, see
-    /// [`drop_own_create`](Self::drop_own_create)).
-    fn own_creates_under(&self, parent: &str) -> Vec<(u64, CreateAnswer)> {
+    /// The newest create of ours registered under `parent` so far: a
+    /// creation event processed now can only be for one of these (a create
+    /// is registered before it is sent), so later ones need not be waited
+    /// for. `None` when there is none.
+    fn own_creates_upto(&self, parent: &str) -> Option<u64> {
+        let own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        own.creates_by_parent
+            .get(parent)
+            .and_then(|creates| creates.last())
+            .map(|(id, _)| *id)
+    }
+
+    /// Looks for our create of `path` among those registered under
+    /// `parent` up to `upto`, oldest first, without copying the registry:
+    /// the match is taken out; the first one still unanswered before it is
+    /// to be waited for (then search again). Creates whose future was
+    /// dropped before their answer (a cancelled caller) never take
+    /// themselves out and no event matches them: they go here.
+    fn find_own_create(&self, parent: &str, path: &str, upto: u64) -> OwnCreateSearch {
         let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
         let Some(creates) = own.creates_by_parent.get_mut(parent) else {
-            return Vec::new();
+            return OwnCreateSearch::NotOurs;
         };
-        // A create whose future was dropped before its answer (a cancelled
-        // caller) never takes itself out: no event will match it, so it
-        // goes here. One answered stays until its event takes it.
         creates.retain(|(_, answer)| answer.borrow().is_some() || answer.has_changed().is_ok());
-        let found = creates.clone();
+        let mut found = OwnCreateSearch::NotOurs;
+        let mut matched = None;
+        for (i, (id, answer)) in creates.iter().enumerate() {
+            if *id > upto {
+                break;
+            }
+            match &*answer.borrow() {
+                None => {
+                    found = OwnCreateSearch::Wait(answer.clone());
+                    break;
+                }
+                Some(Some((made, cached))) if made == path => {
+                    found = OwnCreateSearch::Found(cached.clone());
+                    matched = Some(i);
+                    break;
+                }
+                // Answered for another path (its own event takes it) or
+                // failed (its answer took it out already).
+                Some(_) => {}
+            }
+        }
+        if let Some(i) = matched {
+            creates.remove(i);
+        }
         if creates.is_empty() {
             own.creates_by_parent.remove(parent);
         }
@@ -1111,30 +1146,32 @@ async fn newest_written(answers: Vec<WriteAnswer>) -> Option<Cached> {
     newest
 }
 
-/// What our create of `path` made, if one of `creates` (registered under
-/// its parent, oldest first) did: answers are awaited in that order and
-/// the search stops at the match, so a create of ours costs the wait for
-/// its own answer, which follows its event on the connection. The match
-/// is taken out of the registry.
-async fn our_create(
-    shared: &Shared,
-    parent: &str,
-    path: &str,
-    creates: Vec<(u64, CreateAnswer)>,
-) -> Option<Cached> {
-    for (id, mut answer) in creates {
-        let made = match answer.wait_for(Option::is_some).await {
-            Ok(a) => a.clone().flatten(),
-            Err(_) => None,
-        };
-        if let Some((made_path, cached)) = made
-            && made_path == path
-        {
-            shared.drop_own_create(parent, id);
-            return Some(cached);
+/// Where [`Shared::find_own_create`] got to.
+enum OwnCreateSearch {
+    /// Our create made the path: what it made.
+    Found(Cached),
+    /// An earlier create of ours is not answered yet: it may be the one.
+    Wait(CreateAnswer),
+    /// None of ours made it: another client's create.
+    NotOurs,
+}
+
+/// What our create of `path` made, if one of ours registered under its
+/// parent up to `upto` did: answers are awaited oldest first and the
+/// search stops at the match, so a create of ours costs the wait for its
+/// own answer, which follows its event on the connection. The match is
+/// taken out of the registry.
+async fn our_create(shared: &Shared, parent: &str, path: &str, upto: u64) -> Option<Cached> {
+    loop {
+        match shared.find_own_create(parent, path, upto) {
+            OwnCreateSearch::Found(cached) => return Some(cached),
+            OwnCreateSearch::NotOurs => return None,
+            OwnCreateSearch::Wait(mut answer) => {
+                // A dropped sender is pruned by the next search.
+                let _ = answer.wait_for(Option::is_some).await;
+            }
         }
     }
-    None
 }
 
 /// The background task: turns watch events into mirror updates and change
@@ -1283,15 +1320,13 @@ impl Supervisor {
         }
         if matches!(event, StoreEvent::Created(_)) {
             let parent = nodepool_model::store::split_path(event.path()).0;
-            let creates = self.shared.own_creates_under(parent);
-            if !creates.is_empty() {
+            if let Some(upto) = self.shared.own_creates_upto(parent) {
                 let client = self.client.clone();
                 let shared = self.shared.clone();
                 let parent = parent.to_owned();
                 self.pipeline.push_back(
                     async move {
-                        let update = match our_create(&shared, &parent, event.path(), creates).await
-                        {
+                        let update = match our_create(&shared, &parent, event.path(), upto).await {
                             Some(c) => Update::Written(c),
                             // Another client's: read as usual.
                             None => {

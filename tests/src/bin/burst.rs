@@ -20,8 +20,15 @@
 //! within a request and [`REQUESTS_IN_FLIGHT`] requests at once, as the
 //! launcher pipelines them; and prints the ratio floor/launcher (1 = the
 //! launcher is as fast as its writes allow). For comparison it also
-//! times the same writes sent one request each. Each floor is the median
-//! of three runs (one run swings 2× on a shared machine).
+//! times the same writes sent one request each, the launcher's requests
+//! with the cloud's boot, and those again with a cache of the tree beside
+//! them that reads every change (as the run's requestor and Zuul's
+//! scheduler do). Each floor is the median of three runs (one run swings
+//! 2× on a shared machine). A backlog run also reports when the
+//! launcher's first write landed (the floors' clocks start with their
+//! connection made), and `--timeline` prints, per 50 ms, the nodes
+//! created (requests accepted) and last written (ready), by the server's
+//! clock.
 //!
 //! Every run deletes its ZooKeeper chroot at the end, so runs on a shared
 //! server do not grow its tree.
@@ -30,7 +37,7 @@
 //! cargo build --release -p nodepool-cli -p nodepool-tests
 //! eval "$(scripts/zookeeper.sh env)"
 //! target/release/burst [--requests 1000] [--mode burst|backlog] [--store zookeeper|sqlite]
-//!                      [--floor] [--launcher target/release/nodepool-launcher]
+//!                      [--floor] [--timeline] [--launcher target/release/nodepool-launcher]
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -190,6 +197,7 @@ providers:
     }
     let mut events = store.backend().subscribe();
     let launched = Instant::now();
+    let launched_epoch_ms = epoch_ms();
     let mut child = Command::new(&launcher_bin)
         .arg("-c")
         .arg(&cfg_path)
@@ -313,6 +321,21 @@ providers:
     let traffic = Traffic::from_prometheus(&scrape(&webapp.to_string()).await?);
     let rss = peak_rss_mib(pid)?;
     latencies.sort();
+    // When the launcher's first write landed (its first accept creates
+    // the run's lowest-numbered node), by the server's clock, which is
+    // this machine's: what the launcher spent starting (process,
+    // connection, reading the backlog) before it wrote at all.
+    if flag("--timeline")
+        && let (Some(server), Some(chroot)) = (&zk_server, &zk_chroot)
+    {
+        print_timeline(server, chroot, launched_epoch_ms).await?;
+    }
+    let first_write = match (backlog, &zk_server, &zk_chroot) {
+        (true, Some(server), Some(chroot)) => first_node_created_ms(server, chroot)
+            .await?
+            .map(|ms| Duration::from_millis(ms.saturating_sub(launched_epoch_ms).max(0) as u64)),
+        _ => None,
+    };
 
     // Clean up the burst (Zuul deletes fulfilled requests; nodes go used).
     for id in submitted.keys() {
@@ -349,6 +372,12 @@ providers:
             "backlog of {n} single-node requests written before the launcher started ({store_name}, simulated cloud, 0.1 s boot):"
         );
         println!("  written in          {:.3} s", submit_time.as_secs_f64());
+        if let Some(w) = first_write {
+            println!(
+                "  first write         {:.3} s after the launcher started (connected, backlog read)",
+                w.as_secs_f64()
+            );
+        }
         println!(
             "  first fulfilled     {:.3} s after the launcher started",
             first.unwrap_or_default().as_secs_f64()
@@ -390,11 +419,15 @@ providers:
         let mut singles = Vec::new();
         let mut floors = Vec::new();
         let mut booted = Vec::new();
+        let mut observed = Vec::new();
         for _ in 0..3 {
             singles.push(floor(&server, n, FloorKind::OneByOne).await?);
             floors.push(floor(&server, n, FloorKind::Transactions).await?);
             booted.push(floor(&server, n, FloorKind::WithBoot).await?);
+            observed.push(floor(&server, n, FloorKind::WithBootObserved).await?);
         }
+        observed.sort();
+        let observed = observed[1];
         singles.sort();
         floors.sort();
         booted.sort();
@@ -415,6 +448,17 @@ providers:
             floor.as_secs_f64() / wall.as_secs_f64(),
             wall.as_secs_f64()
         );
+        // The floor's clock starts with its connection made and the
+        // request ids known; the launcher's from its first write is the
+        // same measure.
+        if let Some(w) = first_write.filter(|w| *w < wall) {
+            let writing = wall - w;
+            println!(
+                "  floor/launcher      {:.2}  from the launcher's first write (its writing {:.3} s)",
+                floor.as_secs_f64() / writing.as_secs_f64(),
+                writing.as_secs_f64()
+            );
+        }
         println!(
             "The same {} writes one request each (the floor before transactions):",
             FLOOR_WRITES.len()
@@ -434,6 +478,26 @@ providers:
             booted.as_secs_f64(),
             booted.as_secs_f64() / wall.as_secs_f64()
         );
+        if let Some(w) = first_write.filter(|w| *w < wall) {
+            println!(
+                "  floor/launcher      {:.2}  from the launcher's first write",
+                booted.as_secs_f64() / (wall - w).as_secs_f64()
+            );
+        }
+        println!(
+            "The same with a Zuul-like cache of the tree reading every change, as during the launcher's run:"
+        );
+        println!(
+            "  {n} requests in    {:.3} s; floor/launcher {:.2}",
+            observed.as_secs_f64(),
+            observed.as_secs_f64() / wall.as_secs_f64()
+        );
+        if let Some(w) = first_write.filter(|w| *w < wall) {
+            println!(
+                "  floor/launcher      {:.2}  from the launcher's first write",
+                observed.as_secs_f64() / (wall - w).as_secs_f64()
+            );
+        }
     }
     Ok(())
 }
@@ -482,6 +546,12 @@ enum FloorKind {
     /// once. The launcher cannot beat the boot: this floor waits for it
     /// too.
     WithBoot,
+    /// [`WithBoot`](Self::WithBoot) with a cache of the tree beside it
+    /// that reads every change, as the requestor of the launcher's run
+    /// does and as Zuul's scheduler does (it caches all of
+    /// `/nodepool/requests` and `/nodepool/nodes`): the server serves
+    /// those reads and sends those events during the launcher's run too.
+    WithBootObserved,
 }
 
 /// Time for a raw `zookeeper-client` session to make [`FLOOR_WRITES`] for
@@ -574,21 +644,41 @@ async fn floor(server: &str, n: usize, kind: FloorKind) -> anyhow::Result<Durati
         let node_lock = created(m.commit().await?.into_iter().nth(1))?;
         Ok((path, request_lock, node_path, node_lock))
     };
-    let launch = async |(path, request_lock, node_path, node_lock): (String, String, String, String),
-                        boot: Duration|
-           -> anyhow::Result<()> {
-        let c = &client;
-        c.set_data(&node_path, node.as_bytes(), Some(1)).await?;
-        if !boot.is_zero() {
-            tokio::time::sleep(boot).await;
+    let launch =
+        async |(path, request_lock, node_path, node_lock): (String, String, String, String),
+               boot: Duration|
+               -> anyhow::Result<()> {
+            let c = &client;
+            c.set_data(&node_path, node.as_bytes(), Some(1)).await?;
+            if !boot.is_zero() {
+                tokio::time::sleep(boot).await;
+            }
+            let mut m = c.new_multi_writer();
+            m.add_set_data(&node_path, node.as_bytes(), Some(2))?;
+            m.add_delete(&node_lock, None)?;
+            m.add_set_data(&path, request.as_bytes(), Some(1))?;
+            m.add_delete(&request_lock, None)?;
+            m.commit().await?;
+            Ok(())
+        };
+    // The observer loads its mirror (the requests written above) before
+    // the clock starts, as the launcher's run's requestor has.
+    let observer = if matches!(kind, FloorKind::WithBootObserved) {
+        let (host, port) = server
+            .rsplit_once(':')
+            .context("the ZooKeeper server is host:port")?;
+        let yaml = format!(
+            "zookeeper-servers: [{{host: '{host}', port: {port}, chroot: '{root}'}}]\nlabels: []\nproviders: []\n"
+        );
+        let cfg = Config::from_yaml(&yaml).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let store = nodepool_cli::daemon::open_store(&cfg).await?;
+        let loaded = store.list_requests().await?.records.len();
+        if loaded != n {
+            bail!("the floor's observer sees {loaded} of {n} requests");
         }
-        let mut m = c.new_multi_writer();
-        m.add_set_data(&node_path, node.as_bytes(), Some(2))?;
-        m.add_delete(&node_lock, None)?;
-        m.add_set_data(&path, request.as_bytes(), Some(1))?;
-        m.add_delete(&request_lock, None)?;
-        m.commit().await?;
-        Ok(())
+        Some(store)
+    } else {
+        None
     };
     let t = Instant::now();
     match kind {
@@ -606,7 +696,7 @@ async fn floor(server: &str, n: usize, kind: FloorKind) -> anyhow::Result<Durati
                 .try_collect::<()>()
                 .await?
         }
-        FloorKind::WithBoot => {
+        FloorKind::WithBoot | FloorKind::WithBootObserved => {
             futures::stream::iter(ids)
                 .map(accept)
                 .buffer_unordered(REQUESTS_IN_FLIGHT)
@@ -616,10 +706,80 @@ async fn floor(server: &str, n: usize, kind: FloorKind) -> anyhow::Result<Durati
                 .await?
         }
     }
+    // The launcher's run ends when its requestor has seen the last
+    // request fulfilled: this one when the observer has caught up.
+    if let Some(o) = &observer {
+        o.list_requests().await?;
+    }
     let took = t.elapsed();
+    drop(observer);
     // Leave nothing behind on the shared server.
     delete_tree(&plain, &root).await?;
     Ok(took)
+}
+
+/// Prints, per 50 ms since the launcher started, how many of the run's
+/// nodes were created (a request accepted) and last written (ready), by
+/// the server's clock: where a run's time goes, without the launcher's
+/// own logging in it.
+async fn print_timeline(server: &str, chroot: &str, launched_ms: i64) -> anyhow::Result<()> {
+    let client = zookeeper_client::Client::connect(server)
+        .await
+        .with_context(|| format!("connecting to ZooKeeper at {server}"))?;
+    let nodes = format!("{chroot}/nodepool/nodes");
+    let names = client.list_children(&nodes).await?;
+    let stats: Vec<_> = futures::stream::iter(names)
+        .map(|n| client.check_stat(&format!("{nodes}/{n}")))
+        .buffer_unordered(REQUESTS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+    let bucket = |ms: i64| ((ms - launched_ms).max(0) / 50) as usize;
+    let mut created = BTreeMap::<usize, usize>::new();
+    let mut written = BTreeMap::<usize, usize>::new();
+    for stat in stats.into_iter().flatten() {
+        *created.entry(bucket(stat.ctime)).or_default() += 1;
+        *written.entry(bucket(stat.mtime)).or_default() += 1;
+    }
+    let last = created
+        .keys()
+        .chain(written.keys())
+        .max()
+        .copied()
+        .unwrap_or(0);
+    println!("timeline (per 50 ms since the launcher started): nodes created / last written");
+    for b in 0..=last {
+        println!(
+            "  {:>5} ms  {:>5} / {:>5}",
+            b * 50,
+            created.get(&b).copied().unwrap_or(0),
+            written.get(&b).copied().unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
+/// Milliseconds since the epoch, as ZooKeeper stamps a znode's ctime.
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// The ctime of the lowest-numbered node under `chroot` (sequential
+/// names: the first created), if any.
+async fn first_node_created_ms(server: &str, chroot: &str) -> anyhow::Result<Option<i64>> {
+    let client = zookeeper_client::Client::connect(server)
+        .await
+        .with_context(|| format!("connecting to ZooKeeper at {server}"))?;
+    let nodes = format!("{chroot}/nodepool/nodes");
+    let Some(first) = client.list_children(&nodes).await?.into_iter().min() else {
+        return Ok(None);
+    };
+    Ok(client
+        .check_stat(&format!("{nodes}/{first}"))
+        .await?
+        .map(|stat| stat.ctime))
 }
 
 /// Deletes `path` and everything under it, siblings concurrently.
