@@ -197,7 +197,14 @@ impl Shared {
     /// modes) about to be sent, when its event will reach the mirror and
     /// be read. Lock znodes are not read anyway.
     fn own_create(&self, path: &str) -> Option<OwnCreate> {
-        if !self.in_cache(path) || cache::is_unread_lock(path) {
+        // A lock contender is created from a prefix, its sequence to come
+        // with the answer: tested as the name it will get, or it would
+        // stay registered for good (its event is not read, and so never
+        // takes it out).
+        if !self.in_cache(path)
+            || cache::is_unread_lock(path)
+            || cache::is_unread_lock(&format!("{path}0000000000"))
+        {
             return None;
         }
         let parent = nodepool_model::store::split_path(path).0.to_owned();

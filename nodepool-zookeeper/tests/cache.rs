@@ -838,4 +838,46 @@ async fn own_creates_reach_the_mirror_without_reads_and_it_matches_zookeeper() {
     assert_eq!(got.len(), 2 + 40 + 3 * 150 + 2 * 150 + 10);
     assert_eq!(got, want);
     assert_eq!(cached.own_writes_pending(), 0);
+
+    // Lock contenders are created from a prefix (the sequence comes with
+    // the answer) and their events are not read: they must not be
+    // registered either, or every lock taken stays registered for good.
+    for i in 0..10 {
+        let request_lock = format!("/nodepool/requests-lock/200-{i:010}");
+        cached
+            .create(&request_lock, b"", CreateMode::Persistent)
+            .await
+            .expect("request lock directory");
+        cached
+            .create(
+                &format!("{request_lock}/{i:032x}__lock__"),
+                b"",
+                CreateMode::EphemeralSequential,
+            )
+            .await
+            .expect("request lock contender");
+        let node = format!("/nodepool/nodes/{i:010}");
+        cached
+            .create(&node, b"{}", CreateMode::Persistent)
+            .await
+            .expect("node");
+        cached
+            .multi(&[
+                MultiOp::Create {
+                    path: &format!("{node}/lock"),
+                    data: b"",
+                    mode: CreateMode::Persistent,
+                },
+                MultiOp::Create {
+                    path: &format!("{node}/lock/{i:032x}__lock__"),
+                    data: b"",
+                    mode: CreateMode::EphemeralSequential,
+                },
+            ])
+            .await
+            .expect("node lock");
+    }
+    let got = cached.scan("/nodepool").await.expect("mirror scan");
+    assert!(got.iter().any(|e| e.path.contains("/lock/")), "{got:?}");
+    assert_eq!(cached.own_writes_pending(), 0);
 }
