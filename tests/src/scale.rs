@@ -811,7 +811,23 @@ pub async fn run(p: &Params, dir: &Path) -> anyhow::Result<Report> {
     for m in &mut members {
         m.daemon.terminate(Duration::from_secs(60)).await;
     }
-    let _ = store.backend().delete_tree("/nodepool").await;
+    // Leave nothing behind on the shared server: a tree growing run after
+    // run slows the next runs (snapshots, garbage collection). A launcher
+    // still stopping can add a znode under what is being deleted: again.
+    let mut deleted = Err(anyhow::anyhow!("not tried"));
+    for _ in 0..5 {
+        deleted = store
+            .backend()
+            .delete_tree("/nodepool")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"));
+        if deleted.is_ok() {
+            break;
+        }
+    }
+    if let Err(e) = deleted {
+        eprintln!("scale: could not delete the run's chroot {chroot}: {e}");
+    }
     let _ = store.backend().close().await;
 
     let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
