@@ -595,6 +595,9 @@ async fn metrics_are_labelled_prometheus_families(backend: Backend) {
     assert_eq!(one("nodepool_zk_connected", None), 1.0);
     assert_eq!(one("nodepool_stats_leader", None), 1.0);
     assert!(!samples(&s, "nodepool_zk_queue").is_empty());
+    // Our own writes whose events the cache has not taken yet: present on
+    // every store (0 where nothing is applied from answers).
+    assert!(one("nodepool_zk_queue", Some(("queue", "own_writes"))) >= 0.0);
 
     // Statsd names a family carries are not repeated flattened.
     let names: std::collections::BTreeSet<&str> =

@@ -1054,6 +1054,7 @@ impl StateStore for ZooKeeperStore {
             event_queue: self.shared.event_queue.load(Ordering::Relaxed),
             playback_queue: self.shared.events.len() as u64,
             cached_records: self.shared.cache().len() as u64,
+            own_writes: self.own_writes_pending() as u64,
             writes: t.writes.load(Ordering::Relaxed),
             reads: t.reads.load(Ordering::Relaxed),
             watch_events: t.watch_events.load(Ordering::Relaxed),

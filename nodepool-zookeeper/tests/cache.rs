@@ -880,4 +880,6 @@ async fn own_creates_reach_the_mirror_without_reads_and_it_matches_zookeeper() {
     let got = cached.scan("/nodepool").await.expect("mirror scan");
     assert!(got.iter().any(|e| e.path.contains("/lock/")), "{got:?}");
     assert_eq!(cached.own_writes_pending(), 0);
+    // What the launcher's `nodepool_zk_queue{queue="own_writes"}` shows.
+    assert_eq!(cached.health().own_writes, 0);
 }

@@ -141,7 +141,7 @@ pub mod families {
     /// The state store client's queues by `queue`.
     pub const STORE_QUEUE: Family = Family {
         name: "nodepool_zk_queue",
-        help: "State store client queue lengths: connection (requests in flight), event (changes being read into the cache), playback (changes waiting for subscribers).",
+        help: "State store client queue lengths: connection (requests in flight), event (changes being read into the cache), playback (changes waiting for subscribers), own_writes (the client's writes whose changes the cache has not taken yet).",
         kind: FamilyKind::Gauge,
     };
     /// Records in the state store client's cache.

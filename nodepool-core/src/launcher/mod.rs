@@ -1144,6 +1144,12 @@ impl Runtime {
             &[("queue", "connection")],
             h.requests_in_flight as f64,
         );
+        m.gauge_as(
+            &format!("{prefix}.client.own_writes_queue"),
+            &families::STORE_QUEUE,
+            &[("queue", "own_writes")],
+            h.own_writes as f64,
+        );
         for cache in ["node_cache", "request_cache", "image_cache"] {
             m.gauge_as(
                 &format!("{prefix}.{cache}.event_queue"),

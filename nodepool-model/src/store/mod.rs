@@ -310,6 +310,11 @@ pub struct StoreHealth {
     pub playback_queue: u64,
     /// Records in the local cache.
     pub cached_records: u64,
+    /// Writes of this client whose change events the cache has not taken
+    /// yet (ZooKeeper: each is applied from its answer instead of a read):
+    /// a handful while writes are in flight; one that keeps growing is a
+    /// leak.
+    pub own_writes: u64,
     /// Write requests sent since the client was opened (creates, data
     /// sets, deletes; the lock recipe's contender nodes included).
     pub writes: u64,
