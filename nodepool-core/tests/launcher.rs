@@ -206,6 +206,27 @@ async fn a_request_is_fulfilled_used_and_deleted() {
     l.stop().await;
 }
 
+/// A transaction makes no parents: on a new store the first wave of
+/// accepts (each creating its request's lock directory and its nodes in
+/// one transaction) would all fail and go the slower way. The launcher
+/// makes those parents when it registers.
+#[tokio::test(start_paused = true)]
+async fn a_launcher_on_a_new_store_makes_the_parents_its_transactions_create_in() {
+    let (_mem, store) = store();
+    for root in ["/nodepool/requests-lock", "/nodepool/nodes"] {
+        assert!(store.backend().get(root).await.expect("get").is_none());
+    }
+    let l = start(store.clone(), BASE, "l1");
+    l.passes(1).await;
+    for root in ["/nodepool/requests-lock", "/nodepool/nodes"] {
+        assert!(
+            store.backend().get(root).await.expect("get").is_some(),
+            "{root} not made"
+        );
+    }
+    l.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_request_served_by_a_spare_and_a_launch_is_fulfilled_by_the_launch() {
     let (_mem, store) = store();

@@ -539,6 +539,28 @@ impl Launcher {
     }
 }
 
+/// Makes the parents the launcher's transactions create in, where missing
+/// (a new installation): a transaction makes no parents, so on a store
+/// where no request was ever locked and no node ever made, every accept
+/// of the first wave would fail and be sent again by the slower path.
+/// Read from the store's cache where it has one; made as kazoo's makepath
+/// would, so Python launchers and Zuul see the usual tree.
+async fn ensure_roots(store: &Arc<dyn crate::store::StateStore>) -> Result<(), StoreError> {
+    use crate::store::paths::{NODES, REQUESTS_LOCK};
+    for root in [REQUESTS_LOCK, NODES] {
+        if store.get(root).await?.is_none() {
+            match store
+                .create(root, b"", crate::store::CreateMode::Persistent)
+                .await
+            {
+                Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 struct Runtime {
     shared: Arc<Shared>,
     factory: ProviderFactory,
@@ -683,6 +705,7 @@ impl Runtime {
             self.session_id = id;
         }
         if self.launcher_reg.is_none() {
+            ensure_roots(store.backend()).await?;
             let mut c = Component::new(
                 ComponentKind::Launcher,
                 &self.shared.settings.hostname,
