@@ -1299,6 +1299,28 @@ impl Supervisor {
             .store(self.pipeline.len() as u64, Ordering::Relaxed);
     }
 
+    /// Queues `event` to be applied from what our own write made
+    /// (`ours`, awaited in event order), or read when it made nothing:
+    /// another client's change, or our write failed. The read is sent
+    /// only then, so it is answered after the change.
+    fn apply_ours_or_read(&mut self, event: StoreEvent, ours: BoxFuture<'static, Option<Cached>>) {
+        let client = self.client.clone();
+        let shared = self.shared.clone();
+        self.pipeline.push_back(
+            async move {
+                let update = match ours.await {
+                    Some(c) => Update::Written(c),
+                    None => {
+                        shared.traffic.read(event.path().len());
+                        read_update(&shared, client.get_data(event.path())).await
+                    }
+                };
+                Applied { event, update }
+            }
+            .boxed(),
+        );
+    }
+
     fn enqueue(&mut self, event: StoreEvent, read: bool) {
         self.enqueued += 1;
         let traffic = &self.shared.traffic;
@@ -1329,45 +1351,17 @@ impl Supervisor {
         if matches!(event, StoreEvent::Created(_)) {
             let parent = nodepool_model::store::split_path(event.path()).0;
             if let Some(upto) = self.shared.own_creates_upto(parent) {
-                let client = self.client.clone();
                 let shared = self.shared.clone();
-                let parent = parent.to_owned();
-                self.pipeline.push_back(
-                    async move {
-                        let update = match our_create(&shared, &parent, event.path(), upto).await {
-                            Some(c) => Update::Written(c),
-                            // Another client's: read as usual.
-                            None => {
-                                shared.traffic.read(event.path().len());
-                                read_update(&shared, client.get_data(event.path())).await
-                            }
-                        };
-                        Applied { event, update }
-                    }
-                    .boxed(),
-                );
+                let (parent, path) = (parent.to_owned(), event.path().to_owned());
+                let ours = async move { our_create(&shared, &parent, &path, upto).await };
+                self.apply_ours_or_read(event, ours.boxed());
                 return;
             }
         }
         if matches!(event, StoreEvent::Changed(_)) {
             let written = self.shared.take_own_writes(event.path());
             if !written.is_empty() {
-                let client = self.client.clone();
-                let shared = self.shared.clone();
-                self.pipeline.push_back(
-                    async move {
-                        let update = match newest_written(written).await {
-                            Some(c) => Update::Written(c),
-                            // None of them was applied: read as usual.
-                            None => {
-                                shared.traffic.read(event.path().len());
-                                read_update(&shared, client.get_data(event.path())).await
-                            }
-                        };
-                        Applied { event, update }
-                    }
-                    .boxed(),
-                );
+                self.apply_ours_or_read(event, newest_written(written).boxed());
                 return;
             }
         }
