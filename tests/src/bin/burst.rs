@@ -321,17 +321,28 @@ providers:
     let traffic = Traffic::from_prometheus(&scrape(&webapp.to_string()).await?);
     let rss = peak_rss_mib(pid)?;
     latencies.sort();
+    // A plain client on the run's chroot, for what the server recorded
+    // and for deleting the run afterwards.
+    let plain = match (&zk_server, &zk_chroot) {
+        (Some(server), Some(chroot)) => Some((
+            zookeeper_client::Client::connect(server)
+                .await
+                .with_context(|| format!("connecting to ZooKeeper at {server}"))?,
+            chroot,
+        )),
+        _ => None,
+    };
+    if flag("--timeline")
+        && let Some((client, chroot)) = &plain
+    {
+        print_timeline(client, chroot, launched_epoch_ms).await?;
+    }
     // When the launcher's first write landed (its first accept creates
     // the run's lowest-numbered node), by the server's clock, which is
     // this machine's: what the launcher spent starting (process,
     // connection, reading the backlog) before it wrote at all.
-    if flag("--timeline")
-        && let (Some(server), Some(chroot)) = (&zk_server, &zk_chroot)
-    {
-        print_timeline(server, chroot, launched_epoch_ms).await?;
-    }
-    let first_write = match (backlog, &zk_server, &zk_chroot) {
-        (true, Some(server), Some(chroot)) => first_node_created_ms(server, chroot)
+    let first_write = match (backlog, &plain) {
+        (true, Some((client, chroot))) => first_node_created_ms(client, chroot)
             .await?
             .map(|ms| Duration::from_millis(ms.saturating_sub(launched_epoch_ms).max(0) as u64)),
         _ => None,
@@ -360,11 +371,8 @@ providers:
     // (ready, or deleted only partly when the launcher stops), and a tree
     // growing run after run makes the server's snapshots and garbage
     // collection slow down the next runs.
-    if let (Some(server), Some(chroot)) = (&zk_server, &zk_chroot) {
-        let plain = zookeeper_client::Client::connect(server)
-            .await
-            .with_context(|| format!("connecting to ZooKeeper at {server}"))?;
-        delete_tree(&plain, chroot).await?;
+    if let Some((client, chroot)) = &plain {
+        delete_tree(client, chroot).await?;
     }
 
     if backlog {
@@ -416,22 +424,35 @@ providers:
     if let Some(server) = floor_server {
         // The floor swings run to run on a shared machine: the median of
         // three.
-        let mut singles = Vec::new();
-        let mut floors = Vec::new();
-        let mut booted = Vec::new();
-        let mut observed = Vec::new();
+        let kinds = [
+            FloorKind::OneByOne,
+            FloorKind::Transactions,
+            FloorKind::WithBoot,
+            FloorKind::WithBootObserved,
+        ];
+        let mut runs: [Vec<Duration>; 4] = Default::default();
         for _ in 0..3 {
-            singles.push(floor(&server, n, FloorKind::OneByOne).await?);
-            floors.push(floor(&server, n, FloorKind::Transactions).await?);
-            booted.push(floor(&server, n, FloorKind::WithBoot).await?);
-            observed.push(floor(&server, n, FloorKind::WithBootObserved).await?);
+            for (kind, times) in kinds.iter().zip(&mut runs) {
+                times.push(floor(&server, n, *kind).await?);
+            }
         }
-        observed.sort();
-        let observed = observed[1];
-        singles.sort();
-        floors.sort();
-        booted.sort();
-        let (single, floor, booted) = (singles[1], floors[1], booted[1]);
+        let [single, floor, booted, observed] = runs.map(|mut times| {
+            times.sort();
+            times[1]
+        });
+        // The floors' clocks start with their connection made and the
+        // request ids known; the launcher's from its first write is the
+        // same measure.
+        let writing = first_write.filter(|w| *w < wall).map(|w| wall - w);
+        let from_first_write = |floor: Duration| {
+            if let Some(writing) = writing {
+                println!(
+                    "  floor/launcher      {:.2}  from the launcher's first write (its writing {:.3} s)",
+                    floor.as_secs_f64() / writing.as_secs_f64(),
+                    writing.as_secs_f64()
+                );
+            }
+        };
         println!(
             "ZooKeeper floor (median of 3): the launcher's {} requests per request ({} writes), {REQUESTS_IN_FLIGHT} requests in flight, raw client:",
             FLOOR_REQUESTS.len(),
@@ -448,17 +469,7 @@ providers:
             floor.as_secs_f64() / wall.as_secs_f64(),
             wall.as_secs_f64()
         );
-        // The floor's clock starts with its connection made and the
-        // request ids known; the launcher's from its first write is the
-        // same measure.
-        if let Some(w) = first_write.filter(|w| *w < wall) {
-            let writing = wall - w;
-            println!(
-                "  floor/launcher      {:.2}  from the launcher's first write (its writing {:.3} s)",
-                floor.as_secs_f64() / writing.as_secs_f64(),
-                writing.as_secs_f64()
-            );
-        }
+        from_first_write(floor);
         println!(
             "The same {} writes one request each (the floor before transactions):",
             FLOOR_WRITES.len()
@@ -478,12 +489,7 @@ providers:
             booted.as_secs_f64(),
             booted.as_secs_f64() / wall.as_secs_f64()
         );
-        if let Some(w) = first_write.filter(|w| *w < wall) {
-            println!(
-                "  floor/launcher      {:.2}  from the launcher's first write",
-                booted.as_secs_f64() / (wall - w).as_secs_f64()
-            );
-        }
+        from_first_write(booted);
         println!(
             "The same with a Zuul-like cache of the tree reading every change, as during the launcher's run:"
         );
@@ -492,12 +498,7 @@ providers:
             observed.as_secs_f64(),
             observed.as_secs_f64() / wall.as_secs_f64()
         );
-        if let Some(w) = first_write.filter(|w| *w < wall) {
-            println!(
-                "  floor/launcher      {:.2}  from the launcher's first write",
-                observed.as_secs_f64() / (wall - w).as_secs_f64()
-            );
-        }
+        from_first_write(observed);
     }
     Ok(())
 }
@@ -722,10 +723,11 @@ async fn floor(server: &str, n: usize, kind: FloorKind) -> anyhow::Result<Durati
 /// nodes were created (a request accepted) and last written (ready), by
 /// the server's clock: where a run's time goes, without the launcher's
 /// own logging in it.
-async fn print_timeline(server: &str, chroot: &str, launched_ms: i64) -> anyhow::Result<()> {
-    let client = zookeeper_client::Client::connect(server)
-        .await
-        .with_context(|| format!("connecting to ZooKeeper at {server}"))?;
+async fn print_timeline(
+    client: &zookeeper_client::Client,
+    chroot: &str,
+    launched_ms: i64,
+) -> anyhow::Result<()> {
     let nodes = format!("{chroot}/nodepool/nodes");
     let names = client.list_children(&nodes).await?;
     let stats: Vec<_> = futures::stream::iter(names)
@@ -768,10 +770,10 @@ fn epoch_ms() -> i64 {
 
 /// The ctime of the lowest-numbered node under `chroot` (sequential
 /// names: the first created), if any.
-async fn first_node_created_ms(server: &str, chroot: &str) -> anyhow::Result<Option<i64>> {
-    let client = zookeeper_client::Client::connect(server)
-        .await
-        .with_context(|| format!("connecting to ZooKeeper at {server}"))?;
+async fn first_node_created_ms(
+    client: &zookeeper_client::Client,
+    chroot: &str,
+) -> anyhow::Result<Option<i64>> {
     let nodes = format!("{chroot}/nodepool/nodes");
     let Some(first) = client.list_children(&nodes).await?.into_iter().min() else {
         return Ok(None);
