@@ -704,10 +704,18 @@ async fn leak_scenario(
         started.elapsed()
     );
     // Counted as Python counts them (other strays, e.g. of a killed
-    // earlier run, count too).
+    // earlier run, count too). Counted once the cloud has answered the
+    // delete, which can be after the resource is already gone from a
+    // listing: waited for, not read once.
     for kind in ["floatingips", "ports"] {
         let name = format!("nodepool.provider.{}.leaked.{kind}", "testbed-e2e-leaks");
-        assert!(l.metrics.counter(&name) >= 1, "{name} counted");
+        eventually(&format!("{name} counted"), WAIT, || async {
+            match l.metrics.counter(&name) {
+                0 => Err("0".to_owned()),
+                _ => Ok(()),
+            }
+        })
+        .await;
     }
     // The testbed's own DOWN ports (the router's: not a server's, and
     // never a leak) are all still there.
